@@ -1,0 +1,112 @@
+//! Administrator commands on the map: lookup, list, grant, revoke.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use super::{load_settings, ConfigArgs, Failure};
+use crate::config::{parse_duration, Settings};
+use crate::grant::{key_text, parse_any_ip, Policy};
+use crate::store::{GrantStore, LmdbMap, OpenMode};
+use crate::timefmt;
+
+fn open(settings: &Settings, mode: OpenMode) -> Result<LmdbMap, Failure> {
+    LmdbMap::open(&settings.map_path, &settings.action, mode).map_err(|e| Failure::config(e.0))
+}
+
+fn ip_arg(text: &str) -> Result<IpAddr, Failure> {
+    parse_any_ip(text).ok_or_else(|| Failure::config(format!("`{text}` is not an IP address")))
+}
+
+pub fn lookup(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
+    let (_, settings) = load_settings(cfg, |_| {})?;
+    let ip = ip_arg(ip)?;
+    let mut map = open(&settings, OpenMode::ReadOnly)?;
+    match map.get(ip).map_err(|e| Failure::runtime(e.0))? {
+        Some(v) => {
+            println!("{v}");
+            Ok(())
+        }
+        None => Err(Failure {
+            code: 1,
+            message: String::new(),
+        }),
+    }
+}
+
+#[derive(Serialize)]
+struct ListEntry {
+    ip: String,
+    expires: Option<String>,
+    remaining_secs: Option<i64>,
+    value: String,
+}
+
+pub fn list(cfg: &ConfigArgs, json: bool) -> Result<(), Failure> {
+    let (_, settings) = load_settings(cfg, |_| {})?;
+    let mut map = open(&settings, OpenMode::ReadOnly)?;
+    let now = timefmt::now();
+    let mut grants = map.list().map_err(|e| Failure::runtime(e.0))?;
+    grants.sort_by_key(|g| (g.expires, g.ip));
+    let entries: Vec<ListEntry> = grants
+        .into_iter()
+        .map(|g| ListEntry {
+            ip: key_text(g.ip),
+            expires: g.expires.map(timefmt::rfc3339),
+            remaining_secs: g.expires.map(|e| (e - now).max(0)),
+            value: g.value,
+        })
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&entries).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    for e in &entries {
+        let expires = e.expires.as_deref().unwrap_or("never");
+        let left = e.remaining_secs.map_or(String::from("-"), |s| {
+            format!(
+                "{}",
+                humantime::format_duration(std::time::Duration::from_secs(s as u64))
+            )
+        });
+        println!("{}\t{}\t{}", e.ip, expires, left);
+    }
+    eprintln!("{} grant(s)", entries.len());
+    Ok(())
+}
+
+pub fn grant(cfg: &ConfigArgs, ttl: Option<&str>, ip: &str) -> Result<(), Failure> {
+    let (_, settings) = load_settings(cfg, |_| {})?;
+    let ip = ip_arg(ip)?;
+    let ttl = match ttl {
+        Some(t) => parse_duration("--ttl", t).map_err(|e| Failure::config(e.0))?,
+        None => settings.ttl,
+    };
+    let policy = Policy::new(settings.exclude.clone(), ttl);
+    if let Some(why) = policy.exclusion(ip) {
+        return Err(Failure::config(format!("refusing to grant {ip}: {why}")));
+    }
+    let expires = timefmt::now() + policy.ttl_secs();
+    let mut map = open(&settings, OpenMode::Existing)?;
+    map.set(ip, expires).map_err(|e| Failure::runtime(e.0))?;
+    println!("{}\t{}", key_text(ip), timefmt::rfc3339(expires));
+    Ok(())
+}
+
+pub fn revoke(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
+    let (_, settings) = load_settings(cfg, |_| {})?;
+    let ip = ip_arg(ip)?;
+    let mut map = open(&settings, OpenMode::Existing)?;
+    if map.revoke(ip).map_err(|e| Failure::runtime(e.0))? {
+        println!("revoked {}", key_text(ip));
+        Ok(())
+    } else {
+        Err(Failure {
+            code: 1,
+            message: format!("{} has no grant", key_text(ip)),
+        })
+    }
+}

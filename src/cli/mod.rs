@@ -1,0 +1,178 @@
+//! `cli`: the command line. Parses arguments, loads settings, and wires the stages.
+
+mod admin;
+mod run;
+mod test_cmd;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{FileConfig, Settings, DEFAULT_CONFIG};
+use crate::pattern::PatternSet;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dovegate",
+    version,
+    about = "POP/IMAP-before-SMTP: grants relay to clients that logged in to Dovecot, through a Postfix LMDB map"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command that reads the configuration shares.
+#[derive(Debug, clap::Args, Clone, Default)]
+pub struct ConfigArgs {
+    /// Configuration file (default: the embedded default; see `dovegate config --default`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The map as Postfix names it, without `.lmdb` (overrides map.path).
+    #[arg(long, value_name = "PATH")]
+    pub map: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Follow Dovecot's logs and keep the relay map (the daemon).
+    Run(run::RunArgs),
+    /// Print the stored value for an address; exit 1 when it has no grant.
+    Lookup {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Any textual address form; it is canonicalised as Postfix looks it up.
+        ip: String,
+    },
+    /// List every grant with its expiry.
+    List {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// One JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grant an address by hand (until now + ttl).
+    Grant {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// How long (default: grant.ttl), e.g. 30m, 2h.
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        ip: String,
+    },
+    /// Remove an address's grant.
+    Revoke {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        ip: String,
+    },
+    /// Validate the configuration and print it; exit 2 on any error.
+    CheckConfig {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Print configuration.
+    Config {
+        /// The embedded default configuration, with its comments.
+        #[arg(long)]
+        default: bool,
+    },
+    /// Run the patterns over saved logs and report what would be granted (changes nothing).
+    Test(test_cmd::TestArgs),
+}
+
+/// A command's failure: its message and exit code (2: bad configuration or usage).
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn config(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+
+    pub fn runtime(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+/// Loads the configuration, applies the common overrides, validates.
+pub fn load_settings(
+    cfg: &ConfigArgs,
+    edit: impl FnOnce(&mut FileConfig),
+) -> Result<(FileConfig, Settings), Failure> {
+    let mut file = FileConfig::load(cfg.config.as_deref()).map_err(|e| Failure::config(e.0))?;
+    if let Some(m) = &cfg.map {
+        file.map.path = m.display().to_string();
+    }
+    edit(&mut file);
+    let settings = file.validate().map_err(|e| Failure::config(e.0))?;
+    Ok((file, settings))
+}
+
+/// The pattern library the settings ask for.
+pub fn load_patterns(settings: &Settings, dir: Option<&Path>) -> Result<PatternSet, Failure> {
+    let dir = dir.or(settings.patterns_dir.as_deref());
+    PatternSet::load(dir, &settings.services, &settings.enable_patterns)
+        .map_err(|e| Failure::config(e.0))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DOVEGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Lookup { cfg, ip } => admin::lookup(&cfg, &ip),
+        Command::List { cfg, json } => admin::list(&cfg, json),
+        Command::Grant { cfg, ttl, ip } => admin::grant(&cfg, ttl.as_deref(), &ip),
+        Command::Revoke { cfg, ip } => admin::revoke(&cfg, &ip),
+        Command::CheckConfig { cfg } => check_config(&cfg),
+        Command::Config { default } => {
+            if default {
+                print!("{DEFAULT_CONFIG}");
+                Ok(())
+            } else {
+                Err(Failure::config(
+                    "config: use --default to print the embedded default configuration",
+                ))
+            }
+        }
+        Command::Test(args) => test_cmd::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("dovegate: {}", f.message);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn check_config(cfg: &ConfigArgs) -> Result<(), Failure> {
+    let (file, settings) = load_settings(cfg, |_| {})?;
+    load_patterns(&settings, None)?;
+    print!("{}", file.to_toml());
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! `dovegate run`: wires sources, engine and map together and runs until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::process::Command as Process;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::{load_patterns, load_settings, ConfigArgs, Failure};
+use crate::config::{parse_net, Settings};
+use crate::engine::{self, Engine};
+use crate::frame::FrameParser;
+use crate::grant::Policy;
+use crate::scan::LineMatcher;
+use crate::source::checkpoint::CheckpointDir;
+use crate::source::{spawn_file_source, FileSourceSpec, SourceStats};
+use crate::store::{LmdbMap, OpenMode};
+use crate::timefmt;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Log file to follow (repeatable; replaces source.logs).
+    #[arg(long = "log", value_name = "PATH")]
+    logs: Vec<PathBuf>,
+    /// Grant lifetime after the last login, e.g. 30m (overrides grant.ttl).
+    #[arg(long, value_name = "DURATION")]
+    ttl: Option<String>,
+    /// Where checkpoints are kept (overrides state.dir).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Pattern directory replacing the embedded library (overrides patterns.dir).
+    #[arg(long, value_name = "DIR")]
+    patterns: Option<PathBuf>,
+}
+
+/// Postfix's mynetworks as networks; entries that are not literal networks (tables,
+/// files) are reported and skipped.
+fn mynetworks() -> Result<Vec<IpNet>, Failure> {
+    let out = Process::new("postconf")
+        .args(["-h", "mynetworks"])
+        .output()
+        .map_err(|e| {
+            Failure::config(format!(
+                "grant.exclude_mynetworks: cannot run `postconf -h mynetworks`: {e}"
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(Failure::config(format!(
+            "grant.exclude_mynetworks: `postconf -h mynetworks` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut nets = Vec::new();
+    for item in text
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+    {
+        // Postfix writes IPv6 networks as [2001:db8::]/32.
+        let plain = item.replacen('[', "", 1).replacen(']', "", 1);
+        match parse_net(&plain) {
+            Ok(n) => nets.push(n),
+            Err(_) => tracing::warn!(
+                entry = item,
+                "mynetworks entry is not a literal network; not excluded"
+            ),
+        }
+    }
+    Ok(nets)
+}
+
+pub fn run(args: RunArgs) -> Result<(), Failure> {
+    let (_, settings) = load_settings(&args.cfg, |f| {
+        if !args.logs.is_empty() {
+            f.source.logs = args.logs.iter().map(|p| p.display().to_string()).collect();
+        }
+        if let Some(t) = &args.ttl {
+            f.grant.ttl = t.clone();
+        }
+        if let Some(d) = &args.state_dir {
+            f.state.dir = d.display().to_string();
+        }
+    })?;
+    let patterns = Arc::new(load_patterns(&settings, args.patterns.as_deref())?);
+    let mut exclude = settings.exclude.clone();
+    if settings.exclude_mynetworks {
+        exclude.extend(mynetworks()?);
+    }
+    if settings.logs.is_empty() {
+        return Err(Failure::config("source.logs: no log file to follow"));
+    }
+    std::fs::create_dir_all(&settings.state_dir).map_err(|e| {
+        Failure::runtime(format!(
+            "{}: cannot create state directory: {e}",
+            settings.state_dir.display()
+        ))
+    })?;
+    let map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::Create)
+        .map_err(|e| Failure::runtime(e.0))?;
+    let checkpoints = CheckpointDir::new(&settings.state_dir);
+    let policy = Policy::new(exclude, settings.ttl);
+    let now = timefmt::now();
+    let mut engine =
+        Engine::new(map, policy, checkpoints.clone(), now).map_err(|e| Failure::runtime(e.0))?;
+    tracing::info!(
+        map = %settings.map_path.display(),
+        grants = engine.active(),
+        logs = ?settings.logs,
+        ttl = %humantime::format_duration(settings.ttl),
+        "dovegate started"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start runtime: {e}")))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(SourceStats::default());
+    let cutoff = now - i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 2);
+    for (index, path) in settings.logs.iter().enumerate() {
+        let spec = FileSourceSpec {
+            index,
+            path: path.clone(),
+            checkpoint: checkpoints.load(path),
+            max_line: settings.max_line_bytes,
+            poll_interval: settings.poll_interval,
+            cutoff,
+        };
+        let matcher = LineMatcher::new(
+            FrameParser::new(&settings.syslog_idents),
+            Arc::clone(&patterns),
+        );
+        spawn_file_source(
+            spec,
+            matcher,
+            tx.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&stats),
+        )
+        .map_err(|e| Failure::runtime(format!("cannot start source thread: {e}")))?;
+    }
+    drop(tx);
+    let commit_interval = settings.commit_interval;
+    let result = runtime.block_on(async {
+        engine::run(&mut engine, &mut rx, commit_interval, shutdown_signal()).await
+    });
+    stop.store(true, Ordering::Relaxed);
+    log_summary(&settings, &engine, &stats);
+    result.map_err(|e| Failure::runtime(e.0))
+}
+
+fn log_summary(settings: &Settings, engine: &Engine<LmdbMap>, stats: &SourceStats) {
+    let c = &engine.counters;
+    tracing::info!(
+        map = %settings.map_path.display(),
+        bytes = stats.bytes.load(Ordering::Relaxed),
+        logins = stats.logins.load(Ordering::Relaxed),
+        invalid_ip = stats.invalid_ip.load(Ordering::Relaxed),
+        ambiguous_ip = stats.ambiguous_ip.load(Ordering::Relaxed),
+        granted = c.granted,
+        excluded = c.excluded,
+        commits = c.commits,
+        removed = c.removed,
+        active = engine.active(),
+        "dovegate stopped"
+    );
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {},
+                _ = i.recv() => {},
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+    tracing::info!("shutting down: committing pending grants");
+}

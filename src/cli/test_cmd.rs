@@ -1,0 +1,339 @@
+//! `dovegate test`: the patterns over saved logs, in the spirit of fail2ban-regex.
+//! Reads plain or gzip files (or stdin) and changes nothing.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{load_patterns, load_settings, ConfigArgs, Failure};
+use crate::frame::{FrameParser, Framing};
+use crate::grant::{key_text, Decision, Policy};
+use crate::pattern::{IpVerdict, PatternSet};
+use crate::scan::{candidate_lines, LineMatcher};
+use crate::source::lines::{Chunk, ChunkReader};
+use crate::timefmt;
+
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Pattern directory replacing the embedded library.
+    #[arg(long, value_name = "DIR")]
+    patterns: Option<PathBuf>,
+    /// One JSON object per input line on stdout, nothing else.
+    #[arg(long)]
+    json: bool,
+    /// Print the lines that matched no pattern.
+    #[arg(long)]
+    print_missed: bool,
+    /// Print lines that look like logins but matched no pattern.
+    #[arg(long)]
+    print_near_misses: bool,
+    /// Saved logs (plain or .gz); `-` or none: standard input.
+    files: Vec<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct LineReport<'a> {
+    file: &'a str,
+    line: u64,
+    matched: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pattern: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dovecot: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    protocol: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
+    /// Canonical text as Postfix looks it up; null when the captured address is invalid.
+    #[serde(skip_serializing_if = "skip_ip")]
+    ip: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time: Option<String>,
+    #[serde(skip_serializing_if = "skip_ip")]
+    excluded: Option<Option<String>>,
+}
+
+fn skip_ip(v: &Option<Option<String>>) -> bool {
+    v.is_none()
+}
+
+#[derive(Default)]
+struct Totals {
+    lines: u64,
+    bytes: u64,
+    matched: u64,
+    per_pattern: BTreeMap<usize, u64>,
+    per_framing: BTreeMap<Framing, u64>,
+    excluded: BTreeMap<String, u64>,
+    expired: u64,
+    invalid_ip: u64,
+    ambiguous_ip: u64,
+    near_misses: u64,
+    grants: BTreeMap<String, u64>,
+}
+
+fn open_input(path: &PathBuf) -> Result<Box<dyn Read>, Failure> {
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(io::stdin().lock()));
+    }
+    let mut f = File::open(path)
+        .map_err(|e| Failure::runtime(format!("{}: cannot read: {e}", path.display())))?;
+    let mut magic = [0u8; 2];
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| Failure::runtime(format!("{}: {e}", path.display())))?;
+    let head = io::Cursor::new(magic[..n].to_vec());
+    let chained = head.chain(f);
+    if n == 2 && magic == [0x1f, 0x8b] {
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(chained)))
+    } else {
+        Ok(Box::new(chained))
+    }
+}
+
+fn looks_like_login(line: &[u8]) -> bool {
+    let m = |n: &[u8]| memchr::memmem::find(line, n).is_some();
+    m(b"Login: ") || m(b"Logged in: ") || m(b"started proxying") || m(b"Started proxying")
+}
+
+struct Tester<'a> {
+    matcher: LineMatcher,
+    policy: &'a Policy,
+    now: i64,
+    totals: Totals,
+    out: BufWriter<io::StdoutLock<'static>>,
+    args: &'a TestArgs,
+}
+
+impl Tester<'_> {
+    /// Every line, for --json and --print-*: one report per line.
+    fn each_line(&mut self, file: &str, chunk: &[u8]) -> io::Result<()> {
+        for line in chunk.split_inclusive(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\n").unwrap_or(line);
+            self.totals.lines += 1;
+            let n = self.totals.lines;
+            let has_literal = self.matcher.patterns().prefilter().is_match(line);
+            let found = if has_literal { self.one(line) } else { None };
+            match found {
+                Some(r) => {
+                    if self.args.json {
+                        let mut r = r;
+                        r.file = file;
+                        r.line = n;
+                        serde_json::to_writer(&mut self.out, &r)?;
+                        self.out.write_all(b"\n")?;
+                    }
+                }
+                None => {
+                    let near = has_literal && looks_like_login(line);
+                    if near {
+                        self.totals.near_misses += 1;
+                    }
+                    if self.args.json {
+                        writeln!(
+                            self.out,
+                            "{{\"file\":{},\"line\":{n},\"matched\":false}}",
+                            serde_json::to_string(file)?
+                        )?;
+                    } else if self.args.print_missed || (near && self.args.print_near_misses) {
+                        let tag = if near { "near-miss" } else { "missed" };
+                        writeln!(
+                            self.out,
+                            "{tag} {file}:{n}: {}",
+                            String::from_utf8_lossy(line).escape_debug()
+                        )?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Candidate lines only (fast path for the summary).
+    fn candidates(&mut self, chunk: &[u8]) {
+        self.totals.lines += memchr::memchr_iter(b'\n', chunk).count() as u64;
+        let patterns = Arc::clone(self.matcher.patterns_arc());
+        candidate_lines(&patterns, chunk, |_, line| {
+            if self.one(line).is_none() && looks_like_login(line) {
+                self.totals.near_misses += 1;
+            }
+        });
+    }
+
+    fn one(&mut self, line: &[u8]) -> Option<LineReport<'static>> {
+        let (frame, login) = self.matcher.match_line(line, self.now)?;
+        let t = &mut self.totals;
+        t.matched += 1;
+        *t.per_pattern.entry(login.pattern).or_default() += 1;
+        *t.per_framing.entry(frame.framing).or_default() += 1;
+        let def = &self.matcher.patterns().defs()[login.pattern];
+        let (ip, excluded) = match &login.ip {
+            IpVerdict::Valid(ip) => {
+                let excluded = match self.policy.exclusion(*ip) {
+                    Some(why) => {
+                        *t.excluded.entry(why.to_string()).or_default() += 1;
+                        Some(why.to_string())
+                    }
+                    None => {
+                        // Old logins would not grant now; counted, but reported as grants.
+                        if matches!(
+                            self.policy.decide(*ip, frame.time, self.now),
+                            Decision::Expired
+                        ) {
+                            t.expired += 1;
+                        }
+                        *t.grants.entry(key_text(*ip)).or_default() += 1;
+                        None
+                    }
+                };
+                (Some(key_text(*ip)), excluded)
+            }
+            IpVerdict::Invalid(_) => {
+                t.invalid_ip += 1;
+                (None, Some("invalid-ip".to_string()))
+            }
+            IpVerdict::Ambiguous => {
+                t.ambiguous_ip += 1;
+                (None, Some("ambiguous-ip".to_string()))
+            }
+            IpVerdict::Missing => (None, Some("no-ip".to_string())),
+        };
+        Some(LineReport {
+            file: "",
+            line: 0,
+            matched: true,
+            pattern: Some(leak(&def.id)),
+            dovecot: Some(leak(&def.dovecot)),
+            protocol: Some(String::from_utf8_lossy(login.service).into_owned()),
+            user: login.user.map(|u| String::from_utf8_lossy(u).into_owned()),
+            ip: Some(ip),
+            time: frame.time.map(timefmt::rfc3339),
+            excluded: Some(excluded),
+        })
+    }
+}
+
+/// Pattern ids and versions live as long as the command; interned once per distinct text.
+fn leak(s: &str) -> &'static str {
+    use std::sync::Mutex;
+    static INTERNED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut v = INTERNED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(x) = v.iter().find(|x| **x == s) {
+        return x;
+    }
+    let x: &'static str = Box::leak(s.to_string().into_boxed_str());
+    v.push(x);
+    x
+}
+
+pub fn run(args: TestArgs) -> Result<(), Failure> {
+    let (_, settings) = load_settings(&args.cfg, |_| {})?;
+    let patterns: Arc<PatternSet> = Arc::new(load_patterns(&settings, args.patterns.as_deref())?);
+    let policy = Policy::new(settings.exclude.clone(), settings.ttl);
+    let files = if args.files.is_empty() {
+        vec![PathBuf::from("-")]
+    } else {
+        args.files.clone()
+    };
+    let started = Instant::now();
+    let per_line = args.json || args.print_missed || args.print_near_misses;
+    let mut t = Tester {
+        matcher: LineMatcher::new(
+            FrameParser::new(&settings.syslog_idents),
+            Arc::clone(&patterns),
+        ),
+        policy: &policy,
+        now: timefmt::now(),
+        totals: Totals::default(),
+        out: BufWriter::new(io::stdout().lock()),
+        args: &args,
+    };
+    let io_err = |e: io::Error| Failure::runtime(format!("writing output: {e}"));
+    for path in &files {
+        let name = path.display().to_string();
+        let mut input = open_input(path)?;
+        let mut reader = ChunkReader::new(settings.max_line_bytes, 0);
+        let lines_before = t.totals.lines;
+        loop {
+            match reader
+                .read_chunk(&mut input)
+                .map_err(|e| Failure::runtime(format!("{name}: {e}")))?
+            {
+                Chunk::Eof => break,
+                Chunk::Partial => {}
+                Chunk::Lines(chunk, _) => {
+                    t.totals.bytes += chunk.len() as u64;
+                    if per_line {
+                        t.each_line(&name, chunk).map_err(io_err)?;
+                    } else {
+                        t.candidates(chunk);
+                    }
+                }
+            }
+        }
+        // Line numbers restart per file.
+        if per_line {
+            let _ = lines_before;
+        }
+    }
+    let elapsed = started.elapsed();
+    t.out.flush().map_err(io_err)?;
+    if !args.json {
+        print_summary(&t.totals, &patterns, elapsed.as_secs_f64());
+    }
+    Ok(())
+}
+
+fn print_summary(t: &Totals, patterns: &PatternSet, secs: f64) {
+    println!("Patterns (enabled):");
+    for (i, d) in patterns.defs().iter().enumerate() {
+        println!(
+            "  {:<20} Dovecot {:<14} hits {}",
+            d.id,
+            d.dovecot,
+            t.per_pattern.get(&i).copied().unwrap_or(0)
+        );
+    }
+    println!("Framings of matched lines:");
+    for (f, n) in &t.per_framing {
+        println!("  {:<20} {n}", f.name());
+    }
+    println!(
+        "Lines: {} lines, {} matched, {} missed",
+        t.lines,
+        t.matched,
+        t.lines - t.matched
+    );
+    println!(
+        "Grants: {} distinct addresses from {} logins ({} older than the ttl)",
+        t.grants.len(),
+        t.grants.values().sum::<u64>(),
+        t.expired
+    );
+    for (why, n) in &t.excluded {
+        println!("Excluded: {n} ({why})");
+    }
+    println!("Invalid client address: {}", t.invalid_ip);
+    println!("Conflicting rip= (forged?): {}", t.ambiguous_ip);
+    println!(
+        "Near misses (look like logins, matched nothing): {}",
+        t.near_misses
+    );
+    let mb = t.bytes as f64 / 1e6;
+    println!(
+        "Time: {secs:.3} s, {mb:.1} MB, {:.1} MB/s, {:.0} lines/s",
+        if secs > 0.0 { mb / secs } else { 0.0 },
+        if secs > 0.0 {
+            t.lines as f64 / secs
+        } else {
+            0.0
+        }
+    );
+}

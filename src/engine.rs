@@ -1,0 +1,383 @@
+//! The daemon's core: turns batches of logins into map commits, expires grants on time,
+//! and advances checkpoints only behind commits.
+//!
+//! `Engine` is plain synchronous state (testable with values); `run` drives it from tokio:
+//! batches from the sources, a commit tick (at most one map transaction per tick, whatever
+//! the login rate), a timer on the next expiry deadline (no scans), and shutdown, which
+//! drains what the sources already sent, commits it and writes the checkpoints.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use tokio::sync::mpsc::Receiver;
+
+use crate::grant::{Decision, Policy};
+use crate::source::checkpoint::{Checkpoint, CheckpointDir};
+use crate::source::Batch;
+use crate::store::{GrantStore, StoreError};
+use crate::timefmt;
+
+/// Grants known to be in the store, pending writes, and checkpoints waiting for a commit.
+pub struct Engine<S: GrantStore> {
+    store: S,
+    policy: Policy,
+    /// Expiry of each grant as committed.
+    grants: HashMap<IpAddr, i64>,
+    /// The same, ordered by deadline, for the expiry timer.
+    deadlines: BTreeSet<(i64, IpAddr)>,
+    pending: HashMap<IpAddr, i64>,
+    pending_checkpoints: BTreeMap<usize, Checkpoint>,
+    checkpoints: CheckpointDir,
+    /// A login that moves an expiry by less than this is not written again.
+    slack: i64,
+    pub counters: Counters,
+}
+
+/// What the engine did, for logs and status.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub commits: u64,
+    pub granted: u64,
+    pub excluded: u64,
+    pub expired_logins: u64,
+    pub removed: u64,
+}
+
+impl<S: GrantStore> Engine<S> {
+    /// Loads the grants the store holds (the map is the source of truth for expiry) after
+    /// removing those already expired.
+    pub fn new(
+        mut store: S,
+        policy: Policy,
+        checkpoints: CheckpointDir,
+        now: i64,
+    ) -> Result<Engine<S>, StoreError> {
+        let removed = store.expire_all(now)?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed grants that expired while dovegate was not running"
+            );
+        }
+        let mut grants = HashMap::new();
+        let mut deadlines = BTreeSet::new();
+        for g in store.list()? {
+            if let Some(e) = g.expires {
+                grants.insert(g.ip, e);
+                deadlines.insert((e, g.ip));
+            }
+        }
+        let slack = (policy.ttl_secs() / 30).clamp(0, 60);
+        Ok(Engine {
+            store,
+            policy,
+            grants,
+            deadlines,
+            pending: HashMap::new(),
+            pending_checkpoints: BTreeMap::new(),
+            checkpoints,
+            slack,
+            counters: Counters {
+                removed: removed as u64,
+                ..Counters::default()
+            },
+        })
+    }
+
+    pub fn active(&self) -> usize {
+        self.grants.len()
+    }
+
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// Applies policy to a batch; grants wait for the next flush with their checkpoint.
+    pub fn accept(&mut self, batch: Batch, now: i64) {
+        for login in batch.logins {
+            match self.policy.decide(login.ip, login.time, now) {
+                Decision::Grant { ip, expires } => {
+                    let known = self
+                        .pending
+                        .get(&ip)
+                        .or_else(|| self.grants.get(&ip))
+                        .copied();
+                    if known.is_none_or(|k| expires > k + self.slack) {
+                        self.pending.insert(ip, expires.max(known.unwrap_or(0)));
+                    }
+                    self.counters.granted += 1;
+                }
+                Decision::Excluded(why) => {
+                    self.counters.excluded += 1;
+                    tracing::debug!(ip = %login.ip, reason = %why, "login not granted");
+                }
+                Decision::Expired => self.counters.expired_logins += 1,
+            }
+        }
+        self.pending_checkpoints
+            .insert(batch.source, batch.checkpoint);
+    }
+
+    /// Commits pending grants in one transaction, then writes the checkpoints they cover.
+    /// On error nothing is forgotten: the next flush retries.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.pending.is_empty() {
+            let grants: Vec<(IpAddr, i64)> = self.pending.iter().map(|(&ip, &e)| (ip, e)).collect();
+            let effective = self.store.upsert(&grants)?;
+            self.counters.commits += 1;
+            for (ip, e) in effective {
+                if let Some(old) = self.grants.insert(ip, e) {
+                    self.deadlines.remove(&(old, ip));
+                }
+                self.deadlines.insert((e, ip));
+            }
+            self.pending.clear();
+        }
+        while let Some((source, cp)) = self.pending_checkpoints.pop_first() {
+            if let Err(e) = self.checkpoints.save(&cp) {
+                self.pending_checkpoints.insert(source, cp);
+                return Err(StoreError(format!("cannot save checkpoint: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the store: picks up grants written by others (`dovegate grant`, another
+    /// host) so that they expire on time, and forgets revoked ones so that the next login
+    /// writes them again.
+    pub fn resync(&mut self) -> Result<(), StoreError> {
+        let fresh: HashMap<IpAddr, i64> = self
+            .store
+            .list()?
+            .into_iter()
+            .filter_map(|g| g.expires.map(|e| (g.ip, e)))
+            .collect();
+        self.deadlines = fresh.iter().map(|(&ip, &e)| (e, ip)).collect();
+        self.grants = fresh;
+        Ok(())
+    }
+
+    /// The earliest expiry among committed grants.
+    pub fn next_deadline(&self) -> Option<i64> {
+        self.deadlines.first().map(|&(e, _)| e)
+    }
+
+    /// Removes grants whose deadline has come. Another writer may have extended some
+    /// (the store checks); those get their new deadline.
+    pub fn expire_due(&mut self, now: i64) -> Result<usize, StoreError> {
+        let due: Vec<IpAddr> = self
+            .deadlines
+            .iter()
+            .take_while(|(e, _)| *e <= now)
+            .map(|&(_, ip)| ip)
+            .collect();
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let out = self.store.expire(&due, now)?;
+        for ip in &due {
+            if let Some(e) = self.grants.remove(ip) {
+                self.deadlines.remove(&(e, *ip));
+            }
+        }
+        for (ip, e) in out.extended {
+            self.grants.insert(ip, e);
+            self.deadlines.insert((e, ip));
+        }
+        self.counters.removed += out.removed.len() as u64;
+        if !out.removed.is_empty() {
+            tracing::debug!(count = out.removed.len(), "grants expired");
+        }
+        Ok(out.removed.len())
+    }
+}
+
+/// How often the map is re-read for grants written by other processes.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Seconds (with fraction) until unix time `at`.
+fn until(at: i64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(u64::try_from(at).unwrap_or(0)).saturating_sub(now)
+}
+
+/// Runs the engine until `shutdown` resolves or every source has hung up.
+pub async fn run<S: GrantStore>(
+    engine: &mut Engine<S>,
+    rx: &mut Receiver<Batch>,
+    commit_interval: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StoreError> {
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(commit_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    resync.tick().await;
+    let mut failing = false;
+    loop {
+        let deadline = engine.next_deadline();
+        let expiry = tokio::time::sleep(deadline.map_or(Duration::from_secs(3600), until));
+        tokio::select! {
+            () = &mut shutdown => break,
+            b = rx.recv() => match b {
+                Some(b) => engine.accept(b, timefmt::now()),
+                None => break,
+            },
+            _ = tick.tick() => {
+                match tokio::task::block_in_place(|| engine.flush()) {
+                    Ok(()) => failing = false,
+                    Err(e) => {
+                        if !failing {
+                            tracing::error!(error = %e, "commit failed; will retry");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+            _ = resync.tick() => {
+                if let Err(e) = tokio::task::block_in_place(|| engine.resync()) {
+                    tracing::warn!(error = %e, "cannot re-read the map");
+                }
+            }
+            () = expiry, if deadline.is_some() => {
+                if let Err(e) = tokio::task::block_in_place(|| engine.expire_due(timefmt::now())) {
+                    tracing::error!(error = %e, "expiry failed; will retry");
+                    tokio::time::sleep(commit_interval).await;
+                }
+            }
+        }
+    }
+    // Drain: what the sources already sent is committed before exit.
+    while let Ok(b) = rx.try_recv() {
+        engine.accept(b, timefmt::now());
+    }
+    tokio::task::block_in_place(|| engine.flush())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::SeenLogin;
+    use crate::store::{ExpireOutcome, StoredGrant};
+
+    /// An in-memory store to test the engine's bookkeeping with plain values.
+    #[derive(Default)]
+    struct MemStore {
+        map: HashMap<IpAddr, i64>,
+        commits: usize,
+    }
+
+    impl GrantStore for MemStore {
+        fn upsert(&mut self, g: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+            self.commits += 1;
+            Ok(g.iter()
+                .map(|&(ip, e)| {
+                    let v = self.map.entry(ip).or_insert(e);
+                    *v = (*v).max(e);
+                    (ip, *v)
+                })
+                .collect())
+        }
+        fn expire(&mut self, ips: &[IpAddr], now: i64) -> Result<ExpireOutcome, StoreError> {
+            let mut o = ExpireOutcome::default();
+            for ip in ips {
+                match self.map.get(ip).copied() {
+                    Some(e) if e <= now => {
+                        self.map.remove(ip);
+                        o.removed.push(*ip);
+                    }
+                    Some(e) => o.extended.push((*ip, e)),
+                    None => {}
+                }
+            }
+            Ok(o)
+        }
+        fn expire_all(&mut self, now: i64) -> Result<usize, StoreError> {
+            let n = self.map.len();
+            self.map.retain(|_, e| *e > now);
+            Ok(n - self.map.len())
+        }
+        fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
+            Ok(self
+                .map
+                .iter()
+                .map(|(&ip, &e)| StoredGrant {
+                    ip,
+                    expires: Some(e),
+                    value: String::new(),
+                })
+                .collect())
+        }
+        fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
+            Ok(self.map.get(&ip).map(|e| e.to_string()))
+        }
+        fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
+            Ok(self.map.remove(&ip).is_some())
+        }
+        fn set(&mut self, ip: IpAddr, e: i64) -> Result<(), StoreError> {
+            self.map.insert(ip, e);
+            Ok(())
+        }
+    }
+
+    fn batch(logins: &[(&str, i64)]) -> Batch {
+        Batch {
+            source: 0,
+            logins: logins
+                .iter()
+                .map(|(ip, t)| SeenLogin {
+                    ip: ip.parse().unwrap(),
+                    time: Some(*t),
+                })
+                .collect(),
+            checkpoint: Checkpoint {
+                path: "/x".into(),
+                files: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn batches_slides_and_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = MemStore::default();
+        store.map.insert("198.51.100.9".parse().unwrap(), 10); // already expired at start
+        let policy = Policy::new(vec![], Duration::from_secs(1800));
+        let mut e = Engine::new(store, policy, CheckpointDir::new(dir.path()), 1000).unwrap();
+        assert_eq!(e.active(), 0);
+        e.accept(
+            batch(&[
+                ("192.0.2.1", 1000),
+                ("192.0.2.1", 1001),
+                ("127.0.0.1", 1000),
+                ("192.0.2.2", 1000),
+            ]),
+            1001,
+        );
+        e.accept(batch(&[("192.0.2.3", 1001)]), 1001);
+        e.flush().unwrap();
+        // Many logins, one commit.
+        assert_eq!(e.store.commits, 1);
+        assert_eq!(e.active(), 3);
+        assert!(dir.path().join("checkpoints").exists());
+        // A small extension is not rewritten; a large one is (sliding expiry).
+        e.accept(batch(&[("192.0.2.1", 1010)]), 1010);
+        e.flush().unwrap();
+        assert_eq!(e.store.commits, 1);
+        e.accept(batch(&[("192.0.2.1", 1500)]), 1500);
+        e.flush().unwrap();
+        assert_eq!(e.store.commits, 2);
+        assert_eq!(e.next_deadline(), Some(2800));
+        assert_eq!(e.expire_due(2800).unwrap(), 1);
+        assert_eq!(e.expire_due(2801).unwrap(), 1);
+        assert_eq!(e.active(), 1);
+        assert_eq!(e.next_deadline(), Some(3300));
+        // Replayed old logins grant nothing.
+        e.accept(batch(&[("192.0.2.7", 100)]), 4000);
+        assert_eq!(e.counters.expired_logins, 1);
+    }
+}

@@ -1,0 +1,228 @@
+//! Grant policy: which client addresses may relay, under which key, until when.
+//!
+//! The only stage that decides. It sees a parsed login (address and time) and answers with
+//! a grant (canonical address + expiry) or the reason there is none. No I/O.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// Why an address is never granted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Exclusion {
+    Loopback,
+    Unspecified,
+    LinkLocal,
+    Multicast,
+    Broadcast,
+    /// Deprecated IPv4-compatible IPv6 (`::a.b.c.d`): no real client has one, and glibc and
+    /// Rust print it differently, so no key could be relied upon.
+    Ipv4Compatible,
+    /// A configured `grant.exclude` network (or Postfix's mynetworks).
+    Network(String),
+}
+
+impl fmt::Display for Exclusion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exclusion::Loopback => f.write_str("loopback"),
+            Exclusion::Unspecified => f.write_str("unspecified"),
+            Exclusion::LinkLocal => f.write_str("link-local"),
+            Exclusion::Multicast => f.write_str("multicast"),
+            Exclusion::Broadcast => f.write_str("broadcast"),
+            Exclusion::Ipv4Compatible => f.write_str("ipv4-compatible"),
+            Exclusion::Network(n) => write!(f, "excluded network {n}"),
+        }
+    }
+}
+
+/// The policy's answer for one login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Grant {
+        ip: IpAddr,
+        expires: i64,
+    },
+    Excluded(Exclusion),
+    /// The login is older than the ttl: replaying it grants nothing.
+    Expired,
+}
+
+/// Exclusions and ttl, built once from the settings.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    exclude: Vec<IpNet>,
+    ttl_secs: i64,
+}
+
+impl Policy {
+    pub fn new(exclude: Vec<IpNet>, ttl: Duration) -> Policy {
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+        Policy { exclude, ttl_secs }
+    }
+
+    pub fn ttl_secs(&self) -> i64 {
+        self.ttl_secs
+    }
+
+    /// Why `ip` (already canonical) must never be granted, if it must not.
+    pub fn exclusion(&self, ip: IpAddr) -> Option<Exclusion> {
+        let builtin = match ip {
+            IpAddr::V4(v4) => {
+                if v4.is_loopback() {
+                    Some(Exclusion::Loopback)
+                } else if v4.is_unspecified() {
+                    Some(Exclusion::Unspecified)
+                } else if v4.is_link_local() {
+                    Some(Exclusion::LinkLocal)
+                } else if v4.is_multicast() {
+                    Some(Exclusion::Multicast)
+                } else if v4.is_broadcast() {
+                    Some(Exclusion::Broadcast)
+                } else {
+                    None
+                }
+            }
+            IpAddr::V6(v6) => {
+                if v6.is_loopback() {
+                    Some(Exclusion::Loopback)
+                } else if v6.is_unspecified() {
+                    Some(Exclusion::Unspecified)
+                } else if v6.is_unicast_link_local() {
+                    Some(Exclusion::LinkLocal)
+                } else if v6.is_multicast() {
+                    Some(Exclusion::Multicast)
+                } else if is_ipv4_compatible(&v6) {
+                    Some(Exclusion::Ipv4Compatible)
+                } else {
+                    None
+                }
+            }
+        };
+        builtin.or_else(|| {
+            self.exclude
+                .iter()
+                .find(|n| n.contains(&ip))
+                .map(|n| Exclusion::Network(n.to_string()))
+        })
+    }
+
+    /// Decides one login seen at `login_time` (unix seconds; None = unknown, taken as now).
+    /// A login time in the future is clamped to `now`.
+    pub fn decide(&self, ip: IpAddr, login_time: Option<i64>, now: i64) -> Decision {
+        let ip = ip.to_canonical();
+        if let Some(why) = self.exclusion(ip) {
+            return Decision::Excluded(why);
+        }
+        let at = login_time.unwrap_or(now).min(now);
+        let expires = at.saturating_add(self.ttl_secs);
+        if expires <= now {
+            return Decision::Expired;
+        }
+        Decision::Grant { ip, expires }
+    }
+}
+
+fn is_ipv4_compatible(v6: &Ipv6Addr) -> bool {
+    let s = v6.segments();
+    s[..6].iter().all(|&g| g == 0) && !(s[6] == 0 && s[7] <= 1)
+}
+
+/// The map key for an address: canonical (`::ffff:a.b.c.d` becomes `a.b.c.d`), IPv6
+/// compressed and lower case, exactly as Postfix's smtpd prints the client address.
+pub fn key_text(ip: IpAddr) -> String {
+    ip.to_canonical().to_string().to_ascii_lowercase()
+}
+
+/// Parses any textual address form (`::FFFF:1.2.3.4`, `[2001:db8::1]`) into its canonical
+/// address; for administrators' commands.
+pub fn parse_any_ip(text: &str) -> Option<IpAddr> {
+    let t = text.trim();
+    let t = t
+        .strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .unwrap_or(t);
+    let t = t
+        .strip_prefix("ipv6:")
+        .or_else(|| t.strip_prefix("IPv6:"))
+        .unwrap_or(t);
+    t.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn keys_are_canonical_lower_case() {
+        assert_eq!(key_text(ip("::ffff:192.0.2.7")), "192.0.2.7");
+        assert_eq!(key_text(ip("2001:DB8:0:0:0:0:0:8")), "2001:db8::8");
+        assert_eq!(key_text(ip("2001:db8:0:0:1:0:0:1")), "2001:db8::1:0:0:1");
+        assert_eq!(parse_any_ip("[2001:DB8::1]"), Some(ip("2001:db8::1")));
+        assert_eq!(parse_any_ip("::FFFF:1.2.3.4"), Some(ip("1.2.3.4")));
+    }
+
+    #[test]
+    fn builtin_exclusions() {
+        let p = Policy::new(vec![], Duration::from_secs(60));
+        for (a, why) in [
+            ("127.0.0.1", Exclusion::Loopback),
+            ("::1", Exclusion::Loopback),
+            ("::ffff:127.0.0.1", Exclusion::Loopback),
+            ("0.0.0.0", Exclusion::Unspecified),
+            ("::", Exclusion::Unspecified),
+            ("169.254.1.1", Exclusion::LinkLocal),
+            ("fe80::1", Exclusion::LinkLocal),
+            ("224.0.0.1", Exclusion::Multicast),
+            ("ff02::1", Exclusion::Multicast),
+            ("255.255.255.255", Exclusion::Broadcast),
+            ("::1.2.3.4", Exclusion::Ipv4Compatible),
+        ] {
+            assert_eq!(p.decide(ip(a), None, 1000), Decision::Excluded(why), "{a}");
+        }
+    }
+
+    #[test]
+    fn configured_networks_and_expiry() {
+        let nets = vec![
+            "192.0.2.0/24".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
+        let p = Policy::new(nets, Duration::from_secs(60));
+        assert!(matches!(
+            p.decide(ip("192.0.2.9"), None, 0),
+            Decision::Excluded(Exclusion::Network(_))
+        ));
+        assert!(matches!(
+            p.decide(ip("2001:db8::5"), None, 0),
+            Decision::Excluded(Exclusion::Network(_))
+        ));
+        assert_eq!(
+            p.decide(ip("198.51.100.1"), Some(900), 1000),
+            Decision::Expired
+        );
+        assert_eq!(
+            p.decide(ip("198.51.100.1"), Some(990), 1000),
+            Decision::Grant {
+                ip: ip("198.51.100.1"),
+                expires: 1050
+            }
+        );
+        // A future timestamp is clamped to now.
+        assert_eq!(
+            p.decide(ip("::ffff:198.51.100.1"), Some(5000), 1000),
+            Decision::Grant {
+                ip: ip("198.51.100.1"),
+                expires: 1060
+            }
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! dovegate: POP/IMAP-before-SMTP for Dovecot and Postfix.
+//!
+//! A pipeline, one module per stage, data flowing one way:
+//! `source` (bytes from log files) -> `scan` (literal prefilter, line boundaries) ->
+//! `frame` (timestamp and message) -> `pattern` (versioned Dovecot patterns) ->
+//! `grant` (policy: exclusions, canonical IP, expiry) -> `store` (the Postfix LMDB map).
+//! `engine` runs the pipeline as a daemon; `cli` wires commands to it.
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod frame;
+pub mod grant;
+pub mod pattern;
+pub mod scan;
+pub mod source;
+pub mod store;
+pub mod timefmt;

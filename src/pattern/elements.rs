@@ -1,0 +1,160 @@
+//! Reading the client address out of Dovecot's element list
+//! (`user=<u>, method=PLAIN, rip=192.0.2.7, lip=..., ...`).
+//!
+//! The user name is chosen by the client and may contain `, rip=6.6.6.6`. The element
+//! order is admin-configurable, so "the rip after the user" is not a safe rule. Instead
+//! every `rip=` that starts an element is a candidate, and they must all agree: a forged
+//! `rip=` inside the user name can then only ever cancel a grant, never choose its address.
+
+use std::net::IpAddr;
+
+use memchr::memmem;
+use serde::Serialize;
+
+/// What the line says about the client address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", content = "value")]
+pub enum IpVerdict {
+    /// One address, canonical (`::ffff:a.b.c.d` is `a.b.c.d`).
+    Valid(IpAddr),
+    /// A single `rip=` whose text is not an address (`198.423.11.235`).
+    Invalid(String),
+    /// Several `rip=` elements that disagree: someone forged one. Grant nothing.
+    Ambiguous,
+    /// No `rip=` element at all.
+    Missing,
+}
+
+fn at_element_start(elements: &[u8], pos: usize) -> bool {
+    pos == 0 || elements[..pos].ends_with(b", ")
+}
+
+/// Parses an address from a log value; only plain textual forms, no brackets or zones.
+pub fn parse_ip(text: &[u8]) -> Option<IpAddr> {
+    if text.is_empty() || text.len() > 45 {
+        return None;
+    }
+    let s = std::str::from_utf8(text).ok()?;
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() || b == b'.' || b == b':')
+    {
+        return None;
+    }
+    s.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
+}
+
+/// The client address of an element list, by the all-candidates-agree rule.
+pub fn client_ip(elements: &[u8]) -> IpVerdict {
+    let mut found: Option<Result<IpAddr, &[u8]>> = None;
+    let mut count = 0usize;
+    for pos in memmem::find_iter(elements, b"rip=") {
+        if !at_element_start(elements, pos) {
+            continue;
+        }
+        let start = pos + 4;
+        let end = memchr::memchr(b',', &elements[start..]).map_or(elements.len(), |e| start + e);
+        let text = &elements[start..end];
+        let this = parse_ip(text).ok_or(text);
+        count += 1;
+        match (&found, &this) {
+            (None, _) => found = Some(this),
+            (Some(Ok(a)), Ok(b)) if a == b => {}
+            _ => return IpVerdict::Ambiguous,
+        }
+    }
+    match found {
+        None => IpVerdict::Missing,
+        Some(Ok(ip)) => IpVerdict::Valid(ip),
+        Some(Err(text)) if count == 1 => {
+            IpVerdict::Invalid(String::from_utf8_lossy(text).into_owned())
+        }
+        Some(Err(_)) => IpVerdict::Ambiguous,
+    }
+}
+
+/// The `user=<...>` element's value, for reports only (never for decisions).
+pub fn user(elements: &[u8]) -> Option<&[u8]> {
+    let start =
+        memmem::find_iter(elements, b"user=<").find(|&p| at_element_start(elements, p))? + 6;
+    let rest = &elements[start..];
+    let end = memmem::find(rest, b">, ").unwrap_or_else(|| {
+        if rest.ends_with(b">") {
+            rest.len() - 1
+        } else {
+            rest.len()
+        }
+    });
+    Some(&rest[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> IpVerdict {
+        client_ip(s.as_bytes())
+    }
+
+    #[test]
+    fn plain_and_mapped() {
+        assert_eq!(
+            v("user=<a>, method=PLAIN, rip=192.0.2.7, lip=10.0.0.1, mpid=1"),
+            IpVerdict::Valid("192.0.2.7".parse().unwrap())
+        );
+        assert_eq!(
+            v("user=<a>, rip=::ffff:1.2.3.4, lip=::ffff:1.2.3.5"),
+            IpVerdict::Valid("1.2.3.4".parse().unwrap())
+        );
+        assert_eq!(
+            v("rip=2001:DB8::4, user=<a>"),
+            IpVerdict::Valid("2001:db8::4".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn forged_rip_in_user_never_chooses() {
+        for s in [
+            "user=<x, rip=6.6.6.6>, method=PLAIN, rip=192.0.2.7, lip=10.0.0.1",
+            "user=<x, rip=6.6.6.6, y>, method=PLAIN, rip=192.0.2.7, lip=10.0.0.1",
+            "rip=192.0.2.7, user=<x, rip=6.6.6.6, lip=1.1.1.1>, method=PLAIN",
+            "user=<x>, method=PLAIN, rip=6.6.6.6, lip=1.1.1.1>, rip=192.0.2.7, lip=10.0.0.1",
+        ] {
+            assert_eq!(v(s), IpVerdict::Ambiguous, "{s}");
+        }
+        // Agreeing candidates are harmless.
+        assert_eq!(
+            v("user=<x, rip=192.0.2.7, y>, rip=192.0.2.7"),
+            IpVerdict::Valid("192.0.2.7".parse().unwrap())
+        );
+        // `rip=` not at an element start is not a candidate.
+        assert_eq!(
+            v("user=<rip=6.6.6.6>, lip=1.1.1.1, xrip=6.6.6.6"),
+            IpVerdict::Missing
+        );
+    }
+
+    #[test]
+    fn invalid_addresses() {
+        assert_eq!(
+            v("user=<a>, rip=198.423.11.235, lip=1.1.1.1"),
+            IpVerdict::Invalid("198.423.11.235".into())
+        );
+        assert_eq!(
+            v("user=<a>, rip=192.168.123"),
+            IpVerdict::Invalid("192.168.123".into())
+        );
+        assert_eq!(v("user=<a>, rip="), IpVerdict::Invalid(String::new()));
+        assert_eq!(
+            v("user=<a>, rip=fe80::1%eth0"),
+            IpVerdict::Invalid("fe80::1%eth0".into())
+        );
+    }
+
+    #[test]
+    fn user_for_reports() {
+        assert_eq!(user(b"user=<a, b>, rip=1.2.3.4"), Some(&b"a, b"[..]));
+        assert_eq!(user(b"rip=1.2.3.4, user=<bob>"), Some(&b"bob"[..]));
+        assert_eq!(user(b"rip=1.2.3.4"), None);
+    }
+}

@@ -1,0 +1,199 @@
+//! Where a followed file was read up to, kept in the state directory.
+//!
+//! A checkpoint names each open generation of the file (the current one, and a rotated one
+//! still being drained) by device, inode and a fingerprint of its first bytes, with the
+//! offset after the last line whose grants are committed. It is written atomically (temp
+//! file, fsync, rename) and only after the map commit that covers it.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes at the start of a file that identify its content (inode numbers are reused).
+pub const FINGERPRINT_BYTES: usize = 64;
+
+/// Identity of one file generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    pub fn of(meta: &std::fs::Metadata) -> FileId {
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
+/// FNV-1a of the first `len` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Fingerprint {
+    pub len: u32,
+    pub hash: u64,
+}
+
+impl Fingerprint {
+    pub fn of_bytes(b: &[u8]) -> Fingerprint {
+        let b = &b[..b.len().min(FINGERPRINT_BYTES)];
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &x in b {
+            h ^= u64::from(x);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        Fingerprint {
+            len: b.len() as u32,
+            hash: h,
+        }
+    }
+
+    /// Reads the first bytes of `file` (positioned reads; the file offset is untouched).
+    pub fn read(file: &File, len: usize) -> std::io::Result<Fingerprint> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; FINGERPRINT_BYTES];
+        let want = len.min(FINGERPRINT_BYTES);
+        let mut got = 0;
+        while got < want {
+            let n = file.read_at(&mut buf[got..want], got as u64)?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        Ok(Fingerprint::of_bytes(&buf[..got]))
+    }
+
+    /// True when `file` still starts with the bytes this fingerprint was taken of.
+    pub fn matches(&self, file: &File) -> std::io::Result<bool> {
+        Ok(Fingerprint::read(file, self.len as usize)? == *self)
+    }
+}
+
+/// One generation's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilePos {
+    pub id: FileId,
+    pub fingerprint: Fingerprint,
+    pub offset: u64,
+}
+
+/// A followed path's checkpoint: its generations, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub files: Vec<FilePos>,
+}
+
+/// Reads and writes checkpoints under `<state>/checkpoints/`.
+#[derive(Debug, Clone)]
+pub struct CheckpointDir {
+    dir: PathBuf,
+}
+
+fn file_name_for(path: &Path) -> String {
+    let fp = Fingerprint::of_bytes(path.as_os_str().as_encoded_bytes());
+    // The hash only covers the first 64 bytes; add the length and a readable tail.
+    let full = path
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(fp.hash, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let tail: String = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-' || *c == '_')
+        .take(40)
+        .collect();
+    format!("{tail}-{full:016x}.json")
+}
+
+impl CheckpointDir {
+    pub fn new(state_dir: &Path) -> CheckpointDir {
+        CheckpointDir {
+            dir: state_dir.join("checkpoints"),
+        }
+    }
+
+    pub fn file_for(&self, path: &Path) -> PathBuf {
+        self.dir.join(file_name_for(path))
+    }
+
+    /// The checkpoint of `path`, if one was saved. A corrupt file is reported and ignored.
+    pub fn load(&self, path: &Path) -> Option<Checkpoint> {
+        let f = self.file_for(path);
+        let mut text = String::new();
+        File::open(&f).ok()?.read_to_string(&mut text).ok()?;
+        match serde_json::from_str::<Checkpoint>(&text) {
+            Ok(c) if c.path == path => Some(c),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(file = %f.display(), error = %e, "ignoring unreadable checkpoint");
+                None
+            }
+        }
+    }
+
+    /// Saves atomically: temp file, fsync, rename, fsync of the directory.
+    pub fn save(&self, c: &Checkpoint) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let dest = self.file_for(&c.path);
+        let tmp = dest.with_extension("json.tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(c).map_err(std::io::Error::other)?)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &dest)?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// Every saved checkpoint (for `dovegate status`).
+    pub fn all(&self) -> Vec<Checkpoint> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Checkpoint> = rd
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect();
+        out.sort_by(|a: &Checkpoint, b| a.path.cmp(&b.path));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let cd = CheckpointDir::new(d.path());
+        let c = Checkpoint {
+            path: "/var/log/mail.log".into(),
+            files: vec![FilePos {
+                id: FileId { dev: 1, ino: 2 },
+                fingerprint: Fingerprint::of_bytes(b"hello"),
+                offset: 42,
+            }],
+        };
+        cd.save(&c).unwrap();
+        assert_eq!(cd.load(Path::new("/var/log/mail.log")), Some(c));
+        assert_eq!(cd.load(Path::new("/var/log/other.log")), None);
+        assert_ne!(
+            cd.file_for(Path::new("/a/mail.log")),
+            cd.file_for(Path::new("/b/mail.log"))
+        );
+    }
+}
