@@ -263,11 +263,12 @@ impl PatternSet {
     }
 }
 
-fn build_regex(patterns: &[&str]) -> Result<Regex, regex_automata::meta::BuildError> {
+fn build_regex(patterns: &[&str]) -> Result<Regex, String> {
     Regex::builder()
         .syntax(syntax::Config::new().utf8(false).unicode(false))
         .configure(Regex::config().utf8_empty(false))
         .build_many(patterns)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

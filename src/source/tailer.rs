@@ -7,6 +7,7 @@
 //! - copytruncate: the same inode got shorter, or its first bytes changed: read from 0;
 //! - delete + recreate: like rename (the deleted file is drained through its open fd);
 //! - the path not existing yet: wait, then read the new file from its start.
+//!
 //! Partial lines wait for their newline; over-long lines are dropped (see `lines`).
 
 use std::fs::File;

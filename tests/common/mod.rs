@@ -1,0 +1,354 @@
+//! Helpers for the end-to-end tests: the dovegate binary as a daemon, Postfix's own
+//! `postmap`, a private Postfix instance on loopback, an SMTP client, log lines.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dovegate")
+}
+
+pub fn dovegate(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run dovegate")
+}
+
+/// A temporary directory under /tmp that other users (Postfix, Dovecot) can traverse.
+pub fn tempdir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("dg")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    set_mode(d.path(), 0o755);
+    d
+}
+
+pub fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Waits until `f` holds; panics with `what` after `limit`. Waiting is generous: tests
+/// assert behaviour, the benchmark measures latency.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A config directory for postmap: Debian's "No configuration" Postfix has no main.cf, and
+/// the system one must stay untouched.
+pub fn postmap_conf() -> &'static str {
+    static DIR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = format!("/tmp/dovegate-test-postmap-{}", std::process::id());
+        std::fs::create_dir_all(&dir).expect("mkdir postmap conf");
+        std::fs::write(format!("{dir}/main.cf"), "compatibility_level = 3.6\n").expect("main.cf");
+        dir
+    })
+}
+
+/// `postmap -q KEY lmdb:MAP`: Some(value) or None (exit 1). Panics on any other failure.
+pub fn postmap_q(map: &Path, key: &str) -> Option<String> {
+    let out = Command::new("postmap")
+        .args([
+            "-c",
+            postmap_conf(),
+            "-q",
+            key,
+            &format!("lmdb:{}", map.display()),
+        ])
+        .output()
+        .expect("run postmap");
+    match out.status.code() {
+        Some(0) => Some(String::from_utf8_lossy(&out.stdout).trim_end().to_string()),
+        Some(1) => None,
+        _ => panic!(
+            "postmap -q {key} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// `postmap -s lmdb:MAP` as (key, value) pairs.
+pub fn postmap_s(map: &Path) -> Vec<(String, String)> {
+    let out = Command::new("postmap")
+        .args([
+            "-c",
+            postmap_conf(),
+            "-s",
+            &format!("lmdb:{}", map.display()),
+        ])
+        .output()
+        .expect("run postmap -s");
+    assert!(
+        out.status.success(),
+        "postmap -s: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A running `dovegate run`; SIGTERM on drop. Its stderr goes to a file.
+pub struct Daemon {
+    pub child: Child,
+    pub stderr: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(dir: &Path, args: &[&str]) -> Daemon {
+        let stderr = dir.join(format!("dovegate-{:x}.stderr", rand_u64()));
+        let child = Command::new(bin())
+            .arg("run")
+            .args(args)
+            .env("DOVEGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn dovegate run");
+        Daemon { child, stderr }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        signal(self.child.id(), libc::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "dovegate did not exit on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The number after `key=` in the shutdown summary line.
+    pub fn summary(&self, key: &str) -> Option<u64> {
+        let log = self.log();
+        let line = log.lines().rev().find(|l| l.contains("dovegate stopped"))?;
+        let at = line.find(&format!(" {key}="))? + key.len() + 2;
+        line[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.child.id(), libc::SIGTERM);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: sending a signal to a child we own.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+pub fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id() as u64);
+    h.finish()
+}
+
+/// `Nov 21 09:30:01` for now, in local time (what syslog writes).
+pub fn bsd_now() -> String {
+    chrono::Local::now().format("%b %e %H:%M:%S").to_string()
+}
+
+/// A Dovecot 2.3 syslog login line for `ip`.
+pub fn login_line(ip: &str, user: &str) -> String {
+    format!(
+        "{} mail dovecot: imap-login: Login: user=<{user}>, method=PLAIN, rip={ip}, lip=192.0.2.1, mpid=4242, TLS, session=<abcdEFGH1234>\n",
+        bsd_now()
+    )
+}
+
+pub fn append(path: &Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open log");
+    f.write_all(text.as_bytes()).expect("append");
+}
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A private Postfix instance: own config, queue and log, smtpd on 127.0.0.1 and ::1 at
+/// a high port, `check_client_access lmdb:MAP`. Stopped on drop.
+pub struct Postfix {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Postfix {
+    pub fn start(dir: &Path, map: &Path) -> Postfix {
+        let port = 20025
+            + (std::process::id() % 1000) as u16 * 10
+            + NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        let conf = dir.join("conf");
+        for d in ["conf", "queue", "data"] {
+            std::fs::create_dir_all(dir.join(d)).expect("mkdir");
+        }
+        set_mode(dir, 0o755);
+        Command::new("chown")
+            .args(["postfix", &dir.join("data").display().to_string()])
+            .status()
+            .expect("chown");
+        let main_cf = format!(
+            "compatibility_level = 3.6\nqueue_directory = {d}/queue\ndata_directory = {d}/data\n\
+             maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\nsyslog_name = dovegate-test\n\
+             inet_interfaces = loopback-only\ninet_protocols = all\nmynetworks = 127.0.0.2/32\n\
+             mydestination = localhost\nsmtpd_authorized_xclient_hosts = 127.0.0.1, [::1]\n\
+             smtpd_relay_restrictions = check_client_access lmdb:{map}, reject_unauth_destination\n\
+             smtpd_banner = $myhostname ESMTP test\n",
+            d = dir.display(),
+            map = map.display()
+        );
+        std::fs::write(conf.join("main.cf"), main_cf).expect("main.cf");
+        let master = std::fs::read_to_string("/etc/postfix/master.cf").expect("master.cf");
+        let master: String = master
+            .lines()
+            .map(|l| {
+                if l.starts_with("smtp ") && l.contains(" inet ") {
+                    format!("127.0.0.1:{port} inet n - n - - smtpd\n[::1]:{port} inet n - n - - smtpd\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(conf.join("master.cf"), master).expect("master.cf");
+        let out = Command::new("postfix")
+            .args(["-c", &conf.display().to_string(), "start"])
+            .output()
+            .expect("postfix start");
+        let pf = Postfix {
+            dir: dir.to_path_buf(),
+            port,
+        };
+        assert!(
+            out.status.success(),
+            "postfix start failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(dir.join("maillog")).unwrap_or_default()
+        );
+        wait_for("postfix smtpd listening", PATIENCE, || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        pf
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new("postfix")
+            .args(["-c", &self.dir.join("conf").display().to_string(), "stop"])
+            .output();
+    }
+}
+
+/// One SMTP session with the test Postfix.
+pub struct Smtp {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Smtp {
+    pub fn connect(port: u16) -> Smtp {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect smtpd");
+        s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        let mut c = Smtp {
+            reader: BufReader::new(s.try_clone().expect("clone")),
+            writer: s,
+        };
+        let greeting = c.reply();
+        assert!(greeting.starts_with("220"), "greeting: {greeting}");
+        c
+    }
+
+    /// The full (possibly multi-line) reply; returns its last line.
+    pub fn reply(&mut self) -> String {
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).expect("read reply");
+            assert!(!line.is_empty(), "smtpd closed the connection");
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return line.trim_end().to_string();
+            }
+        }
+    }
+
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .expect("send");
+        self.reply()
+    }
+
+    /// XCLIENT as `addr` (IPv6 as `IPV6:...`), then a relay attempt; returns the RCPT reply.
+    pub fn relay_as(&mut self, addr: &str) -> String {
+        let xaddr = if addr.contains(':') {
+            format!("IPV6:{addr}")
+        } else {
+            addr.to_string()
+        };
+        let r = self.cmd(&format!("XCLIENT ADDR={xaddr} NAME=[UNAVAILABLE]"));
+        assert!(r.starts_with("220"), "XCLIENT: {r}");
+        let r = self.cmd("EHLO client.example");
+        assert!(r.starts_with("250"), "EHLO: {r}");
+        let r = self.cmd("MAIL FROM:<user@example.com>");
+        assert!(r.starts_with("250"), "MAIL: {r}");
+        let rcpt = self.cmd("RCPT TO:<someone@elsewhere.example>");
+        let r = self.cmd("RSET");
+        assert!(r.starts_with("250"), "RSET: {r}");
+        rcpt
+    }
+}
