@@ -23,6 +23,9 @@ struct Generation {
     file: File,
     id: FileId,
     fingerprint: Fingerprint,
+    /// The bytes just before the offset: with the head fingerprint, tells a copy of this
+    /// file (copytruncate) from another file that merely starts the same way.
+    tail: Fingerprint,
     reader: ChunkReader,
     last_growth: Instant,
 }
@@ -35,6 +38,7 @@ impl Generation {
         let fingerprint = Fingerprint::read(&file, FINGERPRINT_BYTES)?;
         Ok(Generation {
             id: FileId::of(&meta),
+            tail: tail_before(&file, offset)?,
             file,
             fingerprint,
             reader: ChunkReader::new(max_line, offset),
@@ -55,6 +59,7 @@ impl Generation {
         self.file.seek(SeekFrom::Start(0))?;
         self.reader.reset(0);
         self.fingerprint = Fingerprint::read(&self.file, FINGERPRINT_BYTES)?;
+        self.tail = Fingerprint::default();
         Ok(())
     }
 
@@ -181,6 +186,22 @@ impl FileFollower {
     /// Reads everything available now. `sink(lines, checkpoint)` gets chunks of whole lines
     /// and the checkpoint that is valid once they are processed.
     pub fn poll(&mut self, sink: &mut dyn FnMut(&[u8], &Checkpoint)) -> io::Result<()> {
+        // A drained generation whose content was replaced (a copy overwritten in place) is
+        // no longer the file we were reading: forget it rather than read foreign lines.
+        self.draining.retain(|g| {
+            let replaced = g
+                .file
+                .metadata()
+                .and_then(|m| g.truncated(m.len()))
+                .unwrap_or(true);
+            if replaced {
+                tracing::warn!(
+                    inode = g.id.ino,
+                    "a rotated file being drained was overwritten; no longer reading it"
+                );
+            }
+            !replaced
+        });
         for i in 0..self.draining.len() {
             self.read_generation(Slot::Draining(i), sink)?;
         }
@@ -198,8 +219,36 @@ impl FileFollower {
                 match &mut self.current {
                     Some(cur) if cur.id == id => {
                         if cur.truncated(meta.len())? {
-                            tracing::warn!(path = %self.path.display(), "log file was truncated (copytruncate); reading it from the start");
-                            cur.rewind()?;
+                            // copytruncate: the lines not read yet are in the copy, if it is
+                            // still beside the file uncompressed (`mail.log.1`).
+                            let unread = FilePos {
+                                id: cur.id,
+                                fingerprint: cur.fingerprint,
+                                offset: cur.reader.offset(),
+                            };
+                            let tail = cur.tail;
+                            match find_sibling(&self.path, |m, f| {
+                                FileId::of(m) != unread.id
+                                    && m.len() >= unread.offset
+                                    && unread.fingerprint.matches(f).unwrap_or(false)
+                                    && tail_before(f, unread.offset).is_ok_and(|t| t == tail)
+                            }) {
+                                Some(copy) => {
+                                    tracing::info!(path = %self.path.display(), copy = %copy.display(), "log file was truncated (copytruncate); reading the rest from its copy");
+                                    let mut g =
+                                        Generation::open(&copy, unread.offset, self.max_line)?;
+                                    g.fingerprint = unread.fingerprint;
+                                    self.draining.push(g);
+                                    let last = self.draining.len() - 1;
+                                    self.read_generation(Slot::Draining(last), sink)?;
+                                }
+                                None => {
+                                    tracing::warn!(path = %self.path.display(), "log file was truncated (copytruncate) and no copy was found; lines written just before the truncation may be missed")
+                                }
+                            }
+                            if let Some(cur) = self.current.as_mut() {
+                                cur.rewind()?;
+                            }
                         }
                         self.read_generation(Slot::Current, sink)?;
                     }
@@ -254,6 +303,11 @@ impl FileFollower {
                     if g.fingerprint.len < FINGERPRINT_BYTES as u32 {
                         g.fingerprint = Fingerprint::read(&g.file, FINGERPRINT_BYTES)?;
                     }
+                    g.tail = if lines.len() >= FINGERPRINT_BYTES {
+                        Fingerprint::of_bytes(&lines[lines.len() - FINGERPRINT_BYTES..])
+                    } else {
+                        tail_before(&g.file, offset)?
+                    };
                     cp.files[index] = FilePos {
                         id: g.id,
                         fingerprint: g.fingerprint,
@@ -272,19 +326,25 @@ enum Slot {
     Current,
 }
 
-/// Finds the file holding a checkpointed generation: the path itself (`true`) or a sibling.
-fn find_generation(path: &Path, pos: &FilePos) -> Option<(PathBuf, bool)> {
-    let matches = |p: &Path| -> bool {
-        let Ok(f) = File::open(p) else { return false };
-        let Ok(meta) = f.metadata() else { return false };
-        meta.is_file()
-            && FileId::of(&meta) == pos.id
-            && meta.len() >= pos.offset
-            && pos.fingerprint.matches(&f).unwrap_or(false)
-    };
-    if matches(path) {
-        return Some((path.to_path_buf(), true));
-    }
+/// Fingerprint of the (up to) 64 bytes before `offset`.
+fn tail_before(file: &File, offset: u64) -> io::Result<Fingerprint> {
+    use std::os::unix::fs::FileExt;
+    let start = offset.saturating_sub(FINGERPRINT_BYTES as u64);
+    let mut buf = [0u8; FINGERPRINT_BYTES];
+    let want = (offset - start) as usize;
+    file.read_exact_at(&mut buf[..want], start)?;
+    Ok(Fingerprint::of_bytes(&buf[..want]))
+}
+
+/// Whether the regular file at `p` satisfies `test(metadata, file)`.
+fn file_matches(p: &Path, test: &impl Fn(&std::fs::Metadata, &File) -> bool) -> bool {
+    let Ok(f) = File::open(p) else { return false };
+    let Ok(meta) = f.metadata() else { return false };
+    meta.is_file() && test(&meta, &f)
+}
+
+/// A file beside `path` (not `path` itself) that satisfies `test`.
+fn find_sibling(path: &Path, test: impl Fn(&std::fs::Metadata, &File) -> bool) -> Option<PathBuf> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -294,6 +354,19 @@ fn find_generation(path: &Path, pos: &FilePos) -> Option<(PathBuf, bool)> {
     rd.filter_map(Result::ok)
         .take(10_000)
         .map(|e| e.path())
-        .find(|p| p != path && matches(p))
-        .map(|p| (p, false))
+        .find(|p| p != path && file_matches(p, &test))
+}
+
+/// Finds the file holding a checkpointed generation: the path itself (`true`) or a sibling
+/// (a rotated `mail.log.1` keeps its inode).
+fn find_generation(path: &Path, pos: &FilePos) -> Option<(PathBuf, bool)> {
+    let test = |m: &std::fs::Metadata, f: &File| {
+        FileId::of(m) == pos.id
+            && m.len() >= pos.offset
+            && pos.fingerprint.matches(f).unwrap_or(false)
+    };
+    if file_matches(path, &test) {
+        return Some((path.to_path_buf(), true));
+    }
+    find_sibling(path, test).map(|p| (p, false))
 }
