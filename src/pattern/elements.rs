@@ -1,10 +1,16 @@
 //! Reading the client address out of Dovecot's element list
 //! (`user=<u>, method=PLAIN, rip=192.0.2.7, lip=..., ...`).
 //!
-//! The user name is chosen by the client and may contain `, rip=6.6.6.6`. The element
-//! order is admin-configurable, so "the rip after the user" is not a safe rule. Instead
-//! every `rip=` that starts an element is a candidate, and they must all agree: a forged
-//! `rip=` inside the user name can then only ever cancel a grant, never choose its address.
+//! The user name is logged as is and may contain `, rip=6.6.6.6` (Dovecot's default
+//! `auth_username_chars` forbids that, but an administrator may widen it). The element
+//! order is admin-configurable, so "the rip after the user" is not a safe rule. Two rules:
+//! - a `rip=` inside the user element (from `user=<` to its first `>` that ends an
+//!   element) is never a candidate;
+//! - every other `rip=` that starts an element is a candidate, and they must all agree.
+//!
+//! A user name that closes its own element early (`x>, rip=6.6.6.6, y`) then yields two
+//! disagreeing candidates beside the real one: a forgery can cancel a grant, never choose
+//! its address.
 
 use std::net::IpAddr;
 
@@ -44,12 +50,25 @@ pub fn parse_ip(text: &[u8]) -> Option<IpAddr> {
     s.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
 
-/// The client address of an element list, by the all-candidates-agree rule.
+/// Byte range of the user element's value: from after `user=<` to the first `>` that is
+/// followed by `, ` or the end.
+fn user_span(elements: &[u8]) -> Option<std::ops::Range<usize>> {
+    let start =
+        memmem::find_iter(elements, b"user=<").find(|&p| at_element_start(elements, p))? + 6;
+    let rest = &elements[start..];
+    let end = memchr::memchr_iter(b'>', rest)
+        .find(|&i| i + 1 == rest.len() || rest[i + 1..].starts_with(b", "))
+        .unwrap_or(rest.len());
+    Some(start..start + end)
+}
+
+/// The client address of an element list (see the module rules).
 pub fn client_ip(elements: &[u8]) -> IpVerdict {
+    let user = user_span(elements);
     let mut found: Option<Result<IpAddr, &[u8]>> = None;
     let mut count = 0usize;
     for pos in memmem::find_iter(elements, b"rip=") {
-        if !at_element_start(elements, pos) {
+        if !at_element_start(elements, pos) || user.as_ref().is_some_and(|u| u.contains(&pos)) {
             continue;
         }
         let start = pos + 4;
@@ -114,19 +133,31 @@ mod tests {
 
     #[test]
     fn forged_rip_in_user_never_chooses() {
+        let real = IpVerdict::Valid("192.0.2.7".parse().unwrap());
+        // Inside the user element: ignored, the real rip wins.
         for s in [
             "user=<x, rip=6.6.6.6>, method=PLAIN, rip=192.0.2.7, lip=10.0.0.1",
             "user=<x, rip=6.6.6.6, y>, method=PLAIN, rip=192.0.2.7, lip=10.0.0.1",
             "rip=192.0.2.7, user=<x, rip=6.6.6.6, lip=1.1.1.1>, method=PLAIN",
-            "user=<x>, method=PLAIN, rip=6.6.6.6, lip=1.1.1.1>, rip=192.0.2.7, lip=10.0.0.1",
         ] {
-            assert_eq!(v(s), IpVerdict::Ambiguous, "{s}");
+            assert_eq!(v(s), real, "{s}");
         }
-        // Agreeing candidates are harmless.
+        // Only a forged rip, inside the user: nothing.
         assert_eq!(
-            v("user=<x, rip=192.0.2.7, y>, rip=192.0.2.7"),
-            IpVerdict::Valid("192.0.2.7".parse().unwrap())
+            v("user=<x, rip=6.6.6.6, y>, method=PLAIN, lip=10.0.0.1"),
+            IpVerdict::Missing
         );
+        // A user name that closes its element early: the candidates disagree.
+        assert_eq!(
+            v("user=<x>, method=PLAIN, rip=6.6.6.6, lip=1.1.1.1>, rip=192.0.2.7, lip=10.0.0.1"),
+            IpVerdict::Ambiguous
+        );
+        assert_eq!(
+            v("rip=192.0.2.7, user=<x>, rip=6.6.6.6, y>, method=PLAIN"),
+            IpVerdict::Ambiguous
+        );
+        // Agreeing candidates are harmless.
+        assert_eq!(v("user=<x>, rip=192.0.2.7, y>, rip=192.0.2.7"), real);
         // `rip=` not at an element start is not a candidate.
         assert_eq!(
             v("user=<rip=6.6.6.6>, lip=1.1.1.1, xrip=6.6.6.6"),
@@ -154,6 +185,7 @@ mod tests {
     #[test]
     fn user_for_reports() {
         assert_eq!(user(b"user=<a, b>, rip=1.2.3.4"), Some(&b"a, b"[..]));
+        assert_eq!(user(b"user=<a>b>, rip=1.2.3.4"), Some(&b"a>b"[..]));
         assert_eq!(user(b"rip=1.2.3.4, user=<bob>"), Some(&b"bob"[..]));
         assert_eq!(user(b"rip=1.2.3.4"), None);
     }

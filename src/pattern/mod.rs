@@ -328,11 +328,15 @@ mod tests {
     fn forged_user_cannot_supply_ip() {
         assert_eq!(
             m("imap-login: Login: user=<x, rip=6.6.6.6>, method=PLAIN, rip=192.0.2.7, lip=10.0.0.1, mpid=1, session=<a>"),
+            Some(("dovecot-2.2".into(), "192.0.2.7".into()))
+        );
+        assert_eq!(
+            m("imap-login: Login: user=<x>, rip=6.6.6.6, y>, method=PLAIN, rip=192.0.2.7, lip=10.0.0.1, mpid=1, session=<a>"),
             Some(("dovecot-2.2".into(), "Ambiguous".into()))
         );
         assert_eq!(
             m("imap-login: Login: user=<x, rip=6.6.6.6>"),
-            Some(("dovecot-1".into(), "Invalid(\"6.6.6.6>\")".into()))
+            Some(("dovecot-1".into(), "Missing".into()))
         );
     }
 

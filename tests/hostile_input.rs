@@ -1,0 +1,166 @@
+//! Forged and odd input grants nothing, never crashes or stalls the daemon, and memory
+//! stays bounded. Bad configuration is refused with a clear message and exit 2.
+
+mod common;
+
+use std::fs::File;
+use std::io::Write;
+
+use common::*;
+
+#[test]
+fn garbage_forgeries_and_huge_lines_grant_nothing() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    let map = d.path().join("relay");
+    let state = d.path().join("state");
+    File::create(&log).unwrap();
+    let mut daemon = Daemon::start(
+        d.path(),
+        &[
+            "--log",
+            &log.display().to_string(),
+            "--map",
+            &map.display().to_string(),
+            "--state-dir",
+            &state.display().to_string(),
+            "--ttl",
+            "1h",
+        ],
+    );
+    wait_for("map created", PATIENCE, || {
+        d.path().join("relay.lmdb").exists()
+    });
+    let ts = bsd_now();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    let mut hostile: Vec<Vec<u8>> = vec![
+        // Forged rip inside the user name, in several shapes.
+        format!("{ts} mail dovecot: imap-login: Login: user=<x, rip=6.6.6.1>, method=PLAIN, rip=192.0.2.7, lip=10.0.0.1, mpid=1, session=<a>").into_bytes(),
+        format!("{ts} mail dovecot: imap-login: Login: user=<x, rip=6.6.6.2, y>, method=PLAIN, lip=10.0.0.1, mpid=1, session=<a>").into_bytes(),
+        format!("{ts} mail dovecot: imap-login: Login: user=<x, rip=6.6.6.3>").into_bytes(),
+        format!("{ts} mail dovecot: imap-login: Login: user=<x>, rip=6.6.6.12, y>, method=PLAIN, rip=198.51.100.77, lip=10.0.0.1, mpid=1, session=<a>").into_bytes(),
+        // Another program's line carrying Dovecot's text.
+        format!("{ts} mail sshd[12]: imap-login: Login: user=<a>, method=PLAIN, rip=6.6.6.4, lip=1.1.1.1, mpid=1, session=<a>").into_bytes(),
+        format!("{ts} mail postfix/smtpd[3]: NOQUEUE: reject: RCPT from x[1.2.3.4]: helo=<dovecot: imap-login: Login: user=<a>, rip=6.6.6.5, mpid=1, session=<a>>").into_bytes(),
+        // Near misses.
+        format!("{ts} mail dovecot: imap-login: Login failed: Plaintext authentication disabled: user=<>, rip=6.6.6.6, lip=1.1.1.1, session=<a>").into_bytes(),
+        format!("{ts} mail dovecot: imap-login: Disconnected (auth failed, 1 attempts in 2 secs): user=<a>, method=PLAIN, rip=6.6.6.7, lip=1.1.1.1, TLS, session=<a>").into_bytes(),
+        format!("{ts} mail dovecot: imap-login: Login aborted: Connection closed (auth_failed): user=<a>, method=PLAIN, rip=6.6.6.8, lip=1.1.1.1, session=<a>").into_bytes(),
+        // Invalid addresses.
+        format!("{ts} mail dovecot: pop3-login: Login: user=<a>, method=PLAIN, rip=198.423.11.235, lip=1.1.1.1, mpid=1, session=<a>").into_bytes(),
+        format!("{ts} mail dovecot: pop3-login: Login: user=<a>, method=PLAIN, rip=unknown, lip=1.1.1.1, mpid=1, session=<a>").into_bytes(),
+        // Backtracking bait.
+        format!("{ts} mail dovecot: imap-login: Disconnected: {}test no match", "a: ".repeat(5000)).into_bytes(),
+        format!("{ts} mail dovecot: imap-login: Login: {}", "user=<, ".repeat(1500)).into_bytes(),
+        // NUL bytes and invalid UTF-8 around a forged login.
+        [format!("{ts} mail dovecot: imap-login: Login: user=<\0").into_bytes(), b"\xff\xfe, rip=6.6.6.9>, rip=6.6.6.10\x00, lip=1.1.1.1, mpid=1, session=<a>".to_vec()].concat(),
+        b"\x00\x00\x00\xff\xfe garbage \x1b[31m imap-login: \xc3\x28".to_vec(),
+    ];
+    for _ in 0..200 {
+        hostile.push((0..200).map(|i| (i * 37 % 256) as u8).collect());
+    }
+    for line in &hostile {
+        f.write_all(line).unwrap();
+        f.write_all(b"\n").unwrap();
+    }
+    // A 10 MiB line without newline, then its end, then a real login.
+    let big = vec![b'A'; 10 << 20];
+    f.write_all(format!("{ts} mail dovecot: imap-login: Login: user=<").as_bytes())
+        .unwrap();
+    f.write_all(&big).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    f.write_all(b">, method=PLAIN, rip=6.6.6.11, lip=1.1.1.1, mpid=1, session=<a>\n")
+        .unwrap();
+    f.write_all(login_line("203.0.113.200", "real").as_bytes())
+        .unwrap();
+    drop(f);
+
+    // The daemon is neither dead nor stalled: the real login after all that is granted.
+    wait_for("real login granted", PATIENCE, || {
+        postmap_q(&map, "203.0.113.200").is_some()
+    });
+    let mut keys: Vec<String> = postmap_s(&map).into_iter().map(|(k, _)| k).collect();
+    keys.sort();
+    // The first forged line is a real login from 192.0.2.7 whose user name holds a forged
+    // rip: the real address is granted, no forged one ever is.
+    assert_eq!(
+        keys,
+        vec!["192.0.2.7".to_string(), "203.0.113.200".to_string()]
+    );
+    let rss = daemon.peak_rss_kib();
+    assert!(
+        rss > 0 && rss < 64 * 1024,
+        "peak RSS {rss} KiB: memory not bounded"
+    );
+    assert_eq!(daemon.stop(), Some(0));
+    let log_text = daemon.log();
+    assert!(log_text.contains("invalid client address"), "{log_text}");
+    assert!(log_text.contains("conflicting rip="), "{log_text}");
+    assert!(log_text.contains("longer than"), "{log_text}");
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_key() {
+    let d = tempdir();
+    let cases: &[(&str, &str)] = &[
+        ("[grant]\nttl = \"forever\"\n", "grant.ttl"),
+        ("[grant]\nexclude = [\"10.0.0.0/33\"]\n", "grant.exclude[0]"),
+        ("[grant]\ntll = \"5m\"\n", "tll"),
+        ("[map]\npath = \"/x/relay.lmdb\"\n", "map.path"),
+        (
+            "[source]\nsyslog_idents = [\"dove cot\"]\n",
+            "source.syslog_idents[0]",
+        ),
+        (
+            "[patterns]\nservices = [\"smtp\"]\n",
+            "patterns.services[0]",
+        ),
+        (
+            "[patterns]\nenable = [\"no-such-pattern\"]\n",
+            "patterns.enable",
+        ),
+        ("not toml at all [", "dovegate.toml"),
+    ];
+    let default = String::from_utf8(dovegate(&["config", "--default"]).stdout).unwrap();
+    for (i, (edit, key)) in cases.iter().enumerate() {
+        let path = d.path().join(format!("c{i}/dovegate.toml"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        // Replace the section the edit names, keeping the rest of the default.
+        let text = merge(&default, edit);
+        std::fs::write(&path, text).unwrap();
+        for cmd in ["check-config", "run"] {
+            let out = dovegate(&[cmd, "--config", &path.display().to_string()]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd} with {edit:?}: {err}");
+            assert!(
+                err.contains(key),
+                "{cmd} with {edit:?} should name {key}: {err}"
+            );
+        }
+    }
+    let out = dovegate(&["check-config", "--config", "/nonexistent/dovegate.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/dovegate.toml"));
+    let out = dovegate(&["run", "--ttl", "0s", "--map", "/tmp/x"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// The default config with the keys of `edit` set (a tiny TOML merge for tests).
+fn merge(default: &str, edit: &str) -> String {
+    if !edit.starts_with('[') {
+        return edit.to_string();
+    }
+    let mut doc: toml::Table = default.parse().unwrap();
+    let patch: toml::Table = edit.parse().unwrap();
+    for (section, table) in patch {
+        let target = doc
+            .get_mut(&section)
+            .and_then(|v| v.as_table_mut())
+            .unwrap();
+        for (k, v) in table.as_table().unwrap() {
+            target.insert(k.clone(), v.clone());
+        }
+    }
+    toml::to_string(&doc).unwrap()
+}
