@@ -1,0 +1,159 @@
+//! The annotated corpus is the spec: every line in `fixtures/corpus/*.tsv` carries its
+//! expected verdict (`login`/`nologin`) and the canonical IP Postfix would look up (`-`
+//! when the line is a login whose address is invalid, or no login). Each is asserted.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use dovegate::frame::FrameParser;
+use dovegate::grant::key_text;
+use dovegate::pattern::{IpVerdict, PatternSet};
+use dovegate::scan::LineMatcher;
+
+struct Row {
+    file: String,
+    number: usize,
+    expected: String,
+    ip: String,
+    line: String,
+}
+
+fn rows(path: &Path) -> Vec<Row> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut out = Vec::new();
+    let mut header = None;
+    for (i, l) in text.lines().enumerate() {
+        if l.starts_with('#') || l.trim().is_empty() {
+            continue;
+        }
+        let cols: Vec<&str> = l.splitn(7, '\t').collect();
+        if header.is_none() {
+            assert_eq!(cols[0], "expected", "{}: header first", path.display());
+            header = Some(());
+            continue;
+        }
+        assert_eq!(
+            cols.len(),
+            7,
+            "{}:{}: 7 tab-separated columns",
+            path.display(),
+            i + 1
+        );
+        out.push(Row {
+            file: path.display().to_string(),
+            number: i + 1,
+            expected: cols[0].to_string(),
+            ip: cols[2].to_string(),
+            line: cols[6].to_string(),
+        });
+    }
+    out
+}
+
+/// Lines may spell bytes as `\xNN`, `\t`, `\0` and `\\` (for NULs, tabs, invalid UTF-8).
+fn unescape_bytes(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 1 < b.len() {
+            match b[i + 1] {
+                b'x' if i + 3 < b.len() => {
+                    if let Ok(v) = u8::from_str_radix(&s[i + 2..i + 4], 16) {
+                        out.push(v);
+                        i += 4;
+                        continue;
+                    }
+                }
+                b't' => {
+                    out.push(b'\t');
+                    i += 2;
+                    continue;
+                }
+                b'0' => {
+                    out.push(0);
+                    i += 2;
+                    continue;
+                }
+                b'\\' => {
+                    out.push(b'\\');
+                    i += 2;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+fn check(files: &[&str], enable: &[&str]) -> (usize, usize) {
+    std::env::set_var("TZ", "UTC");
+    let enable: Vec<String> = enable.iter().map(|s| s.to_string()).collect();
+    let patterns = PatternSet::load(None, &["imap".into(), "pop3".into()], &enable).unwrap();
+    let mut m = LineMatcher::new(FrameParser::new(&["dovecot"]), Arc::new(patterns));
+    let now = dovegate::timefmt::now();
+    let (mut total, mut logins) = (0, 0);
+    let mut failures = Vec::new();
+    for f in files {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/corpus");
+        for row in rows(&dir.join(f)) {
+            total += 1;
+            let bytes = unescape_bytes(&row.line);
+            let got = m.match_line(&bytes, now).map(|(_, l)| match l.ip {
+                IpVerdict::Valid(ip) => key_text(ip),
+                _ => "-".to_string(),
+            });
+            let want = (row.expected == "login").then(|| row.ip.clone());
+            if row.expected == "login" {
+                logins += 1;
+            }
+            if got != want {
+                failures.push(format!(
+                    "{}:{}: want {want:?} got {got:?}: {}",
+                    row.file, row.number, row.line
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} corpus lines wrong:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    (total, logins)
+}
+
+#[test]
+fn every_corpus_line_has_its_verdict() {
+    let files: Vec<String> =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/corpus"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tsv") && !n.contains("opt-in"))
+            .collect();
+    let names: Vec<&str> = files.iter().map(String::as_str).collect();
+    let (total, logins) = check(&names, &[]);
+    assert!(total > 100 && logins > 10, "{total} lines, {logins} logins");
+}
+
+#[test]
+fn opt_in_lines_need_their_pattern() {
+    check(&["public-opt-in.tsv"], &["dovecot-2.2-proxy"]);
+    // With the defaults, the same lines grant nothing.
+    std::env::set_var("TZ", "UTC");
+    let patterns = PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).unwrap();
+    let mut m = LineMatcher::new(FrameParser::new(&["dovecot"]), Arc::new(patterns));
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/corpus");
+    for row in rows(&dir.join("public-opt-in.tsv")) {
+        assert!(
+            m.match_line(row.line.as_bytes(), 0).is_none(),
+            "{}",
+            row.line
+        );
+    }
+}
