@@ -86,6 +86,11 @@ impl<S: GrantStore> Engine<S> {
         })
     }
 
+    /// Grants or checkpoints wait for a flush.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || !self.pending_checkpoints.is_empty()
+    }
+
     pub fn active(&self) -> usize {
         self.grants.len()
     }
@@ -206,28 +211,35 @@ fn until(at: i64) -> Duration {
 }
 
 /// Runs the engine until `shutdown` resolves or every source has hung up.
+///
+/// Commits are rate-limited, not ticked: the first grant after a quiet spell is committed
+/// at once, and further ones wait until `commit_interval` has passed since the last
+/// commit. The map sees at most one write transaction per interval, whatever the login
+/// rate, and a lone login reaches it without waiting for a tick.
 pub async fn run<S: GrantStore>(
     engine: &mut Engine<S>,
     rx: &mut Receiver<Batch>,
     commit_interval: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StoreError> {
+    use tokio::time::{sleep_until, Instant};
     tokio::pin!(shutdown);
-    let mut tick = tokio::time::interval(commit_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     resync.tick().await;
+    let mut last_commit = Instant::now() - commit_interval;
     let mut failing = false;
     loop {
         let deadline = engine.next_deadline();
         let expiry = tokio::time::sleep(deadline.map_or(Duration::from_secs(3600), until));
+        let flush_at = engine.has_pending().then(|| last_commit + commit_interval);
         tokio::select! {
             () = &mut shutdown => break,
             b = rx.recv() => match b {
                 Some(b) => engine.accept(b, timefmt::now()),
                 None => break,
             },
-            _ = tick.tick() => {
+            () = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
+                last_commit = Instant::now();
                 match tokio::task::block_in_place(|| engine.flush()) {
                     Ok(()) => failing = false,
                     Err(e) => {

@@ -38,8 +38,8 @@ pub struct PatternDef {
     pub default: bool,
     /// Lower wins when two patterns match the same message.
     pub priority: i64,
-    /// A literal every matching line contains.
-    pub literal: String,
+    /// Literals; every matching line contains at least one.
+    pub literals: Vec<String>,
     /// Regex over the framed message; groups: `service`, and `elements` or `ip` (+ `user`).
     pub regex: String,
 }
@@ -172,8 +172,10 @@ impl PatternSet {
                     d.id
                 )));
             }
-            if d.literal.is_empty() {
-                return Err(PatternError(format!("{origin}: `literal` is empty")));
+            if d.literals.is_empty() || d.literals.iter().any(String::is_empty) {
+                return Err(PatternError(format!(
+                    "{origin}: `literals` needs at least one non-empty literal"
+                )));
             }
         }
         defs.retain(|(_, d)| d.default || enable.contains(&d.id));
@@ -201,7 +203,10 @@ impl PatternSet {
         }
         let regex = build_regex(&regexes.iter().map(String::as_str).collect::<Vec<_>>())
             .map_err(|e| PatternError(format!("pattern set: {e}")))?;
-        let mut literals: Vec<&str> = defs.iter().map(|(_, d)| d.literal.as_str()).collect();
+        let mut literals: Vec<&str> = defs
+            .iter()
+            .flat_map(|(_, d)| d.literals.iter().map(String::as_str))
+            .collect();
         literals.sort();
         literals.dedup();
         let prefilter = AhoCorasick::new(&literals)
@@ -345,7 +350,7 @@ mod tests {
         let files = vec![("x.toml".to_string(), "id = \"x\"\n".to_string())];
         let e = PatternSet::from_files(&files, &[], &[]).unwrap_err().0;
         assert!(e.starts_with("x.toml:"), "{e}");
-        let bad = "id='b'\ndovecot='1'\ndescription=''\nservices=['imap']\ndefault=true\npriority=1\nliteral='x'\nregex='(?P<service>a'\n";
+        let bad = "id='b'\ndovecot='1'\ndescription=''\nservices=['imap']\ndefault=true\npriority=1\nliterals=['x']\nregex='(?P<service>a'\n";
         let e = PatternSet::from_files(&[("b.toml".into(), bad.into())], &[], &[])
             .unwrap_err()
             .0;
