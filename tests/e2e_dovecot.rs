@@ -1,0 +1,216 @@
+//! End to end with a real Dovecot: real IMAP and POP3 logins (loopback, and public IPv4
+//! and IPv6 clients forwarded through login_trusted_networks), failed and aborted ones,
+//! while `dovegate run` follows Dovecot's own log file, or rsyslog's traditional and
+//! RFC 3339 files. The map must hold exactly the successful public clients, and
+//! `dovegate test` on the same log must report the same logins.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+fn support(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(name)
+}
+
+fn harness(args: &[&str]) {
+    let out = Command::new(support("dovecot.sh"))
+        .args(args)
+        .output()
+        .expect("dovecot.sh");
+    assert!(
+        out.status.success(),
+        "dovecot.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Stops what the test started, whatever happens.
+struct Cleanup(Vec<Vec<String>>);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for args in self.0.iter().rev() {
+            let _ = Command::new(support("dovecot.sh")).args(args).output();
+        }
+    }
+}
+
+struct Expected {
+    granted: BTreeSet<String>,
+    refused: Vec<String>,
+}
+
+fn run_logins(port_base: u16) -> Expected {
+    let out = Command::new("python3")
+        .arg(support("logins.py"))
+        .arg(port_base.to_string())
+        .output()
+        .expect("python3 logins.py");
+    assert!(
+        out.status.success(),
+        "logins.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("logins.py JSON");
+    let list = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    Expected {
+        granted: list("granted").into_iter().collect(),
+        refused: list("refused"),
+    }
+}
+
+/// Waits until Dovecot has logged every failed and aborted attempt (auth failures are
+/// logged with a delay, when the client disconnects).
+fn wait_for_all_lines(log: &Path) {
+    wait_for("Dovecot logged the failures", PATIENCE, || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        text.matches("auth failed").count() >= 3 && text.matches("no auth attempts").count() >= 2
+    });
+}
+
+fn map_keys(map: &Path) -> BTreeSet<String> {
+    postmap_s(map).into_iter().map(|(k, _)| k).collect()
+}
+
+/// The grants `dovegate test --json` reports for a log: matched, valid, not excluded.
+fn test_cmd_grants(log: &Path) -> (BTreeSet<String>, usize) {
+    let out = dovegate(&["test", "--json", &log.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut grants = BTreeSet::new();
+    let mut matched = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("one JSON object per line");
+        if v["matched"] == true {
+            matched += 1;
+            if v["excluded"].is_null() {
+                grants.insert(v["ip"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    (grants, matched)
+}
+
+fn check(map: &Path, log: &Path, want: &Expected, daemon: &mut Daemon) {
+    for ip in &want.granted {
+        wait_for(
+            &format!("grant for {ip} from {}", log.display()),
+            PATIENCE,
+            || postmap_q(map, ip).is_some(),
+        );
+    }
+    wait_for_all_lines(log);
+    assert_eq!(daemon.stop(), Some(0));
+    assert_eq!(
+        map_keys(map),
+        want.granted,
+        "map holds exactly the successful public clients ({})",
+        log.display()
+    );
+    for ip in &want.refused {
+        assert_eq!(postmap_q(map, ip), None, "{ip} must not be granted");
+    }
+    let (grants, matched) = test_cmd_grants(log);
+    assert_eq!(
+        grants, want.granted,
+        "dovegate test reports the same logins"
+    );
+    assert_eq!(
+        matched,
+        want.granted.len() + 4,
+        "4 loopback logins matched but excluded"
+    );
+}
+
+fn dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("dgd")
+        .tempdir_in("/tmp")
+        .unwrap();
+    set_mode(d.path(), 0o755);
+    d
+}
+
+#[test]
+fn dovecot_log_path_file() {
+    let d = dir();
+    let dv = d.path().join("dv");
+    std::fs::create_dir_all(&dv).unwrap();
+    let dvs = dv.display().to_string();
+    let log = dv.join("dovecot.log");
+    let map = d.path().join("relay");
+    // dovegate starts first: the log does not exist yet.
+    let mut daemon = Daemon::start(
+        d.path(),
+        &[
+            "--log",
+            &log.display().to_string(),
+            "--map",
+            &map.display().to_string(),
+            "--state-dir",
+            &d.path().join("state").display().to_string(),
+        ],
+    );
+    let _cleanup = Cleanup(vec![vec!["down".into(), dvs.clone()]]);
+    harness(&["up", &dvs, "file", "11143"]);
+    let want = run_logins(11143);
+    assert_eq!(want.granted.len(), 5);
+    check(&map, &log, &want, &mut daemon);
+}
+
+#[test]
+fn rsyslog_traditional_and_rfc3339() {
+    let d = dir();
+    let dv = d.path().join("dv");
+    std::fs::create_dir_all(&dv).unwrap();
+    let dvs = dv.display().to_string();
+    let _cleanup = Cleanup(vec![
+        vec!["rsyslog-down".into(), dvs.clone()],
+        vec!["down".into(), dvs.clone()],
+    ]);
+    harness(&["rsyslog-up", &dvs]);
+    let mut daemons = Vec::new();
+    for (name, file) in [("trad", "traditional.log"), ("rfc", "rfc3339.log")] {
+        let log = dv.join("syslog").join(file);
+        let map = d.path().join(format!("relay-{name}"));
+        let daemon = Daemon::start(
+            d.path(),
+            &[
+                "--log",
+                &log.display().to_string(),
+                "--map",
+                &map.display().to_string(),
+                "--state-dir",
+                &d.path().join(format!("state-{name}")).display().to_string(),
+            ],
+        );
+        daemons.push((log, map, daemon));
+    }
+    harness(&["up", &dvs, "syslog", "12143"]);
+    let want = run_logins(12143);
+    for (log, map, daemon) in &mut daemons {
+        check(map, log, &want, daemon);
+    }
+    let trad = std::fs::read_to_string(&daemons[0].0).unwrap();
+    let rfc = std::fs::read_to_string(&daemons[1].0).unwrap();
+    assert!(
+        trad.lines()
+            .any(|l| l.contains(" dovecot: imap-login: Login: ")),
+        "{trad}"
+    );
+    assert!(rfc.starts_with("20") && rfc.contains("T"), "{rfc}");
+}

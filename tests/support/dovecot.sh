@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Test harness: a private Dovecot (and rsyslogd) on loopback, started and stopped by the
+# end-to-end tests. Nothing system-wide is touched: own config, base_dir, ports, log.
+#   dovecot.sh up DIR file|syslog PORTBASE   imap PORTBASE, imaps +1, pop3 +2, pop3s +3
+#   dovecot.sh down DIR
+#   dovecot.sh rsyslog-up DIR                socket DIR/syslog/dev-log; writes
+#                                            DIR/syslog/traditional.log and rfc3339.log
+#   dovecot.sh rsyslog-down DIR
+# Dovecot runs as root here (the master must: it binds, chroots, drops privileges); the
+# mail processes run as nobody. In syslog mode Dovecot runs in a private mount namespace
+# whose /dev/log is the test rsyslogd's socket (glibc always logs to /dev/log).
+set -euo pipefail
+export PATH="${PATH:+$PATH:}/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+die() { echo "dovecot.sh: $*" >&2; exit 1; }
+cmd=${1:?usage}; DIR=${2:?usage}
+
+listening() { ss -ltnH "sport = :$1" 2>/dev/null | wc -l; }
+
+up() {
+    local mode=$1 base=$2
+    [ "${#DIR}" -le 78 ] || die "DIR too long for Dovecot's socket paths: $DIR"
+    mkdir -p "$DIR/run" "$DIR/state" "$DIR/ssl" "$DIR/mail"
+    chmod 0755 "$DIR" "$DIR/run" "$DIR/state"
+    chown nobody:nogroup "$DIR/mail"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=localhost \
+        -addext "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1" \
+        -keyout "$DIR/ssl/key.pem" -out "$DIR/ssl/cert.pem" >/dev/null 2>&1
+    printf 'alice:{PLAIN}alice-pass::::::\nbob:{PLAIN}bob-pass::::::\n' > "$DIR/users"
+    chmod 0644 "$DIR/users"
+    local logconf
+    if [ "$mode" = file ]; then
+        logconf="log_path = $DIR/dovecot.log
+info_log_path = $DIR/dovecot.log"
+        : > "$DIR/dovecot.log"
+    else
+        logconf="log_path = syslog
+info_log_path =
+syslog_facility = mail"
+    fi
+    cat > "$DIR/dovecot.conf" <<CONF
+base_dir = $DIR/run
+state_dir = $DIR/state
+protocols = imap pop3
+listen = 127.0.0.1, ::1
+$logconf
+auth_mechanisms = plain login
+disable_plaintext_auth = no
+login_trusted_networks = 127.0.0.9/32
+ssl = yes
+ssl_cert = <$DIR/ssl/cert.pem
+ssl_key = <$DIR/ssl/key.pem
+mail_location = maildir:~/Maildir
+first_valid_uid = 1
+first_valid_gid = 1
+passdb {
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u $DIR/users
+}
+userdb {
+  driver = static
+  args = uid=nobody gid=nogroup home=$DIR/mail/%u
+}
+service imap-login {
+  inet_listener imap {
+    port = $base
+  }
+  inet_listener imaps {
+    port = $((base + 1))
+    ssl = yes
+  }
+}
+service pop3-login {
+  inet_listener pop3 {
+    port = $((base + 2))
+  }
+  inet_listener pop3s {
+    port = $((base + 3))
+    ssl = yes
+  }
+}
+CONF
+    for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
+        [ "$(listening $p)" = 0 ] || die "port $p is in use"
+    done
+    if [ "$mode" = file ]; then
+        dovecot -c "$DIR/dovecot.conf" </dev/null >>"$DIR/dovecot.stderr" 2>&1
+    else
+        DG_DIR="$DIR" unshare --mount --propagation private bash -c '
+            set -e
+            mkdir -p "$DG_DIR/.hostdev"
+            mount --bind /dev "$DG_DIR/.hostdev"
+            mount -t tmpfs -o mode=0755,size=1m dgdev /dev
+            for n in null zero full random urandom tty; do
+                [ -e "$DG_DIR/.hostdev/$n" ] || continue
+                : > "/dev/$n"; mount --bind "$DG_DIR/.hostdev/$n" "/dev/$n"
+            done
+            ln -s /proc/self/fd /dev/fd
+            ln -s "$DG_DIR/syslog/dev-log" /dev/log
+            umount -l "$DG_DIR/.hostdev"
+            exec dovecot -c "$DG_DIR/dovecot.conf"
+        ' </dev/null >>"$DIR/dovecot.stderr" 2>&1
+    fi || { cat "$DIR/dovecot.stderr" >&2; die "dovecot failed to start"; }
+    for _ in $(seq 1 300); do
+        local ok=1
+        for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
+            [ "$(listening $p)" -ge 2 ] || ok=0
+        done
+        [ $ok = 1 ] && return 0
+        sleep 0.1
+    done
+    cat "$DIR/dovecot.stderr" >&2
+    die "dovecot did not listen within 30 s"
+}
+
+down() {
+    local pidf="$DIR/run/master.pid"
+    [ -s "$pidf" ] || return 0
+    local pid; pid=$(cat "$pidf")
+    grep -q "$DIR/dovecot.conf" "/proc/$pid/cmdline" 2>/dev/null || return 0
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+}
+
+rsyslog_up() {
+    local S="$DIR/syslog"
+    mkdir -p "$S/work"
+    chmod 0755 "$DIR" "$S"
+    cat > "$S/rsyslog.conf" <<CONF
+global(workDirectory="$S/work")
+module(load="imuxsock" SysSock.Use="off")
+input(type="imuxsock" Socket="$S/dev-log" CreatePath="on")
+mail.*  action(type="omfile" file="$S/traditional.log" template="RSYSLOG_TraditionalFileFormat")
+mail.*  action(type="omfile" file="$S/rfc3339.log" template="RSYSLOG_FileFormat")
+CONF
+    setsid rsyslogd -n -f "$S/rsyslog.conf" -i "$S/rsyslogd.pid" </dev/null >>"$S/rsyslogd.out" 2>&1 &
+    for _ in $(seq 1 100); do
+        [ -S "$S/dev-log" ] && [ -s "$S/rsyslogd.pid" ] && { chmod 0666 "$S/dev-log"; return 0; }
+        sleep 0.1
+    done
+    cat "$S/rsyslogd.out" >&2
+    die "rsyslogd did not start"
+}
+
+rsyslog_down() {
+    local pidf="$DIR/syslog/rsyslogd.pid"
+    [ -s "$pidf" ] || return 0
+    local pid; pid=$(cat "$pidf")
+    grep -q rsyslogd "/proc/$pid/cmdline" 2>/dev/null || return 0
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+}
+
+case "$cmd" in
+    up) up "${3:?mode}" "${4:?portbase}" ;;
+    down) down ;;
+    rsyslog-up) rsyslog_up ;;
+    rsyslog-down) rsyslog_down ;;
+    *) die "unknown command $cmd" ;;
+esac
