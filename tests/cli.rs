@@ -109,3 +109,98 @@ fn config_default_and_check_config() {
     assert_eq!(code, Some(0));
     assert!(out.contains("path = \"/srv/relay\""));
 }
+
+fn test_json(args: &[&str], stdin: Option<&[u8]>) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(bin())
+        .arg("test")
+        .arg("--json")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or_default()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn test_command_reads_plain_gzip_and_stdin() {
+    let d = tempdir();
+    let rig = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/rig/sample-syslog-rfc3339.log");
+    let text = std::fs::read(&rig).unwrap();
+    let gz = d.path().join("mail.log.gz");
+    {
+        let mut e = flate2::write::GzEncoder::new(
+            std::fs::File::create(&gz).unwrap(),
+            flate2::Compression::fast(),
+        );
+        std::io::Write::write_all(&mut e, &text).unwrap();
+        e.finish().unwrap();
+    }
+    let plain = test_json(&[&rig.display().to_string()], None);
+    let zipped = test_json(&[&gz.display().to_string()], None);
+    let piped = test_json(&["-"], Some(&text));
+    assert_eq!(
+        plain.len(),
+        text.iter().filter(|&&b| b == b'\n').count(),
+        "one object per line"
+    );
+    let logins = |v: &[serde_json::Value]| v.iter().filter(|o| o["matched"] == true).count();
+    assert!(logins(&plain) > 5);
+    assert_eq!(logins(&plain), logins(&zipped));
+    assert_eq!(logins(&plain), logins(&piped));
+    // Line numbers restart in each file; a last line without newline still counts.
+    let two = test_json(
+        &[&rig.display().to_string(), "-"],
+        Some(b"imap-login: Login: user=<a>, rip=203.0.113.9, mpid=1, session=<s>"),
+    );
+    let last = two.last().unwrap();
+    assert_eq!(
+        (
+            last["file"].as_str(),
+            last["line"].as_u64(),
+            last["ip"].as_str()
+        ),
+        (Some("-"), Some(1), Some("203.0.113.9"))
+    );
+    assert!(last["excluded"].is_null() && last["time"].is_null());
+    assert_eq!(last["pattern"], "dovecot-2.2");
+    // An unreadable file: clear message, non-zero exit.
+    let (code, _, err) = run(&["test", "/nonexistent/mail.log"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("/nonexistent/mail.log"), "{err}");
+}
+
+#[test]
+fn test_command_uses_a_pattern_directory() {
+    let d = tempdir();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("patterns");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "dovecot-2.4.toml" {
+            std::fs::copy(e.path(), d.path().join(e.file_name())).unwrap();
+        }
+    }
+    let line: &[u8] = b"imap-login: Logged in: user=<a>, method=PLAIN, rip=203.0.113.9, lip=1.1.1.1, mpid=1, session=<s>\n";
+    let embedded = test_json(&["-"], Some(line));
+    assert_eq!(embedded[0]["pattern"], "dovecot-2.4");
+    let without = test_json(
+        &["--patterns", &d.path().display().to_string(), "-"],
+        Some(line),
+    );
+    assert_eq!(without[0]["matched"], false);
+    // A broken pattern file is named, exit 2.
+    std::fs::write(d.path().join("broken.toml"), "id = 3\n").unwrap();
+    let (code, _, err) = run(&["test", "--patterns", &d.path().display().to_string(), "-"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("broken.toml"), "{err}");
+}

@@ -143,7 +143,8 @@ fn every_corpus_line_has_its_verdict() {
 
 #[test]
 fn opt_in_lines_need_their_pattern() {
-    check(&["public-opt-in.tsv"], &["dovecot-2.2-proxy"]);
+    let opt_in = ["public-opt-in.tsv", "synthetic-opt-in.tsv"];
+    check(&opt_in, &["dovecot-2.2-proxy", "dovecot-2.4-proxy"]);
     // With the defaults, the same lines grant nothing.
     std::env::set_var("TZ", "UTC");
     let patterns = PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).unwrap();

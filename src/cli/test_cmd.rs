@@ -79,9 +79,10 @@ struct Totals {
     grants: BTreeMap<String, u64>,
 }
 
-fn open_input(path: &PathBuf) -> Result<Box<dyn Read>, Failure> {
+/// Opens a saved log (gzip recognised by its magic bytes); returns it and its size on disk.
+fn open_input(path: &PathBuf) -> Result<(Box<dyn Read>, u64), Failure> {
     if path.as_os_str() == "-" {
-        return Ok(Box::new(io::stdin().lock()));
+        return Ok((Box::new(io::stdin().lock()), 0));
     }
     let mut f = File::open(path)
         .map_err(|e| Failure::runtime(format!("{}: cannot read: {e}", path.display())))?;
@@ -89,12 +90,56 @@ fn open_input(path: &PathBuf) -> Result<Box<dyn Read>, Failure> {
     let n = f
         .read(&mut magic)
         .map_err(|e| Failure::runtime(format!("{}: {e}", path.display())))?;
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
     let head = io::Cursor::new(magic[..n].to_vec());
     let chained = head.chain(f);
     if n == 2 && magic == [0x1f, 0x8b] {
-        Ok(Box::new(flate2::read::MultiGzDecoder::new(chained)))
+        // Progress is unknown for compressed input (its size on disk is not its length).
+        Ok((Box::new(flate2::read::MultiGzDecoder::new(chained)), 0))
     } else {
-        Ok(Box::new(chained))
+        Ok((Box::new(chained), size))
+    }
+}
+
+/// A progress line on stderr for large inputs, only when stderr is a terminal.
+struct Progress {
+    name: String,
+    size: u64,
+    shown: bool,
+    last: Instant,
+    on: bool,
+}
+
+impl Progress {
+    fn new(name: &str, size: u64) -> Progress {
+        Progress {
+            name: name.to_string(),
+            size,
+            shown: false,
+            last: Instant::now(),
+            on: size > 50_000_000 && io::IsTerminal::is_terminal(&io::stderr()),
+        }
+    }
+
+    fn update(&mut self, file_bytes: u64) {
+        if !self.on {
+            return;
+        }
+        if self.last.elapsed().as_millis() < 200 {
+            return;
+        }
+        self.last = Instant::now();
+        self.shown = true;
+        let done = file_bytes.min(self.size);
+        let pct = done * 100 / self.size.max(1);
+        let bar = "#".repeat((pct / 4) as usize);
+        eprint!("\r{} [{bar:<25}] {pct:>3}%", self.name);
+    }
+
+    fn done(&self) {
+        if self.shown {
+            eprintln!("\r{} [{}] 100%", self.name, "#".repeat(25));
+        }
     }
 }
 
@@ -105,6 +150,8 @@ fn looks_like_login(line: &[u8]) -> bool {
 
 struct Tester<'a> {
     matcher: LineMatcher,
+    /// Line number within the current file (1-based in reports).
+    file_line: u64,
     /// Lines that mention a login service: matched, or counted as near misses.
     login_finder: memchr::memmem::Finder<'static>,
     policy: &'a Policy,
@@ -120,7 +167,8 @@ impl Tester<'_> {
         for line in chunk.split_inclusive(|&b| b == b'\n') {
             let line = line.strip_suffix(b"\n").unwrap_or(line);
             self.totals.lines += 1;
-            let n = self.totals.lines;
+            self.file_line += 1;
+            let n = self.file_line;
             let has_literal = self.login_finder.find(line).is_some();
             let found = if has_literal { self.one(line) } else { None };
             match found {
@@ -261,6 +309,7 @@ pub fn run(args: TestArgs) -> Result<(), Failure> {
             Arc::clone(&patterns),
         ),
         login_finder: memchr::memmem::Finder::new(b"-login: "),
+        file_line: 0,
         policy: &policy,
         now: timefmt::now(),
         totals: Totals::default(),
@@ -270,30 +319,37 @@ pub fn run(args: TestArgs) -> Result<(), Failure> {
     let io_err = |e: io::Error| Failure::runtime(format!("writing output: {e}"));
     for path in &files {
         let name = path.display().to_string();
-        let mut input = open_input(path)?;
+        let (mut input, size) = open_input(path)?;
         let mut reader = ChunkReader::new(settings.max_line_bytes, 0);
-        let lines_before = t.totals.lines;
+        let mut progress = Progress::new(&name, size);
+        let mut file_bytes = 0u64;
+        t.file_line = 0;
         loop {
-            match reader
+            let chunk = match reader
                 .read_chunk(&mut input)
                 .map_err(|e| Failure::runtime(format!("{name}: {e}")))?
             {
-                Chunk::Eof => break,
-                Chunk::Partial => {}
-                Chunk::Lines(chunk, _) => {
-                    t.totals.bytes += chunk.len() as u64;
-                    if per_line {
-                        t.each_line(&name, chunk).map_err(io_err)?;
-                    } else {
-                        t.candidates(chunk);
-                    }
+                Chunk::Partial => continue,
+                Chunk::Lines(chunk, _) => chunk,
+                // A saved log may end without a newline: its last line counts too.
+                Chunk::Eof => match reader.take_last_line() {
+                    Some(last) => last,
+                    None => break,
+                },
+            };
+            t.totals.bytes += chunk.len() as u64;
+            file_bytes += chunk.len() as u64;
+            progress.update(file_bytes);
+            if per_line {
+                t.each_line(&name, chunk).map_err(io_err)?;
+            } else {
+                t.candidates(chunk);
+                if !chunk.ends_with(b"\n") {
+                    t.totals.lines += 1;
                 }
             }
         }
-        // Line numbers restart per file.
-        if per_line {
-            let _ = lines_before;
-        }
+        progress.done();
     }
     let elapsed = started.elapsed();
     t.out.flush().map_err(io_err)?;

@@ -57,6 +57,17 @@ impl ChunkReader {
         self.filled - self.consumed
     }
 
+    /// At the end of a finished stream (a saved log): the last line, if it has no newline.
+    pub fn take_last_line(&mut self) -> Option<&[u8]> {
+        if self.skipping || self.pending() == 0 {
+            return None;
+        }
+        let line = &self.buf[self.consumed..self.filled];
+        self.offset += line.len() as u64;
+        self.consumed = self.filled;
+        Some(line)
+    }
+
     /// Forgets buffered bytes and restarts at `offset` (after truncation).
     pub fn reset(&mut self, offset: u64) {
         self.filled = 0;
