@@ -31,6 +31,11 @@ pub struct SourceSection {
     pub syslog_idents: Vec<String>,
     pub max_line_bytes: usize,
     pub poll_interval: String,
+    pub journal: bool,
+    pub journal_units: Vec<String>,
+    pub journal_comms: Vec<String>,
+    pub journal_exes: Vec<String>,
+    pub journal_uids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -70,6 +75,8 @@ pub struct Settings {
     pub syslog_idents: Vec<String>,
     pub max_line_bytes: usize,
     pub poll_interval: Duration,
+    pub journal: bool,
+    pub provenance: crate::source::journal::Provenance,
     pub patterns_dir: Option<PathBuf>,
     pub services: Vec<String>,
     pub enable_patterns: Vec<String>,
@@ -162,6 +169,20 @@ impl FileConfig {
         if poll_interval < Duration::from_millis(50) || poll_interval > Duration::from_secs(60) {
             return Err(err("source.poll_interval", "must be between 50ms and 60s"));
         }
+        if self.source.journal_units.is_empty() {
+            return Err(err(
+                "source.journal_units",
+                "needs at least one unit (entries from any other unit never grant)",
+            ));
+        }
+        for (i, u) in self.source.journal_units.iter().enumerate() {
+            if u.trim().is_empty() || u.contains(char::is_whitespace) {
+                return Err(err(
+                    &format!("source.journal_units[{i}]"),
+                    format!("`{u}` is not a unit name"),
+                ));
+            }
+        }
         for (i, s) in self.patterns.services.iter().enumerate() {
             if !KNOWN_SERVICES.contains(&s.as_str()) {
                 return Err(err(
@@ -213,6 +234,13 @@ impl FileConfig {
             syslog_idents: self.source.syslog_idents.clone(),
             max_line_bytes,
             poll_interval,
+            journal: self.source.journal,
+            provenance: crate::source::journal::Provenance {
+                units: self.source.journal_units.clone(),
+                comms: self.source.journal_comms.clone(),
+                exes: self.source.journal_exes.clone(),
+                uids: self.source.journal_uids.clone(),
+            },
             patterns_dir,
             services: self.patterns.services.clone(),
             enable_patterns: self.patterns.enable.clone(),

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::mpsc::Receiver;
 
 use crate::grant::{Decision, Policy};
-use crate::source::checkpoint::{Checkpoint, CheckpointDir};
+use crate::source::checkpoint::{CheckpointDir, Position};
 use crate::source::Batch;
 use crate::store::{GrantStore, StoreError};
 use crate::timefmt;
@@ -28,7 +28,7 @@ pub struct Engine<S: GrantStore> {
     /// The same, ordered by deadline, for the expiry timer.
     deadlines: BTreeSet<(i64, IpAddr)>,
     pending: HashMap<IpAddr, i64>,
-    pending_checkpoints: BTreeMap<usize, Checkpoint>,
+    pending_checkpoints: BTreeMap<usize, Position>,
     checkpoints: CheckpointDir,
     /// A login that moves an expiry by less than this is not written again.
     slack: i64,
@@ -122,7 +122,7 @@ impl<S: GrantStore> Engine<S> {
             }
         }
         self.pending_checkpoints
-            .insert(batch.source, batch.checkpoint);
+            .insert(batch.source, batch.position);
     }
 
     /// Commits pending grants in one transaction, then writes the checkpoints they cover.
@@ -141,7 +141,7 @@ impl<S: GrantStore> Engine<S> {
             self.pending.clear();
         }
         while let Some((source, cp)) = self.pending_checkpoints.pop_first() {
-            if let Err(e) = self.checkpoints.save(&cp) {
+            if let Err(e) = self.checkpoints.save_position(&cp) {
                 self.pending_checkpoints.insert(source, cp);
                 return Err(StoreError(format!("cannot save checkpoint: {e}")));
             }
@@ -346,10 +346,10 @@ mod tests {
                     time: Some(*t),
                 })
                 .collect(),
-            checkpoint: Checkpoint {
+            position: Position::File(crate::source::checkpoint::Checkpoint {
                 path: "/x".into(),
                 files: vec![],
-            },
+            }),
         }
     }
 

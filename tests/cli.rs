@@ -98,6 +98,17 @@ fn config_default_and_check_config() {
     let (code, out, err) = run(&["check-config", "--config", &path.display().to_string()]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("path = \"/var/lib/dovegate/relay\""), "{out}");
+    // File mode warns that syslog lines can be forged; journal-only mode does not.
+    let (_, _, err) = run(&["check-config", "--config", &path.display().to_string()]);
+    assert!(err.contains("forge") && err.contains("journal"), "{err}");
+    let journal_only = default
+        .replace("logs = [\"/var/log/mail.log\"]", "logs = []")
+        .replace("journal = false", "journal = true");
+    std::fs::write(&path, &journal_only).unwrap();
+    let (code, _, err) = run(&["check-config", "--config", &path.display().to_string()]);
+    assert_eq!(code, Some(0));
+    assert!(!err.contains("warning"), "{err}");
+    std::fs::write(&path, &default).unwrap();
     // Flags override the file.
     let (code, out, _) = run(&[
         "check-config",

@@ -18,9 +18,14 @@ fn support(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn harness(args: &[&str]) {
+fn harness(args: &[&str]) -> String {
+    harness_env(args, &[])
+}
+
+fn harness_env(args: &[&str], env: &[(&str, &str)]) -> String {
     let out = Command::new(support("dovecot.sh"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("dovecot.sh");
     assert!(
@@ -28,6 +33,7 @@ fn harness(args: &[&str]) {
         "dovecot.sh {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Stops what the test started, whatever happens.
@@ -213,4 +219,85 @@ fn rsyslog_traditional_and_rfc3339() {
         "{trad}"
     );
     assert!(rfc.starts_with("20") && rfc.contains("T"), "{rfc}");
+}
+
+#[test]
+fn real_journald_trusts_only_dovecot_service() {
+    let d = dir();
+    let dv = d.path().join("dv");
+    std::fs::create_dir_all(&dv).unwrap();
+    let dvs = dv.display().to_string();
+    let _cleanup = Cleanup(vec![
+        vec!["journald-down".into(), dvs.clone()],
+        vec!["cgroup-down".into(), dvs.clone()],
+        vec!["down".into(), dvs.clone()],
+    ]);
+    harness(&["journald-up", &dvs]);
+    let cg = Command::new(support("dovecot.sh"))
+        .args(["cgroup-up", &dvs])
+        .output()
+        .unwrap();
+    let cgroup = String::from_utf8_lossy(&cg.stdout).trim().to_string();
+    if !cg.status.success() || cgroup.is_empty() {
+        eprintln!("no writable cgroup2 on this machine: journald cannot stamp _SYSTEMD_UNIT; real-journald check skipped (journal files cover provenance)");
+        return;
+    }
+    let sock = dv.join("journal/sock/dev-log").display().to_string();
+    let jdir = dv.join("journal/runlog/journal");
+    let map = d.path().join("relay");
+    let mut daemon = Daemon::start(
+        d.path(),
+        &[
+            "--journal-dir",
+            &jdir.display().to_string(),
+            "--map",
+            &map.display().to_string(),
+            "--state-dir",
+            &d.path().join("state").display().to_string(),
+        ],
+    );
+    harness_env(
+        &["up", &dvs, "syslog", "13143"],
+        &[("DG_SYSLOG_SOCK", &sock), ("DG_CGROUP", &cgroup)],
+    );
+    let want = run_logins(13143);
+    // A local user forges a Dovecot line through syslog, as `logger -t dovecot` does.
+    let forged = Command::new("logger")
+        .args(["--socket-errors=on", "-u", &sock, "-t", "dovecot"])
+        .arg("imap-login: Login: user=<mallory>, method=PLAIN, rip=203.0.113.250, lip=127.0.0.1, mpid=1, secured, session=<forged>")
+        .status()
+        .unwrap();
+    assert!(forged.success());
+    for ip in &want.granted {
+        wait_for(&format!("journal grant for {ip}"), PATIENCE, || {
+            postmap_q(&map, ip).is_some()
+        });
+    }
+    wait_for("Dovecot logged the failures", PATIENCE, || {
+        let out = Command::new("journalctl")
+            .args(["-D", &jdir.display().to_string(), "-o", "cat", "--no-pager"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.matches("auth failed").count() >= 3
+            && text.matches("no auth attempts").count() >= 2
+            && text.contains("session=<forged>")
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(daemon.stop(), Some(0));
+    assert_eq!(
+        map_keys(&map),
+        want.granted,
+        "exactly the real public logins"
+    );
+    assert_eq!(
+        postmap_q(&map, "203.0.113.250"),
+        None,
+        "the forged entry grants nothing"
+    );
+    assert!(
+        daemon.summary("forged").unwrap_or(0) >= 1,
+        "{}",
+        daemon.log()
+    );
 }

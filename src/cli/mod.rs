@@ -1,7 +1,7 @@
 //! `cli`: the command line. Parses arguments, loads settings, and wires the stages.
 
 mod admin;
-mod run;
+pub mod run;
 mod test_cmd;
 
 use std::path::{Path, PathBuf};
@@ -174,6 +174,46 @@ pub fn main() -> ExitCode {
 fn check_config(cfg: &ConfigArgs) -> Result<(), Failure> {
     let (file, settings) = load_settings(cfg, |_| {})?;
     load_patterns(&settings, None)?;
+    for w in file_mode_warnings(&settings) {
+        eprintln!("dovegate: warning: {w}");
+    }
     print!("{}", file.to_toml());
     Ok(())
+}
+
+/// Dovecot's own log files (`doveconf -h log_path`, `info_log_path`), when doveconf runs.
+fn dovecot_log_files() -> Vec<PathBuf> {
+    ["log_path", "info_log_path"]
+        .iter()
+        .filter_map(|k| {
+            std::process::Command::new("doveconf")
+                .args(["-h", k])
+                .output()
+                .ok()
+        })
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|p| p.starts_with('/'))
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// File mode cannot tell a forged syslog line from a real one: warn for every followed file
+/// that is not Dovecot's own log file.
+fn file_mode_warnings(settings: &Settings) -> Vec<String> {
+    if settings.logs.is_empty() {
+        return Vec::new();
+    }
+    let own = dovecot_log_files();
+    settings
+        .logs
+        .iter()
+        .filter(|p| !own.contains(p))
+        .map(|p| {
+            format!(
+                "source.logs: {} is not Dovecot's own log_path; if syslog writes it, any local user can forge a Dovecot login line there (logger -t dovecot ...). Prefer journal mode (source.journal = true), or Dovecot's log_path in a file only Dovecot writes.",
+                p.display()
+            )
+        })
+        .collect()
 }

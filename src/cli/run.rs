@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command as Process;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
 
@@ -14,6 +14,9 @@ use crate::frame::FrameParser;
 use crate::grant::Policy;
 use crate::scan::LineMatcher;
 use crate::source::checkpoint::CheckpointDir;
+use crate::source::journal::{
+    spawn_journal_source, EntryJudge, JournalSourceSpec, JournalStart, JournalTarget,
+};
 use crate::source::{spawn_file_source, FileSourceSpec, SourceStats};
 use crate::store::{LmdbMap, OpenMode};
 use crate::timefmt;
@@ -34,6 +37,42 @@ pub struct RunArgs {
     /// Pattern directory replacing the embedded library (overrides patterns.dir).
     #[arg(long, value_name = "DIR")]
     patterns: Option<PathBuf>,
+    #[command(flatten)]
+    journal: JournalArgs,
+}
+
+/// Journal selection, shared by `run` and `test`.
+#[derive(Debug, clap::Args, Default, Clone)]
+pub struct JournalArgs {
+    /// Follow the system journal (source.journal = true). Without --log, files are not followed.
+    #[arg(long)]
+    pub journal: bool,
+    /// Read the journal in this directory instead of the system one (containers, tests).
+    #[arg(long, value_name = "DIR", conflicts_with = "journal_file")]
+    pub journal_dir: Option<PathBuf>,
+    /// Read this journal file.
+    #[arg(long, value_name = "FILE")]
+    pub journal_file: Option<PathBuf>,
+}
+
+impl JournalArgs {
+    /// Any journal flag given on the command line.
+    pub fn given(&self) -> bool {
+        self.journal || self.journal_dir.is_some() || self.journal_file.is_some()
+    }
+
+    /// The journal to read, if journal mode is on (flags, else `source.journal`).
+    pub fn target(&self, configured: bool) -> Option<JournalTarget> {
+        if let Some(f) = &self.journal_file {
+            Some(JournalTarget::File(f.clone()))
+        } else if let Some(d) = &self.journal_dir {
+            Some(JournalTarget::Directory(d.clone()))
+        } else if self.journal || configured {
+            Some(JournalTarget::System)
+        } else {
+            None
+        }
+    }
 }
 
 /// Postfix's mynetworks as networks; entries that are not literal networks (tables,
@@ -76,6 +115,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let (_, settings) = load_settings(&args.cfg, |f| {
         if !args.logs.is_empty() {
             f.source.logs = args.logs.iter().map(|p| p.display().to_string()).collect();
+        } else if args.journal.given() {
+            // Journal flags alone mean: the journal only.
+            f.source.logs.clear();
         }
         if let Some(t) = &args.ttl {
             f.grant.ttl = t.clone();
@@ -89,8 +131,11 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     if settings.exclude_mynetworks {
         exclude.extend(mynetworks()?);
     }
-    if settings.logs.is_empty() {
-        return Err(Failure::config("source.logs: no log file to follow"));
+    let journal = args.journal.target(settings.journal);
+    if settings.logs.is_empty() && journal.is_none() {
+        return Err(Failure::config(
+            "source.logs: no log file to follow and the journal is off (source.journal)",
+        ));
     }
     std::fs::create_dir_all(&settings.state_dir).map_err(|e| {
         Failure::runtime(format!(
@@ -143,12 +188,50 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         )
         .map_err(|e| Failure::runtime(format!("cannot start source thread: {e}")))?;
     }
+    let journal_children = Arc::new(Mutex::new(Vec::new()));
+    if let Some(target) = journal {
+        let start = match checkpoints.load_cursor(&target.key()) {
+            Some(c) => JournalStart::AfterCursor(c),
+            None => JournalStart::Since(cutoff),
+        };
+        tracing::info!(journal = %target.key(), start = ?start, units = ?settings.provenance.units, "following the journal");
+        let spec = JournalSourceSpec {
+            index: settings.logs.len(),
+            target,
+            start,
+            max_line: settings.max_line_bytes.max(64 * 1024),
+        };
+        let judge = EntryJudge {
+            matcher: LineMatcher::new(
+                FrameParser::new(&settings.syslog_idents),
+                Arc::clone(&patterns),
+            ),
+            provenance: settings.provenance.clone(),
+        };
+        spawn_journal_source(
+            spec,
+            judge,
+            tx.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&stats),
+            Arc::clone(&journal_children),
+        )
+        .map_err(|e| Failure::runtime(format!("cannot start journal thread: {e}")))?;
+    }
     drop(tx);
     let commit_interval = settings.commit_interval;
     let result = runtime.block_on(async {
         engine::run(&mut engine, &mut rx, commit_interval, shutdown_signal()).await
     });
     stop.store(true, Ordering::Relaxed);
+    if let Ok(pids) = journal_children.lock() {
+        for &pid in pids.iter() {
+            // SAFETY: signalling our own journalctl child.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+    }
     log_summary(&settings, &engine, &stats);
     result.map_err(|e| Failure::runtime(e.0))
 }
@@ -161,6 +244,7 @@ fn log_summary(settings: &Settings, engine: &Engine<LmdbMap>, stats: &SourceStat
         logins = stats.logins.load(Ordering::Relaxed),
         invalid_ip = stats.invalid_ip.load(Ordering::Relaxed),
         ambiguous_ip = stats.ambiguous_ip.load(Ordering::Relaxed),
+        forged = stats.forged.load(Ordering::Relaxed),
         granted = c.granted,
         excluded = c.excluded,
         commits = c.commits,

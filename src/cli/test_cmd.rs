@@ -15,6 +15,9 @@ use crate::frame::{FrameParser, Framing};
 use crate::grant::{key_text, Decision, Policy};
 use crate::pattern::{IpVerdict, PatternSet};
 use crate::scan::LineMatcher;
+use crate::source::journal::{
+    journalctl, spawn_journalctl, EntryJudge, EntryVerdict, JournalStart, JournalTarget,
+};
 use crate::source::lines::{Chunk, ChunkReader};
 use crate::timefmt;
 
@@ -34,6 +37,12 @@ pub struct TestArgs {
     /// Print lines that look like logins but matched no pattern.
     #[arg(long)]
     print_near_misses: bool,
+    #[command(flatten)]
+    journal: super::run::JournalArgs,
+    /// With a journal: start at this time (RFC 3339, or a duration meaning that long ago,
+    /// e.g. 2h). Default: the whole journal file or directory; the system journal's last ttl.
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
     /// Saved logs (plain or .gz); `-` or none: standard input.
     files: Vec<PathBuf>,
 }
@@ -58,6 +67,9 @@ struct LineReport<'a> {
     time: Option<String>,
     #[serde(skip_serializing_if = "skip_ip")]
     excluded: Option<Option<String>>,
+    /// Journal entries: true when the provenance check refused the sender.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forged: Option<bool>,
 }
 
 fn skip_ip(v: &Option<Option<String>>) -> bool {
@@ -77,6 +89,8 @@ struct Totals {
     ambiguous_ip: u64,
     near_misses: u64,
     grants: BTreeMap<String, u64>,
+    /// Journal entries refused by the provenance check, by reason.
+    forged: BTreeMap<String, u64>,
 }
 
 /// Opens a saved log (gzip recognised by its magic bytes); returns it and its size on disk.
@@ -275,6 +289,7 @@ impl Tester<'_> {
             ip: Some(ip),
             time: frame.time.map(timefmt::rfc3339),
             excluded: Some(excluded),
+            forged: None,
         })
     }
 }
@@ -301,6 +316,9 @@ pub fn run(args: TestArgs) -> Result<(), Failure> {
     } else {
         args.files.clone()
     };
+    if let Some(target) = args.journal.target(false) {
+        return run_journal(&args, &settings, patterns, &policy, target);
+    }
     let started = Instant::now();
     let per_line = args.json || args.print_missed || args.print_near_misses;
     let mut t = Tester {
@@ -394,6 +412,15 @@ fn print_summary(t: &Totals, patterns: &PatternSet, secs: f64) {
         "Near misses (look like logins, matched nothing): {}",
         t.near_misses
     );
+    if !t.forged.is_empty() {
+        println!(
+            "Forged (untrusted sender): {}",
+            t.forged.values().sum::<u64>()
+        );
+        for (why, n) in &t.forged {
+            println!("  {n} from {why}");
+        }
+    }
     let mb = t.bytes as f64 / 1e6;
     println!(
         "Time: {secs:.3} s, {mb:.1} MB, {:.1} MB/s, {:.0} lines/s",
@@ -404,4 +431,160 @@ fn print_summary(t: &Totals, patterns: &PatternSet, secs: f64) {
             0.0
         }
     );
+}
+
+/// `--since`: RFC 3339, or a duration meaning that long ago.
+fn parse_since(text: &str) -> Result<i64, Failure> {
+    if let Some(t) = timefmt::parse_rfc3339(text) {
+        return Ok(t);
+    }
+    let d = crate::config::parse_duration("--since", text).map_err(|e| Failure::config(e.0))?;
+    Ok(timefmt::now() - i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2))
+}
+
+/// The same patterns and provenance check over a journal (journalctl, not following).
+fn run_journal(
+    args: &TestArgs,
+    settings: &crate::config::Settings,
+    patterns: Arc<PatternSet>,
+    policy: &Policy,
+    target: JournalTarget,
+) -> Result<(), Failure> {
+    let since = match (&args.since, &target) {
+        (Some(s), _) => parse_since(s)?,
+        (None, JournalTarget::System) => timefmt::now() - policy.ttl_secs(),
+        (None, _) => 0,
+    };
+    let mut judge = EntryJudge {
+        matcher: LineMatcher::new(
+            FrameParser::new(&settings.syslog_idents),
+            Arc::clone(&patterns),
+        ),
+        provenance: settings.provenance.clone(),
+    };
+    let mut child = spawn_journalctl(journalctl(&target, &JournalStart::Since(since), false))
+        .map_err(|e| Failure::runtime(format!("cannot run journalctl: {e}")))?;
+    let Some(mut stdout) = child.stdout.take() else {
+        return Err(Failure::runtime("journalctl: no output"));
+    };
+    let started = Instant::now();
+    let now = timefmt::now();
+    let mut totals = Totals::default();
+    let mut out = BufWriter::new(io::stdout().lock());
+    let io_err = |e: io::Error| Failure::runtime(format!("writing output: {e}"));
+    let mut reader = ChunkReader::new(settings.max_line_bytes.max(64 * 1024), 0);
+    loop {
+        let chunk = match reader
+            .read_chunk(&mut stdout)
+            .map_err(|e| Failure::runtime(format!("journalctl: {e}")))?
+        {
+            Chunk::Partial => continue,
+            Chunk::Eof => break,
+            Chunk::Lines(c, _) => c,
+        };
+        totals.bytes += chunk.len() as u64;
+        for line in chunk.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            totals.lines += 1;
+            let entry = judge.judge(line, now);
+            let mut report = LineReport {
+                file: "journal",
+                line: totals.lines,
+                matched: false,
+                pattern: None,
+                dovecot: None,
+                protocol: None,
+                user: None,
+                ip: None,
+                time: None,
+                excluded: None,
+                forged: None,
+            };
+            let ip_text = |ip: &IpVerdict| match ip {
+                IpVerdict::Valid(ip) => Some(key_text(*ip)),
+                _ => None,
+            };
+            match &entry.verdict {
+                EntryVerdict::Other => {}
+                EntryVerdict::Forged { ip, why } => {
+                    *totals.forged.entry(why.clone()).or_default() += 1;
+                    report.matched = true;
+                    report.ip = Some(ip_text(ip));
+                    report.forged = Some(true);
+                }
+                EntryVerdict::Login {
+                    pattern,
+                    service,
+                    user,
+                    ip,
+                    time,
+                } => {
+                    totals.matched += 1;
+                    *totals
+                        .per_framing
+                        .entry(crate::frame::Framing::Journal)
+                        .or_default() += 1;
+                    *totals.per_pattern.entry(*pattern).or_default() += 1;
+                    let def = &patterns.defs()[*pattern];
+                    let excluded = match ip {
+                        IpVerdict::Valid(a) => match policy.exclusion(*a) {
+                            Some(why) => {
+                                *totals.excluded.entry(why.to_string()).or_default() += 1;
+                                Some(why.to_string())
+                            }
+                            None => {
+                                if matches!(policy.decide(*a, *time, now), Decision::Expired) {
+                                    totals.expired += 1;
+                                }
+                                *totals.grants.entry(key_text(*a)).or_default() += 1;
+                                None
+                            }
+                        },
+                        IpVerdict::Invalid(_) => {
+                            totals.invalid_ip += 1;
+                            Some("invalid-ip".into())
+                        }
+                        IpVerdict::Ambiguous => {
+                            totals.ambiguous_ip += 1;
+                            Some("ambiguous-ip".into())
+                        }
+                        IpVerdict::Missing => Some("no-ip".into()),
+                    };
+                    report = LineReport {
+                        matched: true,
+                        pattern: Some(leak(&def.id)),
+                        dovecot: Some(leak(&def.dovecot)),
+                        protocol: Some(service.clone()),
+                        user: user.clone(),
+                        ip: Some(ip_text(ip)),
+                        time: time.map(timefmt::rfc3339),
+                        excluded: Some(excluded),
+                        forged: Some(false),
+                        ..report
+                    };
+                }
+            }
+            if args.json {
+                serde_json::to_writer(&mut out, &report).map_err(|e| io_err(e.into()))?;
+                out.write_all(b"\n").map_err(io_err)?;
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Failure::runtime(format!("journalctl: {e}")))?;
+    out.flush().map_err(io_err)?;
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        return Err(Failure::runtime(format!(
+            "journalctl failed ({status}): {}",
+            err.trim()
+        )));
+    }
+    if !args.json {
+        print_summary(&totals, &patterns, started.elapsed().as_secs_f64());
+    }
+    Ok(())
 }

@@ -25,6 +25,8 @@ pub enum Framing {
     Tai64n,
     /// The bare message (journal MESSAGE, stdin), optionally behind `dovecot: `.
     MessageOnly,
+    /// A journal entry: MESSAGE with the time from the entry's trusted timestamp.
+    Journal,
 }
 
 impl Framing {
@@ -36,6 +38,7 @@ impl Framing {
             Framing::LogPathIso => "log-path-iso",
             Framing::Tai64n => "tai64n",
             Framing::MessageOnly => "message-only",
+            Framing::Journal => "journal",
         }
     }
 }

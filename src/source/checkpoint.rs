@@ -89,6 +89,21 @@ pub struct Checkpoint {
     pub files: Vec<FilePos>,
 }
 
+/// A journal reader's position: the cursor of the last entry dealt with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalCursor {
+    /// Which journal: `system`, `dir:PATH` or `file:PATH`.
+    pub journal: String,
+    pub cursor: String,
+}
+
+/// Where a source stands, saved once the grants before it are committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Position {
+    File(Checkpoint),
+    Journal(JournalCursor),
+}
+
 /// Reads and writes checkpoints under `<state>/checkpoints/`.
 #[derive(Debug, Clone)]
 pub struct CheckpointDir {
@@ -96,6 +111,10 @@ pub struct CheckpointDir {
 }
 
 fn file_name_for(path: &Path) -> String {
+    file_name_with_prefix("", path)
+}
+
+fn file_name_with_prefix(prefix: &str, path: &Path) -> String {
     let fp = Fingerprint::of_bytes(path.as_os_str().as_encoded_bytes());
     // The hash only covers the first 64 bytes; add the length and a readable tail.
     let full = path
@@ -113,7 +132,7 @@ fn file_name_for(path: &Path) -> String {
         .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-' || *c == '_')
         .take(40)
         .collect();
-    format!("{tail}-{full:016x}.json")
+    format!("{prefix}{tail}-{full:016x}.json")
 }
 
 impl CheckpointDir {
@@ -142,17 +161,53 @@ impl CheckpointDir {
         }
     }
 
-    /// Saves atomically: temp file, fsync, rename, fsync of the directory.
+    /// Saves a file checkpoint atomically.
     pub fn save(&self, c: &Checkpoint) -> std::io::Result<()> {
+        self.write_atomic(
+            &self.file_for(&c.path),
+            &serde_json::to_vec_pretty(c).map_err(std::io::Error::other)?,
+        )
+    }
+
+    /// Saves any position atomically.
+    pub fn save_position(&self, p: &Position) -> std::io::Result<()> {
+        match p {
+            Position::File(c) => self.save(c),
+            Position::Journal(j) => self.write_atomic(
+                &self.cursor_file_for(&j.journal),
+                &serde_json::to_vec_pretty(j).map_err(std::io::Error::other)?,
+            ),
+        }
+    }
+
+    fn cursor_file_for(&self, journal: &str) -> PathBuf {
+        self.dir
+            .join(file_name_with_prefix("journal-", Path::new(journal)))
+    }
+
+    /// The saved cursor of a journal, if any.
+    pub fn load_cursor(&self, journal: &str) -> Option<String> {
+        let bytes = std::fs::read(self.cursor_file_for(journal)).ok()?;
+        match serde_json::from_slice::<JournalCursor>(&bytes) {
+            Ok(j) if j.journal == journal => Some(j.cursor),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(journal, error = %e, "ignoring unreadable journal cursor");
+                None
+            }
+        }
+    }
+
+    /// Temp file, fsync, rename, fsync of the directory.
+    fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let dest = self.file_for(&c.path);
         let tmp = dest.with_extension("json.tmp");
         {
             let mut f = File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(c).map_err(std::io::Error::other)?)?;
+            f.write_all(bytes)?;
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, &dest)?;
+        std::fs::rename(&tmp, dest)?;
         File::open(&self.dir)?.sync_all()
     }
 
@@ -163,7 +218,10 @@ impl CheckpointDir {
         };
         let mut out: Vec<Checkpoint> = rd
             .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.ends_with(".json") && !n.starts_with("journal-")
+            })
             .filter_map(|e| std::fs::read(e.path()).ok())
             .filter_map(|b| serde_json::from_slice(&b).ok())
             .collect();
@@ -195,5 +253,13 @@ mod tests {
             cd.file_for(Path::new("/a/mail.log")),
             cd.file_for(Path::new("/b/mail.log"))
         );
+        let j = Position::Journal(JournalCursor {
+            journal: "system".into(),
+            cursor: "s=1;i=2".into(),
+        });
+        cd.save_position(&j).unwrap();
+        assert_eq!(cd.load_cursor("system").as_deref(), Some("s=1;i=2"));
+        assert_eq!(cd.load_cursor("file:/x.journal"), None);
+        assert_eq!(cd.all().len(), 1);
     }
 }

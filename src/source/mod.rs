@@ -7,6 +7,7 @@
 
 pub mod backscan;
 pub mod checkpoint;
+pub mod journal;
 pub mod lines;
 pub mod tailer;
 
@@ -23,7 +24,7 @@ use notify::Watcher;
 use crate::pattern::IpVerdict;
 use crate::scan::{candidate_lines, LineMatcher};
 use crate::timefmt;
-use checkpoint::Checkpoint;
+use checkpoint::{Checkpoint, Position};
 use tailer::{FileFollower, Start};
 
 /// A login seen in a log, before policy.
@@ -34,13 +35,13 @@ pub struct SeenLogin {
     pub time: Option<i64>,
 }
 
-/// What one chunk of a source produced: its logins, and the checkpoint that becomes true
+/// What one chunk of a source produced: its logins, and the position that becomes true
 /// once they are committed.
 #[derive(Debug)]
 pub struct Batch {
     pub source: usize,
     pub logins: Vec<SeenLogin>,
-    pub checkpoint: Checkpoint,
+    pub position: Position,
 }
 
 /// Counters shared by sources and reported by the engine.
@@ -50,6 +51,8 @@ pub struct SourceStats {
     pub logins: AtomicU64,
     pub invalid_ip: AtomicU64,
     pub ambiguous_ip: AtomicU64,
+    /// Journal entries that looked like Dovecot logins from an untrusted sender.
+    pub forged: AtomicU64,
 }
 
 /// Runs the matching path over a chunk of whole lines.
@@ -134,7 +137,7 @@ pub fn spawn_file_source(
             let first = Batch {
                 source: spec.index,
                 logins: Vec::new(),
-                checkpoint: follower.checkpoint(),
+                position: Position::File(follower.checkpoint()),
             };
             if tx.blocking_send(first).is_err() {
                 return;
@@ -150,7 +153,7 @@ pub fn spawn_file_source(
                     let batch = Batch {
                         source: spec.index,
                         logins,
-                        checkpoint: cp.clone(),
+                        position: Position::File(cp.clone()),
                     };
                     closed = tx.blocking_send(batch).is_err();
                 });

@@ -6,6 +6,14 @@
 #   dovecot.sh rsyslog-up DIR                socket DIR/syslog/dev-log; writes
 #                                            DIR/syslog/traditional.log and rfc3339.log
 #   dovecot.sh rsyslog-down DIR
+#   dovecot.sh journald-up DIR               the real systemd-journald in a private mount
+#                                            namespace: sockets in DIR/journal/sock, journal
+#                                            files in DIR/journal/runlog/journal
+#   dovecot.sh journald-down DIR
+#   dovecot.sh cgroup-up DIR | cgroup-down DIR   a cgroup2 system.slice/dovecot.service,
+#                                            so journald stamps _SYSTEMD_UNIT=dovecot.service
+# Environment for `up`: DG_SYSLOG_SOCK (syslog socket, default DIR/syslog/dev-log),
+# DG_CGROUP (a cgroup directory to start Dovecot in).
 # Dovecot runs as root here (the master must: it binds, chroots, drops privileges); the
 # mail processes run as nobody. In syslog mode Dovecot runs in a private mount namespace
 # whose /dev/log is the test rsyslogd's socket (glibc always logs to /dev/log).
@@ -85,7 +93,8 @@ CONF
     if [ "$mode" = file ]; then
         dovecot -c "$DIR/dovecot.conf" </dev/null >>"$DIR/dovecot.stderr" 2>&1
     else
-        DG_DIR="$DIR" unshare --mount --propagation private bash -c '
+        [ -z "${DG_CGROUP:-}" ] || echo $$ > "$DG_CGROUP/cgroup.procs"
+        DG_DIR="$DIR" DG_SOCK="${DG_SYSLOG_SOCK:-$DIR/syslog/dev-log}" unshare --mount --propagation private bash -c '
             set -e
             mkdir -p "$DG_DIR/.hostdev"
             mount --bind /dev "$DG_DIR/.hostdev"
@@ -95,7 +104,7 @@ CONF
                 : > "/dev/$n"; mount --bind "$DG_DIR/.hostdev/$n" "/dev/$n"
             done
             ln -s /proc/self/fd /dev/fd
-            ln -s "$DG_DIR/syslog/dev-log" /dev/log
+            ln -s "$DG_SOCK" /dev/log
             umount -l "$DG_DIR/.hostdev"
             exec dovecot -c "$DG_DIR/dovecot.conf"
         ' </dev/null >>"$DIR/dovecot.stderr" 2>&1
@@ -151,10 +160,75 @@ rsyslog_down() {
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
 }
 
+journald_up() {
+    local J="$DIR/journal"
+    [ -s /etc/machine-id ] || die "/etc/machine-id missing: journald needs a machine id"
+    mkdir -p "$J/sock" "$J/runlog"
+    chmod 0755 "$DIR" "$J" "$J/sock"
+    printf '[Journal]\nStorage=volatile\nReadKMsg=no\nForwardToSyslog=no\nForwardToWall=no\nRateLimitIntervalSec=0\nRateLimitBurst=0\n' > "$J/journald.conf"
+    DG_J="$J" setsid unshare --mount --propagation private bash -c '
+        set -e
+        mkdir -p /run/log
+        mount --bind "$DG_J/runlog" /run/log
+        mount -t tmpfs -o mode=0755,size=1m dgrun /run/systemd
+        mkdir -p /run/systemd/journal
+        mount --bind "$DG_J/sock" /run/systemd/journal
+        mount -t tmpfs -o mode=0755,size=1m dgetc /etc/systemd
+        cp "$DG_J/journald.conf" /etc/systemd/journald.conf
+        exec /lib/systemd/systemd-journald
+    ' </dev/null >>"$J/journald.out" 2>&1 &
+    echo $! > "$J/journald.pid"
+    for _ in $(seq 1 100); do
+        [ -S "$J/sock/dev-log" ] && ls "$J"/runlog/journal/*/system.journal >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    cat "$J/journald.out" >&2
+    die "journald did not start"
+}
+
+journald_down() {
+    local pidf="$DIR/journal/journald.pid"
+    [ -s "$pidf" ] || return 0
+    local pid; pid=$(cat "$pidf")
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = systemd-journal ] || return 0
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+}
+
+# cgroup2 mount point with a writable system.slice/dovecot.service; prints its path.
+# Only the directories it made are removed again (listed in DIR/cgroups-made).
+cgroup_up() {
+    local base d
+    : > "$DIR/cgroups-made"
+    for base in /sys/fs/cgroup /sys/fs/cgroup/unified; do
+        [ "$(stat -fc %T "$base" 2>/dev/null)" = cgroup2fs ] || continue
+        for d in "$base/system.slice" "$base/system.slice/dovecot.service"; do
+            [ -d "$d" ] || { mkdir "$d" 2>/dev/null && echo "$d" >> "$DIR/cgroups-made"; }
+        done
+        [ -w "$base/system.slice/dovecot.service/cgroup.procs" ] || continue
+        echo "$base/system.slice/dovecot.service"
+        return 0
+    done
+    return 1
+}
+
+cgroup_down() {
+    [ -s "$DIR/cgroups-made" ] || return 0
+    # Dovecot's children may take a moment to leave the cgroup after the master exits.
+    tac "$DIR/cgroups-made" | while read -r d; do
+        for _ in $(seq 1 30); do rmdir "$d" 2>/dev/null && break; sleep 0.1; done
+    done
+    rm -f "$DIR/cgroups-made"
+}
+
 case "$cmd" in
     up) up "${3:?mode}" "${4:?portbase}" ;;
     down) down ;;
     rsyslog-up) rsyslog_up ;;
     rsyslog-down) rsyslog_down ;;
+    journald-up) journald_up ;;
+    journald-down) journald_down ;;
+    cgroup-up) cgroup_up ;;
+    cgroup-down) cgroup_down ;;
     *) die "unknown command $cmd" ;;
 esac
