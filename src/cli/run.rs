@@ -112,6 +112,15 @@ fn mynetworks() -> Result<Vec<IpNet>, Failure> {
 }
 
 pub fn run(args: RunArgs) -> Result<(), Failure> {
+    // Signal handlers first: a SIGTERM during start-up must still mean a clean stop.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start runtime: {e}")))?;
+    let signals = runtime
+        .block_on(async { Signals::install() })
+        .map_err(|e| Failure::runtime(format!("cannot install signal handlers: {e}")))?;
     let (_, settings) = load_settings(&args.cfg, |f| {
         if !args.logs.is_empty() {
             f.source.logs = args.logs.iter().map(|p| p.display().to_string()).collect();
@@ -157,11 +166,6 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         ttl = %humantime::format_duration(settings.ttl),
         "dovegate started"
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::runtime(format!("cannot start runtime: {e}")))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(SourceStats::default());
@@ -221,7 +225,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     drop(tx);
     let commit_interval = settings.commit_interval;
     let result = runtime.block_on(async {
-        engine::run(&mut engine, &mut rx, commit_interval, shutdown_signal()).await
+        engine::run(&mut engine, &mut rx, commit_interval, signals.shutdown()).await
     });
     stop.store(true, Ordering::Relaxed);
     if let Ok(pids) = journal_children.lock() {
@@ -254,18 +258,26 @@ fn log_summary(settings: &Settings, engine: &Engine<LmdbMap>, stats: &SourceStat
     );
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {},
-                _ = i.recv() => {},
-            }
-        }
-        _ => std::future::pending::<()>().await,
+/// SIGTERM and SIGINT, registered before anything else starts.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    tracing::info!("shutting down: committing pending grants");
+
+    async fn shutdown(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+        tracing::info!("shutting down: committing pending grants");
+    }
 }
