@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::mpsc::Receiver;
@@ -19,12 +20,45 @@ use crate::source::Batch;
 use crate::store::{GrantStore, StoreError};
 use crate::timefmt;
 
+/// A read-only view of the committed grants, for servers answering lookups (socketmap).
+#[derive(Debug, Clone, Default)]
+pub struct GrantsView(Arc<RwLock<HashMap<IpAddr, i64>>>);
+
+impl GrantsView {
+    /// The expiry of `ip`'s grant, if it has one that has not expired at `now`.
+    pub fn lookup(&self, ip: IpAddr, now: i64) -> Option<i64> {
+        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&ip.to_canonical()).copied().filter(|&e| e > now)
+    }
+
+    /// The committed expiry, expired or not.
+    fn committed(&self, ip: IpAddr) -> Option<i64> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            .copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<IpAddr, i64>> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Grants known to be in the store, pending writes, and checkpoints waiting for a commit.
 pub struct Engine<S: GrantStore> {
     store: S,
     policy: Policy,
-    /// Expiry of each grant as committed.
-    grants: HashMap<IpAddr, i64>,
+    /// Expiry of each grant as committed (shared with lookup servers).
+    grants: GrantsView,
     /// The same, ordered by deadline, for the expiry timer.
     deadlines: BTreeSet<(i64, IpAddr)>,
     pending: HashMap<IpAddr, i64>,
@@ -61,11 +95,11 @@ impl<S: GrantStore> Engine<S> {
                 "removed grants that expired while dovegate was not running"
             );
         }
-        let mut grants = HashMap::new();
+        let grants = GrantsView::default();
         let mut deadlines = BTreeSet::new();
         for g in store.list()? {
             if let Some(e) = g.expires {
-                grants.insert(g.ip, e);
+                grants.write().insert(g.ip, e);
                 deadlines.insert((e, g.ip));
             }
         }
@@ -95,6 +129,17 @@ impl<S: GrantStore> Engine<S> {
         self.grants.len()
     }
 
+    /// The live grants, for lookup servers.
+    pub fn view(&self) -> GrantsView {
+        self.grants.clone()
+    }
+
+    /// Replaces the policy (a reloaded configuration); committed grants keep their expiry.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.slack = (policy.ttl_secs() / 30).clamp(0, 60);
+        self.policy = policy;
+    }
+
     pub fn store_mut(&mut self) -> &mut S {
         &mut self.store
     }
@@ -104,11 +149,10 @@ impl<S: GrantStore> Engine<S> {
         for login in batch.logins {
             match self.policy.decide(login.ip, login.time, now) {
                 Decision::Grant { ip, expires } => {
-                    let known = self
-                        .pending
-                        .get(&ip)
-                        .or_else(|| self.grants.get(&ip))
-                        .copied();
+                    let known = match self.pending.get(&ip) {
+                        Some(&e) => Some(e),
+                        None => self.grants.committed(ip),
+                    };
                     if known.is_none_or(|k| expires > k + self.slack) {
                         self.pending.insert(ip, expires.max(known.unwrap_or(0)));
                     }
@@ -132,12 +176,14 @@ impl<S: GrantStore> Engine<S> {
             let grants: Vec<(IpAddr, i64)> = self.pending.iter().map(|(&ip, &e)| (ip, e)).collect();
             let effective = self.store.upsert(&grants)?;
             self.counters.commits += 1;
+            let mut grants = self.grants.write();
             for (ip, e) in effective {
-                if let Some(old) = self.grants.insert(ip, e) {
+                if let Some(old) = grants.insert(ip, e) {
                     self.deadlines.remove(&(old, ip));
                 }
                 self.deadlines.insert((e, ip));
             }
+            drop(grants);
             self.pending.clear();
         }
         while let Some((source, cp)) = self.pending_checkpoints.pop_first() {
@@ -160,7 +206,7 @@ impl<S: GrantStore> Engine<S> {
             .filter_map(|g| g.expires.map(|e| (g.ip, e)))
             .collect();
         self.deadlines = fresh.iter().map(|(&ip, &e)| (e, ip)).collect();
-        self.grants = fresh;
+        *self.grants.write() = fresh;
         Ok(())
     }
 
@@ -182,15 +228,17 @@ impl<S: GrantStore> Engine<S> {
             return Ok(0);
         }
         let out = self.store.expire(&due, now)?;
+        let mut grants = self.grants.write();
         for ip in &due {
-            if let Some(e) = self.grants.remove(ip) {
+            if let Some(e) = grants.remove(ip) {
                 self.deadlines.remove(&(e, *ip));
             }
         }
         for (ip, e) in out.extended {
-            self.grants.insert(ip, e);
+            grants.insert(ip, e);
             self.deadlines.insert((e, ip));
         }
+        drop(grants);
         self.counters.removed += out.removed.len() as u64;
         if !out.removed.is_empty() {
             tracing::debug!(count = out.removed.len(), "grants expired");
@@ -210,7 +258,23 @@ fn until(at: i64) -> Duration {
     Duration::from_secs(u64::try_from(at).unwrap_or(0)).saturating_sub(now)
 }
 
-/// Runs the engine until `shutdown` resolves or every source has hung up.
+/// Why `run` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM/SIGINT.
+    Shutdown,
+    /// SIGHUP: reload the configuration and come back.
+    Reload,
+    /// Every source hung up.
+    SourcesGone,
+}
+
+/// How often `heartbeat` runs (status, metrics); the watchdog may ask for more.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Runs the engine until `control` resolves (shutdown or reload) or every source has hung
+/// up; then commits what the sources already sent. `heartbeat` runs every few seconds
+/// (and at least twice per watchdog interval) from this loop, so a stalled loop stops it.
 ///
 /// Commits are rate-limited, not ticked: the first grant after a quiet spell is committed
 /// at once, and further ones wait until `commit_interval` has passed since the last
@@ -220,23 +284,26 @@ pub async fn run<S: GrantStore>(
     engine: &mut Engine<S>,
     rx: &mut Receiver<Batch>,
     commit_interval: Duration,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), StoreError> {
+    control: impl Future<Output = Exit>,
+    heartbeat: &mut (dyn FnMut(&Engine<S>) + Send),
+) -> Result<Exit, StoreError> {
     use tokio::time::{sleep_until, Instant};
-    tokio::pin!(shutdown);
+    tokio::pin!(control);
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     resync.tick().await;
+    let beat_every = crate::notify::watchdog_interval().map_or(HEARTBEAT, |w| w.min(HEARTBEAT));
+    let mut beat = tokio::time::interval(beat_every);
     let mut last_commit = Instant::now() - commit_interval;
     let mut failing = false;
-    loop {
+    let exit = loop {
         let deadline = engine.next_deadline();
         let expiry = tokio::time::sleep(deadline.map_or(Duration::from_secs(3600), until));
         let flush_at = engine.has_pending().then(|| last_commit + commit_interval);
         tokio::select! {
-            () = &mut shutdown => break,
+            why = &mut control => break why,
             b = rx.recv() => match b {
                 Some(b) => engine.accept(b, timefmt::now()),
-                None => break,
+                None => break Exit::SourcesGone,
             },
             () = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
                 last_commit = Instant::now();
@@ -250,6 +317,7 @@ pub async fn run<S: GrantStore>(
                     }
                 }
             }
+            _ = beat.tick() => heartbeat(engine),
             _ = resync.tick() => {
                 if let Err(e) = tokio::task::block_in_place(|| engine.resync()) {
                     tracing::warn!(error = %e, "cannot re-read the map");
@@ -262,12 +330,13 @@ pub async fn run<S: GrantStore>(
                 }
             }
         }
-    }
-    // Drain: what the sources already sent is committed before exit.
+    };
+    // Drain: what the sources already sent is committed before returning.
     while let Ok(b) = rx.try_recv() {
         engine.accept(b, timefmt::now());
     }
-    tokio::task::block_in_place(|| engine.flush())
+    tokio::task::block_in_place(|| engine.flush())?;
+    Ok(exit)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod frame;
 pub mod grant;
+pub mod notify;
 pub mod pattern;
 pub mod scan;
 pub mod source;

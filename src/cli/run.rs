@@ -1,4 +1,5 @@
-//! `dovegate run`: wires sources, engine and map together and runs until SIGTERM/SIGINT.
+//! `dovegate run`: wires sources, engine and map together and runs until SIGTERM/SIGINT;
+//! SIGHUP reloads the configuration (a bad one is refused and the running one stays).
 
 use std::path::PathBuf;
 use std::process::Command as Process;
@@ -9,15 +10,16 @@ use ipnet::IpNet;
 
 use super::{load_patterns, load_settings, ConfigArgs, Failure};
 use crate::config::{parse_net, Settings};
-use crate::engine::{self, Engine};
+use crate::engine::{self, Engine, Exit};
 use crate::frame::FrameParser;
 use crate::grant::Policy;
+use crate::pattern::PatternSet;
 use crate::scan::LineMatcher;
 use crate::source::checkpoint::CheckpointDir;
 use crate::source::journal::{
     spawn_journal_source, EntryJudge, JournalSourceSpec, JournalStart, JournalTarget,
 };
-use crate::source::{spawn_file_source, FileSourceSpec, SourceStats};
+use crate::source::{spawn_file_source, Batch, FileSourceSpec, SourceStats};
 use crate::store::{LmdbMap, OpenMode};
 use crate::timefmt;
 
@@ -111,6 +113,152 @@ fn mynetworks() -> Result<Vec<IpNet>, Failure> {
     Ok(nets)
 }
 
+/// Everything a (re)loaded configuration decides.
+struct Effective {
+    settings: Settings,
+    patterns: Arc<PatternSet>,
+    exclude: Vec<IpNet>,
+    journal: Option<JournalTarget>,
+}
+
+impl Effective {
+    fn load(args: &RunArgs) -> Result<Effective, Failure> {
+        let (_, settings) = load_settings(&args.cfg, |f| {
+            if !args.logs.is_empty() {
+                f.source.logs = args.logs.iter().map(|p| p.display().to_string()).collect();
+            } else if args.journal.given() {
+                // Journal flags alone mean: the journal only.
+                f.source.logs.clear();
+            }
+            if let Some(t) = &args.ttl {
+                f.grant.ttl = t.clone();
+            }
+            if let Some(d) = &args.state_dir {
+                f.state.dir = d.display().to_string();
+            }
+        })?;
+        let patterns = Arc::new(load_patterns(&settings, args.patterns.as_deref())?);
+        let mut exclude = settings.exclude.clone();
+        if settings.exclude_mynetworks {
+            exclude.extend(mynetworks()?);
+        }
+        let journal = args.journal.target(settings.journal);
+        if settings.logs.is_empty() && journal.is_none() {
+            return Err(Failure::config(
+                "source.logs: no log file to follow and the journal is off (source.journal)",
+            ));
+        }
+        Ok(Effective {
+            settings,
+            patterns,
+            exclude,
+            journal,
+        })
+    }
+
+    fn policy(&self) -> Policy {
+        Policy::new(self.exclude.clone(), self.settings.ttl)
+    }
+
+    fn matcher(&self) -> LineMatcher {
+        LineMatcher::new(
+            FrameParser::new(&self.settings.syslog_idents),
+            Arc::clone(&self.patterns),
+        )
+    }
+}
+
+/// One generation of sources: their threads, journalctl children and channel. A reload
+/// stops them (after the engine committed what they sent) and starts new ones from the
+/// saved checkpoints; lines read in between are read again, never lost.
+struct Sources {
+    stop: Arc<AtomicBool>,
+    children: Arc<Mutex<Vec<u32>>>,
+    rx: tokio::sync::mpsc::Receiver<Batch>,
+}
+
+impl Sources {
+    fn start(
+        cfg: &Effective,
+        checkpoints: &CheckpointDir,
+        stats: &Arc<SourceStats>,
+    ) -> Result<Sources, Failure> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let children = Arc::new(Mutex::new(Vec::new()));
+        let settings = &cfg.settings;
+        let cutoff = timefmt::now() - i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 2);
+        for (index, path) in settings.logs.iter().enumerate() {
+            let spec = FileSourceSpec {
+                index,
+                path: path.clone(),
+                checkpoint: checkpoints.load(path),
+                max_line: settings.max_line_bytes,
+                poll_interval: settings.poll_interval,
+                cutoff,
+            };
+            spawn_file_source(
+                spec,
+                cfg.matcher(),
+                tx.clone(),
+                Arc::clone(&stop),
+                Arc::clone(stats),
+            )
+            .map_err(|e| Failure::runtime(format!("cannot start source thread: {e}")))?;
+        }
+        if let Some(target) = &cfg.journal {
+            let start = match checkpoints.load_cursor(&target.key()) {
+                Some(c) => JournalStart::AfterCursor(c),
+                None => JournalStart::Since(cutoff),
+            };
+            tracing::info!(journal = %target.key(), start = ?start, units = ?settings.provenance.units, "following the journal");
+            let spec = JournalSourceSpec {
+                index: settings.logs.len(),
+                target: target.clone(),
+                start,
+                max_line: settings.max_line_bytes.max(64 * 1024),
+            };
+            let judge = EntryJudge {
+                matcher: cfg.matcher(),
+                provenance: settings.provenance.clone(),
+            };
+            spawn_journal_source(
+                spec,
+                judge,
+                tx.clone(),
+                Arc::clone(&stop),
+                Arc::clone(stats),
+                Arc::clone(&children),
+            )
+            .map_err(|e| Failure::runtime(format!("cannot start journal thread: {e}")))?;
+        }
+        Ok(Sources { stop, children, rx })
+    }
+
+    /// Stops the threads (they exit at their next wake-up or send) and journalctl.
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Ok(pids) = self.children.lock() {
+            for &pid in pids.iter() {
+                // SAFETY: signalling our own journalctl child.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGTERM);
+                }
+            }
+        }
+    }
+}
+
+fn status_line(engine: &Engine<LmdbMap>, stats: &SourceStats) -> String {
+    format!(
+        "{} grants active, {} lines read, {} logins, {} forged",
+        engine.active(),
+        stats.lines.load(Ordering::Relaxed),
+        stats.logins.load(Ordering::Relaxed),
+        stats.forged.load(Ordering::Relaxed)
+    )
+}
+
 pub fn run(args: RunArgs) -> Result<(), Failure> {
     // Signal handlers first: a SIGTERM during start-up must still mean a clean stop.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -118,34 +266,11 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::runtime(format!("cannot start runtime: {e}")))?;
-    let signals = runtime
+    let mut signals = runtime
         .block_on(async { Signals::install() })
         .map_err(|e| Failure::runtime(format!("cannot install signal handlers: {e}")))?;
-    let (_, settings) = load_settings(&args.cfg, |f| {
-        if !args.logs.is_empty() {
-            f.source.logs = args.logs.iter().map(|p| p.display().to_string()).collect();
-        } else if args.journal.given() {
-            // Journal flags alone mean: the journal only.
-            f.source.logs.clear();
-        }
-        if let Some(t) = &args.ttl {
-            f.grant.ttl = t.clone();
-        }
-        if let Some(d) = &args.state_dir {
-            f.state.dir = d.display().to_string();
-        }
-    })?;
-    let patterns = Arc::new(load_patterns(&settings, args.patterns.as_deref())?);
-    let mut exclude = settings.exclude.clone();
-    if settings.exclude_mynetworks {
-        exclude.extend(mynetworks()?);
-    }
-    let journal = args.journal.target(settings.journal);
-    if settings.logs.is_empty() && journal.is_none() {
-        return Err(Failure::config(
-            "source.logs: no log file to follow and the journal is off (source.journal)",
-        ));
-    }
+    let mut cfg = Effective::load(&args)?;
+    let settings = cfg.settings.clone();
     std::fs::create_dir_all(&settings.state_dir).map_err(|e| {
         Failure::runtime(format!(
             "{}: cannot create state directory: {e}",
@@ -155,89 +280,69 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::Create)
         .map_err(|e| Failure::runtime(e.0))?;
     let checkpoints = CheckpointDir::new(&settings.state_dir);
-    let policy = Policy::new(exclude, settings.ttl);
-    let now = timefmt::now();
-    let mut engine =
-        Engine::new(map, policy, checkpoints.clone(), now).map_err(|e| Failure::runtime(e.0))?;
+    let mut engine = Engine::new(map, cfg.policy(), checkpoints.clone(), timefmt::now())
+        .map_err(|e| Failure::runtime(e.0))?;
+    let stats = Arc::new(SourceStats::default());
+    let mut sources = Sources::start(&cfg, &checkpoints, &stats)?;
     tracing::info!(
         map = %settings.map_path.display(),
         grants = engine.active(),
         logs = ?settings.logs,
+        journal = ?cfg.journal.as_ref().map(JournalTarget::key),
         ttl = %humantime::format_duration(settings.ttl),
         "dovegate started"
     );
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let stop = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(SourceStats::default());
-    let cutoff = now - i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 2);
-    for (index, path) in settings.logs.iter().enumerate() {
-        let spec = FileSourceSpec {
-            index,
-            path: path.clone(),
-            checkpoint: checkpoints.load(path),
-            max_line: settings.max_line_bytes,
-            poll_interval: settings.poll_interval,
-            cutoff,
-        };
-        let matcher = LineMatcher::new(
-            FrameParser::new(&settings.syslog_idents),
-            Arc::clone(&patterns),
-        );
-        spawn_file_source(
-            spec,
-            matcher,
-            tx.clone(),
-            Arc::clone(&stop),
-            Arc::clone(&stats),
-        )
-        .map_err(|e| Failure::runtime(format!("cannot start source thread: {e}")))?;
-    }
-    let journal_children = Arc::new(Mutex::new(Vec::new()));
-    if let Some(target) = journal {
-        let start = match checkpoints.load_cursor(&target.key()) {
-            Some(c) => JournalStart::AfterCursor(c),
-            None => JournalStart::Since(cutoff),
-        };
-        tracing::info!(journal = %target.key(), start = ?start, units = ?settings.provenance.units, "following the journal");
-        let spec = JournalSourceSpec {
-            index: settings.logs.len(),
-            target,
-            start,
-            max_line: settings.max_line_bytes.max(64 * 1024),
-        };
-        let judge = EntryJudge {
-            matcher: LineMatcher::new(
-                FrameParser::new(&settings.syslog_idents),
-                Arc::clone(&patterns),
-            ),
-            provenance: settings.provenance.clone(),
-        };
-        spawn_journal_source(
-            spec,
-            judge,
-            tx.clone(),
-            Arc::clone(&stop),
-            Arc::clone(&stats),
-            Arc::clone(&journal_children),
-        )
-        .map_err(|e| Failure::runtime(format!("cannot start journal thread: {e}")))?;
-    }
-    drop(tx);
-    let commit_interval = settings.commit_interval;
-    let result = runtime.block_on(async {
-        engine::run(&mut engine, &mut rx, commit_interval, signals.shutdown()).await
-    });
-    stop.store(true, Ordering::Relaxed);
-    if let Ok(pids) = journal_children.lock() {
-        for &pid in pids.iter() {
-            // SAFETY: signalling our own journalctl child.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
-            }
+    crate::notify::ready(&status_line(&engine, &stats));
+    let mut heartbeat = {
+        let stats = Arc::clone(&stats);
+        move |e: &Engine<LmdbMap>| {
+            crate::notify::status(&status_line(e, &stats));
+            crate::notify::watchdog();
         }
-    }
-    log_summary(&settings, &engine, &stats);
-    result.map_err(|e| Failure::runtime(e.0))
+    };
+    let result = loop {
+        let exit = runtime.block_on(engine::run(
+            &mut engine,
+            &mut sources.rx,
+            cfg.settings.commit_interval,
+            signals.next(),
+            &mut heartbeat,
+        ));
+        match exit {
+            Ok(Exit::Reload) => {
+                crate::notify::reloading();
+                match Effective::load(&args) {
+                    Ok(mut new) => {
+                        if new.settings.map_path != settings.map_path
+                            || new.settings.state_dir != settings.state_dir
+                        {
+                            tracing::warn!(
+                                "map.path and state.dir changes take effect at the next restart"
+                            );
+                            new.settings.map_path = settings.map_path.clone();
+                            new.settings.state_dir = settings.state_dir.clone();
+                        }
+                        sources.stop();
+                        engine.set_policy(new.policy());
+                        cfg = new;
+                        sources = Sources::start(&cfg, &checkpoints, &stats)?;
+                        tracing::info!(logs = ?cfg.settings.logs, ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
+                    }
+                    Err(f) => tracing::error!(
+                        "reload refused, the running configuration stays: {}",
+                        f.message
+                    ),
+                }
+                crate::notify::ready(&status_line(&engine, &stats));
+            }
+            Ok(Exit::Shutdown) | Ok(Exit::SourcesGone) => break Ok(()),
+            Err(e) => break Err(Failure::runtime(e.0)),
+        }
+    };
+    crate::notify::stopping();
+    sources.stop();
+    log_summary(&cfg.settings, &engine, &stats);
+    result
 }
 
 fn log_summary(settings: &Settings, engine: &Engine<LmdbMap>, stats: &SourceStats) {
@@ -245,6 +350,7 @@ fn log_summary(settings: &Settings, engine: &Engine<LmdbMap>, stats: &SourceStat
     tracing::info!(
         map = %settings.map_path.display(),
         bytes = stats.bytes.load(Ordering::Relaxed),
+        lines = stats.lines.load(Ordering::Relaxed),
         logins = stats.logins.load(Ordering::Relaxed),
         invalid_ip = stats.invalid_ip.load(Ordering::Relaxed),
         ambiguous_ip = stats.ambiguous_ip.load(Ordering::Relaxed),
@@ -258,10 +364,11 @@ fn log_summary(settings: &Settings, engine: &Engine<LmdbMap>, stats: &SourceStat
     );
 }
 
-/// SIGTERM and SIGINT, registered before anything else starts.
+/// SIGTERM, SIGINT and SIGHUP, registered before anything else starts.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -270,14 +377,20 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    async fn shutdown(mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {},
-            _ = self.int.recv() => {},
+    async fn next(&mut self) -> Exit {
+        let exit = tokio::select! {
+            _ = self.term.recv() => Exit::Shutdown,
+            _ = self.int.recv() => Exit::Shutdown,
+            _ = self.hup.recv() => Exit::Reload,
+        };
+        match exit {
+            Exit::Reload => tracing::info!("SIGHUP: reloading the configuration"),
+            _ => tracing::info!("shutting down: committing pending grants"),
         }
-        tracing::info!("shutting down: committing pending grants");
+        exit
     }
 }

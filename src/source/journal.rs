@@ -339,6 +339,10 @@ fn pump(
             }
         }
         stats.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        stats.lines.fetch_add(
+            memchr::memchr_iter(b'\n', chunk).count() as u64,
+            Ordering::Relaxed,
+        );
         let Some(cur) = cursor.clone() else { continue };
         let batch = Batch {
             source: spec.index,

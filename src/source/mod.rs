@@ -48,6 +48,7 @@ pub struct Batch {
 #[derive(Debug, Default)]
 pub struct SourceStats {
     pub bytes: AtomicU64,
+    pub lines: AtomicU64,
     pub logins: AtomicU64,
     pub invalid_ip: AtomicU64,
     pub ambiguous_ip: AtomicU64,
@@ -95,6 +96,10 @@ pub fn scan_chunk(
         }
     });
     stats.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    stats.lines.fetch_add(
+        memchr::memchr_iter(b'\n', chunk).count() as u64,
+        Ordering::Relaxed,
+    );
     out
 }
 
