@@ -21,6 +21,7 @@ pub struct FileConfig {
     pub patterns: PatternsSection,
     pub grant: GrantSection,
     pub map: MapSection,
+    pub serve: ServeSection,
     pub state: StateSection,
 }
 
@@ -64,6 +65,17 @@ pub struct MapSection {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct ServeSection {
+    pub socketmap: String,
+    pub socketmap_values: std::collections::BTreeMap<String, String>,
+    pub socketmap_default_value: String,
+    pub socketmap_max_connections: usize,
+    pub socketmap_idle_timeout: String,
+    pub metrics: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct StateSection {
     pub dir: String,
 }
@@ -87,6 +99,8 @@ pub struct Settings {
     pub action: String,
     pub commit_interval: Duration,
     pub state_dir: PathBuf,
+    pub socketmap: Option<crate::serve::socketmap::SocketmapConfig>,
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// A configuration problem, always naming the key (or file) at fault.
@@ -111,9 +125,18 @@ pub fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
 pub const KNOWN_SERVICES: &[&str] = &["imap", "pop3", "submission", "managesieve"];
 
 impl FileConfig {
-    /// Parses TOML text; `origin` names the file in error messages.
+    /// Parses TOML text; `origin` names the file in error messages. Keys the text leaves
+    /// out take the embedded default's values; unknown keys are errors.
     pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))
+        let user: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        let mut merged: toml::Table = toml::from_str(DEFAULT_CONFIG)
+            .unwrap_or_else(|e| panic!("embedded default config is invalid: {e}"));
+        merge(&mut merged, user);
+        serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError(format!("{origin}: {path}: {}", e.into_inner()))
+        })
     }
 
     pub fn embedded() -> FileConfig {
@@ -222,6 +245,63 @@ impl FileConfig {
         if commit_interval < Duration::from_millis(50) || commit_interval > Duration::from_secs(1) {
             return Err(err("map.commit_interval", "must be between 50ms and 1s"));
         }
+        let socketmap = match self.serve.socketmap.trim() {
+            "" => None,
+            text => {
+                use crate::serve::socketmap::{Listen, SocketmapConfig};
+                let listen = Listen::parse(text).map_err(|m| err("serve.socketmap", m))?;
+                let word = |key: &str, v: &str| {
+                    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                        Err(err(
+                            key,
+                            format!("`{v}` must be one word such as OK or RELAY"),
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                };
+                word(
+                    "serve.socketmap_default_value",
+                    &self.serve.socketmap_default_value,
+                )?;
+                for (name, v) in &self.serve.socketmap_values {
+                    word(&format!("serve.socketmap_values.{name}"), v)?;
+                }
+                let max_connections = self.serve.socketmap_max_connections;
+                if !(1..=10_000).contains(&max_connections) {
+                    return Err(err(
+                        "serve.socketmap_max_connections",
+                        "must be between 1 and 10000",
+                    ));
+                }
+                let idle_timeout = parse_duration(
+                    "serve.socketmap_idle_timeout",
+                    &self.serve.socketmap_idle_timeout,
+                )?;
+                if idle_timeout < Duration::from_millis(100) {
+                    return Err(err(
+                        "serve.socketmap_idle_timeout",
+                        "must be at least 100ms",
+                    ));
+                }
+                Some(SocketmapConfig {
+                    listen,
+                    values: self.serve.socketmap_values.clone(),
+                    default_value: self.serve.socketmap_default_value.clone(),
+                    max_connections,
+                    idle_timeout,
+                })
+            }
+        };
+        let metrics = match self.serve.metrics.trim() {
+            "" => None,
+            text => Some(text.parse::<std::net::SocketAddr>().map_err(|_| {
+                err(
+                    "serve.metrics",
+                    format!("`{text}` is not an address like 127.0.0.1:9154"),
+                )
+            })?),
+        };
         if self.state.dir.trim().is_empty() {
             return Err(err("state.dir", "is empty"));
         }
@@ -251,7 +331,21 @@ impl FileConfig {
             action,
             commit_interval,
             state_dir: PathBuf::from(&self.state.dir),
+            socketmap,
+            metrics,
         })
+    }
+}
+
+/// Sets every key of `over` in `base`, descending into tables that both have.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
     }
 }
 
@@ -286,6 +380,22 @@ mod tests {
         let text = DEFAULT_CONFIG.replace("[grant]", "[grant]\nttll = \"5m\"");
         let e = FileConfig::parse(&text, "x.toml").unwrap_err().0;
         assert!(e.contains("ttll"), "{e}");
+    }
+
+    #[test]
+    fn partial_files_take_defaults_and_types_name_their_key() {
+        let c = FileConfig::parse("[grant]\nttl = \"5m\"\n", "x.toml").unwrap();
+        let s = c.validate().unwrap();
+        assert_eq!(s.ttl, Duration::from_secs(300));
+        assert_eq!(s.map_path, PathBuf::from("/var/lib/dovegate/relay"));
+        let e = FileConfig::parse("[grant]\nttl = 5\n", "x.toml")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("grant.ttl"), "{e}");
+        let e = FileConfig::parse("[nope]\nx = 1\n", "x.toml")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("nope"), "{e}");
     }
 
     #[test]

@@ -31,6 +31,11 @@ impl GrantsView {
         map.get(&ip.to_canonical()).copied().filter(|&e| e > now)
     }
 
+    /// Adds a grant to the view only (tests of lookup servers).
+    pub fn insert(&self, ip: IpAddr, expires: i64) {
+        self.write().insert(ip.to_canonical(), expires);
+    }
+
     /// The committed expiry, expired or not.
     fn committed(&self, ip: IpAddr) -> Option<i64> {
         self.0

@@ -14,6 +14,7 @@ pub mod grant;
 pub mod notify;
 pub mod pattern;
 pub mod scan;
+pub mod serve;
 pub mod source;
 pub mod store;
 pub mod timefmt;

@@ -283,6 +283,14 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let mut engine = Engine::new(map, cfg.policy(), checkpoints.clone(), timefmt::now())
         .map_err(|e| Failure::runtime(e.0))?;
     let stats = Arc::new(SourceStats::default());
+    if let Some(sm) = settings.socketmap.clone() {
+        let listen = format!("{:?}", sm.listen);
+        runtime
+            .block_on(crate::serve::socketmap::spawn(sm, engine.view()))
+            .map_err(|e| {
+                Failure::runtime(format!("serve.socketmap: cannot listen on {listen}: {e}"))
+            })?;
+    }
     let mut sources = Sources::start(&cfg, &checkpoints, &stats)?;
     tracing::info!(
         map = %settings.map_path.display(),
