@@ -85,3 +85,77 @@ fn sighup_reloads_and_refuses_a_bad_config() {
     // reload (the new sources resumed at the committed checkpoints).
     assert_eq!(daemon.summary("logins"), Some(5), "{}", daemon.log());
 }
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes());
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn metrics_and_status() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    let port = 19000 + (std::process::id() % 1000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let conf = d.path().join("dovegate.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[source]\nlogs = [{:?}]\n[map]\npath = {:?}\n[state]\ndir = {:?}\n[serve]\nmetrics = {addr:?}\n",
+            log.display().to_string(),
+            d.path().join("relay").display().to_string(),
+            d.path().join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::write(&log, "").unwrap();
+    let mut daemon = Daemon::start(d.path(), &["--config", &conf.display().to_string()]);
+    append(&log, &login_line("203.0.113.9", "a"));
+    append(&log, &login_line("127.0.0.1", "webmail"));
+    let map = d.path().join("relay");
+    wait_for("grant", PATIENCE, || {
+        postmap_q(&map, "203.0.113.9").is_some()
+    });
+    // The engine's counters reach the endpoint at its next heartbeat.
+    wait_for("metrics", PATIENCE, || {
+        http_get(&addr, "/metrics").contains("dovegate_map_commits_total 1")
+    });
+    let m = http_get(&addr, "/metrics");
+    assert!(m.starts_with("HTTP/1.0 200 OK"), "{m}");
+    let src = log.display().to_string();
+    for want in [
+        format!("dovegate_lines_read_total{{source=\"{src}\"}} 2"),
+        format!("dovegate_logins_matched_total{{source=\"{src}\",pattern=\"dovecot-2.2\"}} 2"),
+        "dovegate_grants_active 1".to_string(),
+        "dovegate_logins_excluded_total 1".to_string(),
+        "dovegate_map_commit_seconds_count 1".to_string(),
+        format!("dovegate_checkpoint_lag_bytes{{path=\"{src}\"}} 0"),
+    ] {
+        assert!(m.contains(&want), "missing {want}:\n{m}");
+    }
+    assert!(http_get(&addr, "/").starts_with("HTTP/1.0 404"));
+
+    let out = dovegate(&["status", "--config", &conf.display().to_string(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["map"]["grants"], 1);
+    assert_eq!(v["files"][0]["path"], src);
+    assert_eq!(v["files"][0]["behind_bytes"], 0);
+    let out = dovegate(&["status", "--config", &conf.display().to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1 grant(s)") && text.contains("0 bytes behind"),
+        "{text}"
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}

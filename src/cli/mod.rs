@@ -2,6 +2,7 @@
 
 mod admin;
 pub mod run;
+mod status;
 mod test_cmd;
 
 use std::path::{Path, PathBuf};
@@ -81,6 +82,8 @@ enum Command {
     },
     /// Run the patterns over saved logs and report what would be granted (changes nothing).
     Test(test_cmd::TestArgs),
+    /// Show the live state (map, sources, positions) from the map and the state directory.
+    Status(status::StatusArgs),
 }
 
 /// A command's failure: its message and exit code (2: bad configuration or usage).
@@ -159,6 +162,7 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Test(args) => test_cmd::run(args),
+        Command::Status(args) => status::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,11 +15,12 @@ use crate::frame::FrameParser;
 use crate::grant::Policy;
 use crate::pattern::PatternSet;
 use crate::scan::LineMatcher;
+use crate::serve::metrics::MetricsSource;
 use crate::source::checkpoint::CheckpointDir;
 use crate::source::journal::{
     spawn_journal_source, EntryJudge, JournalSourceSpec, JournalStart, JournalTarget,
 };
-use crate::source::{spawn_file_source, Batch, FileSourceSpec, SourceStats};
+use crate::source::{spawn_file_source, Batch, FileSourceSpec, StatsRegistry};
 use crate::store::{LmdbMap, OpenMode};
 use crate::timefmt;
 
@@ -181,7 +182,7 @@ impl Sources {
     fn start(
         cfg: &Effective,
         checkpoints: &CheckpointDir,
-        stats: &Arc<SourceStats>,
+        stats: &StatsRegistry,
     ) -> Result<Sources, Failure> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let stop = Arc::new(AtomicBool::new(false));
@@ -202,7 +203,7 @@ impl Sources {
                 cfg.matcher(),
                 tx.clone(),
                 Arc::clone(&stop),
-                Arc::clone(stats),
+                stats.for_source(&path.display().to_string()),
             )
             .map_err(|e| Failure::runtime(format!("cannot start source thread: {e}")))?;
         }
@@ -227,7 +228,7 @@ impl Sources {
                 judge,
                 tx.clone(),
                 Arc::clone(&stop),
-                Arc::clone(stats),
+                stats.for_source(&target.key()),
                 Arc::clone(&children),
             )
             .map_err(|e| Failure::runtime(format!("cannot start journal thread: {e}")))?;
@@ -249,13 +250,14 @@ impl Sources {
     }
 }
 
-fn status_line(engine: &Engine<LmdbMap>, stats: &SourceStats) -> String {
+fn status_line(engine: &Engine<LmdbMap>, stats: &StatsRegistry) -> String {
+    let t = stats.totals();
     format!(
         "{} grants active, {} lines read, {} logins, {} forged",
         engine.active(),
-        stats.lines.load(Ordering::Relaxed),
-        stats.logins.load(Ordering::Relaxed),
-        stats.forged.load(Ordering::Relaxed)
+        t.lines,
+        t.logins,
+        t.forged
     )
 }
 
@@ -282,13 +284,27 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let checkpoints = CheckpointDir::new(&settings.state_dir);
     let mut engine = Engine::new(map, cfg.policy(), checkpoints.clone(), timefmt::now())
         .map_err(|e| Failure::runtime(e.0))?;
-    let stats = Arc::new(SourceStats::default());
+    let stats = Arc::new(StatsRegistry::default());
     if let Some(sm) = settings.socketmap.clone() {
         let listen = format!("{:?}", sm.listen);
         runtime
             .block_on(crate::serve::socketmap::spawn(sm, engine.view()))
             .map_err(|e| {
                 Failure::runtime(format!("serve.socketmap: cannot listen on {listen}: {e}"))
+            })?;
+    }
+    let counters = Arc::new(Mutex::new(engine.counters.clone()));
+    if let Some(addr) = settings.metrics {
+        let src = Arc::new(MetricsSource {
+            stats: Arc::clone(&stats),
+            engine: Arc::clone(&counters),
+            view: engine.view(),
+            checkpoints: checkpoints.clone(),
+        });
+        runtime
+            .block_on(crate::serve::metrics::spawn(addr, src))
+            .map_err(|e| {
+                Failure::runtime(format!("serve.metrics: cannot listen on {addr}: {e}"))
             })?;
     }
     let mut sources = Sources::start(&cfg, &checkpoints, &stats)?;
@@ -303,9 +319,13 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     crate::notify::ready(&status_line(&engine, &stats));
     let mut heartbeat = {
         let stats = Arc::clone(&stats);
+        let counters = Arc::clone(&counters);
         move |e: &Engine<LmdbMap>| {
             crate::notify::status(&status_line(e, &stats));
             crate::notify::watchdog();
+            if let Ok(mut c) = counters.lock() {
+                *c = e.counters.clone();
+            }
         }
     };
     let result = loop {
@@ -353,16 +373,17 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     result
 }
 
-fn log_summary(settings: &Settings, engine: &Engine<LmdbMap>, stats: &SourceStats) {
+fn log_summary(settings: &Settings, engine: &Engine<LmdbMap>, stats: &StatsRegistry) {
     let c = &engine.counters;
+    let t = stats.totals();
     tracing::info!(
         map = %settings.map_path.display(),
-        bytes = stats.bytes.load(Ordering::Relaxed),
-        lines = stats.lines.load(Ordering::Relaxed),
-        logins = stats.logins.load(Ordering::Relaxed),
-        invalid_ip = stats.invalid_ip.load(Ordering::Relaxed),
-        ambiguous_ip = stats.ambiguous_ip.load(Ordering::Relaxed),
-        forged = stats.forged.load(Ordering::Relaxed),
+        bytes = t.bytes,
+        lines = t.lines,
+        logins = t.logins,
+        invalid_ip = t.invalid_ip,
+        ambiguous_ip = t.ambiguous_ip,
+        forged = t.forged,
         granted = c.granted,
         excluded = c.excluded,
         commits = c.commits,

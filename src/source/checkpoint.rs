@@ -104,6 +104,16 @@ pub enum Position {
     Journal(JournalCursor),
 }
 
+impl Checkpoint {
+    /// Bytes written to the followed path after the checkpoint, when the path still names
+    /// the current checkpointed generation (None: rotated since, or gone).
+    pub fn lag(&self) -> Option<u64> {
+        let meta = std::fs::metadata(&self.path).ok()?;
+        let cur = self.files.last()?;
+        (FileId::of(&meta) == cur.id).then(|| meta.len().saturating_sub(cur.offset))
+    }
+}
+
 /// Reads and writes checkpoints under `<state>/checkpoints/`.
 #[derive(Debug, Clone)]
 pub struct CheckpointDir {
@@ -209,6 +219,21 @@ impl CheckpointDir {
         }
         std::fs::rename(&tmp, dest)?;
         File::open(&self.dir)?.sync_all()
+    }
+
+    /// Every saved journal cursor.
+    pub fn cursors(&self) -> Vec<JournalCursor> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        rd.filter_map(Result::ok)
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with("journal-") && n.ends_with(".json")
+            })
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect()
     }
 
     /// Every saved checkpoint (for `dovegate status`).

@@ -11,11 +11,12 @@ pub mod journal;
 pub mod lines;
 pub mod tailer;
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -44,7 +45,7 @@ pub struct Batch {
     pub position: Position,
 }
 
-/// Counters shared by sources and reported by the engine.
+/// One source's counters, for status, logs and metrics.
 #[derive(Debug, Default)]
 pub struct SourceStats {
     pub bytes: AtomicU64,
@@ -54,6 +55,59 @@ pub struct SourceStats {
     pub ambiguous_ip: AtomicU64,
     /// Journal entries that looked like Dovecot logins from an untrusted sender.
     pub forged: AtomicU64,
+    /// Logins by pattern id.
+    pub per_pattern: Mutex<BTreeMap<String, u64>>,
+}
+
+impl SourceStats {
+    pub fn count_pattern(&self, id: &str) {
+        if let Ok(mut m) = self.per_pattern.lock() {
+            *m.entry(id.to_string()).or_default() += 1;
+        }
+    }
+}
+
+/// Every source's counters by name (a path, or a journal key); kept across reloads.
+#[derive(Debug, Default)]
+pub struct StatsRegistry {
+    sources: Mutex<BTreeMap<String, Arc<SourceStats>>>,
+}
+
+/// Sums over all sources.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StatsTotals {
+    pub bytes: u64,
+    pub lines: u64,
+    pub logins: u64,
+    pub invalid_ip: u64,
+    pub ambiguous_ip: u64,
+    pub forged: u64,
+}
+
+impl StatsRegistry {
+    pub fn for_source(&self, name: &str) -> Arc<SourceStats> {
+        let mut m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(m.entry(name.to_string()).or_default())
+    }
+
+    pub fn sources(&self) -> Vec<(String, Arc<SourceStats>)> {
+        let m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect()
+    }
+
+    pub fn totals(&self) -> StatsTotals {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.sources()
+            .iter()
+            .fold(StatsTotals::default(), |t, (_, s)| StatsTotals {
+                bytes: t.bytes + get(&s.bytes),
+                lines: t.lines + get(&s.lines),
+                logins: t.logins + get(&s.logins),
+                invalid_ip: t.invalid_ip + get(&s.invalid_ip),
+                ambiguous_ip: t.ambiguous_ip + get(&s.ambiguous_ip),
+                forged: t.forged + get(&s.forged),
+            })
+    }
 }
 
 /// Runs the matching path over a chunk of whole lines.
@@ -79,6 +133,7 @@ pub fn scan_chunk(
         match login.ip {
             IpVerdict::Valid(ip) => {
                 stats.logins.fetch_add(1, Ordering::Relaxed);
+                stats.count_pattern(&patterns.defs()[login.pattern].id);
                 out.push(SeenLogin {
                     ip,
                     time: frame.time,
