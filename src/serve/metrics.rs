@@ -25,6 +25,9 @@ pub struct MetricsSource {
     pub checkpoints: CheckpointDir,
 }
 
+/// A per-source counter: name, help, and how to read it.
+type PerSource = (&'static str, &'static str, fn(&crate::source::SourceStats) -> u64);
+
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -39,7 +42,7 @@ fn head(out: &mut String, name: &str, kind: &str, help: &str) {
 pub fn render(src: &MetricsSource) -> String {
     let mut out = String::new();
     let sources = src.stats.sources();
-    let per_source: [(&str, &str, fn(&crate::source::SourceStats) -> u64); 6] = [
+    let per_source: [PerSource; 6] = [
         (
             "dovegate_lines_read_total",
             "Log lines (or journal entries) read.",
