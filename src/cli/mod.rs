@@ -1,6 +1,7 @@
 //! `cli`: the command line. Parses arguments, loads settings, and wires the stages.
 
 mod admin;
+mod docs;
 pub mod run;
 mod status;
 mod test_cmd;
@@ -84,6 +85,14 @@ enum Command {
     Test(test_cmd::TestArgs),
     /// Show the live state (map, sources, positions) from the map and the state directory.
     Status(status::StatusArgs),
+    /// Create the map (empty) and the state directory if missing; for package scripts.
+    Init {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Write the man pages and shell completions into DIR (packaging).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 /// A command's failure: its message and exit code (2: bad configuration or usage).
@@ -130,9 +139,24 @@ pub fn load_patterns(settings: &Settings, dir: Option<&Path>) -> Result<PatternS
         .map_err(|e| Failure::config(e.0))
 }
 
+/// Logs go to the journal with native fields when systemd connected stderr to it
+/// (JOURNAL_STREAM), else to stderr as text.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DOVEGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::prelude::*;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("DOVEGATE_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(layer) = tracing_journald::layer() {
+            let _ = tracing_subscriber::registry()
+                .with(filter())
+                .with(layer.with_syslog_identifier("dovegate".into()))
+                .try_init();
+            return;
+        }
+    }
+    let filter = filter();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -163,6 +187,8 @@ pub fn main() -> ExitCode {
         }
         Command::Test(args) => test_cmd::run(args),
         Command::Status(args) => status::run(args),
+        Command::Init { cfg } => init(&cfg),
+        Command::GenerateDocs { dir } => docs::generate(&dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -173,6 +199,26 @@ pub fn main() -> ExitCode {
             ExitCode::from(f.code)
         }
     }
+}
+
+/// `dovegate init`: the map exists (empty) before Postfix ever looks, and the state
+/// directory exists; nothing that exists is changed.
+fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
+    let (_, settings) = load_settings(cfg, |_| {})?;
+    std::fs::create_dir_all(&settings.state_dir).map_err(|e| {
+        Failure::runtime(format!(
+            "{}: cannot create state directory: {e}",
+            settings.state_dir.display()
+        ))
+    })?;
+    let map = crate::store::LmdbMap::open(
+        &settings.map_path,
+        &settings.action,
+        crate::store::OpenMode::Create,
+    )
+    .map_err(|e| Failure::runtime(e.0))?;
+    println!("{}", map.path().display());
+    Ok(())
 }
 
 fn check_config(cfg: &ConfigArgs) -> Result<(), Failure> {

@@ -26,7 +26,11 @@ pub struct MetricsSource {
 }
 
 /// A per-source counter: name, help, and how to read it.
-type PerSource = (&'static str, &'static str, fn(&crate::source::SourceStats) -> u64);
+type PerSource = (
+    &'static str,
+    &'static str,
+    fn(&crate::source::SourceStats) -> u64,
+);
 
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
