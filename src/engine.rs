@@ -27,8 +27,18 @@ pub struct GrantsView(Arc<RwLock<HashMap<IpAddr, i64>>>);
 impl GrantsView {
     /// The expiry of `ip`'s grant, if it has one that has not expired at `now`.
     pub fn lookup(&self, ip: IpAddr, now: i64) -> Option<i64> {
-        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
-        map.get(&ip.to_canonical()).copied().filter(|&e| e > now)
+        self.try_lookup(ip, now).unwrap_or_else(|e| e)
+    }
+
+    /// Like `lookup`, but Err when the view may be inconsistent (a writer panicked while
+    /// holding it): a lookup server should answer "try again" rather than guess.
+    pub fn try_lookup(&self, ip: IpAddr, now: i64) -> Result<Option<i64>, Option<i64>> {
+        let found =
+            |m: &HashMap<IpAddr, i64>| m.get(&ip.to_canonical()).copied().filter(|&e| e > now);
+        match self.0.read() {
+            Ok(m) => Ok(found(&m)),
+            Err(poisoned) => Err(found(&poisoned.into_inner())),
+        }
     }
 
     /// Adds a grant to the view only (tests of lookup servers).

@@ -78,12 +78,16 @@ pub fn answer(request: &[u8], view: &GrantsView, cfg: &SocketmapConfig, now: i64
     let Some((name, key)) = text.split_once(' ') else {
         return b"PERM expected: <mapname> <key>".to_vec();
     };
-    match key_ip(key).and_then(|ip| view.lookup(ip, now)) {
-        Some(_) => {
+    let Some(ip) = key_ip(key) else {
+        return b"NOTFOUND ".to_vec();
+    };
+    match view.try_lookup(ip, now) {
+        Ok(Some(_)) => {
             let value = cfg.values.get(name).unwrap_or(&cfg.default_value);
             format!("OK {value}").into_bytes()
         }
-        None => b"NOTFOUND ".to_vec(),
+        Ok(None) => b"NOTFOUND ".to_vec(),
+        Err(_) => b"TEMP grants unavailable".to_vec(),
     }
 }
 
