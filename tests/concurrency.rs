@@ -5,7 +5,6 @@
 mod common;
 
 use std::fs::File;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,22 +28,7 @@ fn postmap_readers_never_error_or_miss_while_grants_churn() {
     let log = d.path().join("mail.log");
     let map = d.path().join("relay");
     File::create(&log).unwrap();
-    let mut daemon = Daemon::start(
-        d.path(),
-        &[
-            "--log",
-            &log.display().to_string(),
-            "--map",
-            &map.display().to_string(),
-            "--state-dir",
-            &d.path().join("state").display().to_string(),
-            "--ttl",
-            "2s",
-        ],
-    );
-    wait_for("map created", PATIENCE, || {
-        d.path().join("relay.lmdb").exists()
-    });
+    let mut daemon = Daemon::follow(d.path(), &log, &["--ttl", "2s"]);
     // Stable keys, granted by hand for an hour while the daemon runs (a second writer).
     let stable: Vec<String> = (0..STABLE)
         .map(|i| format!("203.0.113.{}", i + 1))
@@ -75,16 +59,7 @@ fn postmap_readers_never_error_or_miss_while_grants_churn() {
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 let key = &stable[(n + r) % stable.len()];
-                let out = Command::new("postmap")
-                    .args([
-                        "-c",
-                        postmap_conf(),
-                        "-q",
-                        key,
-                        &format!("lmdb:{}", map.display()),
-                    ])
-                    .output()
-                    .expect("postmap");
+                let out = postmap_query(&format!("lmdb:{}", map.display()), key);
                 if out.status.code() != Some(0) || !out.stderr.is_empty() {
                     errors.push(format!(
                         "{key}: exit {:?}: {}",
@@ -108,9 +83,7 @@ fn postmap_readers_never_error_or_miss_while_grants_churn() {
         std::thread::sleep(Duration::from_millis(400));
     }
     // Everything churned expires; only the stable keys stay.
-    wait_for("churn expired", PATIENCE, || {
-        postmap_s(&map).len() == STABLE
-    });
+    wait_for_scan("churn expired", &map, |keys| keys.len() == STABLE);
     stop.store(true, Ordering::Relaxed);
     let errors: Vec<String> = readers
         .into_iter()

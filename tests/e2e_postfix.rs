@@ -14,7 +14,6 @@ fn grants_reach_postfix_smtpd_and_expire() {
     let d = tempdir();
     let log = d.path().join("mail.log");
     let map = d.path().join("relay");
-    let state = d.path().join("state");
     append(
         &log,
         &format!(
@@ -22,23 +21,10 @@ fn grants_reach_postfix_smtpd_and_expire() {
             bsd_now()
         ),
     );
-    let mut daemon = Daemon::start(
-        d.path(),
-        &[
-            "--log",
-            &log.display().to_string(),
-            "--map",
-            &map.display().to_string(),
-            "--state-dir",
-            &state.display().to_string(),
-            "--ttl",
-            "5s",
-        ],
-    );
+    // The map exists (empty) before Postfix ever looks (`follow` waits for it): a missing
+    // map makes smtpd answer 451 until a reload.
+    let mut daemon = Daemon::follow(d.path(), &log, &["--ttl", "5s"]);
     let file = d.path().join("relay.lmdb");
-    // The map exists (empty) before Postfix ever looks: a missing map makes smtpd answer
-    // 451 until a reload.
-    wait_for("map created", PATIENCE, || file.exists());
     let pf = Postfix::start(&d.path().join("pf"), &map);
     assert_eq!(postmap_s(&map), vec![]);
 

@@ -146,7 +146,7 @@ fn expired_logins_are_not_granted_again_after_restart() {
         None,
         "an old login never grants"
     );
-    wait_for("grants expired", PATIENCE, || postmap_s(&map).is_empty());
+    wait_for_scan("grants expired", &map, |keys| keys.is_empty());
     assert_eq!(d.stop(), Some(0));
     // Restart with no checkpoint at all: the file is read back only to now - ttl, and the
     // logins in it are past their time.

@@ -54,24 +54,7 @@ fn start(d: &Path, sock: &Path, log: &Path) -> Daemon {
 }
 
 fn postmap_socketmap(sock: &Path, name: &str, key: &str) -> Option<String> {
-    let out = Command::new("postmap")
-        .args([
-            "-c",
-            postmap_conf(),
-            "-q",
-            key,
-            &format!("socketmap:unix:{}:{name}", sock.display()),
-        ])
-        .output()
-        .unwrap();
-    match out.status.code() {
-        Some(0) => Some(String::from_utf8_lossy(&out.stdout).trim().to_string()),
-        Some(1) => None,
-        _ => panic!(
-            "postmap socketmap: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
+    postmap_table(&format!("socketmap:unix:{}:{name}", sock.display()), key)
 }
 
 /// One request on a fresh connection; "" when the server closed it (e.g. all connection

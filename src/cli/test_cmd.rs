@@ -242,55 +242,93 @@ impl Tester<'_> {
 
     fn one(&mut self, line: &[u8]) -> Option<LineReport<'static>> {
         let (frame, login) = self.matcher.match_line(line, self.now)?;
-        let t = &mut self.totals;
-        t.matched += 1;
-        *t.per_pattern.entry(login.pattern).or_default() += 1;
-        *t.per_framing.entry(frame.framing).or_default() += 1;
+        let (ip, excluded) = self.totals.record_login(
+            login.pattern,
+            frame.framing,
+            &login.ip,
+            frame.time,
+            self.policy,
+            self.now,
+        );
         let def = &self.matcher.patterns().defs()[login.pattern];
-        let (ip, excluded) = match &login.ip {
+        Some(login_report(
+            def,
+            String::from_utf8_lossy(login.service).into_owned(),
+            login.user.map(|u| String::from_utf8_lossy(u).into_owned()),
+            ip,
+            excluded,
+            frame.time,
+        ))
+    }
+}
+
+/// The report of a matched login (file and line are filled in by the caller).
+fn login_report(
+    def: &crate::pattern::PatternDef,
+    protocol: String,
+    user: Option<String>,
+    ip: Option<String>,
+    excluded: Option<String>,
+    time: Option<i64>,
+) -> LineReport<'static> {
+    LineReport {
+        file: "",
+        line: 0,
+        matched: true,
+        pattern: Some(leak(&def.id)),
+        dovecot: Some(leak(&def.dovecot)),
+        protocol: Some(protocol),
+        user,
+        ip: Some(ip),
+        time: time.map(timefmt::rfc3339),
+        excluded: Some(excluded),
+        forged: None,
+    }
+}
+
+impl Totals {
+    /// Counts a matched login and returns (the address as Postfix looks it up, why the
+    /// policy would not grant it).
+    fn record_login(
+        &mut self,
+        pattern: usize,
+        framing: Framing,
+        ip: &IpVerdict,
+        time: Option<i64>,
+        policy: &Policy,
+        now: i64,
+    ) -> (Option<String>, Option<String>) {
+        self.matched += 1;
+        *self.per_pattern.entry(pattern).or_default() += 1;
+        *self.per_framing.entry(framing).or_default() += 1;
+        match ip {
             IpVerdict::Valid(ip) => {
-                let excluded = match self.policy.exclusion(*ip) {
+                let excluded = match policy.exclusion(*ip) {
                     Some(why) => {
-                        *t.excluded.entry(why.to_string()).or_default() += 1;
+                        *self.excluded.entry(why.to_string()).or_default() += 1;
                         Some(why.to_string())
                     }
                     None => {
                         // Old logins would not grant now; counted, but reported as grants.
-                        if matches!(
-                            self.policy.decide(*ip, frame.time, self.now),
-                            Decision::Expired
-                        ) {
-                            t.expired += 1;
+                        if matches!(policy.decide(*ip, time, now), Decision::Expired) {
+                            self.expired += 1;
                         }
-                        *t.grants.entry(key_text(*ip)).or_default() += 1;
+                        *self.grants.entry(key_text(*ip)).or_default() += 1;
                         None
                     }
                 };
                 (Some(key_text(*ip)), excluded)
             }
             IpVerdict::Invalid(_) => {
-                t.invalid_ip += 1;
+                self.invalid_ip += 1;
                 (None, Some("invalid-ip".to_string()))
             }
             IpVerdict::Ambiguous => {
-                t.ambiguous_ip += 1;
+                self.ambiguous_ip += 1;
                 (None, Some("ambiguous-ip".to_string()))
             }
             IpVerdict::Missing => (None, Some("no-ip".to_string())),
-        };
-        Some(LineReport {
-            file: "",
-            line: 0,
-            matched: true,
-            pattern: Some(leak(&def.id)),
-            dovecot: Some(leak(&def.dovecot)),
-            protocol: Some(String::from_utf8_lossy(login.service).into_owned()),
-            user: login.user.map(|u| String::from_utf8_lossy(u).into_owned()),
-            ip: Some(ip),
-            time: frame.time.map(timefmt::rfc3339),
-            excluded: Some(excluded),
-            forged: None,
-        })
+        }
     }
 }
 
@@ -518,48 +556,20 @@ fn run_journal(
                     ip,
                     time,
                 } => {
-                    totals.matched += 1;
-                    *totals
-                        .per_framing
-                        .entry(crate::frame::Framing::Journal)
-                        .or_default() += 1;
-                    *totals.per_pattern.entry(*pattern).or_default() += 1;
-                    let def = &patterns.defs()[*pattern];
-                    let excluded = match ip {
-                        IpVerdict::Valid(a) => match policy.exclusion(*a) {
-                            Some(why) => {
-                                *totals.excluded.entry(why.to_string()).or_default() += 1;
-                                Some(why.to_string())
-                            }
-                            None => {
-                                if matches!(policy.decide(*a, *time, now), Decision::Expired) {
-                                    totals.expired += 1;
-                                }
-                                *totals.grants.entry(key_text(*a)).or_default() += 1;
-                                None
-                            }
-                        },
-                        IpVerdict::Invalid(_) => {
-                            totals.invalid_ip += 1;
-                            Some("invalid-ip".into())
-                        }
-                        IpVerdict::Ambiguous => {
-                            totals.ambiguous_ip += 1;
-                            Some("ambiguous-ip".into())
-                        }
-                        IpVerdict::Missing => Some("no-ip".into()),
-                    };
+                    let (ip, excluded) =
+                        totals.record_login(*pattern, Framing::Journal, ip, *time, policy, now);
                     report = LineReport {
-                        matched: true,
-                        pattern: Some(leak(&def.id)),
-                        dovecot: Some(leak(&def.dovecot)),
-                        protocol: Some(service.clone()),
-                        user: user.clone(),
-                        ip: Some(ip_text(ip)),
-                        time: time.map(timefmt::rfc3339),
-                        excluded: Some(excluded),
                         forged: Some(false),
-                        ..report
+                        file: "journal",
+                        line: totals.lines,
+                        ..login_report(
+                            &patterns.defs()[*pattern],
+                            service.clone(),
+                            user.clone(),
+                            ip,
+                            excluded,
+                            *time,
+                        )
                     };
                 }
             }

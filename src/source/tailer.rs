@@ -59,14 +59,20 @@ impl Generation {
         self.file.seek(SeekFrom::Start(0))?;
         self.reader.reset(0);
         self.fingerprint = Fingerprint::read(&self.file, FINGERPRINT_BYTES)?;
-        self.tail = Fingerprint::default();
+        self.tail = Fingerprint::of_bytes(&[]);
         Ok(())
     }
 
-    /// True when the file was truncated (or truncated and refilled) since we read it.
+    /// True when the file was truncated (or truncated and refilled) since we read it. In
+    /// an append-only file neither its first bytes nor the bytes just before our offset ever
+    /// change; the second check also catches a refill that starts like the old content
+    /// (the same first line, to the second).
     fn truncated(&self, len: u64) -> io::Result<bool> {
         let read_to = self.reader.offset() + self.reader.pending() as u64;
-        Ok(len < read_to || !self.fingerprint.matches(&self.file)?)
+        if len < read_to || !self.fingerprint.matches(&self.file)? {
+            return Ok(true);
+        }
+        Ok(tail_before(&self.file, self.reader.offset()).map_or(true, |t| t != self.tail))
     }
 }
 

@@ -61,16 +61,20 @@ pub fn postmap_conf() -> &'static str {
 
 /// `postmap -q KEY lmdb:MAP`: Some(value) or None (exit 1). Panics on any other failure.
 pub fn postmap_q(map: &Path, key: &str) -> Option<String> {
-    let out = Command::new("postmap")
-        .args([
-            "-c",
-            postmap_conf(),
-            "-q",
-            key,
-            &format!("lmdb:{}", map.display()),
-        ])
+    postmap_table(&format!("lmdb:{}", map.display()), key)
+}
+
+/// `postmap -q KEY TABLE` as run (TABLE like `lmdb:PATH` or `socketmap:unix:PATH:NAME`).
+pub fn postmap_query(table: &str, key: &str) -> Output {
+    Command::new("postmap")
+        .args(["-c", postmap_conf(), "-q", key, table])
         .output()
-        .expect("run postmap");
+        .expect("run postmap")
+}
+
+/// `postmap -q KEY TABLE`: Some(value) or None (exit 1). Panics on any other failure.
+pub fn postmap_table(table: &str, key: &str) -> Option<String> {
+    let out = postmap_query(table, key);
     match out.status.code() {
         Some(0) => Some(String::from_utf8_lossy(&out.stdout).trim_end().to_string()),
         Some(1) => None,
@@ -104,6 +108,19 @@ pub fn postmap_s(map: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Waits until the whole map (`postmap -s`) satisfies `pred`, scanning at most four times
+/// a second: a back-to-back scan locks every record and can starve the daemon's writer
+/// (fcntl locks are not fair).
+pub fn wait_for_scan(what: &str, map: &Path, pred: impl Fn(&[(String, String)]) -> bool) {
+    wait_for(what, PATIENCE, || {
+        let ok = pred(&postmap_s(map));
+        if !ok {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        ok
+    });
+}
+
 /// A running `dovegate run`; SIGTERM on drop. Its stderr goes to a file.
 pub struct Daemon {
     pub child: Child,
@@ -116,13 +133,31 @@ impl Daemon {
         let child = Command::new(bin())
             .arg("run")
             .args(args)
-            .env("DOVEGATE_LOG", "info")
+            .env(
+                "DOVEGATE_LOG",
+                std::env::var("DG_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
             .expect("spawn dovegate run");
         Daemon { child, stderr }
+    }
+
+    /// `dovegate run` following `log`, with the map `DIR/relay` and state `DIR/state`, plus
+    /// `extra` arguments; returns once the map exists.
+    pub fn follow(dir: &Path, log: &Path, extra: &[&str]) -> Daemon {
+        let (log, map, state) = (
+            log.display().to_string(),
+            dir.join("relay").display().to_string(),
+            dir.join("state").display().to_string(),
+        );
+        let mut args = vec!["--log", &log, "--map", &map, "--state-dir", &state];
+        args.extend_from_slice(extra);
+        let d = Daemon::start(dir, &args);
+        wait_for("map created", PATIENCE, || dir.join("relay.lmdb").exists());
+        d
     }
 
     pub fn log(&self) -> String {
