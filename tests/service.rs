@@ -159,3 +159,63 @@ fn metrics_and_status() {
     );
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// systemd's side of `Type=notify`, played by a datagram socket.
+#[test]
+fn speaks_sd_notify() {
+    use std::os::unix::net::UnixDatagram;
+    let d = tempdir();
+    let sock_path = d.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let log = d.path().join("mail.log");
+    std::fs::write(&log, "").unwrap();
+    let child = std::process::Command::new(bin())
+        .args([
+            "run",
+            "--log",
+            &log.display().to_string(),
+            "--map",
+            &d.path().join("relay").display().to_string(),
+            "--state-dir",
+            &d.path().join("state").display().to_string(),
+        ])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "2000000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon {
+        child,
+        stderr: d.path().join("none"),
+    };
+    let mut seen = String::new();
+    let mut recv_until = |what: &str, seen: &mut String| {
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 4096];
+        while !seen.contains(what) {
+            assert!(start.elapsed() < PATIENCE, "no {what} in: {seen}");
+            if let Ok(n) = sock.recv(&mut buf) {
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                seen.push('\n');
+            }
+        }
+    };
+    recv_until("READY=1", &mut seen);
+    assert!(
+        seen.contains("STATUS=0 grants active, 0 lines read"),
+        "{seen}"
+    );
+    append(&log, &login_line("203.0.113.40", "n"));
+    // Heartbeats: WATCHDOG=1 and a STATUS with the lines read.
+    recv_until("WATCHDOG=1", &mut seen);
+    recv_until("STATUS=1 grants active, 1 lines read", &mut seen);
+    signal(daemon.child.id(), libc::SIGHUP);
+    recv_until("RELOADING=1", &mut seen);
+    assert!(seen.contains("MONOTONIC_USEC="), "{seen}");
+    signal(daemon.child.id(), libc::SIGTERM);
+    recv_until("STOPPING=1", &mut seen);
+    let status = daemon.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}

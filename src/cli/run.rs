@@ -95,7 +95,11 @@ fn mynetworks() -> Result<Vec<IpNet>, Failure> {
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(parse_mynetworks(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The literal networks in a `mynetworks` value; tables and files are reported and skipped.
+fn parse_mynetworks(text: &str) -> Vec<IpNet> {
     let mut nets = Vec::new();
     for item in text
         .split(|c: char| c == ',' || c.is_whitespace())
@@ -111,7 +115,7 @@ fn mynetworks() -> Result<Vec<IpNet>, Failure> {
             ),
         }
     }
-    Ok(nets)
+    nets
 }
 
 /// Everything a (re)loaded configuration decides.
@@ -421,5 +425,26 @@ impl Signals {
             _ => tracing::info!("shutting down: committing pending grants"),
         }
         exit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mynetworks_forms() {
+        let nets = super::parse_mynetworks(
+            "127.0.0.0/8 [::ffff:127.0.0.0]/104 [::1]/128, 192.0.2.0/24\n hash:/etc/postfix/network_table 10.1.2.3",
+        );
+        let text: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            text,
+            vec![
+                "127.0.0.0/8",
+                "::ffff:127.0.0.0/104",
+                "::1/128",
+                "192.0.2.0/24",
+                "10.1.2.3/32"
+            ]
+        );
     }
 }
