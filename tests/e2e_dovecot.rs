@@ -160,17 +160,7 @@ fn dovecot_log_path_file() {
     let log = dv.join("dovecot.log");
     let map = d.path().join("relay");
     // dovegate starts first: the log does not exist yet.
-    let mut daemon = Daemon::start(
-        d.path(),
-        &[
-            "--log",
-            &log.display().to_string(),
-            "--map",
-            &map.display().to_string(),
-            "--state-dir",
-            &d.path().join("state").display().to_string(),
-        ],
-    );
+    let mut daemon = Daemon::follow(d.path(), &log, &[]);
     let _cleanup = Cleanup(vec![vec!["down".into(), dvs.clone()]]);
     harness(&["up", &dvs, "file", "11143"]);
     let want = run_logins(11143);
@@ -245,17 +235,7 @@ fn real_journald_trusts_only_dovecot_service() {
     let sock = dv.join("journal/sock/dev-log").display().to_string();
     let jdir = dv.join("journal/runlog/journal");
     let map = d.path().join("relay");
-    let mut daemon = Daemon::start(
-        d.path(),
-        &[
-            "--journal-dir",
-            &jdir.display().to_string(),
-            "--map",
-            &map.display().to_string(),
-            "--state-dir",
-            &d.path().join("state").display().to_string(),
-        ],
-    );
+    let mut daemon = Daemon::with_map(d.path(), &["--journal-dir", &jdir.display().to_string()]);
     harness_env(
         &["up", &dvs, "syslog", "13143"],
         &[("DG_SYSLOG_SOCK", &sock), ("DG_CGROUP", &cgroup)],

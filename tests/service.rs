@@ -191,7 +191,7 @@ fn speaks_sd_notify() {
         stderr: d.path().join("none"),
     };
     let mut seen = String::new();
-    let mut recv_until = |what: &str, seen: &mut String| {
+    let recv_until = |what: &str, seen: &mut String| {
         let start = std::time::Instant::now();
         let mut buf = [0u8; 4096];
         while !seen.contains(what) {

@@ -128,6 +128,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// `dovegate run ARGS`; its log level is `info` (the tests read the summary line), or
+    /// DG_TEST_LOG (e.g. `debug`) when chasing a failure.
     pub fn start(dir: &Path, args: &[&str]) -> Daemon {
         let stderr = dir.join(format!("dovegate-{:x}.stderr", rand_u64()));
         let child = Command::new(bin())
@@ -148,14 +150,22 @@ impl Daemon {
     /// `dovegate run` following `log`, with the map `DIR/relay` and state `DIR/state`, plus
     /// `extra` arguments; returns once the map exists.
     pub fn follow(dir: &Path, log: &Path, extra: &[&str]) -> Daemon {
-        let (log, map, state) = (
-            log.display().to_string(),
+        let log = log.display().to_string();
+        let mut args = vec!["--log", log.as_str()];
+        args.extend_from_slice(extra);
+        Daemon::with_map(dir, &args)
+    }
+
+    /// `dovegate run ARGS` with the map `DIR/relay` and state `DIR/state`; returns once the
+    /// map exists.
+    pub fn with_map(dir: &Path, args: &[&str]) -> Daemon {
+        let (map, state) = (
             dir.join("relay").display().to_string(),
             dir.join("state").display().to_string(),
         );
-        let mut args = vec!["--log", &log, "--map", &map, "--state-dir", &state];
-        args.extend_from_slice(extra);
-        let d = Daemon::start(dir, &args);
+        let mut all = vec!["--map", map.as_str(), "--state-dir", state.as_str()];
+        all.extend_from_slice(args);
+        let d = Daemon::start(dir, &all);
         wait_for("map created", PATIENCE, || dir.join("relay.lmdb").exists());
         d
     }
