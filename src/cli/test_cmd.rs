@@ -53,9 +53,9 @@ struct LineReport<'a> {
     line: u64,
     matched: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pattern: Option<&'a str>,
+    pattern: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    dovecot: Option<&'a str>,
+    dovecot: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     protocol: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -275,8 +275,8 @@ fn login_report(
         file: "",
         line: 0,
         matched: true,
-        pattern: Some(leak(&def.id)),
-        dovecot: Some(leak(&def.dovecot)),
+        pattern: Some(def.id.clone()),
+        dovecot: Some(def.dovecot.clone()),
         protocol: Some(protocol),
         user,
         ip: Some(ip),
@@ -330,19 +330,6 @@ impl Totals {
             IpVerdict::Missing => (None, Some("no-ip".to_string())),
         }
     }
-}
-
-/// Pattern ids and versions live as long as the command; interned once per distinct text.
-fn leak(s: &str) -> &'static str {
-    use std::sync::Mutex;
-    static INTERNED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
-    let mut v = INTERNED.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(x) = v.iter().find(|x| **x == s) {
-        return x;
-    }
-    let x: &'static str = Box::leak(s.to_string().into_boxed_str());
-    v.push(x);
-    x
 }
 
 pub fn run(args: TestArgs) -> Result<(), Failure> {
