@@ -177,10 +177,6 @@ impl<S: GrantStore> Engine<S> {
         self.policy = policy;
     }
 
-    pub fn store_mut(&mut self) -> &mut S {
-        &mut self.store
-    }
-
     /// Applies policy to a batch; grants wait for the next flush with their checkpoint.
     pub fn accept(&mut self, batch: Batch, now: i64) {
         for login in batch.logins {

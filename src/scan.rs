@@ -58,10 +58,6 @@ impl LineMatcher {
         &self.patterns
     }
 
-    pub fn frames(&self) -> &FrameParser {
-        &self.frames
-    }
-
     /// The login on this line, if it is a trusted Dovecot success line.
     pub fn match_line<'a>(
         &mut self,

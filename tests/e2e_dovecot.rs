@@ -142,21 +142,23 @@ fn check(map: &Path, log: &Path, want: &Expected, daemon: &mut Daemon) {
     );
 }
 
-fn dir() -> tempfile::TempDir {
+/// A short traversable directory (Dovecot's socket paths are limited), its `dv`
+/// subdirectory for the harness, and that path as text.
+fn rig() -> (tempfile::TempDir, PathBuf, String) {
     let d = tempfile::Builder::new()
         .prefix("dgd")
         .tempdir_in("/tmp")
         .unwrap();
     set_mode(d.path(), 0o755);
-    d
+    let dv = d.path().join("dv");
+    std::fs::create_dir_all(&dv).unwrap();
+    let dvs = dv.display().to_string();
+    (d, dv, dvs)
 }
 
 #[test]
 fn dovecot_log_path_file() {
-    let d = dir();
-    let dv = d.path().join("dv");
-    std::fs::create_dir_all(&dv).unwrap();
-    let dvs = dv.display().to_string();
+    let (d, dv, dvs) = rig();
     let log = dv.join("dovecot.log");
     let map = d.path().join("relay");
     // dovegate starts first: the log does not exist yet.
@@ -170,10 +172,7 @@ fn dovecot_log_path_file() {
 
 #[test]
 fn rsyslog_traditional_and_rfc3339() {
-    let d = dir();
-    let dv = d.path().join("dv");
-    std::fs::create_dir_all(&dv).unwrap();
-    let dvs = dv.display().to_string();
+    let (d, dv, dvs) = rig();
     let _cleanup = Cleanup(vec![
         vec!["rsyslog-down".into(), dvs.clone()],
         vec!["down".into(), dvs.clone()],
@@ -213,10 +212,7 @@ fn rsyslog_traditional_and_rfc3339() {
 
 #[test]
 fn real_journald_trusts_only_dovecot_service() {
-    let d = dir();
-    let dv = d.path().join("dv");
-    std::fs::create_dir_all(&dv).unwrap();
-    let dvs = dv.display().to_string();
+    let (d, dv, dvs) = rig();
     let _cleanup = Cleanup(vec![
         vec!["journald-down".into(), dvs.clone()],
         vec!["cgroup-down".into(), dvs.clone()],

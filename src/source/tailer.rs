@@ -174,11 +174,6 @@ impl FileFollower {
         }
     }
 
-    /// Shortens the grace a drained generation is kept open (tests).
-    pub fn set_drain_grace(&mut self, d: Duration) {
-        self.drain_grace = d;
-    }
-
     /// Over-long lines dropped so far.
     pub fn dropped_long_lines(&self) -> u64 {
         self.draining

@@ -14,8 +14,8 @@ pub struct FileLock<'a> {
 }
 
 fn ofd(file: &File, kind: libc::c_short) -> io::Result<()> {
-    // `struct flock` is the range argument of fcntl(2) record locks (not the flock(2)
-    // call). SAFETY: plain data; zeroed is the "whole file" range (start 0, len 0).
+    // The range argument of fcntl(2) record locks (not the BSD whole-file lock call).
+    // SAFETY: plain data; zeroed is the "whole file" range (start 0, len 0).
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = kind;
     fl.l_whence = libc::SEEK_SET as libc::c_short;

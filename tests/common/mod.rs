@@ -64,12 +64,18 @@ pub fn postmap_q(map: &Path, key: &str) -> Option<String> {
     postmap_table(&format!("lmdb:{}", map.display()), key)
 }
 
-/// `postmap -q KEY TABLE` as run (TABLE like `lmdb:PATH` or `socketmap:unix:PATH:NAME`).
-pub fn postmap_query(table: &str, key: &str) -> Output {
+/// Postfix's `postmap` with the test configuration directory, as run.
+pub fn postmap(args: &[&str]) -> Output {
     Command::new("postmap")
-        .args(["-c", postmap_conf(), "-q", key, table])
+        .args(["-c", postmap_conf()])
+        .args(args)
         .output()
         .expect("run postmap")
+}
+
+/// `postmap -q KEY TABLE` as run (TABLE like `lmdb:PATH` or `socketmap:unix:PATH:NAME`).
+pub fn postmap_query(table: &str, key: &str) -> Output {
+    postmap(&["-q", key, table])
 }
 
 /// `postmap -q KEY TABLE`: Some(value) or None (exit 1). Panics on any other failure.
@@ -87,15 +93,7 @@ pub fn postmap_table(table: &str, key: &str) -> Option<String> {
 
 /// `postmap -s lmdb:MAP` as (key, value) pairs.
 pub fn postmap_s(map: &Path) -> Vec<(String, String)> {
-    let out = Command::new("postmap")
-        .args([
-            "-c",
-            postmap_conf(),
-            "-s",
-            &format!("lmdb:{}", map.display()),
-        ])
-        .output()
-        .expect("run postmap -s");
+    let out = postmap(&["-s", &format!("lmdb:{}", map.display())]);
     assert!(
         out.status.success(),
         "postmap -s: {}",

@@ -121,15 +121,19 @@ CONF
     die "dovecot did not listen within 30 s"
 }
 
-down() {
-    local pidf="$DIR/run/master.pid"
+# stop_pidfile PIDFILE TEXT: SIGTERM the pid in PIDFILE (only if its command line contains
+# TEXT: never another process that reused the pid), wait up to 10 s, then SIGKILL.
+stop_pidfile() {
+    local pidf=$1 text=$2 pid
     [ -s "$pidf" ] || return 0
-    local pid; pid=$(cat "$pidf")
-    grep -q "$DIR/dovecot.conf" "/proc/$pid/cmdline" 2>/dev/null || return 0
+    pid=$(cat "$pidf")
+    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF "$text" || return 0
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
 }
+
+down() { stop_pidfile "$DIR/run/master.pid" "$DIR/dovecot.conf"; }
 
 rsyslog_up() {
     local S="$DIR/syslog"
@@ -151,14 +155,7 @@ CONF
     die "rsyslogd did not start"
 }
 
-rsyslog_down() {
-    local pidf="$DIR/syslog/rsyslogd.pid"
-    [ -s "$pidf" ] || return 0
-    local pid; pid=$(cat "$pidf")
-    grep -q rsyslogd "/proc/$pid/cmdline" 2>/dev/null || return 0
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-}
+rsyslog_down() { stop_pidfile "$DIR/syslog/rsyslogd.pid" "$DIR/syslog/rsyslog.conf"; }
 
 journald_up() {
     local J="$DIR/journal"
@@ -186,14 +183,7 @@ journald_up() {
     die "journald did not start"
 }
 
-journald_down() {
-    local pidf="$DIR/journal/journald.pid"
-    [ -s "$pidf" ] || return 0
-    local pid; pid=$(cat "$pidf")
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = systemd-journal ] || return 0
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-}
+journald_down() { stop_pidfile "$DIR/journal/journald.pid" systemd-journald; }
 
 # cgroup2 mount point with a writable system.slice/dovecot.service; prints its path.
 # Only the directories it made are removed again (listed in DIR/cgroups-made).
