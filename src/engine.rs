@@ -198,8 +198,9 @@ impl<S: GrantStore> Engine<S> {
                 Decision::Expired => self.counters.expired_logins += 1,
             }
         }
-        self.pending_checkpoints
-            .insert(batch.source, batch.position);
+        if let Some(position) = batch.position {
+            self.pending_checkpoints.insert(batch.source, position);
+        }
     }
 
     /// Commits pending grants in one transaction, then writes the checkpoints they cover.
@@ -452,10 +453,10 @@ mod tests {
                     time: Some(*t),
                 })
                 .collect(),
-            position: Position::File(crate::source::checkpoint::Checkpoint {
+            position: Some(Position::File(crate::source::checkpoint::Checkpoint {
                 path: "/x".into(),
                 files: vec![],
-            }),
+            })),
         }
     }
 

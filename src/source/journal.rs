@@ -347,10 +347,10 @@ fn pump(
         let batch = Batch {
             source: spec.index,
             logins,
-            position: Position::Journal(JournalCursor {
+            position: Some(Position::Journal(JournalCursor {
                 journal: key.clone(),
                 cursor: cur,
-            }),
+            })),
         };
         if tx.blocking_send(batch).is_err() {
             return (cursor, true);

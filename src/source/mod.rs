@@ -37,12 +37,13 @@ pub struct SeenLogin {
 }
 
 /// What one chunk of a source produced: its logins, and the position that becomes true
-/// once they are committed.
+/// once they are committed (None: a source with nothing to checkpoint, such as pushed
+/// logins).
 #[derive(Debug)]
 pub struct Batch {
     pub source: usize,
     pub logins: Vec<SeenLogin>,
-    pub position: Position,
+    pub position: Option<Position>,
 }
 
 /// One source's counters, for status, logs and metrics.
@@ -197,7 +198,7 @@ pub fn spawn_file_source(
             let first = Batch {
                 source: spec.index,
                 logins: Vec::new(),
-                position: Position::File(follower.checkpoint()),
+                position: Some(Position::File(follower.checkpoint())),
             };
             if tx.blocking_send(first).is_err() {
                 return;
@@ -213,7 +214,7 @@ pub fn spawn_file_source(
                     let batch = Batch {
                         source: spec.index,
                         logins,
-                        position: Position::File(cp.clone()),
+                        position: Some(Position::File(cp.clone())),
                     };
                     closed = tx.blocking_send(batch).is_err();
                 });
