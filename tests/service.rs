@@ -101,7 +101,10 @@ fn http_get(addr: &str, path: &str) -> String {
 fn metrics_and_status() {
     let d = tempdir();
     let log = d.path().join("mail.log");
-    let port = 19000 + (std::process::id() % 1000) as u16;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
     let addr = format!("127.0.0.1:{port}");
     let conf = d.path().join("dovegate.toml");
     std::fs::write(
@@ -140,6 +143,7 @@ fn metrics_and_status() {
         assert!(m.contains(&want), "missing {want}:\n{m}");
     }
     assert!(http_get(&addr, "/").starts_with("HTTP/1.0 404"));
+    promtool_accepts(d.path(), &m);
 
     let out = dovegate(&["status", "--config", &conf.display().to_string(), "--json"]);
     assert!(
@@ -158,6 +162,34 @@ fn metrics_and_status() {
         "{text}"
     );
     assert_eq!(daemon.stop(), Some(0));
+}
+
+/// The whole scrape must parse with Prometheus's own parser (`promtool check metrics`,
+/// Debian package `prometheus`, installed by `scripts/deps test`): one bad line and
+/// Prometheus rejects every sample of the scrape.
+fn promtool_accepts(dir: &Path, response: &str) {
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .expect("HTTP body");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(
+            std::fs::File::open({
+                let f = dir.join("scrape.txt");
+                std::fs::write(&f, body).unwrap();
+                f
+            })
+            .unwrap(),
+        )
+        .output()
+        .expect("promtool (Debian package prometheus; run scripts/deps test)");
+    assert!(
+        out.status.success(),
+        "promtool rejects the scrape: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// systemd's side of `Type=notify`, played by a datagram socket.
