@@ -270,6 +270,12 @@ impl JournalSource {
                 .map_or(self.spec.start.clone(), JournalStart::AfterCursor);
             let mut child = match spawn_journalctl(journalctl(&self.spec.target, &start, follow)) {
                 Ok(c) => c,
+                // No journalctl will appear by waiting: the source is dead.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(format!(
+                        "cannot run journalctl ({e}): install systemd's journalctl, or turn the journal off (source.journal = false)"
+                    ));
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot run journalctl; retrying");
                     let _ = ctl.wake_rx.recv_timeout(backoff);

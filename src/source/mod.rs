@@ -262,3 +262,51 @@ fn watch_dir(path: &Path, wake: mpsc::Sender<()>) -> Option<notify::RecommendedW
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::FrameParser;
+    use crate::pattern::PatternSet;
+    use crate::scan::Visit;
+
+    fn scanner() -> Scanner {
+        let p = PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).unwrap();
+        Scanner::new(
+            FrameParser::new(&["dovecot"]),
+            Arc::new(p),
+            &["imap".into(), "pop3".into()],
+            16384,
+            Visit::Logins,
+        )
+    }
+
+    /// Files and the journal count logins per pattern the same way (the journal's were
+    /// once missing), and untimed lines are refused unless configured.
+    #[test]
+    fn the_daemon_sink_counts_files_and_journal_alike() {
+        let stats = Arc::new(SourceStats::default());
+        let mut sink = DaemonSink::new("t", Arc::clone(&stats), false);
+        let mut s = scanner();
+        let file = b"2026-11-21T09:56:55+00:00 vm dovecot: imap-login: Login: user=<a>, rip=203.0.113.5, lip=192.0.2.1\n\
+                     imap-login: Login: user=<b>, rip=203.0.113.6, lip=192.0.2.1\n";
+        s.scan(file, 0, &mut sink);
+        let entry = br#"{"__CURSOR":"c","__REALTIME_TIMESTAMP":"1795256894146773","_SYSTEMD_UNIT":"dovecot.service","MESSAGE":"imap-login: Login: user=<c>, rip=203.0.113.7, lip=192.0.2.1"}"#;
+        let provenance = journal::Provenance {
+            units: vec!["dovecot.service".into()],
+            ..Default::default()
+        };
+        journal::scan_entries(&mut s, &provenance, entry, 0, &mut sink, &mut None);
+        let ips: Vec<String> = sink.take().iter().map(|l| l.ip.to_string()).collect();
+        assert_eq!(ips, ["203.0.113.5", "203.0.113.7"]);
+        assert_eq!(
+            stats.per_pattern.lock().unwrap().values().sum::<u64>(),
+            2,
+            "{stats:?}"
+        );
+        assert_eq!(stats.untimed.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let mut granting = DaemonSink::new("t", Arc::clone(&stats), true);
+        s.scan(file, 0, &mut granting);
+        assert_eq!(granting.take().len(), 2);
+    }
+}
