@@ -164,6 +164,59 @@ fn metrics_and_status() {
     assert_eq!(daemon.stop(), Some(0));
 }
 
+/// When accept fails (EMFILE: out of file descriptors) the metrics listener backs off and
+/// says so, instead of spinning on the error, and says when it accepts again.
+#[test]
+fn metrics_accept_backs_off_when_out_of_descriptors() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    std::fs::write(&log, "").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let conf = d.path().join("dovegate.toml");
+    std::fs::write(&conf, format!("[serve]\nmetrics = {addr:?}\n")).unwrap();
+    let mut daemon = Daemon::follow(d.path(), &log, &["--config", &conf.display().to_string()]);
+    wait_for("metrics", PATIENCE, || {
+        http_get(&addr, "/metrics").contains("dovegate_grants_active")
+    });
+    // Leave the daemon two descriptors to spare, then hold more connections than that.
+    let pid = daemon.child.id();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = format!("--nofile={}:", open + 2);
+    let st = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &limit])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let held: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    wait_for("the accept error reported", PATIENCE, || {
+        daemon
+            .log()
+            .contains("cannot accept connections; backing off")
+    });
+    drop(held);
+    let st = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--nofile=1024:"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_for("accepting again", PATIENCE, || {
+        http_get(&addr, "/metrics");
+        daemon
+            .log()
+            .contains("metrics: accepting connections again")
+    });
+    assert!(http_get(&addr, "/metrics").contains("dovegate_grants_active"));
+    assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
+}
+
 /// The whole scrape must parse with Prometheus's own parser (`promtool check metrics`,
 /// Debian package `prometheus`, installed by `scripts/deps test`): one bad line and
 /// Prometheus rejects every sample of the scrape.
