@@ -86,6 +86,15 @@ fn sighup_reloads_and_refuses_a_bad_config() {
     assert_eq!(daemon.summary("logins"), Some(5), "{}", daemon.log());
 }
 
+/// A loopback address with a port nobody listens on right now.
+fn free_local_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
@@ -101,11 +110,7 @@ fn http_get(addr: &str, path: &str) -> String {
 fn metrics_and_status() {
     let d = tempdir();
     let log = d.path().join("mail.log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_local_addr();
     let conf = d.path().join("dovegate.toml");
     std::fs::write(
         &conf,
@@ -171,11 +176,7 @@ fn metrics_accept_backs_off_when_out_of_descriptors() {
     let d = tempdir();
     let log = d.path().join("mail.log");
     std::fs::write(&log, "").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_local_addr();
     let conf = d.path().join("dovegate.toml");
     std::fs::write(&conf, format!("[serve]\nmetrics = {addr:?}\n")).unwrap();
     let mut daemon = Daemon::follow(d.path(), &log, &["--config", &conf.display().to_string()]);

@@ -333,5 +333,19 @@ impl Scanner {
     }
 }
 
+/// The default library for imap and pop3 with the `dovecot` tag: what unit tests scan with.
+#[cfg(test)]
+pub(crate) fn test_scanner(visit: Visit, max_line: usize) -> Scanner {
+    let services = ["imap".to_string(), "pop3".to_string()];
+    let p = PatternSet::load(None, &services, &[]).expect("embedded patterns");
+    Scanner::new(
+        FrameParser::new(&["dovecot"]),
+        Arc::new(p),
+        &services,
+        max_line,
+        visit,
+    )
+}
+
 #[cfg(test)]
 mod tests;

@@ -39,14 +39,7 @@ impl Sink for Record {
 }
 
 fn scanner(visit: Visit) -> Scanner {
-    let p = PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).unwrap();
-    Scanner::new(
-        FrameParser::new(&["dovecot"]),
-        Arc::new(p),
-        &["imap".into(), "pop3".into()],
-        200,
-        visit,
-    )
+    test_scanner(visit, 200)
 }
 
 const OK: &str = "2026-11-21T09:56:55+00:00 vm dovecot: imap-login: Login: user=<a>, rip=203.0.113.5, lip=192.0.2.1";

@@ -354,19 +354,10 @@ impl JournalSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::FrameParser;
-    use crate::pattern::PatternSet;
     use crate::scan::{Line, Login, Visit};
 
     fn scanner() -> Scanner {
-        let p = PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).unwrap();
-        Scanner::new(
-            FrameParser::new(&["dovecot"]),
-            std::sync::Arc::new(p),
-            &["imap".into(), "pop3".into()],
-            16384,
-            Visit::Logins,
-        )
+        crate::scan::test_scanner(Visit::Logins, 16384)
     }
 
     fn dovecot_only() -> Provenance {

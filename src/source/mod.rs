@@ -266,19 +266,10 @@ fn watch_dir(path: &Path, wake: mpsc::Sender<()>) -> Option<notify::RecommendedW
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::FrameParser;
-    use crate::pattern::PatternSet;
     use crate::scan::Visit;
 
     fn scanner() -> Scanner {
-        let p = PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).unwrap();
-        Scanner::new(
-            FrameParser::new(&["dovecot"]),
-            Arc::new(p),
-            &["imap".into(), "pop3".into()],
-            16384,
-            Visit::Logins,
-        )
+        crate::scan::test_scanner(Visit::Logins, 16384)
     }
 
     /// Files and the journal count logins per pattern the same way (the journal's were
