@@ -53,7 +53,8 @@ pub struct DaemonSink {
     stats: Arc<SourceStats>,
     untimed_grant: bool,
     logins: Vec<SeenLogin>,
-    warn_bad: Throttle,
+    warn_invalid: Throttle,
+    warn_ambiguous: Throttle,
     warn_long: Throttle,
     warn_untimed: Throttle,
     warn_forged: Throttle,
@@ -68,7 +69,8 @@ impl DaemonSink {
             stats,
             untimed_grant,
             logins: Vec::new(),
-            warn_bad: Throttle::new(every),
+            warn_invalid: Throttle::new(every),
+            warn_ambiguous: Throttle::new(every),
             warn_long: Throttle::new(every),
             warn_untimed: Throttle::new(every),
             warn_forged: Throttle::new(every),
@@ -112,17 +114,14 @@ impl Sink for DaemonSink {
     }
 
     fn bad_address(&mut self, _line: Line<'_>, login: &Login<'_>) {
-        let ambiguous = login.ip == IpVerdict::Ambiguous;
-        let counter = if ambiguous {
-            &self.stats.ambiguous_ip
-        } else {
-            &self.stats.invalid_ip
-        };
-        SourceStats::add(counter, 1);
-        if let Some(n) = self.warn_bad.hit() {
-            if ambiguous {
+        if login.ip == IpVerdict::Ambiguous {
+            SourceStats::add(&self.stats.ambiguous_ip, 1);
+            if let Some(n) = self.warn_ambiguous.hit() {
                 tracing::warn!(source = %self.origin, count = n, "login line with conflicting rip= elements (forged user name?); not granted");
-            } else {
+            }
+        } else {
+            SourceStats::add(&self.stats.invalid_ip, 1);
+            if let Some(n) = self.warn_invalid.hit() {
                 tracing::warn!(source = %self.origin, count = n, ip = ?login.ip, "login line with an invalid client address; not granted");
             }
         }
