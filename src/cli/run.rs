@@ -335,9 +335,14 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             }
             Ok(Exit::Shutdown) => break Ok(()),
             Ok(Exit::SourcesGone) => {
-                break Err(Failure::runtime(
-                    "every source stopped; dovegate exits so that systemd restarts it",
-                ))
+                // A dying source closes its channel just before it says why: wait for that.
+                let why = runtime.block_on(async {
+                    let wait = std::time::Duration::from_secs(2);
+                    tokio::time::timeout(wait, died.recv()).await.ok().flatten()
+                });
+                break Err(Failure::runtime(why.unwrap_or_else(|| {
+                    "every source stopped; dovegate exits so that systemd restarts it".into()
+                })));
             }
             Err(e) => break Err(Failure::runtime(e.0)),
         }
