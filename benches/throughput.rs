@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use dovegate::frame::FrameParser;
 use dovegate::pattern::PatternSet;
-use dovegate::scan::LineMatcher;
+use dovegate::scan::{Scanned, Scanner, Visit};
 use dovegate::source::lines::{Chunk, ChunkReader};
-use dovegate::source::{scan_chunk, SourceStats};
+use dovegate::source::DaemonSink;
+use dovegate::telemetry::SourceStats;
 
 const LOGIN_REGEX: &str = "(imap|pop3)-login: (Info: )?(Login|Logged in): .*rip=";
 
@@ -99,8 +100,15 @@ fn generate(path: &Path, mb: u64) -> (u64, u64) {
 fn dovegate_pass(path: &Path) -> (f64, u64) {
     let patterns =
         Arc::new(PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).expect("patterns"));
-    let mut matcher = LineMatcher::new(FrameParser::new(&["dovecot"]), patterns);
-    let stats = SourceStats::default();
+    let services = ["imap".to_string(), "pop3".to_string()];
+    let mut scanner = Scanner::new(
+        FrameParser::new(&["dovecot"]),
+        patterns,
+        &services,
+        16384,
+        Visit::Logins,
+    );
+    let mut sink = DaemonSink::new("bench", Arc::new(SourceStats::default()), false);
     let now = dovegate::timefmt::now();
     let mut file = File::open(path).expect("open");
     let mut reader = ChunkReader::new(16384, 0);
@@ -111,7 +119,8 @@ fn dovegate_pass(path: &Path) -> (f64, u64) {
             Chunk::Eof => break,
             Chunk::Partial => {}
             Chunk::Lines(chunk, _) => {
-                found += scan_chunk(&mut matcher, chunk, 16384, now, &stats, path).len() as u64
+                let _: Scanned = scanner.scan(chunk, now, &mut sink);
+                found += sink.take().len() as u64
             }
         }
     }

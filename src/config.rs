@@ -37,6 +37,7 @@ pub struct SourceSection {
     pub journal_comms: Vec<String>,
     pub journal_exes: Vec<String>,
     pub journal_uids: Vec<u32>,
+    pub untimed_lines_grant: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -88,6 +89,8 @@ pub struct Settings {
     pub max_line_bytes: usize,
     pub poll_interval: Duration,
     pub journal: bool,
+    /// Log lines without a timestamp may grant (a source that has none); else refused.
+    pub untimed_lines_grant: bool,
     pub provenance: crate::source::journal::Provenance,
     pub patterns_dir: Option<PathBuf>,
     pub services: Vec<String>,
@@ -315,6 +318,7 @@ impl FileConfig {
             max_line_bytes,
             poll_interval,
             journal: self.source.journal,
+            untimed_lines_grant: self.source.untimed_lines_grant,
             provenance: crate::source::journal::Provenance {
                 units: self.source.journal_units.clone(),
                 comms: self.source.journal_comms.clone(),

@@ -4,7 +4,7 @@
 //! `source` (bytes from log files) -> `scan` (literal prefilter, line boundaries) ->
 //! `frame` (timestamp and message) -> `pattern` (versioned Dovecot patterns) ->
 //! `grant` (policy: exclusions, canonical IP, expiry) -> `store` (the Postfix LMDB map).
-//! `engine` runs the pipeline as a daemon; `cli` wires commands to it.
+//! `engine` runs the pipeline as a daemon; `cli` wires commands to it; `telemetry` counts.
 
 pub mod cli;
 pub mod config;
@@ -17,4 +17,5 @@ pub mod scan;
 pub mod serve;
 pub mod source;
 pub mod store;
+pub mod telemetry;
 pub mod timefmt;

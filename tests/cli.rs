@@ -215,3 +215,152 @@ fn test_command_uses_a_pattern_directory() {
     assert_eq!(code, Some(2));
     assert!(err.contains("broken.toml"), "{err}");
 }
+
+/// Runs `dovegate ARGS`, reads the first line of its stdout, then closes the pipe (as
+/// `| head -1` does); returns that line, the exit status and stderr.
+fn first_line_then_close(args: &[&str]) -> (String, std::process::ExitStatus, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    drop(out);
+    let o = child.wait_with_output().unwrap();
+    (
+        first,
+        o.status,
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Defect 18: `dovegate list | head -1` and `dovegate test FILE | head` end quietly (exit 0
+/// or SIGPIPE's default), never with a panic (exit 101).
+#[test]
+fn a_closed_stdout_ends_printing_commands_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    // Enough output to overflow a pipe's buffer (64 KiB) many times.
+    let text: String = (0..3000)
+        .map(|i| login_line(&format!("198.18.{}.{}", i / 250, 1 + i % 250), "u"))
+        .collect();
+    std::fs::write(&log, &text).unwrap();
+    let quiet =
+        |st: std::process::ExitStatus| st.code() == Some(0) || st.signal() == Some(libc::SIGPIPE);
+    let logs = log.display().to_string();
+    for args in [
+        vec!["test", "--json", &logs],
+        vec!["test", "--print-missed", &logs, &logs, &logs],
+    ] {
+        let (first, st, err) = first_line_then_close(&args);
+        assert!(!first.is_empty(), "{args:?}");
+        assert!(
+            quiet(st) && !err.contains("panicked"),
+            "{args:?}: {st:?} {err}"
+        );
+    }
+    let mut daemon = Daemon::follow(d.path(), &log, &[]);
+    let map = d.path().join("relay");
+    wait_for("3000 grants", PATIENCE, || postmap_s(&map).len() == 3000);
+    assert_eq!(daemon.stop(), Some(0));
+    let (first, st, err) = first_line_then_close(&["list", "--map", &map.display().to_string()]);
+    assert!(first.starts_with("198.18."), "{first}");
+    assert!(quiet(st) && !err.contains("panicked"), "{st:?} {err}");
+}
+
+/// `grant.exclude_mynetworks` is honoured by `grant` and `test` as by `run`: one place
+/// builds the policy. Postfix's configuration comes from MAIL_CONFIG (a private main.cf).
+#[test]
+fn every_command_excludes_mynetworks() {
+    let d = tempdir();
+    let pf = d.path().join("postfix");
+    std::fs::create_dir_all(&pf).unwrap();
+    std::fs::write(
+        pf.join("main.cf"),
+        "compatibility_level = 3.6\nmynetworks = 127.0.0.0/8 198.51.100.0/24\n",
+    )
+    .unwrap();
+    let conf = d.path().join("dovegate.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[grant]\nexclude_mynetworks = true\n[map]\npath = {:?}\n",
+            d.path().join("relay").display().to_string()
+        ),
+    )
+    .unwrap();
+    let conf = conf.display().to_string();
+    let with_pf = |args: &[&str], stdin: Option<&[u8]>| {
+        use std::io::Write;
+        let mut c = std::process::Command::new(bin())
+            .args(args)
+            .env("MAIL_CONFIG", &pf)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = c.stdin.take().unwrap();
+        input.write_all(stdin.unwrap_or_default()).unwrap();
+        drop(input);
+        c.wait_with_output().unwrap()
+    };
+    assert!(with_pf(&["init", "--config", &conf], None).status.success());
+    let refused = with_pf(&["grant", "--config", &conf, "198.51.100.7"], None);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("198.51.100.0/24"));
+    assert!(with_pf(&["grant", "--config", &conf, "203.0.113.7"], None)
+        .status
+        .success());
+    let out = with_pf(
+        &["test", "--config", &conf, "--json", "-"],
+        Some(b"imap-login: Login: user=<a>, rip=198.51.100.7, mpid=1, session=<s>\n"),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["excluded"], "excluded network 198.51.100.0/24", "{v}");
+}
+
+/// Defect 6: a followed file's lines without a timestamp never grant (re-reading the file
+/// would revive its whole history), unless `source.untimed_lines_grant` says the source
+/// has no timestamps; the refusal is counted.
+#[test]
+fn untimed_lines_grant_only_when_configured() {
+    for allowed in [false, true] {
+        let d = tempdir();
+        let log = d.path().join("dovecot.log");
+        let conf = d.path().join("dovegate.toml");
+        std::fs::write(
+            &conf,
+            format!("[source]\nuntimed_lines_grant = {allowed}\n"),
+        )
+        .unwrap();
+        std::fs::write(&log, "").unwrap();
+        let mut daemon = Daemon::follow(d.path(), &log, &["--config", &conf.display().to_string()]);
+        append(
+            &log,
+            "imap-login: Login: user=<old>, method=PLAIN, rip=203.0.113.70, lip=192.0.2.1, mpid=1, session=<a>\n",
+        );
+        append(&log, &login_line("203.0.113.71", "new"));
+        let map = d.path().join("relay");
+        wait_for("the timed line's grant", PATIENCE, || {
+            postmap_q(&map, "203.0.113.71").is_some()
+        });
+        assert_eq!(
+            postmap_q(&map, "203.0.113.70").is_some(),
+            allowed,
+            "untimed_lines_grant = {allowed}"
+        );
+        assert_eq!(daemon.stop(), Some(0));
+        assert_eq!(
+            daemon.summary("untimed"),
+            Some(u64::from(!allowed)),
+            "{}",
+            daemon.log()
+        );
+    }
+}

@@ -287,3 +287,48 @@ fn unreadable_journal_is_reported() {
     });
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// A source that cannot go on (here: no journalctl to run) ends the daemon with a non-zero
+/// status and says why, so that systemd's `Restart=on-failure` acts; grants already read
+/// are committed first, as on SIGTERM.
+#[test]
+fn a_dead_source_ends_the_daemon_with_failure() {
+    let d = tempdir();
+    let map = d.path().join("relay");
+    let child = Command::new(bin())
+        .args([
+            "run",
+            "--journal-dir",
+            &d.path().display().to_string(),
+            "--map",
+            &map.display().to_string(),
+            "--state-dir",
+            &d.path().join("s").display().to_string(),
+        ])
+        // No journalctl on this PATH.
+        .env("PATH", d.path().join("empty-bin"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon {
+        child,
+        stderr: d.path().join("unused"),
+    };
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = daemon.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "dovegate kept running without its source"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut daemon.child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("died") && err.contains("journalctl"), "{err}");
+}

@@ -86,6 +86,15 @@ fn sighup_reloads_and_refuses_a_bad_config() {
     assert_eq!(daemon.summary("logins"), Some(5), "{}", daemon.log());
 }
 
+/// A loopback address with a port nobody listens on right now.
+fn free_local_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
@@ -101,8 +110,7 @@ fn http_get(addr: &str, path: &str) -> String {
 fn metrics_and_status() {
     let d = tempdir();
     let log = d.path().join("mail.log");
-    let port = 19000 + (std::process::id() % 1000) as u16;
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_local_addr();
     let conf = d.path().join("dovegate.toml");
     std::fs::write(
         &conf,
@@ -140,6 +148,7 @@ fn metrics_and_status() {
         assert!(m.contains(&want), "missing {want}:\n{m}");
     }
     assert!(http_get(&addr, "/").starts_with("HTTP/1.0 404"));
+    promtool_accepts(d.path(), &m);
 
     let out = dovegate(&["status", "--config", &conf.display().to_string(), "--json"]);
     assert!(
@@ -158,6 +167,83 @@ fn metrics_and_status() {
         "{text}"
     );
     assert_eq!(daemon.stop(), Some(0));
+}
+
+/// When accept fails (EMFILE: out of file descriptors) the metrics listener backs off and
+/// says so, instead of spinning on the error, and says when it accepts again.
+#[test]
+fn metrics_accept_backs_off_when_out_of_descriptors() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    std::fs::write(&log, "").unwrap();
+    let addr = free_local_addr();
+    let conf = d.path().join("dovegate.toml");
+    std::fs::write(&conf, format!("[serve]\nmetrics = {addr:?}\n")).unwrap();
+    let mut daemon = Daemon::follow(d.path(), &log, &["--config", &conf.display().to_string()]);
+    wait_for("metrics", PATIENCE, || {
+        http_get(&addr, "/metrics").contains("dovegate_grants_active")
+    });
+    // Leave the daemon two descriptors to spare, then hold more connections than that.
+    let pid = daemon.child.id();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = format!("--nofile={}:", open + 2);
+    let st = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &limit])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let held: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    wait_for("the accept error reported", PATIENCE, || {
+        daemon
+            .log()
+            .contains("cannot accept connections; backing off")
+    });
+    drop(held);
+    let st = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--nofile=1024:"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_for("accepting again", PATIENCE, || {
+        http_get(&addr, "/metrics");
+        daemon
+            .log()
+            .contains("metrics: accepting connections again")
+    });
+    assert!(http_get(&addr, "/metrics").contains("dovegate_grants_active"));
+    assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
+}
+
+/// The whole scrape must parse with Prometheus's own parser (`promtool check metrics`,
+/// Debian package `prometheus`, installed by `scripts/deps test`): one bad line and
+/// Prometheus rejects every sample of the scrape.
+fn promtool_accepts(dir: &Path, response: &str) {
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .expect("HTTP body");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(
+            std::fs::File::open({
+                let f = dir.join("scrape.txt");
+                std::fs::write(&f, body).unwrap();
+                f
+            })
+            .unwrap(),
+        )
+        .output()
+        .expect("promtool (Debian package prometheus; run scripts/deps test)");
+    assert!(
+        out.status.success(),
+        "promtool rejects the scrape: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// systemd's side of `Type=notify`, played by a datagram socket.

@@ -85,7 +85,7 @@ pub fn grant(cfg: &ConfigArgs, ttl: Option<&str>, ip: &str) -> Result<(), Failur
         Some(t) => parse_duration("--ttl", t).map_err(|e| Failure::config(e.0))?,
         None => settings.ttl,
     };
-    let policy = Policy::new(settings.exclude.clone(), ttl);
+    let policy: Policy = super::build::policy(&settings, ttl)?;
     if let Some(why) = policy.exclusion(ip) {
         return Err(Failure::config(format!("refusing to grant {ip}: {why}")));
     }

@@ -1,6 +1,7 @@
 //! `cli`: the command line. Parses arguments, loads settings, and wires the stages.
 
 mod admin;
+mod build;
 mod docs;
 pub mod run;
 mod status;
@@ -167,6 +168,9 @@ fn init_logging() {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        die_quietly_on_closed_stdout();
+    }
     init_logging();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
@@ -198,6 +202,16 @@ pub fn main() -> ExitCode {
             }
             ExitCode::from(f.code)
         }
+    }
+}
+
+/// A printing command whose reader went away (`dovegate list | head -1`) ends quietly, as
+/// `cat` does: SIGPIPE's default action instead of Rust's panic on EPIPE. The daemon keeps
+/// ignoring SIGPIPE (a socketmap client hanging up must not kill it).
+fn die_quietly_on_closed_stdout() {
+    // SAFETY: restores a signal's default action before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -2,26 +2,23 @@
 //! SIGHUP reloads the configuration (a bad one is refused and the running one stays).
 
 use std::path::PathBuf;
-use std::process::Command as Process;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
 
 use super::{load_patterns, load_settings, ConfigArgs, Failure};
-use crate::config::{parse_net, Settings};
+use crate::config::Settings;
 use crate::engine::{self, Engine, Exit};
-use crate::frame::FrameParser;
 use crate::grant::Policy;
 use crate::pattern::PatternSet;
-use crate::scan::LineMatcher;
+use crate::scan::{Scanner, Visit};
 use crate::serve::metrics::MetricsSource;
 use crate::source::checkpoint::CheckpointDir;
-use crate::source::journal::{
-    spawn_journal_source, EntryJudge, JournalSourceSpec, JournalStart, JournalTarget,
-};
-use crate::source::{spawn_file_source, Batch, FileSourceSpec, StatsRegistry};
+use crate::source::handle::{Deaths, SourceHandle};
+use crate::source::journal::{JournalSource, JournalSourceSpec, JournalStart, JournalTarget};
+use crate::source::{Batch, DaemonSink, FileSource, FileSourceSpec};
 use crate::store::{LmdbMap, OpenMode};
+use crate::telemetry::StatsRegistry;
 use crate::timefmt;
 
 #[derive(Debug, clap::Args)]
@@ -78,46 +75,6 @@ impl JournalArgs {
     }
 }
 
-/// Postfix's mynetworks as networks; entries that are not literal networks (tables,
-/// files) are reported and skipped.
-fn mynetworks() -> Result<Vec<IpNet>, Failure> {
-    let out = Process::new("postconf")
-        .args(["-h", "mynetworks"])
-        .output()
-        .map_err(|e| {
-            Failure::config(format!(
-                "grant.exclude_mynetworks: cannot run `postconf -h mynetworks`: {e}"
-            ))
-        })?;
-    if !out.status.success() {
-        return Err(Failure::config(format!(
-            "grant.exclude_mynetworks: `postconf -h mynetworks` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(parse_mynetworks(&String::from_utf8_lossy(&out.stdout)))
-}
-
-/// The literal networks in a `mynetworks` value; tables and files are reported and skipped.
-fn parse_mynetworks(text: &str) -> Vec<IpNet> {
-    let mut nets = Vec::new();
-    for item in text
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|s| !s.is_empty())
-    {
-        // Postfix writes IPv6 networks as [2001:db8::]/32.
-        let plain = item.replacen('[', "", 1).replacen(']', "", 1);
-        match parse_net(&plain) {
-            Ok(n) => nets.push(n),
-            Err(_) => tracing::warn!(
-                entry = item,
-                "mynetworks entry is not a literal network; not excluded"
-            ),
-        }
-    }
-    nets
-}
-
 /// Everything a (re)loaded configuration decides.
 struct Effective {
     settings: Settings,
@@ -143,10 +100,7 @@ impl Effective {
             }
         })?;
         let patterns = Arc::new(load_patterns(&settings, args.patterns.as_deref())?);
-        let mut exclude = settings.exclude.clone();
-        if settings.exclude_mynetworks {
-            exclude.extend(mynetworks()?);
-        }
+        let exclude = super::build::exclusions(&settings)?;
         let journal = args.journal.target(settings.journal);
         if settings.logs.is_empty() && journal.is_none() {
             return Err(Failure::config(
@@ -165,20 +119,16 @@ impl Effective {
         Policy::new(self.exclude.clone(), self.settings.ttl)
     }
 
-    fn matcher(&self) -> LineMatcher {
-        LineMatcher::new(
-            FrameParser::new(&self.settings.syslog_idents),
-            Arc::clone(&self.patterns),
-        )
+    fn scanner(&self) -> Scanner {
+        super::build::scanner(&self.settings, &self.patterns, Visit::Logins)
     }
 }
 
-/// One generation of sources: their threads, journalctl children and channel. A reload
-/// stops them (after the engine committed what they sent) and starts new ones from the
-/// saved checkpoints; lines read in between are read again, never lost.
+/// One generation of sources: their handles and channel. A reload stops them (after the
+/// engine committed what they sent) and starts new ones from the saved checkpoints; lines
+/// read in between are read again, never lost.
 struct Sources {
-    stop: Arc<AtomicBool>,
-    children: Arc<Mutex<Vec<u32>>>,
+    handles: Vec<SourceHandle>,
     rx: tokio::sync::mpsc::Receiver<Batch>,
 }
 
@@ -187,12 +137,15 @@ impl Sources {
         cfg: &Effective,
         checkpoints: &CheckpointDir,
         stats: &StatsRegistry,
+        deaths: &Deaths,
     ) -> Result<Sources, Failure> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let stop = Arc::new(AtomicBool::new(false));
-        let children = Arc::new(Mutex::new(Vec::new()));
+        let mut handles = Vec::new();
         let settings = &cfg.settings;
         let cutoff = timefmt::now() - i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 2);
+        let sink = |name: &str| {
+            DaemonSink::new(name, stats.for_source(name), settings.untimed_lines_grant)
+        };
         for (index, path) in settings.logs.iter().enumerate() {
             let spec = FileSourceSpec {
                 index,
@@ -202,14 +155,16 @@ impl Sources {
                 poll_interval: settings.poll_interval,
                 cutoff,
             };
-            spawn_file_source(
+            let source = FileSource {
                 spec,
-                cfg.matcher(),
-                tx.clone(),
-                Arc::clone(&stop),
-                stats.for_source(&path.display().to_string()),
-            )
-            .map_err(|e| Failure::runtime(format!("cannot start source thread: {e}")))?;
+                scanner: cfg.scanner(),
+                sink: sink(&path.display().to_string()),
+                tx: tx.clone(),
+            };
+            let handle = source
+                .spawn(deaths.clone())
+                .map_err(|e| Failure::runtime(format!("cannot start source thread: {e}")))?;
+            handles.push(handle);
         }
         if let Some(target) = &cfg.journal {
             let start = match checkpoints.load_cursor(&target.key()) {
@@ -217,39 +172,37 @@ impl Sources {
                 None => JournalStart::Since(cutoff),
             };
             tracing::info!(journal = %target.key(), start = ?start, units = ?settings.provenance.units, "following the journal");
-            let spec = JournalSourceSpec {
-                index: settings.logs.len(),
-                target: target.clone(),
-                start,
-                max_line: settings.max_line_bytes.max(64 * 1024),
-            };
-            let judge = EntryJudge {
-                matcher: cfg.matcher(),
+            let source = JournalSource {
+                spec: JournalSourceSpec {
+                    index: settings.logs.len(),
+                    target: target.clone(),
+                    start,
+                    max_line: settings.max_line_bytes.max(64 * 1024),
+                },
+                scanner: cfg.scanner(),
                 provenance: settings.provenance.clone(),
+                sink: sink(&target.key()),
+                tx: tx.clone(),
             };
-            spawn_journal_source(
-                spec,
-                judge,
-                tx.clone(),
-                Arc::clone(&stop),
-                stats.for_source(&target.key()),
-                Arc::clone(&children),
-            )
-            .map_err(|e| Failure::runtime(format!("cannot start journal thread: {e}")))?;
+            let handle = source
+                .spawn(deaths.clone())
+                .map_err(|e| Failure::runtime(format!("cannot start journal thread: {e}")))?;
+            handles.push(handle);
         }
-        Ok(Sources { stop, children, rx })
+        Ok(Sources { handles, rx })
     }
 
-    /// Stops the threads (they exit at their next wake-up or send) and journalctl.
+    /// Stops every source thread (killing journalctl) and joins them. The receiver goes
+    /// first, so that a thread blocked on a full channel returns.
     fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Ok(pids) = self.children.lock() {
-            for &pid in pids.iter() {
-                // SAFETY: signalling our own journalctl child.
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGTERM);
-                }
-            }
+        drop(self.rx);
+        for h in &self.handles {
+            h.request_stop();
+        }
+        for h in self.handles {
+            let name = h.name().to_string();
+            h.stop();
+            tracing::debug!(source = %name, "source stopped");
         }
     }
 }
@@ -311,7 +264,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                 Failure::runtime(format!("serve.metrics: cannot listen on {addr}: {e}"))
             })?;
     }
-    let mut sources = Sources::start(&cfg, &checkpoints, &stats)?;
+    let (deaths, mut died) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut death: Option<String> = None;
+    let mut sources = Sources::start(&cfg, &checkpoints, &stats, &deaths)?;
     tracing::info!(
         map = %settings.map_path.display(),
         grants = engine.active(),
@@ -333,11 +288,22 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         }
     };
     let result = loop {
+        // A source that dies stops the daemon like SIGTERM (committing what was read),
+        // but the exit status says so.
+        let control = async {
+            tokio::select! {
+                exit = signals.next() => exit,
+                why = died.recv() => {
+                    death = why;
+                    Exit::Shutdown
+                }
+            }
+        };
         let exit = runtime.block_on(engine::run(
             &mut engine,
             &mut sources.rx,
             cfg.settings.commit_interval,
-            signals.next(),
+            control,
             &mut heartbeat,
         ));
         match exit {
@@ -357,7 +323,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                         sources.stop();
                         engine.set_policy(new.policy());
                         cfg = new;
-                        sources = Sources::start(&cfg, &checkpoints, &stats)?;
+                        sources = Sources::start(&cfg, &checkpoints, &stats, &deaths)?;
                         tracing::info!(logs = ?cfg.settings.logs, ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
                     }
                     Err(f) => tracing::error!(
@@ -367,14 +333,27 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                 }
                 crate::notify::ready(&status_line(&engine, &stats));
             }
-            Ok(Exit::Shutdown) | Ok(Exit::SourcesGone) => break Ok(()),
+            Ok(Exit::Shutdown) => break Ok(()),
+            Ok(Exit::SourcesGone) => {
+                // A dying source closes its channel just before it says why: wait for that.
+                let why = runtime.block_on(async {
+                    let wait = std::time::Duration::from_secs(2);
+                    tokio::time::timeout(wait, died.recv()).await.ok().flatten()
+                });
+                break Err(Failure::runtime(why.unwrap_or_else(|| {
+                    "every source stopped; dovegate exits so that systemd restarts it".into()
+                })));
+            }
             Err(e) => break Err(Failure::runtime(e.0)),
         }
     };
     crate::notify::stopping();
     sources.stop();
     log_summary(&cfg.settings, &engine, &stats);
-    result
+    match death {
+        Some(why) => Err(Failure::runtime(why)),
+        None => result,
+    }
 }
 
 fn log_summary(settings: &Settings, engine: &Engine<LmdbMap>, stats: &StatsRegistry) {
@@ -388,6 +367,8 @@ fn log_summary(settings: &Settings, engine: &Engine<LmdbMap>, stats: &StatsRegis
         invalid_ip = t.invalid_ip,
         ambiguous_ip = t.ambiguous_ip,
         forged = t.forged,
+        untimed = t.untimed,
+        too_long = t.too_long,
         granted = c.granted,
         excluded = c.excluded,
         commits = c.commits,
@@ -425,26 +406,5 @@ impl Signals {
             _ => tracing::info!("shutting down: committing pending grants"),
         }
         exit
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn mynetworks_forms() {
-        let nets = super::parse_mynetworks(
-            "127.0.0.0/8 [::ffff:127.0.0.0]/104 [::1]/128, 192.0.2.0/24\n hash:/etc/postfix/network_table 10.1.2.3",
-        );
-        let text: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
-        assert_eq!(
-            text,
-            vec![
-                "127.0.0.0/8",
-                "::ffff:127.0.0.0/104",
-                "::1/128",
-                "192.0.2.0/24",
-                "10.1.2.3/32"
-            ]
-        );
     }
 }

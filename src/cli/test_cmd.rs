@@ -11,12 +11,12 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::{load_patterns, load_settings, ConfigArgs, Failure};
-use crate::frame::{FrameParser, Framing};
+use crate::frame::Framing;
 use crate::grant::{key_text, Decision, Policy};
 use crate::pattern::{IpVerdict, PatternSet};
-use crate::scan::LineMatcher;
+use crate::scan::{Line, Login, NearMiss, Scanner, Sink, Visit};
 use crate::source::journal::{
-    journalctl, spawn_journalctl, EntryJudge, EntryVerdict, JournalStart, JournalTarget,
+    journalctl, scan_entries, spawn_journalctl, JournalStart, JournalTarget,
 };
 use crate::source::lines::{Chunk, ChunkReader};
 use crate::timefmt;
@@ -70,6 +70,12 @@ struct LineReport<'a> {
     /// Journal entries: true when the provenance check refused the sender.
     #[serde(skip_serializing_if = "Option::is_none")]
     forged: Option<bool>,
+    /// Why a login-looking line grants nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    near_miss: Option<NearMiss>,
+    /// Longer than source.max_line_bytes: skipped unread.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    too_long: bool,
 }
 
 fn skip_ip(v: &Option<Option<String>>) -> bool {
@@ -81,13 +87,14 @@ struct Totals {
     lines: u64,
     bytes: u64,
     matched: u64,
-    per_pattern: BTreeMap<usize, u64>,
+    per_pattern: BTreeMap<String, u64>,
     per_framing: BTreeMap<Framing, u64>,
     excluded: BTreeMap<String, u64>,
     expired: u64,
     invalid_ip: u64,
     ambiguous_ip: u64,
-    near_misses: u64,
+    near_misses: BTreeMap<NearMiss, u64>,
+    too_long: u64,
     grants: BTreeMap<String, u64>,
     /// Journal entries refused by the provenance check, by reason.
     forged: BTreeMap<String, u64>,
@@ -157,132 +164,177 @@ impl Progress {
     }
 }
 
-fn looks_like_login(line: &[u8]) -> bool {
-    let m = |n: &[u8]| memchr::memmem::find(line, n).is_some();
-    m(b"Login: ") || m(b"Logged in: ") || m(b"started proxying") || m(b"Started proxying")
-}
-
-struct Tester<'a> {
-    matcher: LineMatcher,
-    /// Line number within the current file (1-based in reports).
-    file_line: u64,
-    /// Lines that mention a login service: matched, or counted as near misses.
-    login_finder: memchr::memmem::Finder<'static>,
+/// `dovegate test`'s sink: counts everything for the summary and, per line, writes the
+/// JSON object or the `--print-*` line.
+struct Report<'a> {
+    args: &'a TestArgs,
     policy: &'a Policy,
     now: i64,
     totals: Totals,
     out: BufWriter<io::StdoutLock<'static>>,
-    args: &'a TestArgs,
+    /// The file being read, and the number of its lines before the current chunk.
+    file: String,
+    base: u64,
+    journal: bool,
+    /// The first write error (a closed stdout ends the command).
+    error: Option<io::Error>,
 }
 
-impl Tester<'_> {
-    /// Every line, for --json and --print-*: one report per line.
-    fn each_line(&mut self, file: &str, chunk: &[u8]) -> io::Result<()> {
-        for line in chunk.split_inclusive(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\n").unwrap_or(line);
-            self.totals.lines += 1;
-            self.file_line += 1;
-            let n = self.file_line;
-            let has_literal = self.login_finder.find(line).is_some();
-            let found = if has_literal { self.one(line) } else { None };
-            match found {
-                Some(r) => {
-                    if self.args.json {
-                        let mut r = r;
-                        r.file = file;
-                        r.line = n;
-                        serde_json::to_writer(&mut self.out, &r)?;
-                        self.out.write_all(b"\n")?;
-                    }
-                }
-                None => {
-                    let near = has_literal && looks_like_login(line);
-                    if near {
-                        self.totals.near_misses += 1;
-                    }
-                    if self.args.json {
-                        writeln!(
-                            self.out,
-                            "{{\"file\":{},\"line\":{n},\"matched\":false}}",
-                            serde_json::to_string(file)?
-                        )?;
-                    } else if self.args.print_missed || (near && self.args.print_near_misses) {
-                        let tag = if near { "near-miss" } else { "missed" };
-                        writeln!(
-                            self.out,
-                            "{tag} {file}:{n}: {}",
-                            String::from_utf8_lossy(line).escape_debug()
-                        )?;
-                    }
-                }
-            }
-        }
-        Ok(())
+impl Report<'_> {
+    fn number(&self, line: Line<'_>) -> u64 {
+        self.base + line.index + 1
     }
 
-    /// Candidate lines only (fast path for the summary). Every line that mentions
-    /// `-login: ` is looked at, so that near misses are counted too.
-    fn candidates(&mut self, chunk: &[u8]) {
-        self.totals.lines += memchr::memchr_iter(b'\n', chunk).count() as u64;
-        let mut pos = 0;
-        while let Some(i) = self.login_finder.find(&chunk[pos..]) {
-            let hit = pos + i;
-            let start = memchr::memrchr(b'\n', &chunk[pos..hit]).map_or(pos, |j| pos + j + 1);
-            let end = memchr::memchr(b'\n', &chunk[hit..]).map_or(chunk.len(), |j| hit + j);
-            let line = &chunk[start..end];
-            if self.one(line).is_none() && looks_like_login(line) {
-                self.totals.near_misses += 1;
-            }
-            pos = end + 1;
-            if pos >= chunk.len() {
-                break;
-            }
+    fn write(&mut self, r: &LineReport<'_>) {
+        if self.error.is_some() || !self.args.json {
+            return;
+        }
+        let res = serde_json::to_writer(&mut self.out, r)
+            .map_err(io::Error::from)
+            .and_then(|()| self.out.write_all(b"\n"));
+        if let Err(e) = res {
+            self.error = Some(e);
         }
     }
 
-    fn one(&mut self, line: &[u8]) -> Option<LineReport<'static>> {
-        let (frame, login) = self.matcher.match_line(line, self.now)?;
-        let (ip, excluded) = self.totals.record_login(
-            login.pattern,
-            frame.framing,
-            &login.ip,
-            frame.time,
-            self.policy,
-            self.now,
+    fn print(&mut self, tag: &str, line: Line<'_>) {
+        if self.error.is_some() {
+            return;
+        }
+        let n = self.number(line);
+        let res = writeln!(
+            self.out,
+            "{tag} {}:{n}: {}",
+            self.file,
+            String::from_utf8_lossy(line.text).escape_debug()
         );
-        let def = &self.matcher.patterns().defs()[login.pattern];
-        Some(login_report(
-            def,
-            String::from_utf8_lossy(login.service).into_owned(),
-            login.user.map(|u| String::from_utf8_lossy(u).into_owned()),
-            ip,
-            excluded,
-            frame.time,
-        ))
+        if let Err(e) = res {
+            self.error = Some(e);
+        }
+    }
+
+    fn blank(&self, line: Line<'_>) -> LineReport<'static> {
+        LineReport {
+            file: "",
+            line: self.number(line),
+            matched: false,
+            pattern: None,
+            dovecot: None,
+            protocol: None,
+            user: None,
+            ip: None,
+            time: None,
+            excluded: None,
+            forged: None,
+            near_miss: None,
+            too_long: false,
+        }
+    }
+
+    fn matched(&mut self, line: Line<'_>, login: &Login<'_>) {
+        let (ip, excluded) = self.totals.record_login(login, self.policy, self.now);
+        let file = std::mem::take(&mut self.file);
+        let r = LineReport {
+            file: &file,
+            line: self.number(line),
+            forged: self.journal.then_some(false),
+            ..login_report(login, ip, excluded)
+        };
+        self.write(&r);
+        self.file = file;
+    }
+
+    fn unmatched(&mut self, line: Line<'_>, r: LineReport<'_>, tag: Option<&str>) {
+        if self.args.json {
+            let file = std::mem::take(&mut self.file);
+            self.write(&LineReport { file: &file, ..r });
+            self.file = file;
+        } else if let Some(tag) = tag {
+            self.print(tag, line);
+        }
+    }
+}
+
+impl Sink for Report<'_> {
+    fn login(&mut self, line: Line<'_>, login: &Login<'_>) {
+        self.matched(line, login);
+    }
+
+    /// Reported like any login: the summary counts framings, `message-only` included.
+    fn untimed(&mut self, line: Line<'_>, login: &Login<'_>) {
+        self.matched(line, login);
+    }
+
+    fn bad_address(&mut self, line: Line<'_>, login: &Login<'_>) {
+        self.matched(line, login);
+    }
+
+    fn forged(&mut self, line: Line<'_>, login: &Login<'_>, why: &str) {
+        *self.totals.forged.entry(why.to_string()).or_default() += 1;
+        let r = LineReport {
+            matched: true,
+            ip: Some(ip_text(&login.ip)),
+            forged: Some(true),
+            ..self.blank(line)
+        };
+        self.unmatched(line, r, None);
+    }
+
+    fn too_long(&mut self, line: Line<'_>) {
+        self.totals.too_long += 1;
+        let r = LineReport {
+            too_long: true,
+            ..self.blank(line)
+        };
+        let tag = self.args.print_missed.then_some("too-long");
+        self.unmatched(line, r, tag);
+    }
+
+    fn near_miss(&mut self, line: Line<'_>, why: NearMiss) {
+        *self.totals.near_misses.entry(why).or_default() += 1;
+        let r = LineReport {
+            near_miss: Some(why),
+            ..self.blank(line)
+        };
+        let tag = format!("near-miss({})", why.name());
+        let show = self.args.print_missed || self.args.print_near_misses;
+        self.unmatched(line, r, show.then_some(tag.as_str()));
+    }
+
+    fn other(&mut self, line: Line<'_>) {
+        let r = self.blank(line);
+        let tag = self.args.print_missed.then_some("missed");
+        self.unmatched(line, r, tag);
+    }
+}
+
+fn ip_text(ip: &IpVerdict) -> Option<String> {
+    match ip {
+        IpVerdict::Valid(ip) => Some(key_text(*ip)),
+        _ => None,
     }
 }
 
 /// The report of a matched login (file and line are filled in by the caller).
 fn login_report(
-    def: &crate::pattern::PatternDef,
-    protocol: String,
-    user: Option<String>,
+    login: &Login<'_>,
     ip: Option<String>,
     excluded: Option<String>,
-    time: Option<i64>,
 ) -> LineReport<'static> {
     LineReport {
         file: "",
         line: 0,
         matched: true,
-        pattern: Some(def.id.clone()),
-        dovecot: Some(def.dovecot.clone()),
-        protocol: Some(protocol),
-        user,
+        pattern: Some(login.pattern.id.clone()),
+        dovecot: Some(login.pattern.dovecot.clone()),
+        protocol: Some(String::from_utf8_lossy(login.service).into_owned()),
+        user: login.user.map(|u| String::from_utf8_lossy(u).into_owned()),
         ip: Some(ip),
-        time: time.map(timefmt::rfc3339),
+        time: login.time.map(timefmt::rfc3339),
         excluded: Some(excluded),
         forged: None,
+        near_miss: None,
+        too_long: false,
     }
 }
 
@@ -291,17 +343,18 @@ impl Totals {
     /// policy would not grant it).
     fn record_login(
         &mut self,
-        pattern: usize,
-        framing: Framing,
-        ip: &IpVerdict,
-        time: Option<i64>,
+        login: &Login<'_>,
         policy: &Policy,
         now: i64,
     ) -> (Option<String>, Option<String>) {
         self.matched += 1;
-        *self.per_pattern.entry(pattern).or_default() += 1;
-        *self.per_framing.entry(framing).or_default() += 1;
-        match ip {
+        *self
+            .per_pattern
+            .entry(login.pattern.id.clone())
+            .or_default() += 1;
+        *self.per_framing.entry(login.framing).or_default() += 1;
+        let time = login.time;
+        match &login.ip {
             IpVerdict::Valid(ip) => {
                 let excluded = match policy.exclusion(*ip) {
                     Some(why) => {
@@ -332,41 +385,79 @@ impl Totals {
     }
 }
 
+/// What `test` prints per line decides how much the scanner visits.
+fn visit(args: &TestArgs) -> Visit {
+    if args.json || args.print_missed || args.print_near_misses {
+        Visit::EveryLine
+    } else {
+        Visit::NearMisses
+    }
+}
+
 pub fn run(args: TestArgs) -> Result<(), Failure> {
     let (_, settings) = load_settings(&args.cfg, |_| {})?;
     let patterns: Arc<PatternSet> = Arc::new(load_patterns(&settings, args.patterns.as_deref())?);
-    let policy = Policy::new(settings.exclude.clone(), settings.ttl);
+    let policy = super::build::policy(&settings, settings.ttl)?;
+    let scanner = super::build::scanner(&settings, &patterns, visit(&args));
+    let mut report = Report {
+        args: &args,
+        policy: &policy,
+        now: timefmt::now(),
+        totals: Totals::default(),
+        out: BufWriter::new(io::stdout().lock()),
+        file: String::new(),
+        base: 0,
+        journal: false,
+        error: None,
+    };
+    let started = Instant::now();
+    let result = match args.journal.target(false) {
+        Some(target) => run_journal(&args, &settings, scanner, &mut report, target),
+        None => run_files(&args, &settings, scanner, &mut report),
+    };
+    result?;
+    let flushed = report.out.flush();
+    if let Some(e) = report.error.take().or(flushed.err()) {
+        return Err(output_error(e));
+    }
+    if !args.json {
+        print_summary(&report.totals, &patterns, started.elapsed().as_secs_f64())
+            .map_err(output_error)?;
+    }
+    Ok(())
+}
+
+/// A closed stdout (`| head`) ends the command quietly; other write errors are reported.
+fn output_error(e: io::Error) -> Failure {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Failure {
+            code: 0,
+            message: String::new(),
+        }
+    } else {
+        Failure::runtime(format!("writing output: {e}"))
+    }
+}
+
+fn run_files(
+    args: &TestArgs,
+    settings: &crate::config::Settings,
+    mut scanner: Scanner,
+    report: &mut Report<'_>,
+) -> Result<(), Failure> {
     let files = if args.files.is_empty() {
         vec![PathBuf::from("-")]
     } else {
         args.files.clone()
     };
-    if let Some(target) = args.journal.target(false) {
-        return run_journal(&args, &settings, patterns, &policy, target);
-    }
-    let started = Instant::now();
-    let per_line = args.json || args.print_missed || args.print_near_misses;
-    let mut t = Tester {
-        matcher: LineMatcher::new(
-            FrameParser::new(&settings.syslog_idents),
-            Arc::clone(&patterns),
-        ),
-        login_finder: memchr::memmem::Finder::new(b"-login: "),
-        file_line: 0,
-        policy: &policy,
-        now: timefmt::now(),
-        totals: Totals::default(),
-        out: BufWriter::new(io::stdout().lock()),
-        args: &args,
-    };
-    let io_err = |e: io::Error| Failure::runtime(format!("writing output: {e}"));
     for path in &files {
         let name = path.display().to_string();
         let (mut input, size) = open_input(path)?;
         let mut reader = ChunkReader::new(settings.max_line_bytes, 0);
         let mut progress = Progress::new(&name, size);
         let mut file_bytes = 0u64;
-        t.file_line = 0;
+        report.file = name.clone();
+        report.base = 0;
         loop {
             let chunk = match reader
                 .read_chunk(&mut input)
@@ -380,74 +471,87 @@ pub fn run(args: TestArgs) -> Result<(), Failure> {
                     None => break,
                 },
             };
-            t.totals.bytes += chunk.len() as u64;
             file_bytes += chunk.len() as u64;
             progress.update(file_bytes);
-            if per_line {
-                t.each_line(&name, chunk).map_err(io_err)?;
-            } else {
-                t.candidates(chunk);
-                if !chunk.ends_with(b"\n") {
-                    t.totals.lines += 1;
-                }
+            let n = scanner.scan(chunk, report.now, report);
+            report.base += n.lines;
+            report.totals.lines += n.lines;
+            report.totals.bytes += n.bytes;
+            if report.error.is_some() {
+                return Ok(());
             }
         }
         progress.done();
     }
-    let elapsed = started.elapsed();
-    t.out.flush().map_err(io_err)?;
-    if !args.json {
-        print_summary(&t.totals, &patterns, elapsed.as_secs_f64());
-    }
     Ok(())
 }
 
-fn print_summary(t: &Totals, patterns: &PatternSet, secs: f64) {
-    println!("Patterns (enabled):");
-    for (i, d) in patterns.defs().iter().enumerate() {
-        println!(
+fn print_summary(t: &Totals, patterns: &PatternSet, secs: f64) -> io::Result<()> {
+    let mut o = io::stdout().lock();
+    writeln!(o, "Patterns (enabled):")?;
+    for d in patterns.defs() {
+        writeln!(
+            o,
             "  {:<20} Dovecot {:<14} hits {}",
             d.id,
             d.dovecot,
-            t.per_pattern.get(&i).copied().unwrap_or(0)
-        );
+            t.per_pattern.get(&d.id).copied().unwrap_or(0)
+        )?;
     }
-    println!("Framings of matched lines:");
+    writeln!(o, "Framings of matched lines:")?;
     for (f, n) in &t.per_framing {
-        println!("  {:<20} {n}", f.name());
+        writeln!(o, "  {:<20} {n}", f.name())?;
     }
-    println!(
+    if t.per_framing.contains_key(&Framing::MessageOnly) {
+        writeln!(o, "  (message-only lines have no timestamp: `run` grants them only with source.untimed_lines_grant = true)")?;
+    }
+    writeln!(
+        o,
         "Lines: {} lines, {} matched, {} missed",
         t.lines,
         t.matched,
         t.lines - t.matched
-    );
-    println!(
+    )?;
+    writeln!(
+        o,
         "Grants: {} distinct addresses from {} logins ({} older than the ttl)",
         t.grants.len(),
         t.grants.values().sum::<u64>(),
         t.expired
-    );
+    )?;
     for (why, n) in &t.excluded {
-        println!("Excluded: {n} ({why})");
+        writeln!(o, "Excluded: {n} ({why})")?;
     }
-    println!("Invalid client address: {}", t.invalid_ip);
-    println!("Conflicting rip= (forged?): {}", t.ambiguous_ip);
-    println!(
+    writeln!(o, "Invalid client address: {}", t.invalid_ip)?;
+    writeln!(o, "Conflicting rip= (forged?): {}", t.ambiguous_ip)?;
+    writeln!(
+        o,
         "Near misses (look like logins, matched nothing): {}",
-        t.near_misses
-    );
+        t.near_misses.values().sum::<u64>()
+    )?;
+    for (why, n) in &t.near_misses {
+        writeln!(o, "  {n} {}", why.name())?;
+    }
+    if t.too_long > 0 {
+        writeln!(
+            o,
+            "Too long (skipped, source.max_line_bytes): {}",
+            t.too_long
+        )?;
+    }
     if !t.forged.is_empty() {
-        println!(
+        writeln!(
+            o,
             "Forged (untrusted sender): {}",
             t.forged.values().sum::<u64>()
-        );
+        )?;
         for (why, n) in &t.forged {
-            println!("  {n} from {why}");
+            writeln!(o, "  {n} from {why}")?;
         }
     }
     let mb = t.bytes as f64 / 1e6;
-    println!(
+    writeln!(
+        o,
         "Time: {secs:.3} s, {mb:.1} MB, {:.1} MB/s, {:.0} lines/s",
         if secs > 0.0 { mb / secs } else { 0.0 },
         if secs > 0.0 {
@@ -455,7 +559,7 @@ fn print_summary(t: &Totals, patterns: &PatternSet, secs: f64) {
         } else {
             0.0
         }
-    );
+    )
 }
 
 /// `--since`: RFC 3339, or a duration meaning that long ago.
@@ -471,33 +575,24 @@ fn parse_since(text: &str) -> Result<i64, Failure> {
 fn run_journal(
     args: &TestArgs,
     settings: &crate::config::Settings,
-    patterns: Arc<PatternSet>,
-    policy: &Policy,
+    mut scanner: Scanner,
+    report: &mut Report<'_>,
     target: JournalTarget,
 ) -> Result<(), Failure> {
     let since = match (&args.since, &target) {
         (Some(s), _) => parse_since(s)?,
-        (None, JournalTarget::System) => timefmt::now() - policy.ttl_secs(),
+        (None, JournalTarget::System) => timefmt::now() - report.policy.ttl_secs(),
         (None, _) => 0,
-    };
-    let mut judge = EntryJudge {
-        matcher: LineMatcher::new(
-            FrameParser::new(&settings.syslog_idents),
-            Arc::clone(&patterns),
-        ),
-        provenance: settings.provenance.clone(),
     };
     let mut child = spawn_journalctl(journalctl(&target, &JournalStart::Since(since), false))
         .map_err(|e| Failure::runtime(format!("cannot run journalctl: {e}")))?;
     let Some(mut stdout) = child.stdout.take() else {
         return Err(Failure::runtime("journalctl: no output"));
     };
-    let started = Instant::now();
-    let now = timefmt::now();
-    let mut totals = Totals::default();
-    let mut out = BufWriter::new(io::stdout().lock());
-    let io_err = |e: io::Error| Failure::runtime(format!("writing output: {e}"));
+    report.file = "journal".into();
+    report.journal = true;
     let mut reader = ChunkReader::new(settings.max_line_bytes.max(64 * 1024), 0);
+    let mut cursor = None;
     loop {
         let chunk = match reader
             .read_chunk(&mut stdout)
@@ -507,69 +602,26 @@ fn run_journal(
             Chunk::Eof => break,
             Chunk::Lines(c, _) => c,
         };
-        totals.bytes += chunk.len() as u64;
-        for line in chunk.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            totals.lines += 1;
-            let entry = judge.judge(line, now);
-            let mut report = LineReport {
-                file: "journal",
-                line: totals.lines,
-                matched: false,
-                pattern: None,
-                dovecot: None,
-                protocol: None,
-                user: None,
-                ip: None,
-                time: None,
-                excluded: None,
-                forged: None,
-            };
-            let ip_text = |ip: &IpVerdict| match ip {
-                IpVerdict::Valid(ip) => Some(key_text(*ip)),
-                _ => None,
-            };
-            match &entry.verdict {
-                EntryVerdict::Other => {}
-                EntryVerdict::Forged { ip, why } => {
-                    *totals.forged.entry(why.clone()).or_default() += 1;
-                    report.matched = true;
-                    report.ip = Some(ip_text(ip));
-                    report.forged = Some(true);
-                }
-                EntryVerdict::Login {
-                    pattern,
-                    service,
-                    user,
-                    ip,
-                    time,
-                } => {
-                    let (ip, excluded) =
-                        totals.record_login(*pattern, Framing::Journal, ip, *time, policy, now);
-                    report = LineReport {
-                        forged: Some(false),
-                        file: "journal",
-                        line: totals.lines,
-                        ..login_report(
-                            &patterns.defs()[*pattern],
-                            service.clone(),
-                            user.clone(),
-                            ip,
-                            excluded,
-                            *time,
-                        )
-                    };
-                }
-            }
-            if args.json {
-                serde_json::to_writer(&mut out, &report).map_err(|e| io_err(e.into()))?;
-                out.write_all(b"\n").map_err(io_err)?;
-            }
+        let n = scan_entries(
+            &mut scanner,
+            &settings.provenance,
+            chunk,
+            report.now,
+            report,
+            &mut cursor,
+        );
+        report.base += n.lines;
+        report.totals.lines += n.lines;
+        report.totals.bytes += n.bytes;
+        if report.error.is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(());
         }
     }
     let status = child
         .wait()
         .map_err(|e| Failure::runtime(format!("journalctl: {e}")))?;
-    out.flush().map_err(io_err)?;
     if !status.success() {
         let mut err = String::new();
         if let Some(mut e) = child.stderr.take() {
@@ -579,9 +631,6 @@ fn run_journal(
             "journalctl failed ({status}): {}",
             err.trim()
         )));
-    }
-    if !args.json {
-        print_summary(&totals, &patterns, started.elapsed().as_secs_f64());
     }
     Ok(())
 }

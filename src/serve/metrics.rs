@@ -1,20 +1,28 @@
 //! Optional Prometheus metrics at `http://ADDRESS/metrics` (off by default).
 //!
-//! The text exposition format is written by hand: a few counters, gauges and one histogram
-//! need no client library. The HTTP side answers `GET /metrics` and nothing else, with
-//! bounded request size and time.
+//! The exposition is written by the `prometheus-client` crate (Prometheus text format
+//! 0.0.4), from snapshots taken at each scrape: the sources' counters
+//! (`telemetry::StatsRegistry`), the engine's counters as of its last heartbeat, the live
+//! grants and the checkpoints. The HTTP side answers `GET /metrics` and nothing else,
+//! with bounded request size and time.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::engine::{Counters, GrantsView, COMMIT_BUCKETS};
 use crate::source::checkpoint::CheckpointDir;
-use crate::source::StatsRegistry;
+use crate::telemetry::{SourceStats, StatsRegistry};
 
 /// What the metrics are read from.
 pub struct MetricsSource {
@@ -25,161 +33,182 @@ pub struct MetricsSource {
     pub checkpoints: CheckpointDir,
 }
 
-/// A per-source counter: name, help, and how to read it.
-type PerSource = (
-    &'static str,
-    &'static str,
-    fn(&crate::source::SourceStats) -> u64,
-);
+/// The registry's one collector: reads a snapshot at every scrape.
+struct Snapshot(Arc<MetricsSource>);
 
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dovegate metrics snapshot")
+    }
 }
 
-fn head(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// A per-source counter: name (without `_total`, which the encoder adds), help, reader.
+type PerSource = (&'static str, &'static str, fn(&SourceStats) -> u64);
+
+const PER_SOURCE: [PerSource; 8] = [
+    (
+        "dovegate_lines_read",
+        "Log lines (or journal entries) read.",
+        |s| get(&s.lines),
+    ),
+    ("dovegate_bytes_read", "Bytes read.", |s| get(&s.bytes)),
+    (
+        "dovegate_forged",
+        "Login entries refused by the journal provenance check.",
+        |s| get(&s.forged),
+    ),
+    (
+        "dovegate_invalid_ip",
+        "Login lines whose client address is invalid.",
+        |s| get(&s.invalid_ip),
+    ),
+    (
+        "dovegate_ambiguous_ip",
+        "Login lines with conflicting rip= elements.",
+        |s| get(&s.ambiguous_ip),
+    ),
+    (
+        "dovegate_source_logins",
+        "Login lines with a valid client address.",
+        |s| get(&s.logins),
+    ),
+    (
+        "dovegate_untimed_logins",
+        "Login lines without a timestamp, not granted (source.untimed_lines_grant).",
+        |s| get(&s.untimed),
+    ),
+    (
+        "dovegate_lines_too_long",
+        "Lines longer than source.max_line_bytes, skipped.",
+        |s| get(&s.too_long),
+    ),
+];
+
+fn get(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(v).encode(m)
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let src = &self.0;
+        let sources = src.stats.sources();
+        for (name, help, read) in PER_SOURCE {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (source, s) in &sources {
+                let labels = [("source", source.as_str())];
+                ConstCounter::new(read(s)).encode(m.encode_family(&labels.as_slice())?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "dovegate_logins_matched",
+            "Logins matched, by source and pattern.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (source, s) in &sources {
+            let per = s.per_pattern.lock().map(|m| m.clone()).unwrap_or_default();
+            for (pattern, n) in per {
+                let labels = [("source", source.as_str()), ("pattern", pattern.as_str())];
+                ConstCounter::new(n).encode(m.encode_family(&labels.as_slice())?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "dovegate_near_misses",
+            "Lines that look like logins but grant nothing, by source and reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (source, s) in &sources {
+            let per = s.near_misses.lock().map(|m| m.clone()).unwrap_or_default();
+            for (reason, n) in per {
+                let labels = [("source", source.as_str()), ("reason", reason)];
+                ConstCounter::new(n).encode(m.encode_family(&labels.as_slice())?)?;
+            }
+        }
+        let c = src.engine.lock().map(|c| c.clone()).unwrap_or_default();
+        let m = enc.encode_descriptor(
+            "dovegate_grants_active",
+            "Grants in the map.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(src.view.len()).unwrap_or(i64::MAX)).encode(m)?;
+        for (name, help, v) in [
+            (
+                "dovegate_logins_granted",
+                "Logins that granted or extended relay.",
+                c.granted,
+            ),
+            (
+                "dovegate_logins_excluded",
+                "Logins from excluded addresses.",
+                c.excluded,
+            ),
+            (
+                "dovegate_logins_too_old",
+                "Logins older than the ttl (replayed).",
+                c.expired_logins,
+            ),
+            (
+                "dovegate_grants_expired",
+                "Grants removed at expiry.",
+                c.removed,
+            ),
+            (
+                "dovegate_map_commits",
+                "Write transactions committed to the map.",
+                c.commits,
+            ),
+        ] {
+            counter(&mut enc, name, help, v)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "dovegate_map_commit_seconds",
+            "Time to commit a batch of grants.",
+            None,
+            MetricType::Histogram,
+        )?;
+        let buckets: Vec<(f64, u64)> = COMMIT_BUCKETS
+            .iter()
+            .copied()
+            .zip(c.commit_latency.buckets)
+            .collect();
+        m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            c.commit_latency.sum_secs,
+            c.commit_latency.count,
+            &buckets,
+            None,
+        )?;
+        let mut m = enc.encode_descriptor(
+            "dovegate_checkpoint_lag_bytes",
+            "Bytes written to a followed file after its committed checkpoint.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for cp in src.checkpoints.all() {
+            if let Some(lag) = cp.lag() {
+                let path = cp.path.display().to_string();
+                let labels = [("path", path.as_str())];
+                ConstGauge::new(i64::try_from(lag).unwrap_or(i64::MAX))
+                    .encode(m.encode_family(&labels.as_slice())?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The exposition text.
-pub fn render(src: &MetricsSource) -> String {
+pub fn render(src: &Arc<MetricsSource>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snapshot(Arc::clone(src))));
     let mut out = String::new();
-    let sources = src.stats.sources();
-    let per_source: [PerSource; 6] = [
-        (
-            "dovegate_lines_read_total",
-            "Log lines (or journal entries) read.",
-            |s| s.lines.load(Ordering::Relaxed),
-        ),
-        ("dovegate_bytes_read_total", "Bytes read.", |s| {
-            s.bytes.load(Ordering::Relaxed)
-        }),
-        (
-            "dovegate_forged_total",
-            "Login entries refused by the journal provenance check.",
-            |s| s.forged.load(Ordering::Relaxed),
-        ),
-        (
-            "dovegate_invalid_ip_total",
-            "Login lines whose client address is invalid.",
-            |s| s.invalid_ip.load(Ordering::Relaxed),
-        ),
-        (
-            "dovegate_ambiguous_ip_total",
-            "Login lines with conflicting rip= elements.",
-            |s| s.ambiguous_ip.load(Ordering::Relaxed),
-        ),
-        (
-            "dovegate_source_logins_total",
-            "Login lines with a valid client address.",
-            |s| s.logins.load(Ordering::Relaxed),
-        ),
-    ];
-    for (name, help, get) in per_source {
-        head(&mut out, name, "counter", help);
-        for (source, s) in &sources {
-            let _ = writeln!(out, "{name}{{source=\"{}\"}} {}", label(source), get(s));
-        }
-    }
-    head(
-        &mut out,
-        "dovegate_logins_matched_total",
-        "Logins matched, by source and pattern.",
-        "counter",
-    );
-    for (source, s) in &sources {
-        let per = s.per_pattern.lock().map(|m| m.clone()).unwrap_or_default();
-        for (pattern, n) in per {
-            let _ = writeln!(
-                out,
-                "dovegate_logins_matched_total{{source=\"{}\",pattern=\"{}\"}} {n}",
-                label(source),
-                label(&pattern)
-            );
-        }
-    }
-    let c = src.engine.lock().map(|c| c.clone()).unwrap_or_default();
-    head(
-        &mut out,
-        "dovegate_grants_active",
-        "Grants in the map.",
-        "gauge",
-    );
-    let _ = writeln!(out, "dovegate_grants_active {}", src.view.len());
-    for (name, help, v) in [
-        (
-            "dovegate_logins_granted_total",
-            "Logins that granted or extended relay.",
-            c.granted,
-        ),
-        (
-            "dovegate_logins_excluded_total",
-            "Logins from excluded addresses.",
-            c.excluded,
-        ),
-        (
-            "dovegate_logins_too_old_total",
-            "Logins older than the ttl (replayed).",
-            c.expired_logins,
-        ),
-        (
-            "dovegate_grants_expired_total",
-            "Grants removed at expiry.",
-            c.removed,
-        ),
-        (
-            "dovegate_map_commits_total",
-            "Write transactions committed to the map.",
-            c.commits,
-        ),
-    ] {
-        head(&mut out, name, "counter", help);
-        let _ = writeln!(out, "{name} {v}");
-    }
-    head(
-        &mut out,
-        "dovegate_map_commit_seconds",
-        "Time to commit a batch of grants.",
-        "histogram",
-    );
-    let mut cumulative = 0;
-    for (bound, n) in COMMIT_BUCKETS.iter().zip(c.commit_latency.buckets) {
-        cumulative += n;
-        let _ = writeln!(
-            out,
-            "dovegate_map_commit_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "dovegate_map_commit_seconds_bucket{{le=\"+Inf\"}} {}",
-        c.commit_latency.count
-    );
-    let _ = writeln!(
-        out,
-        "dovegate_map_commit_seconds_sum {}",
-        c.commit_latency.sum_secs
-    );
-    let _ = writeln!(
-        out,
-        "dovegate_map_commit_seconds_count {}",
-        c.commit_latency.count
-    );
-    head(
-        &mut out,
-        "dovegate_checkpoint_lag_bytes",
-        "Bytes written to a followed file after its committed checkpoint.",
-        "gauge",
-    );
-    for cp in src.checkpoints.all() {
-        if let Some(lag) = cp.lag() {
-            let _ = writeln!(
-                out,
-                "dovegate_checkpoint_lag_bytes{{path=\"{}\"}} {lag}",
-                label(&cp.path.display().to_string())
-            );
-        }
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+        tracing::error!(error = %e, "cannot encode metrics");
     }
     out
 }
@@ -190,9 +219,29 @@ pub async fn spawn(addr: SocketAddr, src: Arc<MetricsSource>) -> std::io::Result
     tracing::info!(address = %addr, "metrics listening");
     let slots = Arc::new(tokio::sync::Semaphore::new(16));
     tokio::spawn(async move {
+        // Accept errors (EMFILE, ENFILE, ENOMEM) persist until something closes: back
+        // off instead of spinning, and say so once per streak.
+        let mut backoff = Duration::from_millis(10);
+        let mut failing = false;
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
+            let mut stream = match listener.accept().await {
+                Ok((s, _)) => {
+                    if failing {
+                        tracing::info!("metrics: accepting connections again");
+                    }
+                    failing = false;
+                    backoff = Duration::from_millis(10);
+                    s
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "metrics: cannot accept connections; backing off (raise LimitNOFILE if the error is EMFILE)");
+                    }
+                    failing = true;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
             };
             let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                 continue;
@@ -220,7 +269,7 @@ pub async fn spawn(addr: SocketAddr, src: Arc<MetricsSource>) -> std::io::Result
                     || req.starts_with(b"GET /metrics?")
                 {
                     let body = render(&src);
-                    format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                    format!("HTTP/1.0 200 OK\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", prometheus_client::encoding::prometheus_text::CONTENT_TYPE, body.len())
                 } else {
                     "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                         .to_string()

@@ -1,31 +1,31 @@
-//! The `source` stage: bytes from log files, turned into logins with their checkpoint.
+//! The `source` stage: bytes from log files and the journal, turned into logins with their
+//! checkpoint.
 //!
 //! Each followed file runs on its own thread (file reads block): it waits for an inotify
 //! event on the file's directory or the poll interval, reads what is new, runs the
-//! searcher over it and sends one `Batch` per chunk to the engine over a bounded channel
+//! [`Scanner`] over it and sends one `Batch` per chunk to the engine over a bounded channel
 //! (a slow map applies back-pressure instead of growing memory).
 
 pub mod backscan;
 pub mod checkpoint;
+pub mod handle;
 pub mod journal;
 pub mod lines;
 pub mod tailer;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use notify::Watcher;
 
 use crate::pattern::IpVerdict;
-use crate::scan::{candidate_lines, LineMatcher};
+use crate::scan::{Line, Login, NearMiss, Scanner, Sink};
+use crate::telemetry::{SourceStats, Throttle};
 use crate::timefmt;
 use checkpoint::{Checkpoint, Position};
+use handle::{Deaths, SourceCtl, SourceHandle};
 use tailer::{FileFollower, Start};
 
 /// A login seen in a log, before policy.
@@ -46,117 +46,104 @@ pub struct Batch {
     pub position: Option<Position>,
 }
 
-/// One source's counters, for status, logs and metrics.
-#[derive(Debug, Default)]
-pub struct SourceStats {
-    pub bytes: AtomicU64,
-    pub lines: AtomicU64,
-    pub logins: AtomicU64,
-    pub invalid_ip: AtomicU64,
-    pub ambiguous_ip: AtomicU64,
-    /// Journal entries that looked like Dovecot logins from an untrusted sender.
-    pub forged: AtomicU64,
-    /// Logins by pattern id.
-    pub per_pattern: Mutex<BTreeMap<String, u64>>,
+/// The daemon's sink: collects the logins of a chunk for its `Batch`, counts everything
+/// in the source's stats, and logs what an admin must know (rate limited).
+pub struct DaemonSink {
+    origin: String,
+    stats: Arc<SourceStats>,
+    untimed_grant: bool,
+    logins: Vec<SeenLogin>,
+    warn_invalid: Throttle,
+    warn_ambiguous: Throttle,
+    warn_long: Throttle,
+    warn_untimed: Throttle,
+    warn_forged: Throttle,
 }
 
-impl SourceStats {
-    pub fn count_pattern(&self, id: &str) {
-        if let Ok(mut m) = self.per_pattern.lock() {
-            *m.entry(id.to_string()).or_default() += 1;
+impl DaemonSink {
+    /// `untimed_grant`: `source.untimed_lines_grant`.
+    pub fn new(origin: &str, stats: Arc<SourceStats>, untimed_grant: bool) -> DaemonSink {
+        let every = Duration::from_secs(10);
+        DaemonSink {
+            origin: origin.to_string(),
+            stats,
+            untimed_grant,
+            logins: Vec::new(),
+            warn_invalid: Throttle::new(every),
+            warn_ambiguous: Throttle::new(every),
+            warn_long: Throttle::new(every),
+            warn_untimed: Throttle::new(every),
+            warn_forged: Throttle::new(every),
+        }
+    }
+
+    /// The logins found since the last call.
+    pub fn take(&mut self) -> Vec<SeenLogin> {
+        std::mem::take(&mut self.logins)
+    }
+
+    pub fn stats(&self) -> &SourceStats {
+        &self.stats
+    }
+
+    fn grant(&mut self, login: &Login<'_>) {
+        if let IpVerdict::Valid(ip) = login.ip {
+            SourceStats::add(&self.stats.logins, 1);
+            self.stats.count_pattern(&login.pattern.id);
+            self.logins.push(SeenLogin {
+                ip,
+                time: login.time,
+            });
         }
     }
 }
 
-/// Every source's counters by name (a path, or a journal key); kept across reloads.
-#[derive(Debug, Default)]
-pub struct StatsRegistry {
-    sources: Mutex<BTreeMap<String, Arc<SourceStats>>>,
-}
-
-/// Sums over all sources.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct StatsTotals {
-    pub bytes: u64,
-    pub lines: u64,
-    pub logins: u64,
-    pub invalid_ip: u64,
-    pub ambiguous_ip: u64,
-    pub forged: u64,
-}
-
-impl StatsRegistry {
-    pub fn for_source(&self, name: &str) -> Arc<SourceStats> {
-        let mut m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(m.entry(name.to_string()).or_default())
+impl Sink for DaemonSink {
+    fn login(&mut self, _line: Line<'_>, login: &Login<'_>) {
+        self.grant(login);
     }
 
-    pub fn sources(&self) -> Vec<(String, Arc<SourceStats>)> {
-        let m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        m.iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect()
-    }
-
-    pub fn totals(&self) -> StatsTotals {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        self.sources()
-            .iter()
-            .fold(StatsTotals::default(), |t, (_, s)| StatsTotals {
-                bytes: t.bytes + get(&s.bytes),
-                lines: t.lines + get(&s.lines),
-                logins: t.logins + get(&s.logins),
-                invalid_ip: t.invalid_ip + get(&s.invalid_ip),
-                ambiguous_ip: t.ambiguous_ip + get(&s.ambiguous_ip),
-                forged: t.forged + get(&s.forged),
-            })
-    }
-}
-
-/// Runs the matching path over a chunk of whole lines.
-pub fn scan_chunk(
-    matcher: &mut LineMatcher,
-    chunk: &[u8],
-    max_line: usize,
-    now: i64,
-    stats: &SourceStats,
-    origin: &Path,
-) -> Vec<SeenLogin> {
-    let mut out = Vec::new();
-    // The matcher is borrowed by the closure; the pattern set is reached through it.
-    let patterns = Arc::clone(matcher.patterns_arc());
-    candidate_lines(&patterns, chunk, |_, line| {
-        if line.len() > max_line {
-            tracing::warn!(file = %origin.display(), len = line.len(), "skipping an over-long line");
-            return;
+    fn untimed(&mut self, _line: Line<'_>, login: &Login<'_>) {
+        if self.untimed_grant {
+            return self.grant(login);
         }
-        let Some((frame, login)) = matcher.match_line(line, now) else {
-            return;
-        };
-        match login.ip {
-            IpVerdict::Valid(ip) => {
-                stats.logins.fetch_add(1, Ordering::Relaxed);
-                stats.count_pattern(&patterns.defs()[login.pattern].id);
-                out.push(SeenLogin {
-                    ip,
-                    time: frame.time,
-                })
-            }
-            IpVerdict::Invalid(text) => {
-                stats.invalid_ip.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(file = %origin.display(), rip = %text.escape_debug(), "login line with an invalid client address; not granted");
-            }
-            IpVerdict::Ambiguous => {
-                stats.ambiguous_ip.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(file = %origin.display(), "login line with conflicting rip= elements (forged user name?); not granted");
-            }
-            IpVerdict::Missing => {}
+        SourceStats::add(&self.stats.untimed, 1);
+        if let Some(n) = self.warn_untimed.hit() {
+            tracing::warn!(source = %self.origin, count = n, "login lines without a timestamp not granted (they could be old); if this source never writes timestamps, set source.untimed_lines_grant = true");
         }
-    });
-    stats.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-    stats.lines.fetch_add(
-        memchr::memchr_iter(b'\n', chunk).count() as u64,
-        Ordering::Relaxed,
-    );
-    out
+    }
+
+    fn bad_address(&mut self, _line: Line<'_>, login: &Login<'_>) {
+        if login.ip == IpVerdict::Ambiguous {
+            SourceStats::add(&self.stats.ambiguous_ip, 1);
+            if let Some(n) = self.warn_ambiguous.hit() {
+                tracing::warn!(source = %self.origin, count = n, "login line with conflicting rip= elements (forged user name?); not granted");
+            }
+        } else {
+            SourceStats::add(&self.stats.invalid_ip, 1);
+            if let Some(n) = self.warn_invalid.hit() {
+                tracing::warn!(source = %self.origin, count = n, ip = ?login.ip, "login line with an invalid client address; not granted");
+            }
+        }
+    }
+
+    fn forged(&mut self, _line: Line<'_>, login: &Login<'_>, why: &str) {
+        SourceStats::add(&self.stats.forged, 1);
+        if let Some(n) = self.warn_forged.hit() {
+            tracing::warn!(source = %self.origin, count = n, last_sender = why, last_ip = ?login.ip, "forged Dovecot login entries (not from a trusted sender) ignored");
+        }
+    }
+
+    fn too_long(&mut self, line: Line<'_>) {
+        SourceStats::add(&self.stats.too_long, 1);
+        if let Some(n) = self.warn_long.hit() {
+            tracing::warn!(source = %self.origin, count = n, len = line.text.len(), "skipping over-long lines (source.max_line_bytes)");
+        }
+    }
+
+    fn near_miss(&mut self, _line: Line<'_>, why: NearMiss) {
+        self.stats.count_near_miss(why.name());
+    }
 }
 
 /// How a file source begins.
@@ -170,72 +157,88 @@ pub struct FileSourceSpec {
     pub cutoff: i64,
 }
 
-/// Starts the thread following one file. It stops when `stop` is set (checked at least
-/// every poll interval) or when the engine hangs up.
-pub fn spawn_file_source(
-    spec: FileSourceSpec,
-    mut matcher: LineMatcher,
-    tx: tokio::sync::mpsc::Sender<Batch>,
-    stop: Arc<AtomicBool>,
-    stats: Arc<SourceStats>,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(format!("source-{}", spec.index))
-        .spawn(move || {
-            let mut follower = match &spec.checkpoint {
-                Some(cp) => FileFollower::resume(&spec.path, spec.max_line, cp),
-                None => {
-                    let start = std::fs::File::open(&spec.path)
-                        .and_then(|f| backscan::start_offset(&f, spec.cutoff, timefmt::now()))
-                        .map_or(Start::Beginning, Start::At);
-                    FileFollower::new(&spec.path, spec.max_line, start)
-                }
-            };
-            let (wake_tx, wake_rx) = mpsc::channel::<()>();
-            let _watcher = watch_dir(&spec.path, wake_tx);
-            // Tell the engine where we start, so that a first start is checkpointed even
-            // before any line arrives.
-            let first = Batch {
-                source: spec.index,
-                logins: Vec::new(),
-                position: Some(Position::File(follower.checkpoint())),
-            };
-            if tx.blocking_send(first).is_err() {
-                return;
+/// Follows one file: reads what is new, scans it, sends batches, until stopped or the
+/// engine hangs up.
+pub struct FileSource {
+    pub spec: FileSourceSpec,
+    pub scanner: Scanner,
+    pub sink: DaemonSink,
+    pub tx: tokio::sync::mpsc::Sender<Batch>,
+}
+
+impl FileSource {
+    /// Starts it on its own thread.
+    pub fn spawn(self, deaths: Deaths) -> std::io::Result<SourceHandle> {
+        let name = self.spec.path.display().to_string();
+        SourceHandle::spawn(&name, deaths, move |ctl| self.run(ctl))
+    }
+
+    /// The follower's loop. Read errors are retried (a missing file is waited for).
+    pub fn run(mut self, ctl: SourceCtl) -> Result<(), String> {
+        let SourceCtl {
+            stop,
+            wake_tx,
+            wake_rx,
+            ..
+        } = ctl;
+        let spec = &self.spec;
+        let mut follower = match &spec.checkpoint {
+            Some(cp) => FileFollower::resume(&spec.path, spec.max_line, cp),
+            None => {
+                let start = std::fs::File::open(&spec.path)
+                    .and_then(|f| backscan::start_offset(&f, spec.cutoff, timefmt::now()))
+                    .map_or(Start::Beginning, Start::At);
+                FileFollower::new(&spec.path, spec.max_line, start)
             }
-            let mut last_error: Option<String> = None;
-            while !stop.load(Ordering::Relaxed) {
-                let mut closed = false;
-                let result = follower.poll(&mut |chunk, cp| {
-                    if closed {
-                        return;
-                    }
-                    let logins = scan_chunk(&mut matcher, chunk, spec.max_line, timefmt::now(), &stats, &spec.path);
-                    let batch = Batch {
-                        source: spec.index,
-                        logins,
-                        position: Some(Position::File(cp.clone())),
-                    };
-                    closed = tx.blocking_send(batch).is_err();
-                });
+        };
+        let _watcher = watch_dir(&spec.path, wake_tx);
+        // Tell the engine where we start, so that a first start is checkpointed even
+        // before any line arrives.
+        let first = Batch {
+            source: spec.index,
+            logins: Vec::new(),
+            position: Some(Position::File(follower.checkpoint())),
+        };
+        if self.tx.blocking_send(first).is_err() {
+            return Ok(());
+        }
+        let mut last_error: Option<String> = None;
+        while !stop.is_set() {
+            let mut closed = false;
+            let (scanner, sink, tx) = (&mut self.scanner, &mut self.sink, &self.tx);
+            let result = follower.poll(&mut |chunk, cp| {
                 if closed {
                     return;
                 }
-                match result {
-                    Ok(()) => last_error = None,
-                    Err(e) => {
-                        let msg = e.to_string();
-                        if last_error.as_deref() != Some(msg.as_str()) {
-                            tracing::warn!(path = %spec.path.display(), error = %msg, "cannot read log file; retrying");
-                            last_error = Some(msg);
-                        }
+                let n = scanner.scan(chunk, timefmt::now(), sink);
+                SourceStats::add(&sink.stats().bytes, n.bytes);
+                SourceStats::add(&sink.stats().lines, n.lines);
+                let batch = Batch {
+                    source: spec.index,
+                    logins: sink.take(),
+                    position: Some(Position::File(cp.clone())),
+                };
+                closed = tx.blocking_send(batch).is_err();
+            });
+            if closed {
+                return Ok(());
+            }
+            match result {
+                Ok(()) => last_error = None,
+                Err(e) => {
+                    let msg = e.to_string();
+                    if last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!(path = %spec.path.display(), error = %msg, "cannot read log file; retrying");
+                        last_error = Some(msg);
                     }
                 }
-                // Wait for a change or the poll interval, then swallow queued wake-ups.
-                let _ = wake_rx.recv_timeout(spec.poll_interval);
-                while wake_rx.try_recv().is_ok() {}
             }
-        })
+            // Wait for a change, a stop or the poll interval, then swallow queued wake-ups.
+            let _ = wake_rx.recv_timeout(spec.poll_interval);
+            while wake_rx.try_recv().is_ok() {}
+        }
+        Ok(())
+    }
 }
 
 /// Watches the file's directory (the file itself is replaced on rotation). None: inotify
@@ -256,5 +259,44 @@ fn watch_dir(path: &Path, wake: mpsc::Sender<()>) -> Option<notify::RecommendedW
             tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; polling only");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scan::Visit;
+
+    fn scanner() -> Scanner {
+        crate::scan::test_scanner(Visit::Logins, 16384)
+    }
+
+    /// Files and the journal count logins per pattern the same way (the journal's were
+    /// once missing), and untimed lines are refused unless configured.
+    #[test]
+    fn the_daemon_sink_counts_files_and_journal_alike() {
+        let stats = Arc::new(SourceStats::default());
+        let mut sink = DaemonSink::new("t", Arc::clone(&stats), false);
+        let mut s = scanner();
+        let file = b"2026-11-21T09:56:55+00:00 vm dovecot: imap-login: Login: user=<a>, rip=203.0.113.5, lip=192.0.2.1\n\
+                     imap-login: Login: user=<b>, rip=203.0.113.6, lip=192.0.2.1\n";
+        s.scan(file, 0, &mut sink);
+        let entry = br#"{"__CURSOR":"c","__REALTIME_TIMESTAMP":"1795256894146773","_SYSTEMD_UNIT":"dovecot.service","MESSAGE":"imap-login: Login: user=<c>, rip=203.0.113.7, lip=192.0.2.1"}"#;
+        let provenance = journal::Provenance {
+            units: vec!["dovecot.service".into()],
+            ..Default::default()
+        };
+        journal::scan_entries(&mut s, &provenance, entry, 0, &mut sink, &mut None);
+        let ips: Vec<String> = sink.take().iter().map(|l| l.ip.to_string()).collect();
+        assert_eq!(ips, ["203.0.113.5", "203.0.113.7"]);
+        assert_eq!(
+            stats.per_pattern.lock().unwrap().values().sum::<u64>(),
+            2,
+            "{stats:?}"
+        );
+        assert_eq!(stats.untimed.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let mut granting = DaemonSink::new("t", Arc::clone(&stats), true);
+        s.scan(file, 0, &mut granting);
+        assert_eq!(granting.take().len(), 2);
     }
 }

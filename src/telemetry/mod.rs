@@ -1,0 +1,149 @@
+//! Telemetry: what each source read and found, kept for `status`, the logs, the sd_notify
+//! STATUS line and the Prometheus exposition (`serve::metrics`). Sources only add to
+//! counters here; readers take snapshots, so nothing on the scanning path waits.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// One source's counters.
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    pub bytes: AtomicU64,
+    pub lines: AtomicU64,
+    pub logins: AtomicU64,
+    pub invalid_ip: AtomicU64,
+    pub ambiguous_ip: AtomicU64,
+    /// Journal entries that looked like Dovecot logins from an untrusted sender.
+    pub forged: AtomicU64,
+    /// Login lines without a timestamp, refused (`source.untimed_lines_grant = false`).
+    pub untimed: AtomicU64,
+    /// Lines longer than `source.max_line_bytes`, skipped.
+    pub too_long: AtomicU64,
+    /// Logins by pattern id.
+    pub per_pattern: Mutex<BTreeMap<String, u64>>,
+    /// Login-looking lines that granted nothing, by reason (`scan::NearMiss::name`).
+    pub near_misses: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl SourceStats {
+    pub fn count_pattern(&self, id: &str) {
+        let mut m = self.per_pattern.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get_mut(id) {
+            Some(n) => *n += 1,
+            None => {
+                m.insert(id.to_string(), 1);
+            }
+        }
+    }
+
+    pub fn count_near_miss(&self, why: &'static str) {
+        let mut m = self.near_misses.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(why).or_default() += 1;
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Every source's counters by name (a path, or a journal key); kept across reloads.
+#[derive(Debug, Default)]
+pub struct StatsRegistry {
+    sources: Mutex<BTreeMap<String, Arc<SourceStats>>>,
+}
+
+/// Sums over all sources.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StatsTotals {
+    pub bytes: u64,
+    pub lines: u64,
+    pub logins: u64,
+    pub invalid_ip: u64,
+    pub ambiguous_ip: u64,
+    pub forged: u64,
+    pub untimed: u64,
+    pub too_long: u64,
+}
+
+impl StatsRegistry {
+    pub fn for_source(&self, name: &str) -> Arc<SourceStats> {
+        let mut m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(m.entry(name.to_string()).or_default())
+    }
+
+    pub fn sources(&self) -> Vec<(String, Arc<SourceStats>)> {
+        let m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect()
+    }
+
+    pub fn totals(&self) -> StatsTotals {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.sources()
+            .iter()
+            .fold(StatsTotals::default(), |t, (_, s)| StatsTotals {
+                bytes: t.bytes + get(&s.bytes),
+                lines: t.lines + get(&s.lines),
+                logins: t.logins + get(&s.logins),
+                invalid_ip: t.invalid_ip + get(&s.invalid_ip),
+                ambiguous_ip: t.ambiguous_ip + get(&s.ambiguous_ip),
+                forged: t.forged + get(&s.forged),
+                untimed: t.untimed + get(&s.untimed),
+                too_long: t.too_long + get(&s.too_long),
+            })
+    }
+}
+
+/// Rate limit for repeated warnings: at most one per period, with the count held back.
+#[derive(Debug)]
+pub struct Throttle {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    pub fn new(every: std::time::Duration) -> Throttle {
+        Throttle {
+            every,
+            last: None,
+            held: 0,
+        }
+    }
+
+    /// Counts one occurrence; Some(occurrences since the last report) when it may be
+    /// reported now.
+    pub fn hit(&mut self) -> Option<u64> {
+        self.held += 1;
+        if self.last.is_some_and(|t| t.elapsed() < self.every) {
+            return None;
+        }
+        self.last = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut self.held))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_reports_the_first_then_holds_back() {
+        let mut t = Throttle::new(std::time::Duration::from_secs(3600));
+        assert_eq!(t.hit(), Some(1));
+        assert_eq!(t.hit(), None);
+        assert_eq!(t.hit(), None);
+        t.last = None;
+        assert_eq!(t.hit(), Some(3));
+    }
+
+    #[test]
+    fn totals_sum_sources() {
+        let r = StatsRegistry::default();
+        SourceStats::add(&r.for_source("a").lines, 2);
+        SourceStats::add(&r.for_source("b").lines, 3);
+        r.for_source("a").count_pattern("p");
+        assert_eq!(r.totals().lines, 5);
+        assert_eq!(r.sources()[0].1.per_pattern.lock().unwrap()["p"], 1);
+    }
+}
