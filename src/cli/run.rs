@@ -2,14 +2,11 @@
 //! SIGHUP reloads the configuration (a bad one is refused and the running one stays).
 
 use std::path::PathBuf;
-use std::process::Command as Process;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ipnet::IpNet;
-
 use super::{load_patterns, load_settings, ConfigArgs, Failure};
-use crate::config::{parse_net, Settings};
+use crate::config::Settings;
 use crate::engine::{self, Engine, Exit};
 use crate::frame::FrameParser;
 use crate::grant::Policy;
@@ -78,51 +75,11 @@ impl JournalArgs {
     }
 }
 
-/// Postfix's mynetworks as networks; entries that are not literal networks (tables,
-/// files) are reported and skipped.
-fn mynetworks() -> Result<Vec<IpNet>, Failure> {
-    let out = Process::new("postconf")
-        .args(["-h", "mynetworks"])
-        .output()
-        .map_err(|e| {
-            Failure::config(format!(
-                "grant.exclude_mynetworks: cannot run `postconf -h mynetworks`: {e}"
-            ))
-        })?;
-    if !out.status.success() {
-        return Err(Failure::config(format!(
-            "grant.exclude_mynetworks: `postconf -h mynetworks` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(parse_mynetworks(&String::from_utf8_lossy(&out.stdout)))
-}
-
-/// The literal networks in a `mynetworks` value; tables and files are reported and skipped.
-fn parse_mynetworks(text: &str) -> Vec<IpNet> {
-    let mut nets = Vec::new();
-    for item in text
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|s| !s.is_empty())
-    {
-        // Postfix writes IPv6 networks as [2001:db8::]/32.
-        let plain = item.replacen('[', "", 1).replacen(']', "", 1);
-        match parse_net(&plain) {
-            Ok(n) => nets.push(n),
-            Err(_) => tracing::warn!(
-                entry = item,
-                "mynetworks entry is not a literal network; not excluded"
-            ),
-        }
-    }
-    nets
-}
-
 /// Everything a (re)loaded configuration decides.
 struct Effective {
     settings: Settings,
     patterns: Arc<PatternSet>,
-    exclude: Vec<IpNet>,
+    exclude: Vec<ipnet::IpNet>,
     journal: Option<JournalTarget>,
 }
 
@@ -131,6 +88,10 @@ impl Effective {
         let (_, settings) = load_settings(&args.cfg, |f| {
             if !args.logs.is_empty() {
                 f.source.logs = args.logs.iter().map(|p| p.display().to_string()).collect();
+                if !args.journal.given() {
+                    // --log alone means: these files only.
+                    f.source.journal = crate::config::JournalMode::On(false);
+                }
             } else if args.journal.given() {
                 // Journal flags alone mean: the journal only.
                 f.source.logs.clear();
@@ -145,7 +106,10 @@ impl Effective {
         let patterns = Arc::new(load_patterns(&settings, args.patterns.as_deref())?);
         let mut exclude = settings.exclude.clone();
         if settings.exclude_mynetworks {
-            exclude.extend(mynetworks()?);
+            exclude.extend(
+                crate::postfix::mynetworks(settings.postfix_config_dir.as_deref())
+                    .map_err(|e| Failure::config(format!("grant.exclude_mynetworks: {e}")))?,
+            );
         }
         let journal = args.journal.target(settings.journal);
         if settings.logs.is_empty() && journal.is_none() {
@@ -425,26 +389,5 @@ impl Signals {
             _ => tracing::info!("shutting down: committing pending grants"),
         }
         exit
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn mynetworks_forms() {
-        let nets = super::parse_mynetworks(
-            "127.0.0.0/8 [::ffff:127.0.0.0]/104 [::1]/128, 192.0.2.0/24\n hash:/etc/postfix/network_table 10.1.2.3",
-        );
-        let text: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
-        assert_eq!(
-            text,
-            vec![
-                "127.0.0.0/8",
-                "::ffff:127.0.0.0/104",
-                "::1/128",
-                "192.0.2.0/24",
-                "10.1.2.3/32"
-            ]
-        );
     }
 }
