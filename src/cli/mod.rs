@@ -63,12 +63,14 @@ enum Command {
         /// How long (default: grant.ttl), e.g. 30m, 2h.
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
+        /// The client address (any textual form; stored canonical).
         ip: String,
     },
     /// Remove an address's grant.
     Revoke {
         #[command(flatten)]
         cfg: ConfigArgs,
+        /// The client address whose grant to remove.
         ip: String,
     },
     /// Validate the configuration and print it; exit 2 on any error.
