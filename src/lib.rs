@@ -16,6 +16,7 @@ pub mod pattern;
 pub mod postfix;
 pub mod scan;
 pub mod serve;
+pub mod session;
 pub mod source;
 pub mod store;
 pub mod timefmt;
