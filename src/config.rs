@@ -10,13 +10,43 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+mod diag;
+
 /// The embedded default configuration, also installed as `/etc/dovegate/dovegate.toml`.
 pub const DEFAULT_CONFIG: &str = include_str!("../packaging/dovegate.toml");
+
+/// The configuration file every command reads when it exists (the package installs it).
+pub const SYSTEM_CONFIG: &str = "/etc/dovegate/dovegate.toml";
+
+/// The environment variable naming another configuration file.
+pub const CONFIG_ENV: &str = "DOVEGATE_CONFIG";
+
+/// The file a command reads: `--config`, else `$DOVEGATE_CONFIG`, else
+/// /etc/dovegate/dovegate.toml when it exists; None: the embedded default.
+pub fn config_file(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    // A file that exists but cannot be read is an error later, never a silent fallback.
+    let system = Path::new(SYSTEM_CONFIG);
+    std::fs::symlink_metadata(system)
+        .is_ok()
+        .then(|| system.to_path_buf())
+}
 
 /// The file as written, before validation. Unknown keys are errors.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// Where each key of the file stands, for error messages.
+    #[serde(skip)]
+    locations: diag::Locations,
+    /// The file read (None: the embedded default).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
     pub source: SourceSection,
     pub patterns: PatternsSection,
     pub grant: GrantSection,
@@ -32,13 +62,46 @@ pub struct SourceSection {
     pub syslog_idents: Vec<String>,
     pub max_line_bytes: usize,
     pub poll_interval: String,
-    pub journal: bool,
+    pub journal: JournalMode,
     pub journal_units: Vec<String>,
     pub journal_comms: Vec<String>,
     pub journal_exes: Vec<String>,
     pub journal_uids: Vec<u32>,
     pub untimed_lines_grant: bool,
 }
+
+/// `source.journal`: true, false, or "auto" (the journal where journald runs; else
+/// /var/log/mail.log when no log file is configured).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum JournalMode {
+    On(bool),
+    Auto(AutoWord),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoWord {
+    Auto,
+}
+
+/// What the machine has, for `source.journal = "auto"`.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemProbe {
+    /// journald runs (its native socket exists).
+    pub journald: bool,
+}
+
+impl SystemProbe {
+    pub fn system() -> SystemProbe {
+        SystemProbe {
+            journald: Path::new("/run/systemd/journal/socket").exists(),
+        }
+    }
+}
+
+/// The log file followed when the journal is off and no file is configured.
+pub const DEFAULT_LOG: &str = "/var/log/mail.log";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +117,7 @@ pub struct GrantSection {
     pub ttl: String,
     pub exclude: Vec<String>,
     pub exclude_mynetworks: bool,
+    pub postfix_config_dir: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -98,6 +162,8 @@ pub struct Settings {
     pub ttl: Duration,
     pub exclude: Vec<IpNet>,
     pub exclude_mynetworks: bool,
+    /// Postfix's configuration directory for `postconf -c` (None: Postfix's default).
+    pub postfix_config_dir: Option<PathBuf>,
     pub map_path: PathBuf,
     pub action: String,
     pub commit_interval: Duration,
@@ -130,16 +196,27 @@ pub const KNOWN_SERVICES: &[&str] = &["imap", "pop3", "submission", "managesieve
 impl FileConfig {
     /// Parses TOML text; `origin` names the file in error messages. Keys the text leaves
     /// out take the embedded default's values; unknown keys are errors.
+    /// Every problem is one line `origin:line:column: key: problem`.
     pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+        let locations = diag::locate(text, origin).map_err(ConfigError)?;
         let user: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+            toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {}", e.message())))?;
         let mut merged: toml::Table = toml::from_str(DEFAULT_CONFIG)
             .unwrap_or_else(|e| panic!("embedded default config is invalid: {e}"));
+        let unknown = diag::unknown_keys(&user, &merged, &locations);
+        if !unknown.is_empty() {
+            return Err(ConfigError(unknown.join("\n")));
+        }
         merge(&mut merged, user);
-        serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError(format!("{origin}: {path}: {}", e.into_inner()))
-        })
+        let mut file: FileConfig = serde_path_to_error::deserialize(toml::Value::Table(merged))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let msg = e.into_inner().to_string();
+                let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
+                ConfigError(format!("{}{path}: {msg}", locations.prefix(&path)))
+            })?;
+        file.locations = locations;
+        Ok(file)
     }
 
     pub fn embedded() -> FileConfig {
@@ -148,14 +225,20 @@ impl FileConfig {
             .unwrap_or_else(|e| panic!("embedded default config is invalid: {e}"))
     }
 
-    /// Reads the file, or the embedded default when `path` is None.
-    pub fn load(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
-        match path {
+    /// Reads the file `config_file(explicit)` names, or the embedded default.
+    pub fn load(explicit: Option<&Path>) -> Result<FileConfig, ConfigError> {
+        match config_file(explicit) {
             None => Ok(Self::embedded()),
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError(format!("{}: cannot read: {e}", p.display())))?;
-                Self::parse(&text, &p.display().to_string())
+                let text = std::fs::read_to_string(&p).map_err(|e| {
+                    ConfigError(format!(
+                        "{}: cannot read the configuration: {e} (name another with --config or {CONFIG_ENV})",
+                        p.display()
+                    ))
+                })?;
+                let mut file = Self::parse(&text, &p.display().to_string())?;
+                file.file = Some(p);
+                Ok(file)
             }
         }
     }
@@ -164,8 +247,21 @@ impl FileConfig {
         toml::to_string_pretty(self).unwrap_or_default()
     }
 
-    /// Checks every value and returns the typed settings.
+    /// Checks every value and returns the typed settings; an error names the file, line and
+    /// column of the key at fault when the file sets it.
     pub fn validate(&self) -> Result<Settings, ConfigError> {
+        self.validate_with(SystemProbe::system())
+    }
+
+    /// `validate`, with what the machine has given (for `source.journal = "auto"`).
+    pub fn validate_with(&self, probe: SystemProbe) -> Result<Settings, ConfigError> {
+        self.check_values(probe).map_err(|e| {
+            let key = e.0.split(':').next().unwrap_or_default();
+            ConfigError(format!("{}{}", self.locations.prefix(key), e.0))
+        })
+    }
+
+    fn check_values(&self, probe: SystemProbe) -> Result<Settings, ConfigError> {
         if self.source.logs.iter().any(|l| l.trim().is_empty()) {
             return Err(err("source.logs", "an entry is empty"));
         }
@@ -231,17 +327,37 @@ impl FileConfig {
         if self.map.path.trim().is_empty() {
             return Err(err("map.path", "is empty"));
         }
+        if self.map.path.starts_with("lmdb:") {
+            return Err(err(
+                "map.path",
+                "write the path without the `lmdb:` prefix (Postfix's main.cf has lmdb:PATH; here only PATH)",
+            ));
+        }
+        if !self.map.path.starts_with('/') {
+            return Err(err(
+                "map.path",
+                format!(
+                    "`{}` must be an absolute path (Postfix opens it from its own directory)",
+                    self.map.path
+                ),
+            ));
+        }
         if self.map.path.ends_with(".lmdb") {
             return Err(err(
                 "map.path",
                 "name the map as Postfix does, without `.lmdb` (the file is PATH.lmdb)",
             ));
         }
-        let action = self.map.action.trim().to_string();
-        if action.is_empty() || !action.bytes().all(|b| b.is_ascii_graphic()) {
+        // Only actions Postfix's access(5) treats as "permit" for relaying: anything else
+        // (a typo like PERMT) makes smtpd answer 451 to every granted client.
+        let action = self.map.action.trim().to_ascii_uppercase();
+        if action != "OK" && action != "RELAY" {
             return Err(err(
                 "map.action",
-                "must be one word such as OK or RELAY (no spaces)",
+                format!(
+                    "`{}` is not an access(5) action that permits relaying; use OK or RELAY",
+                    self.map.action
+                ),
             ));
         }
         let commit_interval = parse_duration("map.commit_interval", &self.map.commit_interval)?;
@@ -312,12 +428,20 @@ impl FileConfig {
             "" => None,
             d => Some(PathBuf::from(d)),
         };
+        let mut logs: Vec<PathBuf> = self.source.logs.iter().map(PathBuf::from).collect();
+        let journal = match self.source.journal {
+            JournalMode::On(on) => on,
+            JournalMode::Auto(_) => probe.journald,
+        };
+        if !journal && logs.is_empty() && self.source.journal != JournalMode::On(false) {
+            logs.push(PathBuf::from(DEFAULT_LOG));
+        }
         Ok(Settings {
-            logs: self.source.logs.iter().map(PathBuf::from).collect(),
+            logs,
             syslog_idents: self.source.syslog_idents.clone(),
             max_line_bytes,
             poll_interval,
-            journal: self.source.journal,
+            journal,
             untimed_lines_grant: self.source.untimed_lines_grant,
             provenance: crate::source::journal::Provenance {
                 units: self.source.journal_units.clone(),
@@ -331,6 +455,10 @@ impl FileConfig {
             ttl,
             exclude,
             exclude_mynetworks: self.grant.exclude_mynetworks,
+            postfix_config_dir: match self.grant.postfix_config_dir.trim() {
+                "" => None,
+                d => Some(PathBuf::from(d)),
+            },
             map_path: PathBuf::from(&self.map.path),
             action,
             commit_interval,
@@ -380,6 +508,51 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_file_line_column_and_suggest() {
+        let e = FileConfig::parse(
+            "[grant]\nttl = \"5m\"\ntll = \"9m\"\n\n[map]\npat = \"/x\"\n",
+            "f.toml",
+        )
+        .unwrap_err()
+        .0;
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(
+            lines,
+            vec![
+                "f.toml:3:1: grant.tll: unknown key (did you mean ttl?)",
+                "f.toml:6:1: map.pat: unknown key (did you mean path?)"
+            ]
+        );
+        let e = FileConfig::parse("[grant]\npath = \"/x\"\n", "f.toml")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("did you mean map.path?"), "{e}");
+        let e = FileConfig::parse("\n[grant]\n  ttl = 5\n", "f.toml")
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("f.toml:3:3: grant.ttl: "), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let c = FileConfig::parse("[grant]\n\nttl = \"soon\"\n", "f.toml").unwrap();
+        let e = c.validate().unwrap_err().0;
+        assert!(e.starts_with("f.toml:3:1: grant.ttl: "), "{e}");
+    }
+
+    #[test]
+    fn journal_auto_follows_the_machine() {
+        let c = FileConfig::embedded();
+        let with = c.validate_with(SystemProbe { journald: true }).unwrap();
+        assert!(with.journal);
+        assert!(with.logs.is_empty());
+        let without = c.validate_with(SystemProbe { journald: false }).unwrap();
+        assert!(!without.journal);
+        assert_eq!(without.logs, vec![PathBuf::from(DEFAULT_LOG)]);
+        let off = FileConfig::parse("[source]\njournal = false\nlogs = []\n", "f").unwrap();
+        let s = off.validate_with(SystemProbe { journald: true }).unwrap();
+        assert!(!s.journal && s.logs.is_empty());
+        assert!(FileConfig::parse("[source]\njournal = \"maybe\"\n", "f").is_err());
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let text = DEFAULT_CONFIG.replace("[grant]", "[grant]\nttll = \"5m\"");
         let e = FileConfig::parse(&text, "x.toml").unwrap_err().0;
@@ -406,12 +579,32 @@ mod tests {
     fn bad_values_name_their_key() {
         let mut c = FileConfig::embedded();
         c.grant.ttl = "soon".into();
-        assert!(c.validate().unwrap_err().0.starts_with("grant.ttl:"));
+        let e = c.validate().unwrap_err().0;
+        assert!(
+            e.starts_with("embedded default config:") && e.contains(": grant.ttl: "),
+            "{e}"
+        );
         let mut c = FileConfig::embedded();
         c.grant.exclude = vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()];
-        assert!(c.validate().unwrap_err().0.starts_with("grant.exclude[1]:"));
+        assert!(c.validate().unwrap_err().0.contains(": grant.exclude[1]:"));
         let mut c = FileConfig::embedded();
         c.map.path = "/x/relay.lmdb".into();
-        assert!(c.validate().unwrap_err().0.starts_with("map.path:"));
+        assert!(c.validate().unwrap_err().0.contains(": map.path:"));
+        for (path, bad) in [("lmdb:/x/relay", "lmdb:"), ("relay", "absolute")] {
+            let mut c = FileConfig::embedded();
+            c.map.path = path.into();
+            let e = c.validate().unwrap_err().0;
+            assert!(e.contains("map.path") && e.contains(bad), "{e}");
+        }
+        for (action, ok) in [
+            ("OK", true),
+            ("relay", true),
+            ("PERMT", false),
+            ("REJECT", false),
+        ] {
+            let mut c = FileConfig::embedded();
+            c.map.action = action.into();
+            assert_eq!(c.validate().is_ok(), ok, "{action}");
+        }
     }
 }

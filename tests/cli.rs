@@ -101,9 +101,16 @@ fn config_default_and_check_config() {
     // File mode warns that syslog lines can be forged; journal-only mode does not.
     let (_, _, err) = run(&["check-config", "--config", &path.display().to_string()]);
     assert!(err.contains("forge") && err.contains("journal"), "{err}");
+    let postfix = d.path().join("postfix");
+    std::fs::create_dir_all(&postfix).unwrap();
+    std::fs::write(postfix.join("main.cf"), "compatibility_level = 3.6\n").unwrap();
     let journal_only = default
-        .replace("logs = [\"/var/log/mail.log\"]", "logs = []")
-        .replace("journal = false", "journal = true");
+        .replace("journal = \"auto\"", "journal = true")
+        .replace(
+            "postfix_config_dir = \"\"",
+            &format!("postfix_config_dir = \"{}\"", postfix.display()),
+        );
+    assert_ne!(journal_only, default);
     std::fs::write(&path, &journal_only).unwrap();
     let (code, _, err) = run(&["check-config", "--config", &path.display().to_string()]);
     assert_eq!(code, Some(0));

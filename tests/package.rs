@@ -34,6 +34,20 @@ fn deb_installs_and_checks_out() {
     assert!(ok, "build-deb: {out}");
     let deb = out.lines().last().unwrap().trim().to_string();
     let deb = Path::new(root).join(deb);
+    // Debian's own judge of a package: no error (warnings are printed).
+    let (ok, out) = sh(
+        "lintian",
+        &[
+            "--fail-on",
+            "error",
+            "--allow-root",
+            &deb.display().to_string(),
+        ],
+    );
+    assert!(ok, "lintian: {out}");
+    if !out.trim().is_empty() {
+        eprintln!("lintian: {out}");
+    }
     let _purge = Purge;
     let (ok, out) = sh("dpkg", &["-i", &deb.display().to_string()]);
     assert!(ok, "dpkg -i: {out}");
@@ -48,6 +62,9 @@ fn deb_installs_and_checks_out() {
         "/usr/share/bash-completion/completions/dovegate",
         "/usr/share/zsh/vendor-completions/_dovegate",
         "/usr/share/fish/vendor_completions.d/dovegate.fish",
+        "/usr/share/doc/dovegate/copyright",
+        "/usr/share/doc/dovegate/changelog.gz",
+        "/usr/share/dovegate/patterns/dovecot-2.4.toml",
     ] {
         assert!(Path::new(f).exists(), "{f} installed");
     }

@@ -2,6 +2,7 @@
 
 mod admin;
 mod build;
+mod check;
 mod docs;
 pub mod run;
 mod status;
@@ -63,18 +64,24 @@ enum Command {
         /// How long (default: grant.ttl), e.g. 30m, 2h.
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
+        /// The client address (any textual form; stored canonical).
         ip: String,
     },
     /// Remove an address's grant.
     Revoke {
         #[command(flatten)]
         cfg: ConfigArgs,
+        /// The client address whose grant to remove.
         ip: String,
     },
     /// Validate the configuration and print it; exit 2 on any error.
     CheckConfig {
         #[command(flatten)]
         cfg: ConfigArgs,
+        /// The user the service runs as, for the permission checks (default: dovegate when
+        /// it exists, else the current user).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
     },
     /// Print configuration.
     Config {
@@ -178,7 +185,7 @@ pub fn main() -> ExitCode {
         Command::List { cfg, json } => admin::list(&cfg, json),
         Command::Grant { cfg, ttl, ip } => admin::grant(&cfg, ttl.as_deref(), &ip),
         Command::Revoke { cfg, ip } => admin::revoke(&cfg, &ip),
-        Command::CheckConfig { cfg } => check_config(&cfg),
+        Command::CheckConfig { cfg, user } => check::run(&cfg, user.as_deref()),
         Command::Config { default } => {
             if default {
                 print!("{DEFAULT_CONFIG}");
@@ -197,8 +204,9 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            if !f.message.is_empty() {
-                eprintln!("dovegate: {}", f.message);
+            // One line per problem, each naming the program.
+            for line in f.message.lines().filter(|l| !l.is_empty()) {
+                eprintln!("dovegate: {line}");
             }
             ExitCode::from(f.code)
         }
@@ -235,16 +243,6 @@ fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn check_config(cfg: &ConfigArgs) -> Result<(), Failure> {
-    let (file, settings) = load_settings(cfg, |_| {})?;
-    load_patterns(&settings, None)?;
-    for w in file_mode_warnings(&settings) {
-        eprintln!("dovegate: warning: {w}");
-    }
-    print!("{}", file.to_toml());
-    Ok(())
-}
-
 /// Dovecot's own log files (`doveconf -h log_path`, `info_log_path`), when doveconf runs.
 fn dovecot_log_files() -> Vec<PathBuf> {
     ["log_path", "info_log_path"]
@@ -264,7 +262,7 @@ fn dovecot_log_files() -> Vec<PathBuf> {
 
 /// File mode cannot tell a forged syslog line from a real one: warn for every followed file
 /// that is not Dovecot's own log file.
-fn file_mode_warnings(settings: &Settings) -> Vec<String> {
+pub(crate) fn file_mode_warnings(settings: &Settings) -> Vec<String> {
     if settings.logs.is_empty() {
         return Vec::new();
     }

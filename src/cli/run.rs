@@ -4,8 +4,6 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use ipnet::IpNet;
-
 use super::{load_patterns, load_settings, ConfigArgs, Failure};
 use crate::config::Settings;
 use crate::engine::{self, Engine, Exit};
@@ -79,7 +77,7 @@ impl JournalArgs {
 struct Effective {
     settings: Settings,
     patterns: Arc<PatternSet>,
-    exclude: Vec<IpNet>,
+    exclude: Vec<ipnet::IpNet>,
     journal: Option<JournalTarget>,
 }
 
@@ -88,6 +86,10 @@ impl Effective {
         let (_, settings) = load_settings(&args.cfg, |f| {
             if !args.logs.is_empty() {
                 f.source.logs = args.logs.iter().map(|p| p.display().to_string()).collect();
+                if !args.journal.given() {
+                    // --log alone means: these files only.
+                    f.source.journal = crate::config::JournalMode::On(false);
+                }
             } else if args.journal.given() {
                 // Journal flags alone mean: the journal only.
                 f.source.logs.clear();

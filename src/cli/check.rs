@@ -1,0 +1,400 @@
+//! `dovegate check-config`: every check `run` makes at start, and those that only show once
+//! the daemon runs as its service user, each problem as one line with its fix.
+//!
+//! Errors (exit 2) are what `run` would refuse; warnings are what would leave the daemon
+//! running and granting nothing (a log its user cannot read, Postfix unable to read the map).
+
+use std::ffi::{CStr, CString};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{load_patterns, load_settings, ConfigArgs, Failure};
+use crate::config::{Settings, CONFIG_ENV};
+
+/// The user the service runs as, with its groups (for "can it read this file?").
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    /// Every group (primary included): id and name.
+    pub groups: Vec<(u32, String)>,
+}
+
+fn group_name(gid: u32) -> String {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: valid buffers for the call; `out` points into `grp` on success.
+    let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() {
+        return gid.to_string();
+    }
+    // SAFETY: gr_name is a NUL-terminated string inside `buf`.
+    unsafe { CStr::from_ptr(grp.gr_name) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+impl Account {
+    /// Looks a user up by name (None: no such user).
+    pub fn lookup(name: &str) -> Option<Account> {
+        let cname = CString::new(name).ok()?;
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut out: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: valid buffers for the call; `out` points into `pw` on success.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pw,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut out,
+            )
+        };
+        if rc != 0 || out.is_null() {
+            return None;
+        }
+        let (uid, gid) = (pw.pw_uid, pw.pw_gid);
+        let mut n: libc::c_int = 256;
+        let mut gids = vec![0 as libc::gid_t; n as usize];
+        // SAFETY: `gids` holds `n` entries; getgrouplist writes at most that many.
+        let rc = unsafe { libc::getgrouplist(cname.as_ptr(), gid, gids.as_mut_ptr(), &mut n) };
+        gids.truncate(if rc < 0 { 0 } else { n as usize });
+        if !gids.contains(&gid) {
+            gids.insert(0, gid);
+        }
+        let groups = gids.into_iter().map(|g| (g, group_name(g))).collect();
+        Some(Account {
+            name: name.to_string(),
+            uid,
+            groups,
+        })
+    }
+
+    /// The service's user: `dovegate` when it exists (the package creates it), else the
+    /// user running the check.
+    pub fn service_user(explicit: Option<&str>) -> Option<Account> {
+        if let Some(n) = explicit {
+            return Account::lookup(n);
+        }
+        Account::lookup("dovegate").or_else(|| {
+            // SAFETY: geteuid cannot fail.
+            let uid = unsafe { libc::geteuid() };
+            let mut buf = vec![0 as libc::c_char; 16 * 1024];
+            let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+            let mut out: *mut libc::passwd = std::ptr::null_mut();
+            // SAFETY: as in `lookup`.
+            let rc =
+                unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
+            if rc != 0 || out.is_null() {
+                return None;
+            }
+            // SAFETY: pw_name is NUL-terminated inside `buf`.
+            let name = unsafe { CStr::from_ptr(pw.pw_name) }
+                .to_string_lossy()
+                .into_owned();
+            Account::lookup(&name)
+        })
+    }
+
+    fn in_group(&self, gid: u32) -> bool {
+        self.groups.iter().any(|(g, _)| *g == gid)
+    }
+
+    fn group_list(&self) -> String {
+        self.groups
+            .iter()
+            .map(|(_, n)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Whether permission bits let this user do `want` (4 read, 1 search) on `meta`.
+    fn allowed(&self, meta: &std::fs::Metadata, want: u32) -> bool {
+        if self.uid == 0 {
+            return true;
+        }
+        let mode = meta.permissions().mode();
+        let bits = if meta.uid() == self.uid {
+            mode >> 6
+        } else if self.in_group(meta.gid()) {
+            mode >> 3
+        } else {
+            mode
+        };
+        bits & want == want
+    }
+
+    /// None when the user can read `path` (every directory above it searchable); else why
+    /// not and what to do.
+    pub fn read_problem(&self, path: &Path) -> Option<String> {
+        let who = format!(
+            "user {} (uid {}, groups {})",
+            self.name,
+            self.uid,
+            self.group_list()
+        );
+        let mut dir = PathBuf::new();
+        for part in path.parent().into_iter().flat_map(|p| p.components()) {
+            dir.push(part);
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            if !self.allowed(&meta, 1) {
+                return Some(format!(
+                    "{} cannot be reached by {who}: directory {} is {} mode {:04o}; allow search (x) for that user or its group",
+                    path.display(),
+                    dir.display(),
+                    owner_text(&meta),
+                    meta.permissions().mode() & 0o7777
+                ));
+            }
+        }
+        let meta = std::fs::metadata(path).ok()?;
+        if self.allowed(&meta, 4) {
+            return None;
+        }
+        let group = group_name(meta.gid());
+        Some(format!(
+            "{} is not readable by {who}: owner {} mode {:04o}; add the user to group {group} (adduser {} {group}) with the file group-readable (logrotate: create 0640 root {group}), or use journal mode (source.journal = true)",
+            path.display(),
+            owner_text(&meta),
+            meta.permissions().mode() & 0o7777,
+            self.name,
+        ))
+    }
+}
+
+fn owner_text(meta: &std::fs::Metadata) -> String {
+    let user = Account::name_of(meta.uid());
+    format!("{user}:{}", group_name(meta.gid()))
+}
+
+impl Account {
+    fn name_of(uid: u32) -> String {
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut out: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: as in `lookup`.
+        let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
+        if rc != 0 || out.is_null() {
+            return uid.to_string();
+        }
+        // SAFETY: pw_name is NUL-terminated inside `buf`.
+        unsafe { CStr::from_ptr(pw.pw_name) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// What one check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// `run` would refuse to start, or would run and never grant: exit 2.
+    Error(String),
+    Warning(String),
+}
+
+/// Where Dovecot says it logs (`doveconf -h log_path`), for the "missing log" hint.
+fn dovecot_log_path() -> Option<String> {
+    let out = std::process::Command::new("doveconf")
+        .args(["-h", "log_path"])
+        .output()
+        .ok()?;
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    out.status.success().then_some(p)
+}
+
+/// One followed log file, as the service user would meet it.
+pub fn check_log(path: &Path, user: Option<&Account>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let hint = match dovecot_log_path() {
+                Some(p) if p.starts_with('/') => format!("Dovecot logs to {p} (doveconf -h log_path)"),
+                Some(p) => format!("Dovecot logs through {} (doveconf -h log_path is {p:?}), so its lines are in the journal or syslog", if p == "syslog" || p.is_empty() { "syslog" } else { "its log_path" }),
+                None => "doveconf is not available to ask where Dovecot logs".to_string(),
+            };
+            out.push(Finding::Warning(format!(
+                "source.logs: {} does not exist (dovegate waits for it and grants nothing meanwhile); {hint}; on Debian 12 without rsyslog use journal mode (source.journal = true)",
+                path.display()
+            )));
+        }
+        Err(e) => out.push(Finding::Warning(format!(
+            "source.logs: {}: {e}",
+            path.display()
+        ))),
+        Ok(meta) if !meta.is_file() => out.push(Finding::Error(format!(
+            "source.logs: {} is not a regular file (a {}); name the log file itself",
+            path.display(),
+            kind_of(&meta)
+        ))),
+        Ok(_) => {
+            if let Some(problem) = user.and_then(|u| u.read_problem(path)) {
+                out.push(Finding::Warning(format!("source.logs: {problem}")));
+            }
+        }
+    }
+    out
+}
+
+fn kind_of(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
+}
+
+/// Every check of the settings beyond what `validate` already refused.
+pub fn findings(settings: &Settings, user: Option<&Account>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for log in &settings.logs {
+        out.extend(check_log(log, user));
+    }
+    if settings.journal {
+        if let Some(u) = user.filter(|u| u.uid != 0) {
+            if !u
+                .groups
+                .iter()
+                .any(|(_, n)| n == "systemd-journal" || n == "adm")
+            {
+                out.push(Finding::Warning(format!(
+                    "source.journal: user {} is in neither group systemd-journal nor adm, so journalctl shows it no Dovecot entries: adduser {} systemd-journal",
+                    u.name, u.name
+                )));
+            }
+        }
+    }
+    let postfix = settings.postfix_config_dir.as_deref();
+    match crate::postfix::postconf(postfix, &["-m"]) {
+        Ok(types) => {
+            if let Some(p) = crate::postfix::lmdb_problem(&types) {
+                out.push(Finding::Error(format!("map.path: {p}")));
+            }
+        }
+        Err(e) if settings.socketmap.is_none() => {
+            out.push(Finding::Warning(format!(
+                "map.path: cannot ask Postfix whether it reads lmdb maps: {e}; the map is for Postfix (check_client_access lmdb:{}), sendmail needs serve.socketmap",
+                settings.map_path.display()
+            )));
+        }
+        Err(_) => {}
+    }
+    if settings.exclude_mynetworks {
+        if let Err(e) = crate::postfix::mynetworks(postfix) {
+            out.push(Finding::Error(format!("grant.exclude_mynetworks: {e}")));
+        }
+    }
+    if let Some(crate::serve::socketmap::Listen::Unix(p)) =
+        settings.socketmap.as_ref().map(|s| &s.listen)
+    {
+        if let Some(dir) = p.parent().filter(|d| !d.exists()) {
+            out.push(Finding::Warning(format!(
+                "serve.socketmap: directory {} does not exist; the unit's RuntimeDirectory=dovegate creates /run/dovegate, elsewhere create it (install -d -o dovegate {})",
+                dir.display(),
+                dir.display()
+            )));
+        }
+    }
+    if let Some(dir) = settings.map_path.parent().filter(|d| !d.exists()) {
+        out.push(Finding::Warning(format!(
+            "map.path: directory {} does not exist; `dovegate init` creates it and the empty map",
+            dir.display()
+        )));
+    }
+    out
+}
+
+pub fn run(cfg: &ConfigArgs, user: Option<&str>) -> Result<(), Failure> {
+    let (file, settings) = load_settings(cfg, |_| {})?;
+    load_patterns(&settings, None)?;
+    match &file.file {
+        Some(p) => eprintln!("dovegate: configuration {}", p.display()),
+        None => eprintln!(
+            "dovegate: configuration: the embedded default (no /etc/dovegate/dovegate.toml, no --config, no {CONFIG_ENV})"
+        ),
+    }
+    let account = Account::service_user(user);
+    if let (Some(name), None) = (user, &account) {
+        return Err(Failure::config(format!("--user: no user `{name}`")));
+    }
+    let mut all = findings(&settings, account.as_ref());
+    all.extend(
+        super::file_mode_warnings(&settings)
+            .into_iter()
+            .map(Finding::Warning),
+    );
+    let mut errors = 0;
+    for f in &all {
+        match f {
+            Finding::Error(m) => {
+                errors += 1;
+                eprintln!("dovegate: error: {m}");
+            }
+            Finding::Warning(m) => eprintln!("dovegate: warning: {m}"),
+        }
+    }
+    print!("{}", file.to_toml());
+    if errors > 0 {
+        return Err(Failure::config(String::new()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nobody() -> Account {
+        Account {
+            name: "nobody".into(),
+            uid: 65534,
+            groups: vec![(65534, "nogroup".into())],
+        }
+    }
+
+    #[test]
+    fn readability_by_mode_and_groups() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let f = d.path().join("mail.log");
+        std::fs::write(&f, "x\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = nobody()
+            .read_problem(&f)
+            .expect("0600 root file unreadable by nobody");
+        assert!(p.contains("mode 0600") && p.contains("user nobody"), "{p}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(nobody().read_problem(&f), None);
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let p = nobody().read_problem(&f).expect("unsearchable dir");
+        assert!(p.contains("cannot be reached"), "{p}");
+    }
+
+    #[test]
+    fn logs_that_are_not_files() {
+        let d = tempfile::tempdir().unwrap();
+        let found = check_log(d.path(), None);
+        assert!(
+            matches!(&found[..], [Finding::Error(m)] if m.contains("directory")),
+            "{found:?}"
+        );
+        let found = check_log(&d.path().join("missing.log"), None);
+        assert!(
+            matches!(&found[..], [Finding::Warning(m)] if m.contains("does not exist") && m.contains("journal")),
+            "{found:?}"
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! Which configuration every command reads, and how problems in it are reported.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+fn dovegate_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = Command::new(bin());
+    c.args(args).env_remove("DOVEGATE_CONFIG");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run dovegate")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn lookup_order_flag_then_environment_then_etc() {
+    let d = tempdir();
+    let env_conf = d.path().join("env.toml");
+    std::fs::write(&env_conf, "[map]\npath = \"/srv/from-env/relay\"\n").unwrap();
+    let flag_conf = d.path().join("flag.toml");
+    std::fs::write(&flag_conf, "[map]\npath = \"/srv/from-flag/relay\"\n").unwrap();
+    let env = [("DOVEGATE_CONFIG", env_conf.to_str().unwrap())];
+    let cmd = "check-config";
+    let out = dovegate_env(&[cmd], &env);
+    assert!(
+        text(&out.stdout).contains("/srv/from-env/relay"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stderr).contains(env_conf.to_str().unwrap()));
+    let flag = flag_conf.to_str().unwrap();
+    let out = dovegate_env(&[cmd, "--config", flag], &env);
+    assert!(text(&out.stdout).contains("/srv/from-flag/relay"));
+    // Every map command reads it too: `lookup` names the map it was told about.
+    let out = dovegate_env(&["lookup", "192.0.2.1"], &env);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("/srv/from-env/relay.lmdb"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A named file that does not exist is an error, never a silent fallback.
+    let out = dovegate_env(
+        &["check-config"],
+        &[("DOVEGATE_CONFIG", "/nonexistent/x.toml")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("/nonexistent/x.toml"));
+}
+
+/// /etc/dovegate/dovegate.toml is read when it exists: shown in a private mount namespace,
+/// so the machine's /etc stays untouched.
+#[test]
+fn etc_file_is_read_when_present() {
+    if !std::path::Path::new("/usr/bin/unshare").exists() {
+        eprintln!("skipped: no unshare");
+        return;
+    }
+    let d = tempdir();
+    std::fs::write(d.path().join("dovegate.toml"), "[grant]\nttl = \"7m\"\n").unwrap();
+    let created = !std::path::Path::new("/etc/dovegate").exists();
+    if created {
+        std::fs::create_dir_all("/etc/dovegate").unwrap();
+    }
+    let script = format!(
+        "mount --bind {} /etc/dovegate && exec {} check-config",
+        d.path().display(),
+        bin()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env_remove("DOVEGATE_CONFIG")
+        .output()
+        .unwrap();
+    if created {
+        let _ = std::fs::remove_dir("/etc/dovegate");
+    }
+    assert!(
+        text(&out.stdout).contains("ttl = \"7m\""),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stderr).contains("/etc/dovegate/dovegate.toml"));
+}
+
+#[test]
+fn problems_name_file_line_column_one_line_each() {
+    let d = tempdir();
+    let path = d.path().join("dovegate.toml");
+    std::fs::write(
+        &path,
+        "[grant]\nttl = \"30m\"\ntll = \"5m\"\n\n[map]\naction = \"PERMT\"\n",
+    )
+    .unwrap();
+    let p = path.display().to_string();
+    let out = dovegate_env(&["check-config", "--config", &p], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        vec![format!(
+            "dovegate: {p}:3:1: grant.tll: unknown key (did you mean ttl?)"
+        )]
+    );
+    std::fs::write(&path, "[map]\naction = \"PERMT\"\n").unwrap();
+    let err = text(&dovegate_env(&["check-config", "--config", &p], &[]).stderr);
+    assert!(
+        err.starts_with(&format!("dovegate: {p}:2:1: map.action: ")),
+        "{err}"
+    );
+    assert!(err.contains("OK or RELAY"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // run refuses the same file the same way.
+    let out = dovegate_env(&["run", "--config", &p], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("map.action"));
+}
+
+#[test]
+fn check_config_checks_log_files_as_the_service_user() {
+    let d = tempdir();
+    let log = d.path().join("dovecot.log");
+    std::fs::write(&log, "x\n").unwrap();
+    set_mode(&log, 0o600);
+    let conf = d.path().join("dovegate.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[source]\njournal = false\nlogs = [\"{}\"]\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let c = conf.display().to_string();
+    let out = dovegate_env(&["check-config", "--config", &c, "--user", "nobody"], &[]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("is not readable by user nobody") && err.contains("mode 0600"),
+        "{err}"
+    );
+    // A directory where a log file should be: refused.
+    std::fs::write(
+        &conf,
+        format!(
+            "[source]\njournal = false\nlogs = [\"{}\"]\n",
+            d.path().display()
+        ),
+    )
+    .unwrap();
+    let out = dovegate_env(&["check-config", "--config", &c], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("not a regular file"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Missing: says where Dovecot logs and suggests the journal.
+    std::fs::write(
+        &conf,
+        "[source]\njournal = false\nlogs = [\"/nonexistent/dovecot.log\"]\n",
+    )
+    .unwrap();
+    let err = text(&dovegate_env(&["check-config", "--config", &c], &[]).stderr);
+    assert!(
+        err.contains("does not exist") && err.contains("journal"),
+        "{err}"
+    );
+}
+
+#[test]
+fn exclude_mynetworks_uses_the_named_postfix_directory() {
+    let d = tempdir();
+    let postfix = d.path().join("postfix-out");
+    std::fs::create_dir_all(&postfix).unwrap();
+    std::fs::write(
+        postfix.join("main.cf"),
+        "compatibility_level = 3.6\nmynetworks = 192.0.2.0/24 [::ffff:198.51.100.0]/120\n",
+    )
+    .unwrap();
+    let conf = d.path().join("dovegate.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[grant]\nexclude_mynetworks = true\npostfix_config_dir = \"{}\"\n",
+            postfix.display()
+        ),
+    )
+    .unwrap();
+    let c = conf.display().to_string();
+    let out = dovegate_env(&["check-config", "--config", &c], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // A directory Postfix has no configuration in: the same error from check-config and run.
+    std::fs::write(
+        &conf,
+        format!(
+            "[grant]\nexclude_mynetworks = true\npostfix_config_dir = \"{}\"\n",
+            d.path().join("nope").display()
+        ),
+    )
+    .unwrap();
+    for cmd in ["check-config", "run"] {
+        let out = dovegate_env(&[cmd, "--config", &c, "--map", "/tmp/dg-unused-map"], &[]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("postconf -c"),
+            "{cmd}: {}",
+            text(&out.stderr)
+        );
+    }
+}
