@@ -19,6 +19,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// At most one WARN line per this interval about failing accepts.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Accepts must succeed this long without a failure before the recovery is logged.
+const RECOVERED_AFTER: Duration = Duration::from_secs(2);
 
 /// A listener the loop can poll (tokio's unix and TCP listeners), so one loop serves both.
 pub trait Listener: Send + Sync + 'static {
@@ -73,20 +75,29 @@ pub async fn run<L: Listener>(
 ) {
     let mut log = LogLimit::new(LOG_EVERY);
     let mut backoff: Option<Duration> = None;
+    // Accepts failed since the last recovery.
     let mut failed: u64 = 0;
+    // Near the limit, single accepts succeed between failures as descriptors come and go:
+    // the recovery is logged once accepts have succeeded for RECOVERED_AFTER in a row.
+    let mut recovered_at: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             _ = stopped(&mut stop) => return,
+            _ = sleep_until(recovered_at) => {
+                tracing::info!(failed, "socketmap accepts connections again");
+                log.take_pending();
+                failed = 0;
+                recovered_at = None;
+                continue;
+            }
             r = poll_fn(|cx| listener.poll_accept_stream(cx)) => r,
         };
         match accepted {
             Ok(stream) => {
-                if failed > 0 {
-                    tracing::info!(failed, "socketmap accepts connections again");
-                    log.take_pending();
-                    failed = 0;
-                }
                 backoff = None;
+                if failed > 0 && recovered_at.is_none() {
+                    recovered_at = Some(tokio::time::Instant::now() + RECOVERED_AFTER);
+                }
                 on_connection(stream);
             }
             Err(e) if per_connection(&e) => {
@@ -94,6 +105,7 @@ pub async fn run<L: Listener>(
             }
             Err(e) => {
                 failed += 1;
+                recovered_at = None;
                 let pause = backoff.map_or(FIRST_BACKOFF, |d| (d * 2).min(MAX_BACKOFF));
                 backoff = Some(pause);
                 if let Some(n) = log.hit(Instant::now()) {
@@ -114,5 +126,13 @@ pub async fn run<L: Listener>(
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when None.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }

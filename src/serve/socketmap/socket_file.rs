@@ -4,7 +4,7 @@
 //! live server looks just the same: unlinking it would leave that server listening on a
 //! name nobody can reach, and every MTA lookup would fail (451). So a socket file is
 //! removed only when connecting to it is refused (nobody listens), and at shutdown only
-//! when the path still names the socket this process bound (same device and inode).
+//! when the path still names the socket this process bound (same device, inode and change time).
 //! Two instances starting at once could both find the file stale; a lock on `PATH.lock`,
 //! held while serving, makes the check and the bind one step.
 
@@ -23,8 +23,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct SocketFile {
     path: PathBuf,
-    dev: u64,
-    ino: u64,
+    /// Identity of the file: device, inode and change time (tmpfs hands a freed inode
+    /// number to the next file, so the number alone could name another's socket).
+    id: (u64, u64, i64, i64),
     /// Holds the flock on `PATH.lock` while this server lives.
     _lock: std::fs::File,
 }
@@ -85,6 +86,10 @@ async fn accepting(path: &Path) -> io::Result<bool> {
     }
 }
 
+fn identity(m: &std::fs::Metadata) -> (u64, u64, i64, i64) {
+    (m.dev(), m.ino(), m.ctime(), m.ctime_nsec())
+}
+
 /// Binds a listener at `path` (mode 0666), removing a stale socket file first; refuses
 /// when another server accepts connections there or the path is not a socket.
 pub async fn bind(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
@@ -95,13 +100,15 @@ pub async fn bind(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
-        Ok(meta) if !meta.file_type().is_socket() => return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!(
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
                 "{} exists and is not a socket; remove it or choose another serve.socketmap path",
                 path.display()
             ),
-        )),
+            ))
+        }
         Ok(_) => {
             if accepting(path).await? {
                 return Err(another_instance(path));
@@ -121,15 +128,13 @@ pub async fn bind(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
             e
         }
     })?;
-    let meta = std::fs::symlink_metadata(path)?;
-    let file = SocketFile {
-        path: path.to_path_buf(),
-        dev: meta.dev(),
-        ino: meta.ino(),
-        _lock: lock,
-    };
     // smtpd and sendmail query as their own users; lookups reveal only grants.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    let file = SocketFile {
+        path: path.to_path_buf(),
+        id: identity(&std::fs::symlink_metadata(path)?),
+        _lock: lock,
+    };
     Ok((listener, file))
 }
 
@@ -137,7 +142,7 @@ impl SocketFile {
     /// Removes the socket file if the path still names the socket this process bound.
     fn remove_if_ours(&self) {
         match std::fs::symlink_metadata(&self.path) {
-            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {
+            Ok(m) if identity(&m) == self.id => {
                 if let Err(e) = std::fs::remove_file(&self.path) {
                     tracing::warn!(socket = %self.path.display(), "cannot remove the socketmap socket: {e}");
                 }
