@@ -8,8 +8,9 @@
 //! length, concurrent connections, idle time, time per request and per reply. A malformed
 //! request closes the connection.
 
-mod accept;
-mod log_limit;
+// Public for the other listeners of the daemon (metrics) that need the same care.
+pub mod accept;
+pub mod log_limit;
 mod socket_file;
 
 use std::collections::BTreeMap;

@@ -46,7 +46,9 @@ fn lock(path: &Path) -> io::Result<std::fs::File> {
     use std::os::unix::io::AsRawFd;
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
+        .custom_flags(libc::O_NOFOLLOW)
         .create(true)
         .truncate(false)
         .write(true)
@@ -72,7 +74,15 @@ fn lock(path: &Path) -> io::Result<std::fs::File> {
 async fn accepting(path: &Path) -> io::Result<bool> {
     match tokio::time::timeout(PROBE_TIMEOUT, UnixStream::connect(path)).await {
         Ok(Ok(_)) => Ok(true),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(false),
+        // Refused: nobody listens. Not found: removed since we looked.
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+            ) =>
+        {
+            Ok(false)
+        }
         // A full backlog: alive, only busy.
         Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
         Err(_) => Ok(true),
