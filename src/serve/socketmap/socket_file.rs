@@ -4,12 +4,13 @@
 //! live server looks just the same: unlinking it would leave that server listening on a
 //! name nobody can reach, and every MTA lookup would fail (451). So a socket file is
 //! removed only when connecting to it is refused (nobody listens), and at shutdown only
-//! when the path still names the socket this process bound (same device, inode and change time).
+//! when the path still names the socket this process bound (same device and inode; the
+//! inode is held open meanwhile, so its number cannot pass to another file).
 //! Two instances starting at once could both find the file stale; a lock on `PATH.lock`,
 //! held while serving, makes the check and the bind one step.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,9 +24,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct SocketFile {
     path: PathBuf,
-    /// Identity of the file: device, inode and change time (tmpfs hands a freed inode
-    /// number to the next file, so the number alone could name another's socket).
-    id: (u64, u64, i64, i64),
+    /// The socket's inode, held open (O_PATH) so that its number cannot be handed to
+    /// another file while we live (tmpfs reuses freed inode numbers at once).
+    inode: std::fs::File,
     /// Holds the flock on `PATH.lock` while this server lives.
     _lock: std::fs::File,
 }
@@ -46,7 +47,6 @@ fn lock(path: &Path) -> io::Result<std::fs::File> {
     use std::os::unix::io::AsRawFd;
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
-    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .custom_flags(libc::O_NOFOLLOW)
         .create(true)
@@ -96,10 +96,6 @@ async fn accepting(path: &Path) -> io::Result<bool> {
     }
 }
 
-fn identity(m: &std::fs::Metadata) -> (u64, u64, i64, i64) {
-    (m.dev(), m.ino(), m.ctime(), m.ctime_nsec())
-}
-
 /// Binds a listener at `path` (mode 0666), removing a stale socket file first; refuses
 /// when another server accepts connections there or the path is not a socket.
 pub async fn bind(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
@@ -140,9 +136,13 @@ pub async fn bind(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
     })?;
     // smtpd and sendmail query as their own users; lookups reveal only grants.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    let inode = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
     let file = SocketFile {
         path: path.to_path_buf(),
-        id: identity(&std::fs::symlink_metadata(path)?),
+        inode,
         _lock: lock,
     };
     Ok((listener, file))
@@ -151,8 +151,11 @@ pub async fn bind(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
 impl SocketFile {
     /// Removes the socket file if the path still names the socket this process bound.
     fn remove_if_ours(&self) {
+        let Ok(ours) = self.inode.metadata() else {
+            return;
+        };
         match std::fs::symlink_metadata(&self.path) {
-            Ok(m) if identity(&m) == self.id => {
+            Ok(m) if (m.dev(), m.ino()) == (ours.dev(), ours.ino()) => {
                 if let Err(e) = std::fs::remove_file(&self.path) {
                     tracing::warn!(socket = %self.path.display(), "cannot remove the socketmap socket: {e}");
                 }
