@@ -441,6 +441,28 @@ mod tests {
         assert_eq!(task.await.unwrap(), Closed::SlowRequest);
     }
 
+    /// Postfix keeps its connection open between lookups: the request timeout runs per
+    /// request, not per connection.
+    #[tokio::test]
+    async fn a_persistent_client_outlives_the_request_timeout() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let cfg = Arc::new(cfg());
+        let task = tokio::spawn(serve_connection(server, GrantsView::default(), cfg.clone()));
+        let started = Instant::now();
+        let mut got = [0u8; 32];
+        while started.elapsed() < cfg.request_timeout() * 2 {
+            client
+                .write_all(&netstring::encode(b"relay 192.0.2.1"))
+                .await
+                .unwrap();
+            let n = client.read(&mut got).await.unwrap();
+            assert_eq!(&got[..n], b"9:NOTFOUND ,");
+            tokio::time::sleep(cfg.idle_timeout / 4).await;
+        }
+        drop(client);
+        assert_eq!(task.await.unwrap(), Closed::Peer);
+    }
+
     #[tokio::test]
     async fn a_client_that_never_reads_is_dropped() {
         // A tiny pipe: replies fill it at once.
