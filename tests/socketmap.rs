@@ -230,20 +230,20 @@ fn hostile_clients_never_take_it_down() {
     // Requests without a key get a PERM reply, unknown keys NOTFOUND.
     expect_reply(&sock, "relay", "30:PERM expected: <mapname> <key>,");
     expect_reply(&sock, "relay unknown", "9:NOTFOUND ,");
-    // Connection limit: idle connections beyond the limit are closed at once.
-    let idle: Vec<UnixStream> = (0..4)
+    // Every slot busy (4): a newcomer is served, and the stalest connection is closed to
+    // make room for it.
+    let mut idle: Vec<UnixStream> = (0..4)
         .map(|_| UnixStream::connect(&sock).unwrap())
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let mut extra = UnixStream::connect(&sock).unwrap();
-    extra
-        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+    assert_eq!(query(&sock, "relay 203.0.113.8"), "5:OK OK,");
+    idle[0]
+        .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let mut buf = [0u8; 8];
     assert_eq!(
-        extra.read(&mut buf).unwrap_or(0),
-        0,
-        "over the limit: closed"
+        idle[0].read(&mut buf).ok(),
+        Some(0),
+        "the stalest connection was closed"
     );
     drop(idle);
     expect_reply(&sock, "relay 203.0.113.8", "5:OK OK,");
@@ -311,17 +311,17 @@ fn slow_and_deaf_clients_do_not_lock_out_postfix() {
         deaf_pipeliner(&sock),
         deaf_pipeliner(&sock),
     ];
-    // Postfix is answered again once the request and write timeouts (2 s) have passed,
-    // while the attackers are still at it.
-    wait_for("postmap answered despite the attackers", PATIENCE, || {
-        postmap_answer(&sock, "relay", "203.0.113.9").as_deref() == Some("OK")
-    });
+    // No newcomer evicts them: the request and write timeouts (2 s) alone close them all,
+    // while they are still at it.
     for a in attackers {
         assert!(
             a.join().unwrap(),
             "the server closed the hostile connection"
         );
     }
+    wait_for("postmap answered", PATIENCE, || {
+        postmap_answer(&sock, "relay", "203.0.113.9").as_deref() == Some("OK")
+    });
     let text = daemon.log();
     assert!(
         text.contains("socketmap connections closed: a request arrived too slowly"),
@@ -330,10 +330,10 @@ fn slow_and_deaf_clients_do_not_lock_out_postfix() {
     assert_eq!(daemon.stop(), Some(0));
 }
 
-/// Refused connections are counted and logged at most once per 10 s (409,462 WARN lines in
-/// 5 s were seen).
+/// Crowding (every slot busy) is counted and logged at most once per 10 s per kind
+/// (409,462 WARN lines in 5 s were seen).
 #[test]
-fn refused_connections_are_logged_rate_limited() {
+fn crowding_is_logged_rate_limited() {
     let d = tempdir();
     let run = RunDir::new();
     let sock = run.0.join("socketmap");
@@ -341,44 +341,90 @@ fn refused_connections_are_logged_rate_limited() {
     let mut daemon = start(d.path(), &sock, &log);
     expect_reply(&sock, "relay 192.0.2.1", "9:NOTFOUND ,");
     let started = Instant::now();
-    // Four honest clients that keep their connections busy hold every slot.
-    let holders: Vec<UnixStream> = (0..4)
-        .map(|_| {
-            let mut s = UnixStream::connect(&sock).unwrap();
-            s.write_all(b"15:relay 192.0.2.1,").unwrap();
-            let mut buf = [0u8; 16];
-            assert!(s.read(&mut buf).unwrap() > 0, "holder answered");
-            s
-        })
-        .collect();
-    let refused_line = |t: &str| {
+    let lines = |t: &str, kind: &str| {
         t.lines()
-            .filter(|l| l.contains("socketmap connection") && l.contains("refused"))
+            .filter(|l| l.contains("socketmap") && l.contains(kind))
             .count()
     };
-    let mut floods = 0;
-    while floods < 3000 {
+    // Connections that are opened and dropped at once, far more than the 4 slots.
+    let mut open: Vec<UnixStream> = Vec::new();
+    for i in 0..3000 {
         if let Ok(s) = UnixStream::connect(&sock) {
-            drop(s);
+            open.push(s);
         }
-        floods += 1;
+        if i % 16 == 0 {
+            open.clear();
+        }
     }
-    wait_for("a refusal WARN", PATIENCE, || {
-        refused_line(&daemon.log()) > 0
+    drop(open);
+    wait_for("a crowding WARN", PATIENCE, || {
+        lines(&daemon.log(), "stalest") > 0
     });
-    let elapsed = started.elapsed().as_secs();
-    let lines = refused_line(&daemon.log());
-    assert!(
-        lines as u64 <= elapsed / 10 + 2,
-        "{lines} refusal lines in {elapsed}s:\n{}",
-        daemon.log()
-    );
-    assert!(
-        daemon.log().contains("refused="),
-        "the WARN carries a count"
-    );
-    drop(holders);
+    let elapsed = started.elapsed().as_secs() as usize;
+    let text = daemon.log();
+    for kind in ["stalest", "refused"] {
+        let n = lines(&text, kind);
+        assert!(
+            n <= elapsed / 10 + 2,
+            "{n} `{kind}` lines in {elapsed}s:\n{text}"
+        );
+    }
+    assert!(text.contains("evicted="), "the WARN carries a count");
     expect_reply(&sock, "relay 192.0.2.1", "9:NOTFOUND ,");
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+/// Attackers that reconnect as soon as they are cut off, trickling a request each time,
+/// until `stop`.
+fn reconnecting_slowloris(
+    sock: &Path,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let (sock, stop) = (sock.to_path_buf(), std::sync::Arc::clone(stop));
+    std::thread::spawn(move || {
+        use std::sync::atomic::Ordering;
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(mut s) = UnixStream::connect(&sock) else {
+                continue;
+            };
+            let _ = s.write_all(b"900:");
+            while !stop.load(Ordering::Relaxed) && s.write_all(b"x").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    })
+}
+
+/// Timeouts alone do not help when hostile clients reconnect at once: they would win the
+/// race for every freed slot. A newcomer evicts the stalest connection instead.
+#[test]
+fn reconnecting_attackers_do_not_lock_out_postfix() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let d = tempdir();
+    let run = RunDir::new();
+    let sock = run.0.join("socketmap");
+    let log = d.path().join("mail.log");
+    let mut daemon = start(d.path(), &sock, &log);
+    append(&log, &login_line("203.0.113.13", "a"));
+    wait_for("grant", PATIENCE, || {
+        postmap_socketmap(&sock, "relay", "203.0.113.13").is_some()
+    });
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let attackers: Vec<_> = (0..8)
+        .map(|_| reconnecting_slowloris(&sock, &stop))
+        .collect();
+    wait_for("the attackers crowd the slots", PATIENCE, || {
+        daemon.log().contains("closed the stalest connections")
+    });
+    for _ in 0..3 {
+        wait_for("postmap answered among the attackers", PATIENCE, || {
+            postmap_answer(&sock, "relay", "203.0.113.13").as_deref() == Some("OK")
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    for a in attackers {
+        a.join().unwrap();
+    }
     assert_eq!(daemon.stop(), Some(0));
 }
 

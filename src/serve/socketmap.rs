@@ -5,12 +5,14 @@
 //! Keys: sendmail's access-map form `connect:1.2.3.4` and `connect:ipv6:2001:db8:0:0:0:0:0:7`
 //! (uncompressed, lower case), and plain addresses as Postfix sends them. The reply value is
 //! configurable per map name (sendmail's access map wants `RELAY`). Strict limits: request
-//! length, concurrent connections, idle time, time per request and per reply. A malformed
-//! request closes the connection.
+//! length, concurrent connections (a newcomer finding every slot busy closes the stalest
+//! connection, see `slots`), idle time, time per request and per reply. A malformed request
+//! closes the connection.
 
 // Public for the other listeners of the daemon (metrics) that need the same care.
 pub mod accept;
 pub mod log_limit;
+mod slots;
 mod socket_file;
 
 use std::collections::BTreeMap;
@@ -20,10 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use self::log_limit::LogLimit;
+use self::slots::{Admission, Slots};
 use super::netstring;
 use crate::engine::GrantsView;
 use crate::grant::parse_any_ip;
@@ -105,7 +108,7 @@ pub fn answer(request: &[u8], view: &GrantsView, cfg: &SocketmapConfig, now: i64
 /// otherwise hold a connection slot forever.
 pub const MAX_REQUEST_TIME: Duration = Duration::from_secs(5);
 
-/// At most one WARN line per this interval about refused or dropped connections.
+/// At most one WARN line per this interval about refused, evicted or dropped connections.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// File descriptors the rest of the daemon may need besides socketmap connections (logs,
@@ -132,14 +135,26 @@ pub enum Closed {
     SlowReader,
     /// Not a netstring, or longer than `MAX_REQUEST`.
     Malformed,
+    /// Closed to make room for a newcomer while every slot was busy (the stalest).
+    Evicted,
 }
 
 /// Serves one connection until the peer closes it, goes idle, is too slow to send a request
 /// or to take a reply, or sends something malformed.
 pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    view: GrantsView,
+    cfg: Arc<SocketmapConfig>,
+) -> Closed {
+    serve(stream, view, cfg, || {}).await
+}
+
+/// `serve_connection`, calling `answered` after each reply written.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     view: GrantsView,
     cfg: Arc<SocketmapConfig>,
+    mut answered: impl FnMut(),
 ) -> Closed {
     let request_timeout = cfg.request_timeout();
     let mut buf: Vec<u8> = Vec::with_capacity(256);
@@ -154,7 +169,7 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                     let reply = netstring::encode(&answer(payload, &view, &cfg, timefmt::now()));
                     buf.drain(..used);
                     match tokio::time::timeout(request_timeout, stream.write_all(&reply)).await {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(())) => answered(),
                         Ok(Err(_)) => return Closed::Peer,
                         Err(_) => return Closed::SlowReader,
                     }
@@ -190,45 +205,77 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// How long a newcomer waits for the slot of the connection it evicted.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
 /// What every connection of one server shares.
 struct Shared {
     cfg: Arc<SocketmapConfig>,
     view: GrantsView,
-    slots: Arc<Semaphore>,
-    /// Rate limit of the WARN about connections closed for being too slow.
+    slots: Arc<Slots>,
+    /// Rate limits of the WARNs about refused, evicted and too slow connections.
+    refused: Mutex<LogLimit>,
+    evicted: Mutex<LogLimit>,
     slow: Mutex<LogLimit>,
 }
 
+/// Some(n) when a rate-limited line about n events should be written now.
+fn hit(limit: &Mutex<LogLimit>) -> Option<u64> {
+    limit
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .hit(std::time::Instant::now())
+}
+
 impl Shared {
-    /// Takes a connection slot and serves `stream` in its own task, or refuses it (closes
-    /// it at once) when every slot is busy.
-    fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-        self: &Arc<Self>,
-        stream: S,
-        refused: &mut LogLimit,
-    ) {
-        let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
-            if let Some(n) = refused.hit(std::time::Instant::now()) {
-                tracing::warn!(
-                    refused = n,
-                    max_connections = self.cfg.max_connections,
-                    "socketmap connections refused: every serve.socketmap_max_connections slot is busy \
-                     (count since the last such line; raise the setting if the clients are honest)"
-                );
+    fn refused(&self) {
+        if let Some(n) = hit(&self.refused) {
+            tracing::warn!(
+                refused = n,
+                max_connections = self.cfg.max_connections,
+                "socketmap connections refused: every serve.socketmap_max_connections slot is busy \
+                 and as many newcomers wait (count since the last such line; raise the setting if \
+                 the clients are honest)"
+            );
+        }
+    }
+
+    /// Serves `stream` in its own task once it has a slot: a free one, or the one of the
+    /// stalest connection, which it closes; refuses it (closes it at once) when even the
+    /// newcomers waiting for a slot fill every slot.
+    fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self: &Arc<Self>, stream: S) {
+        let admission = self.slots.admit();
+        let waiter = match admission {
+            Admission::Refused => return self.refused(),
+            Admission::Now(slot) => Ok(slot),
+            Admission::AfterEviction(w) => {
+                if let Some(n) = hit(&self.evicted) {
+                    tracing::warn!(
+                        evicted = n,
+                        max_connections = self.cfg.max_connections,
+                        "socketmap: every serve.socketmap_max_connections slot busy; closed the \
+                         stalest connections to make room (count since the last such line)"
+                    );
+                }
+                Err(w)
             }
-            return;
         };
         let shared = Arc::clone(self);
         tokio::spawn(async move {
-            let why = serve_connection(stream, shared.view.clone(), Arc::clone(&shared.cfg)).await;
-            drop(permit);
+            let slot = match waiter {
+                Ok(slot) => slot,
+                Err(w) => match w.slot(EVICTION_WAIT).await {
+                    Some(slot) => slot,
+                    None => return shared.refused(),
+                },
+            };
+            let why = tokio::select! {
+                why = serve(stream, shared.view.clone(), Arc::clone(&shared.cfg), || slot.progress()) => why,
+                _ = slot.evicted() => Closed::Evicted,
+            };
+            drop(slot);
             if matches!(why, Closed::SlowRequest | Closed::SlowReader) {
-                let hit = shared
-                    .slow
-                    .lock()
-                    .map(|mut l| l.hit(std::time::Instant::now()))
-                    .unwrap_or(None);
-                if let Some(n) = hit {
+                if let Some(n) = hit(&shared.slow) {
                     tracing::warn!(
                         closed = n,
                         timeout = %humantime::format_duration(shared.cfg.request_timeout()),
@@ -290,19 +337,20 @@ impl Server {
 pub async fn start(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<Server> {
     check_fd_limit(cfg.max_connections);
     let shared = Arc::new(Shared {
-        slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        slots: Slots::new(cfg.max_connections),
         cfg: Arc::new(cfg),
         view,
+        refused: Mutex::new(LogLimit::new(LOG_EVERY)),
+        evicted: Mutex::new(LogLimit::new(LOG_EVERY)),
         slow: Mutex::new(LogLimit::new(LOG_EVERY)),
     });
     let (stop, stopped) = watch::channel(false);
-    let mut refused = LogLimit::new(LOG_EVERY);
     let (task, listen) = match shared.cfg.listen.clone() {
         Listen::Unix(path) => {
             let (listener, file) = socket_file::bind(&path).await?;
             tracing::info!(socket = %path.display(), "socketmap listening");
             let task = tokio::spawn(async move {
-                accept::run(listener, stopped, |s| shared.connection(s, &mut refused)).await;
+                accept::run(listener, stopped, |s| shared.connection(s)).await;
                 // Removes the file (if ours) when the loop stops or the runtime ends.
                 drop(file);
             });
@@ -313,7 +361,7 @@ pub async fn start(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<Se
             let local = listener.local_addr()?;
             tracing::info!(address = %local, "socketmap listening");
             let task = tokio::spawn(async move {
-                accept::run(listener, stopped, |s| shared.connection(s, &mut refused)).await;
+                accept::run(listener, stopped, |s| shared.connection(s)).await;
             });
             (task, Listen::Inet(local))
         }
