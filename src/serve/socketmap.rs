@@ -149,12 +149,13 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     serve(stream, view, cfg, || {}).await
 }
 
-/// `serve_connection`, calling `answered` after each reply written.
+/// `serve_connection`, calling `progress` when a request begins and after each reply (so
+/// that a connection in use is never the stalest).
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     view: GrantsView,
     cfg: Arc<SocketmapConfig>,
-    mut answered: impl FnMut(),
+    mut progress: impl FnMut(),
 ) -> Closed {
     let request_timeout = cfg.request_timeout();
     let mut buf: Vec<u8> = Vec::with_capacity(256);
@@ -169,7 +170,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     let reply = netstring::encode(&answer(payload, &view, &cfg, timefmt::now()));
                     buf.drain(..used);
                     match tokio::time::timeout(request_timeout, stream.write_all(&reply)).await {
-                        Ok(Ok(())) => answered(),
+                        Ok(Ok(())) => progress(),
                         Ok(Err(_)) => return Closed::Peer,
                         Err(_) => return Closed::SlowReader,
                     }
@@ -198,6 +199,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Ok(n)) => {
                 if started.is_none() {
                     started = Some(Instant::now());
+                    progress();
                 }
                 buf.extend_from_slice(&chunk[..n]);
             }

@@ -19,7 +19,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// At most one WARN line per this interval about failing accepts.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
-/// Accepts must succeed this long without a failure before the recovery is logged.
+/// No accept may fail for this long before the recovery is logged (> MAX_BACKOFF).
 const RECOVERED_AFTER: Duration = Duration::from_secs(2);
 
 /// A listener the loop can poll (tokio's unix and TCP listeners), so one loop serves both.
@@ -75,19 +75,20 @@ pub async fn run<L: Listener>(
 ) {
     let mut log = LogLimit::new(LOG_EVERY);
     let mut backoff: Option<Duration> = None;
-    // Accepts failed since the last recovery.
+    // Accepts failed since the last recovery, and when the last one failed. Near the limit,
+    // single accepts succeed between failures as descriptors come and go: the recovery is
+    // logged once no accept has failed for RECOVERED_AFTER (longer than the longest
+    // backoff, so a listener still failing fails again within it).
     let mut failed: u64 = 0;
-    // Near the limit, single accepts succeed between failures as descriptors come and go:
-    // the recovery is logged once accepts have succeeded for RECOVERED_AFTER in a row.
-    let mut recovered_at: Option<tokio::time::Instant> = None;
+    let mut last_failure: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             _ = stopped(&mut stop) => return,
-            _ = sleep_until(recovered_at) => {
+            _ = sleep_until(last_failure.map(|t| t + RECOVERED_AFTER)) => {
                 tracing::info!(failed, "socketmap accepts connections again");
                 log.take_pending();
                 failed = 0;
-                recovered_at = None;
+                last_failure = None;
                 continue;
             }
             r = poll_fn(|cx| listener.poll_accept_stream(cx)) => r,
@@ -95,9 +96,6 @@ pub async fn run<L: Listener>(
         match accepted {
             Ok(stream) => {
                 backoff = None;
-                if failed > 0 && recovered_at.is_none() {
-                    recovered_at = Some(tokio::time::Instant::now() + RECOVERED_AFTER);
-                }
                 on_connection(stream);
             }
             Err(e) if per_connection(&e) => {
@@ -105,7 +103,7 @@ pub async fn run<L: Listener>(
             }
             Err(e) => {
                 failed += 1;
-                recovered_at = None;
+                last_failure = Some(tokio::time::Instant::now());
                 let pause = backoff.map_or(FIRST_BACKOFF, |d| (d * 2).min(MAX_BACKOFF));
                 backoff = Some(pause);
                 if let Some(n) = log.hit(Instant::now()) {

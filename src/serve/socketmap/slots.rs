@@ -3,8 +3,8 @@
 //! Refusing newcomers while every slot is busy lets a local client lock out every MTA
 //! lookup: it opens as many connections as there are slots and reconnects each time one is
 //! cut off by a timeout. So a newcomer finding every slot busy closes the stalest
-//! connection (the one whose last answered request, or accept, is oldest) and takes its
-//! slot. A fresh connection is the last to be evicted, so an honest client that sends its
+//! connection (the one whose last request began or was answered longest ago, or, without
+//! requests, that was accepted first) and takes its slot. A fresh connection is the last to be evicted, so an honest client that sends its
 //! request at once is answered; Postfix reopens an evicted idle connection by itself.
 
 use std::collections::HashMap;
@@ -126,7 +126,7 @@ impl Waiter {
 }
 
 impl Slot {
-    /// The connection answered a request: it is not stale.
+    /// A request began or was answered: the connection is in use, not stale.
     pub fn progress(&self) {
         if let Some(l) = self.slots.registry().conns.get_mut(&self.id) {
             l.progress = Instant::now();
