@@ -134,3 +134,38 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// A listener out of file descriptors: every accept fails with EMFILE at once.
+    struct OutOfFiles(Arc<AtomicU64>);
+
+    impl Listener for OutOfFiles {
+        type Stream = tokio::io::DuplexStream;
+        fn poll_accept_stream(&self, _: &mut Context<'_>) -> Poll<io::Result<Self::Stream>> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Poll::Ready(Err(io::Error::from_raw_os_error(libc::EMFILE)))
+        }
+    }
+
+    #[tokio::test]
+    async fn failing_accepts_back_off_and_stop_promptly() {
+        let attempts = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run(OutOfFiles(Arc::clone(&attempts)), stopped, |_| {}));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Backing off 10, 20, 40 ... ms makes 6 attempts in 600 ms; a loop retrying at
+        // once makes millions.
+        let n = attempts.load(Ordering::Relaxed);
+        assert!((1..=10).contains(&n), "{n} accept attempts in 600 ms");
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stopped during the backoff")
+            .unwrap();
+    }
+}
