@@ -126,7 +126,7 @@ pub async fn bind(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
             }
         }
     }
-    // Another instance that removed the same stale file first wins the bind.
+    // A process that does not take the lock may have bound the path meanwhile.
     let listener = UnixListener::bind(path).map_err(|e| {
         if e.kind() == io::ErrorKind::AddrInUse {
             another_instance(path)
