@@ -576,6 +576,26 @@ mod tests {
         );
     }
 
+    /// A live socket without our lock (another program, an older dovegate): the probe
+    /// connection is accepted, so it is left alone.
+    #[tokio::test]
+    async fn a_live_socket_without_the_lock_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("socketmap");
+        let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let Err(err) = start(unix_cfg(&path), GrantsView::default()).await else {
+            panic!("started over a live socket");
+        };
+        assert!(
+            err.to_string().contains("another dovegate is serving"),
+            "{err}"
+        );
+        assert!(
+            other.accept().is_ok(),
+            "the other listener still owns the path"
+        );
+    }
+
     #[tokio::test]
     async fn a_path_that_is_not_a_socket_is_refused() {
         let dir = tempfile::tempdir().unwrap();
