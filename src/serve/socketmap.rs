@@ -5,17 +5,28 @@
 //! Keys: sendmail's access-map form `connect:1.2.3.4` and `connect:ipv6:2001:db8:0:0:0:0:0:7`
 //! (uncompressed, lower case), and plain addresses as Postfix sends them. The reply value is
 //! configurable per map name (sendmail's access map wants `RELAY`). Strict limits: request
-//! length, concurrent connections, idle time. A malformed request closes the connection.
+//! length, concurrent connections (a newcomer finding every slot busy closes the stalest
+//! connection, see `slots`), idle time, time per request and per reply. A malformed request
+//! closes the connection.
+
+// Public for the other listeners of the daemon (metrics) that need the same care.
+pub mod accept;
+pub mod log_limit;
+mod slots;
+mod socket_file;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Semaphore;
+use tokio::sync::watch;
+use tokio::time::Instant;
 
+use self::log_limit::LogLimit;
+use self::slots::{Admission, Slots};
 use super::netstring;
 use crate::engine::GrantsView;
 use crate::grant::parse_any_ip;
@@ -91,106 +102,285 @@ pub fn answer(request: &[u8], view: &GrantsView, cfg: &SocketmapConfig, now: i64
     }
 }
 
-/// Serves one connection until the peer closes, goes idle, or sends something malformed.
+/// The longest a request may take from its first byte to its last, and a reply to be
+/// written (`idle_timeout` lowers both). An honest client sends a request (under 1 KiB) in
+/// one write and reads the reply at once; a client that trickles bytes or never reads would
+/// otherwise hold a connection slot forever.
+pub const MAX_REQUEST_TIME: Duration = Duration::from_secs(5);
+
+/// At most one WARN line per this interval about refused, evicted or dropped connections.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// File descriptors the rest of the daemon may need besides socketmap connections (logs,
+/// the map, journalctl pipes, metrics).
+const FD_RESERVE: u64 = 128;
+
+impl SocketmapConfig {
+    /// Time allowed for one request once its first byte has arrived, and for one reply.
+    pub fn request_timeout(&self) -> Duration {
+        self.idle_timeout.min(MAX_REQUEST_TIME)
+    }
+}
+
+/// Why the server closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The client closed it, or a read or write failed.
+    Peer,
+    /// No request began within `idle_timeout`.
+    Idle,
+    /// A request did not complete within the request timeout.
+    SlowRequest,
+    /// A reply could not be written within the request timeout (the client does not read).
+    SlowReader,
+    /// Not a netstring, or longer than `MAX_REQUEST`.
+    Malformed,
+    /// Closed to make room for a newcomer while every slot was busy (the stalest).
+    Evicted,
+}
+
+/// Serves one connection until the peer closes it, goes idle, is too slow to send a request
+/// or to take a reply, or sends something malformed.
 pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    view: GrantsView,
+    cfg: Arc<SocketmapConfig>,
+) -> Closed {
+    serve(stream, view, cfg, || {}).await
+}
+
+/// `serve_connection`, calling `progress` when a request begins and after each reply (so
+/// that a connection in use is never the stalest).
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     view: GrantsView,
     cfg: Arc<SocketmapConfig>,
-) {
+    mut progress: impl FnMut(),
+) -> Closed {
+    let request_timeout = cfg.request_timeout();
     let mut buf: Vec<u8> = Vec::with_capacity(256);
     let mut chunk = [0u8; 512];
+    // When the first byte of the request being read arrived; None while between requests.
+    let mut started: Option<Instant> = None;
     loop {
-        // Answer every complete request already buffered.
+        // Answer every complete request already buffered (at most 512 bytes' worth).
         loop {
             match netstring::decode(&buf, MAX_REQUEST) {
                 Ok(Some((payload, used))) => {
                     let reply = netstring::encode(&answer(payload, &view, &cfg, timefmt::now()));
                     buf.drain(..used);
-                    if stream.write_all(&reply).await.is_err() {
-                        return;
+                    match tokio::time::timeout(request_timeout, stream.write_all(&reply)).await {
+                        Ok(Ok(())) => progress(),
+                        Ok(Err(_)) => return Closed::Peer,
+                        Err(_) => return Closed::SlowReader,
                     }
+                    // Bytes of the next request are here already: its clock starts now.
+                    started = (!buf.is_empty()).then(Instant::now);
                 }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::debug!(error = %e, "malformed socketmap request; closing");
-                    return;
+                    return Closed::Malformed;
                 }
             }
         }
-        let n = match tokio::time::timeout(cfg.idle_timeout, stream.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-            Ok(Ok(n)) => n,
+        let read = stream.read(&mut chunk);
+        let read = match started {
+            None => tokio::time::timeout(cfg.idle_timeout, read)
+                .await
+                .map_err(|_| Closed::Idle),
+            Some(t) => tokio::time::timeout_at(t + request_timeout, read)
+                .await
+                .map_err(|_| Closed::SlowRequest),
         };
-        buf.extend_from_slice(&chunk[..n]);
+        match read {
+            Err(why) => return why,
+            Ok(Ok(0)) | Ok(Err(_)) => return Closed::Peer,
+            Ok(Ok(n)) => {
+                if started.is_none() {
+                    started = Some(Instant::now());
+                    progress();
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
     }
 }
 
-/// Binds and serves in the background (on the current tokio runtime).
-pub async fn spawn(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<()> {
-    let cfg = Arc::new(cfg);
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
-    match cfg.listen.clone() {
+/// How long a newcomer waits for the slot of the connection it evicted.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// What every connection of one server shares.
+struct Shared {
+    cfg: Arc<SocketmapConfig>,
+    view: GrantsView,
+    slots: Arc<Slots>,
+    /// Rate limits of the WARNs about refused, evicted and too slow connections.
+    refused: Mutex<LogLimit>,
+    evicted: Mutex<LogLimit>,
+    slow: Mutex<LogLimit>,
+}
+
+/// Some(n) when a rate-limited line about n events should be written now.
+fn hit(limit: &Mutex<LogLimit>) -> Option<u64> {
+    limit
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .hit(std::time::Instant::now())
+}
+
+impl Shared {
+    fn refused(&self) {
+        if let Some(n) = hit(&self.refused) {
+            tracing::warn!(
+                refused = n,
+                max_connections = self.cfg.max_connections,
+                "socketmap connections refused: every serve.socketmap_max_connections slot is busy \
+                 and as many newcomers wait (count since the last such line; raise the setting if \
+                 the clients are honest)"
+            );
+        }
+    }
+
+    /// Serves `stream` in its own task once it has a slot: a free one, or the one of the
+    /// stalest connection, which it closes; refuses it (closes it at once) when even the
+    /// newcomers waiting for a slot fill every slot.
+    fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self: &Arc<Self>, stream: S) {
+        let admission = self.slots.admit();
+        let waiter = match admission {
+            Admission::Refused => return self.refused(),
+            Admission::Now(slot) => Ok(slot),
+            Admission::AfterEviction(w) => {
+                if let Some(n) = hit(&self.evicted) {
+                    tracing::warn!(
+                        evicted = n,
+                        max_connections = self.cfg.max_connections,
+                        "socketmap: every serve.socketmap_max_connections slot busy; closed the \
+                         stalest connections to make room (count since the last such line)"
+                    );
+                }
+                Err(w)
+            }
+        };
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            let slot = match waiter {
+                Ok(slot) => slot,
+                Err(w) => match w.slot(EVICTION_WAIT).await {
+                    Some(slot) => slot,
+                    None => return shared.refused(),
+                },
+            };
+            let why = tokio::select! {
+                why = serve(stream, shared.view.clone(), Arc::clone(&shared.cfg), || slot.progress()) => why,
+                _ = slot.evicted() => Closed::Evicted,
+            };
+            drop(slot);
+            if matches!(why, Closed::SlowRequest | Closed::SlowReader) {
+                if let Some(n) = hit(&shared.slow) {
+                    tracing::warn!(
+                        closed = n,
+                        timeout = %humantime::format_duration(shared.cfg.request_timeout()),
+                        "socketmap connections closed: a request arrived too slowly or a reply was not read \
+                         (count since the last such line)"
+                    );
+                }
+            }
+        });
+    }
+}
+
+/// Warns when the open-files limit cannot fit `max_connections`: accepts would then fail
+/// with EMFILE before the connection limit is reached.
+fn check_fd_limit(max_connections: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let need = max_connections as u64 + FD_RESERVE;
+    if lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < need {
+        tracing::warn!(
+            "serve.socketmap_max_connections = {max_connections} needs about {need} open files, \
+             but the limit (RLIMIT_NOFILE) is {}: set LimitNOFILE={need} or more in the unit \
+             (ulimit -n), or lower serve.socketmap_max_connections",
+            lim.rlim_cur
+        );
+    }
+}
+
+/// A running socketmap server. Dropping it leaves the server running until the runtime
+/// ends (see `spawn`); `shutdown` stops it and removes its socket file if still ours.
+pub struct Server {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    listen: Listen,
+}
+
+impl Server {
+    /// Where it listens (for `inet:` with port 0, the port chosen).
+    pub fn listen(&self) -> &Listen {
+        &self.listen
+    }
+
+    /// Stops accepting and removes the unix socket file if the path still names it.
+    /// Connections already open are served until the runtime ends.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Binds and serves in the background (on the current tokio runtime) until `shutdown`.
+/// A unix socket that another server still accepts on is never removed: that is an error.
+pub async fn start(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<Server> {
+    check_fd_limit(cfg.max_connections);
+    let shared = Arc::new(Shared {
+        slots: Slots::new(cfg.max_connections),
+        cfg: Arc::new(cfg),
+        view,
+        refused: Mutex::new(LogLimit::new(LOG_EVERY)),
+        evicted: Mutex::new(LogLimit::new(LOG_EVERY)),
+        slow: Mutex::new(LogLimit::new(LOG_EVERY)),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let (task, listen) = match shared.cfg.listen.clone() {
         Listen::Unix(path) => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            // A socket left by a previous run; never remove anything that is not a socket.
-            if let Ok(meta) = std::fs::symlink_metadata(&path) {
-                use std::os::unix::fs::FileTypeExt;
-                if meta.file_type().is_socket() {
-                    std::fs::remove_file(&path)?;
-                }
-            }
-            let listener = tokio::net::UnixListener::bind(&path)?;
-            // smtpd and sendmail query as their own users; lookups reveal only grants.
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+            let (listener, file) = socket_file::bind(&path).await?;
             tracing::info!(socket = %path.display(), "socketmap listening");
-            tokio::spawn(async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    accept(stream, &slots, &view, &cfg);
-                }
+            let task = tokio::spawn(async move {
+                accept::run(listener, stopped, |s| shared.connection(s)).await;
+                // Removes the file (if ours) when the loop stops or the runtime ends.
+                drop(file);
             });
+            (task, Listen::Unix(path))
         }
         Listen::Inet(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await?;
-            tracing::info!(address = %addr, "socketmap listening");
-            tokio::spawn(async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    accept(stream, &slots, &view, &cfg);
-                }
+            let local = listener.local_addr()?;
+            tracing::info!(address = %local, "socketmap listening");
+            let task = tokio::spawn(async move {
+                accept::run(listener, stopped, |s| shared.connection(s)).await;
             });
+            (task, Listen::Inet(local))
         }
-    }
-    Ok(())
+    };
+    Ok(Server { stop, task, listen })
 }
 
-fn accept<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    stream: S,
-    slots: &Arc<Semaphore>,
-    view: &GrantsView,
-    cfg: &Arc<SocketmapConfig>,
-) {
-    let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
-        tracing::warn!("socketmap connection refused: max_connections reached");
-        return;
-    };
-    let (view, cfg) = (view.clone(), Arc::clone(cfg));
-    tokio::spawn(async move {
-        serve_connection(stream, view, cfg).await;
-        drop(permit);
-    });
+/// Binds and serves in the background until the runtime ends (the daemon's entry point;
+/// `start` gives a handle that can stop it).
+pub async fn spawn(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<()> {
+    start(cfg, view).await.map(drop)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn cfg() -> SocketmapConfig {
         SocketmapConfig {
@@ -239,7 +429,6 @@ mod tests {
 
     #[tokio::test]
     async fn answers_and_closes_on_garbage() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let view = GrantsView::default();
         view.insert("192.0.2.1".parse().unwrap(), i64::MAX);
         let (mut client, server) = tokio::io::duplex(4096);
@@ -258,11 +447,182 @@ mod tests {
         }
         assert_eq!(&got[..n], want.as_slice());
         client.write_all(b"xx:garbage").await.unwrap();
-        task.await.unwrap();
+        assert_eq!(task.await.unwrap(), Closed::Malformed);
         assert_eq!(
             client.read(&mut got).await.unwrap(),
             0,
             "closed after garbage"
         );
+    }
+
+    fn unix_cfg(path: &std::path::Path) -> SocketmapConfig {
+        SocketmapConfig {
+            listen: Listen::Unix(path.to_path_buf()),
+            ..cfg()
+        }
+    }
+
+    async fn ask(path: &std::path::Path, request: &[u8]) -> Vec<u8> {
+        let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+        s.write_all(&netstring::encode(request)).await.unwrap();
+        let mut got = vec![0u8; 64];
+        let n = s.read(&mut got).await.unwrap();
+        got.truncate(n);
+        got
+    }
+
+    #[tokio::test]
+    async fn a_trickling_request_is_cut_off() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let task = tokio::spawn(serve_connection(
+            server,
+            GrantsView::default(),
+            Arc::new(cfg()),
+        ));
+        // One byte per 100 ms: each read is well inside idle_timeout (1 s), the request
+        // never completes.
+        client.write_all(b"900:").await.unwrap();
+        while !task.is_finished() {
+            if client.write_all(b"x").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(task.await.unwrap(), Closed::SlowRequest);
+    }
+
+    /// Postfix keeps its connection open between lookups: the request timeout runs per
+    /// request, not per connection.
+    #[tokio::test]
+    async fn a_persistent_client_outlives_the_request_timeout() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let cfg = Arc::new(cfg());
+        let task = tokio::spawn(serve_connection(server, GrantsView::default(), cfg.clone()));
+        let started = Instant::now();
+        let mut got = [0u8; 32];
+        while started.elapsed() < cfg.request_timeout() * 2 {
+            client
+                .write_all(&netstring::encode(b"relay 192.0.2.1"))
+                .await
+                .unwrap();
+            let n = client.read(&mut got).await.unwrap();
+            assert_eq!(&got[..n], b"9:NOTFOUND ,");
+            tokio::time::sleep(cfg.idle_timeout / 4).await;
+        }
+        drop(client);
+        assert_eq!(task.await.unwrap(), Closed::Peer);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_reads_is_dropped() {
+        // A tiny pipe: replies fill it at once.
+        let (mut client, server) = tokio::io::duplex(64);
+        let task = tokio::spawn(serve_connection(
+            server,
+            GrantsView::default(),
+            Arc::new(cfg()),
+        ));
+        let req = netstring::encode(b"relay 192.0.2.1");
+        let writer = tokio::spawn(async move {
+            while client.write_all(&req).await.is_ok() {}
+            client
+        });
+        assert_eq!(task.await.unwrap(), Closed::SlowReader);
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_client_is_closed_after_idle_timeout() {
+        let (_client, server) = tokio::io::duplex(64);
+        let closed = serve_connection(server, GrantsView::default(), Arc::new(cfg())).await;
+        assert_eq!(closed, Closed::Idle);
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_never_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("socketmap");
+        let view = GrantsView::default();
+        view.insert("192.0.2.1".parse().unwrap(), i64::MAX);
+        let first = start(unix_cfg(&path), view.clone()).await.unwrap();
+        let err = match start(unix_cfg(&path), view.clone()).await {
+            Err(e) => e,
+            Ok(_) => panic!("a second server started on a live socket"),
+        };
+        assert!(
+            err.to_string()
+                .contains(&format!("another dovegate is serving {}", path.display())),
+            "{err}"
+        );
+        assert_eq!(ask(&path, b"relay 192.0.2.1").await, b"5:OK OK,");
+
+        // Clean shutdown removes our own socket; the lock file stays (harmless).
+        first.shutdown().await;
+        assert!(!path.exists(), "socket removed on shutdown");
+
+        // A stale socket (nobody listens) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let second = start(unix_cfg(&path), view.clone()).await.unwrap();
+        assert_eq!(ask(&path, b"relay 192.0.2.1").await, b"5:OK OK,");
+
+        // Someone else's socket at the path now: shutdown leaves it.
+        std::fs::remove_file(&path).unwrap();
+        let _other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        second.shutdown().await;
+        assert!(
+            path.exists(),
+            "another process's socket is not ours to remove"
+        );
+    }
+
+    /// A live socket without our lock (another program, an older dovegate): the probe
+    /// connection is accepted, so it is left alone.
+    #[tokio::test]
+    async fn a_live_socket_without_the_lock_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("socketmap");
+        let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let Err(err) = start(unix_cfg(&path), GrantsView::default()).await else {
+            panic!("started over a live socket");
+        };
+        assert!(
+            err.to_string().contains("another dovegate is serving"),
+            "{err}"
+        );
+        assert!(
+            other.accept().is_ok(),
+            "the other listener still owns the path"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_path_that_is_not_a_socket_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("socketmap");
+        std::fs::write(&path, "keep me").unwrap();
+        let Err(err) = start(unix_cfg(&path), GrantsView::default()).await else {
+            panic!("started over a regular file");
+        };
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+    }
+
+    #[tokio::test]
+    async fn inet_port_zero_and_shutdown() {
+        let server = start(cfg(), GrantsView::default()).await.unwrap();
+        let Listen::Inet(addr) = server.listen().clone() else {
+            panic!("inet");
+        };
+        assert_ne!(addr.port(), 0);
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&netstring::encode(b"relay 192.0.2.9"))
+            .await
+            .unwrap();
+        let mut got = [0u8; 16];
+        let n = s.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"9:NOTFOUND ,");
+        server.shutdown().await;
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     }
 }

@@ -1,0 +1,171 @@
+//! The accept loop of the socketmap listeners. An accept that fails for want of file
+//! descriptors (EMFILE, ENFILE) or memory fails again at once while the connection waits in
+//! the backlog: retrying without a pause spins a core at 100%. So failures back off, are
+//! logged rate-limited, and the recovery is logged once.
+
+use std::future::poll_fn;
+use std::io;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::log_limit::LogLimit;
+
+/// The first pause after a failed accept; doubled on each further failure.
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+/// The longest pause: a recovered listener is back within this.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// At most one WARN line per this interval about failing accepts.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// No accept may fail for this long before the recovery is logged (> MAX_BACKOFF).
+const RECOVERED_AFTER: Duration = Duration::from_secs(2);
+
+/// A listener the loop can poll (tokio's unix and TCP listeners), so one loop serves both.
+pub trait Listener: Send + Sync + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn poll_accept_stream(&self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Stream>>;
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    fn poll_accept_stream(&self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Stream>> {
+        self.poll_accept(cx).map_ok(|(s, _)| s)
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    fn poll_accept_stream(&self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Stream>> {
+        self.poll_accept(cx).map_ok(|(s, _)| s)
+    }
+}
+
+/// Resolves once `stop` says true. A dropped sender means "never": a server started
+/// without a shutdown handle runs until the process ends.
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Failures that concern one connection only (the peer gave up before we accepted it):
+/// the next accept can be tried at once.
+fn per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// Accepts until `stop`, handing each connection to `on_connection`.
+pub async fn run<L: Listener>(
+    listener: L,
+    mut stop: watch::Receiver<bool>,
+    mut on_connection: impl FnMut(L::Stream) + Send,
+) {
+    let mut log = LogLimit::new(LOG_EVERY);
+    let mut backoff: Option<Duration> = None;
+    // Accepts failed since the last recovery, and when the last one failed. Near the limit,
+    // single accepts succeed between failures as descriptors come and go: the recovery is
+    // logged once no accept has failed for RECOVERED_AFTER (longer than the longest
+    // backoff, so a listener still failing fails again within it).
+    let mut failed: u64 = 0;
+    let mut last_failure: Option<tokio::time::Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = sleep_until(last_failure.map(|t| t + RECOVERED_AFTER)) => {
+                tracing::info!(failed, "socketmap accepts connections again");
+                log.take_pending();
+                failed = 0;
+                last_failure = None;
+                continue;
+            }
+            r = poll_fn(|cx| listener.poll_accept_stream(cx)) => r,
+        };
+        match accepted {
+            Ok(stream) => {
+                backoff = None;
+                on_connection(stream);
+            }
+            Err(e) if per_connection(&e) => {
+                tracing::debug!(error = %e, "socketmap: a client left before its connection was accepted");
+            }
+            Err(e) => {
+                failed += 1;
+                last_failure = Some(tokio::time::Instant::now());
+                let pause = backoff.map_or(FIRST_BACKOFF, |d| (d * 2).min(MAX_BACKOFF));
+                backoff = Some(pause);
+                if let Some(n) = log.hit(Instant::now()) {
+                    let fix = match e.raw_os_error() {
+                        Some(libc::EMFILE) | Some(libc::ENFILE) => {
+                            ": out of file descriptors; raise LimitNOFILE (ulimit -n) or lower serve.socketmap_max_connections"
+                        }
+                        _ => "",
+                    };
+                    tracing::warn!(
+                        failures = n,
+                        "socketmap cannot accept connections: {e}{fix}; retrying with backoff"
+                    );
+                }
+                tokio::select! {
+                    _ = stopped(&mut stop) => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever when None.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// A listener out of file descriptors: every accept fails with EMFILE at once.
+    struct OutOfFiles(Arc<AtomicU64>);
+
+    impl Listener for OutOfFiles {
+        type Stream = tokio::io::DuplexStream;
+        fn poll_accept_stream(&self, _: &mut Context<'_>) -> Poll<io::Result<Self::Stream>> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Poll::Ready(Err(io::Error::from_raw_os_error(libc::EMFILE)))
+        }
+    }
+
+    #[tokio::test]
+    async fn failing_accepts_back_off_and_stop_promptly() {
+        let attempts = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run(OutOfFiles(Arc::clone(&attempts)), stopped, |_| {}));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Backing off 10, 20, 40 ... ms makes 6 attempts in 600 ms; a loop retrying at
+        // once makes millions.
+        let n = attempts.load(Ordering::Relaxed);
+        assert!((1..=10).contains(&n), "{n} accept attempts in 600 ms");
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stopped during the backoff")
+            .unwrap();
+    }
+}
