@@ -27,7 +27,7 @@ pub struct SocketFile {
     /// The socket's inode, held open (O_PATH) so that its number cannot be handed to
     /// another file while we live (tmpfs reuses freed inode numbers at once).
     inode: std::fs::File,
-    /// Holds the flock on `PATH.lock` while this server lives.
+    /// Holds an exclusive fcntl OFD lock on `PATH.lock` while this server lives.
     _lock: std::fs::File,
 }
 
@@ -54,10 +54,16 @@ fn lock(path: &Path) -> io::Result<std::fs::File> {
         .write(true)
         .open(&name)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", Path::new(&name).display())))?;
-    // SAFETY: flock on a descriptor we own; the lock lives as long as `file`.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    // An fcntl OFD lock, like every lock of the project (flock and fcntl locks do not see
+    // each other); it lives as long as `file`'s open file description.
+    // SAFETY: plain data; zeroed is the "whole file" range (start 0, len 0).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: a descriptor we own and an initialised lock description.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } != 0 {
         let e = io::Error::last_os_error();
-        return Err(if e.kind() == io::ErrorKind::WouldBlock {
+        return Err(if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
             another_instance(path)
         } else {
             io::Error::new(
