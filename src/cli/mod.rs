@@ -2,6 +2,7 @@
 
 mod admin;
 mod docs;
+mod replica;
 pub mod run;
 mod status;
 mod test_cmd;
@@ -83,6 +84,8 @@ enum Command {
     },
     /// Run the patterns over saved logs and report what would be granted (changes nothing).
     Test(test_cmd::TestArgs),
+    /// Copy the grants shared in PostgreSQL into the local map (MTA hosts).
+    Replica(replica::ReplicaArgs),
     /// Show the live state (map, sources, positions) from the map and the state directory.
     Status(status::StatusArgs),
     /// Create the map (empty) and the state directory if missing; for package scripts.
@@ -187,6 +190,7 @@ pub fn main() -> ExitCode {
         }
         Command::Test(args) => test_cmd::run(args),
         Command::Status(args) => status::run(args),
+        Command::Replica(args) => replica::run(args),
         Command::Init { cfg } => init(&cfg),
         Command::GenerateDocs { dir } => docs::generate(&dir),
     };
