@@ -148,6 +148,12 @@ impl Pg {
 
     /// `psql -Atc SQL`: the output, trimmed. Panics when psql fails.
     pub fn psql(&self, sql: &str) -> String {
+        self.try_psql(sql)
+            .unwrap_or_else(|e| panic!("psql {sql}: {e}"))
+    }
+
+    /// `psql -Atc SQL`: the output, trimmed, or psql's error (server down, no table yet).
+    pub fn try_psql(&self, sql: &str) -> Result<String, String> {
         let out = Command::new("psql")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER])
             .args([
@@ -163,12 +169,10 @@ impl Pg {
             .env("PGPASSWORD", PASSWORD)
             .output()
             .expect("run psql");
-        assert!(
-            out.status.success(),
-            "psql {sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 }
 
