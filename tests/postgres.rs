@@ -241,15 +241,32 @@ fn postfix_pgsql_direct_query() {
          ('2001:db8::7', now() + interval '10 minutes', 'h', 'dovecot'),
          ('192.0.2.8', now() - interval '1 second', 'h', 'dovecot')",
     );
+    // Postfix (and replicas) may use a role that can only read.
+    pg.psql(
+        "CREATE ROLE reader LOGIN PASSWORD 'ro-pass';
+         GRANT SELECT ON dovegate_grants, dovegate_schema TO reader",
+    );
+    let ro_url = tmp.path().join("ro.url");
+    std::fs::write(
+        &ro_url,
+        format!("postgresql://reader:ro-pass@127.0.0.1:{}/postgres", pg.port),
+    )
+    .unwrap();
+    common::set_mode(&ro_url, 0o600);
+    let ro = Replica::start(&tmp.path().join("ro"), &cfg, &ro_url);
+    wait_visible(
+        "read-only replica",
+        &ro.map(),
+        &["192.0.2.7".into(), "2001:db8::7".into()],
+    );
+    assert_eq!(postmap_q(&ro.map(), "192.0.2.8"), None);
     let cf = tmp.path().join("pgsql-relay.cf");
     std::fs::write(
         &cf,
         format!(
-            "hosts = inet:127.0.0.1:{port}\nuser = {user}\npassword = {pw}\ndbname = postgres\n\
+            "hosts = inet:127.0.0.1:{port}\nuser = reader\npassword = ro-pass\ndbname = postgres\n\
              query = SELECT 'OK' FROM public.dovegate_grants WHERE address = '%s' AND expires > now()\n",
             port = pg.port,
-            user = pg::USER,
-            pw = pg::PASSWORD
         ),
     )
     .unwrap();

@@ -290,19 +290,49 @@ CREATE TRIGGER dovegate_grants_notify AFTER INSERT OR UPDATE OR DELETE ON dovega
 /// Advisory lock key for migrations: two writers starting at once must not race.
 const MIGRATION_LOCK: i64 = 0x646f_7665_6761_7465; // "dovegate"
 
-/// Creates or migrates the schema. Returns the version now in place.
+/// Creates or migrates the schema. Returns the version now in place. A current schema is
+/// only read (no DDL, no lock), so replicas and Postfix may use a role that can only SELECT.
 pub async fn migrate(client: &Client, schema: &str) -> Result<i32, String> {
     let e = |e: tokio_postgres::Error| error_text(&e);
+    let latest = MIGRATIONS.len() as i32;
+    let versions = format!("\"{schema}\".dovegate_schema");
+    let exists: Option<String> = client
+        .query_one("SELECT to_regclass($1)::text", &[&versions])
+        .await
+        .map_err(e)?
+        .get(0);
+    if exists.is_some() {
+        let row = client
+            .query_one(
+                &format!("SELECT coalesce(max(version), 0) FROM {versions}"),
+                &[],
+            )
+            .await
+            .map_err(e)?;
+        if row.get::<_, i32>(0) == latest {
+            return Ok(latest);
+        }
+    }
     client.batch_execute("BEGIN").await.map_err(e)?;
     let result = async {
         client
             .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(e)?;
+        let has_schema = client
+            .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+            .await
+            .map_err(e)?
+            .is_some();
+        if !has_schema {
+            client
+                .batch_execute(&format!("CREATE SCHEMA \"{schema}\""))
+                .await
+                .map_err(e)?;
+        }
         client
             .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
-                 SET LOCAL search_path TO \"{schema}\";
+                "SET LOCAL search_path TO \"{schema}\";
                  CREATE TABLE IF NOT EXISTS dovegate_schema (version integer NOT NULL);"
             ))
             .await
@@ -312,7 +342,6 @@ pub async fn migrate(client: &Client, schema: &str) -> Result<i32, String> {
             .await
             .map_err(e)?;
         let current: i32 = row.get(0);
-        let latest = MIGRATIONS.len() as i32;
         if current > latest {
             return Err(format!(
                 "schema version {current} is newer than this dovegate knows ({latest}); upgrade dovegate"
