@@ -202,7 +202,8 @@ impl Worker {
                     if self.client.is_some() && !self.spill.is_empty() {
                         self.replay().await;
                     }
-                    if self.client.is_none() {
+                    // Not before a first failure: connecting at start-up is not an outage.
+                    if self.client.is_none() && self.status.last_error.is_some() {
                         self.warn_down();
                     }
                     self.write_status();
