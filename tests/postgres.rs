@@ -458,3 +458,82 @@ fn world_readable_url_file_is_refused() {
         assert!(!err.contains("topsecret"), "{err}");
     }
 }
+
+/// `sslmode=require`: TLS through rustls, the server certificate checked against the CA in
+/// `sslrootcert=FILE`; a server whose certificate that CA did not sign is refused.
+#[test]
+fn tls_with_verified_server_certificate() {
+    let tmp = common::tempdir();
+    let (pg, ca) = pg::Pg::start_tls(tmp.path());
+    let url = tmp.path().join("tls.url");
+    std::fs::write(
+        &url,
+        format!("{}?sslmode=require&sslrootcert={}", pg.url(), ca.display()),
+    )
+    .unwrap();
+    common::set_mode(&url, 0o600);
+    let cfg = config(tmp.path(), &url, "");
+    let (_w, log) = writer(&tmp.path().join("w"), &cfg, "10m");
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    append(&log, &login_line("192.0.2.77", "frank"));
+    wait_visible("grant over TLS", &r.map(), &["192.0.2.77".into()]);
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_stat_ssl WHERE ssl AND pid <> pg_backend_pid()"),
+        "2",
+        "writer and replica both on TLS"
+    );
+    // A CA that did not sign the server's certificate: no connection, said loudly.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-keyout",
+            "k",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other",
+        ])
+        .current_dir(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bad = tmp.path().join("bad.url");
+    std::fs::write(
+        &bad,
+        format!(
+            "{}?sslmode=require&sslrootcert={}",
+            pg.url(),
+            other.join("ca.pem").display()
+        ),
+    )
+    .unwrap();
+    common::set_mode(&bad, 0o600);
+    let dir = tmp.path().join("r-bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(bin())
+        .args(["replica", "--config", &cfg.display().to_string()])
+        .args(["--url-file", &bad.display().to_string()])
+        .args(["--map", &dir.join("relay").display().to_string()])
+        .args(["--state-dir", &dir.join("state").display().to_string()])
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("untrusted certificate refused", PATIENCE, || {
+        let log = std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
+        log.contains("STALE") && log.contains("cannot connect")
+    });
+    common::signal(child.id(), libc::SIGTERM);
+    let _ = child.wait();
+}

@@ -18,6 +18,8 @@ pub struct Pg {
     child: Option<Child>,
     uid: u32,
     gid: u32,
+    /// Extra `-c name=value` settings (TLS).
+    settings: Vec<String>,
 }
 
 fn postgres_ids() -> (u32, u32) {
@@ -41,6 +43,103 @@ pub fn free_port() -> u16 {
 impl Pg {
     /// initdb a cluster under `dir` and start it.
     pub fn start(dir: &Path) -> Pg {
+        let mut pg = Pg::init(dir);
+        pg.up();
+        pg
+    }
+
+    /// Like `start`, with TLS on (`ssl=on`), the server certificate (for IP 127.0.0.1)
+    /// signed by a test CA; returns the CA certificate file too.
+    pub fn start_tls(dir: &Path) -> (Pg, PathBuf) {
+        let mut pg = Pg::init(dir);
+        let d = pg.dir.clone();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&d)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=dovegate test CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(d.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("san.cnf");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+        ]);
+        for f in ["server.pem", "server.key"] {
+            std::os::unix::fs::chown(d.join(f), Some(pg.uid), Some(pg.gid)).expect("chown");
+        }
+        std::fs::set_permissions(
+            d.join("server.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod");
+        pg.settings = vec![
+            "ssl=on".into(),
+            format!("ssl_cert_file={}", d.join("server.pem").display()),
+            format!("ssl_key_file={}", d.join("server.key").display()),
+        ];
+        pg.up();
+        (pg, d.join("ca.pem"))
+    }
+
+    fn init(dir: &Path) -> Pg {
         let (uid, gid) = postgres_ids();
         let dir = dir.join("pg");
         std::fs::create_dir_all(&dir).expect("mkdir pg");
@@ -68,15 +167,14 @@ impl Pg {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut pg = Pg {
+        Pg {
             dir,
             port: free_port(),
             child: None,
             uid,
             gid,
-        };
-        pg.up();
-        pg
+            settings: Vec::new(),
+        }
     }
 
     /// Starts the server (again) on the same port and waits until it answers.
@@ -93,6 +191,7 @@ impl Pg {
             .args(["-D", "data", "-p", &self.port.to_string()])
             .args(["-k", &self.dir.display().to_string()])
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .current_dir(&self.dir)
             .uid(self.uid)
             .gid(self.gid)

@@ -35,7 +35,42 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Target {
     config: Config,
     tls: bool,
+    /// CA certificates from `sslrootcert=FILE` in the URL; None: the system store.
+    roots: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
     schema: String,
+}
+
+/// Takes `sslrootcert=FILE` out of the URL (tokio-postgres does not know the option):
+/// (URL without it, FILE).
+fn take_sslrootcert(url: &str) -> (String, Option<String>) {
+    let is_root = |kv: &str| kv.starts_with("sslrootcert=");
+    let value = |kv: &str| kv["sslrootcert=".len()..].to_string();
+    if let Some((base, query)) = url.split_once('?') {
+        let (roots, rest): (Vec<&str>, Vec<&str>) = query.split('&').partition(|kv| is_root(kv));
+        let url = if rest.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", rest.join("&"))
+        };
+        (url, roots.last().map(|kv| value(kv)))
+    } else if !url.contains("://") {
+        let (roots, rest): (Vec<&str>, Vec<&str>) =
+            url.split_whitespace().partition(|kv| is_root(kv));
+        (rest.join(" "), roots.last().map(|kv| value(kv)))
+    } else {
+        (url.to_string(), None)
+    }
+}
+
+fn load_roots(file: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("sslrootcert {file}: cannot read PEM certificates: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("sslrootcert {file}: no certificate in the file"));
+    }
+    Ok(certs)
 }
 
 impl std::fmt::Debug for Target {
@@ -62,7 +97,8 @@ impl Target {
             ));
         }
         let text = std::fs::read_to_string(path).map_err(|e| format!("{at}: cannot read: {e}"))?;
-        let url = text.trim();
+        let (url, rootcert) = take_sslrootcert(text.trim());
+        let url = url.as_str();
         if url.is_empty() {
             return Err(format!(
                 "{at}: is empty; write one URL like postgresql://user:password@host:5432/db"
@@ -75,8 +111,13 @@ impl Target {
         if config.get_hosts().is_empty() {
             return Err(format!("{at}: the URL names no host"));
         }
+        let roots = match rootcert {
+            Some(f) => Some(load_roots(&f).map_err(|e| format!("{at}: {e}"))?),
+            None => None,
+        };
         Ok(Target {
             tls: config.get_ssl_mode() == SslMode::Require,
+            roots,
             config,
             schema: schema.to_string(),
         })
@@ -125,7 +166,11 @@ impl Target {
             format!("{}: cannot connect: {}", self.describe(), error_text(&e))
         };
         if self.tls {
-            let (client, conn) = self.config.connect(tls_connector()?).await.map_err(fail)?;
+            let (client, conn) = self
+                .config
+                .connect(tls_connector(self.roots.as_deref())?)
+                .await
+                .map_err(fail)?;
             tokio::spawn(drive(conn, notices));
             Ok(client)
         } else {
@@ -147,10 +192,15 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
     }
 }
 
-fn tls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+fn tls_connector(
+    own: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
     let mut roots = rustls::RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    for cert in found.certs {
+    let certs = match own {
+        Some(c) => c.to_vec(),
+        None => rustls_native_certs::load_native_certs().certs,
+    };
+    for cert in certs {
         let _ = roots.add(cert);
     }
     if roots.is_empty() {
@@ -584,6 +634,24 @@ mod tests {
         )
         .unwrap();
         assert!(Target::load(&f, "public").unwrap().tls);
+        assert_eq!(
+            take_sslrootcert("postgresql://h/db?sslrootcert=/ca.pem&sslmode=require"),
+            (
+                "postgresql://h/db?sslmode=require".into(),
+                Some("/ca.pem".into())
+            )
+        );
+        assert_eq!(
+            take_sslrootcert("host=h sslrootcert=/ca.pem sslmode=require"),
+            ("host=h sslmode=require".into(), Some("/ca.pem".into()))
+        );
+        std::fs::write(
+            &f,
+            "postgresql://h/db?sslmode=require&sslrootcert=/nonexistent",
+        )
+        .unwrap();
+        let e = Target::load(&f, "public").unwrap_err();
+        assert!(e.contains("sslrootcert /nonexistent"), "{e}");
         std::fs::write(&f, "mysql://nope").unwrap();
         let e = Target::load(&f, "public").unwrap_err();
         assert!(!e.contains("nope"), "{e}");
