@@ -537,3 +537,41 @@ fn tls_with_verified_server_certificate() {
     common::signal(child.id(), libc::SIGTERM);
     let _ = child.wait();
 }
+
+/// A hung database (processes stopped, TCP still accepted): the writer keeps committing
+/// (locally and to the spill queue) after a bounded wait, the replica keeps serving and
+/// says it is stale; when the database wakes up, everything arrives.
+#[test]
+fn hung_database_bounds_the_wait() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let (w, log) = writer(&tmp.path().join("w"), &cfg, "10m");
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    append(&log, &login_line("192.0.2.50", "gina"));
+    wait_visible("first grant", &r.map(), &["192.0.2.50".into()]);
+    pg.signal_all(libc::SIGSTOP);
+    let during: Vec<String> = (51..=55).map(|i| format!("192.0.2.{i}")).collect();
+    for ip in &during {
+        append(&log, &login_line(ip, "gina"));
+    }
+    wait_visible(
+        "writer commits while the database hangs",
+        &tmp.path().join("w/relay"),
+        &during,
+    );
+    wait_for("replica says it is stale", FLEET_PATIENCE, || {
+        r.log().contains("STALE")
+    });
+    assert!(
+        postmap_q(&r.map(), "192.0.2.50").is_some(),
+        "stale map still serves"
+    );
+    assert!(w.log().contains("database unreachable"), "{}", w.log());
+    pg.signal_all(libc::SIGCONT);
+    wait_visible("grants from the hang on the replica", &r.map(), &during);
+    wait_for("replica current again", FLEET_PATIENCE, || {
+        r.log().contains("database reachable again")
+    });
+}

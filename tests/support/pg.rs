@@ -230,6 +230,34 @@ impl Pg {
         }
     }
 
+    /// SIGSTOP (or SIGCONT) the server and all its processes: a hung database, whose
+    /// kernel still accepts TCP connections.
+    pub fn signal_all(&self, sig: i32) {
+        let Some(c) = &self.child else { return };
+        let root = c.id() as i32;
+        let mut pids = vec![root];
+        for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: comm may hold spaces, so split after the ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(root) {
+                pids.push(pid);
+            }
+        }
+        for pid in pids {
+            // SAFETY: signalling our own server's processes.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+
     pub fn url(&self) -> String {
         format!(
             "postgresql://{USER}:{PASSWORD}@127.0.0.1:{}/postgres",
@@ -277,6 +305,7 @@ impl Pg {
 
 impl Drop for Pg {
     fn drop(&mut self) {
+        self.signal_all(libc::SIGCONT);
         self.down();
     }
 }
