@@ -442,6 +442,13 @@ fn world_readable_url_file_is_refused() {
         "--state-dir".into(),
         state.display().to_string(),
     ];
+    let out = Command::new(bin())
+        .args(["check-config", "--config", &cfg.display().to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "check-config: {err}");
+    assert!(err.contains("readable by every user"), "{err}");
     for extra in [&["replica"][..], &["run", "--log", "/dev/null"][..]] {
         let out = Command::new(bin())
             .args(extra)

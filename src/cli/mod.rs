@@ -228,6 +228,10 @@ fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
 fn check_config(cfg: &ConfigArgs) -> Result<(), Failure> {
     let (file, settings) = load_settings(cfg, |_| {})?;
     load_patterns(&settings, None)?;
+    if let Some(url_file) = &settings.store.url_file {
+        crate::store::postgres::Target::load(url_file, &settings.store.schema)
+            .map_err(Failure::config)?;
+    }
     for w in file_mode_warnings(&settings) {
         eprintln!("dovegate: warning: {w}");
     }

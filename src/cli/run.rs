@@ -356,6 +356,11 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                             new.settings.map_path = settings.map_path.clone();
                             new.settings.state_dir = settings.state_dir.clone();
                         }
+                        if new.settings.store.url_file != settings.store.url_file
+                            || new.settings.store.schema != settings.store.schema
+                        {
+                            tracing::warn!("[store] changes take effect at the next restart");
+                        }
                         sources.stop();
                         engine.set_policy(new.policy());
                         cfg = new;
