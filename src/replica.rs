@@ -32,6 +32,8 @@ pub const RESYNC_EVERY: Duration = Duration::from_secs(300);
 const WARN_EVERY: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A clock further off the database's than this is reported at every resync.
+const MAX_SKEW_SECS: f64 = 5.0;
 /// Notifications buffered between two map commits; more means a resync.
 const NOTICE_QUEUE: usize = 65_536;
 
@@ -139,12 +141,18 @@ impl Replica {
     /// Makes the map equal the database: adds and shortens to the database's expiries,
     /// removes what vanished (revoked, expired).
     async fn resync(&mut self, client: &Client, table: &str) -> Result<(), String> {
-        let (rows, _db_now) =
+        let (rows, db_now) =
             tokio::time::timeout(SNAPSHOT_TIMEOUT, postgres::snapshot(client, table))
                 .await
                 .map_err(|_| "snapshot timed out".to_string())?
                 .map_err(|e| error_text(&e))?;
         let now = timefmt::now();
+        // Expiries are compared with this host's clock: a skewed clock shortens or stretches
+        // every grant here (stretching is capped at now + ttl).
+        let skew = now as f64 - db_now;
+        if skew.abs() > MAX_SKEW_SECS {
+            tracing::warn!(skew_secs = skew.round(), "this host's clock differs from the database's; grants expire early or late here: run NTP");
+        }
         let mut fresh: HashMap<IpAddr, i64> = HashMap::with_capacity(rows.len());
         let mut refused = 0usize;
         for (addr, e) in &rows {

@@ -258,6 +258,17 @@ impl Worker {
             return;
         }
         self.warned_at = Some(Instant::now());
+        if self.spill.len() * 10 >= self.spec.spill_max * 9 {
+            tracing::error!(
+                database = %self.status.database,
+                error = self.status.last_error.as_deref().unwrap_or("not connected yet"),
+                waiting = self.spill.len(),
+                max = self.spec.spill_max,
+                queue = %self.spill.path().display(),
+                "database unreachable and the spill queue is (nearly) full: new logins are not committed (nor checkpointed) until the database returns; fix the database or raise [store] spill_max_grants"
+            );
+            return;
+        }
         tracing::warn!(
             database = %self.status.database,
             error = self.status.last_error.as_deref().unwrap_or("not connected yet"),
