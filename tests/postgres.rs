@@ -582,3 +582,30 @@ fn hung_database_bounds_the_wait() {
         r.log().contains("database reachable again")
     });
 }
+
+/// Several dovegates meeting a fresh database at once: the migration runs once, under the
+/// advisory lock, and none of them fails.
+#[test]
+fn concurrent_start_migrates_once() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let replicas: Vec<Replica> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let (dir, cfg, url) = (tmp.path().join(format!("r{i}")), &cfg, &url);
+                s.spawn(move || Replica::start(&dir, cfg, url))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        pg.psql("SELECT count(*) || ':' || max(version) FROM dovegate_schema"),
+        "1:1"
+    );
+    for r in &replicas {
+        assert!(!r.log().contains("migration failed"), "{}", r.log());
+        assert!(!r.log().contains("STALE"), "{}", r.log());
+    }
+}
