@@ -47,7 +47,7 @@ pub struct ReplicaSpec {
 }
 
 /// What the replica reports in `STATE/replica.json` (for `dovegate status` and metrics).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaStatus {
     pub database: String,
     pub map: String,
@@ -67,6 +67,15 @@ pub struct ReplicaStatus {
     /// Grants in the local map written by this replica.
     pub grants: usize,
     pub updated: i64,
+}
+
+impl ReplicaStatus {
+    pub const FILE: &'static str = "replica.json";
+
+    /// The status a replica left in `state_dir`, if any (`updated` tells its age).
+    pub fn load(state_dir: &std::path::Path) -> Option<ReplicaStatus> {
+        crate::store::postgres::worker::read_json(&state_dir.join(Self::FILE))
+    }
 }
 
 struct Replica {
@@ -98,7 +107,7 @@ impl Replica {
             policy: spec.policy,
             local: HashMap::new(),
             deadlines: BTreeSet::new(),
-            status_file: spec.state_dir.join("replica.json"),
+            status_file: spec.state_dir.join(ReplicaStatus::FILE),
             warned_at: None,
         };
         r.reload_local()?;

@@ -47,7 +47,7 @@ enum Request {
 }
 
 /// What the writer reports in `STATE/fleet.json` (for `dovegate status` and metrics).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct WriterStatus {
     pub database: String,
     pub connected: bool,
@@ -64,6 +64,15 @@ pub struct WriterStatus {
     pub replayed_total: u64,
     /// Unix seconds when this file was written.
     pub updated: i64,
+}
+
+impl WriterStatus {
+    pub const FILE: &'static str = "fleet.json";
+
+    /// The status a writer left in `state_dir`, if any (`updated` tells its age).
+    pub fn load(state_dir: &std::path::Path) -> Option<WriterStatus> {
+        read_json(&state_dir.join(Self::FILE))
+    }
 }
 
 /// The engine's handle on the worker thread.
@@ -370,7 +379,7 @@ impl Worker {
     fn write_status(&mut self) {
         self.status.queue_len = self.spill.len();
         self.status.updated = timefmt::now();
-        write_json(&self.spec.state_dir.join("fleet.json"), &self.status);
+        write_json(&self.spec.state_dir.join(WriterStatus::FILE), &self.status);
     }
 }
 
@@ -392,4 +401,16 @@ pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) {
     if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
         tracing::debug!(file = %path.display(), error = %e, "cannot write status file");
     }
+}
+
+/// Reads a status file written by `write_json` (bounded: these files are small).
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Option<T> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(1 << 20)
+        .read_to_string(&mut text)
+        .ok()?;
+    serde_json::from_str(&text).ok()
 }
