@@ -53,6 +53,7 @@ pub struct FileConfig {
     pub map: MapSection,
     pub serve: ServeSection,
     pub state: StateSection,
+    pub store: StoreSection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -145,6 +146,61 @@ pub struct StateSection {
     pub dir: String,
 }
 
+/// Where grants are shared beyond the local map (PostgreSQL, issue 13).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    pub postgres_url_file: String,
+    pub postgres_schema: String,
+    pub spill_max_grants: usize,
+}
+
+/// Validated `[store]`: `url_file` None means LMDB only.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub url_file: Option<PathBuf>,
+    pub schema: String,
+    pub spill_max_grants: usize,
+}
+
+impl StoreSection {
+    fn validate(&self) -> Result<StoreSettings, ConfigError> {
+        let schema = self.postgres_schema.trim();
+        // The schema is the one name put into SQL text (identifiers cannot be parameters):
+        // a plain lower-case identifier only.
+        let ident_ok = !schema.is_empty()
+            && schema.len() <= 63
+            && schema
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && !schema.as_bytes()[0].is_ascii_digit();
+        if !ident_ok {
+            return Err(err(
+                "store.postgres_schema",
+                format!("`{schema}` must be a lower-case identifier such as public"),
+            ));
+        }
+        if !(100..=10_000_000).contains(&self.spill_max_grants) {
+            return Err(err(
+                "store.spill_max_grants",
+                "must be between 100 and 10000000",
+            ));
+        }
+        let url_file = match self.postgres_url_file.trim() {
+            "" => None,
+            f if !f.starts_with('/') => {
+                return Err(err("store.postgres_url_file", "must be an absolute path"))
+            }
+            f => Some(PathBuf::from(f)),
+        };
+        Ok(StoreSettings {
+            url_file,
+            schema: schema.to_string(),
+            spill_max_grants: self.spill_max_grants,
+        })
+    }
+}
+
 /// Validated settings: what every other module reads.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -170,6 +226,7 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub socketmap: Option<crate::serve::socketmap::SocketmapConfig>,
     pub metrics: Option<std::net::SocketAddr>,
+    pub store: StoreSettings,
 }
 
 /// A configuration problem, always naming the key (or file) at fault.
@@ -465,6 +522,7 @@ impl FileConfig {
             state_dir: PathBuf::from(&self.state.dir),
             socketmap,
             metrics,
+            store: self.store.validate()?,
         })
     }
 }

@@ -9,11 +9,13 @@
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod fleet;
 pub mod frame;
 pub mod grant;
 pub mod notify;
 pub mod pattern;
 pub mod postfix;
+pub mod replica;
 pub mod scan;
 pub mod serve;
 pub mod session;

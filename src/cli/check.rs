@@ -320,6 +320,10 @@ pub fn findings(settings: &Settings, user: Option<&Account>) -> Vec<Finding> {
 pub fn run(cfg: &ConfigArgs, user: Option<&str>) -> Result<(), Failure> {
     let (file, settings) = load_settings(cfg, |_| {})?;
     load_patterns(&settings, None)?;
+    if let Some(url_file) = &settings.store.url_file {
+        crate::store::postgres::Target::load(url_file, &settings.store.schema)
+            .map_err(Failure::config)?;
+    }
     match &file.file {
         Some(p) => eprintln!("dovegate: configuration {}", p.display()),
         None => eprintln!(

@@ -4,6 +4,7 @@ mod admin;
 mod build;
 mod check;
 mod docs;
+mod replica;
 pub mod run;
 mod status;
 mod test_cmd;
@@ -91,6 +92,8 @@ enum Command {
     },
     /// Run the patterns over saved logs and report what would be granted (changes nothing).
     Test(test_cmd::TestArgs),
+    /// Copy the grants shared in PostgreSQL into the local map (MTA hosts).
+    Replica(replica::ReplicaArgs),
     /// Show the live state (map, sources, positions) from the map and the state directory.
     Status(status::StatusArgs),
     /// Create the map (empty) and the state directory if missing; for package scripts.
@@ -198,6 +201,7 @@ pub fn main() -> ExitCode {
         }
         Command::Test(args) => test_cmd::run(args),
         Command::Status(args) => status::run(args),
+        Command::Replica(args) => replica::run(args),
         Command::Init { cfg } => init(&cfg),
         Command::GenerateDocs { dir } => docs::generate(&dir),
     };

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use super::{load_patterns, load_settings, ConfigArgs, Failure};
 use crate::config::Settings;
 use crate::engine::{self, Engine, Exit};
+use crate::fleet::WriterStore;
 use crate::grant::Policy;
 use crate::pattern::PatternSet;
 use crate::scan::{Scanner, Visit};
@@ -209,7 +210,7 @@ impl Sources {
     }
 }
 
-fn status_line(engine: &Engine<LmdbMap>, stats: &StatsRegistry) -> String {
+fn status_line(engine: &Engine<WriterStore>, stats: &StatsRegistry) -> String {
     let t = stats.totals();
     format!(
         "{} grants active, {} lines read, {} logins, {} forged",
@@ -240,6 +241,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     })?;
     let map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::Create)
         .map_err(|e| Failure::runtime(e.0))?;
+    let map = open_writer_store(&settings, map)?;
     let checkpoints = CheckpointDir::new(&settings.state_dir);
     let mut engine = Engine::new(map, cfg.policy(), checkpoints.clone(), timefmt::now())
         .map_err(|e| Failure::runtime(e.0))?;
@@ -281,7 +283,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let mut heartbeat = {
         let stats = Arc::clone(&stats);
         let counters = Arc::clone(&counters);
-        move |e: &Engine<LmdbMap>| {
+        move |e: &Engine<WriterStore>| {
             crate::notify::status(&status_line(e, &stats));
             crate::notify::watchdog();
             if let Ok(mut c) = counters.lock() {
@@ -322,6 +324,11 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                             new.settings.map_path = settings.map_path.clone();
                             new.settings.state_dir = settings.state_dir.clone();
                         }
+                        if new.settings.store.url_file != settings.store.url_file
+                            || new.settings.store.schema != settings.store.schema
+                        {
+                            tracing::warn!("[store] changes take effect at the next restart");
+                        }
                         sources.stop();
                         engine.set_policy(new.policy());
                         cfg = new;
@@ -358,7 +365,27 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     }
 }
 
-fn log_summary(settings: &Settings, engine: &Engine<LmdbMap>, stats: &StatsRegistry) {
+/// The local map, plus PostgreSQL when `[store] postgres_url_file` is set (a bad URL file
+/// stops start-up; an unreachable database does not: commits spill until it returns).
+fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, Failure> {
+    use crate::store::postgres::{worker, Origin, Target};
+    let Some(url_file) = &settings.store.url_file else {
+        return Ok(WriterStore::local(map));
+    };
+    let target = Target::load(url_file, &settings.store.schema).map_err(Failure::config)?;
+    tracing::info!(database = %target.describe(), "sharing grants through PostgreSQL");
+    let pg = worker::PgWriter::start(worker::WriterSpec {
+        target,
+        origin: Origin::this_host("dovecot"),
+        max_ttl: i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 4),
+        state_dir: settings.state_dir.clone(),
+        spill_max: settings.store.spill_max_grants,
+    })
+    .map_err(Failure::runtime)?;
+    Ok(WriterStore::shared(map, pg))
+}
+
+fn log_summary(settings: &Settings, engine: &Engine<WriterStore>, stats: &StatsRegistry) {
     let c = &engine.counters;
     let t = stats.totals();
     tracing::info!(

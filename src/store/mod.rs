@@ -3,6 +3,7 @@
 
 pub mod lmdb;
 mod lock;
+pub mod postgres;
 pub mod value;
 
 use std::net::IpAddr;

@@ -1,0 +1,77 @@
+//! `dovegate replica`: wires the configuration, the local map and PostgreSQL to
+//! `crate::replica` and runs until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+
+use super::{load_settings, ConfigArgs, Failure};
+use crate::grant::Policy;
+use crate::replica::ReplicaSpec;
+use crate::store::postgres::Target;
+use crate::store::{LmdbMap, OpenMode};
+
+#[derive(Debug, clap::Args)]
+pub struct ReplicaArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// File holding the PostgreSQL URL (overrides store.postgres_url_file).
+    #[arg(long, value_name = "FILE")]
+    url_file: Option<PathBuf>,
+    /// Where the status file (replica.json) is kept (overrides state.dir).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
+    let (_, settings) = load_settings(&args.cfg, |f| {
+        if let Some(u) = &args.url_file {
+            f.store.postgres_url_file = u.display().to_string();
+        }
+        if let Some(d) = &args.state_dir {
+            f.state.dir = d.display().to_string();
+        }
+    })?;
+    let Some(url_file) = &settings.store.url_file else {
+        return Err(Failure::config(
+            "store.postgres_url_file: a replica needs the database: set it or pass --url-file",
+        ));
+    };
+    let target = Target::load(url_file, &settings.store.schema).map_err(Failure::config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start runtime: {e}")))?;
+    let (mut term, mut int) = runtime
+        .block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })
+        .map_err(|e| Failure::runtime(format!("cannot install signal handlers: {e}")))?;
+    std::fs::create_dir_all(&settings.state_dir).map_err(|e| {
+        Failure::runtime(format!(
+            "{}: cannot create state directory: {e}",
+            settings.state_dir.display()
+        ))
+    })?;
+    let map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::Create)
+        .map_err(|e| Failure::runtime(e.0))?;
+    let spec = ReplicaSpec {
+        target,
+        map,
+        policy: Policy::new(settings.exclude.clone(), settings.ttl),
+        state_dir: settings.state_dir.clone(),
+        commit_interval: settings.commit_interval,
+    };
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::info!("shutting down");
+    };
+    let result = runtime.block_on(crate::replica::run(spec, shutdown));
+    crate::notify::stopping();
+    result.map_err(Failure::runtime)
+}

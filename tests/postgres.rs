@@ -1,0 +1,611 @@
+//! Grants shared through a real PostgreSQL 15 server: writer dovegates (`dovegate run`
+//! with `[store] postgres_url_file`), replicas (`dovegate replica`) judged by Postfix's
+//! `postmap -q lmdb:`, the direct `pgsql:` query judged by `postmap -q pgsql:`.
+
+mod common;
+#[path = "support/pg.rs"]
+mod pg;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{append, bin, login_line, postmap_q, postmap_s, wait_for, Daemon, PATIENCE};
+use pg::Pg;
+
+/// Propagation through the database may take a reconnect backoff on top of the usual.
+const FLEET_PATIENCE: Duration = Duration::from_secs(60);
+
+/// A running `dovegate replica` with map `DIR/relay` and state `DIR/state`; SIGTERM on drop.
+struct Replica {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Replica {
+    fn start(dir: &Path, cfg: &Path, url: &Path) -> Replica {
+        std::fs::create_dir_all(dir).unwrap();
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("replica.stderr"))
+            .unwrap();
+        let child = Command::new(bin())
+            .arg("replica")
+            .args(["--config", &cfg.display().to_string()])
+            .args(["--url-file", &url.display().to_string()])
+            .args(["--map", &dir.join("relay").display().to_string()])
+            .args(["--state-dir", &dir.join("state").display().to_string()])
+            .env(
+                "DOVEGATE_LOG",
+                std::env::var("DG_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn dovegate replica");
+        let r = Replica {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        wait_for("replica connected", FLEET_PATIENCE, || {
+            r.status()["connected"] == serde_json::Value::Bool(true)
+        });
+        r
+    }
+
+    fn map(&self) -> PathBuf {
+        self.dir.join("relay")
+    }
+
+    fn status(&self) -> serde_json::Value {
+        std::fs::read_to_string(self.dir.join("state/replica.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("replica.stderr")).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            common::signal(self.child.id(), libc::SIGTERM);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A config sharing grants through the database at `url`; `extra` is appended.
+fn config(dir: &Path, url: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("dovegate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\npoll_interval = \"100ms\"\n[store]\npostgres_url_file = \"{}\"\n{extra}",
+            url.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A writer `dovegate run` following `DIR/mail.log`.
+fn writer(dir: &Path, cfg: &Path, ttl: &str) -> (Daemon, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let log = dir.join("mail.log");
+    std::fs::write(&log, "").unwrap();
+    let cfg = cfg.display().to_string();
+    let d = Daemon::follow(dir, &log, &["--config", &cfg, "--ttl", ttl]);
+    (d, log)
+}
+
+fn expiry_of(value: &str) -> i64 {
+    let t = value
+        .split_once("expires=")
+        .map(|(_, t)| t.trim())
+        .unwrap_or_else(|| panic!("no expiry in `{value}`"));
+    chrono::DateTime::parse_from_rfc3339(t)
+        .unwrap_or_else(|e| panic!("bad expiry `{t}`: {e}"))
+        .timestamp()
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn visible(map: &Path, ips: &[String]) -> bool {
+    let keys: std::collections::HashSet<String> =
+        postmap_s(map).into_iter().map(|(k, _)| k).collect();
+    ips.iter().all(|ip| keys.contains(ip))
+}
+
+fn wait_visible(what: &str, map: &Path, ips: &[String]) {
+    wait_for(what, FLEET_PATIENCE, || {
+        let ok = visible(map, ips);
+        if !ok {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ok
+    });
+}
+
+#[test]
+fn two_writers_two_replicas_snapshot_kill_and_revoke() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let (_w1, log1) = writer(&tmp.path().join("w1"), &cfg, "10m");
+    let (_w2, log2) = writer(&tmp.path().join("w2"), &cfg, "10m");
+    let mut r1 = Replica::start(&tmp.path().join("r1"), &cfg, &url);
+
+    // Every login on either writer reaches the replica.
+    let mut ips = Vec::new();
+    for i in 1..=10 {
+        let (a, b) = (format!("192.0.2.{i}"), format!("2001:db8:2::{i:x}"));
+        append(&log1, &login_line(&a, "alice"));
+        append(&log2, &login_line(&b, "bob"));
+        ips.extend([a, b]);
+    }
+    wait_visible("logins of both writers on replica 1", &r1.map(), &ips);
+    let v = postmap_q(&r1.map(), "192.0.2.3").unwrap();
+    assert!(v.starts_with("OK expires="), "{v}");
+
+    // A replica started late catches up by snapshot.
+    let r2 = Replica::start(&tmp.path().join("r2"), &cfg, &url);
+    wait_visible("snapshot on replica 2", &r2.map(), &ips);
+    assert_eq!(r2.status()["last_snapshot_grants"], serde_json::json!(20));
+
+    // kill -9 a replica, log in meanwhile, restart it: it converges.
+    r1.kill9();
+    let late: Vec<String> = (101..=105).map(|i| format!("192.0.2.{i}")).collect();
+    for ip in &late {
+        append(&log1, &login_line(ip, "carol"));
+    }
+    wait_visible("logins during the outage on replica 2", &r2.map(), &late);
+    let r1 = Replica::start(&tmp.path().join("r1"), &cfg, &url);
+    ips.extend(late.iter().cloned());
+    wait_visible("restarted replica 1 converged", &r1.map(), &ips);
+
+    // Revoked in the database: gone everywhere.
+    pg.psql("DELETE FROM dovegate_grants WHERE address = '192.0.2.1'");
+    for r in [&r1, &r2] {
+        wait_for("revocation reached the replica", FLEET_PATIENCE, || {
+            postmap_q(&r.map(), "192.0.2.1").is_none()
+        });
+    }
+
+    // Rows dovegate would never write grant nothing; a far expiry is capped at now + ttl.
+    pg.psql(
+        "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+         ('1.2.3', now() + interval '1 hour', 'x', 'x'),
+         ('unknown', now() + interval '1 hour', 'x', 'x'),
+         ('127.0.0.1', now() + interval '1 hour', 'x', 'x'),
+         ('2001:DB8::99', now() + interval '1 hour', 'x', 'x'),
+         ('203.0.113.9', '2099-01-01', 'x', 'x')",
+    );
+    for r in [&r1, &r2] {
+        wait_for("capped grant on the replica", FLEET_PATIENCE, || {
+            postmap_q(&r.map(), "203.0.113.9").is_some()
+        });
+        let e = expiry_of(&postmap_q(&r.map(), "203.0.113.9").unwrap());
+        assert!(e <= now() + 1800 + 5, "expiry {e} not capped at now + ttl");
+        for k in ["1.2.3", "unknown", "127.0.0.1", "2001:db8::99"] {
+            assert_eq!(postmap_q(&r.map(), k), None, "{k}");
+        }
+    }
+
+    // Audit columns and schema version.
+    assert_eq!(
+        pg.psql("SELECT source FROM dovegate_grants WHERE address = '192.0.2.2'"),
+        "dovecot"
+    );
+    assert!(!pg
+        .psql("SELECT granted_by FROM dovegate_grants WHERE address = '192.0.2.2'")
+        .is_empty());
+    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "1");
+    let fleet: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("w1/state/fleet.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(fleet["connected"], serde_json::json!(true), "{fleet}");
+    assert_eq!(fleet["queue_len"], serde_json::json!(0));
+    // The writer keeps its own local map too.
+    assert!(postmap_q(&tmp.path().join("w1/relay"), "192.0.2.3").is_some());
+    assert!(!r1.log().contains("STALE"), "{}", r1.log());
+}
+
+/// The direct `pgsql:` alternative documented in README: the exact query, judged by
+/// Postfix's own pgsql client, including the shortened keys smtpd also looks up.
+#[test]
+fn postfix_pgsql_direct_query() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    // A replica creates the schema (as any dovegate does).
+    let _r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    pg.psql(
+        "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+         ('192.0.2.7', now() + interval '10 minutes', 'h', 'dovecot'),
+         ('2001:db8::7', now() + interval '10 minutes', 'h', 'dovecot'),
+         ('192.0.2.8', now() - interval '1 second', 'h', 'dovecot')",
+    );
+    // Postfix (and replicas) may use a role that can only read.
+    pg.psql(
+        "CREATE ROLE reader LOGIN PASSWORD 'ro-pass';
+         GRANT SELECT ON dovegate_grants, dovegate_schema TO reader",
+    );
+    let ro_url = tmp.path().join("ro.url");
+    std::fs::write(
+        &ro_url,
+        format!("postgresql://reader:ro-pass@127.0.0.1:{}/postgres", pg.port),
+    )
+    .unwrap();
+    common::set_mode(&ro_url, 0o600);
+    let ro = Replica::start(&tmp.path().join("ro"), &cfg, &ro_url);
+    wait_visible(
+        "read-only replica",
+        &ro.map(),
+        &["192.0.2.7".into(), "2001:db8::7".into()],
+    );
+    assert_eq!(postmap_q(&ro.map(), "192.0.2.8"), None);
+    let cf = tmp.path().join("pgsql-relay.cf");
+    std::fs::write(
+        &cf,
+        format!(
+            "hosts = inet:127.0.0.1:{port}\nuser = reader\npassword = ro-pass\ndbname = postgres\n\
+             query = SELECT 'OK' FROM public.dovegate_grants WHERE address = '%s' AND expires > now()\n",
+            port = pg.port,
+        ),
+    )
+    .unwrap();
+    let table = format!("pgsql:{}", cf.display());
+    assert_eq!(
+        common::postmap_table(&table, "192.0.2.7").as_deref(),
+        Some("OK")
+    );
+    assert_eq!(
+        common::postmap_table(&table, "2001:db8::7").as_deref(),
+        Some("OK")
+    );
+    // Expired, shortened keys, hostnames, quoting: not found, and no error (exit 1).
+    for key in [
+        "192.0.2.8",
+        "192.0.2",
+        "192.0",
+        "192",
+        "2001:db8:",
+        "mail.example.com",
+        "example.com",
+        "unknown",
+        "x' OR '1'='1",
+    ] {
+        let out = common::postmap_query(&table, key);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// PostgreSQL restarts in the middle of a stream of logins: none is lost (every one
+/// reaches the database and the replica), and no grant outlives its expiry anywhere.
+#[test]
+fn database_restart_mid_stream() {
+    let tmp = common::tempdir();
+    let mut pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let ttl = 30i64;
+    let (w, log) = writer(&tmp.path().join("w"), &cfg, &format!("{ttl}s"));
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    let mut logged: Vec<(String, i64)> = Vec::new();
+    for i in 1..=60u32 {
+        let ip = format!("198.51.100.{i}");
+        // The login line has second precision: its grant expires at that second + ttl.
+        logged.push((ip.clone(), now()));
+        append(&log, &login_line(&ip, "dave"));
+        if i == 20 {
+            pg.down();
+        }
+        if i == 40 {
+            pg.up();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ips: Vec<String> = logged.iter().map(|(ip, _)| ip.clone()).collect();
+    wait_for("every login in the database", FLEET_PATIENCE, || {
+        let n =
+            pg.try_psql("SELECT count(*) FROM dovegate_grants WHERE address LIKE '198.51.100.%'");
+        n.as_deref() == Ok("60")
+    });
+    wait_visible("every login on the replica", &r.map(), &ips);
+    assert!(w.log().contains("database unreachable"), "{}", w.log());
+    // Until everything has expired: nothing present past its expiry (1s timer slack).
+    let deadline = logged.iter().map(|(_, t)| t + ttl).max().unwrap();
+    let start = Instant::now();
+    loop {
+        let t = now();
+        let mut present = 0;
+        for map in [r.map(), tmp.path().join("w/relay")] {
+            for (k, v) in postmap_s(&map) {
+                present += 1;
+                let login = logged.iter().find(|(ip, _)| *ip == k).map(|(_, t)| *t);
+                let login = login.unwrap_or_else(|| panic!("unexpected key {k}"));
+                assert!(
+                    expiry_of(&v) <= login + ttl + 1,
+                    "{k}: {v} beyond login + ttl"
+                );
+                assert!(
+                    t <= login + ttl + 2,
+                    "{k} still present at {t}, expired at {}",
+                    login + ttl
+                );
+            }
+        }
+        if present == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(ttl as u64) + PATIENCE,
+            "grants never expired"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(now() >= deadline - 2);
+}
+
+/// The database is down from the start: commits spill to the state dir (and the local
+/// map), a full queue refuses commits loudly, and everything reaches the database when it
+/// comes up.
+#[test]
+fn spill_queue_is_bounded_and_replayed() {
+    let tmp = common::tempdir();
+    let mut pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "spill_max_grants = 100\n");
+    pg.down();
+    let (w, log) = writer(&tmp.path().join("w"), &cfg, "10m");
+    let first: Vec<String> = (1..=50).map(|i| format!("203.0.113.{i}")).collect();
+    for ip in &first {
+        append(&log, &login_line(ip, "erin"));
+    }
+    // Spilled grants are committed locally.
+    wait_visible(
+        "spilled grants in the local map",
+        &tmp.path().join("w/relay"),
+        &first,
+    );
+    let queue = std::fs::read_to_string(tmp.path().join("w/state/spill/queue")).unwrap();
+    assert_eq!(queue.lines().count(), 50);
+    // 150 more do not fit: the commit fails and says so.
+    let more: Vec<String> = (1..=150).map(|i| format!("2001:db8:5::{i:x}")).collect();
+    for ip in &more {
+        append(&log, &login_line(ip, "erin"));
+    }
+    wait_for("spill full reported", PATIENCE, || {
+        w.log().contains("spill queue full")
+    });
+    let queue = std::fs::read_to_string(tmp.path().join("w/state/spill/queue")).unwrap();
+    assert!(
+        queue.lines().count() <= 100,
+        "{} spilled",
+        queue.lines().count()
+    );
+    pg.up();
+    wait_for("all 200 grants in the database", FLEET_PATIENCE, || {
+        pg.try_psql("SELECT count(*) FROM dovegate_grants")
+            .as_deref()
+            == Ok("200")
+    });
+    wait_for("spill queue emptied", PATIENCE, || {
+        std::fs::metadata(tmp.path().join("w/state/spill/queue")).is_ok_and(|m| m.len() == 0)
+    });
+    wait_visible(
+        "the rest in the local map",
+        &tmp.path().join("w/relay"),
+        &more,
+    );
+}
+
+#[test]
+fn world_readable_url_file_is_refused() {
+    let tmp = common::tempdir();
+    let url = tmp.path().join("pg.url");
+    std::fs::write(&url, "postgresql://u:topsecret@127.0.0.1:1/db\n").unwrap();
+    common::set_mode(&url, 0o644);
+    let cfg = config(tmp.path(), &url, "");
+    let (map, state) = (tmp.path().join("relay"), tmp.path().join("state"));
+    let common_args = [
+        "--config".to_string(),
+        cfg.display().to_string(),
+        "--map".into(),
+        map.display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+    ];
+    let out = Command::new(bin())
+        .args(["check-config", "--config", &cfg.display().to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "check-config: {err}");
+    assert!(err.contains("readable by every user"), "{err}");
+    for extra in [&["replica"][..], &["run", "--log", "/dev/null"][..]] {
+        let out = Command::new(bin())
+            .args(extra)
+            .args(&common_args)
+            .output()
+            .unwrap();
+        let cmd = extra[0];
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains("pg.url") && err.contains("readable by every user"),
+            "{err}"
+        );
+        assert!(!err.contains("topsecret"), "{err}");
+    }
+}
+
+/// `sslmode=require`: TLS through rustls, the server certificate checked against the CA in
+/// `sslrootcert=FILE`; a server whose certificate that CA did not sign is refused.
+#[test]
+fn tls_with_verified_server_certificate() {
+    let tmp = common::tempdir();
+    let (pg, ca) = pg::Pg::start_tls(tmp.path());
+    let url = tmp.path().join("tls.url");
+    std::fs::write(
+        &url,
+        format!("{}?sslmode=require&sslrootcert={}", pg.url(), ca.display()),
+    )
+    .unwrap();
+    common::set_mode(&url, 0o600);
+    let cfg = config(tmp.path(), &url, "");
+    let (_w, log) = writer(&tmp.path().join("w"), &cfg, "10m");
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    append(&log, &login_line("192.0.2.77", "frank"));
+    wait_visible("grant over TLS", &r.map(), &["192.0.2.77".into()]);
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_stat_ssl WHERE ssl AND pid <> pg_backend_pid()"),
+        "2",
+        "writer and replica both on TLS"
+    );
+    // A CA that did not sign the server's certificate: no connection, said loudly.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-keyout",
+            "k",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other",
+        ])
+        .current_dir(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bad = tmp.path().join("bad.url");
+    std::fs::write(
+        &bad,
+        format!(
+            "{}?sslmode=require&sslrootcert={}",
+            pg.url(),
+            other.join("ca.pem").display()
+        ),
+    )
+    .unwrap();
+    common::set_mode(&bad, 0o600);
+    let dir = tmp.path().join("r-bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(bin())
+        .args(["replica", "--config", &cfg.display().to_string()])
+        .args(["--url-file", &bad.display().to_string()])
+        .args(["--map", &dir.join("relay").display().to_string()])
+        .args(["--state-dir", &dir.join("state").display().to_string()])
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("untrusted certificate refused", PATIENCE, || {
+        let log = std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
+        log.contains("STALE") && log.contains("cannot connect")
+    });
+    common::signal(child.id(), libc::SIGTERM);
+    let _ = child.wait();
+}
+
+/// A hung database (processes stopped, TCP still accepted): the writer keeps committing
+/// (locally and to the spill queue) after a bounded wait, the replica keeps serving and
+/// says it is stale; when the database wakes up, everything arrives.
+#[test]
+fn hung_database_bounds_the_wait() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let (w, log) = writer(&tmp.path().join("w"), &cfg, "10m");
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    append(&log, &login_line("192.0.2.50", "gina"));
+    wait_visible("first grant", &r.map(), &["192.0.2.50".into()]);
+    pg.signal_all(libc::SIGSTOP);
+    let during: Vec<String> = (51..=55).map(|i| format!("192.0.2.{i}")).collect();
+    for ip in &during {
+        append(&log, &login_line(ip, "gina"));
+    }
+    wait_visible(
+        "writer commits while the database hangs",
+        &tmp.path().join("w/relay"),
+        &during,
+    );
+    wait_for("replica says it is stale", FLEET_PATIENCE, || {
+        r.log().contains("STALE")
+    });
+    assert!(
+        postmap_q(&r.map(), "192.0.2.50").is_some(),
+        "stale map still serves"
+    );
+    assert!(w.log().contains("database unreachable"), "{}", w.log());
+    pg.signal_all(libc::SIGCONT);
+    wait_visible("grants from the hang on the replica", &r.map(), &during);
+    wait_for("replica current again", FLEET_PATIENCE, || {
+        r.log().contains("database reachable again")
+    });
+}
+
+/// Several dovegates meeting a fresh database at once: the migration runs once, under the
+/// advisory lock, and none of them fails.
+#[test]
+fn concurrent_start_migrates_once() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let replicas: Vec<Replica> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let (dir, cfg, url) = (tmp.path().join(format!("r{i}")), &cfg, &url);
+                s.spawn(move || Replica::start(&dir, cfg, url))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        pg.psql("SELECT count(*) || ':' || max(version) FROM dovegate_schema"),
+        "1:1"
+    );
+    for r in &replicas {
+        assert!(!r.log().contains("migration failed"), "{}", r.log());
+        assert!(!r.log().contains("STALE"), "{}", r.log());
+    }
+}
