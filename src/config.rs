@@ -23,6 +23,7 @@ pub struct FileConfig {
     pub map: MapSection,
     pub serve: ServeSection,
     pub state: StateSection,
+    pub push: crate::push::PushSection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -101,6 +102,7 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub socketmap: Option<crate::serve::socketmap::SocketmapConfig>,
     pub metrics: Option<std::net::SocketAddr>,
+    pub push: crate::push::PushSettings,
 }
 
 /// A configuration problem, always naming the key (or file) at fault.
@@ -333,6 +335,7 @@ impl FileConfig {
             state_dir: PathBuf::from(&self.state.dir),
             socketmap,
             metrics,
+            push: crate::push::PushSettings::from_section(&self.push)?,
         })
     }
 }

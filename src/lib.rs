@@ -13,6 +13,7 @@ pub mod frame;
 pub mod grant;
 pub mod notify;
 pub mod pattern;
+pub mod push;
 pub mod scan;
 pub mod serve;
 pub mod source;

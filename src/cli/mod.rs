@@ -2,6 +2,7 @@
 
 mod admin;
 mod docs;
+pub mod postlogin;
 pub mod run;
 mod status;
 mod test_cmd;
@@ -90,6 +91,8 @@ enum Command {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// Dovecot post-login hook: push IP and USER to the daemon, then exec the rest.
+    Postlogin(postlogin::PostloginArgs),
     /// Write the man pages and shell completions into DIR (packaging).
     #[command(hide = true)]
     GenerateDocs { dir: PathBuf },
@@ -166,6 +169,10 @@ fn init_logging() {
 }
 
 pub fn main() -> ExitCode {
+    // The post-login hook must exec whatever happens: no clap, no logging set-up first.
+    if let Some(args) = postlogin::hook_args(std::env::args_os().collect()) {
+        return postlogin::run(args);
+    }
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
@@ -189,6 +196,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::Init { cfg } => init(&cfg),
         Command::GenerateDocs { dir } => docs::generate(&dir),
+        Command::Postlogin(args) => return postlogin::run(args.into_args()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

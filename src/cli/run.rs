@@ -148,9 +148,9 @@ impl Effective {
             exclude.extend(mynetworks()?);
         }
         let journal = args.journal.target(settings.journal);
-        if settings.logs.is_empty() && journal.is_none() {
+        if settings.logs.is_empty() && journal.is_none() && !settings.push.enabled() {
             return Err(Failure::config(
-                "source.logs: no log file to follow and the journal is off (source.journal)",
+                "source.logs: no log file to follow, the journal is off (source.journal) and nothing is pushed ([push])",
             ));
         }
         Ok(Effective {
@@ -180,6 +180,8 @@ struct Sources {
     stop: Arc<AtomicBool>,
     children: Arc<Mutex<Vec<u32>>>,
     rx: tokio::sync::mpsc::Receiver<Batch>,
+    /// The push servers (post-login socket, auth policy); dropped with the generation.
+    _push: crate::push::Push,
 }
 
 impl Sources {
@@ -237,7 +239,14 @@ impl Sources {
             )
             .map_err(|e| Failure::runtime(format!("cannot start journal thread: {e}")))?;
         }
-        Ok(Sources { stop, children, rx })
+        let _push =
+            crate::push::spawn(&settings.push, tx.clone(), stats).map_err(Failure::runtime)?;
+        Ok(Sources {
+            stop,
+            children,
+            rx,
+            _push,
+        })
     }
 
     /// Stops the threads (they exit at their next wake-up or send) and journalctl.
