@@ -13,7 +13,10 @@
 #   dovecot.sh cgroup-up DIR | cgroup-down DIR   a cgroup2 system.slice/dovecot.service,
 #                                            so journald stamps _SYSTEMD_UNIT=dovecot.service
 # Environment for `up`: DG_SYSLOG_SOCK (syslog socket, default DIR/syslog/dev-log),
-# DG_CGROUP (a cgroup directory to start Dovecot in).
+# DG_CGROUP (a cgroup directory to start Dovecot in); the push paths, configured as the
+# README says: DG_POSTLOGIN (the post-login script and its arguments, run by script-login
+# for imap and pop3), DG_POLICY_URL and DG_POLICY_HEADER (auth_policy_server_url and
+# auth_policy_server_api_header).
 # Dovecot runs as root here (the master must: it binds, chroots, drops privileges); the
 # mail processes run as nobody. In syslog mode Dovecot runs in a private mount namespace
 # whose /dev/log is the test rsyslogd's socket (glibc always logs to /dev/log).
@@ -87,6 +90,30 @@ service pop3-login {
   }
 }
 CONF
+    if [ -n "${DG_POSTLOGIN:-}" ]; then
+        local proto
+        for proto in imap pop3; do
+            cat >> "$DIR/dovecot.conf" <<CONF
+service $proto {
+  executable = $proto $proto-postlogin
+}
+service $proto-postlogin {
+  executable = script-login $DG_POSTLOGIN
+  user = \$default_internal_user
+  unix_listener $proto-postlogin {
+  }
+}
+CONF
+        done
+    fi
+    if [ -n "${DG_POLICY_URL:-}" ]; then
+        cat >> "$DIR/dovecot.conf" <<CONF
+auth_policy_server_url = $DG_POLICY_URL
+auth_policy_server_api_header = ${DG_POLICY_HEADER:-}
+auth_policy_hash_nonce = $(openssl rand -hex 16)
+auth_policy_report_after_auth = yes
+CONF
+    fi
     for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
         [ "$(listening $p)" = 0 ] || die "port $p is in use"
     done
