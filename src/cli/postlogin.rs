@@ -128,7 +128,9 @@ fn exchange(path: &std::path::Path, line: &[u8]) -> Result<(), String> {
     let mut s = UnixStream::connect(path).map_err(|e| e.to_string())?;
     let _ = s.set_write_timeout(Some(BUDGET));
     let _ = s.set_read_timeout(Some(BUDGET));
-    s.write_all(line).map_err(|e| e.to_string())?;
+    // A refused peer may be answered and closed before its line is written: the answer
+    // still says why.
+    let written = s.write_all(line).map_err(|e| e.to_string());
     let mut answer = [0u8; 64];
     let mut got = 0;
     while got < answer.len() {
@@ -140,11 +142,12 @@ fn exchange(path: &std::path::Path, line: &[u8]) -> Result<(), String> {
                     break;
                 }
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(written.err().unwrap_or_else(|| e.to_string())),
         }
     }
     match &answer[..got] {
-        b"OK\n" => Ok(()),
+        b"OK\n" => written,
+        b"" => Err(written.err().unwrap_or_else(|| "no answer".into())),
         other => Err(format!(
             "the daemon answered {:?}",
             String::from_utf8_lossy(other).trim_end()
