@@ -309,13 +309,12 @@ fn auth_policy_grants_only_with_the_secret() {
     );
     let mut daemon = rig.daemon(&push);
     let _down = DovecotDown(rig.dv.clone());
-    harness(
-        &["up", &rig.dv, "file", "15143"],
-        &[
-            ("DG_POLICY_URL", &format!("http://127.0.0.1:{port}/")),
-            ("DG_POLICY_HEADER", "X-API-Key: s3cret-for-tests"),
-        ],
-    );
+    let url = format!("http://127.0.0.1:{port}/");
+    let dovecot_env = [
+        ("DG_POLICY_URL", url.as_str()),
+        ("DG_POLICY_HEADER", "X-API-Key: s3cret-for-tests"),
+    ];
+    harness(&["up", &rig.dv, "file", "15143"], &dovecot_env);
     let want = run_logins(15143);
     assert_eq!(want.granted.len(), 5);
 
@@ -368,9 +367,18 @@ fn auth_policy_grants_only_with_the_secret() {
     wait_for("grant after SIGCONT", PATIENCE, || {
         postmap_q(&rig.map(), "203.0.113.112").is_some()
     });
+    // With the allow checks off (reports only), a stalled daemon costs nothing.
+    harness(&["down", &rig.dv], &[]);
+    let mut reports_only = dovecot_env.to_vec();
+    reports_only.push(("DG_POLICY_CHECKS", "no"));
+    harness(&["up", &rig.dv, "file", "15143"], &reports_only);
+    signal(daemon.child.id(), libc::SIGSTOP);
+    let cont = Cont(daemon.child.id());
+    let stalled_reports_only = timed_logins(15143, 2, "203.0.113.114");
+    drop(cont);
     assert_eq!(daemon.stop(), Some(0));
     eprintln!(
-        "login secs, daemon running {running:.3?}, stopped {stopped:.3?}, stalled {stalled:.3?}"
+        "login secs, daemon running {running:.3?}, stopped {stopped:.3?}, stalled {stalled:.3?}, stalled with checks off {stalled_reports_only:.3?}"
     );
 }
 

@@ -16,7 +16,8 @@
 # DG_CGROUP (a cgroup directory to start Dovecot in); the push paths, configured as the
 # README says: DG_POSTLOGIN (the post-login script and its arguments, run by script-login
 # for imap and pop3), DG_POLICY_URL and DG_POLICY_HEADER (auth_policy_server_url and
-# auth_policy_server_api_header).
+# auth_policy_server_api_header), DG_POLICY_CHECKS=no (auth_policy_check_before_auth and
+# _after_auth off: reports only).
 # Dovecot runs as root here (the master must: it binds, chroots, drops privileges); the
 # mail processes run as nobody. In syslog mode Dovecot runs in a private mount namespace
 # whose /dev/log is the test rsyslogd's socket (glibc always logs to /dev/log).
@@ -113,6 +114,7 @@ auth_policy_server_api_header = ${DG_POLICY_HEADER:-}
 auth_policy_hash_nonce = $(openssl rand -hex 16)
 auth_policy_report_after_auth = yes
 CONF
+        [ "${DG_POLICY_CHECKS:-}" != no ] || printf 'auth_policy_check_before_auth = no\nauth_policy_check_after_auth = no\n' >> "$DIR/dovecot.conf"
     fi
     for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
         [ "$(listening $p)" = 0 ] || die "port $p is in use"
