@@ -476,17 +476,29 @@ fn hook_latency() {
         &[("DG_POSTLOGIN", &rig.hook())],
     );
     harness(&["up", &plain.dv, "file", "18143"], &[]);
-    let (mut with, mut without) = (Vec::new(), Vec::new());
+    // What script-login itself costs: the same set-up with a script that only execs.
+    let sh = Rig::new();
+    let _down_sh = DovecotDown(sh.dv.clone());
+    let script = sh.dir.join("exec-only");
+    std::fs::write(&script, "#!/bin/sh\nexec \"$@\"\n").unwrap();
+    set_mode(&script, 0o755);
+    harness(
+        &["up", &sh.dv, "file", "19143"],
+        &[("DG_POSTLOGIN", &script.display().to_string())],
+    );
+    let (mut with, mut without, mut exec_only) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..10 {
         with.extend(timed_logins(17143, 10, "203.0.113.160"));
         without.extend(timed_logins(18143, 10, "203.0.113.161"));
+        exec_only.extend(timed_logins(19143, 10, "203.0.113.162"));
     }
     assert_eq!(daemon.stop(), Some(0));
-    let (w, wo) = (median(with), median(without));
+    let (w, wo, e) = (median(with), median(without), median(exec_only));
     eprintln!(
-        "median login: with hook {:.1} ms, without {:.1} ms, added {:.1} ms (100 each)",
+        "median login: with hook {:.1} ms, without {:.1} ms, added {:.1} ms; with an exec-only sh script {:.1} ms (100 each)",
         w * 1e3,
         wo * 1e3,
-        (w - wo) * 1e3
+        (w - wo) * 1e3,
+        e * 1e3
     );
 }

@@ -48,6 +48,7 @@ fn deb_installs_and_checks_out() {
         "/usr/share/bash-completion/completions/dovegate",
         "/usr/share/zsh/vendor-completions/_dovegate",
         "/usr/share/fish/vendor_completions.d/dovegate.fish",
+        "/usr/lib/dovegate/postlogin",
     ] {
         assert!(Path::new(f).exists(), "{f} installed");
     }
