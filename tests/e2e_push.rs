@@ -502,3 +502,81 @@ fn hook_latency() {
         e * 1e3
     );
 }
+
+/// The Debian 13 root with Dovecot 2.4 (built once, cached), and the uid of its `dovecot`.
+fn trixie_root(rig: &Rig) -> (String, u32) {
+    let out = Command::new(support("dovecot.sh"))
+        .args(["trixie-root", &rig.dv])
+        .output()
+        .expect("dovecot.sh trixie-root");
+    assert!(
+        out.status.success(),
+        "a Debian 13 root (debootstrap): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let passwd = std::fs::read_to_string(format!("{root}/etc/passwd")).unwrap();
+    let uid = passwd
+        .lines()
+        .find_map(|l| l.strip_prefix("dovecot:x:"))
+        .and_then(|r| r.split(':').next())
+        .and_then(|u| u.parse().ok())
+        .expect("a dovecot user in the root");
+    (root, uid)
+}
+
+/// Stops the chrooted Dovecot whatever happens.
+struct Dovecot24Down(String);
+impl Drop for Dovecot24Down {
+    fn drop(&mut self) {
+        let _ = Command::new(support("dovecot.sh"))
+            .args(["down24", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn dovecot_24_through_each_path() {
+    // Post-login hook: the binary inside the rig, which the chroot sees as /rig.
+    let rig = Rig::new();
+    let (root, dovecot_uid) = trixie_root(&rig);
+    std::fs::hard_link(bin(), rig.dir.join("dv/dovegate"))
+        .or_else(|_| std::fs::copy(bin(), rig.dir.join("dv/dovegate")).map(|_| ()))
+        .unwrap();
+    std::os::unix::fs::symlink("dovegate", rig.dir.join("dv/postlogin")).unwrap();
+    let push = format!(
+        "[push]\nsocket = \"{}\"\nusers = [{dovecot_uid}]\n",
+        rig.dir.join("dv/push").display()
+    );
+    let mut daemon = rig.daemon(&push);
+    let _down = Dovecot24Down(rig.dv.clone());
+    harness(
+        &["up24", &rig.dv, &root, "21143"],
+        &[("DG_POSTLOGIN", "/rig/postlogin --socket /rig/push")],
+    );
+    assert!(rig.dovecot_log().contains("v2.4"), "{}", rig.dovecot_log());
+    let want = run_logins(21143);
+    assert_eq!(want.granted.len(), 5);
+    check_grants(&rig, &want, &mut daemon);
+
+    // Auth policy, as the README says (reports only).
+    let rig = Rig::new();
+    let port = free_port();
+    std::fs::write(rig.dir.join("secret"), "X-API-Key: s3cret-24\n").unwrap();
+    let push = format!(
+        "[push]\nauth_policy = \"inet:127.0.0.1:{port}\"\nauth_policy_secret_file = \"{}\"\n",
+        rig.path("secret")
+    );
+    let mut daemon = rig.daemon(&push);
+    let _down = Dovecot24Down(rig.dv.clone());
+    harness(
+        &["up24", &rig.dv, &root, "22143"],
+        &[
+            ("DG_POLICY_URL", &format!("http://127.0.0.1:{port}/")),
+            ("DG_POLICY_HEADER", "X-API-Key: s3cret-24"),
+            ("DG_POLICY_CHECKS", "no"),
+        ],
+    );
+    let want = run_logins(22143);
+    check_grants(&rig, &want, &mut daemon);
+}
