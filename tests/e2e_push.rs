@@ -459,11 +459,17 @@ fn log_and_both_push_paths_make_one_grant() {
 
 /// Not a behaviour test: the login latency the hook adds (median of 100 forwarded IMAP
 /// logins through a Dovecot with the hook, against 100 through one without, interleaved).
-/// `cargo test --test e2e_push -- --ignored --nocapture`
+/// `cargo test --test e2e_push -- --ignored --nocapture`; DG_HOOK_BIN=target/release/dovegate
+/// measures another build of the hook.
 #[test]
 #[ignore]
 fn hook_latency() {
     let rig = Rig::new();
+    if let Ok(hook) = std::env::var("DG_HOOK_BIN") {
+        let link = rig.dir.join("postlogin");
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(std::fs::canonicalize(hook).unwrap(), link).unwrap();
+    }
     let plain = Rig::new();
     let push = format!(
         "[push]\nsocket = \"{}\"\nusers = [\"dovecot\"]\n",
@@ -579,4 +585,99 @@ fn dovecot_24_through_each_path() {
     );
     let want = run_logins(22143);
     check_grants(&rig, &want, &mut daemon);
+}
+
+/// One request line on the push socket; the answer ("" when the daemon just closed).
+fn push_line(socket: &Path, line: &[u8]) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = s.write_all(line);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The hook as root (uid 0 is allowed in this test): exits 0 after running /bin/true.
+fn hook_as_root(rig: &Rig, ip: &str) {
+    let st = Command::new(rig.dir.join("postlogin"))
+        .args(["--socket", &rig.path("push"), "/bin/true"])
+        .env_clear()
+        .env("IP", ip)
+        .env("USER", "alice")
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn odd_pushes_grant_nothing_stall_nothing_and_survive_a_reload() {
+    let rig = Rig::new();
+    let port = free_port();
+    std::fs::write(rig.dir.join("secret"), "X-Secret: k\n").unwrap();
+    let push = format!(
+        "[push]\nsocket = \"{}\"\nusers = [0]\nauth_policy = \"inet:127.0.0.1:{port}\"\nauth_policy_secret_file = \"{}\"\n",
+        rig.path("push"),
+        rig.path("secret")
+    );
+    let mut daemon = rig.daemon(&push);
+    let sock = rig.dir.join("push");
+    // Idle connections on both endpoints, held open across what follows.
+    let idle = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.write_all(
+        b"POST /?command=report HTTP/1.1\r\nHost: x\r\nX-Secret: k\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .unwrap();
+    for line in [
+        &b"not-an-address\talice\n"[..],
+        b"203.0.113.200 alice\n",
+        b"\xff\xfe\t\x00\n",
+        &[b'7'; 4096][..],
+    ] {
+        assert_ne!(push_line(&sock, line), "OK\n", "{line:?}");
+    }
+    assert_eq!(push_line(&sock, b"198.51.100.70\tbob\n"), "OK\n");
+    hook_as_root(&rig, "198.51.100.77");
+    let secret = "POST /?command=report HTTP/1.1\r\nX-Secret: k";
+    assert_eq!(http(port, secret, &report("198.51.100.79", "imap")), 200);
+    for ip in ["198.51.100.70", "198.51.100.77", "198.51.100.79"] {
+        wait_for(&format!("grant for {ip}"), PATIENCE, || {
+            postmap_q(&rig.map(), ip).is_some()
+        });
+    }
+    // A reload re-creates both listeners.
+    signal(daemon.child.id(), libc::SIGHUP);
+    wait_for("reloaded", PATIENCE, || {
+        daemon.log().contains("configuration reloaded")
+    });
+    hook_as_root(&rig, "198.51.100.78");
+    assert_eq!(http(port, secret, &report("2001:db8::79", "pop3")), 200);
+    for ip in ["198.51.100.78", "2001:db8::79"] {
+        wait_for(
+            &format!("grant for {ip} after the reload"),
+            PATIENCE,
+            || postmap_q(&rig.map(), ip).is_some(),
+        );
+    }
+    drop((idle, slow));
+    assert_eq!(daemon.stop(), Some(0));
+    assert_eq!(
+        map_keys(&rig.map()),
+        [
+            "198.51.100.70",
+            "198.51.100.77",
+            "198.51.100.78",
+            "198.51.100.79",
+            "2001:db8::79"
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<BTreeSet<_>>()
+    );
+    assert!(
+        daemon.summary("invalid_ip").unwrap_or(0) >= 4,
+        "{}",
+        daemon.log()
+    );
 }
