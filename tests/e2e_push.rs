@@ -398,9 +398,11 @@ fn log_and_both_push_paths_make_one_grant() {
     let rig = Rig::new();
     let (port, mport) = (free_port(), free_port());
     let log = rig.dir.join("dv/dovecot.log");
+    std::fs::write(rig.dir.join("secret"), "X-API-Key: all-on\n").unwrap();
     let cfg = format!(
-        "[push]\nsocket = \"{}\"\nusers = [\"dovecot\"]\nauth_policy = \"inet:127.0.0.1:{port}\"\n[serve]\nmetrics = \"127.0.0.1:{mport}\"\n",
-        rig.path("push")
+        "[push]\nsocket = \"{}\"\nusers = [\"dovecot\"]\nauth_policy = \"inet:127.0.0.1:{port}\"\nauth_policy_secret_file = \"{}\"\n[serve]\nmetrics = \"127.0.0.1:{mport}\"\n",
+        rig.path("push"),
+        rig.path("secret")
     );
     // File mode too: the config's empty logs, replaced by --log.
     let cfg_path = rig.dir.join("all.toml");
@@ -431,6 +433,7 @@ fn log_and_both_push_paths_make_one_grant() {
         &[
             ("DG_POSTLOGIN", &rig.hook()),
             ("DG_POLICY_URL", &format!("http://127.0.0.1:{port}/")),
+            ("DG_POLICY_HEADER", "X-API-Key: all-on"),
         ],
     );
     timed_logins(16143, 1, "203.0.113.150");

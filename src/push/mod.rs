@@ -147,11 +147,12 @@ impl PushSettings {
                 })?)
             }
         };
-        if matches!(auth_policy, Some(Listen::Inet(a)) if !a.ip().is_loopback()) && secret.is_none()
-        {
+        // Every local user can reach a TCP port, loopback too: without the secret anyone
+        // could report a login and open the relay.
+        if matches!(auth_policy, Some(Listen::Inet(_))) && secret.is_none() {
             return Err(err(
                 "auth_policy_secret_file",
-                "a policy endpoint on a non-loopback address needs a secret".into(),
+                "an inet: policy endpoint needs a secret (any local user can reach it); set auth_policy_server_api_header in Dovecot and its value in this file".into(),
             ));
         }
         for (i, p) in s.auth_policy_protocols.iter().enumerate() {
@@ -391,9 +392,11 @@ mod tests {
         c.users = vec![];
         assert!(PushSettings::from_section(&c).is_err());
         let mut c = section();
-        c.auth_policy = "inet:0.0.0.0:8430".into();
+        c.auth_policy = "inet:127.0.0.1:8430".into();
         let e = PushSettings::from_section(&c).unwrap_err().0;
         assert!(e.starts_with("push.auth_policy_secret_file"), "{e}");
+        c.auth_policy = "unix:/run/dovegate/auth-policy".into();
+        assert!(PushSettings::from_section(&c).unwrap().secret.is_none());
         c.auth_policy = "tcp:1".into();
         assert!(PushSettings::from_section(&c)
             .unwrap_err()

@@ -209,6 +209,9 @@ pub(crate) async fn bind(
             }
             super::remove_stale_socket(path)?;
             let listener = tokio::net::UnixListener::bind(path)?;
+            // Reports grant: only the daemon's user and group may connect.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
             tracing::info!(socket = %path.display(), "auth policy endpoint listening");
             let path = path.clone();
             Ok(Box::pin(async move {
