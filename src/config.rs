@@ -54,6 +54,7 @@ pub struct FileConfig {
     pub serve: ServeSection,
     pub state: StateSection,
     pub store: StoreSection,
+    pub push: crate::push::PushSection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -227,6 +228,7 @@ pub struct Settings {
     pub socketmap: Option<crate::serve::socketmap::SocketmapConfig>,
     pub metrics: Option<std::net::SocketAddr>,
     pub store: StoreSettings,
+    pub push: crate::push::PushSettings,
 }
 
 /// A configuration problem, always naming the key (or file) at fault.
@@ -523,6 +525,7 @@ impl FileConfig {
             socketmap,
             metrics,
             store: self.store.validate()?,
+            push: crate::push::PushSettings::from_section(&self.push)?,
         })
     }
 }

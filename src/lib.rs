@@ -16,6 +16,7 @@ pub mod notify;
 pub mod pattern;
 pub mod postfix;
 pub mod replica;
+pub mod push;
 pub mod scan;
 pub mod serve;
 pub mod session;

@@ -65,6 +65,7 @@ fn deb_installs_and_checks_out() {
         "/usr/share/doc/dovegate/copyright",
         "/usr/share/doc/dovegate/changelog.gz",
         "/usr/share/dovegate/patterns/dovecot-2.4.toml",
+        "/usr/lib/dovegate/postlogin",
     ] {
         assert!(Path::new(f).exists(), "{f} installed");
     }

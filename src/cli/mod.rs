@@ -5,6 +5,7 @@ mod build;
 mod check;
 mod docs;
 mod replica;
+pub mod postlogin;
 pub mod run;
 mod status;
 mod test_cmd;
@@ -101,6 +102,8 @@ enum Command {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// Dovecot post-login hook: push IP and USER to the daemon, then exec the rest.
+    Postlogin(postlogin::PostloginArgs),
     /// Write the man pages and shell completions into DIR (packaging).
     #[command(hide = true)]
     GenerateDocs { dir: PathBuf },
@@ -177,6 +180,10 @@ fn init_logging() {
 }
 
 pub fn main() -> ExitCode {
+    // The post-login hook must exec whatever happens: no clap, no logging set-up first.
+    if let Some(args) = postlogin::hook_args(std::env::args_os().collect()) {
+        return postlogin::run(args);
+    }
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run(_)) {
         die_quietly_on_closed_stdout();
@@ -204,6 +211,7 @@ pub fn main() -> ExitCode {
         Command::Replica(args) => replica::run(args),
         Command::Init { cfg } => init(&cfg),
         Command::GenerateDocs { dir } => docs::generate(&dir),
+        Command::Postlogin(args) => return postlogin::run(args.into_args()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -105,9 +105,9 @@ impl Effective {
         let patterns = Arc::new(load_patterns(&settings, args.patterns.as_deref())?);
         let exclude = super::build::exclusions(&settings)?;
         let journal = args.journal.target(settings.journal);
-        if settings.logs.is_empty() && journal.is_none() {
+        if settings.logs.is_empty() && journal.is_none() && !settings.push.enabled() {
             return Err(Failure::config(
-                "source.logs: no log file to follow and the journal is off (source.journal)",
+                "source.logs: no log file to follow, the journal is off (source.journal) and nothing is pushed ([push])",
             ));
         }
         Ok(Effective {
@@ -133,6 +133,8 @@ impl Effective {
 struct Sources {
     handles: Vec<SourceHandle>,
     rx: tokio::sync::mpsc::Receiver<Batch>,
+    /// The push servers (post-login socket, auth policy); dropped with the generation.
+    _push: crate::push::Push,
 }
 
 impl Sources {
@@ -192,7 +194,13 @@ impl Sources {
                 .map_err(|e| Failure::runtime(format!("cannot start journal thread: {e}")))?;
             handles.push(handle);
         }
-        Ok(Sources { handles, rx })
+        let _push =
+            crate::push::spawn(&settings.push, tx.clone(), stats).map_err(Failure::runtime)?;
+        Ok(Sources {
+            handles,
+            rx,
+            _push,
+        })
     }
 
     /// Stops every source thread (killing journalctl) and joins them. The receiver goes

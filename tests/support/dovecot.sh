@@ -3,6 +3,14 @@
 # end-to-end tests. Nothing system-wide is touched: own config, base_dir, ports, log.
 #   dovecot.sh up DIR file|syslog PORTBASE   imap PORTBASE, imaps +1, pop3 +2, pop3s +3
 #   dovecot.sh down DIR
+#   dovecot.sh trixie-root DIR               a Debian 13 root with Dovecot 2.4 (debootstrap,
+#                                            cached in /var/cache/dovegate-test/push-trixie);
+#                                            prints its path
+#   dovecot.sh up24 DIR ROOT PORTBASE        Dovecot 2.4 from ROOT, chrooted, with DIR mounted
+#                                            at /rig inside (a private mount namespace); the
+#                                            same ports, users and push settings as `up`
+#                                            (DG_POSTLOGIN paths as seen inside: /rig/...)
+#   dovecot.sh down24 DIR
 #   dovecot.sh rsyslog-up DIR                socket DIR/syslog/dev-log; writes
 #                                            DIR/syslog/traditional.log and rfc3339.log
 #   dovecot.sh rsyslog-down DIR
@@ -13,7 +21,11 @@
 #   dovecot.sh cgroup-up DIR | cgroup-down DIR   a cgroup2 system.slice/dovecot.service,
 #                                            so journald stamps _SYSTEMD_UNIT=dovecot.service
 # Environment for `up`: DG_SYSLOG_SOCK (syslog socket, default DIR/syslog/dev-log),
-# DG_CGROUP (a cgroup directory to start Dovecot in).
+# DG_CGROUP (a cgroup directory to start Dovecot in); the push paths, configured as the
+# README says: DG_POSTLOGIN (the post-login script and its arguments, run by script-login
+# for imap and pop3), DG_POLICY_URL and DG_POLICY_HEADER (auth_policy_server_url and
+# auth_policy_server_api_header), DG_POLICY_CHECKS=no (auth_policy_check_before_auth and
+# _after_auth off: reports only).
 # Dovecot runs as root here (the master must: it binds, chroots, drops privileges); the
 # mail processes run as nobody. In syslog mode Dovecot runs in a private mount namespace
 # whose /dev/log is the test rsyslogd's socket (glibc always logs to /dev/log).
@@ -87,6 +99,31 @@ service pop3-login {
   }
 }
 CONF
+    if [ -n "${DG_POSTLOGIN:-}" ]; then
+        local proto
+        for proto in imap pop3; do
+            cat >> "$DIR/dovecot.conf" <<CONF
+service $proto {
+  executable = $proto $proto-postlogin
+}
+service $proto-postlogin {
+  executable = script-login $DG_POSTLOGIN
+  user = \$default_internal_user
+  unix_listener $proto-postlogin {
+  }
+}
+CONF
+        done
+    fi
+    if [ -n "${DG_POLICY_URL:-}" ]; then
+        cat >> "$DIR/dovecot.conf" <<CONF
+auth_policy_server_url = $DG_POLICY_URL
+auth_policy_server_api_header = ${DG_POLICY_HEADER:-}
+auth_policy_hash_nonce = $(openssl rand -hex 16)
+auth_policy_report_after_auth = yes
+CONF
+        [ "${DG_POLICY_CHECKS:-}" != no ] || printf 'auth_policy_check_before_auth = no\nauth_policy_check_after_auth = no\n' >> "$DIR/dovecot.conf"
+    fi
     for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
         [ "$(listening $p)" = 0 ] || die "port $p is in use"
     done
@@ -119,6 +156,132 @@ CONF
     done
     cat "$DIR/dovecot.stderr" >&2
     die "dovecot did not listen within 30 s"
+}
+
+# The Debian 13 root, built once (flock: parallel tests wait for the first build).
+trixie_root() {
+    local cache=/var/cache/dovegate-test root=/var/cache/dovegate-test/push-trixie
+    mkdir -p "$cache"
+    local mirror
+    mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
+    flock "$cache/push-trixie.lock" bash -c '
+        set -e
+        [ -d "$1" ] && exit 0
+        rm -rf "$1.tmp"
+        debootstrap --variant=minbase --include=dovecot-core,dovecot-imapd,dovecot-pop3d,liblmdb0 \
+            trixie "$1.tmp" "$2" >"$1.log" 2>&1 || { tail -20 "$1.log" >&2; exit 1; }
+        mkdir -p "$1.tmp/rig"
+        mv "$1.tmp" "$1"
+    ' _ "$root" "${mirror:-http://deb.debian.org/debian}" || die "debootstrap trixie failed"
+    echo "$root"
+}
+
+# Dovecot 2.4 syntax for the same rig as `up` (paths as seen inside the chroot: /rig).
+up24() {
+    local root=$1 base=$2
+    [ -x "$root/usr/sbin/dovecot" ] || die "no Dovecot in $root"
+    mkdir -p "$DIR/run" "$DIR/state" "$DIR/ssl" "$DIR/mail" "$root/rig"
+    chmod 0755 "$DIR" "$DIR/run" "$DIR/state"
+    chown 65534:65534 "$DIR/mail"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=localhost \
+        -addext "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1" \
+        -keyout "$DIR/ssl/key.pem" -out "$DIR/ssl/cert.pem" >/dev/null 2>&1
+    printf 'alice:{PLAIN}alice-pass::::::\nbob:{PLAIN}bob-pass::::::\n' > "$DIR/users"
+    chmod 0644 "$DIR/users"
+    : > "$DIR/dovecot.log"
+    cat > "$DIR/dovecot.conf" <<CONF
+dovecot_config_version = 2.4.0
+dovecot_storage_version = 2.4.0
+base_dir = /rig/run
+state_dir = /rig/state
+protocols = imap pop3
+listen = 127.0.0.1, ::1
+log_path = /rig/dovecot.log
+info_log_path = /rig/dovecot.log
+auth_mechanisms = plain login
+auth_allow_cleartext = yes
+login_trusted_networks = 127.0.0.9/32
+ssl = yes
+ssl_server_cert_file = /rig/ssl/cert.pem
+ssl_server_key_file = /rig/ssl/key.pem
+mail_driver = maildir
+mail_path = ~/Maildir
+first_valid_uid = 1
+first_valid_gid = 1
+passdb passwd-file {
+  passwd_file_path = /rig/users
+}
+userdb static {
+  fields {
+    uid = 65534
+    gid = 65534
+    home = /rig/mail/%{user}
+  }
+}
+service imap-login {
+  inet_listener imap {
+    port = $base
+  }
+  inet_listener imaps {
+    port = $((base + 1))
+    ssl = yes
+  }
+}
+service pop3-login {
+  inet_listener pop3 {
+    port = $((base + 2))
+  }
+  inet_listener pop3s {
+    port = $((base + 3))
+    ssl = yes
+  }
+}
+CONF
+    if [ -n "${DG_POSTLOGIN:-}" ]; then
+        local proto
+        for proto in imap pop3; do
+            cat >> "$DIR/dovecot.conf" <<CONF
+service $proto {
+  executable = $proto $proto-postlogin
+}
+service $proto-postlogin {
+  executable = script-login $DG_POSTLOGIN
+  user = \$SET:default_internal_user
+  unix_listener $proto-postlogin {
+  }
+}
+CONF
+        done
+    fi
+    if [ -n "${DG_POLICY_URL:-}" ]; then
+        cat >> "$DIR/dovecot.conf" <<CONF
+auth_policy_server_url = $DG_POLICY_URL
+auth_policy_server_api_header = ${DG_POLICY_HEADER:-}
+auth_policy_hash_nonce = $(openssl rand -hex 16)
+auth_policy_report_after_auth = yes
+CONF
+        [ "${DG_POLICY_CHECKS:-}" != no ] || printf 'auth_policy_check_before_auth = no\nauth_policy_check_after_auth = no\n' >> "$DIR/dovecot.conf"
+    fi
+    for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
+        [ "$(listening $p)" = 0 ] || die "port $p is in use"
+    done
+    DG_DIR="$DIR" DG_ROOT="$root" unshare --mount --propagation private bash -c '
+        set -e
+        mount --bind "$DG_DIR" "$DG_ROOT/rig"
+        mount --bind /dev "$DG_ROOT/dev"
+        mount -t proc proc "$DG_ROOT/proc"
+        exec chroot "$DG_ROOT" /usr/sbin/dovecot -c /rig/dovecot.conf
+    ' </dev/null >>"$DIR/dovecot.stderr" 2>&1 || { cat "$DIR/dovecot.stderr" >&2; die "dovecot 2.4 failed to start"; }
+    for _ in $(seq 1 300); do
+        local ok=1
+        for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
+            [ "$(listening $p)" -ge 2 ] || ok=0
+        done
+        [ $ok = 1 ] && return 0
+        sleep 0.1
+    done
+    cat "$DIR/dovecot.stderr" "$DIR/dovecot.log" >&2
+    die "dovecot 2.4 did not listen within 30 s"
 }
 
 # stop_pidfile PIDFILE TEXT: SIGTERM the pid in PIDFILE (only if its command line contains
@@ -214,6 +377,9 @@ cgroup_down() {
 case "$cmd" in
     up) up "${3:?mode}" "${4:?portbase}" ;;
     down) down ;;
+    trixie-root) trixie_root ;;
+    up24) up24 "${3:?root}" "${4:?portbase}" ;;
+    down24) stop_pidfile "$DIR/run/master.pid" /rig/dovecot.conf ;;
     rsyslog-up) rsyslog_up ;;
     rsyslog-down) rsyslog_down ;;
     journald-up) journald_up ;;

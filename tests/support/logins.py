@@ -2,6 +2,8 @@
 """Drives real IMAP and POP3 sessions against the test Dovecot (stdlib only).
 
 Usage: logins.py PORTBASE   (imap PORTBASE, imaps +1, pop3 +2, pop3s +3)
+       logins.py PORTBASE time N ADDRESS   N successful IMAP logins forwarded for ADDRESS;
+                                           prints {"secs": [...per login...]}
 
 Successful logins from loopback (127.0.0.1, ::1: the policy excludes them) and, from the
 trusted source 127.0.0.9, as public clients: IMAP `ID ("x-originating-ip" ...)` and POP3
@@ -75,6 +77,19 @@ def login_ok(fn):
         print(f"scenario {fn.__name__} failed: {e!r}", file=sys.stderr)
         return False
 
+
+if len(sys.argv) > 2 and sys.argv[2] == "time":
+    import time
+    secs = []
+    for _ in range(int(sys.argv[3])):
+        t = time.monotonic()
+        c = Imap("127.0.0.1", IMAP, TRUSTED)
+        imap_id(c, sys.argv[4])
+        c.login("alice", "alice-pass")
+        c.logout()
+        secs.append(time.monotonic() - t)
+    print(json.dumps({"secs": secs}))
+    sys.exit(0)
 
 granted, refused, wrong = [], [], 0
 

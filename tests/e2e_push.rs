@@ -1,0 +1,686 @@
+//! Logins pushed by a real Dovecot 2.3 (the Debian 12 packages), configured as the README
+//! says: the post-login hook (`script-login` running `dovegate postlogin`) for imap and
+//! pop3, and the auth-policy endpoint. Each path alone (no log is followed) must grant the
+//! successful public clients (IPv4, IPv6, forwarded through login_trusted_networks) and
+//! nothing else; logins must still succeed with the daemon stopped or stalled; another
+//! user on the push socket and a policy request without the secret grant nothing; with
+//! file mode and both push paths on, one login is one grant.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn support(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(name)
+}
+
+/// tests/support/dovecot.sh with the push settings in its environment.
+fn harness(args: &[&str], env: &[(&str, &str)]) {
+    let out = Command::new(support("dovecot.sh"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("dovecot.sh");
+    assert!(
+        out.status.success(),
+        "dovecot.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Stops Dovecot whatever happens.
+struct DovecotDown(String);
+impl Drop for DovecotDown {
+    fn drop(&mut self) {
+        let _ = Command::new(support("dovecot.sh"))
+            .args(["down", &self.0])
+            .output();
+    }
+}
+
+/// Sends SIGCONT to a stopped daemon whatever happens (else it could not be stopped).
+struct Cont(u32);
+impl Drop for Cont {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}
+
+/// A traversable rig directory: the test's files, and `dv` for the Dovecot harness.
+struct Rig {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    dv: String,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let tmp = tempfile::Builder::new()
+            .prefix("dgp")
+            .tempdir_in("/tmp")
+            .unwrap();
+        set_mode(tmp.path(), 0o755);
+        let dir = tmp.path().to_path_buf();
+        std::fs::create_dir_all(dir.join("dv")).unwrap();
+        // The hook as the package ships it: a link named postlogin to the binary.
+        std::os::unix::fs::symlink(bin(), dir.join("postlogin")).unwrap();
+        let dv = dir.join("dv").display().to_string();
+        Rig { _tmp: tmp, dir, dv }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn map(&self) -> PathBuf {
+        self.dir.join("relay")
+    }
+
+    /// The harness's `DG_POSTLOGIN`: the hook and its socket.
+    fn hook(&self) -> String {
+        format!("{} --socket {}", self.path("postlogin"), self.path("push"))
+    }
+
+    /// `dovegate run --config` with `[push]` (and more) as given, map and state in the rig.
+    fn daemon(&self, extra_toml: &str) -> Daemon {
+        let cfg = self.dir.join("dovegate.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[source]\nlogs = []\n[map]\npath = \"{}\"\n[state]\ndir = \"{}\"\n{extra_toml}",
+                self.map().display(),
+                self.path("state")
+            ),
+        )
+        .unwrap();
+        let d = Daemon::start(&self.dir, &["--config", &cfg.display().to_string()]);
+        wait_for("dovegate started", PATIENCE, || {
+            d.log().contains("dovegate started")
+        });
+        d
+    }
+
+    fn dovecot_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dv/dovecot.log")).unwrap_or_default()
+    }
+
+    /// Waits until Dovecot has logged every failed and aborted attempt of logins.py.
+    fn wait_for_failures(&self) {
+        wait_for("Dovecot logged the failures", PATIENCE, || {
+            let text = self.dovecot_log();
+            text.matches("auth failed").count() >= 3
+                && text.matches("no auth attempts").count() >= 2
+        });
+    }
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Expected {
+    granted: BTreeSet<String>,
+    refused: Vec<String>,
+}
+
+/// tests/support/logins.py: every scenario must have its expected outcome (all
+/// successful logins succeed).
+fn run_logins(port_base: u16) -> Expected {
+    let out = Command::new("python3")
+        .arg(support("logins.py"))
+        .arg(port_base.to_string())
+        .output()
+        .expect("python3 logins.py");
+    assert!(
+        out.status.success(),
+        "logins.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("logins.py JSON");
+    let list = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    Expected {
+        granted: list("granted").into_iter().collect(),
+        refused: list("refused"),
+    }
+}
+
+/// `n` successful forwarded IMAP logins for `addr`; panics if one fails; their durations.
+fn timed_logins(port_base: u16, n: usize, addr: &str) -> Vec<f64> {
+    let out = Command::new("python3")
+        .arg(support("logins.py"))
+        .args([&port_base.to_string(), "time", &n.to_string(), addr])
+        .output()
+        .expect("python3 logins.py");
+    assert!(
+        out.status.success(),
+        "logins must succeed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("logins.py JSON");
+    v["secs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn map_keys(map: &Path) -> BTreeSet<String> {
+    postmap_s(map).into_iter().map(|(k, _)| k).collect()
+}
+
+/// The successful public clients are granted, then (after Dovecot logged the failures)
+/// nothing else is.
+fn check_grants(rig: &Rig, want: &Expected, daemon: &mut Daemon) {
+    let map = rig.map();
+    for ip in &want.granted {
+        wait_for(&format!("grant for {ip}"), PATIENCE, || {
+            postmap_q(&map, ip).is_some()
+        });
+    }
+    rig.wait_for_failures();
+    assert_eq!(daemon.stop(), Some(0));
+    assert_eq!(map_keys(&map), want.granted, "{}", daemon.log());
+    for ip in &want.refused {
+        assert_eq!(postmap_q(&map, ip), None, "{ip} must not be granted");
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection; the status code.
+fn http(port: u16, head: &str, body: &str) -> u16 {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        s,
+        "{head}\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+fn report(remote: &str, protocol: &str) -> String {
+    format!(
+        r#"{{"login":"x","remote":"{remote}","protocol":"{protocol}","success":true,"policy_reject":false}}"#
+    )
+}
+
+#[test]
+fn postlogin_hook_grants_and_never_blocks_a_login() {
+    let rig = Rig::new();
+    let push = format!(
+        "[push]\nsocket = \"{}\"\nusers = [\"dovecot\"]\n",
+        rig.path("push")
+    );
+    let mut daemon = rig.daemon(&push);
+    let _down = DovecotDown(rig.dv.clone());
+    harness(
+        &["up", &rig.dv, "file", "14143"],
+        &[("DG_POSTLOGIN", &rig.hook())],
+    );
+    let want = run_logins(14143);
+    assert_eq!(want.granted.len(), 5);
+
+    // Another user writes to the socket: refused, nothing granted, and the hook still
+    // execs its program.
+    let out = Command::new("/usr/sbin/runuser")
+        .args(["-u", "nobody", "--", &rig.path("postlogin")])
+        .args(["--socket", &rig.path("push"), "/bin/echo", "executed"])
+        .env_clear()
+        .env("IP", "203.0.113.99")
+        .env("USER", "mallory")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "executed\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not allowed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the refused peer logged", PATIENCE, || {
+        daemon.log().contains("is not in push.users")
+    });
+    check_grants(&rig, &want, &mut daemon);
+    assert_eq!(postmap_q(&rig.map(), "203.0.113.99"), None);
+    assert!(daemon.summary("forged").unwrap_or(0) >= 1);
+
+    // The daemon stopped: logins succeed, the hook says why in Dovecot's log.
+    let stopped = timed_logins(14143, 3, "203.0.113.101");
+    wait_for("the hook's complaint in Dovecot's log", PATIENCE, || {
+        rig.dovecot_log().contains("dovegate postlogin: login of")
+    });
+
+    // The daemon stalled (SIGSTOP): logins succeed; the logins queued on the socket are
+    // granted once it runs again.
+    let mut daemon = rig.daemon(&push);
+    let running = timed_logins(14143, 3, "203.0.113.102");
+    signal(daemon.child.id(), libc::SIGSTOP);
+    let cont = Cont(daemon.child.id());
+    let stalled = timed_logins(14143, 3, "203.0.113.103");
+    drop(cont);
+    wait_for("grant after SIGCONT", PATIENCE, || {
+        postmap_q(&rig.map(), "203.0.113.103").is_some()
+    });
+    assert!(postmap_q(&rig.map(), "203.0.113.102").is_some());
+    assert_eq!(daemon.stop(), Some(0));
+    eprintln!(
+        "login secs, daemon running {running:.3?}, stopped {stopped:.3?}, stalled {stalled:.3?}"
+    );
+}
+
+#[test]
+fn auth_policy_grants_only_with_the_secret() {
+    let rig = Rig::new();
+    let port = free_port();
+    std::fs::write(rig.dir.join("secret"), "X-API-Key: s3cret-for-tests\n").unwrap();
+    let push = format!(
+        "[push]\nauth_policy = \"inet:127.0.0.1:{port}\"\nauth_policy_secret_file = \"{}\"\n",
+        rig.path("secret")
+    );
+    let mut daemon = rig.daemon(&push);
+    let _down = DovecotDown(rig.dv.clone());
+    let url = format!("http://127.0.0.1:{port}/");
+    let dovecot_env = [
+        ("DG_POLICY_URL", url.as_str()),
+        ("DG_POLICY_HEADER", "X-API-Key: s3cret-for-tests"),
+    ];
+    harness(&["up", &rig.dv, "file", "15143"], &dovecot_env);
+    let want = run_logins(15143);
+    assert_eq!(want.granted.len(), 5);
+
+    // Forged reports: no secret, a wrong one; an SMTP report (not configured) with it.
+    let post = "POST /?command=report HTTP/1.1";
+    assert_eq!(http(port, post, &report("203.0.113.98", "imap")), 401);
+    assert_eq!(
+        http(
+            port,
+            &format!("{post}\r\nX-API-Key: wrong"),
+            &report("203.0.113.98", "imap")
+        ),
+        401
+    );
+    let with_secret = format!("{post}\r\nX-API-Key: s3cret-for-tests");
+    assert_eq!(
+        http(port, &with_secret, &report("203.0.113.96", "smtp")),
+        200
+    );
+    let big = "x".repeat(64 * 1024);
+    assert_ne!(
+        http(port, &with_secret, &big),
+        200,
+        "oversized body refused"
+    );
+    // A genuine report, last: once it is granted, the ones before were judged.
+    assert_eq!(
+        http(port, &with_secret, &report("203.0.113.97", "pop3")),
+        200
+    );
+    wait_for("the genuine report granted", PATIENCE, || {
+        postmap_q(&rig.map(), "203.0.113.97").is_some()
+    });
+    let mut want = want;
+    want.granted.insert("203.0.113.97".into());
+    want.refused
+        .extend(["203.0.113.98".into(), "203.0.113.96".into()]);
+    check_grants(&rig, &want, &mut daemon);
+    assert!(daemon.summary("forged").unwrap_or(0) >= 2);
+
+    // The daemon stopped, then stalled: logins succeed (Dovecot's policy check gives up
+    // after its own 2 s timeout per request when stalled).
+    let stopped = timed_logins(15143, 2, "203.0.113.111");
+    let mut daemon = rig.daemon(&push);
+    let running = timed_logins(15143, 2, "203.0.113.112");
+    signal(daemon.child.id(), libc::SIGSTOP);
+    let cont = Cont(daemon.child.id());
+    let stalled = timed_logins(15143, 2, "203.0.113.113");
+    drop(cont);
+    wait_for("grant after SIGCONT", PATIENCE, || {
+        postmap_q(&rig.map(), "203.0.113.112").is_some()
+    });
+    // With the allow checks off (reports only), a stalled daemon costs nothing.
+    harness(&["down", &rig.dv], &[]);
+    let mut reports_only = dovecot_env.to_vec();
+    reports_only.push(("DG_POLICY_CHECKS", "no"));
+    harness(&["up", &rig.dv, "file", "15143"], &reports_only);
+    signal(daemon.child.id(), libc::SIGSTOP);
+    let cont = Cont(daemon.child.id());
+    let stalled_reports_only = timed_logins(15143, 2, "203.0.113.114");
+    drop(cont);
+    assert_eq!(daemon.stop(), Some(0));
+    eprintln!(
+        "login secs, daemon running {running:.3?}, stopped {stopped:.3?}, stalled {stalled:.3?}, stalled with checks off {stalled_reports_only:.3?}"
+    );
+}
+
+/// The metrics text from `[serve] metrics`.
+fn metrics(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn log_and_both_push_paths_make_one_grant() {
+    let rig = Rig::new();
+    let (port, mport) = (free_port(), free_port());
+    let log = rig.dir.join("dv/dovecot.log");
+    std::fs::write(rig.dir.join("secret"), "X-API-Key: all-on\n").unwrap();
+    let cfg = format!(
+        "[push]\nsocket = \"{}\"\nusers = [\"dovecot\"]\nauth_policy = \"inet:127.0.0.1:{port}\"\nauth_policy_secret_file = \"{}\"\n[serve]\nmetrics = \"127.0.0.1:{mport}\"\n",
+        rig.path("push"),
+        rig.path("secret")
+    );
+    // File mode too: the config's empty logs, replaced by --log.
+    let cfg_path = rig.dir.join("all.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[map]\npath = \"{}\"\n[state]\ndir = \"{}\"\n{cfg}",
+            rig.map().display(),
+            rig.path("state")
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(
+        &rig.dir,
+        &[
+            "--config",
+            &cfg_path.display().to_string(),
+            "--log",
+            &log.display().to_string(),
+        ],
+    );
+    wait_for("dovegate started", PATIENCE, || {
+        daemon.log().contains("dovegate started")
+    });
+    let _down = DovecotDown(rig.dv.clone());
+    harness(
+        &["up", &rig.dv, "file", "16143"],
+        &[
+            ("DG_POSTLOGIN", &rig.hook()),
+            ("DG_POLICY_URL", &format!("http://127.0.0.1:{port}/")),
+            ("DG_POLICY_HEADER", "X-API-Key: all-on"),
+        ],
+    );
+    timed_logins(16143, 1, "203.0.113.150");
+    let counted = |text: &str, source: &str| {
+        text.contains(&format!(
+            "dovegate_source_logins_total{{source=\"{source}\"}} 1\n"
+        ))
+    };
+    let logsrc = log.display().to_string();
+    wait_for("the login counted by all three sources", PATIENCE, || {
+        let m = metrics(mport);
+        counted(&m, "push") && counted(&m, "auth-policy") && counted(&m, &logsrc)
+    });
+    wait_for("the grant", PATIENCE, || {
+        postmap_q(&rig.map(), "203.0.113.150").is_some()
+    });
+    assert_eq!(daemon.stop(), Some(0));
+    assert_eq!(
+        postmap_s(&rig.map()).len(),
+        1,
+        "one login, one map entry: {:?}",
+        postmap_s(&rig.map())
+    );
+    assert_eq!(daemon.summary("commits"), Some(1), "{}", daemon.log());
+}
+
+/// Not a behaviour test: the login latency the hook adds (median of 100 forwarded IMAP
+/// logins through a Dovecot with the hook, against 100 through one without, interleaved).
+/// `cargo test --test e2e_push -- --ignored --nocapture`; DG_HOOK_BIN=target/release/dovegate
+/// measures another build of the hook.
+#[test]
+#[ignore]
+fn hook_latency() {
+    let rig = Rig::new();
+    if let Ok(hook) = std::env::var("DG_HOOK_BIN") {
+        let link = rig.dir.join("postlogin");
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(std::fs::canonicalize(hook).unwrap(), link).unwrap();
+    }
+    let plain = Rig::new();
+    let push = format!(
+        "[push]\nsocket = \"{}\"\nusers = [\"dovecot\"]\n",
+        rig.path("push")
+    );
+    let mut daemon = rig.daemon(&push);
+    let _down = (DovecotDown(rig.dv.clone()), DovecotDown(plain.dv.clone()));
+    harness(
+        &["up", &rig.dv, "file", "17143"],
+        &[("DG_POSTLOGIN", &rig.hook())],
+    );
+    harness(&["up", &plain.dv, "file", "18143"], &[]);
+    // What script-login itself costs: the same set-up with a script that only execs.
+    let sh = Rig::new();
+    let _down_sh = DovecotDown(sh.dv.clone());
+    let script = sh.dir.join("exec-only");
+    std::fs::write(&script, "#!/bin/sh\nexec \"$@\"\n").unwrap();
+    set_mode(&script, 0o755);
+    harness(
+        &["up", &sh.dv, "file", "19143"],
+        &[("DG_POSTLOGIN", &script.display().to_string())],
+    );
+    let (mut with, mut without, mut exec_only) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..10 {
+        with.extend(timed_logins(17143, 10, "203.0.113.160"));
+        without.extend(timed_logins(18143, 10, "203.0.113.161"));
+        exec_only.extend(timed_logins(19143, 10, "203.0.113.162"));
+    }
+    assert_eq!(daemon.stop(), Some(0));
+    let (w, wo, e) = (median(with), median(without), median(exec_only));
+    eprintln!(
+        "median login: with hook {:.1} ms, without {:.1} ms, added {:.1} ms; with an exec-only sh script {:.1} ms (100 each)",
+        w * 1e3,
+        wo * 1e3,
+        (w - wo) * 1e3,
+        e * 1e3
+    );
+}
+
+/// The Debian 13 root with Dovecot 2.4 (built once, cached), and the uid of its `dovecot`.
+fn trixie_root(rig: &Rig) -> (String, u32) {
+    let out = Command::new(support("dovecot.sh"))
+        .args(["trixie-root", &rig.dv])
+        .output()
+        .expect("dovecot.sh trixie-root");
+    assert!(
+        out.status.success(),
+        "a Debian 13 root (debootstrap): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let passwd = std::fs::read_to_string(format!("{root}/etc/passwd")).unwrap();
+    let uid = passwd
+        .lines()
+        .find_map(|l| l.strip_prefix("dovecot:x:"))
+        .and_then(|r| r.split(':').next())
+        .and_then(|u| u.parse().ok())
+        .expect("a dovecot user in the root");
+    (root, uid)
+}
+
+/// Stops the chrooted Dovecot whatever happens.
+struct Dovecot24Down(String);
+impl Drop for Dovecot24Down {
+    fn drop(&mut self) {
+        let _ = Command::new(support("dovecot.sh"))
+            .args(["down24", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn dovecot_24_through_each_path() {
+    // Post-login hook: the binary inside the rig, which the chroot sees as /rig.
+    let rig = Rig::new();
+    let (root, dovecot_uid) = trixie_root(&rig);
+    std::fs::hard_link(bin(), rig.dir.join("dv/dovegate"))
+        .or_else(|_| std::fs::copy(bin(), rig.dir.join("dv/dovegate")).map(|_| ()))
+        .unwrap();
+    std::os::unix::fs::symlink("dovegate", rig.dir.join("dv/postlogin")).unwrap();
+    let push = format!(
+        "[push]\nsocket = \"{}\"\nusers = [{dovecot_uid}]\n",
+        rig.dir.join("dv/push").display()
+    );
+    let mut daemon = rig.daemon(&push);
+    let _down = Dovecot24Down(rig.dv.clone());
+    harness(
+        &["up24", &rig.dv, &root, "21143"],
+        &[("DG_POSTLOGIN", "/rig/postlogin --socket /rig/push")],
+    );
+    assert!(rig.dovecot_log().contains("v2.4"), "{}", rig.dovecot_log());
+    let want = run_logins(21143);
+    assert_eq!(want.granted.len(), 5);
+    check_grants(&rig, &want, &mut daemon);
+
+    // Auth policy, as the README says (reports only).
+    let rig = Rig::new();
+    let port = free_port();
+    std::fs::write(rig.dir.join("secret"), "X-API-Key: s3cret-24\n").unwrap();
+    let push = format!(
+        "[push]\nauth_policy = \"inet:127.0.0.1:{port}\"\nauth_policy_secret_file = \"{}\"\n",
+        rig.path("secret")
+    );
+    let mut daemon = rig.daemon(&push);
+    let _down = Dovecot24Down(rig.dv.clone());
+    harness(
+        &["up24", &rig.dv, &root, "22143"],
+        &[
+            ("DG_POLICY_URL", &format!("http://127.0.0.1:{port}/")),
+            ("DG_POLICY_HEADER", "X-API-Key: s3cret-24"),
+            ("DG_POLICY_CHECKS", "no"),
+        ],
+    );
+    let want = run_logins(22143);
+    check_grants(&rig, &want, &mut daemon);
+}
+
+/// One request line on the push socket; the answer ("" when the daemon just closed).
+fn push_line(socket: &Path, line: &[u8]) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = s.write_all(line);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The hook as root (uid 0 is allowed in this test): exits 0 after running /bin/true.
+fn hook_as_root(rig: &Rig, ip: &str) {
+    let st = Command::new(rig.dir.join("postlogin"))
+        .args(["--socket", &rig.path("push"), "/bin/true"])
+        .env_clear()
+        .env("IP", ip)
+        .env("USER", "alice")
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn odd_pushes_grant_nothing_stall_nothing_and_survive_a_reload() {
+    let rig = Rig::new();
+    let port = free_port();
+    std::fs::write(rig.dir.join("secret"), "X-Secret: k\n").unwrap();
+    let push = format!(
+        "[push]\nsocket = \"{}\"\nusers = [0]\nauth_policy = \"inet:127.0.0.1:{port}\"\nauth_policy_secret_file = \"{}\"\n",
+        rig.path("push"),
+        rig.path("secret")
+    );
+    let mut daemon = rig.daemon(&push);
+    let sock = rig.dir.join("push");
+    // Idle connections on both endpoints, held open across what follows.
+    let idle = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.write_all(
+        b"POST /?command=report HTTP/1.1\r\nHost: x\r\nX-Secret: k\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .unwrap();
+    for line in [
+        &b"not-an-address\talice\n"[..],
+        b"203.0.113.200 alice\n",
+        b"\xff\xfe\t\x00\n",
+        &[b'7'; 4096][..],
+    ] {
+        assert_ne!(push_line(&sock, line), "OK\n", "{line:?}");
+    }
+    assert_eq!(push_line(&sock, b"198.51.100.70\tbob\n"), "OK\n");
+    hook_as_root(&rig, "198.51.100.77");
+    let secret = "POST /?command=report HTTP/1.1\r\nX-Secret: k";
+    assert_eq!(http(port, secret, &report("198.51.100.79", "imap")), 200);
+    for ip in ["198.51.100.70", "198.51.100.77", "198.51.100.79"] {
+        wait_for(&format!("grant for {ip}"), PATIENCE, || {
+            postmap_q(&rig.map(), ip).is_some()
+        });
+    }
+    // A reload re-creates both listeners.
+    signal(daemon.child.id(), libc::SIGHUP);
+    wait_for("reloaded", PATIENCE, || {
+        daemon.log().contains("configuration reloaded")
+    });
+    hook_as_root(&rig, "198.51.100.78");
+    assert_eq!(http(port, secret, &report("2001:db8::79", "pop3")), 200);
+    for ip in ["198.51.100.78", "2001:db8::79"] {
+        wait_for(
+            &format!("grant for {ip} after the reload"),
+            PATIENCE,
+            || postmap_q(&rig.map(), ip).is_some(),
+        );
+    }
+    drop((idle, slow));
+    assert_eq!(daemon.stop(), Some(0));
+    assert_eq!(
+        map_keys(&rig.map()),
+        [
+            "198.51.100.70",
+            "198.51.100.77",
+            "198.51.100.78",
+            "198.51.100.79",
+            "2001:db8::79"
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<BTreeSet<_>>()
+    );
+    assert!(
+        daemon.summary("invalid_ip").unwrap_or(0) >= 4,
+        "{}",
+        daemon.log()
+    );
+}
