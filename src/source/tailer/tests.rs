@@ -1,0 +1,141 @@
+//! The follower against real files: special files, and rotations whose new file cannot be
+//! opened yet.
+
+use std::io::Write;
+use std::path::Path;
+
+use super::*;
+
+fn append(p: &Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+/// Polls once; returns the lines handed out and the result.
+fn poll(f: &mut FileFollower) -> (String, io::Result<()>) {
+    let mut out = String::new();
+    let r = f.poll(&mut |chunk, _| out.push_str(std::str::from_utf8(chunk).unwrap()));
+    (out, r)
+}
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// Runs `f` on another thread and fails if it does not finish: a FIFO opened blocking
+/// would hang the test forever instead of failing it.
+fn bounded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("the follower blocked")
+}
+
+#[test]
+fn fifo_sibling_never_blocks_copytruncate_or_resume() {
+    bounded(|| {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("mail.log");
+        mkfifo(&d.path().join("aaa.fifo"));
+        append(&log, "one\ntwo\n");
+        let mut f = FileFollower::new(&log, 4096, Start::Beginning);
+        assert_eq!(poll(&mut f).0, "one\ntwo\n");
+        // copytruncate makes the follower search the siblings for the copy.
+        append(&log, "three\n");
+        std::fs::copy(&log, d.path().join("mail.log.1")).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        append(&log, "four\n");
+        let (out, r) = poll(&mut f);
+        r.unwrap();
+        assert_eq!(out, "three\nfour\n");
+        // Resuming searches the siblings for rotated generations.
+        let cp = f.checkpoint();
+        std::fs::rename(&log, d.path().join("mail.log.2")).unwrap();
+        append(&log, "five\n");
+        let mut f = FileFollower::resume(&log, 4096, &cp);
+        assert_eq!(poll(&mut f).0, "five\n");
+    });
+}
+
+#[test]
+fn special_paths_are_errors_not_reads() {
+    bounded(|| {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        mkfifo(&fifo);
+        for p in [fifo.as_path(), d.path(), Path::new("/dev/zero")] {
+            let mut f = FileFollower::new(p, 4096, Start::Beginning);
+            for _ in 0..3 {
+                let (out, r) = poll(&mut f);
+                assert_eq!(out, "", "{}", p.display());
+                let e = r.expect_err("a special file is an error");
+                assert!(
+                    matches!(PathProblem::of(&e), Some(PathProblem::NotRegular { .. })),
+                    "{}: {e}",
+                    p.display()
+                );
+                assert!(e.to_string().contains("not a regular file"), "{e}");
+                assert!(matches!(f.problem(), Some(PathProblem::NotRegular { .. })));
+            }
+        }
+    });
+}
+
+#[test]
+fn missing_then_created_reads_from_start_and_clears() {
+    let d = tempfile::tempdir().unwrap();
+    let log = d.path().join("mail.log");
+    let mut f = FileFollower::new(&log, 4096, Start::Beginning);
+    let (out, r) = poll(&mut f);
+    r.unwrap();
+    assert_eq!(out, "");
+    assert!(matches!(f.problem(), Some(PathProblem::Missing { .. })));
+    assert!(f.problem().unwrap().to_string().contains("journal mode"));
+    append(&log, "a\n");
+    assert_eq!(poll(&mut f).0, "a\n");
+    assert_eq!(f.problem(), None);
+}
+
+/// Defect 13: after a rename, the path names something that cannot be opened (here a
+/// directory; in production EACCES or a vanished file). The old generation's unread tail
+/// is still delivered, and the new file is read once it is usable.
+#[test]
+fn old_generation_is_drained_when_the_new_file_cannot_be_opened() {
+    let d = tempfile::tempdir().unwrap();
+    let log = d.path().join("mail.log");
+    append(&log, "a\n");
+    let mut f = FileFollower::new(&log, 4096, Start::Beginning);
+    assert_eq!(poll(&mut f).0, "a\n");
+    append(&log, "b\n");
+    std::fs::rename(&log, d.path().join("mail.log.1")).unwrap();
+    append(&d.path().join("mail.log.1"), "c\n");
+    std::fs::create_dir(&log).unwrap();
+    let (out, r) = poll(&mut f);
+    assert_eq!(out, "b\nc\n");
+    assert!(r.is_err());
+    assert!(matches!(f.problem(), Some(PathProblem::NotRegular { .. })));
+    // The path missing for a while: the old file is still drained.
+    std::fs::remove_dir(&log).unwrap();
+    append(&d.path().join("mail.log.1"), "d\n");
+    let (out, r) = poll(&mut f);
+    r.unwrap();
+    assert_eq!(out, "d\n");
+    append(&log, "e\n");
+    let (out, r) = poll(&mut f);
+    r.unwrap();
+    assert_eq!(out, "e\n");
+    assert_eq!(f.problem(), None);
+}
