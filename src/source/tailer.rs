@@ -338,21 +338,24 @@ impl FileFollower {
             return Ok(());
         }
         let head = cur.fingerprint;
-        match self.find_copy_of_current() {
+        let copy = self.find_copy_of_current();
+        // Rewind first: the checkpoints handed out with the copy's lines must not carry the
+        // old offset into the new content.
+        if let Some(cur) = self.current.as_mut() {
+            cur.rewind()?;
+        }
+        match copy {
             Some(mut g) => {
                 tracing::info!(path = %self.path.display(), "log file was truncated (copytruncate); reading the rest from its copy");
                 g.fingerprint = head;
                 self.draining.push(g);
                 let last = self.draining.len() - 1;
-                self.read_generation(Slot::Draining(last), sink)?;
+                self.read_generation(Slot::Draining(last), sink)
             }
             None => {
-                tracing::warn!(path = %self.path.display(), "log file was truncated (copytruncate) and no copy was found; lines written just before the truncation may be missed")
+                tracing::warn!(path = %self.path.display(), "log file was truncated (copytruncate) and no copy was found; lines written just before the truncation may be missed");
+                Ok(())
             }
-        }
-        match self.current.as_mut() {
-            Some(cur) => cur.rewind(),
-            None => Ok(()),
         }
     }
 
@@ -361,6 +364,11 @@ impl FileFollower {
     fn find_copy_of_current(&self) -> Option<Generation> {
         let cur = self.current.as_ref()?;
         let (id, offset, head, tail) = (cur.id, cur.reader.offset(), cur.fingerprint, cur.tail);
+        // Nothing read yet (an empty head): any sibling would match; reading a foreign file
+        // from its start would hand out old lines again.
+        if head.len == 0 {
+            return None;
+        }
         let (file, meta) = find_sibling(
             &self.path,
             |m| FileId::of(m) != id && m.len() >= offset,
@@ -437,7 +445,14 @@ impl FileFollower {
         loop {
             match g.reader.read_chunk(&mut g.file)? {
                 Chunk::Eof => return Ok(()),
-                Chunk::Partial => g.last_growth = Instant::now(),
+                Chunk::Partial => {
+                    // The head of a line being written already identifies the file (a
+                    // copytruncate before the line ends is then recognised).
+                    g.last_growth = Instant::now();
+                    if g.fingerprint.len < FINGERPRINT_BYTES as u32 {
+                        g.fingerprint = Fingerprint::read(&g.file, FINGERPRINT_BYTES)?;
+                    }
+                }
                 Chunk::Lines(lines, offset) => {
                     g.last_growth = Instant::now();
                     if g.fingerprint.len < FINGERPRINT_BYTES as u32 {
