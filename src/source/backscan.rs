@@ -16,7 +16,9 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
+use super::tailer::{open_regular, Start};
 use crate::frame::line_time;
 
 /// Bytes read per bisection probe: many lines, so one without a timestamp (another
@@ -41,6 +43,17 @@ pub fn start_offset(file: &File, cutoff: i64, now: i64) -> io::Result<u64> {
     }
     let lo = bisect(file, len, target, now)?;
     forward_scan(file, lo, len, target, now)
+}
+
+/// Where a first start (no checkpoint) of `path` begins: `start_offset` of the regular file
+/// at `path`, opened without blocking (a FIFO at the path would block a plain open
+/// forever). When it cannot be opened or read, from the beginning of whatever file appears
+/// (the follower reports the problem).
+pub fn first_start(path: &Path, cutoff: i64, now: i64) -> Start {
+    match open_regular(path) {
+        Ok((file, _)) => start_offset(&file, cutoff, now).map_or(Start::Beginning, Start::At),
+        Err(_) => Start::Beginning,
+    }
 }
 
 /// The newest timestamp among the whole lines of the file's last `PROBE` bytes.
@@ -261,6 +274,18 @@ mod tests {
         let now = base + 2000;
         let off = start_offset(&f, base + 1400 + SLACK, now).unwrap();
         assert!((1399..=1401).contains(&line_at(&f, off)), "{off}");
+    }
+
+    #[test]
+    fn first_start_never_blocks_on_special_files() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for p in [fifo.as_path(), d.path(), Path::new("/dev/zero")] {
+            assert!(matches!(first_start(p, 0, 10), Start::Beginning));
+        }
     }
 
     #[test]

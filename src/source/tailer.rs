@@ -25,8 +25,8 @@ use std::io::{self, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use problem::PathProblem;
-use problem::{open_if, open_regular};
+use problem::open_if;
+pub use problem::{open_regular, PathProblem};
 
 use super::checkpoint::{Checkpoint, FileId, FilePos, Fingerprint, FINGERPRINT_BYTES};
 use super::lines::{Chunk, ChunkReader};
