@@ -48,6 +48,15 @@ fn fifo_sibling_never_blocks_copytruncate_or_resume() {
         append(&log, "one\ntwo\n");
         let mut f = FileFollower::new(&log, 4096, Start::Beginning);
         assert_eq!(poll(&mut f).0, "one\ntwo\n");
+        // A truncation without a copy: every sibling is looked at.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        append(&log, "zero\n");
+        assert_eq!(poll(&mut f).0, "zero\n");
         // copytruncate makes the follower search the siblings for the copy.
         append(&log, "three\n");
         std::fs::copy(&log, d.path().join("mail.log.1")).unwrap();
