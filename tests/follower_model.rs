@@ -4,6 +4,8 @@
 //! `FileFollower` directly. The model records every line written and every line handed
 //! out, and checks:
 //! - every line written is delivered; exactly once when there was no kill -9;
+//! - a line handed out after the committed checkpoint and lost with a kill -9 (the engine
+//!   never committed it) is delivered again after the restart;
 //! - a line is delivered twice only after a kill -9 that resumed from a committed
 //!   checkpoint older than the line's delivery;
 //! - no partial line is ever delivered (each chunk is whole lines, each line intact);
@@ -17,9 +19,11 @@
 //! - before a copytruncate, the follower has read from the file since content was first
 //!   written into it: a file truncated before any of its bytes were read looks the same as
 //!   a file nothing was written to, and its copy cannot be told from any other sibling;
-//! - after a destructive rotation (copytruncate, delete) a commit follows that poll before a
-//!   kill -9: a generation deleted while the daemon is down, or truncated while its lines
-//!   after the committed offset exist only in a copy, is gone;
+//! - after a destructive rotation (copytruncate, delete), or a second rotation, since the
+//!   last commit, a commit follows a poll before a kill -9: a generation deleted while the
+//!   daemon is down, truncated while its lines after the committed offset exist only in a
+//!   copy, or created after the committed checkpoint and rotated away before the crash, is
+//!   unknown to the restarted follower (its checkpoint does not name it);
 //! - a line being written is finished before a rotation (syslog writes whole lines; a
 //!   copytruncate in the middle of a line splits it between two files);
 //! - rotated files stay in the directory uncompressed (a compressed copy is unreadable).
@@ -111,12 +115,17 @@ struct World {
     unpolled_rotation: bool,
     /// A destructive rotation happened and no commit since.
     uncommitted_destruction: bool,
+    /// Rotations since the last commit.
+    rotations_since_commit: u32,
     /// Content was written into the current generation and the follower has not polled
     /// since it began.
     unread_generation: bool,
     /// The follower has polled while the current generation had content.
     gen_read: bool,
     kills: u32,
+    /// The delivery count each line must reach: one more than it had at a kill -9 that
+    /// lost it.
+    owed: HashMap<u64, u32>,
 }
 
 fn open_append(p: &Path) -> File {
@@ -151,9 +160,11 @@ impl World {
             committed: cp,
             unpolled_rotation: false,
             uncommitted_destruction: false,
+            rotations_since_commit: 0,
             unread_generation: false,
             gen_read: false,
             kills: 0,
+            owed: HashMap::new(),
         }
     }
 
@@ -238,6 +249,7 @@ impl World {
             _ => unreachable!(),
         }
         self.unpolled_rotation = true;
+        self.rotations_since_commit += 1;
         self.gen_read = false;
         self.unread_generation = false;
     }
@@ -251,8 +263,9 @@ impl World {
             })
             .unwrap();
         for (chunk, cp) in got {
+            // Empty: only the checkpoint changed (a new generation opened).
             assert!(
-                chunk.ends_with('\n'),
+                chunk.is_empty() || chunk.ends_with('\n'),
                 "a chunk ends inside a line: {chunk:?}"
             );
             for l in chunk.lines() {
@@ -298,7 +311,11 @@ impl World {
     fn commit(&mut self) {
         self.committed = self.last_cp.clone();
         self.since_commit.clear();
-        self.uncommitted_destruction = false;
+        // The checkpoint committed reflects the rotations polled so far (at most one is not).
+        self.rotations_since_commit = u32::from(self.unpolled_rotation);
+        if !self.unpolled_rotation {
+            self.uncommitted_destruction = false;
+        }
     }
 
     fn restart(&mut self) {
@@ -312,12 +329,15 @@ impl World {
 
     fn kill9(&mut self) {
         self.before_rotation_or_restart();
-        if self.uncommitted_destruction {
+        if self.uncommitted_destruction || self.rotations_since_commit >= 2 {
             self.poll();
             self.commit();
         }
         drop(self.follower.take());
         self.kills += 1;
+        for id in &self.since_commit {
+            self.owed.insert(*id, self.delivered[id] + 1);
+        }
         self.may_repeat.extend(self.since_commit.drain(..));
         let f = FileFollower::resume(&self.log, 4096, &self.committed);
         self.last_cp = f.checkpoint();
@@ -347,6 +367,11 @@ impl World {
         for id in &self.written {
             let n = self.delivered.get(id).copied().unwrap_or(0);
             assert!(n >= 1, "line {id} was never delivered");
+            let owed = self.owed.get(id).copied().unwrap_or(1);
+            assert!(
+                n >= owed,
+                "line {id} lost by a kill -9 was not delivered again"
+            );
             if n > 1 {
                 assert!(
                     self.may_repeat.contains(id),

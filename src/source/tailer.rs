@@ -16,7 +16,9 @@
 //! Inherent limits (nobody can do better without reading the file in between): a
 //! generation rotated away twice, deleted, or truncated and refilled before it was ever
 //! read; a copytruncate whose copy is compressed or moved out of the directory at once; a
-//! generation deleted while the daemon is down.
+//! generation deleted (or copytruncated) while the daemon is down; after a crash, a
+//! generation that no committed checkpoint named and that was rotated away meanwhile (so
+//! each new generation is handed out with its checkpoint at once, see `poll`).
 
 mod problem;
 
@@ -111,6 +113,8 @@ pub struct FileFollower {
     reported_long: u64,
     /// What was wrong with the path at the last look (None: following normally).
     problem: Option<PathProblem>,
+    /// The generations named by the last checkpoint handed to the sink.
+    handed: Vec<FileId>,
 }
 
 /// Where to begin when there is no checkpoint.
@@ -147,6 +151,7 @@ impl FileFollower {
                 f.problem = Some(p);
             }
         }
+        f.handed = f.checkpoint().files.iter().map(|p| p.id).collect();
         f
     }
 
@@ -159,6 +164,7 @@ impl FileFollower {
             drain_grace: Duration::from_secs(30),
             reported_long: 0,
             problem: None,
+            handed: Vec::new(),
         }
     }
 
@@ -191,6 +197,7 @@ impl FileFollower {
                 f.problem = Some(p);
             }
         }
+        f.handed = f.checkpoint().files.iter().map(|p| p.id).collect();
         f
     }
 
@@ -229,7 +236,8 @@ impl FileFollower {
     }
 
     /// Reads everything available now. `sink(lines, checkpoint)` gets chunks of whole lines
-    /// and the checkpoint that is valid once they are processed.
+    /// and the checkpoint that is valid once they are processed. A chunk may be empty when
+    /// only the checkpoint changed (a new generation opened): commit it like any other.
     ///
     /// Errors: the path is unreadable, not a regular file (`PathProblem` inside the
     /// `io::Error`, see `PathProblem::of`), or reading failed. A missing path is not an
@@ -249,8 +257,27 @@ impl FileFollower {
                 .and_then(|()| self.read_generation(Slot::Current, sink)),
             PathNow::Problem(p) => self.while_path_is_unusable(p, sink),
         };
+        self.hand_out_new_generations(sink);
         self.report_long_lines();
         result
+    }
+
+    /// A generation opened (or retired) without a line read from it yet still changes the
+    /// checkpoint: hand the new one out with an empty chunk, so that it is committed. Else a
+    /// crash after a rotation, before the new file's first line, would resume from a
+    /// checkpoint that does not know the new file; if that one is rotated away too, its
+    /// lines would never be read.
+    fn hand_out_new_generations(&mut self, sink: &mut dyn FnMut(&[u8], &Checkpoint)) {
+        let cp = self.checkpoint();
+        if !cp
+            .files
+            .iter()
+            .map(|f| f.id)
+            .eq(self.handed.iter().copied())
+        {
+            self.handed = cp.files.iter().map(|f| f.id).collect();
+            sink(&[], &cp);
+        }
     }
 
     /// A drained generation whose content was replaced (a copy overwritten in place) is no
@@ -468,6 +495,7 @@ impl FileFollower {
                         fingerprint: g.fingerprint,
                         offset,
                     };
+                    self.handed = cp.files.iter().map(|f| f.id).collect();
                     sink(lines, &cp);
                 }
             }
