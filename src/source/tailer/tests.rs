@@ -148,3 +148,68 @@ fn old_generation_is_drained_when_the_new_file_cannot_be_opened() {
     assert_eq!(out, "e\n");
     assert_eq!(f.problem(), None);
 }
+
+/// Drops every capability of the calling thread (capabilities are per thread on Linux), so
+/// that root is refused a mode 0000 file like anybody else.
+fn drop_thread_capabilities() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset with a valid header and two data elements, as version 3 requires.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    assert_eq!(r, 0, "capset: {}", io::Error::last_os_error());
+}
+
+/// Defect 13 with EACCES (a new file created 0000, as Dovecot recreates its log_path 0600
+/// root): the old generation's tail is delivered, the problem names the mode and the fix,
+/// and it clears once the file is readable.
+#[test]
+fn unreadable_new_file_after_rotation() {
+    std::thread::spawn(|| {
+        use std::os::unix::fs::PermissionsExt;
+        drop_thread_capabilities();
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("mail.log");
+        append(&log, "a\n");
+        let mut f = FileFollower::new(&log, 4096, Start::Beginning);
+        assert_eq!(poll(&mut f).0, "a\n");
+        append(&log, "b\n");
+        std::fs::rename(&log, d.path().join("mail.log.1")).unwrap();
+        append(&log, "c\n");
+        std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0)).unwrap();
+        let (out, r) = poll(&mut f);
+        assert_eq!(out, "b\n");
+        let e = r.expect_err("an unreadable file is an error");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        match f.problem() {
+            Some(PathProblem::Unreadable { mode: 0, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(e.to_string().contains("mode 0000"), "{e}");
+        std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let (out, r) = poll(&mut f);
+        r.unwrap();
+        assert_eq!(out, "c\n");
+        assert_eq!(f.problem(), None);
+    })
+    .join()
+    .unwrap();
+}
