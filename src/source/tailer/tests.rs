@@ -194,7 +194,7 @@ fn unreadable_new_file_after_rotation() {
         append(&log, "b\n");
         std::fs::rename(&log, d.path().join("mail.log.1")).unwrap();
         append(&log, "c\n");
-        std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0)).unwrap();
+        std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o000)).unwrap();
         let (out, r) = poll(&mut f);
         assert_eq!(out, "b\n");
         let e = r.expect_err("an unreadable file is an error");
