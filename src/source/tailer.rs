@@ -245,7 +245,7 @@ impl FileFollower {
     /// generations are handed out before any error is returned.
     pub fn poll(&mut self, sink: &mut dyn FnMut(&[u8], &Checkpoint)) -> io::Result<()> {
         self.forget_overwritten_drains();
-        self.read_draining(sink)?;
+        self.read_draining(sink);
         self.retire_idle_drains();
         let result = match self.look_at_path() {
             PathNow::Same(len) => self
@@ -299,12 +299,26 @@ impl FileFollower {
         });
     }
 
-    /// Rotated generations first: their lines are older than the current file's.
-    fn read_draining(&mut self, sink: &mut dyn FnMut(&[u8], &Checkpoint)) -> io::Result<()> {
-        for i in 0..self.draining.len() {
-            self.read_generation(Slot::Draining(i), sink)?;
+    /// Rotated generations first: their lines are older than the current file's. One
+    /// that cannot be read (an I/O error) is dropped, loudly: it must not stall the
+    /// current file behind it forever.
+    fn read_draining(&mut self, sink: &mut dyn FnMut(&[u8], &Checkpoint)) {
+        let mut i = 0;
+        while i < self.draining.len() {
+            match self.read_generation(Slot::Draining(i), sink) {
+                Ok(()) => i += 1,
+                Err(e) => {
+                    let g = self.draining.remove(i);
+                    tracing::error!(
+                        path = %self.path.display(),
+                        inode = g.id.ino,
+                        offset = g.reader.offset(),
+                        error = %e,
+                        "cannot read the rest of a rotated log file; its remaining lines are skipped"
+                    );
+                }
+            }
         }
-        Ok(())
     }
 
     /// A writer reopens its log soon after a rotation; once a rotated generation has not
