@@ -19,14 +19,17 @@
 //! - before a copytruncate, the follower has read from the file since content was first
 //!   written into it: a file truncated before any of its bytes were read looks the same as
 //!   a file nothing was written to, and its copy cannot be told from any other sibling;
-//! - after a destructive rotation (copytruncate, delete), or a second rotation, since the
-//!   last commit, a commit follows a poll before a kill -9: a generation deleted while the
-//!   daemon is down, truncated while its lines after the committed offset exist only in a
-//!   copy, or created after the committed checkpoint and rotated away before the crash, is
-//!   unknown to the restarted follower (its checkpoint does not name it);
+//! - after a delete + recreate, a copytruncate while the committed checkpoint names no
+//!   byte of the file, or a second rotation, since the last commit, a commit
+//!   follows a poll before a kill -9: a generation deleted while the daemon is down, or
+//!   created after the committed checkpoint and rotated away before the crash, is unknown
+//!   to the restarted follower (its checkpoint does not name it, or it is gone);
 //! - a line being written is finished before a rotation (syslog writes whole lines; a
 //!   copytruncate in the middle of a line splits it between two files);
-//! - rotated files stay in the directory uncompressed (a compressed copy is unreadable).
+//! - rotated files stay in the directory uncompressed (a compressed copy is unreadable);
+//! - a deleted file's inode number is not reused during a case (the model keeps the deleted
+//!   files open): a checkpointed generation that held no byte yet has nothing but its
+//!   inode to be recognised by, so a later file reusing that inode is taken for it.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -113,7 +116,7 @@ struct World {
     committed: Checkpoint,
     /// A rotation happened and the follower has not polled since.
     unpolled_rotation: bool,
-    /// A destructive rotation happened and no commit since.
+    /// A delete + recreate happened and no commit since.
     uncommitted_destruction: bool,
     /// Rotations since the last commit.
     rotations_since_commit: u32,
@@ -123,6 +126,8 @@ struct World {
     /// The follower has polled while the current generation had content.
     gen_read: bool,
     kills: u32,
+    /// Deleted files, kept open so that their inode numbers are not reused.
+    graveyard: Vec<File>,
     /// The delivery count each line must reach: one more than it had at a kill -9 that
     /// lost it.
     owed: HashMap<u64, u32>,
@@ -164,6 +169,7 @@ impl World {
             unread_generation: false,
             gen_read: false,
             kills: 0,
+            graveyard: Vec::new(),
             owed: HashMap::new(),
         }
     }
@@ -238,12 +244,21 @@ impl World {
                 let to = self.rotated_name();
                 std::fs::copy(&self.log, to).unwrap();
                 self.writer.set_len(0).unwrap();
-                self.uncommitted_destruction = true;
+                // A copy is recognised by the first bytes the committed checkpoint names.
+                if self
+                    .committed
+                    .files
+                    .last()
+                    .is_none_or(|p| p.fingerprint.len == 0)
+                {
+                    self.uncommitted_destruction = true;
+                }
             }
             Action::DeleteRecreate { late } => {
                 std::fs::remove_file(&self.log).unwrap();
                 self.write_lines(late);
-                self.writer = open_append(&self.log);
+                let old = std::mem::replace(&mut self.writer, open_append(&self.log));
+                self.graveyard.push(old);
                 self.uncommitted_destruction = true;
             }
             _ => unreachable!(),
@@ -430,6 +445,17 @@ fn fixed_sequences() {
             Kill9,
         ],
         vec![Write(2), Partial, Restart, Finish, Write(1), Poll],
+        // copytruncate after the committed checkpoint: the copy is found on resume.
+        vec![
+            Write(2),
+            Poll,
+            Commit,
+            Write(1),
+            Poll,
+            CopyTruncate,
+            Write(1),
+            Kill9,
+        ],
         vec![
             Write(1),
             Poll,

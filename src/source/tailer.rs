@@ -16,9 +16,12 @@
 //! Inherent limits (nobody can do better without reading the file in between): a
 //! generation rotated away twice, deleted, or truncated and refilled before it was ever
 //! read; a copytruncate whose copy is compressed or moved out of the directory at once; a
-//! generation deleted (or copytruncated) while the daemon is down; after a crash, a
+//! generation deleted, or copytruncated twice, while the daemon is down; after a crash, a
 //! generation that no committed checkpoint named and that was rotated away meanwhile (so
-//! each new generation is handed out with its checkpoint at once, see `poll`).
+//! each new generation is handed out with its checkpoint at once, see `poll`); a
+//! checkpointed generation that held no byte yet is recognised by its inode alone, so a
+//! later file that reuses the inode of a deleted one is taken for it (read from its start:
+//! old lines again, never a lost one).
 
 mod problem;
 
@@ -174,7 +177,8 @@ impl FileFollower {
     pub fn resume(path: &Path, max_line: usize, cp: &Checkpoint) -> FileFollower {
         let mut f = FileFollower::empty(path, max_line);
         for pos in &cp.files {
-            let Some((found, file, meta)) = find_generation(path, pos) else {
+            let found = find_generation(path, pos).or_else(|| find_truncated_copy(path, pos));
+            let Some((found, file, meta)) = found else {
                 tracing::warn!(
                     path = %path.display(),
                     inode = pos.id.ino,
@@ -554,6 +558,24 @@ fn find_sibling(
             let (f, m) = open_if(&p, &pre)?;
             test(&m, &f).then_some((p, f, m))
         })
+}
+
+/// copytruncate while the daemon was down: the path still names the checkpointed inode, but
+/// its content changed; the lines after the checkpoint are in a copy beside it that starts
+/// with the same bytes (the checkpoint has no tail fingerprint, so an empty head proves
+/// nothing and is not searched for).
+fn find_truncated_copy(path: &Path, pos: &FilePos) -> Option<(PathBuf, File, Metadata)> {
+    let truncated_in_place = std::fs::metadata(path).is_ok_and(|m| FileId::of(&m) == pos.id);
+    if !truncated_in_place || pos.fingerprint.len == 0 {
+        return None;
+    }
+    let found = find_sibling(
+        path,
+        |m| FileId::of(m) != pos.id && m.len() >= pos.offset,
+        |_, f| pos.fingerprint.matches(f).unwrap_or(false),
+    )?;
+    tracing::info!(path = %path.display(), copy = %found.0.display(), "log file was truncated while dovegate was down (copytruncate); reading the rest from its copy");
+    Some(found)
 }
 
 /// Finds and opens the file holding a checkpointed generation: the path itself or a
