@@ -407,7 +407,7 @@ impl World {
 
 proptest! {
     // Moderate: each case runs real file operations; debug build under 20 s.
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
     fn every_line_is_delivered_once(actions in prop::collection::vec(action(), 1..60)) {

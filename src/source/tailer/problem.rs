@@ -21,7 +21,8 @@ use crate::source::checkpoint::FileId;
 pub enum PathProblem {
     /// Nothing at the path (not created yet, or between a rotation's rename and create).
     Missing { path: PathBuf },
-    /// The file exists but this process may not open it.
+    /// The file exists but this process may not open it (`owner` is `u32::MAX` when even
+    /// its metadata cannot be read: a directory on the way is not searchable).
     Unreadable {
         path: PathBuf,
         uid: u32,
@@ -100,6 +101,19 @@ impl fmt::Display for PathProblem {
                 "log file {} does not exist (yet); waiting for it. Check where Dovecot logs \
                  (`doveconf -h log_path`, or the syslog file for facility mail), or use journal mode",
                 path.display()
+            ),
+            PathProblem::Unreadable {
+                path,
+                uid,
+                owner,
+                group,
+                mode,
+            } if *owner == u32::MAX => write!(
+                f,
+                "log file {} cannot be looked at by uid {uid} ({}): a directory on its path is not \
+                 searchable; give the directories mode o+x (or the user's group g+x), or use journal mode",
+                path.display(),
+                user_name(*uid),
             ),
             PathProblem::Unreadable {
                 path,

@@ -209,6 +209,17 @@ fn unreadable_new_file_after_rotation() {
         r.unwrap();
         assert_eq!(out, "c\n");
         assert_eq!(f.problem(), None);
+        // A directory on the way that may not be searched.
+        let sub = d.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        append(&sub.join("mail.log"), "x\n");
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o000)).unwrap();
+        let mut f = FileFollower::new(&sub.join("mail.log"), 4096, Start::Beginning);
+        let (out, r) = poll(&mut f);
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(out, "");
+        let e = r.expect_err("an unreachable file is an error");
+        assert!(e.to_string().contains("not searchable"), "{e}");
     })
     .join()
     .unwrap();
