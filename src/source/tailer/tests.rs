@@ -224,3 +224,27 @@ fn unreadable_new_file_after_rotation() {
     .join()
     .unwrap();
 }
+
+/// A new generation is handed out with its checkpoint before any line is read from it:
+/// a crash right after a rotation must not resume from a checkpoint that does not know it.
+#[test]
+fn a_new_empty_generation_is_checkpointed_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let log = d.path().join("mail.log");
+    append(&log, "a\n");
+    let mut f = FileFollower::new(&log, 4096, Start::Beginning);
+    assert_eq!(poll(&mut f).0, "a\n");
+    std::fs::rename(&log, d.path().join("mail.log.1")).unwrap();
+    append(&log, "");
+    let mut handed = Vec::new();
+    f.poll(&mut |chunk, cp| handed.push((chunk.len(), cp.clone())))
+        .unwrap();
+    let (len, cp) = handed.last().expect("a checkpoint was handed out");
+    assert_eq!(*len, 0);
+    assert_eq!(cp, &f.checkpoint());
+    assert_eq!(cp.files.len(), 2, "{cp:?}");
+    // Nothing changed: nothing handed out.
+    let mut calls = 0;
+    f.poll(&mut |_, _| calls += 1).unwrap();
+    assert_eq!(calls, 0);
+}
