@@ -5,6 +5,7 @@ mod common;
 
 use std::fs::File;
 use std::io::Write;
+use std::path::Path;
 
 use common::*;
 
@@ -147,4 +148,62 @@ fn merge(default: &str, edit: &str) -> String {
         }
     }
     toml::to_string(&doc).unwrap()
+}
+
+/// Defect 10: a FIFO beside the log (opened blocking, it would hang the source thread when
+/// the follower looks for a copytruncate copy) and special files as the log path (a
+/// directory or /dev/zero: an error naming the fix, no endless reading).
+#[test]
+fn special_files_never_block_or_spin() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    let map = d.path().join("relay");
+    let fifo = std::ffi::CString::new(format!("{}/aaa.fifo", d.path().display())).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    File::create(&log).unwrap();
+    let mut daemon = Daemon::follow(d.path(), &log, &["--ttl", "1h"]);
+    append(&log, &login_line("203.0.113.31", "a"));
+    wait_for("first login granted", PATIENCE, || {
+        postmap_q(&map, "203.0.113.31").is_some()
+    });
+    // A truncation without a copy: the follower looks at every sibling for one.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    append(&log, &login_line("203.0.113.30", "z"));
+    wait_for("the login after a truncation granted", PATIENCE, || {
+        postmap_q(&map, "203.0.113.30").is_some()
+    });
+    // copytruncate: the follower searches the directory for the copy.
+    append(&log, &login_line("203.0.113.32", "b"));
+    std::fs::copy(&log, d.path().join("mail.log.1")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    append(&log, &login_line("203.0.113.33", "c"));
+    wait_for("logins around the copytruncate granted", PATIENCE, || {
+        postmap_q(&map, "203.0.113.32").is_some() && postmap_q(&map, "203.0.113.33").is_some()
+    });
+    assert_eq!(daemon.stop(), Some(0));
+
+    for (i, path) in [d.path().display().to_string(), "/dev/zero".to_string()]
+        .iter()
+        .enumerate()
+    {
+        let sub = d.path().join(format!("special{i}"));
+        std::fs::create_dir(&sub).unwrap();
+        let mut daemon = Daemon::follow(&sub, Path::new(path), &["--ttl", "1h"]);
+        wait_for("the special path reported", PATIENCE, || {
+            daemon.log().contains("not a regular file")
+        });
+        assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
+        assert_eq!(daemon.summary("lines"), Some(0), "{}", daemon.log());
+    }
 }

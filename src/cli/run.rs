@@ -196,11 +196,7 @@ impl Sources {
         }
         let _push =
             crate::push::spawn(&settings.push, tx.clone(), stats).map_err(Failure::runtime)?;
-        Ok(Sources {
-            handles,
-            rx,
-            _push,
-        })
+        Ok(Sources { handles, rx, _push })
     }
 
     /// Stops every source thread (killing journalctl) and joins them. The receiver goes

@@ -1,69 +1,171 @@
 //! Where to start reading a file met for the first time (no checkpoint).
 //!
-//! Only logins newer than now - ttl can still hold a grant, so reading starts at the first
-//! line stamped at or after that cutoff. The file is searched backwards in blocks from its
-//! end: on a busy server only the last ttl's worth of log is read, not the whole file.
+//! Only logins newer than now - ttl can still hold a grant, so reading starts near the first
+//! line stamped at or after that cutoff. Log files are in time order (give or take a few
+//! lines), so the file is bisected by offset: each probe reads one small window, skips to
+//! the next line start and takes the first timestamp found there. Then a short forward scan
+//! finds the exact line. On a 1 GB file this reads about a megabyte instead of the part
+//! within the ttl twice.
+//!
+//! Lines written out of order (several processes, syslog buffering) must not lose a login:
+//! the search aims at `cutoff - SLACK`, so it starts a little early; the older lines read
+//! on the way are dropped later as expired.
 //! A file whose lines carry no timestamp is started at its end (an unknown login time would
 //! count as now and grant every address in the file's history).
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
+use super::tailer::{open_regular, Start};
 use crate::frame::line_time;
 
+/// Bytes read per bisection probe: many lines, so one without a timestamp (another
+/// program's, a continuation) does not stop the probe.
+const PROBE: u64 = 64 * 1024;
+/// Bytes read per step of the final forward scan.
 const BLOCK: u64 = 256 * 1024;
+/// How far out of order lines may be without a login being skipped (seconds).
+pub const SLACK: i64 = 300;
 
-/// Offset of the first whole line stamped at or after `cutoff`.
+/// Offset of a line start at or before the first whole line stamped at or after `cutoff`
+/// (at most about `SLACK` seconds of log earlier), or the end when there is none or the
+/// file has no timestamps.
 pub fn start_offset(file: &File, cutoff: i64, now: i64) -> io::Result<u64> {
     let len = file.metadata()?.len();
-    let mut end = len;
-    let mut saw_time = false;
-    let mut buf = vec![0u8; BLOCK as usize];
-    while end > 0 {
-        let start = end.saturating_sub(BLOCK);
-        let block = &mut buf[..(end - start) as usize];
-        file.read_exact_at(block, start)?;
-        // Whole lines only: skip the piece before the first newline unless at file start.
-        let first = if start == 0 {
-            0
-        } else {
-            match memchr::memchr(b'\n', block) {
-                Some(i) => i + 1,
-                // A line longer than a block: step over it.
-                None => {
-                    end = start;
-                    continue;
-                }
-            }
-        };
-        let mut pos = first;
-        let mut answer = None;
-        let mut oldest_in_block = None;
-        while pos < block.len() {
-            let nl = memchr::memchr(b'\n', &block[pos..]).map_or(block.len(), |i| pos + i);
-            if let Some(t) = line_time(&block[pos..nl], now) {
-                saw_time = true;
-                oldest_in_block.get_or_insert(t);
-                if t >= cutoff && answer.is_none() {
-                    answer = Some(start + pos as u64);
-                }
-            }
-            pos = nl + 1;
-        }
-        if oldest_in_block.is_some_and(|t| t < cutoff) {
-            // The cutoff lies in this block (or at its end).
-            return Ok(answer.unwrap_or(end.min(len)));
-        }
-        if start == 0 {
-            break;
-        }
-        end = start + first as u64;
-        if first == 0 {
-            end = start;
+    let target = cutoff.saturating_sub(SLACK);
+    // The end first: a file with no recent timestamp (or none at all) starts at its end
+    // without being searched.
+    match newest_near_end(file, len, now)? {
+        Some(t) if t >= target => {}
+        _ => return Ok(len),
+    }
+    let lo = bisect(file, len, target, now)?;
+    forward_scan(file, lo, len, target, now)
+}
+
+/// Where a first start (no checkpoint) of `path` begins: `start_offset` of the regular file
+/// at `path`, opened without blocking (a FIFO at the path would block a plain open
+/// forever). When it cannot be opened or read, from the beginning of whatever file appears
+/// (the follower reports the problem).
+pub fn first_start(path: &Path, cutoff: i64, now: i64) -> Start {
+    match open_regular(path) {
+        Ok((file, _)) => start_offset(&file, cutoff, now).map_or(Start::Beginning, Start::At),
+        Err(_) => Start::Beginning,
+    }
+}
+
+/// The newest timestamp among the whole lines of the file's last `PROBE` bytes.
+fn newest_near_end(file: &File, len: u64, now: i64) -> io::Result<Option<i64>> {
+    let start = len.saturating_sub(PROBE);
+    let mut buf = vec![0u8; (len - start) as usize];
+    file.read_exact_at(&mut buf, start)?;
+    let first = if start == 0 {
+        0
+    } else {
+        after_newline(&buf, 0)
+    };
+    Ok(lines_from(&buf, first)
+        .filter_map(|(_, l)| line_time(l, now))
+        .max())
+}
+
+/// A line start `lo` such that the lines before it are (nearly all) older than `target`:
+/// at each step the window in the middle of `[lo, hi)` is probed; a timestamp older than
+/// the target moves `lo` up to its line, anything else (newer, or no timestamp to judge
+/// by) moves `hi` down, which errs on the side of starting earlier.
+fn bisect(file: &File, len: u64, target: i64, now: i64) -> io::Result<u64> {
+    let (mut lo, mut hi) = (0u64, len);
+    let mut buf = vec![0u8; PROBE as usize];
+    while hi - lo > PROBE {
+        let mid = lo + (hi - lo) / 2;
+        match probe(file, mid, hi, &mut buf, now)? {
+            Some((at, t)) if t < target => lo = at,
+            _ => hi = mid,
         }
     }
-    Ok(if saw_time { 0 } else { len })
+    Ok(lo)
+}
+
+/// The first timestamped line starting in `[at, hi)` within one window after `at`: its
+/// offset and time. The piece before the first newline belongs to the previous line.
+fn probe(
+    file: &File,
+    at: u64,
+    hi: u64,
+    buf: &mut [u8],
+    now: i64,
+) -> io::Result<Option<(u64, i64)>> {
+    let n = read_at_most(file, buf, at)?;
+    let window = &buf[..n];
+    let first = after_newline(window, 0);
+    Ok(lines_from(window, first)
+        .map(|(i, l)| (at + i as u64, l))
+        .take_while(|&(off, _)| off < hi)
+        .find_map(|(off, l)| line_time(l, now).map(|t| (off, t))))
+}
+
+/// From line start `from`, the offset of the first whole line stamped at or after
+/// `target`; the end of the file when none is.
+fn forward_scan(file: &File, from: u64, len: u64, target: i64, now: i64) -> io::Result<u64> {
+    let mut buf = vec![0u8; BLOCK as usize];
+    let mut pos = from;
+    // Inside a line longer than a block: its rest is not a line start.
+    let mut skipping = false;
+    while pos < len {
+        let n = read_at_most(file, &mut buf, pos)?;
+        let block = &buf[..n];
+        let begin = if skipping { after_newline(block, 0) } else { 0 };
+        // Whole lines only; the last piece is read again with the next block.
+        let Some(end) = memchr::memrchr(b'\n', &block[begin..]).map(|i| begin + i + 1) else {
+            if n == 0 {
+                break;
+            }
+            pos += n as u64;
+            skipping = true;
+            continue;
+        };
+        skipping = false;
+        if let Some((i, _)) = lines_from(&block[..end], begin)
+            .find(|(_, l)| line_time(l, now).is_some_and(|t| t >= target))
+        {
+            return Ok(pos + i as u64);
+        }
+        pos += end as u64;
+    }
+    Ok(len)
+}
+
+/// Reads up to `buf.len()` bytes at `offset` (fewer at the end of the file).
+fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// The index after the first newline at or after `from` (the end when there is none).
+fn after_newline(buf: &[u8], from: usize) -> usize {
+    memchr::memchr(b'\n', &buf[from..]).map_or(buf.len(), |i| from + i + 1)
+}
+
+/// The whole lines of `buf` from `from` (a line start), with their start index; a last
+/// piece without newline is left out (it may be cut by the window).
+fn lines_from(buf: &[u8], from: usize) -> impl Iterator<Item = (usize, &[u8])> {
+    let mut pos = from;
+    std::iter::from_fn(move || {
+        let nl = pos + memchr::memchr(b'\n', buf.get(pos..)?)?;
+        let line = (pos, &buf[pos..nl]);
+        pos = nl + 1;
+        Some(line)
+    })
 }
 
 #[cfg(test)]
@@ -79,34 +181,111 @@ mod tests {
         f
     }
 
-    #[test]
-    fn starts_at_the_cutoff() {
-        std::env::set_var("TZ", "UTC");
-        // 20000 lines, one per second from 2026-11-21T00:00:00Z.
-        let base = 1_795_219_200;
-        let lines: Vec<String> = (0..20_000)
+    /// One line per second from `base`, `n` lines, as RFC 3339 syslog lines.
+    fn lines_per_second(base: i64, n: i64) -> Vec<String> {
+        (0..n)
             .map(|i| {
                 format!(
                     "{} vm postfix/smtpd[1]: line {i:05} padding padding padding",
                     crate::timefmt::rfc3339(base + i)
                 )
             })
-            .collect();
-        let f = file_with(&lines);
+            .collect()
+    }
+
+    /// The line number at `off` (which must be a line start).
+    fn line_at(f: &File, off: u64) -> i64 {
+        let mut rest = vec![0u8; 120];
+        let n = f.read_at(&mut rest, off).unwrap();
+        let text = String::from_utf8_lossy(&rest[..n]).into_owned();
+        assert!(
+            off == 0 || {
+                let mut b = [0u8];
+                f.read_exact_at(&mut b, off - 1).unwrap();
+                b[0] == b'\n'
+            }
+        );
+        let at = text.find(" line ").expect("a line start") + 6;
+        text[at..at + 5].parse().unwrap()
+    }
+
+    #[test]
+    fn starts_at_the_cutoff() {
+        // 20000 lines, one per second from 2026-11-21T00:00:00Z.
+        let base = 1_795_219_200;
+        let f = file_with(&lines_per_second(base, 20_000));
         let now = base + 20_000;
         let off = start_offset(&f, now - 1800, now).unwrap();
-        let mut rest = vec![0u8; 120];
-        f.read_at(&mut rest, off).unwrap();
+        // At the cutoff, or up to SLACK seconds earlier.
+        let line = line_at(&f, off);
         assert!(
-            String::from_utf8_lossy(&rest).contains("line 18200"),
-            "{}",
-            String::from_utf8_lossy(&rest)
+            (18_200 - SLACK..=18_200).contains(&line),
+            "started at line {line}"
         );
         // Everything newer than the cutoff: start at 0.
-        assert_eq!(start_offset(&f, base - 10, now).unwrap(), 0);
+        assert_eq!(start_offset(&f, base - SLACK - 10, now).unwrap(), 0);
         // Everything older: start at the end.
         let len = f.metadata().unwrap().len();
-        assert_eq!(start_offset(&f, now + 10, now).unwrap(), len);
+        assert_eq!(start_offset(&f, now + SLACK + 10, now).unwrap(), len);
+    }
+
+    #[test]
+    fn out_of_order_lines_and_lines_without_time_lose_no_login() {
+        let base = 1_795_219_200;
+        let mut lines = lines_per_second(base, 50_000);
+        // Lines a minute late here and there, and runs of lines with no timestamp.
+        for i in (1000..50_000).step_by(997) {
+            lines.swap(i, i + 60);
+        }
+        for i in (500..50_000).step_by(4999) {
+            for j in 0..300 {
+                lines[i + j] = format!("continuation without time line {:05}", i + j);
+            }
+        }
+        let f = file_with(&lines);
+        let now = base + 50_000;
+        for age in [10, 100, 1000, 5000, 20_000, 49_000] {
+            let cutoff = now - age;
+            let off = start_offset(&f, cutoff, now).unwrap();
+            // No line stamped at or after the cutoff lies before the start.
+            let mut before = vec![0u8; off as usize];
+            f.read_exact_at(&mut before, 0).unwrap();
+            let before = String::from_utf8(before).unwrap();
+            for l in before.lines() {
+                if let Some(t) = line_time(l.as_bytes(), now) {
+                    assert!(t < cutoff, "age {age}: skipped a line of time {t}: {l}");
+                }
+            }
+            // And not far earlier than needed.
+            let line = line_at(&f, off);
+            assert!(
+                line >= 50_000 - age - SLACK - 400,
+                "age {age}: started at line {line}"
+            );
+        }
+    }
+
+    #[test]
+    fn overlong_lines_do_not_break_line_starts() {
+        let base = 1_795_219_200;
+        let mut lines = lines_per_second(base, 2000);
+        lines[1500] = "x".repeat(3 * BLOCK as usize);
+        let f = file_with(&lines);
+        let now = base + 2000;
+        let off = start_offset(&f, base + 1400 + SLACK, now).unwrap();
+        assert!((1399..=1401).contains(&line_at(&f, off)), "{off}");
+    }
+
+    #[test]
+    fn first_start_never_blocks_on_special_files() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for p in [fifo.as_path(), d.path(), Path::new("/dev/zero")] {
+            assert!(matches!(first_start(p, 0, 10), Start::Beginning));
+        }
     }
 
     #[test]

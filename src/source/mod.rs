@@ -26,7 +26,7 @@ use crate::telemetry::{SourceStats, Throttle};
 use crate::timefmt;
 use checkpoint::{Checkpoint, Position};
 use handle::{Deaths, SourceCtl, SourceHandle};
-use tailer::{FileFollower, Start};
+use tailer::FileFollower;
 
 /// A login seen in a log, before policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,9 +185,8 @@ impl FileSource {
         let mut follower = match &spec.checkpoint {
             Some(cp) => FileFollower::resume(&spec.path, spec.max_line, cp),
             None => {
-                let start = std::fs::File::open(&spec.path)
-                    .and_then(|f| backscan::start_offset(&f, spec.cutoff, timefmt::now()))
-                    .map_or(Start::Beginning, Start::At);
+                // Never a plain open: the path may be a FIFO (defect 10).
+                let start = backscan::first_start(&spec.path, spec.cutoff, timefmt::now());
                 FileFollower::new(&spec.path, spec.max_line, start)
             }
         };
@@ -202,7 +201,7 @@ impl FileSource {
         if self.tx.blocking_send(first).is_err() {
             return Ok(());
         }
-        let mut last_error: Option<String> = None;
+        let mut health = Health::new(&spec.path);
         while !stop.is_set() {
             let mut closed = false;
             let (scanner, sink, tx) = (&mut self.scanner, &mut self.sink, &self.tx);
@@ -223,21 +222,61 @@ impl FileSource {
             if closed {
                 return Ok(());
             }
-            match result {
-                Ok(()) => last_error = None,
-                Err(e) => {
-                    let msg = e.to_string();
-                    if last_error.as_deref() != Some(msg.as_str()) {
-                        tracing::warn!(path = %spec.path.display(), error = %msg, "cannot read log file; retrying");
-                        last_error = Some(msg);
-                    }
-                }
-            }
+            let problem = match &result {
+                Ok(()) => follower.problem().map(ToString::to_string),
+                Err(e) => Some(tailer::PathProblem::of(e).map_or_else(
+                    || format!("{}: {e}", spec.path.display()),
+                    |p| p.to_string(),
+                )),
+            };
+            health.note(problem);
             // Wait for a change, a stop or the poll interval, then swallow queued wake-ups.
             let _ = wake_rx.recv_timeout(spec.poll_interval);
             while wake_rx.try_recv().is_ok() {}
         }
         Ok(())
+    }
+}
+
+/// Says, repeatedly while it lasts, why a followed file cannot be read (missing,
+/// unreadable, not a regular file), and once when it clears: the daemon never grants
+/// nothing in silence.
+struct Health {
+    path: PathBuf,
+    problem: Option<String>,
+    reminder: Throttle,
+}
+
+impl Health {
+    /// How often a lasting problem is said again.
+    const REMIND: Duration = Duration::from_secs(60);
+
+    fn new(path: &Path) -> Health {
+        Health {
+            path: path.to_path_buf(),
+            problem: None,
+            reminder: Throttle::new(Health::REMIND),
+        }
+    }
+
+    fn note(&mut self, problem: Option<String>) {
+        match problem {
+            Some(p) => {
+                let changed = self.problem.as_deref() != Some(p.as_str());
+                if changed {
+                    self.reminder = Throttle::new(Health::REMIND);
+                }
+                if let Some(n) = self.reminder.hit() {
+                    tracing::warn!(path = %self.path.display(), checks = n, "no logins can be read: {p}");
+                }
+                self.problem = Some(p);
+            }
+            None => {
+                if self.problem.take().is_some() {
+                    tracing::info!(path = %self.path.display(), "log file readable again; following it");
+                }
+            }
+        }
     }
 }
 

@@ -63,14 +63,16 @@ fn lock(path: &Path) -> io::Result<std::fs::File> {
     // SAFETY: a descriptor we own and an initialised lock description.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } != 0 {
         let e = io::Error::last_os_error();
-        return Err(if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
-            another_instance(path)
-        } else {
-            io::Error::new(
-                e.kind(),
-                format!("{}: cannot lock: {e}", Path::new(&name).display()),
-            )
-        });
+        return Err(
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+                another_instance(path)
+            } else {
+                io::Error::new(
+                    e.kind(),
+                    format!("{}: cannot lock: {e}", Path::new(&name).display()),
+                )
+            },
+        );
     }
     Ok(file)
 }

@@ -1,0 +1,79 @@
+//! The daemon never grants nothing in silence: a log it cannot read is reported while it
+//! lasts (naming the fix), and when it clears.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn a_missing_log_is_said_until_it_appears() {
+    let d = tempdir();
+    let log = d.path().join("later.log");
+    let mut daemon = Daemon::follow(d.path(), &log, &[]);
+    wait_for("missing log reported", PATIENCE, || {
+        daemon.log().contains("no logins can be read") && daemon.log().contains("later.log")
+    });
+    append(&log, &login_line("198.51.100.31", "u"));
+    let map = d.path().join("relay");
+    wait_for("grant once the log exists", PATIENCE, || {
+        postmap_q(&map, "198.51.100.31").is_some()
+    });
+    assert!(daemon.log().contains("readable again"), "{}", daemon.log());
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+/// As an unprivileged user (the service's), a log it may not read is named with its owner,
+/// mode and the fix; once readable, logins grant.
+#[test]
+fn an_unreadable_log_names_the_fix_for_an_unprivileged_daemon() {
+    let d = tempdir();
+    let log = d.path().join("dovecot.log");
+    append(&log, "");
+    set_mode(&log, 0o600);
+    let state = d.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let chown = |p: &std::path::Path| {
+        assert!(std::process::Command::new("chown")
+            .args(["nobody", &p.display().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    chown(&state);
+    chown(d.path());
+    let map = d.path().join("relay");
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(bin())
+        .uid(65534)
+        .gid(65534)
+        .args(["run", "--log"])
+        .arg(&log)
+        .arg("--map")
+        .arg(&map)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("DOVEGATE_LOG", "info")
+        .stderr(std::fs::File::create(d.path().join("err")).unwrap())
+        .spawn()
+        .unwrap();
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            signal(self.0, libc::SIGTERM);
+        }
+    }
+    let _stop = Stop(child.id());
+    let err = || std::fs::read_to_string(d.path().join("err")).unwrap_or_default();
+    wait_for("unreadable log reported", PATIENCE, || {
+        err().contains("no logins can be read") && err().contains("0600")
+    });
+    assert!(err().contains("journal"), "{}", err());
+    set_mode(&log, 0o644);
+    append(&log, &login_line("198.51.100.32", "u"));
+    wait_for("grant once readable", PATIENCE, || {
+        postmap_q(&map, "198.51.100.32").is_some()
+    });
+    signal(child.id(), libc::SIGTERM);
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{}", err());
+}
