@@ -157,7 +157,11 @@ fn opt_in_lines_need_their_pattern() {
     let opt_in: Vec<&str> = files.iter().map(String::as_str).collect();
     check(
         &opt_in,
-        &["dovecot-2.2-proxy", "dovecot-2.3-proxy", "dovecot-2.4-proxy"],
+        &[
+            "dovecot-2.2-proxy",
+            "dovecot-2.3-proxy",
+            "dovecot-2.4-proxy",
+        ],
     );
     // With the defaults, the same lines grant nothing.
     let patterns = PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).unwrap();

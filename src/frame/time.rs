@@ -37,6 +37,11 @@ pub struct LocalZone {
     /// (local hour since the epoch, its offset east of UTC; None when the offset changes
     /// within that hour or the hour does not exist, e.g. at a DST change).
     hour: Cell<Option<(i64, Option<i32>)>>,
+    /// (UTC hour since the epoch, the offset then): for the local date of `now`.
+    now_hour: Cell<Option<(i64, i32)>>,
+    /// Cache misses, for the tests' proof that a steady log costs no zone lookups.
+    #[cfg(test)]
+    misses: Cell<u32>,
 }
 
 impl Default for LocalZone {
@@ -51,6 +56,9 @@ impl LocalZone {
         LocalZone {
             fixed: None,
             hour: Cell::new(None),
+            now_hour: Cell::new(None),
+            #[cfg(test)]
+            misses: Cell::new(0),
         }
     }
 
@@ -59,6 +67,9 @@ impl LocalZone {
         LocalZone {
             fixed: Some(offset_secs),
             hour: Cell::new(None),
+            now_hour: Cell::new(None),
+            #[cfg(test)]
+            misses: Cell::new(0),
         }
     }
 
@@ -77,6 +88,8 @@ impl LocalZone {
         let off = match self.hour.get() {
             Some((b, off)) if b == bucket => off,
             _ => {
+                #[cfg(test)]
+                self.misses.set(self.misses.get() + 1);
                 let off = steady_offset(bucket);
                 self.hour.set(Some((bucket, off)));
                 off
@@ -90,6 +103,26 @@ impl LocalZone {
                 .earliest()
                 .map(|t| t.timestamp()),
         }
+    }
+}
+
+impl LocalZone {
+    /// The offset east of UTC at the instant `unix` (cached per UTC hour; only used to find
+    /// the local year of `now`, where a DST change within the hour cannot matter).
+    fn offset_at(&self, unix: i64) -> Option<i32> {
+        if let Some(off) = self.fixed {
+            return Some(off);
+        }
+        let bucket = unix.div_euclid(3600);
+        if let Some((b, off)) = self.now_hour.get() {
+            if b == bucket {
+                return Some(off);
+            }
+        }
+        let utc = DateTime::from_timestamp(unix, 0)?.naive_utc();
+        let off = Local.offset_from_utc_datetime(&utc).local_minus_utc();
+        self.now_hour.set(Some((bucket, off)));
+        Some(off)
     }
 }
 
@@ -132,21 +165,26 @@ pub fn parse_bsd(line: &[u8], now: i64, zone: &LocalZone) -> Option<(i64, usize)
         return None;
     }
     i += 1;
-    // The UTC year is within a day of the local one; trying the years around it covers both.
-    let now_year = DateTime::from_timestamp(now, 0)?.year();
-    let mut best: Option<i64> = None;
+    let off_now = i64::from(zone.offset_at(now)?);
+    let now_year = DateTime::from_timestamp(now + off_now, 0)?.year();
+    // Latest year first: the first one not too far ahead is the nearest to `now`.
     for year in [now_year + 1, now_year, now_year - 1] {
-        let Some(t) = NaiveDate::from_ymd_opt(year, month, day)
-            .and_then(|d| d.and_hms_opt(h, m, s))
-            .and_then(|dt| zone.to_unix(dt))
+        let Some(dt) =
+            NaiveDate::from_ymd_opt(year, month, day).and_then(|d| d.and_hms_opt(h, m, s))
         else {
             continue;
         };
-        if t <= now + FUTURE_SKEW_SECS && best.is_none_or(|b| t > b) {
-            best = Some(t);
+        // Clearly too far ahead even with a DST shift: skip the exact conversion.
+        if dt.and_utc().timestamp() - off_now > now + FUTURE_SKEW_SECS + 3 * 3600 {
+            continue;
+        }
+        if let Some(t) = zone.to_unix(dt) {
+            if t <= now + FUTURE_SKEW_SECS {
+                return Some((t, i));
+            }
         }
     }
-    Some((best?, i))
+    None
 }
 
 /// RFC 3339 (`2026-11-21T09:30:01.889064+01:00`, `...Z`) up to the next space.
@@ -273,6 +311,17 @@ mod tests {
             ),
             Some(1_795_255_015)
         );
+    }
+
+    #[test]
+    fn steady_log_costs_one_zone_lookup_per_hour() {
+        let z = LocalZone::system();
+        let now = 1_795_255_027; // 2026-11-21T09:57:07Z
+        for sec in 0..600u32 {
+            let line = format!("Nov 21 09:{:02}:{:02} host", sec / 60, sec % 60);
+            assert!(parse_bsd(line.as_bytes(), now, &z).is_some(), "{line}");
+        }
+        assert!(z.misses.get() <= 2, "{} misses", z.misses.get());
     }
 
     #[test]
