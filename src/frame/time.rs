@@ -97,11 +97,15 @@ impl LocalZone {
         };
         match off {
             Some(off) => Some(naive - i64::from(off)),
-            // Near a DST change: ask for this very time.
-            None => Local
-                .from_local_datetime(&dt)
-                .earliest()
-                .map(|t| t.timestamp()),
+            // Near a DST change: ask for this very time. chrono's `earliest()` on `Local`
+            // returns the later instant of a repeated hour (seen with chrono 0.4 and
+            // Europe/Berlin), so take the minimum here: the earlier reading never makes a
+            // grant outlive the real one.
+            None => match Local.from_local_datetime(&dt) {
+                chrono::LocalResult::Single(t) => Some(t.timestamp()),
+                chrono::LocalResult::Ambiguous(a, b) => Some(a.timestamp().min(b.timestamp())),
+                chrono::LocalResult::None => None,
+            },
         }
     }
 }
@@ -322,6 +326,55 @@ mod tests {
             assert!(parse_bsd(line.as_bytes(), now, &z).is_some(), "{line}");
         }
         assert!(z.misses.get() <= 2, "{} misses", z.misses.get());
+    }
+
+    /// DST in a real zone, without touching this process's environment: the test binary
+    /// runs `dst_child` again in a child process with `TZ` set.
+    #[test]
+    fn dst_in_a_real_zone() {
+        if !std::path::Path::new("/usr/share/zoneinfo/Europe/Berlin").exists() {
+            eprintln!("no tzdata: DST check skipped");
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "frame::time::tests::dst_child", "--ignored"])
+            .env("TZ", "Europe/Berlin")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    }
+
+    #[test]
+    #[ignore = "run by dst_in_a_real_zone in a child process with TZ=Europe/Berlin"]
+    fn dst_child() {
+        if std::env::var("TZ").as_deref() != Ok("Europe/Berlin") {
+            return;
+        }
+        let z = LocalZone::system();
+        let at = |mo, d, h, mi, s| {
+            z.to_unix(
+                NaiveDate::from_ymd_opt(2026, mo, d)
+                    .unwrap()
+                    .and_hms_opt(h, mi, s)
+                    .unwrap(),
+            )
+        };
+        // Twice each, so that the cached path is checked as well.
+        for _ in 0..2 {
+            assert_eq!(at(7, 1, 12, 0, 0), Some(1_782_900_000)); // 10:00Z, CEST
+            assert_eq!(at(11, 21, 12, 0, 0), Some(1_795_258_800)); // 11:00Z, CET
+                                                                   // Spring forward, 2026-03-29 02:00 CET: the hour 02 does not exist.
+            assert_eq!(at(3, 29, 1, 59, 59), Some(1_774_745_999));
+            assert_eq!(at(3, 29, 2, 30, 0), None);
+            assert_eq!(at(3, 29, 3, 0, 0), Some(1_774_746_000));
+            // Fall back, 2026-10-25 03:00 CEST: 02:30 happens twice; the earlier is taken.
+            assert_eq!(at(10, 25, 2, 30, 0), Some(1_792_888_200));
+            assert_eq!(at(10, 25, 3, 30, 0), Some(1_792_895_400));
+        }
+        let now = 1_795_255_027; // 2026-11-21T09:57:07Z = 10:57:07 CET
+        let (t, _) = parse_bsd(b"Nov 21 10:57:00 h", now, &z).unwrap();
+        assert_eq!(t, now - 7);
     }
 
     #[test]
