@@ -542,18 +542,26 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-/// Parses `10.0.0.0/8`, `2001:db8::/32`, or a bare address (a host network).
+/// Parses `10.0.0.0/8`, `2001:db8::/32`, `[2001:db8::]/32` (Postfix's mynetworks form) or a
+/// bare address (a host network). An IPv4-mapped network (`::ffff:203.0.113.0/120`) becomes
+/// the IPv4 network it means, because client addresses are compared in canonical form.
 pub fn parse_net(text: &str) -> Result<IpNet, String> {
     let t = text.trim();
-    if let Ok(n) = t.parse::<IpNet>() {
-        return Ok(n.trunc());
-    }
-    if let Ok(ip) = t.parse::<IpAddr>() {
-        return Ok(IpNet::from(ip));
-    }
-    Err(format!(
-        "`{text}` is not a CIDR network like 192.0.2.0/24 or 2001:db8::/32"
-    ))
+    let unbracketed = t.strip_prefix('[').and_then(|rest| {
+        let (addr, tail) = rest.split_once(']')?;
+        (tail.is_empty() || tail.starts_with('/')).then(|| format!("{addr}{tail}"))
+    });
+    let t = unbracketed.as_deref().unwrap_or(t);
+    let net = if let Ok(n) = t.parse::<IpNet>() {
+        n.trunc()
+    } else if let Ok(ip) = t.parse::<IpAddr>() {
+        IpNet::from(ip)
+    } else {
+        return Err(format!(
+            "`{text}` is not a CIDR network like 192.0.2.0/24 or 2001:db8::/32"
+        ));
+    };
+    Ok(crate::grant::canonical_net(net))
 }
 
 #[cfg(test)]
@@ -634,6 +642,34 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn networks_are_canonical() {
+        for (text, want) in [
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("10.1.2.3/8", "10.0.0.0/8"),
+            ("192.0.2.7", "192.0.2.7/32"),
+            ("2001:db8::/32", "2001:db8::/32"),
+            ("[2001:db8::]/32", "2001:db8::/32"),
+            ("[2001:db8::1]", "2001:db8::1/128"),
+            ("::ffff:203.0.113.0/120", "203.0.113.0/24"),
+            ("[::ffff:203.0.113.9]/120", "203.0.113.0/24"),
+            ("::FFFF:192.0.2.7", "192.0.2.7/32"),
+            ("::ffff:0:0/96", "0.0.0.0/0"),
+            ("::/64", "::/64"),
+        ] {
+            assert_eq!(parse_net(text).unwrap().to_string(), want, "{text}");
+        }
+        for bad in [
+            "[2001:db8::]x/32",
+            "[10.0.0.0/8",
+            "10.0.0.0/33",
+            "",
+            "host.example",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

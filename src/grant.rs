@@ -19,6 +19,11 @@ pub enum Exclusion {
     LinkLocal,
     Multicast,
     Broadcast,
+    /// 0.0.0.0/8 ("this network", RFC 1122): a source address only while a host boots; never
+    /// a remote client.
+    ThisNetwork,
+    /// 240.0.0.0/4 (reserved, RFC 1112): no host is numbered there.
+    Reserved,
     /// Deprecated IPv4-compatible IPv6 (`::a.b.c.d`): no real client has one, and glibc and
     /// Rust print it differently, so no key could be relied upon.
     Ipv4Compatible,
@@ -34,6 +39,8 @@ impl fmt::Display for Exclusion {
             Exclusion::LinkLocal => f.write_str("link-local"),
             Exclusion::Multicast => f.write_str("multicast"),
             Exclusion::Broadcast => f.write_str("broadcast"),
+            Exclusion::ThisNetwork => f.write_str("this-network 0.0.0.0/8"),
+            Exclusion::Reserved => f.write_str("reserved 240.0.0.0/4"),
             Exclusion::Ipv4Compatible => f.write_str("ipv4-compatible"),
             Exclusion::Network(n) => write!(f, "excluded network {n}"),
         }
@@ -60,8 +67,12 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// IPv4-mapped networks in `exclude` (`::ffff:192.0.2.0/120`) are turned into the IPv4
+    /// networks they mean: addresses are canonical by the time they are checked, so a
+    /// mapped network would never contain one.
     pub fn new(exclude: Vec<IpNet>, ttl: Duration) -> Policy {
         let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+        let exclude = exclude.into_iter().map(canonical_net).collect();
         Policy { exclude, ttl_secs }
     }
 
@@ -83,6 +94,10 @@ impl Policy {
                     Some(Exclusion::Multicast)
                 } else if v4.is_broadcast() {
                     Some(Exclusion::Broadcast)
+                } else if v4.octets()[0] == 0 {
+                    Some(Exclusion::ThisNetwork)
+                } else if v4.octets()[0] >= 240 {
+                    Some(Exclusion::Reserved)
                 } else {
                     None
                 }
@@ -125,6 +140,20 @@ impl Policy {
         }
         Decision::Grant { ip, expires }
     }
+}
+
+/// An IPv4-mapped IPv6 network with a prefix of at least 96 as the IPv4 network it covers
+/// (`::ffff:203.0.113.0/120` is `203.0.113.0/24`); any other network unchanged. A mapped
+/// network shorter than /96 also covers non-mapped IPv6 addresses and is left alone.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+            if let Ok(n) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96) {
+                return IpNet::V4(n.trunc());
+            }
+        }
+    }
+    net
 }
 
 fn is_ipv4_compatible(v6: &Ipv6Addr) -> bool {
@@ -184,10 +213,70 @@ mod tests {
             ("224.0.0.1", Exclusion::Multicast),
             ("ff02::1", Exclusion::Multicast),
             ("255.255.255.255", Exclusion::Broadcast),
+            ("0.1.2.3", Exclusion::ThisNetwork),
+            ("::ffff:0.0.0.9", Exclusion::ThisNetwork),
+            ("240.0.0.1", Exclusion::Reserved),
+            ("255.255.255.254", Exclusion::Reserved),
+            ("::ffff:250.1.2.3", Exclusion::Reserved),
             ("::1.2.3.4", Exclusion::Ipv4Compatible),
         ] {
             assert_eq!(p.decide(ip(a), None, 1000), Decision::Excluded(why), "{a}");
         }
+    }
+
+    #[test]
+    fn reserved_edges_stay_grantable() {
+        let p = Policy::new(vec![], Duration::from_secs(60));
+        for a in ["1.0.0.1", "223.255.255.254"] {
+            let d = p.decide(ip(a), None, 1000);
+            assert!(matches!(d, Decision::Grant { .. }), "{a}: {d:?}");
+        }
+        assert_eq!(
+            p.exclusion(ip("239.255.255.255")),
+            Some(Exclusion::Multicast)
+        );
+        assert_eq!(
+            Exclusion::Reserved.to_string(),
+            "reserved 240.0.0.0/4",
+            "named for reports"
+        );
+        assert_eq!(Exclusion::ThisNetwork.to_string(), "this-network 0.0.0.0/8");
+    }
+
+    #[test]
+    fn mapped_networks_exclude_canonical_addresses() {
+        let nets = vec![
+            "::ffff:203.0.113.0/120".parse().unwrap(),
+            "::ffff:198.51.100.7/128".parse().unwrap(),
+            // Shorter than /96: not a pure IPv4 network; kept as is.
+            "::/64".parse().unwrap(),
+        ];
+        let p = Policy::new(nets, Duration::from_secs(60));
+        for a in ["203.0.113.9", "::ffff:203.0.113.200", "198.51.100.7"] {
+            assert!(
+                matches!(
+                    p.decide(ip(a), None, 0),
+                    Decision::Excluded(Exclusion::Network(_))
+                ),
+                "{a}"
+            );
+        }
+        assert_eq!(
+            p.exclusion(ip("203.0.113.9")),
+            Some(Exclusion::Network("203.0.113.0/24".into()))
+        );
+        assert!(matches!(
+            p.decide(ip("198.51.100.8"), None, 0),
+            Decision::Grant { .. }
+        ));
+        assert_eq!(
+            canonical_net("::ffff:10.0.0.0/104".parse().unwrap()),
+            "10.0.0.0/8".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(
+            canonical_net("::ffff:0:0/96".parse().unwrap()),
+            "0.0.0.0/0".parse::<IpNet>().unwrap()
+        );
     }
 
     #[test]

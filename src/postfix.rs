@@ -82,7 +82,8 @@ mod tests {
             text,
             vec![
                 "127.0.0.0/8",
-                "::ffff:127.0.0.0/104",
+                // IPv4-mapped networks mean their IPv4 network (defect 3).
+                "127.0.0.0/8",
                 "::1/128",
                 "192.0.2.0/24",
                 "10.1.2.3/32"

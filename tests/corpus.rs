@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use dovegate::frame::FrameParser;
+use dovegate::frame::{FrameParser, LocalZone};
 use dovegate::grant::key_text;
 use dovegate::pattern::{IpVerdict, PatternSet};
 use dovegate::scan::LineMatcher;
@@ -89,11 +89,15 @@ fn unescape_bytes(s: &str) -> Vec<u8> {
     out
 }
 
+/// Corpus timestamps are read as UTC, whatever the host's zone.
+fn frames() -> FrameParser {
+    FrameParser::new(&["dovecot"]).with_zone(LocalZone::utc())
+}
+
 fn check(files: &[&str], enable: &[&str]) -> (usize, usize) {
-    std::env::set_var("TZ", "UTC");
     let enable: Vec<String> = enable.iter().map(|s| s.to_string()).collect();
     let patterns = PatternSet::load(None, &["imap".into(), "pop3".into()], &enable).unwrap();
-    let mut m = LineMatcher::new(FrameParser::new(&["dovecot"]), Arc::new(patterns));
+    let mut m = LineMatcher::new(frames(), Arc::new(patterns));
     let now = dovegate::timefmt::now();
     let (mut total, mut logins) = (0, 0);
     let mut failures = Vec::new();
@@ -129,32 +133,49 @@ fn check(files: &[&str], enable: &[&str]) -> (usize, usize) {
 
 #[test]
 fn every_corpus_line_has_its_verdict() {
-    let files: Vec<String> =
-        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/corpus"))
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".tsv") && !n.contains("opt-in"))
-            .collect();
+    let files = corpus_files(false);
     let names: Vec<&str> = files.iter().map(String::as_str).collect();
     let (total, logins) = check(&names, &[]);
     assert!(total > 100 && logins > 10, "{total} lines, {logins} logins");
 }
 
+fn corpus_files(opt_in: bool) -> Vec<String> {
+    let mut files: Vec<String> =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/corpus"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tsv") && n.contains("opt-in") == opt_in)
+            .collect();
+    files.sort();
+    files
+}
+
 #[test]
 fn opt_in_lines_need_their_pattern() {
-    let opt_in = ["public-opt-in.tsv", "synthetic-opt-in.tsv"];
-    check(&opt_in, &["dovecot-2.2-proxy", "dovecot-2.4-proxy"]);
+    let files = corpus_files(true);
+    let opt_in: Vec<&str> = files.iter().map(String::as_str).collect();
+    check(
+        &opt_in,
+        &[
+            "dovecot-2.2-proxy",
+            "dovecot-2.3-proxy",
+            "dovecot-2.4-proxy",
+        ],
+    );
     // With the defaults, the same lines grant nothing.
-    std::env::set_var("TZ", "UTC");
     let patterns = PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).unwrap();
-    let mut m = LineMatcher::new(FrameParser::new(&["dovecot"]), Arc::new(patterns));
+    let mut m = LineMatcher::new(frames(), Arc::new(patterns));
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/corpus");
-    for row in rows(&dir.join("public-opt-in.tsv")) {
-        assert!(
-            m.match_line(row.line.as_bytes(), 0).is_none(),
-            "{}",
-            row.line
-        );
+    for f in &files {
+        for row in rows(&dir.join(f)) {
+            assert!(
+                m.match_line(row.line.as_bytes(), 0).is_none(),
+                "{}:{}: {}",
+                row.file,
+                row.number,
+                row.line
+            );
+        }
     }
 }

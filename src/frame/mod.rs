@@ -5,9 +5,12 @@
 //! never handed on. The message returned starts where Dovecot's own text starts
 //! (`imap-login: ...`), with a leading level word (`Info: `) of old log_path files removed.
 
+pub mod rfc5424;
 pub mod time;
 
 use serde::Serialize;
+
+pub use time::LocalZone;
 
 /// How the line was framed; reported by `dovegate test`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
@@ -27,6 +30,12 @@ pub enum Framing {
     MessageOnly,
     /// A journal entry: MESSAGE with the time from the entry's trusted timestamp.
     Journal,
+    /// `<38>1 2026-11-26T10:00:00.123456+01:00 host dovecot 123 - - imap-login: ...`
+    SyslogRfc5424,
+    /// `<38>Nov 21 09:30:01 host dovecot[123]: ...` (raw syslog with its priority).
+    SyslogBsdPri,
+    /// `<38>2026-11-21T09:30:01+01:00 host dovecot: ...`
+    SyslogRfc3339Pri,
 }
 
 impl Framing {
@@ -39,6 +48,9 @@ impl Framing {
             Framing::Tai64n => "tai64n",
             Framing::MessageOnly => "message-only",
             Framing::Journal => "journal",
+            Framing::SyslogRfc5424 => "syslog-rfc5424",
+            Framing::SyslogBsdPri => "syslog-bsd-pri",
+            Framing::SyslogRfc3339Pri => "syslog-rfc3339-pri",
         }
     }
 }
@@ -52,10 +64,11 @@ pub struct Frame<'a> {
     pub message: &'a [u8],
 }
 
-/// Knows the trusted syslog idents; parses lines.
+/// Knows the trusted syslog idents and the zone of local timestamps; parses lines.
 #[derive(Debug, Clone)]
 pub struct FrameParser {
     idents: Vec<Vec<u8>>,
+    zone: LocalZone,
 }
 
 const LEVELS: [&[u8]; 6] = [
@@ -111,13 +124,29 @@ fn token(line: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 impl FrameParser {
+    /// Local timestamps are read in the host's zone; see `with_zone`.
     pub fn new<S: AsRef<str>>(idents: &[S]) -> FrameParser {
         FrameParser {
             idents: idents
                 .iter()
                 .map(|s| s.as_ref().as_bytes().to_vec())
                 .collect(),
+            zone: LocalZone::system(),
         }
+    }
+
+    /// Reads timestamps without a zone (BSD syslog, log_path) in `zone`.
+    pub fn with_zone(mut self, zone: LocalZone) -> FrameParser {
+        self.zone = zone;
+        self
+    }
+
+    pub fn zone(&self) -> &LocalZone {
+        &self.zone
+    }
+
+    fn trusted(&self, name: &[u8]) -> bool {
+        self.idents.iter().any(|i| i.as_slice() == name)
     }
 
     /// `dovecot:` or `dovecot[123]:` with a trusted ident; returns the rest after `: `.
@@ -137,7 +166,7 @@ impl FrameParser {
             }
             None => tag,
         };
-        if self.idents.iter().any(|i| i.as_slice() == name) {
+        if self.trusted(name) {
             Some(&rest[colon + 2..])
         } else {
             None
@@ -153,21 +182,57 @@ impl FrameParser {
         }
         let rest = skip_priority(rest);
         let msg = self.strip_tag(rest)?;
-        // A container logging to syslog with its own prefix again:
-        // `dovecot[12]: May 23 17:44:04 imap-login: Info: ...`.
-        if let Some((_, n)) = time::parse_bsd(msg, now) {
+        Some(self.unnest(msg, now))
+    }
+
+    /// A container logging to syslog with its own prefix again:
+    /// `dovecot[12]: May 23 17:44:04 imap-login: Info: ...`.
+    fn unnest<'a>(&self, msg: &'a [u8], now: i64) -> &'a [u8] {
+        if let Some((_, n)) = time::parse_bsd(msg, now, &self.zone) {
             if starts_with_service(&msg[n..]) {
-                return Some(strip_level(&msg[n..]));
+                return strip_level(&msg[n..]);
             }
         }
-        Some(msg)
+        msg
+    }
+
+    /// After a `<PRI>`: an RFC 5424 header, or a BSD or RFC 3339 syslog line, the host name
+    /// optional (lines as sent to `/dev/log` carry none).
+    fn parse_pri<'a>(&self, rest: &'a [u8], now: i64) -> Option<Frame<'a>> {
+        if rest.starts_with(b"1 ") {
+            let h = rfc5424::parse_header(rest)?;
+            if !self.trusted(h.app_name) {
+                return None;
+            }
+            let time = match h.timestamp {
+                Some(ts) => Some(time::parse_rfc3339_field(ts)?),
+                None => None,
+            };
+            let msg = self.unnest(h.msg, now);
+            return starts_with_service(msg).then(|| self.frame(Framing::SyslogRfc5424, time, msg));
+        }
+        let (framing, t, n) = if let Some((t, n)) = time::parse_bsd(rest, now, &self.zone) {
+            (Framing::SyslogBsdPri, t, n)
+        } else {
+            let (t, n) = time::parse_rfc3339(rest)?;
+            (Framing::SyslogRfc3339Pri, t, n)
+        };
+        let body = &rest[n..];
+        let msg = match self.strip_tag(body) {
+            Some(msg) => self.unnest(msg, now),
+            None => self.syslog_body(body, now)?,
+        };
+        Some(self.frame(framing, Some(t), msg))
     }
 
     /// Frames one line (without its newline). None: not a trusted Dovecot line.
     pub fn parse<'a>(&self, line: &'a [u8], now: i64) -> Option<Frame<'a>> {
         let line = strip_container_prefix(line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some((t, n)) = time::parse_bsd(line, now) {
+        if let Some(n) = rfc5424::pri_len(line) {
+            return self.parse_pri(&line[n..], now);
+        }
+        if let Some((t, n)) = time::parse_bsd(line, now, &self.zone) {
             let rest = &line[n..];
             return if starts_with_service(rest) {
                 Some(self.frame(Framing::LogPath, Some(t), strip_level(rest)))
@@ -180,7 +245,7 @@ impl FrameParser {
             let msg = self.syslog_body(&line[n..], now)?;
             return Some(self.frame(Framing::SyslogRfc3339, Some(t), msg));
         }
-        if let Some((t, n)) = time::parse_iso_local(line) {
+        if let Some((t, n)) = time::parse_iso_local(line, &self.zone) {
             let rest = &line[n..];
             if !starts_with_service(rest) {
                 return None;
@@ -197,7 +262,8 @@ impl FrameParser {
         // `dovecot: ...`: Dovecot 1.x log_path prefix (`dovecot: 2008-10-02 23:34:07 Info:
         // pop3-login: ...`) or an ident with no syslog header.
         if let Some(rest) = self.strip_tag(line) {
-            if let Some((t, n)) = time::parse_iso_local(rest).or_else(|| time::parse_bsd(rest, now))
+            if let Some((t, n)) = time::parse_iso_local(rest, &self.zone)
+                .or_else(|| time::parse_bsd(rest, now, &self.zone))
             {
                 let msg = strip_level(&rest[n..]);
                 return starts_with_service(msg)
@@ -219,12 +285,28 @@ impl FrameParser {
 }
 
 /// The timestamp at the start of any line, whoever wrote it (for finding where to start
-/// reading a file: other programs' lines tell the time as well as Dovecot's).
+/// reading a file: other programs' lines tell the time as well as Dovecot's). Local
+/// timestamps in the host's zone; `line_time_in` takes the zone.
 pub fn line_time(line: &[u8], now: i64) -> Option<i64> {
+    line_time_in(line, now, &LocalZone::system())
+}
+
+/// `line_time` with local timestamps read in `zone`.
+pub fn line_time_in(line: &[u8], now: i64, zone: &LocalZone) -> Option<i64> {
     let line = strip_container_prefix(line);
-    time::parse_bsd(line, now)
+    if let Some(n) = rfc5424::pri_len(line) {
+        let rest = &line[n..];
+        if rest.starts_with(b"1 ") {
+            let ts = rfc5424::parse_header(rest)?.timestamp?;
+            return time::parse_rfc3339_field(ts);
+        }
+        return time::parse_bsd(rest, now, zone)
+            .or_else(|| time::parse_rfc3339(rest))
+            .map(|(t, _)| t);
+    }
+    time::parse_bsd(line, now, zone)
         .or_else(|| time::parse_rfc3339(line))
-        .or_else(|| time::parse_iso_local(line))
+        .or_else(|| time::parse_iso_local(line, zone))
         .or_else(|| time::parse_tai64n(line))
         .map(|(t, _)| t)
 }
@@ -252,8 +334,7 @@ mod tests {
     const NOW: i64 = 1_795_255_027;
 
     fn fp() -> FrameParser {
-        std::env::set_var("TZ", "UTC");
-        FrameParser::new(&["dovecot", "dovecot-edge"])
+        FrameParser::new(&["dovecot", "dovecot-edge"]).with_zone(LocalZone::utc())
     }
 
     fn msg(line: &str) -> Option<(Framing, String)> {
@@ -319,6 +400,30 @@ mod tests {
                 "Nov 21 09:30:01 vm dovecot[12]: May 23 17:44:04 imap-login: Info: Login: user=<a>",
                 Framing::SyslogBsd,
             ),
+            (
+                "<38>1 2026-11-21T10:00:00.123456+01:00 vm dovecot 123 - - imap-login: Login: user=<a>",
+                Framing::SyslogRfc5424,
+            ),
+            (
+                "<38>1 - - dovecot - - - imap-login: Login: user=<a>",
+                Framing::SyslogRfc5424,
+            ),
+            (
+                "<22>1 2026-11-21T09:00:00Z vm dovecot - ID1 [origin ip=\"192.0.2.1\"][x@1 y=\"a]b\\\"]\"] imap-login: Login: user=<a>",
+                Framing::SyslogRfc5424,
+            ),
+            (
+                "<38>Nov 21 09:30:01 vm dovecot[12]: imap-login: Login: user=<a>",
+                Framing::SyslogBsdPri,
+            ),
+            (
+                "<38>Nov 21 09:30:01 dovecot[12]: imap-login: Login: user=<a>",
+                Framing::SyslogBsdPri,
+            ),
+            (
+                "<38>2026-11-21T09:56:55.783926+00:00 vm dovecot: imap-login: Login: user=<a>",
+                Framing::SyslogRfc3339Pri,
+            ),
         ] {
             assert_eq!(msg(line), Some((framing, m.to_string())), "{line}");
         }
@@ -333,8 +438,51 @@ mod tests {
             "Nov 21 09:30:01 vm dovecot[x]: imap-login: Login: user=<a>",
             "Nov 21 09:30:01 vm imap-login: Login: user=<a>, rip=6.6.6.6",
             "garbage imap-login: Login: user=<a>",
+            "<38>1 2026-11-21T10:00:00+01:00 vm sshd 123 - - imap-login: Login: user=<a>",
+            "<38>1 2026-11-21T10:00:00+01:00 vm - 123 - - imap-login: Login: user=<a>",
+            "<38>1 2026-11-21T10:00:00+01:00 vm dovecotx 1 - - imap-login: Login: user=<a>",
+            "<38>1 yesterday vm dovecot 123 - - imap-login: Login: user=<a>",
+            "<38>Nov 21 09:30:01 vm sshd[12]: imap-login: Login: user=<a>",
+            "<38>imap-login: Login: user=<a>",
+            "<999>Nov 21 09:30:01 vm dovecot: imap-login: Login: user=<a>",
         ] {
             assert_eq!(msg(line), None, "{line}");
         }
+    }
+
+    #[test]
+    fn pri_and_rfc5424_times() {
+        let f = fp();
+        let t = |line: &str| f.parse(line.as_bytes(), NOW).and_then(|f| f.time);
+        assert_eq!(
+            t("<38>1 2026-11-21T10:56:55.406029+01:00 vm dovecot 1 - - imap-login: x"),
+            Some(1_795_255_015)
+        );
+        assert_eq!(t("<38>1 - vm dovecot 1 - - imap-login: x"), None);
+        assert_eq!(
+            t("<38>Nov 21 09:56:55 vm dovecot: imap-login: x"),
+            Some(1_795_255_015)
+        );
+        assert_eq!(
+            line_time_in(b"<38>1 2026-11-21T09:56:55Z vm x - - - y", NOW, f.zone()),
+            Some(1_795_255_015)
+        );
+        assert_eq!(
+            line_time_in(b"<13>Nov 21 09:56:55 vm x: y", NOW, f.zone()),
+            Some(1_795_255_015)
+        );
+    }
+
+    #[test]
+    fn local_timestamps_use_the_parser_zone() {
+        let plus1 = FrameParser::new(&["dovecot"]).with_zone(LocalZone::fixed(3600));
+        let f = plus1
+            .parse(b"Nov 21 10:56:55 vm dovecot: imap-login: x", NOW)
+            .unwrap();
+        assert_eq!(f.time, Some(1_795_255_015));
+        let f = plus1
+            .parse(b"2026-11-21 10:56:55 imap-login: Info: x", NOW)
+            .unwrap();
+        assert_eq!(f.time, Some(1_795_255_015));
     }
 }

@@ -64,14 +64,22 @@ fn user_span(elements: &[u8]) -> Option<std::ops::Range<usize>> {
 
 /// The client address of an element list (see the module rules).
 pub fn client_ip(elements: &[u8]) -> IpVerdict {
+    client_ip_in(elements, b"rip")
+}
+
+/// `client_ip` for a site whose `login_log_format_elements` names the client address
+/// element differently (`key` without `=`, e.g. `rip`).
+pub fn client_ip_in(elements: &[u8], key: &[u8]) -> IpVerdict {
+    let mut needle = key.to_vec();
+    needle.push(b'=');
     let user = user_span(elements);
     let mut found: Option<Result<IpAddr, &[u8]>> = None;
     let mut count = 0usize;
-    for pos in memmem::find_iter(elements, b"rip=") {
+    for pos in memmem::find_iter(elements, &needle) {
         if !at_element_start(elements, pos) || user.as_ref().is_some_and(|u| u.contains(&pos)) {
             continue;
         }
-        let start = pos + 4;
+        let start = pos + needle.len();
         let end = memchr::memchr(b',', &elements[start..]).map_or(elements.len(), |e| start + e);
         let text = &elements[start..end];
         let this = parse_ip(text).ok_or(text);
@@ -90,6 +98,58 @@ pub fn client_ip(elements: &[u8]) -> IpVerdict {
         }
         Some(Err(_)) => IpVerdict::Ambiguous,
     }
+}
+
+/// The user element's value when `elements` is a strict element list: exactly one
+/// `user=<...>` element (ended, as above, by its first `>` followed by `, ` or the end), and
+/// every other element either `key=value` (no space or comma in the value) or a flag
+/// without `=`. Free text can then only sit inside the user element: the proxy patterns
+/// need this, since there the user name also comes before the success text.
+pub fn strict_user(elements: &[u8]) -> Option<&[u8]> {
+    let mut user = None;
+    let mut pos = 0;
+    while pos < elements.len() {
+        let rest = &elements[pos..];
+        let end = if rest.starts_with(b"user=<") {
+            if user.is_some() {
+                return None;
+            }
+            let close = memchr::memchr_iter(b'>', rest)
+                .find(|&i| i + 1 == rest.len() || rest[i + 1..].starts_with(b", "))?;
+            user = Some(&rest[6..close]);
+            close + 1
+        } else {
+            let end = memmem::find(rest, b", ").unwrap_or(rest.len());
+            let el = &rest[..end];
+            let plain = match memchr::memchr(b'=', el) {
+                Some(eq) => {
+                    eq > 0
+                        && el[..eq]
+                            .iter()
+                            .all(|&b| b.is_ascii_alphabetic() || b == b'_' || b == b'-')
+                        && !el[eq + 1..]
+                            .iter()
+                            .any(|&b| b.is_ascii_whitespace() || b == b',')
+                }
+                None => el.first().is_some_and(|b| !b.is_ascii_whitespace()) && !el.contains(&b','),
+            };
+            if !plain {
+                return None;
+            }
+            end
+        };
+        pos += end;
+        if pos < elements.len() {
+            if !elements[pos..].starts_with(b", ") {
+                return None;
+            }
+            pos += 2;
+            if pos == elements.len() {
+                return None;
+            }
+        }
+    }
+    user
 }
 
 /// The `user=<...>` element's value, for reports only (never for decisions).
@@ -180,6 +240,45 @@ mod tests {
             v("user=<a>, rip=fe80::1%eth0"),
             IpVerdict::Invalid("fe80::1%eth0".into())
         );
+    }
+
+    #[test]
+    fn other_address_element() {
+        assert_eq!(
+            client_ip_in(b"user=<a>, ip=192.0.2.7, rip=10.0.0.1", b"ip"),
+            IpVerdict::Valid("192.0.2.7".parse().unwrap())
+        );
+        assert_eq!(
+            client_ip_in(b"user=<a, ip=6.6.6.6>, ip=192.0.2.7", b"ip"),
+            IpVerdict::Valid("192.0.2.7".parse().unwrap())
+        );
+        assert_eq!(
+            client_ip_in(b"user=<a>, rip=192.0.2.7", b"ip"),
+            IpVerdict::Missing
+        );
+    }
+
+    #[test]
+    fn strict_lists() {
+        let ok =
+            |s: &str| strict_user(s.as_bytes()).map(|u| String::from_utf8_lossy(u).into_owned());
+        assert_eq!(
+            ok("user=<a b=c>, method=PLAIN, rip=1.2.3.4, TLS, TLSv1.3 with cipher X (256/256 bits), session=<x>"),
+            Some("a b=c".into())
+        );
+        assert_eq!(ok("rip=1.2.3.4, user=<a>b>"), Some("a>b".into()));
+        for bad in [
+            "user=<a>, rip=1.2.3.4, x): Login failed: user=<a>, rip=1.2.3.4",
+            "user=<a>, rip=1.2.3.4, user=<b>",
+            "user=<a>, rip=1.2.3.4 Authentication Failure:",
+            "rip=1.2.3.4",
+            "user=<a>, ",
+            "user=<a>,, rip=1",
+            "user=<a",
+            "user=<a>, =x",
+        ] {
+            assert_eq!(ok(bad), None, "{bad}");
+        }
     }
 
     #[test]

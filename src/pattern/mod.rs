@@ -5,8 +5,14 @@
 //! runs once over a framed message (linear time, on bytes). Before any regex runs, the
 //! caller searches whole buffers for the patterns' literals (`prefilter`), so the 99% of
 //! lines that are not Dovecot login lines cost a SIMD substring search and nothing else.
+//!
+//! A line is claimed by one era's grammar: when another enabled pattern also matches it
+//! and reads a different address (a 0.99 `Login: user [ip]` whose user name holds
+//! `, rip=X,`, a 1.x element list ending in ` [IP]`), the line is ambiguous and grants
+//! nothing.
 
 pub mod elements;
+mod proxy;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,7 +21,7 @@ use aho_corasick::AhoCorasick;
 use regex_automata::meta::Regex;
 use regex_automata::util::captures::Captures;
 use regex_automata::util::syntax;
-use regex_automata::Input;
+use regex_automata::{Anchored, Input, PatternID};
 use serde::Deserialize;
 
 pub use elements::IpVerdict;
@@ -42,6 +48,19 @@ pub struct PatternDef {
     pub literals: Vec<String>,
     /// Regex over the framed message; groups: `service`, and `elements` or `ip` (+ `user`).
     pub regex: String,
+    /// The element that holds the client address, for sites whose
+    /// `login_log_format_elements` names it differently (default `rip`).
+    #[serde(default = "default_address_element")]
+    pub address_element: String,
+    /// The `user` group is Dovecot's `proxy(USER...)` log prefix, written before the
+    /// success text: the match counts only when the element list is strict and its user
+    /// element is that user as Dovecot sanitizes it (see `proxy.rs`).
+    #[serde(default)]
+    pub prefix_user: bool,
+}
+
+fn default_address_element() -> String {
+    "rip".to_string()
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +91,8 @@ pub struct PatternSet {
     regex: Regex,
     prefilter: AhoCorasick,
     services: Vec<String>,
+    /// Whether each pattern reads its address from an `elements` group (else `ip`).
+    has_elements: Vec<bool>,
 }
 
 fn expand(
@@ -177,6 +198,17 @@ impl PatternSet {
                     "{origin}: `literals` needs at least one non-empty literal"
                 )));
             }
+            if d.address_element.is_empty()
+                || !d
+                    .address_element
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(PatternError(format!(
+                    "{origin}: `address_element` must be an element name like `rip`, not `{}`",
+                    d.address_element
+                )));
+            }
         }
         defs.retain(|(_, d)| d.default || enable.contains(&d.id));
         defs.sort_by(|a, b| (a.1.priority, &a.1.id).cmp(&(b.1.priority, &b.1.id)));
@@ -199,6 +231,11 @@ impl PatternSet {
                     "{origin}: regex needs an `elements` or `ip` group"
                 )));
             }
+            if d.prefix_user && !(r.contains("(?P<elements>") && r.contains("(?P<user>")) {
+                return Err(PatternError(format!(
+                    "{origin}: `prefix_user` needs `user` and `elements` groups"
+                )));
+            }
             regexes.push(r);
         }
         let regex = build_regex(&regexes.iter().map(String::as_str).collect::<Vec<_>>())
@@ -211,11 +248,16 @@ impl PatternSet {
         literals.dedup();
         let prefilter = AhoCorasick::new(&literals)
             .map_err(|e| PatternError(format!("pattern literals: {e}")))?;
+        let has_elements = regexes
+            .iter()
+            .map(|r| r.contains("(?P<elements>"))
+            .collect();
         Ok(PatternSet {
             defs: defs.into_iter().map(|(_, d)| d).collect(),
             regex,
             prefilter,
             services: services.to_vec(),
+            has_elements,
         })
     }
 
@@ -238,6 +280,15 @@ impl PatternSet {
     pub fn match_message<'a>(&self, msg: &'a [u8], caps: &mut Captures) -> Option<LoginMatch<'a>> {
         self.regex.captures(Input::new(msg), caps);
         let pid = caps.pattern()?.as_usize();
+        let mut login = self.read(pid, msg, caps)?;
+        if login.ip != IpVerdict::Ambiguous && self.another_grammar_disagrees(&login, msg, caps) {
+            login.ip = IpVerdict::Ambiguous;
+        }
+        Some(login)
+    }
+
+    /// The login that pattern `pid` reads from its captures in `caps`.
+    fn read<'a>(&self, pid: usize, msg: &'a [u8], caps: &Captures) -> Option<LoginMatch<'a>> {
         let def = self.defs.get(pid)?;
         let span = |name: &str| caps.get_group_by_name(name).map(|s| &msg[s.range()]);
         let service = span("service")?;
@@ -245,17 +296,31 @@ impl PatternSet {
         if !self.services.iter().any(|s| s == svc) || !def.services.iter().any(|s| s == svc) {
             return None;
         }
+        let key = def.address_element.as_bytes();
         let (ip, user) = match span("elements") {
-            Some(el) => (
-                elements::client_ip(el),
-                span("user").or_else(|| elements::user(el)),
-            ),
+            Some(el) => {
+                if def.prefix_user && !proxy::prefix_user_agrees(span("user")?, el) {
+                    return None;
+                }
+                (
+                    elements::client_ip_in(el, key),
+                    span("user").or_else(|| elements::user(el)),
+                )
+            }
             None => {
                 let text = span("ip").unwrap_or_default();
-                let ip = match elements::parse_ip(text) {
+                let mut ip = match elements::parse_ip(text) {
                     Some(ip) => IpVerdict::Valid(ip),
                     None => IpVerdict::Invalid(String::from_utf8_lossy(text).into_owned()),
                 };
+                // The element grammar's reading of the same text: a user name holding
+                // `, rip=X` must not be a second opinion that nobody asked.
+                if let Some(u) = span("user") {
+                    let other = elements::client_ip_in(u, key);
+                    if other != IpVerdict::Missing && other != ip {
+                        ip = IpVerdict::Ambiguous;
+                    }
+                }
                 (ip, span("user"))
             }
         };
@@ -265,6 +330,39 @@ impl PatternSet {
             user,
             ip,
         })
+    }
+
+    /// Whether another enabled pattern also matches `msg` and reads a different address.
+    /// Only patterns of the other kind (element list against `Login: user [ip]`) or with
+    /// another address element can read differently; others are not run again.
+    fn another_grammar_disagrees(
+        &self,
+        login: &LoginMatch<'_>,
+        msg: &[u8],
+        caps: &mut Captures,
+    ) -> bool {
+        let me = login.pattern;
+        for other in 0..self.defs.len() {
+            if other == me
+                || (self.has_elements[other] == self.has_elements[me]
+                    && self.defs[other].address_element == self.defs[me].address_element
+                    && !self.defs[other].prefix_user
+                    && !self.defs[me].prefix_user)
+            {
+                continue;
+            }
+            let input = Input::new(msg).anchored(Anchored::Pattern(PatternID::must(other)));
+            self.regex.captures(input, caps);
+            if caps.pattern().is_none() {
+                continue;
+            }
+            if let Some(theirs) = self.read(other, msg, caps) {
+                if theirs.ip != IpVerdict::Missing && theirs.ip != login.ip {
+                    return true;
+                }
+            }
+        }
+        false
     }
 }
 
@@ -343,6 +441,136 @@ mod tests {
             m("imap-login: Login: user=<x, rip=6.6.6.6>"),
             Some(("dovecot-1".into(), "Missing".into()))
         );
+    }
+
+    fn proxies() -> PatternSet {
+        PatternSet::load(
+            None,
+            &["imap".into(), "pop3".into()],
+            &[
+                "dovecot-2.2-proxy".into(),
+                "dovecot-2.3-proxy".into(),
+                "dovecot-2.4-proxy".into(),
+            ],
+        )
+        .expect("embedded library")
+    }
+
+    fn mp(msg: &str) -> Option<(String, String)> {
+        let s = proxies();
+        let mut caps = s.captures();
+        s.match_message(msg.as_bytes(), &mut caps).map(|l| {
+            let ip = match l.ip {
+                IpVerdict::Valid(ip) => ip.to_string(),
+                other => format!("{other:?}"),
+            };
+            (s.defs()[l.pattern].id.clone(), ip)
+        })
+    }
+
+    /// Success lines built from Dovecot's format strings (see patterns/*-proxy.toml).
+    #[test]
+    fn proxy_success_by_version() {
+        let el = "user=<a b=<c>>, method=PLAIN, rip=203.0.113.9, lip=192.0.2.10, TLS, session=<k>";
+        for (id, line) in [
+            ("dovecot-2.2-proxy", format!("imap-login: proxy(a b=<c>): started proxying to 10.0.0.2:143: {el}")),
+            ("dovecot-2.2-proxy", format!("imap-login: Info: proxy(a b=<c>): started proxying to backend.example:143/other (master adm): {el}")),
+            ("dovecot-2.2-proxy", format!("pop3-login: proxy(a b=<c>): started proxying to 2001:db8::2:110: {el}")),
+            ("dovecot-2.3-proxy", format!("imap-login: proxy(a b=<c>,10.0.0.2:143): Started proxying to backend.example as user other: {el}")),
+            ("dovecot-2.3-proxy", format!("imap-login: proxy(a b=<c>,10.0.0.2:143): Started proxying to 10.0.0.2 from 10.0.0.1 (0.012 secs): {el}")),
+            ("dovecot-2.3-proxy", format!("imap-login: proxy(a b=<c>,10.0.0.2:143): Started proxying to <10.0.0.2> (0.004 secs): {el}")),
+            ("dovecot-2.3-proxy", format!("imap-login: proxy(a b=<c>,backend[10.0.0.2]:143): Started proxying to <10.0.0.2> (<backend>) as user x (master m) (1.250 secs, 2 reconnects): {el}")),
+            ("dovecot-2.4-proxy", format!("imap-login: proxy(a b=<c>,[2001:db8::2]:143): Started proxying to remote host (0.012 secs): {el}")),
+            ("dovecot-2.4-proxy", format!("imap-login: proxy(a b=<c>,10.0.0.2:143): Started proxying to remote host from 10.0.0.1 as user o (master m) (0.001 secs, 1 reconnects): {el}")),
+        ] {
+            assert_eq!(mp(&line), Some((id.to_string(), "203.0.113.9".to_string())), "{line}");
+        }
+    }
+
+    /// Defect 2: the success text inside a user name never makes a failed line a success.
+    #[test]
+    fn proxy_success_text_inside_user_is_refused() {
+        let long = "p".repeat(70);
+        let padded = format!("{long}): started proxying to h:1: user=<{long}>, rip=203.0.113.9, x");
+        for (user, rest) in [
+            // 2.2: the failure line (elements added by client_log_err).
+            ("x): started proxying to h:1: user=<x", "): Login failed to 10.0.0.2:143: Authentication failed: user=<{U}>, method=PLAIN, rip=203.0.113.9, lip=192.0.2.10, session=<k>"),
+            ("x): started proxying to h:1: user=<q>, rip=203.0.113.9, z", "): Login failed to 10.0.0.2:143: NO: user=<{U}>, method=PLAIN, rip=203.0.113.9, lip=192.0.2.10, session=<k>"),
+            (padded.as_str(), "): Login failed to 10.0.0.2:143: NO: user=<{S}>, method=PLAIN, rip=203.0.113.9, lip=192.0.2.10, session=<k>"),
+            // 2.3/2.4 (the event prefix carries ip:port; elements from the log callback).
+            ("x,h:1): Started proxying to remote host: user=<x", ",10.0.0.2:143): Login failed: Authentication failed: user=<{U}>, method=PLAIN, rip=203.0.113.9, lip=192.0.2.10, session=<k>"),
+            ("x,h:1): Started proxying to <h> (0.001 secs): user=<x", ",10.0.0.2:143): Disconnected by server: user=<{U}>, method=PLAIN, rip=203.0.113.9, lip=192.0.2.10, session=<k>"),
+            ("b,h:1): Started proxying to remote host: user=<b>, rip=203.0.113.9, user=<", ",10.0.0.2:143): Login failed: NO: user=<{U}>, method=PLAIN, rip=203.0.113.9, lip=192.0.2.10, session=<k>"),
+        ] {
+            let sanitized = if user.len() > 80 { format!("{}...", &user[..77]) } else { user.to_string() };
+            let msg = format!("imap-login: proxy({user}{}", rest.replace("{U}", user).replace("{S}", &sanitized));
+            assert_eq!(mp(&msg), None, "{msg}");
+        }
+    }
+
+    /// Defect 7: two grammars reading different addresses make the line ambiguous.
+    #[test]
+    fn one_grammar_per_line() {
+        assert_eq!(
+            m("imap-login: Login: bob, rip=6.6.6.6, x [192.0.2.9]"),
+            Some(("dovecot-1".into(), "Ambiguous".into()))
+        );
+        assert_eq!(
+            m("imap-login: Login: rip=192.0.2.7, user=x [6.6.6.6]"),
+            Some(("dovecot-0.99".into(), "Ambiguous".into()))
+        );
+        assert_eq!(
+            m("imap-login: Login: user=<u>, method=PLAIN, rip=192.0.2.7, lip=10.0.0.1, TLS [6.6.6.6]"),
+            Some(("dovecot-1".into(), "Ambiguous".into()))
+        );
+        // Agreeing grammars are fine.
+        assert_eq!(
+            m("imap-login: Login: user=<u>, rip=192.0.2.7, lip=10.0.0.1, TLS [192.0.2.7]"),
+            Some(("dovecot-1".into(), "192.0.2.7".into()))
+        );
+        assert_eq!(
+            m("imap-login: Login: bob smith [192.0.2.9]"),
+            Some(("dovecot-0.99".into(), "192.0.2.9".into()))
+        );
+    }
+
+    #[test]
+    fn address_element_is_configurable() {
+        let def = "id='custom'\ndovecot='2.3'\ndescription=''\nservices=['imap']\ndefault=true\npriority=1\nliterals=['Login: ']\naddress_element='ip'\nregex='^(?P<service>imap)-login: Login: (?P<elements>.*)$'\n";
+        let s = PatternSet::from_files(&[("c.toml".into(), def.into())], &["imap".into()], &[])
+            .unwrap();
+        let mut caps = s.captures();
+        let l = s
+            .match_message(
+                b"imap-login: Login: user=<a>, ip=192.0.2.7, rip=10.0.0.1",
+                &mut caps,
+            )
+            .unwrap();
+        assert_eq!(l.ip, IpVerdict::Valid("192.0.2.7".parse().unwrap()));
+        let bad = def.replace("address_element='ip'", "address_element='ip='");
+        let e = PatternSet::from_files(&[("c.toml".into(), bad)], &["imap".into()], &[])
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("c.toml: `address_element`"), "{e}");
+    }
+
+    #[test]
+    fn prefilter_literals_start_rarely() {
+        // Every literal must be found in each era's success line, none starts with `-`.
+        let s = proxies();
+        for d in s.defs() {
+            for l in &d.literals {
+                assert!(!l.starts_with('-'), "{}: {l}", d.id);
+            }
+        }
+        for line in [
+            "imap-login: Info: Login: user=<a>",
+            "imap-login: Logged in: user=<a>",
+            "imap-login: proxy(a,1.2.3.4:143): Started proxying to remote host",
+            "imap-login: proxy(a): started proxying to 1.2.3.4:143",
+        ] {
+            assert!(s.prefilter().is_match(line), "{line}");
+        }
     }
 
     #[test]

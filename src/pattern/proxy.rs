@@ -1,0 +1,88 @@
+//! Proxy success lines: the user name comes twice, and once before the success text.
+//!
+//! Dovecot's login proxy logs (`src/login-common/client-common-auth.c`, `login-proxy.c`)
+//! `proxy(USER[,DEST]): <success text>: user=<USER'>, method=..., rip=..., ...`. USER in
+//! the prefix is the raw login name (any bytes but NUL; with a widened
+//! `auth_username_chars` also spaces, `)`, `:`, `<`, `=`), and USER' is the same name as
+//! `str_sanitize(USER, 80)` leaves it. A failed proxied login whose name contains
+//! `): started proxying to h:1: user=<x` would otherwise look like a success, the real
+//! failure text then sitting inside a user element.
+//!
+//! So a proxy match counts only when (1) its element list is strict (one user element, no
+//! free text elsewhere: `elements::strict_user`) and (2) that user element is exactly the
+//! sanitized prefix user. In a forged line the real Dovecot text after the name must then
+//! lie inside the user element, which makes that element longer than any sanitized form
+//! of the prefix candidate: (2) fails. The tests below try the known shapes.
+
+use super::elements;
+
+/// Dovecot's `str_sanitize(text, 80)` for valid UTF-8 without control characters: the
+/// text itself up to 80 bytes, else its longest whole-character prefix of at most 77
+/// bytes and `...`. None for text Dovecot would rewrite (control bytes, invalid UTF-8).
+fn sanitized(text: &[u8]) -> Option<Vec<u8>> {
+    let s = std::str::from_utf8(text).ok()?;
+    if s.chars().any(char::is_control) {
+        return None;
+    }
+    if s.len() <= 80 {
+        return Some(text.to_vec());
+    }
+    let mut keep = 77;
+    while !s.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    let mut out = text[..keep].to_vec();
+    out.extend_from_slice(b"...");
+    Some(out)
+}
+
+/// Whether `elements` is a strict element list whose user element is `prefix_user` as
+/// Dovecot sanitizes it.
+pub fn prefix_user_agrees(prefix_user: &[u8], elements: &[u8]) -> bool {
+    match (elements::strict_user(elements), sanitized(prefix_user)) {
+        (Some(user), Some(want)) => user == want.as_slice(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_like_dovecot() {
+        assert_eq!(sanitized(b"a b=<c>"), Some(b"a b=<c>".to_vec()));
+        let long = "x".repeat(81);
+        assert_eq!(
+            sanitized(long.as_bytes()),
+            Some(format!("{}...", &long[..77]).into_bytes())
+        );
+        let exact = "y".repeat(80);
+        assert_eq!(
+            sanitized(exact.as_bytes()),
+            Some(exact.clone().into_bytes())
+        );
+        // A two-byte character across byte 77 is dropped whole.
+        let utf = format!("{}é{}", "z".repeat(76), "z".repeat(10));
+        assert_eq!(
+            sanitized(utf.as_bytes()),
+            Some(format!("{}...", "z".repeat(76)).into_bytes())
+        );
+        assert_eq!(sanitized(b"a\tb"), None);
+        assert_eq!(sanitized(b"a\xffb"), None);
+    }
+
+    #[test]
+    fn agreement() {
+        let el = b"user=<a b>, method=PLAIN, rip=192.0.2.7, lip=10.0.0.1, TLS, session=<x>";
+        assert!(prefix_user_agrees(b"a b", el));
+        assert!(!prefix_user_agrees(b"a", el));
+        let long = "l".repeat(100);
+        let el = format!("user=<{}...>, rip=192.0.2.7", &long[..77]);
+        assert!(prefix_user_agrees(long.as_bytes(), el.as_bytes()));
+        assert!(!prefix_user_agrees(
+            &long.as_bytes()[..90],
+            b"user=<lll...>, rip=192.0.2.7"
+        ));
+    }
+}
