@@ -569,3 +569,135 @@ mod tests {
         assert!(m.map_size > INITIAL_MAP_SIZE);
     }
 }
+
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+
+    fn ip(i: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv6Addr::from(
+            (0x2001_0db8u128 << 96) | i as u128,
+        ))
+    }
+
+    /// Defect 17: after another writer grew the map, our size is the adopted one, so the
+    /// next growth asks for more than the file holds.
+    #[test]
+    fn map_size_follows_another_writers_growth() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let mut a = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
+        let mut b = LmdbMap::open(&map, "OK", OpenMode::Existing).unwrap();
+        assert_eq!(a.map_size(), INITIAL_MAP_SIZE);
+        let grants: Vec<(IpAddr, i64)> = (0..150_000).map(|i| (ip(i), 1000)).collect();
+        b.upsert(&grants).unwrap();
+        assert!(b.map_size() > INITIAL_MAP_SIZE);
+        a.upsert(&[(ip(999_999), 1000)]).unwrap();
+        assert_eq!(a.map_size(), b.map_size(), "adopted the grown size");
+        assert_eq!(a.list().unwrap().len(), 150_001);
+    }
+
+    /// Defect 4: another writer's commit is seen by a look at the meta page; our own
+    /// commits are not "changes".
+    #[test]
+    fn changed_tells_other_writers_from_our_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let mut a = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
+        a.snapshot().unwrap();
+        assert_eq!(a.changed().unwrap(), Some(false));
+        a.upsert(&[(ip(1), 1000)]).unwrap();
+        assert_eq!(a.changed().unwrap(), Some(false), "our own commit");
+        let mut b = LmdbMap::open(&map, "OK", OpenMode::Existing).unwrap();
+        b.revoke(ip(1)).unwrap();
+        assert_eq!(a.changed().unwrap(), Some(true));
+        // Our commit after theirs does not hide theirs.
+        a.upsert(&[(ip(2), 1000)]).unwrap();
+        assert_eq!(a.changed().unwrap(), Some(true));
+        assert_eq!(a.snapshot().unwrap(), vec![(ip(2), 1000)]);
+        assert_eq!(a.changed().unwrap(), Some(false));
+    }
+
+    fn reopened(r: Result<Vec<(IpAddr, i64)>, StoreError>) {
+        match r {
+            Err(e) => assert_eq!(e.cause(), Cause::Reopened, "{e}"),
+            Ok(v) => panic!("not noticed: {v:?}"),
+        }
+    }
+
+    /// Defects 9 and 15: deleted, replaced or truncated under us, the map is reopened
+    /// (never a commit into a dead file, never SIGBUS) and the caller told to rewrite.
+    #[test]
+    fn deleted_replaced_or_truncated_map_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let file = file_path(&map);
+        let mut m = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
+        m.upsert(&[(ip(1), 1000)]).unwrap();
+
+        std::fs::remove_file(&file).unwrap();
+        reopened(m.upsert(&[(ip(2), 1000)]));
+        assert!(file.exists(), "recreated");
+        m.upsert(&[(ip(2), 1000)]).unwrap();
+        assert_eq!(m.snapshot().unwrap(), vec![(ip(2), 1000)]);
+
+        let other = dir.path().join("other");
+        LmdbMap::open(&other, "OK", OpenMode::Create)
+            .unwrap()
+            .upsert(&[(ip(7), 1000)])
+            .unwrap();
+        std::fs::rename(file_path(&other), &file).unwrap();
+        reopened(m.upsert(&[(ip(3), 1000)]));
+        m.upsert(&[(ip(3), 1000)]).unwrap();
+        let mut keys: Vec<IpAddr> = m.snapshot().unwrap().into_iter().map(|g| g.0).collect();
+        keys.sort();
+        assert_eq!(keys, vec![ip(3), ip(7)], "wrote into the new file");
+
+        for len in [0, 4096, 8192] {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .unwrap()
+                .set_len(len)
+                .unwrap();
+            assert!(matches!(m.changed(), Err(e) if e.cause() == Cause::Reopened));
+            m.upsert(&[(ip(4), 1000)]).unwrap();
+            assert_eq!(m.snapshot().unwrap(), vec![(ip(4), 1000)]);
+        }
+    }
+
+    /// The map's descriptors do not leak into children (journalctl).
+    #[test]
+    fn descriptors_are_close_on_exec() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let _m = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
+        let file = std::fs::canonicalize(file_path(&map)).unwrap();
+        let out = std::process::Command::new("ls")
+            .args(["-l", "/proc/self/fd/"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("/proc/"), "{text}");
+        assert!(
+            !text.contains(&file.display().to_string()),
+            "map fd leaked into a child:\n{text}"
+        );
+    }
+
+    /// Disk blocks for the whole map size are reserved (defect 5), the length unchanged.
+    #[test]
+    fn blocks_are_reserved() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let m = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
+        let meta = std::fs::metadata(m.path()).unwrap();
+        assert!(meta.len() < 1 << 20, "length unchanged: {}", meta.len());
+        assert!(
+            meta.blocks() * 512 >= INITIAL_MAP_SIZE as u64,
+            "{} blocks",
+            meta.blocks()
+        );
+    }
+}

@@ -3,6 +3,7 @@
 
 mod error;
 mod file;
+pub mod instance;
 pub mod lmdb;
 mod lock;
 pub mod value;
