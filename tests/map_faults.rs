@@ -254,12 +254,12 @@ fn grant_ttl_bounds_and_permission_errors() {
     // Created by Postfix's postmap (`dovegate init` would also create the default state
     // directory).
     postmap_insert(&d.path().join("relay"), "");
-    for ttl in ["32d", "0s"] {
+    for ttl in ["32d", "0s", "31m"] {
         let out = dovegate(&["grant", "--map", &map, "--ttl", ttl, "192.0.2.5"]);
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains("--ttl"));
     }
-    let out = dovegate(&["grant", "--map", &map, "--ttl", "31d", "192.0.2.5"]);
+    let out = dovegate(&["grant", "--map", &map, "--ttl", "30m", "192.0.2.5"]);
     assert!(
         out.status.success(),
         "{}",

@@ -109,6 +109,15 @@ pub fn grant(cfg: &ConfigArgs, ttl: Option<&str>, ip: &str) -> Result<(), Failur
         Some(t) => ttl_arg(t)?,
         None => settings.ttl,
     };
+    if ttl > settings.ttl {
+        // The running daemon shortens any grant to now + grant.ttl (a longer one is what a
+        // wrong clock leaves behind), so a longer manual grant would not last.
+        return Err(Failure::config(format!(
+            "--ttl: {} is longer than grant.ttl ({}); raise grant.ttl, or for a lasting exception use Postfix's mynetworks or a static access map",
+            humantime::format_duration(ttl),
+            humantime::format_duration(settings.ttl)
+        )));
+    }
     let policy = Policy::new(settings.exclude.clone(), ttl);
     if let Some(why) = policy.exclusion(ip) {
         return Err(Failure::config(format!("refusing to grant {ip}: {why}")));

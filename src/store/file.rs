@@ -108,3 +108,44 @@ pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Drops this process's resident pages of its read-only shared mappings of the file with
+/// inode `ident` (LMDB's memory map). A full listing touches every page of the map, which
+/// would then count in the daemon's RSS for nothing; the pages stay in the page cache and
+/// are mapped again on the next access. Only `r--s` mappings are touched: dropping pages
+/// of a read-only shared file mapping loses nothing.
+pub fn release_mapped_pages(ident: FileIdentity) {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    for line in maps.lines() {
+        // start-end perms offset dev inode [path]
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms), Some(_), Some(_), Some(ino)) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            continue;
+        };
+        if perms != "r--s" || ino.parse::<u64>().ok() != Some(ident.ino) {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (
+            usize::from_str_radix(start, 16),
+            usize::from_str_radix(end, 16),
+        ) else {
+            continue;
+        };
+        // SAFETY: a page-aligned range of our own read-only shared file mapping, as the
+        // kernel listed it; MADV_DONTNEED there only drops page-table entries.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+        }
+    }
+}

@@ -449,6 +449,7 @@ impl GrantStore for LmdbMap {
             }
             Ok(out)
         })?;
+        file::release_mapped_pages(self.ident);
         Ok(list)
     }
 
@@ -466,6 +467,7 @@ impl GrantStore for LmdbMap {
         })?;
         self.synced_txnid = id;
         self.others_wrote = false;
+        file::release_mapped_pages(self.ident);
         Ok(out)
     }
 
