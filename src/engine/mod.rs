@@ -271,6 +271,13 @@ impl<S: GrantStore> Engine<S> {
         self.deadlines = fresh.iter().map(|&(ip, e)| (e, ip)).collect();
         self.grants.replace(fresh.into_iter().collect());
         self.resync_due = false;
+        // A full read builds and drops tables the size of the map; give the freed memory
+        // back so that idle RSS follows the live grants, not the last re-read's peak.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only walks glibc's own free lists.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Ok(())
     }
 

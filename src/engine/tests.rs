@@ -22,6 +22,7 @@ struct Mem {
     /// The next operation finds the "file" replaced: empty, and says Reopened once.
     reopen_next: bool,
     fail_expire: bool,
+    fail_read: bool,
 }
 
 #[derive(Default, Clone)]
@@ -97,6 +98,9 @@ impl GrantStore for MemStore {
     }
     fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         let mut m = self.mem();
+        if m.fail_read {
+            return Err(StoreError::new("cannot lock", Cause::Other));
+        }
         m.snapshots += 1;
         m.dirty = false;
         Ok(m.map.iter().map(|(&ip, &e)| (ip, e)).collect())
@@ -466,4 +470,29 @@ async fn other_writers_changes_reach_the_view() {
         r.view.find(ip("192.0.2.8"), BASE),
         Lookup::Found(BASE + 600)
     );
+}
+
+/// A map known to have changed that cannot be re-read makes lookups unsure (socketmap
+/// answers TEMP) until a re-read works.
+#[test]
+fn view_is_unsure_while_a_needed_reread_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    store.mem().map.insert(ip("192.0.2.1"), 2000);
+    let mut e = engine(&store, dir.path(), 1800, 1000);
+    assert_eq!(e.view().find(ip("192.0.2.1"), 1000), Lookup::Found(2000));
+    {
+        let mut m = store.mem();
+        m.map.remove(&ip("192.0.2.1"));
+        m.dirty = true;
+        m.fail_read = true;
+    }
+    assert!(e.poll(1000, false).is_err());
+    assert_eq!(
+        e.view().find(ip("192.0.2.1"), 1000),
+        Lookup::Unsure { guess: Some(2000) }
+    );
+    store.mem().fail_read = false;
+    assert!(e.poll(1000, false).unwrap());
+    assert_eq!(e.view().find(ip("192.0.2.1"), 1000), Lookup::Absent);
 }
