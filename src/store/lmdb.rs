@@ -235,7 +235,7 @@ impl LmdbMap {
         }
         tracing::error!(
             map = %self.path.display(),
-            "the map {fault} while dovegate had it open; reopening it (empty if missing) and writing the live grants again. Postfix obeys the file at this path: never delete, replace or truncate it (use dovegate grant/revoke)"
+            "the map {fault} while dovegate had it open; reopening it (empty if missing) and writing the live grants again. Postfix obeys the file at this path: never delete, replace or truncate it (use dovegate grant/revoke); smtpd processes that found it missing answer 451 until `postfix reload`"
         );
         self.reopen(&fault)?;
         Err(StoreError::new(
