@@ -219,7 +219,13 @@ impl<S: GrantStore> Engine<S> {
     pub fn poll(&mut self, now: i64, periodic: bool) -> Result<bool, StoreError> {
         let result = self.recovering(now, |e| {
             let changed = e.store.changed()?;
-            let due = e.resync_due || changed.unwrap_or(periodic);
+            // The clock stepped back (a fault fixed while running): our own grants now
+            // expire later than allowed; the re-read caps them in the map.
+            let too_late = e
+                .deadlines
+                .last()
+                .is_some_and(|&(x, _)| x > now.saturating_add(e.max_lifetime()));
+            let due = e.resync_due || too_late || changed.unwrap_or(periodic);
             if due {
                 e.resync_once(now)?;
             }

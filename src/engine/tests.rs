@@ -496,3 +496,19 @@ fn view_is_unsure_while_a_needed_reread_fails() {
     assert!(e.poll(1000, false).unwrap());
     assert_eq!(e.view().find(ip("192.0.2.1"), 1000), Lookup::Absent);
 }
+
+/// Defect 1 while running: the clock steps back (a fault fixed); grants written under the
+/// wrong clock are capped at the next probe.
+#[test]
+fn clock_stepping_back_caps_our_own_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let year = 365 * 86400;
+    let mut e = engine(&store, dir.path(), 1800, 1000 + year);
+    e.accept(batch(&[("192.0.2.1", 1000 + year)]), 1000 + year);
+    e.flush(1000 + year).unwrap();
+    assert!(!e.poll(1000 + year, false).unwrap(), "nothing to do");
+    assert!(e.poll(1000, false).unwrap());
+    assert_eq!(store.mem().map[&ip("192.0.2.1")], 2800);
+    assert_eq!(e.next_deadline(), Some(2800));
+}
