@@ -28,7 +28,7 @@ impl WriterStore {
 }
 
 fn db_err(e: String) -> StoreError {
-    StoreError(format!("PostgreSQL: {e}"))
+    StoreError::other(format!("PostgreSQL: {e}"))
 }
 
 impl GrantStore for WriterStore {

@@ -1,17 +1,41 @@
 //! Administrator commands on the map: lookup, list, grant, revoke.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use serde::Serialize;
 
 use super::{load_settings, ConfigArgs, Failure};
 use crate::config::{parse_duration, Settings};
 use crate::grant::{key_text, parse_any_ip, Policy};
-use crate::store::{GrantStore, LmdbMap, OpenMode};
+use crate::store::{Cause, GrantStore, LmdbMap, OpenMode, StoreError};
 use crate::timefmt;
 
+/// Exit codes by cause: a map that does not exist is a configuration mistake (2: wrong
+/// `map.path`); permission, disk and LMDB errors are runtime failures (1), and their
+/// message names the file and the fix.
+pub(super) fn store_failure(e: StoreError) -> Failure {
+    match e.cause() {
+        Cause::Missing => Failure::config(e.0),
+        _ => Failure::runtime(e.0),
+    }
+}
+
 fn open(settings: &Settings, mode: OpenMode) -> Result<LmdbMap, Failure> {
-    LmdbMap::open(&settings.map_path, &settings.action, mode).map_err(|e| Failure::config(e.0))
+    LmdbMap::open(&settings.map_path, &settings.action, mode).map_err(store_failure)
+}
+
+/// The longest `--ttl` a manual grant may have: the configuration's bound on `grant.ttl`.
+const MAX_TTL: Duration = Duration::from_secs(31 * 24 * 3600);
+
+fn ttl_arg(text: &str) -> Result<Duration, Failure> {
+    let ttl = parse_duration("--ttl", text).map_err(|e| Failure::config(e.0))?;
+    if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
+        return Err(Failure::config(format!(
+            "--ttl: `{text}` must be between 1s and 31 days (like grant.ttl)"
+        )));
+    }
+    Ok(ttl)
 }
 
 fn ip_arg(text: &str) -> Result<IpAddr, Failure> {
@@ -22,7 +46,7 @@ pub fn lookup(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     let ip = ip_arg(ip)?;
     let mut map = open(&settings, OpenMode::ReadOnly)?;
-    match map.get(ip).map_err(|e| Failure::runtime(e.0))? {
+    match map.get(ip).map_err(store_failure)? {
         Some(v) => {
             println!("{v}");
             Ok(())
@@ -46,7 +70,7 @@ pub fn list(cfg: &ConfigArgs, json: bool) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     let mut map = open(&settings, OpenMode::ReadOnly)?;
     let now = timefmt::now();
-    let mut grants = map.list().map_err(|e| Failure::runtime(e.0))?;
+    let mut grants = map.list().map_err(store_failure)?;
     grants.sort_by_key(|g| (g.expires, g.ip));
     let entries: Vec<ListEntry> = grants
         .into_iter()
@@ -82,16 +106,25 @@ pub fn grant(cfg: &ConfigArgs, ttl: Option<&str>, ip: &str) -> Result<(), Failur
     let (_, settings) = load_settings(cfg, |_| {})?;
     let ip = ip_arg(ip)?;
     let ttl = match ttl {
-        Some(t) => parse_duration("--ttl", t).map_err(|e| Failure::config(e.0))?,
+        Some(t) => ttl_arg(t)?,
         None => settings.ttl,
     };
+    if ttl > settings.ttl {
+        // The running daemon shortens any grant to now + grant.ttl (a longer one is what a
+        // wrong clock leaves behind), so a longer manual grant would not last.
+        return Err(Failure::config(format!(
+            "--ttl: {} is longer than grant.ttl ({}); raise grant.ttl, or for a lasting exception use Postfix's mynetworks or a static access map",
+            humantime::format_duration(ttl),
+            humantime::format_duration(settings.ttl)
+        )));
+    }
     let policy: Policy = super::build::policy(&settings, ttl)?;
     if let Some(why) = policy.exclusion(ip) {
         return Err(Failure::config(format!("refusing to grant {ip}: {why}")));
     }
     let expires = timefmt::now() + policy.ttl_secs();
     let mut map = open(&settings, OpenMode::Existing)?;
-    map.set(ip, expires).map_err(|e| Failure::runtime(e.0))?;
+    map.set(ip, expires).map_err(store_failure)?;
     println!("{}\t{}", key_text(ip), timefmt::rfc3339(expires));
     Ok(())
 }
@@ -100,7 +133,7 @@ pub fn revoke(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     let ip = ip_arg(ip)?;
     let mut map = open(&settings, OpenMode::Existing)?;
-    if map.revoke(ip).map_err(|e| Failure::runtime(e.0))? {
+    if map.revoke(ip).map_err(store_failure)? {
         println!("revoked {}", key_text(ip));
         Ok(())
     } else {

@@ -243,6 +243,10 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             settings.state_dir.display()
         ))
     })?;
+    // One daemon per map and state directory, before anything touches either.
+    let _instance =
+        crate::store::instance::InstanceLock::acquire(&settings.map_path, &settings.state_dir)
+            .map_err(|e| Failure::runtime(e.0))?;
     let map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::Create)
         .map_err(|e| Failure::runtime(e.0))?;
     let map = open_writer_store(&settings, map)?;

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::{load_settings, ConfigArgs, Failure};
 use crate::source::checkpoint::CheckpointDir;
-use crate::store::{GrantStore, LmdbMap, OpenMode};
+use crate::store::{instance, GrantStore, LmdbMap, OpenMode};
 use crate::timefmt;
 
 #[derive(Debug, clap::Args)]
@@ -31,6 +31,14 @@ struct MapStatus {
     last_commit: Option<String>,
 }
 
+/// Whether a `dovegate run` holds the map (its single-instance lock).
+#[derive(Serialize)]
+struct DaemonStatus {
+    /// null: could not tell.
+    running: Option<bool>,
+    pid: Option<u32>,
+}
+
 #[derive(Serialize)]
 struct FileStatus {
     path: String,
@@ -50,6 +58,7 @@ struct JournalStatus {
 #[derive(Serialize)]
 struct Status {
     map: MapStatus,
+    daemon: DaemonStatus,
     files: Vec<FileStatus>,
     journals: Vec<JournalStatus>,
 }
@@ -67,8 +76,28 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
         }
     })?;
     let mut map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::ReadOnly)
-        .map_err(|e| Failure::config(e.0))?;
-    let grants = map.list().map_err(|e| Failure::runtime(e.0))?;
+        .map_err(super::admin::store_failure)?;
+    let grants = map.list().map_err(super::admin::store_failure)?;
+    let daemon = match instance::map_holder(&settings.map_path) {
+        Ok(Some(pid)) => DaemonStatus {
+            running: Some(true),
+            pid,
+        },
+        Ok(None) => DaemonStatus {
+            running: Some(false),
+            pid: None,
+        },
+        Err(e) => {
+            eprintln!(
+                "dovegate: {}: cannot tell whether a daemon holds the map: {e}",
+                instance::map_lock_path(&settings.map_path).display()
+            );
+            DaemonStatus {
+                running: None,
+                pid: None,
+            }
+        }
+    };
     let file = map.path().to_path_buf();
     let now = timefmt::now();
     let next = grants
@@ -84,6 +113,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             next_expiry: next.map(timefmt::rfc3339),
             last_commit: mtime(&file),
         },
+        daemon,
         files: checkpoints
             .all()
             .into_iter()
@@ -118,6 +148,12 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
         m.next_expiry.as_deref().unwrap_or("-"),
         m.last_commit.as_deref().unwrap_or("-")
     );
+    match (status.daemon.running, status.daemon.pid) {
+        (Some(true), Some(pid)) => println!("daemon: running (pid {pid}), holds the map"),
+        (Some(true), None) => println!("daemon: running, holds the map"),
+        (Some(false), _) => println!("daemon: none holds the map"),
+        (None, _) => println!("daemon: unknown"),
+    }
     for f in &status.files {
         let gens: Vec<String> = f
             .files

@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 
 use lmdb::{Cursor, Database, Environment, EnvironmentFlags, Transaction, WriteFlags};
 
+use super::file::{self, FileFault, FileIdentity};
 use super::lock::FileLock;
 use super::value::{key_bytes, parse_expiry, parse_key, value_bytes, value_text};
-use super::{ExpireOutcome, GrantStore, StoreError, StoredGrant};
+use super::{Cause, ExpireOutcome, GrantStore, StoreError, StoredGrant};
 
 const INITIAL_MAP_SIZE: usize = 16 << 20;
 const MAX_MAP_SIZE: usize = 1 << 40;
@@ -23,11 +24,20 @@ const MAX_MAP_SIZE: usize = 1 << 40;
 /// An open map. Writes are serialised by `&mut self`; keep one per process.
 pub struct LmdbMap {
     path: PathBuf,
+    action: String,
+    mode: OpenMode,
     env: Environment,
     db: Database,
     lock_file: File,
-    action: String,
     map_size: usize,
+    /// The file we opened; another one at `path` means the map was replaced.
+    ident: FileIdentity,
+    /// The longest length seen: LMDB never shrinks its file, so a shorter one was truncated.
+    known_len: u64,
+    /// The last transaction this process accounted for (its own commit or a full read).
+    synced_txnid: usize,
+    /// Another writer committed since the last full read (`snapshot`).
+    others_wrote: bool,
 }
 
 /// How to open the map.
@@ -48,81 +58,213 @@ pub fn file_path(map: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// One opening of the file: what `LmdbMap` replaces when it reopens.
+struct Opened {
+    env: Environment,
+    db: Database,
+    lock_file: File,
+    map_size: usize,
+    ident: FileIdentity,
+    known_len: u64,
+    txnid: usize,
+}
+
+fn txnid(env: &Environment) -> usize {
+    env.info().map(|i| i.last_txnid()).unwrap_or(0)
+}
+
+/// Opens `path` (the `.lmdb` file), creating it (empty, mode 0644) when `mode` says so.
+fn open_file(path: &Path, mode: OpenMode) -> Result<Opened, StoreError> {
+    let create = mode == OpenMode::Create;
+    let writable = mode != OpenMode::ReadOnly;
+    let io = |what: &str, e: &std::io::Error| StoreError::io(path, what, e);
+    let lmdb = |what: &str, e: lmdb::Error| StoreError::lmdb(path, what, e);
+    let existed = path.exists();
+    if !existed && !create {
+        return Err(StoreError::new(
+            format!(
+                "{}: no such map; check map.path (--map), or create it with `dovegate init`",
+                path.display()
+            ),
+            Cause::Missing,
+        ));
+    }
+    if !existed {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| io("cannot create directory", &e))?;
+        }
+    }
+    let lock_file = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .create(create)
+        .mode(0o644)
+        .open(path)
+        .map_err(|e| io("cannot open", &e))?;
+    if !existed {
+        // Umask must not hide the map from Postfix, which opens it as root before chroot
+        // but may run lookups as another user.
+        lock_file
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| io("cannot chmod", &e))?;
+    }
+    let meta = lock_file.metadata().map_err(|e| io("cannot stat", &e))?;
+    let ident = FileIdentity::of(&meta);
+    let fresh = meta.len() == 0;
+    let map_size = usize::try_from(meta.len())
+        .unwrap_or(MAX_MAP_SIZE)
+        .next_power_of_two()
+        .max(INITIAL_MAP_SIZE);
+    // Opening a new, empty file writes LMDB's meta pages: do it under the write lock so
+    // no Postfix reader sees a half-initialised file.
+    let guard = if writable {
+        FileLock::exclusive(&lock_file)
+    } else {
+        FileLock::shared(&lock_file)
+    }
+    .map_err(|e| io("cannot lock", &e))?;
+    let mut flags = EnvironmentFlags::NO_SUB_DIR | EnvironmentFlags::NO_LOCK;
+    if !writable {
+        flags |= EnvironmentFlags::READ_ONLY;
+    }
+    let env = Environment::new()
+        .set_flags(flags)
+        .set_map_size(map_size)
+        .open_with_permissions(path, 0o644)
+        .map_err(|e| lmdb("cannot open LMDB environment", e))?;
+    let mut fd: lmdb_sys::mdb_filehandle_t = -1;
+    // SAFETY: an open environment and a pointer to a local for the call's duration.
+    if unsafe { lmdb_sys::mdb_env_get_fd(env.env(), &mut fd) } == 0 {
+        file::set_cloexec(fd).map_err(|e| io("cannot set close-on-exec", &e))?;
+    }
+    let db = env
+        .open_db(None)
+        .map_err(|e| lmdb("cannot open main database", e))?;
+    if fresh && writable {
+        let txn = env.begin_rw_txn().map_err(|e| lmdb("cannot begin", e))?;
+        txn.commit().map_err(|e| lmdb("cannot commit", e))?;
+    }
+    let known_len = lock_file.metadata().map(|m| m.len()).unwrap_or(0);
+    let map_size = env.info().map_or(map_size, |i| i.map_size());
+    let txnid = txnid(&env);
+    drop(guard);
+    Ok(Opened {
+        env,
+        db,
+        lock_file,
+        map_size,
+        ident,
+        known_len,
+        txnid,
+    })
+}
+
 impl LmdbMap {
     /// Opens the map, creating it (empty, mode 0644) when `create` and it is missing.
     pub fn open(map: &Path, action: &str, mode: OpenMode) -> Result<LmdbMap, StoreError> {
-        let create = mode == OpenMode::Create;
-        let writable = mode != OpenMode::ReadOnly;
         let path = file_path(map);
-        let err = |what: &str, e: &dyn std::fmt::Display| {
-            StoreError(format!("{}: {what}: {e}", path.display()))
-        };
-        let existed = path.exists();
-        if !existed && !create {
-            return Err(StoreError(format!("{}: no such map", path.display())));
-        }
-        if !existed {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| err("cannot create directory", &e))?;
-            }
-        }
-        let lock_file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .create(create)
-            .mode(0o644)
-            .open(&path)
-            .map_err(|e| err("cannot open", &e))?;
-        if !existed {
-            // Umask must not hide the map from Postfix, which opens it as root before chroot
-            // but may run lookups as another user.
-            lock_file
-                .set_permissions(std::fs::Permissions::from_mode(0o644))
-                .map_err(|e| err("cannot chmod", &e))?;
-        }
-        let file_len = lock_file.metadata().map(|m| m.len() as usize).unwrap_or(0);
-        let map_size = file_len.next_power_of_two().max(INITIAL_MAP_SIZE);
-        // Opening a new, empty file writes LMDB's meta pages: do it under the write lock so
-        // no Postfix reader sees a half-initialised file.
-        let guard = if writable {
-            FileLock::exclusive(&lock_file)
-        } else {
-            FileLock::shared(&lock_file)
-        }
-        .map_err(|e| err("cannot lock", &e))?;
-        let mut flags = EnvironmentFlags::NO_SUB_DIR | EnvironmentFlags::NO_LOCK;
-        if !writable {
-            flags |= EnvironmentFlags::READ_ONLY;
-        }
-        let env = Environment::new()
-            .set_flags(flags)
-            .set_map_size(map_size)
-            .open_with_permissions(&path, 0o644)
-            .map_err(|e| err("cannot open LMDB environment", &e))?;
-        let db = env
-            .open_db(None)
-            .map_err(|e| err("cannot open main database", &e))?;
-        if !existed {
-            let txn = env.begin_rw_txn().map_err(|e| err("cannot begin", &e))?;
-            txn.commit().map_err(|e| err("cannot commit", &e))?;
-        }
-        drop(guard);
-        Ok(LmdbMap {
+        let o = open_file(&path, mode)?;
+        let m = LmdbMap {
             path,
-            env,
-            db,
-            lock_file,
             action: action.to_string(),
-            map_size,
-        })
+            mode,
+            env: o.env,
+            db: o.db,
+            lock_file: o.lock_file,
+            map_size: o.map_size,
+            ident: o.ident,
+            known_len: o.known_len,
+            synced_txnid: o.txnid,
+            others_wrote: false,
+        };
+        m.reserve();
+        Ok(m)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn err(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
-        StoreError(format!("{}: {what}: {e}", self.path.display()))
+    /// The memory map's size (what the next growth doubles).
+    pub fn map_size(&self) -> usize {
+        self.map_size
+    }
+
+    fn lmdb_err(&self, what: &str, e: lmdb::Error) -> StoreError {
+        StoreError::lmdb(&self.path, what, e)
+    }
+
+    fn lock_err(&self, e: std::io::Error) -> StoreError {
+        StoreError::io(&self.path, "cannot lock", &e)
+    }
+
+    /// Reserves the disk blocks of the whole map size (see `file::reserve`); a failure is
+    /// reported, never fatal: the map works, only a full disk would then stop expiries.
+    fn reserve(&self) {
+        if self.mode == OpenMode::ReadOnly {
+            return;
+        }
+        if let Err(e) = file::reserve(&self.lock_file, self.map_size as u64) {
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                tracing::debug!(map = %self.path.display(), "filesystem cannot reserve blocks");
+            } else {
+                tracing::error!(
+                    map = %self.path.display(),
+                    size = self.map_size,
+                    error = %e,
+                    "cannot reserve disk space for the map; free space on its filesystem, or expired grants may stay in the map when the disk fills"
+                );
+            }
+        }
+    }
+
+    /// Before every transaction: the file must still be the one at the path, and not
+    /// shorter than before (reading a page past the end is SIGBUS). A writer reopens the
+    /// map (creating it empty when missing) and answers `Cause::Reopened`.
+    fn check(&mut self) -> Result<(), StoreError> {
+        let fault = file::check(&self.path, &self.lock_file, self.ident, &mut self.known_len)
+            .map_err(|e| StoreError::io(&self.path, "cannot stat the map", &e))?;
+        let Some(fault) = fault else {
+            return Ok(());
+        };
+        if self.mode == OpenMode::ReadOnly {
+            return Err(StoreError::other(format!(
+                "{}: the map {fault} while it was being read; run the command again",
+                self.path.display()
+            )));
+        }
+        tracing::error!(
+            map = %self.path.display(),
+            "the map {fault} while dovegate had it open; reopening it (empty if missing) and writing the live grants again. Postfix obeys the file at this path: never delete, replace or truncate it (use dovegate grant/revoke); smtpd processes that found it missing answer 451 until `postfix reload`"
+        );
+        self.reopen(&fault)?;
+        Err(StoreError::new(
+            format!("{}: the map {fault}; reopened it", self.path.display()),
+            Cause::Reopened,
+        ))
+    }
+
+    fn reopen(&mut self, fault: &FileFault) -> Result<(), StoreError> {
+        if let FileFault::Truncated { .. } = fault {
+            // What is left may point at pages past the end: start over, empty, under the
+            // write lock so that no Postfix reader sees it half-written.
+            let guard = FileLock::exclusive(&self.lock_file).map_err(|e| self.lock_err(e))?;
+            let cut = self.lock_file.set_len(0);
+            drop(guard);
+            cut.map_err(|e| StoreError::io(&self.path, "cannot truncate", &e))?;
+        }
+        let o = open_file(&self.path, self.mode)?;
+        self.env = o.env;
+        self.db = o.db;
+        self.lock_file = o.lock_file;
+        self.map_size = o.map_size;
+        self.ident = o.ident;
+        self.known_len = o.known_len;
+        self.synced_txnid = o.txnid;
+        // Its content is not what we read last.
+        self.others_wrote = true;
+        self.reserve();
+        Ok(())
     }
 
     /// Runs `work` in one write transaction under the exclusive lock, growing the map and
@@ -131,56 +273,94 @@ impl LmdbMap {
         &mut self,
         mut work: impl FnMut(&mut lmdb::RwTransaction<'_>, Database) -> Result<T, lmdb::Error>,
     ) -> Result<T, StoreError> {
+        if self.mode == OpenMode::ReadOnly {
+            return Err(StoreError::other(format!(
+                "{}: opened read-only",
+                self.path.display()
+            )));
+        }
+        self.check()?;
         loop {
-            let guard =
-                FileLock::exclusive(&self.lock_file).map_err(|e| self.err("cannot lock", e))?;
-            let txn = match self.env.begin_rw_txn() {
+            let guard = FileLock::exclusive(&self.lock_file).map_err(|e| self.lock_err(e))?;
+            if txnid(&self.env) != self.synced_txnid {
+                self.others_wrote = true;
+            }
+            let begun = self.env.begin_rw_txn();
+            let mut txn = match begun {
                 Err(lmdb::Error::MapResized) => {
                     // Another writer grew the file: adopt its size and retry.
-                    self.env
-                        .set_map_size(0)
-                        .map_err(|e| self.err("cannot adopt new map size", e))?;
+                    let adopted = self.env.set_map_size(0);
                     drop(guard);
+                    adopted.map_err(|e| self.lmdb_err("cannot adopt new map size", e))?;
+                    // The size LMDB adopted is the one the next growth doubles.
+                    if let Ok(info) = self.env.info() {
+                        self.map_size = info.map_size();
+                    }
+                    self.reserve();
                     continue;
                 }
-                other => other.map_err(|e| self.err("cannot begin transaction", e))?,
+                other => other.map_err(|e| self.lmdb_err("cannot begin transaction", e))?,
             };
-            let mut txn = txn;
             let result = work(&mut txn, self.db).and_then(|v| txn.commit().map(|()| v));
+            if result.is_ok() {
+                self.synced_txnid = txnid(&self.env);
+            }
             drop(guard);
             match result {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    // Replaced between the check and the commit: what we wrote is in a file
+                    // Postfix no longer reads; the caller writes it again.
+                    self.check()?;
+                    return Ok(v);
+                }
                 Err(lmdb::Error::MapFull) if self.map_size < MAX_MAP_SIZE => {
                     self.map_size *= 2;
                     self.env
                         .set_map_size(self.map_size)
-                        .map_err(|e| self.err("cannot grow map", e))?;
+                        .map_err(|e| self.lmdb_err("cannot grow map", e))?;
+                    self.reserve();
                     tracing::info!(map = %self.path.display(), size = self.map_size, "map grown");
                 }
-                Err(e) => return Err(self.err("write failed", e)),
+                Err(e) => return Err(self.lmdb_err("write failed", e)),
             }
         }
     }
 
-    /// Runs `work` in a read transaction under the shared lock.
+    /// Runs `work` in a read transaction under the shared lock; also returns the id of the
+    /// transaction it read.
     fn read<T>(
         &mut self,
         work: impl FnOnce(&lmdb::RoTransaction<'_>, Database) -> Result<T, lmdb::Error>,
-    ) -> Result<T, StoreError> {
-        let _guard = FileLock::shared(&self.lock_file).map_err(|e| self.err("cannot lock", e))?;
-        let txn = match self.env.begin_ro_txn() {
-            Err(lmdb::Error::MapResized) => {
-                self.env
-                    .set_map_size(0)
-                    .map_err(|e| self.err("cannot adopt new map size", e))?;
-                self.env.begin_ro_txn()
-            }
-            other => other,
+    ) -> Result<(T, usize), StoreError> {
+        self.check()?;
+        let mut work = Some(work);
+        loop {
+            let guard = FileLock::shared(&self.lock_file).map_err(|e| self.lock_err(e))?;
+            let begun = self.env.begin_ro_txn();
+            let txn = match begun {
+                Err(lmdb::Error::MapResized) => {
+                    let adopted = self.env.set_map_size(0);
+                    drop(guard);
+                    adopted.map_err(|e| self.lmdb_err("cannot adopt new map size", e))?;
+                    // The size LMDB adopted is the one the next growth doubles.
+                    if let Ok(info) = self.env.info() {
+                        self.map_size = info.map_size();
+                    }
+                    self.reserve();
+                    continue;
+                }
+                other => other.map_err(|e| self.lmdb_err("cannot begin read", e))?,
+            };
+            let Some(work) = work.take() else {
+                unreachable!("read work runs once");
+            };
+            let v = work(&txn, self.db).map_err(|e| self.lmdb_err("read failed", e))?;
+            let id = txnid(&self.env);
+            txn.commit()
+                .map_err(|e| self.lmdb_err("cannot end read", e))?;
+            drop(guard);
+            return Ok((v, id));
         }
-        .map_err(|e| self.err("cannot begin read", e))?;
-        let v = work(&txn, self.db).map_err(|e| self.err("read failed", e))?;
-        txn.commit().map_err(|e| self.err("cannot end read", e))?;
-        Ok(v)
     }
 }
 
@@ -254,7 +434,7 @@ impl GrantStore for LmdbMap {
     }
 
     fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
-        self.read(|txn, db| {
+        let (list, _) = self.read(|txn, db| {
             let mut cursor = txn.open_ro_cursor(db)?;
             let mut out = Vec::new();
             for item in cursor.iter_start() {
@@ -268,11 +448,59 @@ impl GrantStore for LmdbMap {
                 }
             }
             Ok(out)
+        })?;
+        file::release_mapped_pages(self.ident);
+        Ok(list)
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        let (out, id) = self.read(|txn, db| {
+            let mut cursor = txn.open_ro_cursor(db)?;
+            let mut out = Vec::new();
+            for item in cursor.iter_start() {
+                let (k, v) = item?;
+                if let (Some(ip), Some(e)) = (parse_key(k), parse_expiry(v)) {
+                    out.push((ip, e));
+                }
+            }
+            Ok(out)
+        })?;
+        self.synced_txnid = id;
+        self.others_wrote = false;
+        file::release_mapped_pages(self.ident);
+        Ok(out)
+    }
+
+    /// A look at the meta page (no listing, no lock: a torn read only means "changed").
+    fn changed(&mut self) -> Result<Option<bool>, StoreError> {
+        self.check()?;
+        Ok(Some(
+            self.others_wrote || txnid(&self.env) != self.synced_txnid,
+        ))
+    }
+
+    fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        let value = value_bytes(&self.action, limit);
+        self.write(|txn, db| {
+            let mut out = Vec::with_capacity(ips.len());
+            for &ip in ips {
+                let key = key_bytes(ip);
+                match get_opt(txn, db, &key)?.and_then(parse_expiry) {
+                    Some(e) if e > limit => {
+                        txn.put(db, &key, &value, WriteFlags::empty())?;
+                        out.push((ip, limit));
+                    }
+                    Some(e) => out.push((ip, e)),
+                    None => {}
+                }
+            }
+            Ok(out)
         })
     }
 
     fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
-        self.read(|txn, db| Ok(get_opt(txn, db, &key_bytes(ip))?.map(value_text)))
+        let (v, _) = self.read(|txn, db| Ok(get_opt(txn, db, &key_bytes(ip))?.map(value_text)))?;
+        Ok(v)
     }
 
     fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
@@ -341,5 +569,137 @@ mod tests {
         }
         assert_eq!(m.list().unwrap().len(), 200_000);
         assert!(m.map_size > INITIAL_MAP_SIZE);
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+
+    fn ip(i: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv6Addr::from(
+            (0x2001_0db8u128 << 96) | i as u128,
+        ))
+    }
+
+    /// Defect 17: after another writer grew the map, our size is the adopted one, so the
+    /// next growth asks for more than the file holds.
+    #[test]
+    fn map_size_follows_another_writers_growth() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let mut a = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
+        let mut b = LmdbMap::open(&map, "OK", OpenMode::Existing).unwrap();
+        assert_eq!(a.map_size(), INITIAL_MAP_SIZE);
+        let grants: Vec<(IpAddr, i64)> = (0..150_000).map(|i| (ip(i), 1000)).collect();
+        b.upsert(&grants).unwrap();
+        assert!(b.map_size() > INITIAL_MAP_SIZE);
+        a.upsert(&[(ip(999_999), 1000)]).unwrap();
+        assert_eq!(a.map_size(), b.map_size(), "adopted the grown size");
+        assert_eq!(a.list().unwrap().len(), 150_001);
+    }
+
+    /// Defect 4: another writer's commit is seen by a look at the meta page; our own
+    /// commits are not "changes".
+    #[test]
+    fn changed_tells_other_writers_from_our_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let mut a = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
+        a.snapshot().unwrap();
+        assert_eq!(a.changed().unwrap(), Some(false));
+        a.upsert(&[(ip(1), 1000)]).unwrap();
+        assert_eq!(a.changed().unwrap(), Some(false), "our own commit");
+        let mut b = LmdbMap::open(&map, "OK", OpenMode::Existing).unwrap();
+        b.revoke(ip(1)).unwrap();
+        assert_eq!(a.changed().unwrap(), Some(true));
+        // Our commit after theirs does not hide theirs.
+        a.upsert(&[(ip(2), 1000)]).unwrap();
+        assert_eq!(a.changed().unwrap(), Some(true));
+        assert_eq!(a.snapshot().unwrap(), vec![(ip(2), 1000)]);
+        assert_eq!(a.changed().unwrap(), Some(false));
+    }
+
+    fn reopened(r: Result<Vec<(IpAddr, i64)>, StoreError>) {
+        match r {
+            Err(e) => assert_eq!(e.cause(), Cause::Reopened, "{e}"),
+            Ok(v) => panic!("not noticed: {v:?}"),
+        }
+    }
+
+    /// Defects 9 and 15: deleted, replaced or truncated under us, the map is reopened
+    /// (never a commit into a dead file, never SIGBUS) and the caller told to rewrite.
+    #[test]
+    fn deleted_replaced_or_truncated_map_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let file = file_path(&map);
+        let mut m = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
+        m.upsert(&[(ip(1), 1000)]).unwrap();
+
+        std::fs::remove_file(&file).unwrap();
+        reopened(m.upsert(&[(ip(2), 1000)]));
+        assert!(file.exists(), "recreated");
+        m.upsert(&[(ip(2), 1000)]).unwrap();
+        assert_eq!(m.snapshot().unwrap(), vec![(ip(2), 1000)]);
+
+        let other = dir.path().join("other");
+        LmdbMap::open(&other, "OK", OpenMode::Create)
+            .unwrap()
+            .upsert(&[(ip(7), 1000)])
+            .unwrap();
+        std::fs::rename(file_path(&other), &file).unwrap();
+        reopened(m.upsert(&[(ip(3), 1000)]));
+        m.upsert(&[(ip(3), 1000)]).unwrap();
+        let mut keys: Vec<IpAddr> = m.snapshot().unwrap().into_iter().map(|g| g.0).collect();
+        keys.sort();
+        assert_eq!(keys, vec![ip(3), ip(7)], "wrote into the new file");
+
+        for len in [0, 4096, 8192] {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .unwrap()
+                .set_len(len)
+                .unwrap();
+            assert!(matches!(m.changed(), Err(e) if e.cause() == Cause::Reopened));
+            m.upsert(&[(ip(4), 1000)]).unwrap();
+            assert_eq!(m.snapshot().unwrap(), vec![(ip(4), 1000)]);
+        }
+    }
+
+    /// The map's descriptors do not leak into children (journalctl).
+    #[test]
+    fn descriptors_are_close_on_exec() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let _m = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
+        let file = std::fs::canonicalize(file_path(&map)).unwrap();
+        let out = std::process::Command::new("ls")
+            .args(["-l", "/proc/self/fd/"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("/proc/"), "{text}");
+        assert!(
+            !text.contains(&file.display().to_string()),
+            "map fd leaked into a child:\n{text}"
+        );
+    }
+
+    /// Disk blocks for the whole map size are reserved (defect 5), the length unchanged.
+    #[test]
+    fn blocks_are_reserved() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let m = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
+        let meta = std::fs::metadata(m.path()).unwrap();
+        assert!(meta.len() < 1 << 20, "length unchanged: {}", meta.len());
+        assert!(
+            meta.blocks() * 512 >= INITIAL_MAP_SIZE as u64,
+            "{} blocks",
+            meta.blocks()
+        );
     }
 }

@@ -1,6 +1,9 @@
 //! The `store` stage: where grants live. `GrantStore` is the seam; `LmdbMap` is the Postfix
 //! LMDB map. A fleet store (PostgreSQL) will implement the same trait.
 
+mod error;
+mod file;
+pub mod instance;
 pub mod lmdb;
 mod lock;
 pub mod postgres;
@@ -8,6 +11,7 @@ pub mod value;
 
 use std::net::IpAddr;
 
+pub use error::{Cause, StoreError};
 pub use lmdb::{LmdbMap, OpenMode};
 
 /// One grant as stored: canonical address and expiry (unix seconds; None = no expiry
@@ -18,11 +22,6 @@ pub struct StoredGrant {
     pub expires: Option<i64>,
     pub value: String,
 }
-
-/// A store failure, naming the map and what was being done.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
 
 /// Where grants are written. Implementations keep the later expiry when two writers grant
 /// the same address, and never remove a grant whose stored expiry is still in the future.
@@ -43,6 +42,44 @@ pub trait GrantStore: Send {
     fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError>;
     /// Sets one address's expiry, even if shorter than the stored one (manual grant).
     fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError>;
+
+    /// Every grant that has an expiry, for the engine's view; also marks the store as
+    /// read, so that `changed` reports only what other writers do after this.
+    fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter_map(|g| g.expires.map(|e| (g.ip, e)))
+            .collect())
+    }
+
+    /// Whether another writer changed the store since the last `snapshot` (Some), or None
+    /// when this store cannot tell cheaply (the engine then re-reads it now and then).
+    /// `Cause::Reopened` when the store had to be reopened: the live grants must be
+    /// written again.
+    fn changed(&mut self) -> Result<Option<bool>, StoreError> {
+        Ok(None)
+    }
+
+    /// Lowers the expiry of those of `ips` stored later than `limit` to `limit` (grants
+    /// written under a wrong clock or a longer ttl). Returns the effective expiries.
+    fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        let mut out = Vec::with_capacity(ips.len());
+        for &ip in ips {
+            let stored = self
+                .get(ip)?
+                .and_then(|v| value::parse_expiry(v.as_bytes()));
+            match stored {
+                Some(e) if e > limit => {
+                    self.set(ip, limit)?;
+                    out.push((ip, limit));
+                }
+                Some(e) => out.push((ip, e)),
+                None => {}
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// What an expiry pass did.

@@ -1,0 +1,336 @@
+//! The daemon's core: turns batches of logins into map commits, expires grants on time,
+//! and advances checkpoints only behind commits.
+//!
+//! `Engine` is plain synchronous state with time as an argument (testable with values);
+//! `driver` runs it from tokio with its clock and heartbeat as arguments; `view` is the
+//! committed grants shared with lookup servers; `alarm` keeps failure logs to state
+//! changes.
+
+mod alarm;
+mod counters;
+mod driver;
+mod view;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+pub use counters::{CommitLatency, Counters, COMMIT_BUCKETS};
+pub use driver::{drive, run, Clock, Exit, Pace, SystemClock};
+pub use view::{GrantsView, Lookup};
+
+use crate::grant::{Decision, Policy};
+use crate::source::checkpoint::{CheckpointDir, Position};
+use crate::source::Batch;
+use crate::store::{Cause, GrantStore, StoreError};
+use crate::timefmt;
+
+/// Grants known to be in the store, pending writes, and checkpoints waiting for a commit.
+pub struct Engine<S: GrantStore> {
+    store: S,
+    policy: Policy,
+    /// The longest lifetime a grant may have beyond the ttl's (a later hold feature sets
+    /// it); expiries read from the map are capped at now + the longer of the two.
+    longest_hold: i64,
+    /// Expiry of each grant as committed (shared with lookup servers).
+    grants: GrantsView,
+    /// The same, ordered by deadline, for the expiry timer.
+    deadlines: BTreeSet<(i64, IpAddr)>,
+    pending: HashMap<IpAddr, i64>,
+    pending_checkpoints: BTreeMap<usize, Position>,
+    checkpoints: CheckpointDir,
+    /// A login that moves an expiry by less than this is not written again.
+    slack: i64,
+    /// The map must be re-read (reopened, policy changed, or a re-read failed).
+    resync_due: bool,
+    pub counters: Counters,
+}
+
+impl<S: GrantStore> Engine<S> {
+    /// Loads the grants the store holds (the map is the source of truth for expiry) after
+    /// removing those already expired, and caps expiries the configuration does not allow.
+    pub fn new(
+        store: S,
+        policy: Policy,
+        checkpoints: CheckpointDir,
+        now: i64,
+    ) -> Result<Engine<S>, StoreError> {
+        let slack = slack(&policy);
+        let mut engine = Engine {
+            store,
+            policy,
+            longest_hold: 0,
+            grants: GrantsView::default(),
+            deadlines: BTreeSet::new(),
+            pending: HashMap::new(),
+            pending_checkpoints: BTreeMap::new(),
+            checkpoints,
+            slack,
+            resync_due: true,
+            counters: Counters::default(),
+        };
+        let removed = engine.recovering(now, |e| e.store.expire_all(now))?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed grants that expired while dovegate was not running"
+            );
+        }
+        engine.counters.removed = removed as u64;
+        engine.recovering(now, |e| e.resync_once(now))?;
+        Ok(engine)
+    }
+
+    /// The longest lifetime a grant may have: expiries beyond now + this are shortened.
+    pub fn max_lifetime(&self) -> i64 {
+        self.policy.ttl_secs().max(self.longest_hold)
+    }
+
+    /// Allows grants to live up to `secs` even when the ttl is shorter (a later feature's
+    /// hold); the next re-read caps with it.
+    pub fn set_longest_hold(&mut self, secs: i64) {
+        self.longest_hold = secs.max(0);
+        self.resync_due = true;
+    }
+
+    /// Grants or checkpoints wait for a flush.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || !self.pending_checkpoints.is_empty()
+    }
+
+    /// Grants wait for a map commit (checkpoints alone do not).
+    pub fn has_pending_grants(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    pub fn active(&self) -> usize {
+        self.grants.len()
+    }
+
+    /// The live grants, for lookup servers.
+    pub fn view(&self) -> GrantsView {
+        self.grants.clone()
+    }
+
+    /// Replaces the policy (a reloaded configuration); committed grants keep their expiry
+    /// unless it is beyond what the new policy allows (capped at the next re-read).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.slack = slack(&policy);
+        self.policy = policy;
+        self.resync_due = true;
+    }
+
+    /// Applies policy to a batch; grants wait for the next flush with their checkpoint.
+    pub fn accept(&mut self, batch: Batch, now: i64) {
+        for login in batch.logins {
+            match self.policy.decide(login.ip, login.time, now) {
+                Decision::Grant { ip, expires } => {
+                    let known = match self.pending.get(&ip) {
+                        Some(&e) => Some(e),
+                        None => self.grants.committed(ip),
+                    };
+                    if known.is_none_or(|k| expires > k + self.slack) {
+                        self.pending.insert(ip, expires.max(known.unwrap_or(0)));
+                    }
+                    self.counters.granted += 1;
+                }
+                Decision::Excluded(why) => {
+                    self.counters.excluded += 1;
+                    tracing::debug!(ip = %login.ip, reason = %why, "login not granted");
+                }
+                Decision::Expired => self.counters.expired_logins += 1,
+            }
+        }
+        if let Some(position) = batch.position {
+            self.pending_checkpoints.insert(batch.source, position);
+        }
+    }
+
+    /// Commits pending grants in one transaction, then writes the checkpoints they cover.
+    /// On error nothing is forgotten: the next flush retries, and no checkpoint moves.
+    pub fn flush(&mut self, now: i64) -> Result<(), StoreError> {
+        self.recovering(now, |e| e.flush_once())
+    }
+
+    fn flush_once(&mut self) -> Result<(), StoreError> {
+        if !self.pending.is_empty() {
+            let grants: Vec<(IpAddr, i64)> = self.pending.iter().map(|(&ip, &e)| (ip, e)).collect();
+            let started = std::time::Instant::now();
+            let effective = self.store.upsert(&grants)?;
+            self.counters
+                .commit_latency
+                .record(started.elapsed().as_secs_f64());
+            self.counters.commits += 1;
+            let mut grants = self.grants.grants_mut();
+            for (ip, e) in effective {
+                if let Some(old) = grants.insert(ip, e) {
+                    self.deadlines.remove(&(old, ip));
+                }
+                self.deadlines.insert((e, ip));
+            }
+            drop(grants);
+            self.pending.clear();
+        }
+        while let Some((source, cp)) = self.pending_checkpoints.pop_first() {
+            if let Err(e) = self.checkpoints.save_position(&cp) {
+                self.pending_checkpoints.insert(source, cp);
+                return Err(StoreError::new(
+                    format!("cannot save checkpoint: {e}"),
+                    Cause::Io(e.kind()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a store operation; when the store had to be reopened (the map file deleted,
+    /// replaced or truncated), first writes every live grant into it again, then retries
+    /// once. Checkpoints move only after that rewrite committed.
+    fn recovering<T>(
+        &mut self,
+        now: i64,
+        mut op: impl FnMut(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match op(self) {
+            Err(e) if e.cause() == Cause::Reopened => {
+                let live: Vec<(IpAddr, i64)> = self.grants.read(|m| {
+                    m.iter()
+                        .filter(|(_, &e)| e > now)
+                        .map(|(&ip, &e)| (ip, e))
+                        .collect()
+                });
+                let count = live.len();
+                for (ip, e) in live {
+                    let p = self.pending.entry(ip).or_insert(e);
+                    *p = (*p).max(e);
+                }
+                self.resync_due = true;
+                self.flush_once()?;
+                tracing::warn!(count, "wrote the live grants into the reopened map");
+                op(self)
+            }
+            r => r,
+        }
+    }
+
+    /// Checks whether another writer changed the store (a cheap look for the LMDB map)
+    /// and re-reads it when it did, when a re-read is due, or, for a store that cannot
+    /// tell, when `periodic`. Returns whether it re-read. While a needed re-read fails,
+    /// lookups in the view answer unsure.
+    pub fn poll(&mut self, now: i64, periodic: bool) -> Result<bool, StoreError> {
+        let result = self.recovering(now, |e| {
+            let changed = e.store.changed()?;
+            // The clock stepped back (a fault fixed while running): our own grants now
+            // expire later than allowed; the re-read caps them in the map.
+            let too_late = e
+                .deadlines
+                .last()
+                .is_some_and(|&(x, _)| x > now.saturating_add(e.max_lifetime()));
+            let due = e.resync_due || too_late || changed.unwrap_or(periodic);
+            if due {
+                e.resync_once(now)?;
+            }
+            Ok(due)
+        });
+        if result.is_err() {
+            self.resync_due = true;
+            self.grants.set_stale(true);
+        }
+        result
+    }
+
+    /// Re-reads the store now: picks up grants written by others (`dovegate grant`,
+    /// another host) so that they expire on time, and forgets revoked ones.
+    pub fn resync(&mut self, now: i64) -> Result<(), StoreError> {
+        self.resync_due = true;
+        self.poll(now, true).map(|_| ())
+    }
+
+    fn resync_once(&mut self, now: i64) -> Result<(), StoreError> {
+        let mut fresh = self.store.snapshot()?;
+        let limit = now.saturating_add(self.max_lifetime());
+        let over: Vec<IpAddr> = fresh
+            .iter()
+            .filter(|&&(_, e)| e > limit)
+            .map(|&(ip, _)| ip)
+            .collect();
+        if !over.is_empty() {
+            // Postfix obeys the map, not our memory: the map itself is rewritten.
+            let capped: HashMap<IpAddr, i64> = self.store.cap(&over, limit)?.into_iter().collect();
+            tracing::warn!(
+                count = over.len(),
+                limit = %timefmt::rfc3339(limit),
+                "grants in the map expired later than the configuration allows (written under a wrong clock or a longer ttl); shortened them to now + ttl"
+            );
+            fresh.retain_mut(|(ip, e)| {
+                if *e <= limit {
+                    return true;
+                }
+                match capped.get(ip) {
+                    Some(&c) => {
+                        *e = c;
+                        true
+                    }
+                    None => false,
+                }
+            });
+        }
+        self.deadlines = fresh.iter().map(|&(ip, e)| (e, ip)).collect();
+        self.grants.replace(fresh.into_iter().collect());
+        self.resync_due = false;
+        // A full read builds and drops tables the size of the map; give the freed memory
+        // back so that idle RSS follows the live grants, not the last re-read's peak.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only walks glibc's own free lists.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        Ok(())
+    }
+
+    /// The earliest expiry among committed grants.
+    pub fn next_deadline(&self) -> Option<i64> {
+        self.deadlines.first().map(|&(e, _)| e)
+    }
+
+    /// Removes grants whose deadline has come. Another writer may have extended some
+    /// (the store checks); those get their new deadline.
+    pub fn expire_due(&mut self, now: i64) -> Result<usize, StoreError> {
+        self.recovering(now, |e| e.expire_due_once(now))
+    }
+
+    fn expire_due_once(&mut self, now: i64) -> Result<usize, StoreError> {
+        let due: Vec<IpAddr> = self
+            .deadlines
+            .iter()
+            .take_while(|(e, _)| *e <= now)
+            .map(|&(_, ip)| ip)
+            .collect();
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let out = self.store.expire(&due, now)?;
+        let mut grants = self.grants.grants_mut();
+        for ip in &due {
+            if let Some(e) = grants.remove(ip) {
+                self.deadlines.remove(&(e, *ip));
+            }
+        }
+        for (ip, e) in out.extended {
+            grants.insert(ip, e);
+            self.deadlines.insert((e, ip));
+        }
+        drop(grants);
+        self.counters.removed += out.removed.len() as u64;
+        if !out.removed.is_empty() {
+            tracing::debug!(count = out.removed.len(), "grants expired");
+        }
+        Ok(out.removed.len())
+    }
+}
+
+fn slack(policy: &Policy) -> i64 {
+    (policy.ttl_secs() / 30).clamp(0, 60)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,514 @@
+//! The engine with an in-memory store: bookkeeping with plain values, and the loop on
+//! paused tokio time.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::*;
+use crate::source::checkpoint::Checkpoint;
+use crate::source::SeenLogin;
+use crate::store::{ExpireOutcome, StoredGrant};
+
+/// What the in-memory store holds and how it behaves; shared with the test.
+#[derive(Default)]
+struct Mem {
+    map: HashMap<IpAddr, i64>,
+    commits: usize,
+    snapshots: usize,
+    /// Another writer changed it since the last snapshot.
+    dirty: bool,
+    /// The next operation finds the "file" replaced: empty, and says Reopened once.
+    reopen_next: bool,
+    fail_expire: bool,
+    fail_read: bool,
+}
+
+#[derive(Default, Clone)]
+struct MemStore(Arc<Mutex<Mem>>);
+
+impl MemStore {
+    fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
+        self.0.lock().unwrap()
+    }
+
+    fn reopened(&self) -> Result<(), StoreError> {
+        let mut m = self.mem();
+        if std::mem::take(&mut m.reopen_next) {
+            m.map.clear();
+            return Err(StoreError::new("replaced", Cause::Reopened));
+        }
+        Ok(())
+    }
+}
+
+impl GrantStore for MemStore {
+    fn upsert(&mut self, g: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        self.reopened()?;
+        let mut m = self.mem();
+        m.commits += 1;
+        Ok(g.iter()
+            .map(|&(ip, e)| {
+                let v = m.map.entry(ip).or_insert(e);
+                *v = (*v).max(e);
+                (ip, *v)
+            })
+            .collect())
+    }
+    fn expire(&mut self, ips: &[IpAddr], now: i64) -> Result<ExpireOutcome, StoreError> {
+        self.reopened()?;
+        let mut m = self.mem();
+        if m.fail_expire {
+            return Err(StoreError::new(
+                "disk full",
+                Cause::Io(std::io::ErrorKind::StorageFull),
+            ));
+        }
+        let mut o = ExpireOutcome::default();
+        for ip in ips {
+            match m.map.get(ip).copied() {
+                Some(e) if e <= now => {
+                    m.map.remove(ip);
+                    o.removed.push(*ip);
+                }
+                Some(e) => o.extended.push((*ip, e)),
+                None => {}
+            }
+        }
+        Ok(o)
+    }
+    fn expire_all(&mut self, now: i64) -> Result<usize, StoreError> {
+        let mut m = self.mem();
+        let n = m.map.len();
+        m.map.retain(|_, e| *e > now);
+        Ok(n - m.map.len())
+    }
+    fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
+        Ok(self
+            .mem()
+            .map
+            .iter()
+            .map(|(&ip, &e)| StoredGrant {
+                ip,
+                expires: Some(e),
+                value: String::new(),
+            })
+            .collect())
+    }
+    fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        let mut m = self.mem();
+        if m.fail_read {
+            return Err(StoreError::new("cannot lock", Cause::Other));
+        }
+        m.snapshots += 1;
+        m.dirty = false;
+        Ok(m.map.iter().map(|(&ip, &e)| (ip, e)).collect())
+    }
+    fn changed(&mut self) -> Result<Option<bool>, StoreError> {
+        self.reopened()?;
+        Ok(Some(self.mem().dirty))
+    }
+    fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .mem()
+            .map
+            .get(&ip)
+            .map(|&e| format!("OK expires={}", timefmt::rfc3339(e))))
+    }
+    fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
+        Ok(self.mem().map.remove(&ip).is_some())
+    }
+    fn set(&mut self, ip: IpAddr, e: i64) -> Result<(), StoreError> {
+        self.mem().map.insert(ip, e);
+        Ok(())
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn batch(logins: &[(&str, i64)]) -> Batch {
+    Batch {
+        source: 0,
+        logins: logins
+            .iter()
+            .map(|(ip, t)| SeenLogin {
+                ip: ip.parse().unwrap(),
+                time: Some(*t),
+            })
+            .collect(),
+        position: Some(Position::File(Checkpoint {
+            path: "/x".into(),
+            files: vec![],
+        })),
+    }
+}
+
+fn engine(store: &MemStore, dir: &std::path::Path, ttl: u64, now: i64) -> Engine<MemStore> {
+    let policy = Policy::new(vec![], Duration::from_secs(ttl));
+    Engine::new(store.clone(), policy, CheckpointDir::new(dir), now).unwrap()
+}
+
+#[test]
+fn batches_slides_and_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    store.mem().map.insert(ip("198.51.100.9"), 10); // already expired at start
+    let mut e = engine(&store, dir.path(), 1800, 1000);
+    assert_eq!(e.active(), 0);
+    e.accept(
+        batch(&[
+            ("192.0.2.1", 1000),
+            ("192.0.2.1", 1001),
+            ("127.0.0.1", 1000),
+            ("192.0.2.2", 1000),
+        ]),
+        1001,
+    );
+    e.accept(batch(&[("192.0.2.3", 1001)]), 1001);
+    e.flush(1001).unwrap();
+    // Many logins, one commit.
+    assert_eq!(store.mem().commits, 1);
+    assert_eq!(e.active(), 3);
+    assert!(dir.path().join("checkpoints").exists());
+    // A small extension is not rewritten; a large one is (sliding expiry).
+    e.accept(batch(&[("192.0.2.1", 1010)]), 1010);
+    e.flush(1010).unwrap();
+    assert_eq!(store.mem().commits, 1);
+    e.accept(batch(&[("192.0.2.1", 1500)]), 1500);
+    e.flush(1500).unwrap();
+    assert_eq!(store.mem().commits, 2);
+    assert_eq!(e.next_deadline(), Some(2800));
+    assert_eq!(e.expire_due(2800).unwrap(), 1);
+    assert_eq!(e.expire_due(2801).unwrap(), 1);
+    assert_eq!(e.active(), 1);
+    assert_eq!(e.next_deadline(), Some(3300));
+    // Replayed old logins grant nothing.
+    e.accept(batch(&[("192.0.2.7", 100)]), 4000);
+    assert_eq!(e.counters.expired_logins, 1);
+}
+
+/// Defect 1: an expiry beyond now + ttl (a wrong clock) is capped in the map itself, at
+/// start and when another writer's change is read.
+#[test]
+fn far_future_expiries_are_capped_in_the_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let year = 365 * 86400;
+    store.mem().map.insert(ip("192.0.2.1"), 1000 + year);
+    store.mem().map.insert(ip("192.0.2.2"), 1500);
+    let mut e = engine(&store, dir.path(), 1800, 1000);
+    assert_eq!(
+        store.mem().map[&ip("192.0.2.1")],
+        2800,
+        "rewritten in the map"
+    );
+    assert_eq!(
+        store.mem().map[&ip("192.0.2.2")],
+        1500,
+        "within the ttl: kept"
+    );
+    assert_eq!(e.view().find(ip("192.0.2.1"), 1000), Lookup::Found(2800));
+    assert_eq!(e.next_deadline(), Some(1500));
+    // Another writer adds one under a wrong clock while we run.
+    {
+        let mut m = store.mem();
+        m.map.insert(ip("192.0.2.3"), 5000 + year);
+        m.dirty = true;
+    }
+    assert!(e.poll(2000, false).unwrap());
+    assert_eq!(store.mem().map[&ip("192.0.2.3")], 3800);
+    assert_eq!(e.view().find(ip("192.0.2.3"), 2000), Lookup::Found(3800));
+    // A longer hold (a later feature) raises the cap.
+    e.set_longest_hold(7200);
+    assert_eq!(e.max_lifetime(), 7200);
+}
+
+/// Defect 4 and issue 14: the store is re-read only when another writer changed it; a
+/// re-read makes revokes and manual grants visible in the view.
+#[test]
+fn rereads_only_when_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    store.mem().map.insert(ip("192.0.2.1"), 2000);
+    let mut e = engine(&store, dir.path(), 1800, 1000);
+    let reads = store.mem().snapshots;
+    for _ in 0..10 {
+        assert!(!e.poll(1000, false).unwrap());
+    }
+    assert_eq!(store.mem().snapshots, reads, "no listing while unchanged");
+    {
+        let mut m = store.mem();
+        m.map.remove(&ip("192.0.2.1"));
+        m.map.insert(ip("192.0.2.9"), 2500);
+        m.dirty = true;
+    }
+    assert!(e.poll(1000, false).unwrap());
+    assert_eq!(e.view().find(ip("192.0.2.1"), 1000), Lookup::Absent);
+    assert_eq!(e.view().find(ip("192.0.2.9"), 1000), Lookup::Found(2500));
+    assert_eq!(e.next_deadline(), Some(2500));
+}
+
+/// Defect 9: when the store was reopened (the map deleted or replaced), the live grants
+/// are written again before the pending ones, and checkpoints move only after.
+#[test]
+fn reopened_store_gets_the_live_grants_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let mut e = engine(&store, dir.path(), 1800, 1000);
+    e.accept(batch(&[("192.0.2.1", 1000), ("192.0.2.2", 1000)]), 1000);
+    e.flush(1000).unwrap();
+    store.mem().reopen_next = true;
+    e.accept(batch(&[("192.0.2.3", 1100)]), 1100);
+    e.flush(1100).unwrap();
+    let m = store.mem();
+    assert_eq!(m.map.len(), 3, "live grants rewritten: {:?}", m.map);
+    assert!(!e.has_pending());
+}
+
+/// A test clock: a fixed wall-clock start plus tokio's (paused) elapsed time.
+struct PausedClock {
+    base: Duration,
+    start: tokio::time::Instant,
+}
+
+impl PausedClock {
+    fn new(base_secs: u64) -> PausedClock {
+        PausedClock {
+            base: Duration::from_secs(base_secs),
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for PausedClock {
+    fn now(&self) -> Duration {
+        self.base + self.start.elapsed()
+    }
+}
+
+const BASE: i64 = 1_800_000_000;
+const INTERVAL: Duration = Duration::from_millis(250);
+
+fn pace() -> Pace {
+    Pace {
+        commit_interval: INTERVAL,
+        heartbeat: Duration::from_secs(5),
+        probe: Duration::from_millis(250),
+        resync: Duration::from_secs(60),
+        retry: Duration::from_secs(1),
+    }
+}
+
+/// The loop in a task on paused time; returns the batch sender, the stop switch and the
+/// task's handle.
+struct Running {
+    tx: tokio::sync::mpsc::Sender<Batch>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<(Engine<MemStore>, Result<Exit, StoreError>)>,
+    view: GrantsView,
+}
+
+fn start(store: &MemStore, dir: &std::path::Path, ttl: u64) -> Running {
+    let mut e = engine(store, dir, ttl, BASE);
+    let view = e.view();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let clock = PausedClock::new(BASE as u64);
+        let control = async move {
+            let _ = stopped.await;
+            Exit::Shutdown
+        };
+        let r = drive(&mut e, &mut rx, pace(), &clock, control, &mut |_| {}).await;
+        (e, r)
+    });
+    Running {
+        tx,
+        stop: Some(stop),
+        task,
+        view,
+    }
+}
+
+fn now_secs(start: tokio::time::Instant) -> i64 {
+    BASE + i64::try_from(start.elapsed().as_secs()).unwrap()
+}
+
+/// Lets the loop run everything that is due now, without moving the clock.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn commits_at_once_when_idle_then_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let mut r = start(&store, dir.path(), 1800);
+    let t0 = tokio::time::Instant::now();
+    r.tx.send(batch(&[("192.0.2.1", BASE)])).await.unwrap();
+    settle().await;
+    assert_eq!(store.mem().commits, 1, "a lone login is committed at once");
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    r.tx.send(batch(&[("192.0.2.2", BASE)])).await.unwrap();
+    r.tx.send(batch(&[("192.0.2.3", BASE)])).await.unwrap();
+    settle().await;
+    assert_eq!(store.mem().commits, 1, "the next waits for the interval");
+    tokio::time::sleep(INTERVAL / 2).await;
+    assert_eq!(store.mem().commits, 1);
+    tokio::time::sleep(INTERVAL / 2).await;
+    settle().await;
+    assert_eq!(store.mem().commits, 2, "both in one commit");
+    assert_eq!(store.mem().map.len(), 3);
+    r.stop.take().unwrap().send(()).unwrap();
+    let (_, exit) = r.task.await.unwrap();
+    assert_eq!(exit.unwrap(), Exit::Shutdown);
+}
+
+/// Issue 14: a flush that only writes checkpoints (background log lines) does not start
+/// the commit interval: the next login is committed at once.
+#[tokio::test(start_paused = true)]
+async fn checkpoint_only_flush_does_not_delay_a_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let r = start(&store, dir.path(), 1800);
+    let noise = Batch {
+        logins: vec![],
+        ..batch(&[])
+    };
+    r.tx.send(noise).await.unwrap();
+    settle().await;
+    assert!(
+        dir.path().join("checkpoints").exists(),
+        "checkpoint written"
+    );
+    let t0 = tokio::time::Instant::now();
+    r.tx.send(batch(&[("192.0.2.1", BASE)])).await.unwrap();
+    settle().await;
+    assert_eq!(store.mem().commits, 1);
+    assert_eq!(t0.elapsed(), Duration::ZERO, "committed without waiting");
+}
+
+#[tokio::test(start_paused = true)]
+async fn expires_on_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let r = start(&store, dir.path(), 10);
+    let t0 = tokio::time::Instant::now();
+    r.tx.send(batch(&[("192.0.2.1", BASE)])).await.unwrap();
+    settle().await;
+    assert_eq!(r.view.find(ip("192.0.2.1"), BASE), Lookup::Found(BASE + 10));
+    tokio::time::sleep(Duration::from_millis(9_990)).await;
+    settle().await;
+    assert!(store.mem().map.contains_key(&ip("192.0.2.1")), "not before");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    settle().await;
+    assert!(store.mem().map.is_empty(), "removed at the deadline");
+    assert_eq!(now_secs(t0), BASE + 10);
+}
+
+/// Defect 19's retry: a failing expiry is retried (once a second) until it works.
+#[tokio::test(start_paused = true)]
+async fn failing_expiry_is_retried_until_it_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let r = start(&store, dir.path(), 10);
+    r.tx.send(batch(&[("192.0.2.1", BASE)])).await.unwrap();
+    settle().await;
+    store.mem().fail_expire = true;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(store.mem().map.contains_key(&ip("192.0.2.1")));
+    store.mem().fail_expire = false;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    settle().await;
+    assert!(store.mem().map.is_empty(), "removed once the store works");
+}
+
+#[tokio::test(start_paused = true)]
+async fn drains_and_commits_on_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let mut r = start(&store, dir.path(), 1800);
+    r.tx.send(batch(&[("192.0.2.1", BASE)])).await.unwrap();
+    settle().await;
+    // Sent, and the stop comes before the interval allows another commit.
+    r.tx.send(batch(&[("192.0.2.2", BASE)])).await.unwrap();
+    r.tx.send(batch(&[("192.0.2.3", BASE)])).await.unwrap();
+    r.stop.take().unwrap().send(()).unwrap();
+    let (e, exit) = r.task.await.unwrap();
+    assert_eq!(exit.unwrap(), Exit::Shutdown);
+    assert_eq!(store.mem().map.len(), 3);
+    assert!(!e.has_pending());
+}
+
+/// Defect 4: another writer's revoke reaches the view within one probe interval.
+#[tokio::test(start_paused = true)]
+async fn other_writers_changes_reach_the_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let r = start(&store, dir.path(), 1800);
+    r.tx.send(batch(&[("192.0.2.1", BASE)])).await.unwrap();
+    settle().await;
+    assert!(matches!(
+        r.view.find(ip("192.0.2.1"), BASE),
+        Lookup::Found(_)
+    ));
+    {
+        let mut m = store.mem();
+        m.map.remove(&ip("192.0.2.1"));
+        m.map.insert(ip("192.0.2.8"), BASE + 600);
+        m.dirty = true;
+    }
+    tokio::time::sleep(pace().probe).await;
+    settle().await;
+    assert_eq!(r.view.find(ip("192.0.2.1"), BASE), Lookup::Absent);
+    assert_eq!(
+        r.view.find(ip("192.0.2.8"), BASE),
+        Lookup::Found(BASE + 600)
+    );
+}
+
+/// A map known to have changed that cannot be re-read makes lookups unsure (socketmap
+/// answers TEMP) until a re-read works.
+#[test]
+fn view_is_unsure_while_a_needed_reread_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    store.mem().map.insert(ip("192.0.2.1"), 2000);
+    let mut e = engine(&store, dir.path(), 1800, 1000);
+    assert_eq!(e.view().find(ip("192.0.2.1"), 1000), Lookup::Found(2000));
+    {
+        let mut m = store.mem();
+        m.map.remove(&ip("192.0.2.1"));
+        m.dirty = true;
+        m.fail_read = true;
+    }
+    assert!(e.poll(1000, false).is_err());
+    assert_eq!(
+        e.view().find(ip("192.0.2.1"), 1000),
+        Lookup::Unsure { guess: Some(2000) }
+    );
+    store.mem().fail_read = false;
+    assert!(e.poll(1000, false).unwrap());
+    assert_eq!(e.view().find(ip("192.0.2.1"), 1000), Lookup::Absent);
+}
+
+/// Defect 1 while running: the clock steps back (a fault fixed); grants written under the
+/// wrong clock are capped at the next probe.
+#[test]
+fn clock_stepping_back_caps_our_own_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let year = 365 * 86400;
+    let mut e = engine(&store, dir.path(), 1800, 1000 + year);
+    e.accept(batch(&[("192.0.2.1", 1000 + year)]), 1000 + year);
+    e.flush(1000 + year).unwrap();
+    assert!(!e.poll(1000 + year, false).unwrap(), "nothing to do");
+    assert!(e.poll(1000, false).unwrap());
+    assert_eq!(store.mem().map[&ip("192.0.2.1")], 2800);
+    assert_eq!(e.next_deadline(), Some(2800));
+}

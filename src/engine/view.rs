@@ -1,0 +1,166 @@
+//! The grants as committed, shared with lookup servers (socketmap, metrics).
+//!
+//! A lookup has three answers: found (with its expiry), absent, or unsure. Unsure means
+//! the view may not be what the map holds (a writer panicked while holding it, or the map
+//! is known to have changed and could not be re-read): a lookup server answers "try
+//! again" rather than guess, since a stale "found" may be a revoked grant.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
+
+/// The answer of a lookup in the view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// A grant that has not expired, with its expiry.
+    Found(i64),
+    Absent,
+    /// The view may be stale or inconsistent; the best guess is in `guess`.
+    Unsure {
+        guess: Option<i64>,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    grants: HashMap<IpAddr, i64>,
+    /// The map changed and could not be re-read.
+    stale: bool,
+}
+
+/// A read-only view of the committed grants, for servers answering lookups.
+#[derive(Debug, Clone, Default)]
+pub struct GrantsView(Arc<RwLock<Inner>>);
+
+impl GrantsView {
+    /// Found, absent or unsure for `ip` at `now`.
+    pub fn find(&self, ip: IpAddr, now: i64) -> Lookup {
+        let found = |m: &Inner| {
+            m.grants
+                .get(&ip.to_canonical())
+                .copied()
+                .filter(|&e| e > now)
+        };
+        match self.0.read() {
+            Ok(m) if !m.stale => found(&m).map_or(Lookup::Absent, Lookup::Found),
+            Ok(m) => Lookup::Unsure { guess: found(&m) },
+            Err(poisoned) => Lookup::Unsure {
+                guess: found(&poisoned.into_inner()),
+            },
+        }
+    }
+
+    /// The expiry of `ip`'s grant, if it has one that has not expired at `now` (best guess
+    /// when unsure).
+    pub fn lookup(&self, ip: IpAddr, now: i64) -> Option<i64> {
+        self.try_lookup(ip, now).unwrap_or_else(|e| e)
+    }
+
+    /// Like `find`: Ok when sure, Err(best guess) when unsure.
+    pub fn try_lookup(&self, ip: IpAddr, now: i64) -> Result<Option<i64>, Option<i64>> {
+        match self.find(ip, now) {
+            Lookup::Found(e) => Ok(Some(e)),
+            Lookup::Absent => Ok(None),
+            Lookup::Unsure { guess } => Err(guess),
+        }
+    }
+
+    /// Adds a grant to the view only (tests of lookup servers).
+    pub fn insert(&self, ip: IpAddr, expires: i64) {
+        self.write().grants.insert(ip.to_canonical(), expires);
+    }
+
+    pub fn len(&self) -> usize {
+        self.read(|m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The committed expiry, expired or not.
+    pub(super) fn committed(&self, ip: IpAddr) -> Option<i64> {
+        self.read(|m| m.get(&ip).copied())
+    }
+
+    pub(super) fn read<T>(&self, f: impl FnOnce(&HashMap<IpAddr, i64>) -> T) -> T {
+        f(&self.0.read().unwrap_or_else(|e| e.into_inner()).grants)
+    }
+
+    /// Marks the view stale (lookups answer unsure) or fresh again.
+    pub(super) fn set_stale(&self, stale: bool) {
+        self.write().stale = stale;
+    }
+
+    /// Replaces every grant (a fresh read of the map) and clears staleness.
+    pub(super) fn replace(&self, grants: HashMap<IpAddr, i64>) {
+        let mut w = self.write();
+        w.grants = grants;
+        w.stale = false;
+        drop(w);
+        // Consistent again.
+        self.0.clear_poison();
+    }
+
+    pub(super) fn grants_mut(&self) -> GrantsGuard<'_> {
+        GrantsGuard(self.write())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        // A poisoned lock is cleared by the next full write (`replace`); meanwhile
+        // lookups answer unsure.
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Write access to the grants for the engine's bookkeeping.
+pub(super) struct GrantsGuard<'a>(RwLockWriteGuard<'a, Inner>);
+
+impl std::ops::Deref for GrantsGuard<'_> {
+    type Target = HashMap<IpAddr, i64>;
+    fn deref(&self) -> &Self::Target {
+        &self.0.grants
+    }
+}
+
+impl std::ops::DerefMut for GrantsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0.grants
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_answers() {
+        let v = GrantsView::default();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        v.insert("::ffff:192.0.2.1".parse().unwrap(), 100);
+        assert_eq!(v.find(ip, 50), Lookup::Found(100));
+        assert_eq!(v.find(ip, 100), Lookup::Absent);
+        assert_eq!(v.try_lookup(ip, 50), Ok(Some(100)));
+        v.set_stale(true);
+        assert_eq!(v.find(ip, 50), Lookup::Unsure { guess: Some(100) });
+        assert_eq!(v.try_lookup(ip, 50), Err(Some(100)));
+        assert_eq!(v.lookup(ip, 50), Some(100));
+        v.replace(HashMap::new());
+        assert_eq!(v.find(ip, 50), Lookup::Absent);
+    }
+
+    #[test]
+    fn poisoned_is_unsure() {
+        let v = GrantsView::default();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        v.insert(ip, 100);
+        let v2 = v.clone();
+        let _ = std::thread::spawn(move || {
+            let _g = v2.0.write().unwrap();
+            panic!("poison the view");
+        })
+        .join();
+        assert_eq!(v.find(ip, 50), Lookup::Unsure { guess: Some(100) });
+        assert_eq!(v.try_lookup(ip, 50), Err(Some(100)));
+    }
+}

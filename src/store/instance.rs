@@ -1,0 +1,149 @@
+//! One daemon per map and per state directory.
+//!
+//! A second `dovegate run` on the same map would fight the first over expiries and take
+//! over its socketmap socket; on the same state directory it would move the first one's
+//! checkpoints. Each running daemon holds an exclusive fcntl OFD lock on two small files:
+//! `<map>.dovegate-lock` next to the map and `dovegate.lock` in the state directory. The
+//! kernel drops the locks when the process dies, so a stale file never blocks a start.
+//! (Not on the `.lmdb` file itself: Postfix takes whole-file read locks there for every
+//! lookup. Never flock: the project uses fcntl OFD locks only.)
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::{Cause, StoreError};
+
+/// The lock file tied to a map (`lmdb:PATH` gives `PATH.dovegate-lock`).
+pub fn map_lock_path(map: &Path) -> PathBuf {
+    let mut s = map.as_os_str().to_owned();
+    s.push(".dovegate-lock");
+    PathBuf::from(s)
+}
+
+/// The lock file in a state directory.
+pub fn state_lock_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("dovegate.lock")
+}
+
+/// Held while the daemon runs; dropping it (or exiting) releases both locks.
+#[derive(Debug)]
+pub struct InstanceLock {
+    _files: Vec<File>,
+}
+
+fn whole_file(kind: libc::c_int) -> libc::flock {
+    // SAFETY: plain data; zeroed is the whole-file range (start 0, len 0) and l_pid 0, as
+    // OFD locks require.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl
+}
+
+/// Takes the exclusive lock without waiting; false when someone else holds it.
+fn try_lock(file: &File) -> io::Result<bool> {
+    let fl = whole_file(libc::F_WRLCK);
+    // SAFETY: a valid fd and a pointer to an initialised flock for the call's duration.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+fn read_pid(file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+impl InstanceLock {
+    /// Locks the map's and the state directory's lock files, or says who holds them.
+    pub fn acquire(map: &Path, state_dir: &Path) -> Result<InstanceLock, StoreError> {
+        let mut files = Vec::new();
+        for (path, what) in [
+            (map_lock_path(map), "map"),
+            (state_lock_path(state_dir), "state directory"),
+        ] {
+            let io =
+                |e: &io::Error| StoreError::io(&path, "cannot take the single-instance lock", e);
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| io(&e))?;
+            }
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .open(&path)
+                .map_err(|e| io(&e))?;
+            if !try_lock(&file).map_err(|e| io(&e))? {
+                let pid = read_pid(&mut file).map_or(String::new(), |p| format!(" (pid {p})"));
+                return Err(StoreError::new(
+                    format!(
+                        "another dovegate{pid} already runs on this {what}: {} is locked; stop it first, or give this one its own map.path and state.dir",
+                        path.display()
+                    ),
+                    Cause::Other,
+                ));
+            }
+            file.set_len(0).map_err(|e| io(&e))?;
+            writeln!(file, "{}", std::process::id()).map_err(|e| io(&e))?;
+            files.push(file);
+        }
+        Ok(InstanceLock { _files: files })
+    }
+}
+
+/// Whether a daemon holds the map: Some(pid if known) or None.
+pub fn map_holder(map: &Path) -> io::Result<Option<Option<u32>>> {
+    holder(&map_lock_path(map))
+}
+
+fn holder(path: &Path) -> io::Result<Option<Option<u32>>> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut fl = whole_file(libc::F_WRLCK);
+    // SAFETY: a valid fd and a pointer to an initialised flock the call fills in.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if fl.l_type == libc::F_UNLCK as libc::c_short {
+        return Ok(None);
+    }
+    Ok(Some(read_pid(&mut file)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_instance_is_refused_until_the_first_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("m/relay");
+        let (s1, s2) = (dir.path().join("s1"), dir.path().join("s2"));
+        assert_eq!(map_holder(&map).unwrap(), None);
+        let first = InstanceLock::acquire(&map, &s1).unwrap();
+        assert_eq!(map_holder(&map).unwrap(), Some(Some(std::process::id())));
+        // Same map, other state directory; other map, same state directory.
+        let e = InstanceLock::acquire(&map, &s2).unwrap_err();
+        assert!(e.0.contains("already runs on this map"), "{e}");
+        assert!(e.0.contains(&format!("pid {}", std::process::id())), "{e}");
+        let e = InstanceLock::acquire(&dir.path().join("other"), &s1).unwrap_err();
+        assert!(e.0.contains("state directory"), "{e}");
+        drop(first);
+        assert_eq!(map_holder(&map).unwrap(), None);
+        let _again = InstanceLock::acquire(&map, &s2).unwrap();
+    }
+}
