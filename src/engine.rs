@@ -451,8 +451,10 @@ mod tests {
                 .map(|(ip, t)| SeenLogin {
                     ip: ip.parse().unwrap(),
                     time: Some(*t),
+                    session: None,
                 })
                 .collect(),
+            ends: vec![],
             position: Some(Position::File(crate::source::checkpoint::Checkpoint {
                 path: "/x".into(),
                 files: vec![],

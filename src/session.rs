@@ -32,6 +32,24 @@ pub struct SessionStart {
     pub pid: Option<u32>,
 }
 
+/// Session ids are base64 (`+`, `/`) of bounded length; anything else is not one.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+}
+
+impl SessionStart {
+    pub fn new(id: &str, pid: Option<u32>) -> Option<SessionStart> {
+        valid_id(id).then(|| SessionStart {
+            id: id.to_string(),
+            pid,
+        })
+    }
+}
+
 /// A session end line: `imap(user)<PID><ID>: Disconnected: ...`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionEnd {

@@ -25,15 +25,19 @@ pub struct LineMatcher {
     frames: FrameParser,
     patterns: Arc<PatternSet>,
     caps: Captures,
+    /// For the session-end patterns (None: none enabled).
+    end_caps: Option<Captures>,
 }
 
 impl LineMatcher {
     pub fn new(frames: FrameParser, patterns: Arc<PatternSet>) -> LineMatcher {
         let caps = patterns.captures();
+        let end_caps = patterns.end_captures();
         LineMatcher {
             frames,
             patterns,
             caps,
+            end_caps,
         }
     }
 
@@ -72,6 +76,8 @@ pub struct Login<'a> {
     pub ip: IpVerdict,
     /// Unix seconds: the line's timestamp, or the journal entry's trusted time.
     pub time: Option<i64>,
+    /// The mail session the login opened (`session=<ID>`, `mpid=`), when the line says.
+    pub session: Option<crate::session::SessionStart>,
 }
 
 /// Receives the scanner's events. Every method but `login` has a default, so that a new
@@ -91,6 +97,8 @@ pub trait Sink {
     fn too_long(&mut self, _line: Line<'_>) {}
     /// A line that looks like a login but grants nothing, and why.
     fn near_miss(&mut self, _line: Line<'_>, _why: NearMiss) {}
+    /// A trusted line saying a mail session ended (`imap(u)<PID><ID>: Disconnected: ...`).
+    fn session_end(&mut self, _line: Line<'_>, _end: &crate::session::SessionEnd) {}
     /// Any other line; only reported when the scanner visits every line.
     fn other(&mut self, _line: Line<'_>) {}
 }
@@ -300,6 +308,13 @@ impl Scanner {
     ) -> bool {
         let patterns = Arc::clone(&self.matcher.patterns);
         let Some(m) = patterns.match_message(frame.message, &mut self.matcher.caps) else {
+            if let Some(end) = self.session_end(&patterns, &frame) {
+                // An untrusted sender's end line is ignored: it could only shorten a hold.
+                if provenance.is_ok() {
+                    sink.session_end(line, &end);
+                }
+                return true;
+            }
             return self.near_miss(line, Some(frame.message), sink);
         };
         let login = Login {
@@ -309,6 +324,7 @@ impl Scanner {
             framing: frame.framing,
             ip: m.ip,
             time: frame.time,
+            session: m.session,
         };
         match (&login.ip, provenance) {
             (IpVerdict::Missing, _) => sink.near_miss(line, NearMiss::NoAddress),
@@ -318,6 +334,23 @@ impl Scanner {
             (_, Ok(())) => sink.bad_address(line, &login),
         }
         true
+    }
+
+    /// The session end a framed message reports, if a session-end pattern matches.
+    fn session_end(
+        &mut self,
+        patterns: &PatternSet,
+        frame: &Frame<'_>,
+    ) -> Option<crate::session::SessionEnd> {
+        let caps = self.matcher.end_caps.as_mut()?;
+        let m = patterns.match_session_end(frame.message, caps)?;
+        let id = std::str::from_utf8(m.session).ok()?;
+        crate::session::valid_id(id).then(|| crate::session::SessionEnd {
+            service: String::from_utf8_lossy(m.service).into_owned(),
+            id: id.to_string(),
+            pid: m.pid,
+            time: frame.time,
+        })
     }
 
     /// A line that produced no login: a near miss when it reads like one. (In `Logins`
