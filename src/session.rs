@@ -139,16 +139,16 @@ impl Sessions {
     }
 
     /// A login that names a session. Its grant is the login's own; this only remembers
-    /// the session (unless its end was already seen).
-    pub fn opened(&mut self, ip: IpAddr, login: i64, start: &SessionStart, now: i64) {
+    /// the session (unless its end was already seen). True when the session is open.
+    pub fn opened(&mut self, ip: IpAddr, login: i64, start: &SessionStart, now: i64) -> bool {
         self.forget_old_early(now);
-        if start.id.is_empty() || start.id.len() > MAX_ID {
-            return;
+        if start.id.is_empty() || start.id.len() > MAX_ID || self.hold == 0 {
+            return false;
         }
         if let Some(e) = self.early.get(&start.id).copied() {
             if e.hibernate || start.pid.is_none_or(|p| p == e.pid) {
                 self.early.remove(&start.id);
-                return;
+                return false;
             }
         }
         if self.open.len() >= MAX_OPEN && !self.open.contains_key(&start.id) {
@@ -156,7 +156,7 @@ impl Sessions {
                 limit = MAX_OPEN,
                 "too many open sessions; new ones grant as plain logins"
             );
-            return;
+            return false;
         }
         self.open.insert(
             start.id.clone(),
@@ -168,6 +168,7 @@ impl Sessions {
                 renewed: login,
             },
         );
+        true
     }
 
     /// A session end. Some: grant as a login at the end time (the grant lasts ttl after

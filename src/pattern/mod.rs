@@ -122,6 +122,8 @@ pub struct PatternSet {
     has_elements: Vec<bool>,
     /// The session-end patterns, in one regex (None: none enabled).
     ends: Option<Regex>,
+    /// Every enabled pattern's literals (the prefilter's).
+    literals: Vec<String>,
 }
 
 fn expand(
@@ -303,6 +305,7 @@ impl PatternSet {
         literals.dedup();
         let prefilter = AhoCorasick::new(&literals)
             .map_err(|e| PatternError(format!("pattern literals: {e}")))?;
+        let literals: Vec<String> = literals.into_iter().map(str::to_string).collect();
         let has_elements = regexes
             .iter()
             .map(|r| r.contains("(?P<elements>"))
@@ -314,11 +317,17 @@ impl PatternSet {
             services: services.to_vec(),
             has_elements,
             ends,
+            literals,
         })
     }
 
     pub fn defs(&self) -> &[PatternDef] {
         &self.defs
+    }
+
+    /// The literals the prefilter searches for.
+    pub fn literals(&self) -> &[String] {
+        &self.literals
     }
 
     /// The literal search run over whole buffers before any regex.

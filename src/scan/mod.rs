@@ -129,7 +129,9 @@ pub struct Scanner {
     visit: Visit,
     near: near::Classifier,
     /// `-login: `: what every Dovecot login-process line contains.
-    login_process: memchr::memmem::Finder<'static>,
+    /// `-login: ` (what every Dovecot login-process line contains) and the patterns'
+    /// literals (session ends hold no `-login: `): the candidates of the near-miss modes.
+    login_process: aho_corasick::AhoCorasick,
 }
 
 impl Scanner {
@@ -141,12 +143,16 @@ impl Scanner {
         max_line: usize,
         visit: Visit,
     ) -> Scanner {
+        let mut words: Vec<&str> = vec!["-login: "];
+        words.extend(patterns.literals().iter().map(String::as_str));
+        // A handful of short literals: building the searcher cannot fail.
+        let login_process = aho_corasick::AhoCorasick::new(words).expect("literal searcher");
         Scanner {
             matcher: LineMatcher::new(frames, patterns),
             max_line,
             visit,
             near: near::Classifier::new(services),
-            login_process: memchr::memmem::Finder::new(b"-login: ").into_owned(),
+            login_process,
         }
     }
 
@@ -162,7 +168,7 @@ impl Scanner {
     pub fn may_match(&self, text: &[u8]) -> bool {
         match self.visit {
             Visit::Logins => self.matcher.patterns().prefilter().is_match(text),
-            _ => self.login_process.find(text).is_some(),
+            _ => self.login_process.is_match(text),
         }
     }
 
@@ -206,7 +212,10 @@ impl Scanner {
                     .find(input)
                     .map(|m| m.start())
             }
-            _ => self.login_process.find(&buf[pos..]).map(|i| pos + i),
+            _ => self
+                .login_process
+                .find(aho_corasick::Input::new(buf).span(pos..buf.len()))
+                .map(|m| m.start()),
         }
     }
 
