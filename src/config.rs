@@ -117,6 +117,7 @@ pub struct PatternsSection {
 #[serde(deny_unknown_fields)]
 pub struct GrantSection {
     pub ttl: String,
+    pub session_hold: String,
     pub exclude: Vec<String>,
     pub exclude_mynetworks: bool,
     pub postfix_config_dir: String,
@@ -217,6 +218,8 @@ pub struct Settings {
     pub services: Vec<String>,
     pub enable_patterns: Vec<String>,
     pub ttl: Duration,
+    /// The longest an open mail session holds its grant after its login (0: sessions off).
+    pub session_hold: Duration,
     pub exclude: Vec<IpNet>,
     pub exclude_mynetworks: bool,
     /// Postfix's configuration directory for `postconf -c` (None: Postfix's default).
@@ -379,6 +382,13 @@ impl FileConfig {
         if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(31 * 24 * 3600) {
             return Err(err("grant.ttl", "must be between 1s and 31 days"));
         }
+        let session_hold = parse_duration("grant.session_hold", &self.grant.session_hold)?;
+        if session_hold > Duration::from_secs(31 * 24 * 3600) {
+            return Err(err(
+                "grant.session_hold",
+                "must be at most 31 days (0: off)",
+            ));
+        }
         let mut exclude = Vec::new();
         for (i, net) in self.grant.exclude.iter().enumerate() {
             exclude.push(parse_net(net).map_err(|m| err(&format!("grant.exclude[{i}]"), m))?);
@@ -512,6 +522,7 @@ impl FileConfig {
             services: self.patterns.services.clone(),
             enable_patterns: self.patterns.enable.clone(),
             ttl,
+            session_hold,
             exclude,
             exclude_mynetworks: self.grant.exclude_mynetworks,
             postfix_config_dir: match self.grant.postfix_config_dir.trim() {

@@ -32,6 +32,24 @@ pub struct SessionStart {
     pub pid: Option<u32>,
 }
 
+/// Session ids are base64 (`+`, `/`) of bounded length; anything else is not one.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+}
+
+impl SessionStart {
+    pub fn new(id: &str, pid: Option<u32>) -> Option<SessionStart> {
+        valid_id(id).then(|| SessionStart {
+            id: id.to_string(),
+            pid,
+        })
+    }
+}
+
 /// A session end line: `imap(user)<PID><ID>: Disconnected: ...`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionEnd {
@@ -121,16 +139,16 @@ impl Sessions {
     }
 
     /// A login that names a session. Its grant is the login's own; this only remembers
-    /// the session (unless its end was already seen).
-    pub fn opened(&mut self, ip: IpAddr, login: i64, start: &SessionStart, now: i64) {
+    /// the session (unless its end was already seen). True when the session is open.
+    pub fn opened(&mut self, ip: IpAddr, login: i64, start: &SessionStart, now: i64) -> bool {
         self.forget_old_early(now);
-        if start.id.is_empty() || start.id.len() > MAX_ID {
-            return;
+        if start.id.is_empty() || start.id.len() > MAX_ID || self.hold == 0 {
+            return false;
         }
         if let Some(e) = self.early.get(&start.id).copied() {
             if e.hibernate || start.pid.is_none_or(|p| p == e.pid) {
                 self.early.remove(&start.id);
-                return;
+                return false;
             }
         }
         if self.open.len() >= MAX_OPEN && !self.open.contains_key(&start.id) {
@@ -138,7 +156,7 @@ impl Sessions {
                 limit = MAX_OPEN,
                 "too many open sessions; new ones grant as plain logins"
             );
-            return;
+            return false;
         }
         self.open.insert(
             start.id.clone(),
@@ -150,6 +168,7 @@ impl Sessions {
                 renewed: login,
             },
         );
+        true
     }
 
     /// A session end. Some: grant as a login at the end time (the grant lasts ttl after

@@ -43,7 +43,12 @@ pub struct TestArgs {
     /// e.g. 2h). Default: the whole journal file or directory; the system journal's last ttl.
     #[arg(long, value_name = "TIME")]
     since: Option<String>,
-    /// Saved logs (plain or .gz); `-` or none: standard input.
+    /// After the summary, list every address it would grant, with its logins and how
+    /// long it would be held (sessions included).
+    #[arg(long)]
+    grants: bool,
+    /// Saved logs (plain or .gz, also on stdin); `-`: standard input. None: the configured
+    /// sources (source.logs, and the journal when source.journal is on).
     files: Vec<PathBuf>,
 }
 
@@ -98,20 +103,33 @@ struct Totals {
     grants: BTreeMap<String, u64>,
     /// Journal entries refused by the provenance check, by reason.
     forged: BTreeMap<String, u64>,
+    /// Until when each granted address would be held (logins and sessions).
+    held_until: BTreeMap<String, i64>,
+    sessions_opened: u64,
+    sessions_closed: u64,
 }
 
 /// Opens a saved log (gzip recognised by its magic bytes); returns it and its size on disk.
 fn open_input(path: &PathBuf) -> Result<(Box<dyn Read>, u64), Failure> {
-    if path.as_os_str() == "-" {
-        return Ok((Box::new(io::stdin().lock()), 0));
-    }
-    let mut f = File::open(path)
-        .map_err(|e| Failure::runtime(format!("{}: cannot read: {e}", path.display())))?;
+    let (mut f, size): (Box<dyn Read>, u64) = if path.as_os_str() == "-" {
+        (Box::new(io::stdin().lock()), 0)
+    } else {
+        let f = File::open(path)
+            .map_err(|e| Failure::runtime(format!("{}: cannot read: {e}", path.display())))?;
+        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        (Box::new(f), size)
+    };
     let mut magic = [0u8; 2];
-    let n = f
-        .read(&mut magic)
-        .map_err(|e| Failure::runtime(format!("{}: {e}", path.display())))?;
-    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut n = 0;
+    // Two bytes even from a pipe that delivers one at a time.
+    while n < 2 {
+        match f.read(&mut magic[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Failure::runtime(format!("{}: {e}", path.display()))),
+        }
+    }
     let head = io::Cursor::new(magic[..n].to_vec());
     let chained = head.chain(f);
     if n == 2 && magic == [0x1f, 0x8b] {
@@ -178,6 +196,8 @@ struct Report<'a> {
     journal: bool,
     /// The first write error (a closed stdout ends the command).
     error: Option<io::Error>,
+    /// Mail sessions, dated by the lines themselves.
+    sessions: crate::session::Sessions,
 }
 
 impl Report<'_> {
@@ -233,6 +253,16 @@ impl Report<'_> {
 
     fn matched(&mut self, line: Line<'_>, login: &Login<'_>) {
         let (ip, excluded) = self.totals.record_login(login, self.policy, self.now);
+        if let (Some(key), None, IpVerdict::Valid(addr), Some(t)) =
+            (&ip, &excluded, &login.ip, login.time)
+        {
+            self.hold(key.clone(), t);
+            if let Some(start) = &login.session {
+                if self.sessions.opened(*addr, t, start, t) {
+                    self.totals.sessions_opened += 1;
+                }
+            }
+        }
         let file = std::mem::take(&mut self.file);
         let r = LineReport {
             file: &file,
@@ -255,9 +285,40 @@ impl Report<'_> {
     }
 }
 
+impl Report<'_> {
+    /// A grant as if the address logged in at `time`: held until time + ttl, or later.
+    fn hold(&mut self, key: String, time: i64) {
+        let until = time.saturating_add(self.policy.ttl_secs());
+        let e = self.totals.held_until.entry(key).or_insert(until);
+        *e = (*e).max(until);
+    }
+
+    /// Renews the open sessions up to `time`, as the daemon would.
+    fn renew_sessions(&mut self, time: i64) {
+        while let Some(due) = self.sessions.next_due().filter(|&d| d <= time) {
+            for r in self.sessions.renewals(due) {
+                self.hold(key_text(r.ip), r.time);
+            }
+        }
+    }
+}
+
 impl Sink for Report<'_> {
     fn login(&mut self, line: Line<'_>, login: &Login<'_>) {
+        if let Some(t) = login.time {
+            self.renew_sessions(t);
+        }
         self.matched(line, login);
+    }
+
+    fn session_end(&mut self, line: Line<'_>, end: &crate::session::SessionEnd) {
+        let t = end.time.unwrap_or(self.now);
+        self.renew_sessions(t);
+        if let Some(r) = self.sessions.closed(end, t) {
+            self.totals.sessions_closed += 1;
+            self.hold(key_text(r.ip), r.time);
+        }
+        self.other(line);
     }
 
     /// Reported like any login: the summary counts framings, `message-only` included.
@@ -399,6 +460,7 @@ pub fn run(args: TestArgs) -> Result<(), Failure> {
     let patterns: Arc<PatternSet> = Arc::new(load_patterns(&settings, args.patterns.as_deref())?);
     let policy = super::build::policy(&settings, settings.ttl)?;
     let scanner = super::build::scanner(&settings, &patterns, visit(&args));
+    let hold = i64::try_from(settings.session_hold.as_secs()).unwrap_or(i64::MAX / 4);
     let mut report = Report {
         args: &args,
         policy: &policy,
@@ -409,13 +471,35 @@ pub fn run(args: TestArgs) -> Result<(), Failure> {
         base: 0,
         journal: false,
         error: None,
+        sessions: crate::session::Sessions::new(policy.ttl_secs(), hold),
     };
     let started = Instant::now();
     let result = match args.journal.target(false) {
         Some(target) => run_journal(&args, &settings, scanner, &mut report, target),
-        None => run_files(&args, &settings, scanner, &mut report),
+        // No file: what `run` would follow.
+        None if args.files.is_empty() => {
+            let files = settings.logs.clone();
+            if settings.journal {
+                run_journal(
+                    &args,
+                    &settings,
+                    scanner,
+                    &mut report,
+                    JournalTarget::System,
+                )
+            } else if files.is_empty() {
+                Err(Failure::config(
+                    "no FILE given and no source configured (source.logs, source.journal); `-` reads standard input",
+                ))
+            } else {
+                run_files(&files, &settings, scanner, &mut report)
+            }
+        }
+        None => run_files(&args.files, &settings, scanner, &mut report),
     };
     result?;
+    // Sessions still open at the end of the input: held until their cap.
+    report.renew_sessions(i64::MAX / 4);
     let flushed = report.out.flush();
     if let Some(e) = report.error.take().or(flushed.err()) {
         return Err(output_error(e));
@@ -423,6 +507,9 @@ pub fn run(args: TestArgs) -> Result<(), Failure> {
     if !args.json {
         print_summary(&report.totals, &patterns, started.elapsed().as_secs_f64())
             .map_err(output_error)?;
+        if args.grants {
+            print_grants(&report.totals).map_err(output_error)?;
+        }
     }
     Ok(())
 }
@@ -440,17 +527,12 @@ fn output_error(e: io::Error) -> Failure {
 }
 
 fn run_files(
-    args: &TestArgs,
+    files: &[PathBuf],
     settings: &crate::config::Settings,
     mut scanner: Scanner,
     report: &mut Report<'_>,
 ) -> Result<(), Failure> {
-    let files = if args.files.is_empty() {
-        vec![PathBuf::from("-")]
-    } else {
-        args.files.clone()
-    };
-    for path in &files {
+    for path in files {
         let name = path.display().to_string();
         let (mut input, size) = open_input(path)?;
         let mut reader = ChunkReader::new(settings.max_line_bytes, 0);
@@ -532,6 +614,13 @@ fn print_summary(t: &Totals, patterns: &PatternSet, secs: f64) -> io::Result<()>
     for (why, n) in &t.near_misses {
         writeln!(o, "  {n} {}", why.name())?;
     }
+    if t.sessions_opened > 0 || t.sessions_closed > 0 {
+        writeln!(
+            o,
+            "Sessions: {} opened, {} closed (a grant is held while its session is open, up to grant.session_hold)",
+            t.sessions_opened, t.sessions_closed
+        )?;
+    }
     if t.too_long > 0 {
         writeln!(
             o,
@@ -560,6 +649,20 @@ fn print_summary(t: &Totals, patterns: &PatternSet, secs: f64) -> io::Result<()>
             0.0
         }
     )
+}
+
+/// `--grants`: every address that would be granted, its logins and how long it is held.
+fn print_grants(t: &Totals) -> io::Result<()> {
+    let mut o = io::stdout().lock();
+    writeln!(o, "Addresses granted (logins, held until):")?;
+    for (ip, n) in &t.grants {
+        let until = t
+            .held_until
+            .get(ip)
+            .map_or_else(|| "-".to_string(), |&u| timefmt::rfc3339(u));
+        writeln!(o, "  {ip}\t{n}\t{until}")?;
+    }
+    Ok(())
 }
 
 /// `--since`: RFC 3339, or a duration meaning that long ago.

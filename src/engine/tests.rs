@@ -137,8 +137,10 @@ fn batch(logins: &[(&str, i64)]) -> Batch {
             .map(|(ip, t)| SeenLogin {
                 ip: ip.parse().unwrap(),
                 time: Some(*t),
+                session: None,
             })
             .collect(),
+        ends: vec![],
         position: Some(Position::File(Checkpoint {
             path: "/x".into(),
             files: vec![],

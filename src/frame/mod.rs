@@ -91,12 +91,17 @@ fn strip_level(msg: &[u8]) -> &[u8] {
 
 /// `name:` as the first token: a Dovecot process/service name such as `imap-login:`.
 fn starts_with_service(msg: &[u8]) -> bool {
-    let end = msg.iter().position(|&b| b == b':').unwrap_or(0);
-    end > 0
-        && msg.get(end + 1) == Some(&b' ')
-        && msg[..end]
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    let name = msg
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        .unwrap_or(msg.len());
+    // `imap-login: ...`, or a mail process's `imap(user)<PID><SESSION>: ...`.
+    name > 0
+        && match msg.get(name) {
+            Some(b':') => msg.get(name + 1) == Some(&b' '),
+            Some(b'(') => memchr::memmem::find(&msg[name..], b": ").is_some(),
+            _ => false,
+        }
 }
 
 /// `mail_1    | rest` (docker-compose) prefixes.

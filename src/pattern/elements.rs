@@ -70,18 +70,9 @@ pub fn client_ip(elements: &[u8]) -> IpVerdict {
 /// `client_ip` for a site whose `login_log_format_elements` names the client address
 /// element differently (`key` without `=`, e.g. `rip`).
 pub fn client_ip_in(elements: &[u8], key: &[u8]) -> IpVerdict {
-    let mut needle = key.to_vec();
-    needle.push(b'=');
-    let user = user_span(elements);
     let mut found: Option<Result<IpAddr, &[u8]>> = None;
     let mut count = 0usize;
-    for pos in memmem::find_iter(elements, &needle) {
-        if !at_element_start(elements, pos) || user.as_ref().is_some_and(|u| u.contains(&pos)) {
-            continue;
-        }
-        let start = pos + needle.len();
-        let end = memchr::memchr(b',', &elements[start..]).map_or(elements.len(), |e| start + e);
-        let text = &elements[start..end];
+    for text in values(elements, key) {
         let this = parse_ip(text).ok_or(text);
         count += 1;
         match (&found, &this) {
@@ -98,6 +89,34 @@ pub fn client_ip_in(elements: &[u8], key: &[u8]) -> IpVerdict {
         }
         Some(Err(_)) => IpVerdict::Ambiguous,
     }
+}
+
+/// The values of every `key=` element outside the user element, in order (the same rules
+/// as for `rip=`: a forged user name never supplies one).
+pub fn values<'a>(elements: &'a [u8], key: &[u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let mut needle = key.to_vec();
+    needle.push(b'=');
+    let user = user_span(elements);
+    memmem::find_iter(elements, &needle)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .filter(move |&pos| {
+            at_element_start(elements, pos) && !user.as_ref().is_some_and(|u| u.contains(&pos))
+        })
+        .map(move |pos| {
+            let start = pos + needle.len();
+            let end =
+                memchr::memchr(b',', &elements[start..]).map_or(elements.len(), |e| start + e);
+            &elements[start..end]
+        })
+}
+
+/// The value of the `key=` element when every such element agrees (None: absent or
+/// disagreeing).
+pub fn single_value<'a>(elements: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let mut it = values(elements, key);
+    let first = it.next()?;
+    it.all(|v| v == first).then_some(first)
 }
 
 /// The user element's value when `elements` is a strict element list: exactly one

@@ -57,6 +57,30 @@ pub struct PatternDef {
     /// element is that user as Dovecot sanitizes it (see `proxy.rs`).
     #[serde(default)]
     pub prefix_user: bool,
+    /// What the pattern recognises: a successful login (default), or the end of a mail
+    /// session (`imap(user)<PID><ID>: Disconnected: ...`), which holds no address and
+    /// never grants by itself.
+    #[serde(default)]
+    pub kind: PatternKind,
+}
+
+/// What a pattern recognises.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PatternKind {
+    #[default]
+    Login,
+    /// Groups: `service`, `pid`, `session`.
+    SessionEnd,
+}
+
+/// The end of a mail session, as a session-end pattern reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEndMatch<'a> {
+    /// `imap`, `pop3`, `imap-hibernate`.
+    pub service: &'a [u8],
+    pub pid: u32,
+    pub session: &'a [u8],
 }
 
 fn default_address_element() -> String {
@@ -82,6 +106,9 @@ pub struct LoginMatch<'a> {
     pub service: &'a [u8],
     pub user: Option<&'a [u8]>,
     pub ip: IpVerdict,
+    /// `session=<ID>` and `mpid=PID`, when the line has them (2.2+): the mail session this
+    /// login opened.
+    pub session: Option<crate::session::SessionStart>,
 }
 
 /// The compiled, enabled patterns.
@@ -93,6 +120,10 @@ pub struct PatternSet {
     services: Vec<String>,
     /// Whether each pattern reads its address from an `elements` group (else `ip`).
     has_elements: Vec<bool>,
+    /// The session-end patterns, in one regex (None: none enabled).
+    ends: Option<Regex>,
+    /// Every enabled pattern's literals (the prefilter's).
+    literals: Vec<String>,
 }
 
 fn expand(
@@ -212,6 +243,31 @@ impl PatternSet {
         }
         defs.retain(|(_, d)| d.default || enable.contains(&d.id));
         defs.sort_by(|a, b| (a.1.priority, &a.1.id).cmp(&(b.1.priority, &b.1.id)));
+        let (end_defs, defs): (Vec<_>, Vec<_>) = defs
+            .into_iter()
+            .partition(|(_, d)| d.kind == PatternKind::SessionEnd);
+        let mut end_regexes = Vec::new();
+        for (origin, d) in &end_defs {
+            let r = expand(&d.regex, &fragments, origin)?;
+            build_regex(&[r.as_str()])
+                .map_err(|e| PatternError(format!("{origin}: bad regex: {e}")))?;
+            for group in ["service", "pid", "session"] {
+                if !r.contains(&format!("(?P<{group}>")) {
+                    return Err(PatternError(format!(
+                        "{origin}: a session-end regex needs a `{group}` group"
+                    )));
+                }
+            }
+            end_regexes.push(r);
+        }
+        let ends = if end_regexes.is_empty() {
+            None
+        } else {
+            Some(
+                build_regex(&end_regexes.iter().map(String::as_str).collect::<Vec<_>>())
+                    .map_err(|e| PatternError(format!("session-end patterns: {e}")))?,
+            )
+        };
         if defs.is_empty() {
             return Err(PatternError("no pattern is enabled".into()));
         }
@@ -242,12 +298,14 @@ impl PatternSet {
             .map_err(|e| PatternError(format!("pattern set: {e}")))?;
         let mut literals: Vec<&str> = defs
             .iter()
+            .chain(&end_defs)
             .flat_map(|(_, d)| d.literals.iter().map(String::as_str))
             .collect();
         literals.sort();
         literals.dedup();
         let prefilter = AhoCorasick::new(&literals)
             .map_err(|e| PatternError(format!("pattern literals: {e}")))?;
+        let literals: Vec<String> = literals.into_iter().map(str::to_string).collect();
         let has_elements = regexes
             .iter()
             .map(|r| r.contains("(?P<elements>"))
@@ -258,11 +316,18 @@ impl PatternSet {
             prefilter,
             services: services.to_vec(),
             has_elements,
+            ends,
+            literals,
         })
     }
 
     pub fn defs(&self) -> &[PatternDef] {
         &self.defs
+    }
+
+    /// The literals the prefilter searches for.
+    pub fn literals(&self) -> &[String] {
+        &self.literals
     }
 
     /// The literal search run over whole buffers before any regex.
@@ -287,6 +352,29 @@ impl PatternSet {
         Some(login)
     }
 
+    /// Fresh capture slots for `match_session_end`.
+    pub fn end_captures(&self) -> Option<Captures> {
+        self.ends.as_ref().map(Regex::create_captures)
+    }
+
+    /// The session end this framed message reports, if a session-end pattern matches.
+    pub fn match_session_end<'a>(
+        &self,
+        msg: &'a [u8],
+        caps: &mut Captures,
+    ) -> Option<SessionEndMatch<'a>> {
+        let ends = self.ends.as_ref()?;
+        ends.captures(Input::new(msg), caps);
+        caps.pattern()?;
+        let span = |name: &str| caps.get_group_by_name(name).map(|s| &msg[s.range()]);
+        let pid = std::str::from_utf8(span("pid")?).ok()?.parse().ok()?;
+        Some(SessionEndMatch {
+            service: span("service")?,
+            pid,
+            session: span("session")?,
+        })
+    }
+
     /// The login that pattern `pid` reads from its captures in `caps`.
     fn read<'a>(&self, pid: usize, msg: &'a [u8], caps: &Captures) -> Option<LoginMatch<'a>> {
         let def = self.defs.get(pid)?;
@@ -297,6 +385,7 @@ impl PatternSet {
             return None;
         }
         let key = def.address_element.as_bytes();
+        let session = span("elements").and_then(session_start);
         let (ip, user) = match span("elements") {
             Some(el) => {
                 if def.prefix_user && !proxy::prefix_user_agrees(span("user")?, el) {
@@ -329,6 +418,7 @@ impl PatternSet {
             service,
             user,
             ip,
+            session,
         })
     }
 
@@ -364,6 +454,17 @@ impl PatternSet {
         }
         false
     }
+}
+
+/// `session=<ID>` and `mpid=PID` of an element list (outside the user element).
+fn session_start(el: &[u8]) -> Option<crate::session::SessionStart> {
+    let id = elements::single_value(el, b"session")?
+        .strip_prefix(b"<")?
+        .strip_suffix(b">")?;
+    let id = std::str::from_utf8(id).ok()?;
+    let pid =
+        elements::single_value(el, b"mpid").and_then(|p| std::str::from_utf8(p).ok()?.parse().ok());
+    crate::session::SessionStart::new(id, pid)
 }
 
 fn build_regex(patterns: &[&str]) -> Result<Regex, String> {

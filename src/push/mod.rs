@@ -214,7 +214,9 @@ impl Sink {
             logins: vec![SeenLogin {
                 ip,
                 time: Some(crate::timefmt::now()),
+                session: None,
             }],
+            ends: Vec::new(),
             position: None,
         };
         match tokio::time::timeout(QUEUE_WAIT, self.tx.send(batch)).await {

@@ -25,15 +25,19 @@ pub struct LineMatcher {
     frames: FrameParser,
     patterns: Arc<PatternSet>,
     caps: Captures,
+    /// For the session-end patterns (None: none enabled).
+    end_caps: Option<Captures>,
 }
 
 impl LineMatcher {
     pub fn new(frames: FrameParser, patterns: Arc<PatternSet>) -> LineMatcher {
         let caps = patterns.captures();
+        let end_caps = patterns.end_captures();
         LineMatcher {
             frames,
             patterns,
             caps,
+            end_caps,
         }
     }
 
@@ -72,6 +76,8 @@ pub struct Login<'a> {
     pub ip: IpVerdict,
     /// Unix seconds: the line's timestamp, or the journal entry's trusted time.
     pub time: Option<i64>,
+    /// The mail session the login opened (`session=<ID>`, `mpid=`), when the line says.
+    pub session: Option<crate::session::SessionStart>,
 }
 
 /// Receives the scanner's events. Every method but `login` has a default, so that a new
@@ -91,6 +97,8 @@ pub trait Sink {
     fn too_long(&mut self, _line: Line<'_>) {}
     /// A line that looks like a login but grants nothing, and why.
     fn near_miss(&mut self, _line: Line<'_>, _why: NearMiss) {}
+    /// A trusted line saying a mail session ended (`imap(u)<PID><ID>: Disconnected: ...`).
+    fn session_end(&mut self, _line: Line<'_>, _end: &crate::session::SessionEnd) {}
     /// Any other line; only reported when the scanner visits every line.
     fn other(&mut self, _line: Line<'_>) {}
 }
@@ -121,7 +129,9 @@ pub struct Scanner {
     visit: Visit,
     near: near::Classifier,
     /// `-login: `: what every Dovecot login-process line contains.
-    login_process: memchr::memmem::Finder<'static>,
+    /// `-login: ` (what every Dovecot login-process line contains) and the patterns'
+    /// literals (session ends hold no `-login: `): the candidates of the near-miss modes.
+    login_process: aho_corasick::AhoCorasick,
 }
 
 impl Scanner {
@@ -133,12 +143,16 @@ impl Scanner {
         max_line: usize,
         visit: Visit,
     ) -> Scanner {
+        let mut words: Vec<&str> = vec!["-login: "];
+        words.extend(patterns.literals().iter().map(String::as_str));
+        // A handful of short literals: building the searcher cannot fail.
+        let login_process = aho_corasick::AhoCorasick::new(words).expect("literal searcher");
         Scanner {
             matcher: LineMatcher::new(frames, patterns),
             max_line,
             visit,
             near: near::Classifier::new(services),
-            login_process: memchr::memmem::Finder::new(b"-login: ").into_owned(),
+            login_process,
         }
     }
 
@@ -154,7 +168,7 @@ impl Scanner {
     pub fn may_match(&self, text: &[u8]) -> bool {
         match self.visit {
             Visit::Logins => self.matcher.patterns().prefilter().is_match(text),
-            _ => self.login_process.find(text).is_some(),
+            _ => self.login_process.is_match(text),
         }
     }
 
@@ -198,7 +212,10 @@ impl Scanner {
                     .find(input)
                     .map(|m| m.start())
             }
-            _ => self.login_process.find(&buf[pos..]).map(|i| pos + i),
+            _ => self
+                .login_process
+                .find(aho_corasick::Input::new(buf).span(pos..buf.len()))
+                .map(|m| m.start()),
         }
     }
 
@@ -300,6 +317,13 @@ impl Scanner {
     ) -> bool {
         let patterns = Arc::clone(&self.matcher.patterns);
         let Some(m) = patterns.match_message(frame.message, &mut self.matcher.caps) else {
+            if let Some(end) = self.session_end(&patterns, &frame) {
+                // An untrusted sender's end line is ignored: it could only shorten a hold.
+                if provenance.is_ok() {
+                    sink.session_end(line, &end);
+                }
+                return true;
+            }
             return self.near_miss(line, Some(frame.message), sink);
         };
         let login = Login {
@@ -309,6 +333,7 @@ impl Scanner {
             framing: frame.framing,
             ip: m.ip,
             time: frame.time,
+            session: m.session,
         };
         match (&login.ip, provenance) {
             (IpVerdict::Missing, _) => sink.near_miss(line, NearMiss::NoAddress),
@@ -318,6 +343,23 @@ impl Scanner {
             (_, Ok(())) => sink.bad_address(line, &login),
         }
         true
+    }
+
+    /// The session end a framed message reports, if a session-end pattern matches.
+    fn session_end(
+        &mut self,
+        patterns: &PatternSet,
+        frame: &Frame<'_>,
+    ) -> Option<crate::session::SessionEnd> {
+        let caps = self.matcher.end_caps.as_mut()?;
+        let m = patterns.match_session_end(frame.message, caps)?;
+        let id = std::str::from_utf8(m.session).ok()?;
+        crate::session::valid_id(id).then(|| crate::session::SessionEnd {
+            service: String::from_utf8_lossy(m.service).into_owned(),
+            id: id.to_string(),
+            pid: m.pid,
+            time: frame.time,
+        })
     }
 
     /// A line that produced no login: a near miss when it reads like one. (In `Logins`

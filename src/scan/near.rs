@@ -38,6 +38,8 @@ pub(super) struct Classifier {
     wording: AhoCorasick,
     services: Vec<Vec<u8>>,
     rip: memchr::memmem::Finder<'static>,
+    /// Only a login process's line (`imap-login: `) is a near miss; `lmtp: Login:` is not.
+    login_process: memchr::memmem::Finder<'static>,
 }
 
 impl Classifier {
@@ -52,6 +54,7 @@ impl Classifier {
             wording: AhoCorasick::new(words).expect("fixed literals build"),
             services: services.iter().map(|s| s.as_bytes().to_vec()).collect(),
             rip: memchr::memmem::Finder::new(b"rip=").into_owned(),
+            login_process: memchr::memmem::Finder::new(b"-login: ").into_owned(),
         }
     }
 
@@ -62,7 +65,7 @@ impl Classifier {
         message: Option<&[u8]>,
         frames: &FrameParser,
     ) -> Option<NearMiss> {
-        if !self.wording.is_match(line) {
+        if !self.wording.is_match(line) || self.login_process.find(line).is_none() {
             return None;
         }
         // Framing needs a time only to date the line, not to find its message.

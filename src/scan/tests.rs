@@ -36,6 +36,12 @@ impl Sink for Record {
     fn other(&mut self, line: Line<'_>) {
         self.push("other", line);
     }
+    fn session_end(&mut self, line: Line<'_>, end: &crate::session::SessionEnd) {
+        self.push(
+            &format!("end({} {} {} {:?})", end.service, end.pid, end.id, end.time),
+            line,
+        );
+    }
 }
 
 fn scanner(visit: Visit) -> Scanner {
@@ -150,4 +156,46 @@ fn journal_entries_take_the_entry_time_and_provenance() {
     );
     assert!(r.0[1].starts_with("1 forged(_SYSTEMD_UNIT=x)"));
     assert!(r.0[2].starts_with("2 untimed"));
+}
+
+/// Session starts ride on login lines; ends are their own event (real 2.4.1 lines, the end
+/// written before its login). `imap-login: Disconnected` is no session end.
+#[test]
+fn sessions_start_on_logins_and_end_on_their_own_lines() {
+    let buf = "Nov 26 12:15:49 imap(alice)<7429><Cm5r5yxhtLN/AAAB>: Info: Disconnected: Logged out in=12 out=525\n\
+Nov 26 12:15:49 imap-login: Info: Logged in: user=<alice>, method=PLAIN, rip=203.0.113.77, lip=127.0.0.1, mpid=7429, secured, session=<Cm5r5yxhtLN/AAAB>\n\
+Nov 26 12:15:51 pop3(alice)<7443><GbKK5yxhhrN/AAAB>: Info: Disconnected: Logged out top=0/0, retr=0/0, del=0/0, size=0\n\
+Nov 26 12:15:52 imap-login: Info: Disconnected (auth failed, 1 attempts in 2 secs): user=<x>, rip=198.51.100.1, session=<AAAA>\n\
+Nov 26 12:15:53 mail sshd[1]: imap(bob)<1><BBBB>: Disconnected: Logged out\n";
+    let (events, _) = run(Visit::Logins, buf);
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e.split(' ').nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["end(imap", "login", "end(pop3", "untrusted-frame"],
+        "{events:#?}"
+    );
+    assert!(
+        events[0].contains("end(imap 7429 Cm5r5yxhtLN/AAAB"),
+        "{events:#?}"
+    );
+    let mut s = scanner(Visit::Logins);
+    #[derive(Default)]
+    struct Starts(Vec<Option<crate::session::SessionStart>>);
+    impl Sink for Starts {
+        fn login(&mut self, _: Line<'_>, login: &Login<'_>) {
+            self.0.push(login.session.clone());
+        }
+    }
+    let mut starts = Starts::default();
+    s.scan(buf.as_bytes(), 1_795_256_900, &mut starts);
+    assert_eq!(
+        starts.0,
+        [crate::session::SessionStart::new(
+            "Cm5r5yxhtLN/AAAB",
+            Some(7429)
+        )]
+    );
 }

@@ -339,6 +339,7 @@ impl JournalSource {
             let batch = Batch {
                 source: self.spec.index,
                 logins: self.sink.take(),
+                ends: self.sink.take_ends(),
                 position: Some(Position::Journal(JournalCursor {
                     journal: key.clone(),
                     cursor: cur,

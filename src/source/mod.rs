@@ -29,11 +29,13 @@ use handle::{Deaths, SourceCtl, SourceHandle};
 use tailer::FileFollower;
 
 /// A login seen in a log, before policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeenLogin {
     pub ip: IpAddr,
     /// The line's own timestamp (unix seconds), when it has one.
     pub time: Option<i64>,
+    /// The mail session it opened, when the line names one.
+    pub session: Option<crate::session::SessionStart>,
 }
 
 /// What one chunk of a source produced: its logins, and the position that becomes true
@@ -43,6 +45,8 @@ pub struct SeenLogin {
 pub struct Batch {
     pub source: usize,
     pub logins: Vec<SeenLogin>,
+    /// Mail sessions that ended (in the order read, after the logins of the same chunk).
+    pub ends: Vec<crate::session::SessionEnd>,
     pub position: Option<Position>,
 }
 
@@ -53,11 +57,13 @@ pub struct DaemonSink {
     stats: Arc<SourceStats>,
     untimed_grant: bool,
     logins: Vec<SeenLogin>,
+    ends: Vec<crate::session::SessionEnd>,
     warn_invalid: Throttle,
     warn_ambiguous: Throttle,
     warn_long: Throttle,
     warn_untimed: Throttle,
     warn_forged: Throttle,
+    warn_no_address: Throttle,
 }
 
 impl DaemonSink {
@@ -69,17 +75,24 @@ impl DaemonSink {
             stats,
             untimed_grant,
             logins: Vec::new(),
+            ends: Vec::new(),
             warn_invalid: Throttle::new(every),
             warn_ambiguous: Throttle::new(every),
             warn_long: Throttle::new(every),
             warn_untimed: Throttle::new(every),
             warn_forged: Throttle::new(every),
+            warn_no_address: Throttle::new(Duration::from_secs(60)),
         }
     }
 
     /// The logins found since the last call.
     pub fn take(&mut self) -> Vec<SeenLogin> {
         std::mem::take(&mut self.logins)
+    }
+
+    /// The session ends found since the last call.
+    pub fn take_ends(&mut self) -> Vec<crate::session::SessionEnd> {
+        std::mem::take(&mut self.ends)
     }
 
     pub fn stats(&self) -> &SourceStats {
@@ -93,6 +106,7 @@ impl DaemonSink {
             self.logins.push(SeenLogin {
                 ip,
                 time: login.time,
+                session: login.session.clone(),
             });
         }
     }
@@ -143,6 +157,15 @@ impl Sink for DaemonSink {
 
     fn near_miss(&mut self, _line: Line<'_>, why: NearMiss) {
         self.stats.count_near_miss(why.name());
+        if why == NearMiss::NoAddress {
+            if let Some(n) = self.warn_no_address.hit() {
+                tracing::warn!(source = %self.origin, count = n, "Dovecot login lines are seen but none carries the client address (rip=): a custom login_log_format_elements? add %{{rip}} to it, or name the element in the pattern (address_element)");
+            }
+        }
+    }
+
+    fn session_end(&mut self, _line: Line<'_>, end: &crate::session::SessionEnd) {
+        self.ends.push(end.clone());
     }
 }
 
@@ -196,6 +219,7 @@ impl FileSource {
         let first = Batch {
             source: spec.index,
             logins: Vec::new(),
+            ends: Vec::new(),
             position: Some(Position::File(follower.checkpoint())),
         };
         if self.tx.blocking_send(first).is_err() {
@@ -215,6 +239,7 @@ impl FileSource {
                 let batch = Batch {
                     source: spec.index,
                     logins: sink.take(),
+                    ends: sink.take_ends(),
                     position: Some(Position::File(cp.clone())),
                 };
                 closed = tx.blocking_send(batch).is_err();
