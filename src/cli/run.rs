@@ -253,6 +253,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let checkpoints = CheckpointDir::new(&settings.state_dir);
     let mut engine = Engine::new(map, cfg.policy(), checkpoints.clone(), timefmt::now())
         .map_err(|e| Failure::runtime(e.0))?;
+    engine.set_session_hold(hold_secs(&cfg.settings), timefmt::now());
     let stats = Arc::new(StatsRegistry::default());
     if let Some(sm) = settings.socketmap.clone() {
         let listen = format!("{:?}", sm.listen);
@@ -339,6 +340,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                         }
                         sources.stop();
                         engine.set_policy(new.policy());
+                        engine.set_session_hold(hold_secs(&new.settings), timefmt::now());
                         cfg = new;
                         sources = Sources::start(&cfg, &checkpoints, &stats, &deaths)?;
                         tracing::info!(logs = ?cfg.settings.logs, ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
@@ -444,4 +446,9 @@ impl Signals {
         }
         exit
     }
+}
+
+/// `grant.session_hold` in seconds (0: sessions off).
+fn hold_secs(settings: &Settings) -> i64 {
+    i64::try_from(settings.session_hold.as_secs()).unwrap_or(i64::MAX / 4)
 }

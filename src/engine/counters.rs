@@ -30,4 +30,8 @@ pub struct Counters {
     pub excluded: u64,
     pub expired_logins: u64,
     pub removed: u64,
+    /// Mail sessions open now (each holds its address's grant).
+    pub sessions_open: u64,
+    /// Grants written again because their session is still open.
+    pub session_renewals: u64,
 }

@@ -151,8 +151,12 @@ pub async fn drive<S: GrantStore>(
         } else {
             None
         };
+        let renew_at = engine.next_session_due().map(|d| now + clock.until(d));
         tokio::select! {
             why = &mut control => break why,
+            () = sleep_until(renew_at.unwrap_or(now)), if renew_at.is_some() => {
+                engine.renew_sessions(clock.secs());
+            }
             b = rx.recv() => match b {
                 Some(b) => engine.accept(b, clock.secs()),
                 None => break Exit::SourcesGone,

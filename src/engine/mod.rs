@@ -19,6 +19,7 @@ pub use driver::{drive, run, Clock, Exit, Pace, SystemClock};
 pub use view::{GrantsView, Lookup};
 
 use crate::grant::{Decision, Policy};
+use crate::session::Sessions;
 use crate::source::checkpoint::{CheckpointDir, Position};
 use crate::source::Batch;
 use crate::store::{Cause, GrantStore, StoreError};
@@ -42,6 +43,10 @@ pub struct Engine<S: GrantStore> {
     slack: i64,
     /// The map must be re-read (reopened, policy changed, or a re-read failed).
     resync_due: bool,
+    /// Open mail sessions: their grants are renewed while they last.
+    sessions: Sessions,
+    /// The sessions changed since they were last saved.
+    sessions_dirty: bool,
     pub counters: Counters,
 }
 
@@ -55,6 +60,7 @@ impl<S: GrantStore> Engine<S> {
         now: i64,
     ) -> Result<Engine<S>, StoreError> {
         let slack = slack(&policy);
+        let policy_ttl = policy.ttl_secs();
         let mut engine = Engine {
             store,
             policy,
@@ -66,6 +72,8 @@ impl<S: GrantStore> Engine<S> {
             checkpoints,
             slack,
             resync_due: true,
+            sessions: Sessions::new(policy_ttl, 0),
+            sessions_dirty: false,
             counters: Counters::default(),
         };
         let removed = engine.recovering(now, |e| e.store.expire_all(now))?;
@@ -92,9 +100,46 @@ impl<S: GrantStore> Engine<S> {
         self.resync_due = true;
     }
 
+    /// Turns session holding on (`hold` > 0: the longest a session holds its grant after
+    /// its login) and restores the sessions saved beside the checkpoints.
+    pub fn set_session_hold(&mut self, hold: i64, now: i64) {
+        let first = self.sessions.is_empty() && !self.sessions_dirty;
+        self.sessions.set_limits(self.policy.ttl_secs(), hold);
+        if first && hold > 0 {
+            self.sessions.restore(self.checkpoints.load_sessions(), now);
+            if !self.sessions.is_empty() {
+                tracing::info!(open = self.sessions.len(), "open mail sessions restored");
+            }
+        }
+        self.counters.sessions_open = self.sessions.len() as u64;
+    }
+
+    /// When an open session's grant must next be written again.
+    pub fn next_session_due(&self) -> Option<i64> {
+        self.sessions.next_due()
+    }
+
+    /// Writes again the grants of sessions still open (as logins at `now`), and drops
+    /// sessions past their hold.
+    pub fn renew_sessions(&mut self, now: i64) {
+        let before = self.sessions.len();
+        for r in self.sessions.renewals(now) {
+            self.counters.session_renewals += 1;
+            self.consider(r.ip, Some(r.time), now);
+        }
+        self.sessions_dirty = true;
+        if self.sessions.len() != before {
+            tracing::info!(
+                closed = before - self.sessions.len(),
+                "mail sessions held past grant.session_hold (their end was never seen) no longer renew"
+            );
+        }
+        self.counters.sessions_open = self.sessions.len() as u64;
+    }
+
     /// Grants or checkpoints wait for a flush.
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty() || !self.pending_checkpoints.is_empty()
+        !self.pending.is_empty() || !self.pending_checkpoints.is_empty() || self.sessions_dirty
     }
 
     /// Grants wait for a map commit (checkpoints alone do not).
@@ -120,28 +165,53 @@ impl<S: GrantStore> Engine<S> {
     }
 
     /// Applies policy to a batch; grants wait for the next flush with their checkpoint.
+    /// A login that names a mail session opens it; a session's end grants ttl from then.
     pub fn accept(&mut self, batch: Batch, now: i64) {
         for login in batch.logins {
-            match self.policy.decide(login.ip, login.time, now) {
-                Decision::Grant { ip, expires } => {
-                    let known = match self.pending.get(&ip) {
-                        Some(&e) => Some(e),
-                        None => self.grants.committed(ip),
-                    };
-                    if known.is_none_or(|k| expires > k + self.slack) {
-                        self.pending.insert(ip, expires.max(known.unwrap_or(0)));
-                    }
-                    self.counters.granted += 1;
+            let granted = self.consider(login.ip, login.time, now);
+            if let (Some(ip), Some(start)) = (granted, &login.session) {
+                let at = login.time.unwrap_or(now).min(now);
+                if self.sessions.opened(ip, at, start, now) {
+                    self.sessions_dirty = true;
                 }
-                Decision::Excluded(why) => {
-                    self.counters.excluded += 1;
-                    tracing::debug!(ip = %login.ip, reason = %why, "login not granted");
-                }
-                Decision::Expired => self.counters.expired_logins += 1,
             }
         }
+        for end in &batch.ends {
+            if let Some(r) = self.sessions.closed(end, now) {
+                self.sessions_dirty = true;
+                self.consider(r.ip, Some(r.time), now);
+            }
+        }
+        self.counters.sessions_open = self.sessions.len() as u64;
         if let Some(position) = batch.position {
             self.pending_checkpoints.insert(batch.source, position);
+        }
+    }
+
+    /// One login of `ip` at `time` through the policy; Some(canonical address) when it
+    /// grants (the write waits for the next flush).
+    fn consider(&mut self, ip: IpAddr, time: Option<i64>, now: i64) -> Option<IpAddr> {
+        match self.policy.decide(ip, time, now) {
+            Decision::Grant { ip, expires } => {
+                let known = match self.pending.get(&ip) {
+                    Some(&e) => Some(e),
+                    None => self.grants.committed(ip),
+                };
+                if known.is_none_or(|k| expires > k + self.slack) {
+                    self.pending.insert(ip, expires.max(known.unwrap_or(0)));
+                }
+                self.counters.granted += 1;
+                Some(ip)
+            }
+            Decision::Excluded(why) => {
+                self.counters.excluded += 1;
+                tracing::debug!(ip = %ip, reason = %why, "login not granted");
+                None
+            }
+            Decision::Expired => {
+                self.counters.expired_logins += 1;
+                None
+            }
         }
     }
 
@@ -169,6 +239,19 @@ impl<S: GrantStore> Engine<S> {
             }
             drop(grants);
             self.pending.clear();
+        }
+        // Sessions first: after a crash between the two, the logins behind the old
+        // checkpoints are read again and reopen their sessions (idempotent by id).
+        if self.sessions_dirty {
+            self.checkpoints
+                .save_sessions(&self.sessions.snapshot())
+                .map_err(|e| {
+                    StoreError::new(
+                        format!("cannot save open sessions: {e}"),
+                        Cause::Io(e.kind()),
+                    )
+                })?;
+            self.sessions_dirty = false;
         }
         while let Some((source, cp)) = self.pending_checkpoints.pop_first() {
             if let Err(e) = self.checkpoints.save_position(&cp) {

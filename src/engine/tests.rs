@@ -514,3 +514,75 @@ fn clock_stepping_back_caps_our_own_grants() {
     assert_eq!(store.mem().map[&ip("192.0.2.1")], 2800);
     assert_eq!(e.next_deadline(), Some(2800));
 }
+
+fn session_login(ip_text: &str, t: i64, id: &str, pid: u32) -> Batch {
+    let mut b = batch(&[(ip_text, t)]);
+    b.logins[0].session = crate::session::SessionStart::new(id, Some(pid));
+    b
+}
+
+fn session_end(id: &str, pid: u32, t: i64) -> Batch {
+    let mut b = batch(&[]);
+    b.ends.push(crate::session::SessionEnd {
+        service: "imap".into(),
+        id: id.into(),
+        pid,
+        time: Some(t),
+    });
+    b
+}
+
+/// An IMAP session that stays open keeps its grant for three times the ttl, then loses
+/// it ttl after its end; the open session survives a kill -9 (saved beside the
+/// checkpoints before them).
+#[test]
+fn open_sessions_hold_their_grant_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let ttl = 60;
+    let mut e = engine(&store, dir.path(), ttl, 1000);
+    e.set_session_hold(3600, 1000);
+    e.accept(session_login("192.0.2.1", 1000, "abc", 7), 1000);
+    e.flush(1000).unwrap();
+    assert_eq!(store.mem().map.get(&ip("192.0.2.1")), Some(&1060));
+    // Renewals while the session lasts: the grant never lapses.
+    let mut t = 1000;
+    while t < 1000 + 3 * ttl as i64 {
+        t = e.next_session_due().unwrap();
+        e.renew_sessions(t);
+        e.flush(t).unwrap();
+        e.expire_due(t).unwrap();
+        let exp = store.mem().map.get(&ip("192.0.2.1")).copied();
+        assert!(exp.is_some_and(|x| x > t), "grant lapsed at {t}: {exp:?}");
+    }
+    // kill -9: a new engine on the same state directory still holds the session.
+    let mut again = engine(&store, dir.path(), ttl, t);
+    again.set_session_hold(3600, t);
+    assert_eq!(again.counters.sessions_open, 1);
+    again.accept(session_end("abc", 7, t + 5), t + 5);
+    again.flush(t + 5).unwrap();
+    assert_eq!(again.counters.sessions_open, 0);
+    assert_eq!(store.mem().map.get(&ip("192.0.2.1")), Some(&(t + 5 + 60)));
+    assert_eq!(again.next_session_due(), None);
+    again.expire_due(t + 5 + 60).unwrap();
+    assert!(!store.mem().map.contains_key(&ip("192.0.2.1")));
+}
+
+/// A session whose end is never seen holds its grant no longer than the hold.
+#[test]
+fn a_lost_end_falls_back_to_the_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let mut e = engine(&store, dir.path(), 60, 1000);
+    e.set_session_hold(600, 1000);
+    e.accept(session_login("192.0.2.2", 1000, "lost", 9), 1000);
+    let mut t = 1000;
+    while let Some(due) = e.next_session_due() {
+        t = due;
+        e.renew_sessions(t);
+        e.flush(t).unwrap();
+    }
+    let exp = store.mem().map.get(&ip("192.0.2.2")).copied().unwrap();
+    assert!(exp <= 1000 + 600, "held until {exp}, past login + hold");
+    assert!(t <= 1000 + 600);
+}

@@ -179,6 +179,30 @@ impl CheckpointDir {
         )
     }
 
+    /// The open mail sessions, saved beside the checkpoints (written just before them, so
+    /// that a restart never misses a session whose login is behind a checkpoint).
+    pub fn sessions_file(&self) -> PathBuf {
+        self.dir.join("sessions.json")
+    }
+
+    pub fn save_sessions(&self, open: &[crate::session::OpenSession]) -> std::io::Result<()> {
+        self.write_atomic(
+            &self.sessions_file(),
+            &serde_json::to_vec_pretty(open).map_err(std::io::Error::other)?,
+        )
+    }
+
+    /// The saved sessions (none when absent; a corrupt file is reported and ignored).
+    pub fn load_sessions(&self) -> Vec<crate::session::OpenSession> {
+        let Ok(bytes) = std::fs::read(self.sessions_file()) else {
+            return Vec::new();
+        };
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(file = %self.sessions_file().display(), error = %e, "ignoring unreadable sessions file; open sessions fall back to plain logins");
+            Vec::new()
+        })
+    }
+
     /// Saves any position atomically.
     pub fn save_position(&self, p: &Position) -> std::io::Result<()> {
         match p {

@@ -106,7 +106,10 @@ impl DaemonSink {
             self.logins.push(SeenLogin {
                 ip,
                 time: login.time,
-                session: login.session.clone(),
+                // Only IMAP clients stay connected for hours; POP3 grants as a login.
+                session: (login.service == b"imap")
+                    .then(|| login.session.clone())
+                    .flatten(),
             });
         }
     }
@@ -359,6 +362,12 @@ mod tests {
             "{stats:?}"
         );
         assert_eq!(stats.untimed.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // A session end in the journal, from the trusted unit, is an event too.
+        let end = br#"{"__CURSOR":"d","__REALTIME_TIMESTAMP":"1795256894146773","_SYSTEMD_UNIT":"dovecot.service","MESSAGE":"imap(c)<42><Cm5r5yxhtLN/AAAB>: Disconnected: Logged out in=1 out=2"}"#;
+        journal::scan_entries(&mut s, &provenance, end, 0, &mut sink, &mut None);
+        let ends = sink.take_ends();
+        assert_eq!(ends.len(), 1);
+        assert_eq!((ends[0].pid, ends[0].id.as_str()), (42, "Cm5r5yxhtLN/AAAB"));
         let mut granting = DaemonSink::new("t", Arc::clone(&stats), true);
         s.scan(file, 0, &mut granting);
         assert_eq!(granting.take().len(), 2);
