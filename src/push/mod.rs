@@ -215,6 +215,7 @@ impl Sink {
                 ip,
                 time: Some(crate::timefmt::now()),
                 session: None,
+                detail: None,
             }],
             ends: Vec::new(),
             position: None,

@@ -118,6 +118,8 @@ impl Checkpoint {
 #[derive(Debug, Clone)]
 pub struct CheckpointDir {
     dir: PathBuf,
+    /// `run --dry-run`: positions are read but never written (the real daemon owns them).
+    read_only: bool,
 }
 
 fn file_name_for(path: &Path) -> String {
@@ -149,6 +151,15 @@ impl CheckpointDir {
     pub fn new(state_dir: &Path) -> CheckpointDir {
         CheckpointDir {
             dir: state_dir.join("checkpoints"),
+            read_only: false,
+        }
+    }
+
+    /// Loads as `new` does; every save is a no-op (for `run --dry-run`).
+    pub fn read_only(state_dir: &Path) -> CheckpointDir {
+        CheckpointDir {
+            read_only: true,
+            ..CheckpointDir::new(state_dir)
         }
     }
 
@@ -210,6 +221,9 @@ impl CheckpointDir {
 
     /// Temp file, fsync, rename, fsync of the directory.
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
         std::fs::create_dir_all(&self.dir)?;
         let tmp = dest.with_extension("json.tmp");
         {

@@ -36,6 +36,18 @@ pub struct SeenLogin {
     pub time: Option<i64>,
     /// The mail session it opened, when the line names one.
     pub session: Option<crate::session::SessionStart>,
+    /// Who logged in and how, for `run --dry-run`'s report (None: pushed logins, tests).
+    pub detail: Option<Box<LoginDetail>>,
+}
+
+/// What a dry run prints about the login behind a grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginDetail {
+    pub user: Option<String>,
+    /// `imap`, `pop3`, ... (the login service without `-login`).
+    pub protocol: String,
+    pub pattern: String,
+    pub source: String,
 }
 
 /// What one chunk of a source produced: its logins, and the position that becomes true
@@ -107,6 +119,14 @@ impl DaemonSink {
                 ip,
                 time: login.time,
                 session: login.session.clone(),
+                detail: Some(Box::new(LoginDetail {
+                    user: login.user.map(|u| String::from_utf8_lossy(u).into_owned()),
+                    protocol: String::from_utf8_lossy(login.service)
+                        .trim_end_matches("-login")
+                        .to_string(),
+                    pattern: login.pattern.id.to_string(),
+                    source: self.origin.clone(),
+                })),
             });
         }
     }
