@@ -291,7 +291,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         tracing::info!("--dry-run: the socketmap and metrics servers are not started");
     }
     if let Some(sm) = settings.socketmap.clone().filter(|_| dry.is_none()) {
-        let listen = format!("{:?}", sm.listen);
+        let listen = sm.listen.to_string();
         runtime
             .block_on(crate::serve::socketmap::spawn(sm, engine.view()))
             .map_err(|e| {
