@@ -305,6 +305,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             engine: Arc::clone(&counters),
             view: engine.view(),
             checkpoints: checkpoints.clone(),
+            state_dir: settings.state_dir.clone(),
         });
         runtime
             .block_on(crate::serve::metrics::spawn(addr, src))
