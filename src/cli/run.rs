@@ -186,7 +186,7 @@ impl Sources {
                 Some(c) => JournalStart::AfterCursor(c),
                 None => JournalStart::Since(cutoff),
             };
-            tracing::info!(journal = %target.key(), start = ?start, units = ?settings.provenance.units, "following the journal");
+            tracing::info!(journal = %target.key(), start = %start, units = %settings.provenance.units.join(", "), "following the journal");
             let source = JournalSource {
                 spec: JournalSourceSpec {
                     index: settings.logs.len(),
@@ -228,6 +228,17 @@ impl Sources {
             tracing::debug!(source = %name, "source stopped");
         }
     }
+}
+
+/// Followed files for logs: `a, b`, or `none`.
+fn paths(logs: &[PathBuf]) -> String {
+    if logs.is_empty() {
+        return "none".into();
+    }
+    logs.iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn status_line(engine: &Engine<DaemonStore>, stats: &StatsRegistry) -> String {
@@ -319,8 +330,8 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     tracing::info!(
         map = %settings.map_path.display(),
         grants = engine.active(),
-        logs = ?settings.logs,
-        journal = ?cfg.journal.as_ref().map(JournalTarget::key),
+        logs = %paths(&settings.logs),
+        journal = %cfg.journal.as_ref().map_or_else(|| "off".to_string(), JournalTarget::key),
         ttl = %humantime::format_duration(settings.ttl),
         "dovegate started"
     );
@@ -379,7 +390,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                         cfg = new;
                         sources =
                             Sources::start(&cfg, &checkpoints, &stats, &deaths, dry.as_ref())?;
-                        tracing::info!(logs = ?cfg.settings.logs, ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
+                        tracing::info!(logs = %paths(&cfg.settings.logs), ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
                     }
                     Err(f) => tracing::error!(
                         "reload refused, the running configuration stays: {}",

@@ -132,6 +132,17 @@ impl DaemonSink {
     }
 }
 
+/// A client address as the line gave it, for logs: the address, or the invalid text
+/// escaped (it comes from the log and may hold control characters).
+fn verdict_text(v: &IpVerdict) -> String {
+    match v {
+        IpVerdict::Valid(ip) => ip.to_string(),
+        IpVerdict::Invalid(text) => text.escape_debug().to_string(),
+        IpVerdict::Ambiguous => "conflicting rip= elements".into(),
+        IpVerdict::Missing => "none".into(),
+    }
+}
+
 impl Sink for DaemonSink {
     fn login(&mut self, _line: Line<'_>, login: &Login<'_>) {
         self.grant(login);
@@ -156,7 +167,7 @@ impl Sink for DaemonSink {
         } else {
             SourceStats::add(&self.stats.invalid_ip, 1);
             if let Some(n) = self.warn_invalid.hit() {
-                tracing::warn!(source = %self.origin, count = n, ip = ?login.ip, "login line with an invalid client address; not granted");
+                tracing::warn!(source = %self.origin, count = n, ip = %verdict_text(&login.ip), "login line with an invalid client address; not granted");
             }
         }
     }
@@ -164,7 +175,7 @@ impl Sink for DaemonSink {
     fn forged(&mut self, _line: Line<'_>, login: &Login<'_>, why: &str) {
         SourceStats::add(&self.stats.forged, 1);
         if let Some(n) = self.warn_forged.hit() {
-            tracing::warn!(source = %self.origin, count = n, last_sender = why, last_ip = ?login.ip, "forged Dovecot login entries (not from a trusted sender) ignored");
+            tracing::warn!(source = %self.origin, count = n, last_sender = why, last_ip = %verdict_text(&login.ip), "forged Dovecot login entries (not from a trusted sender) ignored");
         }
     }
 
