@@ -163,6 +163,12 @@ impl CheckpointDir {
         }
     }
 
+    /// False in `run --dry-run`: nothing may be written to the state directory (other state
+    /// savers, such as open sessions, ask here too).
+    pub fn writes(&self) -> bool {
+        !self.read_only
+    }
+
     pub fn file_for(&self, path: &Path) -> PathBuf {
         self.dir.join(file_name_for(path))
     }
@@ -300,5 +306,29 @@ mod tests {
         assert_eq!(cd.load_cursor("system").as_deref(), Some("s=1;i=2"));
         assert_eq!(cd.load_cursor("file:/x.journal"), None);
         assert_eq!(cd.all().len(), 1);
+    }
+
+    #[test]
+    fn read_only_loads_but_never_writes() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Checkpoint {
+            path: "/var/log/mail.log".into(),
+            files: vec![],
+        };
+        CheckpointDir::new(d.path()).save(&c).unwrap();
+        let ro = CheckpointDir::read_only(d.path());
+        assert!(!ro.writes());
+        assert_eq!(ro.load(Path::new("/var/log/mail.log")), Some(c));
+        let j = Position::Journal(JournalCursor {
+            journal: "system".into(),
+            cursor: "s=1".into(),
+        });
+        ro.save_position(&j).unwrap();
+        assert_eq!(ro.load_cursor("system"), None);
+        let other = tempfile::tempdir().unwrap();
+        CheckpointDir::read_only(other.path())
+            .save_position(&j)
+            .unwrap();
+        assert!(!other.path().join("checkpoints").exists());
     }
 }
