@@ -348,12 +348,18 @@ fn untimed_lines_grant_only_when_configured() {
         .unwrap();
         std::fs::write(&log, "").unwrap();
         let mut daemon = Daemon::follow(d.path(), &log, &["--config", &conf.display().to_string()]);
+        let map = d.path().join("relay");
+        // A file met with no timestamp in it is started at its end: let the follower take
+        // its position (a first timed login granted) before the untimed line comes.
+        append(&log, &login_line("203.0.113.69", "first"));
+        wait_for("the first grant", PATIENCE, || {
+            postmap_q(&map, "203.0.113.69").is_some()
+        });
         append(
             &log,
             "imap-login: Login: user=<old>, method=PLAIN, rip=203.0.113.70, lip=192.0.2.1, mpid=1, session=<a>\n",
         );
         append(&log, &login_line("203.0.113.71", "new"));
-        let map = d.path().join("relay");
         wait_for("the timed line's grant", PATIENCE, || {
             postmap_q(&map, "203.0.113.71").is_some()
         });
