@@ -12,10 +12,18 @@ fn start_dry(
     log: &std::path::Path,
     ttl: &str,
 ) -> (Daemon, std::path::PathBuf) {
-    let out = dir.join("stdout");
+    let log = log.display().to_string();
+    start_dry_with(dir, &["--ttl", ttl, "--log", &log])
+}
+
+/// `dovegate run --dry-run ARGS` with the map `DIR/relay` and state `DIR/state`; its
+/// stdout (returned) and stderr go to files.
+fn start_dry_with(dir: &std::path::Path, args: &[&str]) -> (Daemon, std::path::PathBuf) {
+    let out = dir.join(format!("stdout-{:x}", rand_u64()));
+    let err = out.with_extension("stderr");
     let child = Command::new(bin())
-        .args(["run", "--dry-run", "--ttl", ttl, "--log"])
-        .arg(log)
+        .args(["run", "--dry-run"])
+        .args(args)
         .arg("--map")
         .arg(dir.join("relay"))
         .arg("--state-dir")
@@ -23,13 +31,10 @@ fn start_dry(
         .env("DOVEGATE_LOG", "info")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
         .expect("spawn dovegate run --dry-run");
-    let d = Daemon {
-        child,
-        stderr: dir.join("stderr"),
-    };
+    let d = Daemon { child, stderr: err };
     wait_for("dry run started", PATIENCE, || {
         d.log().contains("dovegate started")
     });
@@ -103,4 +108,64 @@ fn runs_beside_a_daemon_on_the_same_map() {
         read(&out).contains("would grant 203.0.113.9 until ")
     });
     assert_eq!(d.stop(), Some(0), "{}", d.log());
+}
+
+fn push(socket: &std::path::Path, ip: &str) {
+    let st = Command::new(bin())
+        .args(["postlogin", "--socket"])
+        .arg(socket)
+        .arg("/bin/true")
+        .env_clear()
+        .env("IP", ip)
+        .env("USER", "erin")
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Pushed logins are reported too; but beside a running daemon the dry run leaves the
+/// daemon's push socket alone (binding it would take the daemon's logins away).
+#[test]
+fn push_reported_alone_and_left_to_a_daemon() {
+    let dir = tempdir();
+    let log = dir.path().join("mail.log");
+    append(&log, "");
+    let socket = dir.path().join("push");
+    let conf = dir.path().join("dovegate.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[source]\nlogs = [{:?}]\n[push]\nsocket = {:?}\nusers = [0]\n",
+            log.display().to_string(),
+            socket.display().to_string()
+        ),
+    )
+    .unwrap();
+    let conf = conf.display().to_string();
+    let (mut dry, out) = start_dry_with(dir.path(), &["--config", &conf]);
+    wait_for("push socket", PATIENCE, || socket.exists());
+    push(&socket, "192.0.2.81");
+    wait_for("would grant (push)", PATIENCE, || {
+        read(&out).contains("would grant 192.0.2.81 until ")
+    });
+    assert!(
+        read(&out).contains("(user -, protocol -, pattern -, source push)"),
+        "{}",
+        read(&out)
+    );
+    assert_eq!(dry.stop(), Some(0), "{}", dry.log());
+
+    let _real = Daemon::with_map(dir.path(), &["--config", &conf]);
+    wait_for("push socket", PATIENCE, || socket.exists());
+    let (mut dry, _) = start_dry_with(dir.path(), &["--config", &conf]);
+    assert!(
+        dry.log().contains("leaves its push sockets alone"),
+        "{}",
+        dry.log()
+    );
+    push(&socket, "192.0.2.82");
+    wait_for("the daemon's grant", PATIENCE, || {
+        postmap_q(&dir.path().join("relay"), "192.0.2.82").is_some()
+    });
+    assert_eq!(dry.stop(), Some(0), "{}", dry.log());
 }
