@@ -348,12 +348,18 @@ fn untimed_lines_grant_only_when_configured() {
         .unwrap();
         std::fs::write(&log, "").unwrap();
         let mut daemon = Daemon::follow(d.path(), &log, &["--config", &conf.display().to_string()]);
+        let map = d.path().join("relay");
+        // A file met with no timestamp in it is started at its end: let the follower take
+        // its position (a first timed login granted) before the untimed line comes.
+        append(&log, &login_line("203.0.113.69", "first"));
+        wait_for("the first grant", PATIENCE, || {
+            postmap_q(&map, "203.0.113.69").is_some()
+        });
         append(
             &log,
             "imap-login: Login: user=<old>, method=PLAIN, rip=203.0.113.70, lip=192.0.2.1, mpid=1, session=<a>\n",
         );
         append(&log, &login_line("203.0.113.71", "new"));
-        let map = d.path().join("relay");
         wait_for("the timed line's grant", PATIENCE, || {
             postmap_q(&map, "203.0.113.71").is_some()
         });
@@ -369,5 +375,51 @@ fn untimed_lines_grant_only_when_configured() {
             "{}",
             daemon.log()
         );
+    }
+}
+
+/// Issue 9: messages an administrator reads are in words, never Rust's Debug output
+/// (`Valid(192.0.2.99)`, `Since(1795693923)`, `Some(ExitStatus(...))`).
+#[test]
+fn daemon_log_has_no_debug_output() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    append(&log, "");
+    // Not a journal: journalctl exits with an error, and the daemon says how.
+    let journal = d.path().join("missing.journal");
+    let (logp, jp) = (log.display().to_string(), journal.display().to_string());
+    let mut daemon = Daemon::with_map(d.path(), &["--log", &logp, "--journal-file", &jp]);
+    append(&log, &login_line("198.423.11.235", "mallory"));
+    append(&log, &login_line("192.0.2.99", "alice"));
+    wait_for("grant", PATIENCE, || {
+        postmap_q(&d.path().join("relay"), "192.0.2.99").is_some()
+    });
+    wait_for("invalid address warning", PATIENCE, || {
+        daemon.log().contains("invalid client address")
+    });
+    wait_for("journalctl exit reported", PATIENCE, || {
+        daemon.log().contains("journalctl exited")
+    });
+    assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
+    let text = daemon.log();
+    for wanted in [
+        "ip=198.423.11.235",
+        "following the journal",
+        "start=since 20",
+        "logs=",
+        "dovegate stopped",
+    ] {
+        assert!(text.contains(wanted), "missing {wanted}:\n{text}");
+    }
+    for debug in [
+        "Valid(",
+        "Since(",
+        "Some(",
+        "Unix(",
+        "AfterCursor(",
+        "Invalid(",
+        "[\"",
+    ] {
+        assert!(!text.contains(debug), "Debug output {debug} in:\n{text}");
     }
 }

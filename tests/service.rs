@@ -134,8 +134,29 @@ fn metrics_and_status() {
     wait_for("metrics", PATIENCE, || {
         http_get(&addr, "/metrics").contains("dovegate_map_commits_total 1")
     });
+    // The fleet gauges come from the status files a PostgreSQL writer and a replica leave.
+    let state = d.path().join("state");
+    std::fs::write(
+        state.join("fleet.json"),
+        r#"{"database":"postgresql://db:5432/mail","connected":false,"disconnected_since":1,"last_error":"refused","last_commit":null,"queue_len":5,"queue_max":9,"queue_file":"","spilled_total":5,"replayed_total":0,"updated":2}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        state.join("replica.json"),
+        r#"{"database":"postgresql://db:5432/mail","map":"","connected":true,"disconnected_since":null,"last_error":null,"last_snapshot":1795000000,"last_snapshot_grants":1,"snapshots":1,"last_change":null,"lag_secs":0.5,"changes_applied":0,"grants":1,"updated":2}"#,
+    )
+    .unwrap();
     let m = http_get(&addr, "/metrics");
     assert!(m.starts_with("HTTP/1.0 200 OK"), "{m}");
+    for want in [
+        "dovegate_fleet_connected 0",
+        "dovegate_fleet_spill_queue_grants 5",
+        "dovegate_replica_connected 1",
+        "dovegate_replica_lag_seconds 0.5",
+        "dovegate_replica_last_snapshot_timestamp_seconds 1795000000",
+    ] {
+        assert!(m.contains(want), "missing {want}:\n{m}");
+    }
     let src = log.display().to_string();
     for want in [
         format!("dovegate_lines_read_total{{source=\"{src}\"}} 2"),

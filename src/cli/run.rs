@@ -1,6 +1,7 @@
 //! `dovegate run`: wires sources, engine and map together and runs until SIGTERM/SIGINT;
 //! SIGHUP reloads the configuration (a bad one is refused and the running one stays).
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +17,8 @@ use crate::source::checkpoint::CheckpointDir;
 use crate::source::handle::{Deaths, SourceHandle};
 use crate::source::journal::{JournalSource, JournalSourceSpec, JournalStart, JournalTarget};
 use crate::source::{Batch, DaemonSink, FileSource, FileSourceSpec};
-use crate::store::{LmdbMap, OpenMode};
+use crate::store::dry::{Details, DryStore};
+use crate::store::{ExpireOutcome, GrantStore, LmdbMap, OpenMode, StoreError, StoredGrant};
 use crate::telemetry::StatsRegistry;
 use crate::timefmt;
 
@@ -38,6 +40,10 @@ pub struct RunArgs {
     patterns: Option<PathBuf>,
     #[command(flatten)]
     journal: JournalArgs,
+    /// Follow the sources and print what would be granted and expired, writing neither the
+    /// map nor checkpoints (to run beside the old daemon before switching).
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// Journal selection, shared by `run` and `test`.
@@ -143,8 +149,12 @@ impl Sources {
         checkpoints: &CheckpointDir,
         stats: &StatsRegistry,
         deaths: &Deaths,
+        dry: Option<&DryRun>,
     ) -> Result<Sources, Failure> {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (tx, rx) = match dry {
+            Some(d) => d.relay()?,
+            None => tokio::sync::mpsc::channel(64),
+        };
         let mut handles = Vec::new();
         let settings = &cfg.settings;
         let cutoff = timefmt::now() - i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 2);
@@ -176,7 +186,7 @@ impl Sources {
                 Some(c) => JournalStart::AfterCursor(c),
                 None => JournalStart::Since(cutoff),
             };
-            tracing::info!(journal = %target.key(), start = ?start, units = ?settings.provenance.units, "following the journal");
+            tracing::info!(journal = %target.key(), start = %start, units = %settings.provenance.units.join(", "), "following the journal");
             let source = JournalSource {
                 spec: JournalSourceSpec {
                     index: settings.logs.len(),
@@ -194,8 +204,14 @@ impl Sources {
                 .map_err(|e| Failure::runtime(format!("cannot start journal thread: {e}")))?;
             handles.push(handle);
         }
-        let _push =
-            crate::push::spawn(&settings.push, tx.clone(), stats).map_err(Failure::runtime)?;
+        let _push = if dry.is_some_and(|d| d.daemon_running) && settings.push.enabled() {
+            // Its sockets belong to the running daemon: binding them would take them over.
+            tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
+            crate::push::spawn(&Default::default(), tx.clone(), stats)
+        } else {
+            crate::push::spawn(&settings.push, tx.clone(), stats)
+        }
+        .map_err(Failure::runtime)?;
         Ok(Sources { handles, rx, _push })
     }
 
@@ -214,7 +230,18 @@ impl Sources {
     }
 }
 
-fn status_line(engine: &Engine<WriterStore>, stats: &StatsRegistry) -> String {
+/// Followed files for logs: `a, b`, or `none`.
+fn paths(logs: &[PathBuf]) -> String {
+    if logs.is_empty() {
+        return "none".into();
+    }
+    logs.iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn status_line(engine: &Engine<DaemonStore>, stats: &StatsRegistry) -> String {
     let t = stats.totals();
     format!(
         "{} grants active, {} lines read, {} logins, {} forged",
@@ -237,26 +264,46 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::runtime(format!("cannot install signal handlers: {e}")))?;
     let mut cfg = Effective::load(&args)?;
     let settings = cfg.settings.clone();
-    std::fs::create_dir_all(&settings.state_dir).map_err(|e| {
-        Failure::runtime(format!(
-            "{}: cannot create state directory: {e}",
-            settings.state_dir.display()
-        ))
-    })?;
-    // One daemon per map and state directory, before anything touches either.
-    let _instance =
-        crate::store::instance::InstanceLock::acquire(&settings.map_path, &settings.state_dir)
+    let dry = args.dry_run.then(|| DryRun::new(&settings));
+    let _instance;
+    let (map, checkpoints) = match &dry {
+        Some(d) => (
+            DaemonStore::Dry(DryStore::new(
+                d.details.clone(),
+                Box::new(std::io::stdout()),
+            )),
+            CheckpointDir::read_only(&settings.state_dir),
+        ),
+        None => {
+            std::fs::create_dir_all(&settings.state_dir).map_err(|e| {
+                Failure::runtime(format!(
+                    "{}: cannot create state directory: {e}",
+                    settings.state_dir.display()
+                ))
+            })?;
+            // One daemon per map and state directory, before anything touches either.
+            _instance = crate::store::instance::InstanceLock::acquire(
+                &settings.map_path,
+                &settings.state_dir,
+            )
             .map_err(|e| Failure::runtime(e.0))?;
-    let map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::Create)
-        .map_err(|e| Failure::runtime(e.0))?;
-    let map = open_writer_store(&settings, map)?;
-    let checkpoints = CheckpointDir::new(&settings.state_dir);
+            let map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::Create)
+                .map_err(|e| Failure::runtime(e.0))?;
+            (
+                DaemonStore::Real(open_writer_store(&settings, map)?),
+                CheckpointDir::new(&settings.state_dir),
+            )
+        }
+    };
     let mut engine = Engine::new(map, cfg.policy(), checkpoints.clone(), timefmt::now())
         .map_err(|e| Failure::runtime(e.0))?;
     engine.set_session_hold(hold_secs(&cfg.settings), timefmt::now());
     let stats = Arc::new(StatsRegistry::default());
-    if let Some(sm) = settings.socketmap.clone() {
-        let listen = format!("{:?}", sm.listen);
+    if dry.is_some() && (settings.socketmap.is_some() || settings.metrics.is_some()) {
+        tracing::info!("--dry-run: the socketmap and metrics servers are not started");
+    }
+    if let Some(sm) = settings.socketmap.clone().filter(|_| dry.is_none()) {
+        let listen = sm.listen.to_string();
         runtime
             .block_on(crate::serve::socketmap::spawn(sm, engine.view()))
             .map_err(|e| {
@@ -264,12 +311,13 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             })?;
     }
     let counters = Arc::new(Mutex::new(engine.counters.clone()));
-    if let Some(addr) = settings.metrics {
+    if let Some(addr) = settings.metrics.filter(|_| dry.is_none()) {
         let src = Arc::new(MetricsSource {
             stats: Arc::clone(&stats),
             engine: Arc::clone(&counters),
             view: engine.view(),
             checkpoints: checkpoints.clone(),
+            state_dir: settings.state_dir.clone(),
         });
         runtime
             .block_on(crate::serve::metrics::spawn(addr, src))
@@ -279,12 +327,12 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     }
     let (deaths, mut died) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut death: Option<String> = None;
-    let mut sources = Sources::start(&cfg, &checkpoints, &stats, &deaths)?;
+    let mut sources = Sources::start(&cfg, &checkpoints, &stats, &deaths, dry.as_ref())?;
     tracing::info!(
         map = %settings.map_path.display(),
         grants = engine.active(),
-        logs = ?settings.logs,
-        journal = ?cfg.journal.as_ref().map(JournalTarget::key),
+        logs = %paths(&settings.logs),
+        journal = %cfg.journal.as_ref().map_or_else(|| "off".to_string(), JournalTarget::key),
         ttl = %humantime::format_duration(settings.ttl),
         "dovegate started"
     );
@@ -292,7 +340,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let mut heartbeat = {
         let stats = Arc::clone(&stats);
         let counters = Arc::clone(&counters);
-        move |e: &Engine<WriterStore>| {
+        move |e: &Engine<DaemonStore>| {
             crate::notify::status(&status_line(e, &stats));
             crate::notify::watchdog();
             if let Ok(mut c) = counters.lock() {
@@ -342,8 +390,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                         engine.set_policy(new.policy());
                         engine.set_session_hold(hold_secs(&new.settings), timefmt::now());
                         cfg = new;
-                        sources = Sources::start(&cfg, &checkpoints, &stats, &deaths)?;
-                        tracing::info!(logs = ?cfg.settings.logs, ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
+                        sources =
+                            Sources::start(&cfg, &checkpoints, &stats, &deaths, dry.as_ref())?;
+                        tracing::info!(logs = %paths(&cfg.settings.logs), ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
                     }
                     Err(f) => tracing::error!(
                         "reload refused, the running configuration stays: {}",
@@ -375,6 +424,107 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     }
 }
 
+/// What `--dry-run` needs: the login details the dry store prints, and whether a daemon
+/// already runs on the configured map (whose push sockets it must not take).
+struct DryRun {
+    details: Details,
+    daemon_running: bool,
+}
+
+impl DryRun {
+    fn new(settings: &Settings) -> DryRun {
+        let daemon_running = matches!(
+            crate::store::instance::map_holder(&settings.map_path),
+            Ok(Some(_))
+        );
+        tracing::info!(
+            "--dry-run: printing what would be granted and expired; neither {} nor the checkpoints in {} are written",
+            settings.map_path.display(),
+            settings.state_dir.display()
+        );
+        DryRun {
+            details: Details::default(),
+            daemon_running,
+        }
+    }
+
+    /// A channel whose batches pass a thread that notes their login details on the way.
+    fn relay(
+        &self,
+    ) -> Result<
+        (
+            tokio::sync::mpsc::Sender<Batch>,
+            tokio::sync::mpsc::Receiver<Batch>,
+        ),
+        Failure,
+    > {
+        let (tx, mut from_sources) = tokio::sync::mpsc::channel::<Batch>(64);
+        let (to_engine, rx) = tokio::sync::mpsc::channel(64);
+        let details = self.details.clone();
+        std::thread::Builder::new()
+            .name("dry-run".into())
+            .spawn(move || {
+                // Ends when the sources are gone or the engine dropped its receiver.
+                while let Some(batch) = from_sources.blocking_recv() {
+                    details.record(&batch);
+                    if to_engine.blocking_send(batch).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| Failure::runtime(format!("cannot start dry-run thread: {e}")))?;
+        Ok((tx, rx))
+    }
+}
+
+/// The daemon's store: the real map (and PostgreSQL), or the printing one of `--dry-run`.
+enum DaemonStore {
+    Real(WriterStore),
+    Dry(DryStore),
+}
+
+macro_rules! both {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            DaemonStore::Real($s) => $e,
+            DaemonStore::Dry($s) => $e,
+        }
+    };
+}
+
+impl GrantStore for DaemonStore {
+    fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        both!(self, s => s.upsert(grants))
+    }
+    fn expire(&mut self, ips: &[IpAddr], now: i64) -> Result<ExpireOutcome, StoreError> {
+        both!(self, s => s.expire(ips, now))
+    }
+    fn expire_all(&mut self, now: i64) -> Result<usize, StoreError> {
+        both!(self, s => s.expire_all(now))
+    }
+    fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
+        both!(self, s => s.list())
+    }
+    fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
+        both!(self, s => s.get(ip))
+    }
+    fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
+        both!(self, s => s.revoke(ip))
+    }
+    fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
+        both!(self, s => s.set(ip, expires))
+    }
+    fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        both!(self, s => s.snapshot())
+    }
+    fn changed(&mut self) -> Result<Option<bool>, StoreError> {
+        both!(self, s => s.changed())
+    }
+    fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        both!(self, s => s.cap(ips, limit))
+    }
+}
+
 /// The local map, plus PostgreSQL when `[store] postgres_url_file` is set (a bad URL file
 /// stops start-up; an unreachable database does not: commits spill until it returns).
 fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, Failure> {
@@ -395,7 +545,7 @@ fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, F
     Ok(WriterStore::shared(map, pg))
 }
 
-fn log_summary(settings: &Settings, engine: &Engine<WriterStore>, stats: &StatsRegistry) {
+fn log_summary(settings: &Settings, engine: &Engine<DaemonStore>, stats: &StatsRegistry) {
     let c = &engine.counters;
     let t = stats.totals();
     tracing::info!(

@@ -1,14 +1,28 @@
 //! `dovegate status`: the live state from the state directory and the map, read as any
-//! other reader would (shared locks), without the daemon's cooperation.
+//! other reader would (shared locks), without the daemon's cooperation: whether a daemon
+//! holds the map, each configured source and where it stands, the PostgreSQL fleet status
+//! files, and the open mail sessions.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::{load_settings, ConfigArgs, Failure};
-use crate::source::checkpoint::CheckpointDir;
+use crate::replica::ReplicaStatus;
+use crate::session::OpenSession;
+use crate::source::checkpoint::{Checkpoint, CheckpointDir};
+use crate::source::tailer::{open_regular, PathProblem};
+use crate::store::postgres::worker::WriterStatus;
 use crate::store::{instance, GrantStore, LmdbMap, OpenMode};
 use crate::timefmt;
+
+/// A status file not rewritten for this long means its writer stopped or is stuck (they
+/// are rewritten every few seconds).
+const STATUS_STALE_SECS: i64 = 30;
+/// Sessions listed one per line in text output; `--json` lists all.
+const SESSIONS_SHOWN: usize = 20;
+/// The sessions file is read up to this size.
+const SESSIONS_MAX_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -39,12 +53,28 @@ struct DaemonStatus {
     pid: Option<u32>,
 }
 
+/// One generation of a followed file, as its checkpoint names it.
+#[derive(Serialize)]
+struct Generation {
+    inode: u64,
+    /// Bytes read and committed.
+    offset: u64,
+}
+
+/// A followed file: configured or only checkpointed, its state now and its checkpoint.
 #[derive(Serialize)]
 struct FileStatus {
     path: String,
-    /// Generations, oldest first: inode and committed offset.
-    files: Vec<(u64, u64)>,
-    /// Bytes written after the committed offset (null: rotated since or gone).
+    /// In `source.logs` (false: only a checkpoint is left of it).
+    configured: bool,
+    /// `readable`, `missing`, `unreadable`, `not-regular` or `error`.
+    state: &'static str,
+    /// What the daemon says about it when not readable.
+    problem: Option<String>,
+    size: Option<u64>,
+    /// Generations, oldest first (empty: no checkpoint yet).
+    generations: Vec<Generation>,
+    /// Bytes written after the committed offset (null: no checkpoint, or rotated since).
     behind_bytes: Option<u64>,
     saved: Option<String>,
 }
@@ -52,7 +82,55 @@ struct FileStatus {
 #[derive(Serialize)]
 struct JournalStatus {
     journal: String,
-    cursor: String,
+    /// `source.journal` is on (false: only a saved cursor is left).
+    configured: bool,
+    cursor: Option<String>,
+}
+
+/// `STATE/fleet.json`, times as RFC 3339.
+#[derive(Serialize)]
+struct DatabaseStatus {
+    database: String,
+    connected: bool,
+    disconnected_since: Option<String>,
+    last_error: Option<String>,
+    last_commit: Option<String>,
+    queue_len: usize,
+    queue_max: usize,
+    updated: String,
+    /// Not rewritten for 30 s: the daemon that writes it stopped or is stuck.
+    stale_file: bool,
+}
+
+/// `STATE/replica.json`, times as RFC 3339.
+#[derive(Serialize)]
+struct ReplicaOut {
+    database: String,
+    connected: bool,
+    disconnected_since: Option<String>,
+    last_error: Option<String>,
+    last_snapshot: Option<String>,
+    last_snapshot_grants: usize,
+    last_change: Option<String>,
+    lag_secs: Option<f64>,
+    grants: usize,
+    updated: String,
+    stale_file: bool,
+}
+
+#[derive(Serialize)]
+struct SessionOut {
+    id: String,
+    ip: String,
+    pid: Option<u32>,
+    login: String,
+    renewed: String,
+}
+
+#[derive(Serialize)]
+struct PushStatus {
+    socket: Option<String>,
+    auth_policy: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -61,12 +139,86 @@ struct Status {
     daemon: DaemonStatus,
     files: Vec<FileStatus>,
     journals: Vec<JournalStatus>,
+    push: Option<PushStatus>,
+    database: Option<DatabaseStatus>,
+    replica: Option<ReplicaOut>,
+    /// null: no sessions file in the state directory.
+    sessions: Option<Vec<SessionOut>>,
+    /// The same warnings the text output prints.
+    warnings: Vec<String>,
 }
 
-fn mtime(path: &std::path::Path) -> Option<String> {
+fn mtime(path: &Path) -> Option<String> {
     let t = std::fs::metadata(path).ok()?.modified().ok()?;
     let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
     Some(timefmt::rfc3339(i64::try_from(secs).ok()?))
+}
+
+fn file_status(
+    path: &Path,
+    configured: bool,
+    cp: Option<&Checkpoint>,
+    dir: &CheckpointDir,
+) -> FileStatus {
+    let (state, problem, size) = match open_regular(path) {
+        Ok((_, meta)) => ("readable", None, Some(meta.len())),
+        Err(p) => {
+            let state = match p {
+                PathProblem::Missing { .. } => "missing",
+                PathProblem::Unreadable { .. } => "unreadable",
+                PathProblem::NotRegular { .. } => "not-regular",
+                PathProblem::Io { .. } => "error",
+            };
+            (state, Some(p.to_string()), None)
+        }
+    };
+    FileStatus {
+        path: path.display().to_string(),
+        configured,
+        state,
+        problem,
+        size,
+        generations: cp.map_or_else(Vec::new, |c| {
+            c.files
+                .iter()
+                .map(|f| Generation {
+                    inode: f.id.ino,
+                    offset: f.offset,
+                })
+                .collect()
+        }),
+        behind_bytes: cp.and_then(Checkpoint::lag),
+        saved: cp.and_then(|c| mtime(&dir.file_for(&c.path))),
+    }
+}
+
+fn stale_warning(file: &str, updated: i64, now: i64) -> Option<String> {
+    let age = now - updated;
+    (age > STATUS_STALE_SECS).then(|| {
+        format!(
+            "{file} was last updated {} ({age} s ago): the process that writes it is not running or is stuck",
+            timefmt::rfc3339(updated)
+        )
+    })
+}
+
+/// The open sessions the daemon saved, if it saved any (a missing file is not an error).
+fn load_sessions(state_dir: &Path, warnings: &mut Vec<String>) -> Option<Vec<OpenSession>> {
+    use std::io::Read;
+    let path = state_dir.join("sessions.json");
+    let file = std::fs::File::open(&path).ok()?;
+    let mut text = String::new();
+    if let Err(e) = file.take(SESSIONS_MAX_BYTES).read_to_string(&mut text) {
+        warnings.push(format!("{}: cannot read: {e}", path.display()));
+        return None;
+    }
+    match serde_json::from_str(&text) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warnings.push(format!("{}: not a list of sessions: {e}", path.display()));
+            None
+        }
+    }
 }
 
 pub fn run(args: StatusArgs) -> Result<(), Failure> {
@@ -78,6 +230,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
     let mut map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::ReadOnly)
         .map_err(super::admin::store_failure)?;
     let grants = map.list().map_err(super::admin::store_failure)?;
+    let mut warnings = Vec::new();
     let daemon = match instance::map_holder(&settings.map_path) {
         Ok(Some(pid)) => DaemonStatus {
             running: Some(true),
@@ -88,10 +241,10 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             pid: None,
         },
         Err(e) => {
-            eprintln!(
-                "dovegate: {}: cannot tell whether a daemon holds the map: {e}",
+            warnings.push(format!(
+                "{}: cannot tell whether a daemon holds the map: {e}",
                 instance::map_lock_path(&settings.map_path).display()
-            );
+            ));
             DaemonStatus {
                 running: None,
                 pid: None,
@@ -106,6 +259,92 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
         .filter(|&e| e > now)
         .min();
     let checkpoints = CheckpointDir::new(&settings.state_dir);
+    let saved = checkpoints.all();
+    let mut files: Vec<FileStatus> = settings
+        .logs
+        .iter()
+        .map(|p| file_status(p, true, saved.iter().find(|c| &c.path == p), &checkpoints))
+        .collect();
+    for c in saved.iter().filter(|c| !settings.logs.contains(&c.path)) {
+        files.push(file_status(&c.path, false, Some(c), &checkpoints));
+    }
+    let cursors = checkpoints.cursors();
+    let mut journals = Vec::new();
+    if settings.journal {
+        let key = "system".to_string();
+        journals.push(JournalStatus {
+            cursor: cursors
+                .iter()
+                .find(|c| c.journal == key)
+                .map(|c| c.cursor.clone()),
+            journal: key,
+            configured: true,
+        });
+    }
+    for c in cursors {
+        if !journals.iter().any(|j| j.journal == c.journal) {
+            journals.push(JournalStatus {
+                journal: c.journal,
+                configured: false,
+                cursor: Some(c.cursor),
+            });
+        }
+    }
+    let push = settings.push.enabled().then(|| PushStatus {
+        socket: settings
+            .push
+            .socket
+            .as_ref()
+            .map(|p| p.display().to_string()),
+        auth_policy: settings.push.auth_policy.as_ref().map(ToString::to_string),
+    });
+    let database = WriterStatus::load(&settings.state_dir).map(|w| {
+        let file = settings.state_dir.join(WriterStatus::FILE);
+        let stale = stale_warning(&file.display().to_string(), w.updated, now);
+        let stale_file = stale.is_some();
+        warnings.extend(stale);
+        DatabaseStatus {
+            database: w.database,
+            connected: w.connected,
+            disconnected_since: w.disconnected_since.map(timefmt::rfc3339),
+            last_error: w.last_error,
+            last_commit: w.last_commit.map(timefmt::rfc3339),
+            queue_len: w.queue_len,
+            queue_max: w.queue_max,
+            updated: timefmt::rfc3339(w.updated),
+            stale_file,
+        }
+    });
+    let replica = ReplicaStatus::load(&settings.state_dir).map(|r| {
+        let file = settings.state_dir.join(ReplicaStatus::FILE);
+        let stale = stale_warning(&file.display().to_string(), r.updated, now);
+        let stale_file = stale.is_some();
+        warnings.extend(stale);
+        ReplicaOut {
+            database: r.database,
+            connected: r.connected,
+            disconnected_since: r.disconnected_since.map(timefmt::rfc3339),
+            last_error: r.last_error,
+            last_snapshot: r.last_snapshot.map(timefmt::rfc3339),
+            last_snapshot_grants: r.last_snapshot_grants,
+            last_change: r.last_change.map(timefmt::rfc3339),
+            lag_secs: r.lag_secs,
+            grants: r.grants,
+            updated: timefmt::rfc3339(r.updated),
+            stale_file,
+        }
+    });
+    let sessions = load_sessions(&settings.state_dir, &mut warnings).map(|list| {
+        list.into_iter()
+            .map(|s| SessionOut {
+                id: s.id,
+                ip: s.ip.to_string(),
+                pid: s.pid,
+                login: timefmt::rfc3339(s.login),
+                renewed: timefmt::rfc3339(s.renewed),
+            })
+            .collect()
+    });
     let status = Status {
         map: MapStatus {
             file: file.display().to_string(),
@@ -114,24 +353,13 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             last_commit: mtime(&file),
         },
         daemon,
-        files: checkpoints
-            .all()
-            .into_iter()
-            .map(|c| FileStatus {
-                path: c.path.display().to_string(),
-                files: c.files.iter().map(|f| (f.id.ino, f.offset)).collect(),
-                behind_bytes: c.lag(),
-                saved: mtime(&checkpoints.file_for(&c.path)),
-            })
-            .collect(),
-        journals: checkpoints
-            .cursors()
-            .into_iter()
-            .map(|j| JournalStatus {
-                journal: j.journal,
-                cursor: j.cursor,
-            })
-            .collect(),
+        files,
+        journals,
+        push,
+        database,
+        replica,
+        sessions,
+        warnings,
     };
     if args.json {
         println!(
@@ -140,6 +368,14 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
         );
         return Ok(());
     }
+    print_text(&status, &settings.state_dir);
+    for w in &status.warnings {
+        eprintln!("dovegate: warning: {w}");
+    }
+    Ok(())
+}
+
+fn print_text(status: &Status, state_dir: &Path) {
     let m = &status.map;
     println!(
         "map {}: {} grant(s), next expiry {}, last commit {}",
@@ -155,28 +391,115 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
         (None, _) => println!("daemon: unknown"),
     }
     for f in &status.files {
-        let gens: Vec<String> = f
-            .files
-            .iter()
-            .map(|(ino, off)| format!("inode {ino} at {off}"))
-            .collect();
-        let behind = f
-            .behind_bytes
-            .map_or("unknown (rotated since)".to_string(), |b| {
-                format!("{b} bytes behind")
-            });
-        println!(
-            "file {}: {}; {behind}; saved {}",
-            f.path,
-            gens.join(", "),
-            f.saved.as_deref().unwrap_or("-")
-        );
+        let now = match (&f.problem, f.size) {
+            (Some(p), _) => p.clone(),
+            (None, Some(size)) => format!("readable, {size} bytes"),
+            (None, None) => f.state.to_string(),
+        };
+        let position = if f.generations.is_empty() {
+            "no checkpoint yet".to_string()
+        } else {
+            let gens: Vec<String> = f
+                .generations
+                .iter()
+                .map(|g| format!("inode {} at {}", g.inode, g.offset))
+                .collect();
+            let behind = f
+                .behind_bytes
+                .map_or("unknown (rotated since)".to_string(), |b| {
+                    format!("{b} bytes behind")
+                });
+            format!(
+                "checkpoint {}; {behind}; saved {}",
+                gens.join(", "),
+                f.saved.as_deref().unwrap_or("-")
+            )
+        };
+        let configured = if f.configured {
+            ""
+        } else {
+            " (not configured)"
+        };
+        println!("file {}{configured}: {now}; {position}", f.path);
     }
     for j in &status.journals {
-        println!("journal {}: cursor {}", j.journal, j.cursor);
+        let configured = if j.configured {
+            ""
+        } else {
+            " (not configured)"
+        };
+        match &j.cursor {
+            Some(c) => println!("journal {}{configured}: cursor {c}", j.journal),
+            None => println!("journal {}{configured}: no cursor saved yet", j.journal),
+        }
     }
     if status.files.is_empty() && status.journals.is_empty() {
-        println!("no source checkpoint in {}", settings.state_dir.display());
+        println!(
+            "no source configured and no checkpoint in {}",
+            state_dir.display()
+        );
     }
-    Ok(())
+    if let Some(p) = &status.push {
+        let parts: Vec<String> = [
+            p.socket.as_ref().map(|s| format!("post-login socket {s}")),
+            p.auth_policy.as_ref().map(|a| format!("auth policy {a}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        println!("push: {}", parts.join(", "));
+    }
+    if let Some(d) = &status.database {
+        let state = if d.connected {
+            format!(
+                "connected, last commit {}",
+                d.last_commit.as_deref().unwrap_or("-")
+            )
+        } else {
+            format!(
+                "UNREACHABLE since {} ({})",
+                d.disconnected_since.as_deref().unwrap_or("-"),
+                d.last_error.as_deref().unwrap_or("no error recorded")
+            )
+        };
+        println!(
+            "database {}: {state}; spill queue {}/{}",
+            d.database, d.queue_len, d.queue_max
+        );
+    }
+    if let Some(r) = &status.replica {
+        let state = if r.connected {
+            let lag = r
+                .lag_secs
+                .map_or(String::new(), |l| format!(", lag {l:.3} s"));
+            format!(
+                "current, last snapshot {} ({} grants){lag}",
+                r.last_snapshot.as_deref().unwrap_or("-"),
+                r.last_snapshot_grants
+            )
+        } else {
+            format!(
+                "STALE since {} ({})",
+                r.disconnected_since.as_deref().unwrap_or("-"),
+                r.last_error.as_deref().unwrap_or("no error recorded")
+            )
+        };
+        println!("replica of {}: {state}; {} grant(s)", r.database, r.grants);
+    }
+    if let Some(sessions) = &status.sessions {
+        println!("sessions: {} open", sessions.len());
+        for s in sessions.iter().take(SESSIONS_SHOWN) {
+            let pid = s.pid.map_or(String::new(), |p| format!(", pid {p}"));
+            println!(
+                "  {} session {} since {}{pid}, renewed {}",
+                s.ip, s.id, s.login, s.renewed
+            );
+        }
+        if sessions.len() > SESSIONS_SHOWN {
+            println!(
+                "  ... and {} more (--json lists all)",
+                sessions.len() - SESSIONS_SHOWN
+            );
+        }
+    }
 }

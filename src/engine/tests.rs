@@ -138,6 +138,7 @@ fn batch(logins: &[(&str, i64)]) -> Batch {
                 ip: ip.parse().unwrap(),
                 time: Some(*t),
                 session: None,
+                detail: None,
             })
             .collect(),
         ends: vec![],

@@ -215,6 +215,7 @@ impl Sink {
                 ip,
                 time: Some(crate::timefmt::now()),
                 session: None,
+                detail: None,
             }],
             ends: Vec::new(),
             position: None,
@@ -317,7 +318,7 @@ pub fn spawn(
         };
         let server = runtime
             .block_on(policy::bind(listen, cfg, sink))
-            .map_err(|e| format!("push.auth_policy: cannot listen on {listen:?}: {e}"))?;
+            .map_err(|e| format!("push.auth_policy: cannot listen on {listen}: {e}"))?;
         servers.push(server);
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

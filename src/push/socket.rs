@@ -34,7 +34,7 @@ pub(crate) async fn bind(path: &Path, uids: Vec<u32>, sink: Sink) -> std::io::Re
     let listener = UnixListener::bind(path)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-    tracing::info!(socket = %path.display(), uids = ?uids, "push socket listening");
+    tracing::info!(socket = %path.display(), uids = %uids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "), "push socket listening");
     let path = path.to_path_buf();
     let uids = Arc::new(uids);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -80,9 +80,10 @@ async fn serve(mut stream: UnixStream, uids: &[u32], sink: &Sink) {
     };
     if !uids.contains(&peer.uid()) {
         sink.refuse(&format!(
-            "push socket: uid {} (pid {:?}) is not in push.users; refused",
+            "push socket: uid {} (pid {}) is not in push.users; refused",
             peer.uid(),
             peer.pid()
+                .map_or_else(|| "unknown".to_string(), |p| p.to_string())
         ));
         let _ = stream.write_all(b"ERR not allowed\n").await;
         return;

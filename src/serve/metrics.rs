@@ -3,7 +3,8 @@
 //! The exposition is written by the `prometheus-client` crate (Prometheus text format
 //! 0.0.4), from snapshots taken at each scrape: the sources' counters
 //! (`telemetry::StatsRegistry`), the engine's counters as of its last heartbeat, the live
-//! grants and the checkpoints. The HTTP side answers `GET /metrics` and nothing else,
+//! grants, the checkpoints and the fleet status files (`STATE/fleet.json`,
+//! `STATE/replica.json`) when present. The HTTP side answers `GET /metrics` and nothing else,
 //! with bounded request size and time.
 
 use std::fmt;
@@ -21,7 +22,9 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::engine::{Counters, GrantsView, COMMIT_BUCKETS};
+use crate::replica::ReplicaStatus;
 use crate::source::checkpoint::CheckpointDir;
+use crate::store::postgres::worker::WriterStatus;
 use crate::telemetry::{SourceStats, StatsRegistry};
 
 /// What the metrics are read from.
@@ -31,6 +34,8 @@ pub struct MetricsSource {
     pub engine: Arc<Mutex<Counters>>,
     pub view: GrantsView,
     pub checkpoints: CheckpointDir,
+    /// Where the PostgreSQL writer and the replica leave their status files.
+    pub state_dir: std::path::PathBuf,
 }
 
 /// The registry's one collector: reads a snapshot at every scrape.
@@ -198,8 +203,58 @@ impl Collector for Snapshot {
                     .encode(m.encode_family(&labels.as_slice())?)?;
             }
         }
-        Ok(())
+        fleet_gauges(&mut enc, &src.state_dir)
     }
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Result {
+    let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(v).encode(m)
+}
+
+/// From the status files the PostgreSQL writer and the replica rewrite every few seconds;
+/// nothing when the host shares no grants.
+fn fleet_gauges(enc: &mut DescriptorEncoder, state_dir: &std::path::Path) -> fmt::Result {
+    if let Some(w) = WriterStatus::load(state_dir) {
+        gauge(
+            enc,
+            "dovegate_fleet_connected",
+            "1 when the PostgreSQL database shared by the fleet is reachable.",
+            i64::from(w.connected),
+        )?;
+        gauge(
+            enc,
+            "dovegate_fleet_spill_queue_grants",
+            "Grants waiting in the spill queue for the database to return.",
+            i64::try_from(w.queue_len).unwrap_or(i64::MAX),
+        )?;
+    }
+    if let Some(r) = ReplicaStatus::load(state_dir) {
+        gauge(
+            enc,
+            "dovegate_replica_connected",
+            "1 when the replica's database is reachable (its map is current).",
+            i64::from(r.connected),
+        )?;
+        if let Some(lag) = r.lag_secs {
+            let m = enc.encode_descriptor(
+                "dovegate_replica_lag_seconds",
+                "Database commit to local map commit of the last change applied.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(lag).encode(m)?;
+        }
+        if let Some(t) = r.last_snapshot {
+            gauge(
+                enc,
+                "dovegate_replica_last_snapshot_timestamp_seconds",
+                "When the replica last copied every grant from the database (unix time).",
+                t,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The exposition text.

@@ -63,6 +63,16 @@ impl Listen {
     }
 }
 
+/// As written in the configuration, for messages.
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Inet(a) => write!(f, "inet:{a}"),
+        }
+    }
+}
+
 /// Server settings.
 #[derive(Debug, Clone)]
 pub struct SocketmapConfig {

@@ -118,6 +118,8 @@ impl Checkpoint {
 #[derive(Debug, Clone)]
 pub struct CheckpointDir {
     dir: PathBuf,
+    /// `run --dry-run`: positions are read but never written (the real daemon owns them).
+    read_only: bool,
 }
 
 fn file_name_for(path: &Path) -> String {
@@ -149,7 +151,22 @@ impl CheckpointDir {
     pub fn new(state_dir: &Path) -> CheckpointDir {
         CheckpointDir {
             dir: state_dir.join("checkpoints"),
+            read_only: false,
         }
+    }
+
+    /// Loads as `new` does; every save is a no-op (for `run --dry-run`).
+    pub fn read_only(state_dir: &Path) -> CheckpointDir {
+        CheckpointDir {
+            read_only: true,
+            ..CheckpointDir::new(state_dir)
+        }
+    }
+
+    /// False in `run --dry-run`: nothing may be written to the state directory (other state
+    /// savers, such as open sessions, ask here too).
+    pub fn writes(&self) -> bool {
+        !self.read_only
     }
 
     pub fn file_for(&self, path: &Path) -> PathBuf {
@@ -234,6 +251,9 @@ impl CheckpointDir {
 
     /// Temp file, fsync, rename, fsync of the directory.
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
         std::fs::create_dir_all(&self.dir)?;
         let tmp = dest.with_extension("json.tmp");
         {
@@ -310,5 +330,29 @@ mod tests {
         assert_eq!(cd.load_cursor("system").as_deref(), Some("s=1;i=2"));
         assert_eq!(cd.load_cursor("file:/x.journal"), None);
         assert_eq!(cd.all().len(), 1);
+    }
+
+    #[test]
+    fn read_only_loads_but_never_writes() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Checkpoint {
+            path: "/var/log/mail.log".into(),
+            files: vec![],
+        };
+        CheckpointDir::new(d.path()).save(&c).unwrap();
+        let ro = CheckpointDir::read_only(d.path());
+        assert!(!ro.writes());
+        assert_eq!(ro.load(Path::new("/var/log/mail.log")), Some(c));
+        let j = Position::Journal(JournalCursor {
+            journal: "system".into(),
+            cursor: "s=1".into(),
+        });
+        ro.save_position(&j).unwrap();
+        assert_eq!(ro.load_cursor("system"), None);
+        let other = tempfile::tempdir().unwrap();
+        CheckpointDir::read_only(other.path())
+            .save_position(&j)
+            .unwrap();
+        assert!(!other.path().join("checkpoints").exists());
     }
 }

@@ -53,6 +53,16 @@ pub enum JournalStart {
     Since(i64),
 }
 
+/// For logs: `after cursor C` or `since 2026-11-21T10:00:00Z`.
+impl std::fmt::Display for JournalStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JournalStart::AfterCursor(c) => write!(f, "after cursor {c}"),
+            JournalStart::Since(t) => write!(f, "since {}", crate::timefmt::rfc3339(*t)),
+        }
+    }
+}
+
 /// The trusted fields an entry must carry to be believed.
 #[derive(Debug, Clone, Default)]
 pub struct Provenance {
@@ -303,7 +313,7 @@ impl JournalSource {
                 follow = true;
                 continue;
             }
-            tracing::warn!(journal = %self.spec.target.key(), status = ?status.and_then(Result::ok), "journalctl exited; restarting from the last cursor");
+            tracing::warn!(journal = %self.spec.target.key(), status = %status.and_then(Result::ok).map_or_else(|| "unknown".to_string(), |s| s.to_string()), "journalctl exited; restarting from the last cursor");
             if began.elapsed() > Duration::from_secs(60) {
                 backoff = Duration::from_millis(500);
             }

@@ -36,6 +36,18 @@ pub struct SeenLogin {
     pub time: Option<i64>,
     /// The mail session it opened, when the line names one.
     pub session: Option<crate::session::SessionStart>,
+    /// Who logged in and how, for `run --dry-run`'s report (None: pushed logins, tests).
+    pub detail: Option<Box<LoginDetail>>,
+}
+
+/// What a dry run prints about the login behind a grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginDetail {
+    pub user: Option<String>,
+    /// `imap`, `pop3`, ... (the login service without `-login`).
+    pub protocol: String,
+    pub pattern: String,
+    pub source: String,
 }
 
 /// What one chunk of a source produced: its logins, and the position that becomes true
@@ -110,8 +122,27 @@ impl DaemonSink {
                 session: (login.service == b"imap")
                     .then(|| login.session.clone())
                     .flatten(),
+                detail: Some(Box::new(LoginDetail {
+                    user: login.user.map(|u| String::from_utf8_lossy(u).into_owned()),
+                    protocol: String::from_utf8_lossy(login.service)
+                        .trim_end_matches("-login")
+                        .to_string(),
+                    pattern: login.pattern.id.to_string(),
+                    source: self.origin.clone(),
+                })),
             });
         }
+    }
+}
+
+/// A client address as the line gave it, for logs: the address, or the invalid text
+/// escaped (it comes from the log and may hold control characters).
+fn verdict_text(v: &IpVerdict) -> String {
+    match v {
+        IpVerdict::Valid(ip) => ip.to_string(),
+        IpVerdict::Invalid(text) => text.escape_debug().to_string(),
+        IpVerdict::Ambiguous => "conflicting rip= elements".into(),
+        IpVerdict::Missing => "none".into(),
     }
 }
 
@@ -139,7 +170,7 @@ impl Sink for DaemonSink {
         } else {
             SourceStats::add(&self.stats.invalid_ip, 1);
             if let Some(n) = self.warn_invalid.hit() {
-                tracing::warn!(source = %self.origin, count = n, ip = ?login.ip, "login line with an invalid client address; not granted");
+                tracing::warn!(source = %self.origin, count = n, ip = %verdict_text(&login.ip), "login line with an invalid client address; not granted");
             }
         }
     }
@@ -147,7 +178,7 @@ impl Sink for DaemonSink {
     fn forged(&mut self, _line: Line<'_>, login: &Login<'_>, why: &str) {
         SourceStats::add(&self.stats.forged, 1);
         if let Some(n) = self.warn_forged.hit() {
-            tracing::warn!(source = %self.origin, count = n, last_sender = why, last_ip = ?login.ip, "forged Dovecot login entries (not from a trusted sender) ignored");
+            tracing::warn!(source = %self.origin, count = n, last_sender = why, last_ip = %verdict_text(&login.ip), "forged Dovecot login entries (not from a trusted sender) ignored");
         }
     }
 
