@@ -73,4 +73,20 @@ impl GrantStore for WriterStore {
         }
         self.map.set(ip, expires)
     }
+
+    // The local map's own cheap forms: the engine's view, its change probe (other writers'
+    // changes reach it within a probe, without listing the map) and capping in one
+    // transaction. The trait's defaults would list the map every minute and cap one
+    // transaction per address.
+    fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        self.map.snapshot()
+    }
+
+    fn changed(&mut self) -> Result<Option<bool>, StoreError> {
+        self.map.changed()
+    }
+
+    fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        self.map.cap(ips, limit)
+    }
 }
