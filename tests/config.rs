@@ -214,3 +214,66 @@ fn exclude_mynetworks_uses_the_named_postfix_directory() {
         );
     }
 }
+
+/// Journal mode while Dovecot writes its own log file: check-config says so, with the fix.
+/// A fake `doveconf` first on PATH stands in for Dovecot's configuration: what is checked
+/// is how dovegate reads doveconf's answer, and a real Dovecot configured with a log file
+/// would need root-owned /etc/dovecot changes on the test machine.
+#[test]
+fn check_config_warns_when_dovecot_logs_to_its_own_file_in_journal_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempdir();
+    let bin_dir = d.path().join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let fake = bin_dir.join("doveconf");
+    let answer = d.path().join("log_path");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = -h ] || exit 64\ncase \"$2\" in\n  log_path) cat {} ;;\n  info_log_path) echo ;;\n  *) exit 1 ;;\nesac\n",
+            answer.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let conf = d.path().join("dovegate.toml");
+    let c = conf.display().to_string();
+    let check = |config: &str, log_path: &str| {
+        std::fs::write(&conf, config).unwrap();
+        std::fs::write(&answer, format!("{log_path}\n")).unwrap();
+        let out = dovegate_env(
+            &[
+                "check-config",
+                "--config",
+                &c,
+                "--map",
+                "/tmp/dg-unused-map",
+            ],
+            &[("PATH", &path)],
+        );
+        text(&out.stderr)
+    };
+    let journal = "[source]\njournal = true\n";
+    let err = check(journal, "/var/log/dovecot.log");
+    assert!(
+        err.contains("Dovecot logs to /var/log/dovecot.log, not the journal")
+            && err.contains("source.logs = [\"/var/log/dovecot.log\"]")
+            && err.contains("log_path = syslog"),
+        "{err}"
+    );
+    // Syslog reaches the journal; a followed file is seen: no warning.
+    let err = check(journal, "syslog");
+    assert!(!err.contains("not the journal"), "{err}");
+    let both = "[source]\njournal = true\nlogs = [\"/var/log/dovecot.log\"]\n";
+    let err = check(both, "/var/log/dovecot.log");
+    assert!(!err.contains("not the journal"), "{err}");
+    // Not in journal mode: the file is followed, nothing to say about the journal.
+    let files = "[source]\njournal = false\nlogs = [\"/var/log/dovecot.log\"]\n";
+    let err = check(files, "/var/log/dovecot.log");
+    assert!(!err.contains("not the journal"), "{err}");
+}
