@@ -10,10 +10,12 @@
 //!
 //! So a proxy match counts only when (1) its element list is strict (one user element, no
 //! free text elsewhere: `elements::strict_user`) and (2) that user element is exactly the
-//! sanitized prefix user. In a forged line the real Dovecot text after the name must then
-//! lie inside the user element, which makes that element longer than any sanitized form
-//! of the prefix candidate: (2) fails, unless Dovecot cut the name at 80 bytes before
-//! the forged text (then the element no longer shows it): so a cut name never agrees.
+//! prefix user, which Dovecot did not have to cut or rewrite. In a forged line the real
+//! Dovecot text after the name must then lie inside the user element, which makes that
+//! element longer than the prefix candidate: (2) fails. Were a cut name (over 80 bytes,
+//! shown as 77 bytes and `...`) accepted, the forged text could sit past the cut, where
+//! the element no longer shows it: so a cut name never agrees. The patterns also end the
+//! prefix user at the first `,` (2.3+) or `)` (2.2), as Dovecot prints it.
 //! The tests below try the known shapes.
 
 use super::elements;
