@@ -214,3 +214,110 @@ fn exclude_mynetworks_uses_the_named_postfix_directory() {
         );
     }
 }
+
+/// A directory holding a fake `doveconf` that answers `-h log_path` with the contents of
+/// `DIR/log_path` (and an empty info_log_path), and the PATH that puts it first.
+/// Why a fake: what is checked is how dovegate reads doveconf's answer; a real Dovecot
+/// configured with a log file would need root-owned /etc/dovecot changes on the test
+/// machine.
+fn fake_doveconf(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let bin_dir = dir.join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let fake = bin_dir.join("doveconf");
+    let answer = dir.join("log_path");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = -h ] || exit 64\ncase \"$2\" in\n  log_path) cat {} ;;\n  info_log_path) echo ;;\n  *) exit 1 ;;\nesac\n",
+            answer.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    (answer, path)
+}
+
+/// Journal mode while Dovecot writes its own log file: check-config says so, with the fix.
+#[test]
+fn check_config_warns_when_dovecot_logs_to_its_own_file_in_journal_mode() {
+    let d = tempdir();
+    let (answer, path) = fake_doveconf(d.path());
+    let conf = d.path().join("dovegate.toml");
+    let c = conf.display().to_string();
+    let check = |config: &str, log_path: &str| {
+        std::fs::write(&conf, config).unwrap();
+        std::fs::write(&answer, format!("{log_path}\n")).unwrap();
+        let out = dovegate_env(
+            &[
+                "check-config",
+                "--config",
+                &c,
+                "--map",
+                "/tmp/dg-unused-map",
+            ],
+            &[("PATH", &path)],
+        );
+        text(&out.stderr)
+    };
+    let journal = "[source]\njournal = true\n";
+    let err = check(journal, "/var/log/dovecot.log");
+    assert!(
+        err.contains("Dovecot logs to /var/log/dovecot.log, not the journal")
+            && err.contains("source.logs = [\"/var/log/dovecot.log\"]")
+            && err.contains("log_path = syslog"),
+        "{err}"
+    );
+    // Syslog reaches the journal; a followed file is seen: no warning.
+    let err = check(journal, "syslog");
+    assert!(!err.contains("not the journal"), "{err}");
+    let both = "[source]\njournal = true\nlogs = [\"/var/log/dovecot.log\"]\n";
+    let err = check(both, "/var/log/dovecot.log");
+    assert!(!err.contains("not the journal"), "{err}");
+    // Not in journal mode: the file is followed, nothing to say about the journal.
+    let files = "[source]\njournal = false\nlogs = [\"/var/log/dovecot.log\"]\n";
+    let err = check(files, "/var/log/dovecot.log");
+    assert!(!err.contains("not the journal"), "{err}");
+}
+
+/// `run` in journal mode says the same at start-up (it would otherwise run granting nothing).
+#[test]
+fn run_warns_at_start_when_dovecot_logs_to_its_own_file_in_journal_mode() {
+    let d = tempdir();
+    let (answer, path) = fake_doveconf(d.path());
+    std::fs::write(&answer, "/var/log/dovecot.log\n").unwrap();
+    let journal_dir = d.path().join("journal");
+    std::fs::create_dir_all(&journal_dir).unwrap();
+    let stderr = d.path().join("run.stderr");
+    let child = Command::new(bin())
+        .args([
+            "run",
+            "--journal-dir",
+            &journal_dir.display().to_string(),
+            "--map",
+            &d.path().join("relay").display().to_string(),
+            "--state-dir",
+            &d.path().join("state").display().to_string(),
+        ])
+        .env_remove("DOVEGATE_CONFIG")
+        .env("PATH", &path)
+        .env("DOVEGATE_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    // SIGTERM on drop, also when an assertion fails.
+    let mut daemon = Daemon { child, stderr };
+    wait_for("start-up warning", PATIENCE, || {
+        daemon
+            .log()
+            .contains("Dovecot logs to /var/log/dovecot.log, not the journal")
+    });
+    assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
+}

@@ -198,12 +198,64 @@ pub enum Finding {
 
 /// Where Dovecot says it logs (`doveconf -h log_path`), for the "missing log" hint.
 fn dovecot_log_path() -> Option<String> {
-    let out = std::process::Command::new("doveconf")
-        .args(["-h", "log_path"])
-        .output()
+    doveconf("log_path")
+}
+
+/// `doveconf -h KEY`; None when doveconf is missing, fails or takes over 5 s (a start-up
+/// must not hang on it).
+fn doveconf(key: &str) -> Option<String> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("doveconf")
+        .args(["-h", key])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
         .ok()?;
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    out.status.success().then_some(p)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    };
+    let mut text = String::new();
+    child
+        .stdout
+        .take()?
+        .take(4096)
+        .read_to_string(&mut text)
+        .ok()?;
+    status.success().then(|| text.trim().to_string())
+}
+
+/// In journal mode: the warning when Dovecot writes its login lines to a file of its own
+/// (`info_log_path`, else `log_path`, is a path) that `logs` does not follow, for then no
+/// Dovecot entry ever reaches the journal and nothing is granted. None when doveconf
+/// cannot say.
+pub fn journal_misses_dovecot_log(logs: &[PathBuf]) -> Option<String> {
+    let (key, path) = match doveconf("info_log_path").filter(|p| !p.is_empty()) {
+        Some(p) => ("info_log_path", p),
+        None => ("log_path", doveconf("log_path")?),
+    };
+    // /dev/stderr under systemd is the journal; anything else starting with / is a file.
+    let own_file = path.starts_with('/')
+        && !path.starts_with("/dev/std")
+        && !path.starts_with("/proc/self/fd/");
+    if !own_file || logs.iter().any(|l| l == Path::new(&path)) {
+        return None;
+    }
+    Some(format!(
+        "source.journal: Dovecot logs to {path}, not the journal (doveconf -h {key}), so journal mode sees no login and grants nothing: set source.logs = [\"{path}\"] (and source.journal = false), or set {key} = syslog in Dovecot's configuration"
+    ))
 }
 
 /// One followed log file, as the service user would meet it.
@@ -264,6 +316,7 @@ pub fn findings(settings: &Settings, user: Option<&Account>) -> Vec<Finding> {
         out.extend(check_log(log, user));
     }
     if settings.journal {
+        out.extend(journal_misses_dovecot_log(&settings.logs).map(Finding::Warning));
         if let Some(u) = user.filter(|u| u.uid != 0) {
             if !u
                 .groups

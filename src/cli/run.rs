@@ -336,6 +336,14 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         ttl = %humantime::format_duration(settings.ttl),
         "dovegate started"
     );
+    // Journal mode with Dovecot writing its own file would grant nothing, silently.
+    if let Some(w) = cfg
+        .journal
+        .as_ref()
+        .and_then(|_| super::check::journal_misses_dovecot_log(&cfg.settings.logs))
+    {
+        tracing::warn!("{w}");
+    }
     crate::notify::ready(&status_line(&engine, &stats));
     let mut heartbeat = {
         let stats = Arc::clone(&stats);

@@ -54,7 +54,8 @@ pub struct PatternDef {
     pub address_element: String,
     /// The `user` group is Dovecot's `proxy(USER...)` log prefix, written before the
     /// success text: the match counts only when the element list is strict and its user
-    /// element is that user as Dovecot sanitizes it (see `proxy.rs`).
+    /// element is that user, whole (not cut by Dovecot's 80-byte `str_sanitize`; see
+    /// `proxy.rs`).
     #[serde(default)]
     pub prefix_user: bool,
     /// What the pattern recognises: a successful login (default), or the end of a mail

@@ -10,9 +10,13 @@
 //!
 //! So a proxy match counts only when (1) its element list is strict (one user element, no
 //! free text elsewhere: `elements::strict_user`) and (2) that user element is exactly the
-//! sanitized prefix user. In a forged line the real Dovecot text after the name must then
-//! lie inside the user element, which makes that element longer than any sanitized form
-//! of the prefix candidate: (2) fails. The tests below try the known shapes.
+//! prefix user, which Dovecot did not have to cut or rewrite. In a forged line the real
+//! Dovecot text after the name must then lie inside the user element, which makes that
+//! element longer than the prefix candidate: (2) fails. Were a cut name (over 80 bytes,
+//! shown as 77 bytes and `...`) accepted, the forged text could sit past the cut, where
+//! the element no longer shows it: so a cut name never agrees. The patterns also end the
+//! prefix user at the first `,` (2.3+) or `)` (2.2), as Dovecot prints it.
+//! The tests below try the known shapes.
 
 use super::elements;
 
@@ -36,13 +40,37 @@ fn sanitized(text: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Whether `elements` is a strict element list whose user element is `prefix_user` as
-/// Dovecot sanitizes it.
+/// Whether `elements` is a strict element list whose user element is `prefix_user`, whole.
+///
+/// A truncated user element (`str_sanitize` cut a name longer than 80 bytes to 77 and
+/// `...`) proves nothing about the bytes after the cut: a failed login whose name holds
+/// `zzzz,h:1): Started proxying to ...` past byte 77 sanitizes to the same element as the
+/// greedy prefix candidate. So a name Dovecot cut, or an element that looks cut, never
+/// agrees (a real user of more than 77 bytes behind a proxy gets no grant), nor does a
+/// prefix user holding a log prefix's end or the success wording.
 pub fn prefix_user_agrees(prefix_user: &[u8], elements: &[u8]) -> bool {
-    match (elements::strict_user(elements), sanitized(prefix_user)) {
-        (Some(user), Some(want)) => user == want.as_slice(),
-        _ => false,
+    let Some(user) = elements::strict_user(elements) else {
+        return false;
+    };
+    if looks_cut(user) || forged_prefix(prefix_user) {
+        return false;
     }
+    sanitized(prefix_user).is_some_and(|want| want == prefix_user && user == prefix_user)
+}
+
+/// An element user that may be `str_sanitize`'s cut: `...` ending 77 to 80 bytes (the
+/// cut keeps at most 77 bytes, fewer at a character boundary).
+fn looks_cut(user: &[u8]) -> bool {
+    user.ends_with(b"...") && user.len() >= 77
+}
+
+/// A prefix user holding what only Dovecot writes after the name: the end of the
+/// `proxy(...)` prefix or the success text.
+fn forged_prefix(user: &[u8]) -> bool {
+    let lower = user.to_ascii_lowercase();
+    [&b"): "[..], b"proxying to"]
+        .iter()
+        .any(|needle| memchr::memmem::find(&lower, needle).is_some())
 }
 
 #[cfg(test)]
@@ -79,10 +107,35 @@ mod tests {
         assert!(!prefix_user_agrees(b"a", el));
         let long = "l".repeat(100);
         let el = format!("user=<{}...>, rip=192.0.2.7", &long[..77]);
-        assert!(prefix_user_agrees(long.as_bytes(), el.as_bytes()));
+        // A name Dovecot cut: what followed the cut is unknown, so no agreement.
+        assert!(!prefix_user_agrees(long.as_bytes(), el.as_bytes()));
         assert!(!prefix_user_agrees(
             &long.as_bytes()[..90],
             b"user=<lll...>, rip=192.0.2.7"
         ));
+        let eighty = "e".repeat(80);
+        let el = format!("user=<{eighty}>, rip=192.0.2.7");
+        assert!(prefix_user_agrees(eighty.as_bytes(), el.as_bytes()));
+    }
+
+    #[test]
+    fn truncation_forgery() {
+        // The reviewer's repro: 77 bytes, then the forged end of a prefix and success.
+        let a = "a".repeat(77);
+        let prefix = format!("{a}zzzz");
+        let el = format!("user=<{a}...>, method=PLAIN, rip=203.0.113.9");
+        assert!(!prefix_user_agrees(prefix.as_bytes(), el.as_bytes()));
+        // Even were the element uncut, the prefix user holds Dovecot's own wording.
+        for forged in [
+            "x,h:1): Started proxying to y",
+            "x): started proxying to h:1",
+        ] {
+            let el = format!("user=<{forged}>, rip=203.0.113.9");
+            assert!(!prefix_user_agrees(forged.as_bytes(), el.as_bytes()));
+        }
+        // A real 77-byte name ending in `...` is indistinguishable from a cut: refused.
+        let dots = format!("{}...", "d".repeat(74));
+        let el = format!("user=<{dots}>, rip=203.0.113.9");
+        assert!(!prefix_user_agrees(dots.as_bytes(), el.as_bytes()));
     }
 }

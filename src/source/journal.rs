@@ -15,6 +15,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -22,6 +23,7 @@ use serde_json::{Map, Value};
 use super::checkpoint::{JournalCursor, Position};
 use super::handle::{install_child, take_child, Deaths, SourceCtl, SourceHandle};
 use super::lines::{Chunk, ChunkReader};
+use super::quiet::{has_unit_entry, spawn_watcher, unit_markers, QuietWatch};
 use super::{Batch, DaemonSink};
 use crate::scan::{Scanned, Scanner, Sink};
 use crate::telemetry::SourceStats;
@@ -274,6 +276,18 @@ impl JournalSource {
         };
         let mut backoff = Duration::from_millis(500);
         let mut follow = false;
+        // The watcher stops when `_quiet_done` drops with this function.
+        let quiet = Arc::new(QuietWatch::new(crate::timefmt::now()));
+        let markers = unit_markers(&self.provenance.units);
+        let (_quiet_done, done) = std::sync::mpsc::channel();
+        if let Err(e) = spawn_watcher(
+            Arc::clone(&quiet),
+            self.spec.target.key(),
+            self.provenance.units.clone(),
+            done,
+        ) {
+            tracing::warn!(error = %e, "cannot start the quiet-journal watcher; a journal without Dovecot entries goes unreported");
+        }
         while !stop.is_set() {
             let start = cursor
                 .clone()
@@ -297,7 +311,7 @@ impl JournalSource {
             let out = child.stdout.take();
             let began = Instant::now();
             let hung_up = match (out, install_child(&slot, &stop, child)) {
-                (Some(mut out), true) => self.pump(&mut out, &mut cursor),
+                (Some(mut out), true) => self.pump(&mut out, &mut cursor, (&quiet, &markers)),
                 _ => false,
             };
             let status = take_child(&slot).map(|mut c| {
@@ -325,7 +339,12 @@ impl JournalSource {
 
     /// Reads one journalctl's output to its end, sending a batch per chunk. True when the
     /// engine hung up.
-    fn pump(&mut self, out: &mut impl std::io::Read, cursor: &mut Option<String>) -> bool {
+    fn pump(
+        &mut self,
+        out: &mut impl std::io::Read,
+        cursor: &mut Option<String>,
+        (quiet, markers): (&QuietWatch, &[Vec<u8>]),
+    ) -> bool {
         let mut reader = ChunkReader::new(self.spec.max_line, 0);
         let key = self.spec.target.key();
         loop {
@@ -335,6 +354,9 @@ impl JournalSource {
                 Ok(Chunk::Eof) | Err(_) => return false,
             };
             let now = crate::timefmt::now();
+            if has_unit_entry(chunk, markers) {
+                quiet.seen(now);
+            }
             let n = scan_entries(
                 &mut self.scanner,
                 &self.provenance,

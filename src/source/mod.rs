@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod handle;
 pub mod journal;
 pub mod lines;
+pub mod quiet;
 pub mod tailer;
 
 use std::net::IpAddr;
