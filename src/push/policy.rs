@@ -444,6 +444,9 @@ mod tests {
             Verdict::BadRequest(_)
         ));
         assert!(matches!(judge(None, ok, &protos()), Verdict::BadRequest(_)));
+        // What the README tells administrators and the test Dovecot is configured with.
+        assert!(include_str!("../../README.md").contains(REQUEST_ATTRIBUTES));
+        assert!(include_str!("../../tests/support/dovecot.sh").contains(REQUEST_ATTRIBUTES));
         assert!(REQUEST_ATTRIBUTES.contains("proxy=%{passdb:proxy:-}"));
         assert!(REQUEST_ATTRIBUTES.contains("nologin=%{passdb:nologin:-}"));
         assert!(matches!(
