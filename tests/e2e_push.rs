@@ -228,10 +228,39 @@ fn http(port: u16, head: &str, body: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// A successful report as Dovecot sends it with the README's attributes.
 fn report(remote: &str, protocol: &str) -> String {
     format!(
-        r#"{{"login":"x","remote":"{remote}","protocol":"{protocol}","success":true,"policy_reject":false}}"#
+        r#"{{"login":"x","nologin":"-","proxy":"-","remote":"{remote}","protocol":"{protocol}","success":true,"policy_reject":false}}"#
     )
+}
+
+/// One forwarded IMAP LOGIN (from the trusted 127.0.0.9, for `addr`); Dovecot's answer.
+fn imap_login(port: u16, addr: &str, user: &str, password: &str) -> String {
+    let script = r#"
+import socket, sys
+port, addr, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+s = socket.socket(); s.settimeout(20); s.bind(("127.0.0.9", 0)); s.connect(("127.0.0.1", port))
+f = s.makefile("rb")
+def until(tag):
+    while True:
+        line = f.readline().decode()
+        if not line or line.startswith(tag + " "):
+            return line.strip()
+f.readline()
+s.sendall(('a ID ("x-originating-ip" "%s")\r\n' % addr).encode()); until("a")
+s.sendall(('b LOGIN "%s" "%s"\r\n' % (user, password)).encode()); print(until("b"))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &port.to_string(), addr, user, password])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]
@@ -683,4 +712,189 @@ fn odd_pushes_grant_nothing_stall_nothing_and_survive_a_reload() {
         "{}",
         daemon.log()
     );
+}
+
+/// The counter `name{labels}` in the metrics text (0 when absent).
+fn counter(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn auth_policy_grants_no_proxied_or_nologin_authentication() {
+    let rig = Rig::new();
+    let (port, mport) = (free_port(), free_port());
+    std::fs::write(rig.dir.join("secret"), "X-API-Key: px\n").unwrap();
+    let push = format!(
+        "[push]\nauth_policy = \"inet:127.0.0.1:{port}\"\nauth_policy_secret_file = \"{}\"\n[serve]\nmetrics = \"127.0.0.1:{mport}\"\n",
+        rig.path("secret")
+    );
+    let mut daemon = rig.daemon(&push);
+    let _down = DovecotDown(rig.dv.clone());
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut env = vec![
+        ("DG_POLICY_URL", url.as_str()),
+        ("DG_POLICY_HEADER", "X-API-Key: px"),
+        ("DG_POLICY_CHECKS", "no"),
+    ];
+    harness(&["up", &rig.dv, "file", "23143"], &env);
+    // carol is proxied elsewhere (proxy=y, any password: a Dovecot proxy's usual passdb),
+    // dave has `nologin`: Dovecot reports both as successful, neither logs in here.
+    let carol = imap_login(23143, "203.0.113.181", "carol", "any-password");
+    let dave = imap_login(23143, "203.0.113.182", "dave", "dave-pass");
+    assert!(
+        !carol.starts_with("b OK") && !dave.starts_with("b OK"),
+        "{carol} / {dave}"
+    );
+    let series = |reason: &str| {
+        format!("dovegate_near_misses_total{{source=\"auth-policy\",reason=\"{reason}\"}}")
+    };
+    wait_for("both reports judged", PATIENCE, || {
+        let m = metrics(mport);
+        counter(&m, &series("proxied")) >= 1 && counter(&m, &series("nologin")) >= 1
+    });
+    // A real login through the same configuration grants.
+    timed_logins(23143, 1, "203.0.113.183");
+    wait_for("the real login granted", PATIENCE, || {
+        postmap_q(&rig.map(), "203.0.113.183").is_some()
+    });
+
+    // A site that kept Dovecot's default attributes: its reports are refused, loudly.
+    harness(&["down", &rig.dv], &[]);
+    env.push(("DG_POLICY_ATTRIBUTES", "default"));
+    harness(&["up", &rig.dv, "file", "23143"], &env);
+    timed_logins(23143, 1, "203.0.113.184");
+    wait_for("the report without attributes refused", PATIENCE, || {
+        counter(&metrics(mport), &series("no-proxy-attributes")) >= 1
+    });
+    assert_eq!(daemon.stop(), Some(0));
+    assert!(
+        daemon.log().contains("auth_policy_request_attributes"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        map_keys(&rig.map()),
+        BTreeSet::from(["203.0.113.183".to_string()])
+    );
+}
+
+#[test]
+fn auth_policy_slots_cannot_be_held_without_the_secret() {
+    let rig = Rig::new();
+    let port = free_port();
+    std::fs::write(rig.dir.join("secret"), "X-API-Key: slots\n").unwrap();
+    let push = format!(
+        "[push]\nauth_policy = \"inet:127.0.0.1:{port}\"\nauth_policy_secret_file = \"{}\"\n",
+        rig.path("secret")
+    );
+    let mut daemon = rig.daemon(&push);
+    // More idle connections than there are slots, then a genuine report.
+    let idle: Vec<_> = (0..130)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let post = "POST /?command=report HTTP/1.1\r\nX-API-Key: slots";
+    assert_eq!(http(port, post, &report("198.51.100.90", "imap")), 200);
+    wait_for("the genuine report granted", PATIENCE, || {
+        postmap_q(&rig.map(), "198.51.100.90").is_some()
+    });
+    // The idle connections are closed, not held.
+    let mut first = &idle[0];
+    first.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(first.read(&mut buf), Ok(0) | Err(_)),
+        "an idle connection without the secret is closed"
+    );
+    let mut last = &idle[129];
+    last.set_read_timeout(Some(PATIENCE)).unwrap();
+    assert!(matches!(last.read(&mut buf), Ok(0)));
+    drop(idle);
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn postlogin_execs_with_stderr_a_closed_pipe() {
+    let rig = Rig::new();
+    for (ip, program) in [
+        // Not pushed (no daemon): a warning on the closed stderr, then the exec.
+        (Some("192.0.2.1"), "ran-1"),
+        // No IP: another warning.
+        (None, "ran-2"),
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mark = rig.dir.join(program);
+        let mut cmd = Command::new(rig.dir.join("postlogin"));
+        cmd.args(["--socket", &rig.path("no-daemon"), "/bin/sh", "-c"])
+            .arg(format!("echo ran > {}", mark.display()))
+            .env_clear()
+            .env("USER", "alice")
+            .stderr(writer);
+        if let Some(ip) = ip {
+            cmd.env("IP", ip);
+        }
+        let st = cmd.status().unwrap();
+        assert!(st.success(), "{program}: {st:?}");
+        assert!(mark.exists(), "{program}: the program ran");
+    }
+    // Nothing to exec: exit 1 (no panic's 101) with stderr closed.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let st = Command::new(rig.dir.join("postlogin"))
+        .arg(rig.path("no-such-program"))
+        .env_clear()
+        .stderr(writer)
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(1));
+}
+
+#[test]
+fn push_socket_in_a_directory_others_can_write_is_refused() {
+    let rig = Rig::new();
+    let open = rig.dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    set_mode(&open, 0o777);
+    let push = format!(
+        "[push]\nsocket = \"{}\"\nusers = [0]\n",
+        open.join("push").display()
+    );
+    let cfg = rig.dir.join("dovegate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[source]\nlogs = []\n[map]\npath = \"{}\"\n[state]\ndir = \"{}\"\n{push}",
+            rig.map().display(),
+            rig.path("state")
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&rig.dir, &["--config", &cfg.display().to_string()]);
+    let mut status = None;
+    wait_for("the daemon refuses to start", PATIENCE, || {
+        status = d.child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(!status.unwrap().success());
+    let log = d.log();
+    assert!(
+        log.contains(&open.display().to_string()) && log.contains("sticky"),
+        "{log}"
+    );
+    assert!(!open.join("push").exists());
+    // Sticky (like /tmp): accepted, and the socket is 0666.
+    set_mode(&open, 0o1777);
+    let mut d = Daemon::start(&rig.dir, &["--config", &cfg.display().to_string()]);
+    wait_for("dovegate started", PATIENCE, || {
+        d.log().contains("dovegate started")
+    });
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::symlink_metadata(open.join("push"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o666);
+    assert_eq!(d.stop(), Some(0));
 }

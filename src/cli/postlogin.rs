@@ -5,7 +5,9 @@
 //! that exits instead would deny the login. The exchange runs on a helper thread and is
 //! abandoned after 200 ms, so a stopped, stalled or missing daemon delays a login by at
 //! most that and never fails it. Nothing is written to stdout (it is the IMAP/POP3
-//! client); problems go to stderr, which Dovecot logs. No configuration is read.
+//! client); problems go to stderr, which Dovecot logs. No configuration is read. Nothing
+//! before the exec may panic (a panic exits 101 and denies the login): stderr is written
+//! with `say`, which ignores errors (eprintln! panics when stderr is a closed pipe).
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -59,17 +61,26 @@ pub fn hook_args(mut argv: Vec<OsString>) -> Option<Vec<OsString>> {
 pub fn run(args: Vec<OsString>) -> ExitCode {
     let (socket, program) = split(args);
     let Some((prog, rest)) = program.split_first() else {
-        eprintln!("dovegate postlogin: no program to execute: use it as `executable = script-login /usr/lib/dovegate/postlogin`");
+        say(format_args!("no program to execute: use it as `executable = script-login /usr/lib/dovegate/postlogin`"));
         return ExitCode::from(1);
     };
     notify(&socket);
     // Like execvp, but script-login cleared PATH: it passes absolute paths.
     let err = std::process::Command::new(prog).args(rest).exec();
-    eprintln!(
-        "dovegate postlogin: cannot execute {}: {err}",
+    // A failed exec leaves SIGPIPE at its default (std resets it for the new program):
+    // ignore it again, or the message below kills the hook on a closed stderr.
+    // SAFETY: setting a signal disposition to SIG_IGN has no memory effects.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    say(format_args!(
+        "cannot execute {}: {err}",
         prog.to_string_lossy()
-    );
+    ));
     ExitCode::from(1)
+}
+
+/// One line on stderr; a closed or full stderr is ignored (never a panic before the exec).
+fn say(what: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "dovegate postlogin: {what}");
 }
 
 /// `--socket PATH` / `--socket=PATH` first, then the program and its arguments verbatim.
@@ -95,10 +106,17 @@ fn split(mut args: Vec<OsString>) -> (PathBuf, Vec<OsString>) {
 
 /// Pushes the login; every problem is one line on stderr, never a failure.
 fn notify(socket: &std::path::Path) {
-    let ip = std::env::var("IP").unwrap_or_default();
-    let user = std::env::var("USER").unwrap_or_default();
+    // var_os: a non-UTF-8 USER is still pushed (lossily), never an error.
+    let ip = std::env::var_os("IP")
+        .map(|v| v.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let user = std::env::var_os("USER")
+        .map(|v| v.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if ip.is_empty() {
-        eprintln!("dovegate postlogin: no IP in the environment (not run by script-login?); nothing pushed");
+        say(format_args!(
+            "no IP in the environment (not run by script-login?); nothing pushed"
+        ));
         return;
     }
     let line = request_line(&ip, &user);
@@ -116,11 +134,11 @@ fn notify(socket: &std::path::Path) {
         Err(e) => Err(format!("cannot start a thread: {e}")),
     };
     if let Err(why) = outcome {
-        eprintln!(
-            "dovegate postlogin: login of {} from {ip} not pushed to {}: {why} (is dovegate running with [push] socket set?)",
+        say(format_args!(
+            "login of {} from {ip} not pushed to {}: {why} (is dovegate running with [push] socket set?)",
             user.escape_debug(),
             socket.display()
-        );
+        ));
     }
 }
 

@@ -199,6 +199,10 @@ pub(crate) struct Sink {
     tx: Sender<Batch>,
     stats: Arc<SourceStats>,
     refused: Arc<RateLimited>,
+    /// Their own limiters, so a flood of forged requests or proxied logins cannot hide a
+    /// misconfiguration.
+    skipped: Arc<RateLimited>,
+    misconfigured: Arc<RateLimited>,
 }
 
 /// How long a pushed login may wait for room in the engine's queue before it is dropped
@@ -233,6 +237,20 @@ impl Sink {
     pub(crate) fn refuse(&self, what: &str) {
         self.stats.forged.fetch_add(1, Ordering::Relaxed);
         self.refused.warn(what);
+    }
+
+    /// Counts a genuine report that grants nothing (`reason` in the near misses) and logs
+    /// it, rate-limited.
+    pub(crate) fn skip(&self, reason: &'static str, what: &str) {
+        self.stats.count_near_miss(reason);
+        self.skipped.warn(what);
+    }
+
+    /// Counts a report Dovecot's configuration made useless (`reason` in the near misses)
+    /// and says what to fix, rate-limited on its own.
+    pub(crate) fn misconfigured(&self, reason: &'static str, what: &str) {
+        self.stats.count_near_miss(reason);
+        self.misconfigured.warn(what);
     }
 
     pub(crate) fn invalid(&self, what: &str) {
@@ -300,6 +318,8 @@ pub fn spawn(
             tx: tx.clone(),
             stats: stats.for_source("push"),
             refused: Arc::clone(&refused),
+            skipped: Arc::default(),
+            misconfigured: Arc::default(),
         };
         let server = runtime
             .block_on(socket::bind(path, settings.uids.clone(), sink))
@@ -311,6 +331,8 @@ pub fn spawn(
             tx,
             stats: stats.for_source("auth-policy"),
             refused,
+            skipped: Arc::default(),
+            misconfigured: Arc::default(),
         };
         let cfg = policy::PolicyConfig {
             secret: settings.secret.clone(),
@@ -340,6 +362,61 @@ pub fn spawn(
     })
 }
 
+/// Creates the socket's directory if missing and refuses one that another user could
+/// write to (and so replace the socket, with a symlink say, between bind and chmod, or
+/// under the daemon afterwards): its owner must be root or the daemon's user and it must
+/// not be group- or world-writable unless sticky (like /tmp).
+pub(crate) fn prepare_socket_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    // SAFETY: geteuid cannot fail and takes no pointers.
+    let euid = unsafe { libc::geteuid() };
+    let mode = meta.mode() & 0o7777;
+    let problem = if meta.uid() != 0 && meta.uid() != euid {
+        Some(format!("is owned by uid {}", meta.uid()))
+    } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        Some(format!(
+            "is writable by other users (mode {mode:04o}) without the sticky bit"
+        ))
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(p) => Err(std::io::Error::other(format!(
+            "the directory {} {p}: another user could replace the socket; use a directory only root or the daemon's user can write to (e.g. /run/dovegate, mode 0755)",
+            dir.display()
+        ))),
+    }
+}
+
+/// Sets a freshly bound socket's mode without following a symlink at its path (glibc does
+/// it through an O_PATH descriptor). fchmod on the listener would not do: on Linux it
+/// changes the socket's own inode, not the file bind created.
+pub(crate) fn chmod_socket(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("a NUL byte in the path"))?;
+    // SAFETY: c is a valid NUL-terminated string for the duration of the call.
+    let rc = unsafe {
+        libc::fchmodat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            mode as libc::mode_t,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Removes a unix socket left by a previous run; never anything that is not a socket.
 pub(crate) fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
@@ -363,6 +440,52 @@ mod tests {
             auth_policy_secret_file: String::new(),
             auth_policy_protocols: vec!["imap".into(), "pop3".into()],
         }
+    }
+
+    #[test]
+    fn socket_dirs_others_can_write_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        let sock = dir.join("push");
+        prepare_socket_dir(&sock).unwrap();
+        assert!(dir.is_dir());
+        let set = |m: u32| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(m));
+        for bad in [0o777, 0o775, 0o757] {
+            set(bad).unwrap();
+            let e = prepare_socket_dir(&sock).unwrap_err().to_string();
+            assert!(
+                e.contains(&dir.display().to_string()) && e.contains("sticky"),
+                "{e}"
+            );
+        }
+        for good in [0o1777, 0o755, 0o700] {
+            set(good).unwrap();
+            prepare_socket_dir(&sock).unwrap();
+        }
+    }
+
+    #[test]
+    fn socket_mode_is_set_on_the_socket_never_through_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let sock = tmp.path().join("s");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        chmod_socket(&sock, 0o666).unwrap();
+        assert_eq!(
+            std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+            0o666
+        );
+        let target = tmp.path().join("target");
+        std::fs::write(&target, "x").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(chmod_socket(&link, 0o666).is_err());
+        assert_eq!(
+            std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

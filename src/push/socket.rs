@@ -27,13 +27,10 @@ pub type Server = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Binds the socket (mode 0666: the peer's uid is what is checked) and returns its loop.
 pub(crate) async fn bind(path: &Path, uids: Vec<u32>, sink: Sink) -> std::io::Result<Server> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
+    super::prepare_socket_dir(path)?;
     super::remove_stale_socket(path)?;
     let listener = UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    super::chmod_socket(path, 0o666)?;
     tracing::info!(socket = %path.display(), uids = %uids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "), "push socket listening");
     let path = path.to_path_buf();
     let uids = Arc::new(uids);

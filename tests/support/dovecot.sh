@@ -25,7 +25,10 @@
 # README says: DG_POSTLOGIN (the post-login script and its arguments, run by script-login
 # for imap and pop3), DG_POLICY_URL and DG_POLICY_HEADER (auth_policy_server_url and
 # auth_policy_server_api_header), DG_POLICY_CHECKS=no (auth_policy_check_before_auth and
-# _after_auth off: reports only).
+# _after_auth off: reports only), DG_POLICY_ATTRIBUTES=default (Dovecot's default
+# auth_policy_request_attributes, without the proxy and nologin ones dovegate requires).
+# With DG_POLICY_URL, `up` adds the users carol (proxy=y to a closed port, any password)
+# and dave (nologin), whose authentications succeed but who never log in.
 # Dovecot runs as root here (the master must: it binds, chroots, drops privileges); the
 # mail processes run as nobody. In syslog mode Dovecot runs in a private mount namespace
 # whose /dev/log is the test rsyslogd's socket (glibc always logs to /dev/log).
@@ -116,13 +119,21 @@ CONF
         done
     fi
     if [ -n "${DG_POLICY_URL:-}" ]; then
+        # Dovecot's default attributes plus proxy and nologin, as the README says
+        # (DG_POLICY_ATTRIBUTES=default: Dovecot's defaults, a site that missed the step).
+        local attrs='login=%{requested_username} pwhash=%{hashed_password} remote=%{rip} device_id=%{client_id} protocol=%s session_id=%{session} proxy=%{passdb:proxy:-} nologin=%{passdb:nologin:-}'
+        [ "${DG_POLICY_ATTRIBUTES:-}" != default ] || attrs='login=%{requested_username} pwhash=%{hashed_password} remote=%{rip} device_id=%{client_id} protocol=%s session_id=%{session}'
         cat >> "$DIR/dovecot.conf" <<CONF
 auth_policy_server_url = $DG_POLICY_URL
 auth_policy_server_api_header = ${DG_POLICY_HEADER:-}
 auth_policy_hash_nonce = $(openssl rand -hex 16)
 auth_policy_report_after_auth = yes
+auth_policy_request_attributes = $attrs
 CONF
         [ "${DG_POLICY_CHECKS:-}" != no ] || printf 'auth_policy_check_before_auth = no\nauth_policy_check_after_auth = no\n' >> "$DIR/dovecot.conf"
+        # Authentications that are not logins here: carol is proxied elsewhere (a closed
+        # port: the login fails), dave may not log in; both authenticate successfully.
+        printf 'carol:::::::proxy=y host=127.0.0.1 port=9 nopassword=y\ndave:{PLAIN}dave-pass::::::nologin reason=moved\n' >> "$DIR/users"
     fi
     for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
         [ "$(listening $p)" = 0 ] || die "port $p is in use"
@@ -259,6 +270,10 @@ auth_policy_server_url = $DG_POLICY_URL
 auth_policy_server_api_header = ${DG_POLICY_HEADER:-}
 auth_policy_hash_nonce = $(openssl rand -hex 16)
 auth_policy_report_after_auth = yes
+auth_policy_request_attributes {
+  proxy = %{passdb:proxy | default('-')}
+  nologin = %{passdb:nologin | default('-')}
+}
 CONF
         [ "${DG_POLICY_CHECKS:-}" != no ] || printf 'auth_policy_check_before_auth = no\nauth_policy_check_after_auth = no\n' >> "$DIR/dovecot.conf"
     fi
