@@ -1,0 +1,2 @@
+# Dovecot as a proxy in front of a second Dovecot (sourced by scripts/system-test).
+proxy_check() { :; }
