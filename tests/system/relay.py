@@ -11,7 +11,8 @@ import sys
 for addr in sys.argv[1:]:
     s = smtplib.SMTP("127.0.0.1", 25, timeout=20)
     s.ehlo("system-test.invalid")
-    code, msg = s.docmd("XCLIENT", f"ADDR={addr} NAME=[UNAVAILABLE]")
+    xaddr = f"IPV6:{addr}" if ":" in addr else addr
+    code, msg = s.docmd("XCLIENT", f"ADDR={xaddr} NAME=[UNAVAILABLE]")
     if code != 220:
         print(f"{addr} XCLIENT-{code} {msg!r}")
         s.close()
@@ -19,6 +20,6 @@ for addr in sys.argv[1:]:
     s.ehlo("system-test.invalid")
     s.mail("sender@example.org")
     code, msg = s.rcpt("someone@example.net")
-    print(f"{addr} {code}")
+    print(f"{addr} {code}" if code in (250, 554) else f"{addr} {code} {msg!r}")
     s.rset()
     s.quit()
