@@ -162,6 +162,9 @@ journal_child_alive() {
     B python3 /root/login.py "$PORT" imap 203.0.113.$((RANDOM % 50 + 200)) >/dev/null
     pid2=$(follow_pid)
     [ "$pid1" = "$pid2" ] || die "$NAME: the journalctl --follow child is being restarted ($pid1 -> $pid2)"
+    # Descriptors the child inherited that it should not have (reported, not fatal).
+    local leaked; leaked=$(B sh -c 'ls -l /proc/$1/fd' - "$pid1" | grep -o '/var/lib/dovegate/[^ ]*' | sort -u | tr '\n' ' ')
+    [ -z "$leaked" ] || log "$NAME: KNOWN GAP: the journalctl child holds inherited descriptors: $leaked"
 }
 
 # A journal that journalctl cannot follow (the old unit's ProcSubset=pid, as a drop-in):
