@@ -15,8 +15,16 @@ box_up() {
     ln -sf /dev/null "$d/root/etc/systemd/system/systemd-firstboot.service"
     # Nothing configures the private network's links: do not wait for them at boot.
     ln -sf /dev/null "$d/root/etc/systemd/system/systemd-networkd-wait-online.service"
-    systemd-nspawn -q -D "$d/root" -M "$name" --boot --register=no --keep-unit \
-        --private-network --console=pipe </dev/null > "$d/console.log" 2>&1 &
+    box_cgroups "$d" > "$d/cgroups"
+    # In its own cgroup: without a host systemd, nspawn roots the container's cgroups at
+    # its own (payload/), so two containers started from one shell would share
+    # /payload/system.slice/dovegate.service, and one's `systemctl stop` would wait for the
+    # other's processes.
+    (
+        while read -r c; do echo "$BASHPID" > "$c/cgroup.procs"; done < "$d/cgroups"
+        exec systemd-nspawn -q -D "$d/root" -M "$name" --boot --register=no --keep-unit \
+            --private-network --console=pipe
+    ) </dev/null > "$d/console.log" 2>&1 &
     echo $! > "$d/nspawn.pid"
     pid=$!
     for _ in $(seq 1 300); do
@@ -41,6 +49,22 @@ box_up() {
     esac
 }
 
+# box_cgroups DIR: makes a fresh cgroup per hierarchy that tracks processes (cgroup2 and
+# v1 name=systemd, as the host has them) under the current one; prints their paths.
+box_cgroups() {
+    local tag base rel
+    tag="dovegate-test-$(basename "$1")-$$"
+    while IFS=: read -r _ ctrl rel; do
+        case "$ctrl" in
+            "") base=$(findmnt -t cgroup2 -n -o TARGET | head -1) ;;
+            name=systemd) base=$(findmnt -t cgroup -n -o TARGET,OPTIONS | awk '/name=systemd/ {print $1; exit}') ;;
+            *) continue ;;
+        esac
+        [ -n "$base" ] || continue
+        mkdir -p "$base$rel/$tag" && echo "$base${rel%/}/$tag"
+    done < /proc/self/cgroup
+}
+
 box() {
     local name=$1; shift
     nsenter -t "$(cat "$RUN/$name/init.pid")" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"
@@ -58,6 +82,10 @@ box_down() {
         fi
     fi
     mountpoint -q "$d/root" && umount -l "$d/root"
+    local c
+    if [ -s "$d/cgroups" ]; then
+        while read -r c; do find "$c" -depth -type d -exec rmdir {} + 2>/dev/null || true; done < "$d/cgroups"
+    fi
     rm -rf "$d"
 }
 

@@ -130,8 +130,10 @@ suite() {
     [ ! -e "$R/usr/bin/dovegate" ] && [ -e "$R/var/lib/dovegate/relay.lmdb" ] || die "$NAME: purge: binary left or map removed"
     B postmap -q 203.0.113.45 "$RELAY" >/dev/null || die "$NAME: purge emptied the map"
     ok "dpkg --purge: removed, the map stays for Postfix"
+    mkdir -p "$LINES"
+    B journalctl -u dovecot -o short-iso --no-pager > "$LINES/$NAME-dovecot-journal.log" || true
     box_down "$RUN/$NAME"
-    ok "all checks passed"
+    ok "all checks passed (Dovecot's journal: $LINES/$NAME-dovecot-journal.log)"
 }
 
 forged_reported() { B journalctl -u dovegate -o cat --no-pager | grep -q '^forged Dovecot login entries'; }
