@@ -372,7 +372,8 @@ fn latency_idle(dir: &Path) -> Vec<f64> {
             }
         }
         samples.push(start.elapsed().as_secs_f64() * 1000.0);
-        std::thread::sleep(Duration::from_millis(rng.below(500)));
+        // An idle map: the next login comes after the commit interval (250 ms) has run out.
+        std::thread::sleep(Duration::from_millis(300 + rng.below(500)));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = noise.join();

@@ -64,6 +64,7 @@ pub struct SourceSection {
     pub syslog_idents: Vec<String>,
     pub max_line_bytes: usize,
     pub poll_interval: String,
+    pub journal_give_up: String,
     pub journal: JournalMode,
     pub journal_units: Vec<String>,
     pub journal_comms: Vec<String>,
@@ -210,6 +211,8 @@ pub struct Settings {
     pub syslog_idents: Vec<String>,
     pub max_line_bytes: usize,
     pub poll_interval: Duration,
+    /// How long journalctl may keep failing before the daemon exits non-zero.
+    pub journal_give_up: Duration,
     pub journal: bool,
     /// Log lines without a timestamp may grant (a source that has none); else refused.
     pub untimed_lines_grant: bool,
@@ -352,6 +355,11 @@ impl FileConfig {
         let poll_interval = parse_duration("source.poll_interval", &self.source.poll_interval)?;
         if poll_interval < Duration::from_millis(50) || poll_interval > Duration::from_secs(60) {
             return Err(err("source.poll_interval", "must be between 50ms and 60s"));
+        }
+        let journal_give_up =
+            parse_duration("source.journal_give_up", &self.source.journal_give_up)?;
+        if journal_give_up < Duration::from_secs(1) {
+            return Err(err("source.journal_give_up", "must be at least 1s"));
         }
         if self.source.journal_units.is_empty() {
             return Err(err(
@@ -510,6 +518,7 @@ impl FileConfig {
             syslog_idents: self.source.syslog_idents.clone(),
             max_line_bytes,
             poll_interval,
+            journal_give_up,
             journal,
             untimed_lines_grant: self.source.untimed_lines_grant,
             provenance: crate::source::journal::Provenance {

@@ -11,7 +11,7 @@
 //! Pure state with time as an argument; the engine feeds it and writes its renewals to the
 //! map like any login, so the map stays the one source of truth for Postfix.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,16 @@ pub struct SessionStart {
     pub id: String,
     /// `mpid=`: the mail process that will log the end.
     pub pid: Option<u32>,
+}
+
+/// Only IMAP clients stay connected for hours; POP3 sessions grant as plain logins.
+pub fn holds(login_service: &[u8]) -> bool {
+    login_service == b"imap"
+}
+
+/// The end lines that can close a held session (imap-hibernate ends hibernated ones).
+pub fn ends_held(service: &str) -> bool {
+    service == "imap" || service == "imap-hibernate"
 }
 
 /// Session ids are base64 (`+`, `/`) of bounded length; anything else is not one.
@@ -92,9 +102,14 @@ pub struct Renewal {
 #[derive(Debug, Clone)]
 pub struct Sessions {
     open: HashMap<String, OpenSession>,
+    /// When each open session next needs attention (a renewal, or its drop at the hold),
+    /// by id: the engine's timer asks for the first without visiting every session.
+    due: BTreeSet<(i64, String)>,
     early: HashMap<String, EarlyEnd>,
     ttl: i64,
     hold: i64,
+    /// When old early ends are next forgotten.
+    next_forget: i64,
 }
 
 impl Sessions {
@@ -103,7 +118,9 @@ impl Sessions {
     pub fn new(ttl: i64, hold: i64) -> Sessions {
         Sessions {
             open: HashMap::new(),
+            due: BTreeSet::new(),
             early: HashMap::new(),
+            next_forget: 0,
             ttl: ttl.max(1),
             hold: hold.max(0),
         }
@@ -112,6 +129,34 @@ impl Sessions {
     pub fn set_limits(&mut self, ttl: i64, hold: i64) {
         self.ttl = ttl.max(1);
         self.hold = hold.max(0);
+        self.due = self
+            .open
+            .values()
+            .map(|s| (self.due_of(s), s.id.clone()))
+            .collect();
+    }
+
+    /// When `s` next needs attention: its next renewal, or, past its last one, its drop.
+    fn due_of(&self, s: &OpenSession) -> i64 {
+        let next = s.renewed.saturating_add(self.renew_every());
+        if next > self.last_renewal(s.login) {
+            s.login.saturating_add(self.hold)
+        } else {
+            next
+        }
+    }
+
+    fn insert(&mut self, s: OpenSession) {
+        self.due.insert((self.due_of(&s), s.id.clone()));
+        if let Some(old) = self.open.insert(s.id.clone(), s) {
+            self.due.remove(&(self.due_of(&old), old.id));
+        }
+    }
+
+    fn remove(&mut self, id: &str) -> Option<OpenSession> {
+        let s = self.open.remove(id)?;
+        self.due.remove(&(self.due_of(&s), s.id.clone()));
+        Some(s)
     }
 
     pub fn len(&self) -> usize {
@@ -158,16 +203,13 @@ impl Sessions {
             );
             return false;
         }
-        self.open.insert(
-            start.id.clone(),
-            OpenSession {
-                id: start.id.clone(),
-                ip,
-                pid: start.pid,
-                login,
-                renewed: login,
-            },
-        );
+        self.insert(OpenSession {
+            id: start.id.clone(),
+            ip,
+            pid: start.pid,
+            login,
+            renewed: login,
+        });
         true
     }
 
@@ -183,7 +225,7 @@ impl Sessions {
         match self.open.get(&end.id) {
             // The mail process logs its own end; imap-hibernate has another pid.
             Some(s) if hibernate || s.pid.is_none_or(|p| p == end.pid) => {
-                let s = self.open.remove(&end.id)?;
+                let s = self.remove(&end.id)?;
                 // ttl after the end, but never past login + hold.
                 let time = time.clamp(s.login, self.last_renewal(s.login).max(s.login));
                 Some(Renewal { ip: s.ip, time })
@@ -206,24 +248,16 @@ impl Sessions {
     }
 
     fn forget_old_early(&mut self, now: i64) {
-        if !self.early.is_empty() {
+        // At most once every ten seconds of log time: not a walk of the map per line.
+        if !self.early.is_empty() && now >= self.next_forget {
             self.early.retain(|_, e| e.time + EARLY_KEEP > now);
+            self.next_forget = now + 10;
         }
     }
 
     /// When `renewals` next has something to do.
     pub fn next_due(&self) -> Option<i64> {
-        self.open
-            .values()
-            .map(|s| {
-                let next = s.renewed.saturating_add(self.renew_every());
-                if next > self.last_renewal(s.login) {
-                    s.login.saturating_add(self.hold)
-                } else {
-                    next
-                }
-            })
-            .min()
+        self.due.first().map(|&(d, _)| d)
     }
 
     /// Grants to write again for open sessions at `now`; sessions past their hold are
@@ -231,9 +265,16 @@ impl Sessions {
     pub fn renewals(&mut self, now: i64) -> Vec<Renewal> {
         let (every, hold, ttl) = (self.renew_every(), self.hold, self.ttl);
         let mut out = Vec::new();
-        self.open.retain(|_, s| {
+        while let Some((d, id)) = self.due.first().cloned() {
+            if d > now {
+                break;
+            }
+            let Some(mut s) = self.remove(&id) else {
+                self.due.remove(&(d, id));
+                continue;
+            };
             if now >= s.login.saturating_add(hold) {
-                return false;
+                continue;
             }
             let last = s.login.saturating_add(hold).saturating_sub(ttl);
             if now >= s.renewed.saturating_add(every) && s.renewed < last {
@@ -243,9 +284,21 @@ impl Sessions {
                     time: s.renewed,
                 });
             }
-            true
-        });
+            self.insert(s);
+        }
         out
+    }
+
+    /// For a report at the end of its input: each open session as the grant its hold
+    /// would last until (renewed up to the cap).
+    pub fn held_to_the_cap(&self) -> Vec<Renewal> {
+        self.open
+            .values()
+            .map(|s| Renewal {
+                ip: s.ip,
+                time: self.last_renewal(s.login).max(s.login),
+            })
+            .collect()
     }
 
     /// The open sessions, for saving beside the checkpoints.
@@ -262,7 +315,7 @@ impl Sessions {
                 && now < s.login.saturating_add(self.hold)
                 && self.open.len() < MAX_OPEN
             {
-                self.open.insert(s.id.clone(), s);
+                self.insert(s);
             }
         }
     }

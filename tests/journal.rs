@@ -332,3 +332,31 @@ fn a_dead_source_ends_the_daemon_with_failure() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("died") && err.contains("journalctl"), "{err}");
 }
+
+/// journalctl that keeps exiting (here: a journal file that does not exist) is never
+/// reported healthy: after `source.journal_give_up` the daemon exits 1, naming it, so that
+/// systemd restarts it and `systemctl status` shows why.
+#[test]
+fn a_journal_that_keeps_failing_ends_the_daemon_with_failure() {
+    let d = tempdir();
+    let conf = d.path().join("dovegate.toml");
+    std::fs::write(&conf, "[source]\njournal_give_up = \"2s\"\n").unwrap();
+    let out = Command::new(bin())
+        .args([
+            "run",
+            "--config",
+            &conf.display().to_string(),
+            "--journal-file",
+            &d.path().join("missing.journal").display().to_string(),
+            "--map",
+            &d.path().join("relay").display().to_string(),
+            "--state-dir",
+            &d.path().join("s").display().to_string(),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("journalctl has kept exiting"), "{err}");
+}

@@ -193,6 +193,7 @@ impl Sources {
                     target: target.clone(),
                     start,
                     max_line: settings.max_line_bytes.max(64 * 1024),
+                    give_up: settings.journal_give_up,
                 },
                 scanner: cfg.scanner(),
                 provenance: settings.provenance.clone(),

@@ -257,7 +257,11 @@ impl Report<'_> {
             (&ip, &excluded, &login.ip, login.time)
         {
             self.hold(key.clone(), t);
-            if let Some(start) = &login.session {
+            if let Some(start) = login
+                .session
+                .as_ref()
+                .filter(|_| crate::session::holds(login.service))
+            {
                 if self.sessions.opened(*addr, t, start, t) {
                     self.totals.sessions_opened += 1;
                 }
@@ -292,29 +296,19 @@ impl Report<'_> {
         let e = self.totals.held_until.entry(key).or_insert(until);
         *e = (*e).max(until);
     }
-
-    /// Renews the open sessions up to `time`, as the daemon would.
-    fn renew_sessions(&mut self, time: i64) {
-        while let Some(due) = self.sessions.next_due().filter(|&d| d <= time) {
-            for r in self.sessions.renewals(due) {
-                self.hold(key_text(r.ip), r.time);
-            }
-        }
-    }
 }
 
 impl Sink for Report<'_> {
     fn login(&mut self, line: Line<'_>, login: &Login<'_>) {
-        if let Some(t) = login.time {
-            self.renew_sessions(t);
-        }
         self.matched(line, login);
     }
 
     fn session_end(&mut self, line: Line<'_>, end: &crate::session::SessionEnd) {
         let t = end.time.unwrap_or(self.now);
-        self.renew_sessions(t);
-        if let Some(r) = self.sessions.closed(end, t) {
+        let closed = crate::session::ends_held(&end.service)
+            .then(|| self.sessions.closed(end, t))
+            .flatten();
+        if let Some(r) = closed {
             self.totals.sessions_closed += 1;
             self.hold(key_text(r.ip), r.time);
         }
@@ -499,7 +493,9 @@ pub fn run(args: TestArgs) -> Result<(), Failure> {
     };
     result?;
     // Sessions still open at the end of the input: held until their cap.
-    report.renew_sessions(i64::MAX / 4);
+    for r in report.sessions.held_to_the_cap() {
+        report.hold(key_text(r.ip), r.time);
+    }
     let flushed = report.out.flush();
     if let Some(e) = report.error.take().or(flushed.err()) {
         return Err(output_error(e));

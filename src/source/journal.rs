@@ -249,6 +249,9 @@ pub struct JournalSourceSpec {
     pub target: JournalTarget,
     pub start: JournalStart,
     pub max_line: usize,
+    /// journalctl failing for this long without a working run ends the source (and the
+    /// daemon, non-zero): a restart, and the admin, must see it.
+    pub give_up: Duration,
 }
 
 /// Follows a journal through journalctl, restarted (with backoff) from the last cursor
@@ -276,6 +279,8 @@ impl JournalSource {
         };
         let mut backoff = Duration::from_millis(500);
         let mut follow = false;
+        // Since when journalctl has been failing (None: the last run worked).
+        let mut failing_since: Option<Instant> = None;
         // The watcher stops when `_quiet_done` drops with this function.
         let quiet = Arc::new(QuietWatch::new(crate::timefmt::now()));
         let markers = unit_markers(&self.provenance.units);
@@ -327,9 +332,20 @@ impl JournalSource {
                 follow = true;
                 continue;
             }
-            tracing::warn!(journal = %self.spec.target.key(), status = %status.and_then(Result::ok).map_or_else(|| "unknown".to_string(), |s| s.to_string()), "journalctl exited; restarting from the last cursor");
+            let status_text = status
+                .and_then(Result::ok)
+                .map_or_else(|| "unknown".to_string(), |s| s.to_string());
+            tracing::warn!(journal = %self.spec.target.key(), status = %status_text, "journalctl exited; restarting from the last cursor");
             if began.elapsed() > Duration::from_secs(60) {
                 backoff = Duration::from_millis(500);
+                failing_since = None;
+            }
+            let since = *failing_since.get_or_insert(began);
+            if since.elapsed() >= self.spec.give_up {
+                return Err(format!(
+                    "journalctl has kept exiting for {} (last status {status_text}; its messages are logged above): no login can be read from the journal. Check that the service may read it (group systemd-journal) and that /proc/sys/kernel/random/boot_id is visible to it (no ProcSubset=pid)",
+                    humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
+                ));
             }
             let _ = ctl.wake_rx.recv_timeout(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(30));

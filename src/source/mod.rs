@@ -119,8 +119,7 @@ impl DaemonSink {
             self.logins.push(SeenLogin {
                 ip,
                 time: login.time,
-                // Only IMAP clients stay connected for hours; POP3 grants as a login.
-                session: (login.service == b"imap")
+                session: crate::session::holds(login.service)
                     .then(|| login.session.clone())
                     .flatten(),
                 detail: Some(Box::new(LoginDetail {
@@ -200,7 +199,9 @@ impl Sink for DaemonSink {
     }
 
     fn session_end(&mut self, _line: Line<'_>, end: &crate::session::SessionEnd) {
-        self.ends.push(end.clone());
+        if crate::session::ends_held(&end.service) {
+            self.ends.push(end.clone());
+        }
     }
 }
 

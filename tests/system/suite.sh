@@ -1,0 +1,201 @@
+# One release under real systemd (sourced by scripts/system-test; runs in a subshell).
+# suite NAME SUITE DOVECOT_CONF: boots the cached root of SUITE as container NAME, installs
+# the package and checks the service as an admin would run it. Output: one line per check.
+PORT=10143   # Dovecot: imap, +1 imaps, +2 pop3, +3 pop3s (loopback of the container)
+RELAY=lmdb:/var/lib/dovegate/relay
+
+suite() {
+    NAME=$1 CONF=$3; local suite=$2 conf=$3 root
+    B() { box "$NAME" "$@"; }
+    ok() { log "$NAME: ok: $*"; }
+    root=$(root_cached "$suite" "${PKGS[@]}")
+    box_up "$NAME" "$root"
+    local R="$RUN/$NAME/root"
+    ok "booted $suite: $(B systemctl --version | head -1), dovecot $(B dovecot --version)"
+
+    # --- install, configure as the README says, start ----------------------------------
+    cp "$DEB1" "$R/root/dovegate-1.deb"; cp "$DEB2" "$R/root/dovegate-2.deb"
+    cp "$SYS"/login.py "$SYS"/relay.py "$REPO/tests/support/logins.py" "$R/root/"
+    B dpkg -i /root/dovegate-1.deb > "$RUN/$NAME.dpkg.log" 2>&1 || { cat "$RUN/$NAME.dpkg.log" >&2; die "$NAME: dpkg -i failed"; }
+    ok "dpkg -i $(basename "$DEB1")"
+    sed -e "s/@PORT@/$PORT/;s/@PORT1@/$((PORT + 1))/;s/@PORT2@/$((PORT + 2))/;s/@PORT3@/$((PORT + 3))/" \
+        "$SYS/$conf" > "$R/etc/dovecot/dovecot.conf"
+    printf 'alice:{PLAIN}alice-pass::::::\nbob:{PLAIN}bob-pass::::::\n' > "$R/etc/dovecot/users"
+    chmod 0644 "$R/etc/dovecot/users"
+    B sh -c 'mkdir -p /var/lib/dovegate-test-mail && chown nobody:nogroup /var/lib/dovegate-test-mail'
+    B systemctl restart dovecot
+    cp "$SYS/main.cf" "$R/etc/postfix/main.cf"
+    B systemctl reset-failed
+    B systemctl restart postfix
+    wait_until 30 "$NAME: smtpd listening" B python3 -c 'import socket; socket.create_connection(("127.0.0.1", 25), 5)'
+    B sed -i -e 's/^journal = .*/journal = true/' -e 's/^journal_give_up = .*/journal_give_up = "30s"/' -e 's|^logs = .*|logs = []|' \
+        -e 's|^socketmap = ""|socketmap = "unix:/run/dovegate/socketmap"|' \
+        -e 's/^exclude_mynetworks = false/exclude_mynetworks = true/' /etc/dovegate/dovegate.toml
+    B systemctl enable --now dovegate 2>/dev/null
+    # Type=notify: `active` only after READY=1.
+    [ "$(B systemctl is-active dovegate)" = active ] || die "$NAME: dovegate not active after start: $(B systemctl status dovegate --no-pager)"
+    ok "systemctl enable --now dovegate: active (READY), status \"$(status_text)\""
+    local pid0; pid0=$(main_pid)
+    journal_child_alive
+
+    # --- live logins under every hardening option of the packaged unit -----------------
+    local out granted refused a
+    out=$(B python3 /root/logins.py "$PORT") || die "$NAME: logins.py: $out"
+    granted=$(echo "$out" | python3 -c 'import json,sys; print(" ".join(json.load(sys.stdin)["granted"]))')
+    refused=$(echo "$out" | python3 -c 'import json,sys; print(" ".join(json.load(sys.stdin)["refused"]))')
+    for a in $granted; do wait_grant "$a"; done
+    ok "live IMAP/POP3 logins (IPv4, IPv6, TLS, STARTTLS, ID/XCLIENT forwarding) granted: $granted"
+    # mynetworks (read with postconf under the unit's sandbox) are excluded.
+    B python3 /root/login.py "$PORT" imap 198.18.0.5
+    B python3 /root/login.py "$PORT" pop3 203.0.113.101
+    wait_grant 203.0.113.101
+    for a in $refused 198.18.0.5; do no_grant "$a"; done
+    ok "nothing granted for loopback, failed, aborted logins and mynetworks (postconf): $refused 198.18.0.5"
+    [ "$(main_pid)" = "$pid0" ] || die "$NAME: the daemon restarted during the logins"
+    # The socketmap under /run/dovegate (RuntimeDirectory) answers from the same grants.
+    local sm=socketmap:unix:/run/dovegate/socketmap:relay
+    out=$(B postmap -q 203.0.113.45 $sm) || die "$NAME: socketmap: no answer for a granted address"
+    case "$out" in OK*) ;; *) die "$NAME: socketmap answered '$out'" ;; esac
+    if B postmap -q 203.0.113.99 $sm; then die "$NAME: socketmap granted 203.0.113.99"; fi
+    ok "socketmap unix:/run/dovegate/socketmap: 203.0.113.45 -> $out, 203.0.113.99 -> not found"
+
+    # --- the real smtpd judges relaying ------------------------------------------------
+    out=$(B python3 /root/relay.py 203.0.113.45 2001:db8::25 203.0.113.99 198.51.100.66)
+    echo "$out" | grep -qx '203.0.113.45 250' || die "$NAME: smtpd refused a granted client: $out"
+    echo "$out" | grep -qx '2001:db8::25 250' || die "$NAME: smtpd refused a granted IPv6 client: $out"
+    echo "$out" | grep -qx '203.0.113.99 554' || die "$NAME: smtpd did not refuse 203.0.113.99: $out"
+    ok "smtpd (XCLIENT): relay 250 for granted 203.0.113.45 and 2001:db8::25, 554 for 203.0.113.99"
+
+    # --- forged journal entries grant nothing ------------------------------------------
+    B logger -t dovecot "imap-login: Login: user=<x>, method=PLAIN, rip=198.51.100.66, lip=127.0.0.1, mpid=1, session=<x>"
+    B logger -t dovecot "imap-login: Info: Logged in: user=<x>, method=PLAIN, rip=198.51.100.67, lip=127.0.0.1, mpid=1, session=<y>"
+    B python3 /root/login.py "$PORT" imap 203.0.113.102
+    wait_grant 203.0.113.102
+    no_grant 198.51.100.66; no_grant 198.51.100.67
+    wait_until 30 "$NAME: the forged entries reported" forged_reported \
+        || die "$NAME: no 'forged' warning: $(B journalctl -u dovegate -n 10 --no-pager)"
+    out=$(B python3 /root/relay.py 198.51.100.66)
+    [ "$out" = "198.51.100.66 554" ] || die "$NAME: forged entry: smtpd answered $out"
+    ok "logger -t dovecot forged logins (198.51.100.66, .67) not granted, reported as forged, smtpd 554"
+
+    # --- reload: good, then bad (refused, the old configuration keeps running) ---------
+    B sed -i 's/^ttl = .*/ttl = "31m"/' /etc/dovegate/dovegate.toml
+    B systemctl reload dovegate || die "$NAME: reload of a good configuration failed"
+    [ "$(main_pid)" = "$pid0" ] || die "$NAME: reload restarted the daemon"
+    B cp /etc/dovegate/dovegate.toml /root/good.toml
+    echo 'no_such_key = 1' >> "$R/etc/dovegate/dovegate.toml"
+    if B systemctl reload dovegate 2>/dev/null; then die "$NAME: a bad configuration was accepted"; fi
+    [ "$(B systemctl is-active dovegate)" = active ] && [ "$(main_pid)" = "$pid0" ] \
+        || die "$NAME: the daemon did not survive a refused reload"
+    B python3 /root/login.py "$PORT" pop3 203.0.113.103
+    wait_grant 203.0.113.103
+    B cp /root/good.toml /etc/dovegate/dovegate.toml
+    ok "systemctl reload: good accepted, bad refused (exit non-zero), same pid $pid0, still granting"
+
+    # --- kill -9: systemd restarts it, no login around it is lost ----------------------
+    B python3 /root/login.py "$PORT" imap 203.0.113.110
+    B sh -c 'kill -9 "$1"' - "$pid0"   # a shell builtin: Debian 12 has no /bin/kill
+    B python3 /root/login.py "$PORT" pop3 203.0.113.111
+    wait_until 30 "$NAME: dovegate restarted after kill -9" new_active_pid "$pid0"
+    B python3 /root/login.py "$PORT" imap 203.0.113.112
+    for a in 203.0.113.110 203.0.113.111 203.0.113.112 $granted; do wait_grant "$a"; done
+    local pid1; pid1=$(main_pid)
+    journal_child_alive
+    ok "kill -9 $pid0: restarted by systemd as $pid1 (NRestarts=$(B systemctl show -P NRestarts dovegate)); logins before, during, after granted"
+
+    # --- a journal source that keeps failing must not look healthy ---------------------
+    failing_source_check
+
+    # --- upgrade keeps the map and the position ----------------------------------------
+    B python3 /root/login.py "$PORT" imap 203.0.113.120
+    wait_grant 203.0.113.120
+    B dpkg -i /root/dovegate-2.deb > "$RUN/$NAME.dpkg.log" 2>&1 || { cat "$RUN/$NAME.dpkg.log" >&2; die "$NAME: upgrade failed"; }
+    [ "$(B dpkg-query -W -f='${Version}' dovegate)" = "$VERSION2" ] || die "$NAME: not upgraded"
+    wait_until 30 "$NAME: dovegate restarted by the upgrade" new_active_pid "$pid1"
+    for a in 203.0.113.120 203.0.113.110 $granted; do wait_grant "$a"; done
+    B journalctl -u dovegate -o json --no-pager | grep '"following the journal"' | tail -1 \
+        | grep -q '"F_START":"AfterCursor' || die "$NAME: after the upgrade the daemon did not resume at its cursor"
+    B python3 /root/login.py "$PORT" pop3 203.0.113.121
+    wait_grant 203.0.113.121
+    ok "upgrade to $VERSION2: map kept, resumed at its journal cursor, granting"
+
+    # --- stop exits 0, purge keeps the map ---------------------------------------------
+    local procs; procs=$(B systemctl status dovegate --no-pager 2>&1 | sed -n '/CGroup:/,/^$/p')
+    B systemctl stop dovegate
+    [ "$(B systemctl show -P ExecMainStatus dovegate)" = 0 ] || die "$NAME: stop: exit status $(B systemctl show -P ExecMainStatus dovegate)"
+    [ "$(B systemctl show -P Result dovegate)" = success ] || die "$NAME: stop: result $(B systemctl show -P Result dovegate); processes before the stop: $procs; $(B journalctl -u dovegate -n 15 --no-pager)"
+    ok "systemctl stop: exit 0, result success"
+    proxy_check
+    B dpkg --purge dovegate > "$RUN/$NAME.dpkg.log" 2>&1 || { cat "$RUN/$NAME.dpkg.log" >&2; die "$NAME: purge failed"; }
+    [ ! -e "$R/usr/bin/dovegate" ] && [ -e "$R/var/lib/dovegate/relay.lmdb" ] || die "$NAME: purge: binary left or map removed"
+    B postmap -q 203.0.113.45 "$RELAY" >/dev/null || die "$NAME: purge emptied the map"
+    ok "dpkg --purge: removed, the map stays for Postfix"
+    mkdir -p "$LINES"
+    B journalctl -u dovecot -o short-iso --no-pager > "$LINES/$NAME-dovecot-journal.log" || true
+    box_down "$RUN/$NAME"
+    ok "all checks passed (Dovecot's journal: $LINES/$NAME-dovecot-journal.log)"
+}
+
+forged_reported() { B journalctl -u dovegate -o cat --no-pager | grep -q '^forged Dovecot login entries'; }
+main_pid() { B systemctl show -P MainPID dovegate; }
+status_text() { B systemctl show -P StatusText dovegate; }
+new_active_pid() {
+    local p; p=$(main_pid)
+    [ "$p" != 0 ] && [ "$p" != "$1" ] && [ "$(B systemctl is-active dovegate)" = active ]
+}
+wait_grant() {
+    wait_until 30 "$NAME: grant for $1 in $RELAY" B postmap -q "$1" "$RELAY" \
+        || die "$NAME: status \"$(status_text)\"; $(B journalctl -u dovegate -n 20 --no-pager)"
+}
+no_grant() {
+    if B postmap -q "$1" "$RELAY" >/dev/null; then die "$NAME: $1 granted: $(B postmap -q "$1" "$RELAY")"; fi
+}
+# The unit's journalctl --follow child (the root has no procps).
+follow_pid() {
+    B sh -c 'for p in $(cat /proc/$1/task/*/children 2>/dev/null); do
+        tr "\0" " " < /proc/$p/cmdline 2>/dev/null | grep -q "^journalctl .*--follow" && echo $p; done; true' - "$(main_pid)"
+}
+follow_child() { [ -n "$(follow_pid)" ]; }
+# The follow child runs and keeps running (a child that exits at once shows as restarts).
+journal_child_alive() {
+    local pid1 pid2
+    wait_until 20 "$NAME: journalctl --follow child" follow_child
+    pid1=$(follow_pid)
+    B python3 /root/login.py "$PORT" imap 203.0.113.$((RANDOM % 50 + 200)) >/dev/null
+    pid2=$(follow_pid)
+    [ "$pid1" = "$pid2" ] || die "$NAME: the journalctl --follow child is being restarted ($pid1 -> $pid2)"
+    # Descriptors the child inherited that it should not have (reported, not fatal).
+    local leaked; leaked=$(B sh -c 'ls -l /proc/$1/fd' - "$pid1" | grep -o '/var/lib/dovegate/[^ ]*' | sort -u | tr '\n' ' ')
+    [ -z "$leaked" ] || log "$NAME: KNOWN GAP: the journalctl child holds inherited descriptors: $leaked"
+}
+
+# A journal that journalctl cannot follow (the old unit's ProcSubset=pid, as a drop-in):
+# within a bounded time the unit must say so (STATUS= not the healthy text, or a restart,
+# or failed). What the daemon showed is reported either way.
+failing_source_check() {
+    local R="$RUN/$NAME/root" restarts0 healthy='^[0-9]+ grants active, [0-9]+ lines read, [0-9]+ logins, [0-9]+ forged$'
+    mkdir -p "$R/etc/systemd/system/dovegate.service.d"
+    printf '[Service]\nProcSubset=pid\n' > "$R/etc/systemd/system/dovegate.service.d/broken-journal.conf"
+    B systemctl daemon-reload
+    B systemctl restart dovegate
+    restarts0=$(B systemctl show -P NRestarts dovegate)
+    if wait_until "${FAILING_SOURCE_LIMIT:-75}" "$NAME: a failing journal source reported" source_reported_failing "$restarts0" "$healthy"; then
+        ok "failing journalctl: reported (status \"$(status_text)\", active=$(B systemctl is-active dovegate), NRestarts=$(B systemctl show -P NRestarts dovegate))"
+    elif [ "${DOVEGATE_SYSTEM_TEST_STRICT_SOURCE:-1}" = 1 ]; then
+        die "$NAME: journalctl keeps exiting but the unit looks healthy: \"$(status_text)\""
+    else
+        log "$NAME: KNOWN GAP: journalctl keeps exiting (\"$(B journalctl -u dovegate -n 1 -o cat --no-pager)\") but after ${FAILING_SOURCE_LIMIT:-75}s the unit is still active with status \"$(status_text)\" and NRestarts=$(B systemctl show -P NRestarts dovegate)"
+    fi
+    rm -f "$R/etc/systemd/system/dovegate.service.d/broken-journal.conf"
+    B systemctl daemon-reload
+    B systemctl reset-failed dovegate 2>/dev/null || true
+    B systemctl restart dovegate
+    [ "$(B systemctl is-active dovegate)" = active ] || die "$NAME: dovegate not active again"
+    wait_until 20 "$NAME: journalctl --follow child" follow_child
+}
+source_reported_failing() {
+    local st; st=$(status_text)
+    [ "$(B systemctl is-active dovegate)" != active ] && return 0
+    [ "$(B systemctl show -P NRestarts dovegate)" != "$1" ] && return 0
+    [ -n "$st" ] && ! [[ "$st" =~ $2 ]]
+}
