@@ -29,10 +29,11 @@ impl WriterStore {
     }
 }
 
-/// What the local map gets: per address the later of this host's expiry and the
-/// database's (another writer may know a later one; a database clock behind this host's
-/// must not shorten it), never beyond this host's now + ttl (`limit`): the database's
-/// answer is not trusted to open a relay for longer than a login here would.
+/// What the local map gets: per address the later of this host's expiry (the engine's,
+/// already bounded by it, a session hold included) and the database's (another writer may
+/// know a later one; a database clock behind this host's must not shorten it). The
+/// database's answer counts only up to this host's now + ttl (`limit`): it is not trusted
+/// to open a relay for longer than a login here would.
 fn local_expiries(own: &[(IpAddr, i64)], committed: Committed, limit: i64) -> Vec<(IpAddr, i64)> {
     let mut best: HashMap<IpAddr, i64> = HashMap::with_capacity(own.len());
     let mut order = Vec::with_capacity(own.len());
@@ -48,14 +49,11 @@ fn local_expiries(own: &[(IpAddr, i64)], committed: Committed, limit: i64) -> Ve
     if let Committed::Written(effective) = committed {
         for (ip, e) in effective {
             if let Some(v) = best.get_mut(&ip) {
-                *v = (*v).max(e);
+                *v = (*v).max(e.min(limit));
             }
         }
     }
-    order
-        .into_iter()
-        .map(|ip| (ip, best[&ip].min(limit)))
-        .collect()
+    order.into_iter().map(|ip| (ip, best[&ip])).collect()
 }
 
 fn db_err(e: String) -> StoreError {
@@ -126,9 +124,10 @@ mod tests {
             local_expiries(&own, db, 1200),
             vec![(a, 1100), (b, 1150), (c, 1200)]
         );
+        // The engine's own expiry (a session hold may pass the ttl) is kept.
         assert_eq!(
             local_expiries(&[(a, 5000)], Committed::Spilled, 1200),
-            vec![(a, 1200)]
+            vec![(a, 5000)]
         );
     }
 }
