@@ -264,16 +264,24 @@ impl Replica {
         let now_f = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
         let mut last: HashMap<IpAddr, Option<i64>> = asked.iter().map(|&ip| (ip, None)).collect();
         let order = asked.to_vec();
-        let mut lag: Option<f64> = None;
+        let mut updated_at: HashMap<IpAddr, f64> = HashMap::new();
         for (addr, e, updated) in rows {
             let Some(ip) = parse_address(&addr) else {
                 continue;
             };
             if let Some(v) = last.get_mut(&ip) {
                 *v = Some(e);
-                lag = Some(lag.unwrap_or(0.0).max(now_f - updated));
+                updated_at.insert(ip, updated);
             }
         }
+        // Lag only from rows that changed something here: a notification naming an
+        // unchanged row (anyone may send one) says nothing about propagation.
+        let mut lag: Option<f64> = None;
+        let mut changed = |ip: &IpAddr| {
+            if let Some(u) = updated_at.get(ip) {
+                lag = Some(lag.unwrap_or(0.0).max(now_f - u));
+            }
+        };
         let mut grow = Vec::new();
         for ip in order {
             let wanted = last[&ip].and_then(|e| self.admit(ip, e, now));
@@ -287,8 +295,12 @@ impl Replica {
                 (Some(e), Some(l)) if l > e => {
                     self.map.set(ip, e).map_err(map_err)?;
                     self.note(ip, Some(e));
+                    changed(&ip);
                 }
-                (Some(e), _) => grow.push((ip, e)),
+                (Some(e), _) => {
+                    grow.push((ip, e));
+                    changed(&ip);
+                }
             }
         }
         if !grow.is_empty() {
