@@ -4,10 +4,13 @@
 //! LISTEN first, then a snapshot of every unexpired grant, then the changes as the
 //! trigger announces them; a full resync after every (re)connect, every `RESYNC_EVERY`, and
 //! whenever a notification could not be read or was dropped (NOTIFY is best effort and
-//! never replayed). Grants expire locally by a timer on the next deadline. The database is
-//! the only source of expiries: a replica never extends a grant on its own, and caps every
-//! expiry at its own now + ttl (a writer with a clock fault must not open a relay for a
-//! year). While the database is unreachable the map keeps serving what it has until each
+//! never replayed; at most once per `FORCED_RESYNC_GAP`: anyone may send junk). A
+//! notification only names an address, whose row is then read (any role that can connect
+//! may NOTIFY, so a payload grants nothing). Grants expire locally by a timer on the next
+//! deadline. The database is the only source of expiries: a replica never extends a grant
+//! on its own; a row grants no longer than its own `updated_at` + ttl (so a far-future row
+//! is not re-extended at every resync), and every expiry is capped at this host's now +
+//! ttl too (a writer with a clock fault must not open a relay for a year). While the database is unreachable the map keeps serving what it has until each
 //! grant's own expiry, and a warning says so, repeatedly.
 
 use std::collections::{BTreeSet, HashMap};
@@ -36,6 +39,10 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_SKEW_SECS: f64 = 5.0;
 /// Notifications buffered between two map commits; more means a resync.
 const NOTICE_QUEUE: usize = 65_536;
+/// Resyncs forced by unreadable or dropped notifications are at least this far apart.
+const FORCED_RESYNC_GAP: Duration = Duration::from_secs(15);
+/// Addresses re-read per statement.
+const REREAD_CHUNK: usize = 5000;
 
 /// What the replica needs.
 pub struct ReplicaSpec {
@@ -150,11 +157,13 @@ impl Replica {
     /// Makes the map equal the database: adds and shortens to the database's expiries,
     /// removes what vanished (revoked, expired).
     async fn resync(&mut self, client: &Client, table: &str) -> Result<(), String> {
-        let (rows, db_now) =
-            tokio::time::timeout(SNAPSHOT_TIMEOUT, postgres::snapshot(client, table))
-                .await
-                .map_err(|_| "snapshot timed out".to_string())?
-                .map_err(|e| error_text(&e))?;
+        let (rows, db_now) = tokio::time::timeout(
+            SNAPSHOT_TIMEOUT,
+            postgres::snapshot(client, table, self.policy.ttl_secs()),
+        )
+        .await
+        .map_err(|_| "snapshot timed out".to_string())?
+        .map_err(|e| error_text(&e))?;
         let now = timefmt::now();
         // Expiries are compared with this host's clock: a skewed clock shortens or stretches
         // every grant here (stretching is capped at now + ttl).
@@ -215,28 +224,64 @@ impl Replica {
         Ok(())
     }
 
-    /// Applies a batch of notifications in commit order (the last one per address wins).
-    fn apply(&mut self, notices: Vec<Notice>) -> Result<(), String> {
-        let now = timefmt::now();
-        let now_f = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
-        let mut last: HashMap<IpAddr, Option<i64>> = HashMap::new();
-        let mut order = Vec::new();
-        let mut lag: Option<f64> = None;
+    /// Reads the rows of the addresses the notifications name and applies them.
+    async fn refresh(
+        &mut self,
+        client: &Client,
+        table: &str,
+        notices: &[Notice],
+    ) -> Result<(), String> {
+        let mut asked: Vec<IpAddr> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for n in notices {
-            if let Notice::Changed {
-                ip,
-                expires,
-                updated,
-            } = n
-            {
-                if last.insert(ip, expires).is_none() {
-                    order.push(ip);
-                }
-                if let Some(u) = updated {
-                    lag = Some(lag.unwrap_or(0.0).max(now_f - u));
+            if let Notice::Changed(ip) = n {
+                if seen.insert(*ip) {
+                    asked.push(*ip);
                 }
             }
         }
+        let mut rows = Vec::new();
+        for chunk in asked.chunks(REREAD_CHUNK) {
+            let names: Vec<String> = chunk.iter().map(|&ip| crate::grant::key_text(ip)).collect();
+            let got = tokio::time::timeout(
+                SNAPSHOT_TIMEOUT,
+                postgres::reread(client, table, &names, self.policy.ttl_secs()),
+            )
+            .await
+            .map_err(|_| "reading the changed rows timed out".to_string())?
+            .map_err(|e| error_text(&e))?;
+            rows.extend(got);
+        }
+        if let Err(e) = self.apply(&asked, rows) {
+            tracing::error!(error = %e, "cannot apply changes to the map; the next resync retries");
+        }
+        Ok(())
+    }
+
+    /// Applies the rows read back for `asked` (an address without a row is revoked here).
+    fn apply(&mut self, asked: &[IpAddr], rows: Vec<(String, i64, f64)>) -> Result<(), String> {
+        let now = timefmt::now();
+        let now_f = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+        let mut last: HashMap<IpAddr, Option<i64>> = asked.iter().map(|&ip| (ip, None)).collect();
+        let order = asked.to_vec();
+        let mut updated_at: HashMap<IpAddr, f64> = HashMap::new();
+        for (addr, e, updated) in rows {
+            let Some(ip) = parse_address(&addr) else {
+                continue;
+            };
+            if let Some(v) = last.get_mut(&ip) {
+                *v = Some(e);
+                updated_at.insert(ip, updated);
+            }
+        }
+        // Lag only from rows that changed something here: a notification naming an
+        // unchanged row (anyone may send one) says nothing about propagation.
+        let mut lag: Option<f64> = None;
+        let mut changed = |ip: &IpAddr| {
+            if let Some(u) = updated_at.get(ip) {
+                lag = Some(lag.unwrap_or(0.0).max(now_f - u));
+            }
+        };
         let mut grow = Vec::new();
         for ip in order {
             let wanted = last[&ip].and_then(|e| self.admit(ip, e, now));
@@ -250,8 +295,12 @@ impl Replica {
                 (Some(e), Some(l)) if l > e => {
                     self.map.set(ip, e).map_err(map_err)?;
                     self.note(ip, Some(e));
+                    changed(&ip);
                 }
-                (Some(e), _) => grow.push((ip, e)),
+                (Some(e), _) => {
+                    grow.push((ip, e));
+                    changed(&ip);
+                }
             }
         }
         if !grow.is_empty() {
@@ -446,8 +495,18 @@ async fn follow(
     let mut beat = tokio::time::interval(Duration::from_secs(2));
     let mut last_commit = Instant::now() - commit_interval;
     let mut beats = 0u64;
+    // A resync asked for by an unreadable or dropped notification, and when it may run.
+    let mut forced_at: Option<Instant> = None;
+    let mut last_forced = Instant::now();
     loop {
         let expiry = tokio::time::sleep(r.next_deadline().map_or(Duration::from_secs(3600), until));
+        let forced_deadline = forced_at;
+        let forced = async move {
+            match forced_deadline {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = &mut *shutdown => return Ended::Shutdown,
             n = rx.recv() => {
@@ -461,8 +520,7 @@ async fn follow(
                     }
                 }
                 if let Some(why) = batch.iter().find_map(|n| match n { Notice::Closed(w) => Some(w.clone()), _ => None }) {
-                    // Apply what came before the end; the reconnect resyncs anyway.
-                    let _ = r.apply(batch);
+                    // The reconnect resyncs.
                     return Ended::Lost(format!("connection lost: {why}"));
                 }
                 if batch.is_empty() {
@@ -470,14 +528,20 @@ async fn follow(
                 }
                 let need_resync = batch.iter().any(|n| matches!(n, Notice::Overflow | Notice::Unreadable));
                 last_commit = Instant::now();
-                if let Err(e) = r.apply(batch) {
-                    tracing::error!(error = %e, "cannot apply changes to the map; resyncing");
+                if let Err(e) = r.refresh(client, table, &batch).await {
+                    return Ended::Lost(format!("cannot read the changed rows: {e}"));
                 }
-                if need_resync {
-                    tracing::warn!("a change notification was dropped or unreadable; resyncing");
-                    if let Err(e) = r.resync(client, table).await {
-                        return Ended::Lost(format!("resync failed: {e}"));
-                    }
+                if need_resync && forced_at.is_none() {
+                    let at = (last_forced + FORCED_RESYNC_GAP).max(Instant::now());
+                    forced_at = Some(at);
+                    tracing::warn!(in_secs = at.saturating_duration_since(Instant::now()).as_secs(), "a change notification was dropped or unreadable; resyncing");
+                }
+            }
+            () = forced => {
+                forced_at = None;
+                last_forced = Instant::now();
+                if let Err(e) = r.resync(client, table).await {
+                    return Ended::Lost(format!("resync failed: {e}"));
                 }
             }
             _ = resync.tick() => {

@@ -2,11 +2,20 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
+/// The latest second written as plain RFC 3339 (9999-12-31T23:59:59Z): later years need a
+/// sign (`+10000-…`) that the parser refuses, so a value beyond this would not read back.
+pub const MAX_SECS: i64 = 253_402_300_799;
+
 /// `2026-11-21T10:30:00Z`
 pub fn rfc3339(secs: i64) -> String {
     DateTime::<Utc>::from_timestamp(secs, 0)
         .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
         .unwrap_or_else(|| secs.to_string())
+}
+
+/// `secs` clamped into what `rfc3339` writes and `parse_rfc3339` reads back (0 ..= MAX_SECS).
+pub fn representable(secs: i64) -> i64 {
+    secs.clamp(0, MAX_SECS)
 }
 
 pub fn parse_rfc3339(text: &str) -> Option<i64> {
@@ -18,4 +27,26 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
 /// Now, in unix seconds.
 pub fn now() -> i64 {
     Utc::now().timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn representable_values_round_trip() {
+        for s in [
+            i64::MIN,
+            -1,
+            0,
+            1_795_257_000,
+            MAX_SECS,
+            MAX_SECS + 1,
+            9_215_576_668_800,
+            i64::MAX,
+        ] {
+            let r = representable(s);
+            assert_eq!(parse_rfc3339(&rfc3339(r)), Some(r), "{s}");
+        }
+    }
 }

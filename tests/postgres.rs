@@ -213,7 +213,7 @@ fn two_writers_two_replicas_snapshot_kill_and_revoke() {
     assert!(!pg
         .psql("SELECT granted_by FROM dovegate_grants WHERE address = '192.0.2.2'")
         .is_empty());
-    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "1");
+    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "2");
     let fleet: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(tmp.path().join("w1/state/fleet.json")).unwrap(),
     )
@@ -313,7 +313,9 @@ fn database_restart_mid_stream() {
     let tmp = common::tempdir();
     let mut pg = Pg::start(tmp.path());
     let url = pg.url_file(&tmp.path().join("pg.url"));
-    let cfg = config(tmp.path(), &url, "");
+    // Every login line names the same mail session, whose grant is renewed while it is
+    // open: off here, where no grant may outlive its login + ttl.
+    let cfg = config(tmp.path(), &url, "[grant]\nsession_hold = \"0s\"\n");
     let ttl = 30i64;
     let (w, log) = writer(&tmp.path().join("w"), &cfg, &format!("{ttl}s"));
     let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
@@ -602,10 +604,207 @@ fn concurrent_start_migrates_once() {
     });
     assert_eq!(
         pg.psql("SELECT count(*) || ':' || max(version) FROM dovegate_schema"),
-        "1:1"
+        "1:2"
     );
     for r in &replicas {
         assert!(!r.log().contains("migration failed"), "{}", r.log());
         assert!(!r.log().contains("STALE"), "{}", r.log());
     }
+}
+
+/// A writer's `fleet.json`.
+fn fleet_status(dir: &Path) -> serde_json::Value {
+    std::fs::read_to_string(dir.join("state/fleet.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn wait_writer_connected(dir: &Path) {
+    wait_for("writer connected", FLEET_PATIENCE, || {
+        fleet_status(dir)["connected"] == serde_json::Value::Bool(true)
+    });
+}
+
+/// NOTIFY needs no table privilege: a role that may only connect sends payloads that
+/// would grant, revoke, or force snapshots. They grant and revoke nothing (the replica
+/// reads the row), and junk forces at most one snapshot per gap.
+#[test]
+fn forged_notifications_grant_nothing() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    pg.psql("CREATE ROLE mallory LOGIN PASSWORD 'm-pass'");
+    pg.psql(
+        "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+         ('192.0.2.60', now() + interval '10 minutes', 'h', 'dovecot')",
+    );
+    wait_visible("a real grant", &r.map(), &["192.0.2.60".into()]);
+    let before = r.status()["snapshots"].as_u64().unwrap();
+    let forge = |sql: &str| pg.psql_as("mallory", "m-pass", sql).unwrap();
+    forge(r#"NOTIFY dovegate_grants, '{"a":"203.0.113.200","e":4102444800}'"#);
+    forge(r#"NOTIFY dovegate_grants, '{"a":"192.0.2.60","e":null}'"#);
+    for i in 0..8 {
+        forge(&format!("NOTIFY dovegate_grants, 'junk {i}'"));
+    }
+    // A real change after the forged ones: once it is seen, they were handled.
+    pg.psql(
+        "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+         ('192.0.2.61', now() + interval '10 minutes', 'h', 'dovecot')",
+    );
+    wait_visible("a real insert", &r.map(), &["192.0.2.61".into()]);
+    // The junk asked for a resync: it comes, once.
+    wait_for("resync after junk", FLEET_PATIENCE, || {
+        r.status()["snapshots"].as_u64().unwrap() > before
+    });
+    assert_eq!(postmap_q(&r.map(), "203.0.113.200"), None);
+    assert!(postmap_q(&r.map(), "192.0.2.60").is_some());
+    let after = r.status()["snapshots"].as_u64().unwrap();
+    assert!(
+        after <= before + 2,
+        "junk forced {} snapshots",
+        after - before
+    );
+    assert_eq!(postmap_q(&r.map(), "203.0.113.200"), None);
+}
+
+/// Rows with expiries chrono cannot print, or far in the future, or infinite, and a row the
+/// database refuses: the writer's map gets an expiry within its ttl that reads back, the
+/// replica too, and nothing is left in the spill queue.
+#[test]
+fn odd_rows_neither_grant_forever_nor_wedge() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let wdir = tmp.path().join("w");
+    let (w, log) = writer(&wdir, &cfg, "10m");
+    wait_writer_connected(&wdir);
+    // Rows written by hand (table write access) before the logins.
+    pg.psql(
+        "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+         ('198.51.100.120', '294000-01-01', 'x', 'x'),
+         ('198.51.100.121', '10000-01-01', 'x', 'x')",
+    );
+    // An infinite expiry the constraint of schema 2 refuses; one written before it.
+    assert!(pg
+        .try_psql(
+            "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+             ('198.51.100.122', 'infinity', 'x', 'x')"
+        )
+        .is_err());
+    pg.psql(
+        "ALTER TABLE dovegate_grants DROP CONSTRAINT dovegate_grants_finite;
+         INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+         ('198.51.100.122', 'infinity', 'x', 'x')",
+    );
+    // A row the database refuses (class 23): dropped with an error, the rest committed.
+    pg.psql(
+        "ALTER TABLE dovegate_grants ADD CONSTRAINT test_refuse CHECK (address <> '198.51.100.123')",
+    );
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    let ips: Vec<String> = (120..=124).map(|i| format!("198.51.100.{i}")).collect();
+    let mut lines = String::new();
+    for ip in &ips {
+        lines.push_str(&login_line(ip, "erin"));
+    }
+    append(&log, &lines);
+    wait_visible("logins in the writer's map", &wdir.join("relay"), &ips);
+    let shared = [&ips[0], &ips[1], &ips[2], &ips[4]].map(|s| s.to_string());
+    wait_visible("logins on the replica", &r.map(), &shared);
+    for ip in &ips {
+        let v = postmap_q(&wdir.join("relay"), ip).unwrap();
+        let e = expiry_of(&v);
+        assert!(e <= now() + 600 + 5 && e > now(), "writer {ip}: {v}");
+    }
+    for ip in &shared {
+        let v = postmap_q(&r.map(), ip).unwrap();
+        let e = expiry_of(&v);
+        assert!(e <= now() + 1800 + 5 && e > now(), "replica {ip}: {v}");
+    }
+    assert_eq!(postmap_q(&r.map(), "198.51.100.123"), None);
+    let list = common::dovegate(&[
+        "list",
+        "--config",
+        &cfg.display().to_string(),
+        "--map",
+        &wdir.join("relay").display().to_string(),
+    ]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert!(
+        text.contains("198.51.100.120") && !text.contains("never"),
+        "{text}"
+    );
+    assert_eq!(fleet_status(&wdir)["queue_len"], serde_json::json!(0));
+    assert!(
+        w.log()
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("refused") && l.contains("198.51.100.123")),
+        "{}",
+        w.log()
+    );
+    assert!(!r.log().contains("STALE"), "{}", r.log());
+    assert!(!r.log().contains("infinity"), "{}", r.log());
+
+    // Migrating a schema-1 table deletes the infinite row and restores the constraint.
+    pg.psql(
+        "ALTER TABLE dovegate_grants DROP CONSTRAINT test_refuse;
+         INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+         ('198.51.100.125', 'infinity', 'x', 'x');
+         UPDATE dovegate_schema SET version = 1",
+    );
+    let _r2 = Replica::start(&tmp.path().join("r2"), &cfg, &url);
+    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "2");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM dovegate_grants WHERE NOT isfinite(expires)"),
+        "0"
+    );
+    assert!(pg
+        .try_psql(
+            "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+             ('198.51.100.126', 'infinity', 'x', 'x')"
+        )
+        .is_err());
+}
+
+/// A row far in the future grants no longer than its own `updated_at` + ttl (it is not
+/// re-extended at every resync); one claiming a future `updated_at` grants nothing.
+#[test]
+fn far_future_row_is_bounded_by_its_own_update() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    pg.psql(
+        "INSERT INTO dovegate_grants (address, expires, granted_by, source, updated_at) VALUES
+         ('203.0.113.30', '2099-01-01', 'x', 'x', now() - interval '25 minutes'),
+         ('203.0.113.31', '2099-01-01', 'x', 'x', now() + interval '1 year'),
+         ('203.0.113.32', now() + interval '10 minutes', 'x', 'x', now())",
+    );
+    wait_visible(
+        "the rows",
+        &r.map(),
+        &["203.0.113.30".into(), "203.0.113.32".into()],
+    );
+    let e = expiry_of(&postmap_q(&r.map(), "203.0.113.30").unwrap());
+    // Default ttl 30 minutes: 5 minutes left.
+    assert!(e <= now() + 300 + 5, "expiry {e} beyond updated_at + ttl");
+    assert_eq!(postmap_q(&r.map(), "203.0.113.31"), None);
+    // A restarted replica (a fresh snapshot) does not extend it either.
+    drop(r);
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    wait_for("snapshot", FLEET_PATIENCE, || {
+        r.status()["snapshots"].as_u64() >= Some(1)
+    });
+    let e2 = expiry_of(&postmap_q(&r.map(), "203.0.113.30").unwrap());
+    assert!(e2 <= e + 1, "re-extended from {e} to {e2}");
+    assert_eq!(postmap_q(&r.map(), "203.0.113.31"), None);
 }

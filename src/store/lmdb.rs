@@ -550,6 +550,43 @@ mod tests {
     }
 
     #[test]
+    fn unreadable_expiries_are_expired_and_admin_entries_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = LmdbMap::open(&dir.path().join("relay"), "OK", OpenMode::Create).unwrap();
+        let bad: [(IpAddr, &[u8]); 2] = [
+            (
+                "198.51.100.120".parse().unwrap(),
+                b"OK expires=9215576668800\0",
+            ),
+            (
+                "198.51.100.121".parse().unwrap(),
+                b"OK expires=+10000-01-01T00:00:00Z\0",
+            ),
+        ];
+        let admin: IpAddr = "192.0.2.9".parse().unwrap();
+        m.write(|txn, db| {
+            for (ip, v) in bad {
+                txn.put(db, &key_bytes(ip), &v, WriteFlags::empty())?;
+            }
+            txn.put(db, &key_bytes(admin), b"OK\0", WriteFlags::empty())
+        })
+        .unwrap();
+        // A login overwrites them.
+        let (a, b) = (bad[0].0, bad[1].0);
+        assert_eq!(m.upsert(&[(a, 1000)]).unwrap(), vec![(a, 1000)]);
+        // Expiry removes them; the administrator's entry without expiry stays.
+        assert_eq!(m.expire_all(500).unwrap(), 1);
+        assert_eq!(m.get(b).unwrap(), None);
+        assert_eq!(m.get(admin).unwrap().as_deref(), Some("OK"));
+        // What cannot be read back is never written.
+        m.set(b, i64::MAX).unwrap();
+        assert_eq!(
+            m.get(b).unwrap().as_deref(),
+            Some("OK expires=9999-12-31T23:59:59Z")
+        );
+    }
+
+    #[test]
     fn grows_when_full() {
         let dir = tempfile::tempdir().unwrap();
         let mut m = LmdbMap::open(&dir.path().join("relay"), "OK", OpenMode::Create).unwrap();

@@ -17,7 +17,10 @@ pub fn key_bytes(ip: IpAddr) -> Vec<u8> {
     k
 }
 
+/// The value for a grant until `expires`, clamped to what reads back (a value that did not
+/// parse would have no expiry, and an entry without expiry is never removed).
 pub fn value_bytes(action: &str, expires: i64) -> Vec<u8> {
+    let expires = timefmt::representable(expires);
     let mut v = format!("{action} expires={}", timefmt::rfc3339(expires)).into_bytes();
     v.push(0);
     v
@@ -39,13 +42,16 @@ pub fn value_text(value: &[u8]) -> String {
     String::from_utf8_lossy(strip_nul(value)).into_owned()
 }
 
-/// The expiry in a stored value, if it has one.
+/// The expiry in a stored value, if it has one. A value without `expires=` (an
+/// administrator's own postmap entry) has none and is left alone; an `expires=` that does
+/// not read (`+10000-01-01T00:00:00Z`, a bare number an older dovegate wrote for a year it
+/// could not print) counts as long expired, so it is removed rather than kept forever.
 pub fn parse_expiry(value: &[u8]) -> Option<i64> {
-    let text = std::str::from_utf8(strip_nul(value)).ok()?;
+    let text = String::from_utf8_lossy(strip_nul(value));
     let rest = text
         .split_whitespace()
         .find_map(|w| w.strip_prefix("expires="))?;
-    timefmt::parse_rfc3339(rest)
+    Some(timefmt::parse_rfc3339(rest).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -63,5 +69,18 @@ mod tests {
         assert_eq!(v, b"OK expires=2026-11-21T10:30:00Z\0");
         assert_eq!(parse_expiry(&v), Some(1_795_257_000));
         assert_eq!(parse_expiry(b"OK\0"), None);
+        assert_eq!(parse_expiry(b"REJECT no relay\0"), None);
+        // Unreadable expiries are expired, never permanent.
+        assert_eq!(parse_expiry(b"OK expires=9215576668800\0"), Some(0));
+        assert_eq!(
+            parse_expiry(b"OK expires=+10000-01-01T00:00:00Z\0"),
+            Some(0)
+        );
+        assert_eq!(parse_expiry(b"OK expires=\xff\0"), Some(0));
+        // Expiries that would not read back are clamped when written.
+        let far = value_bytes("OK", 9_215_576_668_800);
+        assert_eq!(far, b"OK expires=9999-12-31T23:59:59Z\0");
+        assert_eq!(parse_expiry(&far), Some(timefmt::MAX_SECS));
+        assert_eq!(parse_expiry(&value_bytes("OK", -5)), Some(0));
     }
 }

@@ -281,8 +281,13 @@ impl Pg {
 
     /// `psql -Atc SQL`: the output, trimmed, or psql's error (server down, no table yet).
     pub fn try_psql(&self, sql: &str) -> Result<String, String> {
+        self.psql_as(USER, PASSWORD, sql)
+    }
+
+    /// `psql -Atc SQL` as another role: the output, trimmed, or psql's error.
+    pub fn psql_as(&self, user: &str, password: &str, sql: &str) -> Result<String, String> {
         let out = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER])
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", user])
             .args([
                 "-d",
                 "postgres",
@@ -293,7 +298,7 @@ impl Pg {
                 "-c",
                 sql,
             ])
-            .env("PGPASSWORD", PASSWORD)
+            .env("PGPASSWORD", password)
             .output()
             .expect("run psql");
         if !out.status.success() {

@@ -22,6 +22,8 @@ use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 use crate::grant::key_text;
 
 /// The NOTIFY channel; payloads are JSON `{"a": address, "e": expiry|null, "u": updated_at}`.
+/// Any role that can connect may NOTIFY (no table privilege is needed), so a payload is only
+/// a hint naming an address: replicas read the row itself (`reread`) before applying it.
 pub const CHANNEL: &str = "dovegate_grants";
 
 /// The URL file must not hold more than this (it is one line).
@@ -218,13 +220,9 @@ fn tls_connector(
 /// One change announced by the trigger, or the end of the connection.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
-    Changed {
-        ip: IpAddr,
-        /// None: the row was deleted (revoked or cleaned up).
-        expires: Option<i64>,
-        /// The database's commit-side clock (updated_at), for lag.
-        updated: Option<f64>,
-    },
+    /// The row of this address may have changed: read it (the payload's expiry is not
+    /// trusted, anyone may send one).
+    Changed(IpAddr),
     /// A payload that is not ours; the replica resyncs rather than guess.
     Unreadable,
     /// Notifications were dropped (the channel was full): resync.
@@ -277,24 +275,19 @@ async fn drive<S, T>(
     }
 }
 
-/// Parses a trigger payload; anything else is `Unreadable` (never a grant).
+/// Parses a trigger payload into the address it names; anything else is `Unreadable`.
+/// Never a grant by itself: the replica re-reads the row.
 pub fn parse_payload(payload: &str) -> Notice {
     #[derive(serde::Deserialize)]
     struct P {
         a: String,
-        e: Option<f64>,
-        u: Option<f64>,
     }
     let Ok(p) = serde_json::from_str::<P>(payload) else {
         return Notice::Unreadable;
     };
-    let Some(ip) = parse_address(&p.a) else {
-        return Notice::Unreadable;
-    };
-    Notice::Changed {
-        ip,
-        expires: p.e.filter(|e| e.is_finite()).map(|e| e.floor() as i64),
-        updated: p.u.filter(|u| u.is_finite()),
+    match parse_address(&p.a) {
+        Some(ip) => Notice::Changed(ip),
+        None => Notice::Unreadable,
     }
 }
 
@@ -334,6 +327,13 @@ END
 $$;
 CREATE TRIGGER dovegate_grants_notify AFTER INSERT OR UPDATE OR DELETE ON dovegate_grants
     FOR EACH ROW EXECUTE FUNCTION dovegate_grants_notify();
+"#,
+    // 2: no infinite times (`infinity` cannot become unix seconds: one such row stopped
+    // every replica's snapshot and every writer's commit). Such rows are no login's: deleted.
+    r#"
+DELETE FROM dovegate_grants WHERE NOT (isfinite(expires) AND isfinite(updated_at));
+ALTER TABLE dovegate_grants ADD CONSTRAINT dovegate_grants_finite
+    CHECK (isfinite(expires) AND isfinite(updated_at));
 "#,
 ];
 
@@ -451,9 +451,35 @@ impl Origin {
     }
 }
 
+/// The expiry a row may grant, as SQL (`$N` the ttl in seconds): no later than its own
+/// `updated_at` + ttl (a far-future row is not re-extended at every resync) nor the
+/// database's now() + ttl (a row claiming a future `updated_at`).
+fn effective_sql(ttl: &str) -> String {
+    format!(
+        "LEAST(expires, updated_at + make_interval(secs => {ttl}::float8), now() + make_interval(secs => {ttl}::float8))"
+    )
+}
+
+/// Rows that may grant at all: finite times, `updated_at` not in the future (beyond a
+/// minute of clock step), and an effective expiry still ahead.
+fn grantable_sql(ttl: &str) -> String {
+    format!(
+        "isfinite(expires) AND isfinite(updated_at) AND updated_at <= now() + interval '60 seconds' AND {} > now()",
+        effective_sql(ttl)
+    )
+}
+
+/// True when the database refused the data (SQLSTATE class 22 data exception, 23
+/// integrity constraint): retrying the same rows fails the same way, unlike an outage.
+pub fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
+}
+
 /// Upserts grants in one statement; the later expiry wins, and no expiry lies further
 /// than `max_ttl` after the database's clock (a writer with a clock fault cannot open a
-/// relay for a year). Returns the effective expiries.
+/// relay for a year), nor is an existing row's expiry kept beyond its own `updated_at` +
+/// `max_ttl`. Returns the effective expiries.
 pub async fn upsert(
     client: &Client,
     table: &str,
@@ -471,14 +497,16 @@ pub async fn upsert(
     let expiries: Vec<i64> = unique.values().copied().collect();
     let sql = format!(
         "INSERT INTO {table} AS g (address, expires, granted_by, source, updated_at)
-         SELECT a, LEAST(to_timestamp(e::float8), now() + make_interval(secs => $3::float8)), $4, $5, now()
+         SELECT a, to_timestamp(LEAST(GREATEST(e::float8, 0), extract(epoch FROM now())::float8 + $3::float8)), $4, $5, now()
          FROM unnest($1::text[], $2::int8[]) AS u(a, e)
          ON CONFLICT (address) DO UPDATE SET
-             expires = GREATEST(g.expires, EXCLUDED.expires),
+             expires = GREATEST(
+                 LEAST(g.expires, g.updated_at + make_interval(secs => $3::float8), now() + make_interval(secs => $3::float8)),
+                 EXCLUDED.expires),
              granted_by = EXCLUDED.granted_by,
              source = EXCLUDED.source,
              updated_at = now()
-         RETURNING address, floor(extract(epoch FROM expires))::int8"
+         RETURNING address, floor(extract(epoch FROM LEAST(expires, now() + make_interval(secs => $3::float8))))::int8"
     );
     let rows = client
         .query(
@@ -498,21 +526,30 @@ pub async fn upsert(
         .collect())
 }
 
-/// Every unexpired grant and the database's clock: (grants, db_now).
+/// The database's clock, in unix seconds.
+pub async fn db_now(client: &Client) -> Result<f64, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT extract(epoch FROM now())::float8", &[])
+        .await?
+        .get(0))
+}
+
+/// Every grantable row with its effective expiry (see `effective_sql`, `ttl` in seconds)
+/// and the database's clock: (grants, db_now).
 pub async fn snapshot(
     client: &Client,
     table: &str,
+    ttl: i64,
 ) -> Result<(Vec<(String, i64)>, f64), tokio_postgres::Error> {
-    let now: f64 = client
-        .query_one("SELECT extract(epoch FROM now())::float8", &[])
-        .await?
-        .get(0);
+    let now = db_now(client).await?;
     let rows = client
         .query(
             &format!(
-                "SELECT address, floor(extract(epoch FROM expires))::int8 FROM {table} WHERE expires > now()"
+                "SELECT address, floor(extract(epoch FROM {}))::int8 FROM {table} WHERE {}",
+                effective_sql("$1"),
+                grantable_sql("$1")
             ),
-            &[],
+            &[&(ttl as f64)],
         )
         .await?;
     Ok((
@@ -521,6 +558,32 @@ pub async fn snapshot(
             .collect(),
         now,
     ))
+}
+
+/// The rows of `addresses` as `snapshot` reads them, with `updated_at` (unix seconds, for
+/// lag): (address, expiry, updated). An address not returned grants nothing (deleted,
+/// expired, or never there).
+pub async fn reread(
+    client: &Client,
+    table: &str,
+    addresses: &[String],
+    ttl: i64,
+) -> Result<Vec<(String, i64, f64)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT address, floor(extract(epoch FROM {}))::int8, extract(epoch FROM updated_at)::float8
+                 FROM {table} WHERE address = ANY($2::text[]) AND {}",
+                effective_sql("$1"),
+                grantable_sql("$1")
+            ),
+            &[&(ttl as f64), &addresses],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
 }
 
 /// Removes rows expired for longer than `keep_secs` (they only serve audit meanwhile).
@@ -589,19 +652,11 @@ mod tests {
     fn payloads_and_addresses() {
         assert_eq!(
             parse_payload(r#"{"a":"192.0.2.7","e":1700000000.5,"u":1699999000.25}"#),
-            Notice::Changed {
-                ip: "192.0.2.7".parse().unwrap(),
-                expires: Some(1_700_000_000),
-                updated: Some(1_699_999_000.25)
-            }
+            Notice::Changed("192.0.2.7".parse().unwrap())
         );
         assert_eq!(
             parse_payload(r#"{"a":"2001:db8::7","e":null}"#),
-            Notice::Changed {
-                ip: "2001:db8::7".parse().unwrap(),
-                expires: None,
-                updated: None
-            }
+            Notice::Changed("2001:db8::7".parse().unwrap())
         );
         for bad in [
             r#"{"a":"1.2.3","e":1}"#,

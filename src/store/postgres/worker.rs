@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_postgres::Client;
 
 use super::spill::Spill;
-use super::{error_text, Origin, Target};
+use super::{error_text, is_data_error, Origin, Target};
 use crate::timefmt;
 
 /// A statement that takes longer is abandoned and the database treated as down.
@@ -30,6 +30,8 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 const KEEP_EXPIRED_SECS: i64 = 24 * 3600;
 /// Replayed spill grants per statement.
 const REPLAY_CHUNK: usize = 5000;
+/// A clock further off the database's than this is reported at each connect.
+const MAX_SKEW_SECS: f64 = 5.0;
 
 /// How a commit reached durability.
 #[derive(Debug)]
@@ -78,6 +80,7 @@ impl WriterStatus {
 /// The engine's handle on the worker thread.
 pub struct PgWriter {
     tx: tokio::sync::mpsc::Sender<Request>,
+    max_ttl: i64,
 }
 
 /// What the worker needs.
@@ -97,6 +100,7 @@ impl PgWriter {
             tracing::info!(waiting = spill.len(), file = %spill.path().display(), "spilled grants from an earlier run will be written to the database");
         }
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let max_ttl = spec.max_ttl;
         std::thread::Builder::new()
             .name("postgres".into())
             .spawn(move || {
@@ -110,7 +114,12 @@ impl PgWriter {
                 rt.block_on(Worker::new(spec, spill).run(rx));
             })
             .map_err(|e| format!("cannot start the PostgreSQL thread: {e}"))?;
-        Ok(PgWriter { tx })
+        Ok(PgWriter { tx, max_ttl })
+    }
+
+    /// The longest a grant may last from now (`grant.ttl`, in seconds).
+    pub fn max_ttl(&self) -> i64 {
+        self.max_ttl
     }
 
     fn ask<T>(
@@ -244,10 +253,24 @@ impl Worker {
         self.status.connected = true;
         self.status.disconnected_since = None;
         self.status.last_error = None;
+        self.check_clock().await;
         if !self.spill.is_empty() {
             self.replay().await;
         }
         self.write_status();
+    }
+
+    /// Warns when this host's clock is off the database's: the database caps expiries at
+    /// its own now + ttl, so replicas get grants shorter (or longer) than this host writes.
+    async fn check_clock(&mut self) {
+        let Some(c) = &self.client else { return };
+        let Ok(db_now) = timed(super::db_now(c)).await else {
+            return;
+        };
+        let skew = chrono::Utc::now().timestamp_micros() as f64 / 1e6 - db_now;
+        if skew.abs() > MAX_SKEW_SECS {
+            tracing::warn!(database = %self.status.database, skew_secs = skew.round(), "this host's clock differs from the database's; grants are shortened or lengthened on the replicas: run NTP on both");
+        }
     }
 
     /// The database failed: forget the client, retry later, say so (once now, then every
@@ -312,13 +335,13 @@ impl Worker {
     async fn commit(&mut self, grants: Vec<(IpAddr, i64)>) -> Result<Committed, String> {
         // Order: while older grants wait in the queue, newer ones queue behind them.
         if let (Some(c), true) = (&self.client, self.spill.is_empty()) {
-            match timed(super::upsert(
+            match upsert_checked(
                 c,
                 &self.table,
                 &grants,
                 self.spec.max_ttl,
                 &self.spec.origin,
-            ))
+            )
             .await
             {
                 Ok(effective) => {
@@ -346,14 +369,8 @@ impl Worker {
         let Some(c) = &self.client else { return };
         let mut failed = None;
         for chunk in grants.chunks(REPLAY_CHUNK) {
-            let r = timed(super::upsert(
-                c,
-                &self.table,
-                chunk,
-                self.spec.max_ttl,
-                &self.spec.origin,
-            ))
-            .await;
+            let r =
+                upsert_checked(c, &self.table, chunk, self.spec.max_ttl, &self.spec.origin).await;
             if let Err(e) = r {
                 failed = Some(e);
                 break;
@@ -381,6 +398,55 @@ impl Worker {
         self.status.updated = timefmt::now();
         write_json(&self.spec.state_dir.join(WriterStatus::FILE), &self.status);
     }
+}
+
+/// `upsert`, telling refused data from an outage: when the database refuses the batch
+/// (SQLSTATE class 22/23), each address is written alone and those refused again are
+/// dropped with an ERROR naming them, so one bad row cannot keep every later commit in
+/// the spill queue. An outage is an error (the caller spills).
+async fn upsert_checked(
+    c: &Client,
+    table: &str,
+    grants: &[(IpAddr, i64)],
+    max_ttl: i64,
+    origin: &Origin,
+) -> Result<Vec<(IpAddr, i64)>, String> {
+    match tokio::time::timeout(
+        QUERY_TIMEOUT,
+        super::upsert(c, table, grants, max_ttl, origin),
+    )
+    .await
+    {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(e)) if is_data_error(&e) => {
+            tracing::warn!(error = %error_text(&e), grants = grants.len(), "the database refused a batch of grants; writing them one by one");
+        }
+        Ok(Err(e)) => return Err(error_text(&e)),
+        Err(_) => return Err(format!("no answer within {}s", QUERY_TIMEOUT.as_secs())),
+    }
+    let mut unique: std::collections::HashMap<IpAddr, i64> = std::collections::HashMap::new();
+    for &(ip, e) in grants {
+        let v = unique.entry(ip).or_insert(e);
+        *v = (*v).max(e);
+    }
+    let mut out = Vec::with_capacity(unique.len());
+    for (ip, e) in unique {
+        let one = [(ip, e)];
+        match tokio::time::timeout(
+            QUERY_TIMEOUT,
+            super::upsert(c, table, &one, max_ttl, origin),
+        )
+        .await
+        {
+            Ok(Ok(v)) => out.extend(v),
+            Ok(Err(e)) if is_data_error(&e) => {
+                tracing::error!(address = %ip, error = %error_text(&e), "the database refused this grant; it is kept in the local map only (not shared): check the row of this address in the table");
+            }
+            Ok(Err(e)) => return Err(error_text(&e)),
+            Err(_) => return Err(format!("no answer within {}s", QUERY_TIMEOUT.as_secs())),
+        }
+    }
+    Ok(out)
 }
 
 /// Runs a statement with `QUERY_TIMEOUT`.
