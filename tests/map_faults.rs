@@ -373,3 +373,87 @@ fn grants_expire_on_a_full_disk() {
     assert!(running(&mut daemon));
     assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
 }
+
+/// A local user's process holding a lock on the map (it is world-readable for Postfix),
+/// killed and reaped on drop.
+struct LockHolder(std::process::Child);
+
+impl LockHolder {
+    /// `nobody` opens the map read-only and holds a shared lock until stdin closes;
+    /// `ofd` picks an open-file-description lock (its pid is hidden from F_GETLK and
+    /// /proc/locks) over a classic POSIX one.
+    fn start(file: &Path, ofd: bool) -> LockHolder {
+        let script = if ofd {
+            // struct flock on Linux x86_64/aarch64: type, whence, start, len, pid.
+            "import fcntl,struct,sys\nf=open(sys.argv[1],'rb')\nfcntl.fcntl(f,fcntl.F_OFD_SETLKW,struct.pack('hhxxxxqqixxxx',fcntl.F_RDLCK,0,0,0,0))\nprint('locked',flush=True)\nsys.stdin.read()\n"
+        } else {
+            "import fcntl,sys\nf=open(sys.argv[1],'rb')\nfcntl.lockf(f,fcntl.LOCK_SH)\nprint('locked',flush=True)\nsys.stdin.read()\n"
+        };
+        let mut child = Command::new("setpriv")
+            .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups"])
+            .args(["/usr/bin/python3", "-c", script])
+            .arg(file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the lock holder (setpriv, python3)");
+        let mut line = String::new();
+        let out = child.stdout.take().unwrap();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).unwrap();
+        let holder = LockHolder(child);
+        assert_eq!(line.trim(), "locked", "the holder took its lock");
+        holder
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for LockHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Review finding 1: any local user can hold a shared lock on the map forever. The
+/// daemon does not stall silently: within seconds an ERROR names the map and the holder's
+/// pid, it keeps running, and once the holder is gone the expired grant leaves the map and
+/// new logins are committed.
+#[test]
+fn a_reader_holding_the_lock_is_named_and_expiry_resumes_after_it() {
+    for ofd in [false, true] {
+        let d = tempdir();
+        let log = d.path().join("mail.log");
+        let map = d.path().join("relay");
+        let file = d.path().join("relay.lmdb");
+        std::fs::write(&log, "").unwrap();
+        let mut daemon = Daemon::follow(d.path(), &log, &["--ttl", "4s"]);
+        login_and_see(&log, &map, "192.0.2.1");
+        let holder = LockHolder::start(&file, ofd);
+        append(&log, &login_line("192.0.2.2", "u"));
+        let pid = format!("pid {}", holder.pid());
+        wait_for("an ERROR naming the map and the holder", PATIENCE, || {
+            daemon.log().lines().any(|l| {
+                l.contains("ERROR")
+                    && l.contains("relay.lmdb")
+                    && l.contains("cannot lock for writing")
+                    && l.contains(&pid)
+            })
+        });
+        assert!(running(&mut daemon), "ofd={ofd}: {}", daemon.log());
+        drop(holder);
+        wait_for("the expired grant removed", PATIENCE, || {
+            postmap_q(&map, "192.0.2.1").is_none()
+        });
+        login_and_see(&log, &map, "192.0.2.3");
+        assert!(running(&mut daemon), "ofd={ofd}: {}", daemon.log());
+        let text = daemon.log();
+        assert!(
+            text.contains("works again"),
+            "ofd={ofd}: recovery said:\n{text}"
+        );
+        assert_eq!(daemon.stop(), Some(0), "{text}");
+    }
+}
