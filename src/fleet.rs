@@ -73,4 +73,18 @@ impl GrantStore for WriterStore {
         }
         self.map.set(ip, expires)
     }
+
+    // The map's own versions (a look at its meta page; the fault check that reopens a
+    // deleted, replaced or truncated map; one-transaction caps), not the trait's defaults.
+    fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        self.map.snapshot()
+    }
+
+    fn changed(&mut self) -> Result<Option<bool>, StoreError> {
+        self.map.changed()
+    }
+
+    fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        self.map.cap(ips, limit)
+    }
 }
