@@ -14,13 +14,19 @@ fn map_arg(d: &Path) -> String {
     d.join("relay").display().to_string()
 }
 
+/// A login line that opens no mail session: its grant runs out ttl after the login
+/// (`login_line`'s shared session id would be renewed up to grant.session_hold).
+fn sessionless_login(ip: &str) -> String {
+    login_line(ip, "u").replace(", mpid=4242, TLS, session=<abcdEFGH1234>", ", TLS")
+}
+
 fn running(daemon: &mut Daemon) -> bool {
     matches!(daemon.child.try_wait(), Ok(None))
 }
 
 /// Logs `ip` in and waits until Postfix sees its grant.
 fn login_and_see(log: &Path, map: &Path, ip: &str) {
-    append(log, &login_line(ip, "u"));
+    append(log, &sessionless_login(ip));
     wait_for(&format!("postmap -q {ip}"), PATIENCE, || {
         postmap_q(map, ip).is_some()
     });
@@ -355,7 +361,7 @@ fn grants_expire_on_a_full_disk() {
     let ips: Vec<String> = (0..3000)
         .map(|i| format!("2001:db8:{:x}::{:x}", i / 200 + 1, i % 200 + 1))
         .collect();
-    let text: String = ips.iter().map(|ip| login_line(ip, "u")).collect();
+    let text: String = ips.iter().map(|ip| sessionless_login(ip)).collect();
     append(&log, &text);
     wait_for_scan("all granted", &map, |keys| keys.len() == ips.len());
     // Fill the filesystem.
@@ -372,4 +378,88 @@ fn grants_expire_on_a_full_disk() {
     wait_for_scan("expired on a full disk", &map, |keys| keys.is_empty());
     assert!(running(&mut daemon));
     assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
+}
+
+/// A local user's process holding a lock on the map (it is world-readable for Postfix),
+/// killed and reaped on drop.
+struct LockHolder(std::process::Child);
+
+impl LockHolder {
+    /// `nobody` opens the map read-only and holds a shared lock until stdin closes;
+    /// `ofd` picks an open-file-description lock (its pid is hidden from F_GETLK and
+    /// /proc/locks) over a classic POSIX one.
+    fn start(file: &Path, ofd: bool) -> LockHolder {
+        let script = if ofd {
+            // struct flock on Linux x86_64/aarch64: type, whence, start, len, pid.
+            "import fcntl,struct,sys\nf=open(sys.argv[1],'rb')\nfcntl.fcntl(f,fcntl.F_OFD_SETLKW,struct.pack('hhxxxxqqixxxx',fcntl.F_RDLCK,0,0,0,0))\nprint('locked',flush=True)\nsys.stdin.read()\n"
+        } else {
+            "import fcntl,sys\nf=open(sys.argv[1],'rb')\nfcntl.lockf(f,fcntl.LOCK_SH)\nprint('locked',flush=True)\nsys.stdin.read()\n"
+        };
+        let mut child = Command::new("setpriv")
+            .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups"])
+            .args(["/usr/bin/python3", "-c", script])
+            .arg(file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the lock holder (setpriv, python3)");
+        let mut line = String::new();
+        let out = child.stdout.take().unwrap();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).unwrap();
+        let holder = LockHolder(child);
+        assert_eq!(line.trim(), "locked", "the holder took its lock");
+        holder
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for LockHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Review finding 1: any local user can hold a shared lock on the map forever. The
+/// daemon does not stall silently: within seconds an ERROR names the map and the holder's
+/// pid, it keeps running, and once the holder is gone the expired grant leaves the map and
+/// new logins are committed.
+#[test]
+fn a_reader_holding_the_lock_is_named_and_expiry_resumes_after_it() {
+    for ofd in [false, true] {
+        let d = tempdir();
+        let log = d.path().join("mail.log");
+        let map = d.path().join("relay");
+        let file = d.path().join("relay.lmdb");
+        std::fs::write(&log, "").unwrap();
+        let mut daemon = Daemon::follow(d.path(), &log, &["--ttl", "4s"]);
+        login_and_see(&log, &map, "192.0.2.1");
+        let holder = LockHolder::start(&file, ofd);
+        append(&log, &sessionless_login("192.0.2.2"));
+        let pid = format!("pid {}", holder.pid());
+        wait_for("an ERROR naming the map and the holder", PATIENCE, || {
+            daemon.log().lines().any(|l| {
+                l.contains("ERROR")
+                    && l.contains("relay.lmdb")
+                    && l.contains("cannot lock for writing")
+                    && l.contains(&pid)
+            })
+        });
+        assert!(running(&mut daemon), "ofd={ofd}: {}", daemon.log());
+        drop(holder);
+        wait_for("the expired grant removed", PATIENCE, || {
+            postmap_q(&map, "192.0.2.1").is_none()
+        });
+        login_and_see(&log, &map, "192.0.2.3");
+        assert!(running(&mut daemon), "ofd={ofd}: {}", daemon.log());
+        let text = daemon.log();
+        assert!(
+            text.contains("works again"),
+            "ofd={ofd}: recovery said:\n{text}"
+        );
+        assert_eq!(daemon.stop(), Some(0), "{text}");
+    }
 }

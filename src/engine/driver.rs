@@ -206,6 +206,14 @@ pub async fn drive<S: GrantStore>(
     while let Ok(b) = rx.try_recv() {
         engine.accept(b, clock.secs());
     }
-    blocking(|| engine.flush(clock.secs()))?;
-    Ok(exit)
+    match blocking(|| engine.flush(clock.secs())) {
+        Ok(()) => Ok(exit),
+        // A reload comes back to this loop with the same engine: what is pending stays
+        // pending and is retried after it; only a real exit reports the failure.
+        Err(e) if exit == Exit::Reload => {
+            tracing::error!(error = %e, "map commit failed before the reload; the pending grants and checkpoints are kept and retried after it");
+            Ok(exit)
+        }
+        Err(e) => Err(e),
+    }
 }

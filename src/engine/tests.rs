@@ -23,6 +23,7 @@ struct Mem {
     reopen_next: bool,
     fail_expire: bool,
     fail_read: bool,
+    fail_upsert: bool,
 }
 
 #[derive(Default, Clone)]
@@ -47,6 +48,12 @@ impl GrantStore for MemStore {
     fn upsert(&mut self, g: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         self.reopened()?;
         let mut m = self.mem();
+        if m.fail_upsert {
+            return Err(StoreError::new(
+                "relay.lmdb: cannot lock for writing",
+                Cause::Io(std::io::ErrorKind::WouldBlock),
+            ));
+        }
         m.commits += 1;
         Ok(g.iter()
             .map(|&(ip, e)| {
@@ -429,6 +436,53 @@ async fn failing_expiry_is_retried_until_it_works() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     settle().await;
     assert!(store.mem().map.is_empty(), "removed once the store works");
+}
+
+/// Runs the loop once until `exit` is asked for (the loop has seen `logins` first).
+async fn drive_until(
+    e: &mut Engine<MemStore>,
+    exit: Exit,
+    logins: &[(&str, i64)],
+) -> Result<Exit, StoreError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    tx.send(batch(logins)).await.unwrap();
+    let clock = PausedClock::new(BASE as u64);
+    let control = async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        exit
+    };
+    drive(e, &mut rx, pace(), &clock, control, &mut |_| {}).await
+}
+
+/// A SIGHUP while commits fail does not stop the daemon: the reload returns Ok with the
+/// grants still pending, and the loop after it commits them; only a shutdown reports the
+/// failure.
+#[tokio::test(start_paused = true)]
+async fn reload_while_commits_fail_keeps_the_pending_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let mut e = engine(&store, dir.path(), 1800, BASE);
+    store.mem().fail_upsert = true;
+    let exit = drive_until(&mut e, Exit::Reload, &[("192.0.2.1", BASE)]).await;
+    assert_eq!(exit.unwrap(), Exit::Reload);
+    assert!(
+        e.has_pending_grants(),
+        "the login is kept for after the reload"
+    );
+    assert!(store.mem().map.is_empty());
+    assert!(
+        !dir.path().join("checkpoints").exists(),
+        "no checkpoint before its commit"
+    );
+    let exit = drive_until(&mut e, Exit::Shutdown, &[("192.0.2.2", BASE)]).await;
+    assert!(exit.is_err(), "a shutdown reports the failed final commit");
+    assert!(e.has_pending_grants());
+    store.mem().fail_upsert = false;
+    let exit = drive_until(&mut e, Exit::Shutdown, &[]).await;
+    assert_eq!(exit.unwrap(), Exit::Shutdown);
+    assert!(!e.has_pending());
+    let m = store.mem();
+    assert!(m.map.contains_key(&ip("192.0.2.1")) && m.map.contains_key(&ip("192.0.2.2")));
 }
 
 #[tokio::test(start_paused = true)]

@@ -73,6 +73,24 @@ fn txnid(env: &Environment) -> usize {
     env.info().map(|i| i.last_txnid()).unwrap_or(0)
 }
 
+/// A failed lock on the map; a lock held too long (any user who can read the map can
+/// hold one) says what it blocks and what to do.
+fn lock_error(path: &Path, e: &std::io::Error) -> StoreError {
+    let held = e.kind() == std::io::ErrorKind::WouldBlock;
+    let what = if held {
+        "cannot lock for writing"
+    } else {
+        "cannot lock"
+    };
+    let mut err = StoreError::io(path, what, e);
+    if held {
+        err.0.push_str(
+            "; until it lets go, expired grants stay in the map and new logins are not committed: find the holder (lslocks, or the file's inode in /proc/locks) and stop it",
+        );
+    }
+    err
+}
+
 /// Opens `path` (the `.lmdb` file), creating it (empty, mode 0644) when `mode` says so.
 fn open_file(path: &Path, mode: OpenMode) -> Result<Opened, StoreError> {
     let create = mode == OpenMode::Create;
@@ -122,7 +140,7 @@ fn open_file(path: &Path, mode: OpenMode) -> Result<Opened, StoreError> {
     } else {
         FileLock::shared(&lock_file)
     }
-    .map_err(|e| io("cannot lock", &e))?;
+    .map_err(|e| lock_error(path, &e))?;
     let mut flags = EnvironmentFlags::NO_SUB_DIR | EnvironmentFlags::NO_LOCK;
     if !writable {
         flags |= EnvironmentFlags::READ_ONLY;
@@ -195,7 +213,7 @@ impl LmdbMap {
     }
 
     fn lock_err(&self, e: std::io::Error) -> StoreError {
-        StoreError::io(&self.path, "cannot lock", &e)
+        lock_error(&self.path, &e)
     }
 
     /// Reserves the disk blocks of the whole map size (see `file::reserve`); a failure is

@@ -253,6 +253,15 @@ pub fn login_line(ip: &str, user: &str) -> String {
     )
 }
 
+/// A Dovecot 2.0-style login line for `ip`: no `session=`, so no mail session holds the
+/// grant past its ttl (for tests about expiry).
+pub fn sessionless_login_line(ip: &str, user: &str) -> String {
+    format!(
+        "{} mail dovecot: imap-login: Login: user=<{user}>, method=PLAIN, rip={ip}, lip=192.0.2.1, mpid=4242, TLS\n",
+        bsd_now()
+    )
+}
+
 pub fn append(path: &Path, text: &str) {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
