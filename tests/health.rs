@@ -77,3 +77,41 @@ fn an_unreadable_log_names_the_fix_for_an_unprivileged_daemon() {
     let st = child.wait().unwrap();
     assert!(st.success(), "{}", err());
 }
+
+/// The audit trail: one INFO line per new grant (with who logged in, how, from which
+/// source), per expiry, and per change another writer made (`dovegate grant`, `revoke`).
+#[test]
+fn grants_expiries_and_manual_changes_are_in_the_log() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    append(&log, "");
+    let map = d.path().join("relay");
+    let mut daemon = Daemon::follow(d.path(), &log, &["--ttl", "2s"]);
+    append(&log, &sessionless_login_line("198.51.100.50", "audit-user"));
+    wait_for("the grant in the log", PATIENCE, || {
+        let l = daemon.log();
+        l.contains("grant address=198.51.100.50 user=audit-user protocol=imap")
+            && l.contains(&format!("source={}", log.display()))
+    });
+    wait_for("the expiry in the log", PATIENCE, || {
+        daemon.log().contains("grant expired address=198.51.100.50")
+    });
+    let m = map.display().to_string();
+    assert!(
+        dovegate(&["grant", "--map", &m, "--ttl", "2s", "198.51.100.51"])
+            .status
+            .success()
+    );
+    wait_for("a manual grant in the daemon's log", PATIENCE, || {
+        daemon.log().contains(
+            "grant written by another writer (dovegate grant, another host) address=198.51.100.51",
+        )
+    });
+    assert!(dovegate(&["revoke", "--map", &m, "198.51.100.51"])
+        .status
+        .success());
+    wait_for("a manual revoke in the daemon's log", PATIENCE, || {
+        daemon.log().contains("grant removed by another writer")
+    });
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -164,6 +164,8 @@ fn metrics_and_status() {
         "dovegate_grants_active 1".to_string(),
         "dovegate_logins_excluded_total 1".to_string(),
         "dovegate_map_commit_seconds_count 1".to_string(),
+        // The granted login names an IMAP session (session=<...>): it holds the grant.
+        "dovegate_sessions_open 1".to_string(),
         format!("dovegate_checkpoint_lag_bytes{{path=\"{src}\"}} 0"),
     ] {
         assert!(m.contains(&want), "missing {want}:\n{m}");

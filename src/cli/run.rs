@@ -108,6 +108,18 @@ impl Effective {
                 f.state.dir = d.display().to_string();
             }
         })?;
+        // A directory, FIFO or device named as a log would never give a line: refused at
+        // start, as check-config refuses it (a missing file is waited for).
+        for log in &settings.logs {
+            if let Ok(meta) = std::fs::metadata(log) {
+                if !meta.is_file() {
+                    return Err(Failure::config(format!(
+                        "source.logs: {} is not a regular file; name the log file itself",
+                        log.display()
+                    )));
+                }
+            }
+        }
         let patterns = Arc::new(load_patterns(&settings, args.patterns.as_deref())?);
         let exclude = super::build::exclusions(&settings)?;
         let journal = args.journal.target(settings.journal);

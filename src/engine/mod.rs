@@ -45,6 +45,10 @@ pub struct Engine<S: GrantStore> {
     resync_due: bool,
     /// Open mail sessions: their grants are renewed while they last.
     sessions: Sessions,
+    /// Addresses whose grant is in the audit trail (until it expires or is revoked).
+    audited: std::collections::HashSet<IpAddr>,
+    /// The map has been read once (at start).
+    read_once: bool,
     /// The sessions changed since they were last saved.
     sessions_dirty: bool,
     pub counters: Counters,
@@ -73,6 +77,8 @@ impl<S: GrantStore> Engine<S> {
             slack,
             resync_due: true,
             sessions: Sessions::new(policy_ttl, 0),
+            audited: std::collections::HashSet::new(),
+            read_once: false,
             sessions_dirty: false,
             counters: Counters::default(),
         };
@@ -169,6 +175,9 @@ impl<S: GrantStore> Engine<S> {
     pub fn accept(&mut self, batch: Batch, now: i64) {
         for login in batch.logins {
             let granted = self.consider(login.ip, login.time, now);
+            if let Some(ip) = granted {
+                self.audit_new(ip, login.detail.as_deref());
+            }
             if let (Some(ip), Some(start)) = (granted, &login.session) {
                 let at = login.time.unwrap_or(now).min(now);
                 if self.sessions.opened(ip, at, start, now) {
@@ -185,6 +194,32 @@ impl<S: GrantStore> Engine<S> {
         self.counters.sessions_open = self.sessions.len() as u64;
         if let Some(position) = batch.position {
             self.pending_checkpoints.insert(batch.source, position);
+        }
+    }
+
+    /// The audit trail: one INFO line when an address gets a grant it did not have (its
+    /// extensions are not logged), with who and what logged in.
+    fn audit_new(&mut self, ip: IpAddr, detail: Option<&crate::source::LoginDetail>) {
+        if self.audited.contains(&ip) {
+            return;
+        }
+        let Some(&until) = self.pending.get(&ip) else {
+            return;
+        };
+        self.audited.insert(ip);
+        match detail {
+            Some(d) => tracing::info!(
+                address = %ip,
+                user = %d.user.as_deref().unwrap_or("-").escape_debug(),
+                protocol = %d.protocol,
+                pattern = %d.pattern,
+                source = %d.source,
+                until = %timefmt::rfc3339(until),
+                "grant"
+            ),
+            None => {
+                tracing::info!(address = %ip, source = "push", until = %timefmt::rfc3339(until), "grant")
+            }
         }
     }
 
@@ -358,7 +393,9 @@ impl<S: GrantStore> Engine<S> {
             });
         }
         self.deadlines = fresh.iter().map(|&(ip, e)| (e, ip)).collect();
-        self.grants.replace(fresh.into_iter().collect());
+        let fresh: HashMap<IpAddr, i64> = fresh.into_iter().collect();
+        self.audit_other_writers(&fresh);
+        self.grants.replace(fresh);
         self.resync_due = false;
         // A full read builds and drops tables the size of the map; give the freed memory
         // back so that idle RSS follows the live grants, not the last re-read's peak.
@@ -368,6 +405,49 @@ impl<S: GrantStore> Engine<S> {
             libc::malloc_trim(0);
         }
         Ok(())
+    }
+
+    /// The audit trail of changes another writer made (`dovegate grant`, `revoke`, another
+    /// host): at most a hundred lines per re-read, then a count.
+    fn audit_other_writers(&mut self, fresh: &HashMap<IpAddr, i64>) {
+        if !self.read_once {
+            // The first read at start: the map's grants are not news.
+            self.read_once = true;
+            self.audited.extend(fresh.keys().copied());
+            return;
+        }
+        let (added, removed) = self.grants.read(|old| {
+            let added: Vec<(IpAddr, i64)> = fresh
+                .iter()
+                .filter(|(ip, _)| !old.contains_key(ip))
+                .map(|(&ip, &e)| (ip, e))
+                .collect();
+            let removed: Vec<IpAddr> = old
+                .keys()
+                .filter(|ip| !fresh.contains_key(ip))
+                .copied()
+                .collect();
+            (added, removed)
+        });
+        for (i, (ip, e)) in added.iter().enumerate() {
+            self.audited.insert(*ip);
+            if i < 100 {
+                tracing::info!(address = %ip, until = %timefmt::rfc3339(*e), "grant written by another writer (dovegate grant, another host)");
+            }
+        }
+        for (i, ip) in removed.iter().enumerate() {
+            self.audited.remove(ip);
+            if i < 100 {
+                tracing::info!(address = %ip, "grant removed by another writer (dovegate revoke, another host)");
+            }
+        }
+        if added.len() + removed.len() > 200 {
+            tracing::info!(
+                added = added.len(),
+                removed = removed.len(),
+                "other writers changed many grants"
+            );
+        }
     }
 
     /// The earliest expiry among committed grants.
@@ -404,8 +484,9 @@ impl<S: GrantStore> Engine<S> {
         }
         drop(grants);
         self.counters.removed += out.removed.len() as u64;
-        if !out.removed.is_empty() {
-            tracing::debug!(count = out.removed.len(), "grants expired");
+        for ip in &out.removed {
+            self.audited.remove(ip);
+            tracing::info!(address = %ip, "grant expired");
         }
         Ok(out.removed.len())
     }

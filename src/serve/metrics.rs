@@ -169,9 +169,20 @@ impl Collector for Snapshot {
                 "Write transactions committed to the map.",
                 c.commits,
             ),
+            (
+                "dovegate_session_renewals",
+                "Grants written again because their IMAP session is still open.",
+                c.session_renewals,
+            ),
         ] {
             counter(&mut enc, name, help, v)?;
         }
+        gauge(
+            &mut enc,
+            "dovegate_sessions_open",
+            "Open IMAP sessions holding their address's grant.",
+            i64::try_from(c.sessions_open).unwrap_or(i64::MAX),
+        )?;
         let mut m = enc.encode_descriptor(
             "dovegate_map_commit_seconds",
             "Time to commit a batch of grants.",
