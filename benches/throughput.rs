@@ -238,7 +238,13 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(dir: &Path, log: Option<&Path>, extra: &[&str]) -> Daemon {
+    /// `fresh`: remove the map too (grants left by an earlier run would be "visible" at
+    /// once); else keep a map the caller prepared.
+    fn start(dir: &Path, fresh: bool, extra: &[&str]) -> Daemon {
+        let log: Option<&Path> = None;
+        if fresh {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         let _ = std::fs::remove_dir_all(dir.join("state"));
         std::fs::create_dir_all(dir).expect("daemon dir");
         let log = log.map_or_else(|| dir.join("daemon.log"), Path::to_path_buf);
@@ -342,7 +348,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Append -> visible to `postmap -q`, 100 logins at random gaps, 20 noise lines/s beside.
 fn latency_idle(dir: &Path) -> Vec<f64> {
     let conf = postmap_conf(dir);
-    let d = Daemon::start(&dir.join("idle"), None, &[]);
+    let d = Daemon::start(&dir.join("idle"), true, &[]);
     let _ = postmap_has(&conf, &d.map, "192.0.2.1");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let noise = {
@@ -385,7 +391,7 @@ fn latency_idle(dir: &Path) -> Vec<f64> {
 /// 2,000 noise + 200 logins per second for 10 s: latency of every 10th login (read with
 /// the same fcntl-locked reader Postfix uses) and the commits the daemon made.
 fn latency_load(dir: &Path) -> (Vec<f64>, f64) {
-    let d = Daemon::start(&dir.join("load"), None, &[]);
+    let d = Daemon::start(&dir.join("load"), true, &[]);
     let seconds = 10u64;
     let watch: Arc<std::sync::Mutex<Vec<(String, Instant)>>> = Arc::default();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -553,7 +559,7 @@ fn memory_100k(dir: &Path) -> (u64, f64) {
             .collect();
         m.upsert(&grants).expect("fill map");
     }
-    let d = Daemon::start(&dir, None, &[]);
+    let d = Daemon::start(&dir, false, &[]);
     std::thread::sleep(Duration::from_secs(3));
     let t0 = d.cpu_ticks();
     std::thread::sleep(Duration::from_secs(20));

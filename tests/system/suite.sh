@@ -106,6 +106,9 @@ suite() {
     # --- a journal source that keeps failing must not look healthy ---------------------
     failing_source_check
 
+    # --- the watchdog: a stalled daemon (SIGSTOP) is killed and restarted ----------------
+    watchdog_check
+
     # --- upgrade keeps the map and the position ----------------------------------------
     B python3 /root/login.py "$PORT" imap 203.0.113.120
     wait_grant 203.0.113.120
@@ -192,6 +195,32 @@ failing_source_check() {
     B systemctl restart dovegate
     [ "$(B systemctl is-active dovegate)" = active ] || die "$NAME: dovegate not active again"
     wait_until 20 "$NAME: journalctl --follow child" follow_child
+}
+# The packaged WatchdogSec=60s, shortened by a drop-in so that the check costs seconds: the
+# engine loop stopped (SIGSTOP) sends no WATCHDOG=1; systemd kills and restarts it, and the
+# logins made meanwhile are granted after the restart.
+watchdog_check() {
+    local R="$RUN/$NAME/root" pid restarts0
+    mkdir -p "$R/etc/systemd/system/dovegate.service.d"
+    printf '[Service]\nWatchdogSec=4s\n' > "$R/etc/systemd/system/dovegate.service.d/short-watchdog.conf"
+    B systemctl daemon-reload
+    B systemctl restart dovegate
+    wait_until 30 "$NAME: dovegate active with the short watchdog" B systemctl is-active dovegate \
+        || die "$NAME: dovegate not active with the short watchdog"
+    pid=$(main_pid)
+    restarts0=$(B systemctl show -P NRestarts dovegate)
+    B sh -c 'kill -STOP "$1"' - "$pid"
+    B python3 /root/login.py "$PORT" imap 203.0.113.130
+    wait_until 60 "$NAME: the watchdog restarted the stalled daemon" new_active_pid "$pid" \
+        || die "$NAME: a stalled daemon was not restarted by the watchdog"
+    [ "$(B systemctl show -P NRestarts dovegate)" != "$restarts0" ] || die "$NAME: no restart counted"
+    wait_grant 203.0.113.130
+    rm -f "$R/etc/systemd/system/dovegate.service.d/short-watchdog.conf"
+    B systemctl daemon-reload
+    B systemctl restart dovegate
+    wait_until 30 "$NAME: dovegate active again" B systemctl is-active dovegate \
+        || die "$NAME: dovegate not active again after the watchdog check"
+    ok "watchdog: the stalled daemon (SIGSTOP) was killed and restarted; the login made meanwhile granted"
 }
 source_reported_failing() {
     local st; st=$(status_text)
