@@ -451,7 +451,11 @@ fn world_readable_url_file_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "check-config: {err}");
     assert!(err.contains("readable by every user"), "{err}");
-    for extra in [&["replica"][..], &["run", "--log", "/dev/null"][..]] {
+    // A regular file: run refuses a special file as its log before anything else.
+    let log = tmp.path().join("empty.log");
+    std::fs::write(&log, "").unwrap();
+    let log = log.display().to_string();
+    for extra in [&["replica"][..], &["run", "--log", log.as_str()][..]] {
         let out = Command::new(bin())
             .args(extra)
             .args(&common_args)
