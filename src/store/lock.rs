@@ -27,7 +27,7 @@ pub struct FileLock<'a> {
     file: &'a File,
 }
 
-fn flock(kind: libc::c_short) -> libc::flock {
+fn whole_file(kind: libc::c_short) -> libc::flock {
     // The range argument of fcntl(2) record locks (not the BSD whole-file lock call).
     // SAFETY: plain data; zeroed is the "whole file" range (start 0, len 0).
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -38,7 +38,7 @@ fn flock(kind: libc::c_short) -> libc::flock {
 
 /// One fcntl lock call, retried on EINTR.
 fn ofd(file: &File, cmd: libc::c_int, kind: libc::c_short) -> io::Result<()> {
-    let fl = flock(kind);
+    let fl = whole_file(kind);
     loop {
         // SAFETY: valid fd and a pointer to an initialised flock for the call's duration.
         let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &fl) };
@@ -87,7 +87,7 @@ fn ofd_bounded(file: &File, kind: libc::c_short, limit: Duration) -> io::Result<
 /// the kernel says (a classic POSIX lock reports its pid; an OFD lock reports -1, then
 /// /proc/locks and the lock lines in /proc/PID/fdinfo are searched), else None.
 fn holder(file: &File) -> Option<String> {
-    let mut fl = flock(libc::F_WRLCK as libc::c_short);
+    let mut fl = whole_file(libc::F_WRLCK as libc::c_short);
     // SAFETY: valid fd and a pointer to an initialised flock for the call's duration.
     let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
     let mut pids = Vec::new();
