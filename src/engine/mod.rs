@@ -45,8 +45,6 @@ pub struct Engine<S: GrantStore> {
     resync_due: bool,
     /// Open mail sessions: their grants are renewed while they last.
     sessions: Sessions,
-    /// Addresses whose grant is in the audit trail (until it expires or is revoked).
-    audited: std::collections::HashSet<IpAddr>,
     /// The map has been read once (at start).
     read_once: bool,
     /// The sessions changed since they were last saved.
@@ -77,7 +75,6 @@ impl<S: GrantStore> Engine<S> {
             slack,
             resync_due: true,
             sessions: Sessions::new(policy_ttl, 0),
-            audited: std::collections::HashSet::new(),
             read_once: false,
             sessions_dirty: false,
             counters: Counters::default(),
@@ -175,10 +172,10 @@ impl<S: GrantStore> Engine<S> {
     pub fn accept(&mut self, batch: Batch, now: i64) {
         for login in batch.logins {
             let granted = self.consider(login.ip, login.time, now);
-            if let Some(ip) = granted {
+            if let Some((ip, true)) = granted {
                 self.audit_new(ip, login.detail.as_deref());
             }
-            if let (Some(ip), Some(start)) = (granted, &login.session) {
+            if let (Some((ip, _)), Some(start)) = (granted, &login.session) {
                 let at = login.time.unwrap_or(now).min(now);
                 if self.sessions.opened(ip, at, start, now) {
                     self.sessions_dirty = true;
@@ -199,14 +196,10 @@ impl<S: GrantStore> Engine<S> {
 
     /// The audit trail: one INFO line when an address gets a grant it did not have (its
     /// extensions are not logged), with who and what logged in.
-    fn audit_new(&mut self, ip: IpAddr, detail: Option<&crate::source::LoginDetail>) {
-        if self.audited.contains(&ip) {
-            return;
-        }
+    fn audit_new(&self, ip: IpAddr, detail: Option<&crate::source::LoginDetail>) {
         let Some(&until) = self.pending.get(&ip) else {
             return;
         };
-        self.audited.insert(ip);
         match detail {
             Some(d) => tracing::info!(
                 address = %ip,
@@ -223,9 +216,9 @@ impl<S: GrantStore> Engine<S> {
         }
     }
 
-    /// One login of `ip` at `time` through the policy; Some(canonical address) when it
-    /// grants (the write waits for the next flush).
-    fn consider(&mut self, ip: IpAddr, time: Option<i64>, now: i64) -> Option<IpAddr> {
+    /// One login of `ip` at `time` through the policy; Some((canonical address, whether the
+    /// address had no grant before)) when it grants (the write waits for the next flush).
+    fn consider(&mut self, ip: IpAddr, time: Option<i64>, now: i64) -> Option<(IpAddr, bool)> {
         match self.policy.decide(ip, time, now) {
             Decision::Grant { ip, expires } => {
                 let known = match self.pending.get(&ip) {
@@ -236,7 +229,7 @@ impl<S: GrantStore> Engine<S> {
                     self.pending.insert(ip, expires.max(known.unwrap_or(0)));
                 }
                 self.counters.granted += 1;
-                Some(ip)
+                Some((ip, known.is_none()))
             }
             Decision::Excluded(why) => {
                 self.counters.excluded += 1;
@@ -413,7 +406,6 @@ impl<S: GrantStore> Engine<S> {
         if !self.read_once {
             // The first read at start: the map's grants are not news.
             self.read_once = true;
-            self.audited.extend(fresh.keys().copied());
             return;
         }
         let (added, removed) = self.grants.read(|old| {
@@ -430,13 +422,11 @@ impl<S: GrantStore> Engine<S> {
             (added, removed)
         });
         for (i, (ip, e)) in added.iter().enumerate() {
-            self.audited.insert(*ip);
             if i < 100 {
                 tracing::info!(address = %ip, until = %timefmt::rfc3339(*e), "grant written by another writer (dovegate grant, another host)");
             }
         }
         for (i, ip) in removed.iter().enumerate() {
-            self.audited.remove(ip);
             if i < 100 {
                 tracing::info!(address = %ip, "grant removed by another writer (dovegate revoke, another host)");
             }
@@ -485,7 +475,6 @@ impl<S: GrantStore> Engine<S> {
         drop(grants);
         self.counters.removed += out.removed.len() as u64;
         for ip in &out.removed {
-            self.audited.remove(ip);
             tracing::info!(address = %ip, "grant expired");
         }
         Ok(out.removed.len())

@@ -485,7 +485,11 @@ mod tests {
     }
 
     fn m(msg: &str) -> Option<(String, String)> {
-        let s = set();
+        matched(&set(), msg)
+    }
+
+    /// The pattern id and the address (or its verdict) `s` reads from `msg`.
+    fn matched(s: &PatternSet, msg: &str) -> Option<(String, String)> {
         let mut caps = s.captures();
         s.match_message(msg.as_bytes(), &mut caps).map(|l| {
             let ip = match l.ip {
@@ -559,15 +563,7 @@ mod tests {
     }
 
     fn mp(msg: &str) -> Option<(String, String)> {
-        let s = proxies();
-        let mut caps = s.captures();
-        s.match_message(msg.as_bytes(), &mut caps).map(|l| {
-            let ip = match l.ip {
-                IpVerdict::Valid(ip) => ip.to_string(),
-                other => format!("{other:?}"),
-            };
-            (s.defs()[l.pattern].id.clone(), ip)
-        })
+        matched(&proxies(), msg)
     }
 
     /// Success lines built from Dovecot's format strings (see patterns/*-proxy.toml).
