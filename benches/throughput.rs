@@ -588,7 +588,13 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("bench dir");
     let mut table = Table::default();
     let bin = env!("CARGO_BIN_EXE_dovegate");
-    for shape in SHAPES {
+    // DOVEGATE_BENCH_ONLY=throughput,latency,first-start,memory: a part, while iterating.
+    let only = std::env::var("DOVEGATE_BENCH_ONLY").ok();
+    let run = |part: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|p| p == part))
+    };
+    for shape in SHAPES.into_iter().filter(|_| run("throughput")) {
         let log = dir.join(format!("bench-{}-{mb}MB.log", shape.name));
         let t = Instant::now();
         let (lines, logins) = generate(&log, mb, shape);
@@ -658,31 +664,34 @@ fn main() {
     }
     // The daemon and the postmap readers get every core back, as in production.
     pin_to(0..std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let idle = latency_idle(&dir);
-    table.row(
-        "append -> postmap -q, idle map, 20 noise lines/s (100 logins)",
-        format!(
-            "p50 {:.1} ms, p95 {:.1} ms, worst {:.1} ms",
-            percentile(&idle, 0.5),
-            percentile(&idle, 0.95),
-            percentile(&idle, 1.0)
-        ),
-        String::new(),
-        "p95 < 20 ms",
-    );
-    let (load, commits) = latency_load(&dir);
-    table.row(
-        "append -> visible, 2,000 noise + 200 logins/s (10 s)",
-        format!(
-            "p50 {:.0} ms, p95 {:.0} ms, worst {:.0} ms; {commits:.1} commits/s",
-            percentile(&load, 0.5),
-            percentile(&load, 0.95),
-            percentile(&load, 1.0)
-        ),
-        format!("{} samples", load.len()),
-        "p95 < 300 ms, <= 5 commits/s",
-    );
-    if let Some((first, first_read, again, again_read)) = first_start(&dir) {
+    if run("latency") {
+        let idle = latency_idle(&dir);
+        table.row(
+            "append -> postmap -q, idle map, 20 noise lines/s (100 logins)",
+            format!(
+                "p50 {:.1} ms, p95 {:.1} ms, worst {:.1} ms",
+                percentile(&idle, 0.5),
+                percentile(&idle, 0.95),
+                percentile(&idle, 1.0)
+            ),
+            String::new(),
+            "p95 < 20 ms",
+        );
+        let (load, commits) = latency_load(&dir);
+        table.row(
+            "append -> visible, 2,000 noise + 200 logins/s (10 s)",
+            format!(
+                "p50 {:.0} ms, p95 {:.0} ms, worst {:.0} ms; {commits:.1} commits/s",
+                percentile(&load, 0.5),
+                percentile(&load, 0.95),
+                percentile(&load, 1.0)
+            ),
+            format!("{} samples", load.len()),
+            "p95 < 300 ms, <= 5 commits/s",
+        );
+    }
+    let first = run("first-start").then(|| first_start(&dir)).flatten();
+    if let Some((first, first_read, again, again_read)) = first {
         table.row(
             "first start, 1 GB log of 12 h, ttl 30m",
             format!("{first:.2} s, read {:.0} MB", first_read as f64 / 1e6),
@@ -693,15 +702,17 @@ fn main() {
             "reads ~ the last ttl + one bisection",
         );
     }
-    let (rss, cpu) = memory_100k(&dir);
-    table.row(
-        "daemon with 100k live grants",
-        format!(
-            "RSS {:.1} MB, idle CPU {cpu:.2}% of a core",
-            rss as f64 / 1024.0
-        ),
-        String::new(),
-        "RSS <= 24 MB",
-    );
+    if run("memory") {
+        let (rss, cpu) = memory_100k(&dir);
+        table.row(
+            "daemon with 100k live grants",
+            format!(
+                "RSS {:.1} MB, idle CPU {cpu:.2}% of a core",
+                rss as f64 / 1024.0
+            ),
+            String::new(),
+            "RSS <= 24 MB",
+        );
+    }
     table.print();
 }

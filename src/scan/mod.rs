@@ -128,9 +128,9 @@ pub struct Scanner {
     max_line: usize,
     visit: Visit,
     near: near::Classifier,
-    /// `-login: `: what every Dovecot login-process line contains.
-    /// `-login: ` (what every Dovecot login-process line contains) and the patterns'
-    /// literals (session ends hold no `-login: `): the candidates of the near-miss modes.
+    /// The candidates of the near-miss modes: the patterns' literals and the words every
+    /// login line of any Dovecot version holds (a line without them is never a near miss,
+    /// so the failed-login lines of a brute-force attack are only counted).
     login_process: aho_corasick::AhoCorasick,
 }
 
@@ -143,8 +143,10 @@ impl Scanner {
         max_line: usize,
         visit: Visit,
     ) -> Scanner {
-        let mut words: Vec<&str> = vec!["-login: "];
+        let mut words: Vec<&str> = near::WORDING.to_vec();
         words.extend(patterns.literals().iter().map(String::as_str));
+        words.sort_unstable();
+        words.dedup();
         // A handful of short literals: building the searcher cannot fail.
         let login_process = aho_corasick::AhoCorasick::new(words).expect("literal searcher");
         Scanner {

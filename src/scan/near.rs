@@ -32,9 +32,17 @@ impl NearMiss {
     }
 }
 
+/// Words of a successful login in any Dovecot version: a line without one is no near miss.
+pub(super) const WORDING: [&str; 4] = [
+    "Login: ",
+    "Logged in: ",
+    "started proxying",
+    "Started proxying",
+];
+
 /// Tells near misses apart.
 pub(super) struct Classifier {
-    /// Words of a successful login in any Dovecot version.
+    /// [`WORDING`].
     wording: AhoCorasick,
     services: Vec<Vec<u8>>,
     rip: memchr::memmem::Finder<'static>,
@@ -44,14 +52,8 @@ pub(super) struct Classifier {
 
 impl Classifier {
     pub(super) fn new(services: &[String]) -> Classifier {
-        let words = [
-            "Login: ",
-            "Logged in: ",
-            "started proxying",
-            "Started proxying",
-        ];
         Classifier {
-            wording: AhoCorasick::new(words).expect("fixed literals build"),
+            wording: AhoCorasick::new(WORDING).expect("fixed literals build"),
             services: services.iter().map(|s| s.as_bytes().to_vec()).collect(),
             rip: memchr::memmem::Finder::new(b"rip=").into_owned(),
             login_process: memchr::memmem::Finder::new(b"-login: ").into_owned(),
