@@ -27,7 +27,11 @@ use dovegate::source::lines::{Chunk, ChunkReader};
 use dovegate::source::DaemonSink;
 use dovegate::telemetry::SourceStats;
 
-const LOGIN_REGEX: &str = "(imap|pop3)-login: (Info: )?(Login|Logged in): .*rip=";
+/// What the daemon finds with `grant.session_hold = 0`: successful logins.
+const LOGIN: &str = "(imap|pop3)-login: (Info: )?(Login|Logged in): .*rip=";
+/// What it finds by default: logins and the ends of mail sessions (issue 12's holds).
+const SESSION_END: &str =
+    ": (imap|pop3|imap-hibernate)\\(.*\\)<[0-9]+><[A-Za-z0-9+/=]+>: (Info: )?Disconnected";
 
 /// Pins this thread (and the children it spawns) to the given cores.
 fn pin_to(cores: std::ops::Range<usize>) {
@@ -81,11 +85,11 @@ const SHAPES: [Shape; 3] = [
     },
 ];
 
-/// Writes `mb` megabytes of log of `shape`; returns (lines, login lines).
-fn generate(path: &Path, mb: u64, shape: Shape) -> (u64, u64) {
+/// Writes `mb` megabytes of log of `shape`; returns (lines, login lines, session ends).
+fn generate(path: &Path, mb: u64, shape: Shape) -> (u64, u64, u64) {
     let mut out = BufWriter::with_capacity(1 << 20, File::create(path).expect("create bench log"));
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let (mut bytes, mut lines, mut logins) = (0u64, 0u64, 0u64);
+    let (mut bytes, mut lines, mut logins, mut ends) = (0u64, 0u64, 0u64, 0u64);
     let target = mb * 1_000_000;
     let mut line = String::with_capacity(512);
     while bytes < target {
@@ -120,7 +124,10 @@ fn generate(path: &Path, mb: u64, shape: Shape) -> (u64, u64) {
             10..=19 => writeln!(line, "{ts} dovecot: imap-login: Disconnected (auth failed, 1 attempts in 2 secs): user=<user{}>, method=PLAIN, rip={ip}, lip=192.0.2.10, TLS, session=<{qid}>", rng.below(5000)),
             20..=29 => writeln!(line, "{ts} dovecot: pop3-login: Aborted login (auth failed, 1 attempts in 2 secs): user=<admin{}>, method=PLAIN, rip={ip}, lip=192.0.2.10, session=<{qid}>", rng.below(5000)),
             30..=39 => writeln!(line, "{ts} dovecot: imap-login: Login aborted: Connection closed (auth failed, 3 attempts in 16 secs) (auth_failed): user=<info{}>, method=PLAIN, rip={ip}, lip=192.0.2.10, TLS, session=<{qid}>", rng.below(5000)),
-            40..=69 => writeln!(line, "{ts} dovecot: imap(user{}@example.com)<{pid}><{qid}>: Disconnected: Logged out in=120 out=2048 deleted=0 expunged=0 trashed=0 hdr_count=0 hdr_bytes=0 body_count=0 body_bytes=0", rng.below(5000)),
+            40..=69 => {
+                ends += 1;
+                writeln!(line, "{ts} dovecot: imap(user{}@example.com)<{pid}><{qid}>: Disconnected: Logged out in=120 out=2048 deleted=0 expunged=0 trashed=0 hdr_count=0 hdr_bytes=0 body_count=0 body_bytes=0", rng.below(5000))
+            }
             70..=299 => writeln!(line, "{ts} postfix/smtpd[{pid}]: connect from unknown[{ip}]"),
             300..=499 => writeln!(line, "{ts} postfix/smtpd[{pid}]: disconnect from unknown[{ip}] ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5"),
             500..=649 => writeln!(line, "{ts} postfix/cleanup[{pid}]: {qid}: message-id=<{}.{}@example.com>", rng.next(), rng.below(99999)),
@@ -134,14 +141,15 @@ fn generate(path: &Path, mb: u64, shape: Shape) -> (u64, u64) {
         lines += 1;
     }
     out.flush().expect("flush");
-    (lines, logins)
+    (lines, logins, ends)
 }
 
-/// dovegate's matching path over the whole file; returns (seconds, logins found).
-fn dovegate_pass(path: &Path) -> (f64, u64) {
-    let patterns =
-        Arc::new(PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).expect("patterns"));
+/// dovegate's matching path over the whole file, with or without the session-end
+/// patterns; returns (seconds, (logins found, session ends found)).
+fn dovegate_pass(path: &Path, sessions: bool) -> (f64, (u64, u64)) {
     let services = ["imap".to_string(), "pop3".to_string()];
+    let patterns =
+        Arc::new(PatternSet::load_for(None, &services, &[], sessions).expect("patterns"));
     let mut scanner = Scanner::new(
         FrameParser::new(&["dovecot"]),
         patterns,
@@ -153,7 +161,7 @@ fn dovegate_pass(path: &Path) -> (f64, u64) {
     let now = dovegate::timefmt::now();
     let mut file = File::open(path).expect("open");
     let mut reader = ChunkReader::new(16384, 0);
-    let mut found = 0u64;
+    let (mut found, mut ends) = (0u64, 0u64);
     let start = Instant::now();
     loop {
         match reader.read_chunk(&mut file).expect("read") {
@@ -161,11 +169,12 @@ fn dovegate_pass(path: &Path) -> (f64, u64) {
             Chunk::Partial => {}
             Chunk::Lines(chunk, _) => {
                 let _: Scanned = scanner.scan(chunk, now, &mut sink);
-                found += sink.take().len() as u64
+                found += sink.take().len() as u64;
+                ends += sink.take_ends().len() as u64;
             }
         }
     }
-    (start.elapsed().as_secs_f64(), found)
+    (start.elapsed().as_secs_f64(), (found, ends))
 }
 
 /// Runs a baseline command pinned to core 0; returns (seconds, its stdout).
@@ -597,17 +606,19 @@ fn main() {
     for shape in SHAPES.into_iter().filter(|_| run("throughput")) {
         let log = dir.join(format!("bench-{}-{mb}MB.log", shape.name));
         let t = Instant::now();
-        let (lines, logins) = generate(&log, mb, shape);
+        let (lines, logins, ends) = generate(&log, mb, shape);
         let size = std::fs::metadata(&log).expect("stat").len() as f64 / 1e6;
         println!(
-            "{}: {size:.0} MB, {lines} lines, {logins} logins, generated in {:.1}s",
+            "{}: {size:.0} MB, {lines} lines, {logins} logins, {ends} session ends, generated in {:.1}s",
             shape.name,
             t.elapsed().as_secs_f64()
         );
         let _ = Command::new("cat").arg(&log).stdout(Stdio::null()).status();
         pin_to(0..1);
-        let (dg_secs, found) = best_of(3, || dovegate_pass(&log));
-        assert_eq!(found, logins, "dovegate found every login line");
+        let (dg_secs, found) = best_of(3, || dovegate_pass(&log, true));
+        assert_eq!(found, (logins, ends), "dovegate found every login and end");
+        let (dg_off_secs, found) = best_of(3, || dovegate_pass(&log, false));
+        assert_eq!(found, (logins, 0), "without sessions, only logins");
         let (test_secs, _) = best_of(3, || {
             timed(
                 Command::new("taskset")
@@ -616,45 +627,84 @@ fn main() {
                     .env_remove("DOVEGATE_CONFIG"),
             )
         });
-        let (grep_secs, grep_count) = best_of(3, || {
-            timed(
-                Command::new("taskset")
-                    .args(["-c", "0", "grep", "-cE", LOGIN_REGEX])
-                    .arg(&log),
-            )
-        });
-        let perl_prog = format!(
-            "$n++ if /{}/; END {{ print $n+0, qq(\\n) }}",
-            LOGIN_REGEX.replace('(', "(?:")
+        // The baselines get one regex per alternative, as their users write them: `grep -e A
+        // -e B`, Perl's `/A/ || /B/` (one alternation with `.*` makes Perl crawl at 25 MB/s).
+        let grep = |regexes: &[&str], expect: u64| {
+            let (secs, count) = best_of(3, || {
+                let mut cmd = Command::new("taskset");
+                cmd.args(["-c", "0", "grep", "-cE"]);
+                for r in regexes {
+                    cmd.args(["-e", r]);
+                }
+                timed(cmd.arg(&log))
+            });
+            assert_eq!(count, expect.to_string(), "grep -cE {regexes:?}");
+            secs
+        };
+        let perl = |regexes: &[&str]| {
+            let tests: Vec<String> = regexes
+                .iter()
+                .map(|r| {
+                    let r = r
+                        .replace('(', "(?:")
+                        .replace("\\(?:", "\\(")
+                        .replace('/', "\\/");
+                    format!("/{r}/")
+                })
+                .collect();
+            let prog = format!(
+                "$n++ if {}; END {{ print $n+0, qq(\\n) }}",
+                tests.join(" || ")
+            );
+            best_of(2, || {
+                timed(
+                    Command::new("taskset")
+                        .args(["-c", "0", "perl", "-ne", &prog])
+                        .arg(&log),
+                )
+            })
+            .0
+        };
+        let (grep_eq, perl_eq) = (
+            grep(&[LOGIN, SESSION_END], logins + ends),
+            perl(&[LOGIN, SESSION_END]),
         );
-        let (perl_secs, _) = best_of(2, || {
-            timed(
-                Command::new("taskset")
-                    .args(["-c", "0", "perl", "-ne", &perl_prog])
-                    .arg(&log),
-            )
-        });
-        assert_eq!(grep_count, logins.to_string(), "grep counted every login");
+        let (grep_login, perl_login) = (grep(&[LOGIN], logins), perl(&[LOGIN]));
         let mbs = |secs: f64| format!("{:.0} MB/s", size / secs);
-        table.row(
-            &format!("{}: daemon matching path", shape.name),
-            mbs(dg_secs),
+        let against = |grep: f64, perl: f64, secs: f64| {
             format!(
                 "grep -cE {} ({:.2}x), perl {} ({:.2}x)",
-                mbs(grep_secs),
-                grep_secs / dg_secs,
-                mbs(perl_secs),
-                perl_secs / dg_secs
+                mbs(grep),
+                grep / secs,
+                mbs(perl),
+                perl / secs
+            )
+        };
+        table.row(
+            &format!(
+                "{}: daemon matching path, default (logins + session ends)",
+                shape.name
             ),
+            mbs(dg_secs),
+            against(grep_eq, perl_eq, dg_secs),
             ">= 1.5x grep, >= 3x perl",
         );
         table.row(
-            &format!("{}: dovegate test", shape.name),
+            &format!(
+                "{}: daemon, grant.session_hold = 0 (logins only)",
+                shape.name
+            ),
+            mbs(dg_off_secs),
+            against(grep_login, perl_login, dg_off_secs),
+            ">= 1.5x grep, >= 3x perl",
+        );
+        table.row(
+            &format!("{}: dovegate test, default", shape.name),
             mbs(test_secs),
             format!(
-                "{:.2}x grep, {:.2}x perl",
-                grep_secs / test_secs,
-                perl_secs / test_secs
+                "{:.2}x grep, {:.2}x perl (logins + session ends)",
+                grep_eq / test_secs,
+                perl_eq / test_secs
             ),
             ">= 1.5x grep, >= 3x perl",
         );

@@ -149,7 +149,8 @@ pub fn load_settings(
 /// The pattern library the settings ask for.
 pub fn load_patterns(settings: &Settings, dir: Option<&Path>) -> Result<PatternSet, Failure> {
     let dir = dir.or(settings.patterns_dir.as_deref());
-    PatternSet::load(dir, &settings.services, &settings.enable_patterns)
+    let sessions = !settings.session_hold.is_zero();
+    PatternSet::load_for(dir, &settings.services, &settings.enable_patterns, sessions)
         .map_err(|e| Failure::config(e.0))
 }
 

@@ -12,12 +12,13 @@
 //! nothing.
 
 pub mod elements;
+mod literals;
 mod proxy;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use aho_corasick::AhoCorasick;
+pub use literals::Literals;
 use regex_automata::meta::Regex;
 use regex_automata::util::captures::Captures;
 use regex_automata::util::syntax;
@@ -117,7 +118,7 @@ pub struct LoginMatch<'a> {
 pub struct PatternSet {
     defs: Vec<PatternDef>,
     regex: Regex,
-    prefilter: AhoCorasick,
+    prefilter: Literals,
     services: Vec<String>,
     /// Whether each pattern reads its address from an `elements` group (else `ip`).
     has_elements: Vec<bool>,
@@ -125,6 +126,30 @@ pub struct PatternSet {
     ends: Option<Regex>,
     /// Every enabled pattern's literals (the prefilter's).
     literals: Vec<String>,
+    /// Per login pattern, its literals: a message holding none cannot match it, so the
+    /// regex (the costly part of a candidate line) is not run.
+    gates: Vec<LiteralGate>,
+    /// The session-end patterns' literals together.
+    end_gate: LiteralGate,
+}
+
+/// Some literal of a set occurs in a text (a few memchr-speed searches over one message).
+#[derive(Debug)]
+struct LiteralGate(Vec<memchr::memmem::Finder<'static>>);
+
+impl LiteralGate {
+    fn new<'s>(literals: impl IntoIterator<Item = &'s String>) -> LiteralGate {
+        LiteralGate(
+            literals
+                .into_iter()
+                .map(|l| memchr::memmem::Finder::new(l.as_bytes()).into_owned())
+                .collect(),
+        )
+    }
+
+    fn admits(&self, text: &[u8]) -> bool {
+        self.0.iter().any(|f| f.find(text).is_some())
+    }
 }
 
 fn expand(
@@ -187,6 +212,35 @@ impl PatternSet {
                 .collect(),
         };
         Self::from_files(&files, services, enable)
+    }
+
+    /// Like `load`; without `sessions` (grant.session_hold = 0) the session-end patterns
+    /// are left out, so that their lines cost nothing.
+    pub fn load_for(
+        dir: Option<&Path>,
+        services: &[String],
+        enable: &[String],
+        sessions: bool,
+    ) -> Result<PatternSet, PatternError> {
+        let mut set = Self::load(dir, services, enable)?;
+        if !sessions && set.ends.is_some() {
+            set = set.without_session_ends()?;
+        }
+        Ok(set)
+    }
+
+    fn without_session_ends(self) -> Result<PatternSet, PatternError> {
+        let literals: Vec<&String> = self.defs.iter().flat_map(|d| &d.literals).collect();
+        let mut literals: Vec<&str> = literals.into_iter().map(String::as_str).collect();
+        literals.sort_unstable();
+        literals.dedup();
+        Ok(PatternSet {
+            prefilter: literal_searcher(&literals)?,
+            literals: literals.into_iter().map(str::to_string).collect(),
+            ends: None,
+            end_gate: LiteralGate(Vec::new()),
+            ..self
+        })
     }
 
     /// Builds from (origin, TOML text) pairs; a file with `[fragments]` defines fragments.
@@ -304,14 +358,20 @@ impl PatternSet {
             .collect();
         literals.sort();
         literals.dedup();
-        let prefilter = AhoCorasick::new(&literals)
-            .map_err(|e| PatternError(format!("pattern literals: {e}")))?;
+        let prefilter = literal_searcher(&literals)?;
         let literals: Vec<String> = literals.into_iter().map(str::to_string).collect();
         let has_elements = regexes
             .iter()
             .map(|r| r.contains("(?P<elements>"))
             .collect();
+        let gates = defs
+            .iter()
+            .map(|(_, d)| LiteralGate::new(&d.literals))
+            .collect();
+        let end_gate = LiteralGate::new(end_defs.iter().flat_map(|(_, d)| &d.literals));
         Ok(PatternSet {
+            gates,
+            end_gate,
             defs: defs.into_iter().map(|(_, d)| d).collect(),
             regex,
             prefilter,
@@ -332,7 +392,7 @@ impl PatternSet {
     }
 
     /// The literal search run over whole buffers before any regex.
-    pub fn prefilter(&self) -> &AhoCorasick {
+    pub fn prefilter(&self) -> &Literals {
         &self.prefilter
     }
 
@@ -344,6 +404,9 @@ impl PatternSet {
     /// Matches one framed message; None when it is not a successful login of an enabled
     /// service.
     pub fn match_message<'a>(&self, msg: &'a [u8], caps: &mut Captures) -> Option<LoginMatch<'a>> {
+        if !self.gates.iter().any(|g| g.admits(msg)) {
+            return None;
+        }
         self.regex.captures(Input::new(msg), caps);
         let pid = caps.pattern()?.as_usize();
         let mut login = self.read(pid, msg, caps)?;
@@ -365,6 +428,9 @@ impl PatternSet {
         caps: &mut Captures,
     ) -> Option<SessionEndMatch<'a>> {
         let ends = self.ends.as_ref()?;
+        if !self.end_gate.admits(msg) {
+            return None;
+        }
         ends.captures(Input::new(msg), caps);
         caps.pattern()?;
         let span = |name: &str| caps.get_group_by_name(name).map(|s| &msg[s.range()]);
@@ -442,7 +508,14 @@ impl PatternSet {
             {
                 continue;
             }
+            if !self.gates[other].admits(msg) {
+                continue;
+            }
             let input = Input::new(msg).anchored(Anchored::Pattern(PatternID::must(other)));
+            // Most lines fit one grammar: the DFA says no long before captures would.
+            if !self.regex.is_match(input.clone()) {
+                continue;
+            }
             self.regex.captures(input, caps);
             if caps.pattern().is_none() {
                 continue;
@@ -466,6 +539,10 @@ fn session_start(el: &[u8]) -> Option<crate::session::SessionStart> {
     let pid =
         elements::single_value(el, b"mpid").and_then(|p| std::str::from_utf8(p).ok()?.parse().ok());
     crate::session::SessionStart::new(id, pid)
+}
+
+fn literal_searcher(literals: &[&str]) -> Result<Literals, PatternError> {
+    Literals::new(literals).map_err(|e| PatternError(format!("pattern literals: {e}")))
 }
 
 fn build_regex(patterns: &[&str]) -> Result<Regex, String> {
@@ -653,6 +730,23 @@ mod tests {
     }
 
     #[test]
+    fn sessions_off_leaves_session_end_lines_unread() {
+        let services = ["imap".to_string(), "pop3".to_string()];
+        let end = b"imap(u)<123><AbCd>: Disconnected: Logged out in=1 out=2";
+        let on = PatternSet::load_for(None, &services, &[], true).unwrap();
+        let mut caps = on.end_captures().unwrap();
+        assert!(on.match_session_end(end, &mut caps).is_some());
+        assert!(on.prefilter().is_match(end));
+        let off = PatternSet::load_for(None, &services, &[], false).unwrap();
+        assert!(off.end_captures().is_none());
+        assert!(!off.prefilter().is_match(end), "{:?}", off.literals());
+        let login = b"imap-login: Login: user=<u>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1, mpid=1, session=<AbCd>";
+        let mut caps = off.captures();
+        assert!(off.prefilter().is_match(login));
+        assert!(off.match_message(login, &mut caps).is_some());
+    }
+
+    #[test]
     fn prefilter_literals_start_rarely() {
         // Every literal must be found in each era's success line, none starts with `-`.
         let s = proxies();
@@ -667,7 +761,7 @@ mod tests {
             "imap-login: proxy(a,1.2.3.4:143): Started proxying to remote host",
             "imap-login: proxy(a): started proxying to 1.2.3.4:143",
         ] {
-            assert!(s.prefilter().is_match(line), "{line}");
+            assert!(s.prefilter().is_match(line.as_bytes()), "{line}");
         }
     }
 

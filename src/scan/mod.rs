@@ -16,7 +16,7 @@ use std::sync::Arc;
 use regex_automata::util::captures::Captures;
 
 use crate::frame::{Frame, FrameParser, Framing};
-use crate::pattern::{IpVerdict, LoginMatch, PatternDef, PatternSet};
+use crate::pattern::{IpVerdict, Literals, LoginMatch, PatternDef, PatternSet};
 pub use near::NearMiss;
 
 /// Frames and matches single lines; holds the per-thread capture slots. The building
@@ -131,7 +131,7 @@ pub struct Scanner {
     /// The candidates of the near-miss modes: the patterns' literals and the words every
     /// login line of any Dovecot version holds (a line without them is never a near miss,
     /// so the failed-login lines of a brute-force attack are only counted).
-    login_process: aho_corasick::AhoCorasick,
+    login_process: Literals,
 }
 
 impl Scanner {
@@ -148,7 +148,7 @@ impl Scanner {
         words.sort_unstable();
         words.dedup();
         // A handful of short literals: building the searcher cannot fail.
-        let login_process = aho_corasick::AhoCorasick::new(words).expect("literal searcher");
+        let login_process = Literals::new(&words).expect("literal searcher");
         Scanner {
             matcher: LineMatcher::new(frames, patterns),
             max_line,
@@ -206,18 +206,8 @@ impl Scanner {
 
     fn next_candidate(&self, buf: &[u8], pos: usize) -> Option<usize> {
         match self.visit {
-            Visit::Logins => {
-                let input = aho_corasick::Input::new(buf).span(pos..buf.len());
-                self.matcher
-                    .patterns()
-                    .prefilter()
-                    .find(input)
-                    .map(|m| m.start())
-            }
-            _ => self
-                .login_process
-                .find(aho_corasick::Input::new(buf).span(pos..buf.len()))
-                .map(|m| m.start()),
+            Visit::Logins => self.matcher.patterns().prefilter().find_from(buf, pos),
+            _ => self.login_process.find_from(buf, pos),
         }
     }
 
