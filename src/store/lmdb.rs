@@ -497,23 +497,33 @@ impl GrantStore for LmdbMap {
         ))
     }
 
+    /// In transactions of at most `CAP_BATCH` keys: LMDB keeps every page a transaction
+    /// dirtied in its own free list for good, so one transaction over a whole large map
+    /// (a clock fixed after a step forward) would pin the map's size in heap. Shortening
+    /// is safe to commit piecemeal.
     fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        const CAP_BATCH: usize = 1000;
         let value = value_bytes(&self.action, limit);
-        self.write(|txn, db| {
-            let mut out = Vec::with_capacity(ips.len());
-            for &ip in ips {
-                let key = key_bytes(ip);
-                match get_opt(txn, db, &key)?.and_then(parse_expiry) {
-                    Some(e) if e > limit => {
-                        txn.put(db, &key, &value, WriteFlags::empty())?;
-                        out.push((ip, limit));
+        let mut out = Vec::with_capacity(ips.len());
+        for batch in ips.chunks(CAP_BATCH) {
+            out.extend(self.write(|txn, db| {
+                let mut out = Vec::with_capacity(batch.len());
+                for &ip in batch {
+                    let key = key_bytes(ip);
+                    match get_opt(txn, db, &key)?.and_then(parse_expiry) {
+                        Some(e) if e > limit => {
+                            txn.put(db, &key, &value, WriteFlags::empty())?;
+                            out.push((ip, limit));
+                        }
+                        Some(e) => out.push((ip, e)),
+                        None => {}
                     }
-                    Some(e) => out.push((ip, e)),
-                    None => {}
                 }
-            }
-            Ok(out)
-        })
+                Ok(out)
+            })?);
+        }
+        file::release_mapped_pages(self.ident);
+        Ok(out)
     }
 
     fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
@@ -652,6 +662,32 @@ mod fault_tests {
         a.upsert(&[(ip(999_999), 1000)]).unwrap();
         assert_eq!(a.map_size(), b.map_size(), "adopted the grown size");
         assert_eq!(a.list().unwrap().len(), 150_001);
+    }
+
+    /// Capping a map larger than one batch: every over-long grant is shortened, the others
+    /// are reported as they are, absent keys are left out.
+    #[test]
+    fn cap_covers_every_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let mut a = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
+        let grants: Vec<(IpAddr, i64)> = (0..2500)
+            .map(|i| (ip(i), if i % 2 == 0 { 5000 } else { 1000 }))
+            .collect();
+        a.upsert(&grants).unwrap();
+        let mut asked: Vec<IpAddr> = grants.iter().map(|&(ip, _)| ip).collect();
+        asked.push(ip(9_999_999));
+        let capped = a.cap(&asked, 2000).unwrap();
+        assert_eq!(capped.len(), 2500);
+        for (ip, e) in &capped {
+            let wrote = grants.iter().find(|g| g.0 == *ip).unwrap().1;
+            assert_eq!(*e, wrote.min(2000), "{ip}");
+        }
+        let mut after = a.snapshot().unwrap();
+        after.sort();
+        let mut expected = capped.clone();
+        expected.sort();
+        assert_eq!(after, expected);
     }
 
     /// Defect 4: another writer's commit is seen by a look at the meta page; our own
