@@ -14,6 +14,7 @@
 pub mod elements;
 mod literals;
 mod proxy;
+mod split;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -118,6 +119,8 @@ pub struct LoginMatch<'a> {
 pub struct PatternSet {
     defs: Vec<PatternDef>,
     regex: Regex,
+    /// Per login pattern, its cheap-captures form (see `split`), when it has one.
+    splits: Vec<Option<split::Split>>,
     prefilter: Literals,
     services: Vec<String>,
     /// Whether each pattern reads its address from an `elements` group (else `ip`).
@@ -351,6 +354,10 @@ impl PatternSet {
         }
         let regex = build_regex(&regexes.iter().map(String::as_str).collect::<Vec<_>>())
             .map_err(|e| PatternError(format!("pattern set: {e}")))?;
+        let splits = regexes
+            .iter()
+            .map(|r| split::Split::new(r, |t| build_regex(&[t])))
+            .collect();
         let mut literals: Vec<&str> = defs
             .iter()
             .chain(&end_defs)
@@ -374,6 +381,7 @@ impl PatternSet {
             end_gate,
             defs: defs.into_iter().map(|(_, d)| d).collect(),
             regex,
+            splits,
             prefilter,
             services: services.to_vec(),
             has_elements,
@@ -397,19 +405,57 @@ impl PatternSet {
     }
 
     /// Fresh capture slots for `match_message` (one per thread, reused).
-    pub fn captures(&self) -> Captures {
-        self.regex.create_captures()
+    pub fn captures(&self) -> Slots {
+        Slots {
+            whole: self.regex.create_captures(),
+            heads: self
+                .splits
+                .iter()
+                .map(|s| s.as_ref().map(split::Split::captures))
+                .collect(),
+        }
     }
 
     /// Matches one framed message; None when it is not a successful login of an enabled
     /// service.
-    pub fn match_message<'a>(&self, msg: &'a [u8], caps: &mut Captures) -> Option<LoginMatch<'a>> {
+    pub fn match_message<'a>(&self, msg: &'a [u8], slots: &mut Slots) -> Option<LoginMatch<'a>> {
         if !self.gates.iter().any(|g| g.admits(msg)) {
             return None;
         }
+        let found = self.regex.search(&Input::new(msg))?;
+        let pid = found.pattern().as_usize();
+        let fast = match (&self.splits[pid], &mut slots.heads[pid]) {
+            (Some(split), Some(head)) if found.start() == 0 => {
+                split.groups(msg, head).map(|elements| (&*head, elements))
+            }
+            _ => None,
+        };
+        let mut login = match fast {
+            Some((head, elements)) => self.read(pid, msg, &Groups::Split { head, elements })?,
+            None => {
+                let input = Input::new(msg).anchored(Anchored::Pattern(found.pattern()));
+                self.regex.captures(input, &mut slots.whole);
+                self.read(pid, msg, &Groups::Whole(&slots.whole))?
+            }
+        };
+        if login.ip != IpVerdict::Ambiguous
+            && self.another_grammar_disagrees(&login, msg, &mut slots.whole)
+        {
+            login.ip = IpVerdict::Ambiguous;
+        }
+        Some(login)
+    }
+
+    /// `match_message` by the whole regex's captures only (what the split form must equal).
+    #[cfg(test)]
+    fn match_message_whole<'a>(
+        &self,
+        msg: &'a [u8],
+        caps: &mut Captures,
+    ) -> Option<LoginMatch<'a>> {
         self.regex.captures(Input::new(msg), caps);
         let pid = caps.pattern()?.as_usize();
-        let mut login = self.read(pid, msg, caps)?;
+        let mut login = self.read(pid, msg, &Groups::Whole(caps))?;
         if login.ip != IpVerdict::Ambiguous && self.another_grammar_disagrees(&login, msg, caps) {
             login.ip = IpVerdict::Ambiguous;
         }
@@ -443,9 +489,9 @@ impl PatternSet {
     }
 
     /// The login that pattern `pid` reads from its captures in `caps`.
-    fn read<'a>(&self, pid: usize, msg: &'a [u8], caps: &Captures) -> Option<LoginMatch<'a>> {
+    fn read<'a>(&self, pid: usize, msg: &'a [u8], groups: &Groups<'_>) -> Option<LoginMatch<'a>> {
         let def = self.defs.get(pid)?;
-        let span = |name: &str| caps.get_group_by_name(name).map(|s| &msg[s.range()]);
+        let span = |name: &str| groups.get(name).map(|r| &msg[r]);
         let service = span("service")?;
         let svc = std::str::from_utf8(service).ok()?;
         if !self.services.iter().any(|s| s == svc) || !def.services.iter().any(|s| s == svc) {
@@ -520,13 +566,39 @@ impl PatternSet {
             if caps.pattern().is_none() {
                 continue;
             }
-            if let Some(theirs) = self.read(other, msg, caps) {
+            if let Some(theirs) = self.read(other, msg, &Groups::Whole(caps)) {
                 if theirs.ip != IpVerdict::Missing && theirs.ip != login.ip {
                     return true;
                 }
             }
         }
         false
+    }
+}
+
+/// Capture slots for `PatternSet::match_message`, made by `PatternSet::captures`.
+pub struct Slots {
+    whole: Captures,
+    heads: Vec<Option<Captures>>,
+}
+
+/// Where a match's groups are: the whole regex's captures, or HEAD's and the `elements`
+/// range (see `split`).
+enum Groups<'c> {
+    Whole(&'c Captures),
+    Split {
+        head: &'c Captures,
+        elements: std::ops::Range<usize>,
+    },
+}
+
+impl Groups<'_> {
+    fn get(&self, name: &str) -> Option<std::ops::Range<usize>> {
+        match self {
+            Groups::Whole(c) => c.get_group_by_name(name).map(|s| s.range()),
+            Groups::Split { elements, .. } if name == "elements" => Some(elements.clone()),
+            Groups::Split { head, .. } => head.get_group_by_name(name).map(|s| s.range()),
+        }
     }
 }
 

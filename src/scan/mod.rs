@@ -16,7 +16,7 @@ use std::sync::Arc;
 use regex_automata::util::captures::Captures;
 
 use crate::frame::{Frame, FrameParser, Framing};
-use crate::pattern::{IpVerdict, Literals, LoginMatch, PatternDef, PatternSet};
+use crate::pattern::{IpVerdict, Literals, LoginMatch, PatternDef, PatternSet, Slots};
 pub use near::NearMiss;
 
 /// Frames and matches single lines; holds the per-thread capture slots. The building
@@ -24,7 +24,7 @@ pub use near::NearMiss;
 pub struct LineMatcher {
     frames: FrameParser,
     patterns: Arc<PatternSet>,
-    caps: Captures,
+    caps: Slots,
     /// For the session-end patterns (None: none enabled).
     end_caps: Option<Captures>,
 }
