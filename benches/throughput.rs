@@ -94,7 +94,9 @@ fn generate(path: &Path, mb: u64, shape: Shape) -> (u64, u64, u64) {
     let mut line = String::with_capacity(512);
     while bytes < target {
         line.clear();
-        let (h, m, s) = (rng.below(24), rng.below(60), rng.below(60));
+        // In order through one day, as a real log is (the hour's zone offset is cached).
+        let secs = bytes * 86_399 / target;
+        let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
         let ts = format!("Nov 21 {h:02}:{m:02}:{s:02} mail");
         let ip = format!(
             "{}.{}.{}.{}",

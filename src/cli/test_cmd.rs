@@ -267,6 +267,10 @@ impl Report<'_> {
                 }
             }
         }
+        // The report line costs five strings: only `--json` prints it.
+        if !self.args.json {
+            return;
+        }
         let file = std::mem::take(&mut self.file);
         let r = LineReport {
             file: &file,
@@ -403,10 +407,12 @@ impl Totals {
         now: i64,
     ) -> (Option<String>, Option<String>) {
         self.matched += 1;
-        *self
-            .per_pattern
-            .entry(login.pattern.id.clone())
-            .or_default() += 1;
+        match self.per_pattern.get_mut(&login.pattern.id) {
+            Some(n) => *n += 1,
+            None => {
+                self.per_pattern.insert(login.pattern.id.clone(), 1);
+            }
+        }
         *self.per_framing.entry(login.framing).or_default() += 1;
         let time = login.time;
         match &login.ip {

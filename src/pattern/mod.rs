@@ -15,6 +15,7 @@ pub mod elements;
 mod literals;
 mod proxy;
 mod split;
+mod star;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -127,6 +128,8 @@ pub struct PatternSet {
     has_elements: Vec<bool>,
     /// The session-end patterns, in one regex (None: none enabled).
     ends: Option<Regex>,
+    /// Per session-end pattern, its cheap-captures form (see `star`), when it has one.
+    end_stars: Vec<Option<star::Star>>,
     /// Every enabled pattern's literals (the prefilter's).
     literals: Vec<String>,
     /// Per login pattern, its literals: a message holding none cannot match it, so the
@@ -241,6 +244,7 @@ impl PatternSet {
             prefilter: literal_searcher(&literals)?,
             literals: literals.into_iter().map(str::to_string).collect(),
             ends: None,
+            end_stars: Vec::new(),
             end_gate: LiteralGate(Vec::new()),
             ..self
         })
@@ -318,6 +322,10 @@ impl PatternSet {
             }
             end_regexes.push(r);
         }
+        let end_stars = end_regexes
+            .iter()
+            .map(|r| star::Star::new(r, |t| build_regex(&[t])))
+            .collect();
         let ends = if end_regexes.is_empty() {
             None
         } else {
@@ -386,6 +394,7 @@ impl PatternSet {
             services: services.to_vec(),
             has_elements,
             ends,
+            end_stars,
             literals,
         })
     }
@@ -463,20 +472,66 @@ impl PatternSet {
     }
 
     /// Fresh capture slots for `match_session_end`.
-    pub fn end_captures(&self) -> Option<Captures> {
-        self.ends.as_ref().map(Regex::create_captures)
+    pub fn end_captures(&self) -> Option<EndSlots> {
+        Some(EndSlots {
+            whole: self.ends.as_ref()?.create_captures(),
+            stars: self
+                .end_stars
+                .iter()
+                .map(|s| s.as_ref().map(star::Star::captures))
+                .collect(),
+        })
     }
 
     /// The session end this framed message reports, if a session-end pattern matches.
     pub fn match_session_end<'a>(
         &self,
         msg: &'a [u8],
-        caps: &mut Captures,
+        slots: &mut EndSlots,
     ) -> Option<SessionEndMatch<'a>> {
         let ends = self.ends.as_ref()?;
         if !self.end_gate.admits(msg) {
             return None;
         }
+        let found = ends.search(&Input::new(msg))?;
+        let pid = found.pattern().as_usize();
+        let fast = match (self.end_stars.get(pid), slots.stars.get_mut(pid)) {
+            (Some(Some(star)), Some(Some((head, tail)))) if found.start() == 0 => {
+                star.groups(msg, head, tail).map(|range| Groups::Star {
+                    head,
+                    tail,
+                    name: star.name(),
+                    range,
+                })
+            }
+            _ => None,
+        };
+        let groups = match fast {
+            Some(g) => g,
+            None => {
+                let input = Input::new(msg).anchored(Anchored::Pattern(found.pattern()));
+                ends.captures(input, &mut slots.whole);
+                slots.whole.pattern()?;
+                Groups::Whole(&slots.whole)
+            }
+        };
+        let span = |name: &str| groups.get(name).map(|r| &msg[r]);
+        let pid = std::str::from_utf8(span("pid")?).ok()?.parse().ok()?;
+        Some(SessionEndMatch {
+            service: span("service")?,
+            pid,
+            session: span("session")?,
+        })
+    }
+
+    /// `match_session_end` by the whole regex's captures only (what `star` must equal).
+    #[cfg(test)]
+    fn match_session_end_whole<'a>(
+        &self,
+        msg: &'a [u8],
+        caps: &mut Captures,
+    ) -> Option<SessionEndMatch<'a>> {
+        let ends = self.ends.as_ref()?;
         ends.captures(Input::new(msg), caps);
         caps.pattern()?;
         let span = |name: &str| caps.get_group_by_name(name).map(|s| &msg[s.range()]);
@@ -582,13 +637,25 @@ pub struct Slots {
     heads: Vec<Option<Captures>>,
 }
 
-/// Where a match's groups are: the whole regex's captures, or HEAD's and the `elements`
-/// range (see `split`).
+/// Capture slots for `PatternSet::match_session_end`, made by `PatternSet::end_captures`.
+pub struct EndSlots {
+    whole: Captures,
+    stars: Vec<Option<(Captures, Captures)>>,
+}
+
+/// Where a match's groups are: the whole regex's captures, HEAD's and the `elements`
+/// range (see `split`), or HEAD's, TAIL's and the `.*` group's range (see `star`).
 enum Groups<'c> {
     Whole(&'c Captures),
     Split {
         head: &'c Captures,
         elements: std::ops::Range<usize>,
+    },
+    Star {
+        head: &'c Captures,
+        tail: &'c Captures,
+        name: &'c str,
+        range: std::ops::Range<usize>,
     },
 }
 
@@ -598,6 +665,13 @@ impl Groups<'_> {
             Groups::Whole(c) => c.get_group_by_name(name).map(|s| s.range()),
             Groups::Split { elements, .. } if name == "elements" => Some(elements.clone()),
             Groups::Split { head, .. } => head.get_group_by_name(name).map(|s| s.range()),
+            Groups::Star {
+                name: star, range, ..
+            } if *star == name => Some(range.clone()),
+            Groups::Star { head, tail, .. } => head
+                .get_group_by_name(name)
+                .or_else(|| tail.get_group_by_name(name))
+                .map(|s| s.range()),
         }
     }
 }

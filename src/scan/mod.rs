@@ -13,10 +13,8 @@ mod near;
 
 use std::sync::Arc;
 
-use regex_automata::util::captures::Captures;
-
 use crate::frame::{Frame, FrameParser, Framing};
-use crate::pattern::{IpVerdict, Literals, LoginMatch, PatternDef, PatternSet, Slots};
+use crate::pattern::{EndSlots, IpVerdict, Literals, LoginMatch, PatternDef, PatternSet, Slots};
 pub use near::NearMiss;
 
 /// Frames and matches single lines; holds the per-thread capture slots. The building
@@ -26,7 +24,7 @@ pub struct LineMatcher {
     patterns: Arc<PatternSet>,
     caps: Slots,
     /// For the session-end patterns (None: none enabled).
-    end_caps: Option<Captures>,
+    end_caps: Option<EndSlots>,
 }
 
 impl LineMatcher {
