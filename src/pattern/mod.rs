@@ -493,10 +493,17 @@ impl PatternSet {
         if !self.end_gate.admits(msg) {
             return None;
         }
-        let found = ends.search(&Input::new(msg))?;
-        let pid = found.pattern().as_usize();
+        // One pattern (the library's): its star form alone decides, no DFA pass first
+        // (`star`: what it finds is the whole regex's match). Several: the DFA says which.
+        let (pid, start) = match self.end_stars.as_slice() {
+            [Some(_)] => (0, 0),
+            _ => {
+                let found = ends.search(&Input::new(msg))?;
+                (found.pattern().as_usize(), found.start())
+            }
+        };
         let fast = match (self.end_stars.get(pid), slots.stars.get_mut(pid)) {
-            (Some(Some(star)), Some(Some((head, tail)))) if found.start() == 0 => {
+            (Some(Some(star)), Some(Some((head, tail)))) if start == 0 => {
                 star.groups(msg, head, tail).map(|range| Groups::Star {
                     head,
                     tail,
@@ -509,8 +516,7 @@ impl PatternSet {
         let groups = match fast {
             Some(g) => g,
             None => {
-                let input = Input::new(msg).anchored(Anchored::Pattern(found.pattern()));
-                ends.captures(input, &mut slots.whole);
+                ends.captures(Input::new(msg), &mut slots.whole);
                 slots.whole.pattern()?;
                 Groups::Whole(&slots.whole)
             }
