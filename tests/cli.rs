@@ -423,3 +423,42 @@ fn daemon_log_has_no_debug_output() {
         assert!(!text.contains(debug), "Debug output {debug} in:\n{text}");
     }
 }
+
+/// `test --grants`: each canonical address once, its logins, in the order of its text.
+#[test]
+fn test_grants_lists_canonical_addresses_in_order() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    let mut text = String::new();
+    for (ip, user) in [
+        ("203.0.113.9", "a"),
+        ("::ffff:198.51.100.4", "b"),
+        ("2001:DB8::7", "c"),
+        ("198.51.100.4", "d"),
+        ("203.0.113.9", "e"),
+    ] {
+        text.push_str(&sessionless_login_line(ip, user));
+    }
+    std::fs::write(&log, text).unwrap();
+    let (code, out, err) = run(&["test", "--grants", &log.display().to_string()]);
+    assert_eq!(code, Some(0), "{err}");
+    let rows: Vec<(&str, &str)> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("Addresses granted"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| {
+            let mut f = l.trim().split('\t');
+            (f.next().unwrap(), f.next().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("198.51.100.4", "2"),
+            ("2001:db8::7", "1"),
+            ("203.0.113.9", "2")
+        ],
+        "{out}"
+    );
+}
