@@ -33,19 +33,25 @@ impl Literals {
 
     /// The start of the first literal at or after `from`.
     pub fn find_from(&self, buf: &[u8], from: usize) -> Option<usize> {
+        self.find_literal(buf, from).map(|(start, _)| start)
+    }
+
+    /// The start of the first literal at or after `from`, and which literal (its index
+    /// in the list given to `new`).
+    pub fn find_literal(&self, buf: &[u8], from: usize) -> Option<(usize, usize)> {
         if from >= buf.len() {
             return None;
         }
-        match &self.packed {
+        let m = match &self.packed {
             // Teddy needs a minimum haystack; shorter ones go to the automaton.
-            Some(p) if buf.len() - from >= p.minimum_len() => p
-                .find_in(buf, aho_corasick::Span::from(from..buf.len()))
-                .map(|m| m.start()),
+            Some(p) if buf.len() - from >= p.minimum_len() => {
+                p.find_in(buf, aho_corasick::Span::from(from..buf.len()))
+            }
             _ => self
                 .automaton
-                .find(aho_corasick::Input::new(buf).span(from..buf.len()))
-                .map(|m| m.start()),
-        }
+                .find(aho_corasick::Input::new(buf).span(from..buf.len())),
+        }?;
+        Some((m.start(), m.pattern().as_usize()))
     }
 
     pub fn is_match(&self, text: &[u8]) -> bool {
@@ -66,6 +72,11 @@ mod tests {
             let long = format!("{}{lit}{}", "a".repeat(300), "b".repeat(300));
             assert_eq!(l.find_from(long.as_bytes(), 0), Some(300));
             assert_eq!(l.find_from(long.as_bytes(), 301), None);
+            let which = ["Login: ", "Logged in: ", "proxying to "]
+                .iter()
+                .position(|x| *x == lit);
+            assert_eq!(l.find_literal(short.as_bytes(), 0).map(|m| m.1), which);
+            assert_eq!(l.find_literal(long.as_bytes(), 0).map(|m| m.1), which);
         }
         assert!(!l.is_match(b"Login aborted: Logged out proxying"));
         assert_eq!(l.find_from(b"", 0), None);

@@ -130,6 +130,9 @@ pub struct Scanner {
     /// login line of any Dovecot version holds (a line without them is never a near miss,
     /// so the failed-login lines of a brute-force attack are only counted).
     login_process: Literals,
+    /// Per `login_process` literal: whether it is a pattern literal (a line whose first
+    /// hit is one needs no second search to know it holds one).
+    pattern_literal: Vec<bool>,
 }
 
 impl Scanner {
@@ -147,12 +150,17 @@ impl Scanner {
         words.dedup();
         // A handful of short literals: building the searcher cannot fail.
         let login_process = Literals::new(&words).expect("literal searcher");
+        let pattern_literal = words
+            .iter()
+            .map(|w| patterns.literals().iter().any(|l| l == w))
+            .collect();
         Scanner {
             matcher: LineMatcher::new(frames, patterns),
             max_line,
             visit,
             near: near::Classifier::new(services),
             login_process,
+            pattern_literal,
         }
     }
 
@@ -177,7 +185,7 @@ impl Scanner {
         let mut index = 0u64;
         let mut pos = 0;
         while pos < buf.len() {
-            let Some(hit) = self.next_candidate(buf, pos) else {
+            let Some((hit, known)) = self.next_candidate(buf, pos) else {
                 break;
             };
             let start = memchr::memrchr(b'\n', &buf[pos..hit]).map_or(pos, |i| pos + i + 1);
@@ -187,7 +195,7 @@ impl Scanner {
                 index,
                 text: &buf[start..end],
             };
-            if !self.line(line, now, sink) && self.visit == Visit::EveryLine {
+            if !self.line(line, known, now, sink) && self.visit == Visit::EveryLine {
                 sink.other(line);
             }
             index += 1;
@@ -202,10 +210,18 @@ impl Scanner {
         }
     }
 
-    fn next_candidate(&self, buf: &[u8], pos: usize) -> Option<usize> {
+    /// The next candidate's position, and whether the line is known to hold a pattern
+    /// literal.
+    fn next_candidate(&self, buf: &[u8], pos: usize) -> Option<(usize, bool)> {
         match self.visit {
-            Visit::Logins => self.matcher.patterns().prefilter().find_from(buf, pos),
-            _ => self.login_process.find_from(buf, pos),
+            Visit::Logins => Some((
+                self.matcher.patterns().prefilter().find_from(buf, pos)?,
+                true,
+            )),
+            _ => {
+                let (at, literal) = self.login_process.find_literal(buf, pos)?;
+                Some((at, self.pattern_literal[literal]))
+            }
         }
     }
 
@@ -231,14 +247,14 @@ impl Scanner {
     }
 
     /// One candidate line; false when it produced no event.
-    fn line(&mut self, line: Line<'_>, now: i64, sink: &mut impl Sink) -> bool {
+    /// `known`: the line is known to hold a pattern literal.
+    fn line(&mut self, line: Line<'_>, known: bool, now: i64, sink: &mut impl Sink) -> bool {
         if line.text.len() > self.max_line {
             sink.too_long(line);
             return true;
         }
         // Lines without a pattern literal (near-miss modes) skip framing and regex.
-        let has_literal =
-            self.visit == Visit::Logins || self.matcher.patterns().prefilter().is_match(line.text);
+        let has_literal = known || self.matcher.patterns().prefilter().is_match(line.text);
         let framed = if has_literal {
             self.matcher.frames.parse(line.text, now)
         } else {
