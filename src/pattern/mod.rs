@@ -286,6 +286,11 @@ impl PatternSet {
                     d.id
                 )));
             }
+            if d.literals.iter().any(|l| l.contains('\n')) {
+                return Err(PatternError(format!(
+                    "{origin}: a literal cannot hold a newline (a line never does)"
+                )));
+            }
             if d.literals.is_empty() || d.literals.iter().any(String::is_empty) {
                 return Err(PatternError(format!(
                     "{origin}: `literals` needs at least one non-empty literal"
@@ -442,7 +447,9 @@ impl PatternSet {
         let mut login = match fast {
             Some((head, elements)) => self.read(pid, msg, &Groups::Split { head, elements })?,
             None => {
-                let input = Input::new(msg).anchored(Anchored::Pattern(found.pattern()));
+                let input = Input::new(msg)
+                    .range(found.start()..)
+                    .anchored(Anchored::Pattern(found.pattern()));
                 self.regex.captures(input, &mut slots.whole);
                 self.read(pid, msg, &Groups::Whole(&slots.whole))?
             }
@@ -613,9 +620,6 @@ impl PatternSet {
                     && !self.defs[other].prefix_user
                     && !self.defs[me].prefix_user)
             {
-                continue;
-            }
-            if !self.gates[other].admits(msg) {
                 continue;
             }
             let input = Input::new(msg).anchored(Anchored::Pattern(PatternID::must(other)));
@@ -879,6 +883,18 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(e.starts_with("c.toml: `address_element`"), "{e}");
+    }
+
+    #[test]
+    fn a_literal_with_a_newline_is_refused() {
+        let text = "id='n'\ndovecot='x'\ndescription=''\nservices=['imap']\ndefault=true\npriority=1\nliterals=[\"a\\nb\"]\nregex='^(?P<service>imap)-login: (?P<ip>a)'\n";
+        let err = PatternSet::from_files(&[("n.toml".into(), text.into())], &["imap".into()], &[])
+            .unwrap_err();
+        assert!(
+            err.0.contains("n.toml") && err.0.contains("newline"),
+            "{}",
+            err.0
+        );
     }
 
     #[test]

@@ -33,9 +33,14 @@ pub(super) fn texts(regex: &str) -> Option<(&str, &str)> {
     let Ast::Concat(concat) = &parsed else {
         return None;
     };
-    let [.., Ast::Group(group), Ast::Assertion(end)] = concat.asts.as_slice() else {
+    let [head_asts @ .., Ast::Group(group), Ast::Assertion(end)] = concat.asts.as_slice() else {
         return None;
     };
+    // A bare `(?flags)` in HEAD also governs BODY and the final `$` in the whole regex
+    // (`(?m)`, `(?u)`, `(?R)`, `(?x)`), not in BODY compiled alone.
+    if head_asts.iter().any(|a| matches!(a, Ast::Flags(_))) {
+        return None;
+    }
     let ast::GroupKind::CaptureName { name, .. } = &group.kind else {
         return None;
     };
@@ -173,6 +178,48 @@ mod tests {
             }
         }
         assert!(seen > 100, "{seen}");
+    }
+
+    fn custom(regex: &str) -> PatternSet {
+        let text = format!(
+            "id='c'\ndovecot='x'\ndescription=''\nservices=['imap']\ndefault=true\npriority=1\nliterals=['imap']\nregex='''{regex}'''\n"
+        );
+        PatternSet::from_files(&[("c.toml".into(), text)], &["imap".into()], &[]).unwrap()
+    }
+
+    /// Found by review: a bare flag group in HEAD also governs BODY and the final `$` in the
+    /// whole regex, not in BODY compiled alone (each read 6.6.6.6 where the whole regex
+    /// reads no address); and a pattern without `^` fell back to a search anchored at 0.
+    #[test]
+    fn administrators_patterns_that_broke_the_split_form() {
+        for (regex, msg) in [
+            (
+                r"^(?R)(?P<service>imap)-login: (?:x)?(?P<elements>x.*\r.*|.*)$",
+                &b"imap-login: xrip=6.6.6.6, \r"[..],
+            ),
+            (
+                r"^(?u)(?P<service>imap)-login: (?:x)?(?P<elements>x(?-u:.)*|.*)$",
+                b"imap-login: xrip=6.6.6.6, \xff",
+            ),
+            (
+                r"^(?m)(?P<service>imap)-login: (?P<elements>[^\x00]*?)$",
+                b"imap-login: x\n, rip=6.6.6.6",
+            ),
+            (
+                "^(?x)(?P<service>imap)-login:\\ (?:x)?(?P<elements>x(?s:.)*|[^\\r]*#|.*\n?)$",
+                b"imap-login: xrip=6.6.6.6, \r",
+            ),
+            (
+                r"(?P<service>imap)-login: Login: (?P<elements>.*)$",
+                b"x imap-login: Login: user=<u>, rip=192.0.2.7",
+            ),
+        ] {
+            same(&custom(regex), msg);
+        }
+        let set = custom(r"(?P<service>imap)-login: Login: (?P<elements>.*)$");
+        let mut slots = set.captures();
+        let line = b"x imap-login: Login: user=<u>, rip=192.0.2.7";
+        assert!(set.match_message(line, &mut slots).is_some());
     }
 
     /// Pieces of login lines, forged ones included: user names that hold `>, `, `rip=`,
