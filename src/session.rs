@@ -146,11 +146,15 @@ impl Sessions {
         }
     }
 
+    /// Replaces a session of the same ID. The old due entry goes first: it may equal the
+    /// new one (a login line read again after a restart), and removing it afterwards
+    /// would leave the session unrenewed for good.
     fn insert(&mut self, s: OpenSession) {
-        self.due.insert((self.due_of(&s), s.id.clone()));
-        if let Some(old) = self.open.insert(s.id.clone(), s) {
+        if let Some(old) = self.open.remove(&s.id) {
             self.due.remove(&(self.due_of(&old), old.id));
         }
+        self.due.insert((self.due_of(&s), s.id.clone()));
+        self.open.insert(s.id.clone(), s);
     }
 
     fn remove(&mut self, id: &str) -> Option<OpenSession> {
@@ -453,5 +457,18 @@ mod tests {
         assert_eq!(s.early.len(), MAX_EARLY);
         s.closed(&end("imap", "late", 1, 1000), 1000);
         assert_eq!(s.early.len(), 1, "old early ends forgotten");
+    }
+
+    /// A login line read again (after a restart, the checkpoint behind it) must not drop
+    /// the session from the renewal index (found by tests/e2e_sessions.rs under load).
+    #[test]
+    fn a_login_seen_twice_is_still_renewed() {
+        let mut s = Sessions::new(4, 120);
+        assert!(s.opened(ip(), 100, &start("S1", 7), 100));
+        assert!(s.opened(ip(), 100, &start("S1", 7), 100));
+        assert_eq!(s.next_due(), Some(101));
+        let r = s.renewals(101);
+        assert_eq!(r.len(), 1);
+        assert_eq!(s.next_due(), Some(102));
     }
 }
