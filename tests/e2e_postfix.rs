@@ -41,10 +41,14 @@ fn grants_reach_postfix_smtpd_and_expire() {
     let before = try_relay(&mut session);
     assert!(before.starts_with("554"), "not granted yet: {before}");
 
-    append(&log, &login_line("203.0.113.7", "alice"));
-    append(&log, &login_line("2001:DB8:1:2::7", "bob"));
-    append(&log, &login_line("::ffff:198.51.100.4", "carol"));
-    append(&log, &login_line("127.0.0.1", "webmail"));
+    // Sessionless: an open IMAP session would hold its grant past the ttl.
+    append(&log, &sessionless_login_line("203.0.113.7", "alice"));
+    append(&log, &sessionless_login_line("2001:DB8:1:2::7", "bob"));
+    append(
+        &log,
+        &sessionless_login_line("::ffff:198.51.100.4", "carol"),
+    );
+    append(&log, &sessionless_login_line("127.0.0.1", "webmail"));
     for key in ["203.0.113.7", "2001:db8:1:2::7", "198.51.100.4"] {
         wait_for(&format!("postmap -q {key}"), PATIENCE, || {
             postmap_q(&map, key).is_some()

@@ -18,7 +18,11 @@ fn ip(block: usize, i: usize) -> String {
 fn write_block(log: &Path, block: usize, n: usize) {
     let mut text = String::new();
     for i in 0..n {
-        text.push_str(&login_line(&ip(block, i), &format!("b{block}u{i}")));
+        // Sessionless: one shared session id would hold the last grant past the ttl.
+        text.push_str(&sessionless_login_line(
+            &ip(block, i),
+            &format!("b{block}u{i}"),
+        ));
     }
     append(log, &text);
 }
