@@ -132,9 +132,9 @@ pub struct PatternSet {
     end_stars: Vec<Option<star::Star>>,
     /// Every enabled pattern's literals (the prefilter's).
     literals: Vec<String>,
-    /// Per login pattern, its literals: a message holding none cannot match it, so the
-    /// regex (the costly part of a candidate line) is not run.
-    gates: Vec<LiteralGate>,
+    /// The login patterns' literals together: a message holding none cannot match, so
+    /// the regex (the costly part of a candidate line) is not run.
+    login_gate: LiteralGate,
     /// The session-end patterns' literals together.
     end_gate: LiteralGate,
 }
@@ -145,6 +145,9 @@ struct LiteralGate(Vec<memchr::memmem::Finder<'static>>);
 
 impl LiteralGate {
     fn new<'s>(literals: impl IntoIterator<Item = &'s String>) -> LiteralGate {
+        let mut literals: Vec<&String> = literals.into_iter().collect();
+        literals.sort_unstable();
+        literals.dedup();
         LiteralGate(
             literals
                 .into_iter()
@@ -210,6 +213,17 @@ impl PatternSet {
         services: &[String],
         enable: &[String],
     ) -> Result<PatternSet, PatternError> {
+        Self::load_for(dir, services, enable, true)
+    }
+
+    /// Like `load`; without `sessions` (grant.session_hold = 0) the session-end patterns
+    /// are checked but left out, so that their lines cost nothing.
+    pub fn load_for(
+        dir: Option<&Path>,
+        services: &[String],
+        enable: &[String],
+        sessions: bool,
+    ) -> Result<PatternSet, PatternError> {
         let files = match dir {
             Some(d) => read_dir_files(d)?,
             None => embedded::EMBEDDED
@@ -217,37 +231,7 @@ impl PatternSet {
                 .map(|(n, t)| (format!("embedded:{n}"), (*t).to_string()))
                 .collect(),
         };
-        Self::from_files(&files, services, enable)
-    }
-
-    /// Like `load`; without `sessions` (grant.session_hold = 0) the session-end patterns
-    /// are left out, so that their lines cost nothing.
-    pub fn load_for(
-        dir: Option<&Path>,
-        services: &[String],
-        enable: &[String],
-        sessions: bool,
-    ) -> Result<PatternSet, PatternError> {
-        let mut set = Self::load(dir, services, enable)?;
-        if !sessions && set.ends.is_some() {
-            set = set.without_session_ends()?;
-        }
-        Ok(set)
-    }
-
-    fn without_session_ends(self) -> Result<PatternSet, PatternError> {
-        let literals: Vec<&String> = self.defs.iter().flat_map(|d| &d.literals).collect();
-        let mut literals: Vec<&str> = literals.into_iter().map(String::as_str).collect();
-        literals.sort_unstable();
-        literals.dedup();
-        Ok(PatternSet {
-            prefilter: literal_searcher(&literals)?,
-            literals: literals.into_iter().map(str::to_string).collect(),
-            ends: None,
-            end_stars: Vec::new(),
-            end_gate: LiteralGate(Vec::new()),
-            ..self
-        })
+        Self::build(&files, services, enable, sessions)
     }
 
     /// Builds from (origin, TOML text) pairs; a file with `[fragments]` defines fragments.
@@ -255,6 +239,15 @@ impl PatternSet {
         files: &[(String, String)],
         services: &[String],
         enable: &[String],
+    ) -> Result<PatternSet, PatternError> {
+        Self::build(files, services, enable, true)
+    }
+
+    fn build(
+        files: &[(String, String)],
+        services: &[String],
+        enable: &[String],
+        sessions: bool,
     ) -> Result<PatternSet, PatternError> {
         let mut fragments = BTreeMap::new();
         let mut defs: Vec<(String, PatternDef)> = Vec::new();
@@ -310,7 +303,7 @@ impl PatternSet {
         }
         defs.retain(|(_, d)| d.default || enable.contains(&d.id));
         defs.sort_by(|a, b| (a.1.priority, &a.1.id).cmp(&(b.1.priority, &b.1.id)));
-        let (end_defs, defs): (Vec<_>, Vec<_>) = defs
+        let (mut end_defs, defs): (Vec<_>, Vec<_>) = defs
             .into_iter()
             .partition(|(_, d)| d.kind == PatternKind::SessionEnd);
         let mut end_regexes = Vec::new();
@@ -326,6 +319,10 @@ impl PatternSet {
                 }
             }
             end_regexes.push(r);
+        }
+        if !sessions {
+            end_defs.clear();
+            end_regexes.clear();
         }
         let end_stars = end_regexes
             .iter()
@@ -384,13 +381,10 @@ impl PatternSet {
             .iter()
             .map(|r| r.contains("(?P<elements>"))
             .collect();
-        let gates = defs
-            .iter()
-            .map(|(_, d)| LiteralGate::new(&d.literals))
-            .collect();
+        let login_gate = LiteralGate::new(defs.iter().flat_map(|(_, d)| &d.literals));
         let end_gate = LiteralGate::new(end_defs.iter().flat_map(|(_, d)| &d.literals));
         Ok(PatternSet {
-            gates,
+            login_gate,
             end_gate,
             defs: defs.into_iter().map(|(_, d)| d).collect(),
             regex,
@@ -433,7 +427,7 @@ impl PatternSet {
     /// Matches one framed message; None when it is not a successful login of an enabled
     /// service.
     pub fn match_message<'a>(&self, msg: &'a [u8], slots: &mut Slots) -> Option<LoginMatch<'a>> {
-        if !self.gates.iter().any(|g| g.admits(msg)) {
+        if !self.login_gate.admits(msg) {
             return None;
         }
         let found = self.regex.search(&Input::new(msg))?;
@@ -528,13 +522,7 @@ impl PatternSet {
                 Groups::Whole(&slots.whole)
             }
         };
-        let span = |name: &str| groups.get(name).map(|r| &msg[r]);
-        let pid = std::str::from_utf8(span("pid")?).ok()?.parse().ok()?;
-        Some(SessionEndMatch {
-            service: span("service")?,
-            pid,
-            session: span("session")?,
-        })
+        session_end_of(msg, &groups)
     }
 
     /// `match_session_end` by the whole regex's captures only (what `star` must equal).
@@ -547,13 +535,7 @@ impl PatternSet {
         let ends = self.ends.as_ref()?;
         ends.captures(Input::new(msg), caps);
         caps.pattern()?;
-        let span = |name: &str| caps.get_group_by_name(name).map(|s| &msg[s.range()]);
-        let pid = std::str::from_utf8(span("pid")?).ok()?.parse().ok()?;
-        Some(SessionEndMatch {
-            service: span("service")?,
-            pid,
-            session: span("session")?,
-        })
+        session_end_of(msg, &Groups::Whole(caps))
     }
 
     /// The login that pattern `pid` reads from its captures in `caps`.
@@ -686,6 +668,17 @@ impl Groups<'_> {
     }
 }
 
+/// The session end a matched session-end pattern's groups name.
+fn session_end_of<'a>(msg: &'a [u8], groups: &Groups<'_>) -> Option<SessionEndMatch<'a>> {
+    let span = |name: &str| groups.get(name).map(|r| &msg[r]);
+    let pid = std::str::from_utf8(span("pid")?).ok()?.parse().ok()?;
+    Some(SessionEndMatch {
+        service: span("service")?,
+        pid,
+        session: span("session")?,
+    })
+}
+
 /// `session=<ID>` and `mpid=PID` of an element list (outside the user element).
 fn session_start(el: &[u8]) -> Option<crate::session::SessionStart> {
     let id = elements::single_value(el, b"session")?
@@ -715,6 +708,12 @@ mod tests {
 
     fn set() -> PatternSet {
         PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).expect("embedded library")
+    }
+
+    /// The embedded library for imap and pop3, built once for the proptests.
+    pub(super) fn library() -> &'static PatternSet {
+        static SET: std::sync::OnceLock<PatternSet> = std::sync::OnceLock::new();
+        SET.get_or_init(set)
     }
 
     fn m(msg: &str) -> Option<(String, String)> {

@@ -96,10 +96,7 @@ mod tests {
     use super::super::PatternSet;
     use super::*;
 
-    fn library() -> &'static PatternSet {
-        static SET: std::sync::OnceLock<PatternSet> = std::sync::OnceLock::new();
-        SET.get_or_init(|| PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).unwrap())
-    }
+    use super::super::tests::library;
 
     /// Both ways must give the same login (pattern, service, user, address, session).
     fn same(set: &PatternSet, msg: &[u8]) {

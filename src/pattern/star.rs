@@ -118,10 +118,7 @@ mod tests {
     use super::super::PatternSet;
     use super::*;
 
-    fn library() -> &'static PatternSet {
-        static SET: std::sync::OnceLock<PatternSet> = std::sync::OnceLock::new();
-        SET.get_or_init(|| PatternSet::load(None, &["imap".into(), "pop3".into()], &[]).unwrap())
-    }
+    use super::super::tests::library;
 
     fn same(set: &PatternSet, msg: &[u8]) {
         let mut slots = set.end_captures().unwrap();
