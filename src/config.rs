@@ -295,10 +295,14 @@ impl FileConfig {
         match config_file(explicit) {
             None => Ok(Self::embedded()),
             Some(p) => {
-                let text = std::fs::read_to_string(&p).map_err(|e| {
+                let text = crate::fsread::read_text(
+                    &p,
+                    crate::fsread::CONFIG_MAX,
+                    crate::fsread::Links::Follow,
+                )
+                .map_err(|e| {
                     ConfigError(format!(
-                        "{}: cannot read the configuration: {e} (name another with --config or {CONFIG_ENV})",
-                        p.display()
+                        "{e} (the configuration; name another with --config or {CONFIG_ENV})"
                     ))
                 })?;
                 let mut file = Self::parse(&text, &p.display().to_string())?;

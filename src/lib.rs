@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod fleet;
 pub mod frame;
+pub mod fsread;
 pub mod grant;
 pub mod notify;
 pub mod pattern;

@@ -321,3 +321,48 @@ fn run_warns_at_start_when_dovecot_logs_to_its_own_file_in_journal_mode() {
     });
     assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
 }
+
+/// Runs `dovegate ARGS` and fails the test (killing it) if it has not ended within `limit`.
+fn dovegate_within(args: &[&str], limit: std::time::Duration) -> std::process::Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .env_remove("DOVEGATE_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run dovegate");
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("dovegate {args:?} still running after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A configuration at /dev/zero ran out of memory; a FIFO blocked every command forever.
+#[test]
+fn a_configuration_that_is_not_a_regular_file_is_refused_promptly() {
+    let d = tempdir();
+    let fifo = d.path().join("fifo.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let zero = d.path().join("zero.toml");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    for (path, kind) in [(&fifo, "FIFO"), (&zero, "character device")] {
+        let out = dovegate_within(
+            &["check-config", "--config", path.to_str().unwrap()],
+            PATIENCE,
+        );
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(err.contains(path.to_str().unwrap()), "{err}");
+        assert!(
+            err.contains(&format!("is a {kind}, not a regular file")),
+            "{err}"
+        );
+    }
+}

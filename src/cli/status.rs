@@ -21,8 +21,6 @@ use crate::timefmt;
 const STATUS_STALE_SECS: i64 = 30;
 /// Sessions listed one per line in text output; `--json` lists all.
 const SESSIONS_SHOWN: usize = 20;
-/// The sessions file is read up to this size.
-const SESSIONS_MAX_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -204,15 +202,17 @@ fn stale_warning(file: &str, updated: i64, now: i64) -> Option<String> {
 
 /// The open sessions the daemon saved, if it saved any (a missing file is not an error).
 fn load_sessions(state_dir: &Path, warnings: &mut Vec<String>) -> Option<Vec<OpenSession>> {
-    use std::io::Read;
+    use crate::fsread::{self, Links};
     let path = state_dir.join("sessions.json");
-    let file = std::fs::File::open(&path).ok()?;
-    let mut text = String::new();
-    if let Err(e) = file.take(SESSIONS_MAX_BYTES).read_to_string(&mut text) {
-        warnings.push(format!("{}: cannot read: {e}", path.display()));
-        return None;
-    }
-    match serde_json::from_str(&text) {
+    let bytes = match fsread::read(&path, fsread::SESSIONS_MAX, Links::Refuse) {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => return None,
+        Err(e) => {
+            warnings.push(e.to_string());
+            return None;
+        }
+    };
+    match crate::source::checkpoint::parse_sessions(&bytes) {
         Ok(s) => Some(s),
         Err(e) => {
             warnings.push(format!("{}: not a list of sessions: {e}", path.display()));

@@ -197,8 +197,12 @@ fn read_dir_files(dir: &Path) -> Result<Vec<(String, String)>, PatternError> {
             continue;
         }
         let path = entry.path();
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| PatternError(format!("{}: cannot read: {e}", path.display())))?;
+        let text = crate::fsread::read_text(
+            &path,
+            crate::fsread::CONFIG_MAX,
+            crate::fsread::Links::Follow,
+        )
+        .map_err(|e| PatternError(e.to_string()))?;
         files.push((path.display().to_string(), text));
     }
     files.sort();

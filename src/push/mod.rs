@@ -10,7 +10,7 @@ pub mod policy;
 pub mod socket;
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -134,12 +134,12 @@ impl PushSettings {
         let secret = match (s.auth_policy_secret_file.trim(), &auth_policy) {
             ("", _) | (_, None) => None,
             (path, Some(_)) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    err(
-                        "auth_policy_secret_file",
-                        format!("{path}: cannot read: {e}"),
-                    )
-                })?;
+                let text = crate::fsread::read_text(
+                    Path::new(path),
+                    crate::fsread::SECRET_MAX,
+                    crate::fsread::Links::Follow,
+                )
+                .map_err(|e| err("auth_policy_secret_file", e.to_string()))?;
                 Some(ApiHeader::parse(&text).map_err(|m| {
                     err(
                         "auth_policy_secret_file",

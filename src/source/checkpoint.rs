@@ -6,11 +6,31 @@
 //! file, fsync, rename) and only after the map commit that covers it.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::fsread::{self, Links};
+
+/// A state file's bytes: None when absent, or when refused (a link, a device, a FIFO, too
+/// large: reported, never read into memory nor waited on).
+fn read_state(path: &Path, max: u64) -> Option<Vec<u8>> {
+    match fsread::read(path, max, Links::Refuse) {
+        Ok(b) => Some(b),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring a state file");
+            None
+        }
+    }
+}
+
+/// The saved open sessions, from the bytes of `sessions.json`.
+pub fn parse_sessions(bytes: &[u8]) -> Result<Vec<crate::session::OpenSession>, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
 
 /// Bytes at the start of a file that identify its content (inode numbers are reused).
 pub const FINGERPRINT_BYTES: usize = 64;
@@ -176,9 +196,8 @@ impl CheckpointDir {
     /// The checkpoint of `path`, if one was saved. A corrupt file is reported and ignored.
     pub fn load(&self, path: &Path) -> Option<Checkpoint> {
         let f = self.file_for(path);
-        let mut text = String::new();
-        File::open(&f).ok()?.read_to_string(&mut text).ok()?;
-        match serde_json::from_str::<Checkpoint>(&text) {
+        let bytes = read_state(&f, fsread::STATE_MAX)?;
+        match serde_json::from_slice::<Checkpoint>(&bytes) {
             Ok(c) if c.path == path => Some(c),
             Ok(_) => None,
             Err(e) => {
@@ -211,10 +230,10 @@ impl CheckpointDir {
 
     /// The saved sessions (none when absent; a corrupt file is reported and ignored).
     pub fn load_sessions(&self) -> Vec<crate::session::OpenSession> {
-        let Ok(bytes) = std::fs::read(self.sessions_file()) else {
+        let Some(bytes) = read_state(&self.sessions_file(), fsread::SESSIONS_MAX) else {
             return Vec::new();
         };
-        serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        parse_sessions(&bytes).unwrap_or_else(|e| {
             tracing::warn!(file = %self.sessions_file().display(), error = %e, "ignoring unreadable sessions file; open sessions fall back to plain logins");
             Vec::new()
         })
@@ -238,7 +257,7 @@ impl CheckpointDir {
 
     /// The saved cursor of a journal, if any.
     pub fn load_cursor(&self, journal: &str) -> Option<String> {
-        let bytes = std::fs::read(self.cursor_file_for(journal)).ok()?;
+        let bytes = read_state(&self.cursor_file_for(journal), fsread::STATE_MAX)?;
         match serde_json::from_slice::<JournalCursor>(&bytes) {
             Ok(j) if j.journal == journal => Some(j.cursor),
             Ok(_) => None,
@@ -275,7 +294,7 @@ impl CheckpointDir {
                 let n = e.file_name().to_string_lossy().into_owned();
                 n.starts_with("journal-") && n.ends_with(".json")
             })
-            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|e| read_state(&e.path(), fsread::STATE_MAX))
             .filter_map(|b| serde_json::from_slice(&b).ok())
             .collect()
     }
@@ -291,7 +310,7 @@ impl CheckpointDir {
                 let n = e.file_name().to_string_lossy().into_owned();
                 n.ends_with(".json") && !n.starts_with("journal-")
             })
-            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|e| read_state(&e.path(), fsread::STATE_MAX))
             .filter_map(|b| serde_json::from_slice(&b).ok())
             .collect();
         out.sort_by(|a: &Checkpoint, b| a.path.cmp(&b.path));
@@ -354,5 +373,30 @@ mod tests {
             .save_position(&j)
             .unwrap();
         assert!(!other.path().join("checkpoints").exists());
+    }
+
+    /// A sessions file that is a link to /dev/zero took the daemon to 10 GB of memory.
+    #[test]
+    fn a_sessions_file_that_is_not_a_regular_file_is_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        let cd = CheckpointDir::new(d.path());
+        std::fs::create_dir_all(d.path().join("checkpoints")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", cd.sessions_file()).unwrap();
+        let started = std::time::Instant::now();
+        assert!(cd.load_sessions().is_empty());
+        // Refused, not read until memory runs out (std's read gives up with an error once
+        // an allocation fails, so the time and the peak memory tell).
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) }, 0);
+        assert!(
+            usage.ru_maxrss < 512 << 10,
+            "peak RSS {} KiB",
+            usage.ru_maxrss
+        );
+        std::fs::remove_file(cd.sessions_file()).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", cd.file_for(Path::new("/var/log/x"))).unwrap();
+        assert_eq!(cd.load(Path::new("/var/log/x")), None);
+        assert!(cd.all().is_empty());
     }
 }

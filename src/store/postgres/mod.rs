@@ -98,7 +98,9 @@ impl Target {
                 "{at}: larger than {MAX_URL_FILE} bytes; it must hold one URL"
             ));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{at}: cannot read: {e}"))?;
+        // Bounded again on the read itself: the file may change after the stat above.
+        let text = crate::fsread::read_text(path, MAX_URL_FILE, crate::fsread::Links::Follow)
+            .map_err(|e| e.to_string())?;
         let (url, rootcert) = take_sslrootcert(text.trim());
         let url = url.as_str();
         if url.is_empty() {

@@ -471,12 +471,7 @@ pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) {
 
 /// Reads a status file written by `write_json` (bounded: these files are small).
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Option<T> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(1 << 20)
-        .read_to_string(&mut text)
-        .ok()?;
-    serde_json::from_str(&text).ok()
+    use crate::fsread::{self, Links};
+    let bytes = fsread::read(path, fsread::STATE_MAX, Links::Refuse).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
