@@ -239,6 +239,13 @@ impl FrameParser {
         }
         if let Some((t, n)) = time::parse_bsd(line, now, &self.zone) {
             let rest = &line[n..];
+            // Syslog without a host field (`Jun  1 12:00:00 dovecot: imap-login: ...`, as
+            // some syslogds write local messages): the trusted tag right after the time.
+            if let Some(msg) = self.strip_tag(rest).map(|m| self.unnest(m, now)) {
+                if starts_with_service(msg) {
+                    return Some(self.frame(Framing::SyslogBsd, Some(t), msg));
+                }
+            }
             return if starts_with_service(rest) {
                 Some(self.frame(Framing::LogPath, Some(t), strip_level(rest)))
             } else {
@@ -247,7 +254,11 @@ impl FrameParser {
             };
         }
         if let Some((t, n)) = time::parse_rfc3339(line) {
-            let msg = self.syslog_body(&line[n..], now)?;
+            let rest = &line[n..];
+            let msg = match self.strip_tag(rest).map(|m| self.unnest(m, now)) {
+                Some(msg) if starts_with_service(msg) => msg,
+                _ => self.syslog_body(rest, now)?,
+            };
             return Some(self.frame(Framing::SyslogRfc3339, Some(t), msg));
         }
         if let Some((t, n)) = time::parse_iso_local(line, &self.zone) {
@@ -349,6 +360,31 @@ mod tests {
                 String::from_utf8_lossy(f.message).replace("imap-login: Info: ", "imap-login: ");
             (f.framing, m)
         })
+    }
+
+    /// Some syslogds write local messages without a host field.
+    #[test]
+    fn syslog_without_a_host_field() {
+        let m = "imap-login: Login: user=<a>";
+        for line in [
+            "Jun  1 12:00:00 dovecot: imap-login: Login: user=<a>",
+            "Jun  1 12:00:00 dovecot[12]: imap-login: Login: user=<a>",
+            "2026-06-01T12:00:00+00:00 dovecot: imap-login: Login: user=<a>",
+        ] {
+            let (framing, got) = msg(line).unwrap_or_else(|| panic!("{line}"));
+            assert_eq!(got, m, "{line}");
+            assert!(
+                matches!(framing, Framing::SyslogBsd | Framing::SyslogRfc3339),
+                "{line}"
+            );
+        }
+        // Another program's tag is still not trusted: its line never frames as the login.
+        for line in [
+            "Jun  1 12:00:00 sshd: imap-login: Login: user=<a>",
+            "2026-06-01T12:00:00+00:00 sshd: imap-login: Login: user=<a>",
+        ] {
+            assert_ne!(msg(line).map(|(_, got)| got).as_deref(), Some(m), "{line}");
+        }
     }
 
     #[test]

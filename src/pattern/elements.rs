@@ -50,16 +50,65 @@ pub fn parse_ip(text: &[u8]) -> Option<IpAddr> {
     s.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
 
+fn is_key_byte(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'_' || b == b'-'
+}
+
+/// ` key=` at the start of `rest` (a custom format that separates the user element from
+/// the next one by a space: `user=<u> method=LOGIN, rip=...`).
+fn space_then_key(rest: &[u8]) -> bool {
+    let Some(rest) = rest.strip_prefix(b" ") else {
+        return false;
+    };
+    let key = rest.iter().take_while(|&&b| is_key_byte(b)).count();
+    key > 0 && rest.get(key) == Some(&b'=')
+}
+
 /// Byte range of the user element's value: from after `user=<` to the first `>` that is
-/// followed by `, ` or the end.
+/// followed by `, `, the end, or ` key=`.
 fn user_span(elements: &[u8]) -> Option<std::ops::Range<usize>> {
     let start =
         memmem::find_iter(elements, b"user=<").find(|&p| at_element_start(elements, p))? + 6;
     let rest = &elements[start..];
     let end = memchr::memchr_iter(b'>', rest)
-        .find(|&i| i + 1 == rest.len() || rest[i + 1..].starts_with(b", "))
+        .find(|&i| {
+            i + 1 == rest.len()
+                || rest[i + 1..].starts_with(b", ")
+                || space_then_key(&rest[i + 1..])
+        })
         .unwrap_or(rest.len());
     Some(start..start + end)
+}
+
+/// Byte ranges of the quoted values (`key="..."`, as a custom `login_log_format_elements`
+/// may write them, holding spaces and commas) that start an element outside the user
+/// element: to the first `"` followed by `, ` or the end, else to the end (a quote that
+/// never closes covers the rest, which only ever makes a line ambiguous).
+fn quoted_spans(
+    elements: &[u8],
+    user: Option<&std::ops::Range<usize>>,
+) -> Vec<std::ops::Range<usize>> {
+    let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
+    for eq in memmem::find_iter(elements, b"=\"") {
+        if spans.last().is_some_and(|s| s.contains(&eq)) || user.is_some_and(|u| u.contains(&eq)) {
+            continue;
+        }
+        let key = elements[..eq]
+            .iter()
+            .rev()
+            .take_while(|&&b| is_key_byte(b))
+            .count();
+        if key == 0 || !at_element_start(elements, eq - key) {
+            continue;
+        }
+        let start = eq + 2;
+        let rest = &elements[start..];
+        let end = memchr::memchr_iter(b'"', rest)
+            .find(|&i| i + 1 == rest.len() || rest[i + 1..].starts_with(b", "))
+            .unwrap_or(rest.len());
+        spans.push(start..start + end);
+    }
+    spans
 }
 
 /// The client address of an element list (see the module rules).
@@ -72,6 +121,13 @@ pub fn client_ip(elements: &[u8]) -> IpVerdict {
 pub fn client_ip_in(elements: &[u8], key: &[u8]) -> IpVerdict {
     let mut found: Option<Result<IpAddr, &[u8]>> = None;
     let mut count = 0usize;
+    // An address element inside a quoted value is never used, nor may a quote hide the
+    // real one (a user name can open a quote that only a later element closes): either
+    // makes the line ambiguous.
+    let quoted = quoted_spans(elements, user_span(elements).as_ref());
+    if candidates(elements, key).any(|pos| quoted.iter().any(|q| q.contains(&pos))) {
+        return IpVerdict::Ambiguous;
+    }
     for text in values(elements, key) {
         let this = parse_ip(text).ok_or(text);
         count += 1;
@@ -91,9 +147,8 @@ pub fn client_ip_in(elements: &[u8], key: &[u8]) -> IpVerdict {
     }
 }
 
-/// The values of every `key=` element outside the user element, in order (the same rules
-/// as for `rip=`: a forged user name never supplies one).
-pub fn values<'a>(elements: &'a [u8], key: &[u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+/// Where each `key=` element outside the user element starts.
+fn candidates<'a>(elements: &'a [u8], key: &[u8]) -> impl Iterator<Item = usize> + 'a {
     let mut needle = key.to_vec();
     needle.push(b'=');
     let user = user_span(elements);
@@ -103,12 +158,17 @@ pub fn values<'a>(elements: &'a [u8], key: &[u8]) -> impl Iterator<Item = &'a [u
         .filter(move |&pos| {
             at_element_start(elements, pos) && !user.as_ref().is_some_and(|u| u.contains(&pos))
         })
-        .map(move |pos| {
-            let start = pos + needle.len();
-            let end =
-                memchr::memchr(b',', &elements[start..]).map_or(elements.len(), |e| start + e);
-            &elements[start..end]
-        })
+}
+
+/// The values of every `key=` element outside the user element, in order (the same rules
+/// as for `rip=`: a forged user name never supplies one).
+pub fn values<'a>(elements: &'a [u8], key: &[u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let skip = key.len() + 1;
+    candidates(elements, key).map(move |pos| {
+        let start = pos + skip;
+        let end = memchr::memchr(b',', &elements[start..]).map_or(elements.len(), |e| start + e);
+        &elements[start..end]
+    })
 }
 
 /// The value of the `key=` element when every such element agrees (None: absent or

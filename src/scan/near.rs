@@ -17,6 +17,12 @@ pub enum NearMiss {
     ServiceNotEnabled,
     /// A login line without a client address element (`rip=`).
     NoAddress,
+    /// The line is trusted but what precedes the service name was not understood (a
+    /// syslog header of another shape): the framing did not fit.
+    UnknownFraming,
+    /// A known login wording (`Login: `, `Logged in: `) whose element list no enabled
+    /// pattern accepts (a custom `login_log_format_elements`).
+    ElementList,
     /// Login wording no enabled pattern knows (another Dovecot version, an opt-in pattern).
     UnknownWording,
 }
@@ -27,6 +33,8 @@ impl NearMiss {
             NearMiss::UntrustedFrame => "untrusted-frame",
             NearMiss::ServiceNotEnabled => "service-not-enabled",
             NearMiss::NoAddress => "no-address",
+            NearMiss::UnknownFraming => "unknown-framing",
+            NearMiss::ElementList => "element-list",
             NearMiss::UnknownWording => "unknown-wording",
         }
     }
@@ -39,6 +47,9 @@ pub(super) const WORDING: [&str; 4] = [
     "started proxying",
     "Started proxying",
 ];
+
+/// The success wordings whose element lists the patterns read.
+const SUCCESS: [&str; 2] = ["Login: ", "Logged in: "];
 
 /// Tells near misses apart.
 pub(super) struct Classifier {
@@ -78,16 +89,28 @@ impl Classifier {
                 None => return Some(NearMiss::UntrustedFrame),
             },
         };
-        let service = message
+        let message = message
             .strip_prefix(b"Info: ".as_slice())
-            .unwrap_or(message)
-            .split(|&b| b == b':')
-            .next()
-            .and_then(|s| s.strip_suffix(b"-login".as_slice()));
+            .unwrap_or(message);
+        let head = message.split(|&b| b == b':').next().unwrap_or(message);
+        let service = head.strip_suffix(b"-login".as_slice()).filter(|s| {
+            s.iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+        // What follows `imap-login: [Info: ]`, when the message starts with a service.
+        let said = service.map(|_| {
+            let rest = &message[(head.len() + 2).min(message.len())..];
+            rest.strip_prefix(b"Info: ".as_slice()).unwrap_or(rest)
+        });
         match service {
             Some(s) if !self.services.iter().any(|x| x == s) => Some(NearMiss::ServiceNotEnabled),
+            // `-login: ` further on: something before the service name was not understood.
+            None if self.login_process.find(message).is_some() => Some(NearMiss::UnknownFraming),
             // 0.99's `[ip]` form is matched by its pattern: only `rip=` is looked for here.
             _ if self.rip.find(message).is_none() => Some(NearMiss::NoAddress),
+            _ if said.is_some_and(|w| SUCCESS.iter().any(|k| w.starts_with(k.as_bytes()))) => {
+                Some(NearMiss::ElementList)
+            }
             _ => Some(NearMiss::UnknownWording),
         }
     }

@@ -199,3 +199,28 @@ Nov 26 12:15:53 mail sshd[1]: imap(bob)<1><BBBB>: Disconnected: Logged out\n";
         )]
     );
 }
+
+/// The reason names what did not fit, so that an administrator can fix a pattern from it.
+#[test]
+fn near_miss_names_what_did_not_fit() {
+    let buf = "\
+Nov 21 09:56:55 vm dovecot: [x] imap-login: Login: user=<a>, rip=203.0.113.5, lip=192.0.2.1\n\
+Nov 21 09:56:55 vm dovecot: imap-login: Login: user=<a>, rip=203.0.113.5, odd element=x y\n\
+Nov 21 09:56:55 vm dovecot: imap-login: Info: Logged in: user=<a>, rip=203.0.113.5, lip=192.0.2.1, odd=\"x y\n\
+Nov 21 09:56:55 vm dovecot: imap-login: Welcome! Login: user=<h>, rip=203.0.113.9\n";
+    let (events, _) = run(Visit::NearMisses, buf);
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e.split(' ').nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "unknown-framing",
+            "element-list",
+            "element-list",
+            "unknown-wording"
+        ],
+        "{events:#?}"
+    );
+}
