@@ -147,11 +147,7 @@ impl Replica {
     /// The expiry a database row may have here: capped at now + ttl; None when it must not
     /// be granted at all (expired, or an address dovegate never grants).
     fn admit(&self, ip: IpAddr, expires: i64, now: i64) -> Option<i64> {
-        if self.policy.exclusion(ip).is_some() {
-            return None;
-        }
-        let e = expires.min(now + self.policy.ttl_secs());
-        (e > now).then_some(e)
+        admit(&self.policy, ip, expires, now)
     }
 
     /// Makes the map equal the database: adds and shortens to the database's expiries,
@@ -174,7 +170,7 @@ impl Replica {
         let mut fresh: HashMap<IpAddr, i64> = HashMap::with_capacity(rows.len());
         let mut refused = 0usize;
         for (addr, e) in &rows {
-            match parse_address(addr).and_then(|ip| Some((ip, self.admit(ip, *e, now)?))) {
+            match row_grant(&self.policy, addr, *e, now) {
                 Some((ip, e)) => {
                     fresh.insert(ip, e);
                 }
@@ -389,6 +385,22 @@ impl Replica {
 }
 
 /// Seconds until unix time `at`.
+/// The expiry a database row may have here: capped at now + ttl; None when it must not
+/// be granted at all (expired, or an address dovegate never grants).
+pub fn admit(policy: &Policy, ip: IpAddr, expires: i64, now: i64) -> Option<i64> {
+    if policy.exclusion(ip).is_some() {
+        return None;
+    }
+    let e = expires.min(now.saturating_add(policy.ttl_secs()));
+    (e > now).then_some(e)
+}
+
+/// The grant a database row (address text, expiry) makes here, if any.
+pub fn row_grant(policy: &Policy, address: &str, expires: i64, now: i64) -> Option<(IpAddr, i64)> {
+    let ip = parse_address(address)?;
+    Some((ip, admit(policy, ip, expires, now)?))
+}
+
 fn until(at: i64) -> Duration {
     let now = chrono::Utc::now().timestamp_micros();
     Duration::from_micros(
