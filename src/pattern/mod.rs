@@ -551,7 +551,7 @@ impl PatternSet {
         let session = span("elements").and_then(session_start);
         let (ip, user) = match span("elements") {
             Some(el) => {
-                if def.prefix_user && !proxy::prefix_user_agrees(span("user")?, el) {
+                if def.prefix_user && !proxy::prefix_user_agrees(span("user")?, el, msg) {
                     return None;
                 }
                 (
