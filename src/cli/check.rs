@@ -403,6 +403,10 @@ pub fn run(cfg: &ConfigArgs, user: Option<&str>) -> Result<(), Failure> {
             Finding::Warning(m) => eprintln!("dovegate: warning: {m}"),
         }
     }
+    eprintln!(
+        "dovegate: note: only `dovegate grant` and `dovegate revoke` may write {}: `postmap -i` or `-d` on the live map is unsupported and damages it (the daemon then moves it aside)",
+        crate::store::lmdb::file_path(&settings.map_path).display()
+    );
     print!("{}", file.to_toml());
     if errors > 0 {
         return Err(Failure::config(String::new()));

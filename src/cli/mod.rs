@@ -107,6 +107,9 @@ enum Command {
     /// Write the man pages and shell completions into DIR (packaging).
     #[command(hide = true)]
     GenerateDocs { dir: PathBuf },
+    /// Check a private copy of a map file (the daemon runs it at start: see store::damage).
+    #[command(hide = true)]
+    ProbeMap { file: PathBuf },
 }
 
 /// A command's failure: its message and exit code (2: bad configuration or usage).
@@ -213,6 +216,7 @@ pub fn main() -> ExitCode {
         Command::Init { cfg } => init(&cfg),
         Command::GenerateDocs { dir } => docs::generate(&dir),
         Command::Postlogin(args) => return postlogin::run(args.into_args()),
+        Command::ProbeMap { file } => return crate::store::damage::probe_child(&file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -300,6 +300,13 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                 &settings.state_dir,
             )
             .map_err(|e| Failure::runtime(e.0))?;
+            // A damaged map is moved aside here, never opened for writing (issue 20).
+            crate::store::damage::check_at_start(
+                &crate::store::lmdb::file_path(&settings.map_path),
+                &settings.action,
+                timefmt::now(),
+            )
+            .map_err(|e| Failure::runtime(e.0))?;
             let map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::Create)
                 .map_err(|e| Failure::runtime(e.0))?;
             (

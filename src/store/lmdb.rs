@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use lmdb::{Cursor, Database, Environment, EnvironmentFlags, Transaction, WriteFlags};
 
+use super::damage;
 use super::file::{self, FileFault, FileIdentity};
 use super::lock::FileLock;
 use super::value::{key_bytes, parse_expiry, parse_key, value_bytes, value_text};
@@ -216,6 +217,29 @@ impl LmdbMap {
         lock_error(&self.path, &e)
     }
 
+    /// An LMDB error; one that says the file is damaged makes a writer move the file aside,
+    /// put a new map in its place and answer `Cause::Reopened` (the caller writes its live
+    /// grants again), so that a damaged map never stops the daemon.
+    fn failed(&mut self, what: &str, e: lmdb::Error) -> StoreError {
+        if self.mode == OpenMode::ReadOnly || !damage::is_damage(&e) {
+            return self.lmdb_err(what, e);
+        }
+        let why = format!("{what}: {e}");
+        let replaced =
+            damage::replace_damaged(&self.path, &self.action, &why, &[], crate::timefmt::now())
+                .and_then(|_| self.reopen_file());
+        match replaced {
+            Ok(()) => StoreError::new(
+                format!(
+                    "{}: the map was damaged ({why}); replaced it",
+                    self.path.display()
+                ),
+                Cause::Reopened,
+            ),
+            Err(err) => err,
+        }
+    }
+
     /// Reserves the disk blocks of the whole map size (see `file::reserve`); a failure is
     /// reported, never fatal: the map works, only a full disk would then stop expiries.
     fn reserve(&self) {
@@ -271,6 +295,11 @@ impl LmdbMap {
             drop(guard);
             cut.map_err(|e| StoreError::io(&self.path, "cannot truncate", &e))?;
         }
+        self.reopen_file()
+    }
+
+    /// Opens the file at the path again (after it was replaced or cut).
+    fn reopen_file(&mut self) -> Result<(), StoreError> {
         let o = open_file(&self.path, self.mode)?;
         self.env = o.env;
         self.db = o.db;
@@ -299,39 +328,44 @@ impl LmdbMap {
         }
         self.check()?;
         loop {
-            let guard = FileLock::exclusive(&self.lock_file).map_err(|e| self.lock_err(e))?;
-            if txnid(&self.env) != self.synced_txnid {
-                self.others_wrote = true;
-            }
-            let begun = self.env.begin_rw_txn();
-            let mut txn = match begun {
-                Err(lmdb::Error::MapResized) => {
-                    // Another writer grew the file: adopt its size and retry.
-                    let adopted = self.env.set_map_size(0);
-                    drop(guard);
-                    adopted.map_err(|e| self.lmdb_err("cannot adopt new map size", e))?;
-                    // The size LMDB adopted is the one the next growth doubles.
-                    if let Ok(info) = self.env.info() {
-                        self.map_size = info.map_size();
-                    }
-                    self.reserve();
-                    continue;
+            // The transaction borrows the environment: its outcome leaves this block
+            // without it, so that a damaged map can be replaced below.
+            let outcome = {
+                let guard = FileLock::exclusive(&self.lock_file).map_err(|e| self.lock_err(e))?;
+                if txnid(&self.env) != self.synced_txnid {
+                    self.others_wrote = true;
                 }
-                other => other.map_err(|e| self.lmdb_err("cannot begin transaction", e))?,
+                match self.env.begin_rw_txn() {
+                    Err(lmdb::Error::MapResized) => {
+                        // Another writer grew the file: adopt its size and retry.
+                        let adopted = self.env.set_map_size(0);
+                        drop(guard);
+                        adopted.map_err(|e| self.lmdb_err("cannot adopt new map size", e))?;
+                        // The size LMDB adopted is the one the next growth doubles.
+                        if let Ok(info) = self.env.info() {
+                            self.map_size = info.map_size();
+                        }
+                        self.reserve();
+                        continue;
+                    }
+                    Err(e) => Err(("cannot begin transaction", e)),
+                    Ok(mut txn) => {
+                        let result = work(&mut txn, self.db).and_then(|v| txn.commit().map(|()| v));
+                        if result.is_ok() {
+                            self.synced_txnid = txnid(&self.env);
+                        }
+                        result.map_err(|e| ("write failed", e))
+                    }
+                }
             };
-            let result = work(&mut txn, self.db).and_then(|v| txn.commit().map(|()| v));
-            if result.is_ok() {
-                self.synced_txnid = txnid(&self.env);
-            }
-            drop(guard);
-            match result {
+            match outcome {
                 Ok(v) => {
                     // Replaced between the check and the commit: what we wrote is in a file
                     // Postfix no longer reads; the caller writes it again.
                     self.check()?;
                     return Ok(v);
                 }
-                Err(lmdb::Error::MapFull) if self.map_size < MAX_MAP_SIZE => {
+                Err((_, lmdb::Error::MapFull)) if self.map_size < MAX_MAP_SIZE => {
                     self.map_size *= 2;
                     self.env
                         .set_map_size(self.map_size)
@@ -339,7 +373,7 @@ impl LmdbMap {
                     self.reserve();
                     tracing::info!(map = %self.path.display(), size = self.map_size, "map grown");
                 }
-                Err(e) => return Err(self.lmdb_err("write failed", e)),
+                Err((what, e)) => return Err(self.failed(what, e)),
             }
         }
     }
@@ -353,31 +387,37 @@ impl LmdbMap {
         self.check()?;
         let mut work = Some(work);
         loop {
-            let guard = FileLock::shared(&self.lock_file).map_err(|e| self.lock_err(e))?;
-            let begun = self.env.begin_ro_txn();
-            let txn = match begun {
-                Err(lmdb::Error::MapResized) => {
-                    let adopted = self.env.set_map_size(0);
-                    drop(guard);
-                    adopted.map_err(|e| self.lmdb_err("cannot adopt new map size", e))?;
-                    // The size LMDB adopted is the one the next growth doubles.
-                    if let Ok(info) = self.env.info() {
-                        self.map_size = info.map_size();
+            let outcome = {
+                let guard = FileLock::shared(&self.lock_file).map_err(|e| self.lock_err(e))?;
+                match self.env.begin_ro_txn() {
+                    Err(lmdb::Error::MapResized) => {
+                        let adopted = self.env.set_map_size(0);
+                        drop(guard);
+                        adopted.map_err(|e| self.lmdb_err("cannot adopt new map size", e))?;
+                        // The size LMDB adopted is the one the next growth doubles.
+                        if let Ok(info) = self.env.info() {
+                            self.map_size = info.map_size();
+                        }
+                        self.reserve();
+                        continue;
                     }
-                    self.reserve();
-                    continue;
+                    Err(e) => Err(("cannot begin read", e)),
+                    Ok(txn) => {
+                        let Some(work) = work.take() else {
+                            unreachable!("read work runs once");
+                        };
+                        let v = work(&txn, self.db);
+                        let id = txnid(&self.env);
+                        let ended = txn.commit();
+                        match (v, ended) {
+                            (Ok(v), Ok(())) => Ok((v, id)),
+                            (Err(e), _) => Err(("read failed", e)),
+                            (Ok(_), Err(e)) => Err(("cannot end read", e)),
+                        }
+                    }
                 }
-                other => other.map_err(|e| self.lmdb_err("cannot begin read", e))?,
             };
-            let Some(work) = work.take() else {
-                unreachable!("read work runs once");
-            };
-            let v = work(&txn, self.db).map_err(|e| self.lmdb_err("read failed", e))?;
-            let id = txnid(&self.env);
-            txn.commit()
-                .map_err(|e| self.lmdb_err("cannot end read", e))?;
-            drop(guard);
-            return Ok((v, id));
+            return outcome.map_err(|(what, e)| self.failed(what, e));
         }
     }
 }
