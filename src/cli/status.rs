@@ -386,7 +386,9 @@ fn print_text(status: &Status, state_dir: &Path) {
     );
     match (status.daemon.running, status.daemon.pid) {
         (Some(true), Some(pid)) => println!("daemon: running (pid {pid}), holds the map"),
-        (Some(true), None) => println!("daemon: running, holds the map"),
+        (Some(true), None) => println!(
+            "daemon: the map's lock file is held, but not by a running dovegate that named itself (pid unknown)"
+        ),
         (Some(false), _) => println!("daemon: none holds the map"),
         (None, _) => println!("daemon: unknown"),
     }

@@ -92,7 +92,67 @@ fn lock_error(path: &Path, e: &std::io::Error) -> StoreError {
     err
 }
 
-/// Opens `path` (the `.lmdb` file), creating it (empty, mode 0644) when `mode` says so.
+/// Who may open the map: its owner (the daemon's user), root, and Postfix's group (smtpd
+/// opens it as root, other Postfix programs may run as `postfix`). Nobody else: any user
+/// who can open it can hold a read lock that stalls every write (issue 20).
+const MAP_MODE: u32 = 0o640;
+
+/// The group Postfix's programs run as.
+const POSTFIX_GROUP: &str = "postfix";
+
+fn group_id(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: plain data, filled by the call.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: valid buffers for the call; `out` points into `grp` on success.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    (rc == 0 && !out.is_null()).then_some(grp.gr_gid)
+}
+
+/// Gives a map the daemon creates (or finds readable by every user) mode 0640 and Postfix's
+/// group. A failure is reported, never fatal: smtpd opens the map as root anyway.
+fn restrict(file: &File, path: &Path, created: bool) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = file.metadata() else {
+        return;
+    };
+    let open_to_all = meta.mode() & 0o007 != 0;
+    if !created && !open_to_all {
+        return;
+    }
+    if let Some(gid) = group_id(POSTFIX_GROUP).filter(|&g| g != meta.gid()) {
+        if let Err(e) = std::os::unix::fs::fchown(file, None, Some(gid)) {
+            tracing::warn!(
+                map = %path.display(),
+                error = %e,
+                "cannot give the map to group {POSTFIX_GROUP}; as root: chgrp {POSTFIX_GROUP} {}",
+                path.display()
+            );
+        }
+    }
+    if let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(MAP_MODE)) {
+        tracing::warn!(map = %path.display(), error = %e, "cannot chmod the map 0640; every local user can read-lock it and stall its writes: chmod 0640 {}", path.display());
+    } else if open_to_all {
+        tracing::warn!(
+            map = %path.display(),
+            "the map was readable by every local user (mode {:04o}), who could hold a read lock and stall expiries; changed it to 0640",
+            meta.mode() & 0o7777
+        );
+    }
+}
+
+/// Opens `path` (the `.lmdb` file), creating it (empty, mode 0640, group postfix) when
+/// `mode` says so.
 fn open_file(path: &Path, mode: OpenMode) -> Result<Opened, StoreError> {
     let create = mode == OpenMode::Create;
     let writable = mode != OpenMode::ReadOnly;
@@ -117,15 +177,11 @@ fn open_file(path: &Path, mode: OpenMode) -> Result<Opened, StoreError> {
         .read(true)
         .write(writable)
         .create(create)
-        .mode(0o644)
+        .mode(MAP_MODE)
         .open(path)
         .map_err(|e| io("cannot open", &e))?;
-    if !existed {
-        // Umask must not hide the map from Postfix, which opens it as root before chroot
-        // but may run lookups as another user.
-        lock_file
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| io("cannot chmod", &e))?;
+    if create {
+        restrict(&lock_file, path, !existed);
     }
     let meta = lock_file.metadata().map_err(|e| io("cannot stat", &e))?;
     let ident = FileIdentity::of(&meta);
@@ -149,7 +205,7 @@ fn open_file(path: &Path, mode: OpenMode) -> Result<Opened, StoreError> {
     let env = Environment::new()
         .set_flags(flags)
         .set_map_size(map_size)
-        .open_with_permissions(path, 0o644)
+        .open_with_permissions(path, MAP_MODE as libc::mode_t)
         .map_err(|e| lmdb("cannot open LMDB environment", e))?;
     let mut fd: lmdb_sys::mdb_filehandle_t = -1;
     // SAFETY: an open environment and a pointer to a local for the call's duration.
@@ -179,7 +235,8 @@ fn open_file(path: &Path, mode: OpenMode) -> Result<Opened, StoreError> {
 }
 
 impl LmdbMap {
-    /// Opens the map, creating it (empty, mode 0644) when `create` and it is missing.
+    /// Opens the map, creating it (empty, mode 0640, group postfix) when `create` and it is
+    /// missing.
     pub fn open(map: &Path, action: &str, mode: OpenMode) -> Result<LmdbMap, StoreError> {
         let path = file_path(map);
         let o = open_file(&path, mode)?;
@@ -595,7 +652,7 @@ mod tests {
         let map = dir.path().join("sub/relay");
         let mut m = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
         let meta = std::fs::metadata(file_path(&map)).unwrap();
-        assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
         assert!(!dir.path().join("sub/relay.lmdb-lock").exists());
         let a: IpAddr = "192.0.2.7".parse().unwrap();
         let b: IpAddr = "2001:db8::7".parse().unwrap();
