@@ -172,3 +172,27 @@ fn a_foreign_lock_holder_neither_blocks_the_start_nor_is_named() {
     let _ = holder.wait();
     daemon.stop();
 }
+
+/// What the package runs on removal (issue 20 item 1): every entry goes, the file (and
+/// its inode, which Postfix has open) stays.
+#[test]
+fn revoke_all_empties_the_map_and_keeps_the_file() {
+    let d = tempdir();
+    let map = d.path().join("relay");
+    let m = map.display().to_string();
+    assert!(dovegate(&["init", "--map", &m]).status.success());
+    for ip in ["192.0.2.80", "2001:db8::80"] {
+        assert!(dovegate(&["grant", "--map", &m, ip]).status.success());
+    }
+    let before = std::fs::metadata(d.path().join("relay.lmdb")).unwrap().ino();
+    assert!(postmap_q(&map, "192.0.2.80").is_some());
+    let out = dovegate(&["revoke", "--all", "--map", &m]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(postmap_q(&map, "192.0.2.80").is_none());
+    assert!(postmap_q(&map, "2001:db8::80").is_none());
+    assert!(postmap_s(&map).is_empty());
+    assert_eq!(
+        std::fs::metadata(d.path().join("relay.lmdb")).unwrap().ino(),
+        before
+    );
+}

@@ -143,3 +143,15 @@ pub fn revoke(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
         })
     }
 }
+
+/// `dovegate revoke --all`: empties the map in one transaction; the file stays.
+pub fn revoke_all(cfg: &ConfigArgs) -> Result<(), Failure> {
+    let (_, settings) = load_settings(cfg, |_| {})?;
+    let mut map = open(&settings, OpenMode::Existing)?;
+    let removed = map.clear().map_err(store_failure)?;
+    println!(
+        "revoked every entry ({removed}) of {}",
+        map.path().display()
+    );
+    Ok(())
+}

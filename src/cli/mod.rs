@@ -69,12 +69,17 @@ enum Command {
         /// The client address (any textual form; stored canonical).
         ip: String,
     },
-    /// Remove an address's grant.
+    /// Remove an address's grant (or, with --all, every entry: the package does this when
+    /// it is removed, so that no grant outlives the daemon that would expire it).
     Revoke {
         #[command(flatten)]
         cfg: ConfigArgs,
+        /// Empty the map (the file stays, so Postfix's main.cf keeps working).
+        #[arg(long, conflicts_with = "ip")]
+        all: bool,
         /// The client address whose grant to remove.
-        ip: String,
+        #[arg(required_unless_present = "all")]
+        ip: Option<String>,
     },
     /// Validate the configuration and print it; exit 2 on any error.
     CheckConfig {
@@ -198,7 +203,8 @@ pub fn main() -> ExitCode {
         Command::Lookup { cfg, ip } => admin::lookup(&cfg, &ip),
         Command::List { cfg, json } => admin::list(&cfg, json),
         Command::Grant { cfg, ttl, ip } => admin::grant(&cfg, ttl.as_deref(), &ip),
-        Command::Revoke { cfg, ip } => admin::revoke(&cfg, &ip),
+        Command::Revoke { cfg, all: true, .. } => admin::revoke_all(&cfg),
+        Command::Revoke { cfg, ip, .. } => admin::revoke(&cfg, ip.as_deref().unwrap_or_default()),
         Command::CheckConfig { cfg, user } => check::run(&cfg, user.as_deref()),
         Command::Config { default } => {
             if default {

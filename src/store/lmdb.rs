@@ -479,6 +479,18 @@ impl LmdbMap {
     }
 }
 
+impl LmdbMap {
+    /// Removes every entry in one transaction (the file and its inode stay: Postfix keeps
+    /// reading it); returns how many there were.
+    pub fn clear(&mut self) -> Result<usize, StoreError> {
+        self.write(|txn, db| {
+            let count = txn.open_ro_cursor(db)?.iter_start().count();
+            txn.clear_db(db)?;
+            Ok(count)
+        })
+    }
+}
+
 fn get_opt<'t>(
     txn: &'t impl Transaction,
     db: Database,

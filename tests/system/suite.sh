@@ -129,10 +129,20 @@ suite() {
     [ "$(B systemctl show -P Result dovegate)" = success ] || die "$NAME: stop: result $(B systemctl show -P Result dovegate); processes before the stop: $procs; $(B journalctl -u dovegate -n 15 --no-pager)"
     ok "systemctl stop: exit 0, result success"
     proxy_check
+    # --- removal leaves no grant Postfix obeys (issue 20); purge keeps the named map -----
+    B postmap -q 203.0.113.45 "$RELAY" >/dev/null || die "$NAME: 203.0.113.45 not granted before the removal"
+    B dpkg -r dovegate > "$RUN/$NAME.dpkg.log" 2>&1 || { cat "$RUN/$NAME.dpkg.log" >&2; die "$NAME: dpkg -r failed"; }
+    [ ! -e "$R/usr/bin/dovegate" ] && [ -e "$R/var/lib/dovegate/relay.lmdb" ] || die "$NAME: dpkg -r: binary left or map removed"
+    if B postmap -q 203.0.113.45 "$RELAY" >/dev/null; then die "$NAME: dpkg -r left 203.0.113.45's grant in the map, with no daemon to expire it"; fi
+    out=$(B python3 /root/relay.py 203.0.113.45)
+    [ "$out" = "203.0.113.45 554" ] || die "$NAME: after dpkg -r: smtpd answered $out for the formerly granted 203.0.113.45"
+    ok "dpkg -r: the map stays for Postfix, empty: smtpd 554 for the formerly granted 203.0.113.45"
     B dpkg --purge dovegate > "$RUN/$NAME.dpkg.log" 2>&1 || { cat "$RUN/$NAME.dpkg.log" >&2; die "$NAME: purge failed"; }
-    [ ! -e "$R/usr/bin/dovegate" ] && [ -e "$R/var/lib/dovegate/relay.lmdb" ] || die "$NAME: purge: binary left or map removed"
-    B postmap -q 203.0.113.45 "$RELAY" >/dev/null || die "$NAME: purge emptied the map"
-    ok "dpkg --purge: removed, the map stays for Postfix"
+    [ -e "$R/var/lib/dovegate/relay.lmdb" ] || die "$NAME: purge removed the map main.cf still names"
+    grep -q "main.cf still names" "$RUN/$NAME.dpkg.log" || die "$NAME: purge: no note about the main.cf line: $(cat "$RUN/$NAME.dpkg.log")"
+    out=$(B python3 /root/relay.py 203.0.113.45)
+    [ "$out" = "203.0.113.45 554" ] || die "$NAME: after purge: smtpd answered $out"
+    ok "dpkg --purge: the empty map stays while main.cf names it (with a note); smtpd 554, not 451"
     mkdir -p "$LINES"
     B journalctl -u dovecot -o short-iso --no-pager > "$LINES/$NAME-dovecot-journal.log" || true
     box_down "$RUN/$NAME"
