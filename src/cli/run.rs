@@ -10,9 +10,12 @@ use crate::config::Settings;
 use crate::engine::{self, Engine, Exit};
 use crate::fleet::WriterStore;
 use crate::grant::Policy;
+use crate::net::Listen;
 use crate::pattern::PatternSet;
 use crate::scan::{Scanner, Visit};
 use crate::serve::metrics::MetricsSource;
+use crate::serve::servers::Servers;
+use crate::serve::socketmap::SocketmapConfig;
 use crate::source::checkpoint::CheckpointDir;
 use crate::source::handle::{Deaths, SourceHandle};
 use crate::source::journal::{JournalSource, JournalSourceSpec, JournalStart, JournalTarget};
@@ -315,29 +318,25 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     if dry.is_some() && (settings.socketmap.is_some() || settings.metrics.is_some()) {
         tracing::info!("--dry-run: the socketmap and metrics servers are not started");
     }
-    if let Some(sm) = settings.socketmap.clone().filter(|_| dry.is_none()) {
-        let listen = sm.listen.to_string();
-        runtime
-            .block_on(crate::serve::socketmap::spawn(sm, engine.view()))
-            .map_err(|e| {
-                Failure::runtime(format!("serve.socketmap: cannot listen on {listen}: {e}"))
-            })?;
-    }
     let counters = Arc::new(Mutex::new(engine.counters.clone()));
-    if let Some(addr) = settings.metrics.filter(|_| dry.is_none()) {
-        let src = Arc::new(MetricsSource {
-            stats: Arc::clone(&stats),
-            engine: Arc::clone(&counters),
-            view: engine.view(),
-            checkpoints: checkpoints.clone(),
-            state_dir: settings.state_dir.clone(),
-        });
-        runtime
-            .block_on(crate::serve::metrics::spawn(addr, src))
-            .map_err(|e| {
-                Failure::runtime(format!("serve.metrics: cannot listen on {addr}: {e}"))
-            })?;
-    }
+    let mut servers = match &dry {
+        Some(_) => None,
+        None => {
+            let src = Arc::new(MetricsSource {
+                stats: Arc::clone(&stats),
+                engine: Arc::clone(&counters),
+                view: engine.view(),
+                checkpoints: checkpoints.clone(),
+                state_dir: settings.state_dir.clone(),
+            });
+            let (socketmap, metrics) = serve_settings(&settings);
+            Some(
+                runtime
+                    .block_on(Servers::start(socketmap, metrics, engine.view(), src))
+                    .map_err(|e| Failure::runtime(e.to_string()))?,
+            )
+        }
+    };
     let (deaths, mut died) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut death: Option<String> = None;
     let mut sources = Sources::start(&cfg, &checkpoints, &stats, &deaths, dry.as_ref())?;
@@ -407,6 +406,10 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                         {
                             tracing::warn!("[store] changes take effect at the next restart");
                         }
+                        if let Some(servers) = &mut servers {
+                            let (socketmap, metrics) = serve_settings(&new.settings);
+                            runtime.block_on(servers.reload(socketmap, metrics));
+                        }
                         sources.stop();
                         engine.set_policy(new.policy());
                         engine.set_session_hold(hold_secs(&new.settings), timefmt::now());
@@ -437,6 +440,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         }
     };
     crate::notify::stopping();
+    if let Some(servers) = servers {
+        runtime.block_on(servers.shutdown());
+    }
     sources.stop();
     log_summary(&cfg.settings, &engine, &stats);
     match death {
@@ -617,6 +623,14 @@ impl Signals {
         }
         exit
     }
+}
+
+/// What `[serve]` asks to run: the socketmap and the metrics address.
+fn serve_settings(settings: &Settings) -> (Option<SocketmapConfig>, Option<Listen>) {
+    (
+        settings.socketmap.clone(),
+        settings.metrics.map(Listen::Inet),
+    )
 }
 
 /// `grant.session_hold` in seconds (0: sessions off).
