@@ -252,3 +252,43 @@ fn a_reload_serves_changed_serve_and_push_addresses() {
     assert_eq!(daemon.stop(), Some(0));
     assert!(!sm2.exists() && !p2.exists());
 }
+
+#[test]
+fn a_reload_onto_a_live_push_socket_keeps_the_running_configuration() {
+    let d = tempdir();
+    let (mine, theirs) = (d.path().join("push"), d.path().join("theirs"));
+    let other = std::os::unix::net::UnixListener::bind(&theirs).unwrap();
+    let toml = |sock: &Path| {
+        format!(
+            "[push]\nsocket = \"{}\"\nusers = [{}]\n",
+            sock.display(),
+            euid()
+        )
+    };
+    let theirs_ino = inode(&theirs);
+    let (mut daemon, cfg) = daemon(d.path(), &toml(&mine));
+    started(&daemon);
+    write_config(d.path(), &cfg, &toml(&theirs));
+    signal(daemon.child.id(), libc::SIGHUP);
+    wait_for("the reload refused", PATIENCE, || {
+        daemon.log().contains("reload refused")
+    });
+    let text = daemon.log();
+    assert!(
+        text.contains(&format!("another dovegate is serving {}", theirs.display())),
+        "{text}"
+    );
+    assert_eq!(
+        push(&mine, "198.51.100.20"),
+        "OK\n",
+        "still serving:\n{text}"
+    );
+    assert_eq!(
+        inode(&theirs),
+        theirs_ino,
+        "the other socket is never replaced"
+    );
+    assert_eq!(daemon.stop(), Some(0));
+    assert_eq!(inode(&theirs), theirs_ino);
+    drop(other);
+}

@@ -170,8 +170,18 @@ impl Sources {
             Some(d) => d.relay()?,
             None => tokio::sync::mpsc::channel(64),
         };
-        let mut handles = Vec::new();
         let settings = &cfg.settings;
+        // The push servers first: a socket that cannot be claimed (another daemon serves
+        // it) fails the start before any source thread runs.
+        let _push = if dry.is_some_and(|d| d.daemon_running) && settings.push.enabled() {
+            // Its sockets belong to the running daemon: binding them would take them over.
+            tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
+            crate::push::spawn(&Default::default(), tx.clone(), stats)
+        } else {
+            crate::push::spawn(&settings.push, tx.clone(), stats)
+        }
+        .map_err(Failure::runtime)?;
+        let mut handles = Vec::new();
         let cutoff = timefmt::now() - i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 2);
         let sink = |name: &str| {
             DaemonSink::new(name, stats.for_source(name), settings.untimed_lines_grant)
@@ -220,14 +230,6 @@ impl Sources {
                 .map_err(|e| Failure::runtime(format!("cannot start journal thread: {e}")))?;
             handles.push(handle);
         }
-        let _push = if dry.is_some_and(|d| d.daemon_running) && settings.push.enabled() {
-            // Its sockets belong to the running daemon: binding them would take them over.
-            tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
-            crate::push::spawn(&Default::default(), tx.clone(), stats)
-        } else {
-            crate::push::spawn(&settings.push, tx.clone(), stats)
-        }
-        .map_err(Failure::runtime)?;
         Ok(Sources { handles, rx, _push })
     }
 
@@ -411,12 +413,30 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                             runtime.block_on(servers.reload(socketmap, metrics));
                         }
                         sources.stop();
-                        engine.set_policy(new.policy());
-                        engine.set_session_hold(hold_secs(&new.settings), timefmt::now());
-                        cfg = new;
-                        sources =
-                            Sources::start(&cfg, &checkpoints, &stats, &deaths, dry.as_ref())?;
-                        tracing::info!(logs = %paths(&cfg.settings.logs), ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
+                        match Sources::start(&new, &checkpoints, &stats, &deaths, dry.as_ref()) {
+                            Ok(started) => {
+                                sources = started;
+                                engine.set_policy(new.policy());
+                                engine.set_session_hold(hold_secs(&new.settings), timefmt::now());
+                                cfg = new;
+                                tracing::info!(logs = %paths(&cfg.settings.logs), ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
+                            }
+                            Err(f) => {
+                                // A push socket another process serves, say: the running
+                                // sources come back as they were.
+                                tracing::error!(
+                                    "reload refused, the running configuration stays: {}",
+                                    f.message
+                                );
+                                sources = Sources::start(
+                                    &cfg,
+                                    &checkpoints,
+                                    &stats,
+                                    &deaths,
+                                    dry.as_ref(),
+                                )?;
+                            }
+                        }
                     }
                     Err(f) => tracing::error!(
                         "reload refused, the running configuration stays: {}",
