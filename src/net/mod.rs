@@ -25,7 +25,7 @@ pub mod http;
 mod listen;
 mod server;
 mod slots;
-pub mod socket_file;
+mod socket_file;
 
 pub use listen::{Listen, ListenError};
 pub use server::{start, Conn, Handler, Peer, Server, Spec, Stream};

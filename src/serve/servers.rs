@@ -190,3 +190,47 @@ impl Servers {
 fn describe(listen: Option<&Listen>) -> String {
     listen.map_or_else(|| "off".to_string(), Listen::to_string)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::checkpoint::CheckpointDir;
+    use crate::telemetry::StatsRegistry;
+
+    fn source(dir: &std::path::Path) -> Arc<MetricsSource> {
+        Arc::new(MetricsSource {
+            stats: Arc::new(StatsRegistry::default()),
+            engine: Arc::default(),
+            view: GrantsView::default(),
+            checkpoints: CheckpointDir::read_only(dir),
+            state_dir: dir.to_path_buf(),
+        })
+    }
+
+    fn bound(s: &Servers) -> Option<Listen> {
+        s.metrics.server.as_ref().map(|s| s.listen().clone())
+    }
+
+    #[tokio::test]
+    async fn a_reload_onto_a_taken_address_keeps_the_running_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let any = Listen::Inet("127.0.0.1:0".parse().unwrap());
+        let mut servers =
+            Servers::start(None, Some(any), GrantsView::default(), source(dir.path()))
+                .await
+                .unwrap();
+        let Some(Listen::Inet(running)) = bound(&servers) else {
+            panic!("metrics not started");
+        };
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = Listen::Inet(taken.local_addr().unwrap());
+        servers.reload(None, Some(busy)).await;
+        assert_eq!(bound(&servers), Some(Listen::Inet(running)));
+        assert!(tokio::net::TcpStream::connect(running).await.is_ok());
+        // Turned off: released.
+        servers.reload(None, None).await;
+        assert_eq!(bound(&servers), None);
+        assert!(tokio::net::TcpStream::connect(running).await.is_err());
+        servers.shutdown().await;
+    }
+}
