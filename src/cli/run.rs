@@ -408,14 +408,14 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                         {
                             tracing::warn!("[store] changes take effect at the next restart");
                         }
-                        if let Some(servers) = &mut servers {
-                            let (socketmap, metrics) = serve_settings(&new.settings);
-                            runtime.block_on(servers.reload(socketmap, metrics));
-                        }
                         sources.stop();
                         match Sources::start(&new, &checkpoints, &stats, &deaths, dry.as_ref()) {
                             Ok(started) => {
                                 sources = started;
+                                if let Some(servers) = &mut servers {
+                                    let (socketmap, metrics) = serve_settings(&new.settings);
+                                    runtime.block_on(servers.reload(socketmap, metrics));
+                                }
                                 engine.set_policy(new.policy());
                                 engine.set_session_hold(hold_secs(&new.settings), timefmt::now());
                                 cfg = new;
@@ -460,10 +460,11 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         }
     };
     crate::notify::stopping();
+    sources.stop();
+    // Last: the socketmap answers until the end.
     if let Some(servers) = servers {
         runtime.block_on(servers.shutdown());
     }
-    sources.stop();
     log_summary(&cfg.settings, &engine, &stats);
     match death {
         Some(why) => Err(Failure::runtime(why)),
