@@ -40,7 +40,6 @@ pub enum Peer {
         pid: Option<i32>,
     },
     Inet(SocketAddr),
-    Unknown,
 }
 
 /// A connection stream a handler can serve.
@@ -61,12 +60,6 @@ impl Stream for tokio::net::UnixStream {
 impl Stream for tokio::net::TcpStream {
     fn peer(&self) -> io::Result<Peer> {
         self.peer_addr().map(Peer::Inet)
-    }
-}
-
-impl Stream for tokio::io::DuplexStream {
-    fn peer(&self) -> io::Result<Peer> {
-        Ok(Peer::Unknown)
     }
 }
 
