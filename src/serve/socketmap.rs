@@ -214,12 +214,6 @@ pub async fn start(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<Se
     net::start(&listen, spec, Arc::new(handler)).await
 }
 
-/// Binds and serves in the background until the runtime ends (the daemon's entry point;
-/// `start` gives a handle that can stop it).
-pub async fn spawn(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<()> {
-    start(cfg, view).await.map(drop)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
