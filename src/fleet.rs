@@ -236,6 +236,6 @@ mod tests {
             written: vec![(b, 1000)],
             revoked: vec![a],
         });
-        assert_eq!(local_expiries(&own, &db, 1200), vec![(b, 1000)]);
+        assert_eq!(local_expiries(&own, &db, 1200), vec![(b, 1000), (c, 1000)]);
     }
 }
