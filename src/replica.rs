@@ -100,6 +100,10 @@ pub struct ReplicaStatus {
     /// Seconds from the database commit of the last change to the local map commit.
     pub lag_secs: Option<f64>,
     pub changes_applied: u64,
+    /// Reads of the changes since the last one (at most one per commit interval, however
+    /// many notifications arrive).
+    #[serde(default)]
+    pub change_reads: u64,
     /// Grants in the local map written by this replica.
     pub grants: usize,
     pub updated: i64,
@@ -276,6 +280,7 @@ impl Replica {
             let changed = postgres::changes_since(client, t, &since, MAX_CHANGES + 1).await?;
             Ok::<_, tokio_postgres::Error>((next, changed))
         };
+        self.status.change_reads += 1;
         let (next, changed) = tokio::time::timeout(SNAPSHOT_TIMEOUT, read)
             .await
             .map_err(|_| ReplicaError::timeout("reading changes"))?
