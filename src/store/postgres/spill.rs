@@ -89,22 +89,25 @@ impl Spill {
         let mut all = self.read()?;
         let before = all.len() + grants.len();
         all.extend_from_slice(grants);
-        let mut latest: std::collections::HashMap<IpAddr, i64> =
+        // Per address its latest expiry, and when it was queued last (of equal expiries,
+        // the later login is kept).
+        let mut latest: std::collections::HashMap<IpAddr, (i64, usize)> =
             std::collections::HashMap::with_capacity(all.len());
-        for (ip, e) in all {
-            let v = latest.entry(ip).or_insert(e);
-            *v = (*v).max(e);
+        for (pos, (ip, e)) in all.into_iter().enumerate() {
+            let v = latest.entry(ip).or_insert((e, pos));
+            *v = ((*v).0.max(e), pos);
         }
-        let mut kept: Vec<(IpAddr, i64)> = latest.into_iter().filter(|&(_, e)| e > now).collect();
+        let mut kept: Vec<(IpAddr, (i64, usize))> =
+            latest.into_iter().filter(|&(_, (e, _))| e > now).collect();
         let expired = before - kept.len();
         let mut dropped = 0;
+        // Oldest first, as they would have been replayed; the oldest go when too many.
+        kept.sort_by_key(|&(_, key)| key);
         if kept.len() > self.max {
-            kept.sort_by_key(|&(ip, e)| (std::cmp::Reverse(e), ip));
             dropped = kept.len() - self.max;
-            kept.truncate(self.max);
+            kept.drain(..dropped);
         }
-        // Oldest first, as they would have been replayed.
-        kept.sort_by_key(|&(ip, e)| (e, ip));
+        let kept: Vec<(IpAddr, i64)> = kept.into_iter().map(|(ip, (e, _))| (ip, e)).collect();
         let mut text = String::with_capacity(kept.len() * 32);
         for &(ip, e) in &kept {
             text.push_str(&format!("{} {e}\n", key_text(ip)));
