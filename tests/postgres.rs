@@ -917,14 +917,14 @@ fn revoke_on_a_writer_holds_across_the_fleet() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    wait_for("revoke reached the replica", FLEET_PATIENCE, || {
+        postmap_q(&r.map(), "192.0.2.90").is_none()
+    });
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("every host"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    wait_for("revoke reached the replica", FLEET_PATIENCE, || {
-        postmap_q(&r.map(), "192.0.2.90").is_none()
-    });
     assert_eq!(postmap_q(&wdir.join("relay"), "192.0.2.90"), None);
     assert!(postmap_q(&r.map(), "192.0.2.91").is_some());
     // The replica restarts (a full snapshot): still revoked.
