@@ -95,7 +95,7 @@ impl Spill {
             std::collections::HashMap::with_capacity(all.len());
         for (pos, (ip, e)) in all.into_iter().enumerate() {
             let v = latest.entry(ip).or_insert((e, pos));
-            *v = ((*v).0.max(e), pos);
+            *v = (v.0.max(e), pos);
         }
         let mut kept: Vec<(IpAddr, (i64, usize))> =
             latest.into_iter().filter(|&(_, (e, _))| e > now).collect();

@@ -205,9 +205,7 @@ struct Worker {
     spill: Spill,
     client: Option<Client>,
     notices: Option<tokio::sync::mpsc::Receiver<Notice>>,
-    connecting: Option<
-        tokio::task::JoinHandle<Result<(Client, tokio::sync::mpsc::Receiver<Notice>), PgError>>,
-    >,
+    connecting: Option<tokio::task::JoinHandle<Result<Listening, PgError>>>,
     retry_at: Instant,
     backoff: Duration,
     warned_at: Option<Instant>,
@@ -598,11 +596,12 @@ impl Worker {
     }
 }
 
+/// A connection that LISTENs, and where its notifications arrive.
+type Listening = (Client, tokio::sync::mpsc::Receiver<Notice>);
+
 /// Connects and LISTENs; notifications go to the returned receiver (one waiting stands for
 /// any number).
-async fn connect_listening(
-    target: &Target,
-) -> Result<(Client, tokio::sync::mpsc::Receiver<Notice>), PgError> {
+async fn connect_listening(target: &Target) -> Result<Listening, PgError> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let client = target.connect(Some(tx)).await?;
     timed("LISTEN", client.batch_execute(&format!("LISTEN {CHANNEL}"))).await?;
