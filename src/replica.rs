@@ -128,7 +128,7 @@ struct Replica {
     status_file: PathBuf,
     warned_at: Option<Instant>,
     /// Where the next read of changes starts (a `postgres::horizon`).
-    since: Option<String>,
+    since: Option<postgres::Horizon>,
 }
 
 impl Replica {

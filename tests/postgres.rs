@@ -1186,3 +1186,39 @@ fn slow_writer_clock_loses_no_login() {
     assert!((skew + 600.0).abs() < 30.0, "skew {skew}");
     assert!(w.log().contains("clock differs"), "{}", w.log());
 }
+
+/// A grant committed by a transaction that began before later, already seen changes (a
+/// slow writer, an administrator's open transaction) reaches the replica when it commits,
+/// not at the next 5-minute resync: notifications carry no address, so the replica must
+/// not skip rows of transactions still running at its last read.
+#[test]
+fn a_long_transaction_is_seen_when_it_commits() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    std::thread::scope(|s| {
+        let slow = s.spawn(|| {
+            pg.psql(
+                "BEGIN;
+                 INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+                 ('192.0.2.80', now() + interval '10 minutes', 'h', 'dovecot');
+                 SELECT pg_sleep(4);
+                 COMMIT;",
+            )
+        });
+        wait_for("the slow transaction running", PATIENCE, || {
+            pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(4)%' AND pid <> pg_backend_pid()") == "1"
+        });
+        pg.psql(
+            "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+             ('192.0.2.81', now() + interval '10 minutes', 'h', 'dovecot')",
+        );
+        wait_visible("the quick grant", &r.map(), &["192.0.2.81".into()]);
+        slow.join().unwrap();
+    });
+    wait_for("the slow grant", Duration::from_secs(30), || {
+        postmap_q(&r.map(), "192.0.2.80").is_some()
+    });
+}

@@ -644,54 +644,78 @@ pub async fn db_now(client: &Client) -> Result<f64, tokio_postgres::Error> {
         .get(0))
 }
 
-/// Where the next `changes_since` starts: the oldest transaction still running (every
-/// change of an older one is visible to any statement after this one).
-pub async fn horizon(client: &Client) -> Result<String, tokio_postgres::Error> {
-    Ok(client
-        .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
-        .await?
-        .get(0))
+/// Where the next `changes_since` starts: a snapshot's horizon, the first transaction id
+/// not yet started and those still running then. Every other transaction had ended, so its
+/// changes are visible to any statement after this one; the next read looks at the rows of
+/// these (`tx >= next OR tx = ANY(running)`), however long one of them runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Horizon {
+    next: String,
+    running: Vec<String>,
 }
 
-/// The addresses whose grant or revocation changed since `since` (a `horizon`), at most
-/// `limit` (more: the caller resyncs).
+/// The horizon now (taken before a read, so that the read misses nothing after it).
+pub async fn horizon(client: &Client) -> Result<Horizon, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_snapshot_xmax(s)::text, ARRAY(SELECT pg_snapshot_xip(s)::text)
+             FROM pg_current_snapshot() AS s",
+            &[],
+        )
+        .await?;
+    Ok(Horizon {
+        next: row.get(0),
+        running: row.get(1),
+    })
+}
+
+/// The rows of `t` written after `h`, as SQL (`$1` the next id, `$2` the running ones).
+fn after_sql(table: &str) -> String {
+    format!(
+        "SELECT address FROM {table} WHERE tx >= $1::text::xid8 OR tx = ANY($2::text[]::xid8[])"
+    )
+}
+
+/// The addresses whose grant or revocation changed since `since`, at most `limit` (more:
+/// the caller resyncs).
 pub async fn changes_since(
     client: &Client,
     t: &Tables,
-    since: &str,
+    since: &Horizon,
     limit: i64,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
     let rows = client
         .query(
             &format!(
-                "SELECT address FROM {} WHERE tx >= $1::text::xid8
-                 UNION SELECT address FROM {} WHERE tx >= $1::text::xid8 LIMIT $2",
-                t.grants, t.revocations
+                "{} UNION {} LIMIT $3",
+                after_sql(&t.grants),
+                after_sql(&t.revocations)
             ),
-            &[&since, &limit],
+            &[&since.next, &since.running, &limit],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Revocations recorded since `since` (a `horizon`), or, with None, those younger than
-/// `ttl` (older ones cancel only grants that have expired): (address, revoked_at in unix
-/// seconds of the database's clock).
+/// Revocations recorded since `since`, or, with None, those younger than `ttl` (older ones
+/// cancel only grants that have expired): (address, revoked_at in unix seconds of the
+/// database's clock).
 pub async fn revocations_since(
     client: &Client,
     t: &Tables,
-    since: Option<&str>,
+    since: Option<&Horizon>,
     ttl: i64,
 ) -> Result<Vec<(String, f64)>, tokio_postgres::Error> {
     let rows = match since {
-        Some(x) => {
+        Some(h) => {
             client
                 .query(
                     &format!(
-                        "SELECT address, extract(epoch FROM revoked_at)::float8 FROM {} WHERE tx >= $1::text::xid8",
+                        "SELECT address, extract(epoch FROM revoked_at)::float8 FROM {}
+                         WHERE tx >= $1::text::xid8 OR tx = ANY($2::text[]::xid8[])",
                         t.revocations
                     ),
-                    &[&x],
+                    &[&h.next, &h.running],
                 )
                 .await?
         }

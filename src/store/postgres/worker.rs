@@ -213,7 +213,7 @@ struct Worker {
     /// This host's clock minus the database's (0 until measured).
     skew: f64,
     /// Where the next read of revocations starts (None: the recent ones, after a connect).
-    revocations_since: Option<String>,
+    revocations_since: Option<super::Horizon>,
     revocations_due: bool,
     pending: Pending,
     status: WriterStatus,
@@ -377,7 +377,7 @@ impl Worker {
             let rows = super::revocations_since(
                 c,
                 &self.tables,
-                self.revocations_since.as_deref(),
+                self.revocations_since.as_ref(),
                 self.spec.max_ttl,
             )
             .await?;
