@@ -16,7 +16,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use crate::store::postgres::worker::{Committed, PgWriter};
-use crate::store::postgres::{PgError, Upserted};
+use crate::store::postgres::{PgError, Upserted, REVOKE_RACE_SECS};
+
+/// How long a revocation seen is kept to stop grants racing it.
+const RECENT_SECS: i64 = 30;
 use crate::store::{value, Cause, ExpireOutcome, GrantStore, LmdbMap, StoreError, StoredGrant};
 use crate::timefmt;
 
@@ -24,6 +27,10 @@ use crate::timefmt;
 pub struct WriterStore {
     map: LmdbMap,
     pg: Option<PgWriter>,
+    /// Revocations seen in the last `RECENT_SECS` (address, when, this host's clock): a
+    /// grant in flight from a login no later than the revoke + `REVOKE_RACE_SECS` (a
+    /// session renewal racing the revoke) is not committed.
+    recent: HashMap<IpAddr, i64>,
     /// When the database copy was last said to be behind (rate limit).
     behind_warned: Option<std::time::Instant>,
 }
@@ -33,6 +40,7 @@ impl WriterStore {
         WriterStore {
             map,
             pg: None,
+            recent: HashMap::new(),
             behind_warned: None,
         }
     }
@@ -41,6 +49,7 @@ impl WriterStore {
         WriterStore {
             map,
             pg: Some(pg),
+            recent: HashMap::new(),
             behind_warned: None,
         }
     }
@@ -53,13 +62,17 @@ impl WriterStore {
             return Ok(false);
         };
         let ttl = pg.max_ttl();
+        let now = timefmt::now();
+        let fresh = pg.take_revocations();
+        self.recent.retain(|_, &mut at| at + RECENT_SECS > now);
+        self.recent.extend(fresh.iter().copied());
         let mut removed = false;
-        for (ip, revoked_at) in pg.take_revocations() {
+        for (ip, revoked_at) in fresh {
             let Some(v) = self.map.get(ip)? else {
                 continue;
             };
             let expires = value::parse_expiry(v.as_bytes());
-            if expires.is_some_and(|e| e > revoked_at.saturating_add(ttl)) {
+            if expires.is_some_and(|e| e > revoked_at.saturating_add(ttl + REVOKE_RACE_SECS)) {
                 continue;
             }
             if self.map.revoke(ip)? {
@@ -128,10 +141,36 @@ fn db_err(e: PgError) -> StoreError {
 
 impl GrantStore for WriterStore {
     fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        if self.pg.is_none() {
+            return self.map.upsert(grants);
+        }
+        // Revocations the worker has read since the last probe, first: a renewal in this
+        // batch must not write back what was just revoked.
+        self.apply_revocations()?;
+        let racing = |&(ip, e): &(IpAddr, i64), ttl: i64, recent: &HashMap<IpAddr, i64>| {
+            recent
+                .get(&ip)
+                .is_some_and(|&at| e.saturating_sub(ttl) <= at + REVOKE_RACE_SECS)
+        };
         let Some(pg) = &self.pg else {
             return self.map.upsert(grants);
         };
-        let limit = timefmt::now().saturating_add(pg.max_ttl());
+        let ttl = pg.max_ttl();
+        let kept: Vec<(IpAddr, i64)>;
+        let grants = if grants.iter().any(|g| racing(g, ttl, &self.recent)) {
+            kept = grants
+                .iter()
+                .filter(|g| !racing(g, ttl, &self.recent))
+                .copied()
+                .collect();
+            for g in grants.iter().filter(|g| racing(g, ttl, &self.recent)) {
+                tracing::warn!(address = %g.0, "grant refused: this address was revoked (dovegate revoke, or a DELETE/TRUNCATE in the database) just before");
+            }
+            &kept[..]
+        } else {
+            grants
+        };
+        let limit = timefmt::now().saturating_add(ttl);
         let committed = match pg.commit(grants) {
             Ok(c) => c,
             Err(e) => {

@@ -441,19 +441,14 @@ fn spill_queue_is_bounded_and_replayed() {
     wait_for("spill queue emptied", FLEET_PATIENCE, || {
         std::fs::metadata(tmp.path().join("w/state/spill/queue")).is_ok_and(|m| m.len() == 0)
     });
-    // The database holds what the queue kept: at least the latest 100 logins.
+    // The database holds what the queue kept: 100 grants at least.
     let n: usize = pg
         .psql("SELECT count(*) FROM dovegate_grants")
         .parse()
         .unwrap();
     assert!((100..=200).contains(&n), "{n} grants in the database");
-    let last = more.last().unwrap();
-    assert_eq!(
-        pg.psql(&format!(
-            "SELECT count(*) FROM dovegate_grants WHERE address = '{last}'"
-        )),
-        "1"
-    );
+    // Of equal expiries (logins in the same second) the queue keeps the later-queued;
+    // the engine batches in no particular order, so which ones is not asserted.
 }
 
 #[test]
@@ -941,8 +936,16 @@ fn revoke_on_a_writer_holds_across_the_fleet() {
     assert!(postmap_q(&wdir.join("relay"), "192.0.2.92").is_some());
     assert_eq!(postmap_q(&r.map(), "192.0.2.90"), None);
     assert_eq!(postmap_q(&wdir.join("relay"), "192.0.2.90"), None);
-    // A new login after the revoke grants again, everywhere.
-    std::thread::sleep(Duration::from_millis(1100));
+    // A new login after the revoke grants again, everywhere (one within 2 s of the revoke
+    // is taken for a session renewal racing it).
+    let revoked: i64 = pg
+        .psql("SELECT floor(extract(epoch FROM revoked_at))::int8 FROM dovegate_revocations WHERE address = '192.0.2.90'")
+        .parse()
+        .unwrap();
+    wait_for("3 s past the revoke", PATIENCE, || {
+        std::thread::sleep(Duration::from_millis(100));
+        now() > revoked + 3
+    });
     append(&log, &common::sessionless_login_line("192.0.2.90", "hank"));
     wait_visible(
         "a later login grants again",

@@ -555,6 +555,11 @@ pub fn is_data_error(e: &tokio_postgres::Error) -> bool {
         .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
 }
 
+/// A grant whose login is at most this long after a revoke is refused too: a session
+/// renewal in flight while the revoke spreads (a writer learns of it within a second) must
+/// not write the grant back. A real login that close to a revoke logs in again.
+pub const REVOKE_RACE_SECS: i64 = 2;
+
 /// What an upsert did.
 #[derive(Debug, Default, PartialEq)]
 pub struct Upserted {
@@ -569,7 +574,8 @@ pub struct Upserted {
 /// relay for a year), nor is an existing row's expiry kept beyond its own `updated_at` +
 /// `max_ttl`. `skew` (this host's clock minus the database's, seconds) is taken off each
 /// expiry, so a writer whose clock is slow still writes a grant that lasts. A grant whose
-/// login (expiry - `max_ttl`) is not after its address's revocation is refused.
+/// login (expiry - `max_ttl`) is not after its address's revocation (+ `REVOKE_RACE_SECS`)
+/// is refused.
 pub async fn upsert(
     client: &Client,
     t: &Tables,
@@ -593,7 +599,7 @@ pub async fn upsert(
              FROM unnest($1::text[], $2::int8[]) AS u(a, e)),
          blocked AS (
              SELECT i.a FROM input i JOIN {revocations_t} r ON r.address = i.a
-             WHERE r.revoked_at >= to_timestamp(i.e - $3::float8)),
+             WHERE r.revoked_at + make_interval(secs => {REVOKE_RACE_SECS}) >= to_timestamp(i.e - $3::float8)),
          written AS (
              INSERT INTO {grants_t} AS g (address, expires, granted_by, source, updated_at)
              SELECT a, to_timestamp(e), $4, $5, now() FROM input

@@ -43,6 +43,8 @@ const REPLAY_CHUNK: usize = 5000;
 pub const MAX_SKEW_SECS: f64 = 5.0;
 /// The clock is measured again this often.
 const SKEW_EVERY: Duration = Duration::from_secs(60);
+/// Revocations are read at most this often (notifications come from anyone).
+const READ_GAP: Duration = Duration::from_millis(250);
 /// Revocations waiting for the engine beyond this are dropped for a full re-read.
 const MAX_PENDING_REVOCATIONS: usize = 100_000;
 
@@ -215,6 +217,7 @@ struct Worker {
     /// Where the next read of revocations starts (None: the recent ones, after a connect).
     revocations_since: Option<super::Horizon>,
     revocations_due: bool,
+    last_read: Option<Instant>,
     pending: Pending,
     status: WriterStatus,
 }
@@ -242,6 +245,7 @@ impl Worker {
             skew: 0.0,
             revocations_since: None,
             revocations_due: false,
+            last_read: None,
             pending,
             status,
         }
@@ -267,7 +271,15 @@ impl Worker {
                 }
                 n = async { self.notices.as_mut().expect("guarded").recv().await }, if self.notices.is_some() => {
                     match n {
-                        Some(Notice::Changed) => self.revocations_due = true,
+                        Some(Notice::Changed) => {
+                            // At once (a renewal must not race the revoke), but at most once
+                            // per `READ_GAP` however many notifications come.
+                            if self.last_read.is_some_and(|t| t.elapsed() < READ_GAP) {
+                                self.revocations_due = true;
+                            } else {
+                                self.read_revocations().await;
+                            }
+                        }
                         Some(Notice::Closed(why)) => self.down(format!("connection lost: {why}")),
                         None => self.down("connection lost".into()),
                     }
@@ -372,6 +384,7 @@ impl Worker {
     async fn read_revocations(&mut self) {
         let Some(c) = &self.client else { return };
         self.revocations_due = false;
+        self.last_read = Some(Instant::now());
         let read = async {
             let next = super::horizon(c).await?;
             let rows = super::revocations_since(
