@@ -1134,7 +1134,9 @@ fn forged_rows_grant_nothing_through_postfix_pgsql() {
 }
 
 /// The README's `pgsql:` query (section "Several hosts"), for a ttl of 10 minutes.
-const README_QUERY: &str = "query = SELECT 'OK' FROM public.dovegate_grants WHERE address = '%s' AND public.dovegate_canonical_address(address) AND expires > now() AND updated_at <= now() AND expires <= updated_at + interval '10 minutes'";
+const README_QUERY: &str = "query = SELECT 'OK' FROM public.dovegate_grants WHERE address = '%s'
+    AND public.dovegate_canonical_address(address) AND expires > now()
+    AND updated_at <= now() AND expires <= updated_at + interval '10 minutes'";
 
 /// A Dovecot host whose clock is 10 minutes slow (issue 20, item 10): its logins reach the
 /// replicas with a full ttl (the database's clock decides), the skew is in `fleet.json`
