@@ -953,6 +953,25 @@ fn revoke_on_a_writer_holds_across_the_fleet() {
         &["192.0.2.90".into()],
     );
     assert!(postmap_q(&wdir.join("relay"), "192.0.2.90").is_some());
+    // `dovegate grant` on the writer host reaches the replica too.
+    let out = common::dovegate(&[
+        "grant",
+        "--config",
+        &cfg.display().to_string(),
+        "--map",
+        &wdir.join("relay").display().to_string(),
+        "192.0.2.93",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_visible(
+        "a manual grant on the replica",
+        &r.map(),
+        &["192.0.2.93".into()],
+    );
 }
 
 /// The administrator's DELETE and TRUNCATE in the database (issue 20, item 7): they reach
