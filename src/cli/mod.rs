@@ -59,7 +59,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Grant an address by hand (until now + ttl).
+    /// Grant an address by hand (until now + ttl); in the shared database too when configured.
     Grant {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -69,7 +69,7 @@ enum Command {
         /// The client address (any textual form; stored canonical).
         ip: String,
     },
-    /// Remove an address's grant.
+    /// Remove an address's grant; on every host when a shared database is configured.
     Revoke {
         #[command(flatten)]
         cfg: ConfigArgs,

@@ -580,7 +580,8 @@ fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, F
     let Some(url_file) = &settings.store.url_file else {
         return Ok(WriterStore::local(map));
     };
-    let target = Target::load(url_file, &settings.store.schema).map_err(Failure::config)?;
+    let target = Target::load(url_file, &settings.store.schema)
+        .map_err(|e| Failure::config(e.to_string()))?;
     tracing::info!(database = %target.describe(), "sharing grants through PostgreSQL");
     let pg = worker::PgWriter::start(worker::WriterSpec {
         target,
@@ -589,7 +590,7 @@ fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, F
         state_dir: settings.state_dir.clone(),
         spill_max: settings.store.spill_max_grants,
     })
-    .map_err(Failure::runtime)?;
+    .map_err(|e| Failure::runtime(e.to_string()))?;
     Ok(WriterStore::shared(map, pg))
 }
 

@@ -12,7 +12,7 @@ use crate::replica::ReplicaStatus;
 use crate::session::OpenSession;
 use crate::source::checkpoint::{Checkpoint, CheckpointDir};
 use crate::source::tailer::{open_regular, PathProblem};
-use crate::store::postgres::worker::WriterStatus;
+use crate::store::postgres::worker::{WriterStatus, MAX_SKEW_SECS};
 use crate::store::{instance, GrantStore, LmdbMap, OpenMode};
 use crate::timefmt;
 
@@ -97,6 +97,11 @@ struct DatabaseStatus {
     last_commit: Option<String>,
     queue_len: usize,
     queue_max: usize,
+    /// Some grants never reached the database (spill queue overflow).
+    behind: bool,
+    dropped_total: u64,
+    /// This host's clock minus the database's, seconds.
+    clock_skew_secs: Option<f64>,
     updated: String,
     /// Not rewritten for 30 s: the daemon that writes it stopped or is stuck.
     stale_file: bool,
@@ -311,6 +316,9 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             last_commit: w.last_commit.map(timefmt::rfc3339),
             queue_len: w.queue_len,
             queue_max: w.queue_max,
+            behind: w.behind,
+            dropped_total: w.dropped_total,
+            clock_skew_secs: w.clock_skew_secs,
             updated: timefmt::rfc3339(w.updated),
             stale_file,
         }
@@ -466,6 +474,15 @@ fn print_text(status: &Status, state_dir: &Path) {
             "database {}: {state}; spill queue {}/{}",
             d.database, d.queue_len, d.queue_max
         );
+        if d.behind {
+            println!(
+                "database copy BEHIND: {} grants dropped from the full spill queue never reached it",
+                d.dropped_total
+            );
+        }
+        if let Some(skew) = d.clock_skew_secs.filter(|s| s.abs() > MAX_SKEW_SECS) {
+            println!("clock: this host is {skew:+.0} s off the database's; run NTP");
+        }
     }
     if let Some(r) = &status.replica {
         let state = if r.connected {

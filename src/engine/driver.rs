@@ -3,7 +3,7 @@
 //! shutdown. Its clock and heartbeat are arguments, so that tests run it on paused time.
 
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::mpsc::Receiver;
 use tokio::time::{sleep_until, Instant};
@@ -34,9 +34,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Duration {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
+        crate::timefmt::system_time()
     }
 }
 

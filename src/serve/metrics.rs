@@ -245,6 +245,27 @@ fn fleet_gauges(enc: &mut DescriptorEncoder, state_dir: &std::path::Path) -> fmt
             "Grants waiting in the spill queue for the database to return.",
             i64::try_from(w.queue_len).unwrap_or(i64::MAX),
         )?;
+        gauge(
+            enc,
+            "dovegate_fleet_database_behind",
+            "1 when grants dropped from a full spill queue never reached the database.",
+            i64::from(w.behind),
+        )?;
+        gauge(
+            enc,
+            "dovegate_fleet_spill_dropped_grants",
+            "Grants dropped from the full spill queue since start (the database copy lacks them).",
+            i64::try_from(w.dropped_total).unwrap_or(i64::MAX),
+        )?;
+        if let Some(skew) = w.clock_skew_secs {
+            let m = enc.encode_descriptor(
+                "dovegate_fleet_clock_skew_seconds",
+                "This host's clock minus the database's (expiries written are corrected by it).",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(skew).encode(m)?;
+        }
     }
     if let Some(r) = ReplicaStatus::load(state_dir) {
         gauge(
