@@ -74,17 +74,19 @@ pub struct PatternDef {
 pub enum PatternKind {
     #[default]
     Login,
-    /// Groups: `service`, `pid`, `session`.
+    /// Groups: `service`, `user`, and `pid` and `session` where the line has them (or an
+    /// `elements` list holding `session=<ID>`, a proxy's end).
     SessionEnd,
 }
 
 /// The end of a mail session, as a session-end pattern reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionEndMatch<'a> {
-    /// `imap`, `pop3`, `imap-hibernate`.
+    /// `imap`, `pop3`, `imap-hibernate`, `imap-login` (a proxy).
     pub service: &'a [u8],
-    pub pid: u32,
-    pub session: &'a [u8],
+    pub pid: Option<u32>,
+    pub session: Option<&'a [u8]>,
+    pub user: Option<&'a [u8]>,
 }
 
 fn default_address_element() -> String {
@@ -671,11 +673,25 @@ impl Groups<'_> {
 /// The session end a matched session-end pattern's groups name.
 fn session_end_of<'a>(msg: &'a [u8], groups: &Groups<'_>) -> Option<SessionEndMatch<'a>> {
     let span = |name: &str| groups.get(name).map(|r| &msg[r]);
-    let pid = std::str::from_utf8(span("pid")?).ok()?.parse().ok()?;
+    let pid = match span("pid") {
+        Some(p) => Some(std::str::from_utf8(p).ok()?.parse().ok()?),
+        None => None,
+    };
+    // A proxy's end carries the session in its element list (outside the user element,
+    // which the client chose).
+    let session = match span("elements") {
+        Some(el) => Some(
+            elements::single_value(el, b"session")?
+                .strip_prefix(b"<")?
+                .strip_suffix(b">")?,
+        ),
+        None => span("session"),
+    };
     Some(SessionEndMatch {
         service: span("service")?,
         pid,
-        session: span("session")?,
+        session,
+        user: span("user"),
     })
 }
 

@@ -359,12 +359,22 @@ impl Scanner {
     ) -> Option<crate::session::SessionEnd> {
         let caps = self.matcher.end_caps.as_mut()?;
         let m = patterns.match_session_end(frame.message, caps)?;
-        let id = std::str::from_utf8(m.session).ok()?;
-        crate::session::valid_id(id).then(|| crate::session::SessionEnd {
+        let id = match m.session {
+            Some(id) => {
+                let id = std::str::from_utf8(id).ok()?;
+                crate::session::valid_id(id).then_some(())?;
+                Some(id.to_string())
+            }
+            None => None,
+        };
+        Some(crate::session::SessionEnd {
             service: String::from_utf8_lossy(m.service).into_owned(),
-            id: id.to_string(),
+            id,
             pid: m.pid,
+            user: m.user.map(|u| String::from_utf8_lossy(u).into_owned()),
             time: frame.time,
+            source: String::new(),
+            trusted: crate::session::framing_trusted(frame.framing),
         })
     }
 

@@ -38,7 +38,13 @@ impl Sink for Record {
     }
     fn session_end(&mut self, line: Line<'_>, end: &crate::session::SessionEnd) {
         self.push(
-            &format!("end({} {} {} {:?})", end.service, end.pid, end.id, end.time),
+            &format!(
+                "end({} {} {} {:?})",
+                end.service,
+                end.pid.map_or("-".into(), |p| p.to_string()),
+                end.id.as_deref().unwrap_or("-"),
+                end.time
+            ),
             line,
         );
     }

@@ -119,9 +119,7 @@ impl DaemonSink {
             self.logins.push(SeenLogin {
                 ip,
                 time: login.time,
-                session: crate::session::holds(login.service)
-                    .then(|| login.session.clone())
-                    .flatten(),
+                session: crate::session::start_of(login, &self.origin),
                 detail: Some(Box::new(LoginDetail {
                     user: login.user.map(|u| String::from_utf8_lossy(u).into_owned()),
                     protocol: String::from_utf8_lossy(login.service)
@@ -200,7 +198,9 @@ impl Sink for DaemonSink {
 
     fn session_end(&mut self, _line: Line<'_>, end: &crate::session::SessionEnd) {
         if crate::session::ends_held(&end.service) {
-            self.ends.push(end.clone());
+            let mut end = end.clone();
+            end.source = self.origin.clone();
+            self.ends.push(end);
         }
     }
 }
@@ -400,7 +400,11 @@ mod tests {
         journal::scan_entries(&mut s, &provenance, end, 0, &mut sink, &mut None);
         let ends = sink.take_ends();
         assert_eq!(ends.len(), 1);
-        assert_eq!((ends[0].pid, ends[0].id.as_str()), (42, "Cm5r5yxhtLN/AAAB"));
+        assert_eq!(
+            (ends[0].pid, ends[0].id.as_deref()),
+            (Some(42), Some("Cm5r5yxhtLN/AAAB"))
+        );
+        assert!(ends[0].trusted, "a journal entry from the trusted unit");
         let mut granting = DaemonSink::new("t", Arc::clone(&stats), true);
         s.scan(file, 0, &mut granting);
         assert_eq!(granting.take().len(), 2);
