@@ -1,6 +1,9 @@
 //! The annotated corpus is the spec: every line in `fixtures/corpus/*.tsv` carries its
 //! expected verdict (`login`/`nologin`) and the canonical IP Postfix would look up (`-`
 //! when the line is a login whose address is invalid, or no login). Each is asserted.
+//! Session ends: `end` lines are read as the end of a mail session (the ip column holds the
+//! session id, or `user:NAME` for an end that names no session); `noend` lines are neither
+//! a login nor an end (forged ends).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -110,6 +113,25 @@ fn check(files: &[&str], enable: &[&str]) -> (usize, usize) {
                 IpVerdict::Valid(ip) => key_text(ip),
                 _ => "-".to_string(),
             });
+            let end = m.match_end(&bytes, now).map(|e| match e.id {
+                Some(id) => id,
+                None => format!("user:{}", e.user.unwrap_or_default()),
+            });
+            match row.expected.as_str() {
+                "end" if end.as_deref() != Some(row.ip.as_str()) => failures.push(format!(
+                    "{}:{}: want the end of {} got {end:?}: {}",
+                    row.file, row.number, row.ip, row.line
+                )),
+                "noend" if end.is_some() => failures.push(format!(
+                    "{}:{}: read as an end of {end:?}: {}",
+                    row.file, row.number, row.line
+                )),
+                "login" | "nologin" | "end" | "noend" => {}
+                other => failures.push(format!(
+                    "{}:{}: unknown verdict {other}",
+                    row.file, row.number
+                )),
+            }
             let want = (row.expected == "login").then(|| row.ip.clone());
             if row.expected == "login" {
                 logins += 1;

@@ -150,8 +150,10 @@ pub fn load_settings(
 pub fn load_patterns(settings: &Settings, dir: Option<&Path>) -> Result<PatternSet, Failure> {
     let dir = dir.or(settings.patterns_dir.as_deref());
     let sessions = !settings.session_hold.is_zero();
-    PatternSet::load_for(dir, &settings.services, &settings.enable_patterns, sessions)
-        .map_err(|e| Failure::config(e.0))
+    let mut p = PatternSet::load_for(dir, &settings.services, &settings.enable_patterns, sessions)
+        .map_err(|e| Failure::config(e.0))?;
+    p.set_never_mechanisms(&settings.never_mechanisms);
+    Ok(p)
 }
 
 /// Logs go to the journal with native fields when systemd connected stderr to it

@@ -77,6 +77,7 @@ pub struct DaemonSink {
     warn_untimed: Throttle,
     warn_forged: Throttle,
     warn_no_address: Throttle,
+    warn_mechanism: Throttle,
 }
 
 impl DaemonSink {
@@ -95,6 +96,7 @@ impl DaemonSink {
             warn_untimed: Throttle::new(every),
             warn_forged: Throttle::new(every),
             warn_no_address: Throttle::new(Duration::from_secs(60)),
+            warn_mechanism: Throttle::new(Duration::from_secs(60)),
         }
     }
 
@@ -189,6 +191,11 @@ impl Sink for DaemonSink {
 
     fn near_miss(&mut self, _line: Line<'_>, why: NearMiss) {
         self.stats.count_near_miss(why.name());
+        if why == NearMiss::NeverMechanism {
+            if let Some(n) = self.warn_mechanism.hit() {
+                tracing::info!(source = %self.origin, count = n, "logins by a SASL mechanism in grant.never_mechanisms (ANONYMOUS proves nothing about the user) granted nothing");
+            }
+        }
         if why == NearMiss::NoAddress {
             if let Some(n) = self.warn_no_address.hit() {
                 tracing::warn!(source = %self.origin, count = n, "Dovecot login lines are seen but none carries the client address (rip=): a custom login_log_format_elements? add %{{rip}} to it, or name the element in the pattern (address_element)");
