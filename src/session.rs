@@ -176,6 +176,19 @@ pub struct Released {
     pub hold: u64,
 }
 
+/// What the session checks did, saved for `dovegate status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStats {
+    /// Open sessions by what their last check found (`Evidence::name`).
+    pub open_by_evidence: BTreeMap<String, u64>,
+    /// Since the daemon started: sessions that stopped holding because nothing showed
+    /// them open, those held until grant.session_hold, and those ended by a revoke or
+    /// `dovegate sessions drop`.
+    pub released_no_evidence: u64,
+    pub released_hold: u64,
+    pub dropped: u64,
+}
+
 /// The open sessions, by id.
 #[derive(Debug, Clone)]
 pub struct Sessions {

@@ -7,6 +7,7 @@ mod docs;
 pub mod postlogin;
 mod replica;
 pub mod run;
+mod sessions;
 mod status;
 mod test_cmd;
 
@@ -97,6 +98,8 @@ enum Command {
     Replica(replica::ReplicaArgs),
     /// Show the live state (map, sources, positions) from the map and the state directory.
     Status(status::StatusArgs),
+    /// List the open mail sessions that hold grants; `sessions drop ID` ends one.
+    Sessions(sessions::SessionsArgs),
     /// Create the map (empty) and the state directory if missing; for package scripts.
     Init {
         #[command(flatten)]
@@ -211,6 +214,7 @@ pub fn main() -> ExitCode {
         }
         Command::Test(args) => test_cmd::run(args),
         Command::Status(args) => status::run(args),
+        Command::Sessions(args) => sessions::run(args),
         Command::Replica(args) => replica::run(args),
         Command::Init { cfg } => init(&cfg),
         Command::GenerateDocs { dir } => docs::generate(&dir),

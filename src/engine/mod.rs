@@ -113,6 +113,7 @@ impl<S: GrantStore> Engine<S> {
         let first = self.sessions.is_empty() && !self.sessions_dirty;
         self.sessions.set_limits(self.policy.ttl_secs(), hold);
         if first && hold > 0 {
+            self.checkpoints.prepare_session_drops();
             let dropped = self
                 .sessions
                 .restore(self.checkpoints.load_sessions(), now, sources);
@@ -123,6 +124,7 @@ impl<S: GrantStore> Engine<S> {
                     "saved mail sessions of sources no longer configured were dropped"
                 );
             }
+            self.apply_session_drops();
             if !self.sessions.is_empty() {
                 tracing::info!(open = self.sessions.len(), "open mail sessions restored");
             }
@@ -154,6 +156,7 @@ impl<S: GrantStore> Engine<S> {
     /// run out, and those past their hold. A revoke by another writer is looked for first,
     /// so that no renewal writes a revoked grant back.
     pub fn renew_sessions(&mut self, now: i64) {
+        self.apply_session_drops();
         if let Err(e) = self.poll(now, false) {
             tracing::debug!(error = %e, "re-reading the map before session renewals failed");
         }
@@ -175,6 +178,15 @@ impl<S: GrantStore> Engine<S> {
                 closed = held,
                 "mail sessions held until grant.session_hold no longer renew"
             );
+        }
+    }
+
+    /// The administrator's `dovegate sessions drop` requests.
+    fn apply_session_drops(&mut self) {
+        for id in self.checkpoints.take_session_drops() {
+            if !self.drop_session(&id) {
+                tracing::warn!(session = %id, "dovegate sessions drop: no such open session");
+            }
         }
     }
 
@@ -322,6 +334,21 @@ impl<S: GrantStore> Engine<S> {
         // Sessions first: after a crash between the two, the logins behind the old
         // checkpoints are read again and reopen their sessions (idempotent by id).
         if self.sessions_dirty {
+            let c = &self.counters;
+            let stats = crate::session::SessionStats {
+                open_by_evidence: c
+                    .sessions_by_evidence
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect(),
+                released_no_evidence: c.sessions_released_no_evidence,
+                released_hold: c.sessions_released_hold,
+                dropped: c.sessions_dropped,
+            };
+            // For `dovegate status` only: a failure is no reason to hold the checkpoints.
+            if let Err(e) = self.checkpoints.save_session_stats(&stats) {
+                tracing::debug!(error = %e, "cannot save session statistics");
+            }
             self.checkpoints
                 .save_sessions(&self.sessions.snapshot())
                 .map_err(|e| {

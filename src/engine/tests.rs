@@ -665,3 +665,65 @@ fn a_lost_end_falls_back_to_the_hold() {
     assert!(exp <= 1000 + 600, "held until {exp}, past login + hold");
     assert!(t <= 1000 + 600);
 }
+
+/// Issue 19 defect 1: a revoke (another writer removes the grant) sticks while the
+/// address's IMAP session stays open: the next renewal notices the removal first, ends
+/// the session, and writes nothing back.
+#[test]
+fn a_revoke_sticks_while_a_session_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let mut e = engine(&store, dir.path(), 60, 1000);
+    e.set_session_hold(3600, &sources(), 1000);
+    e.set_session_evidence(Box::new(AllAlive), 60);
+    e.accept(session_login("192.0.2.1", 1000, "abc", 7), 1000);
+    e.flush(1000).unwrap();
+    // dovegate revoke: the map loses the grant.
+    {
+        let mut m = store.mem();
+        m.map.remove(&ip("192.0.2.1"));
+        m.dirty = true;
+    }
+    let mut t = 1000;
+    while t < 1000 + 600 {
+        t = e.next_session_due().unwrap_or(t + 60);
+        e.renew_sessions(t);
+        e.flush(t).unwrap();
+        assert!(
+            !store.mem().map.contains_key(&ip("192.0.2.1")),
+            "revoked grant written back at {t}"
+        );
+    }
+    assert_eq!(e.counters.sessions_open, 0);
+    assert_eq!(e.counters.sessions_dropped, 1);
+    // A new login grants again.
+    e.accept(batch(&[("192.0.2.1", t)]), t);
+    e.flush(t).unwrap();
+    assert!(store.mem().map.contains_key(&ip("192.0.2.1")));
+}
+
+/// Issue 19: a lone login line naming a session, with nothing to show it open (no live
+/// process, a source that ties no ends), expires ttl after the login.
+#[test]
+fn a_lone_session_login_expires_after_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let mut e = engine(&store, dir.path(), 60, 1000);
+    e.set_session_hold(3600, &sources(), 1000);
+    e.accept(session_login("192.0.2.3", 1000, "lone", 999_999), 1000);
+    e.flush(1000).unwrap();
+    let mut t = 1000;
+    while t < 1000 + 600 {
+        t = [e.next_session_due(), e.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(1000 + 600);
+        e.renew_sessions(t);
+        e.flush(t).unwrap();
+        e.expire_due(t).unwrap();
+    }
+    assert!(!store.mem().map.contains_key(&ip("192.0.2.3")));
+    assert_eq!(e.counters.sessions_released_no_evidence, 1);
+    assert_eq!(e.counters.session_renewals, 0);
+}
