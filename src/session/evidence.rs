@@ -28,7 +28,7 @@ pub enum Evidence {
     /// Its imap process is alive and its title names the session's user and address.
     Process,
     /// `doveadm who` lists the session's process with its user and address.
-    Who,
+    DoveadmWho,
     /// Its source has shown, within the hold, end lines tied to their sessions (so a
     /// missing end means open).
     EndLines,
@@ -40,7 +40,7 @@ impl Evidence {
     pub const ALL: [Evidence; 5] = [
         Evidence::None,
         Evidence::Process,
-        Evidence::Who,
+        Evidence::DoveadmWho,
         Evidence::EndLines,
         Evidence::Pushed,
     ];
@@ -49,7 +49,7 @@ impl Evidence {
         match self {
             Evidence::None => "none",
             Evidence::Process => "process",
-            Evidence::Who => "doveadm-who",
+            Evidence::DoveadmWho => "doveadm-who",
             Evidence::EndLines => "end-lines",
             Evidence::Pushed => "pushed",
         }
@@ -113,7 +113,7 @@ impl Probe for HostProbe {
             Some(true) => Evidence::Process,
             Some(false) => Evidence::None,
             None => match &self.who {
-                Some(w) if w.lists(claim) => Evidence::Who,
+                Some(w) if w.lists(claim) => Evidence::DoveadmWho,
                 _ => Evidence::None,
             },
         }
