@@ -176,6 +176,10 @@ pub struct Released {
     pub hold: u64,
 }
 
+fn evidence_index(e: Evidence) -> usize {
+    Evidence::ALL.iter().position(|&x| x == e).unwrap_or(0)
+}
+
 /// What the session checks did, saved for `dovegate status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionStats {
@@ -201,6 +205,9 @@ pub struct Sessions {
     early: HashMap<String, EarlyEnd>,
     /// When each source last tied an end line to an open session of its own.
     tied: HashMap<String, i64>,
+    /// Open sessions by `Evidence` (index in `Evidence::ALL`), kept as they change: the
+    /// counts are read after every batch.
+    counts: [u64; 5],
     ttl: i64,
     hold: i64,
     recheck: i64,
@@ -219,6 +226,7 @@ impl Sessions {
             by_user: HashMap::new(),
             early: HashMap::new(),
             tied: HashMap::new(),
+            counts: [0; 5],
             next_forget: 0,
             ttl: ttl.max(1),
             hold: hold.max(0),
@@ -266,12 +274,15 @@ impl Sessions {
                 .or_default()
                 .push(s.id.clone());
         }
+        self.counts[evidence_index(s.evidence)] += 1;
         self.open.insert(s.id.clone(), s);
     }
 
     fn remove(&mut self, id: &str) -> Option<OpenSession> {
         let s = self.open.remove(id)?;
         self.due.remove(&(self.due_of(&s), s.id.clone()));
+        let n = &mut self.counts[evidence_index(s.evidence)];
+        *n = n.saturating_sub(1);
         if let Some(u) = &s.user {
             if let Some(ids) = self.by_user.get_mut(u) {
                 ids.retain(|i| i != id);
@@ -298,12 +309,11 @@ impl Sessions {
 
     /// Open sessions by what their last check found.
     pub fn by_evidence(&self) -> BTreeMap<&'static str, u64> {
-        let mut m: BTreeMap<&'static str, u64> =
-            Evidence::ALL.iter().map(|e| (e.name(), 0)).collect();
-        for s in self.open.values() {
-            *m.entry(s.evidence.name()).or_default() += 1;
-        }
-        m
+        Evidence::ALL
+            .iter()
+            .zip(self.counts)
+            .map(|(e, n)| (e.name(), n))
+            .collect()
     }
 
     /// Sessions released so far, by why.
