@@ -375,6 +375,37 @@ mod tests {
         );
     }
 
+    /// The runner: a command's output, read off the caller's thread; a failing command
+    /// lists nothing.
+    #[test]
+    fn who_runner() {
+        let argv: Vec<String> = [
+            "printf",
+            "username proto pid ip\\nalice imap 7 192.0.2.1\\n",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(parse_who(&run_who(&argv).unwrap()).len(), 1);
+        let w = WhoRunner::new(argv, Duration::from_secs(60));
+        let alice = Claim {
+            pid: 7,
+            user: Some("alice"),
+            ip: "192.0.2.1".parse().unwrap(),
+        };
+        let started = Instant::now();
+        while !w.lists(&alice) {
+            assert!(started.elapsed() < Duration::from_secs(20), "never listed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!w.lists(&Claim { pid: 8, ..alice }), "another pid");
+        assert!(!w.lists(&Claim {
+            user: Some("bob"),
+            ..alice
+        }));
+        assert!(run_who(&["false".to_string()]).is_err());
+    }
+
     #[test]
     fn host_probe_refuses_a_process_that_is_not_imap() {
         // This test's own process: alive, but not an imap process.
