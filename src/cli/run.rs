@@ -315,7 +315,12 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     };
     let mut engine = Engine::new(map, cfg.policy(), checkpoints.clone(), timefmt::now())
         .map_err(|e| Failure::runtime(e.0))?;
-    engine.set_session_hold(hold_secs(&cfg.settings), timefmt::now());
+    engine.set_session_hold(
+        hold_secs(&cfg.settings),
+        &session_sources(&cfg),
+        timefmt::now(),
+    );
+    engine.set_session_evidence(session_probe(&cfg.settings), recheck_secs(&cfg.settings));
     let stats = Arc::new(StatsRegistry::default());
     if dry.is_some() && (settings.socketmap.is_some() || settings.metrics.is_some()) {
         tracing::info!("--dry-run: the socketmap and metrics servers are not started");
@@ -417,7 +422,15 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                                     runtime.block_on(servers.reload(socketmap, metrics));
                                 }
                                 engine.set_policy(new.policy());
-                                engine.set_session_hold(hold_secs(&new.settings), timefmt::now());
+                                engine.set_session_hold(
+                                    hold_secs(&new.settings),
+                                    &session_sources(&new),
+                                    timefmt::now(),
+                                );
+                                engine.set_session_evidence(
+                                    session_probe(&new.settings),
+                                    recheck_secs(&new.settings),
+                                );
                                 cfg = new;
                                 tracing::info!(logs = %paths(&cfg.settings.logs), ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
                             }
@@ -653,6 +666,31 @@ fn serve_settings(settings: &Settings) -> (Option<SocketmapConfig>, Option<Liste
         settings.socketmap.clone(),
         settings.metrics.map(Listen::Inet),
     )
+}
+
+/// The names of the sources whose logins open sessions (a saved session of any other
+/// source is dropped at start: it can no longer be ended by its source).
+fn session_sources(cfg: &Effective) -> Vec<String> {
+    let mut v: Vec<String> = cfg
+        .settings
+        .logs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    v.extend(cfg.journal.iter().map(|t| t.key()));
+    v
+}
+
+/// What shows an open session on this host: its imap process, then `doveadm who`.
+fn session_probe(settings: &Settings) -> Box<dyn crate::session::Probe> {
+    Box::new(crate::session::evidence::HostProbe::new(
+        &settings.session_who,
+        settings.session_recheck,
+    ))
+}
+
+fn recheck_secs(settings: &Settings) -> i64 {
+    i64::try_from(settings.session_recheck.as_secs()).unwrap_or(60)
 }
 
 /// `grant.session_hold` in seconds (0: sessions off).

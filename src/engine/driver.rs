@@ -153,7 +153,8 @@ pub async fn drive<S: GrantStore>(
         tokio::select! {
             why = &mut control => break why,
             () = sleep_until(renew_at.unwrap_or(now)), if renew_at.is_some() => {
-                engine.renew_sessions(clock.secs());
+                // It may re-read the map and probe processes: off the async worker.
+                blocking(|| engine.renew_sessions(clock.secs()));
             }
             b = rx.recv() => match b {
                 Some(b) => engine.accept(b, clock.secs()),

@@ -180,6 +180,21 @@ impl Collector for Snapshot {
                 "Grants written again because their IMAP session is still open.",
                 c.session_renewals,
             ),
+            (
+                "dovegate_sessions_released_no_evidence",
+                "Sessions that stopped holding their grant because nothing showed them open (imap process gone or unseen, no tied end lines).",
+                c.sessions_released_no_evidence,
+            ),
+            (
+                "dovegate_sessions_released_hold",
+                "Sessions that stopped holding their grant at grant.session_hold.",
+                c.sessions_released_hold,
+            ),
+            (
+                "dovegate_sessions_dropped",
+                "Sessions ended by a revoke or dovegate sessions drop.",
+                c.sessions_dropped,
+            ),
         ] {
             counter(&mut enc, name, help, v)?;
         }
@@ -189,6 +204,17 @@ impl Collector for Snapshot {
             "Open IMAP sessions holding their address's grant.",
             i64::try_from(c.sessions_open).unwrap_or(i64::MAX),
         )?;
+        let mut m = enc.encode_descriptor(
+            "dovegate_sessions_open_by_evidence",
+            "Open IMAP sessions by what their last check found (none: held only ttl).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (evidence, n) in &c.sessions_by_evidence {
+            let labels = [("evidence", *evidence)];
+            ConstGauge::new(i64::try_from(*n).unwrap_or(i64::MAX))
+                .encode(m.encode_family(&labels.as_slice())?)?;
+        }
         let mut m = enc.encode_descriptor(
             "dovegate_map_commit_seconds",
             "Time to commit a batch of grants.",
