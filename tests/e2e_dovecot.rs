@@ -193,6 +193,7 @@ fn rsyslog_traditional_and_rfc3339() {
                 &d.path().join(format!("state-{name}")).display().to_string(),
             ],
         );
+        daemon.wait_following(&log);
         daemons.push((log, map, daemon));
     }
     harness(&["up", &dvs, "syslog", "12143"]);
@@ -259,7 +260,10 @@ fn real_journald_trusts_only_dovecot_service() {
             && text.matches("no auth attempts").count() >= 2
             && text.contains("session=<forged>")
     });
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The forged entry came last: once the daemon has judged it, it has read the rest.
+    wait_for("the forged entry judged", PATIENCE, || {
+        daemon.log().contains("forged Dovecot login entries")
+    });
     assert_eq!(daemon.stop(), Some(0));
     assert_eq!(
         map_keys(&map),

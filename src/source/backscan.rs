@@ -321,8 +321,20 @@ mod tests {
         lines.extend(untimed);
         let mut f = file_with(&lines);
         // A line longer than a probe, stamped, then a piece of one without its newline.
-        writeln!(f, "{} {}", crate::timefmt::rfc3339(now), "A".repeat(3 * PROBE as usize)).unwrap();
-        write!(f, "{} {}", crate::timefmt::rfc3339(now), "B".repeat(2 * PROBE as usize)).unwrap();
+        writeln!(
+            f,
+            "{} {}",
+            crate::timefmt::rfc3339(now),
+            "A".repeat(3 * PROBE as usize)
+        )
+        .unwrap();
+        write!(
+            f,
+            "{} {}",
+            crate::timefmt::rfc3339(now),
+            "B".repeat(2 * PROBE as usize)
+        )
+        .unwrap();
         let off = start_offset(&f, now - 600, now).unwrap();
         assert_ne!(off, f.metadata().unwrap().len(), "started at the end");
         let line = line_at(&f, off);

@@ -155,7 +155,7 @@ impl Daemon {
     }
 
     /// `dovegate run ARGS` with the map `DIR/relay` and state `DIR/state`; returns once the
-    /// map exists.
+    /// map exists and each `--log` file is followed (lines written after that are read).
     pub fn with_map(dir: &Path, args: &[&str]) -> Daemon {
         let (map, state) = (
             dir.join("relay").display().to_string(),
@@ -165,7 +165,17 @@ impl Daemon {
         all.extend_from_slice(args);
         let d = Daemon::start(dir, &all);
         wait_for("map created", PATIENCE, || dir.join("relay.lmdb").exists());
+        for pair in args.windows(2).filter(|p| p[0] == "--log") {
+            d.wait_following(Path::new(pair[1]));
+        }
         d
+    }
+
+    /// Waits until the daemon says it follows `log` (from which offset, or from its start
+    /// once it appears).
+    pub fn wait_following(&self, log: &Path) {
+        let said = format!("following {} ", log.display());
+        wait_for(&said, PATIENCE, || self.log().contains(&said));
     }
 
     pub fn log(&self) -> String {
