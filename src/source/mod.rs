@@ -256,6 +256,20 @@ impl FileSource {
                 FileFollower::new(&spec.path, spec.max_line, start)
             }
         };
+        // Where reading begins, for the administrator (and the tests, which wait for it
+        // before writing: a line written earlier may or may not be read on a first start).
+        match follower.current() {
+            Some(pos) => tracing::info!(
+                "following {} from offset {} (inode {})",
+                spec.path.display(),
+                pos.offset,
+                pos.id.ino
+            ),
+            None => tracing::info!(
+                "following {} from its start once it can be read",
+                spec.path.display()
+            ),
+        }
         let _watcher = watch_dir(&spec.path, wake_tx);
         // Tell the engine where we start, so that a first start is checkpointed even
         // before any line arrives.
