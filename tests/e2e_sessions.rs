@@ -276,11 +276,14 @@ fn idle_keeps_relay(
 fn dovecot_23_idle_session_keeps_relay_across_kill9_then_expires() {
     let (d, dv, dvs) = rig();
     let _down = Down("down", dvs.clone());
-    harness_with(&["up", &dvs, "file", "13143"], VERBOSE);
+    harness_with(
+        &["up", &dvs, "file", &dovecot_ports(13143).to_string()],
+        VERBOSE,
+    );
     idle_keeps_relay(
         d.path(),
         &dv.join("dovecot.log"),
-        13143,
+        dovecot_ports(13143),
         "198.51.100.41",
         true,
         &[],
@@ -294,11 +297,14 @@ fn dovecot_24_idle_session_keeps_relay_then_expires() {
     let (d, dv, dvs) = rig();
     let root = harness(&["trixie-root", &dvs]);
     let _down = Down("down24", dvs.clone());
-    harness_with(&["up24", &dvs, &root, "13243"], VERBOSE);
+    harness_with(
+        &["up24", &dvs, &root, &dovecot_ports(13243).to_string()],
+        VERBOSE,
+    );
     idle_keeps_relay(
         d.path(),
         &dv.join("dovecot.log"),
-        13243,
+        dovecot_ports(13243),
         "198.51.100.42",
         false,
         &[],
@@ -314,11 +320,11 @@ fn dovecot_24_idle_session_keeps_relay_then_expires() {
 fn dovecot_23_idle_shown_by_doveadm_who_lost_after_kill9_of_the_imap_process() {
     let (d, dv, dvs) = rig();
     let _down = Down("down", dvs.clone());
-    harness(&["up", &dvs, "file", "13643"]);
+    harness(&["up", &dvs, "file", &dovecot_ports(13643).to_string()]);
     idle_keeps_relay(
         d.path(),
         &dv.join("dovecot.log"),
-        13643,
+        dovecot_ports(13643),
         "198.51.100.43",
         false,
         &who_23(&dv),
@@ -332,11 +338,14 @@ fn dovecot_24_idle_lost_after_kill9_of_the_imap_process() {
     let (d, dv, dvs) = rig();
     let root = harness(&["trixie-root", &dvs]);
     let _down = Down("down24", dvs.clone());
-    harness_with(&["up24", &dvs, &root, "13743"], VERBOSE);
+    harness_with(
+        &["up24", &dvs, &root, &dovecot_ports(13743).to_string()],
+        VERBOSE,
+    );
     idle_keeps_relay(
         d.path(),
         &dv.join("dovecot.log"),
-        13743,
+        dovecot_ports(13743),
         "198.51.100.44",
         false,
         &[],
@@ -353,7 +362,7 @@ fn dovecot_23_anonymous_login_grants_nothing() {
     let (d, dv, dvs) = rig();
     let _down = Down("down", dvs.clone());
     harness_with(
-        &["up", &dvs, "file", "13843"],
+        &["up", &dvs, "file", &dovecot_ports(13843).to_string()],
         "auth_mechanisms = plain login anonymous\nauth_anonymous_username = anonymous",
     );
     let log = dv.join("dovecot.log");
@@ -363,7 +372,7 @@ fn dovecot_23_anonymous_login_grants_nothing() {
     let anon = "198.51.100.45";
     let st = Command::new("python3")
         .arg(support("anonymous.py"))
-        .args(["13843", anon])
+        .args([dovecot_ports(13843).to_string().as_str(), anon])
         .status()
         .expect("anonymous.py");
     assert!(st.success(), "anonymous login");
@@ -373,7 +382,7 @@ fn dovecot_23_anonymous_login_grants_nothing() {
         "{text}"
     );
     // A password login after it: once granted, the anonymous line was read before it.
-    let idle = Idle::start(13843, "198.51.100.46");
+    let idle = Idle::start(dovecot_ports(13843), "198.51.100.46");
     wait_for("the password login granted", PATIENCE, || {
         expiry(&map, "198.51.100.46").is_some()
     });
