@@ -43,7 +43,9 @@ impl Drop for Dovecots {
         for d in &self.0 {
             let _ = Command::new("dovecot")
                 .args(["-c", &d.join("dovecot.conf").display().to_string(), "stop"])
-                .output();
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
         }
     }
 }
@@ -55,11 +57,20 @@ fn start(dir: &Path, text: String, port: u16) {
     set_mode(dir, 0o755);
     set_mode(&dir.join("run"), 0o755);
     std::fs::write(dir.join("dovecot.conf"), text).unwrap();
-    let out = Command::new("dovecot")
+    // Not `output()`: the daemon keeps the inherited stderr open, so a pipe never ends.
+    let err = dir.join("start.err");
+    let status = Command::new("dovecot")
         .args(["-c", &dir.join("dovecot.conf").display().to_string()])
-        .output()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .status()
         .expect("dovecot");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
     wait_for("dovecot listening", PATIENCE, || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
             && TcpStream::connect(("127.0.0.1", port + 2)).is_ok()
@@ -67,25 +78,18 @@ fn start(dir: &Path, text: String, port: u16) {
 }
 
 fn b64(bytes: &[u8]) -> String {
-    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in bytes.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// One login through the proxy as `user`/`pass` from the forwarded address `ip`; the
 /// server's answer to the authentication.
 fn login(proto: &str, ip: &str, user: &str, pass: &str) -> String {
-    let port = if proto == "imap" { proxy_port() } else { proxy_port() + 2 };
+    let port = if proto == "imap" {
+        proxy_port()
+    } else {
+        proxy_port() + 2
+    };
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
@@ -129,16 +133,24 @@ fn failed_proxied_logins_with_forged_success_names_grant_nothing() {
         backend.join("users").display()
     );
     let (backend_port, proxy_port) = (backend_port(), proxy_port());
-    start(&backend, conf(&backend, "b", backend_port, &passdb, ""), backend_port);
     guard.0.push(backend.clone());
+    start(
+        &backend,
+        conf(&backend, "b", backend_port, &passdb, ""),
+        backend_port,
+    );
     let passdb = format!(
         "  driver = static\n  args = proxy=y nopassword=y host=127.0.0.1 port=%{{if;%s;eq;pop3;{};{}}}",
         backend_port + 2,
         backend_port
     );
     let extra = "auth_username_chars =\nauth_username_format = %u\nauth_verbose = yes\n";
-    start(&proxy, conf(&proxy, "p", proxy_port, &passdb, extra), proxy_port);
     guard.0.push(proxy.clone());
+    start(
+        &proxy,
+        conf(&proxy, "p", proxy_port, &passdb, extra),
+        proxy_port,
+    );
 
     let dovecot_log = proxy.join("dovecot.log");
     let map = d.path().join("relay");
@@ -154,7 +166,10 @@ fn failed_proxied_logins_with_forged_success_names_grant_nothing() {
         for (j, proto) in ["imap", "pop3"].iter().enumerate() {
             let ip = format!("203.0.113.{}", 60 + 2 * i + j);
             let r = login(proto, &ip, name, "wrong");
-            assert!(r.contains("NO") || r.contains("-ERR"), "{proto} {name}: {r}");
+            assert!(
+                r.contains("NO") || r.contains("-ERR"),
+                "{proto} {name}: {r}"
+            );
             hostile.push(ip);
         }
     }

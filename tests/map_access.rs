@@ -184,15 +184,23 @@ fn revoke_all_empties_the_map_and_keeps_the_file() {
     for ip in ["192.0.2.80", "2001:db8::80"] {
         assert!(dovegate(&["grant", "--map", &m, ip]).status.success());
     }
-    let before = std::fs::metadata(d.path().join("relay.lmdb")).unwrap().ino();
+    let before = std::fs::metadata(d.path().join("relay.lmdb"))
+        .unwrap()
+        .ino();
     assert!(postmap_q(&map, "192.0.2.80").is_some());
     let out = dovegate(&["revoke", "--all", "--map", &m]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(postmap_q(&map, "192.0.2.80").is_none());
     assert!(postmap_q(&map, "2001:db8::80").is_none());
     assert!(postmap_s(&map).is_empty());
     assert_eq!(
-        std::fs::metadata(d.path().join("relay.lmdb")).unwrap().ino(),
+        std::fs::metadata(d.path().join("relay.lmdb"))
+            .unwrap()
+            .ino(),
         before
     );
 }
