@@ -380,12 +380,12 @@ fn grants_expire_on_a_full_disk() {
     assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
 }
 
-/// A local user's process holding a lock on the map (it is world-readable for Postfix),
-/// killed and reaped on drop.
+/// A process of Postfix's group holding a lock on the map (no other user can open it:
+/// map_access.rs), killed and reaped on drop.
 struct LockHolder(std::process::Child);
 
 impl LockHolder {
-    /// `nobody` opens the map read-only and holds a shared lock until stdin closes;
+    /// User `postfix` opens the map read-only and holds a shared lock until stdin closes;
     /// `ofd` picks an open-file-description lock (its pid is hidden from F_GETLK and
     /// /proc/locks) over a classic POSIX one.
     fn start(file: &Path, ofd: bool) -> LockHolder {
@@ -396,7 +396,7 @@ impl LockHolder {
             "import fcntl,sys\nf=open(sys.argv[1],'rb')\nfcntl.lockf(f,fcntl.LOCK_SH)\nprint('locked',flush=True)\nsys.stdin.read()\n"
         };
         let mut child = Command::new("setpriv")
-            .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups"])
+            .args(["--reuid", "postfix", "--regid", "postfix", "--clear-groups"])
             .args(["/usr/bin/python3", "-c", script])
             .arg(file)
             .stdin(Stdio::piped())
@@ -423,7 +423,8 @@ impl Drop for LockHolder {
     }
 }
 
-/// Review finding 1: any local user can hold a shared lock on the map forever. The
+/// Review finding 1: a reader (now only root, dovegate or Postfix's group) can hold a
+/// shared lock on the map forever. The
 /// daemon does not stall silently: within seconds an ERROR names the map and the holder's
 /// pid, it keeps running, and once the holder is gone the expired grant leaves the map and
 /// new logins are committed.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use dovegate::session::Sessions;
 use dovegate::source::checkpoint::{parse_sessions, Checkpoint, JournalCursor};
-use dovegate_fuzz::{HOLD, NOW, TTL};
+use dovegate_fuzz::{AllAlive, HOLD, NOW, TTL};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -31,11 +31,12 @@ fuzz_target!(|data: &[u8]| {
                 let l = login.entry(s.ip).or_insert(s.login);
                 *l = (*l).min(s.login);
             }
+            let sources: Vec<String> = saved.iter().map(|s| s.source.clone()).collect();
             let mut sessions = Sessions::new(TTL, HOLD);
-            sessions.restore(saved, NOW);
+            sessions.restore(saved, NOW, &sources);
             let mut now = NOW;
             while now < NOW + 2 * HOLD {
-                for r in sessions.renewals(now) {
+                for r in sessions.renewals(now, &mut AllAlive) {
                     let l = login[&r.ip];
                     assert!(r.time <= now, "a renewal in the future");
                     // A login saved with a future time counts as happening now at most.

@@ -9,6 +9,7 @@ use dovegate::frame::{FrameParser, LocalZone};
 use dovegate::grant::{Decision, Policy};
 use dovegate::pattern::{IpVerdict, PatternSet};
 use dovegate::scan::{Line, Login, NearMiss, Scanner, Sink, Visit};
+use dovegate::session::evidence::{Claim, Evidence, Probe};
 use dovegate::session::{SessionEnd, Sessions};
 
 /// A fixed "now" (2026-11-21T10:00:00Z), close to the seeds' timestamps.
@@ -119,6 +120,15 @@ pub struct Checked {
     pub lines: Vec<Vec<u8>>,
 }
 
+/// A host where every session's process is alive: the most a probe can ever claim.
+pub struct AllAlive;
+
+impl Probe for AllAlive {
+    fn check(&mut self, _: &Claim<'_>, _: i64) -> Evidence {
+        Evidence::Process
+    }
+}
+
 impl Default for Checked {
     fn default() -> Self {
         Checked {
@@ -147,12 +157,13 @@ impl Checked {
         }
     }
 
-    /// Session renewals over the hold, each bounded like a login.
+    /// Session renewals over the hold, each bounded like a login, on a host where
+    /// every session's process is alive.
     pub fn renew_all(&mut self) {
         let start = self.now;
         for step in 0..8 {
             let now = start + step * (HOLD / 4);
-            for r in self.sessions.renewals(now) {
+            for r in self.sessions.renewals(now, &mut AllAlive) {
                 assert!(r.time <= now, "renewal in the future");
                 self.now = now;
                 self.grant(r.ip, Some(r.time));

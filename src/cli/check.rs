@@ -361,6 +361,17 @@ pub fn findings(settings: &Settings, user: Option<&Account>) -> Vec<Finding> {
             )));
         }
     }
+    let map_file = crate::store::lmdb::file_path(&settings.map_path);
+    if let Ok(meta) = std::fs::metadata(&map_file) {
+        if meta.mode() & 0o004 != 0 {
+            out.push(Finding::Warning(format!(
+                "map.path: {} is readable by every local user (mode {:04o}): any of them can hold a read lock on it and stall its writes (expired grants stay); chmod 0640 {f}; chgrp postfix {f} (the daemon does it at its next start)",
+                map_file.display(),
+                meta.mode() & 0o7777,
+                f = map_file.display()
+            )));
+        }
+    }
     if let Some(dir) = settings.map_path.parent().filter(|d| !d.exists()) {
         out.push(Finding::Warning(format!(
             "map.path: directory {} does not exist; `dovegate init` creates it and the empty map",
@@ -375,7 +386,7 @@ pub fn run(cfg: &ConfigArgs, user: Option<&str>) -> Result<(), Failure> {
     load_patterns(&settings, None)?;
     if let Some(url_file) = &settings.store.url_file {
         crate::store::postgres::Target::load(url_file, &settings.store.schema)
-            .map_err(Failure::config)?;
+            .map_err(|e| Failure::config(e.to_string()))?;
     }
     match &file.file {
         Some(p) => eprintln!("dovegate: configuration {}", p.display()),
@@ -403,6 +414,10 @@ pub fn run(cfg: &ConfigArgs, user: Option<&str>) -> Result<(), Failure> {
             Finding::Warning(m) => eprintln!("dovegate: warning: {m}"),
         }
     }
+    eprintln!(
+        "dovegate: note: only `dovegate grant` and `dovegate revoke` may write {}: `postmap -i` or `-d` on the live map is unsupported and damages it (the daemon then moves it aside)",
+        crate::store::lmdb::file_path(&settings.map_path).display()
+    );
     print!("{}", file.to_toml());
     if errors > 0 {
         return Err(Failure::config(String::new()));

@@ -7,6 +7,7 @@ mod docs;
 pub mod postlogin;
 mod replica;
 pub mod run;
+mod sessions;
 mod status;
 mod test_cmd;
 
@@ -59,7 +60,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Grant an address by hand (until now + ttl).
+    /// Grant an address by hand (until now + ttl); in the shared database too when configured.
     Grant {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -69,12 +70,18 @@ enum Command {
         /// The client address (any textual form; stored canonical).
         ip: String,
     },
-    /// Remove an address's grant.
+    /// Remove an address's grant, on every host when a shared database is configured; with
+    /// --all, every entry of this host's map only (the package does this when it is removed,
+    /// so that no grant outlives the daemon that would expire it).
     Revoke {
         #[command(flatten)]
         cfg: ConfigArgs,
+        /// Empty the map (the file stays, so Postfix's main.cf keeps working).
+        #[arg(long, conflicts_with = "ip")]
+        all: bool,
         /// The client address whose grant to remove.
-        ip: String,
+        #[arg(required_unless_present = "all")]
+        ip: Option<String>,
     },
     /// Validate the configuration and print it; exit 2 on any error.
     CheckConfig {
@@ -97,6 +104,8 @@ enum Command {
     Replica(replica::ReplicaArgs),
     /// Show the live state (map, sources, positions) from the map and the state directory.
     Status(status::StatusArgs),
+    /// List the open mail sessions that hold grants; `sessions drop ID` ends one.
+    Sessions(sessions::SessionsArgs),
     /// Create the map (empty) and the state directory if missing; for package scripts.
     Init {
         #[command(flatten)]
@@ -107,6 +116,9 @@ enum Command {
     /// Write the man pages and shell completions into DIR (packaging).
     #[command(hide = true)]
     GenerateDocs { dir: PathBuf },
+    /// Check a private copy of a map file (the daemon runs it at start: see store::damage).
+    #[command(hide = true)]
+    ProbeMap { file: PathBuf },
 }
 
 /// A command's failure: its message and exit code (2: bad configuration or usage).
@@ -150,8 +162,10 @@ pub fn load_settings(
 pub fn load_patterns(settings: &Settings, dir: Option<&Path>) -> Result<PatternSet, Failure> {
     let dir = dir.or(settings.patterns_dir.as_deref());
     let sessions = !settings.session_hold.is_zero();
-    PatternSet::load_for(dir, &settings.services, &settings.enable_patterns, sessions)
-        .map_err(|e| Failure::config(e.0))
+    let mut p = PatternSet::load_for(dir, &settings.services, &settings.enable_patterns, sessions)
+        .map_err(|e| Failure::config(e.0))?;
+    p.set_never_mechanisms(&settings.never_mechanisms);
+    Ok(p)
 }
 
 /// Logs go to the journal with native fields when systemd connected stderr to it
@@ -195,7 +209,8 @@ pub fn main() -> ExitCode {
         Command::Lookup { cfg, ip } => admin::lookup(&cfg, &ip),
         Command::List { cfg, json } => admin::list(&cfg, json),
         Command::Grant { cfg, ttl, ip } => admin::grant(&cfg, ttl.as_deref(), &ip),
-        Command::Revoke { cfg, ip } => admin::revoke(&cfg, &ip),
+        Command::Revoke { cfg, all: true, .. } => admin::revoke_all(&cfg),
+        Command::Revoke { cfg, ip, .. } => admin::revoke(&cfg, ip.as_deref().unwrap_or_default()),
         Command::CheckConfig { cfg, user } => check::run(&cfg, user.as_deref()),
         Command::Config { default } => {
             if default {
@@ -209,10 +224,12 @@ pub fn main() -> ExitCode {
         }
         Command::Test(args) => test_cmd::run(args),
         Command::Status(args) => status::run(args),
+        Command::Sessions(args) => sessions::run(args),
         Command::Replica(args) => replica::run(args),
         Command::Init { cfg } => init(&cfg),
         Command::GenerateDocs { dir } => docs::generate(&dir),
         Command::Postlogin(args) => return postlogin::run(args.into_args()),
+        Command::ProbeMap { file } => return crate::store::damage::probe_child(&file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -182,7 +182,7 @@ pub fn single_value<'a>(elements: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
 /// The user element's value when `elements` is a strict element list: exactly one
 /// `user=<...>` element (ended, as above, by its first `>` followed by `, ` or the end), and
 /// every other element either `key=value` (no space or comma in the value) or a flag
-/// without `=`. Free text can then only sit inside the user element: the proxy patterns
+/// without `=` (nor `,` or `: `). Free text can then only sit inside the user element: the proxy patterns
 /// need this, since there the user name also comes before the success text.
 pub fn strict_user(elements: &[u8]) -> Option<&[u8]> {
     let mut user = None;
@@ -210,7 +210,12 @@ pub fn strict_user(elements: &[u8]) -> Option<&[u8]> {
                             .iter()
                             .any(|&b| b.is_ascii_whitespace() || b == b',')
                 }
-                None => el.first().is_some_and(|b| !b.is_ascii_whitespace()) && !el.contains(&b','),
+                // A flag holding `: ` is free text (a failure's `): Login failed...`).
+                None => {
+                    el.first().is_some_and(|b| !b.is_ascii_whitespace())
+                        && !el.contains(&b',')
+                        && memmem::find(el, b": ").is_none()
+                }
             };
             if !plain {
                 return None;
@@ -355,6 +360,7 @@ mod tests {
             "user=<a>,, rip=1",
             "user=<a",
             "user=<a>, =x",
+            "user=<x>, zz): Login failed to h:1: Authentication failed: secured, rip=1.2.3.4",
         ] {
             assert_eq!(ok(bad), None, "{bad}");
         }

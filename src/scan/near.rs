@@ -25,6 +25,9 @@ pub enum NearMiss {
     ElementList,
     /// Login wording no enabled pattern knows (another Dovecot version, an opt-in pattern).
     UnknownWording,
+    /// A login by a SASL mechanism that proves nothing about the user
+    /// (grant.never_mechanisms, ANONYMOUS by default).
+    NeverMechanism,
 }
 
 impl NearMiss {
@@ -36,6 +39,7 @@ impl NearMiss {
             NearMiss::UnknownFraming => "unknown-framing",
             NearMiss::ElementList => "element-list",
             NearMiss::UnknownWording => "unknown-wording",
+            NearMiss::NeverMechanism => "never-mechanism",
         }
     }
 }

@@ -68,7 +68,7 @@ impl StoreError {
 fn advice(kind: io::ErrorKind) -> Option<&'static str> {
     match kind {
         io::ErrorKind::PermissionDenied => Some(
-            "run as root or as the map's owner (the daemon's user), or fix the file's owner and mode (0644)",
+            "run as root or as the map's owner (the daemon's user), or fix the file's owner and mode (0640, group postfix)",
         ),
         io::ErrorKind::StorageFull => Some(
             "the map's filesystem is full: free space there now; expired grants cannot be removed until then",

@@ -7,11 +7,17 @@
 //! kernel drops the locks when the process dies, so a stale file never blocks a start.
 //! (Not on the `.lmdb` file itself: Postfix takes whole-file read locks there for every
 //! lookup. Never flock: the project uses fcntl OFD locks only.)
+//!
+//! The lock files are mode 0600: no other user can open them to hold a lock. A file left
+//! open by another process (a 0644 file of an older version) is not trusted to mean "a
+//! daemon runs": only a running dovegate whose pid the file names counts; any other holder
+//! gets the file replaced under it (a new inode that it does not hold), and `status` never
+//! names a pid that is not a running dovegate.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{Cause, StoreError};
@@ -76,23 +82,37 @@ impl InstanceLock {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| io(&e))?;
             }
-            let mut file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o644)
-                .open(&path)
-                .map_err(|e| io(&e))?;
+            let mut file = open_lock_file(&path).map_err(|e| io(&e))?;
             if !try_lock(&file).map_err(|e| io(&e))? {
-                let pid = read_pid(&mut file).map_or(String::new(), |p| format!(" (pid {p})"));
-                return Err(StoreError::new(
-                    format!(
-                        "another dovegate{pid} already runs on this {what}: {} is locked; stop it first, or give this one its own map.path and state.dir",
-                        path.display()
-                    ),
-                    Cause::Other,
-                ));
+                // A starting dovegate writes its pid right after taking the lock.
+                let mut pid = read_pid(&mut file);
+                if pid.is_none() {
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    pid = read_pid(&mut file);
+                }
+                if let Some(pid) = pid.filter(|&p| is_dovegate(p)) {
+                    return Err(StoreError::new(
+                        format!(
+                            "another dovegate (pid {pid}) already runs on this {what}: {} is locked; stop it first, or give this one its own map.path and state.dir",
+                            path.display()
+                        ),
+                        Cause::Other,
+                    ));
+                }
+                tracing::warn!(
+                    file = %path.display(),
+                    "the single-instance lock is held by a process that is not a running dovegate (another user's lock on an old world-readable lock file?); replacing the file with a new one (mode 0600)"
+                );
+                file = replace_lock_file(&path).map_err(|e| io(&e))?;
+                if !try_lock(&file).map_err(|e| io(&e))? {
+                    return Err(StoreError::new(
+                        format!(
+                            "{}: the new single-instance lock file was locked at once by another process; check who opens it (lsof)",
+                            path.display()
+                        ),
+                        Cause::Other,
+                    ));
+                }
             }
             file.set_len(0).map_err(|e| io(&e))?;
             writeln!(file, "{}", std::process::id()).map_err(|e| io(&e))?;
@@ -100,6 +120,38 @@ impl InstanceLock {
         }
         Ok(InstanceLock { _files: files })
     }
+}
+
+/// Opens (creating) a lock file, mode 0600 whatever its mode was.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
+/// A new lock file renamed over `path`: whoever holds the old one holds nothing we use.
+fn replace_lock_file(path: &Path) -> io::Result<File> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".new-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let file = open_lock_file(&tmp)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(file)
+}
+
+/// Whether `pid` is a running dovegate process (its command name; /proc/PID/exe is not
+/// readable for other users' processes).
+fn is_dovegate(pid: u32) -> bool {
+    pid == std::process::id()
+        || std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.starts_with("dovegate"))
 }
 
 /// Whether a daemon holds the map: Some(pid if known) or None.
@@ -121,7 +173,8 @@ fn holder(path: &Path) -> io::Result<Option<Option<u32>>> {
     if fl.l_type == libc::F_UNLCK as libc::c_short {
         return Ok(None);
     }
-    Ok(Some(read_pid(&mut file)))
+    // Never name a pid that is not a running dovegate (a stale file, a foreign holder).
+    Ok(Some(read_pid(&mut file).filter(|&p| is_dovegate(p))))
 }
 
 #[cfg(test)]
@@ -145,5 +198,32 @@ mod tests {
         drop(first);
         assert_eq!(map_holder(&map).unwrap(), None);
         let _again = InstanceLock::acquire(&map, &s2).unwrap();
+    }
+
+    /// Issue 20 item 4: the lock files are 0600; a holder that is not a running dovegate
+    /// (here: a lock file naming a pid that does not run) is never named by `status`.
+    #[test]
+    fn lock_files_are_private_and_a_dead_pid_is_never_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let state = dir.path().join("state");
+        let lock = InstanceLock::acquire(&map, &state).unwrap();
+        for p in [map_lock_path(&map), state_lock_path(&state)] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+        drop(lock);
+        // Held by a process that wrote a pid that is not running (pid_max is below this).
+        let path = map_lock_path(&map);
+        std::fs::write(&path, "4194999\n").unwrap();
+        let held = File::open(&path).unwrap();
+        let fl = whole_file(libc::F_RDLCK);
+        // SAFETY: a valid fd and an initialised flock.
+        assert_eq!(
+            unsafe { libc::fcntl(held.as_raw_fd(), libc::F_OFD_SETLK, &fl) },
+            0
+        );
+        assert_eq!(map_holder(&map).unwrap(), Some(None));
+        drop(held);
     }
 }

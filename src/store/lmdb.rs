@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use lmdb::{Cursor, Database, Environment, EnvironmentFlags, Transaction, WriteFlags};
 
+use super::damage;
 use super::file::{self, FileFault, FileIdentity};
 use super::lock::FileLock;
 use super::value::{key_bytes, parse_expiry, parse_key, value_bytes, value_text};
@@ -91,7 +92,67 @@ fn lock_error(path: &Path, e: &std::io::Error) -> StoreError {
     err
 }
 
-/// Opens `path` (the `.lmdb` file), creating it (empty, mode 0644) when `mode` says so.
+/// Who may open the map: its owner (the daemon's user), root, and Postfix's group (smtpd
+/// opens it as root, other Postfix programs may run as `postfix`). Nobody else: any user
+/// who can open it can hold a read lock that stalls every write (issue 20).
+const MAP_MODE: u32 = 0o640;
+
+/// The group Postfix's programs run as.
+const POSTFIX_GROUP: &str = "postfix";
+
+fn group_id(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: plain data, filled by the call.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: valid buffers for the call; `out` points into `grp` on success.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    (rc == 0 && !out.is_null()).then_some(grp.gr_gid)
+}
+
+/// Gives a map the daemon creates (or finds readable by every user) mode 0640 and Postfix's
+/// group. A failure is reported, never fatal: smtpd opens the map as root anyway.
+fn restrict(file: &File, path: &Path, created: bool) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = file.metadata() else {
+        return;
+    };
+    let open_to_all = meta.mode() & 0o007 != 0;
+    if !created && !open_to_all {
+        return;
+    }
+    if let Some(gid) = group_id(POSTFIX_GROUP).filter(|&g| g != meta.gid()) {
+        if let Err(e) = std::os::unix::fs::fchown(file, None, Some(gid)) {
+            tracing::warn!(
+                map = %path.display(),
+                error = %e,
+                "cannot give the map to group {POSTFIX_GROUP}; as root: chgrp {POSTFIX_GROUP} {}",
+                path.display()
+            );
+        }
+    }
+    if let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(MAP_MODE)) {
+        tracing::warn!(map = %path.display(), error = %e, "cannot chmod the map 0640; every local user can read-lock it and stall its writes: chmod 0640 {}", path.display());
+    } else if open_to_all {
+        tracing::warn!(
+            map = %path.display(),
+            "the map was readable by every local user (mode {:04o}), who could hold a read lock and stall expiries; changed it to 0640",
+            meta.mode() & 0o7777
+        );
+    }
+}
+
+/// Opens `path` (the `.lmdb` file), creating it (empty, mode 0640, group postfix) when
+/// `mode` says so.
 fn open_file(path: &Path, mode: OpenMode) -> Result<Opened, StoreError> {
     let create = mode == OpenMode::Create;
     let writable = mode != OpenMode::ReadOnly;
@@ -116,15 +177,11 @@ fn open_file(path: &Path, mode: OpenMode) -> Result<Opened, StoreError> {
         .read(true)
         .write(writable)
         .create(create)
-        .mode(0o644)
+        .mode(MAP_MODE)
         .open(path)
         .map_err(|e| io("cannot open", &e))?;
-    if !existed {
-        // Umask must not hide the map from Postfix, which opens it as root before chroot
-        // but may run lookups as another user.
-        lock_file
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| io("cannot chmod", &e))?;
+    if create {
+        restrict(&lock_file, path, !existed);
     }
     let meta = lock_file.metadata().map_err(|e| io("cannot stat", &e))?;
     let ident = FileIdentity::of(&meta);
@@ -148,7 +205,7 @@ fn open_file(path: &Path, mode: OpenMode) -> Result<Opened, StoreError> {
     let env = Environment::new()
         .set_flags(flags)
         .set_map_size(map_size)
-        .open_with_permissions(path, 0o644)
+        .open_with_permissions(path, MAP_MODE as libc::mode_t)
         .map_err(|e| lmdb("cannot open LMDB environment", e))?;
     let mut fd: lmdb_sys::mdb_filehandle_t = -1;
     // SAFETY: an open environment and a pointer to a local for the call's duration.
@@ -178,7 +235,8 @@ fn open_file(path: &Path, mode: OpenMode) -> Result<Opened, StoreError> {
 }
 
 impl LmdbMap {
-    /// Opens the map, creating it (empty, mode 0644) when `create` and it is missing.
+    /// Opens the map, creating it (empty, mode 0640, group postfix) when `create` and it is
+    /// missing.
     pub fn open(map: &Path, action: &str, mode: OpenMode) -> Result<LmdbMap, StoreError> {
         let path = file_path(map);
         let o = open_file(&path, mode)?;
@@ -214,6 +272,29 @@ impl LmdbMap {
 
     fn lock_err(&self, e: std::io::Error) -> StoreError {
         lock_error(&self.path, &e)
+    }
+
+    /// An LMDB error; one that says the file is damaged makes a writer move the file aside,
+    /// put a new map in its place and answer `Cause::Reopened` (the caller writes its live
+    /// grants again), so that a damaged map never stops the daemon.
+    fn failed(&mut self, what: &str, e: lmdb::Error) -> StoreError {
+        if self.mode == OpenMode::ReadOnly || !damage::is_damage(&e) {
+            return self.lmdb_err(what, e);
+        }
+        let why = format!("{what}: {e}");
+        let replaced =
+            damage::replace_damaged(&self.path, &self.action, &why, &[], crate::timefmt::now())
+                .and_then(|_| self.reopen_file());
+        match replaced {
+            Ok(()) => StoreError::new(
+                format!(
+                    "{}: the map was damaged ({why}); replaced it",
+                    self.path.display()
+                ),
+                Cause::Reopened,
+            ),
+            Err(err) => err,
+        }
     }
 
     /// Reserves the disk blocks of the whole map size (see `file::reserve`); a failure is
@@ -271,6 +352,11 @@ impl LmdbMap {
             drop(guard);
             cut.map_err(|e| StoreError::io(&self.path, "cannot truncate", &e))?;
         }
+        self.reopen_file()
+    }
+
+    /// Opens the file at the path again (after it was replaced or cut).
+    fn reopen_file(&mut self) -> Result<(), StoreError> {
         let o = open_file(&self.path, self.mode)?;
         self.env = o.env;
         self.db = o.db;
@@ -299,39 +385,44 @@ impl LmdbMap {
         }
         self.check()?;
         loop {
-            let guard = FileLock::exclusive(&self.lock_file).map_err(|e| self.lock_err(e))?;
-            if txnid(&self.env) != self.synced_txnid {
-                self.others_wrote = true;
-            }
-            let begun = self.env.begin_rw_txn();
-            let mut txn = match begun {
-                Err(lmdb::Error::MapResized) => {
-                    // Another writer grew the file: adopt its size and retry.
-                    let adopted = self.env.set_map_size(0);
-                    drop(guard);
-                    adopted.map_err(|e| self.lmdb_err("cannot adopt new map size", e))?;
-                    // The size LMDB adopted is the one the next growth doubles.
-                    if let Ok(info) = self.env.info() {
-                        self.map_size = info.map_size();
-                    }
-                    self.reserve();
-                    continue;
+            // The transaction borrows the environment: its outcome leaves this block
+            // without it, so that a damaged map can be replaced below.
+            let outcome = {
+                let guard = FileLock::exclusive(&self.lock_file).map_err(|e| self.lock_err(e))?;
+                if txnid(&self.env) != self.synced_txnid {
+                    self.others_wrote = true;
                 }
-                other => other.map_err(|e| self.lmdb_err("cannot begin transaction", e))?,
+                match self.env.begin_rw_txn() {
+                    Err(lmdb::Error::MapResized) => {
+                        // Another writer grew the file: adopt its size and retry.
+                        let adopted = self.env.set_map_size(0);
+                        drop(guard);
+                        adopted.map_err(|e| self.lmdb_err("cannot adopt new map size", e))?;
+                        // The size LMDB adopted is the one the next growth doubles.
+                        if let Ok(info) = self.env.info() {
+                            self.map_size = info.map_size();
+                        }
+                        self.reserve();
+                        continue;
+                    }
+                    Err(e) => Err(("cannot begin transaction", e)),
+                    Ok(mut txn) => {
+                        let result = work(&mut txn, self.db).and_then(|v| txn.commit().map(|()| v));
+                        if result.is_ok() {
+                            self.synced_txnid = txnid(&self.env);
+                        }
+                        result.map_err(|e| ("write failed", e))
+                    }
+                }
             };
-            let result = work(&mut txn, self.db).and_then(|v| txn.commit().map(|()| v));
-            if result.is_ok() {
-                self.synced_txnid = txnid(&self.env);
-            }
-            drop(guard);
-            match result {
+            match outcome {
                 Ok(v) => {
                     // Replaced between the check and the commit: what we wrote is in a file
                     // Postfix no longer reads; the caller writes it again.
                     self.check()?;
                     return Ok(v);
                 }
-                Err(lmdb::Error::MapFull) if self.map_size < MAX_MAP_SIZE => {
+                Err((_, lmdb::Error::MapFull)) if self.map_size < MAX_MAP_SIZE => {
                     self.map_size *= 2;
                     self.env
                         .set_map_size(self.map_size)
@@ -339,7 +430,7 @@ impl LmdbMap {
                     self.reserve();
                     tracing::info!(map = %self.path.display(), size = self.map_size, "map grown");
                 }
-                Err(e) => return Err(self.lmdb_err("write failed", e)),
+                Err((what, e)) => return Err(self.failed(what, e)),
             }
         }
     }
@@ -353,32 +444,50 @@ impl LmdbMap {
         self.check()?;
         let mut work = Some(work);
         loop {
-            let guard = FileLock::shared(&self.lock_file).map_err(|e| self.lock_err(e))?;
-            let begun = self.env.begin_ro_txn();
-            let txn = match begun {
-                Err(lmdb::Error::MapResized) => {
-                    let adopted = self.env.set_map_size(0);
-                    drop(guard);
-                    adopted.map_err(|e| self.lmdb_err("cannot adopt new map size", e))?;
-                    // The size LMDB adopted is the one the next growth doubles.
-                    if let Ok(info) = self.env.info() {
-                        self.map_size = info.map_size();
+            let outcome = {
+                let guard = FileLock::shared(&self.lock_file).map_err(|e| self.lock_err(e))?;
+                match self.env.begin_ro_txn() {
+                    Err(lmdb::Error::MapResized) => {
+                        let adopted = self.env.set_map_size(0);
+                        drop(guard);
+                        adopted.map_err(|e| self.lmdb_err("cannot adopt new map size", e))?;
+                        // The size LMDB adopted is the one the next growth doubles.
+                        if let Ok(info) = self.env.info() {
+                            self.map_size = info.map_size();
+                        }
+                        self.reserve();
+                        continue;
                     }
-                    self.reserve();
-                    continue;
+                    Err(e) => Err(("cannot begin read", e)),
+                    Ok(txn) => {
+                        let Some(work) = work.take() else {
+                            unreachable!("read work runs once");
+                        };
+                        let v = work(&txn, self.db);
+                        let id = txnid(&self.env);
+                        let ended = txn.commit();
+                        match (v, ended) {
+                            (Ok(v), Ok(())) => Ok((v, id)),
+                            (Err(e), _) => Err(("read failed", e)),
+                            (Ok(_), Err(e)) => Err(("cannot end read", e)),
+                        }
+                    }
                 }
-                other => other.map_err(|e| self.lmdb_err("cannot begin read", e))?,
             };
-            let Some(work) = work.take() else {
-                unreachable!("read work runs once");
-            };
-            let v = work(&txn, self.db).map_err(|e| self.lmdb_err("read failed", e))?;
-            let id = txnid(&self.env);
-            txn.commit()
-                .map_err(|e| self.lmdb_err("cannot end read", e))?;
-            drop(guard);
-            return Ok((v, id));
+            return outcome.map_err(|(what, e)| self.failed(what, e));
         }
+    }
+}
+
+impl LmdbMap {
+    /// Removes every entry in one transaction (the file and its inode stay: Postfix keeps
+    /// reading it); returns how many there were.
+    pub fn clear(&mut self) -> Result<usize, StoreError> {
+        self.write(|txn, db| {
+            let count = txn.open_ro_cursor(db)?.iter_start().count();
+            txn.clear_db(db)?;
+            Ok(count)
+        })
     }
 }
 
@@ -555,7 +664,7 @@ mod tests {
         let map = dir.path().join("sub/relay");
         let mut m = LmdbMap::open(&map, "OK", OpenMode::Create).unwrap();
         let meta = std::fs::metadata(file_path(&map)).unwrap();
-        assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
         assert!(!dir.path().join("sub/relay.lmdb-lock").exists());
         let a: IpAddr = "192.0.2.7".parse().unwrap();
         let b: IpAddr = "2001:db8::7".parse().unwrap();

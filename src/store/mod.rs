@@ -1,6 +1,7 @@
 //! The `store` stage: where grants live. `GrantStore` is the seam; `LmdbMap` is the Postfix
 //! LMDB map. A fleet store (PostgreSQL) will implement the same trait.
 
+pub mod damage;
 pub mod dry;
 mod error;
 mod file;

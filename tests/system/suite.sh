@@ -28,6 +28,7 @@ suite() {
     B systemctl reset-failed
     B systemctl restart postfix
     wait_until 30 "$NAME: smtpd listening" B python3 -c 'import socket; socket.create_connection(("127.0.0.1", 25), 5)'
+    installed_package_check
     B sed -i -e 's/^journal = .*/journal = true/' -e 's/^journal_give_up = .*/journal_give_up = "30s"/' -e 's|^logs = .*|logs = []|' \
         -e 's|^socketmap = ""|socketmap = "unix:/run/dovegate/socketmap"|' \
         -e 's/^exclude_mynetworks = false/exclude_mynetworks = true/' /etc/dovegate/dovegate.toml
@@ -129,10 +130,20 @@ suite() {
     [ "$(B systemctl show -P Result dovegate)" = success ] || die "$NAME: stop: result $(B systemctl show -P Result dovegate); processes before the stop: $procs; $(B journalctl -u dovegate -n 15 --no-pager)"
     ok "systemctl stop: exit 0, result success"
     proxy_check
+    # --- removal leaves no grant Postfix obeys (issue 20); purge keeps the named map -----
+    B postmap -q 203.0.113.45 "$RELAY" >/dev/null || die "$NAME: 203.0.113.45 not granted before the removal"
+    B dpkg -r dovegate > "$RUN/$NAME.dpkg.log" 2>&1 || { cat "$RUN/$NAME.dpkg.log" >&2; die "$NAME: dpkg -r failed"; }
+    [ ! -e "$R/usr/bin/dovegate" ] && [ -e "$R/var/lib/dovegate/relay.lmdb" ] || die "$NAME: dpkg -r: binary left or map removed"
+    if B postmap -q 203.0.113.45 "$RELAY" >/dev/null; then die "$NAME: dpkg -r left 203.0.113.45's grant in the map, with no daemon to expire it"; fi
+    out=$(B python3 /root/relay.py 203.0.113.45)
+    [ "$out" = "203.0.113.45 554" ] || die "$NAME: after dpkg -r: smtpd answered $out for the formerly granted 203.0.113.45"
+    ok "dpkg -r: the map stays for Postfix, empty: smtpd 554 for the formerly granted 203.0.113.45"
     B dpkg --purge dovegate > "$RUN/$NAME.dpkg.log" 2>&1 || { cat "$RUN/$NAME.dpkg.log" >&2; die "$NAME: purge failed"; }
-    [ ! -e "$R/usr/bin/dovegate" ] && [ -e "$R/var/lib/dovegate/relay.lmdb" ] || die "$NAME: purge: binary left or map removed"
-    B postmap -q 203.0.113.45 "$RELAY" >/dev/null || die "$NAME: purge emptied the map"
-    ok "dpkg --purge: removed, the map stays for Postfix"
+    [ -e "$R/var/lib/dovegate/relay.lmdb" ] || die "$NAME: purge removed the map main.cf still names"
+    grep -q "main.cf still names" "$RUN/$NAME.dpkg.log" || die "$NAME: purge: no note about the main.cf line: $(cat "$RUN/$NAME.dpkg.log")"
+    out=$(B python3 /root/relay.py 203.0.113.45)
+    [ "$out" = "203.0.113.45 554" ] || die "$NAME: after purge: smtpd answered $out"
+    ok "dpkg --purge: the empty map stays while main.cf names it (with a note); smtpd 554, not 451"
     mkdir -p "$LINES"
     B journalctl -u dovecot -o short-iso --no-pager > "$LINES/$NAME-dovecot-journal.log" || true
     box_down "$RUN/$NAME"
@@ -227,4 +238,34 @@ source_reported_failing() {
     [ "$(B systemctl is-active dovegate)" != active ] && return 0
     [ "$(B systemctl show -P NRestarts dovegate)" != "$1" ] && return 0
     [ -n "$st" ] && ! [[ "$st" =~ $2 ]]
+}
+
+# --- The installed package (issue 17: only these containers install it, never the host):
+# its files, the system user and its groups, the empty map made before Postfix looks, the
+# packaged configuration and unit. Run after dpkg -i, before dovegate is configured.
+installed_package_check() {
+    local f out uid groups g map score unit=/lib/systemd/system/dovegate.service
+    for f in /usr/bin/dovegate $unit /etc/dovegate/dovegate.toml /usr/share/man/man8/dovegate.8.gz \
+        /usr/share/man/man5/dovegate.toml.5.gz /usr/share/dovegate/patterns/dovecot-2.4.toml \
+        /usr/lib/dovegate/postlogin; do
+        B test -e "$f" || die "$NAME: $f not installed"
+    done
+    uid=$(B getent passwd dovegate | cut -d: -f3)
+    [ -n "$uid" ] || die "$NAME: dpkg -i made no system user dovegate"
+    groups=" $(B id -nG dovegate) "
+    for g in dovegate adm systemd-journal; do
+        [[ "$groups" == *" $g "* ]] || die "$NAME: user dovegate is not in group $g (groups:$groups)"
+    done
+    map=$(B stat -c '%u %a' /var/lib/dovegate/relay.lmdb) || die "$NAME: no map after dpkg -i"
+    [ "$map" = "$uid 644" ] || die "$NAME: map owner and mode '$map', want '$uid 644'"
+    out=$(B postmap -s "$RELAY" 2>&1) || die "$NAME: postmap -s $RELAY: $out"
+    [ -z "$out" ] || die "$NAME: the new map is not empty: $out"
+    out=$(B dovegate check-config --config /etc/dovegate/dovegate.toml 2>&1) || die "$NAME: check-config: $out"
+    [[ "$out" == *'path = "/var/lib/dovegate/relay"'* ]] || die "$NAME: check-config shows another map: $out"
+    out=$(B systemd-analyze verify --man=no $unit 2>&1) || die "$NAME: systemd-analyze verify: $out"
+    out=$(B systemd-analyze security --offline=yes $unit 2>&1 || true)
+    score=$(echo "$out" | sed -n 's/.*Overall exposure level for dovegate.service: *\([0-9.]*\).*/\1/p')
+    [ -n "$score" ] || die "$NAME: no exposure score in: $out"
+    awk -v s="$score" 'BEGIN { exit !(s <= 2.5) }' || die "$NAME: exposure $score > 2.5: $out"
+    ok "installed: files, user dovegate (groups:$groups), empty map (uid mode: $map), check-config, unit verified (exposure $score)"
 }
