@@ -14,6 +14,7 @@ pub mod frame;
 pub mod grant;
 pub mod notify;
 pub mod pattern;
+pub mod policy;
 pub mod postfix;
 pub mod push;
 pub mod replica;

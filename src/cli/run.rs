@@ -312,8 +312,10 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::runtime(e.0))?;
     engine.set_session_hold(hold_secs(&cfg.settings), timefmt::now());
     let stats = Arc::new(StatsRegistry::default());
-    if dry.is_some() && (settings.socketmap.is_some() || settings.metrics.is_some()) {
-        tracing::info!("--dry-run: the socketmap and metrics servers are not started");
+    if dry.is_some()
+        && (settings.socketmap.is_some() || settings.metrics.is_some() || settings.policy.is_some())
+    {
+        tracing::info!("--dry-run: the socketmap, policy and metrics servers are not started");
     }
     if let Some(sm) = settings.socketmap.clone().filter(|_| dry.is_none()) {
         let listen = sm.listen.to_string();
@@ -321,6 +323,21 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             .block_on(crate::serve::socketmap::spawn(sm, engine.view()))
             .map_err(|e| {
                 Failure::runtime(format!("serve.socketmap: cannot listen on {listen}: {e}"))
+            })?;
+    }
+    let policy_stats = Arc::new(crate::policy::PolicyStats::default());
+    if let Some(p) = settings.policy.clone().filter(|_| dry.is_none()) {
+        let listen = p.listen.to_string();
+        runtime
+            .block_on(crate::policy::spawn(
+                p,
+                engine.view(),
+                engine.logins(),
+                &settings.state_dir,
+                Arc::clone(&policy_stats),
+            ))
+            .map_err(|e| {
+                Failure::runtime(format!("policy.listen: cannot listen on {listen}: {e}"))
             })?;
     }
     let counters = Arc::new(Mutex::new(engine.counters.clone()));

@@ -9,6 +9,7 @@
 mod alarm;
 mod counters;
 mod driver;
+mod logins;
 mod view;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -16,6 +17,7 @@ use std::net::IpAddr;
 
 pub use counters::{CommitLatency, Counters, COMMIT_BUCKETS};
 pub use driver::{drive, run, Clock, Exit, Pace, SystemClock};
+pub use logins::{Behind, LoginRecord, LoginsView, MAX_LOGINS_PER_GRANT};
 pub use view::{GrantsView, Lookup};
 
 use crate::grant::{Decision, Policy};
@@ -34,6 +36,8 @@ pub struct Engine<S: GrantStore> {
     longest_hold: i64,
     /// Expiry of each grant as committed (shared with lookup servers).
     grants: GrantsView,
+    /// The logins behind the committed grants, and grants ended recently (policy server).
+    logins: LoginsView,
     /// The same, ordered by deadline, for the expiry timer.
     deadlines: BTreeSet<(i64, IpAddr)>,
     pending: HashMap<IpAddr, i64>,
@@ -68,6 +72,7 @@ impl<S: GrantStore> Engine<S> {
             policy,
             longest_hold: 0,
             grants: GrantsView::default(),
+            logins: LoginsView::default(),
             deadlines: BTreeSet::new(),
             pending: HashMap::new(),
             pending_checkpoints: BTreeMap::new(),
@@ -159,6 +164,11 @@ impl<S: GrantStore> Engine<S> {
         self.grants.clone()
     }
 
+    /// Who logged in behind the live grants, for the policy server.
+    pub fn logins(&self) -> LoginsView {
+        self.logins.clone()
+    }
+
     /// Replaces the policy (a reloaded configuration); committed grants keep their expiry
     /// unless it is beyond what the new policy allows (capped at the next re-read).
     pub fn set_policy(&mut self, policy: Policy) {
@@ -174,6 +184,17 @@ impl<S: GrantStore> Engine<S> {
             let granted = self.consider(login.ip, login.time, now);
             if let Some((ip, true)) = granted {
                 self.audit_new(ip, login.detail.as_deref());
+            }
+            if let (Some((ip, _)), Some(d)) = (granted, &login.detail) {
+                self.logins.pending(
+                    ip,
+                    LoginRecord {
+                        user: d.user.clone(),
+                        protocol: d.protocol.clone(),
+                        session: d.session.clone(),
+                        at: login.time.unwrap_or(now).min(now),
+                    },
+                );
             }
             if let (Some((ip, _)), Some(start)) = (granted, &login.session) {
                 let at = login.time.unwrap_or(now).min(now);
@@ -268,6 +289,7 @@ impl<S: GrantStore> Engine<S> {
             drop(grants);
             self.pending.clear();
         }
+        self.logins.commit_pending();
         // Sessions first: after a crash between the two, the logins behind the old
         // checkpoints are read again and reopen their sessions (idempotent by id).
         if self.sessions_dirty {
@@ -427,6 +449,7 @@ impl<S: GrantStore> Engine<S> {
             }
         }
         for (i, ip) in removed.iter().enumerate() {
+            self.logins.forget(*ip);
             if i < 100 {
                 tracing::info!(address = %ip, "grant removed by another writer (dovegate revoke, another host)");
             }
@@ -475,6 +498,7 @@ impl<S: GrantStore> Engine<S> {
         drop(grants);
         self.counters.removed += out.removed.len() as u64;
         for ip in &out.removed {
+            self.logins.expired(*ip, now);
             tracing::info!(address = %ip, "grant expired");
         }
         Ok(out.removed.len())

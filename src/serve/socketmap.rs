@@ -12,8 +12,8 @@
 // Public for the other listeners of the daemon (metrics) that need the same care.
 pub mod accept;
 pub mod log_limit;
-mod slots;
-mod socket_file;
+pub mod slots;
+pub mod socket_file;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -1,0 +1,174 @@
+//! The Postfix policy server (`[policy]`): relay permission from the committed grants at
+//! RCPT, "check your mail first" for a client whose grant just ended, sending caps per
+//! grant and per user, and a receipt naming the login behind each relayed message.
+
+pub mod caps;
+pub mod protocol;
+pub mod receipts;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{parse_duration, ConfigError};
+use crate::engine::{GrantsView, LoginsView};
+use crate::serve::socketmap::Listen;
+pub use caps::CapLimits;
+pub use server::{PolicyStats, State};
+
+/// The `[policy]` section as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    pub listen: String,
+    pub recent: String,
+    pub receipt_header: bool,
+    pub max_connections: usize,
+    pub idle_timeout: String,
+    pub grant_messages_per_hour: u32,
+    pub grant_messages_per_day: u32,
+    pub grant_recipients_per_hour: u32,
+    pub grant_recipients_per_day: u32,
+    pub user_messages_per_hour: u32,
+    pub user_messages_per_day: u32,
+    pub user_recipients_per_hour: u32,
+    pub user_recipients_per_day: u32,
+}
+
+/// The validated `[policy]` section; None in `Settings` when `listen` is empty.
+#[derive(Debug, Clone)]
+pub struct PolicySettings {
+    pub listen: Listen,
+    /// How long after a grant ends its client is told to check its mail first.
+    pub recent: Duration,
+    pub receipt_header: bool,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub caps: CapLimits,
+}
+
+/// The longest one request may take from its first byte, and a reply to be written.
+pub const MAX_REQUEST_TIME: Duration = Duration::from_secs(5);
+
+impl PolicySettings {
+    pub fn request_timeout(&self) -> Duration {
+        self.idle_timeout.min(MAX_REQUEST_TIME)
+    }
+
+    /// Settings for tests: `listen`, every cap off, `recent` 12 h.
+    pub fn for_listen(listen: Listen) -> PolicySettings {
+        PolicySettings {
+            listen,
+            recent: Duration::from_secs(12 * 3600),
+            receipt_header: false,
+            max_connections: 100,
+            idle_timeout: Duration::from_secs(300),
+            caps: CapLimits::default(),
+        }
+    }
+
+    pub fn from_section(s: &PolicySection) -> Result<Option<PolicySettings>, ConfigError> {
+        let err = |key: &str, m: String| ConfigError(format!("policy.{key}: {m}"));
+        let text = s.listen.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let listen = if text.starts_with('/') {
+            Listen::Unix(PathBuf::from(text))
+        } else if let Ok(a) = text.parse::<SocketAddr>() {
+            Listen::Inet(a)
+        } else {
+            Listen::parse(text).map_err(|m| {
+                err(
+                    "listen",
+                    format!("{m}; give a socket path such as /var/spool/postfix/dovegate/policy or 127.0.0.1:PORT"),
+                )
+            })?
+        };
+        if let Listen::Inet(a) = &listen {
+            // The protocol has no authentication: whoever can connect chooses the client
+            // address it asks about.
+            if !a.ip().is_loopback() {
+                return Err(err(
+                    "listen",
+                    format!("`{text}` is not a loopback address; the policy protocol has no authentication (use 127.0.0.1:PORT or a unix socket)"),
+                ));
+            }
+        }
+        let recent = parse_duration("policy.recent", &s.recent)?;
+        if recent > Duration::from_secs(7 * 86_400) {
+            return Err(err("recent", "must be at most 7d".into()));
+        }
+        if !(1..=10_000).contains(&s.max_connections) {
+            return Err(err("max_connections", "must be between 1 and 10000".into()));
+        }
+        let idle_timeout = parse_duration("policy.idle_timeout", &s.idle_timeout)?;
+        if idle_timeout < Duration::from_millis(100) {
+            return Err(err("idle_timeout", "must be at least 100ms".into()));
+        }
+        Ok(Some(PolicySettings {
+            listen,
+            recent,
+            receipt_header: s.receipt_header,
+            max_connections: s.max_connections,
+            idle_timeout,
+            caps: CapLimits {
+                grant_messages_per_hour: s.grant_messages_per_hour,
+                grant_messages_per_day: s.grant_messages_per_day,
+                grant_recipients_per_hour: s.grant_recipients_per_hour,
+                grant_recipients_per_day: s.grant_recipients_per_day,
+                user_messages_per_hour: s.user_messages_per_hour,
+                user_messages_per_day: s.user_messages_per_day,
+                user_recipients_per_hour: s.user_recipients_per_hour,
+                user_recipients_per_day: s.user_recipients_per_day,
+            },
+        }))
+    }
+}
+
+/// How often the logins behind the grants are written for `dovegate why` (when changed).
+const GRANTS_FILE_EVERY: Duration = Duration::from_secs(2);
+
+/// Starts the policy server of the daemon and the writer of its state file.
+pub async fn spawn(
+    cfg: PolicySettings,
+    view: GrantsView,
+    logins: LoginsView,
+    state_dir: &Path,
+    stats: Arc<PolicyStats>,
+) -> std::io::Result<()> {
+    let state = Arc::new(State::new(
+        cfg,
+        view,
+        logins.clone(),
+        receipts::ReceiptLog::new(Some(state_dir)),
+        stats,
+    ));
+    server::start(state).await?;
+    let dir = state_dir.to_path_buf();
+    tokio::spawn(async move {
+        let mut written = u64::MAX;
+        let mut warned = false;
+        loop {
+            tokio::time::sleep(GRANTS_FILE_EVERY).await;
+            let (d, l) = (dir.clone(), logins.clone());
+            match tokio::task::spawn_blocking(move || receipts::write_grants(&d, &l, written)).await
+            {
+                Ok(Ok(v)) => {
+                    written = v;
+                    warned = false;
+                }
+                Ok(Err(e)) if !warned => {
+                    warned = true;
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot write the logins behind the grants (dovegate why)");
+                }
+                _ => {}
+            }
+        }
+    });
+    Ok(())
+}
