@@ -424,6 +424,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                         {
                             tracing::warn!("[store] changes take effect at the next restart");
                         }
+                        if new.settings.policy != settings.policy {
+                            tracing::warn!("[policy] changes take effect at the next restart");
+                        }
                         sources.stop();
                         engine.set_policy(new.policy());
                         engine.set_session_hold(hold_secs(&new.settings), timefmt::now());

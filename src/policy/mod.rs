@@ -40,7 +40,7 @@ pub struct PolicySection {
 }
 
 /// The validated `[policy]` section; None in `Settings` when `listen` is empty.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicySettings {
     pub listen: Listen,
     /// How long after a grant ends its client is told to check its mail first.

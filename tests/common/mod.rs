@@ -282,6 +282,16 @@ pub struct Postfix {
 
 impl Postfix {
     pub fn start(dir: &Path, map: &Path) -> Postfix {
+        let relay = format!(
+            "check_client_access lmdb:{}, reject_unauth_destination",
+            map.display()
+        );
+        Postfix::start_with(dir, &relay, "")
+    }
+
+    /// A private instance with `relay_restrictions` as smtpd_relay_restrictions and
+    /// `extra` main.cf lines.
+    pub fn start_with(dir: &Path, relay_restrictions: &str, extra: &str) -> Postfix {
         let port = 20025
             + (std::process::id() % 1000) as u16 * 10
             + NEXT_PORT.fetch_add(1, Ordering::SeqCst);
@@ -299,10 +309,9 @@ impl Postfix {
              maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\nsyslog_name = dovegate-test\n\
              inet_interfaces = loopback-only\ninet_protocols = all\nmynetworks = 127.0.0.2/32\n\
              mydestination = localhost\nsmtpd_authorized_xclient_hosts = 127.0.0.1, [::1]\n\
-             smtpd_relay_restrictions = check_client_access lmdb:{map}, reject_unauth_destination\n\
-             smtpd_banner = $myhostname ESMTP test\n",
+             smtpd_relay_restrictions = {relay_restrictions}\n\
+             smtpd_banner = $myhostname ESMTP test\n{extra}",
             d = dir.display(),
-            map = map.display()
         );
         std::fs::write(conf.join("main.cf"), main_cf).expect("main.cf");
         let master = std::fs::read_to_string("/etc/postfix/master.cf").expect("master.cf");

@@ -1,0 +1,167 @@
+//! The policy server with a real Postfix smtpd on loopback (XCLIENT sets the client
+//! address), configured as the README says: relay for granted clients, 450 "check your
+//! mail first" after a grant ends, 554 for others and whenever dovegate is down, caps per
+//! user across addresses, receipts (log, header, `dovegate trace`, `dovegate why`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// The README's restriction list, with `extra` before reject_unauth_destination.
+fn relay_restrictions(socket: &Path, extra: &str) -> String {
+    format!(
+        "permit_mynetworks, permit_sasl_authenticated, permit_auth_destination, \
+         check_policy_service {{ unix:{}, default_action=DUNNO }}, {extra}reject_unauth_destination",
+        socket.display()
+    )
+}
+
+/// A configuration following `log`, with `[policy]` listening on DIR/policy plus `policy`
+/// lines.
+fn config(dir: &Path, log: &Path, policy: &str) -> PathBuf {
+    let cfg = dir.join("dovegate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[source]\nlogs = [\"{}\"]\n[map]\npath = \"{}\"\n[state]\ndir = \"{}\"\n\
+             [policy]\nlisten = \"{}\"\n{policy}\n",
+            log.display(),
+            dir.join("relay").display(),
+            dir.join("state").display(),
+            dir.join("policy").display(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn start(dir: &Path, cfg: &Path, extra: &[&str]) -> Daemon {
+    let cfg = cfg.display().to_string();
+    let mut args = vec!["--config", cfg.as_str()];
+    args.extend_from_slice(extra);
+    let d = Daemon::start(dir, &args);
+    wait_for("map and policy socket", PATIENCE, || {
+        dir.join("relay.lmdb").exists() && dir.join("policy").exists()
+    });
+    d
+}
+
+/// main.cf lines: any local recipient exists (no alias or passwd lookups in a private
+/// instance); nothing leaves the machine (messages wait in the queue for postcat).
+const LOCAL: &str = "local_recipient_maps =\nalias_maps =\ndefer_transports = local, smtp\n";
+
+/// XCLIENT as `addr`, EHLO, MAIL; the replies to each RCPT.
+fn begin(s: &mut Smtp, addr: &str, rcpts: &[&str]) -> Vec<String> {
+    let r = s.cmd(&format!("XCLIENT ADDR={addr} NAME=[UNAVAILABLE]"));
+    assert!(r.starts_with("220"), "XCLIENT: {r}");
+    assert!(s.cmd("EHLO client.example").starts_with("250"));
+    let r = s.cmd("MAIL FROM:<user@example.com>");
+    assert!(r.starts_with("250"), "MAIL: {r}");
+    rcpts
+        .iter()
+        .map(|r| s.cmd(&format!("RCPT TO:<{r}>")))
+        .collect()
+}
+
+/// DATA and a short message; the reply to its end.
+fn data(s: &mut Smtp) -> String {
+    let r = s.cmd("DATA");
+    assert!(r.starts_with("354"), "DATA: {r}");
+    s.cmd("Subject: test\r\n\r\nhello\r\n.")
+}
+
+fn queue_id(reply: &str) -> String {
+    reply
+        .split("queued as ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no queue id in {reply}"))
+        .trim()
+        .to_string()
+}
+
+/// A relay attempt as `addr` in a new SMTP session (XCLIENT works once per session).
+fn relay(port: u16, addr: &str) -> String {
+    Smtp::connect(port).relay_as(addr)
+}
+
+fn wait_granted(dir: &Path, ip: &str) {
+    let map = dir.join("relay");
+    wait_for(&format!("{ip} granted"), PATIENCE, || {
+        postmap_q(&map, ip).is_some()
+    });
+}
+
+#[test]
+fn granted_relays_ended_defers_others_and_a_stopped_dovegate_keep_the_relay_closed() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    append(&log, "");
+    let cfg = config(d.path(), &log, "recent = \"1h\"");
+    let mut daemon = start(d.path(), &cfg, &["--ttl", "3s"]);
+    // What DEFER_IF_PERMIT would do here: a later reject_unauth_destination still rejects
+    // (554), so the client would bounce the message: the server answers DEFER.
+    let dip = d.path().join("dip");
+    std::fs::write(&dip, "198.51.100.9 DEFER_IF_PERMIT test\n").unwrap();
+    let pf = Postfix::start_with(
+        &d.path().join("pf"),
+        &relay_restrictions(
+            &d.path().join("policy"),
+            &format!("check_client_access texthash:{}, ", dip.display()),
+        ),
+        LOCAL,
+    );
+    let never = relay(pf.port, "192.0.2.99");
+    assert!(never.starts_with("554"), "never granted: {never}");
+    let dip_reply = relay(pf.port, "198.51.100.9");
+    assert!(
+        dip_reply.starts_with("554"),
+        "DEFER_IF_PERMIT before reject_unauth_destination: {dip_reply}"
+    );
+    // Local recipients never reach the policy server.
+    let local = begin(
+        &mut Smtp::connect(pf.port),
+        "192.0.2.99",
+        &["root@localhost"],
+    );
+    assert!(local[0].starts_with("250"), "local: {}", local[0]);
+
+    append(&log, &sessionless_login_line("203.0.113.7", "alice"));
+    wait_granted(d.path(), "203.0.113.7");
+    let granted = relay(pf.port, "203.0.113.7");
+    assert!(granted.starts_with("250"), "granted: {granted}");
+
+    // The grant ends (ttl 3s): 450, the client keeps its message.
+    wait_for("203.0.113.7 expired", PATIENCE, || {
+        postmap_q(&d.path().join("relay"), "203.0.113.7").is_none()
+    });
+    wait_for("the engine saw the expiry", PATIENCE, || {
+        daemon.log().contains("grant expired")
+    });
+    let ended = relay(pf.port, "203.0.113.7");
+    assert!(
+        ended.starts_with("450 4.7.1") && ended.contains("check your mail first"),
+        "recently ended: {ended}"
+    );
+
+    // A granted client, then dovegate stops: relaying is refused, local mail still flows.
+    append(&log, &login_line("203.0.113.8", "bob"));
+    wait_granted(d.path(), "203.0.113.8");
+    assert!(relay(pf.port, "203.0.113.8").starts_with("250"));
+    assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
+    assert!(!d.path().join("policy").exists(), "socket removed");
+    let down = relay(pf.port, "203.0.113.8");
+    assert!(down.starts_with("554"), "dovegate down: {down}");
+    let local = begin(
+        &mut Smtp::connect(pf.port),
+        "203.0.113.8",
+        &["root@localhost"],
+    );
+    assert!(
+        local[0].starts_with("250"),
+        "local while down: {}",
+        local[0]
+    );
+}
