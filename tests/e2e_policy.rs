@@ -165,3 +165,138 @@ fn granted_relays_ended_defers_others_and_a_stopped_dovegate_keep_the_relay_clos
         local[0]
     );
 }
+
+/// `dovegate ARGS --config CFG`: (exit code, stdout, stderr).
+fn cli(args: &[&str], cfg: &Path) -> (Option<i32>, String, String) {
+    let mut all = args.to_vec();
+    let cfg = cfg.display().to_string();
+    all.extend(["--config", cfg.as_str()]);
+    let out = dovegate(&all);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn caps_are_per_user_across_addresses_and_receipts_name_the_login() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    append(&log, "");
+    let cfg = config(
+        d.path(),
+        &log,
+        "receipt_header = true\nuser_messages_per_hour = 2\nuser_recipients_per_hour = 3\n\
+         user_messages_per_day = 0\nuser_recipients_per_day = 0\ngrant_messages_per_hour = 0\n\
+         grant_messages_per_day = 0\ngrant_recipients_per_hour = 0\ngrant_recipients_per_day = 0",
+    );
+    let daemon = start(d.path(), &cfg, &[]);
+    let policy = format!(
+        "check_policy_service {{ unix:{}, default_action=DUNNO }}",
+        d.path().join("policy").display()
+    );
+    let pf = Postfix::start_with(
+        &d.path().join("pf"),
+        &relay_restrictions(&d.path().join("policy"), ""),
+        &format!(
+            "{LOCAL}smtpd_data_restrictions = {policy}\nsmtpd_end_of_data_restrictions = {policy}\n"
+        ),
+    );
+    // alice from two addresses (session=<abcdEFGH1234>), bob from a third.
+    append(&log, &login_line("203.0.113.20", "alice"));
+    append(&log, &login_line("203.0.113.21", "alice"));
+    append(&log, &login_line("203.0.113.22", "bob"));
+    for ip in ["203.0.113.20", "203.0.113.21", "203.0.113.22"] {
+        wait_granted(d.path(), ip);
+    }
+
+    // Message 1 from the first address: relayed, with a receipt.
+    let mut s = Smtp::connect(pf.port);
+    let r = begin(&mut s, "203.0.113.20", &["a@elsewhere.example"]);
+    assert!(r[0].starts_with("250"), "{r:?}");
+    let q1 = queue_id(&data(&mut s));
+    let out = Command::new("postcat")
+        .args(["-c", &pf.dir.join("conf").display().to_string(), "-q", &q1])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "X-Dovegate-Relay: client=203.0.113.20 user=alice protocol=imap session=abcdEFGH1234"
+        ),
+        "postcat -q {q1}:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the receipt in the log", PATIENCE, || {
+        daemon.log().lines().any(|l| {
+            l.contains("relayed")
+                && l.contains(&format!("queue_id={q1}"))
+                && l.contains("user=alice")
+                && l.contains("session=abcdEFGH1234")
+        })
+    });
+    let (code, out, err) = cli(&["trace", &q1], &cfg);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(&format!("queue_id={q1} client=203.0.113.20 user=alice protocol=imap session=abcdEFGH1234 granted_at=20")),
+        "{out}"
+    );
+    let (code, _, err) = cli(&["trace", "NOSUCHID"], &cfg);
+    assert_eq!(code, Some(1), "{err}");
+    wait_for("dovegate why", PATIENCE, || {
+        let (code, out, _) = cli(&["why", "203.0.113.20"], &cfg);
+        code == Some(0) && out.contains("user=alice protocol=imap session=abcdEFGH1234")
+    });
+
+    // Message 2 from alice's second address: the user's recipient cap (3) is shared; the
+    // recipient over it is the one deferred, the message goes with the others.
+    let mut s = Smtp::connect(pf.port);
+    let r = begin(
+        &mut s,
+        "203.0.113.21",
+        &[
+            "b@elsewhere.example",
+            "c@elsewhere.example",
+            "d@elsewhere.example",
+        ],
+    );
+    assert!(r[0].starts_with("250") && r[1].starts_with("250"), "{r:?}");
+    assert!(
+        r[2].starts_with("450 4.7.1") && r[2].contains("cap user_recipients_per_hour reached"),
+        "{r:?}"
+    );
+    assert!(data(&mut s).starts_with("250"));
+    // The user's message cap (2) is reached: the next message is deferred at once.
+    let r = begin(
+        &mut Smtp::connect(pf.port),
+        "203.0.113.20",
+        &["e@elsewhere.example"],
+    );
+    assert!(
+        r[0].starts_with("450 4.7.1") && r[0].contains("cap user_messages_per_hour reached"),
+        "{r:?}"
+    );
+
+    // bob: three messages under way at once; the one that ends over the message cap is
+    // deferred at its end.
+    let mut sessions: Vec<Smtp> = (0..3)
+        .map(|i| {
+            let mut s = Smtp::connect(pf.port);
+            let r = begin(
+                &mut s,
+                "203.0.113.22",
+                &[&format!("x{i}@elsewhere.example")],
+            );
+            assert!(r[0].starts_with("250"), "{r:?}");
+            s
+        })
+        .collect();
+    assert!(data(&mut sessions[0]).starts_with("250"));
+    assert!(data(&mut sessions[1]).starts_with("250"));
+    let third = data(&mut sessions[2]);
+    assert!(
+        third.starts_with("450 4.7.1") && third.contains("cap user_messages_per_hour reached"),
+        "{third}"
+    );
+}
