@@ -348,6 +348,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             view: engine.view(),
             checkpoints: checkpoints.clone(),
             state_dir: settings.state_dir.clone(),
+            policy: settings.policy.is_some().then(|| Arc::clone(&policy_stats)),
         });
         runtime
             .block_on(crate::serve::metrics::spawn(addr, src))

@@ -3,6 +3,7 @@
 //! grant and per user, and a receipt naming the login behind each relayed message.
 
 pub mod caps;
+pub mod metrics;
 pub mod protocol;
 pub mod receipts;
 pub mod server;

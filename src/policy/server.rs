@@ -41,6 +41,25 @@ pub struct PolicyStats {
     pub prepend: AtomicU64,
     pub malformed: AtomicU64,
     pub receipts: AtomicU64,
+    /// Deferrals per cap.
+    caps_tripped: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl PolicyStats {
+    /// Deferrals per cap name.
+    pub fn tripped(&self) -> Vec<(&'static str, u64)> {
+        let m = self.caps_tripped.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    pub(crate) fn trip(&self, cap: &'static str) {
+        *self
+            .caps_tripped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(cap)
+            .or_default() += 1;
+    }
 }
 
 fn inc(a: &AtomicU64) {
@@ -127,8 +146,9 @@ fn dunno(st: &State) -> String {
     "DUNNO".into()
 }
 
-fn cap_reached(st: &State, ip: IpAddr, user: Option<&str>, cap: &str) -> String {
+fn cap_reached(st: &State, ip: IpAddr, user: Option<&str>, cap: &'static str) -> String {
     inc(&st.stats.defer_cap);
+    st.stats.trip(cap);
     tracing::info!(
         client = %ip,
         user = %user.unwrap_or("-").escape_debug(),

@@ -36,6 +36,8 @@ pub struct MetricsSource {
     pub checkpoints: CheckpointDir,
     /// Where the PostgreSQL writer and the replica leave their status files.
     pub state_dir: std::path::PathBuf,
+    /// The policy server's counters, when it runs.
+    pub policy: Option<Arc<crate::policy::PolicyStats>>,
 }
 
 /// The registry's one collector: reads a snapshot at every scrape.
@@ -213,6 +215,9 @@ impl Collector for Snapshot {
                 ConstGauge::new(i64::try_from(lag).unwrap_or(i64::MAX))
                     .encode(m.encode_family(&labels.as_slice())?)?;
             }
+        }
+        if let Some(p) = &src.policy {
+            crate::policy::metrics::encode(&mut enc, p)?;
         }
         fleet_gauges(&mut enc, &src.state_dir)
     }

@@ -1,0 +1,96 @@
+//! The policy server's Prometheus metrics (written into the daemon's `/metrics`).
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::MetricType;
+
+use super::PolicyStats;
+
+/// `dovegate_policy_answers_total{action}`, `dovegate_policy_caps_tripped_total{cap}`,
+/// `dovegate_policy_malformed_total`, `dovegate_policy_receipts_total`.
+pub fn encode(enc: &mut DescriptorEncoder, s: &PolicyStats) -> fmt::Result {
+    let mut m = enc.encode_descriptor(
+        "dovegate_policy_answers",
+        "Policy server answers by action (ok: relay under a grant; defer_recent: grant ended \
+         within policy.recent; defer_cap: a cap reached; defer_unsure: grants could not be \
+         checked; prepend: receipt header).",
+        None,
+        MetricType::Counter,
+    )?;
+    for (action, a) in [
+        ("ok", &s.ok),
+        ("dunno", &s.dunno),
+        ("defer_recent", &s.defer_recent),
+        ("defer_cap", &s.defer_cap),
+        ("defer_unsure", &s.defer_unsure),
+        ("prepend", &s.prepend),
+    ] {
+        let labels = [("action", action)];
+        ConstCounter::new(a.load(Ordering::Relaxed))
+            .encode(m.encode_family(&labels.as_slice())?)?;
+    }
+    let mut m = enc.encode_descriptor(
+        "dovegate_policy_caps_tripped",
+        "Requests deferred by a cap, by cap.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (cap, n) in s.tripped() {
+        let labels = [("cap", cap)];
+        ConstCounter::new(n).encode(m.encode_family(&labels.as_slice())?)?;
+    }
+    for (name, help, v) in [
+        (
+            "dovegate_policy_malformed",
+            "Policy connections closed for a malformed or oversized request.",
+            &s.malformed,
+        ),
+        (
+            "dovegate_policy_receipts",
+            "Messages relayed under a grant (receipts written).",
+            &s.receipts,
+        ),
+    ] {
+        let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        ConstCounter::new(v.load(Ordering::Relaxed)).encode(m)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::collector::Collector;
+    use std::sync::Arc;
+
+    #[derive(Debug)]
+    struct One(Arc<PolicyStats>);
+
+    impl Collector for One {
+        fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+            encode(&mut enc, &self.0)
+        }
+    }
+
+    #[test]
+    fn answers_and_caps_are_exposed() {
+        let stats = Arc::new(PolicyStats::default());
+        stats.ok.fetch_add(3, Ordering::Relaxed);
+        stats.trip("user_messages_per_hour");
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.register_collector(Box::new(One(Arc::clone(&stats))));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(
+            text.contains("dovegate_policy_answers_total{action=\"ok\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dovegate_policy_caps_tripped_total{cap=\"user_messages_per_hour\"} 1"),
+            "{text}"
+        );
+    }
+}
