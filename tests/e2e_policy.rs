@@ -300,3 +300,65 @@ fn caps_are_per_user_across_addresses_and_receipts_name_the_login() {
         "{third}"
     );
 }
+
+#[test]
+fn a_user_who_trips_a_cap_loses_every_grant_until_unblocked() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    append(&log, "");
+    let cfg = config(
+        d.path(),
+        &log,
+        "block_on_cap = true\nuser_recipients_per_hour = 1\nuser_messages_per_hour = 0\n\
+         user_messages_per_day = 0\nuser_recipients_per_day = 0\ngrant_messages_per_hour = 0\n\
+         grant_messages_per_day = 0\ngrant_recipients_per_hour = 0\ngrant_recipients_per_day = 0",
+    );
+    let daemon = start(d.path(), &cfg, &[]);
+    let pf = Postfix::start_with(
+        &d.path().join("pf"),
+        &relay_restrictions(&d.path().join("policy"), ""),
+        LOCAL,
+    );
+    let map = d.path().join("relay");
+    append(&log, &sessionless_login_line("203.0.113.30", "mallory"));
+    append(&log, &sessionless_login_line("203.0.113.31", "mallory"));
+    append(&log, &sessionless_login_line("203.0.113.32", "carol"));
+    for ip in ["203.0.113.30", "203.0.113.31", "203.0.113.32"] {
+        wait_granted(d.path(), ip);
+    }
+    let r = begin(
+        &mut Smtp::connect(pf.port),
+        "203.0.113.30",
+        &["a@elsewhere.example", "b@elsewhere.example"],
+    );
+    assert!(r[0].starts_with("250"), "{r:?}");
+    assert!(r[1].starts_with("450 4.7.1"), "{r:?}");
+    // Every grant of the user goes from the map; others stay.
+    for ip in ["203.0.113.30", "203.0.113.31"] {
+        wait_for(&format!("{ip} revoked"), PATIENCE, || {
+            postmap_q(&map, ip).is_none()
+        });
+    }
+    assert!(postmap_q(&map, "203.0.113.32").is_some());
+    assert!(relay(pf.port, "203.0.113.31").starts_with("554"));
+    assert!(relay(pf.port, "203.0.113.32").starts_with("250"));
+    assert!(daemon.log().contains("user blocked (policy.block_on_cap)"));
+
+    // Logging in again grants nothing until unblocked.
+    append(&log, &sessionless_login_line("203.0.113.30", "mallory"));
+    wait_for("the login refused", PATIENCE, || {
+        daemon.log().contains("login of a blocked user not granted")
+    });
+    assert_eq!(postmap_q(&map, "203.0.113.30"), None);
+    let (code, out, err) = cli(&["unblock", "mallory"], &cfg);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("unblocked mallory"), "{out}");
+    let (code, _, _) = cli(&["unblock", "mallory"], &cfg);
+    assert_eq!(code, Some(1), "not blocked any more");
+    // The daemon sees the unblock within its next probe; a login then grants again.
+    wait_for("granted again after unblock", PATIENCE, || {
+        append(&log, &sessionless_login_line("203.0.113.30", "mallory"));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        postmap_q(&map, "203.0.113.30").is_some()
+    });
+}

@@ -117,6 +117,13 @@ enum Command {
         /// Postfix's queue id of the message.
         queue_id: String,
     },
+    /// Lift the block of a user who tripped a cap (policy.block_on_cap).
+    Unblock {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The login user name.
+        user: String,
+    },
     /// Dovecot post-login hook: push IP and USER to the daemon, then exec the rest.
     Postlogin(postlogin::PostloginArgs),
     /// Write the man pages and shell completions into DIR (packaging).
@@ -228,6 +235,7 @@ pub fn main() -> ExitCode {
         Command::Init { cfg } => init(&cfg),
         Command::Why { cfg, ip } => receipts::why(&cfg, &ip),
         Command::Trace { cfg, queue_id } => receipts::trace(&cfg, &queue_id),
+        Command::Unblock { cfg, user } => receipts::unblock(&cfg, &user),
         Command::GenerateDocs { dir } => docs::generate(&dir),
         Command::Postlogin(args) => return postlogin::run(args.into_args()),
     };

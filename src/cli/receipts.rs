@@ -1,5 +1,6 @@
 //! `dovegate why IP` and `dovegate trace QUEUEID`: the logins behind a grant and the
-//! receipt of a relayed message, from the policy server's files in the state directory.
+//! receipt of a relayed message, from the policy server's files in the state directory;
+//! `dovegate unblock USER`.
 
 use super::{load_settings, ConfigArgs, Failure};
 use crate::grant::parse_any_ip;
@@ -51,4 +52,22 @@ pub fn trace(cfg: &ConfigArgs, queue_id: &str) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+pub fn unblock(cfg: &ConfigArgs, user: &str) -> Result<(), Failure> {
+    let (_, settings) = load_settings(cfg, |_| {})?;
+    match crate::engine::unblock(&settings.state_dir, user) {
+        Ok(true) => {
+            println!("unblocked {user}");
+            Ok(())
+        }
+        Ok(false) => Err(not_found(format!(
+            "{user}: not blocked (see {})",
+            settings
+                .state_dir
+                .join(crate::engine::BLOCKED_FILE)
+                .display()
+        ))),
+        Err(e) => Err(Failure::runtime(e.to_string())),
+    }
 }

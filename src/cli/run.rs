@@ -328,6 +328,14 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let policy_stats = Arc::new(crate::policy::PolicyStats::default());
     if let Some(p) = settings.policy.clone().filter(|_| dry.is_none()) {
         let listen = p.listen.to_string();
+        let blocks = if p.block_on_cap {
+            let b = crate::engine::Blocks::new(Some(&settings.state_dir))
+                .map_err(|e| Failure::runtime(format!("policy.block_on_cap: {e}")))?;
+            engine.set_blocks(b.clone());
+            Some(b)
+        } else {
+            None
+        };
         runtime
             .block_on(crate::policy::spawn(
                 p,
@@ -335,6 +343,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                 engine.logins(),
                 &settings.state_dir,
                 Arc::clone(&policy_stats),
+                blocks,
             ))
             .map_err(|e| {
                 Failure::runtime(format!("policy.listen: cannot listen on {listen}: {e}"))

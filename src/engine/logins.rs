@@ -91,6 +91,16 @@ impl LoginsView {
             .filter(|&t| now - t < m.recent_keep)
     }
 
+    /// The addresses whose grant has a login of `user`.
+    pub fn addresses_of(&self, user: &str) -> Vec<IpAddr> {
+        let m = self.lock();
+        m.behind
+            .iter()
+            .filter(|(_, b)| b.logins.iter().any(|l| l.user.as_deref() == Some(user)))
+            .map(|(ip, _)| *ip)
+            .collect()
+    }
+
     /// Every committed grant's logins, with a version that changes with them.
     pub fn snapshot(&self) -> (u64, Vec<(IpAddr, Behind)>) {
         let m = self.lock();

@@ -7,6 +7,7 @@
 //! changes.
 
 mod alarm;
+mod blocks;
 mod counters;
 mod driver;
 mod logins;
@@ -15,6 +16,7 @@ mod view;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
+pub use blocks::{read_blocked, unblock, BlockEntry, Blocks, BLOCKED_FILE};
 pub use counters::{CommitLatency, Counters, COMMIT_BUCKETS};
 pub use driver::{drive, run, Clock, Exit, Pace, SystemClock};
 pub use logins::{Behind, LoginRecord, LoginsView, MAX_LOGINS_PER_GRANT};
@@ -38,6 +40,11 @@ pub struct Engine<S: GrantStore> {
     grants: GrantsView,
     /// The logins behind the committed grants, and grants ended recently (policy server).
     logins: LoginsView,
+    /// Users blocked by `policy.block_on_cap` (None: off).
+    blocks: Option<Blocks>,
+    /// Addresses revoked for a blocked user: their open sessions renew nothing while the
+    /// user stays blocked.
+    blocked_ips: HashMap<IpAddr, String>,
     /// The same, ordered by deadline, for the expiry timer.
     deadlines: BTreeSet<(i64, IpAddr)>,
     pending: HashMap<IpAddr, i64>,
@@ -73,6 +80,8 @@ impl<S: GrantStore> Engine<S> {
             longest_hold: 0,
             grants: GrantsView::default(),
             logins: LoginsView::default(),
+            blocks: None,
+            blocked_ips: HashMap::new(),
             deadlines: BTreeSet::new(),
             pending: HashMap::new(),
             pending_checkpoints: BTreeMap::new(),
@@ -132,6 +141,9 @@ impl<S: GrantStore> Engine<S> {
     pub fn renew_sessions(&mut self, now: i64) {
         let before = self.sessions.len();
         for r in self.sessions.renewals(now) {
+            if self.held_by_blocked(r.ip) {
+                continue;
+            }
             self.counters.session_renewals += 1;
             self.consider(r.ip, Some(r.time), now);
         }
@@ -164,6 +176,11 @@ impl<S: GrantStore> Engine<S> {
         self.grants.clone()
     }
 
+    /// Refuses logins of blocked users and revokes what the policy server asks.
+    pub fn set_blocks(&mut self, blocks: Blocks) {
+        self.blocks = Some(blocks);
+    }
+
     /// Who logged in behind the live grants, for the policy server.
     pub fn logins(&self) -> LoginsView {
         self.logins.clone()
@@ -181,6 +198,17 @@ impl<S: GrantStore> Engine<S> {
     /// A login that names a mail session opens it; a session's end grants ttl from then.
     pub fn accept(&mut self, batch: Batch, now: i64) {
         for login in batch.logins {
+            if let (Some(b), Some(user)) = (
+                &self.blocks,
+                login.detail.as_ref().and_then(|d| d.user.as_deref()),
+            ) {
+                if b.is_blocked(user) {
+                    self.counters.excluded += 1;
+                    tracing::info!(address = %login.ip, user = %user.escape_debug(), "login of a blocked user not granted (dovegate unblock USER)");
+                    continue;
+                }
+            }
+            self.blocked_ips.remove(&login.ip.to_canonical());
             let granted = self.consider(login.ip, login.time, now);
             if let Some((ip, true)) = granted {
                 self.audit_new(ip, login.detail.as_deref());
@@ -206,7 +234,9 @@ impl<S: GrantStore> Engine<S> {
         for end in &batch.ends {
             if let Some(r) = self.sessions.closed(end, now) {
                 self.sessions_dirty = true;
-                self.consider(r.ip, Some(r.time), now);
+                if !self.held_by_blocked(r.ip) {
+                    self.consider(r.ip, Some(r.time), now);
+                }
             }
         }
         self.counters.sessions_open = self.sessions.len() as u64;
@@ -350,6 +380,7 @@ impl<S: GrantStore> Engine<S> {
     /// tell, when `periodic`. Returns whether it re-read. While a needed re-read fails,
     /// lookups in the view answer unsure.
     pub fn poll(&mut self, now: i64, periodic: bool) -> Result<bool, StoreError> {
+        self.revoke_blocked()?;
         let result = self.recovering(now, |e| {
             let changed = e.store.changed()?;
             // The clock stepped back (a fault fixed while running): our own grants now
@@ -376,6 +407,47 @@ impl<S: GrantStore> Engine<S> {
     pub fn resync(&mut self, now: i64) -> Result<(), StoreError> {
         self.resync_due = true;
         self.poll(now, true).map(|_| ())
+    }
+
+    /// Whether `ip` was revoked for a user who is still blocked (its session must not
+    /// renew the grant).
+    fn held_by_blocked(&mut self, ip: IpAddr) -> bool {
+        let Some(user) = self.blocked_ips.get(&ip) else {
+            return false;
+        };
+        if self.blocks.as_ref().is_some_and(|b| b.is_blocked(user)) {
+            return true;
+        }
+        self.blocked_ips.remove(&ip);
+        false
+    }
+
+    /// Revokes the grants of users the policy server blocked, and picks up unblocks.
+    fn revoke_blocked(&mut self) -> Result<(), StoreError> {
+        let Some(blocks) = self.blocks.clone() else {
+            return Ok(());
+        };
+        if let Err(e) = blocks.reload() {
+            tracing::error!(error = %e, "cannot read the blocked users");
+        }
+        let mut ips = blocks.take_revocations();
+        while let Some((ip, user)) = ips.pop() {
+            self.pending.remove(&ip);
+            if let Err(e) = self.store.revoke(ip) {
+                ips.push((ip, user));
+                blocks.requeue(ips);
+                return Err(e);
+            }
+            if let Some(e) = self.grants.grants_mut().remove(&ip) {
+                self.deadlines.remove(&(e, ip));
+            }
+            self.logins.forget(ip);
+            tracing::warn!(address = %ip, user = %user.escape_debug(), "grant revoked: its user is blocked (policy.block_on_cap)");
+            if self.blocked_ips.len() < blocks::MAX_BLOCKED * 8 {
+                self.blocked_ips.insert(ip, user);
+            }
+        }
+        Ok(())
     }
 
     fn resync_once(&mut self, now: i64) -> Result<(), StoreError> {

@@ -53,6 +53,11 @@ pub fn encode(enc: &mut DescriptorEncoder, s: &PolicyStats) -> fmt::Result {
             "Messages relayed under a grant (receipts written).",
             &s.receipts,
         ),
+        (
+            "dovegate_policy_users_blocked",
+            "Users blocked for tripping a cap (policy.block_on_cap).",
+            &s.users_blocked,
+        ),
     ] {
         let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
         ConstCounter::new(v.load(Ordering::Relaxed)).encode(m)?;

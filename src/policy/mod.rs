@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{parse_duration, ConfigError};
-use crate::engine::{GrantsView, LoginsView};
+use crate::engine::{Blocks, GrantsView, LoginsView};
 use crate::serve::socketmap::Listen;
 pub use caps::CapLimits;
 pub use server::{PolicyStats, State};
@@ -28,6 +28,7 @@ pub struct PolicySection {
     pub listen: String,
     pub recent: String,
     pub receipt_header: bool,
+    pub block_on_cap: bool,
     pub max_connections: usize,
     pub idle_timeout: String,
     pub grant_messages_per_hour: u32,
@@ -47,6 +48,8 @@ pub struct PolicySettings {
     /// How long after a grant ends its client is told to check its mail first.
     pub recent: Duration,
     pub receipt_header: bool,
+    /// A user who trips a cap loses every grant until `dovegate unblock USER`.
+    pub block_on_cap: bool,
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub caps: CapLimits,
@@ -66,6 +69,7 @@ impl PolicySettings {
             listen,
             recent: Duration::from_secs(12 * 3600),
             receipt_header: false,
+            block_on_cap: false,
             max_connections: 100,
             idle_timeout: Duration::from_secs(300),
             caps: CapLimits::default(),
@@ -115,6 +119,7 @@ impl PolicySettings {
             listen,
             recent,
             receipt_header: s.receipt_header,
+            block_on_cap: s.block_on_cap,
             max_connections: s.max_connections,
             idle_timeout,
             caps: CapLimits {
@@ -141,14 +146,17 @@ pub async fn spawn(
     logins: LoginsView,
     state_dir: &Path,
     stats: Arc<PolicyStats>,
+    blocks: Option<Blocks>,
 ) -> std::io::Result<()> {
-    let state = Arc::new(State::new(
+    let mut state = State::new(
         cfg,
         view,
         logins.clone(),
         receipts::ReceiptLog::new(Some(state_dir)),
         stats,
-    ));
+    );
+    state.blocks = blocks;
+    let state = Arc::new(state);
     server::start(state).await?;
     let dir = state_dir.to_path_buf();
     tokio::spawn(async move {

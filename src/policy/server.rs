@@ -20,7 +20,7 @@ use super::caps::Caps;
 use super::protocol::{format_reply, parse_request, request_end, Request, Stage, MAX_REQUEST};
 use super::receipts::{Receipt, ReceiptLog};
 use super::PolicySettings;
-use crate::engine::{GrantsView, LoginsView, Lookup};
+use crate::engine::{Blocks, GrantsView, LoginsView, Lookup};
 use crate::serve::socketmap::log_limit::LogLimit;
 use crate::serve::socketmap::slots::{Admission, Slots};
 use crate::serve::socketmap::{accept, socket_file, Closed, Listen};
@@ -41,6 +41,8 @@ pub struct PolicyStats {
     pub prepend: AtomicU64,
     pub malformed: AtomicU64,
     pub receipts: AtomicU64,
+    /// Users blocked by `policy.block_on_cap`.
+    pub users_blocked: AtomicU64,
     /// Deferrals per cap.
     caps_tripped: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -74,6 +76,8 @@ pub struct State {
     pub caps: Caps,
     pub receipts: ReceiptLog,
     pub stats: Arc<PolicyStats>,
+    /// Where blocked users are kept (`policy.block_on_cap`; None: off).
+    pub blocks: Option<Blocks>,
 }
 
 impl State {
@@ -92,6 +96,7 @@ impl State {
             logins,
             receipts,
             stats,
+            blocks: None,
         }
     }
 }
@@ -149,6 +154,23 @@ fn dunno(st: &State) -> String {
 fn cap_reached(st: &State, ip: IpAddr, user: Option<&str>, cap: &'static str) -> String {
     inc(&st.stats.defer_cap);
     st.stats.trip(cap);
+    if let (Some(blocks), Some(user), true) = (&st.blocks, user, st.cfg.block_on_cap) {
+        let mut addresses = st.logins.addresses_of(user);
+        if !addresses.contains(&ip) {
+            addresses.push(ip);
+        }
+        let count = addresses.len();
+        if blocks.block(user, cap, addresses, timefmt::now()) {
+            inc(&st.stats.users_blocked);
+            tracing::warn!(
+                user = %user.escape_debug(),
+                client = %ip,
+                cap,
+                addresses = count,
+                "user blocked (policy.block_on_cap): every grant revoked, no new one until `dovegate unblock USER`"
+            );
+        }
+    }
     tracing::info!(
         client = %ip,
         user = %user.unwrap_or("-").escape_debug(),
@@ -163,6 +185,12 @@ fn rcpt(ip: IpAddr, msg: &mut Message, st: &State, now: i64) -> String {
         Lookup::Found(_) => {
             let behind = st.logins.behind(ip);
             let user = behind.as_ref().and_then(|b| b.latest()?.user.clone());
+            if let (Some(b), Some(u)) = (&st.blocks, &user) {
+                // Blocked: its grants are being revoked.
+                if b.is_blocked(u) {
+                    return dunno(st);
+                }
+            }
             if let Err(cap) = st.caps.recipient(ip, user.as_deref(), now) {
                 return cap_reached(st, ip, user.as_deref(), cap);
             }
