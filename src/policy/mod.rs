@@ -29,6 +29,7 @@ pub struct PolicySection {
     pub recent: String,
     pub receipt_header: bool,
     pub block_on_cap: bool,
+    pub users: Vec<crate::push::UserSpec>,
     pub max_connections: usize,
     pub idle_timeout: String,
     pub grant_messages_per_hour: u32,
@@ -50,6 +51,8 @@ pub struct PolicySettings {
     pub receipt_header: bool,
     /// A user who trips a cap loses every grant until `dovegate unblock USER`.
     pub block_on_cap: bool,
+    /// Uids allowed to connect to the unix socket (SO_PEERCRED); None: anyone.
+    pub peers: Option<Vec<u32>>,
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub caps: CapLimits,
@@ -70,6 +73,7 @@ impl PolicySettings {
             recent: Duration::from_secs(12 * 3600),
             receipt_header: false,
             block_on_cap: false,
+            peers: None,
             max_connections: 100,
             idle_timeout: Duration::from_secs(300),
             caps: CapLimits::default(),
@@ -104,6 +108,33 @@ impl PolicySettings {
                 ));
             }
         }
+        let peers = match &listen {
+            Listen::Unix(_) if !s.users.is_empty() => {
+                let mut uids = Vec::new();
+                for (i, u) in s.users.iter().enumerate() {
+                    uids.push(match u {
+                        crate::push::UserSpec::Uid(n) => *n,
+                        crate::push::UserSpec::Name(n) => match n.parse::<u32>() {
+                            Ok(uid) => uid,
+                            Err(_) => crate::push::uid_of(n).ok_or_else(|| {
+                                err(
+                                    &format!("users[{i}]"),
+                                    format!("no user `{n}` on this system (give a name or a uid)"),
+                                )
+                            })?,
+                        },
+                    });
+                }
+                Some(uids)
+            }
+            _ => None,
+        };
+        if s.block_on_cap && peers.is_none() {
+            return Err(err(
+                "block_on_cap",
+                "needs a unix socket in policy.listen and policy.users: otherwise any local process could send requests that block any user".into(),
+            ));
+        }
         let recent = parse_duration("policy.recent", &s.recent)?;
         if recent > Duration::from_secs(7 * 86_400) {
             return Err(err("recent", "must be at most 7d".into()));
@@ -120,6 +151,7 @@ impl PolicySettings {
             recent,
             receipt_header: s.receipt_header,
             block_on_cap: s.block_on_cap,
+            peers,
             max_connections: s.max_connections,
             idle_timeout,
             caps: CapLimits {

@@ -309,6 +309,26 @@ impl Shared {
         }
     }
 
+    /// Whether a unix peer's uid is one of `policy.users` (always, when none is set).
+    fn peer_allowed(&self, s: &tokio::net::UnixStream) -> bool {
+        let Some(peers) = &self.state.cfg.peers else {
+            return true;
+        };
+        let uid = s.peer_cred().ok().map(|c| c.uid());
+        if uid.is_some_and(|u| peers.contains(&u)) {
+            return true;
+        }
+        inc(&self.state.stats.malformed);
+        if let Some(n) = hit(&self.refused) {
+            tracing::warn!(
+                uid = ?uid,
+                refused = n,
+                "policy connection from a user not in policy.users refused (count since the last such line)"
+            );
+        }
+        false
+    }
+
     fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self: &Arc<Self>, stream: S) {
         let waiter = match self.slots.admit() {
             Admission::Refused => return self.refused(),
@@ -379,7 +399,12 @@ pub async fn start(state: Arc<State>) -> std::io::Result<Server> {
             let (listener, file) = socket_file::bind(&path).await?;
             tracing::info!(socket = %path.display(), "policy server listening");
             let task = tokio::spawn(async move {
-                accept::run(listener, stopped, |s| shared.connection(s)).await;
+                accept::run(listener, stopped, |s: tokio::net::UnixStream| {
+                    if shared.peer_allowed(&s) {
+                        shared.connection(s)
+                    }
+                })
+                .await;
                 drop(file);
             });
             (task, Listen::Unix(path))

@@ -117,3 +117,44 @@ async fn a_stuck_client_does_not_stall_others() {
     server.shutdown().await;
     assert!(!path.exists());
 }
+
+/// Only the configured users may ask (a forged request could spend or trip a user's caps).
+#[tokio::test]
+async fn unix_peers_not_in_users_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy");
+    let view = GrantsView::default();
+    view.insert("192.0.2.1".parse().unwrap(), i64::MAX);
+    let me = unsafe { libc::geteuid() };
+    let mut cfg = PolicySettings::for_listen(Listen::Unix(path.clone()));
+    cfg.peers = Some(vec![me.wrapping_add(1)]);
+    let st = Arc::new(State::new(
+        cfg,
+        view.clone(),
+        LoginsView::default(),
+        ReceiptLog::new(None),
+        Arc::default(),
+    ));
+    let server = start(st).await.unwrap();
+    let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let _ = s.write_all(&rcpt("192.0.2.1")).await;
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got).await;
+    assert!(got.is_empty(), "answered a stranger: {got:?}");
+    server.shutdown().await;
+
+    let mut cfg = PolicySettings::for_listen(Listen::Unix(path.clone()));
+    cfg.peers = Some(vec![me]);
+    let st = Arc::new(State::new(
+        cfg,
+        view,
+        LoginsView::default(),
+        ReceiptLog::new(None),
+        Arc::default(),
+    ));
+    let server = start(st).await.unwrap();
+    let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+    s.write_all(&rcpt("192.0.2.1")).await.unwrap();
+    assert_eq!(read_reply(&mut s).await, "action=OK\n\n");
+    server.shutdown().await;
+}
