@@ -2,7 +2,7 @@
 //! address the user logged in from), per hour and per day.
 //!
 //! Each count is a sliding window of fixed buckets (an hour in 12 five-minute buckets, a
-//! day in 24 one-hour buckets): a few hundred bytes per address or user, whatever the
+//! day in 24 one-hour buckets): about 300 bytes per address or user, whatever the
 //! traffic. The windows slide by whole buckets, so a cap frees up to one bucket early.
 
 use std::collections::HashMap;
@@ -22,39 +22,53 @@ pub struct CapLimits {
     pub user_recipients_per_day: u32,
 }
 
-/// A window of `N` buckets of `WIDTH` seconds.
+/// A window of `N` buckets of `WIDTH` seconds, the last one being bucket `last`
+/// (time / WIDTH); older buckets are cleared as time moves on.
 #[derive(Debug, Clone, Copy)]
 struct Window<const N: usize, const WIDTH: i64> {
-    /// Which bucket (time / WIDTH) each slot counts.
-    epoch: [i64; N],
+    last: i64,
     count: [u32; N],
 }
 
 impl<const N: usize, const WIDTH: i64> Default for Window<N, WIDTH> {
     fn default() -> Self {
         Window {
-            epoch: [i64::MIN; N],
+            last: i64::MIN,
             count: [0; N],
         }
     }
 }
 
 impl<const N: usize, const WIDTH: i64> Window<N, WIDTH> {
+    fn slot(bucket: i64) -> usize {
+        bucket.rem_euclid(N as i64) as usize
+    }
+
+    /// The count of buckets `current - N + 1 ..= current` as of `last`.
     fn total(&self, now: i64) -> u32 {
         let current = now.div_euclid(WIDTH);
-        (0..N)
-            .filter(|&i| self.epoch[i] > current - N as i64 && self.epoch[i] <= current)
-            .map(|i| self.count[i])
+        if self.last == i64::MIN || current - self.last >= N as i64 {
+            return 0;
+        }
+        // Buckets after `last` are empty; those before current - N + 1 are out.
+        let oldest = current - N as i64 + 1;
+        (oldest.max(self.last - N as i64 + 1)..=self.last.min(current))
+            .map(|b| self.count[Self::slot(b)])
             .fold(0u32, u32::saturating_add)
     }
 
     fn add(&mut self, now: i64) {
         let current = now.div_euclid(WIDTH);
-        let slot = current.rem_euclid(N as i64) as usize;
-        if self.epoch[slot] != current {
-            self.epoch[slot] = current;
-            self.count[slot] = 0;
+        if self.last == i64::MIN || current - self.last >= N as i64 {
+            self.count = [0; N];
+        } else if current > self.last {
+            for b in self.last + 1..=current {
+                self.count[Self::slot(b)] = 0;
+            }
         }
+        // A clock step back counts in the latest bucket.
+        self.last = self.last.max(current);
+        let slot = Self::slot(self.last);
         self.count[slot] = self.count[slot].saturating_add(1);
     }
 
@@ -276,5 +290,15 @@ mod tests {
         assert_eq!(w.total(3600), 1, "the first bucket slid out");
         assert_eq!(w.total(3900), 0);
         assert!(w.idle(4000));
+        // Reused after a gap: nothing old survives.
+        w.add(10_000);
+        assert_eq!(w.total(10_000), 1);
+        let mut d = Day::default();
+        for h in 0..30 {
+            d.add(h * 3600);
+        }
+        assert_eq!(d.total(29 * 3600), 24);
+        assert_eq!(d.total(29 * 3600 + 23 * 3600), 1);
+        assert_eq!(std::mem::size_of::<Counts>(), 2 * (8 + 12 * 4) + 2 * (8 + 24 * 4));
     }
 }
