@@ -299,6 +299,35 @@ fn caps_are_per_user_across_addresses_and_receipts_name_the_login() {
         third.starts_with("450 4.7.1") && third.contains("cap user_messages_per_hour reached"),
         "{third}"
     );
+    // Restarted, it still knows who logged in behind the grants: receipts, the user's
+    // caps (counted afresh) and `why` keep naming alice.
+    drop(sessions);
+    let mut daemon = daemon;
+    assert_eq!(daemon.stop(), Some(0));
+    let grants_file = d.path().join("state/policy-grants.json");
+    let before = std::fs::metadata(&grants_file).unwrap().modified().unwrap();
+    let daemon = start(d.path(), &cfg, &[]);
+    wait_for("the grants file rewritten", PATIENCE, || {
+        std::fs::metadata(&grants_file)
+            .and_then(|m| m.modified())
+            .ok()
+            != Some(before)
+    });
+    assert!(daemon.log().contains("logins behind live grants restored"));
+    let (code, out, err) = cli(&["why", "203.0.113.21"], &cfg);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("user=alice protocol=imap session=abcdEFGH1234"),
+        "{out}"
+    );
+    let mut s = Smtp::connect(pf.port);
+    let r = begin(&mut s, "203.0.113.21", &["f@elsewhere.example"]);
+    assert!(r[0].starts_with("250"), "{r:?}");
+    let q = queue_id(&data(&mut s));
+    wait_for("a receipt naming alice after the restart", PATIENCE, || {
+        let (code, out, _) = cli(&["trace", &q], &cfg);
+        code == Some(0) && out.contains("user=alice")
+    });
 }
 
 #[test]

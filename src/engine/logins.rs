@@ -112,6 +112,17 @@ impl LoginsView {
         self.lock().version
     }
 
+    /// The logins behind grants as saved before a restart (for addresses that still have
+    /// their grant; what the engine learnt since wins).
+    pub fn restore(&self, saved: Vec<(IpAddr, Behind)>) {
+        let mut m = self.lock();
+        for (ip, mut b) in saved {
+            b.logins.truncate(MAX_LOGINS_PER_GRANT);
+            m.behind.entry(ip.to_canonical()).or_insert(b);
+        }
+        m.version += 1;
+    }
+
     /// A login that granted `ip` (canonical), waiting for the commit.
     pub(super) fn pending(&self, ip: IpAddr, login: LoginRecord) {
         let mut m = self.lock();

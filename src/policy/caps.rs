@@ -299,6 +299,9 @@ mod tests {
         }
         assert_eq!(d.total(29 * 3600), 24);
         assert_eq!(d.total(29 * 3600 + 23 * 3600), 1);
-        assert_eq!(std::mem::size_of::<Counts>(), 2 * (8 + 12 * 4) + 2 * (8 + 24 * 4));
+        assert_eq!(
+            std::mem::size_of::<Counts>(),
+            2 * (8 + 12 * 4) + 2 * (8 + 24 * 4)
+        );
     }
 }

@@ -180,6 +180,17 @@ pub async fn spawn(
     stats: Arc<PolicyStats>,
     blocks: Option<Blocks>,
 ) -> std::io::Result<()> {
+    // The logins behind grants that outlived a restart: receipts, user caps and `why`
+    // keep naming them.
+    let now = crate::timefmt::now();
+    let saved: Vec<_> = receipts::read_grants(state_dir)
+        .into_iter()
+        .filter(|(ip, _)| view.lookup(*ip, now).is_some())
+        .collect();
+    if !saved.is_empty() {
+        tracing::info!(grants = saved.len(), "logins behind live grants restored");
+        logins.restore(saved);
+    }
     let mut state = State::new(
         cfg,
         view,

@@ -152,6 +152,9 @@ pub struct LoginEntry {
     pub protocol: String,
     pub session: String,
     pub at: String,
+    /// `at` in unix seconds (read back at start).
+    #[serde(default)]
+    pub at_unix: i64,
 }
 
 /// The logins behind one grant, as written to the grants file.
@@ -159,6 +162,9 @@ pub struct LoginEntry {
 pub struct GrantEntry {
     pub address: IpAddr,
     pub granted_at: String,
+    /// `granted_at` in unix seconds (read back at start).
+    #[serde(default)]
+    pub granted_at_unix: i64,
     pub logins: Vec<LoginEntry>,
 }
 
@@ -167,6 +173,7 @@ fn entries(all: Vec<(IpAddr, Behind)>) -> Vec<GrantEntry> {
         .map(|(address, b)| GrantEntry {
             address,
             granted_at: timefmt::rfc3339(b.began),
+            granted_at_unix: b.began,
             logins: b
                 .logins
                 .iter()
@@ -175,6 +182,7 @@ fn entries(all: Vec<(IpAddr, Behind)>) -> Vec<GrantEntry> {
                     protocol: printable(&l.protocol),
                     session: printable(l.session.as_deref().unwrap_or("-")),
                     at: timefmt::rfc3339(l.at),
+                    at_unix: l.at,
                 })
                 .collect(),
         })
@@ -194,6 +202,37 @@ pub fn write_grants(state_dir: &Path, logins: &LoginsView, written: u64) -> std:
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, &path)?;
     Ok(version)
+}
+
+/// The logins behind the grants as the daemon last wrote them (none when the file is
+/// missing or unreadable: they are detail for receipts, caps and `why`).
+pub fn read_grants(state_dir: &Path) -> Vec<(IpAddr, Behind)> {
+    let Ok(text) = std::fs::read(state_dir.join(GRANTS_FILE)) else {
+        return Vec::new();
+    };
+    let all: Vec<GrantEntry> = serde_json::from_slice(&text).unwrap_or_default();
+    let opt = |s: &str| (s != "-").then(|| s.to_string());
+    all.into_iter()
+        .map(|g| {
+            let logins = g
+                .logins
+                .into_iter()
+                .map(|l| crate::engine::LoginRecord {
+                    user: opt(&l.user),
+                    protocol: l.protocol,
+                    session: opt(&l.session),
+                    at: l.at_unix,
+                })
+                .collect();
+            (
+                g.address,
+                Behind {
+                    began: g.granted_at_unix,
+                    logins,
+                },
+            )
+        })
+        .collect()
 }
 
 /// The logins behind `ip`'s grant, from the grants file.
@@ -241,5 +280,29 @@ mod tests {
         assert_eq!(find_receipts(dir.path(), "ABC123").unwrap(), vec![r]);
         assert_eq!(find_receipts(dir.path(), "DEF456").unwrap().len(), 1);
         assert!(find_receipts(dir.path(), "NOPE").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_grants_file_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let logins = LoginsView::default();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let b = Behind {
+            began: 100,
+            logins: [crate::engine::LoginRecord {
+                user: Some("alice".into()),
+                protocol: "imap".into(),
+                session: None,
+                at: 100,
+            }]
+            .into(),
+        };
+        logins.restore(vec![(ip, b.clone())]);
+        write_grants(dir.path(), &logins, u64::MAX).unwrap();
+        assert_eq!(read_grants(dir.path()), vec![(ip, b)]);
+        assert_eq!(
+            find_grant(dir.path(), ip).unwrap().unwrap().logins[0].user,
+            "alice"
+        );
     }
 }
