@@ -373,6 +373,16 @@ fn a_user_who_trips_a_cap_loses_every_grant_until_unblocked() {
     assert!(relay(pf.port, "203.0.113.32").starts_with("250"));
     assert!(daemon.log().contains("user blocked (policy.block_on_cap)"));
 
+    // A second user behind carol's address: marked shared (log, why).
+    append(&log, &sessionless_login_line("203.0.113.32", "dave"));
+    wait_for("address shared", PATIENCE, || {
+        daemon.log().contains("address shared")
+    });
+    wait_for("why says shared", PATIENCE, || {
+        let (code, out, _) = cli(&["why", "203.0.113.32"], &cfg);
+        code == Some(0) && out.contains("shared users=carol,dave")
+    });
+
     // Logging in again grants nothing until unblocked.
     append(&log, &sessionless_login_line("203.0.113.30", "mallory"));
     wait_for("the login refused", PATIENCE, || {

@@ -17,7 +17,24 @@ pub fn why(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
         parse_any_ip(ip).ok_or_else(|| Failure::config(format!("`{ip}` is not an IP address")))?;
     match find_grant(&settings.state_dir, ip).map_err(|e| Failure::runtime(e.to_string()))? {
         Some(g) => {
-            println!("{} granted_at={}", g.address, g.granted_at);
+            let mut users: Vec<&str> = g
+                .logins
+                .iter()
+                .map(|l| l.user.as_str())
+                .filter(|u| *u != "-")
+                .collect();
+            users.sort_unstable();
+            users.dedup();
+            if users.len() >= 2 {
+                println!(
+                    "{} granted_at={} shared users={}",
+                    g.address,
+                    g.granted_at,
+                    users.join(",")
+                );
+            } else {
+                println!("{} granted_at={}", g.address, g.granted_at);
+            }
             for l in g.logins {
                 println!(
                     "  login at={} user={} protocol={} session={}",

@@ -37,6 +37,19 @@ impl Behind {
     pub fn latest(&self) -> Option<&LoginRecord> {
         self.logins.back()
     }
+
+    /// How many different users logged in behind this grant (2 or more: a shared address,
+    /// such as a NAT).
+    pub fn users(&self) -> usize {
+        let mut users: Vec<&str> = self
+            .logins
+            .iter()
+            .filter_map(|l| l.user.as_deref())
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        users.len()
+    }
 }
 
 /// Logins kept per grant (`dovegate why` shows them).
@@ -101,6 +114,15 @@ impl LoginsView {
             .collect()
     }
 
+    /// Addresses with several users behind their grant.
+    pub fn shared(&self) -> usize {
+        self.lock()
+            .behind
+            .values()
+            .filter(|b| b.users() >= 2)
+            .count()
+    }
+
     /// Every committed grant's logins, with a version that changes with them.
     pub fn snapshot(&self) -> (u64, Vec<(IpAddr, Behind)>) {
         let m = self.lock();
@@ -145,10 +167,17 @@ impl LoginsView {
                 began: login.at,
                 logins: VecDeque::new(),
             });
+            let new_user = login
+                .user
+                .as_deref()
+                .is_some_and(|u| b.logins.iter().all(|l| l.user.as_deref() != Some(u)));
             if b.logins.len() >= MAX_LOGINS_PER_GRANT {
                 b.logins.pop_front();
             }
             b.logins.push_back(login);
+            if new_user && b.users() == 2 {
+                tracing::info!(address = %ip, "address shared: several users logged in behind one grant (caps per address count them together)");
+            }
         }
         m.version += 1;
     }
@@ -211,6 +240,8 @@ mod tests {
         let b = v.behind(ip).unwrap();
         assert_eq!(b.began, 10);
         assert_eq!(b.latest().unwrap().user.as_deref(), Some("bob"));
+        assert_eq!(b.users(), 2);
+        assert_eq!(v.shared(), 1);
         v.expired(ip, 50);
         assert_eq!(v.behind(ip), None);
         assert_eq!(v.ended_recently(ip, 149), Some(50));

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 use super::PolicyStats;
@@ -62,6 +63,14 @@ pub fn encode(enc: &mut DescriptorEncoder, s: &PolicyStats) -> fmt::Result {
         let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
         ConstCounter::new(v.load(Ordering::Relaxed)).encode(m)?;
     }
+    let m = enc.encode_descriptor(
+        "dovegate_policy_shared_addresses",
+        "Granted addresses with several users behind them (NAT): their grant_ caps count them together.",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(i64::try_from(s.shared_addresses.load(Ordering::Relaxed)).unwrap_or(i64::MAX))
+        .encode(m)?;
     Ok(())
 }
 

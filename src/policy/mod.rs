@@ -200,6 +200,7 @@ pub async fn spawn(
     );
     state.blocks = blocks;
     let state = Arc::new(state);
+    let stats = Arc::clone(&state.stats);
     server::start(state).await?;
     let dir = state_dir.to_path_buf();
     tokio::spawn(async move {
@@ -207,6 +208,9 @@ pub async fn spawn(
         let mut warned = false;
         loop {
             tokio::time::sleep(GRANTS_FILE_EVERY).await;
+            stats
+                .shared_addresses
+                .store(logins.shared() as u64, std::sync::atomic::Ordering::Relaxed);
             let (d, l) = (dir.clone(), logins.clone());
             match tokio::task::spawn_blocking(move || receipts::write_grants(&d, &l, written)).await
             {

@@ -43,6 +43,8 @@ pub struct PolicyStats {
     pub receipts: AtomicU64,
     /// Users blocked by `policy.block_on_cap`.
     pub users_blocked: AtomicU64,
+    /// Addresses with several users behind their grant (as of the last grants file write).
+    pub shared_addresses: AtomicU64,
     /// Deferrals per cap.
     caps_tripped: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
