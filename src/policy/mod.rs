@@ -228,3 +228,52 @@ pub async fn spawn(
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(listen: &str) -> PolicySection {
+        crate::config::FileConfig::embedded()
+            .policy
+            .clone()
+            .with_listen(listen)
+    }
+
+    impl PolicySection {
+        fn with_listen(mut self, listen: &str) -> PolicySection {
+            self.listen = listen.into();
+            self
+        }
+    }
+
+    #[test]
+    fn listen_forms_and_refusals() {
+        assert_eq!(PolicySettings::from_section(&section("")).unwrap(), None);
+        let s = PolicySettings::from_section(&section("127.0.0.1:10040"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.listen, Listen::Inet("127.0.0.1:10040".parse().unwrap()));
+        assert_eq!(s.peers, None);
+        assert!(s.caps.user_recipients_per_hour > 0, "caps on by default");
+        let mut unix = section("/run/dovegate/policy");
+        unix.users = vec![crate::push::UserSpec::Uid(107)];
+        let s = PolicySettings::from_section(&unix).unwrap().unwrap();
+        assert_eq!(s.peers, Some(vec![107]));
+        let e = PolicySettings::from_section(&section("192.0.2.1:10040")).unwrap_err();
+        assert!(
+            e.0.starts_with("policy.listen:") && e.0.contains("loopback"),
+            "{}",
+            e.0
+        );
+        let mut inet_block = section("127.0.0.1:10040");
+        inet_block.block_on_cap = true;
+        let e = PolicySettings::from_section(&inet_block).unwrap_err();
+        assert!(e.0.starts_with("policy.block_on_cap:"), "{}", e.0);
+        unix.users = vec![crate::push::UserSpec::Name("no-such-user-here".into())];
+        let e = PolicySettings::from_section(&unix).unwrap_err();
+        assert!(e.0.starts_with("policy.users[0]:"), "{}", e.0);
+        let e = PolicySettings::from_section(&section("relative/path")).unwrap_err();
+        assert!(e.0.starts_with("policy.listen:"), "{}", e.0);
+    }
+}
