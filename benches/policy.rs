@@ -6,14 +6,11 @@
 //! `DOVEGATE_BENCH_SECS` sets each run's length (default 10).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dovegate::engine::{GrantsView, LoginsView};
-use dovegate::policy::receipts::ReceiptLog;
-use dovegate::policy::server::{start, State};
-use dovegate::policy::{CapLimits, PolicySettings, PolicyStats};
-use dovegate::serve::socketmap::Listen;
+use dovegate::net::Listen;
+use dovegate::policy::{start, CapLimits, Context, PolicySettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONNECTIONS: usize = 50;
@@ -45,14 +42,8 @@ fn main() {
         user_recipients_per_day: u32::MAX,
         ..Default::default()
     };
-    let state = Arc::new(State::new(
-        cfg,
-        view,
-        LoginsView::default(),
-        ReceiptLog::new(None),
-        Arc::new(PolicyStats::default()),
-    ));
-    let server = server_rt.block_on(start(state)).unwrap();
+    let ctx = Context::new(view, LoginsView::default(), None, None);
+    let server = server_rt.block_on(start(cfg, &ctx)).unwrap();
     let Listen::Inet(addr) = server.listen().clone() else {
         unreachable!()
     };

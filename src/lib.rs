@@ -12,6 +12,7 @@ pub mod engine;
 pub mod fleet;
 pub mod frame;
 pub mod grant;
+pub mod net;
 pub mod notify;
 pub mod pattern;
 pub mod policy;

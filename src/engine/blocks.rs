@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use crate::telemetry::ratelimit::SharedLimit;
+
 /// The file of blocked users in the state directory.
 pub const BLOCKED_FILE: &str = "policy-blocked.json";
 const LOCK_FILE: &str = "policy-blocked.lock";
@@ -43,6 +45,8 @@ struct Inner {
 pub struct Blocks {
     dir: Option<PathBuf>,
     inner: Arc<Mutex<Inner>>,
+    /// The WARN about users not blocked for the bound (every capped request could say it).
+    full: Arc<SharedLimit>,
 }
 
 /// Holds the fcntl OFD lock of the blocked file while alive.
@@ -114,6 +118,7 @@ impl Blocks {
         let b = Blocks {
             dir: dir.map(Path::to_path_buf),
             inner: Arc::default(),
+            full: Arc::default(),
         };
         b.reload()?;
         Ok(b)
@@ -166,7 +171,10 @@ impl Blocks {
                 return false;
             }
             if m.users.len() >= MAX_BLOCKED {
-                tracing::warn!(user = %user.escape_debug(), "policy.block_on_cap: {MAX_BLOCKED} users blocked already; not blocking more (the caps still defer them)");
+                self.full.warn(&format!(
+                    "policy.block_on_cap: {MAX_BLOCKED} users blocked already; not blocking {} (the caps still defer them)",
+                    user.escape_debug()
+                ));
                 return false;
             }
             m.users.insert(user.to_string());

@@ -98,10 +98,10 @@ enum Key {
 /// is idle new ones are refused a count (deferred: never an uncounted relay).
 const MAX_KEYS: usize = 200_000;
 
-/// The counts of one server.
-#[derive(Debug)]
+/// The counts, kept across restarts of the policy server (a reload that changes the caps
+/// keeps what was counted); the limits are the caller's.
+#[derive(Debug, Default)]
 pub struct Caps {
-    limits: CapLimits,
     table: Mutex<HashMap<Key, Counts>>,
 }
 
@@ -109,17 +109,15 @@ pub struct Caps {
 pub type CapName = &'static str;
 
 impl Caps {
-    pub fn new(limits: CapLimits) -> Caps {
-        Caps {
-            limits,
-            table: Mutex::new(HashMap::new()),
-        }
-    }
-
     /// Counts one recipient for `ip` and `user`, unless that would pass a recipient cap or
     /// a message cap is already reached (the message could not end anyway).
-    pub fn recipient(&self, ip: IpAddr, user: Option<&str>, now: i64) -> Result<(), CapName> {
-        let l = &self.limits;
+    pub fn recipient(
+        &self,
+        l: &CapLimits,
+        ip: IpAddr,
+        user: Option<&str>,
+        now: i64,
+    ) -> Result<(), CapName> {
         self.count(
             ip,
             user,
@@ -154,8 +152,13 @@ impl Caps {
     }
 
     /// Counts one message for `ip` and `user`, unless that would pass a message cap.
-    pub fn message(&self, ip: IpAddr, user: Option<&str>, now: i64) -> Result<(), CapName> {
-        let l = &self.limits;
+    pub fn message(
+        &self,
+        l: &CapLimits,
+        ip: IpAddr,
+        user: Option<&str>,
+        now: i64,
+    ) -> Result<(), CapName> {
         self.count(
             ip,
             user,
@@ -234,49 +237,54 @@ mod tests {
 
     #[test]
     fn the_recipient_over_the_cap_is_refused_and_the_window_slides() {
-        let caps = Caps::new(CapLimits {
+        let l = CapLimits {
             user_recipients_per_hour: 3,
             ..Default::default()
-        });
+        };
+        let caps = Caps::default();
         let t = 1_000_000;
         for i in 0..3 {
             assert_eq!(
-                caps.recipient(ip("192.0.2.1"), Some("alice"), t + i),
+                caps.recipient(&l, ip("192.0.2.1"), Some("alice"), t + i),
                 Ok(())
             );
         }
         // Same user, other address: the cap is the user's.
         assert_eq!(
-            caps.recipient(ip("192.0.2.2"), Some("alice"), t + 5),
+            caps.recipient(&l, ip("192.0.2.2"), Some("alice"), t + 5),
             Err("user_recipients_per_hour")
         );
-        assert_eq!(caps.recipient(ip("192.0.2.1"), Some("bob"), t + 5), Ok(()));
+        assert_eq!(
+            caps.recipient(&l, ip("192.0.2.1"), Some("bob"), t + 5),
+            Ok(())
+        );
         // An hour (plus a bucket) later it has slid out.
         assert_eq!(
-            caps.recipient(ip("192.0.2.2"), Some("alice"), t + 3600 + 300),
+            caps.recipient(&l, ip("192.0.2.2"), Some("alice"), t + 3600 + 300),
             Ok(())
         );
     }
 
     #[test]
     fn grant_caps_and_message_caps() {
-        let caps = Caps::new(CapLimits {
+        let l = CapLimits {
             grant_messages_per_day: 2,
             ..Default::default()
-        });
+        };
+        let caps = Caps::default();
         let a = ip("198.51.100.1");
-        assert_eq!(caps.message(a, None, 0), Ok(()));
-        assert_eq!(caps.message(a, Some("x"), 10), Ok(()));
+        assert_eq!(caps.message(&l, a, None, 0), Ok(()));
+        assert_eq!(caps.message(&l, a, Some("x"), 10), Ok(()));
         assert_eq!(
-            caps.message(a, Some("y"), 20),
+            caps.message(&l, a, Some("y"), 20),
             Err("grant_messages_per_day")
         );
         // A reached message cap refuses the next message's recipients at once.
         assert_eq!(
-            caps.recipient(a, Some("y"), 30),
+            caps.recipient(&l, a, Some("y"), 30),
             Err("grant_messages_per_day")
         );
-        assert_eq!(caps.message(a, None, 86_400 + 3600), Ok(()));
+        assert_eq!(caps.message(&l, a, None, 86_400 + 3600), Ok(()));
     }
 
     #[test]

@@ -11,7 +11,9 @@ use prometheus_client::metrics::MetricType;
 use super::PolicyStats;
 
 /// `dovegate_policy_answers_total{action}`, `dovegate_policy_caps_tripped_total{cap}`,
-/// `dovegate_policy_malformed_total`, `dovegate_policy_receipts_total`.
+/// `dovegate_policy_malformed_total`, `dovegate_policy_peers_refused_total`,
+/// `dovegate_policy_receipts_total`, `dovegate_policy_users_blocked_total`,
+/// `dovegate_policy_shared_addresses`.
 pub fn encode(enc: &mut DescriptorEncoder, s: &PolicyStats) -> fmt::Result {
     let mut m = enc.encode_descriptor(
         "dovegate_policy_answers",
@@ -50,6 +52,11 @@ pub fn encode(enc: &mut DescriptorEncoder, s: &PolicyStats) -> fmt::Result {
             &s.malformed,
         ),
         (
+            "dovegate_policy_peers_refused",
+            "Unix socket peers whose uid is not in policy.users, refused.",
+            &s.peers_refused,
+        ),
+        (
             "dovegate_policy_receipts",
             "Messages relayed under a grant (receipts written).",
             &s.receipts,
@@ -77,34 +84,46 @@ pub fn encode(enc: &mut DescriptorEncoder, s: &PolicyStats) -> fmt::Result {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prometheus_client::collector::Collector;
+    use crate::serve::metrics::{render, MetricsSource};
     use std::sync::Arc;
 
-    #[derive(Debug)]
-    struct One(Arc<PolicyStats>);
-
-    impl Collector for One {
-        fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
-            encode(&mut enc, &self.0)
-        }
+    fn source(dir: &std::path::Path, stats: &Arc<PolicyStats>) -> Arc<MetricsSource> {
+        Arc::new(MetricsSource {
+            stats: Arc::default(),
+            engine: Arc::default(),
+            view: Default::default(),
+            checkpoints: crate::source::checkpoint::CheckpointDir::read_only(dir),
+            state_dir: dir.to_path_buf(),
+            policy: Arc::clone(stats),
+        })
     }
 
+    /// Through the daemon's own scrape: shown while the server runs, in the same text
+    /// format as every other metric.
     #[test]
-    fn answers_and_caps_are_exposed() {
+    fn answers_and_caps_are_exposed_while_serving() {
+        let dir = tempfile::tempdir().unwrap();
         let stats = Arc::new(PolicyStats::default());
         stats.ok.fetch_add(3, Ordering::Relaxed);
+        stats.peers_refused.fetch_add(1, Ordering::Relaxed);
         stats.trip("user_messages_per_hour");
-        let mut reg = prometheus_client::registry::Registry::default();
-        reg.register_collector(Box::new(One(Arc::clone(&stats))));
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
-        assert!(
-            text.contains("dovegate_policy_answers_total{action=\"ok\"} 3"),
-            "{text}"
-        );
-        assert!(
-            text.contains("dovegate_policy_caps_tripped_total{cap=\"user_messages_per_hour\"} 1"),
-            "{text}"
-        );
+        let src = source(dir.path(), &stats);
+        assert!(!render(&src).contains("dovegate_policy"), "off: not shown");
+        stats.serving.store(true, Ordering::Relaxed);
+        let text = render(&src);
+        for want in [
+            "# TYPE dovegate_policy_answers_total counter",
+            "dovegate_policy_answers_total{action=\"ok\"} 3",
+            "dovegate_policy_answers_total{action=\"defer_cap\"} 0",
+            "dovegate_policy_caps_tripped_total{cap=\"user_messages_per_hour\"} 1",
+            "dovegate_policy_peers_refused_total 1",
+            "dovegate_policy_malformed_total 0",
+            "dovegate_policy_receipts_total 0",
+            "dovegate_policy_users_blocked_total 0",
+            "# TYPE dovegate_policy_shared_addresses gauge",
+            "dovegate_policy_shared_addresses 0",
+        ] {
+            assert!(text.contains(want), "missing {want}:\n{text}");
+        }
     }
 }

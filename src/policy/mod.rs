@@ -17,8 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{parse_duration, ConfigError};
 use crate::engine::{Blocks, GrantsView, LoginsView};
-use crate::serve::socketmap::Listen;
-pub use caps::CapLimits;
+use crate::net::{Listen, Server};
+use crate::telemetry::ratelimit::RateLimit;
+pub use caps::{CapLimits, Caps};
+use receipts::ReceiptLog;
 pub use server::{PolicyStats, State};
 
 /// The `[policy]` section as written.
@@ -171,62 +173,116 @@ impl PolicySettings {
 /// How often the logins behind the grants are written for `dovegate why` (when changed).
 const GRANTS_FILE_EVERY: Duration = Duration::from_secs(2);
 
-/// Starts the policy server of the daemon and the writer of its state file.
-pub async fn spawn(
-    cfg: PolicySettings,
-    view: GrantsView,
-    logins: LoginsView,
-    state_dir: &Path,
-    stats: Arc<PolicyStats>,
-    blocks: Option<Blocks>,
-) -> std::io::Result<()> {
-    // The logins behind grants that outlived a restart: receipts, user caps and `why`
-    // keep naming them.
-    let now = crate::timefmt::now();
-    let saved: Vec<_> = receipts::read_grants(state_dir)
-        .into_iter()
-        .filter(|(ip, _)| view.lookup(*ip, now).is_some())
-        .collect();
-    if !saved.is_empty() {
-        tracing::info!(grants = saved.len(), "logins behind live grants restored");
-        logins.restore(saved);
-    }
-    let mut state = State::new(
-        cfg,
-        view,
-        logins.clone(),
-        receipts::ReceiptLog::new(Some(state_dir)),
-        stats,
-    );
-    state.blocks = blocks;
-    let state = Arc::new(state);
-    let stats = Arc::clone(&state.stats);
-    server::start(state).await?;
-    let dir = state_dir.to_path_buf();
-    tokio::spawn(async move {
-        let mut written = u64::MAX;
-        let mut warned = false;
-        loop {
-            tokio::time::sleep(GRANTS_FILE_EVERY).await;
-            stats
-                .shared_addresses
-                .store(logins.shared() as u64, std::sync::atomic::Ordering::Relaxed);
-            let (d, l) = (dir.clone(), logins.clone());
-            match tokio::task::spawn_blocking(move || receipts::write_grants(&d, &l, written)).await
-            {
-                Ok(Ok(v)) => {
-                    written = v;
-                    warned = false;
-                }
-                Ok(Err(e)) if !warned => {
-                    warned = true;
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot write the logins behind the grants (dovegate why)");
-                }
-                _ => {}
-            }
+/// What the policy server keeps across its restarts (a reload that changes `[policy]`):
+/// the grants and the logins behind them, what the caps counted, the counters, the
+/// receipts file and the blocked users.
+#[derive(Clone)]
+pub struct Context {
+    pub view: GrantsView,
+    pub logins: LoginsView,
+    pub stats: Arc<PolicyStats>,
+    pub caps: Arc<Caps>,
+    pub receipts: Arc<ReceiptLog>,
+    /// Where the receipts and the logins behind the grants (`dovegate why`) are written;
+    /// None: nowhere (tests, benchmarks).
+    pub state_dir: Option<PathBuf>,
+    /// The blocked users (`policy.block_on_cap`), shared with the engine; None: nobody is
+    /// blocked.
+    pub blocks: Option<Blocks>,
+}
+
+impl Context {
+    pub fn new(
+        view: GrantsView,
+        logins: LoginsView,
+        state_dir: Option<&Path>,
+        blocks: Option<Blocks>,
+    ) -> Context {
+        Context {
+            view,
+            logins,
+            stats: Arc::default(),
+            caps: Arc::default(),
+            receipts: Arc::new(ReceiptLog::new(state_dir)),
+            state_dir: state_dir.map(Path::to_path_buf),
+            blocks,
         }
+    }
+
+    /// Takes back the logins behind grants that outlived a restart (from the state
+    /// directory, for addresses that keep their grant): receipts, user caps and `why`
+    /// keep naming them. What the engine learnt since wins.
+    pub fn restore_logins(&self) {
+        let Some(dir) = &self.state_dir else { return };
+        let now = crate::timefmt::now();
+        let saved: Vec<_> = receipts::read_grants(dir)
+            .into_iter()
+            .filter(|(ip, _)| self.view.lookup(*ip, now).is_some())
+            .collect();
+        if !saved.is_empty() {
+            tracing::info!(grants = saved.len(), "logins behind live grants restored");
+            self.logins.restore(saved);
+        }
+    }
+}
+
+/// A running policy server and the writer of its state file.
+pub struct PolicyServer {
+    server: Server,
+    writer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl PolicyServer {
+    /// Where it listens (for port 0, the port chosen).
+    pub fn listen(&self) -> &Listen {
+        self.server.listen()
+    }
+
+    /// Stops accepting (removing the unix socket if still ours) and stops the writer.
+    /// Connections already open are served until they end.
+    pub async fn shutdown(self) {
+        if let Some(w) = self.writer {
+            w.abort();
+        }
+        self.server.shutdown().await;
+    }
+}
+
+/// Starts the policy server (on the current tokio runtime) and, with a state directory,
+/// the writer of the logins behind the grants.
+pub async fn start(cfg: PolicySettings, ctx: &Context) -> std::io::Result<PolicyServer> {
+    let server = server::start(Arc::new(State::new(cfg, ctx.clone()))).await?;
+    let writer = ctx.state_dir.clone().map(|dir| {
+        let (logins, stats) = (ctx.logins.clone(), Arc::clone(&ctx.stats));
+        tokio::spawn(write_grants(dir, logins, stats))
     });
-    Ok(())
+    Ok(PolicyServer { server, writer })
+}
+
+/// Writes the logins behind the grants (when changed) and counts the shared addresses,
+/// every GRANTS_FILE_EVERY, until aborted.
+async fn write_grants(dir: PathBuf, logins: LoginsView, stats: Arc<PolicyStats>) {
+    let mut written = u64::MAX;
+    let mut failed = RateLimit::new(crate::telemetry::ratelimit::REMIND_EVERY);
+    loop {
+        tokio::time::sleep(GRANTS_FILE_EVERY).await;
+        stats
+            .shared_addresses
+            .store(logins.shared() as u64, std::sync::atomic::Ordering::Relaxed);
+        let (d, l) = (dir.clone(), logins.clone());
+        match tokio::task::spawn_blocking(move || receipts::write_grants(&d, &l, written)).await {
+            Ok(Ok(v)) => {
+                written = v;
+                failed.take_pending();
+            }
+            Ok(Err(e)) => {
+                if let Some(n) = failed.hit() {
+                    tracing::warn!(dir = %dir.display(), error = %e, failures = n, "cannot write the logins behind the grants (dovegate why)");
+                }
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 #[cfg(test)]

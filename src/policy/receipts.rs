@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Behind, LoginsView};
+use crate::telemetry::ratelimit::SharedLimit;
 use crate::timefmt;
 
 /// The receipts file in the state directory; `.1` holds the previous one.
@@ -74,6 +75,8 @@ pub struct ReceiptLog {
     path: Option<PathBuf>,
     /// Serialises appends and rotation.
     lock: Mutex<()>,
+    /// The WARN about receipts not written (each relayed message would say it again).
+    failed: SharedLimit,
 }
 
 impl ReceiptLog {
@@ -82,6 +85,7 @@ impl ReceiptLog {
         ReceiptLog {
             path: state_dir.map(|d| d.join(RECEIPTS_FILE)),
             lock: Mutex::new(()),
+            failed: SharedLimit::default(),
         }
     }
 
@@ -100,7 +104,10 @@ impl ReceiptLog {
         let Some(path) = &self.path else { return };
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = append(path, r) {
-            tracing::warn!(file = %path.display(), error = %e, "cannot write the receipt (it is in the log)");
+            self.failed.warn(&format!(
+                "cannot write receipts to {}: {e} (they are in the log)",
+                path.display()
+            ));
         }
     }
 }

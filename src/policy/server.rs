@@ -4,26 +4,24 @@
 //! Connections are persistent (one per smtpd process); every request is bounded in size,
 //! attributes and time, an idle connection is closed, and a malformed request closes its
 //! connection without a reply (Postfix then applies the service's `default_action`; with
-//! `DUNNO` the relay stays closed). Connection slots and the socket file are the
-//! socketmap server's.
+//! `DUNNO` the relay stays closed). The socket file, the accept loop and the connection
+//! slots (a newcomer finding every slot busy closes the stalest) are `net`'s.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::caps::Caps;
 use super::protocol::{format_reply, parse_request, request_end, Request, Stage, MAX_REQUEST};
-use super::receipts::{Receipt, ReceiptLog};
-use super::PolicySettings;
-use crate::engine::{Blocks, GrantsView, LoginsView, Lookup};
-use crate::serve::socketmap::log_limit::LogLimit;
-use crate::serve::socketmap::slots::{Admission, Slots};
-use crate::serve::socketmap::{accept, socket_file, Closed, Listen};
+use super::receipts::Receipt;
+use super::{Context, PolicySettings};
+use crate::engine::Lookup;
+use crate::net::{self, Conn, Handler, Peer, Server, Spec, Stream};
+use crate::serve::socketmap::Closed;
+use crate::telemetry::ratelimit::SharedLimit;
 use crate::timefmt;
 
 /// The answer to a client whose grant ended within `policy.recent`.
@@ -40,6 +38,8 @@ pub struct PolicyStats {
     pub defer_unsure: AtomicU64,
     pub prepend: AtomicU64,
     pub malformed: AtomicU64,
+    /// Unix peers whose uid is not in `policy.users`, refused.
+    pub peers_refused: AtomicU64,
     pub receipts: AtomicU64,
     /// Users blocked by `policy.block_on_cap`.
     pub users_blocked: AtomicU64,
@@ -47,6 +47,8 @@ pub struct PolicyStats {
     pub shared_addresses: AtomicU64,
     /// Deferrals per cap.
     caps_tripped: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Whether `[policy]` is on (its metrics are shown).
+    pub serving: AtomicBool,
 }
 
 impl PolicyStats {
@@ -70,36 +72,16 @@ fn inc(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
 
-/// What every connection shares.
+/// What every connection shares: the settings and the server's context.
 pub struct State {
     pub cfg: PolicySettings,
-    pub view: GrantsView,
-    pub logins: LoginsView,
-    pub caps: Caps,
-    pub receipts: ReceiptLog,
-    pub stats: Arc<PolicyStats>,
-    /// Where blocked users are kept (`policy.block_on_cap`; None: off).
-    pub blocks: Option<Blocks>,
+    pub ctx: Context,
 }
 
 impl State {
-    pub fn new(
-        cfg: PolicySettings,
-        view: GrantsView,
-        logins: LoginsView,
-        receipts: ReceiptLog,
-        stats: Arc<PolicyStats>,
-    ) -> State {
-        logins.set_recent(cfg.recent.as_secs() as i64);
-        State {
-            caps: Caps::new(cfg.caps),
-            cfg,
-            view,
-            logins,
-            receipts,
-            stats,
-            blocks: None,
-        }
+    pub fn new(cfg: PolicySettings, ctx: Context) -> State {
+        ctx.logins.set_recent(cfg.recent.as_secs() as i64);
+        State { cfg, ctx }
     }
 }
 
@@ -126,21 +108,22 @@ pub fn decide(req: &Request, msg: &mut Message, st: &State, now: i64) -> String 
     match req.stage {
         Stage::Rcpt => rcpt(ip, msg, st, now),
         Stage::Data if msg.relayed > 0 && st.cfg.receipt_header && !req.instance.is_empty() => {
-            inc(&st.stats.prepend);
-            let behind = st.logins.behind(ip);
+            inc(&st.ctx.stats.prepend);
+            let behind = st.ctx.logins.behind(ip);
             format!(
                 "PREPEND {}",
                 Receipt::new(&req.queue_id, ip, behind.as_ref(), now).header()
             )
         }
         Stage::EndOfMessage if msg.relayed > 0 && !req.instance.is_empty() => {
-            let behind = st.logins.behind(ip);
+            let behind = st.ctx.logins.behind(ip);
             let user = behind.as_ref().and_then(|b| b.latest()?.user.clone());
-            if let Err(cap) = st.caps.message(ip, user.as_deref(), now) {
+            if let Err(cap) = st.ctx.caps.message(&st.cfg.caps, ip, user.as_deref(), now) {
                 return cap_reached(st, ip, user.as_deref(), cap);
             }
-            inc(&st.stats.receipts);
-            st.receipts
+            inc(&st.ctx.stats.receipts);
+            st.ctx
+                .receipts
                 .record(&Receipt::new(&req.queue_id, ip, behind.as_ref(), now));
             dunno(st)
         }
@@ -149,21 +132,21 @@ pub fn decide(req: &Request, msg: &mut Message, st: &State, now: i64) -> String 
 }
 
 fn dunno(st: &State) -> String {
-    inc(&st.stats.dunno);
+    inc(&st.ctx.stats.dunno);
     "DUNNO".into()
 }
 
 fn cap_reached(st: &State, ip: IpAddr, user: Option<&str>, cap: &'static str) -> String {
-    inc(&st.stats.defer_cap);
-    st.stats.trip(cap);
-    if let (Some(blocks), Some(user), true) = (&st.blocks, user, st.cfg.block_on_cap) {
-        let mut addresses = st.logins.addresses_of(user);
+    inc(&st.ctx.stats.defer_cap);
+    st.ctx.stats.trip(cap);
+    if let (Some(blocks), Some(user), true) = (&st.ctx.blocks, user, st.cfg.block_on_cap) {
+        let mut addresses = st.ctx.logins.addresses_of(user);
         if !addresses.contains(&ip) {
             addresses.push(ip);
         }
         let count = addresses.len();
         if blocks.block(user, cap, addresses, timefmt::now()) {
-            inc(&st.stats.users_blocked);
+            inc(&st.ctx.stats.users_blocked);
             tracing::warn!(
                 user = %user.escape_debug(),
                 client = %ip,
@@ -183,31 +166,35 @@ fn cap_reached(st: &State, ip: IpAddr, user: Option<&str>, cap: &'static str) ->
 }
 
 fn rcpt(ip: IpAddr, msg: &mut Message, st: &State, now: i64) -> String {
-    match st.view.find(ip, now) {
+    match st.ctx.view.find(ip, now) {
         Lookup::Found(_) => {
-            let behind = st.logins.behind(ip);
+            let behind = st.ctx.logins.behind(ip);
             let user = behind.as_ref().and_then(|b| b.latest()?.user.clone());
-            if let (Some(b), Some(u)) = (&st.blocks, &user) {
+            if let (Some(b), Some(u)) = (&st.ctx.blocks, &user) {
                 // Blocked: its grants are being revoked.
                 if b.is_blocked(u) {
                     return dunno(st);
                 }
             }
-            if let Err(cap) = st.caps.recipient(ip, user.as_deref(), now) {
+            if let Err(cap) = st
+                .ctx
+                .caps
+                .recipient(&st.cfg.caps, ip, user.as_deref(), now)
+            {
                 return cap_reached(st, ip, user.as_deref(), cap);
             }
             msg.relayed += 1;
-            inc(&st.stats.ok);
+            inc(&st.ctx.stats.ok);
             "OK".into()
         }
         // A stale view may hold a revoked grant: never OK on a guess.
         Lookup::Unsure { guess: Some(_) } => {
-            inc(&st.stats.defer_unsure);
+            inc(&st.ctx.stats.defer_unsure);
             "DEFER 4.3.0 relay permission cannot be checked now, try again later".into()
         }
         Lookup::Absent | Lookup::Unsure { guess: None } => {
-            if st.logins.ended_recently(ip, now).is_some() {
-                inc(&st.stats.defer_recent);
+            if st.ctx.logins.ended_recently(ip, now).is_some() {
+                inc(&st.ctx.stats.defer_recent);
                 RECENT_TEXT.into()
             } else {
                 dunno(st)
@@ -241,7 +228,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             let reply = match parse_request(&buf[..end]) {
                 Ok(req) => format_reply(&decide(&req, &mut msg, st, timefmt::now())),
                 Err(e) => {
-                    inc(&st.stats.malformed);
+                    inc(&st.ctx.stats.malformed);
                     tracing::debug!(error = %e, "malformed policy request; closing");
                     return Closed::Malformed;
                 }
@@ -255,7 +242,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             started = (!buf.is_empty()).then(Instant::now);
         }
         if buf.len() > MAX_REQUEST {
-            inc(&st.stats.malformed);
+            inc(&st.ctx.stats.malformed);
             return Closed::Malformed;
         }
         let read = stream.read(&mut chunk);
@@ -281,147 +268,82 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// How long a newcomer waits for the slot of the connection it evicted.
-const EVICTION_WAIT: Duration = Duration::from_secs(1);
+/// At most one WARN line per this interval about closed or refused connections.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-struct Shared {
+/// The policy server as a `net` server: each connection is served by `serve`.
+struct Policy {
     state: Arc<State>,
-    slots: Arc<Slots>,
-    refused: Mutex<LogLimit>,
-    slow: Mutex<LogLimit>,
+    /// The WARN about connections closed for a malformed, slow or unread request.
+    closed: SharedLimit,
+    /// The WARN about unix peers not in `policy.users`.
+    refused: SharedLimit,
 }
 
-fn hit(limit: &Mutex<LogLimit>) -> Option<u64> {
-    limit
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .hit(std::time::Instant::now())
-}
-
-impl Shared {
-    fn refused(&self) {
-        if let Some(n) = hit(&self.refused) {
-            tracing::warn!(
-                refused = n,
-                max_connections = self.state.cfg.max_connections,
-                "policy connections refused: every policy.max_connections slot is busy and as \
-                 many newcomers wait (count since the last such line)"
-            );
-        }
-    }
-
-    /// Whether a unix peer's uid is one of `policy.users` (always, when none is set).
-    fn peer_allowed(&self, s: &tokio::net::UnixStream) -> bool {
+impl Policy {
+    /// Whether the peer may ask: a unix peer's uid must be one of `policy.users` (anyone,
+    /// when none is set: inet on loopback, or a socket without users).
+    fn peer_allowed<S: Stream>(&self, stream: &S) -> bool {
         let Some(peers) = &self.state.cfg.peers else {
             return true;
         };
-        let uid = s.peer_cred().ok().map(|c| c.uid());
-        if uid.is_some_and(|u| peers.contains(&u)) {
-            return true;
+        let peer = stream.peer();
+        if let Ok(Peer::Unix { uid, .. }) = peer {
+            if peers.contains(&uid) {
+                return true;
+            }
         }
-        inc(&self.state.stats.malformed);
-        if let Some(n) = hit(&self.refused) {
+        inc(&self.state.ctx.stats.peers_refused);
+        if let Some(n) = self.refused.hit() {
             tracing::warn!(
-                uid = ?uid,
+                peer = ?peer.ok(),
                 refused = n,
                 "policy connection from a user not in policy.users refused (count since the last such line)"
             );
         }
         false
     }
+}
 
-    fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self: &Arc<Self>, stream: S) {
-        let waiter = match self.slots.admit() {
-            Admission::Refused => return self.refused(),
-            Admission::Now(slot) => Ok(slot),
-            Admission::AfterEviction(w) => Err(w),
-        };
-        let shared = Arc::clone(self);
-        tokio::spawn(async move {
-            let slot = match waiter {
-                Ok(slot) => slot,
-                Err(w) => match w.slot(EVICTION_WAIT).await {
-                    Some(slot) => slot,
-                    None => return shared.refused(),
-                },
-            };
-            let why = tokio::select! {
-                why = serve(stream, &shared.state, || slot.progress()) => why,
-                _ = slot.evicted() => Closed::Evicted,
-            };
-            drop(slot);
-            if matches!(
-                why,
-                Closed::SlowRequest | Closed::SlowReader | Closed::Malformed
-            ) {
-                if let Some(n) = hit(&shared.slow) {
-                    tracing::warn!(
-                        closed = n,
-                        "policy connections closed: a request was malformed, too long or too \
-                         slow, or a reply was not read (count since the last such line)"
-                    );
-                }
+impl Handler for Policy {
+    async fn serve<S: Stream>(self: Arc<Self>, stream: S, conn: Conn) {
+        if !self.peer_allowed(&stream) {
+            return;
+        }
+        let why = serve(stream, &self.state, || conn.progress()).await;
+        if matches!(
+            why,
+            Closed::SlowRequest | Closed::SlowReader | Closed::Malformed
+        ) {
+            if let Some(n) = self.closed.hit() {
+                tracing::warn!(
+                    closed = n,
+                    "policy connections closed: a request was malformed, too long or too \
+                     slow, or a reply was not read (count since the last such line)"
+                );
             }
-        });
+        }
     }
 }
 
-/// A running policy server.
-pub struct Server {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-    listen: Listen,
-}
-
-impl Server {
-    /// Where it listens (for port 0, the port chosen).
-    pub fn listen(&self) -> &Listen {
-        &self.listen
-    }
-
-    /// Stops accepting and removes the socket file if still ours.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
-}
-
-/// Binds and serves in the background until `shutdown` (or the runtime ends).
+/// Binds and serves in the background (on the current tokio runtime) until `shutdown`.
+/// A unix socket that another server still accepts on is never removed: that is an error.
 pub async fn start(state: Arc<State>) -> std::io::Result<Server> {
-    let shared = Arc::new(Shared {
-        slots: Slots::new(state.cfg.max_connections),
-        state,
-        refused: Mutex::new(LogLimit::new(LOG_EVERY)),
-        slow: Mutex::new(LogLimit::new(LOG_EVERY)),
-    });
-    let (stop, stopped) = watch::channel(false);
-    let (task, listen) = match shared.state.cfg.listen.clone() {
-        Listen::Unix(path) => {
-            let (listener, file) = socket_file::bind(&path).await?;
-            tracing::info!(socket = %path.display(), "policy server listening");
-            let task = tokio::spawn(async move {
-                accept::run(listener, stopped, |s: tokio::net::UnixStream| {
-                    if shared.peer_allowed(&s) {
-                        shared.connection(s)
-                    }
-                })
-                .await;
-                drop(file);
-            });
-            (task, Listen::Unix(path))
-        }
-        Listen::Inet(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            let local = listener.local_addr()?;
-            tracing::info!(address = %local, "policy server listening");
-            let task = tokio::spawn(async move {
-                accept::run(listener, stopped, |s| shared.connection(s)).await;
-            });
-            (task, Listen::Inet(local))
-        }
+    let spec = Spec {
+        name: "policy server",
+        key: "policy.listen",
+        max_connections: state.cfg.max_connections,
+        max_key: Some("policy.max_connections"),
+        // smtpd connects as postfix; the peer's uid (policy.users) is what is checked.
+        unix_mode: 0o666,
     };
-    Ok(Server { stop, task, listen })
+    let listen = state.cfg.listen.clone();
+    let handler = Policy {
+        state,
+        closed: SharedLimit::new(LOG_EVERY),
+        refused: SharedLimit::new(LOG_EVERY),
+    };
+    net::start(&listen, spec, Arc::new(handler)).await
 }
 
 #[cfg(test)]

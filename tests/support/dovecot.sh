@@ -21,7 +21,8 @@
 #   dovecot.sh cgroup-up DIR | cgroup-down DIR   a cgroup2 system.slice/dovecot.service,
 #                                            so journald stamps _SYSTEMD_UNIT=dovecot.service
 # Environment for `up`: DG_SYSLOG_SOCK (syslog socket, default DIR/syslog/dev-log),
-# DG_CGROUP (a cgroup directory to start Dovecot in); the push paths, configured as the
+# DG_CGROUP (a cgroup directory to start Dovecot in), DG_EXTRA_CONF (lines appended to
+# dovecot.conf, also for up24); the push paths, configured as the
 # README says: DG_POSTLOGIN (the post-login script and its arguments, run by script-login
 # for imap and pop3), DG_POLICY_URL and DG_POLICY_HEADER (auth_policy_server_url and
 # auth_policy_server_api_header), DG_POLICY_CHECKS=no (auth_policy_check_before_auth and
@@ -135,6 +136,8 @@ CONF
         # port: the login fails), dave may not log in; both authenticate successfully.
         printf 'carol:::::::proxy=y host=127.0.0.1 port=9 nopassword=y\ndave:{PLAIN}dave-pass::::::nologin reason=moved\n' >> "$DIR/users"
     fi
+    # DG_EXTRA_CONF: settings appended as they are (verbose_proctitle, anonymous login).
+    [ -z "${DG_EXTRA_CONF:-}" ] || printf '%s\n' "$DG_EXTRA_CONF" >> "$DIR/dovecot.conf"
     for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
         [ "$(listening $p)" = 0 ] || die "port $p is in use"
     done
@@ -277,6 +280,8 @@ auth_policy_request_attributes {
 CONF
         [ "${DG_POLICY_CHECKS:-}" != no ] || printf 'auth_policy_check_before_auth = no\nauth_policy_check_after_auth = no\n' >> "$DIR/dovecot.conf"
     fi
+    # DG_EXTRA_CONF: settings appended as they are (verbose_proctitle, anonymous login).
+    [ -z "${DG_EXTRA_CONF:-}" ] || printf '%s\n' "$DG_EXTRA_CONF" >> "$DIR/dovecot.conf"
     for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
         [ "$(listening $p)" = 0 ] || die "port $p is in use"
     done

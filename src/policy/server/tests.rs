@@ -1,18 +1,17 @@
 use super::*;
-use crate::engine::LoginsView;
+use crate::engine::{GrantsView, LoginsView};
+use crate::net::Listen;
 use crate::policy::PolicySettings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn state(view: GrantsView) -> Arc<State> {
     let mut cfg = PolicySettings::for_listen(Listen::Inet("127.0.0.1:0".parse().unwrap()));
     cfg.idle_timeout = Duration::from_secs(1);
-    Arc::new(State::new(
-        cfg,
-        view,
-        LoginsView::default(),
-        ReceiptLog::new(None),
-        Arc::default(),
-    ))
+    Arc::new(State::new(cfg, context(view)))
+}
+
+fn context(view: GrantsView) -> Context {
+    Context::new(view, LoginsView::default(), None, None)
 }
 
 fn rcpt(ip: &str) -> Vec<u8> {
@@ -34,9 +33,10 @@ async fn answers_ok_dunno_and_recent_on_one_connection() {
     let view = GrantsView::default();
     view.insert("192.0.2.1".parse().unwrap(), i64::MAX);
     let st = state(view);
-    st.logins.set_recent(3600);
+    st.ctx.logins.set_recent(3600);
     // An ended grant, as the engine reports it.
-    st.logins
+    st.ctx
+        .logins
         .expired("192.0.2.3".parse().unwrap(), timefmt::now());
     let (mut client, server) = tokio::io::duplex(4096);
     let task = tokio::spawn(handle_connection(server, Arc::clone(&st)));
@@ -54,7 +54,7 @@ async fn answers_ok_dunno_and_recent_on_one_connection() {
     );
     client.write_all(b"no equals sign\n\n").await.unwrap();
     assert_eq!(task.await.unwrap(), Closed::Malformed);
-    assert_eq!(st.stats.ok.load(Ordering::Relaxed), 1);
+    assert_eq!(st.ctx.stats.ok.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test]
@@ -92,13 +92,7 @@ async fn a_stuck_client_does_not_stall_others() {
     view.insert("192.0.2.1".parse().unwrap(), i64::MAX);
     let mut cfg = PolicySettings::for_listen(Listen::Unix(path.clone()));
     cfg.max_connections = 4;
-    let st = Arc::new(State::new(
-        cfg,
-        view,
-        LoginsView::default(),
-        ReceiptLog::new(None),
-        Arc::default(),
-    ));
+    let st = Arc::new(State::new(cfg, context(view)));
     let server = start(st).await.unwrap();
     let mut stuck = Vec::new();
     for _ in 0..6 {
@@ -128,13 +122,7 @@ async fn unix_peers_not_in_users_are_refused() {
     let me = unsafe { libc::geteuid() };
     let mut cfg = PolicySettings::for_listen(Listen::Unix(path.clone()));
     cfg.peers = Some(vec![me.wrapping_add(1)]);
-    let st = Arc::new(State::new(
-        cfg,
-        view.clone(),
-        LoginsView::default(),
-        ReceiptLog::new(None),
-        Arc::default(),
-    ));
+    let st = Arc::new(State::new(cfg, context(view.clone())));
     let server = start(st).await.unwrap();
     let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
     let _ = s.write_all(&rcpt("192.0.2.1")).await;
@@ -145,13 +133,7 @@ async fn unix_peers_not_in_users_are_refused() {
 
     let mut cfg = PolicySettings::for_listen(Listen::Unix(path.clone()));
     cfg.peers = Some(vec![me]);
-    let st = Arc::new(State::new(
-        cfg,
-        view,
-        LoginsView::default(),
-        ReceiptLog::new(None),
-        Arc::default(),
-    ));
+    let st = Arc::new(State::new(cfg, context(view)));
     let server = start(st).await.unwrap();
     let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
     s.write_all(&rcpt("192.0.2.1")).await.unwrap();
