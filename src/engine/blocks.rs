@@ -47,6 +47,8 @@ pub struct Blocks {
     inner: Arc<Mutex<Inner>>,
     /// The WARN about users not blocked for the bound (every capped request could say it).
     full: Arc<SharedLimit>,
+    /// The ERROR about an unreadable file (the engine re-reads it at every probe).
+    unreadable: Arc<SharedLimit>,
 }
 
 /// Holds the fcntl OFD lock of the blocked file while alive.
@@ -119,6 +121,7 @@ impl Blocks {
             dir: dir.map(Path::to_path_buf),
             inner: Arc::default(),
             full: Arc::default(),
+            unreadable: Arc::default(),
         };
         b.reload()?;
         Ok(b)
@@ -144,7 +147,7 @@ impl Blocks {
         self.len() == 0
     }
 
-    /// Re-reads the file when it changed (an unblock); returns whether it did.
+    /// Re-reads the file when it changed (an unblock); returns whether the set changed.
     pub fn reload(&self) -> io::Result<bool> {
         let Some(dir) = &self.dir else {
             return Ok(false);
@@ -153,11 +156,28 @@ impl Blocks {
         if mtime == self.lock().seen && mtime.is_some() {
             return Ok(false);
         }
-        let all = read_blocked(dir)?;
+        let users: HashSet<String> = read_blocked(dir)?.into_keys().collect();
         let mut m = self.lock();
-        m.users = all.into_keys().collect();
+        let changed = m.users != users;
+        m.users = users;
         m.seen = mtime;
-        Ok(true)
+        Ok(changed)
+    }
+
+    /// `reload` for the engine's probes: a change (an unblock) is logged, a failure too
+    /// (rate-limited); the set read last stays.
+    pub fn refresh(&self) {
+        match self.reload() {
+            Ok(true) => {
+                tracing::info!(blocked = self.len(), "blocked users re-read")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                if let Some(n) = self.unreadable.hit() {
+                    tracing::error!(error = %e, failures = n, "cannot read the blocked users");
+                }
+            }
+        }
     }
 
     /// Blocks `user` (who tripped `cap`) and queues the revocation of `addresses`.
@@ -223,6 +243,15 @@ fn identity(dir: &Path) -> Option<(u64, SystemTime)> {
 mod tests {
     use super::*;
 
+    /// Without a file, every probe reads "nothing": no change to report.
+    #[test]
+    fn no_file_is_no_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Blocks::new(Some(dir.path())).unwrap();
+        assert!(!b.reload().unwrap());
+        assert!(!b.reload().unwrap());
+    }
+
     #[test]
     fn block_persists_and_unblock_is_seen() {
         let dir = tempfile::tempdir().unwrap();
@@ -237,8 +266,10 @@ mod tests {
         assert!(Blocks::new(Some(dir.path())).unwrap().is_blocked("alice"));
         assert!(unblock(dir.path(), "alice").unwrap());
         assert!(!unblock(dir.path(), "alice").unwrap());
-        // mtime granularity: the daemon compares it with what it read.
-        let _ = b.reload().unwrap();
+        // The file was replaced (a new inode): the unblock is seen, once.
+        assert!(b.reload().unwrap(), "the unblock is seen");
+        assert!(!b.is_blocked("alice"));
+        assert!(!b.reload().unwrap(), "nothing changed since");
         let fresh = Blocks::new(Some(dir.path())).unwrap();
         assert!(!fresh.is_blocked("alice"));
     }

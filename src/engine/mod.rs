@@ -505,9 +505,7 @@ impl<S: GrantStore> Engine<S> {
         let Some(blocks) = self.blocks.clone() else {
             return Ok(());
         };
-        if let Err(e) = blocks.reload() {
-            tracing::error!(error = %e, "cannot read the blocked users");
-        }
+        blocks.refresh();
         let mut ips = blocks.take_revocations();
         while let Some((ip, user)) = ips.pop() {
             self.pending.remove(&ip);
