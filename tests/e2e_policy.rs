@@ -184,12 +184,16 @@ fn caps_are_per_user_across_addresses_and_receipts_name_the_login() {
     let d = tempdir();
     let log = d.path().join("mail.log");
     append(&log, "");
+    let metrics = free_port();
     let cfg = config(
         d.path(),
         &log,
-        "receipt_header = true\nuser_messages_per_hour = 2\nuser_recipients_per_hour = 3\n\
+        &format!(
+            "receipt_header = true\nuser_messages_per_hour = 2\nuser_recipients_per_hour = 3\n\
          user_messages_per_day = 0\nuser_recipients_per_day = 0\ngrant_messages_per_hour = 0\n\
-         grant_messages_per_day = 0\ngrant_recipients_per_hour = 0\ngrant_recipients_per_day = 0",
+         grant_messages_per_day = 0\ngrant_recipients_per_hour = 0\ngrant_recipients_per_day = 0\n\
+         [serve]\nmetrics = \"127.0.0.1:{metrics}\""
+        ),
     );
     let daemon = start(d.path(), &cfg, &[]);
     let policy = format!(
@@ -299,6 +303,20 @@ fn caps_are_per_user_across_addresses_and_receipts_name_the_login() {
         third.starts_with("450 4.7.1") && third.contains("cap user_messages_per_hour reached"),
         "{third}"
     );
+    // Counted where the daemon's metrics are: the caps by name, the receipts (alice's two
+    // messages, bob's two), the headers (bob's third message got one at DATA before its
+    // end was deferred), in a scrape Prometheus accepts.
+    let m = scrape(metrics);
+    for want in [
+        "dovegate_policy_caps_tripped_total{cap=\"user_recipients_per_hour\"} 1",
+        "dovegate_policy_caps_tripped_total{cap=\"user_messages_per_hour\"} 2",
+        "dovegate_policy_answers_total{action=\"defer_cap\"} 3",
+        "dovegate_policy_answers_total{action=\"prepend\"} 5",
+        "dovegate_policy_receipts_total 4",
+    ] {
+        assert!(m.contains(want), "missing {want}:\n{m}");
+    }
+    promtool_accepts(d.path(), &m);
     // Restarted, it still knows who logged in behind the grants: receipts, the user's
     // caps (counted afresh) and `why` keep naming alice.
     drop(sessions);

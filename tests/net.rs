@@ -141,23 +141,6 @@ fn a_second_daemon_never_takes_the_push_sockets() {
     assert!(!sock.exists() && !policy.exists(), "{}", first.log());
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// `GET /metrics` over HTTP/1.0; the whole response ("" when refused or closed).
-fn scrape(port: u16) -> String {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 #[test]
 fn idle_connections_do_not_block_a_metrics_scrape() {
     let d = tempdir();

@@ -17,9 +17,9 @@ use super::PolicyStats;
 pub fn encode(enc: &mut DescriptorEncoder, s: &PolicyStats) -> fmt::Result {
     let mut m = enc.encode_descriptor(
         "dovegate_policy_answers",
-        "Policy server answers by action (ok: relay under a grant; defer_recent: grant ended \
-         within policy.recent; defer_cap: a cap reached; defer_unsure: grants could not be \
-         checked; prepend: receipt header).",
+        "Policy server answers by action (ok: relay under a grant; dunno: no opinion, \
+         Postfix goes on; defer_recent: grant ended within policy.recent; defer_cap: a cap \
+         reached; defer_unsure: grants could not be checked; prepend: receipt header).",
         None,
         MetricType::Counter,
     )?;
