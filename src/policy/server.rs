@@ -12,15 +12,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::protocol::{format_reply, parse_request, request_end, Request, Stage, MAX_REQUEST};
 use super::receipts::Receipt;
 use super::{Context, PolicySettings};
 use crate::engine::Lookup;
+use crate::net::requests::{self, Closed, Framed, Limits};
 use crate::net::{self, Conn, Handler, Peer, Server, Spec, Stream};
-use crate::serve::socketmap::Closed;
 use crate::telemetry::ratelimit::SharedLimit;
 use crate::timefmt;
 
@@ -214,58 +213,37 @@ pub async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// `handle_connection`, calling `progress` when a request begins and after each reply.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+    stream: S,
     st: &State,
-    mut progress: impl FnMut(),
+    progress: impl FnMut(),
 ) -> Closed {
-    let request_timeout = st.cfg.request_timeout();
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
+    let limits = Limits {
+        idle: st.cfg.idle_timeout,
+        request: st.cfg.request_timeout(),
+        read_chunk: 4096,
+    };
     let mut msg = Message::default();
-    let mut started: Option<Instant> = None;
-    loop {
-        while let Some(end) = request_end(&buf) {
-            let reply = match parse_request(&buf[..end]) {
-                Ok(req) => format_reply(&decide(&req, &mut msg, st, timefmt::now())),
-                Err(e) => {
-                    inc(&st.ctx.stats.malformed);
-                    tracing::debug!(error = %e, "malformed policy request; closing");
-                    return Closed::Malformed;
-                }
-            };
-            buf.drain(..end);
-            match tokio::time::timeout(request_timeout, stream.write_all(&reply)).await {
-                Ok(Ok(())) => progress(),
-                Ok(Err(_)) => return Closed::Peer,
-                Err(_) => return Closed::SlowReader,
+    let answer = |buf: &[u8]| {
+        let Some(end) = request_end(buf) else {
+            if buf.len() > MAX_REQUEST {
+                inc(&st.ctx.stats.malformed);
+                return Framed::Malformed;
             }
-            started = (!buf.is_empty()).then(Instant::now);
-        }
-        if buf.len() > MAX_REQUEST {
-            inc(&st.ctx.stats.malformed);
-            return Closed::Malformed;
-        }
-        let read = stream.read(&mut chunk);
-        let read = match started {
-            None => tokio::time::timeout(st.cfg.idle_timeout, read)
-                .await
-                .map_err(|_| Closed::Idle),
-            Some(t) => tokio::time::timeout_at(t + request_timeout, read)
-                .await
-                .map_err(|_| Closed::SlowRequest),
+            return Framed::Incomplete;
         };
-        match read {
-            Err(why) => return why,
-            Ok(Ok(0)) | Ok(Err(_)) => return Closed::Peer,
-            Ok(Ok(n)) => {
-                if started.is_none() {
-                    started = Some(Instant::now());
-                    progress();
-                }
-                buf.extend_from_slice(&chunk[..n]);
+        match parse_request(&buf[..end]) {
+            Ok(req) => Framed::Reply {
+                reply: format_reply(&decide(&req, &mut msg, st, timefmt::now())),
+                used: end,
+            },
+            Err(e) => {
+                inc(&st.ctx.stats.malformed);
+                tracing::debug!(error = %e, "malformed policy request; closing");
+                Framed::Malformed
             }
         }
-    }
+    };
+    requests::serve(stream, limits, answer, progress).await
 }
 
 /// At most one WARN line per this interval about closed or refused connections.
