@@ -55,6 +55,7 @@ pub struct FileConfig {
     pub state: StateSection,
     pub store: StoreSection,
     pub push: crate::push::PushSection,
+    pub policy: crate::policy::PolicySection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -244,6 +245,8 @@ pub struct Settings {
     pub metrics: Option<std::net::SocketAddr>,
     pub store: StoreSettings,
     pub push: crate::push::PushSettings,
+    /// The Postfix policy server (None: off).
+    pub policy: Option<crate::policy::PolicySettings>,
 }
 
 /// A configuration problem, always naming the key (or file) at fault.
@@ -594,6 +597,7 @@ impl FileConfig {
             metrics,
             store: self.store.validate()?,
             push: crate::push::PushSettings::from_section(&self.push)?,
+            policy: crate::policy::PolicySettings::from_section(&self.policy)?,
         })
     }
 }

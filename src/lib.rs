@@ -16,6 +16,7 @@ pub mod grant;
 pub mod net;
 pub mod notify;
 pub mod pattern;
+pub mod policy;
 pub mod postfix;
 pub mod push;
 pub mod replica;

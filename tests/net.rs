@@ -1,6 +1,7 @@
 //! The network layer seen from outside: a second daemon never takes a live server's push
-//! socket or auth-policy socket; idle connections cannot block a metrics scrape; a reload
-//! that changes `[serve]` serves on the new addresses.
+//! socket, auth-policy socket or policy server socket; idle connections cannot block a
+//! metrics scrape; a reload that changes `[serve]` or `[policy]` serves on the new
+//! addresses.
 
 mod common;
 
@@ -140,23 +141,6 @@ fn a_second_daemon_never_takes_the_push_sockets() {
     assert!(!sock.exists() && !policy.exists(), "{}", first.log());
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// `GET /metrics` over HTTP/1.0; the whole response ("" when refused or closed).
-fn scrape(port: u16) -> String {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 #[test]
 fn idle_connections_do_not_block_a_metrics_scrape() {
     let d = tempdir();
@@ -282,4 +266,85 @@ fn a_reload_onto_a_live_push_socket_keeps_the_running_configuration() {
     assert_eq!(daemon.stop(), Some(0));
     assert_eq!(inode(&theirs), theirs_ino);
     drop(other);
+}
+
+/// One RCPT request on the policy server's socket; the reply ("" when closed without one).
+fn policy_ask(sock: &Path, ip: &str) -> String {
+    let Ok(mut s) = UnixStream::connect(sock) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = s.write_all(
+        format!(
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={ip}\ninstance=1\n\n"
+        )
+        .as_bytes(),
+    );
+    let mut out = Vec::new();
+    let mut b = [0u8; 256];
+    while !out.ends_with(b"\n\n") {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&b[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn the_policy_server_is_never_taken_over_and_follows_reloads() {
+    let (d1, d2) = (tempdir(), tempdir());
+    let port = free_port();
+    let (p1, p2) = (d1.path().join("policy1"), d1.path().join("policy2"));
+    let metrics = format!("[serve]\nmetrics = \"127.0.0.1:{port}\"\n");
+    let policy = |sock: &Path| {
+        format!(
+            "[policy]\nlisten = \"{}\"\nusers = [{}]\n",
+            sock.display(),
+            euid()
+        )
+    };
+    let (mut first, cfg) = daemon(d1.path(), &format!("{metrics}{}", policy(&p1)));
+    started(&first);
+    assert_eq!(policy_ask(&p1, "192.0.2.1"), "action=DUNNO\n\n");
+    let ino = inode(&p1);
+
+    // Its own map and state: only the policy socket is shared.
+    let (mut second, _) = daemon(d2.path(), &policy(&p1));
+    let text = refused(&mut second);
+    assert!(
+        text.contains(&format!("another dovegate is serving {}", p1.display())),
+        "{text}"
+    );
+    assert_eq!(inode(&p1), ino, "socket replaced");
+    assert_eq!(
+        policy_ask(&p1, "192.0.2.1"),
+        "action=DUNNO\n\n",
+        "the first still serves"
+    );
+
+    // A reload moves it; its counters go on.
+    write_config(d1.path(), &cfg, &format!("{metrics}{}", policy(&p2)));
+    signal(first.child.id(), libc::SIGHUP);
+    wait_for("reloaded", PATIENCE, || {
+        first.log().contains("configuration reloaded")
+    });
+    assert_eq!(policy_ask(&p2, "192.0.2.1"), "action=DUNNO\n\n");
+    assert!(!p1.exists(), "the old socket is removed");
+    let m = scrape(port);
+    assert!(
+        m.contains("dovegate_policy_answers_total{action=\"dunno\"} 3"),
+        "{m}"
+    );
+    promtool_accepts(d1.path(), &m);
+
+    // Turned off: the socket and the metrics go.
+    write_config(d1.path(), &cfg, &metrics);
+    signal(first.child.id(), libc::SIGHUP);
+    wait_for("reloaded twice", PATIENCE, || {
+        first.log().matches("configuration reloaded").count() == 2
+    });
+    assert!(!p2.exists(), "{}", first.log());
+    assert!(!scrape(port).contains("dovegate_policy"));
+    assert_eq!(first.stop(), Some(0));
 }

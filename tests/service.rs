@@ -244,34 +244,6 @@ fn metrics_accept_backs_off_when_out_of_descriptors() {
     assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
 }
 
-/// The whole scrape must parse with Prometheus's own parser (`promtool check metrics`,
-/// Debian package `prometheus`, installed by `scripts/deps test`): one bad line and
-/// Prometheus rejects every sample of the scrape.
-fn promtool_accepts(dir: &Path, response: &str) {
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .expect("HTTP body");
-    let out = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(
-            std::fs::File::open({
-                let f = dir.join("scrape.txt");
-                std::fs::write(&f, body).unwrap();
-                f
-            })
-            .unwrap(),
-        )
-        .output()
-        .expect("promtool (Debian package prometheus; run scripts/deps test)");
-    assert!(
-        out.status.success(),
-        "promtool rejects the scrape: {}{}\n{body}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// systemd's side of `Type=notify`, played by a datagram socket.
 #[test]
 fn speaks_sd_notify() {

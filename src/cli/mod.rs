@@ -5,6 +5,7 @@ mod build;
 mod check;
 mod docs;
 pub mod postlogin;
+mod receipts;
 mod replica;
 pub mod run;
 mod sessions;
@@ -110,6 +111,27 @@ enum Command {
     Init {
         #[command(flatten)]
         cfg: ConfigArgs,
+    },
+    /// Name the logins behind an address's grant (policy server).
+    Why {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The client address.
+        ip: String,
+    },
+    /// Find the receipt of a relayed message: the login that allowed it (policy server).
+    Trace {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Postfix's queue id of the message.
+        queue_id: String,
+    },
+    /// Lift the block of a user who tripped a cap (policy.block_on_cap).
+    Unblock {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The login user name.
+        user: String,
     },
     /// Dovecot post-login hook: push IP and USER to the daemon, then exec the rest.
     Postlogin(postlogin::PostloginArgs),
@@ -227,6 +249,9 @@ pub fn main() -> ExitCode {
         Command::Sessions(args) => sessions::run(args),
         Command::Replica(args) => replica::run(args),
         Command::Init { cfg } => init(&cfg),
+        Command::Why { cfg, ip } => receipts::why(&cfg, &ip),
+        Command::Trace { cfg, queue_id } => receipts::trace(&cfg, &queue_id),
+        Command::Unblock { cfg, user } => receipts::unblock(&cfg, &user),
         Command::GenerateDocs { dir } => docs::generate(&dir),
         Command::Postlogin(args) => return postlogin::run(args.into_args()),
         Command::ProbeMap { file } => return crate::store::damage::probe_child(&file),

@@ -14,8 +14,7 @@ use crate::net::Listen;
 use crate::pattern::PatternSet;
 use crate::scan::{Scanner, Visit};
 use crate::serve::metrics::MetricsSource;
-use crate::serve::servers::Servers;
-use crate::serve::socketmap::SocketmapConfig;
+use crate::serve::servers::{ServeSettings, Servers};
 use crate::source::checkpoint::CheckpointDir;
 use crate::source::handle::{Deaths, SourceHandle};
 use crate::source::journal::{JournalSource, JournalSourceSpec, JournalStart, JournalTarget};
@@ -329,24 +328,37 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     );
     engine.set_session_evidence(session_probe(&cfg.settings), recheck_secs(&cfg.settings));
     let stats = Arc::new(StatsRegistry::default());
-    if dry.is_some() && (settings.socketmap.is_some() || settings.metrics.is_some()) {
-        tracing::info!("--dry-run: the socketmap and metrics servers are not started");
+    if dry.is_some()
+        && (settings.socketmap.is_some() || settings.metrics.is_some() || settings.policy.is_some())
+    {
+        tracing::info!("--dry-run: the socketmap, policy and metrics servers are not started");
     }
     let counters = Arc::new(Mutex::new(engine.counters.clone()));
     let mut servers = match &dry {
         Some(_) => None,
         None => {
+            // Kept whatever [policy] says now: a blocked user stays blocked until
+            // `dovegate unblock`, and a reload may turn block_on_cap on.
+            let blocks = crate::engine::Blocks::new(Some(&settings.state_dir))
+                .map_err(|e| Failure::runtime(format!("policy.block_on_cap: {e}")))?;
+            engine.set_blocks(blocks.clone());
+            let policy = crate::policy::Context::new(
+                engine.view(),
+                engine.logins(),
+                Some(&settings.state_dir),
+                Some(blocks),
+            );
             let src = Arc::new(MetricsSource {
                 stats: Arc::clone(&stats),
                 engine: Arc::clone(&counters),
                 view: engine.view(),
                 checkpoints: checkpoints.clone(),
                 state_dir: settings.state_dir.clone(),
+                policy: Arc::clone(&policy.stats),
             });
-            let (socketmap, metrics) = serve_settings(&settings);
             Some(
                 runtime
-                    .block_on(Servers::start(socketmap, metrics, engine.view(), src))
+                    .block_on(Servers::start(serve_settings(&settings), src, policy))
                     .map_err(|e| Failure::runtime(e.to_string()))?,
             )
         }
@@ -425,8 +437,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                             Ok(started) => {
                                 sources = started;
                                 if let Some(servers) = &mut servers {
-                                    let (socketmap, metrics) = serve_settings(&new.settings);
-                                    runtime.block_on(servers.reload(socketmap, metrics));
+                                    runtime.block_on(servers.reload(serve_settings(&new.settings)));
                                 }
                                 engine.set_policy(new.policy());
                                 engine.set_session_hold(
@@ -667,12 +678,13 @@ impl Signals {
     }
 }
 
-/// What `[serve]` asks to run: the socketmap and the metrics address.
-fn serve_settings(settings: &Settings) -> (Option<SocketmapConfig>, Option<Listen>) {
-    (
-        settings.socketmap.clone(),
-        settings.metrics.map(Listen::Inet),
-    )
+/// The servers `[serve]` and `[policy]` ask to run.
+fn serve_settings(settings: &Settings) -> ServeSettings {
+    ServeSettings {
+        socketmap: settings.socketmap.clone(),
+        metrics: settings.metrics.map(Listen::Inet),
+        policy: settings.policy.clone(),
+    }
 }
 
 /// The names of the sources whose logins open sessions (a saved session of any other

@@ -7,15 +7,19 @@
 //! changes.
 
 mod alarm;
+mod blocks;
 mod counters;
 mod driver;
+mod logins;
 mod view;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
+pub use blocks::{read_blocked, unblock, BlockEntry, Blocks, BLOCKED_FILE};
 pub use counters::{CommitLatency, Counters, COMMIT_BUCKETS};
 pub use driver::{drive, run, Clock, Exit, Pace, SystemClock};
+pub use logins::{Behind, LoginRecord, LoginsView, MAX_LOGINS_PER_GRANT};
 pub use view::{GrantsView, Lookup};
 
 use crate::grant::{Decision, Policy};
@@ -34,6 +38,13 @@ pub struct Engine<S: GrantStore> {
     longest_hold: i64,
     /// Expiry of each grant as committed (shared with lookup servers).
     grants: GrantsView,
+    /// The logins behind the committed grants, and grants ended recently (policy server).
+    logins: LoginsView,
+    /// Users blocked by `policy.block_on_cap` (None: off).
+    blocks: Option<Blocks>,
+    /// Addresses revoked for a blocked user: their open sessions renew nothing while the
+    /// user stays blocked.
+    blocked_ips: HashMap<IpAddr, String>,
     /// The same, ordered by deadline, for the expiry timer.
     deadlines: BTreeSet<(i64, IpAddr)>,
     pending: HashMap<IpAddr, i64>,
@@ -70,6 +81,9 @@ impl<S: GrantStore> Engine<S> {
             policy,
             longest_hold: 0,
             grants: GrantsView::default(),
+            logins: LoginsView::default(),
+            blocks: None,
+            blocked_ips: HashMap::new(),
             deadlines: BTreeSet::new(),
             pending: HashMap::new(),
             pending_checkpoints: BTreeMap::new(),
@@ -162,6 +176,9 @@ impl<S: GrantStore> Engine<S> {
         }
         let before = self.counters.sessions_released_hold;
         for r in self.sessions.renewals(now, self.probe.as_mut()) {
+            if self.held_by_blocked(r.ip) {
+                continue;
+            }
             self.counters.session_renewals += 1;
             if let Some((ip, true)) = self.consider(r.ip, Some(r.time), now) {
                 // A renewal that writes a grant the map no longer has: say so.
@@ -222,6 +239,16 @@ impl<S: GrantStore> Engine<S> {
         self.grants.clone()
     }
 
+    /// Refuses logins of blocked users and revokes what the policy server asks.
+    pub fn set_blocks(&mut self, blocks: Blocks) {
+        self.blocks = Some(blocks);
+    }
+
+    /// Who logged in behind the live grants, for the policy server.
+    pub fn logins(&self) -> LoginsView {
+        self.logins.clone()
+    }
+
     /// Replaces the policy (a reloaded configuration); committed grants keep their expiry
     /// unless it is beyond what the new policy allows (capped at the next re-read).
     pub fn set_policy(&mut self, policy: Policy) {
@@ -234,9 +261,31 @@ impl<S: GrantStore> Engine<S> {
     /// A login that names a mail session opens it; a session's end grants ttl from then.
     pub fn accept(&mut self, batch: Batch, now: i64) {
         for login in batch.logins {
+            if let (Some(b), Some(user)) = (
+                &self.blocks,
+                login.detail.as_ref().and_then(|d| d.user.as_deref()),
+            ) {
+                if b.is_blocked(user) {
+                    self.counters.excluded += 1;
+                    tracing::info!(address = %login.ip, user = %user.escape_debug(), "login of a blocked user not granted (dovegate unblock USER)");
+                    continue;
+                }
+            }
+            self.blocked_ips.remove(&login.ip.to_canonical());
             let granted = self.consider(login.ip, login.time, now);
             if let Some((ip, true)) = granted {
                 self.audit_new(ip, login.detail.as_deref());
+            }
+            if let (Some((ip, _)), Some(d)) = (granted, &login.detail) {
+                self.logins.pending(
+                    ip,
+                    LoginRecord {
+                        user: d.user.clone(),
+                        protocol: d.protocol.clone(),
+                        session: d.session.clone(),
+                        at: login.time.unwrap_or(now).min(now),
+                    },
+                );
             }
             if let (Some((ip, _)), Some(start)) = (granted, &login.session) {
                 let at = login.time.unwrap_or(now).min(now);
@@ -248,7 +297,9 @@ impl<S: GrantStore> Engine<S> {
         for end in &batch.ends {
             if let Some(c) = self.sessions.closed(end, now) {
                 self.sessions_dirty = true;
-                self.consider(c.renewal.ip, Some(c.renewal.time), now);
+                if !self.held_by_blocked(c.renewal.ip) {
+                    self.consider(c.renewal.ip, Some(c.renewal.time), now);
+                }
             }
         }
         self.count_sessions();
@@ -331,6 +382,7 @@ impl<S: GrantStore> Engine<S> {
             drop(grants);
             self.pending.clear();
         }
+        self.logins.commit_pending();
         // Sessions first: after a crash between the two, the logins behind the old
         // checkpoints are read again and reopen their sessions (idempotent by id).
         if self.sessions_dirty {
@@ -406,6 +458,7 @@ impl<S: GrantStore> Engine<S> {
     /// tell, when `periodic`. Returns whether it re-read. While a needed re-read fails,
     /// lookups in the view answer unsure.
     pub fn poll(&mut self, now: i64, periodic: bool) -> Result<bool, StoreError> {
+        self.revoke_blocked()?;
         let result = self.recovering(now, |e| {
             let changed = e.store.changed()?;
             // The clock stepped back (a fault fixed while running): our own grants now
@@ -432,6 +485,45 @@ impl<S: GrantStore> Engine<S> {
     pub fn resync(&mut self, now: i64) -> Result<(), StoreError> {
         self.resync_due = true;
         self.poll(now, true).map(|_| ())
+    }
+
+    /// Whether `ip` was revoked for a user who is still blocked (its session must not
+    /// renew the grant).
+    fn held_by_blocked(&mut self, ip: IpAddr) -> bool {
+        let Some(user) = self.blocked_ips.get(&ip) else {
+            return false;
+        };
+        if self.blocks.as_ref().is_some_and(|b| b.is_blocked(user)) {
+            return true;
+        }
+        self.blocked_ips.remove(&ip);
+        false
+    }
+
+    /// Revokes the grants of users the policy server blocked, and picks up unblocks.
+    fn revoke_blocked(&mut self) -> Result<(), StoreError> {
+        let Some(blocks) = self.blocks.clone() else {
+            return Ok(());
+        };
+        blocks.refresh();
+        let mut ips = blocks.take_revocations();
+        while let Some((ip, user)) = ips.pop() {
+            self.pending.remove(&ip);
+            if let Err(e) = self.store.revoke(ip) {
+                ips.push((ip, user));
+                blocks.requeue(ips);
+                return Err(e);
+            }
+            if let Some(e) = self.grants.grants_mut().remove(&ip) {
+                self.deadlines.remove(&(e, ip));
+            }
+            self.logins.forget(ip);
+            tracing::warn!(address = %ip, user = %user.escape_debug(), "grant revoked: its user is blocked (policy.block_on_cap)");
+            if self.blocked_ips.len() < blocks::MAX_BLOCKED * 8 {
+                self.blocked_ips.insert(ip, user);
+            }
+        }
+        Ok(())
     }
 
     fn resync_once(&mut self, now: i64) -> Result<(), StoreError> {
@@ -505,6 +597,7 @@ impl<S: GrantStore> Engine<S> {
             }
         }
         for (i, ip) in removed.iter().enumerate() {
+            self.logins.forget(*ip);
             if i < 100 {
                 tracing::info!(address = %ip, "grant removed by another writer (dovegate revoke, another host)");
             }
@@ -563,6 +656,7 @@ impl<S: GrantStore> Engine<S> {
         drop(grants);
         self.counters.removed += out.removed.len() as u64;
         for ip in &out.removed {
+            self.logins.expired(*ip, now);
             tracing::info!(address = %ip, "grant expired");
         }
         Ok(out.removed.len())

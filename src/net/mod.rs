@@ -13,16 +13,19 @@
 //!   Dovecot or Prometheus by holding connections open.
 //! - `bounds` and `http`: per-write time bounds, and HTTP/1 served by hyper with header
 //!   and buffer bounds.
+//! - `requests`: the clocks of a request/reply connection (idle, per request, per reply),
+//!   for the socketmap and the policy server.
 //!
 //! Log lines about events a peer can repeat at will are rate-limited with
 //! `telemetry::ratelimit`, which every stage can import without importing `net`.
-//! What a request means is each server's business (`serve`, `push`); `net` knows bytes
-//! and connections only, and imports no stage.
+//! What a request means is each server's business (`serve`, `push`, `policy`); `net`
+//! knows bytes and connections only, and imports no stage.
 
 mod accept;
 pub mod bounds;
 pub mod http;
 mod listen;
+pub mod requests;
 mod server;
 mod slots;
 mod socket_file;

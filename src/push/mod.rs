@@ -176,7 +176,7 @@ impl PushSettings {
 }
 
 /// The uid of a user name.
-fn uid_of(name: &str) -> Option<u32> {
+pub(crate) fn uid_of(name: &str) -> Option<u32> {
     let user = nix::unistd::User::from_name(name).ok()??;
     Some(user.uid.as_raw())
 }

@@ -3,10 +3,11 @@
 //! The exposition is written by the `prometheus-client` crate (Prometheus text format
 //! 0.0.4), from snapshots taken at each scrape: the sources' counters
 //! (`telemetry::StatsRegistry`), the engine's counters as of its last heartbeat, the live
-//! grants, the checkpoints and the fleet status files (`STATE/fleet.json`,
-//! `STATE/replica.json`) when present. The HTTP side (hyper, through `net`) answers
-//! `GET /metrics` and nothing else, with bounded headers, time and connections (a scraper
-//! finding every slot held by idle connections closes the stalest, see `net`).
+//! grants, the checkpoints, the policy server's counters while `[policy]` is on, and the
+//! fleet status files (`STATE/fleet.json`, `STATE/replica.json`) when present. The HTTP
+//! side (hyper, through `net`) answers `GET /metrics` and nothing else, with bounded
+//! headers, time and connections (a scraper finding every slot held by idle connections
+//! closes the stalest, see `net`).
 
 use std::convert::Infallible;
 use std::fmt;
@@ -42,6 +43,8 @@ pub struct MetricsSource {
     pub checkpoints: CheckpointDir,
     /// Where the PostgreSQL writer and the replica leave their status files.
     pub state_dir: std::path::PathBuf,
+    /// The policy server's counters (shown while `[policy]` is on).
+    pub policy: Arc<crate::policy::PolicyStats>,
 }
 
 /// The registry's one collector: reads a snapshot at every scrape.
@@ -245,6 +248,9 @@ impl Collector for Snapshot {
                 ConstGauge::new(i64::try_from(lag).unwrap_or(i64::MAX))
                     .encode(m.encode_family(&labels.as_slice())?)?;
             }
+        }
+        if src.policy.serving.load(Ordering::Relaxed) {
+            crate::policy::metrics::encode(&mut enc, &src.policy)?;
         }
         fleet_gauges(&mut enc, &src.state_dir)
     }

@@ -1,5 +1,6 @@
 //! The `serve` stage: answering MTAs that ask a daemon instead of reading the LMDB map
-//! (socketmap), and the optional Prometheus metrics endpoint; `servers` runs both.
+//! (socketmap), and the optional Prometheus metrics endpoint; `servers` runs both and the
+//! policy server (`crate::policy`).
 
 pub mod metrics;
 pub mod netstring;

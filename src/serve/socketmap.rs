@@ -14,12 +14,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::netstring;
 use crate::engine::GrantsView;
 use crate::grant::parse_any_ip;
+use crate::net::requests::{self, Framed, Limits};
 use crate::net::{self, Conn, Handler, Spec, Stream};
 use crate::telemetry::ratelimit::SharedLimit;
 use crate::timefmt;
@@ -84,20 +84,7 @@ impl SocketmapConfig {
     }
 }
 
-/// Why the server closed a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Closed {
-    /// The client closed it, or a read or write failed.
-    Peer,
-    /// No request began within `idle_timeout`.
-    Idle,
-    /// A request did not complete within the request timeout.
-    SlowRequest,
-    /// A reply could not be written within the request timeout (the client does not read).
-    SlowReader,
-    /// Not a netstring, or longer than `MAX_REQUEST`.
-    Malformed,
-}
+pub use crate::net::requests::Closed;
 
 /// Serves one connection until the peer closes it, goes idle, is too slow to send a request
 /// or to take a reply, or sends something malformed.
@@ -112,59 +99,29 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
 /// `serve_connection`, calling `progress` when a request begins and after each reply (so
 /// that a connection in use is never the stalest).
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+    stream: S,
     view: GrantsView,
     cfg: Arc<SocketmapConfig>,
-    mut progress: impl FnMut(),
+    progress: impl FnMut(),
 ) -> Closed {
-    let request_timeout = cfg.request_timeout();
-    let mut buf: Vec<u8> = Vec::with_capacity(256);
-    let mut chunk = [0u8; 512];
-    // When the first byte of the request being read arrived; None while between requests.
-    let mut started: Option<Instant> = None;
-    loop {
-        // Answer every complete request already buffered (at most 512 bytes' worth).
-        loop {
-            match netstring::decode(&buf, MAX_REQUEST) {
-                Ok(Some((payload, used))) => {
-                    let reply = netstring::encode(&answer(payload, &view, &cfg, timefmt::now()));
-                    buf.drain(..used);
-                    match tokio::time::timeout(request_timeout, stream.write_all(&reply)).await {
-                        Ok(Ok(())) => progress(),
-                        Ok(Err(_)) => return Closed::Peer,
-                        Err(_) => return Closed::SlowReader,
-                    }
-                    // Bytes of the next request are here already: its clock starts now.
-                    started = (!buf.is_empty()).then(Instant::now);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "malformed socketmap request; closing");
-                    return Closed::Malformed;
-                }
-            }
+    let limits = Limits {
+        idle: cfg.idle_timeout,
+        request: cfg.request_timeout(),
+        // At most 512 bytes' worth of requests answered before the next read.
+        read_chunk: 512,
+    };
+    let answer = |buf: &[u8]| match netstring::decode(buf, MAX_REQUEST) {
+        Ok(Some((payload, used))) => Framed::Reply {
+            reply: netstring::encode(&answer(payload, &view, &cfg, timefmt::now())),
+            used,
+        },
+        Ok(None) => Framed::Incomplete,
+        Err(e) => {
+            tracing::debug!(error = %e, "malformed socketmap request; closing");
+            Framed::Malformed
         }
-        let read = stream.read(&mut chunk);
-        let read = match started {
-            None => tokio::time::timeout(cfg.idle_timeout, read)
-                .await
-                .map_err(|_| Closed::Idle),
-            Some(t) => tokio::time::timeout_at(t + request_timeout, read)
-                .await
-                .map_err(|_| Closed::SlowRequest),
-        };
-        match read {
-            Err(why) => return why,
-            Ok(Ok(0)) | Ok(Err(_)) => return Closed::Peer,
-            Ok(Ok(n)) => {
-                if started.is_none() {
-                    started = Some(Instant::now());
-                    progress();
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-        }
-    }
+    };
+    requests::serve(stream, limits, answer, progress).await
 }
 
 /// The socketmap as a `net` server: each connection is served by `serve`.
@@ -218,6 +175,7 @@ pub async fn start(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<Se
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
 
     fn cfg() -> SocketmapConfig {
         SocketmapConfig {

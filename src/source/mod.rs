@@ -47,6 +47,8 @@ pub struct LoginDetail {
     pub user: Option<String>,
     /// `imap`, `pop3`, ... (the login service without `-login`).
     pub protocol: String,
+    /// Dovecot's session id (`session=<...>`), when the line names one.
+    pub session: Option<String>,
     pub pattern: String,
     pub source: String,
 }
@@ -127,6 +129,7 @@ impl DaemonSink {
                     protocol: String::from_utf8_lossy(login.service)
                         .trim_end_matches("-login")
                         .to_string(),
+                    session: login.session.as_ref().map(|s| s.id.clone()),
                     pattern: login.pattern.id.to_string(),
                     source: self.origin.clone(),
                 })),

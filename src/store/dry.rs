@@ -32,6 +32,7 @@ impl Details {
                 None => LoginDetail {
                     user: None,
                     protocol: "-".into(),
+                    session: None,
                     pattern: "-".into(),
                     source: "push".into(),
                 },
@@ -180,6 +181,7 @@ mod tests {
                 detail: Some(Box::new(LoginDetail {
                     user: Some("alice".into()),
                     protocol: "imap".into(),
+                    session: None,
                     pattern: "dovecot-2.2".into(),
                     source: "/var/log/mail.log".into(),
                 })),

@@ -2,7 +2,7 @@
 //! `postmap`, a private Postfix instance on loopback, an SMTP client, log lines.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -320,6 +320,16 @@ pub struct Postfix {
 
 impl Postfix {
     pub fn start(dir: &Path, map: &Path) -> Postfix {
+        let relay = format!(
+            "check_client_access lmdb:{}, reject_unauth_destination",
+            map.display()
+        );
+        Postfix::start_with(dir, &relay, "")
+    }
+
+    /// A private instance with `relay_restrictions` as smtpd_relay_restrictions and
+    /// `extra` main.cf lines.
+    pub fn start_with(dir: &Path, relay_restrictions: &str, extra: &str) -> Postfix {
         let port = 20025
             + (std::process::id() % 1000) as u16 * 10
             + NEXT_PORT.fetch_add(1, Ordering::SeqCst);
@@ -337,10 +347,9 @@ impl Postfix {
              maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\nsyslog_name = dovegate-test\n\
              inet_interfaces = loopback-only\ninet_protocols = all\nmynetworks = 127.0.0.2/32\n\
              mydestination = localhost\nsmtpd_authorized_xclient_hosts = 127.0.0.1, [::1]\n\
-             smtpd_relay_restrictions = check_client_access lmdb:{map}, reject_unauth_destination\n\
-             smtpd_banner = $myhostname ESMTP test\n",
+             smtpd_relay_restrictions = {relay_restrictions}\n\
+             smtpd_banner = $myhostname ESMTP test\n{extra}",
             d = dir.display(),
-            map = map.display()
         );
         std::fs::write(conf.join("main.cf"), main_cf).expect("main.cf");
         let master = std::fs::read_to_string("/etc/postfix/master.cf").expect("master.cf");
@@ -441,4 +450,50 @@ impl Smtp {
         assert!(r.starts_with("250"), "RSET: {r}");
         rcpt
     }
+}
+
+/// The whole scrape must parse with Prometheus's own parser (`promtool check metrics`,
+/// Debian package `prometheus`, installed by `scripts/deps test`): one bad line and
+/// Prometheus rejects every sample of the scrape.
+pub fn promtool_accepts(dir: &Path, response: &str) {
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .expect("HTTP body");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(
+            std::fs::File::open({
+                let f = dir.join("scrape.txt");
+                std::fs::write(&f, body).unwrap();
+                f
+            })
+            .unwrap(),
+        )
+        .output()
+        .expect("promtool (Debian package prometheus; run scripts/deps test)");
+    assert!(
+        out.status.success(),
+        "promtool rejects the scrape: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A loopback TCP port free now (released for the daemon to bind).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// `GET /metrics` over HTTP/1.0; the whole response ("" when refused or closed).
+pub fn scrape(port: u16) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }

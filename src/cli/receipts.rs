@@ -1,0 +1,90 @@
+//! `dovegate why IP` and `dovegate trace QUEUEID`: the logins behind a grant and the
+//! receipt of a relayed message, from the policy server's files in the state directory;
+//! `dovegate unblock USER`.
+
+use super::{load_settings, ConfigArgs, Failure};
+use crate::grant::parse_any_ip;
+use crate::policy::receipts::{find_grant, find_receipts, GRANTS_FILE};
+
+/// Nothing found: exit 1 with a line saying where dovegate looked.
+fn not_found(message: String) -> Failure {
+    Failure::runtime(message)
+}
+
+pub fn why(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
+    let (_, settings) = load_settings(cfg, |_| {})?;
+    let ip =
+        parse_any_ip(ip).ok_or_else(|| Failure::config(format!("`{ip}` is not an IP address")))?;
+    match find_grant(&settings.state_dir, ip).map_err(|e| Failure::runtime(e.to_string()))? {
+        Some(g) => {
+            let mut users: Vec<&str> = g
+                .logins
+                .iter()
+                .map(|l| l.user.as_str())
+                .filter(|u| *u != "-")
+                .collect();
+            users.sort_unstable();
+            users.dedup();
+            if users.len() >= 2 {
+                println!(
+                    "{} granted_at={} shared users={}",
+                    g.address,
+                    g.granted_at,
+                    users.join(",")
+                );
+            } else {
+                println!("{} granted_at={}", g.address, g.granted_at);
+            }
+            for l in g.logins {
+                println!(
+                    "  login at={} user={} protocol={} session={}",
+                    l.at, l.user, l.protocol, l.session
+                );
+            }
+            Ok(())
+        }
+        None => Err(not_found(format!(
+            "{ip}: no grant with known logins in {} (written by the daemon's policy server every \
+             few seconds; grants written by hand or by another host have none)",
+            settings.state_dir.join(GRANTS_FILE).display()
+        ))),
+    }
+}
+
+pub fn trace(cfg: &ConfigArgs, queue_id: &str) -> Result<(), Failure> {
+    let (_, settings) = load_settings(cfg, |_| {})?;
+    let found = find_receipts(&settings.state_dir, queue_id.trim())
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+    if found.is_empty() {
+        return Err(not_found(format!(
+            "{queue_id}: no receipt in {} (receipts are kept for the last few ten thousand \
+             messages relayed under a grant)",
+            settings.state_dir.display()
+        )));
+    }
+    for r in found {
+        println!(
+            "queue_id={} client={} user={} protocol={} session={} granted_at={} relayed_at={}",
+            r.queue_id, r.client, r.user, r.protocol, r.session, r.granted_at, r.at
+        );
+    }
+    Ok(())
+}
+
+pub fn unblock(cfg: &ConfigArgs, user: &str) -> Result<(), Failure> {
+    let (_, settings) = load_settings(cfg, |_| {})?;
+    match crate::engine::unblock(&settings.state_dir, user) {
+        Ok(true) => {
+            println!("unblocked {user}");
+            Ok(())
+        }
+        Ok(false) => Err(not_found(format!(
+            "{user}: not blocked (see {})",
+            settings
+                .state_dir
+                .join(crate::engine::BLOCKED_FILE)
+                .display()
+        ))),
+        Err(e) => Err(Failure::runtime(e.to_string())),
+    }
+}

@@ -1,0 +1,335 @@
+//! The Postfix policy server (`[policy]`): relay permission from the committed grants at
+//! RCPT, "check your mail first" for a client whose grant just ended, sending caps per
+//! grant and per user, and a receipt naming the login behind each relayed message.
+
+pub mod caps;
+pub mod metrics;
+pub mod protocol;
+pub mod receipts;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{parse_duration, ConfigError};
+use crate::engine::{Blocks, GrantsView, LoginsView};
+use crate::net::{Listen, Server};
+use crate::telemetry::ratelimit::RateLimit;
+pub use caps::{CapLimits, Caps};
+use receipts::ReceiptLog;
+pub use server::{PolicyStats, State};
+
+/// The `[policy]` section as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    pub listen: String,
+    pub recent: String,
+    pub receipt_header: bool,
+    pub block_on_cap: bool,
+    pub users: Vec<crate::push::UserSpec>,
+    pub max_connections: usize,
+    pub idle_timeout: String,
+    pub grant_messages_per_hour: u32,
+    pub grant_messages_per_day: u32,
+    pub grant_recipients_per_hour: u32,
+    pub grant_recipients_per_day: u32,
+    pub user_messages_per_hour: u32,
+    pub user_messages_per_day: u32,
+    pub user_recipients_per_hour: u32,
+    pub user_recipients_per_day: u32,
+}
+
+/// The validated `[policy]` section; None in `Settings` when `listen` is empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySettings {
+    pub listen: Listen,
+    /// How long after a grant ends its client is told to check its mail first.
+    pub recent: Duration,
+    pub receipt_header: bool,
+    /// A user who trips a cap loses every grant until `dovegate unblock USER`.
+    pub block_on_cap: bool,
+    /// Uids allowed to connect to the unix socket (SO_PEERCRED); None: anyone.
+    pub peers: Option<Vec<u32>>,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub caps: CapLimits,
+}
+
+/// The longest one request may take from its first byte, and a reply to be written.
+pub const MAX_REQUEST_TIME: Duration = Duration::from_secs(5);
+
+impl PolicySettings {
+    pub fn request_timeout(&self) -> Duration {
+        self.idle_timeout.min(MAX_REQUEST_TIME)
+    }
+
+    /// Settings for tests: `listen`, every cap off, `recent` 12 h.
+    pub fn for_listen(listen: Listen) -> PolicySettings {
+        PolicySettings {
+            listen,
+            recent: Duration::from_secs(12 * 3600),
+            receipt_header: false,
+            block_on_cap: false,
+            peers: None,
+            max_connections: 100,
+            idle_timeout: Duration::from_secs(300),
+            caps: CapLimits::default(),
+        }
+    }
+
+    pub fn from_section(s: &PolicySection) -> Result<Option<PolicySettings>, ConfigError> {
+        let err = |key: &str, m: String| ConfigError(format!("policy.{key}: {m}"));
+        let text = s.listen.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let listen = if text.starts_with('/') {
+            Listen::Unix(PathBuf::from(text))
+        } else if let Ok(a) = text.parse::<SocketAddr>() {
+            Listen::Inet(a)
+        } else {
+            Listen::parse(text).map_err(|m| {
+                err(
+                    "listen",
+                    format!("{m}; give a socket path such as /var/spool/postfix/dovegate/policy or 127.0.0.1:PORT"),
+                )
+            })?
+        };
+        if let Listen::Inet(a) = &listen {
+            // The protocol has no authentication: whoever can connect chooses the client
+            // address it asks about.
+            if !a.ip().is_loopback() {
+                return Err(err(
+                    "listen",
+                    format!("`{text}` is not a loopback address; the policy protocol has no authentication (use 127.0.0.1:PORT or a unix socket)"),
+                ));
+            }
+        }
+        let peers = match &listen {
+            Listen::Unix(_) if !s.users.is_empty() => {
+                let mut uids = Vec::new();
+                for (i, u) in s.users.iter().enumerate() {
+                    uids.push(match u {
+                        crate::push::UserSpec::Uid(n) => *n,
+                        crate::push::UserSpec::Name(n) => match n.parse::<u32>() {
+                            Ok(uid) => uid,
+                            Err(_) => crate::push::uid_of(n).ok_or_else(|| {
+                                err(
+                                    &format!("users[{i}]"),
+                                    format!("no user `{n}` on this system (give a name or a uid)"),
+                                )
+                            })?,
+                        },
+                    });
+                }
+                Some(uids)
+            }
+            _ => None,
+        };
+        if s.block_on_cap && peers.is_none() {
+            return Err(err(
+                "block_on_cap",
+                "needs a unix socket in policy.listen and policy.users: otherwise any local process could send requests that block any user".into(),
+            ));
+        }
+        let recent = parse_duration("policy.recent", &s.recent)?;
+        if recent > Duration::from_secs(7 * 86_400) {
+            return Err(err("recent", "must be at most 7d".into()));
+        }
+        if !(1..=10_000).contains(&s.max_connections) {
+            return Err(err("max_connections", "must be between 1 and 10000".into()));
+        }
+        let idle_timeout = parse_duration("policy.idle_timeout", &s.idle_timeout)?;
+        if idle_timeout < Duration::from_millis(100) {
+            return Err(err("idle_timeout", "must be at least 100ms".into()));
+        }
+        Ok(Some(PolicySettings {
+            listen,
+            recent,
+            receipt_header: s.receipt_header,
+            block_on_cap: s.block_on_cap,
+            peers,
+            max_connections: s.max_connections,
+            idle_timeout,
+            caps: CapLimits {
+                grant_messages_per_hour: s.grant_messages_per_hour,
+                grant_messages_per_day: s.grant_messages_per_day,
+                grant_recipients_per_hour: s.grant_recipients_per_hour,
+                grant_recipients_per_day: s.grant_recipients_per_day,
+                user_messages_per_hour: s.user_messages_per_hour,
+                user_messages_per_day: s.user_messages_per_day,
+                user_recipients_per_hour: s.user_recipients_per_hour,
+                user_recipients_per_day: s.user_recipients_per_day,
+            },
+        }))
+    }
+}
+
+/// How often the logins behind the grants are written for `dovegate why` (when changed).
+const GRANTS_FILE_EVERY: Duration = Duration::from_secs(2);
+
+/// What the policy server keeps across its restarts (a reload that changes `[policy]`):
+/// the grants and the logins behind them, what the caps counted, the counters, the
+/// receipts file and the blocked users.
+#[derive(Clone)]
+pub struct Context {
+    pub view: GrantsView,
+    pub logins: LoginsView,
+    pub stats: Arc<PolicyStats>,
+    pub caps: Arc<Caps>,
+    pub receipts: Arc<ReceiptLog>,
+    /// Where the receipts and the logins behind the grants (`dovegate why`) are written;
+    /// None: nowhere (tests, benchmarks).
+    pub state_dir: Option<PathBuf>,
+    /// The blocked users (`policy.block_on_cap`), shared with the engine; None: nobody is
+    /// blocked.
+    pub blocks: Option<Blocks>,
+}
+
+impl Context {
+    pub fn new(
+        view: GrantsView,
+        logins: LoginsView,
+        state_dir: Option<&Path>,
+        blocks: Option<Blocks>,
+    ) -> Context {
+        Context {
+            view,
+            logins,
+            stats: Arc::default(),
+            caps: Arc::default(),
+            receipts: Arc::new(ReceiptLog::new(state_dir)),
+            state_dir: state_dir.map(Path::to_path_buf),
+            blocks,
+        }
+    }
+
+    /// Takes back the logins behind grants that outlived a restart (from the state
+    /// directory, for addresses that keep their grant): receipts, user caps and `why`
+    /// keep naming them. What the engine learnt since wins.
+    pub fn restore_logins(&self) {
+        let Some(dir) = &self.state_dir else { return };
+        let now = crate::timefmt::now();
+        let saved: Vec<_> = receipts::read_grants(dir)
+            .into_iter()
+            .filter(|(ip, _)| self.view.lookup(*ip, now).is_some())
+            .collect();
+        if !saved.is_empty() {
+            tracing::info!(grants = saved.len(), "logins behind live grants restored");
+            self.logins.restore(saved);
+        }
+    }
+}
+
+/// A running policy server and the writer of its state file.
+pub struct PolicyServer {
+    server: Server,
+    writer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl PolicyServer {
+    /// Where it listens (for port 0, the port chosen).
+    pub fn listen(&self) -> &Listen {
+        self.server.listen()
+    }
+
+    /// Stops accepting (removing the unix socket if still ours) and stops the writer.
+    /// Connections already open are served until they end.
+    pub async fn shutdown(self) {
+        if let Some(w) = self.writer {
+            w.abort();
+        }
+        self.server.shutdown().await;
+    }
+}
+
+/// Starts the policy server (on the current tokio runtime) and, with a state directory,
+/// the writer of the logins behind the grants.
+pub async fn start(cfg: PolicySettings, ctx: &Context) -> std::io::Result<PolicyServer> {
+    let server = server::start(Arc::new(State::new(cfg, ctx.clone()))).await?;
+    let writer = ctx.state_dir.clone().map(|dir| {
+        let (logins, stats) = (ctx.logins.clone(), Arc::clone(&ctx.stats));
+        tokio::spawn(write_grants(dir, logins, stats))
+    });
+    Ok(PolicyServer { server, writer })
+}
+
+/// Writes the logins behind the grants (when changed) and counts the shared addresses,
+/// every GRANTS_FILE_EVERY, until aborted.
+async fn write_grants(dir: PathBuf, logins: LoginsView, stats: Arc<PolicyStats>) {
+    let mut written = u64::MAX;
+    let mut failed = RateLimit::new(crate::telemetry::ratelimit::REMIND_EVERY);
+    loop {
+        tokio::time::sleep(GRANTS_FILE_EVERY).await;
+        stats
+            .shared_addresses
+            .store(logins.shared() as u64, std::sync::atomic::Ordering::Relaxed);
+        let (d, l) = (dir.clone(), logins.clone());
+        match tokio::task::spawn_blocking(move || receipts::write_grants(&d, &l, written)).await {
+            Ok(Ok(v)) => {
+                written = v;
+                failed.take_pending();
+            }
+            Ok(Err(e)) => {
+                if let Some(n) = failed.hit() {
+                    tracing::warn!(dir = %dir.display(), error = %e, failures = n, "cannot write the logins behind the grants (dovegate why)");
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(listen: &str) -> PolicySection {
+        crate::config::FileConfig::embedded()
+            .policy
+            .clone()
+            .with_listen(listen)
+    }
+
+    impl PolicySection {
+        fn with_listen(mut self, listen: &str) -> PolicySection {
+            self.listen = listen.into();
+            self
+        }
+    }
+
+    #[test]
+    fn listen_forms_and_refusals() {
+        assert_eq!(PolicySettings::from_section(&section("")).unwrap(), None);
+        let s = PolicySettings::from_section(&section("127.0.0.1:10040"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.listen, Listen::Inet("127.0.0.1:10040".parse().unwrap()));
+        assert_eq!(s.peers, None);
+        assert!(s.caps.user_recipients_per_hour > 0, "caps on by default");
+        let mut unix = section("/run/dovegate/policy");
+        unix.users = vec![crate::push::UserSpec::Uid(107)];
+        let s = PolicySettings::from_section(&unix).unwrap().unwrap();
+        assert_eq!(s.peers, Some(vec![107]));
+        let e = PolicySettings::from_section(&section("192.0.2.1:10040")).unwrap_err();
+        assert!(
+            e.0.starts_with("policy.listen:") && e.0.contains("loopback"),
+            "{}",
+            e.0
+        );
+        let mut inet_block = section("127.0.0.1:10040");
+        inet_block.block_on_cap = true;
+        let e = PolicySettings::from_section(&inet_block).unwrap_err();
+        assert!(e.0.starts_with("policy.block_on_cap:"), "{}", e.0);
+        unix.users = vec![crate::push::UserSpec::Name("no-such-user-here".into())];
+        let e = PolicySettings::from_section(&unix).unwrap_err();
+        assert!(e.0.starts_with("policy.users[0]:"), "{}", e.0);
+        let e = PolicySettings::from_section(&section("relative/path")).unwrap_err();
+        assert!(e.0.starts_with("policy.listen:"), "{}", e.0);
+    }
+}
