@@ -88,6 +88,25 @@ for req in [b"access connect:192.0.2.1", b"relay 192.0.2.1", b"access connect:ip
 put("socketmap", ns(b"access connect:192.0.2.1") * 3 + b"5:abc")
 put("socketmap", b"01:a,")
 
+# policy_request: Postfix policy delegation requests (SMTPD_POLICY_README's attributes).
+def policy(**kv):
+    base = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
+            "protocol_name": "ESMTP", "client_address": "192.0.2.1",
+            "client_name": "mail.example.org", "helo_name": "mail.example.org",
+            "sender": "a@example.org", "recipient": "b@example.net", "recipient_count": "0",
+            "queue_id": "", "instance": "123.456.7", "size": "0", "sasl_username": "alice"}
+    base.update(kv)
+    return "".join(f"{k}={v}\n" for k, v in base.items() if v is not None).encode() + b"\n"
+put("policy_request", policy())
+put("policy_request", policy(protocol_state="END-OF-MESSAGE", queue_id="4Xyz1Q2abc") + policy(protocol_state="DATA"))
+put("policy_request", policy(client_address="2001:DB8::7", sasl_username=""))
+put("policy_request", policy(client_address="::ffff:192.0.2.9"))
+put("policy_request", policy(client_address="unknown"))
+put("policy_request", policy(request="other"))
+put("policy_request", policy(protocol_state="CONNECT", recipient=None) + b"not an attribute\n\n")
+put("policy_request", b"request=smtpd_access_policy\nrequest=smtpd_access_policy\n\n")
+put("policy_request", b"request=smtpd_access_policy\r\nclient_address=192.0.2.1\r\n\r\n")
+
 # push_socket: the hook's request lines.
 for req in [b"192.0.2.7\talice", b"::ffff:192.0.2.7\t", b"2001:DB8::1\tbob", b"example.org\tx",
             b"1.2.3.4 x\ty", b"192.0.2.7\tuser\twith\ttabs"]:
