@@ -22,10 +22,9 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::{valid_id, SessionEnd, SessionStart};
 pub use evidence::{Evidence, Probe};
 
-/// Longest session id kept (Dovecot's are 16-32 base64 characters).
-const MAX_ID: usize = 64;
 /// Longest user name kept for the evidence checks.
 const MAX_USER: usize = 256;
 /// Open sessions kept at most; beyond, new sessions grant as plain logins.
@@ -33,22 +32,6 @@ const MAX_OPEN: usize = 200_000;
 /// Ends seen before their login, kept at most, and for how long (seconds).
 const MAX_EARLY: usize = 10_000;
 const EARLY_KEEP: i64 = 300;
-
-/// The session a login line names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionStart {
-    pub id: String,
-    /// `mpid=`: the mail process that will log the end.
-    pub pid: Option<u32>,
-    /// The user the login line names (the process title and `doveadm who` must agree).
-    pub user: Option<String>,
-    /// The source that read it (sessions of a source no longer configured are dropped).
-    pub source: String,
-    /// Whether the line came framed as only Dovecot writes it (its own log_path, or a
-    /// journal entry from a trusted sender): a syslog line can be written by any local
-    /// user (`logger -t dovecot`), so its end lines prove nothing.
-    pub trusted: bool,
-}
 
 /// Only IMAP clients stay connected for hours; POP3 sessions grant as plain logins.
 pub fn holds(login_service: &[u8]) -> bool {
@@ -63,7 +46,7 @@ pub fn start_of(login: &crate::scan::Login<'_>, source: &str) -> Option<SessionS
     let mut s = login.session.clone()?;
     s.user = login.user.map(|u| String::from_utf8_lossy(u).into_owned());
     s.source = source.to_string();
-    s.trusted = framing_trusted(login.framing);
+    s.trusted = login.framing.only_dovecot();
     Some(s)
 }
 
@@ -71,53 +54,6 @@ pub fn start_of(login: &crate::scan::Login<'_>, source: &str) -> Option<SessionS
 /// proxy's `imap-login: proxy(...)` ends proxied ones).
 pub fn ends_held(service: &str) -> bool {
     service == "imap" || service == "imap-hibernate" || service == "imap-login"
-}
-
-/// Whether lines of this framing can only come from Dovecot (see `SessionStart::trusted`).
-pub fn framing_trusted(f: crate::frame::Framing) -> bool {
-    use crate::frame::Framing;
-    matches!(
-        f,
-        Framing::LogPath | Framing::LogPathIso | Framing::Tai64n | Framing::Journal
-    )
-}
-
-/// Session ids are base64 (`+`, `/`) of bounded length; anything else is not one.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_ID
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
-}
-
-impl SessionStart {
-    pub fn new(id: &str, pid: Option<u32>) -> Option<SessionStart> {
-        valid_id(id).then(|| SessionStart {
-            id: id.to_string(),
-            pid,
-            user: None,
-            source: String::new(),
-            trusted: false,
-        })
-    }
-}
-
-/// A session end line: `imap(user)<PID><ID>: Disconnected: ...`, or an older form without
-/// pid or session (`imap(user): Disconnected: ...`), or a proxy's end.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionEnd {
-    /// `imap`, `pop3`, `imap-hibernate` or `imap-login` (a proxy).
-    pub service: String,
-    pub id: Option<String>,
-    pub pid: Option<u32>,
-    pub user: Option<String>,
-    /// The line's own time (None: now).
-    pub time: Option<i64>,
-    /// The source that read it.
-    pub source: String,
-    /// Framed as only Dovecot writes it (see `SessionStart::trusted`).
-    pub trusted: bool,
 }
 
 /// One open session.

@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use dovegate::frame::{FrameParser, LocalZone};
 use dovegate::grant::key_text;
+use dovegate::model::SessionEnd;
 use dovegate::pattern::{IpVerdict, PatternSet};
 use dovegate::scan::{Line, Login, Scanner, Sink, Visit};
-use dovegate::session::SessionEnd;
 
 struct Row {
     file: String,

@@ -37,8 +37,8 @@ use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use dovegate::source::checkpoint::Checkpoint;
 use dovegate::source::tailer::{FileFollower, Start};
+use dovegate::state::Checkpoint;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]

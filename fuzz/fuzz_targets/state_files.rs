@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use dovegate::session::Sessions;
-use dovegate::source::checkpoint::{parse_sessions, Checkpoint, JournalCursor};
+use dovegate::state::{parse_sessions, Checkpoint, JournalCursor};
 use dovegate_fuzz::{AllAlive, HOLD, NOW, TTL};
 use libfuzzer_sys::fuzz_target;
 

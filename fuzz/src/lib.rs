@@ -182,7 +182,7 @@ impl Sink for Checked {
         assert_client_element(line.text, ip);
         self.lines.push(line.text.to_vec());
         if let Some(s) = &login.session {
-            assert!(dovegate::session::valid_id(&s.id), "session id {:?}", s.id);
+            assert!(dovegate::model::valid_id(&s.id), "session id {:?}", s.id);
             if dovegate::session::holds(login.service) {
                 let time = login.time.unwrap_or(self.now).min(self.now);
                 self.sessions.opened(ip, time, s, self.now);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{load_settings, ConfigArgs, Failure};
-use crate::source::checkpoint::CheckpointDir;
+use crate::state::CheckpointDir;
 use crate::timefmt;
 
 #[derive(Debug, clap::Args)]
@@ -96,7 +96,7 @@ fn list(dir: &CheckpointDir, json: bool) -> Result<(), Failure> {
 }
 
 fn drop(dir: &CheckpointDir, id: &str, settings: &crate::config::Settings) -> Result<(), Failure> {
-    if !crate::session::valid_id(id) {
+    if !crate::model::valid_id(id) {
         return Err(Failure::config(format!(
             "`{}` is not a session id (base64, as `dovegate sessions` lists)",
             id.escape_debug()

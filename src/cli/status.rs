@@ -10,8 +10,8 @@ use serde::Serialize;
 use super::{load_settings, ConfigArgs, Failure};
 use crate::replica::ReplicaStatus;
 use crate::session::OpenSession;
-use crate::source::checkpoint::{Checkpoint, CheckpointDir};
 use crate::source::tailer::{open_regular, PathProblem};
+use crate::state::{Checkpoint, CheckpointDir};
 use crate::store::postgres::worker::{WriterStatus, MAX_SKEW_SECS};
 use crate::store::{instance, GrantStore, LmdbMap, OpenMode};
 use crate::timefmt;
@@ -213,7 +213,7 @@ fn stale_warning(file: &str, updated: i64, now: i64) -> Option<String> {
 fn load_sessions(state_dir: &Path, warnings: &mut Vec<String>) -> Option<Vec<OpenSession>> {
     use crate::fsread::{self, Links};
     // Where the daemon saves them (beside the checkpoints).
-    let path = crate::source::checkpoint::CheckpointDir::new(state_dir).sessions_file();
+    let path = crate::state::CheckpointDir::new(state_dir).sessions_file();
     let bytes = match fsread::read(&path, fsread::SESSIONS_MAX, Links::Refuse) {
         Ok(b) => b,
         Err(e) if e.is_not_found() => return None,
@@ -222,7 +222,7 @@ fn load_sessions(state_dir: &Path, warnings: &mut Vec<String>) -> Option<Vec<Ope
             return None;
         }
     };
-    match crate::source::checkpoint::parse_sessions(&bytes) {
+    match crate::state::parse_sessions(&bytes) {
         Ok(s) => Some(s),
         Err(e) => {
             warnings.push(format!("{}: not a list of sessions: {e}", path.display()));
@@ -359,11 +359,10 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             })
             .collect()
     });
-    let session_stats = std::fs::read(
-        crate::source::checkpoint::CheckpointDir::new(&settings.state_dir).session_stats_file(),
-    )
-    .ok()
-    .and_then(|b| serde_json::from_slice(&b).ok());
+    let session_stats =
+        std::fs::read(crate::state::CheckpointDir::new(&settings.state_dir).session_stats_file())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
     let status = Status {
         map: MapStatus {
             file: file.display().to_string(),

@@ -317,7 +317,7 @@ impl Sink for Report<'_> {
         self.matched(line, login);
     }
 
-    fn session_end(&mut self, line: Line<'_>, end: &crate::session::SessionEnd) {
+    fn session_end(&mut self, line: Line<'_>, end: &crate::model::SessionEnd) {
         let t = end.time.unwrap_or(self.now);
         self.last_time = self.last_time.max(t);
         let mut end = end.clone();

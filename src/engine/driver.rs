@@ -10,7 +10,7 @@ use tokio::time::{sleep_until, Instant};
 
 use super::alarm::Alarm;
 use super::Engine;
-use crate::source::Batch;
+use crate::model::Batch;
 use crate::store::{GrantStore, StoreError};
 
 /// Wall-clock time, for the login times and expiries the engine compares.

@@ -23,9 +23,9 @@ pub use logins::{Behind, LoginRecord, LoginsView, MAX_LOGINS_PER_GRANT};
 pub use view::{GrantsView, Lookup};
 
 use crate::grant::{Decision, Policy};
+use crate::model::Batch;
 use crate::session::{Probe, Sessions};
-use crate::source::checkpoint::{CheckpointDir, Position};
-use crate::source::Batch;
+use crate::state::{CheckpointDir, Position};
 use crate::store::{Cause, GrantStore, StoreError};
 use crate::timefmt;
 
@@ -310,7 +310,7 @@ impl<S: GrantStore> Engine<S> {
 
     /// The audit trail: one INFO line when an address gets a grant it did not have (its
     /// extensions are not logged), with who and what logged in.
-    fn audit_new(&self, ip: IpAddr, detail: Option<&crate::source::LoginDetail>) {
+    fn audit_new(&self, ip: IpAddr, detail: Option<&crate::model::LoginDetail>) {
         let Some(&until) = self.pending.get(&ip) else {
             return;
         };

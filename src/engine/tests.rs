@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
-use crate::source::checkpoint::Checkpoint;
-use crate::source::SeenLogin;
+use crate::model::SeenLogin;
+use crate::state::Checkpoint;
 use crate::store::{ExpireOutcome, StoredGrant};
 
 /// What the in-memory store holds and how it behaves; shared with the test.
@@ -572,7 +572,7 @@ fn clock_stepping_back_caps_our_own_grants() {
 
 fn session_login(ip_text: &str, t: i64, id: &str, pid: u32) -> Batch {
     let mut b = batch(&[(ip_text, t)]);
-    let mut start = crate::session::SessionStart::new(id, Some(pid)).unwrap();
+    let mut start = crate::model::SessionStart::new(id, Some(pid)).unwrap();
     start.source = "log".into();
     start.user = Some("alice".into());
     b.logins[0].session = Some(start);
@@ -581,7 +581,7 @@ fn session_login(ip_text: &str, t: i64, id: &str, pid: u32) -> Batch {
 
 fn session_end(id: &str, pid: u32, t: i64) -> Batch {
     let mut b = batch(&[]);
-    b.ends.push(crate::session::SessionEnd {
+    b.ends.push(crate::model::SessionEnd {
         service: "imap".into(),
         id: Some(id.into()),
         pid: Some(pid),

@@ -39,6 +39,16 @@ pub enum Framing {
 }
 
 impl Framing {
+    /// Whether lines of this framing can only come from Dovecot: its own log_path, or a
+    /// journal entry from a trusted sender. A syslog line can be written by any local user
+    /// (`logger -t dovecot`), so its session end lines prove nothing.
+    pub fn only_dovecot(self) -> bool {
+        matches!(
+            self,
+            Framing::LogPath | Framing::LogPathIso | Framing::Tai64n | Framing::Journal
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Framing::SyslogBsd => "syslog-bsd",

@@ -114,7 +114,7 @@ pub struct LoginMatch<'a> {
     pub ip: IpVerdict,
     /// `session=<ID>` and `mpid=PID`, when the line has them (2.2+): the mail session this
     /// login opened.
-    pub session: Option<crate::session::SessionStart>,
+    pub session: Option<crate::model::SessionStart>,
     /// `method=`: the SASL mechanism, when the line has it.
     pub mechanism: Option<&'a [u8]>,
 }
@@ -728,14 +728,14 @@ fn session_end_of<'a>(msg: &'a [u8], groups: &Groups<'_>) -> Option<SessionEndMa
 }
 
 /// `session=<ID>` and `mpid=PID` of an element list (outside the user element).
-fn session_start(el: &[u8]) -> Option<crate::session::SessionStart> {
+fn session_start(el: &[u8]) -> Option<crate::model::SessionStart> {
     let id = elements::single_value(el, b"session")?
         .strip_prefix(b"<")?
         .strip_suffix(b">")?;
     let id = std::str::from_utf8(id).ok()?;
     let pid =
         elements::single_value(el, b"mpid").and_then(|p| std::str::from_utf8(p).ok()?.parse().ok());
-    crate::session::SessionStart::new(id, pid)
+    crate::model::SessionStart::new(id, pid)
 }
 
 fn literal_searcher(literals: &[&str]) -> Result<Literals, PatternError> {

@@ -92,7 +92,7 @@ mod tests {
             stats: Arc::default(),
             engine: Arc::default(),
             view: Default::default(),
-            checkpoints: crate::source::checkpoint::CheckpointDir::read_only(dir),
+            checkpoints: crate::state::CheckpointDir::read_only(dir),
             state_dir: dir.to_path_buf(),
             policy: Arc::clone(stats),
         })

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::Sender;
 
 use crate::config::ConfigError;
+use crate::model::{Batch, SeenLogin};
 use crate::net::Listen;
-use crate::source::{Batch, SeenLogin};
 use crate::telemetry::ratelimit::SharedLimit;
 use crate::telemetry::{SourceStats, StatsRegistry};
 

@@ -55,31 +55,31 @@ impl LineMatcher {
     }
 
     /// The session end on this line, if it is a Dovecot session-end line.
-    pub fn match_end(&mut self, line: &[u8], now: i64) -> Option<crate::session::SessionEnd> {
+    pub fn match_end(&mut self, line: &[u8], now: i64) -> Option<crate::model::SessionEnd> {
         let frame = self.frames.parse(line, now)?;
         self.end_of(&frame)
     }
 
     /// The session end a framed message reports, if a session-end pattern matches.
-    fn end_of(&mut self, frame: &Frame<'_>) -> Option<crate::session::SessionEnd> {
+    fn end_of(&mut self, frame: &Frame<'_>) -> Option<crate::model::SessionEnd> {
         let caps = self.end_caps.as_mut()?;
         let m = self.patterns.match_session_end(frame.message, caps)?;
         let id = match m.session {
             Some(id) => {
                 let id = std::str::from_utf8(id).ok()?;
-                crate::session::valid_id(id).then_some(())?;
+                crate::model::valid_id(id).then_some(())?;
                 Some(id.to_string())
             }
             None => None,
         };
-        Some(crate::session::SessionEnd {
+        Some(crate::model::SessionEnd {
             service: String::from_utf8_lossy(m.service).to_ascii_lowercase(),
             id,
             pid: m.pid,
             user: m.user.map(|u| String::from_utf8_lossy(u).into_owned()),
             time: frame.time,
             source: String::new(),
-            trusted: crate::session::framing_trusted(frame.framing),
+            trusted: frame.framing.only_dovecot(),
         })
     }
 }
@@ -104,7 +104,7 @@ pub struct Login<'a> {
     /// Unix seconds: the line's timestamp, or the journal entry's trusted time.
     pub time: Option<i64>,
     /// The mail session the login opened (`session=<ID>`, `mpid=`), when the line says.
-    pub session: Option<crate::session::SessionStart>,
+    pub session: Option<crate::model::SessionStart>,
 }
 
 /// Receives the scanner's events. Every method but `login` has a default, so that a new
@@ -125,7 +125,7 @@ pub trait Sink {
     /// A line that looks like a login but grants nothing, and why.
     fn near_miss(&mut self, _line: Line<'_>, _why: NearMiss) {}
     /// A trusted line saying a mail session ended (`imap(u)<PID><ID>: Disconnected: ...`).
-    fn session_end(&mut self, _line: Line<'_>, _end: &crate::session::SessionEnd) {}
+    fn session_end(&mut self, _line: Line<'_>, _end: &crate::model::SessionEnd) {}
     /// Any other line; only reported when the scanner visits every line.
     fn other(&mut self, _line: Line<'_>) {}
 }

@@ -36,7 +36,7 @@ impl Sink for Record {
     fn other(&mut self, line: Line<'_>) {
         self.push("other", line);
     }
-    fn session_end(&mut self, line: Line<'_>, end: &crate::session::SessionEnd) {
+    fn session_end(&mut self, line: Line<'_>, end: &crate::model::SessionEnd) {
         self.push(
             &format!(
                 "end({} {} {} {:?})",
@@ -189,7 +189,7 @@ Nov 26 12:15:53 mail sshd[1]: imap(bob)<1><BBBB>: Disconnected: Logged out\n";
     );
     let mut s = scanner(Visit::Logins);
     #[derive(Default)]
-    struct Starts(Vec<Option<crate::session::SessionStart>>);
+    struct Starts(Vec<Option<crate::model::SessionStart>>);
     impl Sink for Starts {
         fn login(&mut self, _: Line<'_>, login: &Login<'_>) {
             self.0.push(login.session.clone());
@@ -199,7 +199,7 @@ Nov 26 12:15:53 mail sshd[1]: imap(bob)<1><BBBB>: Disconnected: Logged out\n";
     s.scan(buf.as_bytes(), 1_795_256_900, &mut starts);
     assert_eq!(
         starts.0,
-        [crate::session::SessionStart::new(
+        [crate::model::SessionStart::new(
             "Cm5r5yxhtLN/AAAB",
             Some(7429)
         )]

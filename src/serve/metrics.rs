@@ -30,7 +30,7 @@ use prometheus_client::registry::Registry;
 use crate::engine::{Counters, GrantsView, COMMIT_BUCKETS};
 use crate::net::{self, Conn, Handler, Listen, Server, Spec, Stream};
 use crate::replica::ReplicaStatus;
-use crate::source::checkpoint::CheckpointDir;
+use crate::state::CheckpointDir;
 use crate::store::postgres::worker::WriterStatus;
 use crate::telemetry::{SourceStats, StatsRegistry};
 

@@ -285,7 +285,7 @@ fn describe(listen: Option<&Listen>) -> String {
 mod tests {
     use super::*;
     use crate::engine::LoginsView;
-    use crate::source::checkpoint::CheckpointDir;
+    use crate::state::CheckpointDir;
     use crate::telemetry::StatsRegistry;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -20,12 +20,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use super::checkpoint::{JournalCursor, Position};
 use super::handle::{install_child, take_child, Deaths, SourceCtl, SourceHandle};
 use super::lines::{Chunk, ChunkReader};
 use super::quiet::{has_unit_entry, spawn_watcher, unit_markers, QuietWatch};
-use super::{Batch, DaemonSink};
+use super::DaemonSink;
+use crate::model::Batch;
 use crate::scan::{Scanned, Scanner, Sink};
+use crate::state::{JournalCursor, Position};
 use crate::telemetry::SourceStats;
 
 /// Which journal to read.

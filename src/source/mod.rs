@@ -7,63 +7,26 @@
 //! (a slow map applies back-pressure instead of growing memory).
 
 pub mod backscan;
-pub mod checkpoint;
 pub mod handle;
 pub mod journal;
 pub mod lines;
 pub mod quiet;
 pub mod tailer;
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use notify::Watcher;
 
+use crate::model::{Batch, LoginDetail, SeenLogin};
 use crate::pattern::IpVerdict;
 use crate::scan::{Line, Login, NearMiss, Scanner, Sink};
+use crate::state::{Checkpoint, Position};
 use crate::telemetry::{SourceStats, Throttle};
 use crate::timefmt;
-use checkpoint::{Checkpoint, Position};
 use handle::{Deaths, SourceCtl, SourceHandle};
 use tailer::FileFollower;
-
-/// A login seen in a log, before policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SeenLogin {
-    pub ip: IpAddr,
-    /// The line's own timestamp (unix seconds), when it has one.
-    pub time: Option<i64>,
-    /// The mail session it opened, when the line names one.
-    pub session: Option<crate::session::SessionStart>,
-    /// Who logged in and how, for `run --dry-run`'s report (None: pushed logins, tests).
-    pub detail: Option<Box<LoginDetail>>,
-}
-
-/// What a dry run prints about the login behind a grant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoginDetail {
-    pub user: Option<String>,
-    /// `imap`, `pop3`, ... (the login service without `-login`).
-    pub protocol: String,
-    /// Dovecot's session id (`session=<...>`), when the line names one.
-    pub session: Option<String>,
-    pub pattern: String,
-    pub source: String,
-}
-
-/// What one chunk of a source produced: its logins, and the position that becomes true
-/// once they are committed (None: a source with nothing to checkpoint, such as pushed
-/// logins).
-#[derive(Debug)]
-pub struct Batch {
-    pub source: usize,
-    pub logins: Vec<SeenLogin>,
-    /// Mail sessions that ended (in the order read, after the logins of the same chunk).
-    pub ends: Vec<crate::session::SessionEnd>,
-    pub position: Option<Position>,
-}
 
 /// The daemon's sink: collects the logins of a chunk for its `Batch`, counts everything
 /// in the source's stats, and logs what an admin must know (rate limited).
@@ -72,7 +35,7 @@ pub struct DaemonSink {
     stats: Arc<SourceStats>,
     untimed_grant: bool,
     logins: Vec<SeenLogin>,
-    ends: Vec<crate::session::SessionEnd>,
+    ends: Vec<crate::model::SessionEnd>,
     warn_invalid: Throttle,
     warn_ambiguous: Throttle,
     warn_long: Throttle,
@@ -108,7 +71,7 @@ impl DaemonSink {
     }
 
     /// The session ends found since the last call.
-    pub fn take_ends(&mut self) -> Vec<crate::session::SessionEnd> {
+    pub fn take_ends(&mut self) -> Vec<crate::model::SessionEnd> {
         std::mem::take(&mut self.ends)
     }
 
@@ -206,7 +169,7 @@ impl Sink for DaemonSink {
         }
     }
 
-    fn session_end(&mut self, _line: Line<'_>, end: &crate::session::SessionEnd) {
+    fn session_end(&mut self, _line: Line<'_>, end: &crate::model::SessionEnd) {
         if crate::session::ends_held(&end.service) {
             let mut end = end.clone();
             end.source = self.origin.clone();

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use problem::open_if;
 pub use problem::{open_regular, PathProblem};
 
-use super::checkpoint::{Checkpoint, FileId, FilePos, Fingerprint, FINGERPRINT_BYTES};
 use super::lines::{Chunk, ChunkReader};
+use crate::state::{Checkpoint, FileId, FilePos, Fingerprint, FINGERPRINT_BYTES};
 
 /// One generation (inode) of the followed path.
 struct Generation {

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use super::{ExpireOutcome, GrantStore, StoreError, StoredGrant};
-use crate::source::{Batch, LoginDetail};
+use crate::model::{Batch, LoginDetail};
 use crate::timefmt;
 
 /// Most addresses whose last login detail is remembered (excluded logins are never
@@ -174,7 +174,7 @@ mod tests {
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         details.record(&Batch {
             source: 0,
-            logins: vec![crate::source::SeenLogin {
+            logins: vec![crate::model::SeenLogin {
                 ip,
                 time: Some(100),
                 session: None,

@@ -13,7 +13,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::source::checkpoint::FileId;
+use crate::state::FileId;
 
 /// Why a followed path cannot be read right now. Typed so that the caller can warn at a
 /// bounded rate while it lasts and say when it clears.
