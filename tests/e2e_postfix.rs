@@ -101,7 +101,8 @@ fn grants_reach_postfix_smtpd_and_expire() {
 
     assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
     let meta = std::fs::metadata(&file).unwrap();
-    assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+    // Closed to other users (a reader can stall every write), open to Postfix's group.
+    assert_eq!(meta.permissions().mode() & 0o777, 0o640);
     assert!(
         !d.path().join("relay.lmdb-lock").exists(),
         "no LMDB lock file"
