@@ -69,6 +69,9 @@ pub struct SessionEnd {
     pub pid: u32,
     /// The line's own time (None: now).
     pub time: Option<i64>,
+    /// Reported by Dovecot itself (the events source), not read from a log: it names the
+    /// session exactly but carries no pid (`pid` is 0), so any pid matches.
+    pub exact: bool,
 }
 
 /// One open session.
@@ -224,7 +227,8 @@ impl Sessions {
         if end.id.is_empty() || end.id.len() > MAX_ID {
             return None;
         }
-        let hibernate = end.service.ends_with("-hibernate");
+        // imap-hibernate has its own pid; an exact end has none: either matches any pid.
+        let hibernate = end.service.ends_with("-hibernate") || end.exact;
         let time = end.time.unwrap_or(now).min(now);
         match self.open.get(&end.id) {
             // The mail process logs its own end; imap-hibernate has another pid.
@@ -346,6 +350,7 @@ mod tests {
             id: id.into(),
             pid,
             time: Some(t),
+            exact: false,
         }
     }
 
@@ -429,6 +434,25 @@ mod tests {
                 ip: ip(),
                 time: 1000 + 3600 - 300
             })
+        );
+    }
+
+    /// Dovecot's own session-end event has no pid: it closes the session a log line
+    /// opened (with its mail process's pid), also when it arrives before the login.
+    #[test]
+    fn an_exact_end_closes_whatever_the_pid() {
+        let mut s = Sessions::new(300, 3600);
+        s.opened(ip(), 1000, &start("x1", 7429), 1000);
+        let exact = |id: &str, t| SessionEnd {
+            exact: true,
+            ..end("imap", id, 0, t)
+        };
+        assert!(s.closed(&exact("x1", 2000), 2000).is_some());
+        assert!(s.is_empty());
+        assert_eq!(s.closed(&exact("x2", 2000), 2000), None);
+        assert!(
+            !s.opened(ip(), 2000, &start("x2", 7430), 2000),
+            "already ended"
         );
     }
 

@@ -583,6 +583,7 @@ fn session_end(id: &str, pid: u32, t: i64) -> Batch {
         id: id.into(),
         pid,
         time: Some(t),
+        exact: false,
     });
     b
 }

@@ -112,20 +112,7 @@ impl PushSettings {
                     "needs at least one user (Dovecot's internal user, usually dovecot)".into(),
                 ));
             }
-            for (i, u) in s.users.iter().enumerate() {
-                uids.push(match u {
-                    UserSpec::Uid(n) => *n,
-                    UserSpec::Name(n) => match n.parse::<u32>() {
-                        Ok(uid) => uid,
-                        Err(_) => uid_of(n).ok_or_else(|| {
-                            err(
-                                &format!("users[{i}]"),
-                                format!("no user `{n}` on this system (give a name or a uid)"),
-                            )
-                        })?,
-                    },
-                });
-            }
+            uids = uids_of("push.users", &s.users)?;
         }
         let auth_policy = match s.auth_policy.trim() {
             "" => None,
@@ -172,6 +159,22 @@ impl PushSettings {
             protocols: s.auth_policy_protocols.clone(),
         })
     }
+}
+
+/// The uids of configured users (`key`: the setting, for errors), names resolved now.
+pub(crate) fn uids_of(key: &str, users: &[UserSpec]) -> Result<Vec<u32>, ConfigError> {
+    users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| match u {
+            UserSpec::Uid(n) => Ok(*n),
+            UserSpec::Name(n) => n.parse::<u32>().ok().or_else(|| uid_of(n)).ok_or_else(|| {
+                ConfigError(format!(
+                    "{key}[{i}]: no user `{n}` on this system (give a name or a uid)"
+                ))
+            }),
+        })
+        .collect()
 }
 
 /// The uid of a user name (getpwnam_r).

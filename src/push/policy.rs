@@ -208,22 +208,22 @@ async fn handle(
 
 /// One connection: whether it has sent the secret, and how to close it.
 #[derive(Default)]
-struct Conn {
-    trusted: AtomicBool,
-    close: Notify,
+pub(crate) struct Conn {
+    pub(crate) trusted: AtomicBool,
+    pub(crate) close: Notify,
 }
 
 /// The open connections, oldest first. Anyone who can connect can hold a slot, so when all
 /// are taken the oldest one that has not sent the secret makes room: Dovecot's connections
 /// send it at once and are never the ones closed.
 #[derive(Default)]
-struct Conns {
+pub(crate) struct Conns {
     open: Mutex<(u64, BTreeMap<u64, Arc<Conn>>)>,
 }
 
 impl Conns {
     /// A slot for a new connection, or None when every slot holds a trusted one.
-    fn admit(&self) -> Option<(u64, Arc<Conn>)> {
+    pub(crate) fn admit(&self) -> Option<(u64, Arc<Conn>)> {
         let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let (next, open) = &mut *guard;
         if open.len() >= MAX_CONNECTIONS {
@@ -241,7 +241,7 @@ impl Conns {
         Some((*next, conn))
     }
 
-    fn leave(&self, id: u64) {
+    pub(crate) fn leave(&self, id: u64) {
         let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
         guard.1.remove(&id);
     }

@@ -58,7 +58,7 @@ pub(crate) async fn bind(path: &Path, uids: Vec<u32>, sink: Sink) -> std::io::Re
 }
 
 /// Removes the socket when the server stops.
-struct Unlink(std::path::PathBuf);
+pub(crate) struct Unlink(pub(crate) std::path::PathBuf);
 impl Drop for Unlink {
     fn drop(&mut self) {
         let _ = super::remove_stale_socket(&self.0);

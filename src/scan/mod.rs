@@ -365,6 +365,7 @@ impl Scanner {
             id: id.to_string(),
             pid: m.pid,
             time: frame.time,
+            exact: false,
         })
     }
 

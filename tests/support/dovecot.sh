@@ -26,7 +26,8 @@
 # for imap and pop3), DG_POLICY_URL and DG_POLICY_HEADER (auth_policy_server_url and
 # auth_policy_server_api_header), DG_POLICY_CHECKS=no (auth_policy_check_before_auth and
 # _after_auth off: reports only), DG_POLICY_ATTRIBUTES=default (Dovecot's default
-# auth_policy_request_attributes, without the proxy and nologin ones dovegate requires).
+# auth_policy_request_attributes, without the proxy and nologin ones dovegate requires),
+# DG_EXTRA_CONF (a file of settings appended to dovecot.conf, for `up` and `up24`).
 # With DG_POLICY_URL, `up` adds the users carol (proxy=y to a closed port, any password)
 # and dave (nologin), whose authentications succeed but who never log in.
 # Dovecot runs as root here (the master must: it binds, chroots, drops privileges); the
@@ -135,6 +136,8 @@ CONF
         # port: the login fails), dave may not log in; both authenticate successfully.
         printf 'carol:::::::proxy=y host=127.0.0.1 port=9 nopassword=y\ndave:{PLAIN}dave-pass::::::nologin reason=moved\n' >> "$DIR/users"
     fi
+    # DG_EXTRA_CONF: a file of settings appended as is (e.g. an event exporter).
+    [ -z "${DG_EXTRA_CONF:-}" ] || cat "$DG_EXTRA_CONF" >> "$DIR/dovecot.conf"
     for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
         [ "$(listening $p)" = 0 ] || die "port $p is in use"
     done
@@ -277,6 +280,8 @@ auth_policy_request_attributes {
 CONF
         [ "${DG_POLICY_CHECKS:-}" != no ] || printf 'auth_policy_check_before_auth = no\nauth_policy_check_after_auth = no\n' >> "$DIR/dovecot.conf"
     fi
+    # DG_EXTRA_CONF: a file of settings appended as is (e.g. an event exporter).
+    [ -z "${DG_EXTRA_CONF:-}" ] || cat "$DG_EXTRA_CONF" >> "$DIR/dovecot.conf"
     for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
         [ "$(listening $p)" = 0 ] || die "port $p is in use"
     done
