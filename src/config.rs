@@ -55,6 +55,7 @@ pub struct FileConfig {
     pub state: StateSection,
     pub store: StoreSection,
     pub push: crate::push::PushSection,
+    pub events: crate::events::EventsSection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -235,6 +236,7 @@ pub struct Settings {
     pub metrics: Option<std::net::SocketAddr>,
     pub store: StoreSettings,
     pub push: crate::push::PushSettings,
+    pub events: crate::events::EventsSettings,
 }
 
 /// A configuration problem, always naming the key (or file) at fault.
@@ -546,6 +548,7 @@ impl FileConfig {
             metrics,
             store: self.store.validate()?,
             push: crate::push::PushSettings::from_section(&self.push)?,
+            events: crate::events::EventsSettings::from_section(&self.events)?,
         })
     }
 }

@@ -123,9 +123,13 @@ impl Effective {
         let patterns = Arc::new(load_patterns(&settings, args.patterns.as_deref())?);
         let exclude = super::build::exclusions(&settings)?;
         let journal = args.journal.target(settings.journal);
-        if settings.logs.is_empty() && journal.is_none() && !settings.push.enabled() {
+        if settings.logs.is_empty()
+            && journal.is_none()
+            && !settings.push.enabled()
+            && !settings.events.enabled()
+        {
             return Err(Failure::config(
-                "source.logs: no log file to follow, the journal is off (source.journal) and nothing is pushed ([push])",
+                "source.logs: no log file to follow, the journal is off (source.journal) and nothing is pushed ([push], [events])",
             ));
         }
         Ok(Effective {
@@ -153,6 +157,8 @@ struct Sources {
     rx: tokio::sync::mpsc::Receiver<Batch>,
     /// The push servers (post-login socket, auth policy); dropped with the generation.
     _push: crate::push::Push,
+    /// Dovecot's event exporter listener; dropped with the generation.
+    _events: crate::events::Events,
 }
 
 impl Sources {
@@ -225,7 +231,19 @@ impl Sources {
             crate::push::spawn(&settings.push, tx.clone(), stats)
         }
         .map_err(Failure::runtime)?;
-        Ok(Sources { handles, rx, _push })
+        let _events = if dry.is_some_and(|d| d.daemon_running) && settings.events.enabled() {
+            tracing::warn!("[events]: a dovegate daemon holds the map; --dry-run leaves its events listener alone and reports logged logins only");
+            crate::events::spawn(&Default::default(), tx.clone(), stats)
+        } else {
+            crate::events::spawn(&settings.events, tx.clone(), stats)
+        }
+        .map_err(Failure::runtime)?;
+        Ok(Sources {
+            handles,
+            rx,
+            _push,
+            _events,
+        })
     }
 
     /// Stops every source thread (killing journalctl) and joins them. The receiver goes
