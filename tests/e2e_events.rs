@@ -73,6 +73,8 @@ struct Rig {
     dir: PathBuf,
     dv: String,
     port: u16,
+    /// The README's exporter settings for this rig (the harness's DG_EXTRA_CONF).
+    exporter: String,
 }
 
 impl Rig {
@@ -90,13 +92,13 @@ impl Rig {
         let conf = readme_block(SNIPPET_23)
             .replace("8431", &port.to_string())
             .replace("/SECRET", &format!("/{SECRET}"));
-        std::fs::write(dir.join("events.conf"), conf).unwrap();
         let dv = dir.join("dv").display().to_string();
         Rig {
             _tmp: tmp,
             dir,
             dv,
             port,
+            exporter: conf,
         }
     }
 
@@ -108,17 +110,25 @@ impl Rig {
         self.dir.join("relay")
     }
 
-    /// `dovegate run` with `[events]` only (no log, no journal) plus `extra`.
+    /// `dovegate run` with `[events]` over HTTP only (no log, no journal) plus `extra`.
     fn daemon(&self, extra: &str, args: &[&str]) -> Daemon {
+        let events = format!(
+            "listen = \"127.0.0.1:{}\"\nsecret_file = \"{}\"\n",
+            self.port,
+            self.path("secret")
+        );
+        self.daemon_with(&events, extra, args)
+    }
+
+    /// `dovegate run` with the `[events]` keys given, no log, no journal, plus `extra`.
+    fn daemon_with(&self, events: &str, extra: &str, args: &[&str]) -> Daemon {
         let cfg = self.dir.join("dovegate.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[source]\nlogs = []\njournal = false\n[map]\npath = \"{}\"\n[state]\ndir = \"{}\"\n[events]\nlisten = \"127.0.0.1:{}\"\nsecret_file = \"{}\"\n{extra}",
+                "[source]\nlogs = []\njournal = false\n[map]\npath = \"{}\"\n[state]\ndir = \"{}\"\n[events]\n{events}{extra}",
                 self.map().display(),
                 self.path("state"),
-                self.port,
-                self.path("secret"),
             ),
         )
         .unwrap();
@@ -140,7 +150,7 @@ impl Rig {
         harness(
             &["up", &self.dv, "file", &base.to_string()],
             &[
-                ("DG_EXTRA_CONF", &self.path("events.conf")),
+                ("DG_EXTRA_CONF", &self.exporter),
                 ("DG_POLICY_URL", "http://127.0.0.1:9/"),
                 ("DG_POLICY_CHECKS", "no"),
             ],
@@ -551,4 +561,91 @@ fn trixie_root() -> Option<String> {
         .collect();
     roots.sort();
     roots.pop().map(|p| p.display().to_string())
+}
+
+/// Stops the chrooted Dovecot 2.4 whatever happens.
+struct Dovecot24Down(String);
+impl Drop for Dovecot24Down {
+    fn drop(&mut self) {
+        let _ = Command::new(support("dovecot.sh"))
+            .args(["down24", &self.0])
+            .output();
+    }
+}
+
+/// Dovecot 2.4.1 with the README's unix driver snippet: logins grant; a peer of another
+/// uid on the socket is refused and grants nothing.
+#[test]
+fn dovecot_24_unix_driver_grants_and_refuses_other_uids() {
+    let rig = Rig::new();
+    let out = Command::new(support("dovecot.sh"))
+        .args(["trixie-root", &rig.dv])
+        .output()
+        .expect("dovecot.sh trixie-root");
+    assert!(
+        out.status.success(),
+        "a Debian 13 root: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let passwd = std::fs::read_to_string(format!("{root}/etc/passwd")).unwrap();
+    let dovecot_uid: u32 = passwd
+        .lines()
+        .find_map(|l| l.strip_prefix("dovecot:x:"))
+        .and_then(|r| r.split(':').next())
+        .and_then(|u| u.parse().ok())
+        .expect("a dovecot user in the root");
+    // The socket in the rig, which the chroot sees as /rig.
+    let socket = rig.dir.join("dv/events");
+    let mut daemon = rig.daemon_with(
+        &format!(
+            "listen = \"{}\"\nusers = [{dovecot_uid}]\n",
+            socket.display()
+        ),
+        "",
+        &[],
+    );
+    let _down = Dovecot24Down(rig.dv.clone());
+    let exporter = readme_block(SNIPPET_24).replace("/run/dovegate/events", "/rig/events");
+    harness(
+        &["up24", &rig.dv, &root, "28143"],
+        &[("DG_EXTRA_CONF", &exporter)],
+    );
+    let (mut granted, refused) = run_logins(28143);
+    assert_eq!(granted.len(), 5, "{granted:?}");
+    // Another user writes a login event to the socket.
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(20); s.connect(sys.argv[1])
+try:
+    s.sendall(sys.argv[2].encode() + b"\n"); s.recv(1)
+except OSError:
+    pass  # closed at once: refused
+"#;
+    let out = Command::new("/usr/sbin/runuser")
+        .args(["-u", "nobody", "--", "python3", "-c", script])
+        .arg(&socket)
+        .arg(login_event("203.0.113.98"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the other uid refused", PATIENCE, || {
+        daemon.log().contains("is not in events.users")
+    });
+    timed_logins(28143, 1, "203.0.113.251");
+    granted.insert("203.0.113.251".into());
+    for ip in &granted {
+        wait_for(&format!("grant for {ip}"), PATIENCE, || {
+            postmap_q(&rig.map(), ip).is_some()
+        });
+    }
+    assert_eq!(daemon.stop(), Some(0));
+    assert_eq!(map_keys(&rig.map()), granted, "{}", daemon.log());
+    for ip in refused.iter().map(String::as_str).chain(["203.0.113.98"]) {
+        assert_eq!(postmap_q(&rig.map(), ip), None, "{ip} must not be granted");
+    }
 }

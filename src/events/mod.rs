@@ -166,7 +166,11 @@ impl Intake {
                 self.stats.logins.fetch_add(1, Ordering::Relaxed);
                 Item::Login(login(conn, user, session))
             }
-            Ok(Ok(Event::End { protocol, session })) => {
+            // The user is not needed to close an exact session (kept in `parse` for
+            // evidence that ties ends to users).
+            Ok(Ok(Event::End {
+                protocol, session, ..
+            })) => {
                 if !crate::session::ends_held(&protocol) {
                     return;
                 }

@@ -47,7 +47,11 @@ pub enum Event {
     /// `auth_master_client_login_finished`: a mail session started for `conn.remote.0`.
     Login { conn: Conn, user: String },
     /// `mail_user_session_finished`.
-    End { protocol: String, session: String },
+    End {
+        protocol: String,
+        session: String,
+        user: Option<String>,
+    },
 }
 
 /// Why an event grants nothing.
@@ -209,7 +213,11 @@ pub fn parse(body: &[u8]) -> Result<Result<Event, Ignored>, Invalid> {
                     .or_else(|| category_service(&raw.categories)),
             )?;
             let session = session(f.session.as_deref())?;
-            Ok(Ok(Event::End { protocol, session }))
+            Ok(Ok(Event::End {
+                protocol,
+                session,
+                user: f.user,
+            }))
         }
         _ => Ok(Err(Ignored::Other)),
     }
@@ -318,14 +326,16 @@ mod tests {
             ok(END_23),
             Event::End {
                 protocol: "imap".into(),
-                session: "WDkhNwViz5zLAHEt".into()
+                session: "WDkhNwViz5zLAHEt".into(),
+                user: Some("alice".into())
             }
         );
         assert_eq!(
             ok(END_POP3_23),
             Event::End {
                 protocol: "pop3".into(),
-                session: "T84kNwVirpzGM2QX".into()
+                session: "T84kNwVirpzGM2QX".into(),
+                user: Some("bob".into())
             }
         );
         assert_eq!(parse(FAILED_23.as_bytes()).unwrap(), Err(Ignored::Failed));
@@ -357,7 +367,8 @@ mod tests {
             ok(END_24),
             Event::End {
                 protocol: "imap".into(),
-                session: "9O0qOwViZ9N/AAAJ".into()
+                session: "9O0qOwViZ9N/AAAJ".into(),
+                user: Some("alice".into())
             }
         );
     }

@@ -4,7 +4,8 @@
 #   dovecot.sh up DIR file|syslog PORTBASE   imap PORTBASE, imaps +1, pop3 +2, pop3s +3
 #   dovecot.sh down DIR
 #   dovecot.sh trixie-root DIR               a Debian 13 root with Dovecot 2.4 (debootstrap,
-#                                            cached in /var/cache/dovegate-test/push-trixie);
+#                                            cached in /var/cache/dovegate-test/push-trixie,
+#                                            else the system test's root-trixie-*);
 #                                            prints its path
 #   dovecot.sh up24 DIR ROOT PORTBASE        Dovecot 2.4 from ROOT, chrooted, with DIR mounted
 #                                            at /rig inside (a private mount namespace); the
@@ -21,13 +22,13 @@
 #   dovecot.sh cgroup-up DIR | cgroup-down DIR   a cgroup2 system.slice/dovecot.service,
 #                                            so journald stamps _SYSTEMD_UNIT=dovecot.service
 # Environment for `up`: DG_SYSLOG_SOCK (syslog socket, default DIR/syslog/dev-log),
-# DG_CGROUP (a cgroup directory to start Dovecot in); the push paths, configured as the
+# DG_CGROUP (a cgroup directory to start Dovecot in), DG_EXTRA_CONF (lines appended to
+# dovecot.conf, also for up24); the push paths, configured as the
 # README says: DG_POSTLOGIN (the post-login script and its arguments, run by script-login
 # for imap and pop3), DG_POLICY_URL and DG_POLICY_HEADER (auth_policy_server_url and
 # auth_policy_server_api_header), DG_POLICY_CHECKS=no (auth_policy_check_before_auth and
 # _after_auth off: reports only), DG_POLICY_ATTRIBUTES=default (Dovecot's default
-# auth_policy_request_attributes, without the proxy and nologin ones dovegate requires),
-# DG_EXTRA_CONF (a file of settings appended to dovecot.conf, for `up` and `up24`).
+# auth_policy_request_attributes, without the proxy and nologin ones dovegate requires).
 # With DG_POLICY_URL, `up` adds the users carol (proxy=y to a closed port, any password)
 # and dave (nologin), whose authentications succeed but who never log in.
 # Dovecot runs as root here (the master must: it binds, chroots, drops privileges); the
@@ -136,8 +137,8 @@ CONF
         # port: the login fails), dave may not log in; both authenticate successfully.
         printf 'carol:::::::proxy=y host=127.0.0.1 port=9 nopassword=y\ndave:{PLAIN}dave-pass::::::nologin reason=moved\n' >> "$DIR/users"
     fi
-    # DG_EXTRA_CONF: a file of settings appended as is (e.g. an event exporter).
-    [ -z "${DG_EXTRA_CONF:-}" ] || cat "$DG_EXTRA_CONF" >> "$DIR/dovecot.conf"
+    # DG_EXTRA_CONF: settings appended as they are (verbose_proctitle, anonymous login).
+    [ -z "${DG_EXTRA_CONF:-}" ] || printf '%s\n' "$DG_EXTRA_CONF" >> "$DIR/dovecot.conf"
     for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
         [ "$(listening $p)" = 0 ] || die "port $p is in use"
     done
@@ -176,6 +177,13 @@ CONF
 trixie_root() {
     local cache=/var/cache/dovegate-test root=/var/cache/dovegate-test/push-trixie
     mkdir -p "$cache"
+    # Without it, a Debian 13 root the system test cached (no network needed); used
+    # through an overlay (see up24), never changed.
+    if [ ! -d "$root" ]; then
+        local cached
+        cached=$(ls -d "$cache"/root-trixie-*/usr/sbin/dovecot 2>/dev/null | tail -1)
+        [ -z "$cached" ] || { echo "${cached%/usr/sbin/dovecot}"; return 0; }
+    fi
     local mirror
     mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
     flock "$cache/push-trixie.lock" bash -c '
@@ -194,7 +202,8 @@ trixie_root() {
 up24() {
     local root=$1 base=$2
     [ -x "$root/usr/sbin/dovecot" ] || die "no Dovecot in $root"
-    mkdir -p "$DIR/run" "$DIR/state" "$DIR/ssl" "$DIR/mail" "$root/rig"
+    mkdir -p "$DIR/run" "$DIR/state" "$DIR/ssl" "$DIR/mail" "$DIR/.root/upper" "$DIR/.root/work" "$DIR/.root/merged"
+    chmod 0755 "$DIR/.root/upper"
     chmod 0755 "$DIR" "$DIR/run" "$DIR/state"
     chown 65534:65534 "$DIR/mail"
     openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=localhost \
@@ -280,13 +289,18 @@ auth_policy_request_attributes {
 CONF
         [ "${DG_POLICY_CHECKS:-}" != no ] || printf 'auth_policy_check_before_auth = no\nauth_policy_check_after_auth = no\n' >> "$DIR/dovecot.conf"
     fi
-    # DG_EXTRA_CONF: a file of settings appended as is (e.g. an event exporter).
-    [ -z "${DG_EXTRA_CONF:-}" ] || cat "$DG_EXTRA_CONF" >> "$DIR/dovecot.conf"
+    # DG_EXTRA_CONF: settings appended as they are (verbose_proctitle, anonymous login).
+    [ -z "${DG_EXTRA_CONF:-}" ] || printf '%s\n' "$DG_EXTRA_CONF" >> "$DIR/dovecot.conf"
     for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
         [ "$(listening $p)" = 0 ] || die "port $p is in use"
     done
     DG_DIR="$DIR" DG_ROOT="$root" unshare --mount --propagation private bash -c '
         set -e
+        # The root seen through an overlay: it stays as cached (a root only root may
+        # enter, mode 0700, is entered by Dovecot'"'"'s users through the upper layer'"'"'s 0755).
+        mount -t overlay dgroot -o "lowerdir=$DG_ROOT,upperdir=$DG_DIR/.root/upper,workdir=$DG_DIR/.root/work" "$DG_DIR/.root/merged"
+        DG_ROOT="$DG_DIR/.root/merged"
+        mkdir -p "$DG_ROOT/rig"
         mount --bind "$DG_DIR" "$DG_ROOT/rig"
         mount --bind /dev "$DG_ROOT/dev"
         mount -t proc proc "$DG_ROOT/proc"
