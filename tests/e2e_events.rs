@@ -284,6 +284,19 @@ fn dovecot_23_events_grant_logins_and_nothing_else() {
     let dave = imap_login(24143, "203.0.113.201", "dave", "dave-pass");
     assert!(carol.starts_with("b NO"), "{carol}");
     assert!(dave.starts_with("b NO"), "{dave}");
+    // Proxied by this Dovecot to itself (as alice): the proxy grants the client.
+    let mut users = std::fs::OpenOptions::new()
+        .append(true)
+        .open(rig.dir.join("dv/users"))
+        .unwrap();
+    writeln!(
+        users,
+        "erin:::::::proxy=y host=127.0.0.1 port=24143 destuser=alice pass=alice-pass nopassword=y"
+    )
+    .unwrap();
+    let erin = imap_login(24143, "203.0.113.210", "erin", "any");
+    assert!(erin.starts_with("b OK"), "{erin}");
+    granted.insert("203.0.113.210".into());
     wait_for("Dovecot logged carol's proxying", PATIENCE, || {
         rig.dovecot_log().contains("proxy(carol")
     });

@@ -127,6 +127,15 @@ impl EventsSettings {
     }
 }
 
+/// What successful authentications leave for the events after them (see `pair`).
+#[derive(Default)]
+struct Pairs {
+    /// The session id, by connection (for the master login).
+    sessions: pair::Pending<parse::Conn, String>,
+    /// The client, by protocol and real peer (for a proxy's login).
+    clients: pair::Pending<(String, (IpAddr, u16)), IpAddr>,
+}
+
 /// One queued event for the engine.
 enum Item {
     Login(SeenLogin),
@@ -136,7 +145,7 @@ enum Item {
 /// Takes each event as it arrives: decides, counts, and queues it without waiting.
 pub(crate) struct Intake {
     queue: mpsc::Sender<Item>,
-    pending: Mutex<pair::Pending>,
+    pending: Mutex<Pairs>,
     stats: Arc<SourceStats>,
     dropped: AtomicU64,
     warn_dropped: RateLimited,
@@ -157,14 +166,42 @@ impl Intake {
                 return;
             }
             Ok(Err(Ignored::Other)) => return,
-            Ok(Ok(Event::Authenticated { conn, session })) => {
-                self.pending().authenticated(conn, session, Instant::now());
+            Ok(Ok(Event::Authenticated {
+                conn,
+                peer,
+                session,
+            })) => {
+                let now = Instant::now();
+                let mut pairs = self.pending();
+                pairs
+                    .clients
+                    .authenticated((conn.protocol.clone(), peer), conn.remote.0, now);
+                pairs.sessions.authenticated(conn, session, now);
                 return;
             }
             Ok(Ok(Event::Login { conn, user })) => {
-                let session = self.pending().login(&conn, Instant::now());
+                let session = self.pending().sessions.take(&conn, Instant::now());
                 self.stats.logins.fetch_add(1, Ordering::Relaxed);
                 Item::Login(login(conn, user, session))
+            }
+            Ok(Ok(Event::Proxied {
+                protocol,
+                peer,
+                user,
+            })) => {
+                let key = (protocol, peer);
+                let Some(client) = self.pending().clients.take(&key, Instant::now()) else {
+                    // The client is unknown: granting the peer could open the relay to a
+                    // proxy in front.
+                    self.stats.count_near_miss("proxy-unpaired");
+                    self.warn_invalid.warn(&format!(
+                        "events: proxied login of {user:?} from {} without its authentication event (the auth_request_finished metric missing, or the event lost); nothing granted",
+                        key.1 .0
+                    ));
+                    return;
+                };
+                self.stats.logins.fetch_add(1, Ordering::Relaxed);
+                Item::Login(proxied(client, key.0, user))
             }
             // The user is not needed to close an exact session (kept in `parse` for
             // evidence that ties ends to users).
@@ -203,7 +240,7 @@ impl Intake {
         self.warn_refused.warn(what);
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, pair::Pending> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pairs> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -223,6 +260,22 @@ fn login(conn: parse::Conn, user: String, session: Option<String>) -> SeenLogin 
             user: Some(user),
             protocol: conn.protocol,
             pattern: "auth_master_client_login_finished".into(),
+            source: "events".into(),
+        })),
+    }
+}
+
+/// A login a proxy passed on to its backend: a grant for the client (no session: it is
+/// held on the backend).
+fn proxied(client: IpAddr, protocol: String, user: String) -> SeenLogin {
+    SeenLogin {
+        ip: client,
+        time: Some(crate::timefmt::now()),
+        session: None,
+        detail: Some(Box::new(LoginDetail {
+            user: Some(user),
+            protocol,
+            pattern: "proxy_session_established".into(),
             source: "events".into(),
         })),
     }
@@ -434,6 +487,28 @@ mod tests {
         assert_eq!(l.session, None);
         i.event(END.replace("imap", "pop3").as_bytes());
         assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_proxy_grants_the_client_its_authentication_named() {
+        let (i, mut rx) = intake(8);
+        let proxied = r#"{"event":"proxy_session_established","categories":["imap","service:imap-login"],"fields":{"local_ip":"127.0.0.1","local_port":143,"remote_ip":"127.0.0.9","remote_port":48937,"service":"imap","user":"erin"}}"#;
+        // Without the authentication: nothing (127.0.0.9 is a proxy in front).
+        i.event(proxied.as_bytes());
+        assert!(rx.try_recv().is_err());
+        i.event(
+            AUTH.replace(
+                r#""real_remote_ip":"127.0.0.9""#,
+                r#""real_remote_ip":"127.0.0.9","real_remote_port":48937"#,
+            )
+            .as_bytes(),
+        );
+        i.event(proxied.as_bytes());
+        let Ok(Item::Login(l)) = rx.try_recv() else {
+            panic!("a login")
+        };
+        assert_eq!(l.ip, "203.0.113.45".parse::<IpAddr>().unwrap());
+        assert_eq!(l.session, None);
     }
 
     #[test]

@@ -1,39 +1,47 @@
-//! The session id of a login: Dovecot's master-login event has none, the successful
-//! authentication just before it has. Both name the connection (protocol, local and
-//! remote address and port, the forwarded ones for a proxied client), so the id is kept
-//! briefly under that key and taken by the login. A login whose authentication was not
-//! seen (lost, late) still grants, as a plain login without a session hold.
+//! What a later event needs from the successful authentication before it: Dovecot's
+//! master-login event has no session id, and a proxy's `proxy_session_established` names
+//! the connection's real peer (a trusted proxy in front, say), not the client it
+//! forwarded. Both are taken from the authentication, kept briefly under the connection
+//! that names them both. A login whose authentication was not seen (lost, late) grants as
+//! a plain login without a session hold; a proxied one grants nothing (its client is not
+//! known).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::time::{Duration, Instant};
 
-use super::parse::Conn;
-
-/// Authentications kept at most, and for how long: the login follows within milliseconds.
-const MAX_PENDING: usize = 10_000;
+/// Authentications kept at most, and for how long: the login follows within milliseconds,
+/// a proxied one once the backend answered.
+const MAX_PENDING: usize = 50_000;
 const KEEP: Duration = Duration::from_secs(60);
 
-#[derive(Default)]
-pub struct Pending {
-    ids: HashMap<Conn, (String, Instant)>,
+pub struct Pending<K, V> {
+    kept: HashMap<K, (V, Instant)>,
 }
 
-impl Pending {
-    pub fn authenticated(&mut self, conn: Conn, session: String, now: Instant) {
-        if self.ids.len() >= MAX_PENDING {
-            self.ids.retain(|_, (_, t)| now.duration_since(*t) < KEEP);
+impl<K, V> Default for Pending<K, V> {
+    fn default() -> Self {
+        Pending {
+            kept: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq, V> Pending<K, V> {
+    pub fn authenticated(&mut self, key: K, value: V, now: Instant) {
+        if self.kept.len() >= MAX_PENDING {
+            self.kept.retain(|_, (_, t)| now.duration_since(*t) < KEEP);
         }
         // Still full: a flood of authentications without logins; later ones go unpaired.
-        if self.ids.len() < MAX_PENDING || self.ids.contains_key(&conn) {
-            self.ids.insert(conn, (session, now));
+        if self.kept.len() < MAX_PENDING || self.kept.contains_key(&key) {
+            self.kept.insert(key, (value, now));
         }
     }
 
-    /// The session id of the connection that just logged in, if its authentication was
-    /// seen recently.
-    pub fn login(&mut self, conn: &Conn, now: Instant) -> Option<String> {
-        let (id, t) = self.ids.remove(conn)?;
-        (now.duration_since(t) < KEEP).then_some(id)
+    /// What the connection's recent authentication left, once.
+    pub fn take(&mut self, key: &K, now: Instant) -> Option<V> {
+        let (v, t) = self.kept.remove(key)?;
+        (now.duration_since(t) < KEEP).then_some(v)
     }
 }
 
@@ -41,30 +49,22 @@ impl Pending {
 mod tests {
     use super::*;
 
-    fn conn(port: u16) -> Conn {
-        Conn {
-            protocol: "imap".into(),
-            local: ("127.0.0.1".parse().unwrap(), 143),
-            remote: ("203.0.113.5".parse().unwrap(), port),
-        }
-    }
-
     #[test]
     fn pairs_once_briefly_and_bounded() {
         let t0 = Instant::now();
-        let mut p = Pending::default();
-        p.authenticated(conn(1), "S1".into(), t0);
-        assert_eq!(p.login(&conn(2), t0), None);
-        assert_eq!(p.login(&conn(1), t0), Some("S1".into()));
-        assert_eq!(p.login(&conn(1), t0), None, "taken once");
-        p.authenticated(conn(1), "S2".into(), t0);
-        assert_eq!(p.login(&conn(1), t0 + KEEP), None, "too old");
+        let mut p = Pending::<u32, String>::default();
+        p.authenticated(1, "S1".into(), t0);
+        assert_eq!(p.take(&2, t0), None);
+        assert_eq!(p.take(&1, t0), Some("S1".into()));
+        assert_eq!(p.take(&1, t0), None, "taken once");
+        p.authenticated(1, "S2".into(), t0);
+        assert_eq!(p.take(&1, t0 + KEEP), None, "too old");
         for i in 0..MAX_PENDING + 5 {
-            p.authenticated(conn(i as u16), format!("S{i}"), t0);
+            p.authenticated(i as u32, format!("S{i}"), t0);
         }
-        assert_eq!(p.ids.len(), MAX_PENDING);
+        assert_eq!(p.kept.len(), MAX_PENDING);
         // Once the old ones expire, room again.
-        p.authenticated(conn(1), "new".into(), t0 + KEEP);
-        assert_eq!(p.ids.len(), 1);
+        p.authenticated(1, "new".into(), t0 + KEEP);
+        assert_eq!(p.kept.len(), 1);
     }
 }

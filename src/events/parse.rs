@@ -13,6 +13,12 @@
 //! never the proxy's address. The successful `auth_request_finished` is still used, for
 //! the one thing the master login lacks: the session id (paired on the connection's
 //! addresses and ports, see `pair`). `mail_user_session_finished` ends the session.
+//!
+//! On a Dovecot proxy no mail session starts; `proxy_session_established` (the backend
+//! accepted the user) is the login there, as the proxy log patterns' "Started proxying".
+//! Its `remote_ip` is the connection's real peer (measured on 2.3.19.1: a trusted proxy in
+//! front, not the client it forwarded), so the client is taken from the authentication of
+//! that same connection (its `real_remote_ip` and port): never the proxy's address.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -41,9 +47,21 @@ pub struct Conn {
 /// What an event means here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// `auth_request_finished`, `success=yes`: the connection's session id; grants
-    /// nothing (the passdb may still proxy the user or refuse them).
-    Authenticated { conn: Conn, session: String },
+    /// `auth_request_finished`, `success=yes`: the connection's session id and real
+    /// peer (`real_remote_ip`, port); grants nothing (the passdb may still proxy the user
+    /// or refuse them).
+    Authenticated {
+        conn: Conn,
+        peer: (IpAddr, u16),
+        session: String,
+    },
+    /// `proxy_session_established`: the user proxied to a backend, for the connection
+    /// from `peer` (the real one).
+    Proxied {
+        protocol: String,
+        peer: (IpAddr, u16),
+        user: String,
+    },
     /// `auth_master_client_login_finished`: a mail session started for `conn.remote.0`.
     Login { conn: Conn, user: String },
     /// `mail_user_session_finished`.
@@ -96,6 +114,8 @@ struct Fields {
     local_port: Option<String>,
     remote_ip: Option<String>,
     remote_port: Option<String>,
+    real_remote_ip: Option<String>,
+    real_remote_port: Option<String>,
 }
 
 /// A field value as text: strings and numbers; anything else is malformed.
@@ -154,6 +174,8 @@ impl<'de> Deserialize<'de> for Fields {
                         "local_port" => &mut f.local_port,
                         "remote_ip" => &mut f.remote_ip,
                         "remote_port" => &mut f.remote_port,
+                        "real_remote_ip" => &mut f.real_remote_ip,
+                        "real_remote_port" => &mut f.real_remote_port,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
@@ -196,7 +218,18 @@ pub fn parse(body: &[u8]) -> Result<Result<Event, Ignored>, Invalid> {
             let protocol = protocol(f.protocol.as_deref().or(f.service.as_deref()))?;
             let session = session(f.session.as_deref())?;
             let conn = conn(protocol, &f)?;
-            Ok(Ok(Event::Authenticated { conn, session }))
+            let peer = match f.real_remote_ip {
+                Some(_) => (
+                    ip(&f.real_remote_ip, "real_remote_ip")?,
+                    port(&f.real_remote_port),
+                ),
+                None => conn.remote,
+            };
+            Ok(Ok(Event::Authenticated {
+                conn,
+                peer,
+                session,
+            }))
         }
         "auth_master_client_login_finished" => {
             // The mail process's own event: its protocol is its service category.
@@ -204,6 +237,17 @@ pub fn parse(body: &[u8]) -> Result<Result<Event, Ignored>, Invalid> {
             let user = f.user.clone().unwrap_or_default();
             let conn = conn(protocol, &f)?;
             Ok(Ok(Event::Login { conn, user }))
+        }
+        "proxy_session_established" => {
+            // The login process's event: `service` (2.3), or its category `imap-login`.
+            let service = f.protocol.as_deref().or(f.service.as_deref()).or_else(|| {
+                category_service(&raw.categories).map(|s| s.trim_end_matches("-login"))
+            });
+            Ok(Ok(Event::Proxied {
+                protocol: protocol(service)?,
+                peer: (ip(&f.remote_ip, "remote_ip")?, port(&f.remote_port)),
+                user: f.user.clone().unwrap_or_default(),
+            }))
         }
         "mail_user_session_finished" => {
             // 2.4 has `service`; 2.3 only the category.
@@ -254,20 +298,23 @@ fn session(s: Option<&str>) -> Result<String, Invalid> {
     }
 }
 
+fn ip(v: &Option<String>, name: &str) -> Result<IpAddr, Invalid> {
+    v.as_deref().and_then(parse_any_ip).ok_or_else(|| {
+        Invalid(format!(
+            "no valid {name} ({:?})",
+            v.as_deref().unwrap_or("")
+        ))
+    })
+}
+
+/// A port as Dovecot writes it; 0 when absent (part of a pairing key only).
+fn port(v: &Option<String>) -> u16 {
+    v.as_deref()
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(0)
+}
+
 fn conn(protocol: String, f: &Fields) -> Result<Conn, Invalid> {
-    let ip = |v: &Option<String>, name: &str| {
-        v.as_deref().and_then(parse_any_ip).ok_or_else(|| {
-            Invalid(format!(
-                "no valid {name} ({:?})",
-                v.as_deref().unwrap_or("")
-            ))
-        })
-    };
-    let port = |v: &Option<String>| {
-        v.as_deref()
-            .and_then(|p| p.parse::<u16>().ok())
-            .unwrap_or(0)
-    };
     Ok(Conn {
         protocol,
         local: (ip(&f.local_ip, "local_ip")?, port(&f.local_port)),
@@ -287,6 +334,9 @@ mod tests {
     const END_POP3_23: &str = r#"{"event":"mail_user_session_finished","hostname":"vm","start_time":"2026-12-07T06:19:59.806071Z","end_time":"2026-12-07T06:19:59.826278Z","categories":["storage","service:pop3"],"fields":{"minor_faults":96,"rss":5033984,"vsz":6676480,"user":"bob","session":"T84kNwVirpzGM2QX","duration":20175}}"#;
     const FAILED_23: &str = r#"{"event":"auth_request_finished","hostname":"vm","start_time":"2026-12-07T06:19:59.970081Z","end_time":"2026-12-07T06:19:59.972808Z","categories":["service:auth","auth"],"fields":{"duration":497,"mechanism":"PLAIN","transport":"trusted","service":"imap","session":"BK8nNwViz5zLAHFC","local_ip":"127.0.0.1","real_local_ip":"127.0.0.1","remote_ip":"203.0.113.66","real_remote_ip":"127.0.0.9","local_port":18143,"real_local_port":18143,"remote_port":40143,"real_remote_port":37725,"original_user":"alice","user":"alice","translated_user":"alice"}}"#;
     const PROXY_23: &str = r#"{"event":"proxy_session_finished","hostname":"vm","start_time":"2026-12-07T06:20:17.202059Z","end_time":"2026-12-07T06:20:20.205570Z","categories":["imap","service:imap-login"],"fields":{"local_ip":"127.0.0.1","local_port":18143,"remote_ip":"127.0.0.1","remote_port":58290,"service":"imap","user":"carol","duration":3003417,"disconnect_reason":"","disconnect_side":"proxy","source_ip":"","dest_ip":"127.0.0.1","dest_port":9,"dest_host":"127.0.0.1","source_port":35974,"reconnect_attempts":3}}"#;
+    // A proxy (erin: proxy=y to a backend), the connection from the trusted 127.0.0.9 that
+    // forwarded 203.0.113.77 (its port here as in AUTH_23, to pair them).
+    const PROXIED_23: &str = r#"{"event":"proxy_session_established","hostname":"vm","start_time":"2026-12-07T06:40:54.426674Z","end_time":"2026-12-07T06:40:54.474630Z","categories":["imap","service:imap-login"],"fields":{"local_ip":"127.0.0.1","local_port":18143,"remote_ip":"127.0.0.9","remote_port":48937,"service":"imap","user":"erin","duration":47857,"source_ip":"","dest_ip":"127.0.0.1","dest_port":18143,"dest_host":"127.0.0.1","source_port":34366}}"#;
     // Dovecot 2.4.1 (Debian 13): `protocol` in auth, `service` in the session end.
     const AUTH_24: &str = r#"{"event":"auth_request_finished","hostname":"vm","start_time":"2026-12-07T06:21:07.363654Z","end_time":"2026-12-07T06:21:07.369296Z","categories":["auth","service:auth"],"fields":{"duration":153,"remote_pid":24122,"remote_uid":102,"remote_gid":105,"success":"yes","policy_result":"ok","mechanism":"PLAIN","transport":"secured","protocol":"pop3","session":"/QMsOwViOO0AAAAAAAAAAAAAAAAAAAAB","local_ip":"::1","real_local_ip":"::1","remote_ip":"::1","real_remote_ip":"::1","local_port":18245,"real_local_port":18245,"remote_port":60728,"real_remote_port":60728,"original_user":"alice","user":"alice","translated_user":"alice"}}"#;
     const LOGIN_24: &str = r#"{"event":"auth_master_client_login_finished","hostname":"vm","start_time":"2026-12-07T06:21:07.394183Z","end_time":"2026-12-07T06:21:07.394313Z","categories":["auth-client","service:pop3"],"fields":{"duration":76,"user":"alice","id":3461480449,"local_ip":"::1","local_port":18245,"remote_ip":"::1","remote_port":60728}}"#;
@@ -311,7 +361,26 @@ mod tests {
             ok(AUTH_23),
             Event::Authenticated {
                 conn: conn.clone(),
+                peer: (ip("127.0.0.9"), 48937),
                 session: "WDkhNwViz5zLAHEt".into()
+            }
+        );
+        // A proxy's: the real peer (127.0.0.9, a trusted proxy in front), which the
+        // authentication above ties to its client.
+        assert_eq!(
+            ok(PROXIED_23),
+            Event::Proxied {
+                protocol: "imap".into(),
+                peer: (ip("127.0.0.9"), 48937),
+                user: "erin".into()
+            }
+        );
+        assert_eq!(
+            ok(&PROXIED_23.replace(r#""service":"imap","#, "")),
+            Event::Proxied {
+                protocol: "imap".into(),
+                peer: (ip("127.0.0.9"), 48937),
+                user: "erin".into()
             }
         );
         // The forwarded client, never the proxy (real_remote_ip 127.0.0.9).
@@ -353,6 +422,7 @@ mod tests {
             ok(AUTH_24),
             Event::Authenticated {
                 conn: conn.clone(),
+                peer: (ip("::1"), 60728),
                 session: "/QMsOwViOO0AAAAAAAAAAAAAAAAAAAAB".into()
             }
         );
