@@ -151,6 +151,8 @@ pub(crate) struct Intake {
     warn_dropped: RateLimited,
     warn_refused: RateLimited,
     warn_invalid: RateLimited,
+    /// Its own limiter: a misconfiguration must not hide behind malformed posts.
+    warn_unpaired: RateLimited,
 }
 
 impl Intake {
@@ -194,7 +196,7 @@ impl Intake {
                     // The client is unknown: granting the peer could open the relay to a
                     // proxy in front.
                     self.stats.count_near_miss("proxy-unpaired");
-                    self.warn_invalid.warn(&format!(
+                    self.warn_unpaired.warn(&format!(
                         "events: proxied login of {user:?} from {} without its authentication event (the auth_request_finished metric missing, or the event lost); nothing granted",
                         key.1 .0
                     ));
@@ -347,6 +349,7 @@ pub fn spawn(
         warn_dropped: RateLimited::default(),
         warn_refused: RateLimited::default(),
         warn_invalid: RateLimited::default(),
+        warn_unpaired: RateLimited::default(),
     });
     let server = runtime
         .block_on(listen::bind(listen, settings, intake))
@@ -448,6 +451,7 @@ mod tests {
             warn_dropped: RateLimited::default(),
             warn_refused: RateLimited::default(),
             warn_invalid: RateLimited::default(),
+            warn_unpaired: RateLimited::default(),
         };
         (intake, rx)
     }
