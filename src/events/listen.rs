@@ -41,10 +41,16 @@ pub(super) async fn bind(
 ) -> std::io::Result<Server> {
     match listen {
         EventsListen::Http(addr) => {
+            // Never without a secret (validation requires one): "/" alone would do.
+            let secret = settings
+                .secret
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| std::io::Error::other("no secret (events.secret_file)"))?;
+            let mut path = b"/".to_vec();
+            path.extend_from_slice(secret);
             let listener = tokio::net::TcpListener::bind(addr).await?;
             tracing::info!(address = %listener.local_addr()?, "events listening (Dovecot's http-post exporter)");
-            let mut path = b"/".to_vec();
-            path.extend_from_slice(settings.secret.as_deref().unwrap_or_default());
             let path: Arc<[u8]> = path.into();
             let conns = Arc::new(Conns::default());
             Ok(Box::pin(async move {
