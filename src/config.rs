@@ -120,6 +120,9 @@ pub struct PatternsSection {
 pub struct GrantSection {
     pub ttl: String,
     pub session_hold: String,
+    pub session_recheck: String,
+    pub session_who: Vec<String>,
+    pub never_mechanisms: Vec<String>,
     pub exclude: Vec<String>,
     pub exclude_mynetworks: bool,
     pub postfix_config_dir: String,
@@ -224,6 +227,12 @@ pub struct Settings {
     pub ttl: Duration,
     /// The longest an open mail session holds its grant after its login (0: sessions off).
     pub session_hold: Duration,
+    /// How often an open session's evidence is checked again.
+    pub session_recheck: Duration,
+    /// `doveadm who -1` (empty: not used).
+    pub session_who: Vec<String>,
+    /// SASL mechanisms whose logins never grant (upper case).
+    pub never_mechanisms: Vec<String>,
     pub exclude: Vec<IpNet>,
     pub exclude_mynetworks: bool,
     /// Postfix's configuration directory for `postconf -c` (None: Postfix's default).
@@ -399,6 +408,38 @@ impl FileConfig {
                 "must be at most 31 days (0: off)",
             ));
         }
+        let session_recheck = parse_duration("grant.session_recheck", &self.grant.session_recheck)?;
+        if session_recheck < Duration::from_secs(1) || session_recheck > Duration::from_secs(3600) {
+            return Err(err("grant.session_recheck", "must be between 1s and 1h"));
+        }
+        if self.grant.session_who.len() > 32
+            || self
+                .grant
+                .session_who
+                .first()
+                .is_some_and(|p| p.trim().is_empty())
+        {
+            return Err(err(
+                "grant.session_who",
+                "must be a command and its arguments, such as [\"doveadm\", \"who\", \"-1\"] ([] : not used)",
+            ));
+        }
+        let mut never_mechanisms = Vec::new();
+        for (i, m) in self.grant.never_mechanisms.iter().enumerate() {
+            let m = m.trim();
+            if m.is_empty()
+                || m.len() > 40
+                || !m
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(err(
+                    &format!("grant.never_mechanisms[{i}]"),
+                    format!("`{m}` is not a SASL mechanism name (such as ANONYMOUS)"),
+                ));
+            }
+            never_mechanisms.push(m.to_ascii_uppercase());
+        }
         let mut exclude = Vec::new();
         for (i, net) in self.grant.exclude.iter().enumerate() {
             exclude.push(parse_net(net).map_err(|m| err(&format!("grant.exclude[{i}]"), m))?);
@@ -534,6 +575,9 @@ impl FileConfig {
             enable_patterns: self.patterns.enable.clone(),
             ttl,
             session_hold,
+            session_recheck,
+            session_who: self.grant.session_who.clone(),
+            never_mechanisms,
             exclude,
             exclude_mynetworks: self.grant.exclude_mynetworks,
             postfix_config_dir: match self.grant.postfix_config_dir.trim() {

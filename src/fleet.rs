@@ -5,27 +5,93 @@
 //! returns Ok; so a commit here succeeds only when the grants are in the database (or,
 //! while it is down, durably in the spill queue) and in the local map. Everything the
 //! engine reads (list, expiry) is the local map: the database keeps its own expiry.
+//!
+//! The local map is never held back by the database's copy: when the spill queue is full,
+//! or the worker does not answer, the commit is local only and the database copy is
+//! behind (said loudly by the worker and in `STATE/fleet.json`). Revocations recorded in
+//! the database (another host, a DELETE or TRUNCATE by hand) are removed from the local
+//! map at the engine's next change probe, unless a login after the revoke granted again.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 
 use crate::store::postgres::worker::{Committed, PgWriter};
-use crate::store::{ExpireOutcome, GrantStore, LmdbMap, StoreError, StoredGrant};
+use crate::store::postgres::{PgError, Upserted, REVOKE_RACE_SECS};
+
+/// How long a revocation seen is kept to stop grants racing it.
+const RECENT_SECS: i64 = 30;
+use crate::store::{value, Cause, ExpireOutcome, GrantStore, LmdbMap, StoreError, StoredGrant};
 use crate::timefmt;
 
 /// The store `dovegate run` uses: always the local map, plus the database when configured.
 pub struct WriterStore {
     map: LmdbMap,
     pg: Option<PgWriter>,
+    /// Revocations seen in the last `RECENT_SECS` (address, when, this host's clock): a
+    /// grant in flight from a login no later than the revoke + `REVOKE_RACE_SECS` (a
+    /// session renewal racing the revoke) is not committed.
+    recent: HashMap<IpAddr, i64>,
+    /// When the database copy was last said to be behind (rate limit).
+    behind_warned: Option<std::time::Instant>,
 }
 
 impl WriterStore {
     pub fn local(map: LmdbMap) -> WriterStore {
-        WriterStore { map, pg: None }
+        WriterStore {
+            map,
+            pg: None,
+            recent: HashMap::new(),
+            behind_warned: None,
+        }
     }
 
     pub fn shared(map: LmdbMap, pg: PgWriter) -> WriterStore {
-        WriterStore { map, pg: Some(pg) }
+        WriterStore {
+            map,
+            pg: Some(pg),
+            recent: HashMap::new(),
+            behind_warned: None,
+        }
+    }
+
+    /// Removes from the local map the grants revoked in the database, except those
+    /// written by a login after the revoke (a local expiry later than the revoke + ttl).
+    /// True when one was removed.
+    fn apply_revocations(&mut self) -> Result<bool, StoreError> {
+        let Some(pg) = &self.pg else {
+            return Ok(false);
+        };
+        let ttl = pg.max_ttl();
+        let now = timefmt::now();
+        let fresh = pg.take_revocations();
+        self.recent.retain(|_, &mut at| at + RECENT_SECS > now);
+        self.recent.extend(fresh.iter().copied());
+        let mut removed = false;
+        for (ip, revoked_at) in fresh {
+            let Some(v) = self.map.get(ip)? else {
+                continue;
+            };
+            let expires = value::parse_expiry(v.as_bytes());
+            if expires.is_some_and(|e| e > revoked_at.saturating_add(ttl + REVOKE_RACE_SECS)) {
+                continue;
+            }
+            if self.map.revoke(ip)? {
+                removed = true;
+                tracing::info!(address = %ip, revoked = %timefmt::rfc3339(revoked_at), "revoked in the database (dovegate revoke on some host, or a DELETE/TRUNCATE): removed from the local map");
+            }
+        }
+        Ok(removed)
+    }
+
+    fn say_behind(&mut self, why: &str) {
+        if self
+            .behind_warned
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60))
+        {
+            return;
+        }
+        self.behind_warned = Some(std::time::Instant::now());
+        tracing::error!(error = why, "database copy behind: grants committed to the local map only (the other hosts do not see them); check the database and STATE/fleet.json");
     }
 }
 
@@ -34,7 +100,7 @@ impl WriterStore {
 /// know a later one; a database clock behind this host's must not shorten it). The
 /// database's answer counts only up to this host's now + ttl (`limit`): it is not trusted
 /// to open a relay for longer than a login here would.
-fn local_expiries(own: &[(IpAddr, i64)], committed: Committed, limit: i64) -> Vec<(IpAddr, i64)> {
+fn local_expiries(own: &[(IpAddr, i64)], committed: &Committed, limit: i64) -> Vec<(IpAddr, i64)> {
     let mut best: HashMap<IpAddr, i64> = HashMap::with_capacity(own.len());
     let mut order = Vec::with_capacity(own.len());
     for &(ip, e) in own {
@@ -46,28 +112,80 @@ fn local_expiries(own: &[(IpAddr, i64)], committed: Committed, limit: i64) -> Ve
             }
         }
     }
-    if let Committed::Written(effective) = committed {
-        for (ip, e) in effective {
+    if let Committed::Written(Upserted { written, revoked }) = committed {
+        for &(ip, e) in written {
             if let Some(v) = best.get_mut(&ip) {
                 *v = (*v).max(e.min(limit));
             }
         }
+        // Revoked after the login that granted them: not granted here either.
+        for ip in revoked {
+            best.remove(ip);
+        }
     }
-    order.into_iter().map(|ip| (ip, best[&ip])).collect()
+    order
+        .into_iter()
+        .filter_map(|ip| Some((ip, *best.get(&ip)?)))
+        .collect()
 }
 
-fn db_err(e: String) -> StoreError {
-    StoreError::other(format!("PostgreSQL: {e}"))
+/// A database failure as a store error (its cause kept as text: the store's cause is
+/// about the map).
+fn db_err(e: PgError) -> StoreError {
+    let cause = match &e {
+        PgError::Spill { source, .. } => Cause::Io(source.kind()),
+        _ => Cause::Other,
+    };
+    StoreError::new(format!("PostgreSQL: {e}"), cause)
 }
 
 impl GrantStore for WriterStore {
     fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        if self.pg.is_none() {
+            return self.map.upsert(grants);
+        }
+        // Revocations the worker has read since the last probe, first: a renewal in this
+        // batch must not write back what was just revoked.
+        self.apply_revocations()?;
+        let racing = |&(ip, e): &(IpAddr, i64), ttl: i64, recent: &HashMap<IpAddr, i64>| {
+            recent
+                .get(&ip)
+                .is_some_and(|&at| e.saturating_sub(ttl) <= at + REVOKE_RACE_SECS)
+        };
         let Some(pg) = &self.pg else {
             return self.map.upsert(grants);
         };
-        let limit = timefmt::now().saturating_add(pg.max_ttl());
-        let committed = pg.commit(grants).map_err(db_err)?;
-        self.map.upsert(&local_expiries(grants, committed, limit))
+        let ttl = pg.max_ttl();
+        let kept: Vec<(IpAddr, i64)>;
+        let grants = if grants.iter().any(|g| racing(g, ttl, &self.recent)) {
+            kept = grants
+                .iter()
+                .filter(|g| !racing(g, ttl, &self.recent))
+                .copied()
+                .collect();
+            for g in grants.iter().filter(|g| racing(g, ttl, &self.recent)) {
+                tracing::warn!(address = %g.0, "grant refused: this address was revoked (dovegate revoke, or a DELETE/TRUNCATE in the database) just before");
+            }
+            &kept[..]
+        } else {
+            grants
+        };
+        let limit = timefmt::now().saturating_add(ttl);
+        let committed = match pg.commit(grants) {
+            Ok(c) => c,
+            Err(e) => {
+                // The local map first: this host's logins never wait on the shared copy.
+                self.say_behind(&e.to_string());
+                Committed::Spilled { dropped: 0 }
+            }
+        };
+        if let Committed::Written(Upserted { revoked, .. }) = &committed {
+            for &ip in revoked {
+                tracing::warn!(address = %ip, "grant refused: this address was revoked after the login (dovegate revoke, or a DELETE/TRUNCATE in the database)");
+                self.map.revoke(ip)?;
+            }
+        }
+        self.map.upsert(&local_expiries(grants, &committed, limit))
     }
 
     fn expire(&mut self, ips: &[IpAddr], now: i64) -> Result<ExpireOutcome, StoreError> {
@@ -87,11 +205,13 @@ impl GrantStore for WriterStore {
     }
 
     fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
+        // Here first: an unreachable database must not keep the grant in this map.
+        let here = self.map.revoke(ip)?;
         let in_db = match &self.pg {
             Some(pg) => pg.revoke(ip).map_err(db_err)?,
             None => false,
         };
-        Ok(self.map.revoke(ip)? || in_db)
+        Ok(here || in_db)
     }
 
     fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
@@ -110,7 +230,9 @@ impl GrantStore for WriterStore {
     }
 
     fn changed(&mut self) -> Result<Option<bool>, StoreError> {
-        self.map.changed()
+        let revoked = self.apply_revocations()?;
+        let changed = self.map.changed()?;
+        Ok(if revoked { Some(true) } else { changed })
     }
 
     fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
@@ -128,22 +250,31 @@ mod tests {
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let c: IpAddr = "192.0.2.3".parse().unwrap();
         let own = [(a, 1000), (b, 1000), (c, 1000), (a, 1100)];
-        let db = Committed::Written(vec![
-            // The database's clock is behind: shorter.
-            (a, 900),
-            // Another writer's later grant.
-            (b, 1150),
-            // A far-future row (294000-01-01): never written as it is.
-            (c, 9_215_576_668_800),
-        ]);
+        let db = Committed::Written(Upserted {
+            written: vec![
+                // The database's clock is behind: shorter.
+                (a, 900),
+                // Another writer's later grant.
+                (b, 1150),
+                // A far-future row (294000-01-01): never written as it is.
+                (c, 9_215_576_668_800),
+            ],
+            revoked: vec![],
+        });
         assert_eq!(
-            local_expiries(&own, db, 1200),
+            local_expiries(&own, &db, 1200),
             vec![(a, 1100), (b, 1150), (c, 1200)]
         );
         // The engine's own expiry (a session hold may pass the ttl) is kept.
         assert_eq!(
-            local_expiries(&[(a, 5000)], Committed::Spilled, 1200),
+            local_expiries(&[(a, 5000)], &Committed::Spilled { dropped: 0 }, 1200),
             vec![(a, 5000)]
         );
+        // Revoked after the login: not in the local map either.
+        let db = Committed::Written(Upserted {
+            written: vec![(b, 1000)],
+            revoked: vec![a],
+        });
+        assert_eq!(local_expiries(&own, &db, 1200), vec![(b, 1000), (c, 1000)]);
     }
 }

@@ -13,6 +13,7 @@ pub mod events;
 pub mod fleet;
 pub mod frame;
 pub mod grant;
+pub mod net;
 pub mod notify;
 pub mod pattern;
 pub mod postfix;

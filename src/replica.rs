@@ -2,11 +2,13 @@
 //! Postfix on an MTA host keeps reading `lmdb:` locally and never waits on the network.
 //!
 //! LISTEN first, then a snapshot of every unexpired grant, then the changes as the
-//! trigger announces them; a full resync after every (re)connect, every `RESYNC_EVERY`, and
-//! whenever a notification could not be read or was dropped (NOTIFY is best effort and
-//! never replayed; at most once per `FORCED_RESYNC_GAP`: anyone may send junk). A
-//! notification only names an address, whose row is then read (any role that can connect
-//! may NOTIFY, so a payload grants nothing). Grants expire locally by a timer on the next
+//! triggers announce them; a full resync after every (re)connect and every `RESYNC_EVERY`.
+//! A notification carries nothing (any role that can connect may LISTEN or NOTIFY): it
+//! only says that something changed, and the replica reads the addresses whose grant or
+//! revocation changed since its last read (by transaction id, see `postgres::horizon`),
+//! then their rows, at most once per commit interval however many notifications came. A
+//! map replaced or deleted under the replica is noticed within a beat and refilled from a
+//! snapshot at once. Grants expire locally by a timer on the next
 //! deadline. The database is the only source of expiries: a replica never extends a grant
 //! on its own; a row grants no longer than its own `updated_at` + ttl (so a far-future row
 //! is not re-extended at every resync), and every expiry is capped at this host's now +
@@ -25,8 +27,8 @@ use tokio_postgres::Client;
 
 use crate::grant::Policy;
 use crate::store::postgres::worker::write_json;
-use crate::store::postgres::{self, error_text, parse_address, Notice, Target, CHANNEL};
-use crate::store::{GrantStore, LmdbMap, StoreError};
+use crate::store::postgres::{self, parse_address, Notice, PgError, Tables, Target, CHANNEL};
+use crate::store::{Cause, GrantStore, LmdbMap, StoreError};
 use crate::timefmt;
 
 /// A full resync this often even when nothing seems wrong.
@@ -37,12 +39,39 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// A clock further off the database's than this is reported at every resync.
 const MAX_SKEW_SECS: f64 = 5.0;
-/// Notifications buffered between two map commits; more means a resync.
-const NOTICE_QUEUE: usize = 65_536;
-/// Resyncs forced by unreadable or dropped notifications are at least this far apart.
-const FORCED_RESYNC_GAP: Duration = Duration::from_secs(15);
 /// Addresses re-read per statement.
 const REREAD_CHUNK: usize = 5000;
+/// More changed addresses than this since the last read: a full resync instead.
+const MAX_CHANGES: i64 = 50_000;
+/// How often the map file is checked (replaced, deleted, truncated under us).
+const MAP_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Why the replica could not do something: the map, or the database.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Map(#[from] StoreError),
+    #[error(transparent)]
+    Db(#[from] PgError),
+}
+
+impl ReplicaError {
+    /// The map was replaced (or deleted, truncated) and reopened empty: refill it now.
+    fn map_reopened(&self) -> bool {
+        matches!(self, ReplicaError::Map(e) if e.cause() == Cause::Reopened)
+    }
+
+    fn db(what: &str, e: tokio_postgres::Error) -> ReplicaError {
+        ReplicaError::Db(PgError::db(what, e))
+    }
+
+    fn timeout(what: &str) -> ReplicaError {
+        ReplicaError::Db(PgError::Timeout {
+            what: what.to_string(),
+            secs: SNAPSHOT_TIMEOUT.as_secs(),
+        })
+    }
+}
 
 /// What the replica needs.
 pub struct ReplicaSpec {
@@ -71,6 +100,10 @@ pub struct ReplicaStatus {
     /// Seconds from the database commit of the last change to the local map commit.
     pub lag_secs: Option<f64>,
     pub changes_applied: u64,
+    /// Reads of the changes since the last one (at most one per commit interval, however
+    /// many notifications arrive).
+    #[serde(default)]
+    pub change_reads: u64,
     /// Grants in the local map written by this replica.
     pub grants: usize,
     pub updated: i64,
@@ -94,16 +127,14 @@ struct Replica {
     status: ReplicaStatus,
     status_file: PathBuf,
     warned_at: Option<Instant>,
-}
-
-fn map_err(e: StoreError) -> String {
-    e.0
+    /// Where the next read of changes starts (a `postgres::horizon`).
+    since: Option<postgres::Horizon>,
 }
 
 impl Replica {
-    fn new(mut spec: ReplicaSpec) -> Result<Replica, String> {
+    fn new(mut spec: ReplicaSpec) -> Result<Replica, ReplicaError> {
         let now = timefmt::now();
-        spec.map.expire_all(now).map_err(map_err)?;
+        spec.map.expire_all(now)?;
         let mut r = Replica {
             status: ReplicaStatus {
                 database: spec.target.describe(),
@@ -116,17 +147,17 @@ impl Replica {
             deadlines: BTreeSet::new(),
             status_file: spec.state_dir.join(ReplicaStatus::FILE),
             warned_at: None,
+            since: None,
         };
         r.reload_local()?;
         Ok(r)
     }
 
     /// Re-reads the map (it is the truth after a crash or an administrator's edit).
-    fn reload_local(&mut self) -> Result<(), String> {
+    fn reload_local(&mut self) -> Result<(), ReplicaError> {
         self.local = self
             .map
-            .list()
-            .map_err(map_err)?
+            .list()?
             .into_iter()
             .filter_map(|g| Some((g.ip, g.expires?)))
             .collect();
@@ -156,14 +187,18 @@ impl Replica {
 
     /// Makes the map equal the database: adds and shortens to the database's expiries,
     /// removes what vanished (revoked, expired).
-    async fn resync(&mut self, client: &Client, table: &str) -> Result<(), String> {
-        let (rows, db_now) = tokio::time::timeout(
-            SNAPSHOT_TIMEOUT,
-            postgres::snapshot(client, table, self.policy.ttl_secs()),
-        )
-        .await
-        .map_err(|_| "snapshot timed out".to_string())?
-        .map_err(|e| error_text(&e))?;
+    async fn resync(&mut self, client: &Client, t: &Tables) -> Result<(), ReplicaError> {
+        // Taken before the snapshot: every change it does not show is at or after it.
+        let read = async {
+            let since = postgres::horizon(client).await?;
+            let (rows, db_now) =
+                postgres::snapshot(client, &t.grants, self.policy.ttl_secs()).await?;
+            Ok::<_, tokio_postgres::Error>((since, rows, db_now))
+        };
+        let (since, rows, db_now) = tokio::time::timeout(SNAPSHOT_TIMEOUT, read)
+            .await
+            .map_err(|_| ReplicaError::timeout("snapshot"))?
+            .map_err(|e| ReplicaError::db("snapshot", e))?;
         let now = timefmt::now();
         // Expiries are compared with this host's clock: a skewed clock shortens or stretches
         // every grant here (stretching is capped at now + ttl).
@@ -184,6 +219,15 @@ impl Replica {
         if refused > 0 {
             tracing::warn!(rows = refused, "database rows that are not grantable addresses (or already expired here) were skipped");
         }
+        // A map replaced under us: reopened empty; this snapshot fills it.
+        match self.map.changed() {
+            Err(e) if e.cause() == Cause::Reopened => {
+                tracing::warn!(error = %e, "the map was replaced; writing every grant again");
+            }
+            other => {
+                other?;
+            }
+        }
         self.reload_local()?;
         let mut grow = Vec::new();
         let mut shorten = Vec::new();
@@ -201,18 +245,19 @@ impl Replica {
             .copied()
             .collect();
         if !grow.is_empty() {
-            for (ip, e) in self.map.upsert(&grow).map_err(map_err)? {
+            for (ip, e) in self.map.upsert(&grow)? {
                 self.note(ip, Some(e));
             }
         }
         for (ip, e) in shorten {
-            self.map.set(ip, e).map_err(map_err)?;
+            self.map.set(ip, e)?;
             self.note(ip, Some(e));
         }
         for ip in &vanished {
-            self.map.revoke(*ip).map_err(map_err)?;
+            self.map.revoke(*ip)?;
             self.note(*ip, None);
         }
+        self.since = Some(since);
         self.status.last_snapshot = Some(now);
         self.status.last_snapshot_grants = fresh.len();
         self.status.snapshots += 1;
@@ -224,44 +269,63 @@ impl Replica {
         Ok(())
     }
 
-    /// Reads the rows of the addresses the notifications name and applies them.
-    async fn refresh(
-        &mut self,
-        client: &Client,
-        table: &str,
-        notices: &[Notice],
-    ) -> Result<(), String> {
-        let mut asked: Vec<IpAddr> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for n in notices {
-            if let Notice::Changed(ip) = n {
-                if seen.insert(*ip) {
-                    asked.push(*ip);
-                }
-            }
+    /// Reads what changed since the last read (addresses whose grant or revocation
+    /// changed, then their rows) and applies it. Too many changes: a full resync.
+    async fn refresh(&mut self, client: &Client, t: &Tables) -> Result<(), ReplicaError> {
+        let Some(since) = self.since.clone() else {
+            return self.resync(client, t).await;
+        };
+        let read = async {
+            let next = postgres::horizon(client).await?;
+            let changed = postgres::changes_since(client, t, &since, MAX_CHANGES + 1).await?;
+            Ok::<_, tokio_postgres::Error>((next, changed))
+        };
+        self.status.change_reads += 1;
+        let (next, changed) = tokio::time::timeout(SNAPSHOT_TIMEOUT, read)
+            .await
+            .map_err(|_| ReplicaError::timeout("reading changes"))?
+            .map_err(|e| ReplicaError::db("reading changes", e))?;
+        if changed.len() as i64 > MAX_CHANGES {
+            tracing::info!(changed = changed.len(), "many changes at once; resyncing");
+            return self.resync(client, t).await;
         }
+        let asked: Vec<IpAddr> = changed.iter().filter_map(|a| parse_address(a)).collect();
         let mut rows = Vec::new();
         for chunk in asked.chunks(REREAD_CHUNK) {
             let names: Vec<String> = chunk.iter().map(|&ip| crate::grant::key_text(ip)).collect();
             let got = tokio::time::timeout(
                 SNAPSHOT_TIMEOUT,
-                postgres::reread(client, table, &names, self.policy.ttl_secs()),
+                postgres::reread(client, &t.grants, &names, self.policy.ttl_secs()),
             )
             .await
-            .map_err(|_| "reading the changed rows timed out".to_string())?
-            .map_err(|e| error_text(&e))?;
+            .map_err(|_| ReplicaError::timeout("reading the changed rows"))?
+            .map_err(|e| ReplicaError::db("reading the changed rows", e))?;
             rows.extend(got);
         }
-        if let Err(e) = self.apply(&asked, rows) {
-            tracing::error!(error = %e, "cannot apply changes to the map; the next resync retries");
+        match self.apply(&asked, rows) {
+            Ok(()) => {}
+            Err(e) if e.map_reopened() => {
+                tracing::warn!(error = %e, "the map was replaced; writing every grant again");
+                return self.resync(client, t).await;
+            }
+            Err(e) => {
+                // `since` stays: the next read applies these changes again.
+                tracing::error!(error = %e, "cannot apply changes to the map; retrying at the next change or resync");
+                return Ok(());
+            }
         }
+        self.since = Some(next);
         Ok(())
     }
 
     /// Applies the rows read back for `asked` (an address without a row is revoked here).
-    fn apply(&mut self, asked: &[IpAddr], rows: Vec<(String, i64, f64)>) -> Result<(), String> {
+    fn apply(
+        &mut self,
+        asked: &[IpAddr],
+        rows: Vec<(String, i64, f64)>,
+    ) -> Result<(), ReplicaError> {
         let now = timefmt::now();
-        let now_f = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+        let now_f = timefmt::now_f64();
         let mut last: HashMap<IpAddr, Option<i64>> = asked.iter().map(|&ip| (ip, None)).collect();
         let order = asked.to_vec();
         let mut updated_at: HashMap<IpAddr, f64> = HashMap::new();
@@ -287,13 +351,13 @@ impl Replica {
             let wanted = last[&ip].and_then(|e| self.admit(ip, e, now));
             match (wanted, self.local.get(&ip).copied()) {
                 (None, Some(_)) => {
-                    self.map.revoke(ip).map_err(map_err)?;
+                    self.map.revoke(ip)?;
                     self.note(ip, None);
                 }
                 (None, None) => {}
                 (Some(e), Some(l)) if l == e => {}
                 (Some(e), Some(l)) if l > e => {
-                    self.map.set(ip, e).map_err(map_err)?;
+                    self.map.set(ip, e)?;
                     self.note(ip, Some(e));
                     changed(&ip);
                 }
@@ -304,7 +368,7 @@ impl Replica {
             }
         }
         if !grow.is_empty() {
-            for (ip, e) in self.map.upsert(&grow).map_err(map_err)? {
+            for (ip, e) in self.map.upsert(&grow)? {
                 self.note(ip, Some(e));
             }
         }
@@ -320,7 +384,7 @@ impl Replica {
         self.deadlines.first().map(|&(e, _)| e)
     }
 
-    fn expire_due(&mut self, now: i64) -> Result<(), String> {
+    fn expire_due(&mut self, now: i64) -> Result<(), ReplicaError> {
         let due: Vec<IpAddr> = self
             .deadlines
             .iter()
@@ -330,7 +394,7 @@ impl Replica {
         if due.is_empty() {
             return Ok(());
         }
-        let out = self.map.expire(&due, now).map_err(map_err)?;
+        let out = self.map.expire(&due, now)?;
         for ip in &due {
             self.note(*ip, None);
         }
@@ -403,9 +467,12 @@ enum Ended {
 }
 
 /// Runs until `shutdown` resolves.
-pub async fn run(spec: ReplicaSpec, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+pub async fn run(
+    spec: ReplicaSpec,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ReplicaError> {
     let target = spec.target.clone();
-    let table = target.table();
+    let tables = target.tables();
     let commit_interval = spec.commit_interval;
     let mut r = Replica::new(spec)?;
     tracing::info!(database = %r.status.database, map = %r.status.map, grants = r.local.len(), "dovegate replica started");
@@ -414,7 +481,8 @@ pub async fn run(spec: ReplicaSpec, shutdown: impl Future<Output = ()>) -> Resul
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_secs(1);
     loop {
-        let (tx, mut rx) = mpsc::channel(NOTICE_QUEUE);
+        // One waiting notification stands for any number (see `postgres::drive`).
+        let (tx, mut rx) = mpsc::channel(1);
         let attempt = async {
             let client = target.connect(Some(tx)).await?;
             tokio::time::timeout(
@@ -422,16 +490,19 @@ pub async fn run(spec: ReplicaSpec, shutdown: impl Future<Output = ()>) -> Resul
                 client.batch_execute(&format!("LISTEN {CHANNEL}")),
             )
             .await
-            .map_err(|_| "LISTEN timed out".to_string())?
-            .map_err(|e| error_text(&e))?;
-            Ok::<Client, String>(client)
+            .map_err(|_| PgError::Timeout {
+                what: "LISTEN".into(),
+                secs: postgres::CONNECT_TIMEOUT.as_secs(),
+            })?
+            .map_err(|e| PgError::db("LISTEN", e))?;
+            Ok::<Client, PgError>(client)
         };
         let connected = tokio::select! {
             () = &mut shutdown => break,
             c = attempt => c,
         };
         let ended = match connected {
-            Ok(client) => match r.resync(&client, &table).await {
+            Ok(client) => match r.resync(&client, &tables).await {
                 Ok(()) => {
                     r.connected();
                     backoff = Duration::from_secs(1);
@@ -439,7 +510,7 @@ pub async fn run(spec: ReplicaSpec, shutdown: impl Future<Output = ()>) -> Resul
                     follow(
                         &mut r,
                         &client,
-                        &table,
+                        &tables,
                         &mut rx,
                         commit_interval,
                         &mut shutdown,
@@ -448,7 +519,7 @@ pub async fn run(spec: ReplicaSpec, shutdown: impl Future<Output = ()>) -> Resul
                 }
                 Err(e) => Ended::Lost(format!("snapshot failed: {e}")),
             },
-            Err(e) => Ended::Lost(e),
+            Err(e) => Ended::Lost(e.to_string()),
         };
         match ended {
             Ended::Shutdown => break,
@@ -466,7 +537,7 @@ pub async fn run(spec: ReplicaSpec, shutdown: impl Future<Output = ()>) -> Resul
             tokio::select! {
                 () = &mut shutdown => { r.write_status(); return Ok(()); }
                 () = tokio::time::sleep_until(retry) => break,
-                () = expiry => expire(&mut r),
+                () = expiry => { expire(&mut r); }
             }
         }
     }
@@ -475,17 +546,23 @@ pub async fn run(spec: ReplicaSpec, shutdown: impl Future<Output = ()>) -> Resul
     Ok(())
 }
 
-fn expire(r: &mut Replica) {
-    if let Err(e) = r.expire_due(timefmt::now()) {
-        tracing::error!(error = %e, "expiry failed; will retry");
+/// Expires what is due; false when the map was replaced (the caller refills it).
+fn expire(r: &mut Replica) -> bool {
+    match r.expire_due(timefmt::now()) {
+        Ok(()) => true,
+        Err(e) if e.map_reopened() => false,
+        Err(e) => {
+            tracing::error!(error = %e, "expiry failed; will retry");
+            true
+        }
     }
 }
 
-/// The connected loop: notifications, expiry, periodic resync, status.
+/// The connected loop: notifications, expiry, periodic resync, map checks, status.
 async fn follow(
     r: &mut Replica,
     client: &Client,
-    table: &str,
+    t: &Tables,
     rx: &mut mpsc::Receiver<Notice>,
     commit_interval: Duration,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
@@ -493,63 +570,47 @@ async fn follow(
     let mut resync = tokio::time::interval(RESYNC_EVERY);
     resync.tick().await;
     let mut beat = tokio::time::interval(Duration::from_secs(2));
-    let mut last_commit = Instant::now() - commit_interval;
+    let mut map_check = tokio::time::interval(MAP_CHECK_EVERY);
+    let mut last_read = Instant::now() - commit_interval;
     let mut beats = 0u64;
-    // A resync asked for by an unreadable or dropped notification, and when it may run.
-    let mut forced_at: Option<Instant> = None;
-    let mut last_forced = Instant::now();
     loop {
         let expiry = tokio::time::sleep(r.next_deadline().map_or(Duration::from_secs(3600), until));
-        let forced_deadline = forced_at;
-        let forced = async move {
-            match forced_deadline {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
+        let mut refill = false;
         tokio::select! {
             () = &mut *shutdown => return Ended::Shutdown,
-            n = rx.recv() => {
-                // Batch: at most one map commit per commit_interval, whatever the rate.
-                tokio::time::sleep_until(last_commit + commit_interval).await;
-                let mut batch: Vec<Notice> = n.into_iter().collect();
-                while batch.len() < NOTICE_QUEUE {
-                    match rx.try_recv() {
-                        Ok(n) => batch.push(n),
-                        Err(_) => break,
+            n = rx.recv() => match n {
+                Some(Notice::Changed) => {
+                    // At most one read per commit_interval, whatever the rate (a flood of
+                    // notifications from anyone costs one read per interval).
+                    tokio::time::sleep_until(last_read + commit_interval).await;
+                    if let Ok(Notice::Closed(why)) = rx.try_recv() {
+                        return Ended::Lost(format!("connection lost: {why}"));
+                    }
+                    last_read = Instant::now();
+                    if let Err(e) = r.refresh(client, t).await {
+                        return Ended::Lost(format!("cannot read the changes: {e}"));
                     }
                 }
-                if let Some(why) = batch.iter().find_map(|n| match n { Notice::Closed(w) => Some(w.clone()), _ => None }) {
-                    // The reconnect resyncs.
-                    return Ended::Lost(format!("connection lost: {why}"));
-                }
-                if batch.is_empty() {
-                    return Ended::Lost("connection lost".into());
-                }
-                let need_resync = batch.iter().any(|n| matches!(n, Notice::Overflow | Notice::Unreadable));
-                last_commit = Instant::now();
-                if let Err(e) = r.refresh(client, table, &batch).await {
-                    return Ended::Lost(format!("cannot read the changed rows: {e}"));
-                }
-                if need_resync && forced_at.is_none() {
-                    let at = (last_forced + FORCED_RESYNC_GAP).max(Instant::now());
-                    forced_at = Some(at);
-                    tracing::warn!(in_secs = at.saturating_duration_since(Instant::now()).as_secs(), "a change notification was dropped or unreadable; resyncing");
-                }
-            }
-            () = forced => {
-                forced_at = None;
-                last_forced = Instant::now();
-                if let Err(e) = r.resync(client, table).await {
-                    return Ended::Lost(format!("resync failed: {e}"));
-                }
-            }
+                // The reconnect resyncs.
+                Some(Notice::Closed(why)) => return Ended::Lost(format!("connection lost: {why}")),
+                None => return Ended::Lost("connection lost".into()),
+            },
             _ = resync.tick() => {
-                if let Err(e) = r.resync(client, table).await {
+                if let Err(e) = r.resync(client, t).await {
                     return Ended::Lost(format!("resync failed: {e}"));
                 }
             }
-            () = expiry => expire(r),
+            () = expiry => refill = !expire(r),
+            _ = map_check.tick() => {
+                match r.map.changed() {
+                    Err(e) if e.cause() == Cause::Reopened => {
+                        tracing::warn!(error = %e, "the map was replaced; writing every grant again");
+                        refill = true;
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot check the map"),
+                    Ok(_) => {}
+                }
+            }
             _ = beat.tick() => {
                 if client.is_closed() {
                     return Ended::Lost("connection closed".into());
@@ -560,11 +621,19 @@ async fn follow(
                 if beats % 5 == 0 {
                     match tokio::time::timeout(postgres::CONNECT_TIMEOUT, client.simple_query("SELECT 1")).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return Ended::Lost(error_text(&e)),
+                        Ok(Err(e)) => return Ended::Lost(postgres::error_text(&e)),
                         Err(_) => return Ended::Lost("the database does not answer".into()),
                     }
                 }
                 r.write_status();
+            }
+        }
+        if refill {
+            // Reopened empty: the local mirror is wrong too; the resync rewrites it all.
+            r.local.clear();
+            r.deadlines.clear();
+            if let Err(e) = r.resync(client, t).await {
+                return Ended::Lost(format!("resync failed: {e}"));
             }
         }
     }

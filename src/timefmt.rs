@@ -26,7 +26,34 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
 
 /// Now, in unix seconds.
 pub fn now() -> i64 {
-    Utc::now().timestamp()
+    i64::try_from(system_time().as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Now, in unix seconds with a fraction.
+pub fn now_f64() -> f64 {
+    system_time().as_secs_f64()
+}
+
+/// Time since the Unix epoch by this host's clock. Tests of a host whose clock is wrong
+/// shift it by `DOVEGATE_TEST_CLOCK_OFFSET_SECS` (read once; nothing else sets it).
+pub fn system_time() -> std::time::Duration {
+    use std::sync::OnceLock;
+    static OFFSET: OnceLock<i64> = OnceLock::new();
+    let offset = *OFFSET.get_or_init(|| {
+        std::env::var("DOVEGATE_TEST_CLOCK_OFFSET_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let d = std::time::Duration::from_secs(offset.unsigned_abs());
+    if offset < 0 {
+        t.saturating_sub(d)
+    } else {
+        t.saturating_add(d)
+    }
 }
 
 #[cfg(test)]

@@ -63,24 +63,21 @@ fn etc_file_is_read_when_present() {
         return;
     }
     let d = tempdir();
-    std::fs::write(d.path().join("dovegate.toml"), "[grant]\nttl = \"7m\"\n").unwrap();
-    let created = !std::path::Path::new("/etc/dovegate").exists();
-    if created {
-        std::fs::create_dir_all("/etc/dovegate").unwrap();
-    }
+    // /etc seen through an overlay whose upper layer (a tmpfs) holds dovegate/: the host's
+    // /etc gets no directory, not even for a moment.
     let script = format!(
-        "mount --bind {} /etc/dovegate && exec {} check-config",
-        d.path().display(),
-        bin()
+        "mount -t tmpfs dgetc {d} && mkdir -p {d}/upper/dovegate {d}/work \
+         && printf '[grant]\\nttl = \"7m\"\\n' > {d}/upper/dovegate/dovegate.toml \
+         && mount -t overlay dgetc -o lowerdir=/etc,upperdir={d}/upper,workdir={d}/work /etc \
+         && exec {} check-config",
+        bin(),
+        d = d.path().display(),
     );
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
         .env_remove("DOVEGATE_CONFIG")
         .output()
         .unwrap();
-    if created {
-        let _ = std::fs::remove_dir("/etc/dovegate");
-    }
     assert!(
         text(&out.stdout).contains("ttl = \"7m\""),
         "{}",

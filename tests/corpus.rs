@@ -5,6 +5,10 @@
 //! Lines go through the daemon's own [`Scanner`] (literal prefilter, line skipping, framing,
 //! patterns), both as one buffer per file, as a followed log is read, and one line at a
 //! time: a prefilter that skips a login line fails here, not only in production.
+//!
+//! Session ends: `end` lines are read as the end of a mail session (the ip column holds the
+//! session id, or `user:NAME` for an end that names no session); `noend` lines are neither
+//! a login nor an end (forged ends).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +17,7 @@ use dovegate::frame::{FrameParser, LocalZone};
 use dovegate::grant::key_text;
 use dovegate::pattern::{IpVerdict, PatternSet};
 use dovegate::scan::{Line, Login, Scanner, Sink, Visit};
+use dovegate::session::SessionEnd;
 
 struct Row {
     file: String,
@@ -102,7 +107,10 @@ fn frames() -> FrameParser {
 /// is invalid or ambiguous (a line with no address at all is a near miss: no login). Untimed lines (framing `message-only`) count as logins here:
 /// whether they grant is the daemon sink's choice, not the scanner's.
 #[derive(Default)]
-struct Verdicts(std::collections::HashMap<u64, String>);
+struct Verdicts {
+    logins: std::collections::HashMap<u64, String>,
+    ends: std::collections::HashMap<u64, String>,
+}
 
 impl Verdicts {
     fn put(&mut self, line: Line<'_>, login: &Login<'_>) {
@@ -110,7 +118,7 @@ impl Verdicts {
             IpVerdict::Valid(ip) => key_text(ip),
             _ => "-".to_string(),
         };
-        let old = self.0.insert(line.index, ip);
+        let old = self.logins.insert(line.index, ip);
         assert!(old.is_none(), "line {} reported twice", line.index);
     }
 }
@@ -124,6 +132,14 @@ impl Sink for Verdicts {
     }
     fn bad_address(&mut self, line: Line<'_>, login: &Login<'_>) {
         self.put(line, login)
+    }
+    fn session_end(&mut self, line: Line<'_>, end: &SessionEnd) {
+        let closed = match &end.id {
+            Some(id) => id.clone(),
+            None => format!("user:{}", end.user.clone().unwrap_or_default()),
+        };
+        let old = self.ends.insert(line.index, closed);
+        assert!(old.is_none(), "line {} ended twice", line.index);
     }
 }
 
@@ -149,7 +165,23 @@ fn check(files: &[&str], enable: &[&str]) -> (usize, usize) {
             total += 1;
             let mut alone = Verdicts::default();
             scanner.scan(&lines[i], now, &mut alone);
-            let got = whole.0.get(&(i as u64)).cloned();
+            let got = whole.logins.get(&(i as u64)).cloned();
+            let end = whole.ends.get(&(i as u64)).cloned();
+            match row.expected.as_str() {
+                "end" if end.as_deref() != Some(row.ip.as_str()) => failures.push(format!(
+                    "{}:{}: want the end of {} got {end:?}: {}",
+                    row.file, row.number, row.ip, row.line
+                )),
+                "noend" if end.is_some() => failures.push(format!(
+                    "{}:{}: read as an end of {end:?}: {}",
+                    row.file, row.number, row.line
+                )),
+                "login" | "nologin" | "end" | "noend" => {}
+                other => failures.push(format!(
+                    "{}:{}: unknown verdict {other}",
+                    row.file, row.number
+                )),
+            }
             let want = (row.expected == "login").then(|| row.ip.clone());
             if row.expected == "login" {
                 logins += 1;
@@ -160,10 +192,11 @@ fn check(files: &[&str], enable: &[&str]) -> (usize, usize) {
                     row.file, row.number, row.line
                 ));
             }
-            let got_alone = alone.0.get(&0).cloned();
-            if got_alone != got {
+            let got_alone = alone.logins.get(&0).cloned();
+            let end_alone = alone.ends.get(&0).cloned();
+            if got_alone != got || end_alone != end {
                 failures.push(format!(
-                    "{}:{}: alone {got_alone:?}, in the file {got:?}: {}",
+                    "{}:{}: alone {got_alone:?} {end_alone:?}, in the file {got:?} {end:?}: {}",
                     row.file, row.number, row.line
                 ));
             }

@@ -164,8 +164,8 @@ fn dovecot_log_path_file() {
     // dovegate starts first: the log does not exist yet.
     let mut daemon = Daemon::follow(d.path(), &log, &[]);
     let _cleanup = Cleanup(vec![vec!["down".into(), dvs.clone()]]);
-    harness(&["up", &dvs, "file", "11143"]);
-    let want = run_logins(11143);
+    harness(&["up", &dvs, "file", &dovecot_ports(11143).to_string()]);
+    let want = run_logins(dovecot_ports(11143));
     assert_eq!(want.granted.len(), 5);
     check(&map, &log, &want, &mut daemon);
 }
@@ -193,10 +193,11 @@ fn rsyslog_traditional_and_rfc3339() {
                 &d.path().join(format!("state-{name}")).display().to_string(),
             ],
         );
+        daemon.wait_following(&log);
         daemons.push((log, map, daemon));
     }
-    harness(&["up", &dvs, "syslog", "12143"]);
-    let want = run_logins(12143);
+    harness(&["up", &dvs, "syslog", &dovecot_ports(12143).to_string()]);
+    let want = run_logins(dovecot_ports(12143));
     for (log, map, daemon) in &mut daemons {
         check(map, log, &want, daemon);
     }
@@ -233,10 +234,10 @@ fn real_journald_trusts_only_dovecot_service() {
     let map = d.path().join("relay");
     let mut daemon = Daemon::with_map(d.path(), &["--journal-dir", &jdir.display().to_string()]);
     harness_env(
-        &["up", &dvs, "syslog", "13143"],
+        &["up", &dvs, "syslog", &dovecot_ports(13143).to_string()],
         &[("DG_SYSLOG_SOCK", &sock), ("DG_CGROUP", &cgroup)],
     );
-    let want = run_logins(13143);
+    let want = run_logins(dovecot_ports(13143));
     // A local user forges a Dovecot line through syslog, as `logger -t dovecot` does.
     let forged = Command::new("logger")
         .args(["--socket-errors=on", "-u", &sock, "-t", "dovecot"])
@@ -259,7 +260,10 @@ fn real_journald_trusts_only_dovecot_service() {
             && text.matches("no auth attempts").count() >= 2
             && text.contains("session=<forged>")
     });
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The forged entry came last: once the daemon has judged it, it has read the rest.
+    wait_for("the forged entry judged", PATIENCE, || {
+        daemon.log().contains("forged Dovecot login entries")
+    });
     assert_eq!(daemon.stop(), Some(0));
     assert_eq!(
         map_keys(&map),

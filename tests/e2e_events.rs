@@ -276,12 +276,13 @@ fn map_keys(map: &Path) -> BTreeSet<String> {
 fn dovecot_23_events_grant_logins_and_nothing_else() {
     let rig = Rig::new();
     let mut daemon = rig.daemon("", &[]);
-    let _down = rig.dovecot(24143);
-    let (mut granted, refused) = run_logins(24143);
+    let base = dovecot_ports(24143);
+    let _down = rig.dovecot(base);
+    let (mut granted, refused) = run_logins(base);
     assert_eq!(granted.len(), 5, "{granted:?}");
     // Authenticated, but not logged in here: proxied elsewhere (a closed port), nologin.
-    let carol = imap_login(24143, "203.0.113.200", "carol", "any");
-    let dave = imap_login(24143, "203.0.113.201", "dave", "dave-pass");
+    let carol = imap_login(base, "203.0.113.200", "carol", "any");
+    let dave = imap_login(base, "203.0.113.201", "dave", "dave-pass");
     assert!(carol.starts_with("b NO"), "{carol}");
     assert!(dave.starts_with("b NO"), "{dave}");
     // Proxied by this Dovecot to itself (as alice): the proxy grants the client.
@@ -291,10 +292,10 @@ fn dovecot_23_events_grant_logins_and_nothing_else() {
         .unwrap();
     writeln!(
         users,
-        "erin:::::::proxy=y host=127.0.0.1 port=24143 destuser=alice pass=alice-pass nopassword=y"
+        "erin:::::::proxy=y host=127.0.0.1 port={base} destuser=alice pass=alice-pass nopassword=y"
     )
     .unwrap();
-    let erin = imap_login(24143, "203.0.113.210", "erin", "any");
+    let erin = imap_login(base, "203.0.113.210", "erin", "any");
     assert!(erin.starts_with("b OK"), "{erin}");
     granted.insert("203.0.113.210".into());
     wait_for("Dovecot logged carol's proxying", PATIENCE, || {
@@ -307,7 +308,7 @@ fn dovecot_23_events_grant_logins_and_nothing_else() {
     assert_eq!(post(rig.port, &format!("/{SECRET}x"), &forged), 404);
     assert_eq!(post(rig.port, &format!("/{SECRET}"), "{\"event\":"), 200);
     // A login after all of them: once it is granted, the events before it were handled.
-    timed_logins(24143, 1, "203.0.113.250");
+    timed_logins(base, 1, "203.0.113.250");
     granted.insert("203.0.113.250".into());
     for ip in &granted {
         wait_for(&format!("grant for {ip}"), PATIENCE, || {
@@ -383,24 +384,36 @@ fn now() -> i64 {
     dovegate::timefmt::now()
 }
 
-/// Events only: the session opened by the login event stays held while the client idles,
-/// and its end event closes it (the grant lasts ttl from the LOGOUT, then goes).
+/// Events only: the session opened by the login event stays held while the client idles
+/// (evidence `pushed`: the events deliver exact ends), and its end event closes it (the
+/// grant lasts ttl from the LOGOUT, then goes).
 #[test]
 fn idle_keeps_the_grant_and_logout_ends_it_ttl_later() {
     let rig = Rig::new();
     let map = rig.map();
     let mut daemon = rig.daemon("[grant]\nttl = \"4s\"\nsession_hold = \"2m\"\n", &[]);
-    let _down = rig.dovecot(25143);
+    let base = dovecot_ports(25143);
+    let _down = rig.dovecot(base);
     let addr = "198.51.100.51";
-    let idle = Idle::start(25143, addr);
+    let idle = Idle::start(base, addr);
     let login = now();
     wait_for("grant after the login", PATIENCE, || {
         expiry(&map, addr).is_some()
     });
+    // Another client's session ends: the events have shown an exact end, so a missing
+    // one means open (evidence `pushed`); without that the hold would last ttl only.
+    let other = imap_login(base, "198.51.100.52", "alice", "alice-pass");
+    assert!(other.starts_with("b OK"), "{other}");
     let sessions = rig.dir.join("state/checkpoints/sessions.json");
-    wait_for("the open session saved", PATIENCE, || {
-        std::fs::read_to_string(&sessions).is_ok_and(|t| t.contains(addr))
-    });
+    wait_for(
+        "the open session saved, held by the events",
+        PATIENCE,
+        || {
+            std::fs::read_to_string(&sessions).is_ok_and(|t| {
+                t.contains(addr) && t.contains("\"pushed\"") && !t.contains("198.51.100.52")
+            })
+        },
+    );
     while now() < login + 13 {
         let e = expiry(&map, addr);
         assert!(
@@ -432,21 +445,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[test]
 fn a_stopped_or_stalled_dovegate_never_delays_a_login() {
     let rig = Rig::new();
-    let _down = rig.dovecot(26143);
+    let base = dovecot_ports(26143);
+    let _down = rig.dovecot(base);
     let mut daemon = rig.daemon("", &[]);
-    let running = timed_logins(26143, 5, "203.0.113.121");
+    let running = timed_logins(base, 5, "203.0.113.121");
     wait_for("grant while running", PATIENCE, || {
         postmap_q(&rig.map(), "203.0.113.121").is_some()
     });
     assert_eq!(daemon.stop(), Some(0));
-    let stopped = timed_logins(26143, 5, "203.0.113.122");
+    let stopped = timed_logins(base, 5, "203.0.113.122");
     let mut daemon = rig.daemon("", &[]);
     signal(daemon.child.id(), libc::SIGSTOP);
     let cont = Cont(daemon.child.id());
-    let stalled = timed_logins(26143, 5, "203.0.113.123");
+    let stalled = timed_logins(base, 5, "203.0.113.123");
     drop(cont);
     // Running again: new logins grant.
-    timed_logins(26143, 1, "203.0.113.124");
+    timed_logins(base, 1, "203.0.113.124");
     wait_for("grant after SIGCONT", PATIENCE, || {
         postmap_q(&rig.map(), "203.0.113.124").is_some()
     });
@@ -477,13 +491,14 @@ fn events_and_the_log_make_one_grant_and_one_audit_line() {
     let rig = Rig::new();
     let mport = free_port();
     let log = rig.dir.join("dv/dovecot.log");
-    let _down = rig.dovecot(27143);
+    let base = dovecot_ports(27143);
+    let _down = rig.dovecot(base);
     let mut daemon = rig.daemon(
         &format!("[serve]\nmetrics = \"127.0.0.1:{mport}\"\n"),
         &["--log", &log.display().to_string()],
     );
     let addr = "203.0.113.150";
-    timed_logins(27143, 1, addr);
+    timed_logins(base, 1, addr);
     let counted = |text: &str, source: &str| {
         text.contains(&format!(
             "dovegate_source_logins_total{{source=\"{source}\"}} 1\n"
@@ -620,11 +635,12 @@ fn dovecot_24_unix_driver_grants_and_refuses_other_uids() {
     );
     let _down = Dovecot24Down(rig.dv.clone());
     let exporter = readme_block(SNIPPET_24).replace("/run/dovegate/events", "/rig/events");
+    let base = dovecot_ports(28143);
     harness(
-        &["up24", &rig.dv, &root, "28143"],
+        &["up24", &rig.dv, &root, &base.to_string()],
         &[("DG_EXTRA_CONF", &exporter)],
     );
-    let (mut granted, refused) = run_logins(28143);
+    let (mut granted, refused) = run_logins(base);
     assert_eq!(granted.len(), 5, "{granted:?}");
     // Another user writes a login event to the socket.
     let script = r#"
@@ -649,7 +665,7 @@ except OSError:
     wait_for("the other uid refused", PATIENCE, || {
         daemon.log().contains("is not in events.users")
     });
-    timed_logins(28143, 1, "203.0.113.251");
+    timed_logins(base, 1, "203.0.113.251");
     granted.insert("203.0.113.251".into());
     for ip in &granted {
         wait_for(&format!("grant for {ip}"), PATIENCE, || {

@@ -273,10 +273,10 @@ fn postlogin_hook_grants_and_never_blocks_a_login() {
     let mut daemon = rig.daemon(&push);
     let _down = DovecotDown(rig.dv.clone());
     harness(
-        &["up", &rig.dv, "file", "14143"],
+        &["up", &rig.dv, "file", &dovecot_ports(14143).to_string()],
         &[("DG_POSTLOGIN", &rig.hook())],
     );
-    let want = run_logins(14143);
+    let want = run_logins(dovecot_ports(14143));
     assert_eq!(want.granted.len(), 5);
 
     // Another user writes to the socket: refused, nothing granted, and the hook still
@@ -304,7 +304,7 @@ fn postlogin_hook_grants_and_never_blocks_a_login() {
     assert!(daemon.summary("forged").unwrap_or(0) >= 1);
 
     // The daemon stopped: logins succeed, the hook says why in Dovecot's log.
-    let stopped = timed_logins(14143, 3, "203.0.113.101");
+    let stopped = timed_logins(dovecot_ports(14143), 3, "203.0.113.101");
     wait_for("the hook's complaint in Dovecot's log", PATIENCE, || {
         rig.dovecot_log().contains("dovegate postlogin: login of")
     });
@@ -312,10 +312,10 @@ fn postlogin_hook_grants_and_never_blocks_a_login() {
     // The daemon stalled (SIGSTOP): logins succeed; the logins queued on the socket are
     // granted once it runs again.
     let mut daemon = rig.daemon(&push);
-    let running = timed_logins(14143, 3, "203.0.113.102");
+    let running = timed_logins(dovecot_ports(14143), 3, "203.0.113.102");
     signal(daemon.child.id(), libc::SIGSTOP);
     let cont = Cont(daemon.child.id());
-    let stalled = timed_logins(14143, 3, "203.0.113.103");
+    let stalled = timed_logins(dovecot_ports(14143), 3, "203.0.113.103");
     drop(cont);
     wait_for("grant after SIGCONT", PATIENCE, || {
         postmap_q(&rig.map(), "203.0.113.103").is_some()
@@ -343,8 +343,11 @@ fn auth_policy_grants_only_with_the_secret() {
         ("DG_POLICY_URL", url.as_str()),
         ("DG_POLICY_HEADER", "X-API-Key: s3cret-for-tests"),
     ];
-    harness(&["up", &rig.dv, "file", "15143"], &dovecot_env);
-    let want = run_logins(15143);
+    harness(
+        &["up", &rig.dv, "file", &dovecot_ports(15143).to_string()],
+        &dovecot_env,
+    );
+    let want = run_logins(dovecot_ports(15143));
     assert_eq!(want.granted.len(), 5);
 
     // Forged reports: no secret, a wrong one; an SMTP report (not configured) with it.
@@ -386,12 +389,12 @@ fn auth_policy_grants_only_with_the_secret() {
 
     // The daemon stopped, then stalled: logins succeed (Dovecot's policy check gives up
     // after its own 2 s timeout per request when stalled).
-    let stopped = timed_logins(15143, 2, "203.0.113.111");
+    let stopped = timed_logins(dovecot_ports(15143), 2, "203.0.113.111");
     let mut daemon = rig.daemon(&push);
-    let running = timed_logins(15143, 2, "203.0.113.112");
+    let running = timed_logins(dovecot_ports(15143), 2, "203.0.113.112");
     signal(daemon.child.id(), libc::SIGSTOP);
     let cont = Cont(daemon.child.id());
-    let stalled = timed_logins(15143, 2, "203.0.113.113");
+    let stalled = timed_logins(dovecot_ports(15143), 2, "203.0.113.113");
     drop(cont);
     wait_for("grant after SIGCONT", PATIENCE, || {
         postmap_q(&rig.map(), "203.0.113.112").is_some()
@@ -400,10 +403,13 @@ fn auth_policy_grants_only_with_the_secret() {
     harness(&["down", &rig.dv], &[]);
     let mut reports_only = dovecot_env.to_vec();
     reports_only.push(("DG_POLICY_CHECKS", "no"));
-    harness(&["up", &rig.dv, "file", "15143"], &reports_only);
+    harness(
+        &["up", &rig.dv, "file", &dovecot_ports(15143).to_string()],
+        &reports_only,
+    );
     signal(daemon.child.id(), libc::SIGSTOP);
     let cont = Cont(daemon.child.id());
-    let stalled_reports_only = timed_logins(15143, 2, "203.0.113.114");
+    let stalled_reports_only = timed_logins(dovecot_ports(15143), 2, "203.0.113.114");
     drop(cont);
     assert_eq!(daemon.stop(), Some(0));
     eprintln!(
@@ -458,14 +464,14 @@ fn log_and_both_push_paths_make_one_grant() {
     });
     let _down = DovecotDown(rig.dv.clone());
     harness(
-        &["up", &rig.dv, "file", "16143"],
+        &["up", &rig.dv, "file", &dovecot_ports(16143).to_string()],
         &[
             ("DG_POSTLOGIN", &rig.hook()),
             ("DG_POLICY_URL", &format!("http://127.0.0.1:{port}/")),
             ("DG_POLICY_HEADER", "X-API-Key: all-on"),
         ],
     );
-    timed_logins(16143, 1, "203.0.113.150");
+    timed_logins(dovecot_ports(16143), 1, "203.0.113.150");
     let counted = |text: &str, source: &str| {
         text.contains(&format!(
             "dovegate_source_logins_total{{source=\"{source}\"}} 1\n"
@@ -510,10 +516,13 @@ fn hook_latency() {
     let mut daemon = rig.daemon(&push);
     let _down = (DovecotDown(rig.dv.clone()), DovecotDown(plain.dv.clone()));
     harness(
-        &["up", &rig.dv, "file", "17143"],
+        &["up", &rig.dv, "file", &dovecot_ports(17143).to_string()],
         &[("DG_POSTLOGIN", &rig.hook())],
     );
-    harness(&["up", &plain.dv, "file", "18143"], &[]);
+    harness(
+        &["up", &plain.dv, "file", &dovecot_ports(18143).to_string()],
+        &[],
+    );
     // What script-login itself costs: the same set-up with a script that only execs.
     let sh = Rig::new();
     let _down_sh = DovecotDown(sh.dv.clone());
@@ -521,14 +530,14 @@ fn hook_latency() {
     std::fs::write(&script, "#!/bin/sh\nexec \"$@\"\n").unwrap();
     set_mode(&script, 0o755);
     harness(
-        &["up", &sh.dv, "file", "19143"],
+        &["up", &sh.dv, "file", &dovecot_ports(19143).to_string()],
         &[("DG_POSTLOGIN", &script.display().to_string())],
     );
     let (mut with, mut without, mut exec_only) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..10 {
-        with.extend(timed_logins(17143, 10, "203.0.113.160"));
-        without.extend(timed_logins(18143, 10, "203.0.113.161"));
-        exec_only.extend(timed_logins(19143, 10, "203.0.113.162"));
+        with.extend(timed_logins(dovecot_ports(17143), 10, "203.0.113.160"));
+        without.extend(timed_logins(dovecot_ports(18143), 10, "203.0.113.161"));
+        exec_only.extend(timed_logins(dovecot_ports(19143), 10, "203.0.113.162"));
     }
     assert_eq!(daemon.stop(), Some(0));
     let (w, wo, e) = (median(with), median(without), median(exec_only));
@@ -589,11 +598,11 @@ fn dovecot_24_through_each_path() {
     let mut daemon = rig.daemon(&push);
     let _down = Dovecot24Down(rig.dv.clone());
     harness(
-        &["up24", &rig.dv, &root, "21143"],
+        &["up24", &rig.dv, &root, &dovecot_ports(21143).to_string()],
         &[("DG_POSTLOGIN", "/rig/postlogin --socket /rig/push")],
     );
     assert!(rig.dovecot_log().contains("v2.4"), "{}", rig.dovecot_log());
-    let want = run_logins(21143);
+    let want = run_logins(dovecot_ports(21143));
     assert_eq!(want.granted.len(), 5);
     check_grants(&rig, &want, &mut daemon);
 
@@ -608,14 +617,14 @@ fn dovecot_24_through_each_path() {
     let mut daemon = rig.daemon(&push);
     let _down = Dovecot24Down(rig.dv.clone());
     harness(
-        &["up24", &rig.dv, &root, "22143"],
+        &["up24", &rig.dv, &root, &dovecot_ports(22143).to_string()],
         &[
             ("DG_POLICY_URL", &format!("http://127.0.0.1:{port}/")),
             ("DG_POLICY_HEADER", "X-API-Key: s3cret-24"),
             ("DG_POLICY_CHECKS", "no"),
         ],
     );
-    let want = run_logins(22143);
+    let want = run_logins(dovecot_ports(22143));
     check_grants(&rig, &want, &mut daemon);
 }
 
@@ -738,11 +747,19 @@ fn auth_policy_grants_no_proxied_or_nologin_authentication() {
         ("DG_POLICY_HEADER", "X-API-Key: px"),
         ("DG_POLICY_CHECKS", "no"),
     ];
-    harness(&["up", &rig.dv, "file", "23143"], &env);
+    harness(
+        &["up", &rig.dv, "file", &dovecot_ports(23143).to_string()],
+        &env,
+    );
     // carol is proxied elsewhere (proxy=y, any password: a Dovecot proxy's usual passdb),
     // dave has `nologin`: Dovecot reports both as successful, neither logs in here.
-    let carol = imap_login(23143, "203.0.113.181", "carol", "any-password");
-    let dave = imap_login(23143, "203.0.113.182", "dave", "dave-pass");
+    let carol = imap_login(
+        dovecot_ports(23143),
+        "203.0.113.181",
+        "carol",
+        "any-password",
+    );
+    let dave = imap_login(dovecot_ports(23143), "203.0.113.182", "dave", "dave-pass");
     assert!(
         !carol.starts_with("b OK") && !dave.starts_with("b OK"),
         "{carol} / {dave}"
@@ -755,7 +772,7 @@ fn auth_policy_grants_no_proxied_or_nologin_authentication() {
         counter(&m, &series("proxied")) >= 1 && counter(&m, &series("nologin")) >= 1
     });
     // A real login through the same configuration grants.
-    timed_logins(23143, 1, "203.0.113.183");
+    timed_logins(dovecot_ports(23143), 1, "203.0.113.183");
     wait_for("the real login granted", PATIENCE, || {
         postmap_q(&rig.map(), "203.0.113.183").is_some()
     });
@@ -763,8 +780,11 @@ fn auth_policy_grants_no_proxied_or_nologin_authentication() {
     // A site that kept Dovecot's default attributes: its reports are refused, loudly.
     harness(&["down", &rig.dv], &[]);
     env.push(("DG_POLICY_ATTRIBUTES", "default"));
-    harness(&["up", &rig.dv, "file", "23143"], &env);
-    timed_logins(23143, 1, "203.0.113.184");
+    harness(
+        &["up", &rig.dv, "file", &dovecot_ports(23143).to_string()],
+        &env,
+    );
+    timed_logins(dovecot_ports(23143), 1, "203.0.113.184");
     wait_for("the report without attributes refused", PATIENCE, || {
         counter(&metrics(mport), &series("no-proxy-attributes")) >= 1
     });

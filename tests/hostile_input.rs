@@ -53,7 +53,10 @@ fn garbage_forgeries_and_huge_lines_grant_nothing() {
         .unwrap();
     f.write_all(&big).unwrap();
     f.flush().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The daemon is inside the huge line (dropping it) before its end arrives.
+    wait_for("the huge line dropped", PATIENCE, || {
+        daemon.log().contains("longer than")
+    });
     f.write_all(b">, method=PLAIN, rip=6.6.6.11, lip=1.1.1.1, mpid=1, session=<a>\n")
         .unwrap();
     f.write_all(login_line("203.0.113.200", "real").as_bytes())
@@ -82,6 +85,29 @@ fn garbage_forgeries_and_huge_lines_grant_nothing() {
     assert!(log_text.contains("invalid client address"), "{log_text}");
     assert!(log_text.contains("conflicting rip="), "{log_text}");
     assert!(log_text.contains("longer than"), "{log_text}");
+}
+
+/// Issue 17: a first start while a huge line is being written (no timestamp in the file's
+/// last bytes) began at the end and lost the timed login before it.
+#[test]
+fn first_start_mid_huge_line_reads_the_logins_before_it() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    let map = d.path().join("relay");
+    let ts = bsd_now();
+    let head = format!("{ts} mail dovecot: imap-login: Login: user=<");
+    let text = [login_line("192.0.2.8", "before"), head, "A".repeat(1 << 20)].concat();
+    std::fs::write(&log, text).unwrap();
+    let mut daemon = Daemon::follow(d.path(), &log, &["--ttl", "1h"]);
+    append(
+        &log,
+        &format!(">, rip=6.6.6.13\n{}", login_line("203.0.113.201", "after")),
+    );
+    wait_for("the login after the huge line granted", PATIENCE, || {
+        postmap_q(&map, "203.0.113.201").is_some()
+    });
+    assert!(postmap_q(&map, "192.0.2.8").is_some(), "{}", daemon.log());
+    assert_eq!(daemon.stop(), Some(0));
 }
 
 #[test]

@@ -185,14 +185,26 @@ fn two_writers_two_replicas_snapshot_kill_and_revoke() {
         });
     }
 
-    // Rows dovegate would never write grant nothing; a far expiry is capped at now + ttl.
+    // Rows dovegate would never write are refused by the table (schema 3); a canonical
+    // row it would not grant (loopback) grants nothing; a long expiry is capped at now + ttl.
+    for row in [
+        "('1.2.3', now() + interval '1 hour', 'x', 'x')",
+        "('unknown', now() + interval '1 hour', 'x', 'x')",
+        "('2001:DB8::99', now() + interval '1 hour', 'x', 'x')",
+        "('203.0.113.8', '2099-01-01', 'x', 'x')",
+    ] {
+        assert!(
+            pg.try_psql(&format!(
+                "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES {row}"
+            ))
+            .is_err(),
+            "{row} accepted"
+        );
+    }
     pg.psql(
         "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
-         ('1.2.3', now() + interval '1 hour', 'x', 'x'),
-         ('unknown', now() + interval '1 hour', 'x', 'x'),
          ('127.0.0.1', now() + interval '1 hour', 'x', 'x'),
-         ('2001:DB8::99', now() + interval '1 hour', 'x', 'x'),
-         ('203.0.113.9', '2099-01-01', 'x', 'x')",
+         ('203.0.113.9', now() + interval '20 days', 'x', 'x')",
     );
     for r in [&r1, &r2] {
         wait_for("capped grant on the replica", FLEET_PATIENCE, || {
@@ -213,7 +225,7 @@ fn two_writers_two_replicas_snapshot_kill_and_revoke() {
     assert!(!pg
         .psql("SELECT granted_by FROM dovegate_grants WHERE address = '192.0.2.2'")
         .is_empty());
-    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "2");
+    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "3");
     let fleet: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(tmp.path().join("w1/state/fleet.json")).unwrap(),
     )
@@ -244,7 +256,7 @@ fn postfix_pgsql_direct_query() {
     // Postfix (and replicas) may use a role that can only read.
     pg.psql(
         "CREATE ROLE reader LOGIN PASSWORD 'ro-pass';
-         GRANT SELECT ON dovegate_grants, dovegate_schema TO reader",
+         GRANT SELECT ON dovegate_grants, dovegate_revocations, dovegate_schema TO reader",
     );
     let ro_url = tmp.path().join("ro.url");
     std::fs::write(
@@ -376,8 +388,9 @@ fn database_restart_mid_stream() {
 }
 
 /// The database is down from the start: commits spill to the state dir (and the local
-/// map), a full queue refuses commits loudly, and everything reaches the database when it
-/// comes up.
+/// map); a full queue never holds back the local map (issue 20, item 6: 53 of 101 logins
+/// did not reach it): it merges, drops the grants that expire first, and says that the
+/// database copy is behind; the rest reaches the database when it comes up.
 #[test]
 fn spill_queue_is_bounded_and_replayed() {
     let tmp = common::tempdir();
@@ -388,7 +401,7 @@ fn spill_queue_is_bounded_and_replayed() {
     let (w, log) = writer(&tmp.path().join("w"), &cfg, "10m");
     let first: Vec<String> = (1..=50).map(|i| format!("203.0.113.{i}")).collect();
     for ip in &first {
-        append(&log, &login_line(ip, "erin"));
+        append(&log, &common::sessionless_login_line(ip, "erin"));
     }
     // Spilled grants are committed locally.
     wait_visible(
@@ -398,13 +411,19 @@ fn spill_queue_is_bounded_and_replayed() {
     );
     let queue = std::fs::read_to_string(tmp.path().join("w/state/spill/queue")).unwrap();
     assert_eq!(queue.lines().count(), 50);
-    // 150 more do not fit: the commit fails and says so.
+    // 150 more do not fit in the queue: every one still reaches the local map.
     let more: Vec<String> = (1..=150).map(|i| format!("2001:db8:5::{i:x}")).collect();
     for ip in &more {
-        append(&log, &login_line(ip, "erin"));
+        append(&log, &common::sessionless_login_line(ip, "erin"));
     }
-    wait_for("spill full reported", PATIENCE, || {
-        w.log().contains("spill queue full")
+    wait_visible(
+        "every login in the local map though the queue is full",
+        &tmp.path().join("w/relay"),
+        &more,
+    );
+    wait_for("database copy behind reported", PATIENCE, || {
+        w.log().contains("database copy behind")
+            && fleet_status(&tmp.path().join("w"))["behind"] == serde_json::json!(true)
     });
     let queue = std::fs::read_to_string(tmp.path().join("w/state/spill/queue")).unwrap();
     assert!(
@@ -412,20 +431,24 @@ fn spill_queue_is_bounded_and_replayed() {
         "{} spilled",
         queue.lines().count()
     );
+    assert!(
+        fleet_status(&tmp.path().join("w"))["dropped_total"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     pg.up();
-    wait_for("all 200 grants in the database", FLEET_PATIENCE, || {
-        pg.try_psql("SELECT count(*) FROM dovegate_grants")
-            .as_deref()
-            == Ok("200")
-    });
-    wait_for("spill queue emptied", PATIENCE, || {
+    wait_for("spill queue emptied", FLEET_PATIENCE, || {
         std::fs::metadata(tmp.path().join("w/state/spill/queue")).is_ok_and(|m| m.len() == 0)
     });
-    wait_visible(
-        "the rest in the local map",
-        &tmp.path().join("w/relay"),
-        &more,
-    );
+    // The database holds what the queue kept: 100 grants at least.
+    let n: usize = pg
+        .psql("SELECT count(*) FROM dovegate_grants")
+        .parse()
+        .unwrap();
+    assert!((100..=200).contains(&n), "{n} grants in the database");
+    // Of equal expiries (logins in the same second) the queue keeps the later-queued;
+    // the engine batches in no particular order, so which ones is not asserted.
 }
 
 #[test]
@@ -608,7 +631,7 @@ fn concurrent_start_migrates_once() {
     });
     assert_eq!(
         pg.psql("SELECT count(*) || ':' || max(version) FROM dovegate_schema"),
-        "1:2"
+        "1:3"
     );
     for r in &replicas {
         assert!(!r.log().contains("migration failed"), "{}", r.log());
@@ -630,28 +653,79 @@ fn wait_writer_connected(dir: &Path) {
     });
 }
 
-/// NOTIFY needs no table privilege: a role that may only connect sends payloads that
-/// would grant, revoke, or force snapshots. They grant and revoke nothing (the replica
-/// reads the row), and junk forces at most one snapshot per gap.
+/// The payloads `user` hears on the channel during `how_long`.
+fn listen_as(pg: &Pg, user: &str, password: &str, how_long: Duration) -> Vec<String> {
+    let url = format!(
+        "postgresql://{user}:{password}@127.0.0.1:{}/postgres",
+        pg.port
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = m {
+                    let _ = tx.send(n.payload().to_string());
+                }
+            }
+        });
+        client
+            .batch_execute("LISTEN dovegate_grants")
+            .await
+            .unwrap();
+        tokio::time::sleep(how_long).await;
+        let mut out = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            out.push(p);
+        }
+        out
+    })
+}
+
+/// NOTIFY and LISTEN need no table privilege. Notifications carry no address (a role that
+/// may only connect learns nothing by listening), forged ones grant and revoke nothing, and
+/// a flood costs one read of the changes per commit interval however many arrive
+/// (issue 20, item 9).
 #[test]
-fn forged_notifications_grant_nothing() {
+fn notifications_carry_no_addresses_and_a_flood_is_coalesced() {
     let tmp = common::tempdir();
     let pg = Pg::start(tmp.path());
     let url = pg.url_file(&tmp.path().join("pg.url"));
     let cfg = config(tmp.path(), &url, "");
     let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
     pg.psql("CREATE ROLE mallory LOGIN PASSWORD 'm-pass'");
-    pg.psql(
-        "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
-         ('192.0.2.60', now() + interval '10 minutes', 'h', 'dovecot')",
-    );
+    // Mallory listens while a grant is written: she hears that something changed, not what.
+    let heard = std::thread::scope(|s| {
+        let h = s.spawn(|| listen_as(&pg, "mallory", "m-pass", Duration::from_secs(4)));
+        wait_for("mallory listening", PATIENCE, || {
+            pg.psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'mallory'") == "1"
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        pg.psql(
+            "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+             ('192.0.2.60', now() + interval '10 minutes', 'h', 'dovecot')",
+        );
+        h.join().unwrap()
+    });
     wait_visible("a real grant", &r.map(), &["192.0.2.60".into()]);
-    let before = r.status()["snapshots"].as_u64().unwrap();
+    assert!(!heard.is_empty(), "no notification heard");
+    for p in &heard {
+        assert!(!p.contains("192.0.2"), "a payload names an address: {p}");
+    }
+    let before = r.status()["change_reads"].as_u64().unwrap();
     let forge = |sql: &str| pg.psql_as("mallory", "m-pass", sql).unwrap();
     forge(r#"NOTIFY dovegate_grants, '{"a":"203.0.113.200","e":4102444800}'"#);
     forge(r#"NOTIFY dovegate_grants, '{"a":"192.0.2.60","e":null}'"#);
-    for i in 0..8 {
-        forge(&format!("NOTIFY dovegate_grants, 'junk {i}'"));
+    // A flood: 20,000 distinct notifications in a few seconds.
+    let start = Instant::now();
+    for _ in 0..4 {
+        forge("SELECT pg_notify('dovegate_grants', g::text) FROM generate_series(1, 5000) g");
     }
     // A real change after the forged ones: once it is seen, they were handled.
     pg.psql(
@@ -659,19 +733,16 @@ fn forged_notifications_grant_nothing() {
          ('192.0.2.61', now() + interval '10 minutes', 'h', 'dovecot')",
     );
     wait_visible("a real insert", &r.map(), &["192.0.2.61".into()]);
-    // The junk asked for a resync: it comes, once.
-    wait_for("resync after junk", FLEET_PATIENCE, || {
-        r.status()["snapshots"].as_u64().unwrap() > before
-    });
-    assert_eq!(postmap_q(&r.map(), "203.0.113.200"), None);
-    assert!(postmap_q(&r.map(), "192.0.2.60").is_some());
-    let after = r.status()["snapshots"].as_u64().unwrap();
+    let elapsed = start.elapsed();
+    let reads = r.status()["change_reads"].as_u64().unwrap() - before;
+    // Default commit interval 250 ms: four reads per second at most, plus the first.
     assert!(
-        after <= before + 2,
-        "junk forced {} snapshots",
-        after - before
+        reads as f64 <= elapsed.as_secs_f64() * 4.0 + 4.0,
+        "{reads} reads in {elapsed:?} for a flood of 20,000"
     );
     assert_eq!(postmap_q(&r.map(), "203.0.113.200"), None);
+    assert!(postmap_q(&r.map(), "192.0.2.60").is_some());
+    assert!(!r.log().contains("STALE"), "{}", r.log());
 }
 
 /// Rows with expiries chrono cannot print, or far in the future, or infinite, and a row the
@@ -686,9 +757,11 @@ fn odd_rows_neither_grant_forever_nor_wedge() {
     let wdir = tmp.path().join("w");
     let (w, log) = writer(&wdir, &cfg, "10m");
     wait_writer_connected(&wdir);
-    // Rows written by hand (table write access) before the logins.
+    // Rows written by hand (a role that may alter the table drops schema 3's bound
+    // first) before the logins.
     pg.psql(
-        "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+        "ALTER TABLE dovegate_grants DROP CONSTRAINT dovegate_grants_bounded;
+         INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
          ('198.51.100.120', '294000-01-01', 'x', 'x'),
          ('198.51.100.121', '10000-01-01', 'x', 'x')",
     );
@@ -756,26 +829,6 @@ fn odd_rows_neither_grant_forever_nor_wedge() {
     );
     assert!(!r.log().contains("STALE"), "{}", r.log());
     assert!(!r.log().contains("infinity"), "{}", r.log());
-
-    // Migrating a schema-1 table deletes the infinite row and restores the constraint.
-    pg.psql(
-        "ALTER TABLE dovegate_grants DROP CONSTRAINT test_refuse;
-         INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
-         ('198.51.100.125', 'infinity', 'x', 'x');
-         UPDATE dovegate_schema SET version = 1",
-    );
-    let _r2 = Replica::start(&tmp.path().join("r2"), &cfg, &url);
-    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "2");
-    assert_eq!(
-        pg.psql("SELECT count(*) FROM dovegate_grants WHERE NOT isfinite(expires)"),
-        "0"
-    );
-    assert!(pg
-        .try_psql(
-            "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
-             ('198.51.100.126', 'infinity', 'x', 'x')"
-        )
-        .is_err());
 }
 
 /// A row far in the future grants no longer than its own `updated_at` + ttl (it is not
@@ -789,10 +842,20 @@ fn far_future_row_is_bounded_by_its_own_update() {
     let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
     pg.psql(
         "INSERT INTO dovegate_grants (address, expires, granted_by, source, updated_at) VALUES
-         ('203.0.113.30', '2099-01-01', 'x', 'x', now() - interval '25 minutes'),
-         ('203.0.113.31', '2099-01-01', 'x', 'x', now() + interval '1 year'),
+         ('203.0.113.30', now() + interval '20 days', 'x', 'x', now() - interval '25 minutes'),
          ('203.0.113.32', now() + interval '10 minutes', 'x', 'x', now())",
     );
+    // A future updated_at (or an expiry past updated_at + 31 days) is refused by the table.
+    for row in [
+        "('203.0.113.31', now() + interval '1 hour', 'x', 'x', now() + interval '1 year')",
+        "('203.0.113.33', '2099-01-01', 'x', 'x', now())",
+    ] {
+        assert!(pg
+            .try_psql(&format!(
+                "INSERT INTO dovegate_grants (address, expires, granted_by, source, updated_at) VALUES {row}"
+            ))
+            .is_err());
+    }
     wait_visible(
         "the rows",
         &r.map(),
@@ -811,4 +874,375 @@ fn far_future_row_is_bounded_by_its_own_update() {
     let e2 = expiry_of(&postmap_q(&r.map(), "203.0.113.30").unwrap());
     assert!(e2 <= e + 1, "re-extended from {e} to {e2}");
     assert_eq!(postmap_q(&r.map(), "203.0.113.31"), None);
+}
+
+/// `dovegate revoke IP` on a writer host (issue 18; issue 20, item 7): it reaches the
+/// database, so IP leaves a replica's map and the writer's own, and stays out across the
+/// replica's resync (a restart snapshots) and a replay of a login from before the revoke;
+/// a login after the revoke grants again.
+#[test]
+fn revoke_on_a_writer_holds_across_the_fleet() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let wdir = tmp.path().join("w");
+    let (_w, log) = writer(&wdir, &cfg, "10m");
+    wait_writer_connected(&wdir);
+    let rdir = tmp.path().join("r");
+    let r = Replica::start(&rdir, &cfg, &url);
+    let old_login = common::sessionless_login_line("192.0.2.90", "hank");
+    append(&log, &old_login);
+    append(&log, &common::sessionless_login_line("192.0.2.91", "hank"));
+    wait_visible(
+        "grants on the replica",
+        &r.map(),
+        &["192.0.2.90".into(), "192.0.2.91".into()],
+    );
+    let out = common::dovegate(&[
+        "revoke",
+        "--config",
+        &cfg.display().to_string(),
+        "--map",
+        &wdir.join("relay").display().to_string(),
+        "192.0.2.90",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("revoke reached the replica", FLEET_PATIENCE, || {
+        postmap_q(&r.map(), "192.0.2.90").is_none()
+    });
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("every host"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(postmap_q(&wdir.join("relay"), "192.0.2.90"), None);
+    assert!(postmap_q(&r.map(), "192.0.2.91").is_some());
+    // The replica restarts (a full snapshot): still revoked.
+    drop(r);
+    let r = Replica::start(&rdir, &cfg, &url);
+    assert!(r.status()["snapshots"].as_u64() >= Some(1));
+    assert!(postmap_q(&r.map(), "192.0.2.91").is_some());
+    assert_eq!(postmap_q(&r.map(), "192.0.2.90"), None);
+    // The login line from before the revoke read again (a replay, a writer that had not
+    // seen the revoke): the database refuses it, and the writer's map does not take it.
+    append(&log, &old_login);
+    append(&log, &common::sessionless_login_line("192.0.2.92", "hank"));
+    wait_visible("a later grant", &r.map(), &["192.0.2.92".into()]);
+    assert!(postmap_q(&wdir.join("relay"), "192.0.2.92").is_some());
+    assert_eq!(postmap_q(&r.map(), "192.0.2.90"), None);
+    assert_eq!(postmap_q(&wdir.join("relay"), "192.0.2.90"), None);
+    // A new login after the revoke grants again, everywhere (one within 2 s of the revoke
+    // is taken for a session renewal racing it).
+    let revoked: i64 = pg
+        .psql("SELECT floor(extract(epoch FROM revoked_at))::int8 FROM dovegate_revocations WHERE address = '192.0.2.90'")
+        .parse()
+        .unwrap();
+    wait_for("3 s past the revoke", PATIENCE, || {
+        std::thread::sleep(Duration::from_millis(100));
+        now() > revoked + 3
+    });
+    append(&log, &common::sessionless_login_line("192.0.2.90", "hank"));
+    wait_visible(
+        "a later login grants again",
+        &r.map(),
+        &["192.0.2.90".into()],
+    );
+    assert!(postmap_q(&wdir.join("relay"), "192.0.2.90").is_some());
+    // `dovegate grant` on the writer host reaches the replica too.
+    let out = common::dovegate(&[
+        "grant",
+        "--config",
+        &cfg.display().to_string(),
+        "--map",
+        &wdir.join("relay").display().to_string(),
+        "192.0.2.93",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_visible(
+        "a manual grant on the replica",
+        &r.map(),
+        &["192.0.2.93".into()],
+    );
+}
+
+/// The administrator's DELETE and TRUNCATE in the database (issue 20, item 7): they reach
+/// every replica and the writers' own maps.
+#[test]
+fn delete_and_truncate_reach_every_map() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let wdir = tmp.path().join("w");
+    let (_w, log) = writer(&wdir, &cfg, "10m");
+    wait_writer_connected(&wdir);
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    let ips: Vec<String> = (1..=3).map(|i| format!("198.51.100.{i}")).collect();
+    for ip in &ips {
+        append(&log, &common::sessionless_login_line(ip, "ivy"));
+    }
+    wait_visible("grants on the replica", &r.map(), &ips);
+    pg.psql("DELETE FROM dovegate_grants WHERE address = '198.51.100.1'");
+    for map in [r.map(), wdir.join("relay")] {
+        wait_for("DELETE reached the map", FLEET_PATIENCE, || {
+            postmap_q(&map, "198.51.100.1").is_none()
+        });
+        assert!(postmap_q(&map, "198.51.100.2").is_some());
+    }
+    pg.psql("TRUNCATE dovegate_grants");
+    for map in [r.map(), wdir.join("relay")] {
+        wait_for("TRUNCATE reached the map", FLEET_PATIENCE, || {
+            postmap_s(&map).is_empty()
+        });
+    }
+    assert_eq!(pg.psql("SELECT count(*) FROM dovegate_revocations"), "3");
+}
+
+/// A replica whose map is replaced under it refills it at once, not at the next 5-minute
+/// resync (issue 18: the cause of the store error was dropped).
+#[test]
+fn replica_refills_a_replaced_map_at_once() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    pg.psql(
+        "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+         ('192.0.2.70', now() + interval '10 minutes', 'h', 'dovecot')",
+    );
+    wait_visible("a grant", &r.map(), &["192.0.2.70".into()]);
+    let file = tmp.path().join("r/relay.lmdb");
+    std::fs::remove_file(&file).unwrap();
+    // Well within the 5-minute resync.
+    wait_for("map refilled", Duration::from_secs(30), || {
+        file.exists() && postmap_q(&r.map(), "192.0.2.70").is_some()
+    });
+}
+
+/// The schema-1 (or 2) table of an earlier release, with rows the direct `pgsql:` query
+/// obeyed (issue 20, item 8): migrating to schema 3 deletes them and the table refuses them
+/// from then on; the README's query, run by Postfix's own pgsql client, grants nothing for
+/// them and keeps granting a real row.
+#[test]
+fn forged_rows_grant_nothing_through_postfix_pgsql() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    // Schema 1 as dovegate 1 created it (its first migration).
+    pg.psql(
+        "CREATE TABLE dovegate_schema (version integer NOT NULL);
+         INSERT INTO dovegate_schema VALUES (1);
+         CREATE TABLE dovegate_grants (
+             address text PRIMARY KEY CHECK (length(address) BETWEEN 1 AND 64),
+             expires timestamptz NOT NULL,
+             granted_by text NOT NULL,
+             source text NOT NULL,
+             created_at timestamptz NOT NULL DEFAULT now(),
+             updated_at timestamptz NOT NULL DEFAULT now());
+         CREATE INDEX dovegate_grants_expires ON dovegate_grants (expires);
+         CREATE FUNCTION dovegate_grants_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RETURN NULL; END $$;
+         CREATE TRIGGER dovegate_grants_notify AFTER INSERT OR UPDATE OR DELETE ON dovegate_grants
+             FOR EACH ROW EXECUTE FUNCTION dovegate_grants_notify();",
+    );
+    let forged = [
+        ("unknown", "now() + interval '10 minutes'", "now()"),
+        ("1.2.3", "now() + interval '10 minutes'", "now()"),
+        ("192.0.2.0/24", "now() + interval '10 minutes'", "now()"),
+        ("2001:DB8::9", "now() + interval '10 minutes'", "now()"),
+        ("198.51.100.8", "'2100-01-01'", "now()"),
+        (
+            "198.51.100.9",
+            "now() + interval '10 minutes'",
+            "now() + interval '1 year'",
+        ),
+        ("198.51.100.10", "'infinity'", "now()"),
+    ];
+    for (a, e, u) in forged {
+        pg.psql(&format!(
+            "INSERT INTO dovegate_grants (address, expires, granted_by, source, updated_at)
+             VALUES ('{a}', {e}, 'x', 'x', {u})"
+        ));
+    }
+    pg.psql(
+        "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+         ('192.0.2.7', now() + interval '10 minutes', 'h', 'dovecot')",
+    );
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "3");
+    assert_eq!(
+        pg.psql("SELECT string_agg(address, ',') FROM dovegate_grants"),
+        "192.0.2.7"
+    );
+    for (a, e, u) in forged {
+        assert!(
+            pg.try_psql(&format!(
+                "INSERT INTO dovegate_grants (address, expires, granted_by, source, updated_at)
+                 VALUES ('{a}', {e}, 'x', 'x', {u})"
+            ))
+            .is_err(),
+            "{a} accepted after the migration"
+        );
+    }
+    wait_visible("the real row", &r.map(), &["192.0.2.7".into()]);
+    // Postfix's own pgsql client, with the README's query.
+    let cf = tmp.path().join("pgsql-relay.cf");
+    std::fs::write(
+        &cf,
+        format!(
+            "hosts = inet:127.0.0.1:{}\nuser = {}\npassword = {}\ndbname = postgres\n{}\n",
+            pg.port,
+            pg::USER,
+            pg::PASSWORD,
+            README_QUERY
+        ),
+    )
+    .unwrap();
+    let table = format!("pgsql:{}", cf.display());
+    assert_eq!(
+        common::postmap_table(&table, "192.0.2.7").as_deref(),
+        Some("OK")
+    );
+    // Even with schema 3's constraints dropped (a role that may alter the table), the
+    // query obeys no forged row.
+    pg.psql(
+        "ALTER TABLE dovegate_grants DROP CONSTRAINT dovegate_grants_canonical,
+             DROP CONSTRAINT dovegate_grants_bounded, DROP CONSTRAINT dovegate_grants_not_future,
+             DROP CONSTRAINT dovegate_grants_finite",
+    );
+    for (a, e, u) in forged {
+        pg.psql(&format!(
+            "INSERT INTO dovegate_grants (address, expires, granted_by, source, updated_at)
+             VALUES ('{a}', {e}, 'x', 'x', {u})"
+        ));
+    }
+    for key in [
+        "unknown",
+        "1.2.3",
+        "192.0.2",
+        "198.51.100.8",
+        "198.51.100.9",
+        "198.51.100.10",
+        "2001:db8::9",
+        "mail.example.com",
+    ] {
+        let out = common::postmap_query(&table, key);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{key}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        common::postmap_table(&table, "192.0.2.7").as_deref(),
+        Some("OK")
+    );
+}
+
+/// The README's `pgsql:` query (section "Several hosts"), for a ttl of 10 minutes.
+const README_QUERY: &str = "query = SELECT 'OK' FROM public.dovegate_grants WHERE address = '%s'
+    AND public.dovegate_canonical_address(address) AND expires > now()
+    AND updated_at <= now() AND expires <= updated_at + interval '10 minutes'";
+
+/// A Dovecot host whose clock is 10 minutes slow (issue 20, item 10): its logins reach the
+/// replicas with a full ttl (the database's clock decides), the skew is in `fleet.json`
+/// and warned about.
+#[test]
+fn slow_writer_clock_loses_no_login() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let wdir = tmp.path().join("w");
+    std::fs::create_dir_all(&wdir).unwrap();
+    let log = wdir.join("mail.log");
+    std::fs::write(&log, "").unwrap();
+    let stderr = wdir.join("writer.stderr");
+    let child = Command::new(bin())
+        .arg("run")
+        .args(["--map", &wdir.join("relay").display().to_string()])
+        .args(["--state-dir", &wdir.join("state").display().to_string()])
+        .args(["--log", &log.display().to_string()])
+        .args(["--config", &cfg.display().to_string(), "--ttl", "10m"])
+        .env("DOVEGATE_TEST_CLOCK_OFFSET_SECS", "-600")
+        .env("DOVEGATE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let w = common::Daemon { child, stderr };
+    wait_writer_connected(&wdir);
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    // Its syslog stamps lines by its own (slow) clock.
+    let slow = (chrono::Local::now() - chrono::Duration::seconds(600))
+        .format("%b %e %H:%M:%S")
+        .to_string();
+    append(
+        &log,
+        &format!("{slow} mail dovecot: imap-login: Login: user=<jo>, method=PLAIN, rip=192.0.2.95, lip=192.0.2.1, mpid=4242, TLS\n"),
+    );
+    wait_visible(
+        "the slow host's login on the replica",
+        &r.map(),
+        &["192.0.2.95".into()],
+    );
+    let e = expiry_of(&postmap_q(&r.map(), "192.0.2.95").unwrap());
+    assert!(
+        e >= now() + 600 - 30,
+        "expiry {e}, now {}: not a full ttl",
+        now()
+    );
+    let skew = fleet_status(&wdir)["clock_skew_secs"].as_f64().unwrap();
+    assert!((skew + 600.0).abs() < 30.0, "skew {skew}");
+    assert!(w.log().contains("clock differs"), "{}", w.log());
+}
+
+/// A grant committed by a transaction that began before later, already seen changes (a
+/// slow writer, an administrator's open transaction) reaches the replica when it commits,
+/// not at the next 5-minute resync: notifications carry no address, so the replica must
+/// not skip rows of transactions still running at its last read.
+#[test]
+fn a_long_transaction_is_seen_when_it_commits() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    std::thread::scope(|s| {
+        let slow = s.spawn(|| {
+            pg.psql(
+                "BEGIN;
+                 INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+                 ('192.0.2.80', now() + interval '10 minutes', 'h', 'dovecot');
+                 SELECT pg_sleep(4);
+                 COMMIT;",
+            )
+        });
+        wait_for("the slow transaction running", PATIENCE, || {
+            pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(4)%' AND pid <> pg_backend_pid()") == "1"
+        });
+        pg.psql(
+            "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
+             ('192.0.2.81', now() + interval '10 minutes', 'h', 'dovecot')",
+        );
+        wait_visible("the quick grant", &r.map(), &["192.0.2.81".into()]);
+        slow.join().unwrap();
+    });
+    wait_for("the slow grant", Duration::from_secs(30), || {
+        postmap_q(&r.map(), "192.0.2.80").is_some()
+    });
 }

@@ -48,7 +48,7 @@ impl Setup {
             self.path("relay"),
             self.path("state"),
         );
-        Daemon::start(
+        let d = Daemon::start(
             self.dir.path(),
             &[
                 "--log",
@@ -60,7 +60,9 @@ impl Setup {
                 "--ttl",
                 ttl,
             ],
-        )
+        );
+        d.wait_following(Path::new(&log));
+        d
     }
 }
 
@@ -110,7 +112,10 @@ fn kill9_and_rotation_while_down_lose_nothing() {
             }
         })
     };
-    std::thread::sleep(Duration::from_millis(100));
+    // In the middle of the stream: the daemon has read some of it.
+    wait_for("block 3 begun", PATIENCE, || {
+        postmap_q(&map, &ip(3, 0)).is_some()
+    });
     d.kill9();
     let mut d = s.start("1h");
     writer.join().unwrap();

@@ -166,6 +166,9 @@ fn metrics_and_status() {
         "dovegate_map_commit_seconds_count 1".to_string(),
         // The granted login names an IMAP session (session=<...>): it holds the grant.
         "dovegate_sessions_open 1".to_string(),
+        // A syslog line with nothing to show the session open (issue 19): held ttl only.
+        "dovegate_sessions_open_by_evidence{evidence=\"none\"} 1".to_string(),
+        "dovegate_sessions_released_no_evidence_total 0".to_string(),
         format!("dovegate_checkpoint_lag_bytes{{path=\"{src}\"}} 0"),
     ] {
         assert!(m.contains(&want), "missing {want}:\n{m}");

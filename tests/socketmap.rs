@@ -546,7 +546,10 @@ fn out_of_file_descriptors_backs_off_and_recovers() {
         postmap_answer(&sock, "relay", "203.0.113.10").as_deref() == Some("OK")
     });
     let recovered = Instant::now();
-    while !daemon.log().contains("socketmap accepts connections again") {
+    while !daemon
+        .log()
+        .contains("socketmap: accepting connections again")
+    {
         assert!(
             recovered.elapsed() < PATIENCE,
             "recovery not logged:\n{}",

@@ -77,11 +77,24 @@ fn shows_sources_fleet_and_sessions() {
         .to_string(),
     )
     .unwrap();
+    // Where the daemon saves its sessions: beside the checkpoints (status once looked in
+    // the state directory itself and never showed any).
+    std::fs::create_dir_all(state.join("checkpoints")).unwrap();
     std::fs::write(
-        state.join("sessions.json"),
+        state.join("checkpoints/sessions.json"),
         serde_json::json!([{
-            "id": "abcdEFGH1234", "ip": "192.0.2.44", "pid": 4242, "login": t - 30, "renewed": t - 30
+            "id": "abcdEFGH1234", "ip": "192.0.2.44", "pid": 4242, "login": t - 30, "renewed": t - 30,
+            "user": "alice", "source": "/var/log/mail.log", "trusted": false, "evidence": "process", "checked": t - 5
         }])
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        state.join("checkpoints/session-stats.json"),
+        serde_json::json!({
+            "open_by_evidence": {"none": 0, "process": 1, "doveadm-who": 0, "end-lines": 0, "pushed": 0},
+            "released_no_evidence": 3, "released_hold": 1, "dropped": 2
+        })
         .to_string(),
     )
     .unwrap();
@@ -108,6 +121,8 @@ fn shows_sources_fleet_and_sessions() {
         "replica of postgresql://db.example:5432/mail: current, last snapshot ".to_string(),
         "sessions: 1 open".to_string(),
         "192.0.2.44 session abcdEFGH1234 since ".to_string(),
+        "by evidence: 1 process; released for lack of evidence: 3, at the hold: 1, dropped: 2"
+            .to_string(),
     ] {
         assert!(text.contains(&want), "missing {want:?} in:\n{text}");
     }
@@ -138,6 +153,8 @@ fn shows_sources_fleet_and_sessions() {
     assert_eq!(v["replica"]["connected"], true);
     assert_eq!(v["replica"]["stale_file"], false);
     assert_eq!(v["sessions"][0]["ip"], "192.0.2.44");
+    assert_eq!(v["sessions"][0]["evidence"], "process");
+    assert_eq!(v["session_stats"]["released_no_evidence"], 3);
     assert_eq!(v["warnings"].as_array().unwrap().len(), 1);
 }
 

@@ -1,4 +1,6 @@
-//! Administrator commands on the map: lookup, list, grant, revoke.
+//! Administrator commands on the map: lookup, list, grant, revoke. With `[store]
+//! postgres_url_file` set, `grant` and `revoke` reach the database too, so that they hold
+//! on every host (a revoke leaves a tombstone there: see `store::postgres`).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -8,6 +10,7 @@ use serde::Serialize;
 use super::{load_settings, ConfigArgs, Failure};
 use crate::config::{parse_duration, Settings};
 use crate::grant::{key_text, parse_any_ip, Policy};
+use crate::store::postgres::{self, Origin, Tables, Target};
 use crate::store::{Cause, GrantStore, LmdbMap, OpenMode, StoreError};
 use crate::timefmt;
 
@@ -126,6 +129,13 @@ pub fn grant(cfg: &ConfigArgs, ttl: Option<&str>, ip: &str) -> Result<(), Failur
     let mut map = open(&settings, OpenMode::Existing)?;
     map.set(ip, expires).map_err(store_failure)?;
     println!("{}\t{}", key_text(ip), timefmt::rfc3339(expires));
+    let max_ttl = i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 4);
+    in_database(&settings, "granted here only", |c, t, origin| {
+        Box::pin(async move {
+            postgres::set(c, &t.grants, ip, expires, max_ttl, &origin).await?;
+            Ok(true)
+        })
+    })?;
     Ok(())
 }
 
@@ -133,8 +143,17 @@ pub fn revoke(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     let ip = ip_arg(ip)?;
     let mut map = open(&settings, OpenMode::Existing)?;
-    if map.revoke(ip).map_err(store_failure)? {
-        println!("revoked {}", key_text(ip));
+    let here = map.revoke(ip).map_err(store_failure)?;
+    let there = in_database(&settings, "revoked here only", |c, t, _| {
+        Box::pin(async move { postgres::revoke(c, &t, ip).await })
+    })?;
+    if here || there == Some(true) {
+        let everywhere = if there.is_some() {
+            " (here and in the database: every host)"
+        } else {
+            ""
+        };
+        println!("revoked {}{everywhere}", key_text(ip));
         Ok(())
     } else {
         Err(Failure {
@@ -143,3 +162,48 @@ pub fn revoke(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
         })
     }
 }
+
+type DbFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, tokio_postgres::Error>> + 'a>>;
+
+/// Runs `op` on the database when `[store] postgres_url_file` is set (None when it is not).
+/// A failure says what was done here only (`done_here`) and exits 1.
+fn in_database(
+    settings: &Settings,
+    done_here: &str,
+    op: impl for<'a> FnOnce(&'a tokio_postgres::Client, Tables, Origin) -> DbFuture<'a>,
+) -> Result<Option<bool>, Failure> {
+    let Some(url_file) = &settings.store.url_file else {
+        return Ok(None);
+    };
+    let target = Target::load(url_file, &settings.store.schema)
+        .map_err(|e| Failure::config(e.to_string()))?;
+    let fail = |e: String| {
+        Failure {
+        code: 1,
+        message: format!(
+            "{done_here}: the database {}: {e}; the other hosts are not changed: run the command again when the database is reachable",
+            target.describe()
+        ),
+    }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start runtime: {e}")))?;
+    runtime.block_on(async {
+        let client = target
+            .connect(None)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let origin = Origin::this_host("dovegate-admin");
+        tokio::time::timeout(ADMIN_TIMEOUT, op(&client, target.tables(), origin))
+            .await
+            .map_err(|_| fail(format!("no answer within {}s", ADMIN_TIMEOUT.as_secs())))?
+            .map(Some)
+            .map_err(|e| fail(postgres::error_text(&e)))
+    })
+}
+
+/// The longest `grant`/`revoke` waits for the database statement.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);

@@ -375,7 +375,7 @@ pub fn run(cfg: &ConfigArgs, user: Option<&str>) -> Result<(), Failure> {
     load_patterns(&settings, None)?;
     if let Some(url_file) = &settings.store.url_file {
         crate::store::postgres::Target::load(url_file, &settings.store.schema)
-            .map_err(Failure::config)?;
+            .map_err(|e| Failure::config(e.to_string()))?;
     }
     match &file.file {
         Some(p) => eprintln!("dovegate: configuration {}", p.display()),

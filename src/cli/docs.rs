@@ -89,7 +89,7 @@ Log filter, e.g. \fBdebug\fR or \fBdovegate=debug\fR (default \fBinfo\fR). Under
 Commit the grants already read, write the checkpoints, exit 0.
 .TP
 \fBSIGHUP\fR
-Reload the configuration (\fBsystemctl reload dovegate\fR); a bad one is refused and the running one stays.
+Reload the configuration (\fBsystemctl reload dovegate\fR), restarting the push and [serve] servers whose settings changed; a bad one is refused and the running one stays.
 .SH EXAMPLES
 Postfix main.cf:
 .PP

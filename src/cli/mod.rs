@@ -7,6 +7,7 @@ mod docs;
 pub mod postlogin;
 mod replica;
 pub mod run;
+mod sessions;
 mod status;
 mod test_cmd;
 
@@ -59,7 +60,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Grant an address by hand (until now + ttl).
+    /// Grant an address by hand (until now + ttl); in the shared database too when configured.
     Grant {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -69,7 +70,7 @@ enum Command {
         /// The client address (any textual form; stored canonical).
         ip: String,
     },
-    /// Remove an address's grant.
+    /// Remove an address's grant; on every host when a shared database is configured.
     Revoke {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -97,6 +98,8 @@ enum Command {
     Replica(replica::ReplicaArgs),
     /// Show the live state (map, sources, positions) from the map and the state directory.
     Status(status::StatusArgs),
+    /// List the open mail sessions that hold grants; `sessions drop ID` ends one.
+    Sessions(sessions::SessionsArgs),
     /// Create the map (empty) and the state directory if missing; for package scripts.
     Init {
         #[command(flatten)]
@@ -150,8 +153,10 @@ pub fn load_settings(
 pub fn load_patterns(settings: &Settings, dir: Option<&Path>) -> Result<PatternSet, Failure> {
     let dir = dir.or(settings.patterns_dir.as_deref());
     let sessions = !settings.session_hold.is_zero();
-    PatternSet::load_for(dir, &settings.services, &settings.enable_patterns, sessions)
-        .map_err(|e| Failure::config(e.0))
+    let mut p = PatternSet::load_for(dir, &settings.services, &settings.enable_patterns, sessions)
+        .map_err(|e| Failure::config(e.0))?;
+    p.set_never_mechanisms(&settings.never_mechanisms);
+    Ok(p)
 }
 
 /// Logs go to the journal with native fields when systemd connected stderr to it
@@ -209,6 +214,7 @@ pub fn main() -> ExitCode {
         }
         Command::Test(args) => test_cmd::run(args),
         Command::Status(args) => status::run(args),
+        Command::Sessions(args) => sessions::run(args),
         Command::Replica(args) => replica::run(args),
         Command::Init { cfg } => init(&cfg),
         Command::GenerateDocs { dir } => docs::generate(&dir),

@@ -35,7 +35,8 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
             "store.postgres_url_file: a replica needs the database: set it or pass --url-file",
         ));
     };
-    let target = Target::load(url_file, &settings.store.schema).map_err(Failure::config)?;
+    let target = Target::load(url_file, &settings.store.schema)
+        .map_err(|e| Failure::config(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -73,5 +74,5 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
     };
     let result = runtime.block_on(crate::replica::run(spec, shutdown));
     crate::notify::stopping();
-    result.map_err(Failure::runtime)
+    result.map_err(|e| Failure::runtime(e.to_string()))
 }

@@ -10,9 +10,12 @@ use crate::config::Settings;
 use crate::engine::{self, Engine, Exit};
 use crate::fleet::WriterStore;
 use crate::grant::Policy;
+use crate::net::Listen;
 use crate::pattern::PatternSet;
 use crate::scan::{Scanner, Visit};
 use crate::serve::metrics::MetricsSource;
+use crate::serve::servers::Servers;
+use crate::serve::socketmap::SocketmapConfig;
 use crate::source::checkpoint::CheckpointDir;
 use crate::source::handle::{Deaths, SourceHandle};
 use crate::source::journal::{JournalSource, JournalSourceSpec, JournalStart, JournalTarget};
@@ -173,8 +176,25 @@ impl Sources {
             Some(d) => d.relay()?,
             None => tokio::sync::mpsc::channel(64),
         };
-        let mut handles = Vec::new();
         let settings = &cfg.settings;
+        // The push servers and the events listener first: a socket that cannot be claimed
+        // (another daemon serves it) fails the start before any source thread runs.
+        let _push = if dry.is_some_and(|d| d.daemon_running) && settings.push.enabled() {
+            // Its sockets belong to the running daemon: binding them would take them over.
+            tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
+            crate::push::spawn(&Default::default(), tx.clone(), stats)
+        } else {
+            crate::push::spawn(&settings.push, tx.clone(), stats)
+        }
+        .map_err(Failure::runtime)?;
+        let _events = if dry.is_some_and(|d| d.daemon_running) && settings.events.enabled() {
+            tracing::warn!("[events]: a dovegate daemon holds the map; --dry-run leaves its events listener alone and reports logged logins only");
+            crate::events::spawn(&Default::default(), tx.clone(), stats)
+        } else {
+            crate::events::spawn(&settings.events, tx.clone(), stats)
+        }
+        .map_err(Failure::runtime)?;
+        let mut handles = Vec::new();
         let cutoff = timefmt::now() - i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 2);
         let sink = |name: &str| {
             DaemonSink::new(name, stats.for_source(name), settings.untimed_lines_grant)
@@ -223,21 +243,6 @@ impl Sources {
                 .map_err(|e| Failure::runtime(format!("cannot start journal thread: {e}")))?;
             handles.push(handle);
         }
-        let _push = if dry.is_some_and(|d| d.daemon_running) && settings.push.enabled() {
-            // Its sockets belong to the running daemon: binding them would take them over.
-            tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
-            crate::push::spawn(&Default::default(), tx.clone(), stats)
-        } else {
-            crate::push::spawn(&settings.push, tx.clone(), stats)
-        }
-        .map_err(Failure::runtime)?;
-        let _events = if dry.is_some_and(|d| d.daemon_running) && settings.events.enabled() {
-            tracing::warn!("[events]: a dovegate daemon holds the map; --dry-run leaves its events listener alone and reports logged logins only");
-            crate::events::spawn(&Default::default(), tx.clone(), stats)
-        } else {
-            crate::events::spawn(&settings.events, tx.clone(), stats)
-        }
-        .map_err(Failure::runtime)?;
         Ok(Sources {
             handles,
             rx,
@@ -328,34 +333,35 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     };
     let mut engine = Engine::new(map, cfg.policy(), checkpoints.clone(), timefmt::now())
         .map_err(|e| Failure::runtime(e.0))?;
-    engine.set_session_hold(hold_secs(&cfg.settings), timefmt::now());
+    engine.set_session_hold(
+        hold_secs(&cfg.settings),
+        &session_sources(&cfg),
+        timefmt::now(),
+    );
+    engine.set_session_evidence(session_probe(&cfg.settings), recheck_secs(&cfg.settings));
     let stats = Arc::new(StatsRegistry::default());
     if dry.is_some() && (settings.socketmap.is_some() || settings.metrics.is_some()) {
         tracing::info!("--dry-run: the socketmap and metrics servers are not started");
     }
-    if let Some(sm) = settings.socketmap.clone().filter(|_| dry.is_none()) {
-        let listen = sm.listen.to_string();
-        runtime
-            .block_on(crate::serve::socketmap::spawn(sm, engine.view()))
-            .map_err(|e| {
-                Failure::runtime(format!("serve.socketmap: cannot listen on {listen}: {e}"))
-            })?;
-    }
     let counters = Arc::new(Mutex::new(engine.counters.clone()));
-    if let Some(addr) = settings.metrics.filter(|_| dry.is_none()) {
-        let src = Arc::new(MetricsSource {
-            stats: Arc::clone(&stats),
-            engine: Arc::clone(&counters),
-            view: engine.view(),
-            checkpoints: checkpoints.clone(),
-            state_dir: settings.state_dir.clone(),
-        });
-        runtime
-            .block_on(crate::serve::metrics::spawn(addr, src))
-            .map_err(|e| {
-                Failure::runtime(format!("serve.metrics: cannot listen on {addr}: {e}"))
-            })?;
-    }
+    let mut servers = match &dry {
+        Some(_) => None,
+        None => {
+            let src = Arc::new(MetricsSource {
+                stats: Arc::clone(&stats),
+                engine: Arc::clone(&counters),
+                view: engine.view(),
+                checkpoints: checkpoints.clone(),
+                state_dir: settings.state_dir.clone(),
+            });
+            let (socketmap, metrics) = serve_settings(&settings);
+            Some(
+                runtime
+                    .block_on(Servers::start(socketmap, metrics, engine.view(), src))
+                    .map_err(|e| Failure::runtime(e.to_string()))?,
+            )
+        }
+    };
     let (deaths, mut died) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut death: Option<String> = None;
     let mut sources = Sources::start(&cfg, &checkpoints, &stats, &deaths, dry.as_ref())?;
@@ -426,12 +432,42 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                             tracing::warn!("[store] changes take effect at the next restart");
                         }
                         sources.stop();
-                        engine.set_policy(new.policy());
-                        engine.set_session_hold(hold_secs(&new.settings), timefmt::now());
-                        cfg = new;
-                        sources =
-                            Sources::start(&cfg, &checkpoints, &stats, &deaths, dry.as_ref())?;
-                        tracing::info!(logs = %paths(&cfg.settings.logs), ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
+                        match Sources::start(&new, &checkpoints, &stats, &deaths, dry.as_ref()) {
+                            Ok(started) => {
+                                sources = started;
+                                if let Some(servers) = &mut servers {
+                                    let (socketmap, metrics) = serve_settings(&new.settings);
+                                    runtime.block_on(servers.reload(socketmap, metrics));
+                                }
+                                engine.set_policy(new.policy());
+                                engine.set_session_hold(
+                                    hold_secs(&new.settings),
+                                    &session_sources(&new),
+                                    timefmt::now(),
+                                );
+                                engine.set_session_evidence(
+                                    session_probe(&new.settings),
+                                    recheck_secs(&new.settings),
+                                );
+                                cfg = new;
+                                tracing::info!(logs = %paths(&cfg.settings.logs), ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
+                            }
+                            Err(f) => {
+                                // A push socket another process serves, say: the running
+                                // sources come back as they were.
+                                tracing::error!(
+                                    "reload refused, the running configuration stays: {}",
+                                    f.message
+                                );
+                                sources = Sources::start(
+                                    &cfg,
+                                    &checkpoints,
+                                    &stats,
+                                    &deaths,
+                                    dry.as_ref(),
+                                )?;
+                            }
+                        }
                     }
                     Err(f) => tracing::error!(
                         "reload refused, the running configuration stays: {}",
@@ -456,6 +492,10 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     };
     crate::notify::stopping();
     sources.stop();
+    // Last: the socketmap answers until the end.
+    if let Some(servers) = servers {
+        runtime.block_on(servers.shutdown());
+    }
     log_summary(&cfg.settings, &engine, &stats);
     match death {
         Some(why) => Err(Failure::runtime(why)),
@@ -571,7 +611,8 @@ fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, F
     let Some(url_file) = &settings.store.url_file else {
         return Ok(WriterStore::local(map));
     };
-    let target = Target::load(url_file, &settings.store.schema).map_err(Failure::config)?;
+    let target = Target::load(url_file, &settings.store.schema)
+        .map_err(|e| Failure::config(e.to_string()))?;
     tracing::info!(database = %target.describe(), "sharing grants through PostgreSQL");
     let pg = worker::PgWriter::start(worker::WriterSpec {
         target,
@@ -580,7 +621,7 @@ fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, F
         state_dir: settings.state_dir.clone(),
         spill_max: settings.store.spill_max_grants,
     })
-    .map_err(Failure::runtime)?;
+    .map_err(|e| Failure::runtime(e.to_string()))?;
     Ok(WriterStore::shared(map, pg))
 }
 
@@ -635,6 +676,42 @@ impl Signals {
         }
         exit
     }
+}
+
+/// What `[serve]` asks to run: the socketmap and the metrics address.
+fn serve_settings(settings: &Settings) -> (Option<SocketmapConfig>, Option<Listen>) {
+    (
+        settings.socketmap.clone(),
+        settings.metrics.map(Listen::Inet),
+    )
+}
+
+/// The names of the sources whose logins open sessions (a saved session of any other
+/// source is dropped at start: it can no longer be ended by its source).
+fn session_sources(cfg: &Effective) -> Vec<String> {
+    let mut v: Vec<String> = cfg
+        .settings
+        .logs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    v.extend(cfg.journal.iter().map(|t| t.key()));
+    if cfg.settings.events.enabled() {
+        v.push(crate::events::ORIGIN.to_string());
+    }
+    v
+}
+
+/// What shows an open session on this host: its imap process, then `doveadm who`.
+fn session_probe(settings: &Settings) -> Box<dyn crate::session::Probe> {
+    Box::new(crate::session::evidence::HostProbe::new(
+        &settings.session_who,
+        settings.session_recheck,
+    ))
+}
+
+fn recheck_secs(settings: &Settings) -> i64 {
+    i64::try_from(settings.session_recheck.as_secs()).unwrap_or(60)
 }
 
 /// `grant.session_hold` in seconds (0: sessions off).

@@ -12,7 +12,7 @@ use crate::replica::ReplicaStatus;
 use crate::session::OpenSession;
 use crate::source::checkpoint::{Checkpoint, CheckpointDir};
 use crate::source::tailer::{open_regular, PathProblem};
-use crate::store::postgres::worker::WriterStatus;
+use crate::store::postgres::worker::{WriterStatus, MAX_SKEW_SECS};
 use crate::store::{instance, GrantStore, LmdbMap, OpenMode};
 use crate::timefmt;
 
@@ -97,6 +97,11 @@ struct DatabaseStatus {
     last_commit: Option<String>,
     queue_len: usize,
     queue_max: usize,
+    /// Some grants never reached the database (spill queue overflow).
+    behind: bool,
+    dropped_total: u64,
+    /// This host's clock minus the database's, seconds.
+    clock_skew_secs: Option<f64>,
     updated: String,
     /// Not rewritten for 30 s: the daemon that writes it stopped or is stuck.
     stale_file: bool,
@@ -125,6 +130,8 @@ struct SessionOut {
     pid: Option<u32>,
     login: String,
     renewed: String,
+    /// What the daemon's last check found (`none`: held only ttl).
+    evidence: &'static str,
 }
 
 #[derive(Serialize)]
@@ -144,6 +151,8 @@ struct Status {
     replica: Option<ReplicaOut>,
     /// null: no sessions file in the state directory.
     sessions: Option<Vec<SessionOut>>,
+    /// What the daemon's session checks did (null: it saved nothing yet).
+    session_stats: Option<crate::session::SessionStats>,
     /// The same warnings the text output prints.
     warnings: Vec<String>,
 }
@@ -205,7 +214,8 @@ fn stale_warning(file: &str, updated: i64, now: i64) -> Option<String> {
 /// The open sessions the daemon saved, if it saved any (a missing file is not an error).
 fn load_sessions(state_dir: &Path, warnings: &mut Vec<String>) -> Option<Vec<OpenSession>> {
     use std::io::Read;
-    let path = state_dir.join("sessions.json");
+    // Where the daemon saves them (beside the checkpoints).
+    let path = crate::source::checkpoint::CheckpointDir::new(state_dir).sessions_file();
     let file = std::fs::File::open(&path).ok()?;
     let mut text = String::new();
     if let Err(e) = file.take(SESSIONS_MAX_BYTES).read_to_string(&mut text) {
@@ -311,6 +321,9 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             last_commit: w.last_commit.map(timefmt::rfc3339),
             queue_len: w.queue_len,
             queue_max: w.queue_max,
+            behind: w.behind,
+            dropped_total: w.dropped_total,
+            clock_skew_secs: w.clock_skew_secs,
             updated: timefmt::rfc3339(w.updated),
             stale_file,
         }
@@ -342,9 +355,15 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
                 pid: s.pid,
                 login: timefmt::rfc3339(s.login),
                 renewed: timefmt::rfc3339(s.renewed),
+                evidence: s.evidence.name(),
             })
             .collect()
     });
+    let session_stats = std::fs::read(
+        crate::source::checkpoint::CheckpointDir::new(&settings.state_dir).session_stats_file(),
+    )
+    .ok()
+    .and_then(|b| serde_json::from_slice(&b).ok());
     let status = Status {
         map: MapStatus {
             file: file.display().to_string(),
@@ -359,6 +378,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
         database,
         replica,
         sessions,
+        session_stats,
         warnings,
     };
     if args.json {
@@ -466,6 +486,15 @@ fn print_text(status: &Status, state_dir: &Path) {
             "database {}: {state}; spill queue {}/{}",
             d.database, d.queue_len, d.queue_max
         );
+        if d.behind {
+            println!(
+                "database copy BEHIND: {} grants dropped from the full spill queue never reached it",
+                d.dropped_total
+            );
+        }
+        if let Some(skew) = d.clock_skew_secs.filter(|s| s.abs() > MAX_SKEW_SECS) {
+            println!("clock: this host is {skew:+.0} s off the database's; run NTP");
+        }
     }
     if let Some(r) = &status.replica {
         let state = if r.connected {
@@ -488,11 +517,26 @@ fn print_text(status: &Status, state_dir: &Path) {
     }
     if let Some(sessions) = &status.sessions {
         println!("sessions: {} open", sessions.len());
+        if let Some(st) = &status.session_stats {
+            let by: Vec<String> = st
+                .open_by_evidence
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect();
+            println!(
+                "  by evidence: {}; released for lack of evidence: {}, at the hold: {}, dropped: {}",
+                if by.is_empty() { "-".to_string() } else { by.join(", ") },
+                st.released_no_evidence,
+                st.released_hold,
+                st.dropped
+            );
+        }
         for s in sessions.iter().take(SESSIONS_SHOWN) {
             let pid = s.pid.map_or(String::new(), |p| format!(", pid {p}"));
             println!(
-                "  {} session {} since {}{pid}, renewed {}",
-                s.ip, s.id, s.login, s.renewed
+                "  {} session {} since {}{pid}, renewed {}, evidence {}",
+                s.ip, s.id, s.login, s.renewed, s.evidence
             );
         }
         if sessions.len() > SESSIONS_SHOWN {

@@ -82,6 +82,12 @@ struct LineReport<'a> {
     /// Longer than source.max_line_bytes: skipped unread.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     too_long: bool,
+    /// Read as the end of a mail session.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    session_end: bool,
+    /// The session it closed (null: none open it could be tied to).
+    #[serde(skip_serializing_if = "skip_ip")]
+    closed_session: Option<Option<String>>,
 }
 
 fn skip_ip(v: &Option<Option<String>>) -> bool {
@@ -201,6 +207,8 @@ struct Report<'a> {
     error: Option<io::Error>,
     /// Mail sessions, dated by the lines themselves.
     sessions: crate::session::Sessions,
+    /// The latest line time seen (where the input ends, for the sessions still open).
+    last_time: i64,
 }
 
 impl Report<'_> {
@@ -251,6 +259,8 @@ impl Report<'_> {
             forged: None,
             near_miss: None,
             too_long: false,
+            session_end: false,
+            closed_session: None,
         }
     }
 
@@ -260,12 +270,9 @@ impl Report<'_> {
             (ip, &excluded, &login.ip, login.time)
         {
             self.hold(key, t);
-            if let Some(start) = login
-                .session
-                .as_ref()
-                .filter(|_| crate::session::holds(login.service))
-            {
-                if self.sessions.opened(*addr, t, start, t) {
+            self.last_time = self.last_time.max(t);
+            if let Some(start) = crate::session::start_of(login, &self.file) {
+                if self.sessions.opened(*addr, t, &start, t) {
                     self.totals.sessions_opened += 1;
                 }
             }
@@ -312,14 +319,22 @@ impl Sink for Report<'_> {
 
     fn session_end(&mut self, line: Line<'_>, end: &crate::session::SessionEnd) {
         let t = end.time.unwrap_or(self.now);
+        self.last_time = self.last_time.max(t);
+        let mut end = end.clone();
+        end.source = self.file.clone();
         let closed = crate::session::ends_held(&end.service)
-            .then(|| self.sessions.closed(end, t))
+            .then(|| self.sessions.closed(&end, t))
             .flatten();
-        if let Some(r) = closed {
+        if let Some(c) = &closed {
             self.totals.sessions_closed += 1;
-            self.hold(r.ip.to_canonical(), r.time);
+            self.hold(c.renewal.ip.to_canonical(), c.renewal.time);
         }
-        self.other(line);
+        let r = LineReport {
+            session_end: true,
+            closed_session: Some(closed.map(|c| c.id)),
+            ..self.blank(line)
+        };
+        self.unmatched(line, r, None);
     }
 
     /// Reported like any login: the summary counts framings, `message-only` included.
@@ -397,6 +412,8 @@ fn login_report(
         forged: None,
         near_miss: None,
         too_long: false,
+        session_end: false,
+        closed_session: None,
     }
 }
 
@@ -475,6 +492,7 @@ pub fn run(args: TestArgs) -> Result<(), Failure> {
         journal: false,
         error: None,
         sessions: crate::session::Sessions::new(policy.ttl_secs(), hold),
+        last_time: 0,
     };
     let started = Instant::now();
     let result = match args.journal.target(false) {
@@ -501,8 +519,9 @@ pub fn run(args: TestArgs) -> Result<(), Failure> {
         None => run_files(&args.files, &settings, scanner, &mut report),
     };
     result?;
-    // Sessions still open at the end of the input: held until their cap.
-    for r in report.sessions.held_to_the_cap() {
+    // Sessions still open at the end of the input, by the daemon's rules where no process
+    // can be seen: held until their cap only when their source ties end lines.
+    for r in report.sessions.held_at_the_end(report.last_time) {
         report.hold(r.ip.to_canonical(), r.time);
     }
     let flushed = report.out.flush();

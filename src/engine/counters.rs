@@ -34,4 +34,12 @@ pub struct Counters {
     pub sessions_open: u64,
     /// Grants written again because their session is still open.
     pub session_renewals: u64,
+    /// Open sessions by what their last check found (`session::Evidence` names).
+    pub sessions_by_evidence: std::collections::BTreeMap<&'static str, u64>,
+    /// Sessions that stopped holding because nothing showed them open.
+    pub sessions_released_no_evidence: u64,
+    /// Sessions that stopped holding at grant.session_hold.
+    pub sessions_released_hold: u64,
+    /// Sessions ended by a revoke or `dovegate sessions drop`.
+    pub sessions_dropped: u64,
 }

@@ -3,7 +3,7 @@
 //! shutdown. Its clock and heartbeat are arguments, so that tests run it on paused time.
 
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::mpsc::Receiver;
 use tokio::time::{sleep_until, Instant};
@@ -34,9 +34,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Duration {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
+        crate::timefmt::system_time()
     }
 }
 
@@ -155,7 +153,8 @@ pub async fn drive<S: GrantStore>(
         tokio::select! {
             why = &mut control => break why,
             () = sleep_until(renew_at.unwrap_or(now)), if renew_at.is_some() => {
-                engine.renew_sessions(clock.secs());
+                // It may re-read the map and probe processes: off the async worker.
+                blocking(|| engine.renew_sessions(clock.secs()));
             }
             b = rx.recv() => match b {
                 Some(b) => engine.accept(b, clock.secs()),

@@ -19,7 +19,7 @@ pub use driver::{drive, run, Clock, Exit, Pace, SystemClock};
 pub use view::{GrantsView, Lookup};
 
 use crate::grant::{Decision, Policy};
-use crate::session::Sessions;
+use crate::session::{Probe, Sessions};
 use crate::source::checkpoint::{CheckpointDir, Position};
 use crate::source::Batch;
 use crate::store::{Cause, GrantStore, StoreError};
@@ -43,8 +43,10 @@ pub struct Engine<S: GrantStore> {
     slack: i64,
     /// The map must be re-read (reopened, policy changed, or a re-read failed).
     resync_due: bool,
-    /// Open mail sessions: their grants are renewed while they last.
+    /// Open mail sessions: their grants are renewed while evidence shows them open.
     sessions: Sessions,
+    /// Looks for that evidence on this host (see `session::evidence`).
+    probe: Box<dyn Probe>,
     /// The map has been read once (at start).
     read_once: bool,
     /// The sessions changed since they were last saved.
@@ -75,6 +77,7 @@ impl<S: GrantStore> Engine<S> {
             slack,
             resync_due: true,
             sessions: Sessions::new(policy_ttl, 0),
+            probe: Box::new(crate::session::evidence::NoProbe),
             read_once: false,
             sessions_dirty: false,
             counters: Counters::default(),
@@ -104,40 +107,101 @@ impl<S: GrantStore> Engine<S> {
     }
 
     /// Turns session holding on (`hold` > 0: the longest a session holds its grant after
-    /// its login) and restores the sessions saved beside the checkpoints.
-    pub fn set_session_hold(&mut self, hold: i64, now: i64) {
+    /// its login) and restores the sessions saved beside the checkpoints, but for those of
+    /// a source not in `sources` (no longer configured).
+    pub fn set_session_hold(&mut self, hold: i64, sources: &[String], now: i64) {
         let first = self.sessions.is_empty() && !self.sessions_dirty;
         self.sessions.set_limits(self.policy.ttl_secs(), hold);
+        self.sessions.keep_sources(sources);
         if first && hold > 0 {
-            self.sessions.restore(self.checkpoints.load_sessions(), now);
+            self.checkpoints.prepare_session_drops();
+            let dropped = self
+                .sessions
+                .restore(self.checkpoints.load_sessions(), now, sources);
+            if dropped > 0 {
+                self.sessions_dirty = true;
+                tracing::warn!(
+                    dropped,
+                    "saved mail sessions of sources no longer configured were dropped"
+                );
+            }
+            self.apply_session_drops();
             if !self.sessions.is_empty() {
                 tracing::info!(open = self.sessions.len(), "open mail sessions restored");
             }
         }
-        self.counters.sessions_open = self.sessions.len() as u64;
+        self.count_sessions();
     }
 
-    /// When an open session's grant must next be written again.
+    /// How sessions are shown open (`probe`) and how often that is checked again.
+    pub fn set_session_evidence(&mut self, probe: Box<dyn Probe>, recheck: i64) {
+        self.probe = probe;
+        self.sessions.set_recheck(recheck);
+    }
+
+    fn count_sessions(&mut self) {
+        self.counters.sessions_open = self.sessions.len() as u64;
+        self.counters.sessions_by_evidence = self.sessions.by_evidence();
+        let r = self.sessions.released();
+        self.counters.sessions_released_no_evidence = r.no_evidence;
+        self.counters.sessions_released_hold = r.hold;
+    }
+
+    /// When an open session must next be checked.
     pub fn next_session_due(&self) -> Option<i64> {
         self.sessions.next_due()
     }
 
-    /// Writes again the grants of sessions still open (as logins at `now`), and drops
-    /// sessions past their hold.
+    /// Checks the open sessions that are due for evidence, writes again the grants of
+    /// those that have it (as logins at `now`), and drops the others once their grant has
+    /// run out, and those past their hold. A revoke by another writer is looked for first,
+    /// so that no renewal writes a revoked grant back.
     pub fn renew_sessions(&mut self, now: i64) {
-        let before = self.sessions.len();
-        for r in self.sessions.renewals(now) {
+        self.apply_session_drops();
+        if let Err(e) = self.poll(now, false) {
+            tracing::debug!(error = %e, "re-reading the map before session renewals failed");
+        }
+        let before = self.counters.sessions_released_hold;
+        for r in self.sessions.renewals(now, self.probe.as_mut()) {
             self.counters.session_renewals += 1;
-            self.consider(r.ip, Some(r.time), now);
+            if let Some((ip, true)) = self.consider(r.ip, Some(r.time), now) {
+                // A renewal that writes a grant the map no longer has: say so.
+                if let Some(&until) = self.pending.get(&ip) {
+                    tracing::info!(address = %ip, until = %timefmt::rfc3339(until), "grant written again for an open mail session");
+                }
+            }
         }
         self.sessions_dirty = true;
-        if self.sessions.len() != before {
+        self.count_sessions();
+        let held = self.counters.sessions_released_hold - before;
+        if held > 0 {
             tracing::info!(
-                closed = before - self.sessions.len(),
-                "mail sessions held past grant.session_hold (their end was never seen) no longer renew"
+                closed = held,
+                "mail sessions held until grant.session_hold no longer renew"
             );
         }
-        self.counters.sessions_open = self.sessions.len() as u64;
+    }
+
+    /// The administrator's `dovegate sessions drop` requests.
+    fn apply_session_drops(&mut self) {
+        for id in self.checkpoints.take_session_drops() {
+            if !self.drop_session(&id) {
+                tracing::warn!(session = %id, "dovegate sessions drop: no such open session");
+            }
+        }
+    }
+
+    /// Forgets one open session (`dovegate sessions drop`); its grant runs out ttl after
+    /// its last renewal.
+    pub fn drop_session(&mut self, id: &str) -> bool {
+        let Some(s) = self.sessions.drop_session(id) else {
+            return false;
+        };
+        tracing::info!(session = %s.id, address = %s.ip, "mail session dropped by the administrator; it renews nothing");
+        self.sessions_dirty = true;
+        self.counters.sessions_dropped += 1;
+        self.count_sessions();
+        true
     }
 
     /// Grants or checkpoints wait for a flush.
@@ -183,12 +247,12 @@ impl<S: GrantStore> Engine<S> {
             }
         }
         for end in &batch.ends {
-            if let Some(r) = self.sessions.closed(end, now) {
+            if let Some(c) = self.sessions.closed(end, now) {
                 self.sessions_dirty = true;
-                self.consider(r.ip, Some(r.time), now);
+                self.consider(c.renewal.ip, Some(c.renewal.time), now);
             }
         }
-        self.counters.sessions_open = self.sessions.len() as u64;
+        self.count_sessions();
         if let Some(position) = batch.position {
             self.pending_checkpoints.insert(batch.source, position);
         }
@@ -271,6 +335,21 @@ impl<S: GrantStore> Engine<S> {
         // Sessions first: after a crash between the two, the logins behind the old
         // checkpoints are read again and reopen their sessions (idempotent by id).
         if self.sessions_dirty {
+            let c = &self.counters;
+            let stats = crate::session::SessionStats {
+                open_by_evidence: c
+                    .sessions_by_evidence
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect(),
+                released_no_evidence: c.sessions_released_no_evidence,
+                released_hold: c.sessions_released_hold,
+                dropped: c.sessions_dropped,
+            };
+            // For `dovegate status` only: a failure is no reason to hold the checkpoints.
+            if let Err(e) = self.checkpoints.save_session_stats(&stats) {
+                tracing::debug!(error = %e, "cannot save session statistics");
+            }
             self.checkpoints
                 .save_sessions(&self.sessions.snapshot())
                 .map_err(|e| {
@@ -430,6 +509,16 @@ impl<S: GrantStore> Engine<S> {
             if i < 100 {
                 tracing::info!(address = %ip, "grant removed by another writer (dovegate revoke, another host)");
             }
+            // A revoke sticks: the address's open sessions renew nothing from now on.
+            let ended = self.sessions.revoke(*ip);
+            if ended > 0 {
+                self.sessions_dirty = true;
+                self.counters.sessions_dropped += ended as u64;
+                tracing::info!(address = %ip, sessions = ended, "open mail sessions of a revoked address ended; a new login grants again");
+            }
+        }
+        if !removed.is_empty() {
+            self.count_sessions();
         }
         if added.len() + removed.len() > 200 {
             tracing::info!(

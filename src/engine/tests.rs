@@ -572,7 +572,10 @@ fn clock_stepping_back_caps_our_own_grants() {
 
 fn session_login(ip_text: &str, t: i64, id: &str, pid: u32) -> Batch {
     let mut b = batch(&[(ip_text, t)]);
-    b.logins[0].session = crate::session::SessionStart::new(id, Some(pid));
+    let mut start = crate::session::SessionStart::new(id, Some(pid)).unwrap();
+    start.source = "log".into();
+    start.user = Some("alice".into());
+    b.logins[0].session = Some(start);
     b
 }
 
@@ -580,12 +583,31 @@ fn session_end(id: &str, pid: u32, t: i64) -> Batch {
     let mut b = batch(&[]);
     b.ends.push(crate::session::SessionEnd {
         service: "imap".into(),
-        id: id.into(),
-        pid,
+        id: Some(id.into()),
+        pid: Some(pid),
+        user: Some("alice".into()),
         time: Some(t),
+        source: "log".into(),
+        trusted: true,
         exact: false,
     });
     b
+}
+
+/// A host where every session's process is alive and its own.
+struct AllAlive;
+impl crate::session::Probe for AllAlive {
+    fn check(
+        &mut self,
+        _: &crate::session::evidence::Claim<'_>,
+        _: i64,
+    ) -> crate::session::Evidence {
+        crate::session::Evidence::Process
+    }
+}
+
+fn sources() -> Vec<String> {
+    vec!["log".into()]
 }
 
 /// An IMAP session that stays open keeps its grant for three times the ttl, then loses
@@ -597,7 +619,8 @@ fn open_sessions_hold_their_grant_and_survive_a_restart() {
     let store = MemStore::default();
     let ttl = 60;
     let mut e = engine(&store, dir.path(), ttl, 1000);
-    e.set_session_hold(3600, 1000);
+    e.set_session_hold(3600, &sources(), 1000);
+    e.set_session_evidence(Box::new(AllAlive), 60);
     e.accept(session_login("192.0.2.1", 1000, "abc", 7), 1000);
     e.flush(1000).unwrap();
     assert_eq!(store.mem().map.get(&ip("192.0.2.1")), Some(&1060));
@@ -613,7 +636,7 @@ fn open_sessions_hold_their_grant_and_survive_a_restart() {
     }
     // kill -9: a new engine on the same state directory still holds the session.
     let mut again = engine(&store, dir.path(), ttl, t);
-    again.set_session_hold(3600, t);
+    again.set_session_hold(3600, &sources(), t);
     assert_eq!(again.counters.sessions_open, 1);
     again.accept(session_end("abc", 7, t + 5), t + 5);
     again.flush(t + 5).unwrap();
@@ -630,7 +653,8 @@ fn a_lost_end_falls_back_to_the_hold() {
     let dir = tempfile::tempdir().unwrap();
     let store = MemStore::default();
     let mut e = engine(&store, dir.path(), 60, 1000);
-    e.set_session_hold(600, 1000);
+    e.set_session_hold(600, &sources(), 1000);
+    e.set_session_evidence(Box::new(AllAlive), 60);
     e.accept(session_login("192.0.2.2", 1000, "lost", 9), 1000);
     let mut t = 1000;
     while let Some(due) = e.next_session_due() {
@@ -641,4 +665,66 @@ fn a_lost_end_falls_back_to_the_hold() {
     let exp = store.mem().map.get(&ip("192.0.2.2")).copied().unwrap();
     assert!(exp <= 1000 + 600, "held until {exp}, past login + hold");
     assert!(t <= 1000 + 600);
+}
+
+/// Issue 19 defect 1: a revoke (another writer removes the grant) sticks while the
+/// address's IMAP session stays open: the next renewal notices the removal first, ends
+/// the session, and writes nothing back.
+#[test]
+fn a_revoke_sticks_while_a_session_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let mut e = engine(&store, dir.path(), 60, 1000);
+    e.set_session_hold(3600, &sources(), 1000);
+    e.set_session_evidence(Box::new(AllAlive), 60);
+    e.accept(session_login("192.0.2.1", 1000, "abc", 7), 1000);
+    e.flush(1000).unwrap();
+    // dovegate revoke: the map loses the grant.
+    {
+        let mut m = store.mem();
+        m.map.remove(&ip("192.0.2.1"));
+        m.dirty = true;
+    }
+    let mut t = 1000;
+    while t < 1000 + 600 {
+        t = e.next_session_due().unwrap_or(t + 60);
+        e.renew_sessions(t);
+        e.flush(t).unwrap();
+        assert!(
+            !store.mem().map.contains_key(&ip("192.0.2.1")),
+            "revoked grant written back at {t}"
+        );
+    }
+    assert_eq!(e.counters.sessions_open, 0);
+    assert_eq!(e.counters.sessions_dropped, 1);
+    // A new login grants again.
+    e.accept(batch(&[("192.0.2.1", t)]), t);
+    e.flush(t).unwrap();
+    assert!(store.mem().map.contains_key(&ip("192.0.2.1")));
+}
+
+/// Issue 19: a lone login line naming a session, with nothing to show it open (no live
+/// process, a source that ties no ends), expires ttl after the login.
+#[test]
+fn a_lone_session_login_expires_after_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let mut e = engine(&store, dir.path(), 60, 1000);
+    e.set_session_hold(3600, &sources(), 1000);
+    e.accept(session_login("192.0.2.3", 1000, "lone", 999_999), 1000);
+    e.flush(1000).unwrap();
+    let mut t = 1000;
+    while t < 1000 + 600 {
+        t = [e.next_session_due(), e.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(1000 + 600);
+        e.renew_sessions(t);
+        e.flush(t).unwrap();
+        e.expire_due(t).unwrap();
+    }
+    assert!(!store.mem().map.contains_key(&ip("192.0.2.3")));
+    assert_eq!(e.counters.sessions_released_no_evidence, 1);
+    assert_eq!(e.counters.session_renewals, 0);
 }

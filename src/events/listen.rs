@@ -1,27 +1,25 @@
-//! Where Dovecot's exporter delivers: HTTP posts on loopback (2.3's `http-post`: every
-//! request must carry the secret as its path, compared in constant time) or a unix socket
-//! (2.4's `unix` driver: one JSON event per line, from a peer whose uid is allowed). Each
-//! connection is handled in one function (`serve_http`, `serve_unix`), bounded in number,
-//! request size and time; an event is answered as soon as it is read.
+//! Where Dovecot's exporter delivers, as `net` servers: HTTP posts on loopback (2.3's
+//! `http-post`: every request must carry the secret as its path, compared in constant
+//! time) or a unix socket (2.4's `unix` driver: one JSON event per line, from a peer whose
+//! uid is allowed). `net` bounds the connections (a stranger's are evicted before
+//! Dovecot's, which prove themselves), the writes and the HTTP headers; here each request
+//! or line is bounded in size and time, and an event is answered as soon as it is read.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use subtle::ConstantTimeEq;
-use tokio::io::AsyncReadExt;
-use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::parse::MAX_EVENT;
-use super::{EventsListen, EventsSettings, Intake};
-use crate::push::policy::{Conn, Conns};
-use crate::push::socket::{Server, Unlink};
+use super::{EventsSettings, Intake};
+use crate::net::http::BodyError;
+use crate::net::{self, Conn, Handler, Listen, Peer, Server, Spec, Stream};
 
 /// How long a request body, or the rest of a started line, may take to arrive (Dovecot
 /// sends each at once).
@@ -30,17 +28,19 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(2);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a new HTTP connection may take to send a request with the secret.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP connections at once (Dovecot's http client keeps a few per exporter).
+const MAX_HTTP_CONNECTIONS: usize = 128;
 /// Unix connections at once (Dovecot's stats process keeps one per exporter).
 const MAX_UNIX_CONNECTIONS: usize = 64;
 
-/// Binds the listener and returns its accept loop.
+/// Binds the listener and serves it in the background (on the current runtime).
 pub(super) async fn bind(
-    listen: &EventsListen,
+    listen: &Listen,
     settings: &EventsSettings,
     intake: Arc<Intake>,
 ) -> std::io::Result<Server> {
     match listen {
-        EventsListen::Http(addr) => {
+        Listen::Inet(_) => {
             // Never without a secret (validation requires one): "/" alone would do.
             let secret = settings
                 .secret
@@ -49,48 +49,70 @@ pub(super) async fn bind(
                 .ok_or_else(|| std::io::Error::other("no secret (events.secret_file)"))?;
             let mut path = b"/".to_vec();
             path.extend_from_slice(secret);
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            tracing::info!(address = %listener.local_addr()?, "events listening (Dovecot's http-post exporter)");
-            let path: Arc<[u8]> = path.into();
-            let conns = Arc::new(Conns::default());
-            Ok(Box::pin(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((s, _)) => serve_http(s, &conns, &path, &intake),
-                        // EMFILE and the like: do not spin.
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                }
-            }))
+            let spec = Spec {
+                name: "events listener (Dovecot's http-post exporter)",
+                key: "events.listen",
+                max_connections: MAX_HTTP_CONNECTIONS,
+                max_key: None,
+                unix_mode: 0o600,
+            };
+            let handler = HttpEvents {
+                path: path.into(),
+                intake,
+            };
+            net::start(listen, spec, Arc::new(handler)).await
         }
-        EventsListen::Unix(path) => {
-            crate::push::prepare_socket_dir(path)?;
-            crate::push::remove_stale_socket(path)?;
-            let listener = tokio::net::UnixListener::bind(path)?;
-            // Anyone may connect: the peer's uid is what is checked.
-            crate::push::chmod_socket(path, 0o666)?;
-            tracing::info!(socket = %path.display(), uids = ?settings.uids, "events listening (Dovecot's unix exporter)");
-            let uids: Arc<[u32]> = settings.uids.clone().into();
-            let slots = Arc::new(Semaphore::new(MAX_UNIX_CONNECTIONS));
-            let path = path.clone();
-            Ok(Box::pin(async move {
-                let _unlink = Unlink(path);
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    };
-                    let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                        intake.refuse("events: too many unix connections; one dropped");
-                        continue;
-                    };
-                    let (intake, uids) = (Arc::clone(&intake), Arc::clone(&uids));
-                    tokio::spawn(async move {
-                        serve_unix(stream, &uids, &intake).await;
-                        drop(permit);
-                    });
-                }
-            }))
+        Listen::Unix(path) => {
+            let spec = Spec {
+                name: "events socket (Dovecot's unix exporter)",
+                key: "events.listen",
+                max_connections: MAX_UNIX_CONNECTIONS,
+                max_key: None,
+                // Anyone may connect: the peer's uid is what is checked.
+                unix_mode: 0o666,
+            };
+            let handler = UnixEvents {
+                uids: settings.uids.clone(),
+                intake,
+            };
+            let server = net::start(listen, spec, Arc::new(handler)).await?;
+            tracing::info!(socket = %path.display(), uids = ?settings.uids, "events socket: events accepted from these uids");
+            Ok(server)
+        }
+    }
+}
+
+/// 2.3's `http-post`: one event per `POST /SECRET`, on keep-alive connections.
+struct HttpEvents {
+    path: Arc<[u8]>,
+    intake: Arc<Intake>,
+}
+
+impl Handler for HttpEvents {
+    fn serve<S: Stream>(
+        self: Arc<Self>,
+        stream: S,
+        conn: Conn,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let state = conn.clone();
+        let service = hyper::service::service_fn(move |req| {
+            handle(
+                req,
+                Arc::clone(&self.path),
+                Arc::clone(&self.intake),
+                state.clone(),
+            )
+        });
+        async move {
+            net::http::serve_proven(
+                stream,
+                &conn,
+                FIRST_REQUEST_TIMEOUT,
+                HEADER_TIMEOUT,
+                MAX_EVENT.max(8192),
+                service,
+            )
+            .await
         }
     }
 }
@@ -106,7 +128,7 @@ async fn handle(
     req: Request<Incoming>,
     path: Arc<[u8]>,
     intake: Arc<Intake>,
-    conn: Arc<Conn>,
+    conn: Conn,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::POST {
         return Ok(reply(StatusCode::METHOD_NOT_ALLOWED));
@@ -115,90 +137,66 @@ async fn handle(
         intake.refuse("events: HTTP post without the secret path (events.secret_file); refused");
         return Ok(reply(StatusCode::NOT_FOUND));
     }
-    conn.trusted.store(true, Ordering::Relaxed);
-    let body = match tokio::time::timeout(
-        BODY_TIMEOUT,
-        Limited::new(req.into_body(), MAX_EVENT).collect(),
-    )
-    .await
-    {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(_)) => {
+    conn.trust();
+    conn.progress();
+    match net::http::body(req, MAX_EVENT, BODY_TIMEOUT).await {
+        Ok(body) => {
+            intake.event(&body);
+            Ok(reply(StatusCode::OK))
+        }
+        Err(BodyError::TooLarge) => {
             intake.invalid("events: HTTP post body too large or broken; nothing granted");
-            return Ok(reply(StatusCode::PAYLOAD_TOO_LARGE));
+            Ok(reply(StatusCode::PAYLOAD_TOO_LARGE))
         }
-        Err(_) => {
+        Err(BodyError::TooSlow) => {
             intake.invalid("events: HTTP post body not sent within 2s; nothing granted");
-            return Ok(reply(StatusCode::REQUEST_TIMEOUT));
+            Ok(reply(StatusCode::REQUEST_TIMEOUT))
         }
-    };
-    intake.event(&body);
-    Ok(reply(StatusCode::OK))
+    }
 }
 
-/// One HTTP connection (keep-alive: Dovecot posts many events on it).
-fn serve_http(stream: TcpStream, conns: &Arc<Conns>, path: &Arc<[u8]>, intake: &Arc<Intake>) {
-    // Anyone local can connect: when every slot is taken, the oldest connection that has
-    // not sent the secret makes room (Conns::admit); Dovecot's are never the ones closed.
-    let Some((id, conn)) = conns.admit() else {
-        intake.refuse("events: too many HTTP connections that sent the secret; one dropped");
-        return;
-    };
-    let (path, intake, conns) = (Arc::clone(path), Arc::clone(intake), Arc::clone(conns));
-    tokio::spawn(async move {
-        let state = Arc::clone(&conn);
-        let service = hyper::service::service_fn(move |req| {
-            handle(
-                req,
-                Arc::clone(&path),
-                Arc::clone(&intake),
-                Arc::clone(&state),
-            )
-        });
-        let http = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(MAX_EVENT.max(8192))
-            .serve_connection(TokioIo::new(stream), service);
-        let untrusted_deadline = async {
-            tokio::time::sleep(FIRST_REQUEST_TIMEOUT).await;
-            if conn.trusted.load(Ordering::Relaxed) {
-                std::future::pending::<()>().await;
+/// 2.4's `unix` driver: events one per line, from an allowed uid.
+struct UnixEvents {
+    uids: Vec<u32>,
+    intake: Arc<Intake>,
+}
+
+impl Handler for UnixEvents {
+    async fn serve<S: Stream>(self: Arc<Self>, stream: S, conn: Conn) {
+        let (uid, pid) = match stream.peer() {
+            Ok(Peer::Unix { uid, pid }) => (uid, pid),
+            Ok(other) => {
+                self.intake.refuse(&format!(
+                    "events: a peer without credentials ({other:?}); refused"
+                ));
+                return;
+            }
+            Err(e) => {
+                self.intake.refuse(&format!(
+                    "events: cannot read the unix peer's credentials ({e}); refused"
+                ));
+                return;
             }
         };
-        tokio::select! {
-            _ = http => {}
-            _ = conn.close.notified() => {}
-            _ = untrusted_deadline => {}
-        }
-        conns.leave(id);
-    });
-}
-
-/// One unix connection: the peer's uid, then events one per line until it closes.
-async fn serve_unix(mut stream: UnixStream, uids: &[u32], intake: &Intake) {
-    let peer = match stream.peer_cred() {
-        Ok(c) => c,
-        Err(e) => {
-            intake.refuse(&format!(
-                "events: cannot read the unix peer's credentials ({e}); refused"
+        if !self.uids.contains(&uid) {
+            self.intake.refuse(&format!(
+                "events: unix peer uid {uid} (pid {}) is not in events.users; refused",
+                pid.map_or_else(|| "unknown".to_string(), |p| p.to_string())
             ));
             return;
         }
-    };
-    if !uids.contains(&peer.uid()) {
-        intake.refuse(&format!(
-            "events: unix peer uid {} (pid {}) is not in events.users; refused",
-            peer.uid(),
-            peer.pid()
-                .map_or_else(|| "unknown".to_string(), |p| p.to_string())
-        ));
-        return;
+        // Dovecot's own connection: evicted only after every stranger's.
+        conn.trust();
+        read_lines(stream, &self.intake, &conn).await;
     }
+}
+
+/// Events one per line until the peer closes. Idle between events is fine (a quiet
+/// server); a started line must finish within BODY_TIMEOUT and MAX_EVENT.
+async fn read_lines(mut stream: impl AsyncRead + Unpin, intake: &Intake, conn: &Conn) {
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut chunk = vec![0u8; 8192];
     loop {
-        // Idle between events is fine (a quiet server); a started line must finish soon.
         let read = if buf.is_empty() {
             stream.read(&mut chunk).await
         } else {
@@ -216,9 +214,12 @@ async fn serve_unix(mut stream: UnixStream, uids: &[u32], intake: &Intake) {
         };
         buf.extend_from_slice(&chunk[..n]);
         let mut start = 0;
-        while let Some(end) = buf[start..].iter().position(|&b| b == b'\n') {
+        while let Some(end) = memchr::memchr(b'\n', &buf[start..]) {
             intake.event(&buf[start..start + end]);
             start += end + 1;
+        }
+        if start > 0 {
+            conn.progress();
         }
         buf.drain(..start);
         if buf.len() > MAX_EVENT {

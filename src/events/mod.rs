@@ -12,25 +12,29 @@ mod listen;
 pub mod pair;
 pub mod parse;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::config::ConfigError;
-use crate::push::{RateLimited, UserSpec};
+use crate::net::background::{Background, Setup};
+use crate::net::Listen;
+use crate::push::UserSpec;
 use crate::session::{SessionEnd, SessionStart};
 use crate::source::{Batch, LoginDetail, SeenLogin};
+use crate::telemetry::ratelimit::SharedLimit;
 use crate::telemetry::{SourceStats, StatsRegistry};
 use parse::{Event, Ignored};
 
 /// The `Batch::source` of exported events (no position; distinct from the others).
 pub const EVENTS_SOURCE: usize = usize::MAX - 1;
+/// The name of this source, in the sessions it opens and the ends it reports.
+pub const ORIGIN: &str = "events";
 /// Events waiting for the engine at most; beyond, new ones are dropped (and counted).
 const QUEUE: usize = 4096;
 /// Events sent to the engine in one batch at most.
@@ -45,19 +49,12 @@ pub struct EventsSection {
     pub users: Vec<UserSpec>,
 }
 
-/// Where events arrive.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EventsListen {
-    /// 2.4's `driver = unix`: one JSON event per line; the peer's uid is checked.
-    Unix(PathBuf),
-    /// 2.3's (and 2.4's) `http-post` on loopback, `POST /SECRET`.
-    Http(SocketAddr),
-}
-
 /// Validated `[events]`.
 #[derive(Clone, Default)]
 pub struct EventsSettings {
-    pub listen: Option<EventsListen>,
+    /// `Inet`: 2.3's (and 2.4's) `http-post` on loopback, `POST /SECRET`; `Unix`: 2.4's
+    /// `driver = unix`, one JSON event per line, the peer's uid checked.
+    pub listen: Option<Listen>,
     /// The path segment an HTTP post must carry (HTTP only).
     pub secret: Option<Vec<u8>>,
     /// Peers allowed on the unix socket (unix only).
@@ -86,26 +83,36 @@ impl EventsSettings {
         let err = |key: &str, m: String| ConfigError(format!("events.{key}: {m}"));
         let listen = match s.listen.trim() {
             "" => return Ok(EventsSettings::default()),
-            p if p.starts_with('/') => EventsListen::Unix(PathBuf::from(p)),
-            a => match a.parse::<SocketAddr>() {
-                // The secret travels in clear text: never off this host.
-                Ok(addr) if addr.ip().is_loopback() => EventsListen::Http(addr),
-                Ok(_) => return Err(err("listen", format!("`{a}` is not a loopback address; Dovecot's http-post sends the secret in clear text: listen on 127.0.0.1:PORT"))),
-                Err(_) => return Err(err("listen", format!("`{a}` is neither a unix socket path (absolute) nor 127.0.0.1:PORT"))),
-            },
+            // The other listeners' form, too.
+            t if t.starts_with("unix:") || t.starts_with("inet:") => {
+                Listen::parse(t).map_err(|e| err("listen", e.to_string()))?
+            }
+            p if p.starts_with('/') => Listen::Unix(PathBuf::from(p)),
+            a => a.parse().map(Listen::Inet).map_err(|_| {
+                err(
+                    "listen",
+                    format!("`{a}` is neither a unix socket path (absolute) nor 127.0.0.1:PORT"),
+                )
+            })?,
         };
+        if let Listen::Inet(addr) = &listen {
+            // The secret travels in clear text: never off this host.
+            if !addr.ip().is_loopback() {
+                return Err(err("listen", format!("`{addr}` is not a loopback address; Dovecot's http-post sends the secret in clear text: listen on 127.0.0.1:PORT")));
+            }
+        }
         let mut settings = EventsSettings {
             listen: Some(listen.clone()),
             ..Default::default()
         };
         match listen {
-            EventsListen::Unix(_) => {
+            Listen::Unix(_) => {
                 if s.users.is_empty() {
                     return Err(err("users", "needs at least one user (Dovecot's internal user, usually dovecot: its stats process exports the events)".into()));
                 }
                 settings.uids = crate::push::uids_of("events.users", &s.users)?;
             }
-            EventsListen::Http(_) => {
+            Listen::Inet(_) => {
                 let path = s.secret_file.trim();
                 if path.is_empty() {
                     return Err(err("secret_file", "an HTTP listener needs a secret (any local user can reach it): a file holding the path segment Dovecot posts to, e.g. http://127.0.0.1:PORT/SECRET".into()));
@@ -148,11 +155,11 @@ pub(crate) struct Intake {
     pending: Mutex<Pairs>,
     stats: Arc<SourceStats>,
     dropped: AtomicU64,
-    warn_dropped: RateLimited,
-    warn_refused: RateLimited,
-    warn_invalid: RateLimited,
+    warn_dropped: SharedLimit,
+    warn_refused: SharedLimit,
+    warn_invalid: SharedLimit,
     /// Its own limiter: a misconfiguration must not hide behind malformed posts.
-    warn_unpaired: RateLimited,
+    warn_unpaired: SharedLimit,
 }
 
 impl Intake {
@@ -205,21 +212,15 @@ impl Intake {
                 self.stats.logins.fetch_add(1, Ordering::Relaxed);
                 Item::Login(proxied(client, key.0, user))
             }
-            // The user is not needed to close an exact session (kept in `parse` for
-            // evidence that ties ends to users).
             Ok(Ok(Event::End {
-                protocol, session, ..
+                protocol,
+                session,
+                user,
             })) => {
                 if !crate::session::ends_held(&protocol) {
                     return;
                 }
-                Item::End(SessionEnd {
-                    service: protocol,
-                    id: session,
-                    pid: 0,
-                    time: None,
-                    exact: true,
-                })
+                Item::End(end(protocol, session, user))
             }
         };
         if self.queue.try_send(item).is_err() {
@@ -248,12 +249,22 @@ impl Intake {
 }
 
 /// The login of a mail session: a grant for the client, and a held session for IMAP (the
-/// only protocol whose clients stay connected) when its session id is known.
+/// only protocol whose clients stay connected) when its session id is known. The session
+/// is `exact`: this source also reports its end (`end`), so the hold has evidence while
+/// the source is seen reporting ends (see `session`).
 fn login(conn: parse::Conn, user: String, session: Option<String>) -> SeenLogin {
     let ip: IpAddr = conn.remote.0;
     let session = session
         .filter(|_| crate::session::holds(conn.protocol.as_bytes()))
-        .and_then(|id| SessionStart::new(&id, None));
+        .and_then(|id| SessionStart::new(&id, None))
+        .map(|s| SessionStart {
+            user: Some(user.clone()),
+            source: ORIGIN.into(),
+            // Delivered over an authenticated channel (the secret, the peer's uid).
+            trusted: true,
+            exact: true,
+            ..s
+        });
     SeenLogin {
         ip,
         time: Some(crate::timefmt::now()),
@@ -262,8 +273,23 @@ fn login(conn: parse::Conn, user: String, session: Option<String>) -> SeenLogin 
             user: Some(user),
             protocol: conn.protocol,
             pattern: "auth_master_client_login_finished".into(),
-            source: "events".into(),
+            source: ORIGIN.into(),
         })),
+    }
+}
+
+/// The exact end of a mail session, as Dovecot's mail process reports it: it names the
+/// session but no pid (it closes the session whatever pid a log line gave it).
+fn end(protocol: String, session: String, user: Option<String>) -> SessionEnd {
+    SessionEnd {
+        service: protocol,
+        id: Some(session),
+        pid: None,
+        user,
+        time: None,
+        source: ORIGIN.into(),
+        trusted: true,
+        exact: true,
     }
 }
 
@@ -278,7 +304,7 @@ fn proxied(client: IpAddr, protocol: String, user: String) -> SeenLogin {
             user: Some(user),
             protocol,
             pattern: "proxy_session_established".into(),
-            source: "events".into(),
+            source: ORIGIN.into(),
         })),
     }
 }
@@ -309,19 +335,7 @@ async fn forward(mut rx: mpsc::Receiver<Item>, tx: mpsc::Sender<Batch>) {
 }
 
 /// The running events listener; dropping it stops it (and removes its unix socket).
-pub struct Events {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for Events {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+pub type Events = Background;
 
 /// Starts the listener when configured (else an idle `Events`). Binding happens before
 /// this returns, so an error names the socket or address at fault.
@@ -331,49 +345,27 @@ pub fn spawn(
     stats: &StatsRegistry,
 ) -> Result<Events, String> {
     let Some(listen) = &settings.listen else {
-        return Ok(Events {
-            stop: None,
-            thread: None,
-        });
+        return Ok(Background::idle());
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("events: cannot start runtime: {e}"))?;
+    let mut setup = Setup::new().map_err(|e| format!("events: cannot start runtime: {e}"))?;
     let (queue, rx) = mpsc::channel(QUEUE);
     let intake = Arc::new(Intake {
         queue,
         pending: Mutex::default(),
-        stats: stats.for_source("events"),
+        stats: stats.for_source(ORIGIN),
         dropped: AtomicU64::new(0),
-        warn_dropped: RateLimited::default(),
-        warn_refused: RateLimited::default(),
-        warn_invalid: RateLimited::default(),
-        warn_unpaired: RateLimited::default(),
+        warn_dropped: SharedLimit::default(),
+        warn_refused: SharedLimit::default(),
+        warn_invalid: SharedLimit::default(),
+        warn_unpaired: SharedLimit::default(),
     });
-    let server = runtime
-        .block_on(listen::bind(listen, settings, intake))
-        .map_err(|e| match listen {
-            EventsListen::Unix(p) => {
-                format!("events.listen: cannot listen on {}: {e}", p.display())
-            }
-            EventsListen::Http(a) => format!("events.listen: cannot listen on {a}: {e}"),
-        })?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("events".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                tokio::spawn(server);
-                tokio::spawn(forward(rx, tx));
-                let _ = stop_rx.await;
-            });
-        })
-        .map_err(|e| format!("events: cannot start thread: {e}"))?;
-    Ok(Events {
-        stop: Some(stop_tx),
-        thread: Some(thread),
-    })
+    setup
+        .bind(listen::bind(listen, settings, intake))
+        .map_err(|e| format!("events.listen: cannot listen on {listen}: {e}"))?;
+    setup.spawn(forward(rx, tx));
+    setup
+        .run("events")
+        .map_err(|e| format!("events: cannot start thread: {e}"))
 }
 
 #[cfg(test)]
@@ -448,10 +440,10 @@ mod tests {
             pending: Mutex::default(),
             stats: Arc::default(),
             dropped: AtomicU64::new(0),
-            warn_dropped: RateLimited::default(),
-            warn_refused: RateLimited::default(),
-            warn_invalid: RateLimited::default(),
-            warn_unpaired: RateLimited::default(),
+            warn_dropped: SharedLimit::default(),
+            warn_refused: SharedLimit::default(),
+            warn_invalid: SharedLimit::default(),
+            warn_unpaired: SharedLimit::default(),
         };
         (intake, rx)
     }
@@ -470,7 +462,10 @@ mod tests {
             panic!("a login")
         };
         assert_eq!(l.ip, "203.0.113.45".parse::<IpAddr>().unwrap());
-        assert_eq!(l.session, SessionStart::new("WDkhNwViz5zLAHEt", None));
+        let s = l.session.expect("a held session");
+        assert_eq!((s.id.as_str(), s.pid), ("WDkhNwViz5zLAHEt", None));
+        assert!(s.exact && s.trusted && s.source == ORIGIN);
+        assert_eq!(s.user.as_deref(), Some("alice"));
         // Unpaired (its authentication lost): still a login, without a session.
         i.event(LOGIN.as_bytes());
         let Ok(Item::Login(l)) = rx.try_recv() else {
@@ -481,7 +476,8 @@ mod tests {
         let Ok(Item::End(e)) = rx.try_recv() else {
             panic!("an end")
         };
-        assert!(e.exact && e.id == "WDkhNwViz5zLAHEt" && e.service == "imap");
+        assert!(e.exact && e.id.as_deref() == Some("WDkhNwViz5zLAHEt") && e.service == "imap");
+        assert!(e.pid.is_none() && e.trusted && e.source == ORIGIN);
         // POP3 sessions are not held: neither a session nor an end.
         i.event(AUTH.replace("imap", "pop3").as_bytes());
         i.event(LOGIN.replace("imap", "pop3").as_bytes());

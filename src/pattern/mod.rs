@@ -74,17 +74,19 @@ pub struct PatternDef {
 pub enum PatternKind {
     #[default]
     Login,
-    /// Groups: `service`, `pid`, `session`.
+    /// Groups: `service`, `user`, and `pid` and `session` where the line has them (or an
+    /// `elements` list holding `session=<ID>`, a proxy's end).
     SessionEnd,
 }
 
 /// The end of a mail session, as a session-end pattern reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionEndMatch<'a> {
-    /// `imap`, `pop3`, `imap-hibernate`.
+    /// `imap`, `pop3`, `imap-hibernate`, `imap-login` (a proxy).
     pub service: &'a [u8],
-    pub pid: u32,
-    pub session: &'a [u8],
+    pub pid: Option<u32>,
+    pub session: Option<&'a [u8]>,
+    pub user: Option<&'a [u8]>,
 }
 
 fn default_address_element() -> String {
@@ -113,6 +115,8 @@ pub struct LoginMatch<'a> {
     /// `session=<ID>` and `mpid=PID`, when the line has them (2.2+): the mail session this
     /// login opened.
     pub session: Option<crate::session::SessionStart>,
+    /// `method=`: the SASL mechanism, when the line has it.
+    pub mechanism: Option<&'a [u8]>,
 }
 
 /// The compiled, enabled patterns.
@@ -137,6 +141,8 @@ pub struct PatternSet {
     login_gate: LiteralGate,
     /// The session-end patterns' literals together.
     end_gate: LiteralGate,
+    /// SASL mechanisms whose logins never grant (grant.never_mechanisms), upper case.
+    never: Vec<String>,
 }
 
 /// Some literal of a set occurs in a text (a few memchr-speed searches over one message).
@@ -311,12 +317,18 @@ impl PatternSet {
             let r = expand(&d.regex, &fragments, origin)?;
             build_regex(&[r.as_str()])
                 .map_err(|e| PatternError(format!("{origin}: bad regex: {e}")))?;
-            for group in ["service", "pid", "session"] {
-                if !r.contains(&format!("(?P<{group}>")) {
-                    return Err(PatternError(format!(
-                        "{origin}: a session-end regex needs a `{group}` group"
-                    )));
-                }
+            if !r.contains("(?P<service>") {
+                return Err(PatternError(format!(
+                    "{origin}: a session-end regex needs a `service` group"
+                )));
+            }
+            if !["session", "elements", "user"]
+                .iter()
+                .any(|g| r.contains(&format!("(?P<{g}>")))
+            {
+                return Err(PatternError(format!(
+                    "{origin}: a session-end regex needs a `session` (or `elements`) group, or at least `user`"
+                )));
             }
             end_regexes.push(r);
         }
@@ -395,11 +407,27 @@ impl PatternSet {
             ends,
             end_stars,
             literals,
+            never: vec!["ANONYMOUS".to_string()],
         })
     }
 
     pub fn defs(&self) -> &[PatternDef] {
         &self.defs
+    }
+
+    /// SASL mechanisms that prove nothing about the user (grant.never_mechanisms; the
+    /// default is ANONYMOUS): their logins never grant.
+    pub fn set_never_mechanisms(&mut self, never: &[String]) {
+        self.never = never.iter().map(|m| m.to_ascii_uppercase()).collect();
+    }
+
+    /// Whether this login's mechanism is one that never grants.
+    pub fn refuses(&self, login: &LoginMatch<'_>) -> bool {
+        login.mechanism.is_some_and(|m| {
+            self.never
+                .iter()
+                .any(|n| n.as_bytes().eq_ignore_ascii_case(m))
+        })
     }
 
     /// The literals the prefilter searches for.
@@ -549,6 +577,7 @@ impl PatternSet {
         }
         let key = def.address_element.as_bytes();
         let session = span("elements").and_then(session_start);
+        let mechanism = span("elements").and_then(|el| elements::single_value(el, b"method"));
         let (ip, user) = match span("elements") {
             Some(el) => {
                 if def.prefix_user && !proxy::prefix_user_agrees(span("user")?, el) {
@@ -582,6 +611,7 @@ impl PatternSet {
             user,
             ip,
             session,
+            mechanism,
         })
     }
 
@@ -671,11 +701,25 @@ impl Groups<'_> {
 /// The session end a matched session-end pattern's groups name.
 fn session_end_of<'a>(msg: &'a [u8], groups: &Groups<'_>) -> Option<SessionEndMatch<'a>> {
     let span = |name: &str| groups.get(name).map(|r| &msg[r]);
-    let pid = std::str::from_utf8(span("pid")?).ok()?.parse().ok()?;
+    let pid = match span("pid") {
+        Some(p) => Some(std::str::from_utf8(p).ok()?.parse().ok()?),
+        None => None,
+    };
+    // A proxy's end carries the session in its element list (outside the user element,
+    // which the client chose).
+    let session = match span("elements") {
+        Some(el) => Some(
+            elements::single_value(el, b"session")?
+                .strip_prefix(b"<")?
+                .strip_suffix(b">")?,
+        ),
+        None => span("session"),
+    };
     Some(SessionEndMatch {
         service: span("service")?,
         pid,
-        session: span("session")?,
+        session,
+        user: span("user"),
     })
 }
 

@@ -3,25 +3,27 @@
 //! `Batch` the log sources send, so the same policy and engine decide (and the same
 //! address from a log and a push is one grant).
 //!
-//! Both servers run on one thread with its own small runtime: they share nothing with the
-//! engine but the channel, and stopping them (a reload, shutdown) is dropping `Push`.
+//! Both servers run on one thread with its own small runtime (`net::background`): they
+//! share nothing with the engine but the channel, and stopping them (a reload, shutdown)
+//! is dropping `Push`.
 
 pub mod policy;
 pub mod socket;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::Sender;
 
 use crate::config::ConfigError;
-use crate::serve::socketmap::Listen;
+use crate::net::background::{Background, Setup};
+use crate::net::Listen;
 use crate::source::{Batch, SeenLogin};
+use crate::telemetry::ratelimit::SharedLimit;
 use crate::telemetry::{SourceStats, StatsRegistry};
 
 /// The `Batch::source` of pushed logins; they carry no position, so the index only has to
@@ -116,7 +118,7 @@ impl PushSettings {
         }
         let auth_policy = match s.auth_policy.trim() {
             "" => None,
-            t => Some(Listen::parse(t).map_err(|m| err("auth_policy", m))?),
+            t => Some(Listen::parse(t).map_err(|m| err("auth_policy", m.to_string()))?),
         };
         let secret = match (s.auth_policy_secret_file.trim(), &auth_policy) {
             ("", _) | (_, None) => None,
@@ -177,23 +179,10 @@ pub(crate) fn uids_of(key: &str, users: &[UserSpec]) -> Result<Vec<u32>, ConfigE
         .collect()
 }
 
-/// The uid of a user name (getpwnam_r).
+/// The uid of a user name.
 fn uid_of(name: &str) -> Option<u32> {
-    let cname = std::ffi::CString::new(name).ok()?;
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call; buf outlives its use through pwd.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            cname.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    (rc == 0 && !result.is_null()).then_some(pwd.pw_uid)
+    let user = nix::unistd::User::from_name(name).ok()??;
+    Some(user.uid.as_raw())
 }
 
 /// What both servers need: where logins go and what to count.
@@ -201,11 +190,11 @@ fn uid_of(name: &str) -> Option<u32> {
 pub(crate) struct Sink {
     tx: Sender<Batch>,
     stats: Arc<SourceStats>,
-    refused: Arc<RateLimited>,
+    refused: Arc<SharedLimit>,
     /// Their own limiters, so a flood of forged requests or proxied logins cannot hide a
     /// misconfiguration.
-    skipped: Arc<RateLimited>,
-    misconfigured: Arc<RateLimited>,
+    skipped: Arc<SharedLimit>,
+    misconfigured: Arc<SharedLimit>,
 }
 
 /// How long a pushed login may wait for room in the engine's queue before it is dropped
@@ -262,40 +251,8 @@ impl Sink {
     }
 }
 
-/// A warning logged at most once a minute, with the number suppressed in between.
-#[derive(Default)]
-pub(crate) struct RateLimited {
-    last: Mutex<Option<Instant>>,
-    suppressed: AtomicU64,
-}
-
-impl RateLimited {
-    pub(crate) fn warn(&self, what: &str) {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        *last = Some(Instant::now());
-        let n = self.suppressed.swap(0, Ordering::Relaxed);
-        tracing::warn!(suppressed_since_last = n, "{what}");
-    }
-}
-
 /// The running push servers; dropping it stops them (and removes the unix sockets).
-pub struct Push {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for Push {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+pub type Push = Background;
 
 /// Starts the configured push servers (none: returns an idle `Push`). Binding happens
 /// before this returns, so an error names the socket or address at fault.
@@ -305,17 +262,10 @@ pub fn spawn(
     stats: &StatsRegistry,
 ) -> Result<Push, String> {
     if !settings.enabled() {
-        return Ok(Push {
-            stop: None,
-            thread: None,
-        });
+        return Ok(Background::idle());
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("push: cannot start runtime: {e}"))?;
-    let refused = Arc::new(RateLimited::default());
-    let mut servers = Vec::new();
+    let mut setup = Setup::new().map_err(|e| format!("push: cannot start runtime: {e}"))?;
+    let refused = Arc::new(SharedLimit::default());
     if let Some(path) = &settings.socket {
         let sink = Sink {
             tx: tx.clone(),
@@ -324,10 +274,9 @@ pub fn spawn(
             skipped: Arc::default(),
             misconfigured: Arc::default(),
         };
-        let server = runtime
-            .block_on(socket::bind(path, settings.uids.clone(), sink))
+        setup
+            .bind(socket::bind(path, settings.uids.clone(), sink))
             .map_err(|e| format!("push.socket: cannot listen on {}: {e}", path.display()))?;
-        servers.push(server);
     }
     if let Some(listen) = &settings.auth_policy {
         let sink = Sink {
@@ -341,94 +290,13 @@ pub fn spawn(
             secret: settings.secret.clone(),
             protocols: settings.protocols.clone(),
         };
-        let server = runtime
-            .block_on(policy::bind(listen, cfg, sink))
+        setup
+            .bind(policy::bind(listen, cfg, sink))
             .map_err(|e| format!("push.auth_policy: cannot listen on {listen}: {e}"))?;
-        servers.push(server);
     }
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("push".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                for s in servers {
-                    tokio::spawn(s);
-                }
-                let _ = stop_rx.await;
-            });
-            // Dropping the runtime cancels the accept loops and connections.
-        })
-        .map_err(|e| format!("push: cannot start thread: {e}"))?;
-    Ok(Push {
-        stop: Some(stop_tx),
-        thread: Some(thread),
-    })
-}
-
-/// Creates the socket's directory if missing and refuses one that another user could
-/// write to (and so replace the socket, with a symlink say, between bind and chmod, or
-/// under the daemon afterwards): its owner must be root or the daemon's user and it must
-/// not be group- or world-writable unless sticky (like /tmp).
-pub(crate) fn prepare_socket_dir(path: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let Some(dir) = path.parent() else {
-        return Ok(());
-    };
-    std::fs::create_dir_all(dir)?;
-    let meta = std::fs::metadata(dir)?;
-    // SAFETY: geteuid cannot fail and takes no pointers.
-    let euid = unsafe { libc::geteuid() };
-    let mode = meta.mode() & 0o7777;
-    let problem = if meta.uid() != 0 && meta.uid() != euid {
-        Some(format!("is owned by uid {}", meta.uid()))
-    } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-        Some(format!(
-            "is writable by other users (mode {mode:04o}) without the sticky bit"
-        ))
-    } else {
-        None
-    };
-    match problem {
-        None => Ok(()),
-        Some(p) => Err(std::io::Error::other(format!(
-            "the directory {} {p}: another user could replace the socket; use a directory only root or the daemon's user can write to (e.g. /run/dovegate, mode 0755)",
-            dir.display()
-        ))),
-    }
-}
-
-/// Sets a freshly bound socket's mode without following a symlink at its path (glibc does
-/// it through an O_PATH descriptor). fchmod on the listener would not do: on Linux it
-/// changes the socket's own inode, not the file bind created.
-pub(crate) fn chmod_socket(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::other("a NUL byte in the path"))?;
-    // SAFETY: c is a valid NUL-terminated string for the duration of the call.
-    let rc = unsafe {
-        libc::fchmodat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            mode as libc::mode_t,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Removes a unix socket left by a previous run; never anything that is not a socket.
-pub(crate) fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        }
-    }
-    Ok(())
+    setup
+        .run("push")
+        .map_err(|e| format!("push: cannot start thread: {e}"))
 }
 
 #[cfg(test)]
@@ -443,52 +311,6 @@ mod tests {
             auth_policy_secret_file: String::new(),
             auth_policy_protocols: vec!["imap".into(), "pop3".into()],
         }
-    }
-
-    #[test]
-    fn socket_dirs_others_can_write_are_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("run");
-        let sock = dir.join("push");
-        prepare_socket_dir(&sock).unwrap();
-        assert!(dir.is_dir());
-        let set = |m: u32| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(m));
-        for bad in [0o777, 0o775, 0o757] {
-            set(bad).unwrap();
-            let e = prepare_socket_dir(&sock).unwrap_err().to_string();
-            assert!(
-                e.contains(&dir.display().to_string()) && e.contains("sticky"),
-                "{e}"
-            );
-        }
-        for good in [0o1777, 0o755, 0o700] {
-            set(good).unwrap();
-            prepare_socket_dir(&sock).unwrap();
-        }
-    }
-
-    #[test]
-    fn socket_mode_is_set_on_the_socket_never_through_a_symlink() {
-        use std::os::unix::fs::PermissionsExt;
-        let tmp = tempfile::tempdir().unwrap();
-        let sock = tmp.path().join("s");
-        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        chmod_socket(&sock, 0o666).unwrap();
-        assert_eq!(
-            std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
-            0o666
-        );
-        let target = tmp.path().join("target");
-        std::fs::write(&target, "x").unwrap();
-        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let link = tmp.path().join("link");
-        std::os::unix::fs::symlink(&target, &link).unwrap();
-        assert!(chmod_socket(&link, 0o666).is_err());
-        assert_eq!(
-            std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
     }
 
     #[test]

@@ -8,25 +8,19 @@
 //! bodies are bounded in size and time, connections in number and idle time.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use subtle::ConstantTimeEq;
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Notify;
-
-use super::socket::Server;
 use super::{ApiHeader, Sink};
 use crate::grant::parse_any_ip;
-use crate::serve::socketmap::Listen;
+use crate::net::http::BodyError;
+use crate::net::{self, Conn, Handler, Listen, Server, Spec, Stream};
 
 /// The largest request body: Dovecot's JSON is a few hundred bytes.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -142,7 +136,7 @@ async fn handle(
     req: Request<Incoming>,
     cfg: Arc<PolicyConfig>,
     sink: Sink,
-    conn: Arc<Conn>,
+    conn: Conn,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::POST {
         return Ok(reply(
@@ -154,20 +148,16 @@ async fn handle(
         sink.refuse("auth policy: request without the configured secret header; refused");
         return Ok(reply(StatusCode::UNAUTHORIZED, r#"{"error":"secret"}"#));
     }
-    conn.trusted.store(true, Ordering::Relaxed);
+    conn.trust();
+    conn.progress();
     let query = req.uri().query().map(str::to_string);
-    let body = match tokio::time::timeout(
-        BODY_TIMEOUT,
-        Limited::new(req.into_body(), MAX_BODY).collect(),
-    )
-    .await
-    {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(_)) => {
+    let body = match net::http::body(req, MAX_BODY, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
             sink.invalid("auth policy: request body too large or broken; nothing granted");
             return Ok(reply(StatusCode::PAYLOAD_TOO_LARGE, r#"{"error":"body"}"#));
         }
-        Err(_) => {
+        Err(BodyError::TooSlow) => {
             sink.invalid("auth policy: request body not sent within 2s; nothing granted");
             return Ok(reply(StatusCode::REQUEST_TIMEOUT, r#"{"error":"timeout"}"#));
         }
@@ -206,131 +196,57 @@ async fn handle(
     })
 }
 
-/// One connection: whether it has sent the secret, and how to close it.
-#[derive(Default)]
-pub(crate) struct Conn {
-    pub(crate) trusted: AtomicBool,
-    pub(crate) close: Notify,
+/// The endpoint as a `net` server. Anyone who can connect can hold a slot, so a connection
+/// that sent the secret is trusted (evicted last) and one that did not send it within
+/// `FIRST_REQUEST_TIMEOUT` is closed: Dovecot's connections send it at once.
+struct Policy {
+    cfg: Arc<PolicyConfig>,
+    sink: Sink,
 }
 
-/// The open connections, oldest first. Anyone who can connect can hold a slot, so when all
-/// are taken the oldest one that has not sent the secret makes room: Dovecot's connections
-/// send it at once and are never the ones closed.
-#[derive(Default)]
-pub(crate) struct Conns {
-    open: Mutex<(u64, BTreeMap<u64, Arc<Conn>>)>,
-}
-
-impl Conns {
-    /// A slot for a new connection, or None when every slot holds a trusted one.
-    pub(crate) fn admit(&self) -> Option<(u64, Arc<Conn>)> {
-        let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let (next, open) = &mut *guard;
-        if open.len() >= MAX_CONNECTIONS {
-            let oldest = open
-                .iter()
-                .find(|(_, c)| !c.trusted.load(Ordering::Relaxed))
-                .map(|(id, _)| *id)?;
-            if let Some(c) = open.remove(&oldest) {
-                c.close.notify_one();
-            }
-        }
-        *next += 1;
-        let conn = Arc::new(Conn::default());
-        open.insert(*next, Arc::clone(&conn));
-        Some((*next, conn))
-    }
-
-    pub(crate) fn leave(&self, id: u64) {
-        let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        guard.1.remove(&id);
-    }
-}
-
-fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    stream: S,
-    conns: &Arc<Conns>,
-    cfg: &Arc<PolicyConfig>,
-    sink: &Sink,
-) {
-    let Some((id, conn)) = conns.admit() else {
-        sink.refused
-            .warn("auth policy: too many connections that sent the secret; one dropped");
-        return;
-    };
-    let (cfg, sink, conns) = (Arc::clone(cfg), sink.clone(), Arc::clone(conns));
-    tokio::spawn(async move {
-        let state = Arc::clone(&conn);
+impl Handler for Policy {
+    fn serve<S: Stream>(
+        self: Arc<Self>,
+        stream: S,
+        conn: Conn,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let state = conn.clone();
         let service = hyper::service::service_fn(move |req| {
-            handle(req, Arc::clone(&cfg), sink.clone(), Arc::clone(&state))
+            handle(req, Arc::clone(&self.cfg), self.sink.clone(), state.clone())
         });
-        let http = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(MAX_BODY)
-            .serve_connection(TokioIo::new(stream), service);
-        let untrusted_deadline = async {
-            tokio::time::sleep(FIRST_REQUEST_TIMEOUT).await;
-            if conn.trusted.load(Ordering::Relaxed) {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            _ = http => {}
-            _ = conn.close.notified() => {}
-            _ = untrusted_deadline => {}
+        async move {
+            net::http::serve_proven(
+                stream,
+                &conn,
+                FIRST_REQUEST_TIMEOUT,
+                HEADER_TIMEOUT,
+                MAX_BODY,
+                service,
+            )
+            .await
         }
-        conns.leave(id);
-    });
+    }
 }
 
-/// Binds the endpoint and returns its accept loop.
+/// Binds the endpoint and serves it.
 pub(crate) async fn bind(
     listen: &Listen,
     cfg: PolicyConfig,
     sink: Sink,
 ) -> std::io::Result<Server> {
-    let cfg = Arc::new(cfg);
-    let conns = Arc::new(Conns::default());
-    match listen {
-        Listen::Inet(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            tracing::info!(address = %listener.local_addr()?, "auth policy endpoint listening");
-            Ok(Box::pin(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((s, _)) => serve(s, &conns, &cfg, &sink),
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                }
-            }))
-        }
-        Listen::Unix(path) => {
-            super::prepare_socket_dir(path)?;
-            super::remove_stale_socket(path)?;
-            let listener = tokio::net::UnixListener::bind(path)?;
-            // Reports grant: only the daemon's user and group may connect.
-            super::chmod_socket(path, 0o660)?;
-            tracing::info!(socket = %path.display(), "auth policy endpoint listening");
-            let path = path.clone();
-            Ok(Box::pin(async move {
-                let _unlink = Unlink(path);
-                loop {
-                    match listener.accept().await {
-                        Ok((s, _)) => serve(s, &conns, &cfg, &sink),
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                }
-            }))
-        }
-    }
-}
-
-struct Unlink(std::path::PathBuf);
-impl Drop for Unlink {
-    fn drop(&mut self) {
-        let _ = super::remove_stale_socket(&self.0);
-    }
+    let spec = Spec {
+        name: "auth policy endpoint",
+        key: "push.auth_policy",
+        max_connections: MAX_CONNECTIONS,
+        max_key: None,
+        // Reports grant: only the daemon's user and group may connect.
+        unix_mode: 0o660,
+    };
+    let handler = Policy {
+        cfg: Arc::new(cfg),
+        sink,
+    };
+    net::start(listen, spec, Arc::new(handler)).await
 }
 
 #[cfg(test)]
@@ -339,38 +255,6 @@ mod tests {
 
     fn protos() -> Vec<String> {
         vec!["imap".into(), "pop3".into()]
-    }
-
-    #[test]
-    fn full_slots_close_the_oldest_connection_without_the_secret() {
-        let conns = Conns::default();
-        let mut held: Vec<(u64, Arc<Conn>)> = (0..MAX_CONNECTIONS)
-            .map(|_| conns.admit().unwrap())
-            .collect();
-        held[0].1.trusted.store(true, Ordering::Relaxed);
-        // The oldest without the secret (the second) makes room.
-        let (_, newest) = conns.admit().unwrap();
-        let evicted = Arc::clone(&held[1].1);
-        assert!(futures_now(evicted.close.notified()));
-        assert!(!futures_now(held[0].1.close.notified()));
-        assert_eq!(conns.open.lock().unwrap().1.len(), MAX_CONNECTIONS);
-        // All trusted: a new connection is refused, none is closed.
-        for (_, c) in &held {
-            c.trusted.store(true, Ordering::Relaxed);
-        }
-        newest.trusted.store(true, Ordering::Relaxed);
-        assert!(conns.admit().is_none());
-        let (id, _) = held.pop().unwrap();
-        conns.leave(id);
-        assert!(conns.admit().is_some());
-    }
-
-    /// Whether a future is ready at once.
-    fn futures_now<F: std::future::Future>(f: F) -> bool {
-        let f = std::pin::pin!(f);
-        let waker = std::task::Waker::noop();
-        let mut cx = std::task::Context::from_waker(waker);
-        f.poll(&mut cx).is_ready()
     }
 
     #[test]

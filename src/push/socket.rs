@@ -3,71 +3,65 @@
 //! Only peers whose uid (SO_PEERCRED, from the kernel) is configured may push; anything
 //! else is refused, counted and logged (rate-limited).
 
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::Sink;
 use crate::grant::parse_any_ip;
+use crate::net::bounds::Bounded;
+use crate::net::{self, Conn, Handler, Listen, Peer, Server, Spec, Stream};
 
 /// The longest request: an address, a tab, a user name, a newline.
 pub const MAX_REQUEST: usize = 1024;
-/// How long a pusher may take to send its line (the hook itself gives up after 200 ms).
+/// How long a pusher may take to send its line, and to take the reply (the hook itself
+/// gives up after 200 ms).
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_CONNECTIONS: usize = 64;
 
-/// A server future, bound and ready to run.
-pub type Server = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Binds the socket (mode 0666: the peer's uid is what is checked) and returns its loop.
-pub(crate) async fn bind(path: &Path, uids: Vec<u32>, sink: Sink) -> std::io::Result<Server> {
-    super::prepare_socket_dir(path)?;
-    super::remove_stale_socket(path)?;
-    let listener = UnixListener::bind(path)?;
-    super::chmod_socket(path, 0o666)?;
-    tracing::info!(socket = %path.display(), uids = %uids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "), "push socket listening");
-    let path = path.to_path_buf();
-    let uids = Arc::new(uids);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    Ok(Box::pin(async move {
-        let _unlink = Unlink(path);
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                // EMFILE and the like: do not spin.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                sink.refused
-                    .warn("push socket: too many connections; one dropped");
-                continue;
-            };
-            let (sink, uids) = (sink.clone(), Arc::clone(&uids));
-            tokio::spawn(async move {
-                serve(stream, &uids, &sink).await;
-                drop(permit);
-            });
-        }
-    }))
+/// The post-login socket as a `net` server.
+struct PushSocket {
+    uids: Vec<u32>,
+    sink: Sink,
 }
 
-/// Removes the socket when the server stops.
-pub(crate) struct Unlink(pub(crate) std::path::PathBuf);
-impl Drop for Unlink {
-    fn drop(&mut self) {
-        let _ = super::remove_stale_socket(&self.0);
+impl Handler for PushSocket {
+    async fn serve<S: Stream>(self: Arc<Self>, stream: S, _conn: Conn) {
+        serve(stream, &self.uids, &self.sink).await
     }
 }
 
-async fn serve(mut stream: UnixStream, uids: &[u32], sink: &Sink) {
-    let peer = match stream.peer_cred() {
-        Ok(c) => c,
+/// Binds the socket (mode 0666: the peer's uid is what is checked) and serves it.
+pub(crate) async fn bind(path: &Path, uids: Vec<u32>, sink: Sink) -> std::io::Result<Server> {
+    let spec = Spec {
+        name: "push socket",
+        key: "push.socket",
+        max_connections: MAX_CONNECTIONS,
+        max_key: None,
+        unix_mode: 0o666,
+    };
+    let listen = Listen::Unix(path.to_path_buf());
+    let allowed = uids
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let server = net::start(&listen, spec, Arc::new(PushSocket { uids, sink })).await?;
+    tracing::info!(socket = %path.display(), uids = %allowed, "push socket: logins accepted from these uids");
+    Ok(server)
+}
+
+async fn serve<S: Stream>(stream: S, uids: &[u32], sink: &Sink) {
+    let peer = match stream.peer() {
+        Ok(Peer::Unix { uid, pid }) => (uid, pid),
+        Ok(other) => {
+            sink.refuse(&format!(
+                "push socket: a peer without credentials ({other:?}); refused"
+            ));
+            return;
+        }
         Err(e) => {
             sink.refuse(&format!(
                 "push socket: cannot read the peer's credentials ({e}); refused"
@@ -75,11 +69,12 @@ async fn serve(mut stream: UnixStream, uids: &[u32], sink: &Sink) {
             return;
         }
     };
-    if !uids.contains(&peer.uid()) {
+    let mut stream = Bounded::new(stream, READ_TIMEOUT);
+    if !uids.contains(&peer.0) {
         sink.refuse(&format!(
             "push socket: uid {} (pid {}) is not in push.users; refused",
-            peer.uid(),
-            peer.pid()
+            peer.0,
+            peer.1
                 .map_or_else(|| "unknown".to_string(), |p| p.to_string())
         ));
         let _ = stream.write_all(b"ERR not allowed\n").await;
@@ -112,12 +107,12 @@ async fn serve(mut stream: UnixStream, uids: &[u32], sink: &Sink) {
             return;
         }
     };
-    let _ = tokio::time::timeout(READ_TIMEOUT, stream.write_all(reply.as_bytes())).await;
+    let _ = stream.write_all(reply.as_bytes()).await;
 }
 
 /// Reads up to the first newline (excluded); None when the peer closes first or the line
 /// would exceed MAX_REQUEST.
-async fn read_line(stream: &mut UnixStream) -> Option<Vec<u8>> {
+async fn read_line(stream: &mut (impl AsyncRead + Unpin)) -> Option<Vec<u8>> {
     let mut buf = Vec::with_capacity(128);
     let mut chunk = [0u8; 256];
     loop {

@@ -51,7 +51,37 @@ impl LineMatcher {
     ) -> Option<(Frame<'a>, LoginMatch<'a>)> {
         let frame = self.frames.parse(line, now)?;
         let login = self.patterns.match_message(frame.message, &mut self.caps)?;
-        Some((frame, login))
+        (!self.patterns.refuses(&login)).then_some((frame, login))
+    }
+
+    /// The session end on this line, if it is a Dovecot session-end line.
+    pub fn match_end(&mut self, line: &[u8], now: i64) -> Option<crate::session::SessionEnd> {
+        let frame = self.frames.parse(line, now)?;
+        self.end_of(&frame)
+    }
+
+    /// The session end a framed message reports, if a session-end pattern matches.
+    fn end_of(&mut self, frame: &Frame<'_>) -> Option<crate::session::SessionEnd> {
+        let caps = self.end_caps.as_mut()?;
+        let m = self.patterns.match_session_end(frame.message, caps)?;
+        let id = match m.session {
+            Some(id) => {
+                let id = std::str::from_utf8(id).ok()?;
+                crate::session::valid_id(id).then_some(())?;
+                Some(id.to_string())
+            }
+            None => None,
+        };
+        Some(crate::session::SessionEnd {
+            service: String::from_utf8_lossy(m.service).to_ascii_lowercase(),
+            id,
+            pid: m.pid,
+            user: m.user.map(|u| String::from_utf8_lossy(u).into_owned()),
+            time: frame.time,
+            source: String::new(),
+            trusted: crate::session::framing_trusted(frame.framing),
+            exact: false,
+        })
     }
 }
 
@@ -322,8 +352,13 @@ impl Scanner {
         sink: &mut impl Sink,
     ) -> bool {
         let patterns = Arc::clone(&self.matcher.patterns);
-        let Some(m) = patterns.match_message(frame.message, &mut self.matcher.caps) else {
-            if let Some(end) = self.session_end(&patterns, &frame) {
+        let m = patterns.match_message(frame.message, &mut self.matcher.caps);
+        if m.as_ref().is_some_and(|m| patterns.refuses(m)) {
+            sink.near_miss(line, NearMiss::NeverMechanism);
+            return true;
+        }
+        let Some(m) = m else {
+            if let Some(end) = self.matcher.end_of(&frame) {
                 // An untrusted sender's end line is ignored: it could only shorten a hold.
                 if provenance.is_ok() {
                     sink.session_end(line, &end);
@@ -349,24 +384,6 @@ impl Scanner {
             (_, Ok(())) => sink.bad_address(line, &login),
         }
         true
-    }
-
-    /// The session end a framed message reports, if a session-end pattern matches.
-    fn session_end(
-        &mut self,
-        patterns: &PatternSet,
-        frame: &Frame<'_>,
-    ) -> Option<crate::session::SessionEnd> {
-        let caps = self.matcher.end_caps.as_mut()?;
-        let m = patterns.match_session_end(frame.message, caps)?;
-        let id = std::str::from_utf8(m.session).ok()?;
-        crate::session::valid_id(id).then(|| crate::session::SessionEnd {
-            service: String::from_utf8_lossy(m.service).into_owned(),
-            id: id.to_string(),
-            pid: m.pid,
-            time: frame.time,
-            exact: false,
-        })
     }
 
     /// A line that produced no login: a near miss when it reads like one. (In `Logins`

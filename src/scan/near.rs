@@ -19,6 +19,9 @@ pub enum NearMiss {
     NoAddress,
     /// Login wording no enabled pattern knows (another Dovecot version, an opt-in pattern).
     UnknownWording,
+    /// A login by a SASL mechanism that proves nothing about the user
+    /// (grant.never_mechanisms, ANONYMOUS by default).
+    NeverMechanism,
 }
 
 impl NearMiss {
@@ -28,6 +31,7 @@ impl NearMiss {
             NearMiss::ServiceNotEnabled => "service-not-enabled",
             NearMiss::NoAddress => "no-address",
             NearMiss::UnknownWording => "unknown-wording",
+            NearMiss::NeverMechanism => "never-mechanism",
         }
     }
 }

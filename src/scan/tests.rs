@@ -38,7 +38,13 @@ impl Sink for Record {
     }
     fn session_end(&mut self, line: Line<'_>, end: &crate::session::SessionEnd) {
         self.push(
-            &format!("end({} {} {} {:?})", end.service, end.pid, end.id, end.time),
+            &format!(
+                "end({} {} {} {:?})",
+                end.service,
+                end.pid.map_or("-".into(), |p| p.to_string()),
+                end.id.as_deref().unwrap_or("-"),
+                end.time
+            ),
             line,
         );
     }
@@ -198,4 +204,18 @@ Nov 26 12:15:53 mail sshd[1]: imap(bob)<1><BBBB>: Disconnected: Logged out\n";
             Some(7429)
         )]
     );
+}
+
+/// Issue 19: a login by ANONYMOUS (grant.never_mechanisms' default) is a near miss, never
+/// a login; another mechanism grants.
+#[test]
+fn anonymous_logins_never_grant() {
+    let buf = "2026-11-21T09:56:55+00:00 vm dovecot: imap-login: Login: user=<anonymous>, method=ANONYMOUS, rip=203.0.113.5, lip=192.0.2.1, mpid=1, session=<a>\n\
+2026-11-21T09:56:55+00:00 vm dovecot: imap-login: Login: user=<b>, method=PLAIN, rip=203.0.113.6, lip=192.0.2.1, mpid=2, session=<b>\n";
+    let (events, _) = run(Visit::Logins, buf);
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e.split(' ').nth(1).unwrap())
+        .collect();
+    assert_eq!(kinds, ["never-mechanism", "login"], "{events:#?}");
 }

@@ -4,14 +4,20 @@
 //! 0.0.4), from snapshots taken at each scrape: the sources' counters
 //! (`telemetry::StatsRegistry`), the engine's counters as of its last heartbeat, the live
 //! grants, the checkpoints and the fleet status files (`STATE/fleet.json`,
-//! `STATE/replica.json`) when present. The HTTP side answers `GET /metrics` and nothing else,
-//! with bounded request size and time.
+//! `STATE/replica.json`) when present. The HTTP side (hyper, through `net`) answers
+//! `GET /metrics` and nothing else, with bounded headers, time and connections (a scraper
+//! finding every slot held by idle connections closes the stalest, see `net`).
 
+use std::convert::Infallible;
 use std::fmt;
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -19,9 +25,9 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::engine::{Counters, GrantsView, COMMIT_BUCKETS};
+use crate::net::{self, Conn, Handler, Listen, Server, Spec, Stream};
 use crate::replica::ReplicaStatus;
 use crate::source::checkpoint::CheckpointDir;
 use crate::store::postgres::worker::WriterStatus;
@@ -174,6 +180,21 @@ impl Collector for Snapshot {
                 "Grants written again because their IMAP session is still open.",
                 c.session_renewals,
             ),
+            (
+                "dovegate_sessions_released_no_evidence",
+                "Sessions that stopped holding their grant because nothing showed them open (imap process gone or unseen, no tied end lines).",
+                c.sessions_released_no_evidence,
+            ),
+            (
+                "dovegate_sessions_released_hold",
+                "Sessions that stopped holding their grant at grant.session_hold.",
+                c.sessions_released_hold,
+            ),
+            (
+                "dovegate_sessions_dropped",
+                "Sessions ended by a revoke or dovegate sessions drop.",
+                c.sessions_dropped,
+            ),
         ] {
             counter(&mut enc, name, help, v)?;
         }
@@ -183,6 +204,17 @@ impl Collector for Snapshot {
             "Open IMAP sessions holding their address's grant.",
             i64::try_from(c.sessions_open).unwrap_or(i64::MAX),
         )?;
+        let mut m = enc.encode_descriptor(
+            "dovegate_sessions_open_by_evidence",
+            "Open IMAP sessions by what their last check found (none: held only ttl).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (evidence, n) in &c.sessions_by_evidence {
+            let labels = [("evidence", *evidence)];
+            ConstGauge::new(i64::try_from(*n).unwrap_or(i64::MAX))
+                .encode(m.encode_family(&labels.as_slice())?)?;
+        }
         let mut m = enc.encode_descriptor(
             "dovegate_map_commit_seconds",
             "Time to commit a batch of grants.",
@@ -239,6 +271,27 @@ fn fleet_gauges(enc: &mut DescriptorEncoder, state_dir: &std::path::Path) -> fmt
             "Grants waiting in the spill queue for the database to return.",
             i64::try_from(w.queue_len).unwrap_or(i64::MAX),
         )?;
+        gauge(
+            enc,
+            "dovegate_fleet_database_behind",
+            "1 when grants dropped from a full spill queue never reached the database.",
+            i64::from(w.behind),
+        )?;
+        gauge(
+            enc,
+            "dovegate_fleet_spill_dropped_grants",
+            "Grants dropped from the full spill queue since start (the database copy lacks them).",
+            i64::try_from(w.dropped_total).unwrap_or(i64::MAX),
+        )?;
+        if let Some(skew) = w.clock_skew_secs {
+            let m = enc.encode_descriptor(
+                "dovegate_fleet_clock_skew_seconds",
+                "This host's clock minus the database's (expiries written are corrected by it).",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(skew).encode(m)?;
+        }
     }
     if let Some(r) = ReplicaStatus::load(state_dir) {
         gauge(
@@ -279,71 +332,59 @@ pub fn render(src: &Arc<MetricsSource>) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `addr` in the background.
-pub async fn spawn(addr: SocketAddr, src: Arc<MetricsSource>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(address = %addr, "metrics listening");
-    let slots = Arc::new(tokio::sync::Semaphore::new(16));
-    tokio::spawn(async move {
-        // Accept errors (EMFILE, ENFILE, ENOMEM) persist until something closes: back
-        // off instead of spinning, and say so once per streak.
-        let mut backoff = Duration::from_millis(10);
-        let mut failing = false;
-        loop {
-            let mut stream = match listener.accept().await {
-                Ok((s, _)) => {
-                    if failing {
-                        tracing::info!("metrics: accepting connections again");
-                    }
-                    failing = false;
-                    backoff = Duration::from_millis(10);
-                    s
-                }
-                Err(e) => {
-                    if !failing {
-                        tracing::warn!(error = %e, "metrics: cannot accept connections; backing off (raise LimitNOFILE if the error is EMFILE)");
-                    }
-                    failing = true;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            };
-            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                continue;
-            };
-            let src = Arc::clone(&src);
-            tokio::spawn(async move {
-                let mut req = Vec::with_capacity(512);
-                let mut buf = [0u8; 512];
-                let read = async {
-                    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return false,
-                            Ok(n) => req.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    true
-                };
-                if !matches!(
-                    tokio::time::timeout(Duration::from_secs(5), read).await,
-                    Ok(true)
-                ) {
-                    return;
-                }
-                let reply = if req.starts_with(b"GET /metrics ")
-                    || req.starts_with(b"GET /metrics?")
-                {
-                    let body = render(&src);
-                    format!("HTTP/1.0 200 OK\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", prometheus_client::encoding::prometheus_text::CONTENT_TYPE, body.len())
-                } else {
-                    "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        .to_string()
-                };
-                let _ = stream.write_all(reply.as_bytes()).await;
-                drop(permit);
-            });
+/// Connections served at once; more evict the stalest (Prometheus scrapes over one).
+const MAX_CONNECTIONS: usize = 16;
+/// How long a connection may take to send a request's headers, and stay idle between two.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest request head.
+const MAX_REQUEST: usize = 8192;
+
+/// The answer to one request: the exposition for `GET /metrics`, 404 for anything else.
+fn respond(req: &Request<Incoming>, src: &Arc<MetricsSource>) -> Response<Full<Bytes>> {
+    if req.method() == Method::GET && req.uri().path() == "/metrics" {
+        let mut r = Response::new(Full::new(Bytes::from(render(src))));
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            ),
+        );
+        r
+    } else {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        r
+    }
+}
+
+/// The endpoint as a `net` server.
+struct Metrics(Arc<MetricsSource>);
+
+impl Handler for Metrics {
+    fn serve<S: Stream>(
+        self: Arc<Self>,
+        stream: S,
+        conn: Conn,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let service = hyper::service::service_fn(move |req| {
+            conn.progress();
+            let r = respond(&req, &self.0);
+            async move { Ok::<_, Infallible>(r) }
+        });
+        async move {
+            let _ = net::http::serve(stream, HEADER_TIMEOUT, MAX_REQUEST, service).await;
         }
-    });
-    Ok(())
+    }
+}
+
+/// Serves `GET /metrics` on `listen` in the background until `shutdown`.
+pub async fn start(listen: &Listen, src: Arc<MetricsSource>) -> std::io::Result<Server> {
+    let spec = Spec {
+        name: "metrics",
+        key: "serve.metrics",
+        max_connections: MAX_CONNECTIONS,
+        max_key: None,
+        unix_mode: 0o666,
+    };
+    net::start(listen, spec, Arc::new(Metrics(src))).await
 }

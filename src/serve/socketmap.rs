@@ -6,75 +6,31 @@
 //! (uncompressed, lower case), and plain addresses as Postfix sends them. The reply value is
 //! configurable per map name (sendmail's access map wants `RELAY`). Strict limits: request
 //! length, concurrent connections (a newcomer finding every slot busy closes the stalest
-//! connection, see `slots`), idle time, time per request and per reply. A malformed request
+//! connection, see `net`), idle time, time per request and per reply. A malformed request
 //! closes the connection.
-
-// Public for the other listeners of the daemon (metrics) that need the same care.
-pub mod accept;
-pub mod log_limit;
-mod slots;
-mod socket_file;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
-use self::log_limit::LogLimit;
-use self::slots::{Admission, Slots};
 use super::netstring;
 use crate::engine::GrantsView;
 use crate::grant::parse_any_ip;
+use crate::net::{self, Conn, Handler, Spec, Stream};
+use crate::telemetry::ratelimit::SharedLimit;
 use crate::timefmt;
+
+pub use crate::net::{Listen, Server};
 
 /// Requests longer than this are refused (a map name and an address fit in far less).
 pub const MAX_REQUEST: usize = 1024;
 
-/// Where the server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Listen {
-    Unix(PathBuf),
-    Inet(std::net::SocketAddr),
-}
-
-impl Listen {
-    /// `unix:/run/dovegate/socketmap` or `inet:127.0.0.1:PORT` (`inet:[::1]:PORT`).
-    pub fn parse(text: &str) -> Result<Listen, String> {
-        if let Some(p) = text.strip_prefix("unix:") {
-            if !p.starts_with('/') {
-                return Err(format!("`{text}`: the unix socket path must be absolute"));
-            }
-            return Ok(Listen::Unix(PathBuf::from(p)));
-        }
-        if let Some(a) = text.strip_prefix("inet:") {
-            return a
-                .parse()
-                .map(Listen::Inet)
-                .map_err(|_| format!("`{text}`: expected inet:127.0.0.1:PORT or inet:[::1]:PORT"));
-        }
-        Err(format!(
-            "`{text}`: expected unix:/path or inet:ADDRESS:PORT"
-        ))
-    }
-}
-
-/// As written in the configuration, for messages.
-impl std::fmt::Display for Listen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
-            Listen::Inet(a) => write!(f, "inet:{a}"),
-        }
-    }
-}
-
 /// Server settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketmapConfig {
     pub listen: Listen,
     /// Reply value per map name; others get `default_value`.
@@ -118,12 +74,8 @@ pub fn answer(request: &[u8], view: &GrantsView, cfg: &SocketmapConfig, now: i64
 /// otherwise hold a connection slot forever.
 pub const MAX_REQUEST_TIME: Duration = Duration::from_secs(5);
 
-/// At most one WARN line per this interval about refused, evicted or dropped connections.
+/// At most one WARN line per this interval about connections closed for slowness.
 const LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// File descriptors the rest of the daemon may need besides socketmap connections (logs,
-/// the map, journalctl pipes, metrics).
-const FD_RESERVE: u64 = 128;
 
 impl SocketmapConfig {
     /// Time allowed for one request once its first byte has arrived, and for one reply.
@@ -145,8 +97,6 @@ pub enum Closed {
     SlowReader,
     /// Not a netstring, or longer than `MAX_REQUEST`.
     Malformed,
-    /// Closed to make room for a newcomer while every slot was busy (the stalest).
-    Evicted,
 }
 
 /// Serves one connection until the peer closes it, goes idle, is too slow to send a request
@@ -217,174 +167,51 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// How long a newcomer waits for the slot of the connection it evicted.
-const EVICTION_WAIT: Duration = Duration::from_secs(1);
-
-/// What every connection of one server shares.
-struct Shared {
+/// The socketmap as a `net` server: each connection is served by `serve`.
+struct Socketmap {
     cfg: Arc<SocketmapConfig>,
     view: GrantsView,
-    slots: Arc<Slots>,
-    /// Rate limits of the WARNs about refused, evicted and too slow connections.
-    refused: Mutex<LogLimit>,
-    evicted: Mutex<LogLimit>,
-    slow: Mutex<LogLimit>,
+    /// The WARN about connections closed for a slow request or an unread reply.
+    slow: SharedLimit,
 }
 
-/// Some(n) when a rate-limited line about n events should be written now.
-fn hit(limit: &Mutex<LogLimit>) -> Option<u64> {
-    limit
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .hit(std::time::Instant::now())
-}
-
-impl Shared {
-    fn refused(&self) {
-        if let Some(n) = hit(&self.refused) {
-            tracing::warn!(
-                refused = n,
-                max_connections = self.cfg.max_connections,
-                "socketmap connections refused: every serve.socketmap_max_connections slot is busy \
-                 and as many newcomers wait (count since the last such line; raise the setting if \
-                 the clients are honest)"
-            );
+impl Handler for Socketmap {
+    async fn serve<S: Stream>(self: Arc<Self>, stream: S, conn: Conn) {
+        let why = serve(stream, self.view.clone(), Arc::clone(&self.cfg), || {
+            conn.progress()
+        })
+        .await;
+        if matches!(why, Closed::SlowRequest | Closed::SlowReader) {
+            if let Some(n) = self.slow.hit() {
+                tracing::warn!(
+                    closed = n,
+                    timeout = %humantime::format_duration(self.cfg.request_timeout()),
+                    "socketmap connections closed: a request arrived too slowly or a reply was not read \
+                     (count since the last such line)"
+                );
+            }
         }
-    }
-
-    /// Serves `stream` in its own task once it has a slot: a free one, or the one of the
-    /// stalest connection, which it closes; refuses it (closes it at once) when even the
-    /// newcomers waiting for a slot fill every slot.
-    fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self: &Arc<Self>, stream: S) {
-        let admission = self.slots.admit();
-        let waiter = match admission {
-            Admission::Refused => return self.refused(),
-            Admission::Now(slot) => Ok(slot),
-            Admission::AfterEviction(w) => {
-                if let Some(n) = hit(&self.evicted) {
-                    tracing::warn!(
-                        evicted = n,
-                        max_connections = self.cfg.max_connections,
-                        "socketmap: every serve.socketmap_max_connections slot busy; closed the \
-                         stalest connections to make room (count since the last such line)"
-                    );
-                }
-                Err(w)
-            }
-        };
-        let shared = Arc::clone(self);
-        tokio::spawn(async move {
-            let slot = match waiter {
-                Ok(slot) => slot,
-                Err(w) => match w.slot(EVICTION_WAIT).await {
-                    Some(slot) => slot,
-                    None => return shared.refused(),
-                },
-            };
-            let why = tokio::select! {
-                why = serve(stream, shared.view.clone(), Arc::clone(&shared.cfg), || slot.progress()) => why,
-                _ = slot.evicted() => Closed::Evicted,
-            };
-            drop(slot);
-            if matches!(why, Closed::SlowRequest | Closed::SlowReader) {
-                if let Some(n) = hit(&shared.slow) {
-                    tracing::warn!(
-                        closed = n,
-                        timeout = %humantime::format_duration(shared.cfg.request_timeout()),
-                        "socketmap connections closed: a request arrived too slowly or a reply was not read \
-                         (count since the last such line)"
-                    );
-                }
-            }
-        });
-    }
-}
-
-/// Warns when the open-files limit cannot fit `max_connections`: accepts would then fail
-/// with EMFILE before the connection limit is reached.
-fn check_fd_limit(max_connections: usize) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
-    }
-    let need = max_connections as u64 + FD_RESERVE;
-    if lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < need {
-        tracing::warn!(
-            "serve.socketmap_max_connections = {max_connections} needs about {need} open files, \
-             but the limit (RLIMIT_NOFILE) is {}: set LimitNOFILE={need} or more in the unit \
-             (ulimit -n), or lower serve.socketmap_max_connections",
-            lim.rlim_cur
-        );
-    }
-}
-
-/// A running socketmap server. Dropping it leaves the server running until the runtime
-/// ends (see `spawn`); `shutdown` stops it and removes its socket file if still ours.
-pub struct Server {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-    listen: Listen,
-}
-
-impl Server {
-    /// Where it listens (for `inet:` with port 0, the port chosen).
-    pub fn listen(&self) -> &Listen {
-        &self.listen
-    }
-
-    /// Stops accepting and removes the unix socket file if the path still names it.
-    /// Connections already open are served until the runtime ends.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
     }
 }
 
 /// Binds and serves in the background (on the current tokio runtime) until `shutdown`.
 /// A unix socket that another server still accepts on is never removed: that is an error.
 pub async fn start(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<Server> {
-    check_fd_limit(cfg.max_connections);
-    let shared = Arc::new(Shared {
-        slots: Slots::new(cfg.max_connections),
+    let spec = Spec {
+        name: "socketmap",
+        key: "serve.socketmap",
+        max_connections: cfg.max_connections,
+        max_key: Some("serve.socketmap_max_connections"),
+        // smtpd and sendmail query as their own users; lookups reveal only grants.
+        unix_mode: 0o666,
+    };
+    let listen = cfg.listen.clone();
+    let handler = Socketmap {
         cfg: Arc::new(cfg),
         view,
-        refused: Mutex::new(LogLimit::new(LOG_EVERY)),
-        evicted: Mutex::new(LogLimit::new(LOG_EVERY)),
-        slow: Mutex::new(LogLimit::new(LOG_EVERY)),
-    });
-    let (stop, stopped) = watch::channel(false);
-    let (task, listen) = match shared.cfg.listen.clone() {
-        Listen::Unix(path) => {
-            let (listener, file) = socket_file::bind(&path).await?;
-            tracing::info!(socket = %path.display(), "socketmap listening");
-            let task = tokio::spawn(async move {
-                accept::run(listener, stopped, |s| shared.connection(s)).await;
-                // Removes the file (if ours) when the loop stops or the runtime ends.
-                drop(file);
-            });
-            (task, Listen::Unix(path))
-        }
-        Listen::Inet(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            let local = listener.local_addr()?;
-            tracing::info!(address = %local, "socketmap listening");
-            let task = tokio::spawn(async move {
-                accept::run(listener, stopped, |s| shared.connection(s)).await;
-            });
-            (task, Listen::Inet(local))
-        }
+        slow: SharedLimit::new(LOG_EVERY),
     };
-    Ok(Server { stop, task, listen })
-}
-
-/// Binds and serves in the background until the runtime ends (the daemon's entry point;
-/// `start` gives a handle that can stop it).
-pub async fn spawn(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<()> {
-    start(cfg, view).await.map(drop)
+    net::start(&listen, spec, Arc::new(handler)).await
 }
 
 #[cfg(test)]
@@ -417,24 +244,6 @@ mod tests {
         assert_eq!(key_ip("192.0.2"), None);
         assert_eq!(key_ip("from:user@example.com"), None);
         assert_eq!(key_ip("unknown"), None);
-    }
-
-    #[test]
-    fn listen_forms() {
-        assert!(matches!(
-            Listen::parse("unix:/run/dovegate/socketmap"),
-            Ok(Listen::Unix(_))
-        ));
-        assert!(matches!(
-            Listen::parse("inet:127.0.0.1:8099"),
-            Ok(Listen::Inet(_))
-        ));
-        assert!(matches!(
-            Listen::parse("inet:[::1]:8099"),
-            Ok(Listen::Inet(_))
-        ));
-        assert!(Listen::parse("unix:relative").is_err());
-        assert!(Listen::parse("tcp:1").is_err());
     }
 
     #[tokio::test]

@@ -11,7 +11,10 @@
 //! the search aims at `cutoff - SLACK`, so it starts a little early; the older lines read
 //! on the way are dropped later as expired.
 //! A file whose lines carry no timestamp is started at its end (an unknown login time would
-//! count as now and grant every address in the file's history).
+//! count as now and grant every address in the file's history). Its end is judged by the
+//! newest timestamp found walking back from the end, however many untimed bytes come last
+//! (a huge line being written, another program's output): those must not hide the recent
+//! logins before them (issue 17). A file with no timestamp at all is read through once.
 
 use std::fs::File;
 use std::io;
@@ -37,7 +40,7 @@ pub fn start_offset(file: &File, cutoff: i64, now: i64) -> io::Result<u64> {
     let target = cutoff.saturating_sub(SLACK);
     // The end first: a file with no recent timestamp (or none at all) starts at its end
     // without being searched.
-    match newest_near_end(file, len, now)? {
+    match newest_time(file, len, now)? {
         Some(t) if t >= target => {}
         _ => return Ok(len),
     }
@@ -56,19 +59,37 @@ pub fn first_start(path: &Path, cutoff: i64, now: i64) -> Start {
     }
 }
 
-/// The newest timestamp among the whole lines of the file's last `PROBE` bytes.
-fn newest_near_end(file: &File, len: u64, now: i64) -> io::Result<Option<i64>> {
-    let start = len.saturating_sub(PROBE);
-    let mut buf = vec![0u8; (len - start) as usize];
-    file.read_exact_at(&mut buf, start)?;
-    let first = if start == 0 {
-        0
-    } else {
-        after_newline(&buf, 0)
-    };
-    Ok(lines_from(&buf, first)
-        .filter_map(|(_, l)| line_time(l, now))
-        .max())
+/// The timestamp of the last timed whole line that fits in a probe window (the newest,
+/// give or take disorder), walking back window by window from the end; None when no line
+/// has one. Lines longer than a window are passed over (the daemon drops them anyway).
+fn newest_time(file: &File, len: u64, now: i64) -> io::Result<Option<i64>> {
+    let mut buf = vec![0u8; PROBE as usize];
+    // Everything from `end` on has been looked at.
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(PROBE);
+        let window = &mut buf[..(end - start) as usize];
+        file.read_exact_at(window, start)?;
+        let first = if start == 0 {
+            0
+        } else {
+            after_newline(window, 0)
+        };
+        if let Some(t) = lines_from(window, first)
+            .filter_map(|(_, l)| line_time(l, now))
+            .max()
+        {
+            return Ok(Some(t));
+        }
+        // The piece before the first line start is read again, whole, with the next window
+        // unless the window holds no line start at all (inside a line longer than it).
+        end = if first < window.len() {
+            start + first as u64
+        } else {
+            start
+        };
+    }
+    Ok(None)
 }
 
 /// A line start `lo` such that the lines before it are (nearly all) older than `target`:
@@ -286,6 +307,41 @@ mod tests {
         for p in [fifo.as_path(), d.path(), Path::new("/dev/zero")] {
             assert!(matches!(first_start(p, 0, 10), Start::Beginning));
         }
+    }
+
+    /// Issue 17: recent timed logins followed by more than a probe of bytes without a
+    /// timestamp (a huge line still being written, another program's untimed output) were
+    /// skipped: the end held no timestamp, so the start was the end.
+    #[test]
+    fn untimed_bytes_at_the_end_do_not_hide_recent_lines() {
+        let base = 1_795_219_200;
+        let now = base + 2000;
+        let mut lines = lines_per_second(base, 2000);
+        let untimed = (0..2000).map(|i| format!("garbage without time {i:05} padding padding"));
+        lines.extend(untimed);
+        let mut f = file_with(&lines);
+        // A line longer than a probe, stamped, then a piece of one without its newline.
+        writeln!(
+            f,
+            "{} {}",
+            crate::timefmt::rfc3339(now),
+            "A".repeat(3 * PROBE as usize)
+        )
+        .unwrap();
+        write!(
+            f,
+            "{} {}",
+            crate::timefmt::rfc3339(now),
+            "B".repeat(2 * PROBE as usize)
+        )
+        .unwrap();
+        let off = start_offset(&f, now - 600, now).unwrap();
+        assert_ne!(off, f.metadata().unwrap().len(), "started at the end");
+        let line = line_at(&f, off);
+        assert!(
+            (1400 - SLACK..=1400).contains(&line),
+            "started at line {line}"
+        );
     }
 
     #[test]

@@ -220,6 +220,77 @@ impl CheckpointDir {
         })
     }
 
+    /// What the daemon's session checks did, for `dovegate status` (written with the
+    /// sessions).
+    pub fn session_stats_file(&self) -> PathBuf {
+        self.dir.join("session-stats.json")
+    }
+
+    pub fn save_session_stats(&self, stats: &crate::session::SessionStats) -> std::io::Result<()> {
+        self.write_atomic(
+            &self.session_stats_file(),
+            &serde_json::to_vec_pretty(stats).map_err(std::io::Error::other)?,
+        )
+    }
+
+    /// Where `dovegate sessions drop` leaves its requests for the running daemon (one small
+    /// file each, holding a session id).
+    pub fn session_drops_dir(&self) -> PathBuf {
+        self.dir.join("session-drops")
+    }
+
+    /// Creates the requests directory (the daemon does, so that it owns it and may delete
+    /// what an administrator writes there).
+    pub fn prepare_session_drops(&self) {
+        if !self.read_only {
+            let _ = std::fs::create_dir_all(self.session_drops_dir());
+        }
+    }
+
+    /// Leaves a request to drop session `id` for the daemon.
+    pub fn request_session_drop(&self, id: &str) -> std::io::Result<PathBuf> {
+        let dir = self.session_drops_dir();
+        std::fs::create_dir_all(&dir)?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!("drop-{}-{nanos}", std::process::id());
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, id.as_bytes())?;
+        let dest = dir.join(name);
+        std::fs::rename(&tmp, &dest)?;
+        Ok(dest)
+    }
+
+    /// The session ids asked to be dropped, each request removed as it is read (at most
+    /// 1000 per call; odd files are removed unread).
+    pub fn take_session_drops(&self) -> Vec<String> {
+        if self.read_only {
+            return Vec::new();
+        }
+        let Ok(rd) = std::fs::read_dir(self.session_drops_dir()) else {
+            return Vec::new();
+        };
+        let mut ids = Vec::new();
+        for entry in rd.filter_map(Result::ok).take(1000) {
+            let name = entry.file_name();
+            if !name.to_string_lossy().starts_with("drop-") {
+                continue;
+            }
+            let path = entry.path();
+            let mut text = String::new();
+            let read = File::open(&path).and_then(|f| f.take(256).read_to_string(&mut text));
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(file = %path.display(), error = %e, "cannot remove a session drop request; it is read again");
+            }
+            let id = text.trim();
+            if read.is_ok() && crate::session::valid_id(id) {
+                ids.push(id.to_string());
+            }
+        }
+        ids
+    }
+
     /// Saves any position atomically.
     pub fn save_position(&self, p: &Position) -> std::io::Result<()> {
         match p {

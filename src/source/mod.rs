@@ -77,6 +77,7 @@ pub struct DaemonSink {
     warn_untimed: Throttle,
     warn_forged: Throttle,
     warn_no_address: Throttle,
+    warn_mechanism: Throttle,
 }
 
 impl DaemonSink {
@@ -95,6 +96,7 @@ impl DaemonSink {
             warn_untimed: Throttle::new(every),
             warn_forged: Throttle::new(every),
             warn_no_address: Throttle::new(Duration::from_secs(60)),
+            warn_mechanism: Throttle::new(Duration::from_secs(60)),
         }
     }
 
@@ -119,9 +121,7 @@ impl DaemonSink {
             self.logins.push(SeenLogin {
                 ip,
                 time: login.time,
-                session: crate::session::holds(login.service)
-                    .then(|| login.session.clone())
-                    .flatten(),
+                session: crate::session::start_of(login, &self.origin),
                 detail: Some(Box::new(LoginDetail {
                     user: login.user.map(|u| String::from_utf8_lossy(u).into_owned()),
                     protocol: String::from_utf8_lossy(login.service)
@@ -191,6 +191,11 @@ impl Sink for DaemonSink {
 
     fn near_miss(&mut self, _line: Line<'_>, why: NearMiss) {
         self.stats.count_near_miss(why.name());
+        if why == NearMiss::NeverMechanism {
+            if let Some(n) = self.warn_mechanism.hit() {
+                tracing::info!(source = %self.origin, count = n, "logins by a SASL mechanism in grant.never_mechanisms (ANONYMOUS proves nothing about the user) granted nothing");
+            }
+        }
         if why == NearMiss::NoAddress {
             if let Some(n) = self.warn_no_address.hit() {
                 tracing::warn!(source = %self.origin, count = n, "Dovecot login lines are seen but none carries the client address (rip=): a custom login_log_format_elements? add %{{rip}} to it, or name the element in the pattern (address_element)");
@@ -200,7 +205,9 @@ impl Sink for DaemonSink {
 
     fn session_end(&mut self, _line: Line<'_>, end: &crate::session::SessionEnd) {
         if crate::session::ends_held(&end.service) {
-            self.ends.push(end.clone());
+            let mut end = end.clone();
+            end.source = self.origin.clone();
+            self.ends.push(end);
         }
     }
 }
@@ -249,6 +256,20 @@ impl FileSource {
                 FileFollower::new(&spec.path, spec.max_line, start)
             }
         };
+        // Where reading begins, for the administrator (and the tests, which wait for it
+        // before writing: a line written earlier may or may not be read on a first start).
+        match follower.current() {
+            Some(pos) => tracing::info!(
+                "following {} from offset {} (inode {})",
+                spec.path.display(),
+                pos.offset,
+                pos.id.ino
+            ),
+            None => tracing::info!(
+                "following {} from its start once it can be read",
+                spec.path.display()
+            ),
+        }
         let _watcher = watch_dir(&spec.path, wake_tx);
         // Tell the engine where we start, so that a first start is checkpointed even
         // before any line arrives.
@@ -400,7 +421,11 @@ mod tests {
         journal::scan_entries(&mut s, &provenance, end, 0, &mut sink, &mut None);
         let ends = sink.take_ends();
         assert_eq!(ends.len(), 1);
-        assert_eq!((ends[0].pid, ends[0].id.as_str()), (42, "Cm5r5yxhtLN/AAAB"));
+        assert_eq!(
+            (ends[0].pid, ends[0].id.as_deref()),
+            (Some(42), Some("Cm5r5yxhtLN/AAAB"))
+        );
+        assert!(ends[0].trusted, "a journal entry from the trusted unit");
         let mut granting = DaemonSink::new("t", Arc::clone(&stats), true);
         s.scan(file, 0, &mut granting);
         assert_eq!(granting.take().len(), 2);

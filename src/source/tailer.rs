@@ -216,6 +216,11 @@ impl FileFollower {
         self.problem.as_ref()
     }
 
+    /// Where the file the path names is read from (None: not open, see `problem`).
+    pub fn current(&self) -> Option<FilePos> {
+        self.current.as_ref().map(Generation::pos)
+    }
+
     /// The checkpoint as of what has been handed out.
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint {

@@ -94,48 +94,14 @@ impl StatsRegistry {
     }
 }
 
-/// Rate limit for repeated warnings: at most one per period, with the count held back.
-#[derive(Debug)]
-pub struct Throttle {
-    every: std::time::Duration,
-    last: Option<std::time::Instant>,
-    held: u64,
-}
+pub mod ratelimit;
 
-impl Throttle {
-    pub fn new(every: std::time::Duration) -> Throttle {
-        Throttle {
-            every,
-            last: None,
-            held: 0,
-        }
-    }
-
-    /// Counts one occurrence; Some(occurrences since the last report) when it may be
-    /// reported now.
-    pub fn hit(&mut self) -> Option<u64> {
-        self.held += 1;
-        if self.last.is_some_and(|t| t.elapsed() < self.every) {
-            return None;
-        }
-        self.last = Some(std::time::Instant::now());
-        Some(std::mem::take(&mut self.held))
-    }
-}
+/// The name the sources know the limiter by.
+pub use ratelimit::RateLimit as Throttle;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn throttle_reports_the_first_then_holds_back() {
-        let mut t = Throttle::new(std::time::Duration::from_secs(3600));
-        assert_eq!(t.hit(), Some(1));
-        assert_eq!(t.hit(), None);
-        assert_eq!(t.hit(), None);
-        t.last = None;
-        assert_eq!(t.hit(), Some(3));
-    }
 
     #[test]
     fn totals_sum_sources() {

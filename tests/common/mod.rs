@@ -155,7 +155,7 @@ impl Daemon {
     }
 
     /// `dovegate run ARGS` with the map `DIR/relay` and state `DIR/state`; returns once the
-    /// map exists.
+    /// map exists and each `--log` file is followed (lines written after that are read).
     pub fn with_map(dir: &Path, args: &[&str]) -> Daemon {
         let (map, state) = (
             dir.join("relay").display().to_string(),
@@ -165,7 +165,17 @@ impl Daemon {
         all.extend_from_slice(args);
         let d = Daemon::start(dir, &all);
         wait_for("map created", PATIENCE, || dir.join("relay.lmdb").exists());
+        for pair in args.windows(2).filter(|p| p[0] == "--log") {
+            d.wait_following(Path::new(pair[1]));
+        }
         d
+    }
+
+    /// Waits until the daemon says it follows `log` (from which offset, or from its start
+    /// once it appears).
+    pub fn wait_following(&self, log: &Path) {
+        let said = format!("following {} ", log.display());
+        wait_for(&said, PATIENCE, || self.log().contains(&said));
     }
 
     pub fn log(&self) -> String {
@@ -269,6 +279,34 @@ pub fn append(path: &Path, text: &str) {
         .open(path)
         .expect("open log");
     f.write_all(text.as_bytes()).expect("append");
+}
+
+/// Four loopback ports (Dovecot's imap, imaps, pop3, pop3s) standing for a test's nominal
+/// base port: the same block for the same `nominal` within this process, free on 127.0.0.1
+/// and ::1 when first asked for. Fixed ports collided with whatever else used them on the
+/// machine (another checkout's tests: "port 14143 is in use").
+pub fn dovecot_ports(nominal: u16) -> u16 {
+    static BLOCKS: std::sync::Mutex<Vec<(u16, u16)>> = std::sync::Mutex::new(Vec::new());
+    // Above the ephemeral range (32768-60999) and the Postfix ports below.
+    const FIRST: u32 = 61_000;
+    const COUNT: u32 = 1_100;
+    let mut blocks = BLOCKS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&(_, base)) = blocks.iter().find(|(n, _)| *n == nominal) {
+        return base;
+    }
+    let free = |p: u16| {
+        std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && std::net::TcpListener::bind(("::1", p)).is_ok()
+    };
+    let start = (rand_u64() % u64::from(COUNT)) as u32;
+    for i in 0..COUNT {
+        let base = (FIRST + (start + i) % COUNT * 4) as u16;
+        if blocks.iter().all(|&(_, b)| b != base) && (base..base + 4).all(free) {
+            blocks.push((nominal, base));
+            return base;
+        }
+    }
+    panic!("no 4 free loopback ports from {FIRST}");
 }
 
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);

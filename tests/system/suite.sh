@@ -28,6 +28,7 @@ suite() {
     B systemctl reset-failed
     B systemctl restart postfix
     wait_until 30 "$NAME: smtpd listening" B python3 -c 'import socket; socket.create_connection(("127.0.0.1", 25), 5)'
+    installed_package_check
     B sed -i -e 's/^journal = .*/journal = true/' -e 's/^journal_give_up = .*/journal_give_up = "30s"/' -e 's|^logs = .*|logs = []|' \
         -e 's|^socketmap = ""|socketmap = "unix:/run/dovegate/socketmap"|' \
         -e 's/^exclude_mynetworks = false/exclude_mynetworks = true/' /etc/dovegate/dovegate.toml
@@ -227,4 +228,34 @@ source_reported_failing() {
     [ "$(B systemctl is-active dovegate)" != active ] && return 0
     [ "$(B systemctl show -P NRestarts dovegate)" != "$1" ] && return 0
     [ -n "$st" ] && ! [[ "$st" =~ $2 ]]
+}
+
+# --- The installed package (issue 17: only these containers install it, never the host):
+# its files, the system user and its groups, the empty map made before Postfix looks, the
+# packaged configuration and unit. Run after dpkg -i, before dovegate is configured.
+installed_package_check() {
+    local f out uid groups g map score unit=/lib/systemd/system/dovegate.service
+    for f in /usr/bin/dovegate $unit /etc/dovegate/dovegate.toml /usr/share/man/man8/dovegate.8.gz \
+        /usr/share/man/man5/dovegate.toml.5.gz /usr/share/dovegate/patterns/dovecot-2.4.toml \
+        /usr/lib/dovegate/postlogin; do
+        B test -e "$f" || die "$NAME: $f not installed"
+    done
+    uid=$(B getent passwd dovegate | cut -d: -f3)
+    [ -n "$uid" ] || die "$NAME: dpkg -i made no system user dovegate"
+    groups=" $(B id -nG dovegate) "
+    for g in dovegate adm systemd-journal; do
+        [[ "$groups" == *" $g "* ]] || die "$NAME: user dovegate is not in group $g (groups:$groups)"
+    done
+    map=$(B stat -c '%u %a' /var/lib/dovegate/relay.lmdb) || die "$NAME: no map after dpkg -i"
+    [ "$map" = "$uid 644" ] || die "$NAME: map owner and mode '$map', want '$uid 644'"
+    out=$(B postmap -s "$RELAY" 2>&1) || die "$NAME: postmap -s $RELAY: $out"
+    [ -z "$out" ] || die "$NAME: the new map is not empty: $out"
+    out=$(B dovegate check-config --config /etc/dovegate/dovegate.toml 2>&1) || die "$NAME: check-config: $out"
+    [[ "$out" == *'path = "/var/lib/dovegate/relay"'* ]] || die "$NAME: check-config shows another map: $out"
+    out=$(B systemd-analyze verify --man=no $unit 2>&1) || die "$NAME: systemd-analyze verify: $out"
+    out=$(B systemd-analyze security --offline=yes $unit 2>&1 || true)
+    score=$(echo "$out" | sed -n 's/.*Overall exposure level for dovegate.service: *\([0-9.]*\).*/\1/p')
+    [ -n "$score" ] || die "$NAME: no exposure score in: $out"
+    awk -v s="$score" 'BEGIN { exit !(s <= 2.5) }' || die "$NAME: exposure $score > 2.5: $out"
+    ok "installed: files, user dovegate (groups:$groups), empty map (uid mode: $map), check-config, unit verified (exposure $score)"
 }

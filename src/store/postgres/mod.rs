@@ -7,8 +7,11 @@
 //! SQL. Every value goes in as a parameter; the only name put into SQL text is the schema,
 //! validated as a plain identifier by the configuration.
 
+pub mod error;
 pub mod spill;
 pub mod worker;
+
+pub use error::PgError;
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -21,9 +24,11 @@ use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
 use crate::grant::key_text;
 
-/// The NOTIFY channel; payloads are JSON `{"a": address, "e": expiry|null, "u": updated_at}`.
-/// Any role that can connect may NOTIFY (no table privilege is needed), so a payload is only
-/// a hint naming an address: replicas read the row itself (`reread`) before applying it.
+/// The NOTIFY channel. Since schema 3 a notification carries no payload (any role that can
+/// connect may LISTEN, and must not learn client addresses; any role may NOTIFY too): it
+/// only says "something changed", and listeners read what changed since their last read
+/// (`changes_since`) with their own privileges, at most once per interval however many
+/// notifications arrive.
 pub const CHANNEL: &str = "dovegate_grants";
 
 /// The URL file must not hold more than this (it is one line).
@@ -64,13 +69,19 @@ fn take_sslrootcert(url: &str) -> (String, Option<String>) {
     }
 }
 
-fn load_roots(file: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+fn load_roots(file: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, PgError> {
     use rustls::pki_types::pem::PemObject;
     let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("sslrootcert {file}: cannot read PEM certificates: {e}"))?;
+        .map_err(|e| {
+            PgError::Config(format!(
+                "sslrootcert {file}: cannot read PEM certificates: {e}"
+            ))
+        })?;
     if certs.is_empty() {
-        return Err(format!("sslrootcert {file}: no certificate in the file"));
+        return Err(PgError::Config(format!(
+            "sslrootcert {file}: no certificate in the file"
+        )));
     }
     Ok(certs)
 }
@@ -83,38 +94,42 @@ impl std::fmt::Debug for Target {
 
 impl Target {
     /// Reads the URL file. Refuses a file other users may read: it holds the password.
-    pub fn load(path: &Path, schema: &str) -> Result<Target, String> {
+    pub fn load(path: &Path, schema: &str) -> Result<Target, PgError> {
         let at = path.display();
-        let meta = std::fs::metadata(path).map_err(|e| format!("{at}: cannot read: {e}"))?;
+        let fail = |m: String| PgError::Config(m);
+        let meta = std::fs::metadata(path).map_err(|e| fail(format!("{at}: cannot read: {e}")))?;
         let mode = meta.permissions().mode();
         if mode & 0o004 != 0 {
-            return Err(format!(
+            return Err(fail(format!(
                 "{at}: is readable by every user (mode {:o}) but holds the database password; chmod 0600 (or 0640 with the service's group)",
                 mode & 0o777
-            ));
+            )));
         }
         if meta.len() > MAX_URL_FILE {
-            return Err(format!(
+            return Err(fail(format!(
                 "{at}: larger than {MAX_URL_FILE} bytes; it must hold one URL"
-            ));
+            )));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{at}: cannot read: {e}"))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| fail(format!("{at}: cannot read: {e}")))?;
         let (url, rootcert) = take_sslrootcert(text.trim());
         let url = url.as_str();
         if url.is_empty() {
-            return Err(format!(
+            return Err(fail(format!(
                 "{at}: is empty; write one URL like postgresql://user:password@host:5432/db"
-            ));
+            )));
         }
         // The parser's message never contains the URL; keep it that way (password).
         let config = Config::from_str(url).map_err(|e| {
-            format!("{at}: not a PostgreSQL URL like postgresql://user:password@host:5432/db ({e})")
+            fail(format!(
+                "{at}: not a PostgreSQL URL like postgresql://user:password@host:5432/db ({e})"
+            ))
         })?;
         if config.get_hosts().is_empty() {
-            return Err(format!("{at}: the URL names no host"));
+            return Err(fail(format!("{at}: the URL names no host")));
         }
         let roots = match rootcert {
-            Some(f) => Some(load_roots(&f).map_err(|e| format!("{at}: {e}"))?),
+            Some(f) => Some(load_roots(&f).map_err(|e| fail(format!("{at}: {e}")))?),
             None => None,
         };
         Ok(Target {
@@ -143,29 +158,47 @@ impl Target {
         format!("\"{}\".dovegate_grants", self.schema)
     }
 
+    /// The tombstones of revoked addresses, schema-qualified.
+    pub fn revocations(&self) -> String {
+        format!("\"{}\".dovegate_revocations", self.schema)
+    }
+
+    /// Both tables, for the statements that need them.
+    pub fn tables(&self) -> Tables {
+        Tables {
+            grants: self.table(),
+            revocations: self.revocations(),
+        }
+    }
+
     /// Connects and runs the migrations. Messages the server sends on its own
     /// (notifications) go to `notices`; the connection task ends when the connection does.
     pub async fn connect(
         &self,
         notices: Option<tokio::sync::mpsc::Sender<Notice>>,
-    ) -> Result<Client, String> {
+    ) -> Result<Client, PgError> {
         let fut = self.open(notices);
         let client = tokio::time::timeout(CONNECT_TIMEOUT, fut)
             .await
-            .map_err(|_| format!("{}: connection timed out", self.describe()))??;
+            .map_err(|_| PgError::Timeout {
+                what: format!("{}: connecting", self.describe()),
+                secs: CONNECT_TIMEOUT.as_secs(),
+            })??;
         tokio::time::timeout(CONNECT_TIMEOUT * 2, migrate(&client, &self.schema))
             .await
-            .map_err(|_| format!("{}: schema migration timed out", self.describe()))?
-            .map_err(|e| format!("{}: schema migration failed: {e}", self.describe()))?;
+            .map_err(|_| PgError::Timeout {
+                what: format!("{}: schema migration", self.describe()),
+                secs: CONNECT_TIMEOUT.as_secs() * 2,
+            })??;
         Ok(client)
     }
 
     async fn open(
         &self,
         notices: Option<tokio::sync::mpsc::Sender<Notice>>,
-    ) -> Result<Client, String> {
+    ) -> Result<Client, PgError> {
         let fail = |e: tokio_postgres::Error| {
-            format!("{}: cannot connect: {}", self.describe(), error_text(&e))
+            PgError::db(format!("{}: cannot connect", self.describe()), e)
         };
         if self.tls {
             let (client, conn) = self
@@ -183,6 +216,13 @@ impl Target {
     }
 }
 
+/// The tables of one schema, schema-qualified.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    pub grants: String,
+    pub revocations: String,
+}
+
 /// The error with its cause (tokio-postgres puts the server's message in the source).
 pub fn error_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
@@ -196,7 +236,7 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
 
 fn tls_connector(
     own: Option<&[rustls::pki_types::CertificateDer<'static>]>,
-) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, PgError> {
     let mut roots = rustls::RootCertStore::empty();
     let certs = match own {
         Some(c) => c.to_vec(),
@@ -206,31 +246,27 @@ fn tls_connector(
         let _ = roots.add(cert);
     }
     if roots.is_empty() {
-        return Err("sslmode=require: no CA certificate found in the system store (/etc/ssl/certs); install ca-certificates or the database's CA".into());
+        return Err(PgError::Config("sslmode=require: no CA certificate found in the system store (/etc/ssl/certs); install ca-certificates or the database's CA".into()));
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS set-up failed: {e}"))?
+        .map_err(|e| PgError::Config(format!("TLS set-up failed: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
-/// One change announced by the trigger, or the end of the connection.
+/// What the connection tells a listener.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
-    /// The row of this address may have changed: read it (the payload's expiry is not
-    /// trusted, anyone may send one).
-    Changed(IpAddr),
-    /// A payload that is not ours; the replica resyncs rather than guess.
-    Unreadable,
-    /// Notifications were dropped (the channel was full): resync.
-    Overflow,
+    /// Something changed (or someone sent a notification: anyone may): read what changed.
+    Changed,
     Closed(String),
 }
 
-/// Polls the connection, forwarding notifications; reports how it ended.
+/// Polls the connection, forwarding notifications; reports how it ended. Notifications are
+/// coalesced: one waiting in the channel stands for any number (a flood costs one read).
 async fn drive<S, T>(
     mut conn: tokio_postgres::Connection<S, T>,
     notices: Option<tokio::sync::mpsc::Sender<Notice>>,
@@ -238,30 +274,14 @@ async fn drive<S, T>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio_postgres::tls::TlsStream + Unpin,
 {
-    let mut overflowed = false;
     let why = loop {
         match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
             None => break "closed by the server".to_string(),
             Some(Err(e)) => break error_text(&e),
             Some(Ok(AsyncMessage::Notification(n))) => {
-                let Some(tx) = &notices else { continue };
-                if n.channel() != CHANNEL {
-                    continue;
-                }
-                let notice = parse_payload(n.payload());
-                match tx.try_send(notice) {
-                    Ok(()) => overflowed = false,
-                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                        if !overflowed {
-                            overflowed = true;
-                            // Best effort: the receiver resyncs when it sees this.
-                            let tx = tx.clone();
-                            tokio::spawn(async move {
-                                let _ = tx.send(Notice::Overflow).await;
-                            });
-                        }
-                    }
-                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {}
+                if let (Some(tx), true) = (&notices, n.channel() == CHANNEL) {
+                    // Full: a notice is already waiting, which says the same.
+                    let _ = tx.try_send(Notice::Changed);
                 }
             }
             Some(Ok(AsyncMessage::Notice(n))) => {
@@ -272,22 +292,6 @@ async fn drive<S, T>(
     };
     if let Some(tx) = notices {
         let _ = tx.send(Notice::Closed(why)).await;
-    }
-}
-
-/// Parses a trigger payload into the address it names; anything else is `Unreadable`.
-/// Never a grant by itself: the replica re-reads the row.
-pub fn parse_payload(payload: &str) -> Notice {
-    #[derive(serde::Deserialize)]
-    struct P {
-        a: String,
-    }
-    let Ok(p) = serde_json::from_str::<P>(payload) else {
-        return Notice::Unreadable;
-    };
-    match parse_address(&p.a) {
-        Some(ip) => Notice::Changed(ip),
-        None => Notice::Unreadable,
     }
 }
 
@@ -335,6 +339,95 @@ DELETE FROM dovegate_grants WHERE NOT (isfinite(expires) AND isfinite(updated_at
 ALTER TABLE dovegate_grants ADD CONSTRAINT dovegate_grants_finite
     CHECK (isfinite(expires) AND isfinite(updated_at));
 "#,
+    // 3: (a) only canonical addresses (what dovegate writes: Postfix's `pgsql:` map tries
+    // shortened keys such as `1.2.3`, and `unknown` for clients without reverse DNS), no
+    // expiry beyond updated_at + 31 days (the longest grant.ttl), no future updated_at;
+    // rows that break these are no login's: deleted. (b) Revocations that hold: a revoke
+    // (dovegate revoke, DELETE or TRUNCATE by hand) leaves a tombstone with its time, and a
+    // grant from a login before it is refused. (c) Notifications without addresses, one
+    // per statement; listeners read what changed since their last read by transaction id
+    // (`tx`, compared with the oldest transaction still running then).
+    r#"
+CREATE FUNCTION dovegate_canonical_address(a text) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    i inet;
+BEGIN
+    IF a IS NULL OR a !~ '^[0-9a-f.:]{2,39}$' THEN
+        RETURN false;
+    END IF;
+    i := a::inet;
+    RETURN host(i) = a
+        AND masklen(i) = CASE family(i) WHEN 4 THEN 32 ELSE 128 END
+        AND NOT (family(i) = 6 AND i << '::ffff:0:0/96'::inet);
+EXCEPTION WHEN others THEN
+    RETURN false;
+END
+$$;
+DELETE FROM dovegate_grants WHERE NOT dovegate_canonical_address(address)
+    OR updated_at > now() + interval '60 seconds'
+    OR expires > updated_at + interval '31 days';
+DROP TRIGGER dovegate_grants_notify ON dovegate_grants;
+DROP FUNCTION dovegate_grants_notify();
+ALTER TABLE dovegate_grants
+    ADD CONSTRAINT dovegate_grants_canonical CHECK (dovegate_canonical_address(address)),
+    ADD CONSTRAINT dovegate_grants_bounded CHECK (expires <= updated_at + interval '31 days'),
+    ADD CONSTRAINT dovegate_grants_not_future CHECK (updated_at <= now() + interval '60 seconds'),
+    ADD COLUMN tx xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX dovegate_grants_tx ON dovegate_grants (tx);
+CREATE TABLE dovegate_revocations (
+    address text PRIMARY KEY CHECK (dovegate_canonical_address(address)),
+    revoked_at timestamptz NOT NULL DEFAULT now() CHECK (isfinite(revoked_at)),
+    revoked_by text NOT NULL DEFAULT current_user,
+    tx xid8 NOT NULL DEFAULT pg_current_xact_id()
+);
+CREATE INDEX dovegate_revocations_tx ON dovegate_revocations (tx);
+CREATE INDEX dovegate_revocations_at ON dovegate_revocations (revoked_at);
+CREATE FUNCTION dovegate_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.tx := pg_current_xact_id();
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER dovegate_grants_stamp BEFORE INSERT OR UPDATE ON dovegate_grants
+    FOR EACH ROW EXECUTE FUNCTION dovegate_stamp();
+CREATE TRIGGER dovegate_revocations_stamp BEFORE INSERT OR UPDATE ON dovegate_revocations
+    FOR EACH ROW EXECUTE FUNCTION dovegate_stamp();
+-- Deleting a grant that still grants is a revoke (expired rows are only cleaned up).
+-- SECURITY DEFINER: an administrator allowed to DELETE need not be allowed to INSERT here.
+CREATE FUNCTION dovegate_grants_deleted() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO dovegate_revocations (address)
+        SELECT DISTINCT address FROM old_rows WHERE expires > now()
+        ON CONFLICT (address) DO UPDATE SET revoked_at = now(), revoked_by = session_user;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER dovegate_grants_deleted AFTER DELETE ON dovegate_grants
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dovegate_grants_deleted();
+CREATE FUNCTION dovegate_grants_truncated() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO dovegate_revocations (address)
+        SELECT address FROM dovegate_grants WHERE expires > now()
+        ON CONFLICT (address) DO UPDATE SET revoked_at = now(), revoked_by = session_user;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER dovegate_grants_truncated BEFORE TRUNCATE ON dovegate_grants
+    FOR EACH STATEMENT EXECUTE FUNCTION dovegate_grants_truncated();
+CREATE FUNCTION dovegate_grants_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('dovegate_grants', '');
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER dovegate_grants_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+    ON dovegate_grants FOR EACH STATEMENT EXECUTE FUNCTION dovegate_grants_notify();
+CREATE TRIGGER dovegate_revocations_notify AFTER INSERT OR UPDATE
+    ON dovegate_revocations FOR EACH STATEMENT EXECUTE FUNCTION dovegate_grants_notify();
+"#,
 ];
 
 /// Advisory lock key for migrations: two writers starting at once must not race.
@@ -342,8 +435,8 @@ const MIGRATION_LOCK: i64 = 0x646f_7665_6761_7465; // "dovegate"
 
 /// Creates or migrates the schema. Returns the version now in place. A current schema is
 /// only read (no DDL, no lock), so replicas and Postfix may use a role that can only SELECT.
-pub async fn migrate(client: &Client, schema: &str) -> Result<i32, String> {
-    let e = |e: tokio_postgres::Error| error_text(&e);
+pub async fn migrate(client: &Client, schema: &str) -> Result<i32, PgError> {
+    let e = |e: tokio_postgres::Error| PgError::db("schema migration", e);
     let latest = MIGRATIONS.len() as i32;
     let versions = format!("\"{schema}\".dovegate_schema");
     let exists: Option<String> = client
@@ -393,9 +486,10 @@ pub async fn migrate(client: &Client, schema: &str) -> Result<i32, String> {
             .map_err(e)?;
         let current: i32 = row.get(0);
         if current > latest {
-            return Err(format!(
-                "schema version {current} is newer than this dovegate knows ({latest}); upgrade dovegate"
-            ));
+            return Err(PgError::NewerSchema {
+                found: current,
+                known: latest,
+            });
         }
         for (i, step) in MIGRATIONS.iter().enumerate().skip(current as usize) {
             client.batch_execute(step).await.map_err(e)?;
@@ -407,7 +501,10 @@ pub async fn migrate(client: &Client, schema: &str) -> Result<i32, String> {
                 .await
                 .map_err(e)?;
             client
-                .execute("INSERT INTO dovegate_schema (version) VALUES ($1)", &[&latest])
+                .execute(
+                    "INSERT INTO dovegate_schema (version) VALUES ($1)",
+                    &[&latest],
+                )
                 .await
                 .map_err(e)?;
         }
@@ -451,6 +548,199 @@ impl Origin {
     }
 }
 
+/// True when the database refused the data (SQLSTATE class 22 data exception, 23
+/// integrity constraint): retrying the same rows fails the same way, unlike an outage.
+pub fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
+}
+
+/// A grant whose login is at most this long after a revoke is refused too: a session
+/// renewal in flight while the revoke spreads (a writer learns of it within a second) must
+/// not write the grant back. A real login that close to a revoke logs in again.
+pub const REVOKE_RACE_SECS: i64 = 2;
+
+/// What an upsert did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Upserted {
+    /// Written, with the expiry the database keeps (its clock).
+    pub written: Vec<(IpAddr, i64)>,
+    /// Refused: revoked after the login that granted it.
+    pub revoked: Vec<IpAddr>,
+}
+
+/// Upserts grants in one statement; the later expiry wins, and no expiry lies further
+/// than `max_ttl` after the database's clock (a writer with a clock fault cannot open a
+/// relay for a year), nor is an existing row's expiry kept beyond its own `updated_at` +
+/// `max_ttl`. `skew` (this host's clock minus the database's, seconds) is taken off each
+/// expiry, so a writer whose clock is slow still writes a grant that lasts. A grant whose
+/// login (expiry - `max_ttl`) is not after its address's revocation (+ `REVOKE_RACE_SECS`)
+/// is refused.
+pub async fn upsert(
+    client: &Client,
+    t: &Tables,
+    grants: &[(IpAddr, i64)],
+    max_ttl: i64,
+    skew: f64,
+    origin: &Origin,
+) -> Result<Upserted, tokio_postgres::Error> {
+    // ON CONFLICT cannot touch one row twice in a statement: one entry per address.
+    let mut unique: std::collections::HashMap<IpAddr, i64> = std::collections::HashMap::new();
+    for &(ip, e) in grants {
+        let v = unique.entry(ip).or_insert(e);
+        *v = (*v).max(e);
+    }
+    let addresses: Vec<String> = unique.keys().map(|&ip| key_text(ip)).collect();
+    let expiries: Vec<i64> = unique.values().copied().collect();
+    let (grants_t, revocations_t) = (&t.grants, &t.revocations);
+    let sql = format!(
+        "WITH input AS (
+             SELECT a, LEAST(GREATEST(e::float8 - $6::float8, 0), extract(epoch FROM now())::float8 + $3::float8) AS e
+             FROM unnest($1::text[], $2::int8[]) AS u(a, e)),
+         blocked AS (
+             SELECT i.a FROM input i JOIN {revocations_t} r ON r.address = i.a
+             WHERE r.revoked_at + make_interval(secs => {REVOKE_RACE_SECS}) >= to_timestamp(i.e - $3::float8)),
+         written AS (
+             INSERT INTO {grants_t} AS g (address, expires, granted_by, source, updated_at)
+             SELECT a, to_timestamp(e), $4, $5, now() FROM input
+             WHERE a NOT IN (SELECT a FROM blocked)
+             ON CONFLICT (address) DO UPDATE SET
+                 expires = GREATEST(
+                     LEAST(g.expires, g.updated_at + make_interval(secs => $3::float8), now() + make_interval(secs => $3::float8)),
+                     EXCLUDED.expires),
+                 granted_by = EXCLUDED.granted_by,
+                 source = EXCLUDED.source,
+                 updated_at = now()
+             RETURNING address, floor(extract(epoch FROM LEAST(expires, now() + make_interval(secs => $3::float8))))::int8 AS e)
+         SELECT address, e, false FROM written
+         UNION ALL SELECT a, 0::int8, true FROM blocked"
+    );
+    let rows = client
+        .query(
+            &sql,
+            &[
+                &addresses,
+                &expiries,
+                &(max_ttl as f64),
+                &origin.host,
+                &origin.source,
+                &skew,
+            ],
+        )
+        .await?;
+    let mut out = Upserted::default();
+    for r in &rows {
+        let Some(ip) = parse_address(r.get::<_, &str>(0)) else {
+            continue;
+        };
+        if r.get::<_, bool>(2) {
+            out.revoked.push(ip);
+        } else {
+            out.written.push((ip, r.get::<_, i64>(1)));
+        }
+    }
+    Ok(out)
+}
+
+/// The database's clock, in unix seconds.
+pub async fn db_now(client: &Client) -> Result<f64, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+        .await?
+        .get(0))
+}
+
+/// Where the next `changes_since` starts: a snapshot's horizon, the first transaction id
+/// not yet started and those still running then. Every other transaction had ended, so its
+/// changes are visible to any statement after this one; the next read looks at the rows of
+/// these (`tx >= next OR tx = ANY(running)`), however long one of them runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Horizon {
+    next: String,
+    running: Vec<String>,
+}
+
+/// The horizon now (taken before a read, so that the read misses nothing after it).
+pub async fn horizon(client: &Client) -> Result<Horizon, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_snapshot_xmax(s)::text, ARRAY(SELECT pg_snapshot_xip(s)::text)
+             FROM pg_current_snapshot() AS s",
+            &[],
+        )
+        .await?;
+    Ok(Horizon {
+        next: row.get(0),
+        running: row.get(1),
+    })
+}
+
+/// The rows of `t` written after `h`, as SQL (`$1` the next id, `$2` the running ones).
+fn after_sql(table: &str) -> String {
+    format!(
+        "SELECT address FROM {table} WHERE tx >= $1::text::xid8 OR tx = ANY($2::text[]::xid8[])"
+    )
+}
+
+/// The addresses whose grant or revocation changed since `since`, at most `limit` (more:
+/// the caller resyncs).
+pub async fn changes_since(
+    client: &Client,
+    t: &Tables,
+    since: &Horizon,
+    limit: i64,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "{} UNION {} LIMIT $3",
+                after_sql(&t.grants),
+                after_sql(&t.revocations)
+            ),
+            &[&since.next, &since.running, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Revocations recorded since `since`, or, with None, those younger than `ttl` (older ones
+/// cancel only grants that have expired): (address, revoked_at in unix seconds of the
+/// database's clock).
+pub async fn revocations_since(
+    client: &Client,
+    t: &Tables,
+    since: Option<&Horizon>,
+    ttl: i64,
+) -> Result<Vec<(String, f64)>, tokio_postgres::Error> {
+    let rows = match since {
+        Some(h) => {
+            client
+                .query(
+                    &format!(
+                        "SELECT address, extract(epoch FROM revoked_at)::float8 FROM {}
+                         WHERE tx >= $1::text::xid8 OR tx = ANY($2::text[]::xid8[])",
+                        t.revocations
+                    ),
+                    &[&h.next, &h.running],
+                )
+                .await?
+        }
+        None => {
+            client
+                .query(
+                    &format!(
+                        "SELECT address, extract(epoch FROM revoked_at)::float8 FROM {}
+                         WHERE revoked_at > now() - make_interval(secs => $1::float8)",
+                        t.revocations
+                    ),
+                    &[&(ttl as f64)],
+                )
+                .await?
+        }
+    };
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// The expiry a row may grant, as SQL (`$N` the ttl in seconds): no later than its own
 /// `updated_at` + ttl (a far-future row is not re-extended at every resync) nor the
 /// database's now() + ttl (a row claiming a future `updated_at`).
@@ -467,71 +757,6 @@ fn grantable_sql(ttl: &str) -> String {
         "isfinite(expires) AND isfinite(updated_at) AND updated_at <= now() + interval '60 seconds' AND {} > now()",
         effective_sql(ttl)
     )
-}
-
-/// True when the database refused the data (SQLSTATE class 22 data exception, 23
-/// integrity constraint): retrying the same rows fails the same way, unlike an outage.
-pub fn is_data_error(e: &tokio_postgres::Error) -> bool {
-    e.code()
-        .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
-}
-
-/// Upserts grants in one statement; the later expiry wins, and no expiry lies further
-/// than `max_ttl` after the database's clock (a writer with a clock fault cannot open a
-/// relay for a year), nor is an existing row's expiry kept beyond its own `updated_at` +
-/// `max_ttl`. Returns the effective expiries.
-pub async fn upsert(
-    client: &Client,
-    table: &str,
-    grants: &[(IpAddr, i64)],
-    max_ttl: i64,
-    origin: &Origin,
-) -> Result<Vec<(IpAddr, i64)>, tokio_postgres::Error> {
-    // ON CONFLICT cannot touch one row twice in a statement: one entry per address.
-    let mut unique: std::collections::HashMap<IpAddr, i64> = std::collections::HashMap::new();
-    for &(ip, e) in grants {
-        let v = unique.entry(ip).or_insert(e);
-        *v = (*v).max(e);
-    }
-    let addresses: Vec<String> = unique.keys().map(|&ip| key_text(ip)).collect();
-    let expiries: Vec<i64> = unique.values().copied().collect();
-    let sql = format!(
-        "INSERT INTO {table} AS g (address, expires, granted_by, source, updated_at)
-         SELECT a, to_timestamp(LEAST(GREATEST(e::float8, 0), extract(epoch FROM now())::float8 + $3::float8)), $4, $5, now()
-         FROM unnest($1::text[], $2::int8[]) AS u(a, e)
-         ON CONFLICT (address) DO UPDATE SET
-             expires = GREATEST(
-                 LEAST(g.expires, g.updated_at + make_interval(secs => $3::float8), now() + make_interval(secs => $3::float8)),
-                 EXCLUDED.expires),
-             granted_by = EXCLUDED.granted_by,
-             source = EXCLUDED.source,
-             updated_at = now()
-         RETURNING address, floor(extract(epoch FROM LEAST(expires, now() + make_interval(secs => $3::float8))))::int8"
-    );
-    let rows = client
-        .query(
-            &sql,
-            &[
-                &addresses,
-                &expiries,
-                &(max_ttl as f64),
-                &origin.host,
-                &origin.source,
-            ],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .filter_map(|r| Some((parse_address(r.get::<_, &str>(0))?, r.get::<_, i64>(1))))
-        .collect())
-}
-
-/// The database's clock, in unix seconds.
-pub async fn db_now(client: &Client) -> Result<f64, tokio_postgres::Error> {
-    Ok(client
-        .query_one("SELECT extract(epoch FROM now())::float8", &[])
-        .await?
-        .get(0))
 }
 
 /// Every grantable row with its effective expiry (see `effective_sql`, `ttl` in seconds)
@@ -586,50 +811,72 @@ pub async fn reread(
         .collect())
 }
 
-/// Removes rows expired for longer than `keep_secs` (they only serve audit meanwhile).
+/// Removes rows expired for longer than `keep_secs` (they only serve audit meanwhile), and
+/// revocations older than the longest grant they could cancel (31 days) plus `keep_secs`.
 pub async fn clean(
     client: &Client,
-    table: &str,
+    t: &Tables,
     keep_secs: i64,
 ) -> Result<u64, tokio_postgres::Error> {
-    client
+    let grants = client
         .execute(
             &format!(
-                "DELETE FROM {table} WHERE expires < now() - make_interval(secs => $1::float8)"
+                "DELETE FROM {} WHERE expires < now() - make_interval(secs => $1::float8)",
+                t.grants
             ),
             &[&(keep_secs as f64)],
         )
-        .await
+        .await?;
+    let revocations = client
+        .execute(
+            &format!(
+                "DELETE FROM {} WHERE revoked_at < now() - interval '31 days' - make_interval(secs => $1::float8)",
+                t.revocations
+            ),
+            &[&(keep_secs as f64)],
+        )
+        .await?;
+    Ok(grants + revocations)
 }
 
-/// Deletes one grant (revoke).
-pub async fn delete(
+/// Revokes one address everywhere: a tombstone (refusing grants from logins before now)
+/// and the grant deleted, in one transaction. True when a grant was there.
+pub async fn revoke(
     client: &Client,
-    table: &str,
+    t: &Tables,
     ip: IpAddr,
 ) -> Result<bool, tokio_postgres::Error> {
-    Ok(client
-        .execute(
-            &format!("DELETE FROM {table} WHERE address = $1"),
+    let row = client
+        .query_one(
+            &format!(
+                "WITH tomb AS (
+                     INSERT INTO {} (address) VALUES ($1)
+                     ON CONFLICT (address) DO UPDATE SET revoked_at = now(), revoked_by = session_user),
+                 gone AS (DELETE FROM {} WHERE address = $1 AND expires > now() RETURNING 1)
+                 SELECT count(*) FROM gone",
+                t.revocations, t.grants
+            ),
             &[&key_text(ip)],
         )
-        .await?
-        > 0)
+        .await?;
+    Ok(row.get::<_, i64>(0) > 0)
 }
 
-/// Sets one grant's expiry, even shorter than the stored one (manual grant).
+/// Sets one grant's expiry, even shorter than the stored one (manual grant), no later than
+/// the database's now + `max_ttl`.
 pub async fn set(
     client: &Client,
     table: &str,
     ip: IpAddr,
     expires: i64,
+    max_ttl: i64,
     origin: &Origin,
 ) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             &format!(
                 "INSERT INTO {table} AS g (address, expires, granted_by, source, updated_at)
-                 VALUES ($1, to_timestamp($2::float8), $3, $4, now())
+                 VALUES ($1, LEAST(to_timestamp($2::float8), now() + make_interval(secs => $5::float8)), $3, $4, now())
                  ON CONFLICT (address) DO UPDATE SET expires = EXCLUDED.expires,
                      granted_by = EXCLUDED.granted_by, source = EXCLUDED.source, updated_at = now()"
             ),
@@ -638,6 +885,7 @@ pub async fn set(
                 &(expires as f64),
                 &origin.host,
                 &origin.source,
+                &(max_ttl as f64),
             ],
         )
         .await?;
@@ -649,24 +897,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn payloads_and_addresses() {
-        assert_eq!(
-            parse_payload(r#"{"a":"192.0.2.7","e":1700000000.5,"u":1699999000.25}"#),
-            Notice::Changed("192.0.2.7".parse().unwrap())
-        );
-        assert_eq!(
-            parse_payload(r#"{"a":"2001:db8::7","e":null}"#),
-            Notice::Changed("2001:db8::7".parse().unwrap())
-        );
-        for bad in [
-            r#"{"a":"1.2.3","e":1}"#,
-            r#"{"a":"unknown","e":1}"#,
-            r#"{"a":"2001:DB8::7","e":1}"#,
-            r#"{"a":"::ffff:192.0.2.7","e":1}"#,
-            "192.0.2.7",
-            "",
-        ] {
-            assert_eq!(parse_payload(bad), Notice::Unreadable, "{bad}");
+    fn addresses_must_be_canonical() {
+        assert!(parse_address("192.0.2.7").is_some());
+        assert!(parse_address("2001:db8::7").is_some());
+        for bad in ["1.2.3", "unknown", "2001:DB8::7", "::ffff:192.0.2.7", ""] {
+            assert_eq!(parse_address(bad), None, "{bad}");
         }
     }
 
@@ -676,7 +911,7 @@ mod tests {
         let f = dir.path().join("pg.url");
         std::fs::write(&f, "postgresql://u:secret@127.0.0.1:5433/db\n").unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = Target::load(&f, "public").unwrap_err();
+        let e = Target::load(&f, "public").unwrap_err().to_string();
         assert!(e.contains("readable by every user"), "{e}");
         assert!(!e.contains("secret"));
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -705,10 +940,10 @@ mod tests {
             "postgresql://h/db?sslmode=require&sslrootcert=/nonexistent",
         )
         .unwrap();
-        let e = Target::load(&f, "public").unwrap_err();
+        let e = Target::load(&f, "public").unwrap_err().to_string();
         assert!(e.contains("sslrootcert /nonexistent"), "{e}");
         std::fs::write(&f, "mysql://nope").unwrap();
-        let e = Target::load(&f, "public").unwrap_err();
+        let e = Target::load(&f, "public").unwrap_err().to_string();
         assert!(!e.contains("nope"), "{e}");
     }
 }

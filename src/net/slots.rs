@@ -1,11 +1,13 @@
-//! Connection slots (`socketmap_max_connections`) that make room for a newcomer.
+//! Connection slots (a server's `max_connections`) that make room for a newcomer.
 //!
 //! Refusing newcomers while every slot is busy lets a local client lock out every MTA
 //! lookup: it opens as many connections as there are slots and reconnects each time one is
 //! cut off by a timeout. So a newcomer finding every slot busy closes the stalest
 //! connection (the one whose last request began or was answered longest ago, or, without
-//! requests, that was accepted first) and takes its slot. A fresh connection is the last to be evicted, so an honest client that sends its
-//! request at once is answered; Postfix reopens an evicted idle connection by itself.
+//! requests, that was accepted first) and takes its slot. A fresh connection is the last to
+//! be evicted, so an honest client that sends its request at once is answered; Postfix
+//! (and Dovecot, Prometheus) reopen an evicted idle connection by themselves. A connection
+//! that proved who it is (the auth-policy secret) is evicted only when every other one is.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,7 @@ struct Registry {
 
 struct Live {
     progress: Instant,
+    trusted: bool,
     evict: Arc<Notify>,
 }
 
@@ -78,6 +81,7 @@ impl Slots {
             id,
             Live {
                 progress: Instant::now(),
+                trusted: false,
                 evict: Arc::clone(&evict),
             },
         );
@@ -101,7 +105,7 @@ impl Slots {
         let stalest = r
             .conns
             .iter()
-            .min_by_key(|(_, l)| l.progress)
+            .min_by_key(|(_, l)| (l.trusted, l.progress))
             .map(|(&id, _)| id);
         // Removed from the registry so that the next newcomer picks another one.
         if let Some(live) = stalest.and_then(|id| r.conns.remove(&id)) {
@@ -131,6 +135,22 @@ impl Slot {
         if let Some(l) = self.slots.registry().conns.get_mut(&self.id) {
             l.progress = Instant::now();
         }
+    }
+
+    /// The peer proved who it is: evict it only when every other connection is trusted.
+    pub fn trust(&self) {
+        if let Some(l) = self.slots.registry().conns.get_mut(&self.id) {
+            l.trusted = true;
+        }
+    }
+
+    /// Whether `trust` was called (false once evicted: it is closing anyway).
+    pub fn trusted(&self) -> bool {
+        self.slots
+            .registry()
+            .conns
+            .get(&self.id)
+            .is_some_and(|l| l.trusted)
     }
 
     /// Resolves when a newcomer evicts this connection.
@@ -187,6 +207,26 @@ mod tests {
             .await
             .expect("busy evicted next");
         drop(fresh);
+    }
+
+    #[tokio::test]
+    async fn trusted_connections_go_last() {
+        let slots = Slots::new(2);
+        let dovecot = now(slots.admit());
+        dovecot.trust();
+        let stranger = now(slots.admit());
+        stranger.progress();
+        let Admission::AfterEviction(_w) = slots.admit() else {
+            panic!("expected an eviction");
+        };
+        tokio::time::timeout(Duration::from_secs(5), stranger.evicted())
+            .await
+            .expect("the untrusted connection goes, though it is fresher");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), dovecot.evicted())
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]

@@ -1,4 +1,4 @@
-//! The accept loop of the socketmap listeners. An accept that fails for want of file
+//! The accept loop of every listener. An accept that fails for want of file
 //! descriptors (EMFILE, ENFILE) or memory fails again at once while the connection waits in
 //! the backlog: retrying without a pause spins a core at 100%. So failures back off, are
 //! logged rate-limited, and the recovery is logged once.
@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use super::log_limit::LogLimit;
+use super::Label;
+use crate::telemetry::ratelimit::RateLimit;
 
 /// The first pause after a failed accept; doubled on each further failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
@@ -70,10 +71,11 @@ fn per_connection(e: &io::Error) -> bool {
 /// Accepts until `stop`, handing each connection to `on_connection`.
 pub async fn run<L: Listener>(
     listener: L,
+    label: Label,
     mut stop: watch::Receiver<bool>,
     mut on_connection: impl FnMut(L::Stream) + Send,
 ) {
-    let mut log = LogLimit::new(LOG_EVERY);
+    let mut log = RateLimit::new(LOG_EVERY);
     let mut backoff: Option<Duration> = None;
     // Accepts failed since the last recovery, and when the last one failed. Near the limit,
     // single accepts succeed between failures as descriptors come and go: the recovery is
@@ -85,7 +87,7 @@ pub async fn run<L: Listener>(
         let accepted = tokio::select! {
             _ = stopped(&mut stop) => return,
             _ = sleep_until(last_failure.map(|t| t + RECOVERED_AFTER)) => {
-                tracing::info!(failed, "socketmap accepts connections again");
+                tracing::info!(failed, "{}: accepting connections again", label.name);
                 log.take_pending();
                 failed = 0;
                 last_failure = None;
@@ -99,23 +101,27 @@ pub async fn run<L: Listener>(
                 on_connection(stream);
             }
             Err(e) if per_connection(&e) => {
-                tracing::debug!(error = %e, "socketmap: a client left before its connection was accepted");
+                tracing::debug!(error = %e, "{}: a client left before its connection was accepted", label.name);
             }
             Err(e) => {
                 failed += 1;
                 last_failure = Some(tokio::time::Instant::now());
                 let pause = backoff.map_or(FIRST_BACKOFF, |d| (d * 2).min(MAX_BACKOFF));
                 backoff = Some(pause);
-                if let Some(n) = log.hit(Instant::now()) {
-                    let fix = match e.raw_os_error() {
-                        Some(libc::EMFILE) | Some(libc::ENFILE) => {
-                            ": out of file descriptors; raise LimitNOFILE (ulimit -n) or lower serve.socketmap_max_connections"
+                if let Some(n) = log.hit_at(Instant::now()) {
+                    let fix = match (e.raw_os_error(), label.max_key) {
+                        (Some(libc::EMFILE | libc::ENFILE), Some(key)) => format!(
+                            ": out of file descriptors; raise LimitNOFILE (ulimit -n) or lower {key}"
+                        ),
+                        (Some(libc::EMFILE | libc::ENFILE), None) => {
+                            ": out of file descriptors; raise LimitNOFILE (ulimit -n)".to_string()
                         }
-                        _ => "",
+                        _ => String::new(),
                     };
                     tracing::warn!(
                         failures = n,
-                        "socketmap cannot accept connections: {e}{fix}; retrying with backoff"
+                        "{}: cannot accept connections; backing off: {e}{fix}",
+                        label.name
                     );
                 }
                 tokio::select! {
@@ -156,7 +162,16 @@ mod tests {
     async fn failing_accepts_back_off_and_stop_promptly() {
         let attempts = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(OutOfFiles(Arc::clone(&attempts)), stopped, |_| {}));
+        let label = Label {
+            name: "test",
+            max_key: None,
+        };
+        let task = tokio::spawn(run(
+            OutOfFiles(Arc::clone(&attempts)),
+            label,
+            stopped,
+            |_| {},
+        ));
         tokio::time::sleep(Duration::from_millis(600)).await;
         // Backing off 10, 20, 40 ... ms makes 6 attempts in 600 ms; a loop retrying at
         // once makes millions.

@@ -1,0 +1,261 @@
+//! One server: binds its address (a unix socket through the careful claim), accepts with
+//! backoff, gives each connection a slot (evicting the stalest when every slot is busy)
+//! and serves it in its own task until it ends or is evicted.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::slots::{Admission, Slot, Slots};
+use super::socket_file::{self, Claim};
+use super::{accept, Label, Listen};
+use crate::telemetry::ratelimit::SharedLimit;
+
+/// What a server is, for its limits and its log lines.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    /// In log lines: "socketmap", "push socket".
+    pub name: &'static str,
+    /// The configuration key of the address ("serve.socketmap").
+    pub key: &'static str,
+    /// Connections served at once; a newcomer beyond them evicts the stalest.
+    pub max_connections: usize,
+    /// The setting that raises `max_connections`, if there is one.
+    pub max_key: Option<&'static str>,
+    /// A unix socket's mode: who may connect.
+    pub unix_mode: u32,
+}
+
+/// Who is at the other end, as the kernel says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// A unix socket peer's credentials (SO_PEERCRED).
+    Unix {
+        uid: u32,
+        pid: Option<i32>,
+    },
+    Inet(SocketAddr),
+}
+
+/// A connection stream a handler can serve.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn peer(&self) -> io::Result<Peer>;
+}
+
+impl Stream for tokio::net::UnixStream {
+    fn peer(&self) -> io::Result<Peer> {
+        let c = self.peer_cred()?;
+        Ok(Peer::Unix {
+            uid: c.uid(),
+            pid: c.pid(),
+        })
+    }
+}
+
+impl Stream for tokio::net::TcpStream {
+    fn peer(&self) -> io::Result<Peer> {
+        self.peer_addr().map(Peer::Inet)
+    }
+}
+
+/// What a server does with each connection.
+pub trait Handler: Send + Sync + 'static {
+    /// Serves one connection until it ends. Dropped (the connection closed) when a
+    /// newcomer evicts it.
+    fn serve<S: Stream>(
+        self: Arc<Self>,
+        stream: S,
+        conn: Conn,
+    ) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// A connection's slot, as its handler sees it.
+#[derive(Clone)]
+pub struct Conn(Arc<Slot>);
+
+impl Conn {
+    /// A request began or was answered: the connection is in use, not stale.
+    pub fn progress(&self) {
+        self.0.progress()
+    }
+
+    /// The peer proved who it is (a secret): evicted only after every untrusted one.
+    pub fn trust(&self) {
+        self.0.trust()
+    }
+
+    /// Whether the peer proved who it is.
+    pub fn trusted(&self) -> bool {
+        self.0.trusted()
+    }
+}
+
+/// At most one WARN line per this interval about refused or evicted connections.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a newcomer waits for the slot of the connection it evicted.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// File descriptors the rest of the daemon may need besides one server's connections
+/// (logs, the map, journalctl pipes, the other servers).
+const FD_RESERVE: u64 = 128;
+
+struct Shared<H> {
+    spec: Spec,
+    handler: Arc<H>,
+    slots: Arc<Slots>,
+    refused: SharedLimit,
+    evicted: SharedLimit,
+}
+
+impl<H: Handler> Shared<H> {
+    fn refused(&self) {
+        if let Some(n) = self.refused.hit() {
+            let raise = self
+                .spec
+                .max_key
+                .map(|k| format!("; raise {k} if the clients are honest"))
+                .unwrap_or_default();
+            tracing::warn!(
+                refused = n,
+                max_connections = self.spec.max_connections,
+                "{} connections refused: every connection slot is busy and as many newcomers \
+                 wait (count since the last such line{raise})",
+                self.spec.name
+            );
+        }
+    }
+
+    /// Serves `stream` in its own task once it has a slot: a free one, or the one of the
+    /// stalest connection, which it closes; refuses it (closes it at once) when even the
+    /// newcomers waiting for a slot fill every slot.
+    fn connection<S: Stream>(self: &Arc<Self>, stream: S) {
+        let waiter = match self.slots.admit() {
+            Admission::Refused => return self.refused(),
+            Admission::Now(slot) => Ok(slot),
+            Admission::AfterEviction(w) => {
+                if let Some(n) = self.evicted.hit() {
+                    tracing::warn!(
+                        evicted = n,
+                        max_connections = self.spec.max_connections,
+                        "{}: every connection slot busy; closed the stalest connections to \
+                         make room (count since the last such line)",
+                        self.spec.name
+                    );
+                }
+                Err(w)
+            }
+        };
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            let slot = match waiter {
+                Ok(slot) => slot,
+                Err(w) => match w.slot(EVICTION_WAIT).await {
+                    Some(slot) => slot,
+                    None => return shared.refused(),
+                },
+            };
+            let conn = Conn(Arc::new(slot));
+            let serving = Arc::clone(&shared.handler).serve(stream, conn.clone());
+            tokio::select! {
+                _ = serving => {}
+                _ = conn.0.evicted() => {}
+            }
+        });
+    }
+}
+
+/// Warns when the open-files limit cannot fit `max_connections`: accepts would then fail
+/// with EMFILE before the connection limit is reached.
+fn check_fd_limit(spec: &Spec) {
+    use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let need = spec.max_connections as u64 + FD_RESERVE;
+    if soft != RLIM_INFINITY && soft < need {
+        let lower = spec
+            .max_key
+            .map(|k| format!(", or lower {k}"))
+            .unwrap_or_default();
+        tracing::warn!(
+            "{}: {} connections need about {need} open files, but the limit (RLIMIT_NOFILE) \
+             is {soft}: set LimitNOFILE={need} or more in the unit (ulimit -n){lower}",
+            spec.name,
+            spec.max_connections
+        );
+    }
+}
+
+/// A running server. Dropping it leaves the server running until the runtime ends;
+/// `shutdown` stops it and removes its socket file if the path still names it.
+pub struct Server {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    listen: Listen,
+}
+
+impl Server {
+    /// Where it listens (for `inet:` with port 0, the port chosen).
+    pub fn listen(&self) -> &Listen {
+        &self.listen
+    }
+
+    /// Stops accepting and removes the unix socket file if the path still names it.
+    /// Connections already open are served until the runtime ends.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `listen` and serves it in the background (on the current tokio runtime). A unix
+/// socket that another server still accepts on is never removed: that is an error.
+pub async fn start<H: Handler>(listen: &Listen, spec: Spec, handler: Arc<H>) -> io::Result<Server> {
+    check_fd_limit(&spec);
+    let label = Label {
+        name: spec.name,
+        max_key: spec.max_key,
+    };
+    let shared = Arc::new(Shared {
+        spec,
+        handler,
+        slots: Slots::new(spec.max_connections),
+        refused: SharedLimit::new(LOG_EVERY),
+        evicted: SharedLimit::new(LOG_EVERY),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let (task, listen) = match listen {
+        Listen::Unix(path) => {
+            let claim = Claim {
+                path,
+                mode: spec.unix_mode,
+                name: spec.name,
+                key: spec.key,
+            };
+            let (listener, file) = socket_file::bind(claim).await?;
+            tracing::info!(socket = %path.display(), "{} listening", spec.name);
+            let task = tokio::spawn(async move {
+                accept::run(listener, label, stopped, |s| shared.connection(s)).await;
+                // Removes the file (if ours) when the loop stops or the runtime ends.
+                drop(file);
+            });
+            (task, Listen::Unix(path.clone()))
+        }
+        Listen::Inet(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            let local = listener.local_addr()?;
+            tracing::info!(address = %local, "{} listening", spec.name);
+            let task = tokio::spawn(async move {
+                accept::run(listener, label, stopped, |s| shared.connection(s)).await;
+            });
+            (task, Listen::Inet(local))
+        }
+    };
+    Ok(Server { stop, task, listen })
+}

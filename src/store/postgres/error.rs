@@ -1,0 +1,56 @@
+//! PostgreSQL failures that keep their cause: callers tell an outage (retry, spill) from
+//! refused data or a configuration mistake by the variant, not by message text.
+
+use std::path::PathBuf;
+
+/// Why talking to the database (or keeping its spill queue) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// The URL file or TLS settings: the administrator fixes the configuration.
+    #[error("{0}")]
+    Config(String),
+    /// A statement or connection failed; `what` names what was being done.
+    #[error("{what}: {}", super::error_text(.source))]
+    Db {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// No answer within the bound (a hung database).
+    #[error("{what}: no answer within {secs}s")]
+    Timeout { what: String, secs: u64 },
+    /// The schema in the database is newer than this program.
+    #[error(
+        "schema version {found} is newer than this dovegate knows ({known}); upgrade dovegate"
+    )]
+    NewerSchema { found: i32, known: i32 },
+    /// The spill queue file.
+    #[error("{}: {what}: {source}", .path.display())]
+    Spill {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The writer's worker thread did not take or answer a request.
+    #[error("the PostgreSQL worker {0}")]
+    Worker(&'static str),
+    /// Not connected now (the worker retries in the background).
+    #[error("database unreachable: {0}")]
+    Unreachable(String),
+}
+
+impl PgError {
+    pub fn db(what: impl Into<String>, source: tokio_postgres::Error) -> PgError {
+        PgError::Db {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// True when the database refused the data (SQLSTATE class 22 data exception, 23
+    /// integrity constraint): retrying the same rows fails the same way, unlike an outage.
+    pub fn is_data_error(&self) -> bool {
+        matches!(self, PgError::Db { source, .. } if super::is_data_error(source))
+    }
+}
