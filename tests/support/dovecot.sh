@@ -181,7 +181,8 @@ trixie_root() {
     # through an overlay (see up24), never changed.
     if [ ! -d "$root" ]; then
         local cached
-        cached=$(ls -d "$cache"/root-trixie-*/usr/sbin/dovecot 2>/dev/null | tail -1)
+        # (|| true: no such root is not an error here; pipefail would end the script.)
+        cached=$(ls -d "$cache"/root-trixie-*/usr/sbin/dovecot 2>/dev/null | tail -1 || true)
         [ -z "$cached" ] || { echo "${cached%/usr/sbin/dovecot}"; return 0; }
     fi
     local mirror
