@@ -484,4 +484,86 @@ mod tests {
             Err(Ignored::Other)
         );
     }
+
+    /// What every event that parses must hold, whatever the input: the values a grant or
+    /// a session hold takes are valid and bounded.
+    fn sound(r: Result<Result<Event, Ignored>, Invalid>) {
+        let proto = |p: &str| {
+            assert!(!p.is_empty() && p.len() <= 32);
+            assert!(p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        };
+        match r {
+            Ok(Ok(Event::Authenticated { conn, session, .. })) => {
+                proto(&conn.protocol);
+                assert!(crate::session::valid_id(&session));
+            }
+            Ok(Ok(Event::Login { conn, user })) => {
+                proto(&conn.protocol);
+                assert!(user.len() <= MAX_TEXT);
+            }
+            Ok(Ok(Event::Proxied { protocol, user, .. })) => {
+                proto(&protocol);
+                assert!(user.len() <= MAX_TEXT);
+            }
+            Ok(Ok(Event::End {
+                protocol, session, ..
+            })) => {
+                proto(&protocol);
+                assert!(crate::session::valid_id(&session));
+            }
+            Ok(Err(_)) | Err(_) => {}
+        }
+    }
+
+    use proptest::prelude::*;
+
+    /// A genuine event with a few bytes replaced, cut short or repeated: what a broken or
+    /// hostile peer could send.
+    fn mangled() -> impl Strategy<Value = Vec<u8>> {
+        let genuine = prop::sample::select(vec![
+            AUTH_23,
+            LOGIN_23,
+            END_23,
+            END_POP3_23,
+            FAILED_23,
+            PROXY_23,
+            PROXIED_23,
+            AUTH_24,
+            LOGIN_24,
+            END_24,
+        ]);
+        let edits = prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6);
+        (genuine, edits, any::<prop::sample::Index>(), 0usize..3).prop_map(
+            |(text, edits, cut, mode)| {
+                let mut b = text.as_bytes().to_vec();
+                for (at, byte) in edits {
+                    let i = at.index(b.len());
+                    b[i] = byte;
+                }
+                match mode {
+                    0 => b.truncate(cut.index(b.len() + 1)),
+                    1 => {
+                        let tail = b[cut.index(b.len())..].to_vec();
+                        b.extend_from_slice(&tail);
+                    }
+                    _ => {}
+                }
+                b
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+        // Stands in for a cargo-fuzz target (the project has no fuzz/ set-up).
+        #[test]
+        fn any_bytes_parse_soundly(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            sound(parse(&body));
+        }
+
+        #[test]
+        fn mangled_events_parse_soundly(body in mangled()) {
+            sound(parse(&body));
+        }
+    }
 }
