@@ -5,11 +5,14 @@
 //! as `imap(user)<PID><ID>: Disconnected: ...` (imap-hibernate: its own pid, the same ID).
 //! Not seeing an end proves nothing (older releases, custom prefixes, a lost line, a killed
 //! process), so a session holds its grant past ttl only with evidence that it is open,
-//! re-checked every `recheck` (see `evidence`): its imap process, `doveadm who`, or a
-//! source that ties end lines to their sessions. Without evidence the grant lasts ttl from
-//! the login or from the last check that found evidence, and never past `hold` after the
-//! login. In 2.4 the end line can be written before its login line: such ends are
-//! remembered briefly and close the session at once.
+//! re-checked every `recheck` (see `evidence`): its imap process, `doveadm who`, a source
+//! that ties end lines to their sessions, or, for a session Dovecot's events reported
+//! (`exact`), those events having delivered exact ends of their sessions. Without evidence
+//! the grant lasts ttl from the login or from the last check that found evidence, and never
+//! past `hold` after the login. In 2.4 the end line can be written before its login line
+//! (and an exported end before its login event): such ends are remembered briefly and
+//! close the session at once. A session that a log line and the events both report is
+//! one session, with what either knows.
 //!
 //! This is where the relay window of a session is decided; the engine asks, with time as
 //! an argument, and writes the renewals to the map like any login, so the map stays the
