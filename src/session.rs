@@ -378,21 +378,30 @@ impl Sessions {
         }
         if let Some(open) = self.open.get(&start.id) {
             if open.source != start.source {
-                // The same session reported by a second source (its log line and
-                // Dovecot's events, whichever came first): one session, knowing what either
-                // says (the log's pid for the process check, the events' exact end).
-                let Some(mut s) = self.remove(&start.id) else {
-                    return false;
-                };
-                if start.trusted {
-                    s.pid = s.pid.or(start.pid);
-                    s.user = s
-                        .user
-                        .or(start.user.clone().filter(|u| u.len() <= MAX_USER));
+                if open.ip.to_canonical() == ip.to_canonical() {
+                    // The same session reported by a second source (its log line and
+                    // Dovecot's events, whichever came first): one session, knowing what
+                    // either says (the log's pid for the process check, the events' exact
+                    // end).
+                    let Some(mut s) = self.remove(&start.id) else {
+                        return false;
+                    };
+                    if start.trusted {
+                        s.pid = s.pid.or(start.pid);
+                        s.user = s
+                            .user
+                            .or(start.user.clone().filter(|u| u.len() <= MAX_USER));
+                    }
+                    s.exact |= start.exact;
+                    self.insert(s);
+                    return true;
                 }
-                s.exact |= start.exact;
-                self.insert(s);
-                return true;
+                // Another client under the same id (session ids can be predicted): a
+                // forgeable line never takes a trusted session over; otherwise the later
+                // report replaces it, as a line read again does.
+                if open.trusted && !start.trusted {
+                    return true;
+                }
             }
         }
         if self.open.len() >= MAX_OPEN && !self.open.contains_key(&start.id) {
@@ -869,13 +878,24 @@ mod tests {
             assert!(s.closed_r(&exact_end("x", t + 1), t + 1).is_some());
             assert!(s.is_empty());
         }
-        // A forged (syslog) line gives an events session no pid.
+        // A forged (syslog) line gives an events session no pid, and cannot move it to
+        // another address.
         let mut s = Sessions::new(300, 12 * 3600);
         s.opened(ip(), 1000, &pushed_start("y"), 1000);
         let mut forged = start("y", 666);
         forged.trusted = false;
         s.opened(ip(), 1000, &forged, 1000);
-        assert_eq!(s.snapshot()[0].pid, None);
+        let other: IpAddr = "203.0.113.66".parse().unwrap();
+        s.opened(other, 1000, &forged, 1000);
+        let o = &s.snapshot()[0];
+        assert_eq!((o.pid, o.ip, o.exact), (None, ip(), true));
+        // The other way round: the events' session replaces a forged one for another
+        // address (which keeps nothing of the events' evidence).
+        let mut s = Sessions::new(300, 12 * 3600);
+        s.opened(other, 1000, &forged, 1000);
+        s.opened(ip(), 1000, &pushed_start("y"), 1000);
+        let o = &s.snapshot()[0];
+        assert_eq!((o.pid, o.ip, o.exact), (None, ip(), true));
     }
 
     /// An exact end that arrives before its login (the exporter is faster than a log)
