@@ -10,48 +10,13 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
+use common::dovecot::*;
 use common::*;
-
-fn support(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/support")
-        .join(name)
-}
-
-fn harness(args: &[&str], env: &[(&str, &str)]) {
-    let out = Command::new(support("dovecot.sh"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("dovecot.sh");
-    assert!(
-        out.status.success(),
-        "dovecot.sh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct DovecotDown(String);
-impl Drop for DovecotDown {
-    fn drop(&mut self) {
-        let _ = Command::new(support("dovecot.sh"))
-            .args(["down", &self.0])
-            .output();
-    }
-}
-
-/// Sends SIGCONT to a stopped daemon whatever happens.
-struct Cont(u32);
-impl Drop for Cont {
-    fn drop(&mut self) {
-        signal(self.0, libc::SIGCONT);
-    }
-}
 
 /// The code block that follows the first README line containing `title`.
 fn readme_block(title: &str) -> String {
@@ -145,8 +110,8 @@ impl Rig {
     /// Dovecot 2.3 with the README's exporter on `base`. With proxied and nologin users
     /// (carol, dave): the harness adds them with an auth policy URL, here a closed port
     /// (reports only, which fail without effect).
-    fn dovecot(&self, base: u16) -> DovecotDown {
-        let down = DovecotDown(self.dv.clone());
+    fn dovecot(&self, base: u16) -> Down {
+        let down = Down::dovecot(&self.dv);
         harness(
             &["up", &self.dv, "file", &base.to_string()],
             &[
@@ -161,86 +126,6 @@ impl Rig {
     fn dovecot_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("dv/dovecot.log")).unwrap_or_default()
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// tests/support/logins.py: (granted, refused) addresses; every scenario as expected.
-fn run_logins(port_base: u16) -> (BTreeSet<String>, Vec<String>) {
-    let out = Command::new("python3")
-        .arg(support("logins.py"))
-        .arg(port_base.to_string())
-        .output()
-        .expect("python3 logins.py");
-    assert!(
-        out.status.success(),
-        "logins.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("logins.py JSON");
-    let list = |k: &str| -> Vec<String> {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap().to_string())
-            .collect()
-    };
-    (list("granted").into_iter().collect(), list("refused"))
-}
-
-/// `n` successful forwarded IMAP logins for `addr`; their durations (seconds).
-fn timed_logins(port_base: u16, n: usize, addr: &str) -> Vec<f64> {
-    let out = Command::new("python3")
-        .arg(support("logins.py"))
-        .args([&port_base.to_string(), "time", &n.to_string(), addr])
-        .output()
-        .expect("python3 logins.py");
-    assert!(
-        out.status.success(),
-        "logins must succeed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("logins.py JSON");
-    v["secs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-/// One forwarded IMAP LOGIN (from the trusted 127.0.0.9, for `addr`); Dovecot's answer.
-fn imap_login(port: u16, addr: &str, user: &str, password: &str) -> String {
-    let script = r#"
-import socket, sys
-port, addr, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-s = socket.socket(); s.settimeout(20); s.bind(("127.0.0.9", 0)); s.connect(("127.0.0.1", port))
-f = s.makefile("rb")
-def until(tag):
-    while True:
-        line = f.readline().decode()
-        if not line or line.startswith(tag + " "):
-            return line.strip()
-f.readline()
-s.sendall(('a ID ("x-originating-ip" "%s")\r\n' % addr).encode()); until("a")
-s.sendall(('b LOGIN "%s" "%s"\r\n' % (user, password)).encode()); print(until("b"))
-"#;
-    let out = Command::new("python3")
-        .args(["-c", script, &port.to_string(), addr, user, password])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// One HTTP/1.1 POST on a fresh connection; the status code.
@@ -268,10 +153,6 @@ fn login_event(ip: &str) -> String {
     )
 }
 
-fn map_keys(map: &Path) -> BTreeSet<String> {
-    postmap_s(map).into_iter().map(|(k, _)| k).collect()
-}
-
 #[test]
 fn dovecot_23_events_grant_logins_and_nothing_else() {
     let rig = Rig::new();
@@ -291,7 +172,10 @@ fn dovecot_23_events_grant_logins_and_nothing_else() {
     )
     .unwrap();
     drop(users);
-    let (mut granted, refused) = run_logins(base);
+    let Expected {
+        mut granted,
+        refused,
+    } = run_logins(base);
     assert_eq!(granted.len(), 5, "{granted:?}");
     // Authenticated, but not logged in here: proxied elsewhere (a closed port), nologin.
     let carol = imap_login(base, "203.0.113.200", "carol", "any");
@@ -336,57 +220,6 @@ fn dovecot_23_events_grant_logins_and_nothing_else() {
         daemon.log()
     );
     assert!(daemon.log().contains("without the secret path"));
-}
-
-/// tests/support/idle.py: logged in and in IDLE until `logout`.
-struct Idle {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl Idle {
-    fn start(port: u16, addr: &str) -> Idle {
-        let mut child = Command::new("python3")
-            .arg(support("idle.py"))
-            .args([&port.to_string(), addr])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("idle.py");
-        let stdin = child.stdin.take();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "idling", "idle.py did not reach IDLE");
-        Idle { child, stdin }
-    }
-
-    fn logout(mut self) {
-        let mut stdin = self.stdin.take().unwrap();
-        writeln!(stdin, "logout").unwrap();
-        drop(stdin);
-        assert!(self.child.wait().unwrap().success(), "idle.py logout");
-    }
-}
-
-impl Drop for Idle {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The expiry Postfix sees for `ip` (unix seconds), if it has a grant.
-fn expiry(map: &Path, ip: &str) -> Option<i64> {
-    let v = postmap_q(map, ip)?;
-    let at = v
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("expires="))?;
-    dovegate::timefmt::parse_rfc3339(at)
-}
-
-fn now() -> i64 {
-    dovegate::timefmt::now()
 }
 
 /// Events only: the session opened by the login event stays held while the client idles
@@ -440,11 +273,6 @@ fn idle_keeps_the_grant_and_logout_ends_it_ttl_later() {
     assert_eq!(daemon.stop(), Some(0));
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 /// Dovecot's stats process exports on its own: logins take as long with dovegate
 /// running, stopped or stalled (SIGSTOP), never the exporter's timeout more.
 #[test]
@@ -478,17 +306,6 @@ fn a_stopped_or_stalled_dovegate_never_delays_a_login() {
             "{what}: {v:?} against {running:?}"
         );
     }
-}
-
-/// The metrics text from `[serve] metrics`.
-fn metrics(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
 
 #[test]
@@ -596,38 +413,12 @@ fn trixie_root() -> Option<String> {
     roots.pop().map(|p| p.display().to_string())
 }
 
-/// Stops the chrooted Dovecot 2.4 whatever happens.
-struct Dovecot24Down(String);
-impl Drop for Dovecot24Down {
-    fn drop(&mut self) {
-        let _ = Command::new(support("dovecot.sh"))
-            .args(["down24", &self.0])
-            .output();
-    }
-}
-
 /// Dovecot 2.4.1 with the README's unix driver snippet: logins grant; a peer of another
 /// uid on the socket is refused and grants nothing.
 #[test]
 fn dovecot_24_unix_driver_grants_and_refuses_other_uids() {
     let rig = Rig::new();
-    let out = Command::new(support("dovecot.sh"))
-        .args(["trixie-root", &rig.dv])
-        .output()
-        .expect("dovecot.sh trixie-root");
-    assert!(
-        out.status.success(),
-        "a Debian 13 root: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let root = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let passwd = std::fs::read_to_string(format!("{root}/etc/passwd")).unwrap();
-    let dovecot_uid: u32 = passwd
-        .lines()
-        .find_map(|l| l.strip_prefix("dovecot:x:"))
-        .and_then(|r| r.split(':').next())
-        .and_then(|u| u.parse().ok())
-        .expect("a dovecot user in the root");
+    let (root, dovecot_uid) = debian13_root(&rig.dv);
     // The socket in the rig, which the chroot sees as /rig.
     let socket = rig.dir.join("dv/events");
     let mut daemon = rig.daemon_with(
@@ -638,14 +429,17 @@ fn dovecot_24_unix_driver_grants_and_refuses_other_uids() {
         "",
         &[],
     );
-    let _down = Dovecot24Down(rig.dv.clone());
+    let _down = Down::dovecot24(&rig.dv);
     let exporter = readme_block(SNIPPET_24).replace("/run/dovegate/events", "/rig/events");
     let base = dovecot_ports(28143);
     harness(
         &["up24", &rig.dv, &root, &base.to_string()],
         &[("DG_EXTRA_CONF", &exporter)],
     );
-    let (mut granted, refused) = run_logins(base);
+    let Expected {
+        mut granted,
+        refused,
+    } = run_logins(base);
     assert_eq!(granted.len(), 5, "{granted:?}");
     // Another user writes a login event to the socket.
     let script = r#"

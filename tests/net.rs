@@ -141,11 +141,6 @@ fn a_second_daemon_never_takes_the_push_sockets() {
     assert!(!sock.exists() && !policy.exists(), "{}", first.log());
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// `GET /metrics` over HTTP/1.0; the whole response ("" when refused or closed).
 fn scrape(port: u16) -> String {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
