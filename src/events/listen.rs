@@ -229,3 +229,120 @@ async fn read_lines(mut stream: impl AsyncRead + Unpin, intake: &Intake, conn: &
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::super::tests::{intake, LOGIN};
+    use super::super::Item;
+    use super::*;
+
+    fn settings(secret: &str, uids: Vec<u32>) -> EventsSettings {
+        EventsSettings {
+            listen: None,
+            secret: Some(secret.as_bytes().to_vec()),
+            uids,
+        }
+    }
+
+    /// One HTTP/1.1 POST to `path` on a fresh connection; the status line.
+    fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.lines().next().unwrap_or("").to_string()
+    }
+
+    /// A post to the secret path is an event; any other path is refused and queues
+    /// nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http_posts_need_the_secret_path() {
+        let (i, mut rx) = intake(8);
+        let listen = Listen::Inet("127.0.0.1:0".parse().unwrap());
+        let server = bind(&listen, &settings("s3cret-0123456789", vec![]), Arc::new(i))
+            .await
+            .unwrap();
+        let Listen::Inet(addr) = server.listen().clone() else {
+            panic!("inet")
+        };
+        let (bad, good) = tokio::task::spawn_blocking(move || {
+            (
+                post(addr, "/wrong-0123456789", LOGIN),
+                post(addr, "/s3cret-0123456789", LOGIN),
+            )
+        })
+        .await
+        .unwrap();
+        assert!(bad.contains(" 404 "), "{bad}");
+        assert!(good.contains(" 200 "), "{good}");
+        assert!(matches!(rx.recv().await, Some(Item::Login(_))));
+        assert!(rx.try_recv().is_err(), "the refused post queued nothing");
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn no_secret_no_http_listener() {
+        let (i, _rx) = intake(8);
+        let listen = Listen::Inet("127.0.0.1:0".parse().unwrap());
+        let e = bind(&listen, &settings("", vec![]), Arc::new(i))
+            .await
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("events.secret_file"), "{e}");
+    }
+
+    /// Lines from an allowed uid are events, each answered as it ends; a peer of another
+    /// uid is closed at once and queues nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unix_lines_from_allowed_uids_only() {
+        // SAFETY: geteuid takes no pointers and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events");
+        for (uids, queued) in [(vec![me], true), (vec![me.wrapping_add(1)], false)] {
+            let (i, mut rx) = intake(8);
+            let listen = Listen::Unix(path.clone());
+            let server = bind(&listen, &settings("", uids), Arc::new(i))
+                .await
+                .unwrap();
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut s = std::os::unix::net::UnixStream::connect(p).unwrap();
+                // Two events, the second in two writes.
+                let (a, b) = LOGIN.split_at(40);
+                let _ = write!(s, "{LOGIN}\n{a}");
+                let _ = s.flush();
+                let _ = writeln!(s, "{b}");
+                if !queued {
+                    // Closed at once, before anything was read.
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    let closed = match s.read(&mut [0u8; 1]) {
+                        Ok(n) => n == 0,
+                        // Closed with our lines unread: a reset.
+                        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+                    };
+                    assert!(closed, "a refused peer is closed at once");
+                }
+            })
+            .await
+            .unwrap();
+            if queued {
+                for _ in 0..2 {
+                    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+                    assert!(matches!(got, Ok(Some(Item::Login(_)))));
+                }
+            }
+            server.shutdown().await;
+            assert!(!path.exists(), "the socket is removed at stop");
+            assert!(rx.try_recv().is_err());
+        }
+    }
+}

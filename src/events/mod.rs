@@ -144,7 +144,7 @@ struct Pairs {
 }
 
 /// One queued event for the engine.
-enum Item {
+pub(crate) enum Item {
     Login(SeenLogin),
     End(SessionEnd),
 }
@@ -163,6 +163,19 @@ pub(crate) struct Intake {
 }
 
 impl Intake {
+    fn new(queue: mpsc::Sender<Item>, stats: Arc<SourceStats>) -> Intake {
+        Intake {
+            queue,
+            pending: Mutex::default(),
+            stats,
+            dropped: AtomicU64::new(0),
+            warn_dropped: SharedLimit::default(),
+            warn_refused: SharedLimit::default(),
+            warn_invalid: SharedLimit::default(),
+            warn_unpaired: SharedLimit::default(),
+        }
+    }
+
     /// One event as Dovecot exported it. Never blocks.
     pub(crate) fn event(&self, body: &[u8]) {
         let item = match parse::parse(body) {
@@ -349,16 +362,7 @@ pub fn spawn(
     };
     let mut setup = Setup::new().map_err(|e| format!("events: cannot start runtime: {e}"))?;
     let (queue, rx) = mpsc::channel(QUEUE);
-    let intake = Arc::new(Intake {
-        queue,
-        pending: Mutex::default(),
-        stats: stats.for_source(ORIGIN),
-        dropped: AtomicU64::new(0),
-        warn_dropped: SharedLimit::default(),
-        warn_refused: SharedLimit::default(),
-        warn_invalid: SharedLimit::default(),
-        warn_unpaired: SharedLimit::default(),
-    });
+    let intake = Arc::new(Intake::new(queue, stats.for_source(ORIGIN)));
     setup
         .bind(listen::bind(listen, settings, intake))
         .map_err(|e| format!("events.listen: cannot listen on {listen}: {e}"))?;
@@ -369,7 +373,7 @@ pub fn spawn(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn section(listen: &str) -> EventsSection {
@@ -433,23 +437,13 @@ mod tests {
         assert!(!format!("{s:?}").contains("0123456789abcdef"));
     }
 
-    fn intake(cap: usize) -> (Intake, mpsc::Receiver<Item>) {
+    pub(super) fn intake(cap: usize) -> (Intake, mpsc::Receiver<Item>) {
         let (queue, rx) = mpsc::channel(cap);
-        let intake = Intake {
-            queue,
-            pending: Mutex::default(),
-            stats: Arc::default(),
-            dropped: AtomicU64::new(0),
-            warn_dropped: SharedLimit::default(),
-            warn_refused: SharedLimit::default(),
-            warn_invalid: SharedLimit::default(),
-            warn_unpaired: SharedLimit::default(),
-        };
-        (intake, rx)
+        (Intake::new(queue, Arc::default()), rx)
     }
 
     const AUTH: &str = r#"{"event":"auth_request_finished","categories":["service:auth","auth"],"fields":{"success":"yes","service":"imap","session":"WDkhNwViz5zLAHEt","local_ip":"127.0.0.1","remote_ip":"203.0.113.45","real_remote_ip":"127.0.0.9","local_port":143,"remote_port":40143}}"#;
-    const LOGIN: &str = r#"{"event":"auth_master_client_login_finished","categories":["auth-client","service:imap"],"fields":{"user":"alice","local_ip":"127.0.0.1","local_port":143,"remote_ip":"203.0.113.45","remote_port":40143}}"#;
+    pub(super) const LOGIN: &str = r#"{"event":"auth_master_client_login_finished","categories":["auth-client","service:imap"],"fields":{"user":"alice","local_ip":"127.0.0.1","local_port":143,"remote_ip":"203.0.113.45","remote_port":40143}}"#;
     const END: &str = r#"{"event":"mail_user_session_finished","categories":["imap","storage","service:imap"],"fields":{"session":"WDkhNwViz5zLAHEt"}}"#;
 
     #[test]
