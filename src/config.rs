@@ -56,6 +56,7 @@ pub struct FileConfig {
     pub store: StoreSection,
     pub push: crate::push::PushSection,
     pub policy: crate::policy::PolicySection,
+    pub events: crate::events::EventsSection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -247,6 +248,7 @@ pub struct Settings {
     pub push: crate::push::PushSettings,
     /// The Postfix policy server (None: off).
     pub policy: Option<crate::policy::PolicySettings>,
+    pub events: crate::events::EventsSettings,
 }
 
 /// A configuration problem, always naming the key (or file) at fault.
@@ -598,6 +600,7 @@ impl FileConfig {
             store: self.store.validate()?,
             push: crate::push::PushSettings::from_section(&self.push)?,
             policy: crate::policy::PolicySettings::from_section(&self.policy)?,
+            events: crate::events::EventsSettings::from_section(&self.events)?,
         })
     }
 }

@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod events;
 pub mod fleet;
 pub mod frame;
 pub mod fsread;

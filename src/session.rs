@@ -5,11 +5,14 @@
 //! as `imap(user)<PID><ID>: Disconnected: ...` (imap-hibernate: its own pid, the same ID).
 //! Not seeing an end proves nothing (older releases, custom prefixes, a lost line, a killed
 //! process), so a session holds its grant past ttl only with evidence that it is open,
-//! re-checked every `recheck` (see `evidence`): its imap process, `doveadm who`, or a
-//! source that ties end lines to their sessions. Without evidence the grant lasts ttl from
-//! the login or from the last check that found evidence, and never past `hold` after the
-//! login. In 2.4 the end line can be written before its login line: such ends are
-//! remembered briefly and close the session at once.
+//! re-checked every `recheck` (see `evidence`): its imap process, `doveadm who`, a source
+//! that ties end lines to their sessions, or, for a session Dovecot's events reported
+//! (`exact`), those events having delivered exact ends of their sessions. Without evidence
+//! the grant lasts ttl from the login or from the last check that found evidence, and never
+//! past `hold` after the login. In 2.4 the end line can be written before its login line
+//! (and an exported end before its login event): such ends are remembered briefly and
+//! close the session at once. A session that a log line and the events both report is
+//! one session, with what either knows.
 //!
 //! This is where the relay window of a session is decided; the engine asks, with time as
 //! an argument, and writes the renewals to the map like any login, so the map stays the
@@ -78,6 +81,9 @@ pub struct OpenSession {
     /// When it was last checked for evidence.
     #[serde(default)]
     pub checked: i64,
+    /// A source that reports exact ends (Dovecot's events) reported its start.
+    #[serde(default)]
+    pub exact: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +91,8 @@ struct EarlyEnd {
     pid: Option<u32>,
     time: i64,
     hibernate: bool,
+    /// An exact end (Dovecot's events), from an authenticated channel.
+    exact: bool,
 }
 
 /// What a session event asks of the grant.
@@ -141,6 +149,9 @@ pub struct Sessions {
     early: HashMap<String, EarlyEnd>,
     /// When each source last tied an end line to an open session of its own.
     tied: HashMap<String, i64>,
+    /// When each source of exact ends (Dovecot's events) last closed a session whose start
+    /// such a source reported: the exporter delivers ends, so a missing one means open.
+    tied_exact: HashMap<String, i64>,
     /// Open sessions by `Evidence` (index in `Evidence::ALL`), kept as they change: the
     /// counts are read after every batch.
     counts: [u64; 5],
@@ -162,6 +173,7 @@ impl Sessions {
             by_user: HashMap::new(),
             early: HashMap::new(),
             tied: HashMap::new(),
+            tied_exact: HashMap::new(),
             counts: [0; 5],
             next_forget: 0,
             ttl: ttl.max(1),
@@ -175,6 +187,13 @@ impl Sessions {
         self.ttl = ttl.max(1);
         self.hold = hold.max(0);
         self.reindex();
+    }
+
+    /// Forgets what sources no longer configured have shown (a reload): their ties are
+    /// evidence for nobody now.
+    pub fn keep_sources(&mut self, sources: &[String]) {
+        self.tied.retain(|s, _| sources.contains(s));
+        self.tied_exact.retain(|s, _| sources.contains(s));
     }
 
     /// How often evidence is checked again (grant.session_recheck).
@@ -279,7 +298,39 @@ impl Sessions {
         if let Some(e) = self.early.get(&start.id).copied() {
             if e.hibernate || start.pid.is_none() || e.pid.is_none() || start.pid == e.pid {
                 self.early.remove(&start.id);
+                // The exporter can deliver an end before its login (parallel posts).
+                if e.exact && start.exact {
+                    self.tied_exact.insert(start.source.clone(), now);
+                }
                 return false;
+            }
+        }
+        if let Some(open) = self.open.get(&start.id) {
+            if open.source != start.source {
+                if open.ip.to_canonical() == ip.to_canonical() {
+                    // The same session reported by a second source (its log line and
+                    // Dovecot's events, whichever came first): one session, knowing what
+                    // either says (the log's pid for the process check, the events' exact
+                    // end).
+                    let Some(mut s) = self.remove(&start.id) else {
+                        return false;
+                    };
+                    if start.trusted {
+                        s.pid = s.pid.or(start.pid);
+                        s.user = s
+                            .user
+                            .or(start.user.clone().filter(|u| u.len() <= MAX_USER));
+                    }
+                    s.exact |= start.exact;
+                    self.insert(s);
+                    return true;
+                }
+                // Another client under the same id (session ids can be predicted): a
+                // forgeable line never takes a trusted session over; otherwise the later
+                // report replaces it, as a line read again does.
+                if open.trusted && !start.trusted {
+                    return true;
+                }
             }
         }
         if self.open.len() >= MAX_OPEN && !self.open.contains_key(&start.id) {
@@ -302,6 +353,7 @@ impl Sessions {
             trusted: start.trusted,
             evidence: Evidence::None,
             checked: login,
+            exact: start.exact,
         });
         true
     }
@@ -323,7 +375,11 @@ impl Sessions {
             // The mail process logs its own end; imap-hibernate has another pid.
             Some(s) if hibernate || s.pid.is_none() || end.pid.is_none() || s.pid == end.pid => {
                 let s = self.remove(&id)?;
-                if s.source == end.source && s.trusted && end.trusted {
+                if end.exact {
+                    if s.exact && end.trusted {
+                        self.tied_exact.insert(end.source.clone(), now);
+                    }
+                } else if s.source == end.source && s.trusted && end.trusted {
                     self.tied.insert(s.source.clone(), now);
                 }
                 // ttl after the end, but never past login + hold.
@@ -342,6 +398,7 @@ impl Sessions {
                             pid: end.pid,
                             time,
                             hibernate,
+                            exact: end.exact && end.trusted,
                         },
                     );
                 }
@@ -388,10 +445,11 @@ impl Sessions {
                 return found;
             }
         }
-        let ties = self
-            .tied
-            .get(&s.source)
-            .is_some_and(|&t| t > now.saturating_sub(self.hold));
+        let recent = |t: i64| t > now.saturating_sub(self.hold);
+        if s.exact && self.tied_exact.values().any(|&t| recent(t)) {
+            return Evidence::Pushed;
+        }
+        let ties = self.tied.get(&s.source).is_some_and(|&t| recent(t));
         if s.trusted && ties {
             Evidence::EndLines
         } else {
@@ -524,6 +582,7 @@ mod tests {
             user: Some("alice".into()),
             source: "log".into(),
             trusted: true,
+            exact: false,
         }
     }
 
@@ -536,6 +595,7 @@ mod tests {
             time: Some(t),
             source: "log".into(),
             trusted: true,
+            exact: false,
         }
     }
 
@@ -662,6 +722,128 @@ mod tests {
         assert!(!renewed.is_empty());
     }
 
+    /// What `[events]` reports: a start with no pid, an exact end with no pid.
+    fn pushed_start(id: &str) -> SessionStart {
+        SessionStart {
+            pid: None,
+            source: "events".into(),
+            exact: true,
+            ..start(id, 0)
+        }
+    }
+
+    fn exact_end(id: &str, t: i64) -> SessionEnd {
+        SessionEnd {
+            pid: None,
+            source: "events".into(),
+            exact: true,
+            ..end("imap", id, 0, t)
+        }
+    }
+
+    /// A session the events opened holds (evidence `pushed`) once the events have shown
+    /// an exact end of one of their sessions, and ends when its own exact end arrives;
+    /// grants ttl after it.
+    #[test]
+    fn pushed_sessions_hold_until_their_exact_end() {
+        let mut s = Sessions::new(300, 12 * 3600);
+        let mut host = evidence::NoProbe;
+        s.opened(ip(), 1000, &pushed_start("a"), 1000);
+        assert!(s.closed_r(&exact_end("a", 1001), 1001).is_some());
+        s.opened(ip(), 1000, &pushed_start("idle"), 1000);
+        let mut t = 1000;
+        while t < 5000 {
+            t = s.next_due().unwrap();
+            s.renewals(t, &mut host);
+        }
+        assert_eq!(s.by_evidence()["pushed"], 1);
+        assert_eq!(
+            s.closed_r(&exact_end("idle", t), t),
+            Some(Renewal { ip: ip(), time: t }),
+            "its end grants ttl from then"
+        );
+        assert!(s.is_empty() && s.next_due().is_none());
+    }
+
+    /// Without an exact end ever tied (the exporter's end metric missing, the events lost),
+    /// an events session has no evidence: its grant runs out ttl after the login.
+    #[test]
+    fn pushed_sessions_without_ends_seen_hold_nothing() {
+        let mut s = Sessions::new(300, 12 * 3600);
+        let mut host = evidence::NoProbe;
+        s.opened(ip(), 1000, &pushed_start("idle"), 1000);
+        // A log source's tied end proves nothing about the events' sessions.
+        s.opened(ip(), 1000, &start("logged", 7), 1000);
+        assert!(s.closed_r(&end("imap", "logged", 7, 1001), 1001).is_some());
+        let mut renewed = Vec::new();
+        while let Some(t) = s.next_due() {
+            renewed.extend(s.renewals(t, &mut host));
+        }
+        assert!(renewed.is_empty());
+        assert_eq!(s.released().no_evidence, 1);
+    }
+
+    /// The same session from its log line and from the events is one session: the log's
+    /// pid is checked, the events' exact end closes it, whichever arrived first.
+    #[test]
+    fn a_session_from_both_sources_is_one() {
+        for events_first in [true, false] {
+            let mut s = Sessions::new(300, 12 * 3600);
+            let (a, b) = (start("x", 42), pushed_start("x"));
+            let (first, second) = if events_first { (&b, &a) } else { (&a, &b) };
+            assert!(s.opened(ip(), 1000, first, 1000));
+            assert!(s.opened(ip(), 1000, second, 1000));
+            assert_eq!(s.len(), 1);
+            let o = &s.snapshot()[0];
+            assert_eq!(
+                (o.pid, o.exact),
+                (Some(42), true),
+                "events first: {events_first}"
+            );
+            let mut host = Alive(vec![42]);
+            let t = s.next_due().unwrap();
+            assert_eq!(s.renewals(t, &mut host).len(), 1, "its process is evidence");
+            assert_eq!(s.by_evidence()["process"], 1);
+            assert!(s.closed_r(&exact_end("x", t + 1), t + 1).is_some());
+            assert!(s.is_empty());
+        }
+        // A forged (syslog) line gives an events session no pid, and cannot move it to
+        // another address.
+        let mut s = Sessions::new(300, 12 * 3600);
+        s.opened(ip(), 1000, &pushed_start("y"), 1000);
+        let mut forged = start("y", 666);
+        forged.trusted = false;
+        s.opened(ip(), 1000, &forged, 1000);
+        let other: IpAddr = "203.0.113.66".parse().unwrap();
+        s.opened(other, 1000, &forged, 1000);
+        let o = &s.snapshot()[0];
+        assert_eq!((o.pid, o.ip, o.exact), (None, ip(), true));
+        // The other way round: the events' session replaces a forged one for another
+        // address (which keeps nothing of the events' evidence).
+        let mut s = Sessions::new(300, 12 * 3600);
+        s.opened(other, 1000, &forged, 1000);
+        s.opened(ip(), 1000, &pushed_start("y"), 1000);
+        let o = &s.snapshot()[0];
+        assert_eq!((o.pid, o.ip, o.exact), (None, ip(), true));
+    }
+
+    /// An exact end that arrives before its login (the exporter is faster than a log)
+    /// closes the session at once.
+    #[test]
+    fn an_early_exact_end_closes_the_session_at_once() {
+        let mut s = Sessions::new(300, 12 * 3600);
+        assert!(s.closed_r(&exact_end("e", 1000), 1000).is_none());
+        assert!(!s.opened(ip(), 1000, &start("e", 9), 1000));
+        assert!(s.is_empty());
+        // Before the events' own login: it counts as an end the events delivered.
+        assert!(s.closed_r(&exact_end("f", 1000), 1000).is_none());
+        assert!(!s.opened(ip(), 1000, &pushed_start("f"), 1000));
+        s.opened(ip(), 1000, &pushed_start("g"), 1000);
+        let t = s.next_due().unwrap();
+        s.renewals(t, &mut evidence::NoProbe);
+        assert_eq!(s.by_evidence()["pushed"], 1);
+    }
+
     #[test]
     fn hold_caps_a_session_with_evidence() {
         let mut s = Sessions::new(300, 3600);
@@ -725,6 +907,7 @@ mod tests {
             trusted: true,
             evidence: Evidence::None,
             checked: 1000 + 1620,
+            exact: false,
         };
         s.restore(vec![saved.clone()], 1000, &["log".into()]);
         let mut last = 0;

@@ -10,31 +10,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::dovecot::*;
 use common::*;
-
-fn support(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/support")
-        .join(name)
-}
-
-fn harness(args: &[&str]) -> String {
-    harness_env(args, &[])
-}
-
-fn harness_env(args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = Command::new(support("dovecot.sh"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("dovecot.sh");
-    assert!(
-        out.status.success(),
-        "dovecot.sh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 /// Stops what the test started, whatever happens.
 struct Cleanup(Vec<Vec<String>>);
@@ -46,38 +23,6 @@ impl Drop for Cleanup {
     }
 }
 
-struct Expected {
-    granted: BTreeSet<String>,
-    refused: Vec<String>,
-}
-
-fn run_logins(port_base: u16) -> Expected {
-    let out = Command::new("python3")
-        .arg(support("logins.py"))
-        .arg(port_base.to_string())
-        .output()
-        .expect("python3 logins.py");
-    assert!(
-        out.status.success(),
-        "logins.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("logins.py JSON");
-    let list = |k: &str| -> Vec<String> {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap().to_string())
-            .collect()
-    };
-    Expected {
-        granted: list("granted").into_iter().collect(),
-        refused: list("refused"),
-    }
-}
-
-/// Waits until Dovecot has logged every failed and aborted attempt (auth failures are
-/// logged with a delay, when the client disconnects).
 fn wait_for_all_lines(log: &Path) {
     wait_for("Dovecot logged the failures", PATIENCE, || {
         let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -85,11 +30,6 @@ fn wait_for_all_lines(log: &Path) {
     });
 }
 
-fn map_keys(map: &Path) -> BTreeSet<String> {
-    postmap_s(map).into_iter().map(|(k, _)| k).collect()
-}
-
-/// The grants `dovegate test --json` reports for a log: matched, valid, not excluded.
 fn test_cmd_grants(log: &Path) -> (BTreeSet<String>, usize) {
     let out = dovegate(&["test", "--json", &log.display().to_string()]);
     assert!(
@@ -164,7 +104,10 @@ fn dovecot_log_path_file() {
     // dovegate starts first: the log does not exist yet.
     let mut daemon = Daemon::follow(d.path(), &log, &[]);
     let _cleanup = Cleanup(vec![vec!["down".into(), dvs.clone()]]);
-    harness(&["up", &dvs, "file", &dovecot_ports(11143).to_string()]);
+    harness(
+        &["up", &dvs, "file", &dovecot_ports(11143).to_string()],
+        &[],
+    );
     let want = run_logins(dovecot_ports(11143));
     assert_eq!(want.granted.len(), 5);
     check(&map, &log, &want, &mut daemon);
@@ -177,7 +120,7 @@ fn rsyslog_traditional_and_rfc3339() {
         vec!["rsyslog-down".into(), dvs.clone()],
         vec!["down".into(), dvs.clone()],
     ]);
-    harness(&["rsyslog-up", &dvs]);
+    harness(&["rsyslog-up", &dvs], &[]);
     let mut daemons = Vec::new();
     for (name, file) in [("trad", "traditional.log"), ("rfc", "rfc3339.log")] {
         let log = dv.join("syslog").join(file);
@@ -196,7 +139,10 @@ fn rsyslog_traditional_and_rfc3339() {
         daemon.wait_following(&log);
         daemons.push((log, map, daemon));
     }
-    harness(&["up", &dvs, "syslog", &dovecot_ports(12143).to_string()]);
+    harness(
+        &["up", &dvs, "syslog", &dovecot_ports(12143).to_string()],
+        &[],
+    );
     let want = run_logins(dovecot_ports(12143));
     for (log, map, daemon) in &mut daemons {
         check(map, log, &want, daemon);
@@ -219,7 +165,7 @@ fn real_journald_trusts_only_dovecot_service() {
         vec!["cgroup-down".into(), dvs.clone()],
         vec!["down".into(), dvs.clone()],
     ]);
-    harness(&["journald-up", &dvs]);
+    harness(&["journald-up", &dvs], &[]);
     let cg = Command::new(support("dovecot.sh"))
         .args(["cgroup-up", &dvs])
         .output()
@@ -233,7 +179,7 @@ fn real_journald_trusts_only_dovecot_service() {
     let jdir = dv.join("journal/runlog/journal");
     let map = d.path().join("relay");
     let mut daemon = Daemon::with_map(d.path(), &["--journal-dir", &jdir.display().to_string()]);
-    harness_env(
+    harness(
         &["up", &dvs, "syslog", &dovecot_ports(13143).to_string()],
         &[("DG_SYSLOG_SOCK", &sock), ("DG_CGROUP", &cgroup)],
     );

@@ -12,47 +12,9 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
+use common::dovecot::*;
 use common::*;
-
-fn support(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/support")
-        .join(name)
-}
-
-/// tests/support/dovecot.sh with the push settings in its environment.
-fn harness(args: &[&str], env: &[(&str, &str)]) {
-    let out = Command::new(support("dovecot.sh"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("dovecot.sh");
-    assert!(
-        out.status.success(),
-        "dovecot.sh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Stops Dovecot whatever happens.
-struct DovecotDown(String);
-impl Drop for DovecotDown {
-    fn drop(&mut self) {
-        let _ = Command::new(support("dovecot.sh"))
-            .args(["down", &self.0])
-            .output();
-    }
-}
-
-/// Sends SIGCONT to a stopped daemon whatever happens (else it could not be stopped).
-struct Cont(u32);
-impl Drop for Cont {
-    fn drop(&mut self) {
-        signal(self.0, libc::SIGCONT);
-    }
-}
 
 /// A traversable rig directory: the test's files, and `dv` for the Dovecot harness.
 struct Rig {
@@ -122,77 +84,6 @@ impl Rig {
     }
 }
 
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Expected {
-    granted: BTreeSet<String>,
-    refused: Vec<String>,
-}
-
-/// tests/support/logins.py: every scenario must have its expected outcome (all
-/// successful logins succeed).
-fn run_logins(port_base: u16) -> Expected {
-    let out = Command::new("python3")
-        .arg(support("logins.py"))
-        .arg(port_base.to_string())
-        .output()
-        .expect("python3 logins.py");
-    assert!(
-        out.status.success(),
-        "logins.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("logins.py JSON");
-    let list = |k: &str| -> Vec<String> {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap().to_string())
-            .collect()
-    };
-    Expected {
-        granted: list("granted").into_iter().collect(),
-        refused: list("refused"),
-    }
-}
-
-/// `n` successful forwarded IMAP logins for `addr`; panics if one fails; their durations.
-fn timed_logins(port_base: u16, n: usize, addr: &str) -> Vec<f64> {
-    let out = Command::new("python3")
-        .arg(support("logins.py"))
-        .args([&port_base.to_string(), "time", &n.to_string(), addr])
-        .output()
-        .expect("python3 logins.py");
-    assert!(
-        out.status.success(),
-        "logins must succeed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("logins.py JSON");
-    v["secs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn map_keys(map: &Path) -> BTreeSet<String> {
-    postmap_s(map).into_iter().map(|(k, _)| k).collect()
-}
-
 /// The successful public clients are granted, then (after Dovecot logged the failures)
 /// nothing else is.
 fn check_grants(rig: &Rig, want: &Expected, daemon: &mut Daemon) {
@@ -235,34 +126,6 @@ fn report(remote: &str, protocol: &str) -> String {
     )
 }
 
-/// One forwarded IMAP LOGIN (from the trusted 127.0.0.9, for `addr`); Dovecot's answer.
-fn imap_login(port: u16, addr: &str, user: &str, password: &str) -> String {
-    let script = r#"
-import socket, sys
-port, addr, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-s = socket.socket(); s.settimeout(20); s.bind(("127.0.0.9", 0)); s.connect(("127.0.0.1", port))
-f = s.makefile("rb")
-def until(tag):
-    while True:
-        line = f.readline().decode()
-        if not line or line.startswith(tag + " "):
-            return line.strip()
-f.readline()
-s.sendall(('a ID ("x-originating-ip" "%s")\r\n' % addr).encode()); until("a")
-s.sendall(('b LOGIN "%s" "%s"\r\n' % (user, password)).encode()); print(until("b"))
-"#;
-    let out = Command::new("python3")
-        .args(["-c", script, &port.to_string(), addr, user, password])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[test]
 fn postlogin_hook_grants_and_never_blocks_a_login() {
     let rig = Rig::new();
@@ -271,7 +134,7 @@ fn postlogin_hook_grants_and_never_blocks_a_login() {
         rig.path("push")
     );
     let mut daemon = rig.daemon(&push);
-    let _down = DovecotDown(rig.dv.clone());
+    let _down = Down::dovecot(&rig.dv);
     harness(
         &["up", &rig.dv, "file", &dovecot_ports(14143).to_string()],
         &[("DG_POSTLOGIN", &rig.hook())],
@@ -337,7 +200,7 @@ fn auth_policy_grants_only_with_the_secret() {
         rig.path("secret")
     );
     let mut daemon = rig.daemon(&push);
-    let _down = DovecotDown(rig.dv.clone());
+    let _down = Down::dovecot(&rig.dv);
     let url = format!("http://127.0.0.1:{port}/");
     let dovecot_env = [
         ("DG_POLICY_URL", url.as_str()),
@@ -417,17 +280,6 @@ fn auth_policy_grants_only_with_the_secret() {
     );
 }
 
-/// The metrics text from `[serve] metrics`.
-fn metrics(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 #[test]
 fn log_and_both_push_paths_make_one_grant() {
     let rig = Rig::new();
@@ -462,7 +314,7 @@ fn log_and_both_push_paths_make_one_grant() {
     wait_for("dovegate started", PATIENCE, || {
         daemon.log().contains("dovegate started")
     });
-    let _down = DovecotDown(rig.dv.clone());
+    let _down = Down::dovecot(&rig.dv);
     harness(
         &["up", &rig.dv, "file", &dovecot_ports(16143).to_string()],
         &[
@@ -514,7 +366,7 @@ fn hook_latency() {
         rig.path("push")
     );
     let mut daemon = rig.daemon(&push);
-    let _down = (DovecotDown(rig.dv.clone()), DovecotDown(plain.dv.clone()));
+    let _down = (Down::dovecot(&rig.dv), Down::dovecot(&plain.dv));
     harness(
         &["up", &rig.dv, "file", &dovecot_ports(17143).to_string()],
         &[("DG_POSTLOGIN", &rig.hook())],
@@ -525,7 +377,7 @@ fn hook_latency() {
     );
     // What script-login itself costs: the same set-up with a script that only execs.
     let sh = Rig::new();
-    let _down_sh = DovecotDown(sh.dv.clone());
+    let _down_sh = Down::dovecot(&sh.dv);
     let script = sh.dir.join("exec-only");
     std::fs::write(&script, "#!/bin/sh\nexec \"$@\"\n").unwrap();
     set_mode(&script, 0o755);
@@ -550,43 +402,11 @@ fn hook_latency() {
     );
 }
 
-/// The Debian 13 root with Dovecot 2.4 (built once, cached), and the uid of its `dovecot`.
-fn trixie_root(rig: &Rig) -> (String, u32) {
-    let out = Command::new(support("dovecot.sh"))
-        .args(["trixie-root", &rig.dv])
-        .output()
-        .expect("dovecot.sh trixie-root");
-    assert!(
-        out.status.success(),
-        "a Debian 13 root (debootstrap): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let root = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let passwd = std::fs::read_to_string(format!("{root}/etc/passwd")).unwrap();
-    let uid = passwd
-        .lines()
-        .find_map(|l| l.strip_prefix("dovecot:x:"))
-        .and_then(|r| r.split(':').next())
-        .and_then(|u| u.parse().ok())
-        .expect("a dovecot user in the root");
-    (root, uid)
-}
-
-/// Stops the chrooted Dovecot whatever happens.
-struct Dovecot24Down(String);
-impl Drop for Dovecot24Down {
-    fn drop(&mut self) {
-        let _ = Command::new(support("dovecot.sh"))
-            .args(["down24", &self.0])
-            .output();
-    }
-}
-
 #[test]
 fn dovecot_24_through_each_path() {
     // Post-login hook: the binary inside the rig, which the chroot sees as /rig.
     let rig = Rig::new();
-    let (root, dovecot_uid) = trixie_root(&rig);
+    let (root, dovecot_uid) = debian13_root(&rig.dv);
     std::fs::hard_link(bin(), rig.dir.join("dv/dovegate"))
         .or_else(|_| std::fs::copy(bin(), rig.dir.join("dv/dovegate")).map(|_| ()))
         .unwrap();
@@ -596,7 +416,7 @@ fn dovecot_24_through_each_path() {
         rig.dir.join("dv/push").display()
     );
     let mut daemon = rig.daemon(&push);
-    let _down = Dovecot24Down(rig.dv.clone());
+    let _down = Down::dovecot24(&rig.dv);
     harness(
         &["up24", &rig.dv, &root, &dovecot_ports(21143).to_string()],
         &[("DG_POSTLOGIN", "/rig/postlogin --socket /rig/push")],
@@ -615,7 +435,7 @@ fn dovecot_24_through_each_path() {
         rig.path("secret")
     );
     let mut daemon = rig.daemon(&push);
-    let _down = Dovecot24Down(rig.dv.clone());
+    let _down = Down::dovecot24(&rig.dv);
     harness(
         &["up24", &rig.dv, &root, &dovecot_ports(22143).to_string()],
         &[
@@ -740,7 +560,7 @@ fn auth_policy_grants_no_proxied_or_nologin_authentication() {
         rig.path("secret")
     );
     let mut daemon = rig.daemon(&push);
-    let _down = DovecotDown(rig.dv.clone());
+    let _down = Down::dovecot(&rig.dv);
     let url = format!("http://127.0.0.1:{port}/");
     let mut env = vec![
         ("DG_POLICY_URL", url.as_str()),

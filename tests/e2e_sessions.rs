@@ -9,97 +9,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use common::dovecot::{expiry, harness, now, support, Down, Idle};
 use common::*;
-
-fn support(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/support")
-        .join(name)
-}
-
-fn harness(args: &[&str]) -> String {
-    harness_with(args, "")
-}
 
 /// `dovecot.sh` with DG_EXTRA_CONF (settings appended to dovecot.conf).
 fn harness_with(args: &[&str], extra_conf: &str) -> String {
-    let out = Command::new(support("dovecot.sh"))
-        .args(args)
-        .env("DG_EXTRA_CONF", extra_conf)
-        .output()
-        .expect("dovecot.sh");
-    assert!(
-        out.status.success(),
-        "dovecot.sh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Stops the harness's Dovecot whatever happens (`down` or `down24`).
-struct Down(&'static str, String);
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Command::new(support("dovecot.sh"))
-            .args([self.0, &self.1])
-            .output();
-    }
-}
-
-/// tests/support/idle.py: logged in and in IDLE until `logout`.
-struct Idle {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl Idle {
-    fn start(port: u16, addr: &str) -> Idle {
-        let mut child = Command::new("python3")
-            .arg(support("idle.py"))
-            .args([&port.to_string(), addr])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("idle.py");
-        let stdin = child.stdin.take();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "idling", "idle.py did not reach IDLE");
-        Idle { child, stdin }
-    }
-
-    fn logout(mut self) {
-        let mut stdin = self.stdin.take().unwrap();
-        writeln!(stdin, "logout").unwrap();
-        drop(stdin);
-        assert!(self.child.wait().unwrap().success(), "idle.py logout");
-    }
-}
-
-impl Drop for Idle {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The expiry Postfix sees for `ip` (unix seconds), if it has a grant.
-fn expiry(map: &Path, ip: &str) -> Option<i64> {
-    let v = postmap_q(map, ip)?;
-    let at = v
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("expires="))?;
-    dovegate::timefmt::parse_rfc3339(at)
-}
-
-fn now() -> i64 {
-    dovegate::timefmt::now()
+    harness(args, &[("DG_EXTRA_CONF", extra_conf)])
 }
 
 /// dovegate's configuration: re-checks every second; `who`: grant.session_who.
@@ -275,7 +194,7 @@ fn idle_keeps_relay(
 #[test]
 fn dovecot_23_idle_session_keeps_relay_across_kill9_then_expires() {
     let (d, dv, dvs) = rig();
-    let _down = Down("down", dvs.clone());
+    let _down = Down::dovecot(&dvs);
     harness_with(
         &["up", &dvs, "file", &dovecot_ports(13143).to_string()],
         VERBOSE,
@@ -295,8 +214,8 @@ fn dovecot_23_idle_session_keeps_relay_across_kill9_then_expires() {
 #[test]
 fn dovecot_24_idle_session_keeps_relay_then_expires() {
     let (d, dv, dvs) = rig();
-    let root = harness(&["trixie-root", &dvs]);
-    let _down = Down("down24", dvs.clone());
+    let root = harness(&["trixie-root", &dvs], &[]);
+    let _down = Down::dovecot24(&dvs);
     harness_with(
         &["up24", &dvs, &root, &dovecot_ports(13243).to_string()],
         VERBOSE,
@@ -319,8 +238,11 @@ fn dovecot_24_idle_session_keeps_relay_then_expires() {
 #[test]
 fn dovecot_23_idle_shown_by_doveadm_who_lost_after_kill9_of_the_imap_process() {
     let (d, dv, dvs) = rig();
-    let _down = Down("down", dvs.clone());
-    harness(&["up", &dvs, "file", &dovecot_ports(13643).to_string()]);
+    let _down = Down::dovecot(&dvs);
+    harness(
+        &["up", &dvs, "file", &dovecot_ports(13643).to_string()],
+        &[],
+    );
     idle_keeps_relay(
         d.path(),
         &dv.join("dovecot.log"),
@@ -336,8 +258,8 @@ fn dovecot_23_idle_shown_by_doveadm_who_lost_after_kill9_of_the_imap_process() {
 #[test]
 fn dovecot_24_idle_lost_after_kill9_of_the_imap_process() {
     let (d, dv, dvs) = rig();
-    let root = harness(&["trixie-root", &dvs]);
-    let _down = Down("down24", dvs.clone());
+    let root = harness(&["trixie-root", &dvs], &[]);
+    let _down = Down::dovecot24(&dvs);
     harness_with(
         &["up24", &dvs, &root, &dovecot_ports(13743).to_string()],
         VERBOSE,
@@ -360,7 +282,7 @@ fn dovecot_24_idle_lost_after_kill9_of_the_imap_process() {
 #[test]
 fn dovecot_23_anonymous_login_grants_nothing() {
     let (d, dv, dvs) = rig();
-    let _down = Down("down", dvs.clone());
+    let _down = Down::dovecot(&dvs);
     harness_with(
         &["up", &dvs, "file", &dovecot_ports(13843).to_string()],
         "auth_mechanisms = plain login anonymous\nauth_anonymous_username = anonymous",

@@ -1,7 +1,7 @@
 //! The network layer seen from outside: a second daemon never takes a live server's push
-//! socket, auth-policy socket or policy server socket; idle connections cannot block a
-//! metrics scrape; a reload that changes `[serve]` or `[policy]` serves on the new
-//! addresses.
+//! socket, auth-policy socket, policy server socket or events socket; idle connections
+//! cannot block a metrics scrape; a reload that changes `[serve]`, `[push]`, `[policy]` or
+//! `[events]` serves on the new addresses.
 
 mod common;
 
@@ -347,4 +347,65 @@ fn the_policy_server_is_never_taken_over_and_follows_reloads() {
     assert!(!p2.exists(), "{}", first.log());
     assert!(!scrape(port).contains("dovegate_policy"));
     assert_eq!(first.stop(), Some(0));
+}
+
+/// Dovecot 2.4's login event, as its unix driver writes it (one line).
+fn login_event(ip: &str) -> String {
+    format!(
+        r#"{{"event":"auth_master_client_login_finished","categories":["auth-client","service:imap"],"fields":{{"user":"alice","local_ip":"127.0.0.1","local_port":143,"remote_ip":"{ip}","remote_port":40143}}}}"#
+    )
+}
+
+/// Writes one event line to the events socket; false when nobody serves it.
+fn send_event(sock: &Path, ip: &str) -> bool {
+    let Ok(mut s) = UnixStream::connect(sock) else {
+        return false;
+    };
+    s.write_all(format!("{}\n", login_event(ip)).as_bytes())
+        .is_ok()
+}
+
+/// The events socket is a `net` server like the others: a second daemon never takes it,
+/// a reload moves it (the old file removed), a stop removes it.
+#[test]
+fn the_events_socket_is_claimed_moved_and_removed_like_the_others() {
+    let (d1, d2) = (tempdir(), tempdir());
+    let run = tempdir();
+    let (s1, s2) = (run.path().join("events1"), run.path().join("events2"));
+    let toml = |sock: &Path| {
+        format!(
+            "[events]\nlisten = \"{}\"\nusers = [{}]\n",
+            sock.display(),
+            euid()
+        )
+    };
+    let map = d1.path().join("relay");
+    let (mut first, cfg) = daemon(d1.path(), &toml(&s1));
+    started(&first);
+    assert!(send_event(&s1, "198.51.100.31"));
+    wait_for("the pushed login granted", PATIENCE, || {
+        postmap_q(&map, "198.51.100.31").is_some()
+    });
+    let ino = inode(&s1);
+
+    let (mut second, _) = daemon(d2.path(), &toml(&s1));
+    let text = refused(&mut second);
+    assert!(
+        text.contains(&format!("another dovegate is serving {}", s1.display())),
+        "{text}"
+    );
+    assert_eq!(inode(&s1), ino, "socket replaced");
+
+    write_config(d1.path(), &cfg, &toml(&s2));
+    signal(first.child.id(), libc::SIGHUP);
+    wait_for("reloaded", PATIENCE, || {
+        first.log().contains("configuration reloaded")
+    });
+    assert!(!s1.exists(), "the old events socket is removed");
+    assert!(send_event(&s2, "198.51.100.32"));
+    wait_for("a login on the new socket granted", PATIENCE, || {
+        postmap_q(&map, "198.51.100.32").is_some()
+    });
+    assert_eq!(first.stop(), Some(0));
+    assert!(!s2.exists(), "{}", first.log());
 }

@@ -8,20 +8,8 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::dovecot::{expiry, now};
 use common::*;
-
-fn now() -> i64 {
-    dovegate::timefmt::now()
-}
-
-/// The expiry Postfix sees for `ip` (unix seconds), if it has a grant.
-fn expiry(map: &Path, ip: &str) -> Option<i64> {
-    let v = postmap_q(map, ip)?;
-    let at = v
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("expires="))?;
-    dovegate::timefmt::parse_rfc3339(at)
-}
 
 fn config(dir: &Path, ttl: &str) -> String {
     let conf = dir.join("dovegate.toml");

@@ -126,9 +126,13 @@ impl Effective {
         let patterns = Arc::new(load_patterns(&settings, args.patterns.as_deref())?);
         let exclude = super::build::exclusions(&settings)?;
         let journal = args.journal.target(settings.journal);
-        if settings.logs.is_empty() && journal.is_none() && !settings.push.enabled() {
+        if settings.logs.is_empty()
+            && journal.is_none()
+            && !settings.push.enabled()
+            && !settings.events.enabled()
+        {
             return Err(Failure::config(
-                "source.logs: no log file to follow, the journal is off (source.journal) and nothing is pushed ([push])",
+                "source.logs: no log file to follow, the journal is off (source.journal) and nothing is pushed ([push], [events])",
             ));
         }
         Ok(Effective {
@@ -156,6 +160,8 @@ struct Sources {
     rx: tokio::sync::mpsc::Receiver<Batch>,
     /// The push servers (post-login socket, auth policy); dropped with the generation.
     _push: crate::push::Push,
+    /// Dovecot's event exporter listener; dropped with the generation.
+    _events: crate::events::Events,
 }
 
 impl Sources {
@@ -171,14 +177,21 @@ impl Sources {
             None => tokio::sync::mpsc::channel(64),
         };
         let settings = &cfg.settings;
-        // The push servers first: a socket that cannot be claimed (another daemon serves
-        // it) fails the start before any source thread runs.
+        // The push servers and the events listener first: a socket that cannot be claimed
+        // (another daemon serves it) fails the start before any source thread runs.
         let _push = if dry.is_some_and(|d| d.daemon_running) && settings.push.enabled() {
             // Its sockets belong to the running daemon: binding them would take them over.
             tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
             crate::push::spawn(&Default::default(), tx.clone(), stats)
         } else {
             crate::push::spawn(&settings.push, tx.clone(), stats)
+        }
+        .map_err(Failure::runtime)?;
+        let _events = if dry.is_some_and(|d| d.daemon_running) && settings.events.enabled() {
+            tracing::warn!("[events]: a dovegate daemon holds the map; --dry-run leaves its events listener alone and reports logged logins only");
+            crate::events::spawn(&Default::default(), tx.clone(), stats)
+        } else {
+            crate::events::spawn(&settings.events, tx.clone(), stats)
         }
         .map_err(Failure::runtime)?;
         let mut handles = Vec::new();
@@ -230,7 +243,12 @@ impl Sources {
                 .map_err(|e| Failure::runtime(format!("cannot start journal thread: {e}")))?;
             handles.push(handle);
         }
-        Ok(Sources { handles, rx, _push })
+        Ok(Sources {
+            handles,
+            rx,
+            _push,
+            _events,
+        })
     }
 
     /// Stops every source thread (killing journalctl) and joins them. The receiver goes
@@ -698,6 +716,9 @@ fn session_sources(cfg: &Effective) -> Vec<String> {
         .map(|p| p.display().to_string())
         .collect();
     v.extend(cfg.journal.iter().map(|t| t.key()));
+    if cfg.settings.events.enabled() {
+        v.push(crate::events::ORIGIN.to_string());
+    }
     v
 }
 

@@ -126,6 +126,7 @@ impl<S: GrantStore> Engine<S> {
     pub fn set_session_hold(&mut self, hold: i64, sources: &[String], now: i64) {
         let first = self.sessions.is_empty() && !self.sessions_dirty;
         self.sessions.set_limits(self.policy.ttl_secs(), hold);
+        self.sessions.keep_sources(sources);
         if first && hold > 0 {
             self.checkpoints.prepare_session_drops();
             let dropped = self

@@ -589,6 +589,7 @@ fn session_end(id: &str, pid: u32, t: i64) -> Batch {
         time: Some(t),
         source: "log".into(),
         trusted: true,
+        exact: false,
     });
     b
 }

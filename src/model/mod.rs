@@ -60,6 +60,9 @@ pub struct SessionStart {
     /// journal entry from a trusted sender): a syslog line can be written by any local
     /// user (`logger -t dovecot`), so its end lines prove nothing.
     pub trusted: bool,
+    /// Its source also reports the session's end exactly (Dovecot's events, `[events]`):
+    /// while that source is seen delivering ends, a missing end means open.
+    pub exact: bool,
 }
 
 /// Session ids are base64 (`+`, `/`) of bounded length; anything else is not one.
@@ -79,6 +82,7 @@ impl SessionStart {
             user: None,
             source: String::new(),
             trusted: false,
+            exact: false,
         })
     }
 }
@@ -98,4 +102,7 @@ pub struct SessionEnd {
     pub source: String,
     /// Framed as only Dovecot writes it (see `SessionStart::trusted`).
     pub trusted: bool,
+    /// Reported by Dovecot itself (`mail_user_session_finished` from `[events]`), not read
+    /// from a log: it names the session exactly and carries no pid.
+    pub exact: bool,
 }

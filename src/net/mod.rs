@@ -11,10 +11,11 @@
 //!   bounded connection slots (`slots`): under pressure the stalest idle connection is
 //!   evicted rather than the newcomer refused, so a local client cannot lock out Postfix,
 //!   Dovecot or Prometheus by holding connections open.
-//! - `bounds` and `http`: per-write time bounds, and HTTP/1 served by hyper with header
-//!   and buffer bounds.
+//! - `bounds` and `http`: per-write time bounds, and HTTP/1 served by hyper with header,
+//!   buffer and body bounds (and closing connections that do not prove themselves).
 //! - `requests`: the clocks of a request/reply connection (idle, per request, per reply),
 //!   for the socketmap and the policy server.
+//! - `background`: the thread the servers Dovecot feeds run on (push, events).
 //!
 //! Log lines about events a peer can repeat at will are rate-limited with
 //! `telemetry::ratelimit`, which every stage can import without importing `net`.
@@ -22,6 +23,7 @@
 //! knows bytes and connections only, and imports no stage.
 
 mod accept;
+pub mod background;
 pub mod bounds;
 pub mod http;
 mod listen;

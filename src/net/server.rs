@@ -88,6 +88,11 @@ impl Conn {
     pub fn trust(&self) {
         self.0.trust()
     }
+
+    /// Whether the peer proved who it is.
+    pub fn trusted(&self) -> bool {
+        self.0.trusted()
+    }
 }
 
 /// At most one WARN line per this interval about refused or evicted connections.

@@ -144,6 +144,15 @@ impl Slot {
         }
     }
 
+    /// Whether `trust` was called (false once evicted: it is closing anyway).
+    pub fn trusted(&self) -> bool {
+        self.slots
+            .registry()
+            .conns
+            .get(&self.id)
+            .is_some_and(|l| l.trusted)
+    }
+
     /// Resolves when a newcomer evicts this connection.
     pub async fn evicted(&self) {
         self.evict.notified().await

@@ -3,8 +3,9 @@
 //! `Batch` the log sources send, so the same policy and engine decide (and the same
 //! address from a log and a push is one grant).
 //!
-//! Both servers run on one thread with its own small runtime: they share nothing with the
-//! engine but the channel, and stopping them (a reload, shutdown) is dropping `Push`.
+//! Both servers run on one thread with its own small runtime (`net::background`): they
+//! share nothing with the engine but the channel, and stopping them (a reload, shutdown)
+//! is dropping `Push`.
 
 pub mod policy;
 pub mod socket;
@@ -13,7 +14,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,7 @@ use tokio::sync::mpsc::Sender;
 
 use crate::config::ConfigError;
 use crate::model::{Batch, SeenLogin};
+use crate::net::background::{Background, Setup};
 use crate::net::Listen;
 use crate::telemetry::ratelimit::SharedLimit;
 use crate::telemetry::{SourceStats, StatsRegistry};
@@ -113,20 +114,7 @@ impl PushSettings {
                     "needs at least one user (Dovecot's internal user, usually dovecot)".into(),
                 ));
             }
-            for (i, u) in s.users.iter().enumerate() {
-                uids.push(match u {
-                    UserSpec::Uid(n) => *n,
-                    UserSpec::Name(n) => match n.parse::<u32>() {
-                        Ok(uid) => uid,
-                        Err(_) => uid_of(n).ok_or_else(|| {
-                            err(
-                                &format!("users[{i}]"),
-                                format!("no user `{n}` on this system (give a name or a uid)"),
-                            )
-                        })?,
-                    },
-                });
-            }
+            uids = uids_of("push.users", &s.users)?;
         }
         let auth_policy = match s.auth_policy.trim() {
             "" => None,
@@ -173,6 +161,22 @@ impl PushSettings {
             protocols: s.auth_policy_protocols.clone(),
         })
     }
+}
+
+/// The uids of configured users (`key`: the setting, for errors), names resolved now.
+pub(crate) fn uids_of(key: &str, users: &[UserSpec]) -> Result<Vec<u32>, ConfigError> {
+    users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| match u {
+            UserSpec::Uid(n) => Ok(*n),
+            UserSpec::Name(n) => n.parse::<u32>().ok().or_else(|| uid_of(n)).ok_or_else(|| {
+                ConfigError(format!(
+                    "{key}[{i}]: no user `{n}` on this system (give a name or a uid)"
+                ))
+            }),
+        })
+        .collect()
 }
 
 /// The uid of a user name.
@@ -248,19 +252,7 @@ impl Sink {
 }
 
 /// The running push servers; dropping it stops them (and removes the unix sockets).
-pub struct Push {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for Push {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+pub type Push = Background;
 
 /// Starts the configured push servers (none: returns an idle `Push`). Binding happens
 /// before this returns, so an error names the socket or address at fault.
@@ -270,17 +262,10 @@ pub fn spawn(
     stats: &StatsRegistry,
 ) -> Result<Push, String> {
     if !settings.enabled() {
-        return Ok(Push {
-            stop: None,
-            thread: None,
-        });
+        return Ok(Background::idle());
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("push: cannot start runtime: {e}"))?;
+    let mut setup = Setup::new().map_err(|e| format!("push: cannot start runtime: {e}"))?;
     let refused = Arc::new(SharedLimit::default());
-    let mut servers = Vec::new();
     if let Some(path) = &settings.socket {
         let sink = Sink {
             tx: tx.clone(),
@@ -289,10 +274,9 @@ pub fn spawn(
             skipped: Arc::default(),
             misconfigured: Arc::default(),
         };
-        let server = runtime
-            .block_on(socket::bind(path, settings.uids.clone(), sink))
+        setup
+            .bind(socket::bind(path, settings.uids.clone(), sink))
             .map_err(|e| format!("push.socket: cannot listen on {}: {e}", path.display()))?;
-        servers.push(server);
     }
     if let Some(listen) = &settings.auth_policy {
         let sink = Sink {
@@ -306,29 +290,13 @@ pub fn spawn(
             secret: settings.secret.clone(),
             protocols: settings.protocols.clone(),
         };
-        let server = runtime
-            .block_on(policy::bind(listen, cfg, sink))
+        setup
+            .bind(policy::bind(listen, cfg, sink))
             .map_err(|e| format!("push.auth_policy: cannot listen on {listen}: {e}"))?;
-        servers.push(server);
     }
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("push".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let _ = stop_rx.await;
-                // Each removes its unix socket, if the path still names it.
-                for s in servers {
-                    s.shutdown().await;
-                }
-            });
-            // Dropping the runtime cancels the connections still open.
-        })
-        .map_err(|e| format!("push: cannot start thread: {e}"))?;
-    Ok(Push {
-        stop: Some(stop_tx),
-        thread: Some(thread),
-    })
+    setup
+        .run("push")
+        .map_err(|e| format!("push: cannot start thread: {e}"))
 }
 
 #[cfg(test)]

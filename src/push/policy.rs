@@ -9,17 +9,17 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use subtle::ConstantTimeEq;
 
 use super::{ApiHeader, Sink};
 use crate::grant::parse_any_ip;
+use crate::net::http::BodyError;
 use crate::net::{self, Conn, Handler, Listen, Server, Spec, Stream};
 
 /// The largest request body: Dovecot's JSON is a few hundred bytes.
@@ -136,7 +136,6 @@ async fn handle(
     req: Request<Incoming>,
     cfg: Arc<PolicyConfig>,
     sink: Sink,
-    trusted: Arc<AtomicBool>,
     conn: Conn,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::POST {
@@ -149,22 +148,16 @@ async fn handle(
         sink.refuse("auth policy: request without the configured secret header; refused");
         return Ok(reply(StatusCode::UNAUTHORIZED, r#"{"error":"secret"}"#));
     }
-    trusted.store(true, Ordering::Relaxed);
     conn.trust();
     conn.progress();
     let query = req.uri().query().map(str::to_string);
-    let body = match tokio::time::timeout(
-        BODY_TIMEOUT,
-        Limited::new(req.into_body(), MAX_BODY).collect(),
-    )
-    .await
-    {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(_)) => {
+    let body = match net::http::body(req, MAX_BODY, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
             sink.invalid("auth policy: request body too large or broken; nothing granted");
             return Ok(reply(StatusCode::PAYLOAD_TOO_LARGE, r#"{"error":"body"}"#));
         }
-        Err(_) => {
+        Err(BodyError::TooSlow) => {
             sink.invalid("auth policy: request body not sent within 2s; nothing granted");
             return Ok(reply(StatusCode::REQUEST_TIMEOUT, r#"{"error":"timeout"}"#));
         }
@@ -217,29 +210,20 @@ impl Handler for Policy {
         stream: S,
         conn: Conn,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let trusted = Arc::new(AtomicBool::new(false));
-        let state = Arc::clone(&trusted);
+        let state = conn.clone();
         let service = hyper::service::service_fn(move |req| {
-            handle(
-                req,
-                Arc::clone(&self.cfg),
-                self.sink.clone(),
-                Arc::clone(&state),
-                conn.clone(),
-            )
+            handle(req, Arc::clone(&self.cfg), self.sink.clone(), state.clone())
         });
         async move {
-            let http = net::http::serve(stream, HEADER_TIMEOUT, MAX_BODY, service);
-            let untrusted_deadline = async {
-                tokio::time::sleep(FIRST_REQUEST_TIMEOUT).await;
-                if trusted.load(Ordering::Relaxed) {
-                    std::future::pending::<()>().await;
-                }
-            };
-            tokio::select! {
-                _ = http => {}
-                _ = untrusted_deadline => {}
-            }
+            net::http::serve_proven(
+                stream,
+                &conn,
+                FIRST_REQUEST_TIMEOUT,
+                HEADER_TIMEOUT,
+                MAX_BODY,
+                service,
+            )
+            .await
         }
     }
 }

@@ -80,6 +80,7 @@ impl LineMatcher {
             time: frame.time,
             source: String::new(),
             trusted: frame.framing.only_dovecot(),
+            exact: false,
         })
     }
 }

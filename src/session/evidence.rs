@@ -32,7 +32,9 @@ pub enum Evidence {
     /// Its source has shown, within the hold, end lines tied to their sessions (so a
     /// missing end means open).
     EndLines,
-    /// A pushed source that reports exact session ends (Dovecot's events; not yet built).
+    /// Reported by a pushed source that also reports exact session ends (Dovecot's
+    /// events), which has delivered such ends within the hold (its end metric works), so a
+    /// missing end means open.
     Pushed,
 }
 

@@ -2,6 +2,8 @@
 //! `postmap`, a private Postfix instance on loopback, an SMTP client, log lines.
 #![allow(dead_code)]
 
+pub mod dovecot;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,27 @@ pub fn dovegate(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run dovegate")
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The metrics text from `[serve] metrics` on `port`.
+pub fn metrics(port: u16) -> String {
+    use std::io::Read;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
 
 /// A temporary directory under /tmp that other users (Postfix, Dovecot) can traverse.
@@ -478,12 +501,6 @@ pub fn promtool_accepts(dir: &Path, response: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A loopback TCP port free now (released for the daemon to bind).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// `GET /metrics` over HTTP/1.0; the whole response ("" when refused or closed).

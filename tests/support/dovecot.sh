@@ -4,7 +4,8 @@
 #   dovecot.sh up DIR file|syslog PORTBASE   imap PORTBASE, imaps +1, pop3 +2, pop3s +3
 #   dovecot.sh down DIR
 #   dovecot.sh trixie-root DIR               a Debian 13 root with Dovecot 2.4 (debootstrap,
-#                                            cached in /var/cache/dovegate-test/push-trixie);
+#                                            cached in /var/cache/dovegate-test/push-trixie,
+#                                            else the system test's root-trixie-*);
 #                                            prints its path
 #   dovecot.sh up24 DIR ROOT PORTBASE        Dovecot 2.4 from ROOT, chrooted, with DIR mounted
 #                                            at /rig inside (a private mount namespace); the
@@ -176,6 +177,14 @@ CONF
 trixie_root() {
     local cache=/var/cache/dovegate-test root=/var/cache/dovegate-test/push-trixie
     mkdir -p "$cache"
+    # Without it, a Debian 13 root the system test cached (no network needed); used
+    # through an overlay (see up24), never changed.
+    if [ ! -d "$root" ]; then
+        local cached
+        # (|| true: no such root is not an error here; pipefail would end the script.)
+        cached=$(ls -d "$cache"/root-trixie-*/usr/sbin/dovecot 2>/dev/null | tail -1 || true)
+        [ -z "$cached" ] || { echo "${cached%/usr/sbin/dovecot}"; return 0; }
+    fi
     local mirror
     mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
     flock "$cache/push-trixie.lock" bash -c '
@@ -194,7 +203,8 @@ trixie_root() {
 up24() {
     local root=$1 base=$2
     [ -x "$root/usr/sbin/dovecot" ] || die "no Dovecot in $root"
-    mkdir -p "$DIR/run" "$DIR/state" "$DIR/ssl" "$DIR/mail" "$root/rig"
+    mkdir -p "$DIR/run" "$DIR/state" "$DIR/ssl" "$DIR/mail" "$DIR/.root/upper" "$DIR/.root/work" "$DIR/.root/merged"
+    chmod 0755 "$DIR/.root/upper"
     chmod 0755 "$DIR" "$DIR/run" "$DIR/state"
     chown 65534:65534 "$DIR/mail"
     openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=localhost \
@@ -287,6 +297,11 @@ CONF
     done
     DG_DIR="$DIR" DG_ROOT="$root" unshare --mount --propagation private bash -c '
         set -e
+        # The root seen through an overlay: it stays as cached (a root only root may
+        # enter, mode 0700, is entered by Dovecot'"'"'s users through the upper layer'"'"'s 0755).
+        mount -t overlay dgroot -o "lowerdir=$DG_ROOT,upperdir=$DG_DIR/.root/upper,workdir=$DG_DIR/.root/work" "$DG_DIR/.root/merged"
+        DG_ROOT="$DG_DIR/.root/merged"
+        mkdir -p "$DG_ROOT/rig"
         mount --bind "$DG_DIR" "$DG_ROOT/rig"
         mount --bind /dev "$DG_ROOT/dev"
         mount -t proc proc "$DG_ROOT/proc"

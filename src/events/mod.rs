@@ -1,0 +1,522 @@
+//! Logins and session ends from Dovecot's event exporter (`[events]`): Dovecot 2.3 posts
+//! each event over HTTP (`transport = http-post`) to loopback with a secret path segment;
+//! 2.4 can also write them to a unix socket (`driver = unix`), whose peer uid is checked.
+//! Each event is answered at once and handed to the engine through a bounded queue: a
+//! slow or stopped engine drops events (counted, warned) and never delays Dovecot.
+//!
+//! Logins become the same `Batch` as the push paths' (no checkpoint: a lost event is a
+//! lost login unless a log source runs beside, and an equal grant from both is one grant);
+//! session ends are exact (`SessionEnd::exact`).
+
+mod listen;
+pub mod pair;
+pub mod parse;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::config::ConfigError;
+use crate::model::{Batch, LoginDetail, SeenLogin};
+use crate::net::background::{Background, Setup};
+use crate::net::Listen;
+use crate::push::UserSpec;
+use crate::session::{SessionEnd, SessionStart};
+use crate::telemetry::ratelimit::SharedLimit;
+use crate::telemetry::{SourceStats, StatsRegistry};
+use parse::{Event, Ignored};
+
+/// The `Batch::source` of exported events (no position; distinct from the others).
+pub const EVENTS_SOURCE: usize = usize::MAX - 1;
+/// The name of this source, in the sessions it opens and the ends it reports.
+pub const ORIGIN: &str = "events";
+/// Events waiting for the engine at most; beyond, new ones are dropped (and counted).
+const QUEUE: usize = 4096;
+/// Events sent to the engine in one batch at most.
+const BATCH: usize = 256;
+
+/// The `[events]` section as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSection {
+    pub listen: String,
+    pub secret_file: String,
+    pub users: Vec<UserSpec>,
+}
+
+/// Validated `[events]`.
+#[derive(Clone, Default)]
+pub struct EventsSettings {
+    /// `Inet`: 2.3's (and 2.4's) `http-post` on loopback, `POST /SECRET`; `Unix`: 2.4's
+    /// `driver = unix`, one JSON event per line, the peer's uid checked.
+    pub listen: Option<Listen>,
+    /// The path segment an HTTP post must carry (HTTP only).
+    pub secret: Option<Vec<u8>>,
+    /// Peers allowed on the unix socket (unix only).
+    pub uids: Vec<u32>,
+}
+
+impl std::fmt::Debug for EventsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventsSettings")
+            .field("listen", &self.listen)
+            .field("secret", &self.secret.as_ref().map(|_| "<secret>"))
+            .field("uids", &self.uids)
+            .finish()
+    }
+}
+
+/// The shortest secret accepted: it is the only thing between a local user and a grant.
+const MIN_SECRET: usize = 16;
+
+impl EventsSettings {
+    pub fn enabled(&self) -> bool {
+        self.listen.is_some()
+    }
+
+    pub fn from_section(s: &EventsSection) -> Result<EventsSettings, ConfigError> {
+        let err = |key: &str, m: String| ConfigError(format!("events.{key}: {m}"));
+        let listen = match s.listen.trim() {
+            "" => return Ok(EventsSettings::default()),
+            // The other listeners' form, too.
+            t if t.starts_with("unix:") || t.starts_with("inet:") => {
+                Listen::parse(t).map_err(|e| err("listen", e.to_string()))?
+            }
+            p if p.starts_with('/') => Listen::Unix(PathBuf::from(p)),
+            a => a.parse().map(Listen::Inet).map_err(|_| {
+                err(
+                    "listen",
+                    format!("`{a}` is neither a unix socket path (absolute) nor 127.0.0.1:PORT"),
+                )
+            })?,
+        };
+        if let Listen::Inet(addr) = &listen {
+            // The secret travels in clear text: never off this host.
+            if !addr.ip().is_loopback() {
+                return Err(err("listen", format!("`{addr}` is not a loopback address; Dovecot's http-post sends the secret in clear text: listen on 127.0.0.1:PORT")));
+            }
+        }
+        let mut settings = EventsSettings {
+            listen: Some(listen.clone()),
+            ..Default::default()
+        };
+        match listen {
+            Listen::Unix(_) => {
+                if s.users.is_empty() {
+                    return Err(err("users", "needs at least one user (Dovecot's internal user, usually dovecot: its stats process exports the events)".into()));
+                }
+                settings.uids = crate::push::uids_of("events.users", &s.users)?;
+            }
+            Listen::Inet(_) => {
+                let path = s.secret_file.trim();
+                if path.is_empty() {
+                    return Err(err("secret_file", "an HTTP listener needs a secret (any local user can reach it): a file holding the path segment Dovecot posts to, e.g. http://127.0.0.1:PORT/SECRET".into()));
+                }
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err("secret_file", format!("{path}: cannot read: {e}")))?;
+                let secret = text.trim();
+                if secret.len() < MIN_SECRET
+                    || !secret
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+                {
+                    return Err(err("secret_file", format!("{path}: the secret must be at least {MIN_SECRET} characters of A-Z a-z 0-9 - . _ ~ (it is a URL path segment), e.g. from `openssl rand -hex 24`")));
+                }
+                settings.secret = Some(secret.as_bytes().to_vec());
+            }
+        }
+        Ok(settings)
+    }
+}
+
+/// What successful authentications leave for the events after them (see `pair`).
+#[derive(Default)]
+struct Pairs {
+    /// The session id, by connection (for the master login).
+    sessions: pair::Pending<parse::Conn, String>,
+    /// The client, by protocol and real peer (for a proxy's login).
+    clients: pair::Pending<(String, (IpAddr, u16)), IpAddr>,
+}
+
+/// One queued event for the engine.
+pub(crate) enum Item {
+    Login(SeenLogin),
+    End(SessionEnd),
+}
+
+/// Takes each event as it arrives: decides, counts, and queues it without waiting.
+pub(crate) struct Intake {
+    queue: mpsc::Sender<Item>,
+    pending: Mutex<Pairs>,
+    stats: Arc<SourceStats>,
+    dropped: AtomicU64,
+    warn_dropped: SharedLimit,
+    warn_refused: SharedLimit,
+    warn_invalid: SharedLimit,
+    /// Its own limiter: a misconfiguration must not hide behind malformed posts.
+    warn_unpaired: SharedLimit,
+}
+
+impl Intake {
+    fn new(queue: mpsc::Sender<Item>, stats: Arc<SourceStats>) -> Intake {
+        Intake {
+            queue,
+            pending: Mutex::default(),
+            stats,
+            dropped: AtomicU64::new(0),
+            warn_dropped: SharedLimit::default(),
+            warn_refused: SharedLimit::default(),
+            warn_invalid: SharedLimit::default(),
+            warn_unpaired: SharedLimit::default(),
+        }
+    }
+
+    /// One event as Dovecot exported it. Never blocks.
+    pub(crate) fn event(&self, body: &[u8]) {
+        let item = match parse::parse(body) {
+            Err(e) => {
+                self.invalid(&format!("events: malformed event ({e}); nothing granted"));
+                return;
+            }
+            Ok(Err(Ignored::Failed)) => {
+                self.stats.count_near_miss("auth-failed");
+                return;
+            }
+            Ok(Err(Ignored::Other)) => return,
+            Ok(Ok(Event::Authenticated {
+                conn,
+                peer,
+                session,
+            })) => {
+                let now = Instant::now();
+                let mut pairs = self.pending();
+                pairs
+                    .clients
+                    .authenticated((conn.protocol.clone(), peer), conn.remote.0, now);
+                pairs.sessions.authenticated(conn, session, now);
+                return;
+            }
+            Ok(Ok(Event::Login { conn, user })) => {
+                let session = self.pending().sessions.take(&conn, Instant::now());
+                self.stats.logins.fetch_add(1, Ordering::Relaxed);
+                Item::Login(login(conn, user, session))
+            }
+            Ok(Ok(Event::Proxied {
+                protocol,
+                peer,
+                user,
+            })) => {
+                let key = (protocol, peer);
+                let Some(client) = self.pending().clients.take(&key, Instant::now()) else {
+                    // The client is unknown: granting the peer could open the relay to a
+                    // proxy in front.
+                    self.stats.count_near_miss("proxy-unpaired");
+                    self.warn_unpaired.warn(&format!(
+                        "events: proxied login of {user:?} from {} without its authentication event (the auth_request_finished metric missing, or the event lost); nothing granted",
+                        key.1 .0
+                    ));
+                    return;
+                };
+                self.stats.logins.fetch_add(1, Ordering::Relaxed);
+                Item::Login(proxied(client, key.0, user))
+            }
+            Ok(Ok(Event::End {
+                protocol,
+                session,
+                user,
+            })) => {
+                if !crate::session::ends_held(&protocol) {
+                    return;
+                }
+                Item::End(end(protocol, session, user))
+            }
+        };
+        if self.queue.try_send(item).is_err() {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            self.warn_dropped.warn(&format!(
+                "events: the engine is not keeping up; event dropped ({n} so far); a login it carried grants only if a log source also sees it"
+            ));
+        }
+    }
+
+    /// A post or line that is not an event (too large, too slow, not JSON).
+    pub(crate) fn invalid(&self, what: &str) {
+        self.stats.count_near_miss("malformed-event");
+        self.warn_invalid.warn(what);
+    }
+
+    /// A connection or post refused for its origin (secret, peer uid).
+    pub(crate) fn refuse(&self, what: &str) {
+        self.stats.forged.fetch_add(1, Ordering::Relaxed);
+        self.warn_refused.warn(what);
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pairs> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The login of a mail session: a grant for the client, and a held session for IMAP (the
+/// only protocol whose clients stay connected) when its session id is known. The session
+/// is `exact`: this source also reports its end (`end`), so the hold has evidence while
+/// the source is seen reporting ends (see `session`).
+fn login(conn: parse::Conn, user: String, session: Option<String>) -> SeenLogin {
+    let ip: IpAddr = conn.remote.0;
+    let session = session
+        .filter(|_| crate::session::holds(conn.protocol.as_bytes()))
+        .and_then(|id| SessionStart::new(&id, None))
+        .map(|s| SessionStart {
+            user: Some(user.clone()),
+            source: ORIGIN.into(),
+            // Delivered over an authenticated channel (the secret, the peer's uid).
+            trusted: true,
+            exact: true,
+            ..s
+        });
+    let session_id = session.as_ref().map(|s| s.id.clone());
+    SeenLogin {
+        ip,
+        time: Some(crate::timefmt::now()),
+        session,
+        detail: Some(Box::new(LoginDetail {
+            user: Some(user),
+            protocol: conn.protocol,
+            session: session_id,
+            pattern: "auth_master_client_login_finished".into(),
+            source: ORIGIN.into(),
+        })),
+    }
+}
+
+/// The exact end of a mail session, as Dovecot's mail process reports it: it names the
+/// session but no pid (it closes the session whatever pid a log line gave it).
+fn end(protocol: String, session: String, user: Option<String>) -> SessionEnd {
+    SessionEnd {
+        service: protocol,
+        id: Some(session),
+        pid: None,
+        user,
+        time: None,
+        source: ORIGIN.into(),
+        trusted: true,
+        exact: true,
+    }
+}
+
+/// A login a proxy passed on to its backend: a grant for the client (no session: it is
+/// held on the backend).
+fn proxied(client: IpAddr, protocol: String, user: String) -> SeenLogin {
+    SeenLogin {
+        ip: client,
+        time: Some(crate::timefmt::now()),
+        session: None,
+        detail: Some(Box::new(LoginDetail {
+            user: Some(user),
+            protocol,
+            session: None,
+            pattern: "proxy_session_established".into(),
+            source: ORIGIN.into(),
+        })),
+    }
+}
+
+/// Moves queued events to the engine in batches; only this task ever waits for it.
+async fn forward(mut rx: mpsc::Receiver<Item>, tx: mpsc::Sender<Batch>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = Batch {
+            source: EVENTS_SOURCE,
+            logins: Vec::new(),
+            ends: Vec::new(),
+            position: None,
+        };
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(item) = next {
+            match item {
+                Item::Login(l) => batch.logins.push(l),
+                Item::End(e) => batch.ends.push(e),
+            }
+            n += 1;
+            next = if n < BATCH { rx.try_recv().ok() } else { None };
+        }
+        if tx.send(batch).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The running events listener; dropping it stops it (and removes its unix socket).
+pub type Events = Background;
+
+/// Starts the listener when configured (else an idle `Events`). Binding happens before
+/// this returns, so an error names the socket or address at fault.
+pub fn spawn(
+    settings: &EventsSettings,
+    tx: mpsc::Sender<Batch>,
+    stats: &StatsRegistry,
+) -> Result<Events, String> {
+    let Some(listen) = &settings.listen else {
+        return Ok(Background::idle());
+    };
+    let mut setup = Setup::new().map_err(|e| format!("events: cannot start runtime: {e}"))?;
+    let (queue, rx) = mpsc::channel(QUEUE);
+    let intake = Arc::new(Intake::new(queue, stats.for_source(ORIGIN)));
+    setup
+        .bind(listen::bind(listen, settings, intake))
+        .map_err(|e| format!("events.listen: cannot listen on {listen}: {e}"))?;
+    setup.spawn(forward(rx, tx));
+    setup
+        .run("events")
+        .map_err(|e| format!("events: cannot start thread: {e}"))
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    fn section(listen: &str) -> EventsSection {
+        EventsSection {
+            listen: listen.into(),
+            secret_file: String::new(),
+            users: vec![UserSpec::Name("root".into())],
+        }
+    }
+
+    #[test]
+    fn settings_name_their_key() {
+        assert!(!EventsSettings::from_section(&section(""))
+            .unwrap()
+            .enabled());
+        let s = EventsSettings::from_section(&section("/run/dovegate/events")).unwrap();
+        assert_eq!(s.uids, vec![0]);
+        let mut c = section("/run/dovegate/events");
+        c.users = vec![];
+        assert!(EventsSettings::from_section(&c)
+            .unwrap_err()
+            .0
+            .starts_with("events.users"));
+        c.users = vec![UserSpec::Name("no-such-user-here".into())];
+        assert!(EventsSettings::from_section(&c)
+            .unwrap_err()
+            .0
+            .starts_with("events.users[0]"));
+        let e = EventsSettings::from_section(&section("127.0.0.1:8431"))
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("events.secret_file"), "{e}");
+        let e = EventsSettings::from_section(&section("0.0.0.0:8431"))
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("events.listen") && e.contains("loopback"),
+            "{e}"
+        );
+        let e = EventsSettings::from_section(&section("events.sock"))
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("events.listen"), "{e}");
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("secret");
+        let mut c = section("127.0.0.1:8431");
+        c.secret_file = file.display().to_string();
+        let e = EventsSettings::from_section(&c).unwrap_err().0;
+        assert!(
+            e.starts_with("events.secret_file") && e.contains("cannot read"),
+            "{e}"
+        );
+        for bad in ["short", "has/a/slash-0123456789", "has space 0123456789"] {
+            std::fs::write(&file, bad).unwrap();
+            let e = EventsSettings::from_section(&c).unwrap_err().0;
+            assert!(e.contains("at least 16"), "{e}");
+        }
+        std::fs::write(&file, "0123456789abcdef0123\n").unwrap();
+        let s = EventsSettings::from_section(&c).unwrap();
+        assert_eq!(s.secret.as_deref(), Some(&b"0123456789abcdef0123"[..]));
+        assert!(!format!("{s:?}").contains("0123456789abcdef"));
+    }
+
+    pub(super) fn intake(cap: usize) -> (Intake, mpsc::Receiver<Item>) {
+        let (queue, rx) = mpsc::channel(cap);
+        (Intake::new(queue, Arc::default()), rx)
+    }
+
+    const AUTH: &str = r#"{"event":"auth_request_finished","categories":["service:auth","auth"],"fields":{"success":"yes","service":"imap","session":"WDkhNwViz5zLAHEt","local_ip":"127.0.0.1","remote_ip":"203.0.113.45","real_remote_ip":"127.0.0.9","local_port":143,"remote_port":40143}}"#;
+    pub(super) const LOGIN: &str = r#"{"event":"auth_master_client_login_finished","categories":["auth-client","service:imap"],"fields":{"user":"alice","local_ip":"127.0.0.1","local_port":143,"remote_ip":"203.0.113.45","remote_port":40143}}"#;
+    const END: &str = r#"{"event":"mail_user_session_finished","categories":["imap","storage","service:imap"],"fields":{"session":"WDkhNwViz5zLAHEt"}}"#;
+
+    #[test]
+    fn a_login_takes_its_session_from_the_authentication() {
+        let (i, mut rx) = intake(8);
+        i.event(AUTH.as_bytes());
+        assert!(rx.try_recv().is_err(), "an authentication grants nothing");
+        i.event(LOGIN.as_bytes());
+        let Ok(Item::Login(l)) = rx.try_recv() else {
+            panic!("a login")
+        };
+        assert_eq!(l.ip, "203.0.113.45".parse::<IpAddr>().unwrap());
+        let s = l.session.expect("a held session");
+        assert_eq!((s.id.as_str(), s.pid), ("WDkhNwViz5zLAHEt", None));
+        assert!(s.exact && s.trusted && s.source == ORIGIN);
+        assert_eq!(s.user.as_deref(), Some("alice"));
+        // Unpaired (its authentication lost): still a login, without a session.
+        i.event(LOGIN.as_bytes());
+        let Ok(Item::Login(l)) = rx.try_recv() else {
+            panic!("a login")
+        };
+        assert_eq!(l.session, None);
+        i.event(END.as_bytes());
+        let Ok(Item::End(e)) = rx.try_recv() else {
+            panic!("an end")
+        };
+        assert!(e.exact && e.id.as_deref() == Some("WDkhNwViz5zLAHEt") && e.service == "imap");
+        assert!(e.pid.is_none() && e.trusted && e.source == ORIGIN);
+        // POP3 sessions are not held: neither a session nor an end.
+        i.event(AUTH.replace("imap", "pop3").as_bytes());
+        i.event(LOGIN.replace("imap", "pop3").as_bytes());
+        let Ok(Item::Login(l)) = rx.try_recv() else {
+            panic!("a login")
+        };
+        assert_eq!(l.session, None);
+        i.event(END.replace("imap", "pop3").as_bytes());
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_proxy_grants_the_client_its_authentication_named() {
+        let (i, mut rx) = intake(8);
+        let proxied = r#"{"event":"proxy_session_established","categories":["imap","service:imap-login"],"fields":{"local_ip":"127.0.0.1","local_port":143,"remote_ip":"127.0.0.9","remote_port":48937,"service":"imap","user":"erin"}}"#;
+        // Without the authentication: nothing (127.0.0.9 is a proxy in front).
+        i.event(proxied.as_bytes());
+        assert!(rx.try_recv().is_err());
+        i.event(
+            AUTH.replace(
+                r#""real_remote_ip":"127.0.0.9""#,
+                r#""real_remote_ip":"127.0.0.9","real_remote_port":48937"#,
+            )
+            .as_bytes(),
+        );
+        i.event(proxied.as_bytes());
+        let Ok(Item::Login(l)) = rx.try_recv() else {
+            panic!("a login")
+        };
+        assert_eq!(l.ip, "203.0.113.45".parse::<IpAddr>().unwrap());
+        assert_eq!(l.session, None);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_never_waits() {
+        let (i, mut rx) = intake(2);
+        for _ in 0..5 {
+            i.event(LOGIN.as_bytes());
+        }
+        assert_eq!(i.dropped.load(Ordering::Relaxed), 3);
+        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok() && rx.try_recv().is_err());
+        i.event(b"{nonsense");
+        assert_eq!(i.stats.near_misses.lock().unwrap()["malformed-event"], 1);
+    }
+}
