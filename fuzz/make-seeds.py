@@ -107,6 +107,14 @@ put("policy_request", policy(protocol_state="CONNECT", recipient=None) + b"not a
 put("policy_request", b"request=smtpd_access_policy\nrequest=smtpd_access_policy\n\n")
 put("policy_request", b"request=smtpd_access_policy\r\nclient_address=192.0.2.1\r\n\r\n")
 
+# events: the real Dovecot 2.3 and 2.4 events the parser's tests hold (one per seed, and all
+# of them as one 2.4 unix-driver stream).
+import re
+events = re.findall(r'r#"(\{"event".*?\})"#', open(os.path.join(ROOT, "src/events/parse.rs")).read())
+for e in events:
+    put("events", e.encode())
+put("events", "\n".join(events).encode() + b"\n")
+
 # push_socket: the hook's request lines.
 for req in [b"192.0.2.7\talice", b"::ffff:192.0.2.7\t", b"2001:DB8::1\tbob", b"example.org\tx",
             b"1.2.3.4 x\ty", b"192.0.2.7\tuser\twith\ttabs"]:
