@@ -25,7 +25,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::model::{valid_id, SessionEnd, SessionStart};
+pub use crate::model::{ends_held, holds, valid_id, SessionEnd, SessionStart};
 pub use evidence::{Evidence, Probe};
 
 /// Longest user name kept for the evidence checks.
@@ -35,29 +35,6 @@ const MAX_OPEN: usize = 200_000;
 /// Ends seen before their login, kept at most, and for how long (seconds).
 const MAX_EARLY: usize = 10_000;
 const EARLY_KEEP: i64 = 300;
-
-/// Only IMAP clients stay connected for hours; POP3 sessions grant as plain logins.
-pub fn holds(login_service: &[u8]) -> bool {
-    login_service == b"imap"
-}
-
-/// The session a login line opens as `source` read it, if it holds one.
-pub fn start_of(login: &crate::scan::Login<'_>, source: &str) -> Option<SessionStart> {
-    if !holds(login.service) {
-        return None;
-    }
-    let mut s = login.session.clone()?;
-    s.user = login.user.map(|u| String::from_utf8_lossy(u).into_owned());
-    s.source = source.to_string();
-    s.trusted = login.framing.only_dovecot();
-    Some(s)
-}
-
-/// The end lines that can close a held session (imap-hibernate ends hibernated ones; a
-/// proxy's `imap-login: proxy(...)` ends proxied ones).
-pub fn ends_held(service: &str) -> bool {
-    service == "imap" || service == "imap-hibernate" || service == "imap-login"
-}
 
 /// One open session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -183,7 +183,7 @@ impl Sink for Checked {
         self.lines.push(line.text.to_vec());
         if let Some(s) = &login.session {
             assert!(dovegate::model::valid_id(&s.id), "session id {:?}", s.id);
-            if dovegate::session::holds(login.service) {
+            if dovegate::model::holds(login.service) {
                 let time = login.time.unwrap_or(self.now).min(self.now);
                 self.sessions.opened(ip, time, s, self.now);
             }

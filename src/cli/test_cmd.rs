@@ -271,7 +271,7 @@ impl Report<'_> {
         {
             self.hold(key, t);
             self.last_time = self.last_time.max(t);
-            if let Some(start) = crate::session::start_of(login, &self.file) {
+            if let Some(start) = crate::source::session_start(login, &self.file) {
                 if self.sessions.opened(*addr, t, &start, t) {
                     self.totals.sessions_opened += 1;
                 }
@@ -322,7 +322,7 @@ impl Sink for Report<'_> {
         self.last_time = self.last_time.max(t);
         let mut end = end.clone();
         end.source = self.file.clone();
-        let closed = crate::session::ends_held(&end.service)
+        let closed = crate::model::ends_held(&end.service)
             .then(|| self.sessions.closed(&end, t))
             .flatten();
         if let Some(c) = &closed {

@@ -23,10 +23,10 @@ use tokio::sync::mpsc;
 
 use crate::config::ConfigError;
 use crate::model::{Batch, LoginDetail, SeenLogin};
+use crate::model::{SessionEnd, SessionStart};
 use crate::net::background::{Background, Setup};
 use crate::net::Listen;
 use crate::push::UserSpec;
-use crate::session::{SessionEnd, SessionStart};
 use crate::telemetry::ratelimit::SharedLimit;
 use crate::telemetry::{SourceStats, StatsRegistry};
 use parse::{Event, Ignored};
@@ -230,7 +230,7 @@ impl Intake {
                 session,
                 user,
             })) => {
-                if !crate::session::ends_held(&protocol) {
+                if !crate::model::ends_held(&protocol) {
                     return;
                 }
                 Item::End(end(protocol, session, user))
@@ -268,7 +268,7 @@ impl Intake {
 fn login(conn: parse::Conn, user: String, session: Option<String>) -> SeenLogin {
     let ip: IpAddr = conn.remote.0;
     let session = session
-        .filter(|_| crate::session::holds(conn.protocol.as_bytes()))
+        .filter(|_| crate::model::holds(conn.protocol.as_bytes()))
         .and_then(|id| SessionStart::new(&id, None))
         .map(|s| SessionStart {
             user: Some(user.clone()),

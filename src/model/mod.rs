@@ -106,3 +106,14 @@ pub struct SessionEnd {
     /// from a log: it names the session exactly and carries no pid.
     pub exact: bool,
 }
+
+/// Only IMAP clients stay connected for hours; POP3 sessions grant as plain logins.
+pub fn holds(login_service: &[u8]) -> bool {
+    login_service == b"imap"
+}
+
+/// The end lines that can close a held session (imap-hibernate ends hibernated ones; a
+/// proxy's `imap-login: proxy(...)` ends proxied ones).
+pub fn ends_held(service: &str) -> bool {
+    service == "imap" || service == "imap-hibernate" || service == "imap-login"
+}

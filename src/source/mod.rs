@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use notify::Watcher;
 
-use crate::model::{Batch, LoginDetail, SeenLogin};
+use crate::model::{Batch, LoginDetail, SeenLogin, SessionStart};
 use crate::pattern::IpVerdict;
 use crate::scan::{Line, Login, NearMiss, Scanner, Sink};
 use crate::state::{Checkpoint, Position};
@@ -27,6 +27,18 @@ use crate::telemetry::{SourceStats, Throttle};
 use crate::timefmt;
 use handle::{Deaths, SourceCtl, SourceHandle};
 use tailer::FileFollower;
+
+/// The session a login line opens as `source` read it, if it holds one.
+pub fn session_start(login: &Login<'_>, source: &str) -> Option<SessionStart> {
+    if !crate::model::holds(login.service) {
+        return None;
+    }
+    let mut s = login.session.clone()?;
+    s.user = login.user.map(|u| String::from_utf8_lossy(u).into_owned());
+    s.source = source.to_string();
+    s.trusted = login.framing.only_dovecot();
+    Some(s)
+}
 
 /// The daemon's sink: collects the logins of a chunk for its `Batch`, counts everything
 /// in the source's stats, and logs what an admin must know (rate limited).
@@ -86,7 +98,7 @@ impl DaemonSink {
             self.logins.push(SeenLogin {
                 ip,
                 time: login.time,
-                session: crate::session::start_of(login, &self.origin),
+                session: session_start(login, &self.origin),
                 detail: Some(Box::new(LoginDetail {
                     user: login.user.map(|u| String::from_utf8_lossy(u).into_owned()),
                     protocol: String::from_utf8_lossy(login.service)
@@ -170,7 +182,7 @@ impl Sink for DaemonSink {
     }
 
     fn session_end(&mut self, _line: Line<'_>, end: &crate::model::SessionEnd) {
-        if crate::session::ends_held(&end.service) {
+        if crate::model::ends_held(&end.service) {
             let mut end = end.clone();
             end.source = self.origin.clone();
             self.ends.push(end);
