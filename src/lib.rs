@@ -6,6 +6,7 @@
 //! `grant` (policy: exclusions, canonical IP, expiry) -> `store` (the Postfix LMDB map).
 //! `engine` runs the pipeline as a daemon; `cli` wires commands to it; `telemetry` counts.
 
+pub mod blocks;
 pub mod cli;
 pub mod config;
 pub mod engine;

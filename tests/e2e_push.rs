@@ -738,3 +738,100 @@ fn push_socket_in_a_directory_others_can_write_is_refused() {
     assert_eq!(mode & 0o777, 0o666);
     assert_eq!(d.stop(), Some(0));
 }
+
+/// Blocks `user` exactly as the policy server does when it trips a cap (the same code,
+/// the same file), as another process would: the daemon must see it from the file.
+fn block(state: &Path, user: &str, cap: &str) {
+    let b = dovegate::blocks::Blocks::new(Some(state)).unwrap();
+    assert!(b.block(user, cap, Vec::new(), now()));
+}
+
+/// The kill switch at login (issue 22): with `auth_policy_check_after_auth = yes`, a user
+/// `policy.block_on_cap` blocked is refused by Dovecot itself at IMAP and POP3 login, with
+/// the cap named; others log in; `dovegate unblock` lets the next login through; a
+/// blocked-users file that cannot be read refuses nobody (and says so).
+#[test]
+fn auth_policy_refuses_a_blocked_users_logins_until_unblocked() {
+    let rig = Rig::new();
+    let (port, mport) = (free_port(), free_port());
+    std::fs::write(rig.dir.join("secret"), "X-API-Key: kill\n").unwrap();
+    let state = rig.dir.join("state");
+    block(&state, "alice", "user_messages_per_hour");
+    let push = format!(
+        "[push]\nauth_policy = \"inet:127.0.0.1:{port}\"\nauth_policy_secret_file = \"{}\"\n[serve]\nmetrics = \"127.0.0.1:{mport}\"\n",
+        rig.path("secret")
+    );
+    let mut daemon = rig.daemon(&push);
+    let _down = Down::dovecot(&rig.dv);
+    let url = format!("http://127.0.0.1:{port}/");
+    let base = dovecot_ports(29143);
+    harness(
+        &["up", &rig.dv, "file", &base.to_string()],
+        &[
+            ("DG_POLICY_URL", url.as_str()),
+            ("DG_POLICY_HEADER", "X-API-Key: kill"),
+            ("DG_POLICY_CHECKS", "after"),
+        ],
+    );
+    let refused = "blocked by dovegate: cap user_messages_per_hour tripped; ask the administrator";
+    // Each attempt from its own address: Dovecot delays an address's failed attempts.
+    let imap = imap_login(base, "203.0.113.201", "alice", "alice-pass");
+    assert!(imap.starts_with("b NO") && imap.contains(refused), "{imap}");
+    let pop = pop3_login(base + 2, "203.0.113.202", "alice", "alice-pass");
+    assert!(pop.starts_with("-ERR") && pop.contains(refused), "{pop}");
+    // A wrong password is refused as any other (the block is not shown to a guesser).
+    let guess = imap_login(base, "203.0.113.203", "alice", "wrong");
+    assert!(!guess.contains("dovegate"), "{guess}");
+    // Others log in and are granted.
+    assert!(imap_login(base, "203.0.113.204", "bob", "bob-pass").starts_with("b OK"));
+    assert!(pop3_login(base + 2, "203.0.113.205", "bob", "bob-pass").starts_with("+OK"));
+    for ip in ["203.0.113.204", "203.0.113.205"] {
+        wait_for(&format!("{ip} granted"), PATIENCE, || {
+            postmap_q(&rig.map(), ip).is_some()
+        });
+    }
+    let blocked = r#"dovegate_near_misses_total{source="auth-policy",reason="blocked-user"}"#;
+    assert_eq!(
+        counter(&metrics(mport), blocked),
+        2,
+        "one per refused login"
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains(r#"auth policy: login of user "alice" from 203.0.113.201 refused"#),
+        "{log}"
+    );
+
+    // Unblocked: the very next login succeeds and grants.
+    let cfg = rig.path("dovegate.toml");
+    let out = dovegate(&["unblock", "--config", &cfg, "alice"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(imap_login(base, "203.0.113.206", "alice", "alice-pass").starts_with("b OK"));
+    assert!(pop3_login(base + 2, "203.0.113.207", "alice", "alice-pass").starts_with("+OK"));
+    for ip in ["203.0.113.206", "203.0.113.207"] {
+        wait_for(&format!("{ip} granted"), PATIENCE, || {
+            postmap_q(&rig.map(), ip).is_some()
+        });
+    }
+
+    // Blocked again, then the file damaged: nobody is refused, and the daemon says why.
+    block(&state, "alice", "grant_messages_per_day");
+    let imap = imap_login(base, "203.0.113.208", "alice", "alice-pass");
+    assert!(
+        imap.contains("cap grant_messages_per_day tripped"),
+        "{imap}"
+    );
+    let tmp = state.join("damaged");
+    std::fs::write(&tmp, "{ not json").unwrap();
+    std::fs::rename(&tmp, state.join("policy-blocked.json")).unwrap();
+    assert!(imap_login(base, "203.0.113.209", "alice", "alice-pass").starts_with("b OK"));
+    assert!(imap_login(base, "203.0.113.210", "bob", "bob-pass").starts_with("b OK"));
+    assert_eq!(counter(&metrics(mport), blocked), 3);
+    assert_eq!(daemon.stop(), Some(0));
+    let log = daemon.log();
+    assert!(
+        log.contains("auth policy: cannot read the blocked users")
+            && log.contains("logins are not refused until it can be read"),
+        "{log}"
+    );
+}

@@ -171,6 +171,7 @@ impl Sources {
         stats: &StatsRegistry,
         deaths: &Deaths,
         dry: Option<&DryRun>,
+        blocks: Option<&crate::blocks::Blocks>,
     ) -> Result<Sources, Failure> {
         let (tx, rx) = match dry {
             Some(d) => d.relay()?,
@@ -182,9 +183,9 @@ impl Sources {
         let _push = if dry.is_some_and(|d| d.daemon_running) && settings.push.enabled() {
             // Its sockets belong to the running daemon: binding them would take them over.
             tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
-            crate::push::spawn(&Default::default(), tx.clone(), stats)
+            crate::push::spawn(&Default::default(), tx.clone(), stats, None)
         } else {
-            crate::push::spawn(&settings.push, tx.clone(), stats)
+            crate::push::spawn(&settings.push, tx.clone(), stats, blocks.cloned())
         }
         .map_err(Failure::runtime)?;
         let _events = if dry.is_some_and(|d| d.daemon_running) && settings.events.enabled() {
@@ -353,19 +354,25 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         tracing::info!("--dry-run: the socketmap, policy and metrics servers are not started");
     }
     let counters = Arc::new(Mutex::new(engine.counters.clone()));
-    let mut servers = match &dry {
+    // Kept whatever [policy] says now: a blocked user stays blocked until `dovegate
+    // unblock`, and a reload may turn block_on_cap on. The auth-policy endpoint refuses
+    // its logins from the same set.
+    let blocks = match &dry {
         Some(_) => None,
-        None => {
-            // Kept whatever [policy] says now: a blocked user stays blocked until
-            // `dovegate unblock`, and a reload may turn block_on_cap on.
-            let blocks = crate::engine::Blocks::new(Some(&settings.state_dir))
-                .map_err(|e| Failure::runtime(format!("policy.block_on_cap: {e}")))?;
+        None => Some(
+            crate::blocks::Blocks::new(Some(&settings.state_dir))
+                .map_err(|e| Failure::runtime(format!("policy.block_on_cap: {e}")))?,
+        ),
+    };
+    let mut servers = match &blocks {
+        None => None,
+        Some(blocks) => {
             engine.set_blocks(blocks.clone());
             let policy = crate::policy::Context::new(
                 engine.view(),
                 engine.logins(),
                 Some(&settings.state_dir),
-                Some(blocks),
+                Some(blocks.clone()),
             );
             let src = Arc::new(MetricsSource {
                 stats: Arc::clone(&stats),
@@ -384,7 +391,14 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     };
     let (deaths, mut died) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut death: Option<String> = None;
-    let mut sources = Sources::start(&cfg, &checkpoints, &stats, &deaths, dry.as_ref())?;
+    let mut sources = Sources::start(
+        &cfg,
+        &checkpoints,
+        &stats,
+        &deaths,
+        dry.as_ref(),
+        blocks.as_ref(),
+    )?;
     tracing::info!(
         map = %settings.map_path.display(),
         grants = engine.active(),
@@ -452,7 +466,14 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                             tracing::warn!("[store] changes take effect at the next restart");
                         }
                         sources.stop();
-                        match Sources::start(&new, &checkpoints, &stats, &deaths, dry.as_ref()) {
+                        match Sources::start(
+                            &new,
+                            &checkpoints,
+                            &stats,
+                            &deaths,
+                            dry.as_ref(),
+                            blocks.as_ref(),
+                        ) {
                             Ok(started) => {
                                 sources = started;
                                 if let Some(servers) = &mut servers {
@@ -484,6 +505,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                                     &stats,
                                     &deaths,
                                     dry.as_ref(),
+                                    blocks.as_ref(),
                                 )?;
                             }
                         }

@@ -7,7 +7,6 @@
 //! changes.
 
 mod alarm;
-mod blocks;
 mod counters;
 mod driver;
 mod logins;
@@ -16,12 +15,13 @@ mod view;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-pub use blocks::{read_blocked, unblock, BlockEntry, Blocks, BLOCKED_FILE};
+pub use crate::blocks::{read_blocked, unblock, BlockEntry, Blocks, LoginCheck, BLOCKED_FILE};
 pub use counters::{CommitLatency, Counters, COMMIT_BUCKETS};
 pub use driver::{drive, run, Clock, Exit, Pace, SystemClock};
 pub use logins::{Behind, LoginRecord, LoginsView, MAX_LOGINS_PER_GRANT};
 pub use view::{GrantsView, Lookup};
 
+use crate::blocks;
 use crate::grant::{Decision, Policy};
 use crate::model::Batch;
 use crate::session::{Probe, Sessions};

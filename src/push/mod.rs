@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::Sender;
 
+use crate::blocks::Blocks;
 use crate::config::ConfigError;
 use crate::model::{Batch, SeenLogin};
 use crate::net::background::{Background, Setup};
@@ -195,6 +196,10 @@ pub(crate) struct Sink {
     /// misconfiguration.
     skipped: Arc<SharedLimit>,
     misconfigured: Arc<SharedLimit>,
+    /// Logins of blocked users refused, and the blocked users' file unreadable: each its
+    /// own, so neither hides the other nor a misconfiguration.
+    blocked: Arc<SharedLimit>,
+    unreadable: Arc<SharedLimit>,
 }
 
 /// How long a pushed login may wait for room in the engine's queue before it is dropped
@@ -245,6 +250,21 @@ impl Sink {
         self.misconfigured.warn(what);
     }
 
+    /// Counts a login refused because its user is blocked (near miss `blocked-user`) and
+    /// logs it, rate-limited.
+    pub(crate) fn blocked_login(&self, what: &str) {
+        self.stats.count_near_miss("blocked-user");
+        self.blocked.warn(what);
+    }
+
+    /// Says the blocked users cannot be read (so nobody is refused), rate-limited: it is
+    /// asked again at every login.
+    pub(crate) fn blocks_unreadable(&self, what: &str) {
+        if let Some(n) = self.unreadable.hit() {
+            tracing::error!(events_since_last = n, "{what}");
+        }
+    }
+
     pub(crate) fn invalid(&self, what: &str) {
         self.stats.invalid_ip.fetch_add(1, Ordering::Relaxed);
         self.refused.warn(what);
@@ -256,10 +276,13 @@ pub type Push = Background;
 
 /// Starts the configured push servers (none: returns an idle `Push`). Binding happens
 /// before this returns, so an error names the socket or address at fault.
+/// `blocks`: the users `policy.block_on_cap` blocked, whose logins the auth-policy
+/// endpoint refuses (None: it refuses nobody).
 pub fn spawn(
     settings: &PushSettings,
     tx: Sender<Batch>,
     stats: &StatsRegistry,
+    blocks: Option<Blocks>,
 ) -> Result<Push, String> {
     if !settings.enabled() {
         return Ok(Background::idle());
@@ -273,6 +296,8 @@ pub fn spawn(
             refused: Arc::clone(&refused),
             skipped: Arc::default(),
             misconfigured: Arc::default(),
+            blocked: Arc::default(),
+            unreadable: Arc::default(),
         };
         setup
             .bind(socket::bind(path, settings.uids.clone(), sink))
@@ -285,10 +310,13 @@ pub fn spawn(
             refused,
             skipped: Arc::default(),
             misconfigured: Arc::default(),
+            blocked: Arc::default(),
+            unreadable: Arc::default(),
         };
         let cfg = policy::PolicyConfig {
             secret: settings.secret.clone(),
             protocols: settings.protocols.clone(),
+            blocks,
         };
         setup
             .bind(policy::bind(listen, cfg, sink))

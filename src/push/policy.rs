@@ -1,6 +1,8 @@
 //! The auth-policy endpoint Dovecot's auth process talks to (`auth_policy_server_url`).
-//! `command=allow` is answered at once with "no objection" (dovegate never rejects a
-//! login); `command=report` with `"success":true` for a configured protocol grants the
+//! `command=allow` is answered at once: "no objection", unless its `login` is a user
+//! `policy.block_on_cap` blocked (status -1 with the reason: Dovecot fails the
+//! authentication and shows the text to the client); `command=report` with
+//! `"success":true` for a configured protocol grants the
 //! reported `remote` address, unless the passdb made it a proxied or `nologin` login:
 //! Dovecot reports those as successes before acting on them (the user never logs in here),
 //! so the report must carry `proxy` and `nologin` (auth_policy_request_attributes) and a
@@ -18,6 +20,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use subtle::ConstantTimeEq;
 
 use super::{ApiHeader, Sink};
+use crate::blocks::{Blocks, LoginCheck};
 use crate::grant::parse_any_ip;
 use crate::net::http::BodyError;
 use crate::net::{self, Conn, Handler, Listen, Server, Spec, Stream};
@@ -41,6 +44,8 @@ const MAX_CONNECTIONS: usize = 128;
 pub struct PolicyConfig {
     pub secret: Option<ApiHeader>,
     pub protocols: Vec<String>,
+    /// The blocked users, refused at `command=allow` (None: nobody is).
+    pub blocks: Option<Blocks>,
 }
 
 /// What `%{passdb:proxy:-}` expands to when the passdb did not set the field.
@@ -50,14 +55,46 @@ pub const UNSET: &str = "-";
 /// and `nologin`, defaulting to `-` when absent (present, Dovecot 2.3 expands them to "").
 pub const REQUEST_ATTRIBUTES: &str = "login=%{requested_username} pwhash=%{hashed_password} remote=%{rip} device_id=%{client_id} protocol=%s session_id=%{session} proxy=%{passdb:proxy:-} nologin=%{passdb:nologin:-}";
 
-/// The one answer dovegate gives: no objection.
+/// No objection.
 const ALLOW: &str = r#"{"status":0,"msg":""}"#;
+
+/// The refusal of a blocked user's login: Dovecot fails the authentication on any
+/// negative status (`auth_request_policy_check_callback`) and sends `msg` to the client
+/// (IMAP `NO [ALERT] ...`, POP3 `-ERR [AUTH] ...`). The cap is the name the policy
+/// server recorded; cut so that a damaged file cannot make a long answer.
+fn refusal(cap: &str) -> String {
+    let cap: String = cap
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_SHOWN)
+        .collect();
+    serde_json::json!({
+        "status": -1,
+        "msg": format!("blocked by dovegate: cap {cap} tripped; ask the administrator"),
+    })
+    .to_string()
+}
+
+/// How much of a login name or cap goes into a log line or an answer.
+const MAX_SHOWN: usize = 80;
+
+fn shown(text: &str) -> String {
+    let mut t: String = text.chars().take(MAX_SHOWN).collect();
+    if t.len() < text.len() {
+        t.push_str("...");
+    }
+    t.escape_debug().to_string()
+}
 
 /// What a request amounts to, decided without I/O.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Answer "allow", grant nothing.
-    Allow,
+    /// A question before a login (`command=allow`): answer it for the `login` and client
+    /// address it names (either absent or not text: nobody to refuse); grant nothing.
+    Ask {
+        login: Option<String>,
+        remote: Option<String>,
+    },
     /// A successful login to grant.
     Grant(std::net::IpAddr),
     /// A report that grants nothing (failed login, other protocol).
@@ -79,12 +116,29 @@ pub fn judge(query: Option<&str>, body: &[u8], protocols: &[String]) -> Verdict 
         .unwrap_or("")
         .split('&')
         .find_map(|kv| kv.strip_prefix("command="));
-    match command {
-        Some("allow") => return Verdict::Allow,
-        Some("report") => {}
+    let ask = match command {
+        Some("allow") => true,
+        Some("report") => false,
         _ => return Verdict::BadRequest("expected ?command=allow or ?command=report"),
+    };
+    let parsed = serde_json::from_slice::<serde_json::Value>(body);
+    if ask {
+        // Never a bad request: an answer Dovecot cannot read counts as "allow" only
+        // with auth_policy_reject_on_fail = no, and refusing is not ours to decide here.
+        let text = |k: &str| {
+            parsed
+                .as_ref()
+                .ok()
+                .and_then(|v| v.get(k))
+                .and_then(|x| x.as_str())
+                .map(str::to_string)
+        };
+        return Verdict::Ask {
+            login: text("login"),
+            remote: text("remote"),
+        };
     }
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+    let Ok(v) = parsed else {
         return Verdict::BadRequest("the body is not JSON");
     };
     if v.get("success") != Some(&serde_json::Value::Bool(true)) {
@@ -123,8 +177,13 @@ fn authorised(req: &Request<Incoming>, secret: &Option<ApiHeader>) -> bool {
 }
 
 fn reply(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut r = json_reply(body.to_string());
     *r.status_mut() = status;
+    r
+}
+
+fn json_reply(body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
@@ -163,7 +222,33 @@ async fn handle(
         }
     };
     Ok(match judge(query.as_deref(), &body, &cfg.protocols) {
-        Verdict::Allow | Verdict::Ignore => reply(StatusCode::OK, ALLOW),
+        Verdict::Ask { login, remote } => {
+            let (Some(blocks), Some(login)) = (&cfg.blocks, login) else {
+                return Ok(reply(StatusCode::OK, ALLOW));
+            };
+            match blocks.login(&login) {
+                LoginCheck::Allowed => reply(StatusCode::OK, ALLOW),
+                LoginCheck::Blocked(cap) => {
+                    sink.blocked_login(&format!(
+                        "auth policy: login of user \"{}\" from {} refused: blocked since it tripped cap {} (policy.block_on_cap; `dovegate unblock USER` lifts it)",
+                        shown(&login),
+                        shown(remote.as_deref().unwrap_or("-")),
+                        shown(&cap),
+                    ));
+                    json_reply(refusal(&cap))
+                }
+                LoginCheck::Unreadable(e) => {
+                    // Refusing everyone would lock every user out of their mail on a
+                    // file dovegate cannot read: allowed, as before the kill switch
+                    // (blocked users' grants stay revoked by the engine meanwhile).
+                    sink.blocks_unreadable(&format!(
+                        "auth policy: cannot read the blocked users ({e}); logins are not refused until it can be read"
+                    ));
+                    reply(StatusCode::OK, ALLOW)
+                }
+            }
+        }
+        Verdict::Ignore => reply(StatusCode::OK, ALLOW),
         Verdict::Grant(ip) => {
             tracing::debug!(%ip, "login reported by the auth policy client");
             sink.push(ip).await;
@@ -257,6 +342,25 @@ mod tests {
         vec!["imap".into(), "pop3".into()]
     }
 
+    /// The refusal as Dovecot parses it: a negative status and the text for the client,
+    /// escaped, bounded, without control characters.
+    #[test]
+    fn refusal_is_dovecot_json() {
+        let v: serde_json::Value =
+            serde_json::from_str(&refusal("user_messages_per_hour")).unwrap();
+        assert_eq!(v["status"], -1);
+        assert_eq!(
+            v["msg"],
+            "blocked by dovegate: cap user_messages_per_hour tripped; ask the administrator"
+        );
+        let odd = format!("a\"b\n{}", "x".repeat(500));
+        let v: serde_json::Value = serde_json::from_str(&refusal(&odd)).unwrap();
+        let msg = v["msg"].as_str().unwrap();
+        assert!(msg.contains("a\"bx") && msg.len() < 200, "{msg}");
+        assert_eq!(shown("bob\u{1b}"), "bob\\u{1b}");
+        assert_eq!(shown(&"y".repeat(90)), format!("{}...", "y".repeat(80)));
+    }
+
     #[test]
     fn verdicts() {
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
@@ -266,11 +370,25 @@ mod tests {
             judge(Some("command=report"), ok, &protos()),
             Verdict::Grant(ip("203.0.113.5"))
         );
-        assert_eq!(judge(Some("command=allow"), ok, &protos()), Verdict::Allow);
+        // A question before the login, as Dovecot 2.3 sends it (no `success`).
+        let ask = br#"{"device_id":"","login":"alice","nologin":"-","protocol":"pop3","proxy":"-","pwhash":"0a49","remote":"203.0.113.9","session_id":"x","tls":false}"#;
         assert_eq!(
-            judge(Some("a=b&command=allow"), b"", &protos()),
-            Verdict::Allow
+            judge(Some("command=allow"), ask, &protos()),
+            Verdict::Ask {
+                login: Some("alice".into()),
+                remote: Some("203.0.113.9".into())
+            }
         );
+        // Nobody named: nobody to refuse, never a bad request.
+        for body in [&b""[..], b"{", br#"{"login":7}"#] {
+            assert_eq!(
+                judge(Some("a=b&command=allow"), body, &protos()),
+                Verdict::Ask {
+                    login: None,
+                    remote: None
+                }
+            );
+        }
         let failed = br#"{"remote":"203.0.113.5","protocol":"imap","success":false}"#;
         assert_eq!(
             judge(Some("command=report"), failed, &protos()),

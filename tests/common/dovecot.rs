@@ -219,6 +219,34 @@ s.sendall(('b LOGIN "%s" "%s"\r\n' % (user, password)).encode()); print(until("b
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// One forwarded POP3 login (XCLIENT from the trusted 127.0.0.9, for `addr`); Dovecot's
+/// answer to PASS.
+pub fn pop3_login(port: u16, addr: &str, user: &str, password: &str) -> String {
+    let script = r#"
+import socket, sys
+port, addr, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+s = socket.socket(); s.settimeout(20); s.bind(("127.0.0.9", 0)); s.connect(("127.0.0.1", port))
+f = s.makefile("rb")
+f.readline()
+for line in ("XCLIENT ADDR=" + addr, "USER " + user):
+    s.sendall((line + "\r\n").encode())
+    r = f.readline().decode()
+    assert r.startswith("+OK"), r
+s.sendall(("PASS %s\r\n" % password).encode()); print(f.readline().decode().strip())
+s.sendall(b"QUIT\r\n"); f.readline()
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &port.to_string(), addr, user, password])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The keys of the LMDB map, as Postfix's `postmap -s` lists them.
 pub fn map_keys(map: &Path) -> std::collections::BTreeSet<String> {
     super::postmap_s(map).into_iter().map(|(k, _)| k).collect()

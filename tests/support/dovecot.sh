@@ -27,8 +27,9 @@
 # README says: DG_POSTLOGIN (the post-login script and its arguments, run by script-login
 # for imap and pop3), DG_POLICY_URL and DG_POLICY_HEADER (auth_policy_server_url and
 # auth_policy_server_api_header), DG_POLICY_CHECKS=no (auth_policy_check_before_auth and
-# _after_auth off: reports only), DG_POLICY_ATTRIBUTES=default (Dovecot's default
-# auth_policy_request_attributes, without the proxy and nologin ones dovegate requires).
+# _after_auth off: reports only; =after: only _after_auth, the kill switch's setting),
+# DG_POLICY_ATTRIBUTES=default (Dovecot's default auth_policy_request_attributes, without
+# the proxy and nologin ones dovegate requires).
 # With DG_POLICY_URL, `up` adds the users carol (proxy=y to a closed port, any password)
 # and dave (nologin), whose authentications succeed but who never log in.
 # Dovecot runs as root here (the master must: it binds, chroots, drops privileges); the
@@ -133,6 +134,7 @@ auth_policy_report_after_auth = yes
 auth_policy_request_attributes = $attrs
 CONF
         [ "${DG_POLICY_CHECKS:-}" != no ] || printf 'auth_policy_check_before_auth = no\nauth_policy_check_after_auth = no\n' >> "$DIR/dovecot.conf"
+        [ "${DG_POLICY_CHECKS:-}" != after ] || printf 'auth_policy_check_before_auth = no\nauth_policy_check_after_auth = yes\n' >> "$DIR/dovecot.conf"
         # Authentications that are not logins here: carol is proxied elsewhere (a closed
         # port: the login fails), dave may not log in; both authenticate successfully.
         printf 'carol:::::::proxy=y host=127.0.0.1 port=9 nopassword=y\ndave:{PLAIN}dave-pass::::::nologin reason=moved\n' >> "$DIR/users"
@@ -289,6 +291,7 @@ auth_policy_request_attributes {
 }
 CONF
         [ "${DG_POLICY_CHECKS:-}" != no ] || printf 'auth_policy_check_before_auth = no\nauth_policy_check_after_auth = no\n' >> "$DIR/dovecot.conf"
+        [ "${DG_POLICY_CHECKS:-}" != after ] || printf 'auth_policy_check_before_auth = no\nauth_policy_check_after_auth = yes\n' >> "$DIR/dovecot.conf"
     fi
     # DG_EXTRA_CONF: settings appended as they are (verbose_proctitle, anonymous login).
     [ -z "${DG_EXTRA_CONF:-}" ] || printf '%s\n' "$DG_EXTRA_CONF" >> "$DIR/dovecot.conf"

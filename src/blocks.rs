@@ -1,12 +1,16 @@
-//! Blocked users (`policy.block_on_cap`): a user who trips a sending cap loses every grant
-//! and is granted nothing more until `dovegate unblock USER`.
+//! Blocked users (`policy.block_on_cap`): a user who trips a sending cap loses every grant,
+//! is granted nothing more and, where dovegate answers Dovecot's auth policy, may not log
+//! in until `dovegate unblock USER`. Neutral (it imports only `telemetry` and `timefmt`):
+//! the policy server writes it, the engine revokes from it, the auth-policy endpoint (a
+//! source) reads it, all through one `Blocks`.
 //!
 //! The set lives in `STATE/policy-blocked.json` (read-modify-write under an fcntl lock on
 //! `STATE/policy-blocked.lock`, by the daemon and by `dovegate unblock`); the daemon
 //! re-reads it when it changes. Revocations wait here for the engine, which removes the
-//! grants from the store on its next probe (within a quarter second).
+//! grants from the store on its next probe (within a quarter second). The auth-policy
+//! endpoint asks `login` here before each IMAP/POP3 login it is consulted on.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
@@ -33,11 +37,24 @@ pub struct BlockEntry {
 
 #[derive(Debug, Default)]
 struct Inner {
-    users: HashSet<String>,
+    /// Blocked users and the cap each tripped.
+    users: HashMap<String, String>,
     revoke: Vec<(IpAddr, String)>,
     /// The file's identity (inode, modification time) when last read or written.
     seen: Option<(u64, SystemTime)>,
+    /// Why the last re-read failed (None: it succeeded); the set read before stays.
+    unreadable: Option<String>,
     blocked_total: u64,
+}
+
+/// What the blocks say about a login (`Blocks::login`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginCheck {
+    Allowed,
+    /// Blocked for tripping this cap.
+    Blocked(String),
+    /// The file cannot be read now (the reason): nobody is refused on a guess.
+    Unreadable(String),
 }
 
 /// Shared by the policy server (blocks), the engine (refuses and revokes) and the file.
@@ -132,7 +149,27 @@ impl Blocks {
     }
 
     pub fn is_blocked(&self, user: &str) -> bool {
-        self.lock().users.contains(user)
+        self.lock().users.contains_key(user)
+    }
+
+    /// Whether `user` may log in (the auth-policy endpoint, before every login it is asked
+    /// about): the file is re-read first when it changed (one stat otherwise), so an
+    /// unblock counts at the very next login. While the file cannot be read, the answer is
+    /// `Unreadable` whoever asks: refusing on the last set read (or everyone) would keep
+    /// users out of their mail on a file nobody can check, while their grants stay revoked
+    /// by the engine either way.
+    pub fn login(&self, user: &str) -> LoginCheck {
+        if let Ok(true) = self.reload() {
+            tracing::info!(blocked = self.len(), "blocked users re-read");
+        }
+        let m = self.lock();
+        if let Some(e) = &m.unreadable {
+            return LoginCheck::Unreadable(e.clone());
+        }
+        match m.users.get(user) {
+            Some(cap) => LoginCheck::Blocked(cap.clone()),
+            None => LoginCheck::Allowed,
+        }
     }
 
     pub fn blocked_total(&self) -> u64 {
@@ -156,11 +193,18 @@ impl Blocks {
         if mtime == self.lock().seen && mtime.is_some() {
             return Ok(false);
         }
-        let users: HashSet<String> = read_blocked(dir)?.into_keys().collect();
+        let users: HashMap<String, String> = match read_blocked(dir) {
+            Ok(all) => all.into_iter().map(|(u, e)| (u, e.cap)).collect(),
+            Err(e) => {
+                self.lock().unreadable = Some(e.to_string());
+                return Err(e);
+            }
+        };
         let mut m = self.lock();
         let changed = m.users != users;
         m.users = users;
         m.seen = mtime;
+        m.unreadable = None;
         Ok(changed)
     }
 
@@ -185,7 +229,7 @@ impl Blocks {
     pub fn block(&self, user: &str, cap: &str, addresses: Vec<IpAddr>, now: i64) -> bool {
         {
             let mut m = self.lock();
-            if m.users.contains(user) {
+            if m.users.contains_key(user) {
                 m.revoke
                     .extend(addresses.into_iter().map(|ip| (ip, user.to_string())));
                 return false;
@@ -197,7 +241,7 @@ impl Blocks {
                 ));
                 return false;
             }
-            m.users.insert(user.to_string());
+            m.users.insert(user.to_string(), cap.to_string());
             m.revoke
                 .extend(addresses.into_iter().map(|ip| (ip, user.to_string())));
             m.blocked_total += 1;
@@ -272,5 +316,45 @@ mod tests {
         assert!(!b.reload().unwrap(), "nothing changed since");
         let fresh = Blocks::new(Some(dir.path())).unwrap();
         assert!(!fresh.is_blocked("alice"));
+    }
+
+    /// The endpoint's question: the cap of a blocked user, an unblock seen at once, and
+    /// nobody refused while the file cannot be read.
+    #[test]
+    fn login_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Blocks::new(Some(dir.path())).unwrap();
+        assert_eq!(b.login("alice"), LoginCheck::Allowed);
+        assert!(b.block("alice", "user_messages_per_hour", vec![], 0));
+        assert_eq!(
+            b.login("alice"),
+            LoginCheck::Blocked("user_messages_per_hour".into())
+        );
+        assert_eq!(b.login("bob"), LoginCheck::Allowed);
+        // Another process (the daemon's policy server) blocks bob: seen at once.
+        let other = Blocks::new(Some(dir.path())).unwrap();
+        assert!(other.block("bob", "grant_messages", vec![], 0));
+        assert_eq!(b.login("bob"), LoginCheck::Blocked("grant_messages".into()));
+        assert!(unblock(dir.path(), "alice").unwrap());
+        assert_eq!(b.login("alice"), LoginCheck::Allowed);
+        // A broken file: nobody refused, the reason given, every time it is asked.
+        // Replaced as every writer does (a new inode: a rewrite in place within the same
+        // clock tick could keep the identity).
+        let replace = |text: &[u8]| {
+            let tmp = dir.path().join("t");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, dir.path().join(BLOCKED_FILE)).unwrap();
+        };
+        replace(b"{ broken");
+        for _ in 0..2 {
+            match b.login("bob") {
+                LoginCheck::Unreadable(e) => assert!(e.contains(BLOCKED_FILE), "{e}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The engine keeps the set it read last (its grants stay revoked).
+        assert!(b.is_blocked("bob"));
+        replace(b"{}");
+        assert_eq!(b.login("bob"), LoginCheck::Allowed);
     }
 }
