@@ -167,6 +167,49 @@ pub fn key_text(ip: IpAddr) -> String {
     ip.to_canonical().to_string().to_ascii_lowercase()
 }
 
+/// The prefix lengths `grant.ipv6_prefix` accepts: Postfix shortens an IPv6 client address
+/// only at `:` (smtpd_check.c, check_addr_access: `split_at_right(addr, ':')`), so a key can
+/// name a prefix only on a 16-bit group boundary; shorter than /48 would open a whole site
+/// or provider to one login.
+pub const IPV6_PREFIXES: [u8; 6] = [48, 64, 80, 96, 112, 128];
+
+/// Checks a configured `grant.ipv6_prefix`; the error is one line for the key's message.
+pub fn check_ipv6_prefix(bits: i64) -> Result<u8, String> {
+    match u8::try_from(bits) {
+        Ok(b) if IPV6_PREFIXES.contains(&b) => Ok(b),
+        _ => Err(format!(
+            "{bits} is not one of 48, 64, 80, 96, 112, 128 (Postfix shortens IPv6 keys only at 16-bit `:` groups; 128 = the address itself)"
+        )),
+    }
+}
+
+/// The access(5) key that Postfix's check_client_access finds for every address in the
+/// /`bits` prefix of `v6`, or None when no single key can.
+///
+/// smtpd looks up the client's inet_ntop text (compressed, lower case), then drops one
+/// `:`-separated part at a time from the right: `2001:db8:1:2::7`, `2001:db8:1:2:`,
+/// `2001:db8:1:2`, `2001:db8:1`, ... The first k = bits/16 groups appear spelled out as
+/// `g0:...:gk-1` (hex, no leading zeros) in EVERY address of the prefix only when no `::`
+/// can fall inside them: no two adjacent zero groups among them (inet_ntop compresses runs
+/// of two or more) and a last group that is not zero (else a host part starting with zeros
+/// extends the run into the prefix). `2001:db8::/64` fails that: its addresses print as
+/// `2001:db8::...` or `2001:db8:0:0:...` depending on the host part.
+pub fn ipv6_prefix_key(v6: Ipv6Addr, bits: u8) -> Option<String> {
+    if bits >= 128 {
+        return Some(key_text(IpAddr::V6(v6)));
+    }
+    if bits % 16 != 0 || bits == 0 {
+        return None;
+    }
+    let groups = &v6.segments()[..usize::from(bits / 16)];
+    let adjacent_zeros = groups.windows(2).any(|w| w[0] == 0 && w[1] == 0);
+    if adjacent_zeros || groups.last() == Some(&0) {
+        return None;
+    }
+    let parts: Vec<String> = groups.iter().map(|g| format!("{g:x}")).collect();
+    Some(parts.join(":"))
+}
+
 /// Parses any textual address form (`::FFFF:1.2.3.4`, `[2001:db8::1]`) into its canonical
 /// address; for administrators' commands.
 pub fn parse_any_ip(text: &str) -> Option<IpAddr> {
@@ -197,6 +240,81 @@ mod tests {
         assert_eq!(key_text(ip("2001:db8:0:0:1:0:0:1")), "2001:db8::1:0:0:1");
         assert_eq!(parse_any_ip("[2001:DB8::1]"), Some(ip("2001:db8::1")));
         assert_eq!(parse_any_ip("::FFFF:1.2.3.4"), Some(ip("1.2.3.4")));
+    }
+
+    /// Every shortened form Postfix looks up for `addr` (smtpd_check.c's loop).
+    fn postfix_lookups(addr: &str) -> Vec<String> {
+        let mut a = addr.to_string();
+        let mut out = vec![a.clone()];
+        while let Some(i) = a.rfind(':') {
+            a.truncate(i);
+            out.push(a.clone());
+        }
+        out
+    }
+
+    #[test]
+    fn ipv6_prefix_keys_are_what_postfix_looks_up() {
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        assert_eq!(
+            ipv6_prefix_key(v6("2001:DB8:1:2::7"), 64).as_deref(),
+            Some("2001:db8:1:2")
+        );
+        assert_eq!(
+            ipv6_prefix_key(v6("2001:db8:a:b:c::7"), 80).as_deref(),
+            Some("2001:db8:a:b:c")
+        );
+        assert_eq!(
+            ipv6_prefix_key(v6("2001:db8:0:1::7"), 64).as_deref(),
+            Some("2001:db8:0:1"),
+            "a single zero group is never compressed"
+        );
+        assert_eq!(
+            ipv6_prefix_key(v6("2001:db8:1:2::7"), 128).as_deref(),
+            Some("2001:db8:1:2::7")
+        );
+        assert_eq!(ipv6_prefix_key(v6("2001:db8::7"), 64), None);
+        assert_eq!(ipv6_prefix_key(v6("2001:db8:1:0::7"), 64), None);
+        assert_eq!(ipv6_prefix_key(v6("2001:db8:1:2::7"), 60), None);
+        // The key is a shortened form of every address in the prefix (hosts with zero runs
+        // of each length and place, printed as glibc does) and of none outside it.
+        let key = ipv6_prefix_key(v6("2001:db8:0:2::7"), 64).unwrap();
+        for host in [
+            [0, 0, 0, 0],
+            [0, 0, 0, 1],
+            [1, 0, 0, 0],
+            [1, 0, 0, 1],
+            [0, 1, 0, 1],
+            [1, 2, 3, 4],
+            [0, 0, 1, 0],
+            [0xffff, 0, 0, 0],
+        ] {
+            let mut s = v6("2001:db8:0:2::").segments();
+            s[4..].copy_from_slice(&host);
+            let text = key_text(IpAddr::V6(Ipv6Addr::from(s)));
+            assert!(postfix_lookups(&text).contains(&key), "{text}");
+        }
+        for outside in [
+            "2001:db8:0:3::1",
+            "2001:db8::2:0:0:1",
+            "2001:db8:0:20::1",
+            "2001:db8:0:2",
+        ] {
+            let text = match outside.parse::<Ipv6Addr>() {
+                Ok(a) => key_text(IpAddr::V6(a)),
+                Err(_) => continue,
+            };
+            assert!(!postfix_lookups(&text).contains(&key), "{text}");
+        }
+    }
+
+    #[test]
+    fn ipv6_prefix_setting_is_on_group_boundaries() {
+        assert_eq!(check_ipv6_prefix(64), Ok(64));
+        assert_eq!(check_ipv6_prefix(128), Ok(128));
+        for bad in [0, 16, 32, 56, 65, 129, -1, 300] {
+            assert!(check_ipv6_prefix(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
