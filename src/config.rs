@@ -127,14 +127,8 @@ pub struct GrantSection {
     pub exclude: Vec<String>,
     pub exclude_mynetworks: bool,
     pub postfix_config_dir: String,
-    /// IPv6 logins grant their /N prefix (128: the address only; the shipped file has it
-    /// commented out, so it defaults here).
-    #[serde(default = "default_ipv6_prefix")]
+    /// IPv6 logins grant their /N prefix (128: the address only).
     pub ipv6_prefix: i64,
-}
-
-fn default_ipv6_prefix() -> i64 {
-    128
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -64,6 +64,7 @@ pub enum Decision {
 pub struct Policy {
     exclude: Vec<IpNet>,
     ttl_secs: i64,
+    ipv6_prefix: u8,
 }
 
 impl Policy {
@@ -73,7 +74,21 @@ impl Policy {
     pub fn new(exclude: Vec<IpNet>, ttl: Duration) -> Policy {
         let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let exclude = exclude.into_iter().map(canonical_net).collect();
-        Policy { exclude, ttl_secs }
+        Policy {
+            exclude,
+            ttl_secs,
+            ipv6_prefix: 128,
+        }
+    }
+
+    /// IPv6 logins grant their /`bits` prefix (`grant.ipv6_prefix`; 128: the address).
+    pub fn with_ipv6_prefix(mut self, bits: u8) -> Policy {
+        self.ipv6_prefix = bits;
+        self
+    }
+
+    pub fn ipv6_prefix(&self) -> u8 {
+        self.ipv6_prefix
     }
 
     pub fn ttl_secs(&self) -> i64 {
@@ -138,7 +153,12 @@ impl Policy {
         if expires <= now {
             return Decision::Expired;
         }
-        Decision::Grant { ip, expires }
+        // Exclusions were checked on the login's own address: an excluded client never
+        // opens its prefix.
+        Decision::Grant {
+            ip: widen(ip, self.ipv6_prefix),
+            expires,
+        }
     }
 }
 
@@ -208,6 +228,60 @@ pub fn ipv6_prefix_key(v6: Ipv6Addr, bits: u8) -> Option<String> {
     }
     let parts: Vec<String> = groups.iter().map(|g| format!("{g:x}")).collect();
     Some(parts.join(":"))
+}
+
+/// The address a grant for a login from `ip` is kept under: with `bits` < 128, an IPv6
+/// address is widened to its /`bits` network when `ipv6_prefix_key` can name that prefix
+/// (else it stays itself: a grant never reaches beyond the prefix). IPv4 is unchanged.
+pub fn widen(ip: IpAddr, bits: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) if bits < 128 && ipv6_prefix_key(v6, bits).is_some() => {
+            IpAddr::V6(network(v6, bits))
+        }
+        other => other,
+    }
+}
+
+fn network(v6: Ipv6Addr, bits: u8) -> Ipv6Addr {
+    let mask = u128::MAX.checked_shl(u32::from(128 - bits)).unwrap_or(0);
+    Ipv6Addr::from(u128::from(v6) & mask)
+}
+
+/// The map key of a grant kept under `ip` (see `widen`) when IPv6 logins grant /`bits`:
+/// the prefix key for a widened network, else the address's own key.
+pub fn map_key(ip: IpAddr, bits: u8) -> String {
+    if let IpAddr::V6(v6) = ip {
+        if bits < 128 && network(v6, bits) == v6 {
+            if let Some(k) = ipv6_prefix_key(v6, bits) {
+                return k;
+            }
+        }
+    }
+    key_text(ip)
+}
+
+/// The inverse of `map_key` for the same `bits`: None for any text `map_key` does not
+/// write (other case, another prefix length, not an address).
+pub fn parse_map_key(text: &str, bits: u8) -> Option<IpAddr> {
+    let ip = match text.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) if bits < 128 && text.len() <= 39 => {
+            let parts: Vec<&str> = text.split(':').collect();
+            if parts.len() != usize::from(bits / 16) {
+                return None;
+            }
+            let mut groups = [0u16; 8];
+            for (g, p) in groups.iter_mut().zip(&parts) {
+                if p.is_empty() || p.len() > 4 {
+                    return None;
+                }
+                *g = u16::from_str_radix(p, 16).ok()?;
+            }
+            IpAddr::V6(Ipv6Addr::from(groups))
+        }
+        Err(_) => return None,
+    };
+    (map_key(ip, bits) == text).then_some(ip)
 }
 
 /// Parses any textual address form (`::FFFF:1.2.3.4`, `[2001:db8::1]`) into its canonical
@@ -305,6 +379,65 @@ mod tests {
                 Err(_) => continue,
             };
             assert!(!postfix_lookups(&text).contains(&key), "{text}");
+        }
+    }
+
+    #[test]
+    fn prefix_grants_are_kept_under_their_network() {
+        let p = Policy::new(
+            vec!["2001:db8:1:2::66/128".parse().unwrap()],
+            Duration::from_secs(60),
+        )
+        .with_ipv6_prefix(64);
+        assert_eq!(
+            p.decide(ip("2001:db8:1:2::7"), None, 0),
+            Decision::Grant {
+                ip: ip("2001:db8:1:2::"),
+                expires: 60
+            }
+        );
+        // Not expressible as one key: the address only. IPv4 and mapped: unchanged.
+        for a in ["2001:db8::7", "192.0.2.7"] {
+            assert_eq!(
+                p.decide(ip(a), None, 0),
+                Decision::Grant {
+                    ip: ip(a),
+                    expires: 60
+                }
+            );
+        }
+        assert_eq!(
+            p.decide(ip("::ffff:192.0.2.7"), None, 0),
+            Decision::Grant {
+                ip: ip("192.0.2.7"),
+                expires: 60
+            }
+        );
+        assert!(matches!(
+            p.decide(ip("2001:db8:1:2::66"), None, 0),
+            Decision::Excluded(_)
+        ));
+        for (a, bits, key) in [
+            ("2001:db8:1:2::", 64, "2001:db8:1:2"),
+            ("2001:db8:1:2::7", 64, "2001:db8:1:2::7"),
+            ("2001:db8::", 64, "2001:db8::"),
+            ("2001:db8:1:2::", 128, "2001:db8:1:2::"),
+            ("192.0.2.7", 64, "192.0.2.7"),
+            ("2001:db8:1:2:3:4:5::", 112, "2001:db8:1:2:3:4:5"),
+        ] {
+            assert_eq!(map_key(ip(a), bits), key, "{a}/{bits}");
+            assert_eq!(parse_map_key(key, bits), Some(ip(a)), "{key}/{bits}");
+        }
+        for (key, bits) in [
+            ("2001:db8:1:2", 128),
+            ("2001:db8:1:2", 80),
+            ("2001:db8:1:02", 64),
+            ("2001:DB8:1:2", 64),
+            ("2001:db8:0:0", 64),
+            ("2001:db8:1:2::", 64),
+            ("unknown", 64),
+        ] {
+            assert_eq!(parse_map_key(key, bits), None, "{key}/{bits}");
         }
     }
 

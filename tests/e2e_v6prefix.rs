@@ -53,3 +53,72 @@ fn postfix_finds_prefix_keys_for_the_whole_prefix_only() {
     let r = relay("2001:db8:5:6::8");
     assert!(r.starts_with("554"), "{r}");
 }
+
+/// `dovegate lookup ARGS`: (exit code, stdout).
+fn lookup(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(bin())
+        .arg("lookup")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The daemon with `grant.ipv6_prefix = bits`: a login from 2001:db8:1:2::7 lets its /64
+/// relay (or only itself at 128), through a real smtpd; `dovegate lookup` agrees.
+fn login_then_relay(bits: u8) {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    let map = d.path().join("relay");
+    let config = d.path().join("dovegate.toml");
+    std::fs::write(&config, format!("[grant]\nipv6_prefix = {bits}\n")).unwrap();
+    let cfg = config.display().to_string();
+    append(&log, "");
+    let _daemon = Daemon::follow(d.path(), &log, &["--config", &cfg]);
+    let pf = Postfix::start(&d.path().join("pf"), &map);
+    append(&log, &sessionless_login_line("2001:DB8:1:2::7", "bob"));
+    let key = if bits == 64 {
+        "2001:db8:1:2"
+    } else {
+        "2001:db8:1:2::7"
+    };
+    wait_for(&format!("postmap -q {key}"), PATIENCE, || {
+        postmap_q(&map, key).is_some()
+    });
+    let keys: Vec<String> = postmap_s(&map).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, vec![key.to_string()]);
+    let relay = |addr: &str| Smtp::connect(pf.port).relay_as(addr);
+    let r = relay("2001:db8:1:2::7");
+    assert!(r.starts_with("250"), "{r}");
+    let neighbour = relay("2001:db8:1:2::99");
+    if bits == 64 {
+        assert!(neighbour.starts_with("250"), "{neighbour}");
+    } else {
+        assert!(neighbour.starts_with("554"), "{neighbour}");
+    }
+    let r = relay("2001:db8:1:3::1");
+    assert!(r.starts_with("554"), "{r}");
+    let m = map.display().to_string();
+    let (code, out) = lookup(&["--config", &cfg, "--map", &m, "2001:db8:1:2::99"]);
+    if bits == 64 {
+        assert_eq!(code, Some(0));
+        assert!(out.starts_with("OK expires="), "{out}");
+    } else {
+        assert_eq!(code, Some(1), "{out}");
+    }
+    let (code, _) = lookup(&["--config", &cfg, "--map", &m, "2001:db8:1:3::1"]);
+    assert_eq!(code, Some(1));
+}
+
+#[test]
+fn a_login_grants_its_64_prefix() {
+    login_then_relay(64);
+}
+
+#[test]
+fn by_default_only_the_address_relays() {
+    login_then_relay(128);
+}

@@ -25,7 +25,13 @@ pub(super) fn store_failure(e: StoreError) -> Failure {
 }
 
 fn open(settings: &Settings, mode: OpenMode) -> Result<LmdbMap, Failure> {
-    LmdbMap::open(&settings.map_path, &settings.action, mode).map_err(store_failure)
+    LmdbMap::open_keyed(
+        &settings.map_path,
+        &settings.action,
+        mode,
+        settings.ipv6_prefix,
+    )
+    .map_err(store_failure)
 }
 
 /// The longest `--ttl` a manual grant may have: the configuration's bound on `grant.ttl`.
@@ -49,7 +55,19 @@ pub fn lookup(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     let ip = ip_arg(ip)?;
     let mut map = open(&settings, OpenMode::ReadOnly)?;
-    match map.get(ip).map_err(store_failure)? {
+    // The address's own grant, else its prefix's (grant.ipv6_prefix), as Postfix finds it.
+    let own = map.get(ip).map_err(store_failure)?;
+    let found = match own {
+        Some(v) => Some(v),
+        None => {
+            let wide = crate::grant::widen(ip, settings.ipv6_prefix);
+            match wide != ip {
+                true => map.get(wide).map_err(store_failure)?,
+                false => None,
+            }
+        }
+    };
+    match found {
         Some(v) => {
             println!("{v}");
             Ok(())

@@ -76,11 +76,12 @@ impl<S: GrantStore> Engine<S> {
     ) -> Result<Engine<S>, StoreError> {
         let slack = slack(&policy);
         let policy_ttl = policy.ttl_secs();
+        let grants = GrantsView::with_ipv6_prefix(policy.ipv6_prefix());
         let mut engine = Engine {
             store,
             policy,
             longest_hold: 0,
-            grants: GrantsView::default(),
+            grants,
             logins: LoginsView::default(),
             blocks: None,
             blocked_ips: HashMap::new(),

@@ -26,6 +26,9 @@ struct Inner {
     grants: HashMap<IpAddr, i64>,
     /// The map changed and could not be re-read.
     stale: bool,
+    /// `grant.ipv6_prefix` (0 = unset = 128): an IPv6 client is also found under the
+    /// network its prefix grant is kept under.
+    ipv6_prefix: u8,
 }
 
 /// A read-only view of the committed grants, for servers answering lookups.
@@ -33,13 +36,23 @@ struct Inner {
 pub struct GrantsView(Arc<RwLock<Inner>>);
 
 impl GrantsView {
-    /// Found, absent or unsure for `ip` at `now`.
+    /// An empty view whose lookups also find IPv6 clients under their /`bits` grant.
+    pub fn with_ipv6_prefix(bits: u8) -> GrantsView {
+        let v = GrantsView::default();
+        v.write().ipv6_prefix = bits;
+        v
+    }
+
+    /// Found, absent or unsure for `ip` at `now`: the address's own grant, else its
+    /// prefix's.
     pub fn find(&self, ip: IpAddr, now: i64) -> Lookup {
         let found = |m: &Inner| {
-            m.grants
-                .get(&ip.to_canonical())
-                .copied()
-                .filter(|&e| e > now)
+            let ip = ip.to_canonical();
+            let get = |k: &IpAddr| m.grants.get(k).copied().filter(|&e| e > now);
+            get(&ip).or_else(|| match m.ipv6_prefix {
+                b @ 1..128 => get(&crate::grant::widen(ip, b)),
+                _ => None,
+            })
         };
         match self.0.read() {
             Ok(m) if !m.stale => found(&m).map_or(Lookup::Absent, Lookup::Found),
