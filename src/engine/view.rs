@@ -163,6 +163,22 @@ mod tests {
     }
 
     #[test]
+    fn addresses_are_found_under_their_prefix_grant() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let v = GrantsView::with_ipv6_prefix(64);
+        v.insert(ip("2001:db8:1:2::"), 100);
+        v.insert(ip("2001:db8::7"), 100);
+        assert_eq!(v.find(ip("2001:db8:1:2::99"), 50), Lookup::Found(100));
+        assert_eq!(v.find(ip("2001:db8:1:3::1"), 50), Lookup::Absent);
+        assert_eq!(v.find(ip("2001:db8::7"), 50), Lookup::Found(100));
+        // 2001:db8::/64 has no prefix key: its grants are per address.
+        assert_eq!(v.find(ip("2001:db8::8"), 50), Lookup::Absent);
+        let exact = GrantsView::default();
+        exact.insert(ip("2001:db8:1:2::"), 100);
+        assert_eq!(exact.find(ip("2001:db8:1:2::99"), 50), Lookup::Absent);
+    }
+
+    #[test]
     fn poisoned_is_unsure() {
         let v = GrantsView::default();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();

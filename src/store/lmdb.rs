@@ -715,6 +715,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn prefix_keys_and_a_changed_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let open = |bits| {
+            LmdbMap::open(&map, "OK", OpenMode::Create)
+                .unwrap()
+                .with_ipv6_prefix(bits)
+                .unwrap()
+        };
+        let (mut m, removed) = open(64);
+        assert_eq!(removed, 0);
+        let net: IpAddr = "2001:db8:1:2::".parse().unwrap();
+        let one: IpAddr = "2001:db8::7".parse().unwrap();
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        m.upsert(&[(net, 100), (one, 100), (v4, 100)]).unwrap();
+        m.write(|txn, db| txn.put(db, b"2001:db8:5:6\0", b"OK\0", WriteFlags::empty()))
+            .unwrap();
+        let mut keys: Vec<IpAddr> = m.list().unwrap().into_iter().map(|g| g.ip).collect();
+        keys.sort();
+        assert_eq!(keys, vec![v4, one, net, "2001:db8:5:6::".parse().unwrap()]);
+        assert!(m.get(net).unwrap().is_some());
+        let out = m.expire(&[net], 150).unwrap();
+        assert_eq!(out.removed, vec![net]);
+        m.upsert(&[(net, 100)]).unwrap();
+        drop(m);
+        // Back to 128: the /64 key would never expire, so it goes; an administrator's entry
+        // (no expiry) and per-address keys stay.
+        let (mut m, removed) = open(128);
+        assert_eq!(removed, 1);
+        let mut keys: Vec<IpAddr> = m.list().unwrap().into_iter().map(|g| g.ip).collect();
+        keys.sort();
+        assert_eq!(keys, vec![v4, one]);
+        let (_, removed) = open(64);
+        assert_eq!(removed, 0);
+    }
+
+    #[test]
     fn create_upsert_expire() {
         let dir = tempfile::tempdir().unwrap();
         let map = dir.path().join("sub/relay");
