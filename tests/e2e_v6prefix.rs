@@ -111,6 +111,12 @@ fn login_then_relay(bits: u8) {
     }
     let (code, _) = lookup(&["--config", &cfg, "--map", &m, "2001:db8:1:3::1"]);
     assert_eq!(code, Some(1));
+    let list = std::process::Command::new(bin())
+        .args(["list", "--config", &cfg, "--map", &m])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(list.starts_with(&format!("{key}\t")), "{list}");
 }
 
 #[test]

@@ -96,7 +96,7 @@ pub fn list(cfg: &ConfigArgs, json: bool) -> Result<(), Failure> {
     let entries: Vec<ListEntry> = grants
         .into_iter()
         .map(|g| ListEntry {
-            ip: key_text(g.ip),
+            ip: crate::grant::map_key(g.ip, settings.ipv6_prefix),
             expires: g.expires.map(timefmt::rfc3339),
             remaining_secs: g.expires.map(|e| (e - now).max(0)),
             value: g.value,
