@@ -74,10 +74,19 @@ fn login_then_relay(bits: u8) {
     let log = d.path().join("mail.log");
     let map = d.path().join("relay");
     let config = d.path().join("dovegate.toml");
-    std::fs::write(&config, format!("[grant]\nipv6_prefix = {bits}\n")).unwrap();
+    let sock = d.path().join("socketmap.sock");
+    std::fs::write(
+        &config,
+        format!(
+            "[grant]\nipv6_prefix = {bits}\n[serve]\nsocketmap = \"unix:{}\"\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
     let cfg = config.display().to_string();
     append(&log, "");
     let _daemon = Daemon::follow(d.path(), &log, &["--config", &cfg]);
+    wait_for("socketmap socket", PATIENCE, || sock.exists());
     let pf = Postfix::start(&d.path().join("pf"), &map);
     append(&log, &sessionless_login_line("2001:DB8:1:2::7", "bob"));
     let key = if bits == 64 {
@@ -101,6 +110,12 @@ fn login_then_relay(bits: u8) {
     }
     let r = relay("2001:db8:1:3::1");
     assert!(r.starts_with("554"), "{r}");
+    // The socketmap server answers for the address Postfix asks about.
+    let socketmap =
+        |addr: &str| postmap_table(&format!("socketmap:unix:{}:access", sock.display()), addr);
+    assert!(socketmap("2001:db8:1:2::7").is_some());
+    assert_eq!(socketmap("2001:db8:1:2::99").is_some(), bits == 64);
+    assert_eq!(socketmap("2001:db8:1:3::1"), None);
     let m = map.display().to_string();
     let (code, out) = lookup(&["--config", &cfg, "--map", &m, "2001:db8:1:2::99"]);
     if bits == 64 {
