@@ -160,8 +160,17 @@ pub fn grant(cfg: &ConfigArgs, ttl: Option<&str>, ip: &str) -> Result<(), Failur
 pub fn revoke(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     let ip = ip_arg(ip)?;
+    // An address inside a prefix grant (grant.ipv6_prefix) loses it: the grant it relays by.
+    let wide = crate::grant::widen(ip, settings.ipv6_prefix);
     let mut map = open(&settings, OpenMode::Existing)?;
-    let here = map.revoke(ip).map_err(store_failure)?;
+    let mut here = map.revoke(ip).map_err(store_failure)?;
+    if wide != ip {
+        here |= map.revoke(wide).map_err(store_failure)?;
+        let there = in_database(&settings, "revoked here only", |c, t, _| {
+            Box::pin(async move { postgres::revoke(c, &t, wide).await })
+        })?;
+        here |= there == Some(true);
+    }
     let there = in_database(&settings, "revoked here only", |c, t, _| {
         Box::pin(async move { postgres::revoke(c, &t, ip).await })
     })?;

@@ -63,6 +63,17 @@ impl GrantsView {
         }
     }
 
+    /// The address the grant `ip` relays by is kept under: its own when it has one, else
+    /// its IPv6 prefix's (`grant::widen`; itself when prefixes are off).
+    pub fn granted_under(&self, ip: IpAddr) -> IpAddr {
+        let ip = ip.to_canonical();
+        let m = self.0.read().unwrap_or_else(|e| e.into_inner());
+        match m.ipv6_prefix {
+            b @ 1..128 if !m.grants.contains_key(&ip) => crate::grant::widen(ip, b),
+            _ => ip,
+        }
+    }
+
     /// The expiry of `ip`'s grant, if it has one that has not expired at `now` (best guess
     /// when unsure).
     pub fn lookup(&self, ip: IpAddr, now: i64) -> Option<i64> {
@@ -176,6 +187,15 @@ mod tests {
         let exact = GrantsView::default();
         exact.insert(ip("2001:db8:1:2::"), 100);
         assert_eq!(exact.find(ip("2001:db8:1:2::99"), 50), Lookup::Absent);
+        assert_eq!(
+            v.granted_under(ip("2001:db8:1:2::99")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(v.granted_under(ip("2001:db8::7")), ip("2001:db8::7"));
+        assert_eq!(
+            exact.granted_under(ip("2001:db8:1:2::99")),
+            ip("2001:db8:1:2::99")
+        );
     }
 
     #[test]
