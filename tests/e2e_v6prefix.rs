@@ -132,6 +132,17 @@ fn login_then_relay(bits: u8) {
         .unwrap();
     let list = String::from_utf8_lossy(&list.stdout).into_owned();
     assert!(list.starts_with(&format!("{key}\t")), "{list}");
+    if bits == 64 {
+        // Revoking an address inside the prefix revokes the grant it relays by.
+        let out = std::process::Command::new(bin())
+            .args(["revoke", "--config", &cfg, "--map", &m, "2001:db8:1:2::99"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(postmap_s(&map), vec![]);
+        let r = relay("2001:db8:1:2::7");
+        assert!(r.starts_with("554"), "{r}");
+    }
 }
 
 #[test]
