@@ -127,6 +127,8 @@ pub struct GrantSection {
     pub exclude: Vec<String>,
     pub exclude_mynetworks: bool,
     pub postfix_config_dir: String,
+    /// IPv6 logins grant their /N prefix (128: the address only).
+    pub ipv6_prefix: i64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -236,6 +238,8 @@ pub struct Settings {
     pub never_mechanisms: Vec<String>,
     pub exclude: Vec<IpNet>,
     pub exclude_mynetworks: bool,
+    /// Prefix length IPv6 logins grant (one of `grant::IPV6_PREFIXES`; 128: the address).
+    pub ipv6_prefix: u8,
     /// Postfix's configuration directory for `postconf -c` (None: Postfix's default).
     pub postfix_config_dir: Option<PathBuf>,
     pub map_path: PathBuf,
@@ -451,6 +455,8 @@ impl FileConfig {
         for (i, net) in self.grant.exclude.iter().enumerate() {
             exclude.push(parse_net(net).map_err(|m| err(&format!("grant.exclude[{i}]"), m))?);
         }
+        let ipv6_prefix = crate::grant::check_ipv6_prefix(self.grant.ipv6_prefix)
+            .map_err(|m| err("grant.ipv6_prefix", m))?;
         if self.map.path.trim().is_empty() {
             return Err(err("map.path", "is empty"));
         }
@@ -587,6 +593,7 @@ impl FileConfig {
             never_mechanisms,
             exclude,
             exclude_mynetworks: self.grant.exclude_mynetworks,
+            ipv6_prefix,
             postfix_config_dir: match self.grant.postfix_config_dir.trim() {
                 "" => None,
                 d => Some(PathBuf::from(d)),
@@ -757,6 +764,11 @@ mod tests {
             "{e}"
         );
         let mut c = FileConfig::embedded();
+        let mut p = c.clone();
+        p.grant.ipv6_prefix = 60;
+        let e = p.validate().unwrap_err().0;
+        assert!(e.contains("grant.ipv6_prefix: 60 is not one of"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
         c.grant.exclude = vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()];
         assert!(c.validate().unwrap_err().0.contains(": grant.exclude[1]:"));
         let mut c = FileConfig::embedded();

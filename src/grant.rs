@@ -64,6 +64,7 @@ pub enum Decision {
 pub struct Policy {
     exclude: Vec<IpNet>,
     ttl_secs: i64,
+    ipv6_prefix: u8,
 }
 
 impl Policy {
@@ -73,7 +74,21 @@ impl Policy {
     pub fn new(exclude: Vec<IpNet>, ttl: Duration) -> Policy {
         let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let exclude = exclude.into_iter().map(canonical_net).collect();
-        Policy { exclude, ttl_secs }
+        Policy {
+            exclude,
+            ttl_secs,
+            ipv6_prefix: 128,
+        }
+    }
+
+    /// IPv6 logins grant their /`bits` prefix (`grant.ipv6_prefix`; 128: the address).
+    pub fn with_ipv6_prefix(mut self, bits: u8) -> Policy {
+        self.ipv6_prefix = bits;
+        self
+    }
+
+    pub fn ipv6_prefix(&self) -> u8 {
+        self.ipv6_prefix
     }
 
     pub fn ttl_secs(&self) -> i64 {
@@ -138,7 +153,12 @@ impl Policy {
         if expires <= now {
             return Decision::Expired;
         }
-        Decision::Grant { ip, expires }
+        // Exclusions were checked on the login's own address: an excluded client never
+        // opens its prefix.
+        Decision::Grant {
+            ip: widen(ip, self.ipv6_prefix),
+            expires,
+        }
     }
 }
 
@@ -165,6 +185,103 @@ fn is_ipv4_compatible(v6: &Ipv6Addr) -> bool {
 /// compressed and lower case, exactly as Postfix's smtpd prints the client address.
 pub fn key_text(ip: IpAddr) -> String {
     ip.to_canonical().to_string().to_ascii_lowercase()
+}
+
+/// The prefix lengths `grant.ipv6_prefix` accepts: Postfix shortens an IPv6 client address
+/// only at `:` (smtpd_check.c, check_addr_access: `split_at_right(addr, ':')`), so a key can
+/// name a prefix only on a 16-bit group boundary; shorter than /48 would open a whole site
+/// or provider to one login.
+pub const IPV6_PREFIXES: [u8; 6] = [48, 64, 80, 96, 112, 128];
+
+/// Checks a configured `grant.ipv6_prefix`; the error is one line for the key's message.
+pub fn check_ipv6_prefix(bits: i64) -> Result<u8, String> {
+    match u8::try_from(bits) {
+        Ok(b) if IPV6_PREFIXES.contains(&b) => Ok(b),
+        _ => Err(format!(
+            "{bits} is not one of 48, 64, 80, 96, 112, 128 (Postfix shortens IPv6 keys only at 16-bit `:` groups; 128 = the address itself)"
+        )),
+    }
+}
+
+/// The access(5) key that Postfix's check_client_access finds for every address in the
+/// /`bits` prefix of `v6`, or None when no single key can.
+///
+/// smtpd looks up the client's inet_ntop text (compressed, lower case), then drops one
+/// `:`-separated part at a time from the right: `2001:db8:1:2::7`, `2001:db8:1:2:`,
+/// `2001:db8:1:2`, `2001:db8:1`, ... The first k = bits/16 groups appear spelled out as
+/// `g0:...:gk-1` (hex, no leading zeros) in EVERY address of the prefix only when no `::`
+/// can fall inside them: no two adjacent zero groups among them (inet_ntop compresses runs
+/// of two or more) and a last group that is not zero (else a host part starting with zeros
+/// extends the run into the prefix). `2001:db8::/64` fails that: its addresses print as
+/// `2001:db8::...` or `2001:db8:0:0:...` depending on the host part.
+pub fn ipv6_prefix_key(v6: Ipv6Addr, bits: u8) -> Option<String> {
+    if bits >= 128 {
+        return Some(key_text(IpAddr::V6(v6)));
+    }
+    if bits % 16 != 0 || bits == 0 {
+        return None;
+    }
+    let groups = &v6.segments()[..usize::from(bits / 16)];
+    let adjacent_zeros = groups.windows(2).any(|w| w[0] == 0 && w[1] == 0);
+    if adjacent_zeros || groups.last() == Some(&0) {
+        return None;
+    }
+    let parts: Vec<String> = groups.iter().map(|g| format!("{g:x}")).collect();
+    Some(parts.join(":"))
+}
+
+/// The address a grant for a login from `ip` is kept under: with `bits` < 128, an IPv6
+/// address is widened to its /`bits` network when `ipv6_prefix_key` can name that prefix
+/// (else it stays itself: a grant never reaches beyond the prefix). IPv4 is unchanged.
+pub fn widen(ip: IpAddr, bits: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) if bits < 128 && ipv6_prefix_key(v6, bits).is_some() => {
+            IpAddr::V6(network(v6, bits))
+        }
+        other => other,
+    }
+}
+
+fn network(v6: Ipv6Addr, bits: u8) -> Ipv6Addr {
+    let mask = u128::MAX.checked_shl(u32::from(128 - bits)).unwrap_or(0);
+    Ipv6Addr::from(u128::from(v6) & mask)
+}
+
+/// The map key of a grant kept under `ip` (see `widen`) when IPv6 logins grant /`bits`:
+/// the prefix key for a widened network, else the address's own key.
+pub fn map_key(ip: IpAddr, bits: u8) -> String {
+    if let IpAddr::V6(v6) = ip {
+        if bits < 128 && network(v6, bits) == v6 {
+            if let Some(k) = ipv6_prefix_key(v6, bits) {
+                return k;
+            }
+        }
+    }
+    key_text(ip)
+}
+
+/// The inverse of `map_key` for the same `bits`: None for any text `map_key` does not
+/// write (other case, another prefix length, not an address).
+pub fn parse_map_key(text: &str, bits: u8) -> Option<IpAddr> {
+    let ip = match text.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) if bits < 128 && text.len() <= 39 => {
+            let parts: Vec<&str> = text.split(':').collect();
+            if parts.len() != usize::from(bits / 16) {
+                return None;
+            }
+            let mut groups = [0u16; 8];
+            for (g, p) in groups.iter_mut().zip(&parts) {
+                if p.is_empty() || p.len() > 4 {
+                    return None;
+                }
+                *g = u16::from_str_radix(p, 16).ok()?;
+            }
+            IpAddr::V6(Ipv6Addr::from(groups))
+        }
+        Err(_) => return None,
+    };
+    (map_key(ip, bits) == text).then_some(ip)
 }
 
 /// Parses any textual address form (`::FFFF:1.2.3.4`, `[2001:db8::1]`) into its canonical
@@ -197,6 +314,140 @@ mod tests {
         assert_eq!(key_text(ip("2001:db8:0:0:1:0:0:1")), "2001:db8::1:0:0:1");
         assert_eq!(parse_any_ip("[2001:DB8::1]"), Some(ip("2001:db8::1")));
         assert_eq!(parse_any_ip("::FFFF:1.2.3.4"), Some(ip("1.2.3.4")));
+    }
+
+    /// Every shortened form Postfix looks up for `addr` (smtpd_check.c's loop).
+    fn postfix_lookups(addr: &str) -> Vec<String> {
+        let mut a = addr.to_string();
+        let mut out = vec![a.clone()];
+        while let Some(i) = a.rfind(':') {
+            a.truncate(i);
+            out.push(a.clone());
+        }
+        out
+    }
+
+    #[test]
+    fn ipv6_prefix_keys_are_what_postfix_looks_up() {
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        assert_eq!(
+            ipv6_prefix_key(v6("2001:DB8:1:2::7"), 64).as_deref(),
+            Some("2001:db8:1:2")
+        );
+        assert_eq!(
+            ipv6_prefix_key(v6("2001:db8:a:b:c::7"), 80).as_deref(),
+            Some("2001:db8:a:b:c")
+        );
+        assert_eq!(
+            ipv6_prefix_key(v6("2001:db8:0:1::7"), 64).as_deref(),
+            Some("2001:db8:0:1"),
+            "a single zero group is never compressed"
+        );
+        assert_eq!(
+            ipv6_prefix_key(v6("2001:db8:1:2::7"), 128).as_deref(),
+            Some("2001:db8:1:2::7")
+        );
+        assert_eq!(ipv6_prefix_key(v6("2001:db8::7"), 64), None);
+        assert_eq!(ipv6_prefix_key(v6("2001:db8:1:0::7"), 64), None);
+        assert_eq!(ipv6_prefix_key(v6("2001:db8:1:2::7"), 60), None);
+        // The key is a shortened form of every address in the prefix (hosts with zero runs
+        // of each length and place, printed as glibc does) and of none outside it.
+        let key = ipv6_prefix_key(v6("2001:db8:0:2::7"), 64).unwrap();
+        for host in [
+            [0, 0, 0, 0],
+            [0, 0, 0, 1],
+            [1, 0, 0, 0],
+            [1, 0, 0, 1],
+            [0, 1, 0, 1],
+            [1, 2, 3, 4],
+            [0, 0, 1, 0],
+            [0xffff, 0, 0, 0],
+        ] {
+            let mut s = v6("2001:db8:0:2::").segments();
+            s[4..].copy_from_slice(&host);
+            let text = key_text(IpAddr::V6(Ipv6Addr::from(s)));
+            assert!(postfix_lookups(&text).contains(&key), "{text}");
+        }
+        for outside in [
+            "2001:db8:0:3::1",
+            "2001:db8::2:0:0:1",
+            "2001:db8:0:20::1",
+            "2001:db8:0:2",
+        ] {
+            let text = match outside.parse::<Ipv6Addr>() {
+                Ok(a) => key_text(IpAddr::V6(a)),
+                Err(_) => continue,
+            };
+            assert!(!postfix_lookups(&text).contains(&key), "{text}");
+        }
+    }
+
+    #[test]
+    fn prefix_grants_are_kept_under_their_network() {
+        let p = Policy::new(
+            vec!["2001:db8:1:2::66/128".parse().unwrap()],
+            Duration::from_secs(60),
+        )
+        .with_ipv6_prefix(64);
+        assert_eq!(
+            p.decide(ip("2001:db8:1:2::7"), None, 0),
+            Decision::Grant {
+                ip: ip("2001:db8:1:2::"),
+                expires: 60
+            }
+        );
+        // Not expressible as one key: the address only. IPv4 and mapped: unchanged.
+        for a in ["2001:db8::7", "192.0.2.7"] {
+            assert_eq!(
+                p.decide(ip(a), None, 0),
+                Decision::Grant {
+                    ip: ip(a),
+                    expires: 60
+                }
+            );
+        }
+        assert_eq!(
+            p.decide(ip("::ffff:192.0.2.7"), None, 0),
+            Decision::Grant {
+                ip: ip("192.0.2.7"),
+                expires: 60
+            }
+        );
+        assert!(matches!(
+            p.decide(ip("2001:db8:1:2::66"), None, 0),
+            Decision::Excluded(_)
+        ));
+        for (a, bits, key) in [
+            ("2001:db8:1:2::", 64, "2001:db8:1:2"),
+            ("2001:db8:1:2::7", 64, "2001:db8:1:2::7"),
+            ("2001:db8::", 64, "2001:db8::"),
+            ("2001:db8:1:2::", 128, "2001:db8:1:2::"),
+            ("192.0.2.7", 64, "192.0.2.7"),
+            ("2001:db8:1:2:3:4:5::", 112, "2001:db8:1:2:3:4:5"),
+        ] {
+            assert_eq!(map_key(ip(a), bits), key, "{a}/{bits}");
+            assert_eq!(parse_map_key(key, bits), Some(ip(a)), "{key}/{bits}");
+        }
+        for (key, bits) in [
+            ("2001:db8:1:2", 128),
+            ("2001:db8:1:2", 80),
+            ("2001:db8:1:02", 64),
+            ("2001:DB8:1:2", 64),
+            ("2001:db8:0:0", 64),
+            ("2001:db8:1:2::", 64),
+            ("unknown", 64),
+        ] {
+            assert_eq!(parse_map_key(key, bits), None, "{key}/{bits}");
+        }
+    }
+
+    #[test]
+    fn ipv6_prefix_setting_is_on_group_boundaries() {
+        assert_eq!(check_ipv6_prefix(64), Ok(64));
+        assert_eq!(check_ipv6_prefix(128), Ok(128));
+        for bad in [0, 16, 32, 56, 65, 129, -1, 300] {
+            assert!(check_ipv6_prefix(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -495,11 +495,17 @@ impl Sessions {
 
     /// Ends the open sessions of `ip` (a revoke); returns how many.
     pub fn revoke(&mut self, ip: IpAddr) -> usize {
+        self.revoke_grant(ip, 128)
+    }
+
+    /// Ends the sessions that renew the grant kept under `ip` when IPv6 logins grant
+    /// /`bits` (`grant::widen`): a revoked /64 is renewed by no session inside it.
+    pub fn revoke_grant(&mut self, ip: IpAddr, bits: u8) -> usize {
         let ip = ip.to_canonical();
         let ids: Vec<String> = self
             .open
             .values()
-            .filter(|s| s.ip.to_canonical() == ip)
+            .filter(|s| crate::grant::widen(s.ip, bits) == ip)
             .map(|s| s.id.clone())
             .collect();
         for id in &ids {

@@ -25,7 +25,13 @@ pub(super) fn store_failure(e: StoreError) -> Failure {
 }
 
 fn open(settings: &Settings, mode: OpenMode) -> Result<LmdbMap, Failure> {
-    LmdbMap::open(&settings.map_path, &settings.action, mode).map_err(store_failure)
+    LmdbMap::open_keyed(
+        &settings.map_path,
+        &settings.action,
+        mode,
+        settings.ipv6_prefix,
+    )
+    .map_err(store_failure)
 }
 
 /// The longest `--ttl` a manual grant may have: the configuration's bound on `grant.ttl`.
@@ -49,7 +55,19 @@ pub fn lookup(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     let ip = ip_arg(ip)?;
     let mut map = open(&settings, OpenMode::ReadOnly)?;
-    match map.get(ip).map_err(store_failure)? {
+    // The address's own grant, else its prefix's (grant.ipv6_prefix), as Postfix finds it.
+    let own = map.get(ip).map_err(store_failure)?;
+    let found = match own {
+        Some(v) => Some(v),
+        None => {
+            let wide = crate::grant::widen(ip, settings.ipv6_prefix);
+            match wide != ip {
+                true => map.get(wide).map_err(store_failure)?,
+                false => None,
+            }
+        }
+    };
+    match found {
         Some(v) => {
             println!("{v}");
             Ok(())
@@ -78,7 +96,7 @@ pub fn list(cfg: &ConfigArgs, json: bool) -> Result<(), Failure> {
     let entries: Vec<ListEntry> = grants
         .into_iter()
         .map(|g| ListEntry {
-            ip: key_text(g.ip),
+            ip: crate::grant::map_key(g.ip, settings.ipv6_prefix),
             expires: g.expires.map(timefmt::rfc3339),
             remaining_secs: g.expires.map(|e| (e - now).max(0)),
             value: g.value,
@@ -142,8 +160,17 @@ pub fn grant(cfg: &ConfigArgs, ttl: Option<&str>, ip: &str) -> Result<(), Failur
 pub fn revoke(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     let ip = ip_arg(ip)?;
+    // An address inside a prefix grant (grant.ipv6_prefix) loses it: the grant it relays by.
+    let wide = crate::grant::widen(ip, settings.ipv6_prefix);
     let mut map = open(&settings, OpenMode::Existing)?;
-    let here = map.revoke(ip).map_err(store_failure)?;
+    let mut here = map.revoke(ip).map_err(store_failure)?;
+    if wide != ip {
+        here |= map.revoke(wide).map_err(store_failure)?;
+        let there = in_database(&settings, "revoked here only", |c, t, _| {
+            Box::pin(async move { postgres::revoke(c, &t, wide).await })
+        })?;
+        here |= there == Some(true);
+    }
     let there = in_database(&settings, "revoked here only", |c, t, _| {
         Box::pin(async move { postgres::revoke(c, &t, ip).await })
     })?;

@@ -30,7 +30,7 @@ pub fn exclusions(settings: &Settings) -> Result<Vec<IpNet>, Failure> {
 
 /// The grant policy with lifetime `ttl` (the configured one, or `grant --ttl`).
 pub fn policy(settings: &Settings, ttl: Duration) -> Result<Policy, Failure> {
-    Ok(Policy::new(exclusions(settings)?, ttl))
+    Ok(Policy::new(exclusions(settings)?, ttl).with_ipv6_prefix(settings.ipv6_prefix))
 }
 
 /// A scanner for these settings and patterns.

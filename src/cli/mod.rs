@@ -288,10 +288,11 @@ fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
             settings.state_dir.display()
         ))
     })?;
-    let map = crate::store::LmdbMap::open(
+    let map = crate::store::LmdbMap::open_keyed(
         &settings.map_path,
         &settings.action,
         crate::store::OpenMode::Create,
+        settings.ipv6_prefix,
     )
     .map_err(|e| Failure::runtime(e.0))?;
     println!("{}", map.path().display());

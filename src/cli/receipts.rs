@@ -15,7 +15,17 @@ pub fn why(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     let ip =
         parse_any_ip(ip).ok_or_else(|| Failure::config(format!("`{ip}` is not an IP address")))?;
-    match find_grant(&settings.state_dir, ip).map_err(|e| Failure::runtime(e.to_string()))? {
+    let found =
+        |ip| find_grant(&settings.state_dir, ip).map_err(|e| Failure::runtime(e.to_string()));
+    // The address's own grant, else its IPv6 prefix's (grant.ipv6_prefix).
+    let grant = match found(ip)? {
+        Some(g) => Some(g),
+        None => match crate::grant::widen(ip, settings.ipv6_prefix) {
+            wide if wide != ip => found(wide)?,
+            _ => None,
+        },
+    };
+    match grant {
         Some(g) => {
             let mut users: Vec<&str> = g
                 .logins

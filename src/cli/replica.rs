@@ -56,12 +56,18 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
             settings.state_dir.display()
         ))
     })?;
-    let map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::Create)
-        .map_err(|e| Failure::runtime(e.0))?;
+    let map = LmdbMap::open_keyed(
+        &settings.map_path,
+        &settings.action,
+        OpenMode::Create,
+        settings.ipv6_prefix,
+    )
+    .map_err(|e| Failure::runtime(e.0))?;
     let spec = ReplicaSpec {
         target,
         map,
-        policy: Policy::new(settings.exclude.clone(), settings.ttl),
+        policy: Policy::new(settings.exclude.clone(), settings.ttl)
+            .with_ipv6_prefix(settings.ipv6_prefix),
         state_dir: settings.state_dir.clone(),
         commit_interval: settings.commit_interval,
     };

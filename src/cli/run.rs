@@ -145,6 +145,7 @@ impl Effective {
 
     fn policy(&self) -> Policy {
         Policy::new(self.exclude.clone(), self.settings.ttl)
+            .with_ipv6_prefix(self.settings.ipv6_prefix)
     }
 
     fn scanner(&self) -> Scanner {
@@ -331,8 +332,13 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                 timefmt::now(),
             )
             .map_err(|e| Failure::runtime(e.0))?;
-            let map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::Create)
-                .map_err(|e| Failure::runtime(e.0))?;
+            let map = LmdbMap::open_keyed(
+                &settings.map_path,
+                &settings.action,
+                OpenMode::Create,
+                settings.ipv6_prefix,
+            )
+            .map_err(|e| Failure::runtime(e.0))?;
             (
                 DaemonStore::Real(open_writer_store(&settings, map)?),
                 CheckpointDir::new(&settings.state_dir),

@@ -237,8 +237,13 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             f.state.dir = d.display().to_string();
         }
     })?;
-    let mut map = LmdbMap::open(&settings.map_path, &settings.action, OpenMode::ReadOnly)
-        .map_err(super::admin::store_failure)?;
+    let mut map = LmdbMap::open_keyed(
+        &settings.map_path,
+        &settings.action,
+        OpenMode::ReadOnly,
+        settings.ipv6_prefix,
+    )
+    .map_err(super::admin::store_failure)?;
     let grants = map.list().map_err(super::admin::store_failure)?;
     let mut warnings = Vec::new();
     let daemon = match instance::map_holder(&settings.map_path) {

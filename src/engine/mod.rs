@@ -76,11 +76,12 @@ impl<S: GrantStore> Engine<S> {
     ) -> Result<Engine<S>, StoreError> {
         let slack = slack(&policy);
         let policy_ttl = policy.ttl_secs();
+        let grants = GrantsView::with_ipv6_prefix(policy.ipv6_prefix());
         let mut engine = Engine {
             store,
             policy,
             longest_hold: 0,
-            grants: GrantsView::default(),
+            grants,
             logins: LoginsView::default(),
             blocks: None,
             blocked_ips: HashMap::new(),
@@ -177,7 +178,7 @@ impl<S: GrantStore> Engine<S> {
         }
         let before = self.counters.sessions_released_hold;
         for r in self.sessions.renewals(now, self.probe.as_mut()) {
-            if self.held_by_blocked(r.ip) {
+            if self.held_by_blocked(crate::grant::widen(r.ip, self.policy.ipv6_prefix())) {
                 continue;
             }
             self.counters.session_renewals += 1;
@@ -272,7 +273,10 @@ impl<S: GrantStore> Engine<S> {
                     continue;
                 }
             }
-            self.blocked_ips.remove(&login.ip.to_canonical());
+            // Blocked grants are kept by the address the grant is under (a prefix).
+            let bits = self.policy.ipv6_prefix();
+            self.blocked_ips
+                .remove(&crate::grant::widen(login.ip, bits));
             let granted = self.consider(login.ip, login.time, now);
             if let Some((ip, true)) = granted {
                 self.audit_new(ip, login.detail.as_deref());
@@ -288,9 +292,14 @@ impl<S: GrantStore> Engine<S> {
                     },
                 );
             }
-            if let (Some((ip, _)), Some(start)) = (granted, &login.session) {
+            if let (Some(_), Some(start)) = (granted, &login.session) {
                 let at = login.time.unwrap_or(now).min(now);
-                if self.sessions.opened(ip, at, start, now) {
+                // The session under the login's own address: its evidence (process title,
+                // doveadm who) names that address; renewals widen it again.
+                if self
+                    .sessions
+                    .opened(login.ip.to_canonical(), at, start, now)
+                {
                     self.sessions_dirty = true;
                 }
             }
@@ -603,7 +612,7 @@ impl<S: GrantStore> Engine<S> {
                 tracing::info!(address = %ip, "grant removed by another writer (dovegate revoke, another host)");
             }
             // A revoke sticks: the address's open sessions renew nothing from now on.
-            let ended = self.sessions.revoke(*ip);
+            let ended = self.sessions.revoke_grant(*ip, self.policy.ipv6_prefix());
             if ended > 0 {
                 self.sessions_dirty = true;
                 self.counters.sessions_dropped += ended as u64;

@@ -728,3 +728,41 @@ fn a_lone_session_login_expires_after_ttl() {
     assert_eq!(e.counters.sessions_released_no_evidence, 1);
     assert_eq!(e.counters.session_renewals, 0);
 }
+
+/// grant.ipv6_prefix = 64: a login grants its /64 (kept under the network); the IMAP
+/// session stays under the login's own address (its evidence names it) and renews the
+/// /64; revoking the /64 ends it and nothing is written back.
+#[test]
+fn prefix_grants_are_renewed_by_sessions_inside_and_revokes_stick() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemStore::default();
+    let policy = Policy::new(vec![], Duration::from_secs(60)).with_ipv6_prefix(64);
+    let mut e = Engine::new(store.clone(), policy, CheckpointDir::new(dir.path()), 1000).unwrap();
+    e.set_session_hold(3600, &sources(), 1000);
+    e.set_session_evidence(Box::new(AllAlive), 60);
+    e.accept(session_login("2001:db8:1:2::7", 1000, "abc", 7), 1000);
+    e.flush(1000).unwrap();
+    let net = ip("2001:db8:1:2::");
+    assert_eq!(
+        store.mem().map.keys().copied().collect::<Vec<_>>(),
+        vec![net]
+    );
+    assert_eq!(
+        e.view().find(ip("2001:db8:1:2::99"), 1001),
+        super::view::Lookup::Found(1060)
+    );
+    let t = e.next_session_due().unwrap();
+    e.renew_sessions(t);
+    e.flush(t).unwrap();
+    assert!(store.mem().map.get(&net).is_some_and(|&x| x > t));
+    {
+        let mut m = store.mem();
+        m.map.remove(&net);
+        m.dirty = true;
+    }
+    let t = e.next_session_due().unwrap();
+    e.renew_sessions(t);
+    e.flush(t).unwrap();
+    assert!(store.mem().map.is_empty(), "revoked /64 written back");
+    assert_eq!(e.counters.sessions_dropped, 1);
+}

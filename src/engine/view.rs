@@ -26,6 +26,9 @@ struct Inner {
     grants: HashMap<IpAddr, i64>,
     /// The map changed and could not be re-read.
     stale: bool,
+    /// `grant.ipv6_prefix` (0 = unset = 128): an IPv6 client is also found under the
+    /// network its prefix grant is kept under.
+    ipv6_prefix: u8,
 }
 
 /// A read-only view of the committed grants, for servers answering lookups.
@@ -33,13 +36,23 @@ struct Inner {
 pub struct GrantsView(Arc<RwLock<Inner>>);
 
 impl GrantsView {
-    /// Found, absent or unsure for `ip` at `now`.
+    /// An empty view whose lookups also find IPv6 clients under their /`bits` grant.
+    pub fn with_ipv6_prefix(bits: u8) -> GrantsView {
+        let v = GrantsView::default();
+        v.write().ipv6_prefix = bits;
+        v
+    }
+
+    /// Found, absent or unsure for `ip` at `now`: the address's own grant, else its
+    /// prefix's.
     pub fn find(&self, ip: IpAddr, now: i64) -> Lookup {
         let found = |m: &Inner| {
-            m.grants
-                .get(&ip.to_canonical())
-                .copied()
-                .filter(|&e| e > now)
+            let ip = ip.to_canonical();
+            let get = |k: &IpAddr| m.grants.get(k).copied().filter(|&e| e > now);
+            get(&ip).or_else(|| match m.ipv6_prefix {
+                b @ 1..128 => get(&crate::grant::widen(ip, b)),
+                _ => None,
+            })
         };
         match self.0.read() {
             Ok(m) if !m.stale => found(&m).map_or(Lookup::Absent, Lookup::Found),
@@ -47,6 +60,17 @@ impl GrantsView {
             Err(poisoned) => Lookup::Unsure {
                 guess: found(&poisoned.into_inner()),
             },
+        }
+    }
+
+    /// The address the grant `ip` relays by is kept under: its own when it has one, else
+    /// its IPv6 prefix's (`grant::widen`; itself when prefixes are off).
+    pub fn granted_under(&self, ip: IpAddr) -> IpAddr {
+        let ip = ip.to_canonical();
+        let m = self.0.read().unwrap_or_else(|e| e.into_inner());
+        match m.ipv6_prefix {
+            b @ 1..128 if !m.grants.contains_key(&ip) => crate::grant::widen(ip, b),
+            _ => ip,
         }
     }
 
@@ -147,6 +171,31 @@ mod tests {
         assert_eq!(v.lookup(ip, 50), Some(100));
         v.replace(HashMap::new());
         assert_eq!(v.find(ip, 50), Lookup::Absent);
+    }
+
+    #[test]
+    fn addresses_are_found_under_their_prefix_grant() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let v = GrantsView::with_ipv6_prefix(64);
+        v.insert(ip("2001:db8:1:2::"), 100);
+        v.insert(ip("2001:db8::7"), 100);
+        assert_eq!(v.find(ip("2001:db8:1:2::99"), 50), Lookup::Found(100));
+        assert_eq!(v.find(ip("2001:db8:1:3::1"), 50), Lookup::Absent);
+        assert_eq!(v.find(ip("2001:db8::7"), 50), Lookup::Found(100));
+        // 2001:db8::/64 has no prefix key: its grants are per address.
+        assert_eq!(v.find(ip("2001:db8::8"), 50), Lookup::Absent);
+        let exact = GrantsView::default();
+        exact.insert(ip("2001:db8:1:2::"), 100);
+        assert_eq!(exact.find(ip("2001:db8:1:2::99"), 50), Lookup::Absent);
+        assert_eq!(
+            v.granted_under(ip("2001:db8:1:2::99")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(v.granted_under(ip("2001:db8::7")), ip("2001:db8::7"));
+        assert_eq!(
+            exact.granted_under(ip("2001:db8:1:2::99")),
+            ip("2001:db8:1:2::99")
+        );
     }
 
     #[test]

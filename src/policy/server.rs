@@ -101,9 +101,12 @@ pub fn decide(req: &Request, msg: &mut Message, st: &State, now: i64) -> String 
             relayed: 0,
         };
     }
-    let Some(ip) = req.client_address else {
+    let Some(client) = req.client_address else {
         return dunno(st);
     };
+    // Logins, caps and recent ends belong to the grant: the client's own, or the IPv6
+    // prefix it relays by (grant.ipv6_prefix). Receipts name the client itself.
+    let ip = st.ctx.view.granted_under(client);
     match req.stage {
         Stage::Rcpt => rcpt(ip, msg, st, now),
         Stage::Data if msg.relayed > 0 && st.cfg.receipt_header && !req.instance.is_empty() => {
@@ -111,7 +114,7 @@ pub fn decide(req: &Request, msg: &mut Message, st: &State, now: i64) -> String 
             let behind = st.ctx.logins.behind(ip);
             format!(
                 "PREPEND {}",
-                Receipt::new(&req.queue_id, ip, behind.as_ref(), now).header()
+                Receipt::new(&req.queue_id, client, behind.as_ref(), now).header()
             )
         }
         Stage::EndOfMessage if msg.relayed > 0 && !req.instance.is_empty() => {
@@ -123,7 +126,7 @@ pub fn decide(req: &Request, msg: &mut Message, st: &State, now: i64) -> String 
             inc(&st.ctx.stats.receipts);
             st.ctx
                 .receipts
-                .record(&Receipt::new(&req.queue_id, ip, behind.as_ref(), now));
+                .record(&Receipt::new(&req.queue_id, client, behind.as_ref(), now));
             dunno(st)
         }
         _ => dunno(st),

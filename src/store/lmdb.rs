@@ -16,7 +16,9 @@ use lmdb::{Cursor, Database, Environment, EnvironmentFlags, Transaction, WriteFl
 use super::damage;
 use super::file::{self, FileFault, FileIdentity};
 use super::lock::FileLock;
-use super::value::{key_bytes, parse_expiry, parse_key, value_bytes, value_text};
+#[cfg(test)]
+use super::value::key_bytes;
+use super::value::{key_bytes_with, parse_expiry, parse_key_with, value_bytes, value_text};
 use super::{Cause, ExpireOutcome, GrantStore, StoreError, StoredGrant};
 
 const INITIAL_MAP_SIZE: usize = 16 << 20;
@@ -39,6 +41,8 @@ pub struct LmdbMap {
     synced_txnid: usize,
     /// Another writer committed since the last full read (`snapshot`).
     others_wrote: bool,
+    /// `grant.ipv6_prefix`: how IPv6 grants are keyed.
+    ipv6_prefix: u8,
 }
 
 /// How to open the map.
@@ -240,9 +244,62 @@ impl LmdbMap {
             known_len: o.known_len,
             synced_txnid: o.txnid,
             others_wrote: false,
+            ipv6_prefix: 128,
         };
         m.reserve();
         Ok(m)
+    }
+
+    /// `open`, keyed for `grant.ipv6_prefix` (`with_ipv6_prefix`); removals are logged.
+    pub fn open_keyed(
+        map: &Path,
+        action: &str,
+        mode: OpenMode,
+        bits: u8,
+    ) -> Result<LmdbMap, StoreError> {
+        let (m, removed) = LmdbMap::open(map, action, mode)?.with_ipv6_prefix(bits)?;
+        if removed > 0 {
+            tracing::warn!(
+                removed,
+                ipv6_prefix = bits,
+                "removed grants keyed for another grant.ipv6_prefix"
+            );
+        }
+        Ok(m)
+    }
+
+    /// Keys for IPv6 grants kept under their /`bits` network (`grant.ipv6_prefix`). A
+    /// writer first removes dovegate's entries that only another setting would write
+    /// (prefix keys of another length): nothing would ever expire them, and Postfix reads
+    /// `OK expires=...` as OK whatever the date. Returns how many were removed.
+    pub fn with_ipv6_prefix(mut self, bits: u8) -> Result<(LmdbMap, usize), StoreError> {
+        self.ipv6_prefix = bits;
+        if self.mode == OpenMode::ReadOnly {
+            return Ok((self, 0));
+        }
+        let removed = self.write(|txn, db| {
+            let mut stale = Vec::new();
+            {
+                let mut cursor = txn.open_ro_cursor(db)?;
+                for item in cursor.iter_start() {
+                    let (k, v) = item?;
+                    let ours = parse_expiry(v).is_some();
+                    let other_setting = || {
+                        crate::grant::IPV6_PREFIXES
+                            .iter()
+                            .any(|&b| parse_key_with(k, b).is_some())
+                    };
+                    if ours && parse_key_with(k, bits).is_none() && other_setting() {
+                        stale.push(k.to_vec());
+                    }
+                }
+            }
+            for k in &stale {
+                txn.del(db, k, None)?;
+            }
+            Ok(stale.len())
+        })?;
+        Ok((self, removed))
     }
 
     pub fn path(&self) -> &Path {
@@ -493,11 +550,12 @@ fn get_opt<'t>(
 
 impl GrantStore for LmdbMap {
     fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        let bits = self.ipv6_prefix;
         let action = self.action.clone();
         self.write(|txn, db| {
             let mut out = Vec::with_capacity(grants.len());
             for &(ip, expires) in grants {
-                let key = key_bytes(ip);
+                let key = key_bytes_with(ip, bits);
                 let stored = get_opt(txn, db, &key)?.and_then(parse_expiry);
                 match stored {
                     Some(s) if s >= expires => out.push((ip, s)),
@@ -517,10 +575,11 @@ impl GrantStore for LmdbMap {
     }
 
     fn expire(&mut self, ips: &[IpAddr], now: i64) -> Result<ExpireOutcome, StoreError> {
+        let bits = self.ipv6_prefix;
         self.write(|txn, db| {
             let mut out = ExpireOutcome::default();
             for &ip in ips {
-                let key = key_bytes(ip);
+                let key = key_bytes_with(ip, bits);
                 let Some(value) = get_opt(txn, db, &key)? else {
                     continue;
                 };
@@ -549,12 +608,13 @@ impl GrantStore for LmdbMap {
     }
 
     fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
+        let bits = self.ipv6_prefix;
         let (list, _) = self.read(|txn, db| {
             let mut cursor = txn.open_ro_cursor(db)?;
             let mut out = Vec::new();
             for item in cursor.iter_start() {
                 let (k, v) = item?;
-                if let Some(ip) = parse_key(k) {
+                if let Some(ip) = parse_key_with(k, bits) {
                     out.push(StoredGrant {
                         ip,
                         expires: parse_expiry(v),
@@ -569,12 +629,13 @@ impl GrantStore for LmdbMap {
     }
 
     fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        let bits = self.ipv6_prefix;
         let (out, id) = self.read(|txn, db| {
             let mut cursor = txn.open_ro_cursor(db)?;
             let mut out = Vec::new();
             for item in cursor.iter_start() {
                 let (k, v) = item?;
-                if let (Some(ip), Some(e)) = (parse_key(k), parse_expiry(v)) {
+                if let (Some(ip), Some(e)) = (parse_key_with(k, bits), parse_expiry(v)) {
                     out.push((ip, e));
                 }
             }
@@ -599,6 +660,7 @@ impl GrantStore for LmdbMap {
     /// (a clock fixed after a step forward) would pin the map's size in heap. Shortening
     /// is safe to commit piecemeal.
     fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        let bits = self.ipv6_prefix;
         const CAP_BATCH: usize = 1000;
         let value = value_bytes(&self.action, limit);
         let mut out = Vec::with_capacity(ips.len());
@@ -606,7 +668,7 @@ impl GrantStore for LmdbMap {
             out.extend(self.write(|txn, db| {
                 let mut out = Vec::with_capacity(batch.len());
                 for &ip in batch {
-                    let key = key_bytes(ip);
+                    let key = key_bytes_with(ip, bits);
                     match get_opt(txn, db, &key)?.and_then(parse_expiry) {
                         Some(e) if e > limit => {
                             txn.put(db, &key, &value, WriteFlags::empty())?;
@@ -624,27 +686,70 @@ impl GrantStore for LmdbMap {
     }
 
     fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
-        let (v, _) = self.read(|txn, db| Ok(get_opt(txn, db, &key_bytes(ip))?.map(value_text)))?;
+        let bits = self.ipv6_prefix;
+        let (v, _) =
+            self.read(|txn, db| Ok(get_opt(txn, db, &key_bytes_with(ip, bits))?.map(value_text)))?;
         Ok(v)
     }
 
     fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
-        self.write(|txn, db| match txn.del(db, &key_bytes(ip), None) {
-            Ok(()) => Ok(true),
-            Err(lmdb::Error::NotFound) => Ok(false),
-            Err(e) => Err(e),
-        })
+        let bits = self.ipv6_prefix;
+        self.write(
+            |txn, db| match txn.del(db, &key_bytes_with(ip, bits), None) {
+                Ok(()) => Ok(true),
+                Err(lmdb::Error::NotFound) => Ok(false),
+                Err(e) => Err(e),
+            },
+        )
     }
 
     fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
+        let bits = self.ipv6_prefix;
         let value = value_bytes(&self.action, expires);
-        self.write(|txn, db| txn.put(db, &key_bytes(ip), &value, WriteFlags::empty()))
+        self.write(|txn, db| txn.put(db, &key_bytes_with(ip, bits), &value, WriteFlags::empty()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_keys_and_a_changed_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("relay");
+        let open = |bits| {
+            LmdbMap::open(&map, "OK", OpenMode::Create)
+                .unwrap()
+                .with_ipv6_prefix(bits)
+                .unwrap()
+        };
+        let (mut m, removed) = open(64);
+        assert_eq!(removed, 0);
+        let net: IpAddr = "2001:db8:1:2::".parse().unwrap();
+        let one: IpAddr = "2001:db8::7".parse().unwrap();
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        m.upsert(&[(net, 100), (one, 100), (v4, 100)]).unwrap();
+        m.write(|txn, db| txn.put(db, b"2001:db8:5:6\0", b"OK\0", WriteFlags::empty()))
+            .unwrap();
+        let mut keys: Vec<IpAddr> = m.list().unwrap().into_iter().map(|g| g.ip).collect();
+        keys.sort();
+        assert_eq!(keys, vec![v4, one, net, "2001:db8:5:6::".parse().unwrap()]);
+        assert!(m.get(net).unwrap().is_some());
+        let out = m.expire(&[net], 150).unwrap();
+        assert_eq!(out.removed, vec![net]);
+        m.upsert(&[(net, 100)]).unwrap();
+        drop(m);
+        // Back to 128: the /64 key would never expire, so it goes; an administrator's entry
+        // (no expiry) and per-address keys stay.
+        let (mut m, removed) = open(128);
+        assert_eq!(removed, 1);
+        let mut keys: Vec<IpAddr> = m.list().unwrap().into_iter().map(|g| g.ip).collect();
+        keys.sort();
+        assert_eq!(keys, vec![v4, one]);
+        let (_, removed) = open(64);
+        assert_eq!(removed, 0);
+    }
 
     #[test]
     fn create_upsert_expire() {

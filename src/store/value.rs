@@ -12,7 +12,12 @@ use crate::grant::key_text;
 use crate::timefmt;
 
 pub fn key_bytes(ip: IpAddr) -> Vec<u8> {
-    let mut k = key_text(ip).into_bytes();
+    key_bytes_with(ip, 128)
+}
+
+/// The key of a grant kept under `ip` when IPv6 logins grant /`bits` (`grant::map_key`).
+pub fn key_bytes_with(ip: IpAddr, bits: u8) -> Vec<u8> {
+    let mut k = crate::grant::map_key(ip, bits).into_bytes();
     k.push(0);
     k
 }
@@ -35,6 +40,11 @@ pub fn parse_key(key: &[u8]) -> Option<IpAddr> {
     let text = std::str::from_utf8(strip_nul(key)).ok()?;
     let ip: IpAddr = text.parse().ok()?;
     (key_text(ip) == text).then_some(ip)
+}
+
+/// The grant a stored key names when IPv6 logins grant /`bits` (`grant::parse_map_key`).
+pub fn parse_key_with(key: &[u8], bits: u8) -> Option<IpAddr> {
+    crate::grant::parse_map_key(std::str::from_utf8(strip_nul(key)).ok()?, bits)
 }
 
 /// The value as text (NUL stripped).
