@@ -304,8 +304,8 @@ pub fn append(path: &Path, text: &str) {
     f.write_all(text.as_bytes()).expect("append");
 }
 
-/// Four loopback ports (Dovecot's imap, imaps, pop3, pop3s) standing for a test's nominal
-/// base port: the same block for the same `nominal` within this process, free on 127.0.0.1
+/// Four loopback ports (Dovecot's imap, imaps, pop3, pop3s; a Postfix's smtpd) standing
+/// for a test's nominal base port: the same block for the same `nominal` within this process, free on 127.0.0.1
 /// and ::1 when first asked for. Fixed ports collided with whatever else used them on the
 /// machine (another checkout's tests: "port 14143 is in use").
 pub fn dovecot_ports(nominal: u16) -> u16 {
@@ -353,9 +353,10 @@ impl Postfix {
     /// A private instance with `relay_restrictions` as smtpd_relay_restrictions and
     /// `extra` main.cf lines.
     pub fn start_with(dir: &Path, relay_restrictions: &str, extra: &str) -> Postfix {
-        let port = 20025
-            + (std::process::id() % 1000) as u16 * 10
-            + NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        // A block checked free on 127.0.0.1 and ::1 now: a port derived from the pid
+        // collided with another test's Dovecot under load ("bind 127.0.0.1 port 28145:
+        // Address already in use", seen by scripts/stress-test).
+        let port = dovecot_ports(u16::MAX - NEXT_PORT.fetch_add(1, Ordering::SeqCst));
         let conf = dir.join("conf");
         for d in ["conf", "queue", "data"] {
             std::fs::create_dir_all(dir.join(d)).expect("mkdir");
