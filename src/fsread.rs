@@ -69,7 +69,8 @@ impl fmt::Display for ReadError {
 
 impl std::error::Error for ReadError {}
 
-fn kind_of(t: std::fs::FileType) -> &'static str {
+/// What kind of non-regular file `t` is, in words (for errors naming the path).
+pub fn kind_of(t: std::fs::FileType) -> &'static str {
     if t.is_dir() {
         "directory"
     } else if t.is_fifo() {

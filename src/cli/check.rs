@@ -292,21 +292,7 @@ pub fn check_log(path: &Path, user: Option<&Account>) -> Vec<Finding> {
 }
 
 fn kind_of(meta: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = meta.file_type();
-    if t.is_dir() {
-        "directory"
-    } else if t.is_fifo() {
-        "FIFO"
-    } else if t.is_char_device() {
-        "character device"
-    } else if t.is_block_device() {
-        "block device"
-    } else if t.is_socket() {
-        "socket"
-    } else {
-        "special file"
-    }
+    crate::fsread::kind_of(meta.file_type())
 }
 
 /// Every check of the settings beyond what `validate` already refused.

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::state::FileId;
@@ -159,20 +159,7 @@ impl fmt::Display for PathProblem {
 
 /// What kind of non-regular file `meta` describes, in words.
 pub fn kind_of(meta: &Metadata) -> &'static str {
-    let t = meta.file_type();
-    if t.is_dir() {
-        "directory"
-    } else if t.is_fifo() {
-        "FIFO (named pipe)"
-    } else if t.is_socket() {
-        "socket"
-    } else if t.is_char_device() {
-        "character device"
-    } else if t.is_block_device() {
-        "block device"
-    } else {
-        "special file"
-    }
+    crate::fsread::kind_of(meta.file_type())
 }
 
 /// Opens `path` only if it is a regular file: its type is checked before the open (stat
