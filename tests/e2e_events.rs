@@ -477,3 +477,21 @@ except OSError:
         assert_eq!(postmap_q(&rig.map(), ip), None, "{ip} must not be granted");
     }
 }
+
+/// The reference configuration (and so the dovegate.toml(5) man page generated from it)
+/// carries the README's Dovecot snippets, commented, line for line: the README's are the
+/// ones checked against real doveconf above.
+#[test]
+fn the_reference_config_carries_the_readme_snippets() {
+    let reference = include_str!("../packaging/dovegate.toml");
+    for title in [SNIPPET_23, SNIPPET_24] {
+        let commented: String = readme_block(title)
+            .lines()
+            .map(|l| format!("# {l}").trim_end().to_string() + "\n")
+            .collect();
+        assert!(
+            reference.contains(&commented),
+            "packaging/dovegate.toml lacks the README's snippet `{title}`:\n{commented}"
+        );
+    }
+}
