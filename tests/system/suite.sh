@@ -256,8 +256,11 @@ installed_package_check() {
     for g in dovegate adm systemd-journal; do
         [[ "$groups" == *" $g "* ]] || die "$NAME: user dovegate is not in group $g (groups:$groups)"
     done
-    map=$(B stat -c '%u %a' /var/lib/dovegate/relay.lmdb) || die "$NAME: no map after dpkg -i"
-    [ "$map" = "$uid 644" ] || die "$NAME: map owner and mode '$map', want '$uid 644'"
+    # Closed to other users (a reader can stall every write), readable by Postfix's group.
+    group=dovegate
+    if B getent group postfix >/dev/null; then group=postfix; fi
+    map=$(B stat -c '%U %G %a' /var/lib/dovegate/relay.lmdb) || die "$NAME: no map after dpkg -i"
+    [ "$map" = "dovegate $group 640" ] || die "$NAME: map owner, group and mode '$map', want 'dovegate $group 640'"
     out=$(B postmap -s "$RELAY" 2>&1) || die "$NAME: postmap -s $RELAY: $out"
     [ -z "$out" ] || die "$NAME: the new map is not empty: $out"
     out=$(B dovegate check-config --config /etc/dovegate/dovegate.toml 2>&1) || die "$NAME: check-config: $out"
