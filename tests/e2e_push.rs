@@ -101,24 +101,6 @@ fn check_grants(rig: &Rig, want: &Expected, daemon: &mut Daemon) {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection; the status code.
-fn http(port: u16, head: &str, body: &str) -> u16 {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    write!(
-        s,
-        "{head}\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A successful report as Dovecot sends it with the README's attributes.
 fn report(remote: &str, protocol: &str) -> String {
     format!(
