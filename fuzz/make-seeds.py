@@ -138,6 +138,14 @@ for p, a, e in [('{"a":"192.0.2.7","e":1795258800}', "192.0.2.7", 1_700_003_600)
                 ('{"a":"127.0.0.1"}', "127.0.0.1", 1_800_000_000)]:
     put("pg_row", p.encode() + b"\0" + a.encode() + b"\0" + struct.pack("<qI", e, 100))
 
+# policy_rows: user NUL cap NUL rows of (kind u8, bucket le i64, count le i64).
+b = 1_700_000_000 // 300
+for u, c, rows in [("alice", "user_messages_per_hour", [(0, b, 3), (1, b - 200, 10)]),
+                   ("bob", "x\"}{", [(0, b + 10**6, 2**62), (1, -2**63, -5)]),
+                   ("c" * 300, "", [])]:
+    put("policy_rows", u.encode() + b"\0" + c.encode() + b"\0" +
+        b"".join(struct.pack("<Bqq", k, bb, n) for k, bb, n in rows))
+
 # state_files: kind byte (0 checkpoint, 1 journal cursor, 2 sessions) and the file.
 put("state_files", b"\0" + json.dumps({"path": "/var/log/mail.log", "files": [
     {"id": {"dev": 2049, "ino": 1234}, "offset": 4096, "fingerprint": {"len": 64, "hash": 99}}]}).encode())

@@ -266,6 +266,26 @@ impl Blocks {
         true
     }
 
+    /// Every blocked user with the cap it tripped.
+    pub fn users(&self) -> Vec<(String, String)> {
+        let m = self.lock();
+        m.users
+            .iter()
+            .map(|(u, c)| (u.clone(), c.clone()))
+            .collect()
+    }
+
+    /// Unblocks `user` (unblocked on another host): in memory and in the file. True when
+    /// it was blocked.
+    pub fn unblock(&self, user: &str) -> io::Result<bool> {
+        let was = self.lock().users.remove(user).is_some();
+        if let Some(dir) = &self.dir {
+            edit(dir, |all| all.remove(user))?;
+            self.lock().seen = identity(dir);
+        }
+        Ok(was)
+    }
+
     /// The addresses whose grants must be revoked now.
     pub fn take_revocations(&self) -> Vec<(IpAddr, String)> {
         std::mem::take(&mut self.lock().revoke)

@@ -202,12 +202,12 @@ pub fn revoke_all(cfg: &ConfigArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-type DbFuture<'a> =
+pub(super) type DbFuture<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, tokio_postgres::Error>> + 'a>>;
 
 /// Runs `op` on the database when `[store] postgres_url_file` is set (None when it is not).
 /// A failure says what was done here only (`done_here`) and exits 1.
-fn in_database(
+pub(super) fn in_database(
     settings: &Settings,
     done_here: &str,
     op: impl for<'a> FnOnce(&'a tokio_postgres::Client, Tables, Origin) -> DbFuture<'a>,

@@ -81,14 +81,30 @@ pub fn trace(cfg: &ConfigArgs, queue_id: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Unblocks `user` here and, with PostgreSQL, on every host: the database first, since
+/// a daemon sharing blocks would block the user here again while the database still
+/// lists it.
 pub fn unblock(cfg: &ConfigArgs, user: &str) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
+    let owned = user.to_string();
+    let everywhere = super::admin::in_database(
+        &settings,
+        &format!("{user}: not unblocked (on no host)"),
+        move |c, t, _| {
+            Box::pin(async move {
+                crate::store::postgres::shared_policy::unblock(c, &t.blocked_users, &owned).await
+            })
+        },
+    )?;
     match crate::engine::unblock(&settings.state_dir, user) {
-        Ok(true) => {
-            println!("unblocked {user}");
+        Ok(here) if here || everywhere == Some(true) => {
+            match everywhere {
+                Some(_) => println!("unblocked {user} (every host sharing the database)"),
+                None => println!("unblocked {user}"),
+            }
             Ok(())
         }
-        Ok(false) => Err(not_found(format!(
+        Ok(_) => Err(not_found(format!(
             "{user}: not blocked (see {})",
             settings
                 .state_dir

@@ -370,6 +370,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                 .map_err(|e| Failure::runtime(format!("policy.block_on_cap: {e}")))?,
         ),
     };
+    let mut shared_policy = None;
     let mut servers = match &blocks {
         None => None,
         Some(blocks) => {
@@ -380,6 +381,15 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                 Some(&settings.state_dir),
                 Some(blocks.clone()),
             );
+            if let Some(url_file) = &settings.store.url_file {
+                shared_policy = Some(start_shared_policy(
+                    &runtime,
+                    url_file,
+                    &settings.store.schema,
+                    &policy,
+                    blocks,
+                )?);
+            }
             let src = Arc::new(MetricsSource {
                 stats: Arc::clone(&stats),
                 engine: Arc::clone(&counters),
@@ -539,6 +549,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     };
     crate::notify::stopping();
     sources.stop();
+    if let Some(task) = shared_policy {
+        task.abort();
+    }
     // Last: the socketmap answers until the end.
     if let Some(servers) = servers {
         runtime.block_on(servers.shutdown());
@@ -649,6 +662,30 @@ impl GrantStore for DaemonStore {
     fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         both!(self, s => s.cap(ips, limit))
     }
+}
+
+/// Blocked users and cap counts shared with the other hosts through PostgreSQL
+/// (`policy::shared`), whether or not this host runs the policy server.
+fn start_shared_policy(
+    runtime: &tokio::runtime::Runtime,
+    url_file: &std::path::Path,
+    schema: &str,
+    policy: &crate::policy::Context,
+    blocks: &crate::blocks::Blocks,
+) -> Result<tokio::task::JoinHandle<()>, Failure> {
+    use crate::store::postgres::{Origin, Target};
+    let target = Target::load(url_file, schema).map_err(|e| Failure::config(e.to_string()))?;
+    policy.caps.share();
+    let _guard = runtime.enter();
+    Ok(crate::policy::shared::spawn(
+        crate::policy::shared::SharedPolicy {
+            target,
+            host: Origin::this_host("dovecot").host,
+            blocks: blocks.clone(),
+            logins: policy.logins.clone(),
+            caps: Arc::clone(&policy.caps),
+        },
+    ))
 }
 
 /// The local map, plus PostgreSQL when `[store] postgres_url_file` is set (a bad URL file

@@ -117,3 +117,15 @@ pub fn holds(login_service: &[u8]) -> bool {
 pub fn ends_held(service: &str) -> bool {
     service == "imap" || service == "imap-hibernate" || service == "imap-login"
 }
+
+/// What one host counted towards one user's sending caps (`policy.user_*`) in one
+/// five-minute bucket (Unix time / 300): the policy server hands it to the database and
+/// takes the other hosts' back, so a user's caps hold across hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserCount {
+    pub user: String,
+    /// Recipients (true) or messages.
+    pub recipients: bool,
+    pub bucket: i64,
+    pub count: i64,
+}

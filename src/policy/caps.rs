@@ -7,7 +7,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
+
+use crate::model::UserCount;
 
 /// Cap values; 0 turns one off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -98,11 +100,59 @@ enum Key {
 /// is idle new ones are refused a count (deferred: never an uncounted relay).
 const MAX_KEYS: usize = 200_000;
 
+/// The four totals a cap compares, for one grant or user.
+#[derive(Debug, Clone, Copy, Default)]
+struct Totals {
+    messages_hour: u32,
+    messages_day: u32,
+    recipients_hour: u32,
+    recipients_day: u32,
+}
+
+impl Counts {
+    fn totals(&self, now: i64) -> Totals {
+        Totals {
+            messages_hour: self.messages_hour.total(now),
+            messages_day: self.messages_day.total(now),
+            recipients_hour: self.recipients_hour.total(now),
+            recipients_day: self.recipients_day.total(now),
+        }
+    }
+}
+
+impl Totals {
+    fn plus(self, o: Totals) -> Totals {
+        Totals {
+            messages_hour: self.messages_hour.saturating_add(o.messages_hour),
+            messages_day: self.messages_day.saturating_add(o.messages_day),
+            recipients_hour: self.recipients_hour.saturating_add(o.recipients_hour),
+            recipients_day: self.recipients_day.saturating_add(o.recipients_day),
+        }
+    }
+}
+
+/// The width of a shared count's bucket (`UserCount::bucket` is Unix time / this).
+pub const SHARED_BUCKET: i64 = 300;
+/// Buckets in a day: the oldest shared count that still counts.
+pub const SHARED_BUCKETS: i64 = 24 * 3600 / SHARED_BUCKET;
+
+/// The user counts shared with other hosts (PostgreSQL): what was counted here and not
+/// sent yet, and what the others counted, as last read.
+#[derive(Debug, Default)]
+struct Shared {
+    on: bool,
+    outbox: HashMap<(String, bool, i64), i64>,
+    /// Counts not shared because the outbox was full (said by the sender).
+    dropped: u64,
+    remote: HashMap<String, Vec<(bool, i64, i64)>>,
+}
+
 /// The counts, kept across restarts of the policy server (a reload that changes the caps
 /// keeps what was counted); the limits are the caller's.
 #[derive(Debug, Default)]
 pub struct Caps {
     table: Mutex<HashMap<Key, Counts>>,
+    shared: Mutex<Shared>,
 }
 
 /// Why a cap refused: its configuration key.
@@ -122,7 +172,8 @@ impl Caps {
             ip,
             user,
             now,
-            |c, now, grant| {
+            true,
+            |c, grant| {
                 let (mh, md, rh, rd) = if grant {
                     (
                         ("grant_messages_per_hour", l.grant_messages_per_hour),
@@ -138,10 +189,10 @@ impl Caps {
                         ("user_recipients_per_day", l.user_recipients_per_day),
                     )
                 };
-                over(mh, c.messages_hour.total(now))?;
-                over(md, c.messages_day.total(now))?;
-                over(rh, c.recipients_hour.total(now))?;
-                over(rd, c.recipients_day.total(now))?;
+                over(mh, c.messages_hour)?;
+                over(md, c.messages_day)?;
+                over(rh, c.recipients_hour)?;
+                over(rd, c.recipients_day)?;
                 Ok(())
             },
             |c, now| {
@@ -163,7 +214,8 @@ impl Caps {
             ip,
             user,
             now,
-            |c, now, grant| {
+            false,
+            |c, grant| {
                 let (mh, md) = if grant {
                     (
                         ("grant_messages_per_hour", l.grant_messages_per_hour),
@@ -175,8 +227,8 @@ impl Caps {
                         ("user_messages_per_day", l.user_messages_per_day),
                     )
                 };
-                over(mh, c.messages_hour.total(now))?;
-                over(md, c.messages_day.total(now))?;
+                over(mh, c.messages_hour)?;
+                over(md, c.messages_day)?;
                 Ok(())
             },
             |c, now| {
@@ -186,23 +238,26 @@ impl Caps {
         )
     }
 
-    /// Checks the grant's and the user's counts with `check`, then adds to both with `add`.
+    /// Checks the grant's and the user's counts (the user's with what other hosts
+    /// counted) with `check`, then adds to both with `add`.
     fn count(
         &self,
         ip: IpAddr,
         user: Option<&str>,
         now: i64,
-        check: impl Fn(&Counts, i64, bool) -> Result<(), CapName>,
+        recipients: bool,
+        check: impl Fn(&Totals, bool) -> Result<(), CapName>,
         add: impl Fn(&mut Counts, i64),
     ) -> Result<(), CapName> {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let keys: Vec<(Key, bool)> = std::iter::once((Key::Grant(ip.to_canonical()), true))
             .chain(user.map(|u| (Key::User(u.to_string()), false)))
             .collect();
+        let remote = user.map_or_else(Totals::default, |u| self.remote_totals(u, now));
         for (k, grant) in &keys {
-            if let Some(c) = table.get(k) {
-                check(c, now, *grant)?;
-            }
+            let local = table.get(k).map_or_else(Totals::default, |c| c.totals(now));
+            let t = if *grant { local } else { local.plus(remote) };
+            check(&t, *grant)?;
         }
         let missing = keys.iter().filter(|(k, _)| !table.contains_key(k)).count();
         if missing > 0 && table.len() + missing > MAX_KEYS {
@@ -214,7 +269,104 @@ impl Caps {
         for (k, _) in keys {
             add(table.entry(k).or_default(), now);
         }
+        drop(table);
+        if let Some(u) = user {
+            self.share_one(u, recipients, now);
+        }
         Ok(())
+    }
+
+    fn shared(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// From now on, user counts are kept for other hosts too (`take_outbox`).
+    pub fn share(&self) {
+        self.shared().on = true;
+    }
+
+    fn share_one(&self, user: &str, recipients: bool, now: i64) {
+        let mut s = self.shared();
+        if !s.on {
+            return;
+        }
+        let key = (user.to_string(), recipients, now.div_euclid(SHARED_BUCKET));
+        if s.outbox.len() >= MAX_KEYS && !s.outbox.contains_key(&key) {
+            s.dropped += 1;
+            return;
+        }
+        *s.outbox.entry(key).or_default() += 1;
+    }
+
+    /// The user counts made here since the last call, for the other hosts, and how many
+    /// could not be kept for them (the outbox was full).
+    pub fn take_outbox(&self) -> (Vec<UserCount>, u64) {
+        let mut s = self.shared();
+        let rows = std::mem::take(&mut s.outbox)
+            .into_iter()
+            .map(|((user, recipients, bucket), count)| UserCount {
+                user,
+                recipients,
+                bucket,
+                count,
+            })
+            .collect();
+        (rows, std::mem::take(&mut s.dropped))
+    }
+
+    /// Counts `take_outbox` gave that could not be sent, for the next try.
+    pub fn requeue(&self, rows: Vec<UserCount>) {
+        let mut s = self.shared();
+        for r in rows {
+            *s.outbox
+                .entry((r.user, r.recipients, r.bucket))
+                .or_default() += r.count;
+        }
+    }
+
+    /// What the other hosts counted in the last day (replaces what was read before).
+    pub fn set_remote(&self, rows: Vec<UserCount>) {
+        let mut remote: HashMap<String, Vec<(bool, i64, i64)>> = HashMap::new();
+        for r in rows {
+            remote
+                .entry(r.user)
+                .or_default()
+                .push((r.recipients, r.bucket, r.count));
+        }
+        self.shared().remote = remote;
+    }
+
+    /// Users with counts from other hosts (as last read).
+    pub fn remote_users(&self) -> usize {
+        self.shared().remote.len()
+    }
+
+    fn remote_totals(&self, user: &str, now: i64) -> Totals {
+        let s = self.shared();
+        let Some(rows) = s.remote.get(user) else {
+            return Totals::default();
+        };
+        let current = now.div_euclid(SHARED_BUCKET);
+        let hour = current - 3600 / SHARED_BUCKET + 1;
+        let day = current - SHARED_BUCKETS + 1;
+        let mut t = Totals::default();
+        let clamp = |n: i64| u32::try_from(n.max(0)).unwrap_or(u32::MAX);
+        for &(recipients, bucket, n) in rows {
+            let n = clamp(n);
+            let (h, d) = if recipients {
+                (&mut t.recipients_hour, &mut t.recipients_day)
+            } else {
+                (&mut t.messages_hour, &mut t.messages_day)
+            };
+            // A bucket in the future (another host's clock ahead) counts now.
+            if bucket >= hour {
+                *h = h.saturating_add(n);
+            }
+            if bucket >= day {
+                *d = d.saturating_add(n);
+            }
+        }
+        t
     }
 }
 
@@ -285,6 +437,81 @@ mod tests {
             Err("grant_messages_per_day")
         );
         assert_eq!(caps.message(&l, a, None, 86_400 + 3600), Ok(()));
+    }
+
+    /// With sharing on, a user's counts go to the outbox, and what other hosts counted
+    /// adds to the user's caps (not the grant's), for an hour or a day as the bucket says.
+    #[test]
+    fn user_caps_add_what_other_hosts_counted() {
+        let l = CapLimits {
+            user_messages_per_hour: 3,
+            user_recipients_per_day: 10,
+            grant_messages_per_hour: 3,
+            ..Default::default()
+        };
+        let caps = Caps::default();
+        let t = 1_000_000 * SHARED_BUCKET;
+        assert_eq!(caps.message(&l, ip("192.0.2.1"), Some("alice"), t), Ok(()));
+        assert_eq!(caps.take_outbox(), (vec![], 0), "not shared until asked");
+        caps.share();
+        assert_eq!(
+            caps.message(&l, ip("192.0.2.1"), Some("alice"), t + 1),
+            Ok(())
+        );
+        let (rows, dropped) = caps.take_outbox();
+        assert_eq!(dropped, 0);
+        assert_eq!(
+            rows,
+            vec![UserCount {
+                user: "alice".into(),
+                recipients: false,
+                bucket: t / SHARED_BUCKET,
+                count: 1
+            }]
+        );
+        caps.requeue(rows.clone());
+        assert_eq!(caps.take_outbox().0, rows);
+        // Another host counted one message for alice two buckets ago, and 10 recipients
+        // for carol 23 hours ago.
+        let b = t / SHARED_BUCKET;
+        caps.set_remote(vec![
+            UserCount {
+                user: "alice".into(),
+                recipients: false,
+                bucket: b - 2,
+                count: 1,
+            },
+            UserCount {
+                user: "carol".into(),
+                recipients: true,
+                bucket: b - 23 * 12,
+                count: 10,
+            },
+        ]);
+        assert_eq!(caps.remote_users(), 2);
+        assert_eq!(
+            caps.message(&l, ip("192.0.2.9"), Some("alice"), t + 2),
+            Err("user_messages_per_hour"),
+            "2 here + 1 elsewhere"
+        );
+        assert_eq!(
+            caps.recipient(&l, ip("192.0.2.9"), Some("carol"), t + 2),
+            Err("user_recipients_per_day")
+        );
+        // Bob is not alice; the grant caps count this host only.
+        assert_eq!(
+            caps.message(&l, ip("192.0.2.1"), Some("bob"), t + 3),
+            Ok(())
+        );
+        // An hour later the remote message is out of the hour, the recipients a day later.
+        assert_eq!(
+            caps.message(&l, ip("192.0.2.9"), Some("alice"), t + 3600),
+            Ok(())
+        );
+        assert_eq!(
+            caps.recipient(&l, ip("192.0.2.9"), Some("carol"), t + 3600 * 2),
+            Ok(())
+        );
     }
 
     #[test]

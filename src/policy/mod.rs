@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod receipts;
 pub mod server;
+pub mod shared;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

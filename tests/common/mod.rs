@@ -168,6 +168,28 @@ impl Daemon {
         Daemon { child, stderr }
     }
 
+    /// `dovegate run ARGS` as if on the host `host`: in its own UTS namespace (root only),
+    /// so two daemons on this machine tell the database different host names.
+    pub fn start_as_host(dir: &Path, host: &str, args: &[&str]) -> Daemon {
+        let stderr = dir.join(format!("dovegate-{host}.stderr"));
+        let child = Command::new("unshare")
+            .args(["--uts", "sh", "-c", "hostname \"$0\" && exec \"$@\""])
+            .arg(host)
+            .arg(bin())
+            .arg("run")
+            .args(args)
+            .env(
+                "DOVEGATE_LOG",
+                std::env::var("DG_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn unshare --uts dovegate run");
+        Daemon { child, stderr }
+    }
+
     /// `dovegate run` following `log`, with the map `DIR/relay` and state `DIR/state`, plus
     /// `extra` arguments; returns once the map exists.
     pub fn follow(dir: &Path, log: &Path, extra: &[&str]) -> Daemon {

@@ -8,6 +8,7 @@
 //! validated as a plain identifier by the configuration.
 
 pub mod error;
+pub mod shared_policy;
 pub mod spill;
 pub mod worker;
 
@@ -164,11 +165,22 @@ impl Target {
         format!("\"{}\".dovegate_revocations", self.schema)
     }
 
+    /// The users blocked by a cap, schema-qualified.
+    pub fn blocked_users(&self) -> String {
+        format!("\"{}\".dovegate_blocked_users", self.schema)
+    }
+
+    /// What each host counted for the users' caps, schema-qualified.
+    pub fn policy_counts(&self) -> String {
+        format!("\"{}\".dovegate_policy_counts", self.schema)
+    }
+
     /// Both tables, for the statements that need them.
     pub fn tables(&self) -> Tables {
         Tables {
             grants: self.table(),
             revocations: self.revocations(),
+            blocked_users: self.blocked_users(),
         }
     }
 
@@ -222,6 +234,7 @@ impl Target {
 pub struct Tables {
     pub grants: String,
     pub revocations: String,
+    pub blocked_users: String,
 }
 
 /// The error with its cause (tokio-postgres puts the server's message in the source).
@@ -428,6 +441,26 @@ CREATE TRIGGER dovegate_grants_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCA
     ON dovegate_grants FOR EACH STATEMENT EXECUTE FUNCTION dovegate_grants_notify();
 CREATE TRIGGER dovegate_revocations_notify AFTER INSERT OR UPDATE
     ON dovegate_revocations FOR EACH STATEMENT EXECUTE FUNCTION dovegate_grants_notify();
+"#,
+    // 4: the policy server's state shared between hosts: users blocked by a cap
+    // (policy.block_on_cap) and what each host counted for each user's caps, in five-minute
+    // buckets (no address here: only user names and counts).
+    r#"
+CREATE TABLE dovegate_blocked_users (
+    user_name text PRIMARY KEY CHECK (length(user_name) BETWEEN 1 AND 256),
+    cap text NOT NULL CHECK (length(cap) BETWEEN 1 AND 64),
+    blocked_at timestamptz NOT NULL DEFAULT now() CHECK (isfinite(blocked_at)),
+    blocked_by text NOT NULL CHECK (length(blocked_by) <= 256)
+);
+CREATE TABLE dovegate_policy_counts (
+    user_name text NOT NULL CHECK (length(user_name) BETWEEN 1 AND 256),
+    kind text NOT NULL CHECK (kind IN ('messages', 'recipients')),
+    bucket bigint NOT NULL,
+    host text NOT NULL CHECK (length(host) BETWEEN 1 AND 256),
+    count bigint NOT NULL CHECK (count >= 0),
+    PRIMARY KEY (user_name, kind, bucket, host)
+);
+CREATE INDEX dovegate_policy_counts_bucket ON dovegate_policy_counts (bucket);
 "#,
 ];
 
