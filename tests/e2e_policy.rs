@@ -419,3 +419,48 @@ fn a_user_who_trips_a_cap_loses_every_grant_until_unblocked() {
     append(&log, &sessionless_login_line("203.0.113.30", "mallory"));
     wait_granted(d.path(), "203.0.113.30");
 }
+
+/// `grant.ipv6_prefix = 64` with the policy server (issue 22): a login from one address of
+/// a /64 lets every address of it relay through the real smtpd (OK, with a receipt naming
+/// the login), and no address outside it (554).
+#[test]
+fn a_prefix_grant_answers_for_the_whole_prefix() {
+    let d = tempdir();
+    let log = d.path().join("mail.log");
+    append(&log, "");
+    let cfg = config(d.path(), &log, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("[grant]\nipv6_prefix = 64\n{text}")).unwrap();
+    let _daemon = start(d.path(), &cfg, &[]);
+    let policy = format!(
+        "check_policy_service {{ unix:{}, default_action=DUNNO }}",
+        d.path().join("policy").display()
+    );
+    let pf = Postfix::start_with(
+        &d.path().join("pf"),
+        &relay_restrictions(&d.path().join("policy"), ""),
+        &format!("{LOCAL}smtpd_end_of_data_restrictions = {policy}\n"),
+    );
+    append(&log, &sessionless_login_line("2001:db8:1:2::7", "erin"));
+    wait_granted(d.path(), "2001:db8:1:2");
+    for inside in [
+        "2001:db8:1:2::7",
+        "2001:db8:1:2::99",
+        "2001:db8:1:2:ffff::1",
+    ] {
+        let r = relay(pf.port, inside);
+        assert!(r.starts_with("250"), "{inside}: {r}");
+    }
+    for outside in ["2001:db8:1:3::7", "2001:db8::7"] {
+        let r = relay(pf.port, outside);
+        assert!(r.starts_with("554"), "{outside}: {r}");
+    }
+    let mut s = Smtp::connect(pf.port);
+    let r = begin(&mut s, "IPV6:2001:db8:1:2::99", &["f@elsewhere.example"]);
+    assert!(r[0].starts_with("250"), "{r:?}");
+    let q = queue_id(&data(&mut s));
+    wait_for("a receipt naming erin", PATIENCE, || {
+        let (code, out, _) = cli(&["trace", &q], &cfg);
+        code == Some(0) && out.contains("user=erin")
+    });
+}

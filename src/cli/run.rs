@@ -329,6 +329,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             crate::store::damage::check_at_start(
                 &crate::store::lmdb::file_path(&settings.map_path),
                 &settings.action,
+                settings.ipv6_prefix,
                 timefmt::now(),
             )
             .map_err(|e| Failure::runtime(e.0))?;

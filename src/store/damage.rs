@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use lmdb::{Cursor, Environment, EnvironmentFlags, Transaction, WriteFlags};
 
 use super::lock::FileLock;
-use super::value::{parse_expiry, parse_key};
+use super::value::{parse_expiry, parse_key_with};
 use super::StoreError;
 
 /// The hidden subcommand that probes a copy.
@@ -58,19 +58,20 @@ pub enum Probe {
 /// At start, before the map is opened for writing: probes `path` (the `.lmdb` file) in a
 /// child process and, when it is damaged, moves it aside and puts a new map holding the
 /// grants still readable and live at `now` in its place. A missing or empty file is sound.
-pub fn check_at_start(path: &Path, action: &str, now: i64) -> Result<(), StoreError> {
-    match probe(path)? {
+pub fn check_at_start(path: &Path, action: &str, bits: u8, now: i64) -> Result<(), StoreError> {
+    match probe(path, bits)? {
         Probe::Sound => Ok(()),
         Probe::Damaged(why, grants) => {
             let live: Vec<_> = grants.into_iter().filter(|&(_, e)| e > now).collect();
-            replace_damaged(path, action, &why, &live, now).map(|_| ())
+            replace_damaged(path, action, &why, &live, bits, now).map(|_| ())
         }
     }
 }
 
 /// Copies the file under a shared lock (a consistent state: no writer follows our lock
-/// protocol meanwhile) and probes the copy in a child process.
-pub fn probe(path: &Path) -> Result<Probe, StoreError> {
+/// protocol meanwhile) and probes the copy in a child process. Keys are read as written
+/// under `grant.ipv6_prefix` = `bits` (128: whole addresses).
+pub fn probe(path: &Path, bits: u8) -> Result<Probe, StoreError> {
     let io = |what: &str, e: &std::io::Error| StoreError::io(path, what, e);
     let src = match File::open(path) {
         Ok(f) => f,
@@ -126,7 +127,7 @@ pub fn probe(path: &Path) -> Result<Probe, StoreError> {
                 None => said.to_string(),
             },
         };
-        Ok(Probe::Damaged(why, read_entries(&out)))
+        Ok(Probe::Damaged(why, read_entries(&out, bits)))
     })();
     for p in [&copy, &out, &err] {
         let _ = std::fs::remove_file(p);
@@ -143,8 +144,9 @@ fn private_file(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// The probe's output: `HEXKEY HEXVALUE` lines; grants only.
-fn read_entries(out: &Path) -> Vec<(IpAddr, i64)> {
+/// The probe's output: `HEXKEY HEXVALUE` lines; grants only (prefix keys included: a
+/// prefix grant lost here would end an IPv6 network's relay at a rebuild).
+fn read_entries(out: &Path, bits: u8) -> Vec<(IpAddr, i64)> {
     let Ok(f) = File::open(out) else {
         return Vec::new();
     };
@@ -154,7 +156,7 @@ fn read_entries(out: &Path) -> Vec<(IpAddr, i64)> {
         .filter_map(|l| {
             let (k, v) = l.split_once(' ')?;
             let (k, v) = (unhex(k)?, unhex(v)?);
-            Some((parse_key(&k)?, parse_expiry(&v)?))
+            Some((parse_key_with(&k, bits)?, parse_expiry(&v)?))
         })
         .collect()
 }
@@ -325,6 +327,7 @@ pub fn replace_damaged(
     action: &str,
     why: &str,
     grants: &[(IpAddr, i64)],
+    bits: u8,
     now: i64,
 ) -> Result<PathBuf, StoreError> {
     let io = |what: &str, e: &std::io::Error| StoreError::io(path, what, e);
@@ -339,7 +342,7 @@ pub fn replace_damaged(
     }
     let fresh = sibling(path, ".dovegate-new");
     let _ = std::fs::remove_file(&fresh);
-    write_fresh(&fresh, action, grants)?;
+    write_fresh(&fresh, action, grants, bits)?;
     if let Ok(old) = std::fs::metadata(path) {
         // The new map keeps the old one's owner, group and mode (who may read it).
         let _ = std::os::unix::fs::chown(&fresh, Some(old.uid()), Some(old.gid()));
@@ -365,7 +368,12 @@ pub fn replace_damaged(
 }
 
 /// A new map file at `fresh` holding `grants`.
-fn write_fresh(fresh: &Path, action: &str, grants: &[(IpAddr, i64)]) -> Result<(), StoreError> {
+fn write_fresh(
+    fresh: &Path,
+    action: &str,
+    grants: &[(IpAddr, i64)],
+    bits: u8,
+) -> Result<(), StoreError> {
     let lmdb = |what: &str, e: lmdb::Error| StoreError::lmdb(fresh, what, e);
     let env = Environment::new()
         .set_flags(EnvironmentFlags::NO_SUB_DIR | EnvironmentFlags::NO_LOCK)
@@ -377,7 +385,7 @@ fn write_fresh(fresh: &Path, action: &str, grants: &[(IpAddr, i64)]) -> Result<(
     for &(ip, e) in grants {
         txn.put(
             db,
-            &super::value::key_bytes(ip),
+            &super::value::key_bytes_with(ip, bits),
             &super::value::value_bytes(action, e),
             WriteFlags::empty(),
         )
@@ -416,7 +424,46 @@ mod tests {
         let grants: Vec<(IpAddr, i64)> = (1..=200)
             .map(|i| (format!("192.0.2.{i}").parse().unwrap(), 2_000_000_000 + i))
             .collect();
-        write_fresh(&f, "OK", &grants).unwrap();
+        write_fresh(&f, "OK", &grants, 128).unwrap();
         assert_eq!(walk_and_write(&f), Ok(()));
+    }
+
+    /// Grants kept under an IPv6 prefix (`grant.ipv6_prefix = 64`) survive a rebuild: read
+    /// back from the probe's output and written under the same keys.
+    #[test]
+    fn prefix_grants_survive_a_rebuild() {
+        let d = tempfile::tempdir().unwrap();
+        let ip: IpAddr = "2001:db8:1:2::".parse().unwrap();
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let out = d.path().join("out");
+        let line = |ip: IpAddr, e: i64| {
+            format!(
+                "{} {}\n",
+                hex(&super::super::value::key_bytes_with(ip, 64)),
+                hex(&super::super::value::value_bytes("OK", e))
+            )
+        };
+        std::fs::write(&out, line(ip, 2_000_000_000) + &line(v4, 2_000_000_001)).unwrap();
+        let read = read_entries(&out, 64);
+        assert_eq!(read, vec![(ip, 2_000_000_000), (v4, 2_000_000_001)]);
+        assert!(
+            read_entries(&out, 128).len() == 1,
+            "whole-address keys only at 128"
+        );
+        let f = d.path().join("m.lmdb");
+        write_fresh(&f, "OK", &read, 64).unwrap();
+        let env = Environment::new()
+            .set_flags(EnvironmentFlags::NO_SUB_DIR | EnvironmentFlags::NO_LOCK)
+            .open(&f)
+            .unwrap();
+        let db = env.open_db(None).unwrap();
+        let txn = env.begin_ro_txn().unwrap();
+        let keys: Vec<String> = txn
+            .open_ro_cursor(db)
+            .unwrap()
+            .iter_start()
+            .map(|kv| String::from_utf8_lossy(kv.unwrap().0).into_owned())
+            .collect();
+        assert_eq!(keys, ["192.0.2.7\0", "2001:db8:1:2\0"]);
     }
 }

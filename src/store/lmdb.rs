@@ -327,9 +327,15 @@ impl LmdbMap {
             return self.lmdb_err(what, e);
         }
         let why = format!("{what}: {e}");
-        let replaced =
-            damage::replace_damaged(&self.path, &self.action, &why, &[], crate::timefmt::now())
-                .and_then(|_| self.reopen_file());
+        let replaced = damage::replace_damaged(
+            &self.path,
+            &self.action,
+            &why,
+            &[],
+            128,
+            crate::timefmt::now(),
+        )
+        .and_then(|_| self.reopen_file());
         match replaced {
             Ok(()) => StoreError::new(
                 format!(
