@@ -23,7 +23,7 @@ fn shows_sources_fleet_and_sessions() {
     std::fs::write(
         &conf,
         format!(
-            "[source]\nlogs = [{:?}, {:?}]\njournal = true\n[map]\npath = {:?}\n[state]\ndir = {:?}\n",
+            "[source]\nlogs = [{:?}, {:?}]\njournal = true\n[grant]\nsession_hold = \"1h\"\n[map]\npath = {:?}\n[state]\ndir = {:?}\n",
             missing.display().to_string(),
             dir_log.display().to_string(),
             d.path().join("relay").display().to_string(),
@@ -120,7 +120,8 @@ fn shows_sources_fleet_and_sessions() {
         "(connection refused); spill queue 3/100000".to_string(),
         "replica of postgresql://db.example:5432/mail: current, last snapshot ".to_string(),
         "sessions: 1 open".to_string(),
-        "192.0.2.44 session abcdEFGH1234 since ".to_string(),
+        "192.0.2.44 session abcdEFGH1234 user=alice since ".to_string(),
+        ", evidence process, held at most until ".to_string(),
         "by evidence: 1 process; released for lack of evidence: 3, at the hold: 1, dropped: 2"
             .to_string(),
     ] {
@@ -154,6 +155,19 @@ fn shows_sources_fleet_and_sessions() {
     assert_eq!(v["replica"]["stale_file"], false);
     assert_eq!(v["sessions"][0]["ip"], "192.0.2.44");
     assert_eq!(v["sessions"][0]["evidence"], "process");
+    assert_eq!(v["sessions"][0]["user"], "alice");
+    // The hold: the session's login + grant.session_hold (1h here).
+    let hold = v["sessions"][0]["hold_until"].as_str().unwrap();
+    let at = |f: &str| {
+        chrono::DateTime::parse_from_rfc3339(v["sessions"][0][f].as_str().unwrap())
+            .unwrap()
+            .timestamp()
+    };
+    assert_eq!(at("hold_until") - at("login"), 3600);
+    assert!(
+        text.contains(&format!("held at most until {hold}")),
+        "{text}"
+    );
     assert_eq!(v["session_stats"]["released_no_evidence"], 3);
     assert_eq!(v["warnings"].as_array().unwrap().len(), 1);
 }

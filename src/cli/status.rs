@@ -126,10 +126,14 @@ struct SessionOut {
     id: String,
     ip: String,
     pid: Option<u32>,
+    user: Option<String>,
     login: String,
     renewed: String,
     /// What the daemon's last check found (`none`: held only ttl).
     evidence: &'static str,
+    /// The latest its grant can be held while the session stays open (login +
+    /// `grant.session_hold`); with evidence gone it ends sooner.
+    hold_until: String,
 }
 
 #[derive(Serialize)]
@@ -352,15 +356,18 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             stale_file,
         }
     });
+    let hold = i64::try_from(settings.session_hold.as_secs()).unwrap_or(i64::MAX);
     let sessions = load_sessions(&settings.state_dir, &mut warnings).map(|list| {
         list.into_iter()
             .map(|s| SessionOut {
                 id: s.id,
                 ip: s.ip.to_string(),
                 pid: s.pid,
+                user: s.user,
                 login: timefmt::rfc3339(s.login),
                 renewed: timefmt::rfc3339(s.renewed),
                 evidence: s.evidence.name(),
+                hold_until: timefmt::rfc3339(s.login.saturating_add(hold)),
             })
             .collect()
     });
@@ -540,9 +547,13 @@ fn print_text(status: &Status, state_dir: &Path) {
         }
         for s in sessions.iter().take(SESSIONS_SHOWN) {
             let pid = s.pid.map_or(String::new(), |p| format!(", pid {p}"));
+            let user = s
+                .user
+                .as_ref()
+                .map_or(String::new(), |u| format!(" user={u}"));
             println!(
-                "  {} session {} since {}{pid}, renewed {}, evidence {}",
-                s.ip, s.id, s.login, s.renewed, s.evidence
+                "  {} session {}{user} since {}{pid}, renewed {}, evidence {}, held at most until {}",
+                s.ip, s.id, s.login, s.renewed, s.evidence, s.hold_until
             );
         }
         if sessions.len() > SESSIONS_SHOWN {
