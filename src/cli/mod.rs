@@ -202,7 +202,13 @@ fn init_logging() {
         if let Ok(layer) = tracing_journald::layer() {
             let _ = tracing_subscriber::registry()
                 .with(filter())
-                .with(layer.with_syslog_identifier("dovegate".into()))
+                // Fields as DOVEGATE_ADDRESS=, DOVEGATE_USER=, ... for `journalctl -u
+                // dovegate DOVEGATE_USER=alice` (the crate's default prefix is a bare F_).
+                .with(
+                    layer
+                        .with_syslog_identifier("dovegate".into())
+                        .with_field_prefix(Some("DOVEGATE".into())),
+                )
                 .try_init();
             return;
         }

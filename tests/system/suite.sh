@@ -52,6 +52,13 @@ suite() {
     wait_grant 203.0.113.101
     for a in $refused 198.18.0.5; do no_grant "$a"; done
     ok "nothing granted for loopback, failed, aborted logins and mynetworks (postconf): $refused 198.18.0.5"
+    # The audit line's text names the address, user, protocol and expiry (what `journalctl -u
+    # dovegate` shows); its fields filter (the README's commands).
+    wait_until 10 "$NAME: grant line for 203.0.113.101" grant_line_logged 203.0.113.101 \
+        || die "$NAME: no readable grant line: $(B journalctl -u dovegate -n 10 --no-pager)"
+    B journalctl -u dovegate -o cat --no-pager DOVEGATE_USER=alice DOVEGATE_ADDRESS=203.0.113.101 | grep -q '^grant 203\.0\.113\.101 ' \
+        || die "$NAME: journalctl DOVEGATE_USER=alice DOVEGATE_ADDRESS=203.0.113.101 finds no grant"
+    ok "journal: 'grant 203.0.113.101 user=alice pop3 until ...', found by DOVEGATE_USER= and DOVEGATE_ADDRESS="
     [ "$(main_pid)" = "$pid0" ] || die "$NAME: the daemon restarted during the logins"
     # The socketmap under /run/dovegate (RuntimeDirectory) answers from the same grants.
     local sm=socketmap:unix:/run/dovegate/socketmap:relay
@@ -118,7 +125,7 @@ suite() {
     wait_until 30 "$NAME: dovegate restarted by the upgrade" new_active_pid "$pid1"
     for a in 203.0.113.120 203.0.113.110 $granted; do wait_grant "$a"; done
     B journalctl -u dovegate -o json --no-pager | grep '"following the journal"' | tail -1 \
-        | grep -q '"F_START":"after cursor' || die "$NAME: after the upgrade the daemon did not resume at its cursor"
+        | grep -q '"DOVEGATE_START":"after cursor' || die "$NAME: after the upgrade the daemon did not resume at its cursor"
     B python3 /root/login.py "$PORT" pop3 203.0.113.121
     wait_grant 203.0.113.121
     ok "upgrade to $VERSION2: map kept, resumed at its journal cursor, granting"
@@ -150,6 +157,7 @@ suite() {
     ok "all checks passed (Dovecot's journal: $LINES/$NAME-dovecot-journal.log)"
 }
 
+grant_line_logged() { B journalctl -u dovegate -o cat --no-pager | grep -qF "grant $1 user=alice pop3 until 20"; }
 forged_reported() { B journalctl -u dovegate -o cat --no-pager | grep -q '^forged Dovecot login entries'; }
 main_pid() { B systemctl show -P MainPID dovegate; }
 status_text() { B systemctl show -P StatusText dovegate; }
