@@ -115,6 +115,33 @@ fn config_default_and_check_config() {
     let (code, _, err) = run(&["check-config", "--config", &path.display().to_string()]);
     assert_eq!(code, Some(0));
     assert!(!err.contains("warning"), "{err}");
+    // --quiet (the unit's ExecStartPre and ExecReload): one line when all is well, no
+    // configuration dump.
+    let p = path.display().to_string();
+    let (code, out, err) = run(&["check-config", "--quiet", "--config", &p]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "", "no configuration on stdout");
+    assert_eq!(
+        err,
+        format!("dovegate: configuration {p}: ok\n"),
+        "one line when all is well"
+    );
+    // An error: the error and a summary, still no dump, exit 2.
+    std::fs::write(
+        &path,
+        journal_only.replace(
+            "logs = []",
+            &format!("logs = [{:?}]", d.path().display().to_string()),
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(&["check-config", "--quiet", "--config", &p]);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(out, "");
+    assert!(
+        err.contains("is not a regular file") && err.contains(": 1 error(s)"),
+        "{err}"
+    );
     std::fs::write(&path, &default).unwrap();
     // Flags override the file.
     let (code, out, _) = run(&[

@@ -209,6 +209,12 @@ fn exclude_mynetworks_uses_the_named_postfix_directory() {
             "{cmd}: {}",
             text(&out.stderr)
         );
+        // Postfix says main.cf is missing: the hint names the key that points elsewhere.
+        assert!(
+            text(&out.stderr).contains("with grant.postfix_config_dir"),
+            "{cmd}: {}",
+            text(&out.stderr)
+        );
     }
 }
 

@@ -367,18 +367,24 @@ pub fn findings(settings: &Settings, user: Option<&Account>) -> Vec<Finding> {
     out
 }
 
-pub fn run(cfg: &ConfigArgs, user: Option<&str>) -> Result<(), Failure> {
+/// `quiet`: the findings only, and one line saying the configuration is fine when there
+/// is no error (the unit runs it at every start and reload: the effective configuration
+/// there would fill the journal and `systemctl status`).
+pub fn run(cfg: &ConfigArgs, user: Option<&str>, quiet: bool) -> Result<(), Failure> {
     let (file, settings) = load_settings(cfg, |_| {})?;
     load_patterns(&settings, None)?;
     if let Some(url_file) = &settings.store.url_file {
         crate::store::postgres::Target::load(url_file, &settings.store.schema)
             .map_err(|e| Failure::config(e.to_string()))?;
     }
-    match &file.file {
-        Some(p) => eprintln!("dovegate: configuration {}", p.display()),
-        None => eprintln!(
-            "dovegate: configuration: the embedded default (no /etc/dovegate/dovegate.toml, no --config, no {CONFIG_ENV})"
+    let which = match &file.file {
+        Some(p) => format!("configuration {}", p.display()),
+        None => format!(
+            "configuration: the embedded default (no /etc/dovegate/dovegate.toml, no --config, no {CONFIG_ENV})"
         ),
+    };
+    if !quiet {
+        eprintln!("dovegate: {which}");
     }
     let account = Account::service_user(user);
     if let (Some(name), None) = (user, &account) {
@@ -390,15 +396,29 @@ pub fn run(cfg: &ConfigArgs, user: Option<&str>) -> Result<(), Failure> {
             .into_iter()
             .map(Finding::Warning),
     );
-    let mut errors = 0;
+    let (mut errors, mut warnings) = (0, 0);
     for f in &all {
         match f {
             Finding::Error(m) => {
                 errors += 1;
                 eprintln!("dovegate: error: {m}");
             }
-            Finding::Warning(m) => eprintln!("dovegate: warning: {m}"),
+            Finding::Warning(m) => {
+                warnings += 1;
+                eprintln!("dovegate: warning: {m}");
+            }
         }
+    }
+    if quiet {
+        if errors > 0 {
+            return Err(Failure::config(format!("{which}: {errors} error(s)")));
+        }
+        let warned = match warnings {
+            0 => String::new(),
+            n => format!(" ({n} warning(s) above)"),
+        };
+        eprintln!("dovegate: {which}: ok{warned}");
+        return Ok(());
     }
     eprintln!(
         "dovegate: note: only `dovegate grant` and `dovegate revoke` may write {}: `postmap -i` or `-d` on the live map is unsupported and damages it (the daemon then moves it aside)",

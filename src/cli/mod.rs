@@ -92,6 +92,10 @@ enum Command {
         /// it exists, else the current user).
         #[arg(long, value_name = "USER")]
         user: Option<String>,
+        /// Print the problems only, and one line when there is none (for the unit's
+        /// ExecStartPre and ExecReload), instead of the effective configuration.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Print configuration.
     Config {
@@ -239,7 +243,7 @@ pub fn main() -> ExitCode {
         Command::Grant { cfg, ttl, ip } => admin::grant(&cfg, ttl.as_deref(), &ip),
         Command::Revoke { cfg, all: true, .. } => admin::revoke_all(&cfg),
         Command::Revoke { cfg, ip, .. } => admin::revoke(&cfg, ip.as_deref().unwrap_or_default()),
-        Command::CheckConfig { cfg, user } => check::run(&cfg, user.as_deref()),
+        Command::CheckConfig { cfg, user, quiet } => check::run(&cfg, user.as_deref(), quiet),
         Command::Config { default } => {
             if default {
                 print!("{DEFAULT_CONFIG}");

@@ -36,6 +36,15 @@ suite() {
     # Type=notify: `active` only after READY=1.
     [ "$(B systemctl is-active dovegate)" = active ] || die "$NAME: dovegate not active after start: $(B systemctl status dovegate --no-pager)"
     ok "systemctl enable --now dovegate: active (READY), status \"$(status_text)\""
+    # ExecStartPre's check-config --quiet: one line, no configuration dump, and postconf works
+    # under the sandbox (AF_NETLINK for getifaddrs).
+    wait_until 10 "$NAME: check-config's line in the journal" quiet_check_logged \
+        || die "$NAME: no 'configuration ...: ok' line: $(B journalctl -u dovegate -n 20 --no-pager)"
+    out=$(B journalctl -u dovegate -o cat --no-pager)
+    if grep -qE '^(\[map\]|path = |ttl = )|postconf.*failed' <<<"$out"; then
+        die "$NAME: the unit's journal has a configuration dump or a postconf failure: $out"
+    fi
+    ok "ExecStartPre check-config --quiet: one line, no configuration dump, postconf works in the sandbox"
     local pid0; pid0=$(main_pid)
     journal_child_alive
 
@@ -157,6 +166,7 @@ suite() {
     ok "all checks passed (Dovecot's journal: $LINES/$NAME-dovecot-journal.log)"
 }
 
+quiet_check_logged() { B journalctl -u dovegate -o cat --no-pager | grep -qx 'dovegate: configuration /etc/dovegate/dovegate.toml: ok.*'; }
 grant_line_logged() { B journalctl -u dovegate -o cat --no-pager | grep -qF "grant $1 user=alice pop3 until 20"; }
 forged_reported() { B journalctl -u dovegate -o cat --no-pager | grep -q '^forged Dovecot login entries'; }
 main_pid() { B systemctl show -P MainPID dovegate; }
