@@ -141,6 +141,30 @@ fn check_config_checks_log_files_as_the_service_user() {
         err.contains("is not readable by user nobody") && err.contains("mode 0600"),
         "{err}"
     );
+    // The only source, unreadable: an error (the unit's ExecStartPre/ExecReload refuse it).
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no other source"), "{err}");
+    // Issue 26: a root-group log is not fixed by joining group root.
+    let gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&log).unwrap());
+    if gid == 0 {
+        assert!(
+            err.contains("chgrp adm") && !err.contains("adduser nobody root"),
+            "{err}"
+        );
+    }
+    // With the journal beside it, the same file is a warning.
+    std::fs::write(
+        &conf,
+        format!("[source]\njournal = true\nlogs = [\"{}\"]\n", log.display()),
+    )
+    .unwrap();
+    let out = dovegate_env(&["check-config", "--config", &c, "--user", "nobody"], &[]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning: source.logs:") && err.contains("is not readable by user nobody"),
+        "{err}"
+    );
+    assert!(!err.contains("no other source"), "{err}");
     // A directory where a log file should be: refused.
     std::fs::write(
         &conf,

@@ -210,3 +210,49 @@ fn checkpoint_generations_are_named() {
     assert_eq!(f["behind_bytes"], 0);
     assert_eq!(f["state"], "readable");
 }
+
+/// Issue 26: a log this process (root) can read but the daemon's user cannot is
+/// `unreadable` in status, with the fix, as check-config says it.
+#[test]
+fn readability_is_checked_as_the_service_user() {
+    let d = tempdir();
+    let log = d.path().join("dovecot.log");
+    append(&log, "x\n");
+    set_mode(&log, 0o600);
+    let conf = d.path().join("dovegate.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[source]\nlogs = [{:?}]\njournal = false\n[map]\npath = {:?}\n[state]\ndir = {:?}\n",
+            log.display().to_string(),
+            d.path().join("relay").display().to_string(),
+            d.path().join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    let conf = conf.display().to_string();
+    assert!(dovegate(&["init", "--config", &conf]).status.success());
+    let out = dovegate(&["status", "--config", &conf, "--user", "nobody", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["user"], "nobody");
+    assert_eq!(v["files"][0]["state"], "unreadable", "{v}");
+    let problem = v["files"][0]["problem"].as_str().unwrap();
+    assert!(
+        problem.contains("is not readable by user nobody"),
+        "{problem}"
+    );
+    set_mode(&log, 0o644);
+    let out = dovegate(&["status", "--config", &conf, "--user", "nobody"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("file {}: readable, 2 bytes", log.display())),
+        "{text}"
+    );
+    let out = dovegate(&["status", "--config", &conf, "--user", "no-such-user-dg"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -310,7 +310,7 @@ fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
 }
 
 /// Dovecot's own log files (`doveconf -h log_path`, `info_log_path`), when doveconf runs.
-fn dovecot_log_files() -> Vec<PathBuf> {
+pub(crate) fn dovecot_log_files() -> Vec<PathBuf> {
     ["log_path", "info_log_path"]
         .iter()
         .filter_map(|k| {

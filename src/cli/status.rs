@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::check::Account;
 use super::{load_settings, ConfigArgs, Failure};
 use crate::replica::ReplicaStatus;
 use crate::session::OpenSession;
@@ -32,6 +33,10 @@ pub struct StatusArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// The user the daemon runs as, whose access to the log files is checked (default:
+    /// dovegate when it exists, else the current user).
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -144,6 +149,8 @@ struct PushStatus {
 
 #[derive(Serialize)]
 struct Status {
+    /// The user whose access to the log files was checked (the daemon's).
+    user: Option<String>,
     map: MapStatus,
     daemon: DaemonStatus,
     files: Vec<FileStatus>,
@@ -170,9 +177,15 @@ fn file_status(
     configured: bool,
     cp: Option<&Checkpoint>,
     dir: &CheckpointDir,
+    user: Option<&Account>,
 ) -> FileStatus {
     let (state, problem, size) = match open_regular(path) {
-        Ok((_, meta)) => ("readable", None, Some(meta.len())),
+        // Opened by this process (often root): what counts is whether the daemon's user
+        // may, by the file's and directories' modes and that user's groups.
+        Ok((_, meta)) => match user.and_then(|u| u.read_problem(path)) {
+            Some(p) => ("unreadable", Some(p), Some(meta.len())),
+            None => ("readable", None, Some(meta.len())),
+        },
         Err(p) => {
             let state = match p {
                 PathProblem::Missing { .. } => "missing",
@@ -279,13 +292,21 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
         .min();
     let checkpoints = CheckpointDir::new(&settings.state_dir);
     let saved = checkpoints.all();
+    let account = Account::service_user(args.user.as_deref());
+    if let (Some(name), None) = (&args.user, &account) {
+        return Err(Failure::config(format!("--user: no user `{name}`")));
+    }
+    let user = account.as_ref();
     let mut files: Vec<FileStatus> = settings
         .logs
         .iter()
-        .map(|p| file_status(p, true, saved.iter().find(|c| &c.path == p), &checkpoints))
+        .map(|p| {
+            let cp = saved.iter().find(|c| &c.path == p);
+            file_status(p, true, cp, &checkpoints, user)
+        })
         .collect();
     for c in saved.iter().filter(|c| !settings.logs.contains(&c.path)) {
-        files.push(file_status(&c.path, false, Some(c), &checkpoints));
+        files.push(file_status(&c.path, false, Some(c), &checkpoints, user));
     }
     let cursors = checkpoints.cursors();
     let mut journals = Vec::new();
@@ -376,6 +397,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
     let status = Status {
+        user: account.map(|a| a.name),
         map: MapStatus {
             file: file.display().to_string(),
             grants: grants.len(),

@@ -130,7 +130,8 @@ impl fmt::Display for PathProblem {
                     path.display(),
                     user_name(*owner),
                 )?;
-                if mode & 0o040 != 0 {
+                // Never "join group root": a root-group file is regrouped to adm instead.
+                if mode & 0o040 != 0 && *group != 0 {
                     write!(
                         f,
                         "add the user to group {group_name} (`usermod -aG {group_name} {user}`), or use journal mode"
