@@ -489,3 +489,34 @@ fn test_grants_lists_canonical_addresses_in_order() {
         "{out}"
     );
 }
+
+/// Issue 26: `dovegate config` prints the configuration in force (every key, the file's
+/// values over the defaults), taking --config and --map like every command.
+#[test]
+fn config_prints_the_configuration_in_force() {
+    let d = tempdir();
+    let path = d.path().join("dovegate.toml");
+    std::fs::write(&path, "[grant]\nttl = \"45m\"\n").unwrap();
+    let p = path.display().to_string();
+    let (code, out, err) = run(&["config", "--config", &p]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ttl = \"45m\""), "{out}");
+    assert!(
+        out.contains("[map]") && out.contains("path = \"/var/lib/dovegate/relay\""),
+        "{out}"
+    );
+    assert!(err.contains(&format!("configuration {p}")), "{err}");
+    // Valid TOML on stdout.
+    assert!(out.parse::<toml::Table>().is_ok(), "{out}");
+    let (code, out, _) = run(&["config", "--config", &p, "--map", "/srv/relay"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("path = \"/srv/relay\""), "{out}");
+    // --default prints the embedded file and reads none: no --config with it.
+    let (code, _, err) = run(&["config", "--default", "--config", &p]);
+    assert_eq!(code, Some(2), "{err}");
+    std::fs::write(&path, "[grant]\nttl = \"soon\"\n").unwrap();
+    let (code, out, err) = run(&["config", "--config", &p]);
+    assert_eq!(code, Some(2));
+    assert_eq!(out, "");
+    assert!(err.contains(&format!("{p}:2:")), "{err}");
+}

@@ -48,6 +48,7 @@ fn deb_builds_and_checks_out() {
         "/etc/dovegate/dovegate.toml",
         "/usr/share/man/man8/dovegate.8.gz",
         "/usr/share/man/man8/dovegate-run.8.gz",
+        "/usr/share/man/man8/dovegate-help.8.gz",
         "/usr/share/man/man5/dovegate.toml.5.gz",
         "/usr/share/bash-completion/completions/dovegate",
         "/usr/share/zsh/vendor-completions/_dovegate",

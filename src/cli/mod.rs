@@ -34,7 +34,8 @@ pub struct Cli {
 /// Options every command that reads the configuration shares.
 #[derive(Debug, clap::Args, Clone, Default)]
 pub struct ConfigArgs {
-    /// Configuration file (default: the embedded default; see `dovegate config --default`).
+    /// Configuration file (default: $DOVEGATE_CONFIG, else /etc/dovegate/dovegate.toml
+    /// when it exists, else the embedded default that `dovegate config --default` prints).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The map as Postfix names it, without `.lmdb` (overrides map.path).
@@ -97,13 +98,22 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
-    /// Print configuration.
+    /// Print the configuration in force (every key, after --config and its defaults); with
+    /// --default, the embedded default with its comments.
     Config {
-        /// The embedded default configuration, with its comments.
-        #[arg(long)]
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The embedded default configuration, with its comments (no file is read).
+        #[arg(long, conflicts_with_all = ["config", "map"])]
         default: bool,
     },
     /// Run the patterns over saved logs and report what would be granted (changes nothing).
+    // The journal options are `run`'s (JournalArgs): here they read once, not follow.
+    #[command(
+        mut_arg("journal", |a| a.help("Read the system journal once instead of FILEs (from --since, default the last grant.ttl), reporting forged entries separately; nothing is followed")),
+        mut_arg("journal_dir", |a| a.help("Read the journal in this directory instead of FILEs (all of it, or from --since)")),
+        mut_arg("journal_file", |a| a.help("Read this journal file instead of FILEs (all of it, or from --since)")),
+    )]
     Test(test_cmd::TestArgs),
     /// Copy the grants shared in PostgreSQL into the local map (MTA hosts).
     Replica(replica::ReplicaArgs),
@@ -244,16 +254,11 @@ pub fn main() -> ExitCode {
         Command::Revoke { cfg, all: true, .. } => admin::revoke_all(&cfg),
         Command::Revoke { cfg, ip, .. } => admin::revoke(&cfg, ip.as_deref().unwrap_or_default()),
         Command::CheckConfig { cfg, user, quiet } => check::run(&cfg, user.as_deref(), quiet),
-        Command::Config { default } => {
-            if default {
-                print!("{DEFAULT_CONFIG}");
-                Ok(())
-            } else {
-                Err(Failure::config(
-                    "config: use --default to print the embedded default configuration",
-                ))
-            }
+        Command::Config { default: true, .. } => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(())
         }
+        Command::Config { cfg, .. } => print_config(&cfg),
         Command::Test(args) => test_cmd::run(args),
         Command::Status(args) => status::run(args),
         Command::Sessions(args) => sessions::run(args),
@@ -286,6 +291,22 @@ fn die_quietly_on_closed_stdout() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+}
+
+/// `dovegate config`: the configuration in force, validated, every key with its value;
+/// which file it came from on stderr (stdout stays valid TOML).
+fn print_config(cfg: &ConfigArgs) -> Result<(), Failure> {
+    let (file, _) = load_settings(cfg, |_| {})?;
+    match &file.file {
+        Some(p) => eprintln!("dovegate: configuration {}", p.display()),
+        None => eprintln!(
+            "dovegate: configuration: the embedded default (no {}, no --config, no {})",
+            crate::config::SYSTEM_CONFIG,
+            crate::config::CONFIG_ENV
+        ),
+    }
+    print!("{}", file.to_toml());
+    Ok(())
 }
 
 /// `dovegate init`: the map exists (empty) before Postfix ever looks, and the state
