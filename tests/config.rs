@@ -393,3 +393,58 @@ fn a_configuration_that_is_not_a_regular_file_is_refused_promptly() {
         );
     }
 }
+
+/// Issue 26: `dovegate.d/*.toml` beside the configuration file are read after it in name
+/// order (a later key wins, key by key); check-config and config name them; a problem in
+/// one names that drop-in and its line.
+#[test]
+fn dropins_beside_the_file_are_read_in_order() {
+    let d = tempdir();
+    let conf = d.path().join("dovegate.toml");
+    std::fs::write(&conf, "[grant]\nttl = \"10m\"\nsession_hold = \"2h\"\n").unwrap();
+    let dir = d.path().join("dovegate.d");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("20-late.toml"), "[grant]\nttl = \"40m\"\n").unwrap();
+    std::fs::write(dir.join("10-early.toml"), "[grant]\nttl = \"20m\"\n").unwrap();
+    std::fs::write(
+        dir.join("30-ignored.toml.dpkg-old"),
+        "[grant]\nttl = \"1m\"\n",
+    )
+    .unwrap();
+    let c = conf.display().to_string();
+    let out = dovegate_env(&["config", "--config", &c], &[]);
+    let (stdout, err) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(stdout.contains("ttl = \"40m\""), "{stdout}");
+    assert!(stdout.contains("session_hold = \"2h\""), "{stdout}");
+    assert!(
+        err.contains(&format!(
+            "configuration {c} + {}, {}",
+            dir.join("10-early.toml").display(),
+            dir.join("20-late.toml").display()
+        )),
+        "{err}"
+    );
+    // A misspelt key in a drop-in: that file and line.
+    std::fs::write(dir.join("20-late.toml"), "# late\n[grant]\ntll = \"40m\"\n").unwrap();
+    let out = dovegate_env(&["check-config", "--config", &c], &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:3:1: grant.tll: unknown key",
+            dir.join("20-late.toml").display()
+        )),
+        "{err}"
+    );
+    // A bad value set by a drop-in is blamed on the drop-in, not the main file.
+    std::fs::write(dir.join("20-late.toml"), "[grant]\nttl = \"soon\"\n").unwrap();
+    let err = text(&dovegate_env(&["check-config", "--config", &c], &[]).stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:2:1: grant.ttl:",
+            dir.join("20-late.toml").display()
+        )),
+        "{err}"
+    );
+}

@@ -54,6 +54,8 @@ fn deb_builds_and_checks_out() {
         "/usr/share/zsh/vendor-completions/_dovegate",
         "/usr/share/fish/vendor_completions.d/dovegate.fish",
         "/usr/share/doc/dovegate/copyright",
+        "/usr/share/doc/dovegate/dovegate.toml",
+        "/etc/dovegate/dovegate.d/",
         "/usr/share/doc/dovegate/changelog.gz",
         "/usr/share/dovegate/patterns/dovecot-2.4.toml",
         "/usr/lib/dovegate/postlogin",

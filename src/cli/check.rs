@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{load_patterns, load_settings, ConfigArgs, Failure};
-use crate::config::{Settings, CONFIG_ENV};
+use crate::config::Settings;
 
 /// The user the service runs as, with its groups (for "can it read this file?").
 #[derive(Debug, Clone)]
@@ -449,12 +449,7 @@ pub fn run(cfg: &ConfigArgs, user: Option<&str>, quiet: bool) -> Result<(), Fail
         crate::store::postgres::Target::load(url_file, &settings.store.schema)
             .map_err(|e| Failure::config(e.to_string()))?;
     }
-    let which = match &file.file {
-        Some(p) => format!("configuration {}", p.display()),
-        None => format!(
-            "configuration: the embedded default (no /etc/dovegate/dovegate.toml, no --config, no {CONFIG_ENV})"
-        ),
-    };
+    let which = format!("configuration {}", file.describe());
     if !quiet {
         eprintln!("dovegate: {which}");
     }

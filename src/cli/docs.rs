@@ -24,8 +24,10 @@ pub fn config_man_page() -> String {
     let mut out = String::new();
     out.push_str(".TH DOVEGATE.TOML 5 \"\" \"dovegate\" \"File Formats\"\n");
     out.push_str(".SH NAME\ndovegate.toml \\- configuration of dovegate(8)\n");
-    out.push_str(".SH SYNOPSIS\n/etc/dovegate/dovegate.toml\n");
-    out.push_str(".SH DESCRIPTION\nA TOML file. Keys left out take the values shown below (the embedded default, printed by \\fBdovegate config \\-\\-default\\fR). Unknown keys are errors; \\fBdovegate check\\-config\\fR names the key at fault and exits 2. SIGHUP makes a running daemon reload the file; a bad file is refused and the running configuration stays.\n");
+    out.push_str(
+        ".SH SYNOPSIS\n/etc/dovegate/dovegate.toml\n.br\n/etc/dovegate/dovegate.d/*.toml\n",
+    );
+    out.push_str(".SH DESCRIPTION\nA TOML file. Keys left out take the values shown below (the embedded default, printed by \\fBdovegate config \\-\\-default\\fR, and installed as /usr/share/doc/dovegate/dovegate.toml). Unknown keys are errors; \\fBdovegate check\\-config\\fR names the file, line and key at fault and exits 2. SIGHUP makes a running daemon reload the files; a bad one is refused and the running configuration stays.\n.PP\nAfter the file, the drop-ins in the directory beside it named like it with \\fB.d\\fR (\\fB/etc/dovegate/dovegate.d/\\fR) are read: every \\fB*.toml\\fR not starting with a dot, in the byte order of their names. A key a later file sets overrides the same key of an earlier one, key by key; a list is one value. The package's /etc/dovegate/dovegate.toml sets nothing and is never changed by an upgrade: put local settings there or in a drop-in. \\fBdovegate config\\fR prints the configuration in force.\n");
     let mut in_section = false;
     let mut comment = Vec::new();
     for line in DEFAULT_CONFIG.lines() {

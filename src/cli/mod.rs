@@ -297,14 +297,7 @@ fn die_quietly_on_closed_stdout() {
 /// which file it came from on stderr (stdout stays valid TOML).
 fn print_config(cfg: &ConfigArgs) -> Result<(), Failure> {
     let (file, _) = load_settings(cfg, |_| {})?;
-    match &file.file {
-        Some(p) => eprintln!("dovegate: configuration {}", p.display()),
-        None => eprintln!(
-            "dovegate: configuration: the embedded default (no {}, no --config, no {})",
-            crate::config::SYSTEM_CONFIG,
-            crate::config::CONFIG_ENV
-        ),
-    }
+    eprintln!("dovegate: configuration {}", file.describe());
     print!("{}", file.to_toml());
     Ok(())
 }

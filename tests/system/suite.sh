@@ -29,9 +29,11 @@ suite() {
     B systemctl restart postfix
     wait_until 30 "$NAME: smtpd listening" B python3 -c 'import socket; socket.create_connection(("127.0.0.1", 25), 5)'
     installed_package_check
-    B sed -i -e 's/^journal = .*/journal = true/' -e 's/^journal_give_up = .*/journal_give_up = "30s"/' -e 's|^logs = .*|logs = []|' \
-        -e 's|^socketmap = ""|socketmap = "unix:/run/dovegate/socketmap"|' \
-        -e 's/^exclude_mynetworks = false/exclude_mynetworks = true/' /etc/dovegate/dovegate.toml
+    # The settings in a drop-in, as an administrator (or a configuration tool) would: the
+    # package's /etc/dovegate/dovegate.toml sets nothing.
+    printf '%s\n' '[source]' 'journal = true' 'journal_give_up = "30s"' 'logs = []' \
+        '[serve]' 'socketmap = "unix:/run/dovegate/socketmap"' \
+        '[grant]' 'exclude_mynetworks = true' > "$R/etc/dovegate/dovegate.d/50-system-test.toml"
     B systemctl enable --now dovegate 2>/dev/null
     # Type=notify: `active` only after READY=1.
     [ "$(B systemctl is-active dovegate)" = active ] || die "$NAME: dovegate not active after start: $(B systemctl status dovegate --no-pager)"
@@ -96,18 +98,24 @@ suite() {
     ok "logger -t dovecot forged logins (198.51.100.66, .67) not granted, reported as forged, smtpd 554"
 
     # --- reload: good, then bad (refused, the old configuration keeps running) ---------
-    B sed -i 's/^ttl = .*/ttl = "31m"/' /etc/dovegate/dovegate.toml
+    # A drop-in read after 50-system-test.toml, honoured by the reload (ttl in its line).
+    printf '%s\n' '[grant]' 'ttl = "31m"' > "$R/etc/dovegate/dovegate.d/60-ttl.toml"
     B systemctl reload dovegate || die "$NAME: reload of a good configuration failed"
     [ "$(main_pid)" = "$pid0" ] || die "$NAME: reload restarted the daemon"
-    B cp /etc/dovegate/dovegate.toml /root/good.toml
-    echo 'no_such_key = 1' >> "$R/etc/dovegate/dovegate.toml"
+    wait_until 10 "$NAME: reload with the drop-in's ttl" ttl_reloaded 31m \
+        || die "$NAME: the drop-in's ttl was not taken: $(B journalctl -u dovegate -n 10 --no-pager)"
+    B dovegate config 2>/dev/null | grep -qx 'ttl = "31m"' || die "$NAME: dovegate config does not show the drop-in's ttl"
+    # A bad drop-in: refused, naming it.
+    printf '%s\n' '[grant]' 'no_such_key = 1' > "$R/etc/dovegate/dovegate.d/70-bad.toml"
     if B systemctl reload dovegate 2>/dev/null; then die "$NAME: a bad configuration was accepted"; fi
     [ "$(B systemctl is-active dovegate)" = active ] && [ "$(main_pid)" = "$pid0" ] \
         || die "$NAME: the daemon did not survive a refused reload"
+    B journalctl -u dovegate -o cat --no-pager | grep -q '/etc/dovegate/dovegate.d/70-bad.toml:2:1: grant.no_such_key: unknown key' \
+        || die "$NAME: the refused reload does not name the drop-in: $(B journalctl -u dovegate -n 10 --no-pager)"
     B python3 /root/login.py "$PORT" pop3 203.0.113.103
     wait_grant 203.0.113.103
-    B cp /root/good.toml /etc/dovegate/dovegate.toml
-    ok "systemctl reload: good accepted, bad refused (exit non-zero), same pid $pid0, still granting"
+    rm -f "$R/etc/dovegate/dovegate.d/70-bad.toml"
+    ok "systemctl reload: a good drop-in accepted (ttl 31m), a bad one refused naming its line, same pid $pid0, still granting"
 
     # --- kill -9: systemd restarts it, no login around it is lost ----------------------
     B python3 /root/login.py "$PORT" imap 203.0.113.110
@@ -166,7 +174,8 @@ suite() {
     ok "all checks passed (Dovecot's journal: $LINES/$NAME-dovecot-journal.log)"
 }
 
-quiet_check_logged() { B journalctl -u dovegate -o cat --no-pager | grep -qx 'dovegate: configuration /etc/dovegate/dovegate.toml: ok.*'; }
+quiet_check_logged() { B journalctl -u dovegate -o cat --no-pager | grep -qx 'dovegate: configuration /etc/dovegate/dovegate.toml + /etc/dovegate/dovegate.d/50-system-test.toml: ok.*'; }
+ttl_reloaded() { B journalctl -u dovegate -o cat --no-pager "DOVEGATE_TTL=$1" | grep -q 'configuration reloaded'; }
 grant_line_logged() { B journalctl -u dovegate -o cat --no-pager | grep -qF "grant $1 user=alice pop3 until 20"; }
 forged_reported() { B journalctl -u dovegate -o cat --no-pager | grep -q '^forged Dovecot login entries'; }
 main_pid() { B systemctl show -P MainPID dovegate; }
