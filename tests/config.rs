@@ -242,8 +242,9 @@ fn exclude_mynetworks_uses_the_named_postfix_directory() {
     }
 }
 
-/// A directory holding a fake `doveconf` that answers `-h log_path` with the contents of
-/// `DIR/log_path` (and an empty info_log_path), and the PATH that puts it first.
+/// A directory holding a fake `doveconf` that answers `log_path` as `log_path = ` the
+/// contents of `DIR/log_path` (and an empty info_log_path), and refuses `-h` as Dovecot
+/// 2.4 does for log_path; and the PATH that puts it first.
 /// Why a fake: what is checked is how dovegate reads doveconf's answer; a real Dovecot
 /// configured with a log file would need root-owned /etc/dovecot changes on the test
 /// machine.
@@ -256,7 +257,7 @@ fn fake_doveconf(dir: &std::path::Path) -> (std::path::PathBuf, String) {
     std::fs::write(
         &fake,
         format!(
-            "#!/bin/sh\n[ \"$1\" = -h ] || exit 64\ncase \"$2\" in\n  log_path) cat {} ;;\n  info_log_path) echo ;;\n  *) exit 1 ;;\nesac\n",
+            "#!/bin/sh\ncase \"$1\" in\n  -h) echo 'doveconf: Fatal: Multiple settings matched with -h parameter' >&2; exit 89 ;;\n  log_path) printf 'log_path = %s\\n' \"$(cat {})\" ;;\n  info_log_path) echo 'info_log_path = ' ;;\n  *) exit 1 ;;\nesac\n",
             answer.display()
         ),
     )

@@ -246,18 +246,21 @@ pub enum Finding {
     Warning(String),
 }
 
-/// Where Dovecot says it logs (`doveconf -h log_path`), for the "missing log" hint.
+/// Where Dovecot says it logs (`doveconf log_path`), for the "missing log" hint.
 fn dovecot_log_path() -> Option<String> {
     doveconf("log_path")
 }
 
-/// `doveconf -h KEY`; None when doveconf is missing, fails or takes over 5 s (a start-up
-/// must not hang on it).
-fn doveconf(key: &str) -> Option<String> {
+/// The value of Dovecot's global setting KEY, from `doveconf KEY` (`KEY = VALUE`); None when
+/// doveconf is missing, fails or takes over 5 s (a start-up must not hang on it).
+/// Not `doveconf -h KEY`: Dovecot 2.4 refuses it for settings that filters may also set,
+/// log_path among them ("Multiple settings matched with -h parameter"); the plain form
+/// answers on 2.3 and 2.4.
+pub(crate) fn doveconf(key: &str) -> Option<String> {
     use std::io::Read;
     use std::process::{Command, Stdio};
     let mut child = Command::new("doveconf")
-        .args(["-h", key])
+        .arg(key)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -284,7 +287,18 @@ fn doveconf(key: &str) -> Option<String> {
         .take(4096)
         .read_to_string(&mut text)
         .ok()?;
-    status.success().then(|| text.trim().to_string())
+    if !status.success() {
+        return None;
+    }
+    doveconf_value(&text, key)
+}
+
+/// `VALUE` from the `KEY = VALUE` line of doveconf's output.
+fn doveconf_value(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().to_string())
+    })
 }
 
 /// In journal mode: the warning when Dovecot writes its login lines to a file of its own
@@ -304,7 +318,7 @@ pub fn journal_misses_dovecot_log(logs: &[PathBuf]) -> Option<String> {
         return None;
     }
     Some(format!(
-        "source.journal: Dovecot logs to {path}, not the journal (doveconf -h {key}), so journal mode sees no login and grants nothing: set source.logs = [\"{path}\"] (and source.journal = false), or set {key} = syslog in Dovecot's configuration"
+        "source.journal: Dovecot logs to {path}, not the journal (doveconf {key}), so journal mode sees no login and grants nothing: set source.logs = [\"{path}\"] (and source.journal = false), or set {key} = syslog in Dovecot's configuration"
     ))
 }
 
@@ -316,8 +330,8 @@ pub fn check_log(path: &Path, user: Option<&Account>, others: bool) -> Vec<Findi
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let hint = match dovecot_log_path() {
-                Some(p) if p.starts_with('/') => format!("Dovecot logs to {p} (doveconf -h log_path)"),
-                Some(p) => format!("Dovecot logs through {} (doveconf -h log_path is {p:?}), so its lines are in the journal or syslog", if p == "syslog" || p.is_empty() { "syslog" } else { "its log_path" }),
+                Some(p) if p.starts_with('/') => format!("Dovecot logs to {p} (doveconf log_path)"),
+                Some(p) => format!("Dovecot logs through {} (doveconf log_path is {p:?}), so its lines are in the journal or syslog", if p == "syslog" || p.is_empty() { "syslog" } else { "its log_path" }),
                 None => "doveconf is not available to ask where Dovecot logs".to_string(),
             };
             out.push(Finding::Warning(format!(
@@ -614,6 +628,20 @@ mod tests {
                 assert!(!fix.contains("chmod"), "group-readable already: {fix}");
             }
         }
+    }
+
+    /// `doveconf KEY` as 2.3 and 2.4 answer it.
+    #[test]
+    fn doveconf_answers() {
+        assert_eq!(
+            doveconf_value("log_path = /var/log/dovecot.log\n", "log_path").as_deref(),
+            Some("/var/log/dovecot.log")
+        );
+        assert_eq!(
+            doveconf_value("info_log_path = \n", "info_log_path").as_deref(),
+            Some("")
+        );
+        assert_eq!(doveconf_value("log_path = syslog\n", "info_log_path"), None);
     }
 
     #[test]

@@ -323,18 +323,11 @@ fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Dovecot's own log files (`doveconf -h log_path`, `info_log_path`), when doveconf runs.
+/// Dovecot's own log files (`doveconf log_path`, `info_log_path`), when doveconf runs.
 pub(crate) fn dovecot_log_files() -> Vec<PathBuf> {
     ["log_path", "info_log_path"]
         .iter()
-        .filter_map(|k| {
-            std::process::Command::new("doveconf")
-                .args(["-h", k])
-                .output()
-                .ok()
-        })
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter_map(|k| check::doveconf(k))
         .filter(|p| p.starts_with('/'))
         .map(PathBuf::from)
         .collect()
