@@ -37,6 +37,51 @@ pub fn config_file(explicit: Option<&Path>) -> Option<PathBuf> {
         .then(|| system.to_path_buf())
 }
 
+/// At most this many drop-ins are read (a directory filled by mistake is an error).
+const DROPINS_MAX: usize = 256;
+
+/// The drop-in directory of configuration file `file`: `dovegate.d` beside `dovegate.toml`
+/// (the stem with `.d`), as systemd's and fail2ban's `jail.d` are.
+pub fn dropin_dir(file: &Path) -> PathBuf {
+    file.with_extension("d")
+}
+
+/// The drop-ins of `file`: `*.toml` in its drop-in directory, in lexical (byte) order of
+/// their names; hidden files and any other name (`x.toml.dpkg-old`, `x.toml~`) are
+/// skipped. No directory: none.
+pub fn dropin_files(file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let dir = dropin_dir(file);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(ConfigError(format!(
+                "{}: cannot list the drop-in directory: {e}",
+                dir.display()
+            )))
+        }
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| ConfigError(format!("{}: cannot list it: {e}", dir.display())))?;
+        let name = entry.file_name();
+        let bytes = name.as_encoded_bytes();
+        if bytes.starts_with(b".") || !bytes.ends_with(b".toml") {
+            continue;
+        }
+        names.push(name);
+        if names.len() > DROPINS_MAX {
+            return Err(ConfigError(format!(
+                "{}: more than {DROPINS_MAX} drop-ins",
+                dir.display()
+            )));
+        }
+    }
+    names.sort_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
+    Ok(names.into_iter().map(|n| dir.join(n)).collect())
+}
+
 /// The file as written, before validation. Unknown keys are errors.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +92,9 @@ pub struct FileConfig {
     /// The file read (None: the embedded default).
     #[serde(skip)]
     pub file: Option<PathBuf>,
+    /// The drop-ins read after it, in order (`dovegate.d/*.toml` beside the file).
+    #[serde(skip)]
+    pub dropins: Vec<PathBuf>,
     pub source: SourceSection,
     pub patterns: PatternsSection,
     pub grant: GrantSection,
@@ -281,16 +329,32 @@ impl FileConfig {
     /// out take the embedded default's values; unknown keys are errors.
     /// Every problem is one line `origin:line:column: key: problem`.
     pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
-        let locations = diag::locate(text, origin).map_err(ConfigError)?;
-        let user: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {}", e.message())))?;
+        Self::parse_layers(&[(text.to_string(), origin.to_string())])
+    }
+
+    /// Parses the main file and its drop-ins, `(text, origin)` in the order read: each
+    /// key takes the value of the last layer that sets it (tables merge key by key; a list
+    /// is one value). A problem names the layer, line and column at fault.
+    pub fn parse_layers(layers: &[(String, String)]) -> Result<FileConfig, ConfigError> {
         let mut merged: toml::Table = toml::from_str(DEFAULT_CONFIG)
             .unwrap_or_else(|e| panic!("embedded default config is invalid: {e}"));
-        let unknown = diag::unknown_keys(&user, &merged, &locations);
-        if !unknown.is_empty() {
-            return Err(ConfigError(unknown.join("\n")));
+        let known = merged.clone();
+        let mut locations: Option<diag::Locations> = None;
+        for (text, origin) in layers {
+            let here = diag::locate(text, origin).map_err(ConfigError)?;
+            let user: toml::Table = toml::from_str(text)
+                .map_err(|e| ConfigError(format!("{origin}: {}", e.message())))?;
+            let unknown = diag::unknown_keys(&user, &known, &here);
+            if !unknown.is_empty() {
+                return Err(ConfigError(unknown.join("\n")));
+            }
+            merge(&mut merged, user);
+            match &mut locations {
+                Some(l) => l.overlay(here),
+                None => locations = Some(here),
+            }
         }
-        merge(&mut merged, user);
+        let locations = locations.unwrap_or_default();
         let mut file: FileConfig = serde_path_to_error::deserialize(toml::Value::Table(merged))
             .map_err(|e| {
                 let path = e.path().to_string();
@@ -308,26 +372,45 @@ impl FileConfig {
             .unwrap_or_else(|e| panic!("embedded default config is invalid: {e}"))
     }
 
-    /// Reads the file `config_file(explicit)` names, or the embedded default.
+    /// Reads the file `config_file(explicit)` names and its drop-ins, or the embedded
+    /// default.
     pub fn load(explicit: Option<&Path>) -> Result<FileConfig, ConfigError> {
-        match config_file(explicit) {
-            None => Ok(Self::embedded()),
-            Some(p) => {
-                let text = crate::fsread::read_text(
-                    &p,
-                    crate::fsread::CONFIG_MAX,
-                    crate::fsread::Links::Follow,
-                )
-                .map_err(|e| {
-                    ConfigError(format!(
-                        "{e} (the configuration; name another with --config or {CONFIG_ENV})"
-                    ))
-                })?;
-                let mut file = Self::parse(&text, &p.display().to_string())?;
-                file.file = Some(p);
-                Ok(file)
-            }
+        let Some(p) = config_file(explicit) else {
+            return Ok(Self::embedded());
+        };
+        let read = |f: &Path| {
+            crate::fsread::read_text(f, crate::fsread::CONFIG_MAX, crate::fsread::Links::Follow)
+        };
+        let text = read(&p).map_err(|e| {
+            ConfigError(format!(
+                "{e} (the configuration; name another with --config or {CONFIG_ENV})"
+            ))
+        })?;
+        let mut layers = vec![(text, p.display().to_string())];
+        let dropins = dropin_files(&p)?;
+        for d in &dropins {
+            let text = read(d).map_err(|e| ConfigError(format!("{e} (a drop-in)")))?;
+            layers.push((text, d.display().to_string()));
         }
+        let mut file = Self::parse_layers(&layers)?;
+        file.file = Some(p);
+        file.dropins = dropins;
+        Ok(file)
+    }
+
+    /// The files read, for messages: `FILE` or `FILE + DROPIN, ...`.
+    pub fn describe(&self) -> String {
+        let Some(f) = &self.file else {
+            return format!(
+                "the embedded default (no {SYSTEM_CONFIG}, no --config, no {CONFIG_ENV})"
+            );
+        };
+        let mut out = f.display().to_string();
+        for (i, d) in self.dropins.iter().enumerate() {
+            out.push_str(if i == 0 { " + " } else { ", " });
+            out.push_str(&d.display().to_string());
+        }
+        out
     }
 
     pub fn to_toml(&self) -> String {
@@ -790,5 +873,108 @@ mod tests {
             c.map.action = action.into();
             assert_eq!(c.validate().is_ok(), ok, "{action}");
         }
+    }
+
+    /// Drop-ins: read after the main file in name order; each key takes the last value set
+    /// (tables merge key by key, a list is one value); a problem names the layer at fault.
+    #[test]
+    fn dropins_override_per_key_in_order() {
+        let layers = |l: &[(&str, &str)]| -> Vec<(String, String)> {
+            l.iter()
+                .map(|(t, o)| (t.to_string(), o.to_string()))
+                .collect()
+        };
+        let c = FileConfig::parse_layers(&layers(&[
+            (
+                "[grant]\nttl = \"10m\"\nexclude = [\"10.0.0.0/8\"]\n",
+                "main.toml",
+            ),
+            ("[grant]\nttl = \"20m\"\n", "main.d/10-a.toml"),
+            (
+                "[grant]\nexclude = [\"192.0.2.0/24\"]\n[map]\naction = \"RELAY\"\n",
+                "main.d/20-b.toml",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(c.grant.ttl, "20m");
+        assert_eq!(c.grant.exclude, vec!["192.0.2.0/24".to_string()]);
+        assert_eq!(c.map.action, "RELAY");
+        // Untouched keys keep the default.
+        assert_eq!(
+            c.grant.session_hold,
+            FileConfig::embedded().grant.session_hold
+        );
+        // An unknown key, a syntax error and a bad value: each named at its drop-in's line.
+        let e = FileConfig::parse_layers(&layers(&[
+            ("[grant]\nttl = \"10m\"\n", "main.toml"),
+            ("\n[grant]\ntll = \"20m\"\n", "main.d/10-a.toml"),
+        ]))
+        .unwrap_err()
+        .0;
+        assert!(
+            e.starts_with("main.d/10-a.toml:3:1: grant.tll: unknown key"),
+            "{e}"
+        );
+        let e = FileConfig::parse_layers(&layers(&[
+            ("", "main.toml"),
+            ("[grant\n", "main.d/10-a.toml"),
+        ]))
+        .unwrap_err()
+        .0;
+        assert!(e.starts_with("main.d/10-a.toml:1:"), "{e}");
+        let c = FileConfig::parse_layers(&layers(&[
+            ("[grant]\nttl = \"10m\"\n", "main.toml"),
+            ("[grant]\nttl = \"soon\"\n", "main.d/10-a.toml"),
+        ]))
+        .unwrap();
+        let e = c.validate().unwrap_err().0;
+        assert!(e.starts_with("main.d/10-a.toml:2:1: grant.ttl:"), "{e}");
+        let e = FileConfig::parse_layers(&layers(&[
+            ("[grant]\nttl = 5\n", "main.toml"),
+            ("[map]\naction = \"OK\"\n", "main.d/10-a.toml"),
+        ]))
+        .unwrap_err()
+        .0;
+        assert!(e.starts_with("main.toml:2:1: grant.ttl:"), "{e}");
+    }
+
+    /// The packaged /etc file sets nothing: its configuration is the embedded default.
+    #[test]
+    fn packaged_etc_file_is_the_default() {
+        let etc = FileConfig::parse(
+            include_str!("../packaging/etc-dovegate.toml"),
+            "etc-dovegate.toml",
+        )
+        .unwrap();
+        assert_eq!(etc.to_toml(), FileConfig::embedded().to_toml());
+    }
+
+    #[test]
+    fn dropin_files_in_lexical_order() {
+        let d = tempfile::tempdir().unwrap();
+        let main = d.path().join("dovegate.toml");
+        assert!(
+            dropin_files(&main).unwrap().is_empty(),
+            "no directory: none"
+        );
+        let dir = d.path().join("dovegate.d");
+        std::fs::create_dir(&dir).unwrap();
+        for n in [
+            "20-b.toml",
+            "10-a.toml",
+            "9-c.toml",
+            ".hidden.toml",
+            "x.toml~",
+            "y.toml.dpkg-old",
+            "notes.txt",
+        ] {
+            std::fs::write(dir.join(n), "").unwrap();
+        }
+        let names: Vec<String> = dropin_files(&main)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["10-a.toml", "20-b.toml", "9-c.toml"]);
     }
 }

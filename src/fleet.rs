@@ -77,7 +77,8 @@ impl WriterStore {
             }
             if self.map.revoke(ip)? {
                 removed = true;
-                tracing::info!(address = %ip, revoked = %timefmt::rfc3339(revoked_at), "revoked in the database (dovegate revoke on some host, or a DELETE/TRUNCATE): removed from the local map");
+                let revoked = timefmt::rfc3339(revoked_at);
+                tracing::info!(address = %ip, revoked = %revoked, "grant {ip} revoked in the database at {revoked} (dovegate revoke on some host, or a DELETE/TRUNCATE): removed from the local map");
             }
         }
         Ok(removed)

@@ -27,11 +27,21 @@ pub fn postconf(config_dir: Option<&Path>, args: &[&str]) -> Result<String, Stri
     if !out.status.success() {
         let why = String::from_utf8_lossy(&out.stderr);
         let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
-        return Err(format!(
-            "`{shown}` failed: {why} (name Postfix's configuration directory with grant.postfix_config_dir)"
-        ));
+        return Err(format!("`{shown}` failed: {why}{}", postconf_hint(&why)));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What to do about a `postconf` failure, from Postfix's own words (empty: they say it).
+fn postconf_hint(why: &str) -> &'static str {
+    if why.contains("getifaddrs") || why.contains("Address family not supported") {
+        // postconf lists the host's interfaces (over netlink) to expand its defaults.
+        " (postconf lists the network interfaces over netlink: a systemd unit running dovegate needs AF_NETLINK in RestrictAddressFamilies=, as the packaged dovegate.service has)"
+    } else if why.contains("main.cf") || why.contains("config_directory") {
+        " (name Postfix's configuration directory with grant.postfix_config_dir, e.g. /etc/postfix-out for a second instance)"
+    } else {
+        ""
+    }
 }
 
 /// Postfix's `mynetworks`, as literal networks.
@@ -72,6 +82,22 @@ pub fn lmdb_problem(map_types: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn postconf_hints_follow_postfix_words() {
+        let h = super::postconf_hint(
+            "postconf: fatal: getifaddrs: Address family not supported by protocol",
+        );
+        assert!(
+            h.contains("AF_NETLINK") && !h.contains("postfix_config_dir"),
+            "{h}"
+        );
+        let h = super::postconf_hint(
+            "postconf: fatal: open /etc/postfix-out/main.cf: No such file or directory",
+        );
+        assert!(h.contains("grant.postfix_config_dir"), "{h}");
+        assert_eq!(super::postconf_hint("postconf: fatal: out of memory"), "");
+    }
+
     #[test]
     fn mynetworks_forms() {
         let nets = super::parse_mynetworks(

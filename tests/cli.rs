@@ -115,6 +115,33 @@ fn config_default_and_check_config() {
     let (code, _, err) = run(&["check-config", "--config", &path.display().to_string()]);
     assert_eq!(code, Some(0));
     assert!(!err.contains("warning"), "{err}");
+    // --quiet (the unit's ExecStartPre and ExecReload): one line when all is well, no
+    // configuration dump.
+    let p = path.display().to_string();
+    let (code, out, err) = run(&["check-config", "--quiet", "--config", &p]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "", "no configuration on stdout");
+    assert_eq!(
+        err,
+        format!("dovegate: configuration {p}: ok\n"),
+        "one line when all is well"
+    );
+    // An error: the error and a summary, still no dump, exit 2.
+    std::fs::write(
+        &path,
+        journal_only.replace(
+            "logs = []",
+            &format!("logs = [{:?}]", d.path().display().to_string()),
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(&["check-config", "--quiet", "--config", &p]);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(out, "");
+    assert!(
+        err.contains("is not a regular file") && err.contains(": 1 error(s)"),
+        "{err}"
+    );
     std::fs::write(&path, &default).unwrap();
     // Flags override the file.
     let (code, out, _) = run(&[
@@ -461,4 +488,35 @@ fn test_grants_lists_canonical_addresses_in_order() {
         ],
         "{out}"
     );
+}
+
+/// Issue 26: `dovegate config` prints the configuration in force (every key, the file's
+/// values over the defaults), taking --config and --map like every command.
+#[test]
+fn config_prints_the_configuration_in_force() {
+    let d = tempdir();
+    let path = d.path().join("dovegate.toml");
+    std::fs::write(&path, "[grant]\nttl = \"45m\"\n").unwrap();
+    let p = path.display().to_string();
+    let (code, out, err) = run(&["config", "--config", &p]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ttl = \"45m\""), "{out}");
+    assert!(
+        out.contains("[map]") && out.contains("path = \"/var/lib/dovegate/relay\""),
+        "{out}"
+    );
+    assert!(err.contains(&format!("configuration {p}")), "{err}");
+    // Valid TOML on stdout.
+    assert!(out.parse::<toml::Table>().is_ok(), "{out}");
+    let (code, out, _) = run(&["config", "--config", &p, "--map", "/srv/relay"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("path = \"/srv/relay\""), "{out}");
+    // --default prints the embedded file and reads none: no --config with it.
+    let (code, _, err) = run(&["config", "--default", "--config", &p]);
+    assert_eq!(code, Some(2), "{err}");
+    std::fs::write(&path, "[grant]\nttl = \"soon\"\n").unwrap();
+    let (code, out, err) = run(&["config", "--config", &p]);
+    assert_eq!(code, Some(2));
+    assert_eq!(out, "");
+    assert!(err.contains(&format!("{p}:2:")), "{err}");
 }

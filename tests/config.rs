@@ -141,6 +141,30 @@ fn check_config_checks_log_files_as_the_service_user() {
         err.contains("is not readable by user nobody") && err.contains("mode 0600"),
         "{err}"
     );
+    // The only source, unreadable: an error (the unit's ExecStartPre/ExecReload refuse it).
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no other source"), "{err}");
+    // Issue 26: a root-group log is not fixed by joining group root.
+    let gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&log).unwrap());
+    if gid == 0 {
+        assert!(
+            err.contains("chgrp adm") && !err.contains("adduser nobody root"),
+            "{err}"
+        );
+    }
+    // With the journal beside it, the same file is a warning.
+    std::fs::write(
+        &conf,
+        format!("[source]\njournal = true\nlogs = [\"{}\"]\n", log.display()),
+    )
+    .unwrap();
+    let out = dovegate_env(&["check-config", "--config", &c, "--user", "nobody"], &[]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning: source.logs:") && err.contains("is not readable by user nobody"),
+        "{err}"
+    );
+    assert!(!err.contains("no other source"), "{err}");
     // A directory where a log file should be: refused.
     std::fs::write(
         &conf,
@@ -209,11 +233,18 @@ fn exclude_mynetworks_uses_the_named_postfix_directory() {
             "{cmd}: {}",
             text(&out.stderr)
         );
+        // Postfix says main.cf is missing: the hint names the key that points elsewhere.
+        assert!(
+            text(&out.stderr).contains("with grant.postfix_config_dir"),
+            "{cmd}: {}",
+            text(&out.stderr)
+        );
     }
 }
 
-/// A directory holding a fake `doveconf` that answers `-h log_path` with the contents of
-/// `DIR/log_path` (and an empty info_log_path), and the PATH that puts it first.
+/// A directory holding a fake `doveconf` that answers `log_path` as `log_path = ` the
+/// contents of `DIR/log_path` (and an empty info_log_path), and refuses `-h` as Dovecot
+/// 2.4 does for log_path; and the PATH that puts it first.
 /// Why a fake: what is checked is how dovegate reads doveconf's answer; a real Dovecot
 /// configured with a log file would need root-owned /etc/dovecot changes on the test
 /// machine.
@@ -226,7 +257,7 @@ fn fake_doveconf(dir: &std::path::Path) -> (std::path::PathBuf, String) {
     std::fs::write(
         &fake,
         format!(
-            "#!/bin/sh\n[ \"$1\" = -h ] || exit 64\ncase \"$2\" in\n  log_path) cat {} ;;\n  info_log_path) echo ;;\n  *) exit 1 ;;\nesac\n",
+            "#!/bin/sh\ncase \"$1\" in\n  -h) echo 'doveconf: Fatal: Multiple settings matched with -h parameter' >&2; exit 89 ;;\n  log_path) printf 'log_path = %s\\n' \"$(cat {})\" ;;\n  info_log_path) echo 'info_log_path = ' ;;\n  *) exit 1 ;;\nesac\n",
             answer.display()
         ),
     )
@@ -362,4 +393,59 @@ fn a_configuration_that_is_not_a_regular_file_is_refused_promptly() {
             "{err}"
         );
     }
+}
+
+/// Issue 26: `dovegate.d/*.toml` beside the configuration file are read after it in name
+/// order (a later key wins, key by key); check-config and config name them; a problem in
+/// one names that drop-in and its line.
+#[test]
+fn dropins_beside_the_file_are_read_in_order() {
+    let d = tempdir();
+    let conf = d.path().join("dovegate.toml");
+    std::fs::write(&conf, "[grant]\nttl = \"10m\"\nsession_hold = \"2h\"\n").unwrap();
+    let dir = d.path().join("dovegate.d");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("20-late.toml"), "[grant]\nttl = \"40m\"\n").unwrap();
+    std::fs::write(dir.join("10-early.toml"), "[grant]\nttl = \"20m\"\n").unwrap();
+    std::fs::write(
+        dir.join("30-ignored.toml.dpkg-old"),
+        "[grant]\nttl = \"1m\"\n",
+    )
+    .unwrap();
+    let c = conf.display().to_string();
+    let out = dovegate_env(&["config", "--config", &c], &[]);
+    let (stdout, err) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(stdout.contains("ttl = \"40m\""), "{stdout}");
+    assert!(stdout.contains("session_hold = \"2h\""), "{stdout}");
+    assert!(
+        err.contains(&format!(
+            "configuration {c} + {}, {}",
+            dir.join("10-early.toml").display(),
+            dir.join("20-late.toml").display()
+        )),
+        "{err}"
+    );
+    // A misspelt key in a drop-in: that file and line.
+    std::fs::write(dir.join("20-late.toml"), "# late\n[grant]\ntll = \"40m\"\n").unwrap();
+    let out = dovegate_env(&["check-config", "--config", &c], &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:3:1: grant.tll: unknown key",
+            dir.join("20-late.toml").display()
+        )),
+        "{err}"
+    );
+    // A bad value set by a drop-in is blamed on the drop-in, not the main file.
+    std::fs::write(dir.join("20-late.toml"), "[grant]\nttl = \"soon\"\n").unwrap();
+    let err = text(&dovegate_env(&["check-config", "--config", &c], &[]).stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:2:1: grant.ttl:",
+            dir.join("20-late.toml").display()
+        )),
+        "{err}"
+    );
 }

@@ -79,7 +79,9 @@ fn an_unreadable_log_names_the_fix_for_an_unprivileged_daemon() {
 }
 
 /// The audit trail: one INFO line per new grant (with who logged in, how, from which
-/// source), per expiry, and per change another writer made (`dovegate grant`, `revoke`).
+/// source), per expiry, and per change another writer made (`dovegate grant`, `revoke`);
+/// the text itself names the address (and user, protocol, expiry): `journalctl -u
+/// dovegate` shows the message, not the fields.
 #[test]
 fn grants_expiries_and_manual_changes_are_in_the_log() {
     let d = tempdir();
@@ -90,11 +92,12 @@ fn grants_expiries_and_manual_changes_are_in_the_log() {
     append(&log, &sessionless_login_line("198.51.100.50", "audit-user"));
     wait_for("the grant in the log", PATIENCE, || {
         let l = daemon.log();
-        l.contains("grant address=198.51.100.50 user=audit-user protocol=imap")
+        l.contains("grant 198.51.100.50 user=audit-user imap until 20")
+            && l.contains("address=198.51.100.50 user=audit-user protocol=imap")
             && l.contains(&format!("source={}", log.display()))
     });
     wait_for("the expiry in the log", PATIENCE, || {
-        daemon.log().contains("grant expired address=198.51.100.50")
+        daemon.log().contains("grant expired 198.51.100.50")
     });
     let m = map.display().to_string();
     assert!(
@@ -103,15 +106,17 @@ fn grants_expiries_and_manual_changes_are_in_the_log() {
             .success()
     );
     wait_for("a manual grant in the daemon's log", PATIENCE, || {
-        daemon.log().contains(
-            "grant written by another writer (dovegate grant, another host) address=198.51.100.51",
-        )
+        let l = daemon.log();
+        l.contains("grant 198.51.100.51 until 20")
+            && l.contains("written by another writer (dovegate grant, another host)")
     });
     assert!(dovegate(&["revoke", "--map", &m, "198.51.100.51"])
         .status
         .success());
     wait_for("a manual revoke in the daemon's log", PATIENCE, || {
-        daemon.log().contains("grant removed by another writer")
+        daemon
+            .log()
+            .contains("grant 198.51.100.51 removed by another writer")
     });
     assert_eq!(daemon.stop(), Some(0));
 }

@@ -23,7 +23,7 @@ fn shows_sources_fleet_and_sessions() {
     std::fs::write(
         &conf,
         format!(
-            "[source]\nlogs = [{:?}, {:?}]\njournal = true\n[map]\npath = {:?}\n[state]\ndir = {:?}\n",
+            "[source]\nlogs = [{:?}, {:?}]\njournal = true\n[grant]\nsession_hold = \"1h\"\n[map]\npath = {:?}\n[state]\ndir = {:?}\n",
             missing.display().to_string(),
             dir_log.display().to_string(),
             d.path().join("relay").display().to_string(),
@@ -120,7 +120,8 @@ fn shows_sources_fleet_and_sessions() {
         "(connection refused); spill queue 3/100000".to_string(),
         "replica of postgresql://db.example:5432/mail: current, last snapshot ".to_string(),
         "sessions: 1 open".to_string(),
-        "192.0.2.44 session abcdEFGH1234 since ".to_string(),
+        "192.0.2.44 session abcdEFGH1234 user=alice since ".to_string(),
+        ", evidence process, held at most until ".to_string(),
         "by evidence: 1 process; released for lack of evidence: 3, at the hold: 1, dropped: 2"
             .to_string(),
     ] {
@@ -154,6 +155,19 @@ fn shows_sources_fleet_and_sessions() {
     assert_eq!(v["replica"]["stale_file"], false);
     assert_eq!(v["sessions"][0]["ip"], "192.0.2.44");
     assert_eq!(v["sessions"][0]["evidence"], "process");
+    assert_eq!(v["sessions"][0]["user"], "alice");
+    // The hold: the session's login + grant.session_hold (1h here).
+    let hold = v["sessions"][0]["hold_until"].as_str().unwrap();
+    let at = |f: &str| {
+        chrono::DateTime::parse_from_rfc3339(v["sessions"][0][f].as_str().unwrap())
+            .unwrap()
+            .timestamp()
+    };
+    assert_eq!(at("hold_until") - at("login"), 3600);
+    assert!(
+        text.contains(&format!("held at most until {hold}")),
+        "{text}"
+    );
     assert_eq!(v["session_stats"]["released_no_evidence"], 3);
     assert_eq!(v["warnings"].as_array().unwrap().len(), 1);
 }
@@ -195,4 +209,50 @@ fn checkpoint_generations_are_named() {
     assert!(f["generations"][0]["inode"].as_u64().unwrap() > 0);
     assert_eq!(f["behind_bytes"], 0);
     assert_eq!(f["state"], "readable");
+}
+
+/// Issue 26: a log this process (root) can read but the daemon's user cannot is
+/// `unreadable` in status, with the fix, as check-config says it.
+#[test]
+fn readability_is_checked_as_the_service_user() {
+    let d = tempdir();
+    let log = d.path().join("dovecot.log");
+    append(&log, "x\n");
+    set_mode(&log, 0o600);
+    let conf = d.path().join("dovegate.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[source]\nlogs = [{:?}]\njournal = false\n[map]\npath = {:?}\n[state]\ndir = {:?}\n",
+            log.display().to_string(),
+            d.path().join("relay").display().to_string(),
+            d.path().join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    let conf = conf.display().to_string();
+    assert!(dovegate(&["init", "--config", &conf]).status.success());
+    let out = dovegate(&["status", "--config", &conf, "--user", "nobody", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["user"], "nobody");
+    assert_eq!(v["files"][0]["state"], "unreadable", "{v}");
+    let problem = v["files"][0]["problem"].as_str().unwrap();
+    assert!(
+        problem.contains("is not readable by user nobody"),
+        "{problem}"
+    );
+    set_mode(&log, 0o644);
+    let out = dovegate(&["status", "--config", &conf, "--user", "nobody"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("file {}: readable, 2 bytes", log.display())),
+        "{text}"
+    );
+    let out = dovegate(&["status", "--config", &conf, "--user", "no-such-user-dg"]);
+    assert_eq!(out.status.code(), Some(2));
 }

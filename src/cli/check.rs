@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{load_patterns, load_settings, ConfigArgs, Failure};
-use crate::config::{Settings, CONFIG_ENV};
+use crate::config::Settings;
 
 /// The user the service runs as, with its groups (for "can it read this file?").
 #[derive(Debug, Clone)]
@@ -155,14 +155,64 @@ impl Account {
         if self.allowed(&meta, 4) {
             return None;
         }
-        let group = group_name(meta.gid());
         Some(format!(
-            "{} is not readable by {who}: owner {} mode {:04o}; add the user to group {group} (adduser {} {group}) with the file group-readable (logrotate: create 0640 root {group}), or use journal mode (source.journal = true)",
+            "{} is not readable by {who}: owner {} mode {:04o}; {}",
             path.display(),
             owner_text(&meta),
             meta.permissions().mode() & 0o7777,
-            self.name,
+            self.read_fix(
+                path,
+                meta.uid(),
+                meta.gid(),
+                &group_name(meta.gid()),
+                meta.permissions().mode()
+            ),
         ))
+    }
+
+    /// How to let this user read a file it cannot (owner `owner`, group `gid` named
+    /// `group`, `mode`), for any owner and mode: never by joining a privileged group (a
+    /// root-group log is regrouped to adm, as Debian's syslog files are).
+    fn read_fix(&self, path: &Path, owner: u32, gid: u32, group: &str, mode: u32) -> String {
+        let p = path.display();
+        let user = &self.name;
+        let owner_name = Account::name_of(owner);
+        let journal = "or use journal mode (source.journal = true), which needs no file permission";
+        if owner == self.uid {
+            return format!(
+                "the file is {user}'s own but not readable by its owner: chmod u+r {p}; {journal}"
+            );
+        }
+        if self.in_group(gid) {
+            return format!(
+                "{user} is in the file's group {group} but the mode does not let the group read: chmod g+r {p} (and for rotation, logrotate `create 0640 {owner_name} {group}`); {journal}"
+            );
+        }
+        // Groups that grant much more than a log file: never advise joining them.
+        const PRIVILEGED: &[&str] = &["root", "shadow", "sudo", "wheel", "disk", "staff", "kmem"];
+        if gid != 0 && !PRIVILEGED.contains(&group) {
+            let chmod = if mode & 0o040 == 0 {
+                format!("chmod g+r {p}; ")
+            } else {
+                String::new()
+            };
+            return format!(
+                "{chmod}adduser {user} {group} (the file's group; for rotation, logrotate `create 0640 {owner_name} {group}`), then restart dovegate; {journal}"
+            );
+        }
+        let chmod = if mode & 0o040 == 0 {
+            format!("; chmod g+r {p}")
+        } else {
+            String::new()
+        };
+        let join = if self.groups.iter().any(|(_, n)| n == "adm") {
+            format!("{user} is in adm already")
+        } else {
+            format!("then adduser {user} adm and restart dovegate")
+        };
+        format!(
+            "the file's group {group} is not one to add a service to: make the file group-readable by a group {user} is in, as Debian's log files are: chgrp adm {p}{chmod} (for rotation: logrotate `create 0640 {owner_name} adm`, rsyslog `$FileGroup adm`); {join}; {journal}"
+        )
     }
 }
 
@@ -196,18 +246,21 @@ pub enum Finding {
     Warning(String),
 }
 
-/// Where Dovecot says it logs (`doveconf -h log_path`), for the "missing log" hint.
+/// Where Dovecot says it logs (`doveconf log_path`), for the "missing log" hint.
 fn dovecot_log_path() -> Option<String> {
     doveconf("log_path")
 }
 
-/// `doveconf -h KEY`; None when doveconf is missing, fails or takes over 5 s (a start-up
-/// must not hang on it).
-fn doveconf(key: &str) -> Option<String> {
+/// The value of Dovecot's global setting KEY, from `doveconf KEY` (`KEY = VALUE`); None when
+/// doveconf is missing, fails or takes over 5 s (a start-up must not hang on it).
+/// Not `doveconf -h KEY`: Dovecot 2.4 refuses it for settings that filters may also set,
+/// log_path among them ("Multiple settings matched with -h parameter"); the plain form
+/// answers on 2.3 and 2.4.
+pub(crate) fn doveconf(key: &str) -> Option<String> {
     use std::io::Read;
     use std::process::{Command, Stdio};
     let mut child = Command::new("doveconf")
-        .args(["-h", key])
+        .arg(key)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -234,7 +287,18 @@ fn doveconf(key: &str) -> Option<String> {
         .take(4096)
         .read_to_string(&mut text)
         .ok()?;
-    status.success().then(|| text.trim().to_string())
+    if !status.success() {
+        return None;
+    }
+    doveconf_value(&text, key)
+}
+
+/// `VALUE` from the `KEY = VALUE` line of doveconf's output.
+fn doveconf_value(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().to_string())
+    })
 }
 
 /// In journal mode: the warning when Dovecot writes its login lines to a file of its own
@@ -254,18 +318,20 @@ pub fn journal_misses_dovecot_log(logs: &[PathBuf]) -> Option<String> {
         return None;
     }
     Some(format!(
-        "source.journal: Dovecot logs to {path}, not the journal (doveconf -h {key}), so journal mode sees no login and grants nothing: set source.logs = [\"{path}\"] (and source.journal = false), or set {key} = syslog in Dovecot's configuration"
+        "source.journal: Dovecot logs to {path}, not the journal (doveconf {key}), so journal mode sees no login and grants nothing: set source.logs = [\"{path}\"] (and source.journal = false), or set {key} = syslog in Dovecot's configuration"
     ))
 }
 
-/// One followed log file, as the service user would meet it.
-pub fn check_log(path: &Path, user: Option<&Account>) -> Vec<Finding> {
+/// One followed log file, as the service user would meet it. `others`: another source
+/// (journal, push, events, another readable log) can deliver logins, so a file the user
+/// cannot read is a warning; without one it is an error (the daemon would grant nothing).
+pub fn check_log(path: &Path, user: Option<&Account>, others: bool) -> Vec<Finding> {
     let mut out = Vec::new();
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let hint = match dovecot_log_path() {
-                Some(p) if p.starts_with('/') => format!("Dovecot logs to {p} (doveconf -h log_path)"),
-                Some(p) => format!("Dovecot logs through {} (doveconf -h log_path is {p:?}), so its lines are in the journal or syslog", if p == "syslog" || p.is_empty() { "syslog" } else { "its log_path" }),
+                Some(p) if p.starts_with('/') => format!("Dovecot logs to {p} (doveconf log_path)"),
+                Some(p) => format!("Dovecot logs through {} (doveconf log_path is {p:?}), so its lines are in the journal or syslog", if p == "syslog" || p.is_empty() { "syslog" } else { "its log_path" }),
                 None => "doveconf is not available to ask where Dovecot logs".to_string(),
             };
             out.push(Finding::Warning(format!(
@@ -284,7 +350,19 @@ pub fn check_log(path: &Path, user: Option<&Account>) -> Vec<Finding> {
         ))),
         Ok(_) => {
             if let Some(problem) = user.and_then(|u| u.read_problem(path)) {
-                out.push(Finding::Warning(format!("source.logs: {problem}")));
+                let own = if super::dovecot_log_files().iter().any(|f| f == path) {
+                    // Issue 26: `doveadm log reopen` recreates it 0600 root, undoing a chmod.
+                    " (this is Dovecot's own log_path, which `doveadm log reopen` and a Dovecot restart recreate 0600 root: a chmod does not last, so use journal mode with Dovecot logging to syslog, its default)"
+                } else {
+                    ""
+                };
+                out.push(if others {
+                    Finding::Warning(format!("source.logs: {problem}{own}"))
+                } else {
+                    Finding::Error(format!(
+                        "source.logs: {problem}{own}; no other source (journal, push, events, a readable log) delivers logins, so dovegate would grant nothing"
+                    ))
+                });
             }
         }
     }
@@ -298,8 +376,16 @@ fn kind_of(meta: &std::fs::Metadata) -> &'static str {
 /// Every check of the settings beyond what `validate` already refused.
 pub fn findings(settings: &Settings, user: Option<&Account>) -> Vec<Finding> {
     let mut out = Vec::new();
+    let readable = |l: &PathBuf| {
+        std::fs::metadata(l).is_ok_and(|m| m.is_file())
+            && user.is_none_or(|u| u.read_problem(l).is_none())
+    };
     for log in &settings.logs {
-        out.extend(check_log(log, user));
+        let others = settings.journal
+            || settings.push.enabled()
+            || settings.events.enabled()
+            || settings.logs.iter().any(|l| l != log && readable(l));
+        out.extend(check_log(log, user, others));
     }
     if settings.journal {
         out.extend(journal_misses_dovecot_log(&settings.logs).map(Finding::Warning));
@@ -367,18 +453,19 @@ pub fn findings(settings: &Settings, user: Option<&Account>) -> Vec<Finding> {
     out
 }
 
-pub fn run(cfg: &ConfigArgs, user: Option<&str>) -> Result<(), Failure> {
+/// `quiet`: the findings only, and one line saying the configuration is fine when there
+/// is no error (the unit runs it at every start and reload: the effective configuration
+/// there would fill the journal and `systemctl status`).
+pub fn run(cfg: &ConfigArgs, user: Option<&str>, quiet: bool) -> Result<(), Failure> {
     let (file, settings) = load_settings(cfg, |_| {})?;
     load_patterns(&settings, None)?;
     if let Some(url_file) = &settings.store.url_file {
         crate::store::postgres::Target::load(url_file, &settings.store.schema)
             .map_err(|e| Failure::config(e.to_string()))?;
     }
-    match &file.file {
-        Some(p) => eprintln!("dovegate: configuration {}", p.display()),
-        None => eprintln!(
-            "dovegate: configuration: the embedded default (no /etc/dovegate/dovegate.toml, no --config, no {CONFIG_ENV})"
-        ),
+    let which = format!("configuration {}", file.describe());
+    if !quiet {
+        eprintln!("dovegate: {which}");
     }
     let account = Account::service_user(user);
     if let (Some(name), None) = (user, &account) {
@@ -390,15 +477,29 @@ pub fn run(cfg: &ConfigArgs, user: Option<&str>) -> Result<(), Failure> {
             .into_iter()
             .map(Finding::Warning),
     );
-    let mut errors = 0;
+    let (mut errors, mut warnings) = (0, 0);
     for f in &all {
         match f {
             Finding::Error(m) => {
                 errors += 1;
                 eprintln!("dovegate: error: {m}");
             }
-            Finding::Warning(m) => eprintln!("dovegate: warning: {m}"),
+            Finding::Warning(m) => {
+                warnings += 1;
+                eprintln!("dovegate: warning: {m}");
+            }
         }
+    }
+    if quiet {
+        if errors > 0 {
+            return Err(Failure::config(format!("{which}: {errors} error(s)")));
+        }
+        let warned = match warnings {
+            0 => String::new(),
+            n => format!(" ({n} warning(s) above)"),
+        };
+        eprintln!("dovegate: {which}: ok{warned}");
+        return Ok(());
     }
     eprintln!(
         "dovegate: note: only `dovegate grant` and `dovegate revoke` may write {}: `postmap -i` or `-d` on the live map is unsupported and damages it (the daemon then moves it aside)",
@@ -441,15 +542,117 @@ mod tests {
         assert!(p.contains("cannot be reached"), "{p}");
     }
 
+    /// Issue 26: the advice for every owner and mode; never `adduser ... root`.
+    #[test]
+    fn read_advice_for_every_owner_and_mode() {
+        let service = Account {
+            name: "dovegate".into(),
+            uid: 990,
+            groups: vec![(990, "dovegate".into()), (4, "adm".into())],
+        };
+        let p = Path::new("/var/log/dovecot.log");
+        // (user, file owner, file gid, its group's name, mode, what the advice must say)
+        type Case<'a> = (&'a Account, u32, u32, &'a str, u32, &'a [&'a str]);
+        let cases: &[Case] = &[
+            // root:root 0600: regrouped to adm, never "adduser dovegate root".
+            (
+                &service,
+                0,
+                0,
+                "root",
+                0o600,
+                &[
+                    "chgrp adm /var/log/dovecot.log",
+                    "chmod g+r",
+                    "dovegate is in adm already",
+                ],
+            ),
+            (
+                &nobody(),
+                0,
+                0,
+                "root",
+                0o600,
+                &["chgrp adm", "adduser nobody adm"],
+            ),
+            // A privileged group is not joined either.
+            (
+                &nobody(),
+                0,
+                42,
+                "shadow",
+                0o640,
+                &["chgrp adm", "adduser nobody adm"],
+            ),
+            // In the file's group, which may not read: chmod only.
+            (
+                &service,
+                0,
+                4,
+                "adm",
+                0o600,
+                &[
+                    "is in the file's group adm",
+                    "chmod g+r /var/log/dovecot.log",
+                    "create 0640 root adm",
+                ],
+            ),
+            // The file's group may read, the user is not in it: join it.
+            (&nobody(), 104, 4, "adm", 0o640, &["adduser nobody adm"]),
+            // An ordinary group that may not read: chmod and join.
+            (
+                &nobody(),
+                0,
+                1234,
+                "maillog",
+                0o600,
+                &["chmod g+r /var/log/dovecot.log; adduser nobody maillog"],
+            ),
+            // The user's own file without u+r.
+            (&service, 990, 990, "dovegate", 0o200, &["chmod u+r"]),
+        ];
+        for (user, owner, gid, group, mode, want) in cases {
+            let fix = user.read_fix(p, *owner, *gid, group, *mode);
+            for w in *want {
+                assert!(fix.contains(w), "{group} {mode:o}: want {w:?} in {fix}");
+            }
+            assert!(fix.contains("journal mode"), "{fix}");
+            for bad in [
+                "adduser dovegate root",
+                "adduser nobody root",
+                "adduser nobody shadow",
+            ] {
+                assert!(!fix.contains(bad), "{fix}");
+            }
+            if *mode & 0o040 != 0 {
+                assert!(!fix.contains("chmod"), "group-readable already: {fix}");
+            }
+        }
+    }
+
+    /// `doveconf KEY` as 2.3 and 2.4 answer it.
+    #[test]
+    fn doveconf_answers() {
+        assert_eq!(
+            doveconf_value("log_path = /var/log/dovecot.log\n", "log_path").as_deref(),
+            Some("/var/log/dovecot.log")
+        );
+        assert_eq!(
+            doveconf_value("info_log_path = \n", "info_log_path").as_deref(),
+            Some("")
+        );
+        assert_eq!(doveconf_value("log_path = syslog\n", "info_log_path"), None);
+    }
+
     #[test]
     fn logs_that_are_not_files() {
         let d = tempfile::tempdir().unwrap();
-        let found = check_log(d.path(), None);
+        let found = check_log(d.path(), None, false);
         assert!(
             matches!(&found[..], [Finding::Error(m)] if m.contains("directory")),
             "{found:?}"
         );
-        let found = check_log(&d.path().join("missing.log"), None);
+        let found = check_log(&d.path().join("missing.log"), None, false);
         assert!(
             matches!(&found[..], [Finding::Warning(m)] if m.contains("does not exist") && m.contains("journal")),
             "{found:?}"

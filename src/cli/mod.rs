@@ -34,7 +34,8 @@ pub struct Cli {
 /// Options every command that reads the configuration shares.
 #[derive(Debug, clap::Args, Clone, Default)]
 pub struct ConfigArgs {
-    /// Configuration file (default: the embedded default; see `dovegate config --default`).
+    /// Configuration file (default: $DOVEGATE_CONFIG, else /etc/dovegate/dovegate.toml
+    /// when it exists, else the embedded default that `dovegate config --default` prints).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The map as Postfix names it, without `.lmdb` (overrides map.path).
@@ -92,14 +93,27 @@ enum Command {
         /// it exists, else the current user).
         #[arg(long, value_name = "USER")]
         user: Option<String>,
+        /// Print the problems only, and one line when there is none (for the unit's
+        /// ExecStartPre and ExecReload), instead of the effective configuration.
+        #[arg(long, short)]
+        quiet: bool,
     },
-    /// Print configuration.
+    /// Print the configuration in force (every key, after --config and its defaults); with
+    /// --default, the embedded default with its comments.
     Config {
-        /// The embedded default configuration, with its comments.
-        #[arg(long)]
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The embedded default configuration, with its comments (no file is read).
+        #[arg(long, conflicts_with_all = ["config", "map"])]
         default: bool,
     },
     /// Run the patterns over saved logs and report what would be granted (changes nothing).
+    // The journal options are `run`'s (JournalArgs): here they read once, not follow.
+    #[command(
+        mut_arg("journal", |a| a.help("Read the system journal once instead of FILEs (from --since, default the last grant.ttl), reporting forged entries separately; nothing is followed")),
+        mut_arg("journal_dir", |a| a.help("Read the journal in this directory instead of FILEs (all of it, or from --since)")),
+        mut_arg("journal_file", |a| a.help("Read this journal file instead of FILEs (all of it, or from --since)")),
+    )]
     Test(test_cmd::TestArgs),
     /// Copy the grants shared in PostgreSQL into the local map (MTA hosts).
     Replica(replica::ReplicaArgs),
@@ -202,7 +216,13 @@ fn init_logging() {
         if let Ok(layer) = tracing_journald::layer() {
             let _ = tracing_subscriber::registry()
                 .with(filter())
-                .with(layer.with_syslog_identifier("dovegate".into()))
+                // Fields as DOVEGATE_ADDRESS=, DOVEGATE_USER=, ... for `journalctl -u
+                // dovegate DOVEGATE_USER=alice` (the crate's default prefix is a bare F_).
+                .with(
+                    layer
+                        .with_syslog_identifier("dovegate".into())
+                        .with_field_prefix(Some("DOVEGATE".into())),
+                )
                 .try_init();
             return;
         }
@@ -233,17 +253,12 @@ pub fn main() -> ExitCode {
         Command::Grant { cfg, ttl, ip } => admin::grant(&cfg, ttl.as_deref(), &ip),
         Command::Revoke { cfg, all: true, .. } => admin::revoke_all(&cfg),
         Command::Revoke { cfg, ip, .. } => admin::revoke(&cfg, ip.as_deref().unwrap_or_default()),
-        Command::CheckConfig { cfg, user } => check::run(&cfg, user.as_deref()),
-        Command::Config { default } => {
-            if default {
-                print!("{DEFAULT_CONFIG}");
-                Ok(())
-            } else {
-                Err(Failure::config(
-                    "config: use --default to print the embedded default configuration",
-                ))
-            }
+        Command::CheckConfig { cfg, user, quiet } => check::run(&cfg, user.as_deref(), quiet),
+        Command::Config { default: true, .. } => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(())
         }
+        Command::Config { cfg, .. } => print_config(&cfg),
         Command::Test(args) => test_cmd::run(args),
         Command::Status(args) => status::run(args),
         Command::Sessions(args) => sessions::run(args),
@@ -278,6 +293,15 @@ fn die_quietly_on_closed_stdout() {
     }
 }
 
+/// `dovegate config`: the configuration in force, validated, every key with its value;
+/// which file it came from on stderr (stdout stays valid TOML).
+fn print_config(cfg: &ConfigArgs) -> Result<(), Failure> {
+    let (file, _) = load_settings(cfg, |_| {})?;
+    eprintln!("dovegate: configuration {}", file.describe());
+    print!("{}", file.to_toml());
+    Ok(())
+}
+
 /// `dovegate init`: the map exists (empty) before Postfix ever looks, and the state
 /// directory exists; nothing that exists is changed.
 fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
@@ -299,18 +323,11 @@ fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Dovecot's own log files (`doveconf -h log_path`, `info_log_path`), when doveconf runs.
-fn dovecot_log_files() -> Vec<PathBuf> {
+/// Dovecot's own log files (`doveconf log_path`, `info_log_path`), when doveconf runs.
+pub(crate) fn dovecot_log_files() -> Vec<PathBuf> {
     ["log_path", "info_log_path"]
         .iter()
-        .filter_map(|k| {
-            std::process::Command::new("doveconf")
-                .args(["-h", k])
-                .output()
-                .ok()
-        })
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter_map(|k| check::doveconf(k))
         .filter(|p| p.starts_with('/'))
         .map(PathBuf::from)
         .collect()

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::check::Account;
 use super::{load_settings, ConfigArgs, Failure};
 use crate::replica::ReplicaStatus;
 use crate::session::OpenSession;
@@ -32,6 +33,10 @@ pub struct StatusArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// The user the daemon runs as, whose access to the log files is checked (default:
+    /// dovegate when it exists, else the current user).
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -126,10 +131,14 @@ struct SessionOut {
     id: String,
     ip: String,
     pid: Option<u32>,
+    user: Option<String>,
     login: String,
     renewed: String,
     /// What the daemon's last check found (`none`: held only ttl).
     evidence: &'static str,
+    /// The latest its grant can be held while the session stays open (login +
+    /// `grant.session_hold`); with evidence gone it ends sooner.
+    hold_until: String,
 }
 
 #[derive(Serialize)]
@@ -140,6 +149,8 @@ struct PushStatus {
 
 #[derive(Serialize)]
 struct Status {
+    /// The user whose access to the log files was checked (the daemon's).
+    user: Option<String>,
     map: MapStatus,
     daemon: DaemonStatus,
     files: Vec<FileStatus>,
@@ -166,9 +177,15 @@ fn file_status(
     configured: bool,
     cp: Option<&Checkpoint>,
     dir: &CheckpointDir,
+    user: Option<&Account>,
 ) -> FileStatus {
     let (state, problem, size) = match open_regular(path) {
-        Ok((_, meta)) => ("readable", None, Some(meta.len())),
+        // Opened by this process (often root): what counts is whether the daemon's user
+        // may, by the file's and directories' modes and that user's groups.
+        Ok((_, meta)) => match user.and_then(|u| u.read_problem(path)) {
+            Some(p) => ("unreadable", Some(p), Some(meta.len())),
+            None => ("readable", None, Some(meta.len())),
+        },
         Err(p) => {
             let state = match p {
                 PathProblem::Missing { .. } => "missing",
@@ -275,13 +292,21 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
         .min();
     let checkpoints = CheckpointDir::new(&settings.state_dir);
     let saved = checkpoints.all();
+    let account = Account::service_user(args.user.as_deref());
+    if let (Some(name), None) = (&args.user, &account) {
+        return Err(Failure::config(format!("--user: no user `{name}`")));
+    }
+    let user = account.as_ref();
     let mut files: Vec<FileStatus> = settings
         .logs
         .iter()
-        .map(|p| file_status(p, true, saved.iter().find(|c| &c.path == p), &checkpoints))
+        .map(|p| {
+            let cp = saved.iter().find(|c| &c.path == p);
+            file_status(p, true, cp, &checkpoints, user)
+        })
         .collect();
     for c in saved.iter().filter(|c| !settings.logs.contains(&c.path)) {
-        files.push(file_status(&c.path, false, Some(c), &checkpoints));
+        files.push(file_status(&c.path, false, Some(c), &checkpoints, user));
     }
     let cursors = checkpoints.cursors();
     let mut journals = Vec::new();
@@ -352,15 +377,18 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             stale_file,
         }
     });
+    let hold = i64::try_from(settings.session_hold.as_secs()).unwrap_or(i64::MAX);
     let sessions = load_sessions(&settings.state_dir, &mut warnings).map(|list| {
         list.into_iter()
             .map(|s| SessionOut {
                 id: s.id,
                 ip: s.ip.to_string(),
                 pid: s.pid,
+                user: s.user,
                 login: timefmt::rfc3339(s.login),
                 renewed: timefmt::rfc3339(s.renewed),
                 evidence: s.evidence.name(),
+                hold_until: timefmt::rfc3339(s.login.saturating_add(hold)),
             })
             .collect()
     });
@@ -369,6 +397,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
     let status = Status {
+        user: account.map(|a| a.name),
         map: MapStatus {
             file: file.display().to_string(),
             grants: grants.len(),
@@ -540,9 +569,13 @@ fn print_text(status: &Status, state_dir: &Path) {
         }
         for s in sessions.iter().take(SESSIONS_SHOWN) {
             let pid = s.pid.map_or(String::new(), |p| format!(", pid {p}"));
+            let user = s
+                .user
+                .as_ref()
+                .map_or(String::new(), |u| format!(" user={u}"));
             println!(
-                "  {} session {} since {}{pid}, renewed {}, evidence {}",
-                s.ip, s.id, s.login, s.renewed, s.evidence
+                "  {} session {}{user} since {}{pid}, renewed {}, evidence {}, held at most until {}",
+                s.ip, s.id, s.login, s.renewed, s.evidence, s.hold_until
             );
         }
         if sessions.len() > SESSIONS_SHOWN {

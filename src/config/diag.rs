@@ -10,11 +10,14 @@ use std::ops::Range;
 
 use toml_edit::{ImDocument, Item, Table};
 
-/// Where each key of a user's file stands, by dotted path (`grant.ttl`).
+/// Where each key of a user's files stands, by dotted path (`grant.ttl`): the file (the
+/// main one or a drop-in) that set it last, line and column.
 #[derive(Debug, Clone, Default)]
 pub struct Locations {
     origin: String,
-    at: BTreeMap<String, (usize, usize)>,
+    at: BTreeMap<String, (usize, usize, usize)>,
+    /// Files, indexed by `at`'s third field.
+    origins: Vec<String>,
 }
 
 impl Locations {
@@ -22,13 +25,26 @@ impl Locations {
     pub fn prefix(&self, key: &str) -> String {
         let mut k = key.split('[').next().unwrap_or(key).to_string();
         loop {
-            if let Some((l, c)) = self.at.get(&k) {
-                return format!("{}:{l}:{c}: ", self.origin);
+            if let Some((l, c, o)) = self.at.get(&k) {
+                let origin = self.origins.get(*o).unwrap_or(&self.origin);
+                return format!("{origin}:{l}:{c}: ");
             }
             match k.rfind('.') {
                 Some(i) => k.truncate(i),
                 None => return format!("{}: ", self.origin),
             }
+        }
+    }
+}
+
+impl Locations {
+    /// The keys `later` (a drop-in read after) sets are located there from now on; the
+    /// fallback origin stays the main file's.
+    pub fn overlay(&mut self, later: Locations) {
+        let base = self.origins.len();
+        self.origins.extend(later.origins);
+        for (k, (l, c, o)) in later.at {
+            self.at.insert(k, (l, c, o + base));
         }
     }
 }
@@ -54,12 +70,18 @@ pub fn locate(text: &str, origin: &str) -> Result<Locations, String> {
     let mut locs = Locations {
         origin: origin.to_string(),
         at: BTreeMap::new(),
+        origins: vec![origin.to_string()],
     };
     walk(doc.as_table(), "", text, &mut locs.at);
     Ok(locs)
 }
 
-fn walk(table: &Table, prefix: &str, text: &str, out: &mut BTreeMap<String, (usize, usize)>) {
+fn walk(
+    table: &Table,
+    prefix: &str,
+    text: &str,
+    out: &mut BTreeMap<String, (usize, usize, usize)>,
+) {
     for (name, item) in table.iter() {
         let path = if prefix.is_empty() {
             name.to_string()
@@ -71,7 +93,8 @@ fn walk(table: &Table, prefix: &str, text: &str, out: &mut BTreeMap<String, (usi
             .and_then(|k| k.span())
             .or_else(|| item.span());
         if let Some(s) = span {
-            out.insert(path.clone(), line_col(text, s.start));
+            let (l, c) = line_col(text, s.start);
+            out.insert(path.clone(), (l, c, 0));
         }
         match item {
             Item::Table(t) => walk(t, &path, text, out),
@@ -79,7 +102,8 @@ fn walk(table: &Table, prefix: &str, text: &str, out: &mut BTreeMap<String, (usi
                 for (k, v) in t.iter() {
                     let p = format!("{path}.{k}");
                     if let Some(s) = t.key(k).and_then(|k| k.span()).or_else(|| v.span()) {
-                        out.insert(p, line_col(text, s.start));
+                        let (l, c) = line_col(text, s.start);
+                        out.insert(p, (l, c, 0));
                     }
                 }
             }

@@ -182,10 +182,16 @@ impl<S: GrantStore> Engine<S> {
                 continue;
             }
             self.counters.session_renewals += 1;
-            if let Some((ip, true)) = self.consider(r.ip, Some(r.time), now) {
+            let renewed = self.consider(r.ip, Some(r.time), now);
+            if let Some((ip, false)) = renewed {
+                // An ordinary renewal (a few per session per hour): the debug log only.
+                tracing::debug!(address = %ip, "grant {ip} renewed for an open mail session");
+            }
+            if let Some((ip, true)) = renewed {
                 // A renewal that writes a grant the map no longer has: say so.
                 if let Some(&until) = self.pending.get(&ip) {
-                    tracing::info!(address = %ip, until = %timefmt::rfc3339(until), "grant written again for an open mail session");
+                    let until = timefmt::rfc3339(until);
+                    tracing::info!(address = %ip, until = %until, "grant {ip} renewed until {until}: written again for an open mail session");
                 }
             }
         }
@@ -215,7 +221,7 @@ impl<S: GrantStore> Engine<S> {
         let Some(s) = self.sessions.drop_session(id) else {
             return false;
         };
-        tracing::info!(session = %s.id, address = %s.ip, "mail session dropped by the administrator; it renews nothing");
+        tracing::info!(session = %s.id, address = %s.ip, "mail session {} of {} dropped by the administrator; it renews nothing", s.id, s.ip);
         self.sessions_dirty = true;
         self.counters.sessions_dropped += 1;
         self.count_sessions();
@@ -319,23 +325,30 @@ impl<S: GrantStore> Engine<S> {
     }
 
     /// The audit trail: one INFO line when an address gets a grant it did not have (its
-    /// extensions are not logged), with who and what logged in.
+    /// extensions are not logged), with who and what logged in. The text carries what an
+    /// administrator reads in `journalctl -u dovegate`; the fields (DOVEGATE_ADDRESS, ...)
+    /// stay for filtering.
     fn audit_new(&self, ip: IpAddr, detail: Option<&crate::model::LoginDetail>) {
         let Some(&until) = self.pending.get(&ip) else {
             return;
         };
+        let until = timefmt::rfc3339(until);
         match detail {
-            Some(d) => tracing::info!(
-                address = %ip,
-                user = %d.user.as_deref().unwrap_or("-").escape_debug(),
-                protocol = %d.protocol,
-                pattern = %d.pattern,
-                source = %d.source,
-                until = %timefmt::rfc3339(until),
-                "grant"
-            ),
+            Some(d) => {
+                let user = d.user.as_deref().unwrap_or("-").escape_debug().to_string();
+                tracing::info!(
+                    address = %ip,
+                    user = %user,
+                    protocol = %d.protocol,
+                    pattern = %d.pattern,
+                    source = %d.source,
+                    until = %until,
+                    "grant {ip} user={user} {} until {until}",
+                    d.protocol
+                )
+            }
             None => {
-                tracing::info!(address = %ip, source = "push", until = %timefmt::rfc3339(until), "grant")
+                tracing::info!(address = %ip, source = "push", until = %until, "grant {ip} pushed until {until}")
             }
         }
     }
@@ -528,7 +541,8 @@ impl<S: GrantStore> Engine<S> {
                 self.deadlines.remove(&(e, ip));
             }
             self.logins.forget(ip);
-            tracing::warn!(address = %ip, user = %user.escape_debug(), "grant revoked: its user is blocked (policy.block_on_cap)");
+            let user = user.escape_debug().to_string();
+            tracing::warn!(address = %ip, user = %user, "grant {ip} revoked: its user {user} is blocked (policy.block_on_cap)");
             if self.blocked_ips.len() < blocks::MAX_BLOCKED * 8 {
                 self.blocked_ips.insert(ip, user);
             }
@@ -603,20 +617,21 @@ impl<S: GrantStore> Engine<S> {
         });
         for (i, (ip, e)) in added.iter().enumerate() {
             if i < 100 {
-                tracing::info!(address = %ip, until = %timefmt::rfc3339(*e), "grant written by another writer (dovegate grant, another host)");
+                let until = timefmt::rfc3339(*e);
+                tracing::info!(address = %ip, until = %until, "grant {ip} until {until} written by another writer (dovegate grant, another host)");
             }
         }
         for (i, ip) in removed.iter().enumerate() {
             self.logins.forget(*ip);
             if i < 100 {
-                tracing::info!(address = %ip, "grant removed by another writer (dovegate revoke, another host)");
+                tracing::info!(address = %ip, "grant {ip} removed by another writer (dovegate revoke, another host)");
             }
             // A revoke sticks: the address's open sessions renew nothing from now on.
             let ended = self.sessions.revoke_grant(*ip, self.policy.ipv6_prefix());
             if ended > 0 {
                 self.sessions_dirty = true;
                 self.counters.sessions_dropped += ended as u64;
-                tracing::info!(address = %ip, sessions = ended, "open mail sessions of a revoked address ended; a new login grants again");
+                tracing::info!(address = %ip, sessions = ended, "{ended} open mail session(s) of revoked {ip} ended; a new login grants again");
             }
         }
         if !removed.is_empty() {
@@ -667,7 +682,7 @@ impl<S: GrantStore> Engine<S> {
         self.counters.removed += out.removed.len() as u64;
         for ip in &out.removed {
             self.logins.expired(*ip, now);
-            tracing::info!(address = %ip, "grant expired");
+            tracing::info!(address = %ip, "grant expired {ip}");
         }
         Ok(out.removed.len())
     }

@@ -97,7 +97,7 @@ pub fn spawn_watcher(
                 match watch.check(crate::timefmt::now()) {
                     Some(QuietEvent::Quiet(secs)) => tracing::warn!(
                         journal = %key,
-                        "source.journal: no entry from {} has reached the journal for {} minutes, so no login is seen: if Dovecot logs to a file of its own (doveconf -h log_path), set source.logs = [that file] or Dovecot's log_path = syslog; else check source.journal_units",
+                        "source.journal: no entry from {} has reached the journal for {} minutes, so no login is seen: if Dovecot logs to a file of its own (doveconf log_path), set source.logs = [that file] or Dovecot's log_path = syslog; else check source.journal_units",
                         units.join(", "),
                         secs / 60
                     ),

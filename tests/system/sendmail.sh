@@ -33,8 +33,8 @@ PY
     grep -q '^Kaccess socket -T<TMPF> unix:/run/dovegate/socketmap' "$R/etc/mail/sendmail.cf" || die "$NAME: no Kaccess socket line in sendmail.cf"
     B ip addr add 203.0.113.45/32 dev lo
     B ip addr add 203.0.113.99/32 dev lo
-    B sed -i -e 's/^journal = .*/journal = true/' -e 's|^logs = .*|logs = []|' \
-        -e 's|^socketmap = ""|socketmap = "unix:/run/dovegate/socketmap"|' /etc/dovegate/dovegate.toml
+    printf '%s\n' '[source]' 'journal = true' 'logs = []' \
+        '[serve]' 'socketmap = "unix:/run/dovegate/socketmap"' > "$R/etc/dovegate/dovegate.d/50-system-test.toml"
     B systemctl enable --now dovegate 2>/dev/null
     [ "$(B systemctl is-active dovegate)" = active ] || die "$NAME: dovegate not active"
     B dovegate grant 203.0.113.45 >/dev/null

@@ -29,13 +29,24 @@ suite() {
     B systemctl restart postfix
     wait_until 30 "$NAME: smtpd listening" B python3 -c 'import socket; socket.create_connection(("127.0.0.1", 25), 5)'
     installed_package_check
-    B sed -i -e 's/^journal = .*/journal = true/' -e 's/^journal_give_up = .*/journal_give_up = "30s"/' -e 's|^logs = .*|logs = []|' \
-        -e 's|^socketmap = ""|socketmap = "unix:/run/dovegate/socketmap"|' \
-        -e 's/^exclude_mynetworks = false/exclude_mynetworks = true/' /etc/dovegate/dovegate.toml
+    # The settings in a drop-in, as an administrator (or a configuration tool) would: the
+    # package's /etc/dovegate/dovegate.toml sets nothing.
+    printf '%s\n' '[source]' 'journal = true' 'journal_give_up = "30s"' 'logs = []' \
+        '[serve]' 'socketmap = "unix:/run/dovegate/socketmap"' \
+        '[grant]' 'exclude_mynetworks = true' > "$R/etc/dovegate/dovegate.d/50-system-test.toml"
     B systemctl enable --now dovegate 2>/dev/null
     # Type=notify: `active` only after READY=1.
     [ "$(B systemctl is-active dovegate)" = active ] || die "$NAME: dovegate not active after start: $(B systemctl status dovegate --no-pager)"
     ok "systemctl enable --now dovegate: active (READY), status \"$(status_text)\""
+    # ExecStartPre's check-config --quiet: one line, no configuration dump, and postconf works
+    # under the sandbox (AF_NETLINK for getifaddrs).
+    wait_until 10 "$NAME: check-config's line in the journal" quiet_check_logged \
+        || die "$NAME: no 'configuration ...: ok' line: $(B journalctl -u dovegate -n 20 --no-pager)"
+    out=$(B journalctl -u dovegate -o cat --no-pager)
+    if grep -qE '^(\[map\]|path = |ttl = )|postconf.*failed' <<<"$out"; then
+        die "$NAME: the unit's journal has a configuration dump or a postconf failure: $out"
+    fi
+    ok "ExecStartPre check-config --quiet: one line, no configuration dump, postconf works in the sandbox"
     local pid0; pid0=$(main_pid)
     journal_child_alive
 
@@ -52,6 +63,13 @@ suite() {
     wait_grant 203.0.113.101
     for a in $refused 198.18.0.5; do no_grant "$a"; done
     ok "nothing granted for loopback, failed, aborted logins and mynetworks (postconf): $refused 198.18.0.5"
+    # The audit line's text names the address, user, protocol and expiry (what `journalctl -u
+    # dovegate` shows); its fields filter (the README's commands).
+    wait_until 10 "$NAME: grant line for 203.0.113.101" grant_line_logged 203.0.113.101 \
+        || die "$NAME: no readable grant line: $(B journalctl -u dovegate -n 10 --no-pager)"
+    B journalctl -u dovegate -o cat --no-pager DOVEGATE_USER=alice DOVEGATE_ADDRESS=203.0.113.101 | grep -q '^grant 203\.0\.113\.101 ' \
+        || die "$NAME: journalctl DOVEGATE_USER=alice DOVEGATE_ADDRESS=203.0.113.101 finds no grant"
+    ok "journal: 'grant 203.0.113.101 user=alice pop3 until ...', found by DOVEGATE_USER= and DOVEGATE_ADDRESS="
     [ "$(main_pid)" = "$pid0" ] || die "$NAME: the daemon restarted during the logins"
     # The socketmap under /run/dovegate (RuntimeDirectory) answers from the same grants.
     local sm=socketmap:unix:/run/dovegate/socketmap:relay
@@ -80,18 +98,24 @@ suite() {
     ok "logger -t dovecot forged logins (198.51.100.66, .67) not granted, reported as forged, smtpd 554"
 
     # --- reload: good, then bad (refused, the old configuration keeps running) ---------
-    B sed -i 's/^ttl = .*/ttl = "31m"/' /etc/dovegate/dovegate.toml
+    # A drop-in read after 50-system-test.toml, honoured by the reload (ttl in its line).
+    printf '%s\n' '[grant]' 'ttl = "31m"' > "$R/etc/dovegate/dovegate.d/60-ttl.toml"
     B systemctl reload dovegate || die "$NAME: reload of a good configuration failed"
     [ "$(main_pid)" = "$pid0" ] || die "$NAME: reload restarted the daemon"
-    B cp /etc/dovegate/dovegate.toml /root/good.toml
-    echo 'no_such_key = 1' >> "$R/etc/dovegate/dovegate.toml"
+    wait_until 10 "$NAME: reload with the drop-in's ttl" ttl_reloaded 31m \
+        || die "$NAME: the drop-in's ttl was not taken: $(B journalctl -u dovegate -n 10 --no-pager)"
+    B dovegate config 2>/dev/null | grep -qx 'ttl = "31m"' || die "$NAME: dovegate config does not show the drop-in's ttl"
+    # A bad drop-in: refused, naming it.
+    printf '%s\n' '[grant]' 'no_such_key = 1' > "$R/etc/dovegate/dovegate.d/70-bad.toml"
     if B systemctl reload dovegate 2>/dev/null; then die "$NAME: a bad configuration was accepted"; fi
     [ "$(B systemctl is-active dovegate)" = active ] && [ "$(main_pid)" = "$pid0" ] \
         || die "$NAME: the daemon did not survive a refused reload"
+    B journalctl -u dovegate -o cat --no-pager | grep -q '/etc/dovegate/dovegate.d/70-bad.toml:2:1: grant.no_such_key: unknown key' \
+        || die "$NAME: the refused reload does not name the drop-in: $(B journalctl -u dovegate -n 10 --no-pager)"
     B python3 /root/login.py "$PORT" pop3 203.0.113.103
     wait_grant 203.0.113.103
-    B cp /root/good.toml /etc/dovegate/dovegate.toml
-    ok "systemctl reload: good accepted, bad refused (exit non-zero), same pid $pid0, still granting"
+    rm -f "$R/etc/dovegate/dovegate.d/70-bad.toml"
+    ok "systemctl reload: a good drop-in accepted (ttl 31m), a bad one refused naming its line, same pid $pid0, still granting"
 
     # --- kill -9: systemd restarts it, no login around it is lost ----------------------
     B python3 /root/login.py "$PORT" imap 203.0.113.110
@@ -118,7 +142,7 @@ suite() {
     wait_until 30 "$NAME: dovegate restarted by the upgrade" new_active_pid "$pid1"
     for a in 203.0.113.120 203.0.113.110 $granted; do wait_grant "$a"; done
     B journalctl -u dovegate -o json --no-pager | grep '"following the journal"' | tail -1 \
-        | grep -q '"F_START":"after cursor' || die "$NAME: after the upgrade the daemon did not resume at its cursor"
+        | grep -q '"DOVEGATE_START":"after cursor' || die "$NAME: after the upgrade the daemon did not resume at its cursor"
     B python3 /root/login.py "$PORT" pop3 203.0.113.121
     wait_grant 203.0.113.121
     ok "upgrade to $VERSION2: map kept, resumed at its journal cursor, granting"
@@ -150,6 +174,9 @@ suite() {
     ok "all checks passed (Dovecot's journal: $LINES/$NAME-dovecot-journal.log)"
 }
 
+quiet_check_logged() { B journalctl -u dovegate -o cat --no-pager | grep -qx 'dovegate: configuration /etc/dovegate/dovegate.toml + /etc/dovegate/dovegate.d/50-system-test.toml: ok.*'; }
+ttl_reloaded() { B journalctl -u dovegate -o cat --no-pager "DOVEGATE_TTL=$1" | grep -q 'configuration reloaded'; }
+grant_line_logged() { B journalctl -u dovegate -o cat --no-pager | grep -qF "grant $1 user=alice pop3 until 20"; }
 forged_reported() { B journalctl -u dovegate -o cat --no-pager | grep -q '^forged Dovecot login entries'; }
 main_pid() { B systemctl show -P MainPID dovegate; }
 status_text() { B systemctl show -P StatusText dovegate; }

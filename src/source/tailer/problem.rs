@@ -99,7 +99,7 @@ impl fmt::Display for PathProblem {
             PathProblem::Missing { path } => write!(
                 f,
                 "log file {} does not exist (yet); waiting for it. Check where Dovecot logs \
-                 (`doveconf -h log_path`, or the syslog file for facility mail), or use journal mode",
+                 (`doveconf log_path`, or the syslog file for facility mail), or use journal mode",
                 path.display()
             ),
             PathProblem::Unreadable {
@@ -130,7 +130,8 @@ impl fmt::Display for PathProblem {
                     path.display(),
                     user_name(*owner),
                 )?;
-                if mode & 0o040 != 0 {
+                // Never "join group root": a root-group file is regrouped to adm instead.
+                if mode & 0o040 != 0 && *group != 0 {
                     write!(
                         f,
                         "add the user to group {group_name} (`usermod -aG {group_name} {user}`), or use journal mode"
@@ -138,9 +139,10 @@ impl fmt::Display for PathProblem {
                 } else {
                     write!(
                         f,
-                        "make the file group-readable by adm (logrotate `create 0640 root adm`; Dovecot \
-                         recreates its own log_path 0600 root, so log through syslog instead) and add the \
-                         user to group adm, or use journal mode"
+                        "make the file group-readable by adm (logrotate `create 0640 root adm`) and add the \
+                         user to group adm, or use journal mode; if this is Dovecot's own log_path, \
+                         `doveadm log reopen` recreates it 0600 root after every rotation: use journal \
+                         mode (Dovecot's default log_path = syslog) instead"
                     )
                 }
             }
