@@ -574,6 +574,59 @@ fn tls_with_verified_server_certificate() {
     let _ = child.wait();
 }
 
+/// libpq's recommended `sslmode=verify-full` and `verify-ca` (issue 26): the server's
+/// certificate is issued for IP 127.0.0.1 only, so through the name `localhost`
+/// verify-full refuses it (wrong host) and verify-ca takes it (the chain is trusted);
+/// verify-ca still refuses a certificate no trusted CA signed.
+#[test]
+fn tls_verify_full_checks_the_name_and_verify_ca_the_chain() {
+    use dovegate::store::postgres::Target;
+    let tmp = common::tempdir();
+    let (pg, ca) = pg::Pg::start_tls(tmp.path());
+    let other = tmp.path().join("other.pem");
+    // A CA certificate that did not sign the server's (the server's own is not a CA).
+    std::fs::copy(pg.dir.join("server.pem"), &other).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connect = |host: &str, mode: &str, roots: &Path| -> Result<(), String> {
+        let file = tmp.path().join("verify.url");
+        std::fs::write(
+            &file,
+            format!(
+                "postgresql://{}:{}@{host}:{}/postgres?sslmode={mode}&sslrootcert={}",
+                pg::USER,
+                pg::PASSWORD,
+                pg.port,
+                roots.display()
+            ),
+        )
+        .unwrap();
+        common::set_mode(&file, 0o600);
+        let t = Target::load(&file, "public").map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let client = t.connect(None).await.map_err(|e| e.to_string())?;
+            let ssl: bool = client
+                .query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            assert!(ssl, "{host} {mode}: connected without TLS");
+            Ok(())
+        })
+    };
+    connect("127.0.0.1", "verify-full", &ca).expect("verify-full, right name");
+    let e = connect("localhost", "verify-full", &ca).unwrap_err();
+    assert!(e.contains("cannot connect"), "{e}");
+    connect("localhost", "verify-ca", &ca).expect("verify-ca, other name");
+    let e = connect("localhost", "verify-ca", &other).unwrap_err();
+    assert!(e.contains("cannot connect"), "{e}");
+}
+
 /// A hung database (processes stopped, TCP still accepted): the writer keeps committing
 /// (locally and to the spill queue) after a bounded wait, the replica keeps serving and
 /// says it is stale; when the database wakes up, everything arrives.

@@ -3,7 +3,8 @@
 //! Writers (`dovegate run` with `[store] postgres_url_file`) upsert grants into
 //! `SCHEMA.dovegate_grants`; replicas (`dovegate replica`) LISTEN, snapshot and copy them
 //! into their local LMDB map. This module holds what both share: the URL file, connecting
-//! (TLS through rustls when the URL says `sslmode=require`), the versioned schema and the
+//! (TLS through rustls when the URL says `sslmode=require`, `verify-ca` or `verify-full`),
+//! the versioned schema and the
 //! SQL. Every value goes in as a parameter; the only name put into SQL text is the schema,
 //! validated as a plain identifier by the configuration.
 
@@ -41,32 +42,60 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Target {
     config: Config,
-    tls: bool,
+    /// None: no TLS (`sslmode` disable, prefer or absent).
+    tls: Option<Verify>,
     /// CA certificates from `sslrootcert=FILE` in the URL; None: the system store.
     roots: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
     schema: String,
 }
 
-/// Takes `sslrootcert=FILE` out of the URL (tokio-postgres does not know the option):
-/// (URL without it, FILE).
-fn take_sslrootcert(url: &str) -> (String, Option<String>) {
-    let is_root = |kv: &str| kv.starts_with("sslrootcert=");
-    let value = |kv: &str| kv["sslrootcert=".len()..].to_string();
+/// What the TLS connection checks of the server's certificate. rustls always checks the
+/// chain; libpq's `require` checks nothing, but a relay's grants are worth more than
+/// that, so `require` checks the chain and the host name as `verify-full` does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Verify {
+    /// `require`, `verify-full`: signed by a trusted CA and issued for the URL's host.
+    ChainAndName,
+    /// `verify-ca`: signed by a trusted CA, for any host name (libpq's meaning).
+    Chain,
+}
+
+/// Takes every `NAME=VALUE` out of the URL (tokio-postgres does not know `sslrootcert`
+/// nor the `verify-*` modes of `sslmode`): (URL without them, the last VALUE).
+fn take_param(url: &str, name: &str) -> (String, Option<String>) {
+    let prefix = format!("{name}=");
+    let is_it = |kv: &str| kv.starts_with(&prefix);
+    let value = |kv: &str| kv[prefix.len()..].to_string();
     if let Some((base, query)) = url.split_once('?') {
-        let (roots, rest): (Vec<&str>, Vec<&str>) = query.split('&').partition(|kv| is_root(kv));
+        let (found, rest): (Vec<&str>, Vec<&str>) = query.split('&').partition(|kv| is_it(kv));
         let url = if rest.is_empty() {
             base.to_string()
         } else {
             format!("{base}?{}", rest.join("&"))
         };
-        (url, roots.last().map(|kv| value(kv)))
+        (url, found.last().map(|kv| value(kv)))
     } else if !url.contains("://") {
-        let (roots, rest): (Vec<&str>, Vec<&str>) =
-            url.split_whitespace().partition(|kv| is_root(kv));
-        (rest.join(" "), roots.last().map(|kv| value(kv)))
+        let (found, rest): (Vec<&str>, Vec<&str>) =
+            url.split_whitespace().partition(|kv| is_it(kv));
+        (rest.join(" "), found.last().map(|kv| value(kv)))
     } else {
         (url.to_string(), None)
     }
+}
+
+/// `sslmode`'s value: (tokio-postgres's mode, what TLS verifies).
+fn ssl_mode(value: Option<&str>) -> Result<(SslMode, Option<Verify>), String> {
+    Ok(match value {
+        None | Some("prefer") => (SslMode::Prefer, None),
+        Some("disable") => (SslMode::Disable, None),
+        Some("require") | Some("verify-full") => (SslMode::Require, Some(Verify::ChainAndName)),
+        Some("verify-ca") => (SslMode::Require, Some(Verify::Chain)),
+        Some(other) => {
+            return Err(format!(
+                "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
+            ))
+        }
+    })
 }
 
 fn load_roots(file: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, PgError> {
@@ -113,7 +142,8 @@ impl Target {
         // Bounded again on the read itself: the file may change after the stat above.
         let text = crate::fsread::read_text(path, MAX_URL_FILE, crate::fsread::Links::Follow)
             .map_err(|e| fail(e.to_string()))?;
-        let (url, rootcert) = take_sslrootcert(text.trim());
+        let (url, rootcert) = take_param(text.trim(), "sslrootcert");
+        let (url, mode) = take_param(&url, "sslmode");
         let url = url.as_str();
         if url.is_empty() {
             return Err(fail(format!(
@@ -121,11 +151,13 @@ impl Target {
             )));
         }
         // The parser's message never contains the URL; keep it that way (password).
-        let config = Config::from_str(url).map_err(|e| {
+        let mut config = Config::from_str(url).map_err(|e| {
             fail(format!(
                 "{at}: not a PostgreSQL URL like postgresql://user:password@host:5432/db ({e})"
             ))
         })?;
+        let (mode, tls) = ssl_mode(mode.as_deref()).map_err(|e| fail(format!("{at}: {e}")))?;
+        config.ssl_mode(mode);
         if config.get_hosts().is_empty() {
             return Err(fail(format!("{at}: the URL names no host")));
         }
@@ -134,7 +166,7 @@ impl Target {
             None => None,
         };
         Ok(Target {
-            tls: config.get_ssl_mode() == SslMode::Require,
+            tls,
             roots,
             config,
             schema: schema.to_string(),
@@ -150,7 +182,11 @@ impl Target {
         };
         let port = self.config.get_ports().first().copied().unwrap_or(5432);
         let db = self.config.get_dbname().unwrap_or("");
-        let tls = if self.tls { " (TLS)" } else { "" };
+        let tls = match self.tls {
+            Some(Verify::ChainAndName) => " (TLS)",
+            Some(Verify::Chain) => " (TLS, verify-ca)",
+            None => "",
+        };
         format!("postgresql://{host}:{port}/{db}{tls}")
     }
 
@@ -201,10 +237,10 @@ impl Target {
         let fail = |e: tokio_postgres::Error| {
             PgError::db(format!("{}: cannot connect", self.describe()), e)
         };
-        if self.tls {
+        if let Some(verify) = self.tls {
             let (client, conn) = self
                 .config
-                .connect(tls_connector(self.roots.as_deref())?)
+                .connect(tls_connector(self.roots.as_deref(), verify)?)
                 .await
                 .map_err(fail)?;
             tokio::spawn(drive(conn, notices));
@@ -237,6 +273,7 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
 
 fn tls_connector(
     own: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    verify: Verify,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, PgError> {
     let mut roots = rustls::RootCertStore::empty();
     let certs = match own {
@@ -247,15 +284,79 @@ fn tls_connector(
         let _ = roots.add(cert);
     }
     if roots.is_empty() {
-        return Err(PgError::Config("sslmode=require: no CA certificate found in the system store (/etc/ssl/certs); install ca-certificates or the database's CA".into()));
+        return Err(PgError::Config("sslmode: no CA certificate found in the system store (/etc/ssl/certs); install ca-certificates or the database's CA".into()));
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let setup = |e: rustls::Error| PgError::Config(format!("TLS set-up failed: {e}"));
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| PgError::Config(format!("TLS set-up failed: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .map_err(setup)?;
+    let config = match verify {
+        Verify::ChainAndName => builder.with_root_certificates(roots),
+        Verify::Chain => {
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                std::sync::Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| PgError::Config(format!("TLS set-up failed: {e}")))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(ChainOnly(webpki)))
+        }
+    }
+    .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// `sslmode=verify-ca`: rustls's own verifier, except that a certificate for another host
+/// name is accepted. It checks the chain (and validity dates) before the name, so a name
+/// error means the chain was trusted; every other error stands.
+#[derive(Debug)]
+struct ChainOnly(std::sync::Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// What the connection tells a listener.
@@ -924,16 +1025,22 @@ mod tests {
             "postgresql://u:secret@127.0.0.1:5433/db?sslmode=require",
         )
         .unwrap();
-        assert!(Target::load(&f, "public").unwrap().tls);
         assert_eq!(
-            take_sslrootcert("postgresql://h/db?sslrootcert=/ca.pem&sslmode=require"),
+            Target::load(&f, "public").unwrap().tls,
+            Some(Verify::ChainAndName)
+        );
+        assert_eq!(
+            take_param(
+                "postgresql://h/db?sslrootcert=/ca.pem&sslmode=require",
+                "sslrootcert"
+            ),
             (
                 "postgresql://h/db?sslmode=require".into(),
                 Some("/ca.pem".into())
             )
         );
         assert_eq!(
-            take_sslrootcert("host=h sslrootcert=/ca.pem sslmode=require"),
+            take_param("host=h sslrootcert=/ca.pem sslmode=require", "sslrootcert"),
             ("host=h sslmode=require".into(), Some("/ca.pem".into()))
         );
         std::fs::write(
@@ -943,6 +1050,45 @@ mod tests {
         .unwrap();
         let e = Target::load(&f, "public").unwrap_err().to_string();
         assert!(e.contains("sslrootcert /nonexistent"), "{e}");
+        std::fs::write(&f, "mysql://nope").unwrap();
+        let e = Target::load(&f, "public").unwrap_err().to_string();
+        assert!(!e.contains("nope"), "{e}");
+    }
+
+    /// libpq's recommended modes are accepted (issue 26); an unknown one is named.
+    #[test]
+    fn sslmode_verify_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pg.url");
+        let load = |url: &str| {
+            std::fs::write(&f, url).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+            Target::load(&f, "public")
+        };
+        for (url, want) in [
+            (
+                "postgresql://u:pw@h/db?sslmode=verify-full",
+                Verify::ChainAndName,
+            ),
+            ("postgresql://u:pw@h/db?sslmode=verify-ca", Verify::Chain),
+            ("host=h user=u sslmode=verify-ca", Verify::Chain),
+            ("host=h user=u sslmode=verify-full", Verify::ChainAndName),
+        ] {
+            let t = load(url).unwrap();
+            assert_eq!(t.tls, Some(want), "{url}");
+            assert_eq!(t.config.get_ssl_mode(), SslMode::Require, "{url}");
+        }
+        for url in [
+            "postgresql://u:pw@h/db?sslmode=disable",
+            "postgresql://u:pw@h/db",
+        ] {
+            assert_eq!(load(url).unwrap().tls, None, "{url}");
+        }
+        let e = load("postgresql://u:nope@h/db?sslmode=verify-everything")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslmode=verify-everything is not one of"), "{e}");
+        assert!(!e.contains("nope"), "{e}");
         std::fs::write(&f, "mysql://nope").unwrap();
         let e = Target::load(&f, "public").unwrap_err().to_string();
         assert!(!e.contains("nope"), "{e}");
