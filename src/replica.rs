@@ -107,6 +107,9 @@ pub struct ReplicaStatus {
     /// Grants in the local map written by this replica.
     pub grants: usize,
     pub updated: i64,
+    /// Set while the database refuses this dovegate for its newer schema (not an outage).
+    #[serde(default)]
+    pub newer_schema: Option<postgres::NewerSchema>,
 }
 
 impl ReplicaStatus {
@@ -407,6 +410,7 @@ impl Replica {
         }
         self.status.connected = true;
         self.status.last_error = None;
+        self.status.newer_schema = None;
         self.warned_at = None;
     }
 
@@ -422,6 +426,15 @@ impl Replica {
             return;
         }
         self.warned_at = Some(Instant::now());
+        if let Some(newer) = self.status.newer_schema {
+            tracing::error!(
+                database = %self.status.database,
+                since = %self.status.disconnected_since.map(timefmt::rfc3339).unwrap_or_default(),
+                grants = self.local.len(),
+                "replica is STALE: {newer}; the map keeps the grants it has until each one's own expiry, new logins and revocations elsewhere are not seen"
+            );
+            return;
+        }
         tracing::warn!(
             database = %self.status.database,
             error = self.status.last_error.as_deref().unwrap_or("not connected yet"),
@@ -440,6 +453,8 @@ impl Replica {
             self.local.len(),
             if self.status.connected {
                 "current"
+            } else if self.status.newer_schema.is_some() {
+                "STALE (the database's schema is newer: upgrade dovegate)"
             } else {
                 "STALE (database unreachable)"
             }
@@ -531,7 +546,10 @@ pub async fn run(
                 }
                 Err(e) => Ended::Lost(format!("snapshot failed: {e}")),
             },
-            Err(e) => Ended::Lost(e.to_string()),
+            Err(e) => {
+                r.status.newer_schema = e.newer_schema();
+                Ended::Lost(e.to_string())
+            }
         };
         match ended {
             Ended::Shutdown => break,

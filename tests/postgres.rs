@@ -24,6 +24,15 @@ struct Replica {
 
 impl Replica {
     fn start(dir: &Path, cfg: &Path, url: &Path) -> Replica {
+        let r = Replica::spawn(dir, cfg, url);
+        wait_for("replica connected", FLEET_PATIENCE, || {
+            r.status()["connected"] == serde_json::Value::Bool(true)
+        });
+        r
+    }
+
+    /// Started, not waited for.
+    fn spawn(dir: &Path, cfg: &Path, url: &Path) -> Replica {
         std::fs::create_dir_all(dir).unwrap();
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -45,14 +54,10 @@ impl Replica {
             .stderr(stderr)
             .spawn()
             .expect("spawn dovegate replica");
-        let r = Replica {
+        Replica {
             child,
             dir: dir.to_path_buf(),
-        };
-        wait_for("replica connected", FLEET_PATIENCE, || {
-            r.status()["connected"] == serde_json::Value::Bool(true)
-        });
-        r
+        }
     }
 
     fn map(&self) -> PathBuf {
@@ -625,6 +630,49 @@ fn tls_verify_full_checks_the_name_and_verify_ca_the_chain() {
     connect("localhost", "verify-ca", &ca).expect("verify-ca, other name");
     let e = connect("localhost", "verify-ca", &other).unwrap_err();
     assert!(e.contains("cannot connect"), "{e}");
+}
+
+/// A database whose schema a newer dovegate migrated (issue 26): writer and replica say
+/// "schema N is newer ...; upgrade dovegate" in their logs, status files and `status`, not
+/// "unreachable"; the writer still commits (spill queue), the replica still serves.
+#[test]
+fn newer_schema_says_upgrade_not_unreachable() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    pg.psql("CREATE TABLE dovegate_schema (version integer NOT NULL); INSERT INTO dovegate_schema VALUES (99)");
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let wdir = tmp.path().join("w");
+    let (w, log) = writer(&wdir, &cfg, "10m");
+    let r = Replica::spawn(&tmp.path().join("r"), &cfg, &url);
+    let newer = serde_json::json!({"found": 99, "known": 3});
+    wait_for("writer says newer schema", FLEET_PATIENCE, || {
+        fleet_status(&wdir)["newer_schema"] == newer
+    });
+    wait_for("replica says newer schema", FLEET_PATIENCE, || {
+        r.status()["newer_schema"] == newer
+    });
+    let want = "the database's schema 99 is newer than this dovegate knows (3); upgrade dovegate";
+    wait_for("both logs say so", FLEET_PATIENCE, || {
+        w.log().contains(want) && r.log().contains(want)
+    });
+    assert!(!w.log().contains("database unreachable"), "{}", w.log());
+    assert!(!r.log().contains("database is unreachable"), "{}", r.log());
+    append(&log, &login_line("192.0.2.66", "hugo"));
+    wait_visible(
+        "writer commits",
+        &wdir.join("relay"),
+        &["192.0.2.66".into()],
+    );
+    let out = Command::new(bin())
+        .args(["status", "--config", &cfg.display().to_string()])
+        .args(["--map", &wdir.join("relay").display().to_string()])
+        .args(["--state-dir", &wdir.join("state").display().to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(want), "{text}");
+    assert!(!text.contains("UNREACHABLE"), "{text}");
 }
 
 /// A hung database (processes stopped, TCP still accepted): the writer keeps committing

@@ -100,6 +100,8 @@ struct DatabaseStatus {
     dropped_total: u64,
     /// This host's clock minus the database's, seconds.
     clock_skew_secs: Option<f64>,
+    /// The database's schema is newer than this dovegate (not an outage: upgrade).
+    newer_schema: Option<crate::store::postgres::NewerSchema>,
     updated: String,
     /// Not rewritten for 30 s: the daemon that writes it stopped or is stuck.
     stale_file: bool,
@@ -117,6 +119,7 @@ struct ReplicaOut {
     last_change: Option<String>,
     lag_secs: Option<f64>,
     grants: usize,
+    newer_schema: Option<crate::store::postgres::NewerSchema>,
     updated: String,
     stale_file: bool,
 }
@@ -329,6 +332,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             behind: w.behind,
             dropped_total: w.dropped_total,
             clock_skew_secs: w.clock_skew_secs,
+            newer_schema: w.newer_schema,
             updated: timefmt::rfc3339(w.updated),
             stale_file,
         }
@@ -348,6 +352,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             last_change: r.last_change.map(timefmt::rfc3339),
             lag_secs: r.lag_secs,
             grants: r.grants,
+            newer_schema: r.newer_schema,
             updated: timefmt::rfc3339(r.updated),
             stale_file,
         }
@@ -481,6 +486,11 @@ fn print_text(status: &Status, state_dir: &Path) {
                 "connected, last commit {}",
                 d.last_commit.as_deref().unwrap_or("-")
             )
+        } else if let Some(newer) = d.newer_schema {
+            format!(
+                "NOT USED since {}: {newer}",
+                d.disconnected_since.as_deref().unwrap_or("-")
+            )
         } else {
             format!(
                 "UNREACHABLE since {} ({})",
@@ -511,6 +521,11 @@ fn print_text(status: &Status, state_dir: &Path) {
                 "current, last snapshot {} ({} grants){lag}",
                 r.last_snapshot.as_deref().unwrap_or("-"),
                 r.last_snapshot_grants
+            )
+        } else if let Some(newer) = r.newer_schema {
+            format!(
+                "STALE since {}: {newer}",
+                r.disconnected_since.as_deref().unwrap_or("-")
             )
         } else {
             format!(

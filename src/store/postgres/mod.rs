@@ -12,7 +12,7 @@ pub mod error;
 pub mod spill;
 pub mod worker;
 
-pub use error::PgError;
+pub use error::{NewerSchema, PgError};
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -554,8 +554,16 @@ pub async fn migrate(client: &Client, schema: &str) -> Result<i32, PgError> {
             )
             .await
             .map_err(e)?;
-        if row.get::<_, i32>(0) == latest {
+        let current: i32 = row.get(0);
+        if current == latest {
             return Ok(latest);
+        }
+        // Said before anything that needs more than SELECT (replicas' roles).
+        if current > latest {
+            return Err(PgError::NewerSchema(NewerSchema {
+                found: current,
+                known: latest,
+            }));
         }
     }
     client.batch_execute("BEGIN").await.map_err(e)?;
@@ -588,10 +596,10 @@ pub async fn migrate(client: &Client, schema: &str) -> Result<i32, PgError> {
             .map_err(e)?;
         let current: i32 = row.get(0);
         if current > latest {
-            return Err(PgError::NewerSchema {
+            return Err(PgError::NewerSchema(NewerSchema {
                 found: current,
                 known: latest,
-            });
+            }));
         }
         for (i, step) in MIGRATIONS.iter().enumerate().skip(current as usize) {
             client.batch_execute(step).await.map_err(e)?;

@@ -96,6 +96,9 @@ pub struct WriterStatus {
     /// Revocations recorded in the database applied to the local map.
     #[serde(default)]
     pub revocations_seen: u64,
+    /// Set while the database refuses this dovegate for its newer schema (not an outage).
+    #[serde(default)]
+    pub newer_schema: Option<super::NewerSchema>,
     /// Unix seconds when this file was written.
     pub updated: i64,
 }
@@ -265,7 +268,10 @@ impl Worker {
                     self.connecting = None;
                     match res {
                         Ok(Ok((client, notices))) => self.connected(client, notices).await,
-                        Ok(Err(e)) => self.down(e.to_string()),
+                        Ok(Err(e)) => {
+                            self.status.newer_schema = e.newer_schema();
+                            self.down(e.to_string());
+                        }
                         Err(e) => self.down(format!("connect task failed: {e}")),
                     }
                 }
@@ -336,6 +342,7 @@ impl Worker {
         self.status.connected = true;
         self.status.disconnected_since = None;
         self.status.last_error = None;
+        self.status.newer_schema = None;
         self.check_clock().await;
         // Notifications were missed while away: the recent revocations, all of them.
         self.revocations_since = None;
@@ -458,6 +465,15 @@ impl Worker {
                 dropped = self.status.dropped_total,
                 queue = %self.spill.path().display(),
                 "database copy behind: the database is unreachable and the spill queue is full; new logins are committed to the local map, but the oldest grants waiting for the database were dropped (the other hosts will not see them); fix the database or raise [store] spill_max_grants"
+            );
+            return;
+        }
+        if let Some(newer) = self.status.newer_schema {
+            tracing::error!(
+                database = %self.status.database,
+                waiting = self.spill.len(),
+                queue = %self.spill.path().display(),
+                "{newer}: this writer does not use the database until then; commits are kept in the spill queue and written after the upgrade"
             );
             return;
         }
