@@ -462,3 +462,23 @@ fn test_grants_lists_canonical_addresses_in_order() {
         "{out}"
     );
 }
+
+/// A wrong `--map` is blamed on the option, for every command that takes it, not on the
+/// configuration whose map.path it replaces (issue 26: "embedded default config:69:1").
+#[test]
+fn a_wrong_map_option_is_blamed_on_the_option() {
+    for cmd in ["list", "status", "run", "replica", "init", "check-config"] {
+        for (bad, why) in [
+            ("relative/relay", "must be an absolute path"),
+            ("/var/lib/dovegate/relay.lmdb", "without `.lmdb`"),
+        ] {
+            let (code, _, err) = run(&[cmd, "--map", bad]);
+            assert_eq!(code, Some(2), "{cmd} --map {bad}: {err}");
+            assert!(
+                err.contains(&format!("'{bad}' for '--map <PATH>'")) && err.contains(why),
+                "{cmd} --map {bad}: {err}"
+            );
+            assert!(!err.contains("config:"), "{cmd} --map {bad}: {err}");
+        }
+    }
+}

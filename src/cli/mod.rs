@@ -38,8 +38,15 @@ pub struct ConfigArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The map as Postfix names it, without `.lmdb` (overrides map.path).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = map_path_arg)]
     pub map: Option<PathBuf>,
+}
+
+/// `--map` checked as map.path is, when parsed: a mistake is blamed on the option, not on
+/// the configuration whose map.path it replaces.
+fn map_path_arg(text: &str) -> Result<PathBuf, String> {
+    crate::config::check_map_path(text)?;
+    Ok(PathBuf::from(text))
 }
 
 #[derive(Debug, Subcommand)]
