@@ -482,3 +482,42 @@ fn a_wrong_map_option_is_blamed_on_the_option() {
         }
     }
 }
+
+/// `dovegate test` counts over-long lines (longer than source.max_line_bytes, or even
+/// than the read buffer) as lines and prints how many were too long; line numbers after
+/// them stay right (issue 26).
+#[test]
+fn test_command_counts_over_long_lines() {
+    let d = tempdir();
+    let log = d.path().join("long.log");
+    let login = "2026-11-21T09:56:55+00:00 vm dovecot: imap-login: Login: user=<a>, rip=203.0.113.5, lip=192.0.2.1\n";
+    let mut text = String::new();
+    text.push_str(login);
+    text.push_str(&"x".repeat(20_000)); // beyond max_line_bytes (16384), within the buffer
+    text.push('\n');
+    text.push_str(login);
+    text.push_str(&"imap-login: ".repeat(250_000)); // 3 MB: beyond the read buffer
+    text.push('\n');
+    text.push_str(&login.replace("203.0.113.5", "203.0.113.6"));
+    std::fs::write(&log, text).unwrap();
+    let path = log.display().to_string();
+    let (code, out, err) = run(&["test", &path]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("Lines: 5 lines, 3 matched, 2 missed"), "{out}");
+    assert!(
+        out.contains("Too long (skipped, source.max_line_bytes): 2"),
+        "{out}"
+    );
+    let lines = test_json(&[&path], None);
+    let long: Vec<u64> = lines
+        .iter()
+        .filter(|o| o["too_long"] == true)
+        .map(|o| o["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(long, [2, 4]);
+    let last = lines.last().unwrap();
+    assert_eq!(
+        (last["line"].as_u64(), last["ip"].as_str()),
+        (Some(5), Some("203.0.113.6"))
+    );
+}
