@@ -521,3 +521,46 @@ fn test_command_counts_over_long_lines() {
         (Some(5), Some("203.0.113.6"))
     );
 }
+
+/// `dovegate init` on an existing map succeeds for a user who may read it but not write
+/// it (run as nobody), and changes nothing; a missing map it cannot create is an error
+/// (issue 26: "creates ... if missing").
+#[test]
+fn init_on_an_existing_map_needs_only_read_access() {
+    use std::os::unix::process::CommandExt;
+    let d = tempdir();
+    set_mode(d.path(), 0o755);
+    let map = d.path().join("relay");
+    let state = d.path().join("state");
+    let m = map.display().to_string();
+    let cfg = d.path().join("dovegate.toml");
+    std::fs::write(&cfg, format!("[state]\ndir = \"{}\"\n", state.display())).unwrap();
+    set_mode(&cfg, 0o644);
+    let c = cfg.display().to_string();
+    let (code, out, err) = run(&["init", "--config", &c, "--map", &m]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), format!("{m}.lmdb"));
+    let file = d.path().join("relay.lmdb");
+    set_mode(&file, 0o644);
+    let before = std::fs::read(&file).unwrap();
+    let as_nobody = |map: &str| {
+        std::process::Command::new(bin())
+            .uid(65534)
+            .gid(65534)
+            .args(["init", "--config", &c, "--map", map])
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody(&m);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{m}.lmdb")
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), before, "unchanged");
+    // A missing map in a directory nobody may write: init cannot create it, and says so.
+    let out = as_nobody(&d.path().join("other").display().to_string());
+    assert!(!out.status.success());
+    assert!(!d.path().join("other.lmdb").exists());
+}

@@ -286,7 +286,8 @@ fn die_quietly_on_closed_stdout() {
 }
 
 /// `dovegate init`: the map exists (empty) before Postfix ever looks, and the state
-/// directory exists; nothing that exists is changed.
+/// directory exists; nothing that exists is changed. An existing map is only opened for
+/// reading (checked valid), so that a user who may read it but not write it succeeds.
 fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     std::fs::create_dir_all(&settings.state_dir).map_err(|e| {
@@ -295,10 +296,16 @@ fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
             settings.state_dir.display()
         ))
     })?;
+    let exists = crate::store::lmdb::file_path(&settings.map_path).exists();
+    let mode = if exists {
+        crate::store::OpenMode::ReadOnly
+    } else {
+        crate::store::OpenMode::Create
+    };
     let map = crate::store::LmdbMap::open_keyed(
         &settings.map_path,
         &settings.action,
-        crate::store::OpenMode::Create,
+        mode,
         settings.ipv6_prefix,
     )
     .map_err(|e| Failure::runtime(e.0))?;
