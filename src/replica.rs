@@ -27,7 +27,9 @@ use tokio_postgres::Client;
 
 use crate::grant::Policy;
 use crate::store::postgres::worker::write_json;
-use crate::store::postgres::{self, parse_address, Notice, PgError, Tables, Target, CHANNEL};
+use crate::store::postgres::{
+    self, parse_address, Notice, PgError, Reread, Tables, Target, CHANNEL,
+};
 use crate::store::{Cause, GrantStore, LmdbMap, StoreError};
 use crate::timefmt;
 
@@ -318,25 +320,27 @@ impl Replica {
     }
 
     /// Applies the rows read back for `asked` (an address without a row is revoked here).
-    fn apply(
-        &mut self,
-        asked: &[IpAddr],
-        rows: Vec<(String, i64, f64)>,
-    ) -> Result<(), ReplicaError> {
+    fn apply(&mut self, asked: &[IpAddr], rows: Vec<Reread>) -> Result<(), ReplicaError> {
         let now = timefmt::now();
         let now_f = timefmt::now_f64();
         let mut last: HashMap<IpAddr, Option<i64>> = asked.iter().map(|&ip| (ip, None)).collect();
         let order = asked.to_vec();
         let mut updated_at: HashMap<IpAddr, f64> = HashMap::new();
-        for (addr, e, updated) in rows {
-            let Some(ip) = parse_address(&addr) else {
+        // Grants written by hand (`dovegate grant`), with the host that wrote them.
+        let mut by_hand: HashMap<IpAddr, String> = HashMap::new();
+        for row in rows {
+            let Some(ip) = parse_address(&row.address) else {
                 continue;
             };
             if let Some(v) = last.get_mut(&ip) {
-                *v = Some(e);
-                updated_at.insert(ip, updated);
+                *v = Some(row.expires);
+                updated_at.insert(ip, row.updated);
+                if row.source == postgres::ADMIN_SOURCE {
+                    by_hand.insert(ip, row.host);
+                }
             }
         }
+        let mut audit = Audit::default();
         // Lag only from rows that changed something here: a notification naming an
         // unchanged row (anyone may send one) says nothing about propagation.
         let mut lag: Option<f64> = None;
@@ -352,6 +356,7 @@ impl Replica {
                 (None, Some(_)) => {
                     self.map.revoke(ip)?;
                     self.note(ip, None);
+                    audit.removed(ip, last[&ip].is_none());
                 }
                 (None, None) => {}
                 (Some(e), Some(l)) if l == e => {}
@@ -359,10 +364,12 @@ impl Replica {
                     self.map.set(ip, e)?;
                     self.note(ip, Some(e));
                     changed(&ip);
+                    audit.by_hand(ip, e, by_hand.get(&ip));
                 }
                 (Some(e), _) => {
                     grow.push((ip, e));
                     changed(&ip);
+                    audit.by_hand(ip, e, by_hand.get(&ip));
                 }
             }
         }
@@ -371,6 +378,7 @@ impl Replica {
                 self.note(ip, Some(e));
             }
         }
+        audit.done();
         self.status.changes_applied += last.len() as u64;
         self.status.last_change = Some(now);
         if lag.is_some() {
@@ -460,6 +468,58 @@ impl Replica {
             }
         ));
         crate::notify::watchdog();
+    }
+}
+
+/// The audit trail of one read of changes: grants written by hand (`dovegate grant`) with
+/// the host that wrote them, and grants removed; at most `Audit::LINES` lines, then a
+/// count. Grants from logins are logged on the writer's host (its `grant` lines).
+#[derive(Default)]
+struct Audit {
+    lines: usize,
+    more: usize,
+}
+
+impl Audit {
+    const LINES: usize = 100;
+
+    fn room(&mut self) -> bool {
+        if self.lines < Audit::LINES {
+            self.lines += 1;
+            true
+        } else {
+            self.more += 1;
+            false
+        }
+    }
+
+    fn by_hand(&mut self, ip: IpAddr, until: i64, host: Option<&String>) {
+        if let Some(host) = host {
+            if self.room() {
+                tracing::info!(address = %ip, until = %timefmt::rfc3339(until), host = %host.escape_debug(), "grant written by hand on host {} (dovegate grant)", host.escape_debug());
+            }
+        }
+    }
+
+    /// `gone`: the row is gone (revoked, deleted); else it no longer grants here.
+    fn removed(&mut self, ip: IpAddr, gone: bool) {
+        if self.room() {
+            let why = if gone {
+                "revoked in the database (dovegate revoke on some host, or a DELETE)"
+            } else {
+                "it no longer grants here (its expiry passed, or grant.exclude here excludes it)"
+            };
+            tracing::info!(address = %ip, "grant removed: {why}");
+        }
+    }
+
+    fn done(&self) {
+        if self.more > 0 {
+            tracing::info!(
+                more = self.more,
+                "more grants written by hand or removed in this read"
+            );
+        }
     }
 }
 

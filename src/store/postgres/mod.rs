@@ -895,19 +895,36 @@ pub async fn snapshot(
     ))
 }
 
-/// The rows of `addresses` as `snapshot` reads them, with `updated_at` (unix seconds, for
-/// lag): (address, expiry, updated). An address not returned grants nothing (deleted,
-/// expired, or never there).
+/// A row as `reread` returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reread {
+    pub address: String,
+    /// The effective expiry (see `effective_sql`).
+    pub expires: i64,
+    /// `updated_at`, unix seconds (for lag).
+    pub updated: f64,
+    /// Who wrote it (`granted_by`: the writer's host name; `source`: `dovecot` for a
+    /// login, `dovegate-admin` for `dovegate grant`), for the audit trail.
+    pub host: String,
+    pub source: String,
+}
+
+/// The source `dovegate grant` writes (`Origin::source`).
+pub const ADMIN_SOURCE: &str = "dovegate-admin";
+
+/// The rows of `addresses` as `snapshot` reads them, with `updated_at` and who wrote them.
+/// An address not returned grants nothing (deleted, expired, or never there).
 pub async fn reread(
     client: &Client,
     table: &str,
     addresses: &[String],
     ttl: i64,
-) -> Result<Vec<(String, i64, f64)>, tokio_postgres::Error> {
+) -> Result<Vec<Reread>, tokio_postgres::Error> {
     let rows = client
         .query(
             &format!(
-                "SELECT address, floor(extract(epoch FROM {}))::int8, extract(epoch FROM updated_at)::float8
+                "SELECT address, floor(extract(epoch FROM {}))::int8, extract(epoch FROM updated_at)::float8,
+                        left(granted_by, 255), left(source, 64)
                  FROM {table} WHERE address = ANY($2::text[]) AND {}",
                 effective_sql("$1"),
                 grantable_sql("$1")
@@ -917,7 +934,13 @@ pub async fn reread(
         .await?;
     Ok(rows
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| Reread {
+            address: r.get(0),
+            expires: r.get(1),
+            updated: r.get(2),
+            host: r.get(3),
+            source: r.get(4),
+        })
         .collect())
 }
 
