@@ -45,6 +45,8 @@ const MAX_SKEW_SECS: f64 = 5.0;
 const REREAD_CHUNK: usize = 5000;
 /// More changed addresses than this since the last read: a full resync instead.
 const MAX_CHANGES: i64 = 50_000;
+/// How often the status file is rewritten (and the watchdog fed), connected or not.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How often the map file is checked (replaced, deleted, truncated under us).
 const MAP_CHECK_EVERY: Duration = Duration::from_secs(2);
 
@@ -584,10 +586,21 @@ pub async fn run(
             .map_err(|e| PgError::db("LISTEN", e))?;
             Ok::<Client, PgError>(client)
         };
-        let connected = tokio::select! {
-            () = &mut shutdown => break,
-            c = attempt => c,
+        tokio::pin!(attempt);
+        // A connect to a hung database takes its timeouts: meanwhile grants still expire
+        // on time and the status file (and the watchdog) still says this replica serves.
+        let mut beat = tokio::time::interval(STATUS_EVERY);
+        let connected = loop {
+            let expiry =
+                tokio::time::sleep(r.next_deadline().map_or(Duration::from_secs(3600), until));
+            tokio::select! {
+                () = &mut shutdown => break None,
+                c = &mut attempt => break Some(c),
+                () = expiry => { expire(&mut r); }
+                _ = beat.tick() => r.write_status(),
+            }
         };
+        let Some(connected) = connected else { break };
         let ended = match connected {
             Ok(client) => match r.resync(&client, &tables).await {
                 Ok(()) => {
@@ -618,9 +631,11 @@ pub async fn run(
                 r.write_status();
             }
         }
-        // Keep expiring and warning while waiting to reconnect.
+        // Keep expiring, warning and saying that the map is served while waiting to
+        // reconnect (a status file left unwritten reads as a replica stopped or stuck).
         let retry = Instant::now() + backoff;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+        let mut beat = tokio::time::interval(STATUS_EVERY);
         loop {
             let expiry =
                 tokio::time::sleep(r.next_deadline().map_or(Duration::from_secs(3600), until));
@@ -628,6 +643,10 @@ pub async fn run(
                 () = &mut shutdown => { r.write_status(); return Ok(()); }
                 () = tokio::time::sleep_until(retry) => break,
                 () = expiry => { expire(&mut r); }
+                _ = beat.tick() => {
+                    r.warn_stale();
+                    r.write_status();
+                }
             }
         }
     }
@@ -659,7 +678,7 @@ async fn follow(
 ) -> Ended {
     let mut resync = tokio::time::interval(RESYNC_EVERY);
     resync.tick().await;
-    let mut beat = tokio::time::interval(Duration::from_secs(2));
+    let mut beat = tokio::time::interval(STATUS_EVERY);
     let mut map_check = tokio::time::interval(MAP_CHECK_EVERY);
     let mut last_read = Instant::now() - commit_interval;
     let mut beats = 0u64;

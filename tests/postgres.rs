@@ -33,6 +33,11 @@ impl Replica {
 
     /// Started, not waited for.
     fn spawn(dir: &Path, cfg: &Path, url: &Path) -> Replica {
+        Replica::spawn_with(dir, cfg, url, &[])
+    }
+
+    /// Started with `extra` arguments, not waited for.
+    fn spawn_with(dir: &Path, cfg: &Path, url: &Path, extra: &[&str]) -> Replica {
         std::fs::create_dir_all(dir).unwrap();
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -45,6 +50,7 @@ impl Replica {
             .args(["--url-file", &url.display().to_string()])
             .args(["--map", &dir.join("relay").display().to_string()])
             .args(["--state-dir", &dir.join("state").display().to_string()])
+            .args(extra)
             .env(
                 "DOVEGATE_LOG",
                 std::env::var("DG_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -724,6 +730,141 @@ fn replica_logs_who_granted_by_hand() {
             l.contains("grant removed: revoked in the database") && l.contains("192.0.2.88")
         })
     });
+}
+
+/// `dovegate status` for the map a replica keeps (an MTA host): the replica, its database
+/// and lag, not a Dovecot host's sources; during a partition longer than the 30 s after
+/// which a status file counts as stale it still says the replica runs and serves (issue
+/// 26); the replica's own metrics (`--metrics`).
+#[test]
+fn replica_host_status_and_metrics_through_a_partition() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let (_w, log) = writer(&tmp.path().join("w"), &cfg, "10m");
+    let rdir = tmp.path().join("r");
+    let port = pg::free_port();
+    let metrics = format!("inet:127.0.0.1:{port}");
+    let r = Replica::spawn_with(&rdir, &cfg, &url, &["--metrics", &metrics]);
+    wait_for("replica connected", FLEET_PATIENCE, || {
+        r.status()["connected"] == serde_json::Value::Bool(true)
+    });
+    append(&log, &login_line("192.0.2.120", "ivy"));
+    wait_visible("grant on the replica", &r.map(), &["192.0.2.120".into()]);
+    let status = |json: bool| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["status", "--config", &cfg.display().to_string()])
+            .args(["--map", &r.map().display().to_string()])
+            .args(["--state-dir", &rdir.join("state").display().to_string()]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The replica owns its map: a daemon on it is refused.
+    let other = tmp.path().join("other-state");
+    let out = common::dovegate(&[
+        "run",
+        "--map",
+        &r.map().display().to_string(),
+        "--state-dir",
+        &other.display().to_string(),
+        "--log",
+        &log.display().to_string(),
+    ]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("already runs on this map"),
+        "{e}"
+    );
+    let (text, err) = status(false);
+    assert!(text.contains("grant(s)"), "{text}");
+    assert!(text.contains("replica: running (pid "), "{text}");
+    assert!(
+        text.contains("database: reachable, the map is current"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("daemon:") && !text.contains("file "),
+        "{text}"
+    );
+    assert!(err.is_empty(), "{err}");
+    // The grant count reaches the status file at the replica's next beat.
+    wait_for("the replica's metrics", PATIENCE, || {
+        let m = scrape(port);
+        m.contains("dovegate_replica_connected 1") && m.contains("dovegate_replica_grants 1")
+    });
+    // The partition: a database that answers nothing (connects hang until their timeout),
+    // for longer than a status file may be silent. The replica says it serves all along.
+    pg.signal_all(libc::SIGSTOP);
+    wait_for("replica disconnected", FLEET_PATIENCE, || {
+        r.status()["connected"] == serde_json::Value::Bool(false)
+    });
+    let mut oldest = 0;
+    wait_for("partition longer than 32 s", FLEET_PATIENCE * 2, || {
+        let st = r.status();
+        oldest = oldest.max(now() - st["updated"].as_i64().unwrap_or(0));
+        let since = st["disconnected_since"].as_i64().unwrap_or(i64::MAX);
+        let ok = now() - since > 32;
+        if !ok {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        ok
+    });
+    assert!(oldest <= 6, "the status file went {oldest} s unwritten");
+    let (text, err) = status(false);
+    assert!(text.contains("replica: running (pid "), "{text}");
+    assert!(text.contains("database: UNREACHABLE since "), "{text}");
+    assert!(
+        text.contains("the map is STALE: it serves its grants"),
+        "{text}"
+    );
+    assert!(!err.contains("not running or is stuck"), "{err}");
+    assert!(!err.contains("stuck"), "{err}");
+    let (json, _) = status(true);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["role"], "replica");
+    assert_eq!(v["replica"]["running"], true);
+    assert_eq!(v["replica"]["database_state"], "unreachable");
+    assert!(
+        v["replica"]["status_age_secs"].as_i64().unwrap() < 10,
+        "{v}"
+    );
+    assert!(postmap_q(&r.map(), "192.0.2.120").is_some(), "still served");
+    let m = scrape(port);
+    assert!(m.contains("dovegate_replica_connected 0"), "{m}");
+    pg.signal_all(libc::SIGCONT);
+    wait_for("replica current again", FLEET_PATIENCE, || {
+        r.status()["connected"] == serde_json::Value::Bool(true)
+    });
+    let (text, _) = status(false);
+    assert!(
+        text.contains("database: reachable, the map is current"),
+        "{text}"
+    );
+}
+
+/// `GET /metrics` on 127.0.0.1:`port`: the whole response.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
 
 /// A hung database (processes stopped, TCP still accepted): the writer keeps committing

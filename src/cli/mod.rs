@@ -4,6 +4,7 @@ mod admin;
 mod build;
 mod check;
 mod docs;
+mod fleet_status;
 pub mod postlogin;
 mod receipts;
 mod replica;

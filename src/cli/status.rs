@@ -240,6 +240,9 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             f.state.dir = d.display().to_string();
         }
     })?;
+    if let Some(shown) = super::fleet_status::replica_host(&settings, args.json) {
+        return shown;
+    }
     let mut map = LmdbMap::open_keyed(
         &settings.map_path,
         &settings.action,

@@ -1,0 +1,208 @@
+//! `dovegate status` where it is about the fleet: on a host whose map a replica keeps (an
+//! MTA host), the replica's own status (its map, the database, lag, last sync) instead of
+//! a Dovecot host's sources and sessions; and `status --fleet`.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::Failure;
+use crate::config::Settings;
+use crate::replica::ReplicaStatus;
+use crate::store::postgres::NewerSchema;
+use crate::store::{instance, GrantStore, LmdbMap, OpenMode};
+use crate::timefmt;
+
+/// The replica rewrites its status file every 2 s while it runs, connected or not; a file
+/// older than this from a replica that holds its map means it is stuck (a database read
+/// that has not timed out yet, up to a minute).
+const REPLICA_STALE_SECS: i64 = 30;
+
+/// The replica as `status` shows it on its host.
+#[derive(Serialize)]
+struct ReplicaHost {
+    /// Always `replica`: what this host's dovegate does.
+    role: &'static str,
+    map: MapOut,
+    replica: ReplicaOut,
+    warnings: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct MapOut {
+    file: String,
+    grants: usize,
+    next_expiry: Option<String>,
+    last_commit: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ReplicaOut {
+    /// A `dovegate replica` holds the map (its single-instance lock); null: cannot tell.
+    running: Option<bool>,
+    pid: Option<u32>,
+    database: String,
+    /// `current`, `unreachable`, `newer-schema`, or `unknown` (not running).
+    database_state: &'static str,
+    connected: bool,
+    disconnected_since: Option<String>,
+    last_error: Option<String>,
+    newer_schema: Option<NewerSchema>,
+    last_snapshot: Option<String>,
+    last_snapshot_grants: usize,
+    last_change: Option<String>,
+    lag_secs: Option<f64>,
+    updated: String,
+    /// Seconds since the replica last wrote its status.
+    status_age_secs: i64,
+}
+
+fn mtime(path: &Path) -> Option<String> {
+    let t = std::fs::metadata(path).ok()?.modified().ok()?;
+    let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    Some(timefmt::rfc3339(i64::try_from(secs).ok()?))
+}
+
+/// The replica's status when this configuration's map is the one a replica keeps (its
+/// `replica.json` names it), else None: `status` then describes a Dovecot host.
+pub fn replica_host(settings: &Settings, json: bool) -> Option<Result<(), Failure>> {
+    let r = ReplicaStatus::load(&settings.state_dir)?;
+    let file = crate::store::lmdb::file_path(&settings.map_path);
+    let ours = [file.as_path(), settings.map_path.as_path()]
+        .iter()
+        .any(|p| Path::new(&r.map) == *p);
+    if !ours {
+        return None;
+    }
+    Some(show_replica(settings, r, json))
+}
+
+fn show_replica(settings: &Settings, r: ReplicaStatus, json: bool) -> Result<(), Failure> {
+    let mut warnings = Vec::new();
+    let now = timefmt::now();
+    let mut map = LmdbMap::open_keyed(
+        &settings.map_path,
+        &settings.action,
+        OpenMode::ReadOnly,
+        settings.ipv6_prefix,
+    )
+    .map_err(super::admin::store_failure)?;
+    let grants = map.list().map_err(super::admin::store_failure)?;
+    let file = map.path().to_path_buf();
+    let (running, pid) = match instance::map_holder(&settings.map_path) {
+        Ok(Some(pid)) => (Some(true), pid),
+        Ok(None) => (Some(false), None),
+        Err(e) => {
+            warnings.push(format!(
+                "{}: cannot tell whether the replica holds the map: {e}",
+                instance::map_lock_path(&settings.map_path).display()
+            ));
+            (None, None)
+        }
+    };
+    let age = now - r.updated;
+    match running {
+        Some(false) => warnings.push(format!(
+            "no dovegate replica holds {}: nothing updates it, and its grants do not expire (Postfix reads no expiry); start the replica",
+            file.display()
+        )),
+        Some(true) if age > REPLICA_STALE_SECS => warnings.push(format!(
+            "the replica runs but has not written its status for {age} s: stuck (a database read waiting for its timeout?)"
+        )),
+        _ => {}
+    }
+    let database_state = match (running, r.connected, r.newer_schema) {
+        (Some(false), _, _) => "unknown",
+        (_, true, _) => "current",
+        (_, false, Some(_)) => "newer-schema",
+        (_, false, None) => "unreachable",
+    };
+    let out = ReplicaHost {
+        role: "replica",
+        map: MapOut {
+            file: file.display().to_string(),
+            grants: grants.len(),
+            next_expiry: grants
+                .iter()
+                .filter_map(|g| g.expires)
+                .filter(|&e| e > now)
+                .min()
+                .map(timefmt::rfc3339),
+            last_commit: mtime(&file),
+        },
+        replica: ReplicaOut {
+            running,
+            pid,
+            database: r.database,
+            database_state,
+            connected: r.connected,
+            disconnected_since: r.disconnected_since.map(timefmt::rfc3339),
+            last_error: r.last_error,
+            newer_schema: r.newer_schema,
+            last_snapshot: r.last_snapshot.map(timefmt::rfc3339),
+            last_snapshot_grants: r.last_snapshot_grants,
+            last_change: r.last_change.map(timefmt::rfc3339),
+            lag_secs: r.lag_secs,
+            updated: timefmt::rfc3339(r.updated),
+            status_age_secs: age,
+        },
+        warnings,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return Ok(());
+    }
+    print_replica(&out);
+    for w in &out.warnings {
+        eprintln!("dovegate: warning: {w}");
+    }
+    Ok(())
+}
+
+fn print_replica(h: &ReplicaHost) {
+    let m = &h.map;
+    println!(
+        "map {}: {} grant(s), next expiry {}, last commit {}",
+        m.file,
+        m.grants,
+        m.next_expiry.as_deref().unwrap_or("-"),
+        m.last_commit.as_deref().unwrap_or("-")
+    );
+    let r = &h.replica;
+    match (r.running, r.pid) {
+        (Some(true), Some(pid)) => println!(
+            "replica: running (pid {pid}), copies the grants of {} into this map",
+            r.database
+        ),
+        (Some(true), None) => println!(
+            "replica: the map's lock is held, but not by a running dovegate that named itself"
+        ),
+        (Some(false), _) => println!("replica: NOT RUNNING (none holds the map)"),
+        (None, _) => println!("replica: unknown"),
+    }
+    let sync = format!(
+        "last snapshot {} ({} grants), last change {}{}",
+        r.last_snapshot.as_deref().unwrap_or("-"),
+        r.last_snapshot_grants,
+        r.last_change.as_deref().unwrap_or("-"),
+        r.lag_secs
+            .map_or(String::new(), |l| format!(", lag {l:.3} s"))
+    );
+    let since = r.disconnected_since.as_deref().unwrap_or("-");
+    match r.database_state {
+        "current" => println!("database: reachable, the map is current; {sync}"),
+        "newer-schema" => println!(
+            "database: NOT USED since {since}: {}; the map serves its grants until each one's expiry; {sync}",
+            r.newer_schema.map(|n| n.to_string()).unwrap_or_default()
+        ),
+        "unreachable" => println!(
+            "database: UNREACHABLE since {since} ({}); the map is STALE: it serves its grants until each one's expiry, new logins elsewhere are not seen; {sync}",
+            r.last_error.as_deref().unwrap_or("not connected yet")
+        ),
+        _ => println!(
+            "database: unknown (the replica's last status, {}: {}); {sync}",
+            r.updated,
+            if r.connected { "connected" } else { "not connected" }
+        ),
+    }
+}
