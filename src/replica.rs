@@ -136,6 +136,9 @@ struct Replica {
     warned_at: Option<Instant>,
     /// Where the next read of changes starts (a `postgres::horizon`).
     since: Option<postgres::Horizon>,
+    /// This host's name and the database schema, for `report`.
+    host: String,
+    schema: String,
 }
 
 impl Replica {
@@ -155,6 +158,8 @@ impl Replica {
             status_file: spec.state_dir.join(ReplicaStatus::FILE),
             warned_at: None,
             since: None,
+            host: postgres::Origin::this_host("").host,
+            schema: spec.target.schema().to_string(),
         };
         r.reload_local()?;
         Ok(r)
@@ -454,6 +459,31 @@ impl Replica {
         );
     }
 
+    /// Reports this replica to the database (`dovegate status --fleet`); status only, so a
+    /// failure is logged at debug level and changes nothing.
+    async fn report(&mut self, client: &Client) {
+        let r = postgres::Report {
+            role: "replica",
+            instance: self.status.map.clone(),
+            spill_queue: None,
+            spill_dropped: None,
+            lag_secs: self.status.lag_secs,
+            grants: Some(i64::try_from(self.local.len()).unwrap_or(i64::MAX)),
+        };
+        let sent = tokio::time::timeout(
+            postgres::CONNECT_TIMEOUT,
+            postgres::report(client, &self.schema, &self.host, &r),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %postgres::error_text(&e), "cannot report this replica to the database")
+            }
+            Err(_) => tracing::debug!("reporting this replica to the database timed out"),
+        }
+    }
+
     fn write_status(&mut self) {
         self.status.grants = self.local.len();
         self.status.updated = timefmt::now();
@@ -606,6 +636,7 @@ pub async fn run(
                 Ok(()) => {
                     r.connected();
                     backoff = Duration::from_secs(1);
+                    r.report(&client).await;
                     r.write_status();
                     follow(
                         &mut r,
@@ -726,13 +757,14 @@ async fn follow(
                 }
                 beats += 1;
                 // A database that hangs without closing the connection sends nothing
-                // either: ask it now and then.
+                // either: ask it now and then, and report this replica meanwhile.
                 if beats % 5 == 0 {
                     match tokio::time::timeout(postgres::CONNECT_TIMEOUT, client.simple_query("SELECT 1")).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return Ended::Lost(postgres::error_text(&e)),
                         Err(_) => return Ended::Lost("the database does not answer".into()),
                     }
+                    r.report(client).await;
                 }
                 r.write_status();
             }

@@ -236,7 +236,7 @@ fn two_writers_two_replicas_snapshot_kill_and_revoke() {
     assert!(!pg
         .psql("SELECT granted_by FROM dovegate_grants WHERE address = '192.0.2.2'")
         .is_empty());
-    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "3");
+    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "4");
     let fleet: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(tmp.path().join("w1/state/fleet.json")).unwrap(),
     )
@@ -283,6 +283,10 @@ fn postfix_pgsql_direct_query() {
         &["192.0.2.7".into(), "2001:db8::7".into()],
     );
     assert_eq!(postmap_q(&ro.map(), "192.0.2.8"), None);
+    // A replica that may only SELECT still reports itself (schema 4's SECURITY DEFINER).
+    wait_for("both replicas reported", FLEET_PATIENCE, || {
+        pg.psql("SELECT count(*) FROM dovegate_hosts WHERE role = 'replica'") == "2"
+    });
     let cf = tmp.path().join("pgsql-relay.cf");
     std::fs::write(
         &cf,
@@ -651,14 +655,14 @@ fn newer_schema_says_upgrade_not_unreachable() {
     let wdir = tmp.path().join("w");
     let (w, log) = writer(&wdir, &cfg, "10m");
     let r = Replica::spawn(&tmp.path().join("r"), &cfg, &url);
-    let newer = serde_json::json!({"found": 99, "known": 3});
+    let newer = serde_json::json!({"found": 99, "known": 4});
     wait_for("writer says newer schema", FLEET_PATIENCE, || {
         fleet_status(&wdir)["newer_schema"] == newer
     });
     wait_for("replica says newer schema", FLEET_PATIENCE, || {
         r.status()["newer_schema"] == newer
     });
-    let want = "the database's schema 99 is newer than this dovegate knows (3); upgrade dovegate";
+    let want = "the database's schema 99 is newer than this dovegate knows (4); upgrade dovegate";
     wait_for("both logs say so", FLEET_PATIENCE, || {
         w.log().contains(want) && r.log().contains(want)
     });
@@ -867,6 +871,94 @@ fn scrape(port: u16) -> String {
     out
 }
 
+/// `dovegate status --fleet` (any host with the URL file): every writer and replica as the
+/// database sees them, with spill queue, lag and clock skew measured by the database
+/// (schema 4, issue 26); a writer whose clock is 10 minutes slow is flagged.
+#[test]
+fn status_fleet_lists_writers_and_replicas() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let wdir = tmp.path().join("w");
+    std::fs::create_dir_all(&wdir).unwrap();
+    let log = wdir.join("mail.log");
+    std::fs::write(&log, "").unwrap();
+    let stderr = wdir.join("writer.stderr");
+    let child = Command::new(bin())
+        .arg("run")
+        .args(["--map", &wdir.join("relay").display().to_string()])
+        .args(["--state-dir", &wdir.join("state").display().to_string()])
+        .args(["--log", &log.display().to_string()])
+        .args(["--config", &cfg.display().to_string(), "--ttl", "10m"])
+        .env("DOVEGATE_TEST_CLOCK_OFFSET_SECS", "-600")
+        .env("DOVEGATE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let _w = common::Daemon { child, stderr };
+    wait_writer_connected(&wdir);
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    let fleet = |json: bool| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["status", "--fleet", "--config", &cfg.display().to_string()]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut v = serde_json::Value::Null;
+    wait_for("both reported", FLEET_PATIENCE, || {
+        v = serde_json::from_str(&fleet(true)).unwrap();
+        v["hosts"].as_array().map_or(0, Vec::len) == 2
+    });
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let (w, rep) = (&v["hosts"][0], &v["hosts"][1]);
+    assert_eq!(
+        (w["role"].as_str(), rep["role"].as_str()),
+        (Some("writer"), Some("replica")),
+        "{v}"
+    );
+    for h in [w, rep] {
+        assert_eq!(h["host"], host.trim(), "{v}");
+        assert_eq!(h["silent"], false, "{v}");
+    }
+    assert_eq!(
+        w["instance"],
+        wdir.join("relay.lmdb").display().to_string(),
+        "{v}"
+    );
+    assert_eq!(
+        rep["instance"],
+        r.map().with_extension("lmdb").display().to_string(),
+        "{v}"
+    );
+    assert_eq!(w["spill_queue"], 0, "{v}");
+    let skew = w["clock_skew_secs"].as_f64().unwrap();
+    assert!((skew + 600.0).abs() < 5.0, "{v}");
+    assert!(rep["clock_skew_secs"].as_f64().unwrap().abs() < 5.0, "{v}");
+    assert!(rep["grants"].is_i64(), "{v}");
+    let text = fleet(false);
+    assert!(
+        text.contains(&format!(
+            "fleet of postgresql://127.0.0.1:{}/postgres: 1 writer(s), 1 replica(s)",
+            pg.port
+        )),
+        "{text}"
+    );
+    assert!(text.contains("OFF the database's: run NTP"), "{text}");
+    assert!(text.contains("spill queue 0"), "{text}");
+    assert!(text.contains(&format!("replica {}", host.trim())), "{text}");
+}
+
 /// A hung database (processes stopped, TCP still accepted): the writer keeps committing
 /// (locally and to the spill queue) after a bounded wait, the replica keeps serving and
 /// says it is stale; when the database wakes up, everything arrives.
@@ -924,7 +1016,7 @@ fn concurrent_start_migrates_once() {
     });
     assert_eq!(
         pg.psql("SELECT count(*) || ':' || max(version) FROM dovegate_schema"),
-        "1:3"
+        "1:4"
     );
     for r in &replicas {
         assert!(!r.log().contains("migration failed"), "{}", r.log());
@@ -1373,7 +1465,7 @@ fn forged_rows_grant_nothing_through_postfix_pgsql() {
     let url = pg.url_file(&tmp.path().join("pg.url"));
     let cfg = config(tmp.path(), &url, "");
     let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
-    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "3");
+    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "4");
     assert_eq!(
         pg.psql("SELECT string_agg(address, ',') FROM dovegate_grants"),
         "192.0.2.7"

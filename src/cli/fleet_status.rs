@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::Failure;
 use crate::config::Settings;
 use crate::replica::ReplicaStatus;
-use crate::store::postgres::NewerSchema;
+use crate::store::postgres::{self, NewerSchema, SeenHost, Target};
 use crate::store::{instance, GrantStore, LmdbMap, OpenMode};
 use crate::timefmt;
 
@@ -204,5 +204,126 @@ fn print_replica(h: &ReplicaHost) {
             r.updated,
             if r.connected { "connected" } else { "not connected" }
         ),
+    }
+}
+
+/// A host that has not reported for this long is shown as silent (they report every 10 s).
+const SILENT_SECS: f64 = 60.0;
+/// A clock further off the database's than this is flagged (as the writers warn).
+const MAX_SKEW_SECS: f64 = 5.0;
+/// How long `--fleet` waits for the database.
+const FLEET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Serialize)]
+struct Fleet {
+    database: String,
+    hosts: Vec<HostOut>,
+}
+
+#[derive(Serialize)]
+struct HostOut {
+    #[serde(flatten)]
+    seen: SeenHost,
+    /// No report for a minute: stopped, or cut off from the database.
+    silent: bool,
+}
+
+/// `dovegate status --fleet`: every writer and replica as the database sees them.
+pub fn fleet(settings: &Settings, json: bool) -> Result<(), Failure> {
+    let Some(url_file) = &settings.store.url_file else {
+        return Err(Failure::config(
+            "status --fleet: store.postgres_url_file is not set (the fleet is what the shared database sees)",
+        ));
+    };
+    let target = Target::load(url_file, &settings.store.schema)
+        .map_err(|e| Failure::config(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start runtime: {e}")))?;
+    let fail = |m: String| Failure::runtime(format!("{}: {m}", target.describe()));
+    let hosts = runtime.block_on(async {
+        let read = async {
+            let client = target.connect(None).await.map_err(|e| e.to_string())?;
+            postgres::fleet(&client, target.schema())
+                .await
+                .map_err(|e| postgres::error_text(&e))
+        };
+        tokio::time::timeout(FLEET_TIMEOUT, read)
+            .await
+            .map_err(|_| format!("no answer within {}s", FLEET_TIMEOUT.as_secs()))?
+    });
+    let hosts = hosts.map_err(fail)?;
+    let out = Fleet {
+        database: target.describe(),
+        hosts: hosts
+            .into_iter()
+            .map(|seen| HostOut {
+                silent: seen.seen_secs_ago > SILENT_SECS,
+                seen,
+            })
+            .collect(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return Ok(());
+    }
+    print_fleet(&out);
+    Ok(())
+}
+
+fn print_fleet(f: &Fleet) {
+    let count = |role: &str| f.hosts.iter().filter(|h| h.seen.role == role).count();
+    println!(
+        "fleet of {}: {} writer(s), {} replica(s), as the database saw them",
+        f.database,
+        count("writer"),
+        count("replica")
+    );
+    if f.hosts.is_empty() {
+        println!("  no writer or replica has reported yet (each does within 10 s of connecting)");
+    }
+    for h in &f.hosts {
+        let s = &h.seen;
+        let seen = if h.silent {
+            format!(
+                "SILENT for {:.0} s (last report {})",
+                s.seen_secs_ago,
+                timefmt::rfc3339(s.seen as i64)
+            )
+        } else {
+            format!("seen {:.0} s ago", s.seen_secs_ago)
+        };
+        let mut parts = vec![seen];
+        if let (Some(q), Some(d)) = (s.spill_queue, s.spill_dropped) {
+            parts.push(if d > 0 {
+                format!("spill queue {q}, {d} grants DROPPED (the database copy is behind)")
+            } else {
+                format!("spill queue {q}")
+            });
+        }
+        if s.role == "replica" {
+            parts.push(match s.lag_secs {
+                Some(l) => format!("lag {l:.3} s"),
+                None => "lag -".to_string(),
+            });
+        }
+        if let Some(g) = s.grants {
+            parts.push(format!("{g} grant(s)"));
+        }
+        if let Some(k) = s.clock_skew_secs {
+            parts.push(if k.abs() > MAX_SKEW_SECS {
+                format!("clock {k:+.1} s OFF the database's: run NTP")
+            } else {
+                format!("clock {k:+.1} s")
+            });
+        }
+        println!(
+            "{:<7} {} {}: {}",
+            s.role,
+            s.host.escape_debug(),
+            s.instance.escape_debug(),
+            parts.join("; ")
+        );
     }
 }

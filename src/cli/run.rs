@@ -688,6 +688,7 @@ fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, F
         max_ttl: i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 4),
         state_dir: settings.state_dir.clone(),
         spill_max: settings.store.spill_max_grants,
+        instance: map.path().display().to_string(),
     })
     .map_err(|e| Failure::runtime(e.to_string()))?;
     Ok(WriterStore::shared(map, pg))

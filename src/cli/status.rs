@@ -32,6 +32,10 @@ pub struct StatusArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Every writer and replica as the shared database sees them (needs
+    /// store.postgres_url_file): last report, clock skew, spill queue, lag.
+    #[arg(long)]
+    fleet: bool,
 }
 
 #[derive(Serialize)]
@@ -240,6 +244,9 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             f.state.dir = d.display().to_string();
         }
     })?;
+    if args.fleet {
+        return super::fleet_status::fleet(&settings, args.json);
+    }
     if let Some(shown) = super::fleet_status::replica_host(&settings, args.json) {
         return shown;
     }

@@ -190,6 +190,11 @@ impl Target {
         format!("postgresql://{host}:{port}/{db}{tls}")
     }
 
+    /// The schema the tables are in (a validated identifier).
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
     /// The table, schema-qualified (the schema is a validated identifier).
     pub fn table(&self) -> String {
         format!("\"{}\".dovegate_grants", self.schema)
@@ -530,6 +535,52 @@ CREATE TRIGGER dovegate_grants_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCA
 CREATE TRIGGER dovegate_revocations_notify AFTER INSERT OR UPDATE
     ON dovegate_revocations FOR EACH STATEMENT EXECUTE FUNCTION dovegate_grants_notify();
 "#,
+    // 4: the fleet as the database sees it (`dovegate status --fleet`): every writer and
+    // replica reports itself every few seconds through `dovegate_report`, SECURITY DEFINER
+    // so that a replica whose role may only SELECT reports too; the database stamps the
+    // time and measures the host's clock against its own. Anyone who can connect may
+    // report (status only, never grants): rows are bounded (1000, and forgotten after 7
+    // days of silence) and their texts clipped.
+    r#"
+CREATE TABLE dovegate_hosts (
+    host text NOT NULL CHECK (length(host) BETWEEN 1 AND 255),
+    role text NOT NULL CHECK (role IN ('writer', 'replica')),
+    instance text NOT NULL CHECK (length(instance) <= 255),
+    seen_at timestamptz NOT NULL DEFAULT now(),
+    clock_skew_secs float8,
+    connected_since timestamptz,
+    spill_queue bigint,
+    spill_dropped bigint,
+    lag_secs float8,
+    grants bigint,
+    PRIMARY KEY (host, role, instance)
+);
+CREATE FUNCTION dovegate_report(p_host text, p_role text, p_instance text,
+    p_host_time float8, p_spill bigint, p_dropped bigint, p_lag float8, p_grants bigint)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    h text := left(p_host, 255);
+    i text := left(p_instance, 255);
+BEGIN
+    DELETE FROM dovegate_hosts WHERE seen_at < now() - interval '7 days';
+    IF NOT EXISTS (SELECT 1 FROM dovegate_hosts WHERE host = h AND role = p_role AND instance = i)
+        AND (SELECT count(*) FROM dovegate_hosts) >= 1000 THEN
+        RETURN;
+    END IF;
+    INSERT INTO dovegate_hosts AS d (host, role, instance, seen_at, clock_skew_secs,
+        connected_since, spill_queue, spill_dropped, lag_secs, grants)
+    VALUES (h, p_role, i, now(), p_host_time - extract(epoch FROM clock_timestamp()),
+        now(), p_spill, p_dropped, p_lag, p_grants)
+    ON CONFLICT (host, role, instance) DO UPDATE SET seen_at = EXCLUDED.seen_at,
+        clock_skew_secs = EXCLUDED.clock_skew_secs,
+        -- A report more than a minute after the last one starts a new connection.
+        connected_since = CASE WHEN d.seen_at < now() - interval '60 seconds'
+            THEN EXCLUDED.connected_since ELSE d.connected_since END,
+        spill_queue = EXCLUDED.spill_queue, spill_dropped = EXCLUDED.spill_dropped,
+        lag_secs = EXCLUDED.lag_secs, grants = EXCLUDED.grants;
+END
+$$;
+"#,
 ];
 
 /// Advisory lock key for migrations: two writers starting at once must not race.
@@ -631,6 +682,95 @@ pub async fn migrate(client: &Client, schema: &str) -> Result<i32, PgError> {
             Err(m)
         }
     }
+}
+
+/// What a writer or replica reports of itself (`dovegate_report`, schema 4).
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// `writer` or `replica`.
+    pub role: &'static str,
+    /// Which one on its host (its map).
+    pub instance: String,
+    pub spill_queue: Option<i64>,
+    pub spill_dropped: Option<i64>,
+    pub lag_secs: Option<f64>,
+    pub grants: Option<i64>,
+}
+
+/// Reports this host to the database (its clock is measured there).
+pub async fn report(
+    client: &Client,
+    schema: &str,
+    host: &str,
+    r: &Report,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            &format!("SELECT \"{schema}\".dovegate_report($1, $2, $3, $4, $5, $6, $7, $8)"),
+            &[
+                &host,
+                &r.role,
+                &r.instance,
+                &crate::timefmt::now_f64(),
+                &r.spill_queue,
+                &r.spill_dropped,
+                &r.lag_secs,
+                &r.grants,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// One writer or replica as the database last saw it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SeenHost {
+    pub host: String,
+    pub role: String,
+    pub instance: String,
+    /// Unix seconds (the database's clock) of its last report, and how long ago that is.
+    pub seen: f64,
+    pub seen_secs_ago: f64,
+    /// Its clock minus the database's at its last report.
+    pub clock_skew_secs: Option<f64>,
+    /// Since when it reports without a gap of a minute (unix seconds).
+    pub connected_since: Option<f64>,
+    pub spill_queue: Option<i64>,
+    pub spill_dropped: Option<i64>,
+    pub lag_secs: Option<f64>,
+    pub grants: Option<i64>,
+}
+
+/// Every writer and replica that reported in the last 7 days.
+pub async fn fleet(client: &Client, schema: &str) -> Result<Vec<SeenHost>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT host, role, instance, extract(epoch FROM seen_at)::float8,
+                        extract(epoch FROM clock_timestamp() - seen_at)::float8, clock_skew_secs,
+                        extract(epoch FROM connected_since)::float8, spill_queue, spill_dropped,
+                        lag_secs, grants
+                 FROM \"{schema}\".dovegate_hosts ORDER BY role DESC, host, instance LIMIT 1000"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| SeenHost {
+            host: r.get(0),
+            role: r.get(1),
+            instance: r.get(2),
+            seen: r.get(3),
+            seen_secs_ago: r.get(4),
+            clock_skew_secs: r.get(5),
+            connected_since: r.get(6),
+            spill_queue: r.get(7),
+            spill_dropped: r.get(8),
+            lag_secs: r.get(9),
+            grants: r.get(10),
+        })
+        .collect())
 }
 
 /// Who wrote a grant, for audit.

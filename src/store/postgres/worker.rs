@@ -43,6 +43,8 @@ const REPLAY_CHUNK: usize = 5000;
 pub const MAX_SKEW_SECS: f64 = 5.0;
 /// The clock is measured again this often.
 const SKEW_EVERY: Duration = Duration::from_secs(60);
+/// How often this writer reports itself to the database (`dovegate status --fleet`).
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Revocations are read at most this often (notifications come from anyone).
 const READ_GAP: Duration = Duration::from_millis(250);
 /// Revocations waiting for the engine beyond this are dropped for a full re-read.
@@ -126,6 +128,8 @@ pub struct WriterSpec {
     pub max_ttl: i64,
     pub state_dir: PathBuf,
     pub spill_max: usize,
+    /// Which writer on its host (its map), for `dovegate status --fleet`.
+    pub instance: String,
 }
 
 impl PgWriter {
@@ -258,6 +262,7 @@ impl Worker {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut clean = tokio::time::interval(Duration::from_secs(600));
         let mut skew = tokio::time::interval(SKEW_EVERY);
+        let mut report = tokio::time::interval(REPORT_EVERY);
         loop {
             tokio::select! {
                 req = rx.recv() => match req {
@@ -314,6 +319,7 @@ impl Worker {
                     self.write_status();
                 }
                 _ = skew.tick() => self.check_clock().await,
+                _ = report.tick() => self.report().await,
                 _ = clean.tick() => {
                     if let Some(c) = &self.client {
                         match tokio::time::timeout(QUERY_TIMEOUT, super::clean(c, &self.tables, KEEP_EXPIRED_SECS)).await {
@@ -350,7 +356,31 @@ impl Worker {
         if !self.spill.is_empty() {
             self.replay().await;
         }
+        self.report().await;
         self.write_status();
+    }
+
+    /// Reports this writer to the database (status only: a failure is no outage, and a
+    /// database that does not answer is noticed by the statements that matter).
+    async fn report(&mut self) {
+        let Some(c) = &self.client else { return };
+        let r = super::Report {
+            role: "writer",
+            instance: self.spec.instance.clone(),
+            spill_queue: Some(i64::try_from(self.spill.len()).unwrap_or(i64::MAX)),
+            spill_dropped: Some(i64::try_from(self.status.dropped_total).unwrap_or(i64::MAX)),
+            lag_secs: None,
+            grants: None,
+        };
+        let schema = self.spec.target.schema();
+        if let Err(e) = timed(
+            "reporting to the fleet",
+            super::report(c, schema, &self.spec.origin.host, &r),
+        )
+        .await
+        {
+            tracing::debug!(error = %e, "cannot report this writer to the database");
+        }
     }
 
     /// Measures this host's clock against the database's (half the round trip taken off):
