@@ -114,6 +114,9 @@ pub struct ReplicaStatus {
     /// Set while the database refuses this dovegate for its newer schema (not an outage).
     #[serde(default)]
     pub newer_schema: Option<postgres::NewerSchema>,
+    /// The replica's process (`status` tells it from a daemon that took the map since).
+    #[serde(default)]
+    pub pid: Option<u32>,
 }
 
 impl ReplicaStatus {
@@ -149,6 +152,7 @@ impl Replica {
             status: ReplicaStatus {
                 database: spec.target.describe(),
                 map: spec.map.path().display().to_string(),
+                pid: Some(std::process::id()),
                 ..ReplicaStatus::default()
             },
             map: spec.map,

@@ -839,6 +839,7 @@ fn replica_host_status_and_metrics_through_a_partition() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["role"], "replica");
     assert_eq!(v["replica"]["running"], true);
+    assert_eq!(v["replica"]["pid"], r.child.id(), "{v}");
     assert_eq!(v["replica"]["database_state"], "unreachable");
     assert!(
         v["replica"]["status_age_secs"].as_i64().unwrap() < 10,

@@ -74,10 +74,22 @@ pub fn replica_host(settings: &Settings, json: bool) -> Option<Result<(), Failur
     if !ours {
         return None;
     }
-    Some(show_replica(settings, r, json))
+    let holder = instance::map_holder(&settings.map_path);
+    // A daemon that took the map after the replica stopped: a Dovecot host again.
+    if let (Ok(Some(Some(pid))), Some(own)) = (&holder, r.pid) {
+        if *pid != own {
+            return None;
+        }
+    }
+    Some(show_replica(settings, r, holder, json))
 }
 
-fn show_replica(settings: &Settings, r: ReplicaStatus, json: bool) -> Result<(), Failure> {
+fn show_replica(
+    settings: &Settings,
+    r: ReplicaStatus,
+    holder: std::io::Result<Option<Option<u32>>>,
+    json: bool,
+) -> Result<(), Failure> {
     let mut warnings = Vec::new();
     let now = timefmt::now();
     let mut map = LmdbMap::open_keyed(
@@ -89,7 +101,7 @@ fn show_replica(settings: &Settings, r: ReplicaStatus, json: bool) -> Result<(),
     .map_err(super::admin::store_failure)?;
     let grants = map.list().map_err(super::admin::store_failure)?;
     let file = map.path().to_path_buf();
-    let (running, pid) = match instance::map_holder(&settings.map_path) {
+    let (running, pid) = match holder {
         Ok(Some(pid)) => (Some(true), pid),
         Ok(None) => (Some(false), None),
         Err(e) => {
