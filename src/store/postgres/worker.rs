@@ -360,8 +360,9 @@ impl Worker {
         self.write_status();
     }
 
-    /// Reports this writer to the database (status only: a failure is no outage, and a
-    /// database that does not answer is noticed by the statements that matter).
+    /// Reports this writer to the database. Status only: a refused report changes nothing,
+    /// but one that gets no answer is an outage like any statement's (and the one that
+    /// notices a hung database while no login comes).
     async fn report(&mut self) {
         let Some(c) = &self.client else { return };
         let r = super::Report {
@@ -379,7 +380,11 @@ impl Worker {
         )
         .await
         {
-            tracing::debug!(error = %e, "cannot report this writer to the database");
+            if matches!(e, PgError::Timeout { .. }) {
+                self.down(e.to_string());
+            } else {
+                tracing::debug!(error = %e, "cannot report this writer to the database");
+            }
         }
     }
 
