@@ -312,6 +312,26 @@ fn err(key: &str, msg: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("{key}: {msg}"))
 }
 
+/// What is wrong with a map path (map.path, or `--map` on the command line, which is
+/// checked where it is parsed so that the message blames the option).
+pub fn check_map_path(path: &str) -> Result<(), String> {
+    if path.trim().is_empty() {
+        return Err("is empty".into());
+    }
+    if path.starts_with("lmdb:") {
+        return Err("write the path without the `lmdb:` prefix (Postfix's main.cf has lmdb:PATH; here only PATH)".into());
+    }
+    if !path.starts_with('/') {
+        return Err(format!(
+            "`{path}` must be an absolute path (Postfix opens it from its own directory)"
+        ));
+    }
+    if path.ends_with(".lmdb") {
+        return Err("name the map as Postfix does, without `.lmdb` (the file is PATH.lmdb)".into());
+    }
+    Ok(())
+}
+
 /// Parses a duration such as `30m`, `90s` or `250ms`.
 pub fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(text.trim()).map_err(|e| {
@@ -540,30 +560,7 @@ impl FileConfig {
         }
         let ipv6_prefix = crate::grant::check_ipv6_prefix(self.grant.ipv6_prefix)
             .map_err(|m| err("grant.ipv6_prefix", m))?;
-        if self.map.path.trim().is_empty() {
-            return Err(err("map.path", "is empty"));
-        }
-        if self.map.path.starts_with("lmdb:") {
-            return Err(err(
-                "map.path",
-                "write the path without the `lmdb:` prefix (Postfix's main.cf has lmdb:PATH; here only PATH)",
-            ));
-        }
-        if !self.map.path.starts_with('/') {
-            return Err(err(
-                "map.path",
-                format!(
-                    "`{}` must be an absolute path (Postfix opens it from its own directory)",
-                    self.map.path
-                ),
-            ));
-        }
-        if self.map.path.ends_with(".lmdb") {
-            return Err(err(
-                "map.path",
-                "name the map as Postfix does, without `.lmdb` (the file is PATH.lmdb)",
-            ));
-        }
+        check_map_path(&self.map.path).map_err(|m| err("map.path", m))?;
         // Only actions Postfix's access(5) treats as "permit" for relaying: anything else
         // (a typo like PERMT) makes smtpd answer 451 to every granted client.
         let action = self.map.action.trim().to_ascii_uppercase();

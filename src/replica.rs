@@ -27,7 +27,9 @@ use tokio_postgres::Client;
 
 use crate::grant::Policy;
 use crate::store::postgres::worker::write_json;
-use crate::store::postgres::{self, parse_address, Notice, PgError, Tables, Target, CHANNEL};
+use crate::store::postgres::{
+    self, parse_address, Notice, PgError, Reread, Tables, Target, CHANNEL,
+};
 use crate::store::{Cause, GrantStore, LmdbMap, StoreError};
 use crate::timefmt;
 
@@ -43,6 +45,8 @@ const MAX_SKEW_SECS: f64 = 5.0;
 const REREAD_CHUNK: usize = 5000;
 /// More changed addresses than this since the last read: a full resync instead.
 const MAX_CHANGES: i64 = 50_000;
+/// How often the status file is rewritten (and the watchdog fed), connected or not.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How often the map file is checked (replaced, deleted, truncated under us).
 const MAP_CHECK_EVERY: Duration = Duration::from_secs(2);
 
@@ -107,6 +111,12 @@ pub struct ReplicaStatus {
     /// Grants in the local map written by this replica.
     pub grants: usize,
     pub updated: i64,
+    /// Set while the database refuses this dovegate for its newer schema (not an outage).
+    #[serde(default)]
+    pub newer_schema: Option<postgres::NewerSchema>,
+    /// The replica's process (`status` tells it from a daemon that took the map since).
+    #[serde(default)]
+    pub pid: Option<u32>,
 }
 
 impl ReplicaStatus {
@@ -129,6 +139,9 @@ struct Replica {
     warned_at: Option<Instant>,
     /// Where the next read of changes starts (a `postgres::horizon`).
     since: Option<postgres::Horizon>,
+    /// This host's name and the database schema, for `report`.
+    host: String,
+    schema: String,
 }
 
 impl Replica {
@@ -139,6 +152,7 @@ impl Replica {
             status: ReplicaStatus {
                 database: spec.target.describe(),
                 map: spec.map.path().display().to_string(),
+                pid: Some(std::process::id()),
                 ..ReplicaStatus::default()
             },
             map: spec.map,
@@ -148,6 +162,8 @@ impl Replica {
             status_file: spec.state_dir.join(ReplicaStatus::FILE),
             warned_at: None,
             since: None,
+            host: postgres::Origin::this_host("").host,
+            schema: spec.target.schema().to_string(),
         };
         r.reload_local()?;
         Ok(r)
@@ -315,25 +331,27 @@ impl Replica {
     }
 
     /// Applies the rows read back for `asked` (an address without a row is revoked here).
-    fn apply(
-        &mut self,
-        asked: &[IpAddr],
-        rows: Vec<(String, i64, f64)>,
-    ) -> Result<(), ReplicaError> {
+    fn apply(&mut self, asked: &[IpAddr], rows: Vec<Reread>) -> Result<(), ReplicaError> {
         let now = timefmt::now();
         let now_f = timefmt::now_f64();
         let mut last: HashMap<IpAddr, Option<i64>> = asked.iter().map(|&ip| (ip, None)).collect();
         let order = asked.to_vec();
         let mut updated_at: HashMap<IpAddr, f64> = HashMap::new();
-        for (addr, e, updated) in rows {
-            let Some(ip) = parse_address(&addr) else {
+        // Grants written by hand (`dovegate grant`), with the host that wrote them.
+        let mut by_hand: HashMap<IpAddr, String> = HashMap::new();
+        for row in rows {
+            let Some(ip) = parse_address(&row.address) else {
                 continue;
             };
             if let Some(v) = last.get_mut(&ip) {
-                *v = Some(e);
-                updated_at.insert(ip, updated);
+                *v = Some(row.expires);
+                updated_at.insert(ip, row.updated);
+                if row.source == postgres::ADMIN_SOURCE {
+                    by_hand.insert(ip, row.host);
+                }
             }
         }
+        let mut audit = Audit::default();
         // Lag only from rows that changed something here: a notification naming an
         // unchanged row (anyone may send one) says nothing about propagation.
         let mut lag: Option<f64> = None;
@@ -349,6 +367,7 @@ impl Replica {
                 (None, Some(_)) => {
                     self.map.revoke(ip)?;
                     self.note(ip, None);
+                    audit.removed(ip, last[&ip].is_none());
                 }
                 (None, None) => {}
                 (Some(e), Some(l)) if l == e => {}
@@ -356,10 +375,12 @@ impl Replica {
                     self.map.set(ip, e)?;
                     self.note(ip, Some(e));
                     changed(&ip);
+                    audit.by_hand(ip, e, by_hand.get(&ip));
                 }
                 (Some(e), _) => {
                     grow.push((ip, e));
                     changed(&ip);
+                    audit.by_hand(ip, e, by_hand.get(&ip));
                 }
             }
         }
@@ -368,6 +389,7 @@ impl Replica {
                 self.note(ip, Some(e));
             }
         }
+        audit.done();
         self.status.changes_applied += last.len() as u64;
         self.status.last_change = Some(now);
         if lag.is_some() {
@@ -407,6 +429,7 @@ impl Replica {
         }
         self.status.connected = true;
         self.status.last_error = None;
+        self.status.newer_schema = None;
         self.warned_at = None;
     }
 
@@ -422,6 +445,15 @@ impl Replica {
             return;
         }
         self.warned_at = Some(Instant::now());
+        if let Some(newer) = self.status.newer_schema {
+            tracing::error!(
+                database = %self.status.database,
+                since = %self.status.disconnected_since.map(timefmt::rfc3339).unwrap_or_default(),
+                grants = self.local.len(),
+                "replica is STALE: {newer}; the map keeps the grants it has until each one's own expiry, new logins and revocations elsewhere are not seen"
+            );
+            return;
+        }
         tracing::warn!(
             database = %self.status.database,
             error = self.status.last_error.as_deref().unwrap_or("not connected yet"),
@@ -429,6 +461,31 @@ impl Replica {
             grants = self.local.len(),
             "replica is STALE: the database is unreachable; the map keeps the grants it has until each one's own expiry, new logins and revocations elsewhere are not seen; check the database and the URL file"
         );
+    }
+
+    /// Reports this replica to the database (`dovegate status --fleet`); status only, so a
+    /// failure is logged at debug level and changes nothing.
+    async fn report(&mut self, client: &Client) {
+        let r = postgres::Report {
+            role: "replica",
+            instance: self.status.map.clone(),
+            spill_queue: None,
+            spill_dropped: None,
+            lag_secs: self.status.lag_secs,
+            grants: Some(i64::try_from(self.local.len()).unwrap_or(i64::MAX)),
+        };
+        let sent = tokio::time::timeout(
+            postgres::CONNECT_TIMEOUT,
+            postgres::report(client, &self.schema, &self.host, &r),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %postgres::error_text(&e), "cannot report this replica to the database")
+            }
+            Err(_) => tracing::debug!("reporting this replica to the database timed out"),
+        }
     }
 
     fn write_status(&mut self) {
@@ -440,11 +497,65 @@ impl Replica {
             self.local.len(),
             if self.status.connected {
                 "current"
+            } else if self.status.newer_schema.is_some() {
+                "STALE (the database's schema is newer: upgrade dovegate)"
             } else {
                 "STALE (database unreachable)"
             }
         ));
         crate::notify::watchdog();
+    }
+}
+
+/// The audit trail of one read of changes: grants written by hand (`dovegate grant`) with
+/// the host that wrote them, and grants removed; at most `Audit::LINES` lines, then a
+/// count. Grants from logins are logged on the writer's host (its `grant` lines).
+#[derive(Default)]
+struct Audit {
+    lines: usize,
+    more: usize,
+}
+
+impl Audit {
+    const LINES: usize = 100;
+
+    fn room(&mut self) -> bool {
+        if self.lines < Audit::LINES {
+            self.lines += 1;
+            true
+        } else {
+            self.more += 1;
+            false
+        }
+    }
+
+    fn by_hand(&mut self, ip: IpAddr, until: i64, host: Option<&String>) {
+        if let Some(host) = host {
+            if self.room() {
+                tracing::info!(address = %ip, until = %timefmt::rfc3339(until), host = %host.escape_debug(), "grant written by hand on host {} (dovegate grant)", host.escape_debug());
+            }
+        }
+    }
+
+    /// `gone`: the row is gone (revoked, deleted); else it no longer grants here.
+    fn removed(&mut self, ip: IpAddr, gone: bool) {
+        if self.room() {
+            let why = if gone {
+                "revoked in the database (dovegate revoke on some host, or a DELETE)"
+            } else {
+                "it no longer grants here (its expiry passed, or grant.exclude here excludes it)"
+            };
+            tracing::info!(address = %ip, "grant removed: {why}");
+        }
+    }
+
+    fn done(&self) {
+        if self.more > 0 {
+            tracing::info!(
+                more = self.more,
+                "more grants written by hand or removed in this read"
+            );
+        }
     }
 }
 
@@ -509,15 +620,27 @@ pub async fn run(
             .map_err(|e| PgError::db("LISTEN", e))?;
             Ok::<Client, PgError>(client)
         };
-        let connected = tokio::select! {
-            () = &mut shutdown => break,
-            c = attempt => c,
+        tokio::pin!(attempt);
+        // A connect to a hung database takes its timeouts: meanwhile grants still expire
+        // on time and the status file (and the watchdog) still says this replica serves.
+        let mut beat = tokio::time::interval(STATUS_EVERY);
+        let connected = loop {
+            let expiry =
+                tokio::time::sleep(r.next_deadline().map_or(Duration::from_secs(3600), until));
+            tokio::select! {
+                () = &mut shutdown => break None,
+                c = &mut attempt => break Some(c),
+                () = expiry => { expire(&mut r); }
+                _ = beat.tick() => r.write_status(),
+            }
         };
+        let Some(connected) = connected else { break };
         let ended = match connected {
             Ok(client) => match r.resync(&client, &tables).await {
                 Ok(()) => {
                     r.connected();
                     backoff = Duration::from_secs(1);
+                    r.report(&client).await;
                     r.write_status();
                     follow(
                         &mut r,
@@ -531,7 +654,10 @@ pub async fn run(
                 }
                 Err(e) => Ended::Lost(format!("snapshot failed: {e}")),
             },
-            Err(e) => Ended::Lost(e.to_string()),
+            Err(e) => {
+                r.status.newer_schema = e.newer_schema();
+                Ended::Lost(e.to_string())
+            }
         };
         match ended {
             Ended::Shutdown => break,
@@ -540,9 +666,11 @@ pub async fn run(
                 r.write_status();
             }
         }
-        // Keep expiring and warning while waiting to reconnect.
+        // Keep expiring, warning and saying that the map is served while waiting to
+        // reconnect (a status file left unwritten reads as a replica stopped or stuck).
         let retry = Instant::now() + backoff;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+        let mut beat = tokio::time::interval(STATUS_EVERY);
         loop {
             let expiry =
                 tokio::time::sleep(r.next_deadline().map_or(Duration::from_secs(3600), until));
@@ -550,6 +678,10 @@ pub async fn run(
                 () = &mut shutdown => { r.write_status(); return Ok(()); }
                 () = tokio::time::sleep_until(retry) => break,
                 () = expiry => { expire(&mut r); }
+                _ = beat.tick() => {
+                    r.warn_stale();
+                    r.write_status();
+                }
             }
         }
     }
@@ -581,7 +713,7 @@ async fn follow(
 ) -> Ended {
     let mut resync = tokio::time::interval(RESYNC_EVERY);
     resync.tick().await;
-    let mut beat = tokio::time::interval(Duration::from_secs(2));
+    let mut beat = tokio::time::interval(STATUS_EVERY);
     let mut map_check = tokio::time::interval(MAP_CHECK_EVERY);
     let mut last_read = Instant::now() - commit_interval;
     let mut beats = 0u64;
@@ -629,13 +761,14 @@ async fn follow(
                 }
                 beats += 1;
                 // A database that hangs without closing the connection sends nothing
-                // either: ask it now and then.
+                // either: ask it now and then, and report this replica meanwhile.
                 if beats % 5 == 0 {
                     match tokio::time::timeout(postgres::CONNECT_TIMEOUT, client.simple_query("SELECT 1")).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return Ended::Lost(postgres::error_text(&e)),
                         Err(_) => return Ended::Lost("the database does not answer".into()),
                     }
+                    r.report(client).await;
                 }
                 r.write_status();
             }

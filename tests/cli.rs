@@ -520,3 +520,105 @@ fn config_prints_the_configuration_in_force() {
     assert_eq!(out, "");
     assert!(err.contains(&format!("{p}:2:")), "{err}");
 }
+
+/// A wrong `--map` is blamed on the option, for every command that takes it, not on the
+/// configuration whose map.path it replaces (issue 26: "embedded default config:69:1").
+#[test]
+fn a_wrong_map_option_is_blamed_on_the_option() {
+    for cmd in ["list", "status", "run", "replica", "init", "check-config"] {
+        for (bad, why) in [
+            ("relative/relay", "must be an absolute path"),
+            ("/var/lib/dovegate/relay.lmdb", "without `.lmdb`"),
+        ] {
+            let (code, _, err) = run(&[cmd, "--map", bad]);
+            assert_eq!(code, Some(2), "{cmd} --map {bad}: {err}");
+            assert!(
+                err.contains(&format!("'{bad}' for '--map <PATH>'")) && err.contains(why),
+                "{cmd} --map {bad}: {err}"
+            );
+            assert!(!err.contains("config:"), "{cmd} --map {bad}: {err}");
+        }
+    }
+}
+
+/// `dovegate test` counts over-long lines (longer than source.max_line_bytes, or even
+/// than the read buffer) as lines and prints how many were too long; line numbers after
+/// them stay right (issue 26).
+#[test]
+fn test_command_counts_over_long_lines() {
+    let d = tempdir();
+    let log = d.path().join("long.log");
+    let login = "2026-11-21T09:56:55+00:00 vm dovecot: imap-login: Login: user=<a>, rip=203.0.113.5, lip=192.0.2.1\n";
+    let mut text = String::new();
+    text.push_str(login);
+    text.push_str(&"x".repeat(20_000)); // beyond max_line_bytes (16384), within the buffer
+    text.push('\n');
+    text.push_str(login);
+    text.push_str(&"imap-login: ".repeat(250_000)); // 3 MB: beyond the read buffer
+    text.push('\n');
+    text.push_str(&login.replace("203.0.113.5", "203.0.113.6"));
+    std::fs::write(&log, text).unwrap();
+    let path = log.display().to_string();
+    let (code, out, err) = run(&["test", &path]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("Lines: 5 lines, 3 matched, 2 missed"), "{out}");
+    assert!(
+        out.contains("Too long (skipped, source.max_line_bytes): 2"),
+        "{out}"
+    );
+    let lines = test_json(&[&path], None);
+    let long: Vec<u64> = lines
+        .iter()
+        .filter(|o| o["too_long"] == true)
+        .map(|o| o["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(long, [2, 4]);
+    let last = lines.last().unwrap();
+    assert_eq!(
+        (last["line"].as_u64(), last["ip"].as_str()),
+        (Some(5), Some("203.0.113.6"))
+    );
+}
+
+/// `dovegate init` on an existing map succeeds for a user who may read it but not write
+/// it (run as nobody), and changes nothing; a missing map it cannot create is an error
+/// (issue 26: "creates ... if missing").
+#[test]
+fn init_on_an_existing_map_needs_only_read_access() {
+    use std::os::unix::process::CommandExt;
+    let d = tempdir();
+    set_mode(d.path(), 0o755);
+    let map = d.path().join("relay");
+    let state = d.path().join("state");
+    let m = map.display().to_string();
+    let cfg = d.path().join("dovegate.toml");
+    std::fs::write(&cfg, format!("[state]\ndir = \"{}\"\n", state.display())).unwrap();
+    set_mode(&cfg, 0o644);
+    let c = cfg.display().to_string();
+    let (code, out, err) = run(&["init", "--config", &c, "--map", &m]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), format!("{m}.lmdb"));
+    let file = d.path().join("relay.lmdb");
+    set_mode(&file, 0o644);
+    let before = std::fs::read(&file).unwrap();
+    let as_nobody = |map: &str| {
+        std::process::Command::new(bin())
+            .uid(65534)
+            .gid(65534)
+            .args(["init", "--config", &c, "--map", map])
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody(&m);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{m}.lmdb")
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), before, "unchanged");
+    // A missing map in a directory nobody may write: init cannot create it, and says so.
+    let out = as_nobody(&d.path().join("other").display().to_string());
+    assert!(!out.status.success());
+    assert!(!d.path().join("other.lmdb").exists());
+}

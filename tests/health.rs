@@ -120,3 +120,51 @@ fn grants_expiries_and_manual_changes_are_in_the_log() {
     });
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// A log path that turns into a FIFO while the file it named (renamed away) and another
+/// configured log still deliver logins: the warning names the path and what still works,
+/// never "no logins can be read" (issue 26).
+#[test]
+fn an_unusable_path_says_what_still_delivers_logins() {
+    let d = tempdir();
+    let (a, b) = (d.path().join("a.log"), d.path().join("b.log"));
+    append(&a, "");
+    append(&b, "");
+    let (sa, sb) = (a.display().to_string(), b.display().to_string());
+    let mut daemon = Daemon::with_map(d.path(), &["--log", &sa, "--log", &sb]);
+    let map = d.path().join("relay");
+    append(&a, &login_line("198.51.100.40", "u"));
+    wait_for("first grant", PATIENCE, || {
+        postmap_q(&map, "198.51.100.40").is_some()
+    });
+    let rotated = d.path().join("a.log.1");
+    std::fs::rename(&a, &rotated).unwrap();
+    let fifo = std::ffi::CString::new(sa.clone()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    wait_for("the FIFO reported", PATIENCE, || {
+        daemon.log().contains("is a FIFO")
+    });
+    // A writer that has not reopened still appends to the renamed file; b.log works.
+    append(&rotated, &login_line("198.51.100.41", "u"));
+    append(&b, &login_line("198.51.100.42", "u"));
+    wait_for("both still granted", PATIENCE, || {
+        postmap_q(&map, "198.51.100.41").is_some() && postmap_q(&map, "198.51.100.42").is_some()
+    });
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("is a FIFO"))
+        .expect("the warning");
+    assert!(!log.contains("no logins can be read"), "{log}");
+    assert!(
+        line.contains(&format!("new logins cannot be read from {sa}")),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("the file {sa} named before")),
+        "{line}"
+    );
+    assert!(line.contains(&format!("log file {sb}")), "{line}");
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -24,6 +24,20 @@ struct Replica {
 
 impl Replica {
     fn start(dir: &Path, cfg: &Path, url: &Path) -> Replica {
+        let r = Replica::spawn(dir, cfg, url);
+        wait_for("replica connected", FLEET_PATIENCE, || {
+            r.status()["connected"] == serde_json::Value::Bool(true)
+        });
+        r
+    }
+
+    /// Started, not waited for.
+    fn spawn(dir: &Path, cfg: &Path, url: &Path) -> Replica {
+        Replica::spawn_with(dir, cfg, url, &[])
+    }
+
+    /// Started with `extra` arguments, not waited for.
+    fn spawn_with(dir: &Path, cfg: &Path, url: &Path, extra: &[&str]) -> Replica {
         std::fs::create_dir_all(dir).unwrap();
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -36,6 +50,7 @@ impl Replica {
             .args(["--url-file", &url.display().to_string()])
             .args(["--map", &dir.join("relay").display().to_string()])
             .args(["--state-dir", &dir.join("state").display().to_string()])
+            .args(extra)
             .env(
                 "DOVEGATE_LOG",
                 std::env::var("DG_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -45,14 +60,10 @@ impl Replica {
             .stderr(stderr)
             .spawn()
             .expect("spawn dovegate replica");
-        let r = Replica {
+        Replica {
             child,
             dir: dir.to_path_buf(),
-        };
-        wait_for("replica connected", FLEET_PATIENCE, || {
-            r.status()["connected"] == serde_json::Value::Bool(true)
-        });
-        r
+        }
     }
 
     fn map(&self) -> PathBuf {
@@ -225,7 +236,7 @@ fn two_writers_two_replicas_snapshot_kill_and_revoke() {
     assert!(!pg
         .psql("SELECT granted_by FROM dovegate_grants WHERE address = '192.0.2.2'")
         .is_empty());
-    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "4");
+    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "5");
     let fleet: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(tmp.path().join("w1/state/fleet.json")).unwrap(),
     )
@@ -272,6 +283,10 @@ fn postfix_pgsql_direct_query() {
         &["192.0.2.7".into(), "2001:db8::7".into()],
     );
     assert_eq!(postmap_q(&ro.map(), "192.0.2.8"), None);
+    // A replica that may only SELECT still reports itself (schema 5's SECURITY DEFINER).
+    wait_for("both replicas reported", FLEET_PATIENCE, || {
+        pg.psql("SELECT count(*) FROM dovegate_hosts WHERE role = 'replica'") == "2"
+    });
     let cf = tmp.path().join("pgsql-relay.cf");
     std::fs::write(
         &cf,
@@ -574,6 +589,377 @@ fn tls_with_verified_server_certificate() {
     let _ = child.wait();
 }
 
+/// libpq's recommended `sslmode=verify-full` and `verify-ca` (issue 26): the server's
+/// certificate is issued for IP 127.0.0.1 only, so through the name `localhost`
+/// verify-full refuses it (wrong host) and verify-ca takes it (the chain is trusted);
+/// verify-ca still refuses a certificate no trusted CA signed.
+#[test]
+fn tls_verify_full_checks_the_name_and_verify_ca_the_chain() {
+    use dovegate::store::postgres::Target;
+    let tmp = common::tempdir();
+    let (pg, ca) = pg::Pg::start_tls(tmp.path());
+    let other = tmp.path().join("other.pem");
+    // A CA certificate that did not sign the server's (the server's own is not a CA).
+    std::fs::copy(pg.dir.join("server.pem"), &other).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connect = |host: &str, mode: &str, roots: &Path| -> Result<(), String> {
+        let file = tmp.path().join("verify.url");
+        std::fs::write(
+            &file,
+            format!(
+                "postgresql://{}:{}@{host}:{}/postgres?sslmode={mode}&sslrootcert={}",
+                pg::USER,
+                pg::PASSWORD,
+                pg.port,
+                roots.display()
+            ),
+        )
+        .unwrap();
+        common::set_mode(&file, 0o600);
+        let t = Target::load(&file, "public").map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let client = t.connect(None).await.map_err(|e| e.to_string())?;
+            let ssl: bool = client
+                .query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            assert!(ssl, "{host} {mode}: connected without TLS");
+            Ok(())
+        })
+    };
+    connect("127.0.0.1", "verify-full", &ca).expect("verify-full, right name");
+    let e = connect("localhost", "verify-full", &ca).unwrap_err();
+    assert!(e.contains("cannot connect"), "{e}");
+    connect("localhost", "verify-ca", &ca).expect("verify-ca, other name");
+    let e = connect("localhost", "verify-ca", &other).unwrap_err();
+    assert!(e.contains("cannot connect"), "{e}");
+}
+
+/// A database whose schema a newer dovegate migrated (issue 26): writer and replica say
+/// "schema N is newer ...; upgrade dovegate" in their logs, status files and `status`, not
+/// "unreachable"; the writer still commits (spill queue), the replica still serves.
+#[test]
+fn newer_schema_says_upgrade_not_unreachable() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    pg.psql("CREATE TABLE dovegate_schema (version integer NOT NULL); INSERT INTO dovegate_schema VALUES (99)");
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let wdir = tmp.path().join("w");
+    let (w, log) = writer(&wdir, &cfg, "10m");
+    let r = Replica::spawn(&tmp.path().join("r"), &cfg, &url);
+    let newer = serde_json::json!({"found": 99, "known": 5});
+    wait_for("writer says newer schema", FLEET_PATIENCE, || {
+        fleet_status(&wdir)["newer_schema"] == newer
+    });
+    wait_for("replica says newer schema", FLEET_PATIENCE, || {
+        r.status()["newer_schema"] == newer
+    });
+    let want = "the database's schema 99 is newer than this dovegate knows (5); upgrade dovegate";
+    wait_for("both logs say so", FLEET_PATIENCE, || {
+        w.log().contains(want) && r.log().contains(want)
+    });
+    assert!(!w.log().contains("database unreachable"), "{}", w.log());
+    assert!(!r.log().contains("database is unreachable"), "{}", r.log());
+    append(&log, &login_line("192.0.2.66", "hugo"));
+    wait_visible(
+        "writer commits",
+        &wdir.join("relay"),
+        &["192.0.2.66".into()],
+    );
+    let out = Command::new(bin())
+        .args(["status", "--config", &cfg.display().to_string()])
+        .args(["--map", &wdir.join("relay").display().to_string()])
+        .args(["--state-dir", &wdir.join("state").display().to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(want), "{text}");
+    assert!(!text.contains("UNREACHABLE"), "{text}");
+}
+
+/// A manual grant reaches the replica's log with the host that wrote it (the audit
+/// columns), and a revoke is logged there too (issue 26: "another host").
+#[test]
+fn replica_logs_who_granted_by_hand() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let wdir = tmp.path().join("w");
+    let (_w, _log) = writer(&wdir, &cfg, "10m");
+    wait_writer_connected(&wdir);
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    let admin = |cmd: &str| {
+        let out = common::dovegate(&[
+            cmd,
+            "--config",
+            &cfg.display().to_string(),
+            "--map",
+            &wdir.join("relay").display().to_string(),
+            "192.0.2.88",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    admin("grant");
+    wait_visible(
+        "manual grant on the replica",
+        &r.map(),
+        &["192.0.2.88".into()],
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let said = format!(
+        "grant written by hand on host {} (dovegate grant)",
+        host.trim()
+    );
+    wait_for("the replica names the host", FLEET_PATIENCE, || {
+        r.log()
+            .lines()
+            .any(|l| l.contains(&said) && l.contains("192.0.2.88"))
+    });
+    admin("revoke");
+    wait_for("the replica logs the revoke", FLEET_PATIENCE, || {
+        r.log().lines().any(|l| {
+            l.contains("grant removed: revoked in the database") && l.contains("192.0.2.88")
+        })
+    });
+}
+
+/// `dovegate status` for the map a replica keeps (an MTA host): the replica, its database
+/// and lag, not a Dovecot host's sources; during a partition longer than the 30 s after
+/// which a status file counts as stale it still says the replica runs and serves (issue
+/// 26); the replica's own metrics (`--metrics`).
+#[test]
+fn replica_host_status_and_metrics_through_a_partition() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let (_w, log) = writer(&tmp.path().join("w"), &cfg, "10m");
+    let rdir = tmp.path().join("r");
+    let port = pg::free_port();
+    let metrics = format!("inet:127.0.0.1:{port}");
+    let r = Replica::spawn_with(&rdir, &cfg, &url, &["--metrics", &metrics]);
+    wait_for("replica connected", FLEET_PATIENCE, || {
+        r.status()["connected"] == serde_json::Value::Bool(true)
+    });
+    append(&log, &login_line("192.0.2.120", "ivy"));
+    wait_visible("grant on the replica", &r.map(), &["192.0.2.120".into()]);
+    let status = |json: bool| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["status", "--config", &cfg.display().to_string()])
+            .args(["--map", &r.map().display().to_string()])
+            .args(["--state-dir", &rdir.join("state").display().to_string()]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The replica owns its map: a daemon on it is refused.
+    let other = tmp.path().join("other-state");
+    let out = common::dovegate(&[
+        "run",
+        "--map",
+        &r.map().display().to_string(),
+        "--state-dir",
+        &other.display().to_string(),
+        "--log",
+        &log.display().to_string(),
+    ]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("already runs on this map"),
+        "{e}"
+    );
+    let (text, err) = status(false);
+    assert!(text.contains("grant(s)"), "{text}");
+    assert!(text.contains("replica: running (pid "), "{text}");
+    assert!(
+        text.contains("database: reachable, the map is current"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("daemon:") && !text.contains("file "),
+        "{text}"
+    );
+    assert!(err.is_empty(), "{err}");
+    // The grant count reaches the status file at the replica's next beat.
+    wait_for("the replica's metrics", PATIENCE, || {
+        let m = scrape(port);
+        m.contains("dovegate_replica_connected 1") && m.contains("dovegate_replica_grants 1")
+    });
+    // The partition: a database that answers nothing (connects hang until their timeout),
+    // for longer than a status file may be silent. The replica says it serves all along.
+    pg.signal_all(libc::SIGSTOP);
+    wait_for("replica disconnected", FLEET_PATIENCE, || {
+        r.status()["connected"] == serde_json::Value::Bool(false)
+    });
+    let mut oldest = 0;
+    wait_for("partition longer than 32 s", FLEET_PATIENCE * 2, || {
+        let st = r.status();
+        oldest = oldest.max(now() - st["updated"].as_i64().unwrap_or(0));
+        let since = st["disconnected_since"].as_i64().unwrap_or(i64::MAX);
+        let ok = now() - since > 32;
+        if !ok {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        ok
+    });
+    assert!(oldest <= 6, "the status file went {oldest} s unwritten");
+    let (text, err) = status(false);
+    assert!(text.contains("replica: running (pid "), "{text}");
+    assert!(text.contains("database: UNREACHABLE since "), "{text}");
+    assert!(
+        text.contains("the map is STALE: it serves its grants"),
+        "{text}"
+    );
+    assert!(!err.contains("not running or is stuck"), "{err}");
+    assert!(!err.contains("stuck"), "{err}");
+    let (json, _) = status(true);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["role"], "replica");
+    assert_eq!(v["replica"]["running"], true);
+    assert_eq!(v["replica"]["pid"], r.child.id(), "{v}");
+    assert_eq!(v["replica"]["database_state"], "unreachable");
+    assert!(
+        v["replica"]["status_age_secs"].as_i64().unwrap() < 10,
+        "{v}"
+    );
+    assert!(postmap_q(&r.map(), "192.0.2.120").is_some(), "still served");
+    let m = scrape(port);
+    assert!(m.contains("dovegate_replica_connected 0"), "{m}");
+    pg.signal_all(libc::SIGCONT);
+    wait_for("replica current again", FLEET_PATIENCE, || {
+        r.status()["connected"] == serde_json::Value::Bool(true)
+    });
+    let (text, _) = status(false);
+    assert!(
+        text.contains("database: reachable, the map is current"),
+        "{text}"
+    );
+}
+
+/// `GET /metrics` on 127.0.0.1:`port`: the whole response.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// `dovegate status --fleet` (any host with the URL file): every writer and replica as the
+/// database sees them, with spill queue, lag and clock skew measured by the database
+/// (schema 5, issue 26); a writer whose clock is 10 minutes slow is flagged.
+#[test]
+fn status_fleet_lists_writers_and_replicas() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let wdir = tmp.path().join("w");
+    std::fs::create_dir_all(&wdir).unwrap();
+    let log = wdir.join("mail.log");
+    std::fs::write(&log, "").unwrap();
+    let stderr = wdir.join("writer.stderr");
+    let child = Command::new(bin())
+        .arg("run")
+        .args(["--map", &wdir.join("relay").display().to_string()])
+        .args(["--state-dir", &wdir.join("state").display().to_string()])
+        .args(["--log", &log.display().to_string()])
+        .args(["--config", &cfg.display().to_string(), "--ttl", "10m"])
+        .env("DOVEGATE_TEST_CLOCK_OFFSET_SECS", "-600")
+        .env("DOVEGATE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let _w = common::Daemon { child, stderr };
+    wait_writer_connected(&wdir);
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    let fleet = |json: bool| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["status", "--fleet", "--config", &cfg.display().to_string()]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut v = serde_json::Value::Null;
+    wait_for("both reported", FLEET_PATIENCE, || {
+        v = serde_json::from_str(&fleet(true)).unwrap();
+        v["hosts"].as_array().map_or(0, Vec::len) == 2
+    });
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let (w, rep) = (&v["hosts"][0], &v["hosts"][1]);
+    assert_eq!(
+        (w["role"].as_str(), rep["role"].as_str()),
+        (Some("writer"), Some("replica")),
+        "{v}"
+    );
+    for h in [w, rep] {
+        assert_eq!(h["host"], host.trim(), "{v}");
+        assert_eq!(h["silent"], false, "{v}");
+    }
+    assert_eq!(
+        w["instance"],
+        wdir.join("relay.lmdb").display().to_string(),
+        "{v}"
+    );
+    assert_eq!(
+        rep["instance"],
+        r.map().with_extension("lmdb").display().to_string(),
+        "{v}"
+    );
+    assert_eq!(w["spill_queue"], 0, "{v}");
+    let skew = w["clock_skew_secs"].as_f64().unwrap();
+    assert!((skew + 600.0).abs() < 5.0, "{v}");
+    assert!(rep["clock_skew_secs"].as_f64().unwrap().abs() < 5.0, "{v}");
+    assert!(rep["grants"].is_i64(), "{v}");
+    let text = fleet(false);
+    assert!(
+        text.contains(&format!(
+            "fleet of postgresql://127.0.0.1:{}/postgres: 1 writer(s), 1 replica(s)",
+            pg.port
+        )),
+        "{text}"
+    );
+    assert!(text.contains("OFF the database's: run NTP"), "{text}");
+    assert!(text.contains("spill queue 0"), "{text}");
+    assert!(text.contains(&format!("replica {}", host.trim())), "{text}");
+}
+
 /// A hung database (processes stopped, TCP still accepted): the writer keeps committing
 /// (locally and to the spill queue) after a bounded wait, the replica keeps serving and
 /// says it is stale; when the database wakes up, everything arrives.
@@ -631,7 +1017,7 @@ fn concurrent_start_migrates_once() {
     });
     assert_eq!(
         pg.psql("SELECT count(*) || ':' || max(version) FROM dovegate_schema"),
-        "1:4"
+        "1:5"
     );
     for r in &replicas {
         assert!(!r.log().contains("migration failed"), "{}", r.log());
@@ -1080,7 +1466,7 @@ fn forged_rows_grant_nothing_through_postfix_pgsql() {
     let url = pg.url_file(&tmp.path().join("pg.url"));
     let cfg = config(tmp.path(), &url, "");
     let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
-    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "4");
+    assert_eq!(pg.psql("SELECT version FROM dovegate_schema"), "5");
     assert_eq!(
         pg.psql("SELECT string_agg(address, ',') FROM dovegate_grants"),
         "192.0.2.7"

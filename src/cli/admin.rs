@@ -235,7 +235,7 @@ pub(super) fn in_database(
             .connect(None)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let origin = Origin::this_host("dovegate-admin");
+        let origin = Origin::this_host(postgres::ADMIN_SOURCE);
         tokio::time::timeout(ADMIN_TIMEOUT, op(&client, target.tables(), origin))
             .await
             .map_err(|_| fail(format!("no answer within {}s", ADMIN_TIMEOUT.as_secs())))?

@@ -4,6 +4,7 @@ mod admin;
 mod build;
 mod check;
 mod docs;
+mod fleet_status;
 pub mod postlogin;
 mod receipts;
 mod replica;
@@ -39,8 +40,15 @@ pub struct ConfigArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The map as Postfix names it, without `.lmdb` (overrides map.path).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = map_path_arg)]
     pub map: Option<PathBuf>,
+}
+
+/// `--map` checked as map.path is, when parsed: a mistake is blamed on the option, not on
+/// the configuration whose map.path it replaces.
+fn map_path_arg(text: &str) -> Result<PathBuf, String> {
+    crate::config::check_map_path(text)?;
+    Ok(PathBuf::from(text))
 }
 
 #[derive(Debug, Subcommand)]
@@ -303,7 +311,8 @@ fn print_config(cfg: &ConfigArgs) -> Result<(), Failure> {
 }
 
 /// `dovegate init`: the map exists (empty) before Postfix ever looks, and the state
-/// directory exists; nothing that exists is changed.
+/// directory exists; nothing that exists is changed. An existing map is only opened for
+/// reading (checked valid), so that a user who may read it but not write it succeeds.
 fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     std::fs::create_dir_all(&settings.state_dir).map_err(|e| {
@@ -312,10 +321,16 @@ fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
             settings.state_dir.display()
         ))
     })?;
+    let exists = crate::store::lmdb::file_path(&settings.map_path).exists();
+    let mode = if exists {
+        crate::store::OpenMode::ReadOnly
+    } else {
+        crate::store::OpenMode::Create
+    };
     let map = crate::store::LmdbMap::open_keyed(
         &settings.map_path,
         &settings.action,
-        crate::store::OpenMode::Create,
+        mode,
         settings.ipv6_prefix,
     )
     .map_err(|e| Failure::runtime(e.0))?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use super::{load_settings, ConfigArgs, Failure};
 use crate::grant::Policy;
+use crate::net::Listen;
 use crate::replica::ReplicaSpec;
 use crate::store::postgres::Target;
 use crate::store::{LmdbMap, OpenMode};
@@ -19,6 +20,15 @@ pub struct ReplicaArgs {
     /// Where the status file (replica.json) is kept (overrides state.dir).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics: inet:127.0.0.1:PORT or
+    /// unix:/path (the replica's own; serve.metrics is the daemon's, which a host running
+    /// both already uses).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    metrics: Option<Listen>,
+}
+
+fn parse_listen(text: &str) -> Result<Listen, String> {
+    Listen::parse(text).map_err(|e| e.to_string())
 }
 
 pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
@@ -56,6 +66,10 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
             settings.state_dir.display()
         ))
     })?;
+    // One writer per map: a `dovegate run` (or a second replica) on this map would fight
+    // this one's resyncs.
+    let _lock = crate::store::instance::InstanceLock::acquire_map(&settings.map_path)
+        .map_err(|e| Failure::runtime(e.0))?;
     let map = LmdbMap::open_keyed(
         &settings.map_path,
         &settings.action,
@@ -78,7 +92,27 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
         }
         tracing::info!("shutting down");
     };
-    let result = runtime.block_on(crate::replica::run(spec, shutdown));
+    let state_dir = settings.state_dir.clone();
+    let result = runtime.block_on(async move {
+        let metrics = match &args.metrics {
+            Some(listen) => Some(
+                crate::serve::metrics::start_replica(listen, state_dir)
+                    .await
+                    .map_err(|e| {
+                        Failure::runtime(format!("--metrics {listen}: cannot listen: {e}"))
+                    })?,
+            ),
+            None => None,
+        };
+        if let Some(m) = &metrics {
+            tracing::info!(listen = %m.listen(), "replica metrics served at /metrics");
+        }
+        let result = crate::replica::run(spec, shutdown).await;
+        if let Some(m) = metrics {
+            m.shutdown().await;
+        }
+        result.map_err(|e| Failure::runtime(e.to_string()))
+    });
     crate::notify::stopping();
-    result.map_err(|e| Failure::runtime(e.to_string()))
+    result
 }

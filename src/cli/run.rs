@@ -201,7 +201,27 @@ impl Sources {
         let sink = |name: &str| {
             DaemonSink::new(name, stats.for_source(name), settings.untimed_lines_grant)
         };
+        // Every source by name, for a file source's warning when it cannot be read.
+        let mut named: Vec<String> = settings
+            .logs
+            .iter()
+            .map(|p| format!("log file {}", p.display()))
+            .collect();
+        if cfg.journal.is_some() {
+            named.push("the journal".into());
+        }
+        if let Some(s) = &settings.push.socket {
+            named.push(format!("the post-login socket {}", s.display()));
+        }
+        if let Some(a) = &settings.push.auth_policy {
+            named.push(format!("the auth-policy endpoint {a}"));
+        }
+        if let Some(l) = &settings.events.listen {
+            named.push(format!("Dovecot's events on {l}"));
+        }
         for (index, path) in settings.logs.iter().enumerate() {
+            let mut others = named.clone();
+            others.remove(index);
             let spec = FileSourceSpec {
                 index,
                 path: path.clone(),
@@ -209,6 +229,7 @@ impl Sources {
                 max_line: settings.max_line_bytes,
                 poll_interval: settings.poll_interval,
                 cutoff,
+                others,
             };
             let source = FileSource {
                 spec,
@@ -705,6 +726,7 @@ fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, F
         max_ttl: i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 4),
         state_dir: settings.state_dir.clone(),
         spill_max: settings.store.spill_max_grants,
+        instance: map.path().display().to_string(),
     })
     .map_err(|e| Failure::runtime(e.to_string()))?;
     Ok(WriterStore::shared(map, pg))

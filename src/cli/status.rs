@@ -37,6 +37,10 @@ pub struct StatusArgs {
     /// dovegate when it exists, else the current user).
     #[arg(long, value_name = "USER")]
     user: Option<String>,
+    /// Every writer and replica as the shared database sees them (needs
+    /// store.postgres_url_file): last report, clock skew, spill queue, lag.
+    #[arg(long)]
+    fleet: bool,
 }
 
 #[derive(Serialize)]
@@ -105,6 +109,8 @@ struct DatabaseStatus {
     dropped_total: u64,
     /// This host's clock minus the database's, seconds.
     clock_skew_secs: Option<f64>,
+    /// The database's schema is newer than this dovegate (not an outage: upgrade).
+    newer_schema: Option<crate::store::postgres::NewerSchema>,
     updated: String,
     /// Not rewritten for 30 s: the daemon that writes it stopped or is stuck.
     stale_file: bool,
@@ -122,6 +128,7 @@ struct ReplicaOut {
     last_change: Option<String>,
     lag_secs: Option<f64>,
     grants: usize,
+    newer_schema: Option<crate::store::postgres::NewerSchema>,
     updated: String,
     stale_file: bool,
 }
@@ -254,6 +261,12 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             f.state.dir = d.display().to_string();
         }
     })?;
+    if args.fleet {
+        return super::fleet_status::fleet(&settings, args.json);
+    }
+    if let Some(shown) = super::fleet_status::replica_host(&settings, args.json) {
+        return shown;
+    }
     let mut map = LmdbMap::open_keyed(
         &settings.map_path,
         &settings.action,
@@ -354,6 +367,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             behind: w.behind,
             dropped_total: w.dropped_total,
             clock_skew_secs: w.clock_skew_secs,
+            newer_schema: w.newer_schema,
             updated: timefmt::rfc3339(w.updated),
             stale_file,
         }
@@ -373,6 +387,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             last_change: r.last_change.map(timefmt::rfc3339),
             lag_secs: r.lag_secs,
             grants: r.grants,
+            newer_schema: r.newer_schema,
             updated: timefmt::rfc3339(r.updated),
             stale_file,
         }
@@ -510,6 +525,11 @@ fn print_text(status: &Status, state_dir: &Path) {
                 "connected, last commit {}",
                 d.last_commit.as_deref().unwrap_or("-")
             )
+        } else if let Some(newer) = d.newer_schema {
+            format!(
+                "NOT USED since {}: {newer}",
+                d.disconnected_since.as_deref().unwrap_or("-")
+            )
         } else {
             format!(
                 "UNREACHABLE since {} ({})",
@@ -540,6 +560,11 @@ fn print_text(status: &Status, state_dir: &Path) {
                 "current, last snapshot {} ({} grants){lag}",
                 r.last_snapshot.as_deref().unwrap_or("-"),
                 r.last_snapshot_grants
+            )
+        } else if let Some(newer) = r.newer_schema {
+            format!(
+                "STALE since {}: {newer}",
+                r.disconnected_since.as_deref().unwrap_or("-")
             )
         } else {
             format!(

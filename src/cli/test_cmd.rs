@@ -209,9 +209,42 @@ struct Report<'a> {
     sessions: crate::session::Sessions,
     /// The latest line time seen (where the input ends, for the sessions still open).
     last_time: i64,
+    /// source.max_line_bytes: longer lines are skipped (and counted as too long).
+    max_line: usize,
 }
 
 impl Report<'_> {
+    /// Lines the reader dropped whole (longer than its buffer): counted as lines and as
+    /// too long, and reported as such, so that line numbers after them stay right.
+    fn dropped(&mut self, count: u64) {
+        for _ in 0..count {
+            self.totals.lines += 1;
+            self.totals.too_long += 1;
+            let r = LineReport {
+                too_long: true,
+                ..self.blank(Line {
+                    index: 0,
+                    text: b"",
+                })
+            };
+            if self.args.json {
+                let file = std::mem::take(&mut self.file);
+                self.write(&LineReport { file: &file, ..r });
+                self.file = file;
+            } else if self.args.print_missed && self.error.is_none() {
+                let n = self.base + 1;
+                if let Err(e) = writeln!(
+                    self.out,
+                    "too-long {}:{n}: (longer than the read buffer; not shown)",
+                    self.file
+                ) {
+                    self.error = Some(e);
+                }
+            }
+            self.base += 1;
+        }
+    }
+
     fn number(&self, line: Line<'_>) -> u64 {
         self.base + line.index + 1
     }
@@ -358,7 +391,10 @@ impl Sink for Report<'_> {
     }
 
     fn too_long(&mut self, line: Line<'_>) {
-        self.totals.too_long += 1;
+        // Files count their long lines by chunk (`long_lines`): most never reach the sink.
+        if self.journal {
+            self.totals.too_long += 1;
+        }
         let r = LineReport {
             too_long: true,
             ..self.blank(line)
@@ -379,6 +415,9 @@ impl Sink for Report<'_> {
     }
 
     fn other(&mut self, line: Line<'_>) {
+        if line.text.len() > self.max_line {
+            return Sink::too_long(self, line);
+        }
         let r = self.blank(line);
         let tag = self.args.print_missed.then_some("missed");
         self.unmatched(line, r, tag);
@@ -493,6 +532,7 @@ pub fn run(args: TestArgs) -> Result<(), Failure> {
         error: None,
         sessions: crate::session::Sessions::new(policy.ttl_secs(), hold),
         last_time: 0,
+        max_line: settings.max_line_bytes,
     };
     let started = Instant::now();
     let result = match args.journal.target(false) {
@@ -564,7 +604,11 @@ fn run_files(
         let mut file_bytes = 0u64;
         report.file = name.clone();
         report.base = 0;
+        let mut dropped = 0;
         loop {
+            // Lines dropped by the last read come before those of the next chunk.
+            report.dropped(reader.dropped_long_lines - dropped);
+            dropped = reader.dropped_long_lines;
             let chunk = match reader
                 .read_chunk(&mut input)
                 .map_err(|e| Failure::runtime(format!("{name}: {e}")))?
@@ -579,6 +623,7 @@ fn run_files(
             };
             file_bytes += chunk.len() as u64;
             progress.update(file_bytes);
+            report.totals.too_long += long_lines(chunk, report.max_line);
             let n = scanner.scan(chunk, report.now, report);
             report.base += n.lines;
             report.totals.lines += n.lines;
@@ -587,6 +632,7 @@ fn run_files(
                 return Ok(());
             }
         }
+        report.dropped(reader.dropped_long_lines - dropped);
         progress.done();
     }
     Ok(())
@@ -675,6 +721,21 @@ fn print_summary(t: &Totals, patterns: &PatternSet, secs: f64) -> io::Result<()>
     )
 }
 
+/// Lines of `chunk` longer than `max` bytes (without their newline), as the scanner
+/// measures them.
+fn long_lines(chunk: &[u8], max: usize) -> u64 {
+    if chunk.len() <= max {
+        return 0;
+    }
+    let mut n = 0;
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', chunk) {
+        n += u64::from(end - start > max);
+        start = end + 1;
+    }
+    n + u64::from(chunk.len() - start > max)
+}
+
 /// `--grants`: every address that would be granted, its logins and how long it is held.
 fn print_grants(t: &Totals) -> io::Result<()> {
     let mut o = io::stdout().lock();
@@ -723,7 +784,10 @@ fn run_journal(
     report.journal = true;
     let mut reader = ChunkReader::new(settings.max_line_bytes.max(64 * 1024), 0);
     let mut cursor = None;
+    let mut dropped = 0;
     loop {
+        report.dropped(reader.dropped_long_lines - dropped);
+        dropped = reader.dropped_long_lines;
         let chunk = match reader
             .read_chunk(&mut stdout)
             .map_err(|e| Failure::runtime(format!("journalctl: {e}")))?

@@ -264,6 +264,11 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Re
 /// From the status files the PostgreSQL writer and the replica rewrite every few seconds;
 /// nothing when the host shares no grants.
 fn fleet_gauges(enc: &mut DescriptorEncoder, state_dir: &std::path::Path) -> fmt::Result {
+    writer_gauges(enc, state_dir)?;
+    replica_gauges(enc, state_dir)
+}
+
+fn writer_gauges(enc: &mut DescriptorEncoder, state_dir: &std::path::Path) -> fmt::Result {
     if let Some(w) = WriterStatus::load(state_dir) {
         gauge(
             enc,
@@ -299,12 +304,34 @@ fn fleet_gauges(enc: &mut DescriptorEncoder, state_dir: &std::path::Path) -> fmt
             ConstGauge::new(skew).encode(m)?;
         }
     }
+    Ok(())
+}
+
+fn replica_gauges(enc: &mut DescriptorEncoder, state_dir: &std::path::Path) -> fmt::Result {
     if let Some(r) = ReplicaStatus::load(state_dir) {
         gauge(
             enc,
             "dovegate_replica_connected",
             "1 when the replica's database is reachable (its map is current).",
             i64::from(r.connected),
+        )?;
+        gauge(
+            enc,
+            "dovegate_replica_grants",
+            "Grants in the replica's map.",
+            i64::try_from(r.grants).unwrap_or(i64::MAX),
+        )?;
+        gauge(
+            enc,
+            "dovegate_replica_newer_schema",
+            "The database's schema version when it is newer than this dovegate knows (upgrade); 0 otherwise.",
+            r.newer_schema.map_or(0, |n| i64::from(n.found)),
+        )?;
+        gauge(
+            enc,
+            "dovegate_replica_status_timestamp_seconds",
+            "When the replica last wrote its status (unix time): it does every 2 s while it runs.",
+            r.updated,
         )?;
         if let Some(lag) = r.lag_secs {
             let m = enc.encode_descriptor(
@@ -329,13 +356,32 @@ fn fleet_gauges(enc: &mut DescriptorEncoder, state_dir: &std::path::Path) -> fmt
 
 /// The exposition text.
 pub fn render(src: &Arc<MetricsSource>) -> String {
+    encode(Box::new(Snapshot(Arc::clone(src))))
+}
+
+fn encode(collector: Box<dyn Collector>) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Snapshot(Arc::clone(src))));
+    registry.register_collector(collector);
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
         tracing::error!(error = %e, "cannot encode metrics");
     }
     out
+}
+
+/// A replica's metrics (`dovegate replica --metrics`): its status file's gauges.
+#[derive(Debug)]
+struct ReplicaSnapshot(std::path::PathBuf);
+
+impl Collector for ReplicaSnapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        replica_gauges(&mut enc, &self.0)
+    }
+}
+
+/// The exposition text of a replica whose state directory is `state_dir`.
+pub fn render_replica(state_dir: &std::path::Path) -> String {
+    encode(Box::new(ReplicaSnapshot(state_dir.to_path_buf())))
 }
 
 /// Connections served at once; more evict the stalest (Prometheus scrapes over one).
@@ -345,10 +391,13 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest request head.
 const MAX_REQUEST: usize = 8192;
 
+/// What a scrape renders.
+type Render = dyn Fn() -> String + Send + Sync;
+
 /// The answer to one request: the exposition for `GET /metrics`, 404 for anything else.
-fn respond(req: &Request<Incoming>, src: &Arc<MetricsSource>) -> Response<Full<Bytes>> {
+fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
     if req.method() == Method::GET && req.uri().path() == "/metrics" {
-        let mut r = Response::new(Full::new(Bytes::from(render(src))));
+        let mut r = Response::new(Full::new(Bytes::from(render())));
         r.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
             hyper::header::HeaderValue::from_static(
@@ -364,7 +413,7 @@ fn respond(req: &Request<Incoming>, src: &Arc<MetricsSource>) -> Response<Full<B
 }
 
 /// The endpoint as a `net` server.
-struct Metrics(Arc<MetricsSource>);
+struct Metrics(Box<Render>);
 
 impl Handler for Metrics {
     fn serve<S: Stream>(
@@ -374,7 +423,7 @@ impl Handler for Metrics {
     ) -> impl Future<Output = ()> + Send + 'static {
         let service = hyper::service::service_fn(move |req| {
             conn.progress();
-            let r = respond(&req, &self.0);
+            let r = respond(&req, &*self.0);
             async move { Ok::<_, Infallible>(r) }
         });
         async move {
@@ -385,12 +434,29 @@ impl Handler for Metrics {
 
 /// Serves `GET /metrics` on `listen` in the background until `shutdown`.
 pub async fn start(listen: &Listen, src: Arc<MetricsSource>) -> std::io::Result<Server> {
+    serve(listen, "serve.metrics", Box::new(move || render(&src))).await
+}
+
+/// Serves a replica's `GET /metrics` (`dovegate replica --metrics`).
+pub async fn start_replica(
+    listen: &Listen,
+    state_dir: std::path::PathBuf,
+) -> std::io::Result<Server> {
+    serve(
+        listen,
+        "--metrics",
+        Box::new(move || render_replica(&state_dir)),
+    )
+    .await
+}
+
+async fn serve(listen: &Listen, key: &'static str, render: Box<Render>) -> std::io::Result<Server> {
     let spec = Spec {
         name: "metrics",
-        key: "serve.metrics",
+        key,
         max_connections: MAX_CONNECTIONS,
         max_key: None,
         unix_mode: 0o666,
     };
-    net::start(listen, spec, Arc::new(Metrics(src))).await
+    net::start(listen, spec, Arc::new(Metrics(render))).await
 }

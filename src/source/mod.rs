@@ -199,6 +199,9 @@ pub struct FileSourceSpec {
     pub poll_interval: Duration,
     /// Logins before this time cannot hold a grant: where a first start begins reading.
     pub cutoff: i64,
+    /// The daemon's other sources (other log paths, the journal, push, events), named for
+    /// the warning when this one cannot be read: what still works.
+    pub others: Vec<String>,
 }
 
 /// Follows one file: reads what is new, scans it, sends batches, until stopped or the
@@ -260,7 +263,7 @@ impl FileSource {
         if self.tx.blocking_send(first).is_err() {
             return Ok(());
         }
-        let mut health = Health::new(&spec.path);
+        let mut health = Health::new(&spec.path, spec.others.clone());
         while !stop.is_set() {
             let mut closed = false;
             let (scanner, sink, tx) = (&mut self.scanner, &mut self.sink, &self.tx);
@@ -289,7 +292,7 @@ impl FileSource {
                     |p| p.to_string(),
                 )),
             };
-            health.note(problem);
+            health.note(problem, follower.open_generations());
             // Wait for a change, a stop or the poll interval, then swallow queued wake-ups.
             let _ = wake_rx.recv_timeout(spec.poll_interval);
             while wake_rx.try_recv().is_ok() {}
@@ -300,9 +303,12 @@ impl FileSource {
 
 /// Says, repeatedly while it lasts, why a followed file cannot be read (missing,
 /// unreadable, not a regular file), and once when it clears: the daemon never grants
-/// nothing in silence.
+/// nothing in silence. It says what still delivers logins (the file the path named before,
+/// read through its descriptor; the other sources), so that "no logins" is said only when
+/// true.
 struct Health {
     path: PathBuf,
+    others: Vec<String>,
     problem: Option<String>,
     reminder: Throttle,
 }
@@ -311,15 +317,17 @@ impl Health {
     /// How often a lasting problem is said again.
     const REMIND: Duration = Duration::from_secs(60);
 
-    fn new(path: &Path) -> Health {
+    fn new(path: &Path, others: Vec<String>) -> Health {
         Health {
             path: path.to_path_buf(),
+            others,
             problem: None,
             reminder: Throttle::new(Health::REMIND),
         }
     }
 
-    fn note(&mut self, problem: Option<String>) {
+    /// `open`: files of this path still read (see `FileFollower::open_generations`).
+    fn note(&mut self, problem: Option<String>, open: usize) {
         match problem {
             Some(p) => {
                 let changed = self.problem.as_deref() != Some(p.as_str());
@@ -327,7 +335,8 @@ impl Health {
                     self.reminder = Throttle::new(Health::REMIND);
                 }
                 if let Some(n) = self.reminder.hit() {
-                    tracing::warn!(path = %self.path.display(), checks = n, "no logins can be read: {p}");
+                    let text = self.warning(&p, open);
+                    tracing::warn!(path = %self.path.display(), checks = n, "{text}");
                 }
                 self.problem = Some(p);
             }
@@ -337,6 +346,25 @@ impl Health {
                 }
             }
         }
+    }
+
+    fn warning(&self, problem: &str, open: usize) -> String {
+        let mut still = Vec::new();
+        if open > 0 {
+            still.push(format!(
+                "the file {} named before (rotated or replaced; read until it goes quiet)",
+                self.path.display()
+            ));
+        }
+        still.extend(self.others.iter().cloned());
+        if still.is_empty() {
+            return format!("no logins can be read: {problem}");
+        }
+        format!(
+            "new logins cannot be read from {}: {problem}. Still read: {}",
+            self.path.display(),
+            still.join("; ")
+        )
     }
 }
 
@@ -368,6 +396,33 @@ mod tests {
 
     fn scanner() -> Scanner {
         crate::scan::test_scanner(Visit::Logins, 16384)
+    }
+
+    /// "No logins" only when nothing else delivers them (issue 26).
+    #[test]
+    fn an_unreadable_path_says_what_still_works() {
+        let p = "log path /l/a.log is a FIFO";
+        let alone = Health::new(Path::new("/l/a.log"), Vec::new());
+        assert_eq!(alone.warning(p, 0), format!("no logins can be read: {p}"));
+        let w = alone.warning(p, 1);
+        assert!(
+            w.starts_with("new logins cannot be read from /l/a.log: "),
+            "{w}"
+        );
+        assert!(
+            w.contains("Still read: the file /l/a.log named before"),
+            "{w}"
+        );
+        let others = Health::new(
+            Path::new("/l/a.log"),
+            vec!["log file /l/b.log".into(), "the journal".into()],
+        );
+        let w = others.warning(p, 0);
+        assert!(
+            w.ends_with("Still read: log file /l/b.log; the journal"),
+            "{w}"
+        );
+        assert!(!w.contains("no logins"), "{w}");
     }
 
     /// Files and the journal count logins per pattern the same way (the journal's were

@@ -216,6 +216,12 @@ impl FileFollower {
         self.problem.as_ref()
     }
 
+    /// How many files are still read (the current one through its descriptor, and the
+    /// rotated ones being drained): while the path is unusable these still deliver logins.
+    pub fn open_generations(&self) -> usize {
+        self.draining.len() + usize::from(self.current.is_some())
+    }
+
     /// Where the file the path names is read from (None: not open, see `problem`).
     pub fn current(&self) -> Option<FilePos> {
         self.current.as_ref().map(Generation::pos)

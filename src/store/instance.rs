@@ -72,17 +72,28 @@ fn read_pid(file: &mut File) -> Option<u32> {
 impl InstanceLock {
     /// Locks the map's and the state directory's lock files, or says who holds them.
     pub fn acquire(map: &Path, state_dir: &Path) -> Result<InstanceLock, StoreError> {
-        let mut files = Vec::new();
-        for (path, what) in [
+        InstanceLock::take(&[
             (map_lock_path(map), "map"),
             (state_lock_path(state_dir), "state directory"),
-        ] {
+        ])
+    }
+
+    /// The map's lock only: a replica owns its map (no daemon may write it), but shares
+    /// the state directory with a writer on a host that runs both (`fleet.json` and
+    /// `replica.json` side by side). `status` finds the replica's pid by it.
+    pub fn acquire_map(map: &Path) -> Result<InstanceLock, StoreError> {
+        InstanceLock::take(&[(map_lock_path(map), "map")])
+    }
+
+    fn take(locks: &[(PathBuf, &str)]) -> Result<InstanceLock, StoreError> {
+        let mut files = Vec::new();
+        for (path, what) in locks {
             let io =
-                |e: &io::Error| StoreError::io(&path, "cannot take the single-instance lock", e);
+                |e: &io::Error| StoreError::io(path, "cannot take the single-instance lock", e);
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| io(&e))?;
             }
-            let mut file = open_lock_file(&path).map_err(|e| io(&e))?;
+            let mut file = open_lock_file(path).map_err(|e| io(&e))?;
             if !try_lock(&file).map_err(|e| io(&e))? {
                 // A starting dovegate writes its pid right after taking the lock.
                 let mut pid = read_pid(&mut file);
@@ -103,7 +114,7 @@ impl InstanceLock {
                     file = %path.display(),
                     "the single-instance lock is held by a process that is not a running dovegate (another user's lock on an old world-readable lock file?); replacing the file with a new one (mode 0600)"
                 );
-                file = replace_lock_file(&path).map_err(|e| io(&e))?;
+                file = replace_lock_file(path).map_err(|e| io(&e))?;
                 if !try_lock(&file).map_err(|e| io(&e))? {
                     return Err(StoreError::new(
                         format!(

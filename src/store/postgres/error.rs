@@ -19,11 +19,9 @@ pub enum PgError {
     /// No answer within the bound (a hung database).
     #[error("{what}: no answer within {secs}s")]
     Timeout { what: String, secs: u64 },
-    /// The schema in the database is newer than this program.
-    #[error(
-        "schema version {found} is newer than this dovegate knows ({known}); upgrade dovegate"
-    )]
-    NewerSchema { found: i32, known: i32 },
+    /// The schema in the database is newer than this program: not an outage, an upgrade.
+    #[error(transparent)]
+    NewerSchema(NewerSchema),
     /// The spill queue file.
     #[error("{}: {what}: {source}", .path.display())]
     Spill {
@@ -40,7 +38,28 @@ pub enum PgError {
     Unreachable(String),
 }
 
+/// The database holds a schema version this dovegate does not know (another host was
+/// upgraded first). Kept in the status files so that `status` says so, not "unreachable".
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize,
+)]
+#[error(
+    "the database's schema {found} is newer than this dovegate knows ({known}); upgrade dovegate"
+)]
+pub struct NewerSchema {
+    pub found: i32,
+    pub known: i32,
+}
+
 impl PgError {
+    /// The newer schema this error is about, if it is one.
+    pub fn newer_schema(&self) -> Option<NewerSchema> {
+        match self {
+            PgError::NewerSchema(n) => Some(*n),
+            _ => None,
+        }
+    }
+
     pub fn db(what: impl Into<String>, source: tokio_postgres::Error) -> PgError {
         PgError::Db {
             what: what.into(),

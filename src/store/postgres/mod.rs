@@ -3,7 +3,8 @@
 //! Writers (`dovegate run` with `[store] postgres_url_file`) upsert grants into
 //! `SCHEMA.dovegate_grants`; replicas (`dovegate replica`) LISTEN, snapshot and copy them
 //! into their local LMDB map. This module holds what both share: the URL file, connecting
-//! (TLS through rustls when the URL says `sslmode=require`), the versioned schema and the
+//! (TLS through rustls when the URL says `sslmode=require`, `verify-ca` or `verify-full`),
+//! the versioned schema and the
 //! SQL. Every value goes in as a parameter; the only name put into SQL text is the schema,
 //! validated as a plain identifier by the configuration.
 
@@ -12,7 +13,7 @@ pub mod shared_policy;
 pub mod spill;
 pub mod worker;
 
-pub use error::PgError;
+pub use error::{NewerSchema, PgError};
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -42,32 +43,60 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Target {
     config: Config,
-    tls: bool,
+    /// None: no TLS (`sslmode` disable, prefer or absent).
+    tls: Option<Verify>,
     /// CA certificates from `sslrootcert=FILE` in the URL; None: the system store.
     roots: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
     schema: String,
 }
 
-/// Takes `sslrootcert=FILE` out of the URL (tokio-postgres does not know the option):
-/// (URL without it, FILE).
-fn take_sslrootcert(url: &str) -> (String, Option<String>) {
-    let is_root = |kv: &str| kv.starts_with("sslrootcert=");
-    let value = |kv: &str| kv["sslrootcert=".len()..].to_string();
+/// What the TLS connection checks of the server's certificate. rustls always checks the
+/// chain; libpq's `require` checks nothing, but a relay's grants are worth more than
+/// that, so `require` checks the chain and the host name as `verify-full` does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Verify {
+    /// `require`, `verify-full`: signed by a trusted CA and issued for the URL's host.
+    ChainAndName,
+    /// `verify-ca`: signed by a trusted CA, for any host name (libpq's meaning).
+    Chain,
+}
+
+/// Takes every `NAME=VALUE` out of the URL (tokio-postgres does not know `sslrootcert`
+/// nor the `verify-*` modes of `sslmode`): (URL without them, the last VALUE).
+fn take_param(url: &str, name: &str) -> (String, Option<String>) {
+    let prefix = format!("{name}=");
+    let is_it = |kv: &str| kv.starts_with(&prefix);
+    let value = |kv: &str| kv[prefix.len()..].to_string();
     if let Some((base, query)) = url.split_once('?') {
-        let (roots, rest): (Vec<&str>, Vec<&str>) = query.split('&').partition(|kv| is_root(kv));
+        let (found, rest): (Vec<&str>, Vec<&str>) = query.split('&').partition(|kv| is_it(kv));
         let url = if rest.is_empty() {
             base.to_string()
         } else {
             format!("{base}?{}", rest.join("&"))
         };
-        (url, roots.last().map(|kv| value(kv)))
+        (url, found.last().map(|kv| value(kv)))
     } else if !url.contains("://") {
-        let (roots, rest): (Vec<&str>, Vec<&str>) =
-            url.split_whitespace().partition(|kv| is_root(kv));
-        (rest.join(" "), roots.last().map(|kv| value(kv)))
+        let (found, rest): (Vec<&str>, Vec<&str>) =
+            url.split_whitespace().partition(|kv| is_it(kv));
+        (rest.join(" "), found.last().map(|kv| value(kv)))
     } else {
         (url.to_string(), None)
     }
+}
+
+/// `sslmode`'s value: (tokio-postgres's mode, what TLS verifies).
+fn ssl_mode(value: Option<&str>) -> Result<(SslMode, Option<Verify>), String> {
+    Ok(match value {
+        None | Some("prefer") => (SslMode::Prefer, None),
+        Some("disable") => (SslMode::Disable, None),
+        Some("require") | Some("verify-full") => (SslMode::Require, Some(Verify::ChainAndName)),
+        Some("verify-ca") => (SslMode::Require, Some(Verify::Chain)),
+        Some(other) => {
+            return Err(format!(
+                "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
+            ))
+        }
+    })
 }
 
 fn load_roots(file: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, PgError> {
@@ -114,7 +143,8 @@ impl Target {
         // Bounded again on the read itself: the file may change after the stat above.
         let text = crate::fsread::read_text(path, MAX_URL_FILE, crate::fsread::Links::Follow)
             .map_err(|e| fail(e.to_string()))?;
-        let (url, rootcert) = take_sslrootcert(text.trim());
+        let (url, rootcert) = take_param(text.trim(), "sslrootcert");
+        let (url, mode) = take_param(&url, "sslmode");
         let url = url.as_str();
         if url.is_empty() {
             return Err(fail(format!(
@@ -122,11 +152,13 @@ impl Target {
             )));
         }
         // The parser's message never contains the URL; keep it that way (password).
-        let config = Config::from_str(url).map_err(|e| {
+        let mut config = Config::from_str(url).map_err(|e| {
             fail(format!(
                 "{at}: not a PostgreSQL URL like postgresql://user:password@host:5432/db ({e})"
             ))
         })?;
+        let (mode, tls) = ssl_mode(mode.as_deref()).map_err(|e| fail(format!("{at}: {e}")))?;
+        config.ssl_mode(mode);
         if config.get_hosts().is_empty() {
             return Err(fail(format!("{at}: the URL names no host")));
         }
@@ -135,7 +167,7 @@ impl Target {
             None => None,
         };
         Ok(Target {
-            tls: config.get_ssl_mode() == SslMode::Require,
+            tls,
             roots,
             config,
             schema: schema.to_string(),
@@ -151,8 +183,17 @@ impl Target {
         };
         let port = self.config.get_ports().first().copied().unwrap_or(5432);
         let db = self.config.get_dbname().unwrap_or("");
-        let tls = if self.tls { " (TLS)" } else { "" };
+        let tls = match self.tls {
+            Some(Verify::ChainAndName) => " (TLS)",
+            Some(Verify::Chain) => " (TLS, verify-ca)",
+            None => "",
+        };
         format!("postgresql://{host}:{port}/{db}{tls}")
+    }
+
+    /// The schema the tables are in (a validated identifier).
+    pub fn schema(&self) -> &str {
+        &self.schema
     }
 
     /// The table, schema-qualified (the schema is a validated identifier).
@@ -213,10 +254,10 @@ impl Target {
         let fail = |e: tokio_postgres::Error| {
             PgError::db(format!("{}: cannot connect", self.describe()), e)
         };
-        if self.tls {
+        if let Some(verify) = self.tls {
             let (client, conn) = self
                 .config
-                .connect(tls_connector(self.roots.as_deref())?)
+                .connect(tls_connector(self.roots.as_deref(), verify)?)
                 .await
                 .map_err(fail)?;
             tokio::spawn(drive(conn, notices));
@@ -250,6 +291,7 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
 
 fn tls_connector(
     own: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    verify: Verify,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, PgError> {
     let mut roots = rustls::RootCertStore::empty();
     let certs = match own {
@@ -260,15 +302,79 @@ fn tls_connector(
         let _ = roots.add(cert);
     }
     if roots.is_empty() {
-        return Err(PgError::Config("sslmode=require: no CA certificate found in the system store (/etc/ssl/certs); install ca-certificates or the database's CA".into()));
+        return Err(PgError::Config("sslmode: no CA certificate found in the system store (/etc/ssl/certs); install ca-certificates or the database's CA".into()));
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let setup = |e: rustls::Error| PgError::Config(format!("TLS set-up failed: {e}"));
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| PgError::Config(format!("TLS set-up failed: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .map_err(setup)?;
+    let config = match verify {
+        Verify::ChainAndName => builder.with_root_certificates(roots),
+        Verify::Chain => {
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                std::sync::Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| PgError::Config(format!("TLS set-up failed: {e}")))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(ChainOnly(webpki)))
+        }
+    }
+    .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// `sslmode=verify-ca`: rustls's own verifier, except that a certificate for another host
+/// name is accepted. It checks the chain (and validity dates) before the name, so a name
+/// error means the chain was trusted; every other error stands.
+#[derive(Debug)]
+struct ChainOnly(std::sync::Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// What the connection tells a listener.
@@ -462,6 +568,52 @@ CREATE TABLE dovegate_policy_counts (
 );
 CREATE INDEX dovegate_policy_counts_bucket ON dovegate_policy_counts (bucket);
 "#,
+    // 5: the fleet as the database sees it (`dovegate status --fleet`): every writer and
+    // replica reports itself every few seconds through `dovegate_report`, SECURITY DEFINER
+    // so that a replica whose role may only SELECT reports too; the database stamps the
+    // time and measures the host's clock against its own. Anyone who can connect may
+    // report (status only, never grants): rows are bounded (1000, and forgotten after 7
+    // days of silence) and their texts clipped.
+    r#"
+CREATE TABLE dovegate_hosts (
+    host text NOT NULL CHECK (length(host) BETWEEN 1 AND 255),
+    role text NOT NULL CHECK (role IN ('writer', 'replica')),
+    instance text NOT NULL CHECK (length(instance) <= 255),
+    seen_at timestamptz NOT NULL DEFAULT now(),
+    clock_skew_secs float8,
+    connected_since timestamptz,
+    spill_queue bigint,
+    spill_dropped bigint,
+    lag_secs float8,
+    grants bigint,
+    PRIMARY KEY (host, role, instance)
+);
+CREATE FUNCTION dovegate_report(p_host text, p_role text, p_instance text,
+    p_host_time float8, p_spill bigint, p_dropped bigint, p_lag float8, p_grants bigint)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    h text := left(p_host, 255);
+    i text := left(p_instance, 255);
+BEGIN
+    DELETE FROM dovegate_hosts WHERE seen_at < now() - interval '7 days';
+    IF NOT EXISTS (SELECT 1 FROM dovegate_hosts WHERE host = h AND role = p_role AND instance = i)
+        AND (SELECT count(*) FROM dovegate_hosts) >= 1000 THEN
+        RETURN;
+    END IF;
+    INSERT INTO dovegate_hosts AS d (host, role, instance, seen_at, clock_skew_secs,
+        connected_since, spill_queue, spill_dropped, lag_secs, grants)
+    VALUES (h, p_role, i, now(), p_host_time - extract(epoch FROM clock_timestamp()),
+        now(), p_spill, p_dropped, p_lag, p_grants)
+    ON CONFLICT (host, role, instance) DO UPDATE SET seen_at = EXCLUDED.seen_at,
+        clock_skew_secs = EXCLUDED.clock_skew_secs,
+        -- A report more than a minute after the last one starts a new connection.
+        connected_since = CASE WHEN d.seen_at < now() - interval '60 seconds'
+            THEN EXCLUDED.connected_since ELSE d.connected_since END,
+        spill_queue = EXCLUDED.spill_queue, spill_dropped = EXCLUDED.spill_dropped,
+        lag_secs = EXCLUDED.lag_secs, grants = EXCLUDED.grants;
+END
+$$;
+"#,
 ];
 
 /// Advisory lock key for migrations: two writers starting at once must not race.
@@ -486,8 +638,16 @@ pub async fn migrate(client: &Client, schema: &str) -> Result<i32, PgError> {
             )
             .await
             .map_err(e)?;
-        if row.get::<_, i32>(0) == latest {
+        let current: i32 = row.get(0);
+        if current == latest {
             return Ok(latest);
+        }
+        // Said before anything that needs more than SELECT (replicas' roles).
+        if current > latest {
+            return Err(PgError::NewerSchema(NewerSchema {
+                found: current,
+                known: latest,
+            }));
         }
     }
     client.batch_execute("BEGIN").await.map_err(e)?;
@@ -520,10 +680,10 @@ pub async fn migrate(client: &Client, schema: &str) -> Result<i32, PgError> {
             .map_err(e)?;
         let current: i32 = row.get(0);
         if current > latest {
-            return Err(PgError::NewerSchema {
+            return Err(PgError::NewerSchema(NewerSchema {
                 found: current,
                 known: latest,
-            });
+            }));
         }
         for (i, step) in MIGRATIONS.iter().enumerate().skip(current as usize) {
             client.batch_execute(step).await.map_err(e)?;
@@ -555,6 +715,95 @@ pub async fn migrate(client: &Client, schema: &str) -> Result<i32, PgError> {
             Err(m)
         }
     }
+}
+
+/// What a writer or replica reports of itself (`dovegate_report`, schema 4).
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// `writer` or `replica`.
+    pub role: &'static str,
+    /// Which one on its host (its map).
+    pub instance: String,
+    pub spill_queue: Option<i64>,
+    pub spill_dropped: Option<i64>,
+    pub lag_secs: Option<f64>,
+    pub grants: Option<i64>,
+}
+
+/// Reports this host to the database (its clock is measured there).
+pub async fn report(
+    client: &Client,
+    schema: &str,
+    host: &str,
+    r: &Report,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            &format!("SELECT \"{schema}\".dovegate_report($1, $2, $3, $4, $5, $6, $7, $8)"),
+            &[
+                &host,
+                &r.role,
+                &r.instance,
+                &crate::timefmt::now_f64(),
+                &r.spill_queue,
+                &r.spill_dropped,
+                &r.lag_secs,
+                &r.grants,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// One writer or replica as the database last saw it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SeenHost {
+    pub host: String,
+    pub role: String,
+    pub instance: String,
+    /// Unix seconds (the database's clock) of its last report, and how long ago that is.
+    pub seen: f64,
+    pub seen_secs_ago: f64,
+    /// Its clock minus the database's at its last report.
+    pub clock_skew_secs: Option<f64>,
+    /// Since when it reports without a gap of a minute (unix seconds).
+    pub connected_since: Option<f64>,
+    pub spill_queue: Option<i64>,
+    pub spill_dropped: Option<i64>,
+    pub lag_secs: Option<f64>,
+    pub grants: Option<i64>,
+}
+
+/// Every writer and replica that reported in the last 7 days.
+pub async fn fleet(client: &Client, schema: &str) -> Result<Vec<SeenHost>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT host, role, instance, extract(epoch FROM seen_at)::float8,
+                        extract(epoch FROM clock_timestamp() - seen_at)::float8, clock_skew_secs,
+                        extract(epoch FROM connected_since)::float8, spill_queue, spill_dropped,
+                        lag_secs, grants
+                 FROM \"{schema}\".dovegate_hosts ORDER BY role DESC, host, instance LIMIT 1000"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| SeenHost {
+            host: r.get(0),
+            role: r.get(1),
+            instance: r.get(2),
+            seen: r.get(3),
+            seen_secs_ago: r.get(4),
+            clock_skew_secs: r.get(5),
+            connected_since: r.get(6),
+            spill_queue: r.get(7),
+            spill_dropped: r.get(8),
+            lag_secs: r.get(9),
+            grants: r.get(10),
+        })
+        .collect())
 }
 
 /// Who wrote a grant, for audit.
@@ -819,19 +1068,36 @@ pub async fn snapshot(
     ))
 }
 
-/// The rows of `addresses` as `snapshot` reads them, with `updated_at` (unix seconds, for
-/// lag): (address, expiry, updated). An address not returned grants nothing (deleted,
-/// expired, or never there).
+/// A row as `reread` returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reread {
+    pub address: String,
+    /// The effective expiry (see `effective_sql`).
+    pub expires: i64,
+    /// `updated_at`, unix seconds (for lag).
+    pub updated: f64,
+    /// Who wrote it (`granted_by`: the writer's host name; `source`: `dovecot` for a
+    /// login, `dovegate-admin` for `dovegate grant`), for the audit trail.
+    pub host: String,
+    pub source: String,
+}
+
+/// The source `dovegate grant` writes (`Origin::source`).
+pub const ADMIN_SOURCE: &str = "dovegate-admin";
+
+/// The rows of `addresses` as `snapshot` reads them, with `updated_at` and who wrote them.
+/// An address not returned grants nothing (deleted, expired, or never there).
 pub async fn reread(
     client: &Client,
     table: &str,
     addresses: &[String],
     ttl: i64,
-) -> Result<Vec<(String, i64, f64)>, tokio_postgres::Error> {
+) -> Result<Vec<Reread>, tokio_postgres::Error> {
     let rows = client
         .query(
             &format!(
-                "SELECT address, floor(extract(epoch FROM {}))::int8, extract(epoch FROM updated_at)::float8
+                "SELECT address, floor(extract(epoch FROM {}))::int8, extract(epoch FROM updated_at)::float8,
+                        left(granted_by, 255), left(source, 64)
                  FROM {table} WHERE address = ANY($2::text[]) AND {}",
                 effective_sql("$1"),
                 grantable_sql("$1")
@@ -841,7 +1107,13 @@ pub async fn reread(
         .await?;
     Ok(rows
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| Reread {
+            address: r.get(0),
+            expires: r.get(1),
+            updated: r.get(2),
+            host: r.get(3),
+            source: r.get(4),
+        })
         .collect())
 }
 
@@ -957,16 +1229,22 @@ mod tests {
             "postgresql://u:secret@127.0.0.1:5433/db?sslmode=require",
         )
         .unwrap();
-        assert!(Target::load(&f, "public").unwrap().tls);
         assert_eq!(
-            take_sslrootcert("postgresql://h/db?sslrootcert=/ca.pem&sslmode=require"),
+            Target::load(&f, "public").unwrap().tls,
+            Some(Verify::ChainAndName)
+        );
+        assert_eq!(
+            take_param(
+                "postgresql://h/db?sslrootcert=/ca.pem&sslmode=require",
+                "sslrootcert"
+            ),
             (
                 "postgresql://h/db?sslmode=require".into(),
                 Some("/ca.pem".into())
             )
         );
         assert_eq!(
-            take_sslrootcert("host=h sslrootcert=/ca.pem sslmode=require"),
+            take_param("host=h sslrootcert=/ca.pem sslmode=require", "sslrootcert"),
             ("host=h sslmode=require".into(), Some("/ca.pem".into()))
         );
         std::fs::write(
@@ -976,6 +1254,45 @@ mod tests {
         .unwrap();
         let e = Target::load(&f, "public").unwrap_err().to_string();
         assert!(e.contains("sslrootcert /nonexistent"), "{e}");
+        std::fs::write(&f, "mysql://nope").unwrap();
+        let e = Target::load(&f, "public").unwrap_err().to_string();
+        assert!(!e.contains("nope"), "{e}");
+    }
+
+    /// libpq's recommended modes are accepted (issue 26); an unknown one is named.
+    #[test]
+    fn sslmode_verify_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pg.url");
+        let load = |url: &str| {
+            std::fs::write(&f, url).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+            Target::load(&f, "public")
+        };
+        for (url, want) in [
+            (
+                "postgresql://u:pw@h/db?sslmode=verify-full",
+                Verify::ChainAndName,
+            ),
+            ("postgresql://u:pw@h/db?sslmode=verify-ca", Verify::Chain),
+            ("host=h user=u sslmode=verify-ca", Verify::Chain),
+            ("host=h user=u sslmode=verify-full", Verify::ChainAndName),
+        ] {
+            let t = load(url).unwrap();
+            assert_eq!(t.tls, Some(want), "{url}");
+            assert_eq!(t.config.get_ssl_mode(), SslMode::Require, "{url}");
+        }
+        for url in [
+            "postgresql://u:pw@h/db?sslmode=disable",
+            "postgresql://u:pw@h/db",
+        ] {
+            assert_eq!(load(url).unwrap().tls, None, "{url}");
+        }
+        let e = load("postgresql://u:nope@h/db?sslmode=verify-everything")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslmode=verify-everything is not one of"), "{e}");
+        assert!(!e.contains("nope"), "{e}");
         std::fs::write(&f, "mysql://nope").unwrap();
         let e = Target::load(&f, "public").unwrap_err().to_string();
         assert!(!e.contains("nope"), "{e}");

@@ -43,6 +43,8 @@ const REPLAY_CHUNK: usize = 5000;
 pub const MAX_SKEW_SECS: f64 = 5.0;
 /// The clock is measured again this often.
 const SKEW_EVERY: Duration = Duration::from_secs(60);
+/// How often this writer reports itself to the database (`dovegate status --fleet`).
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Revocations are read at most this often (notifications come from anyone).
 const READ_GAP: Duration = Duration::from_millis(250);
 /// Revocations waiting for the engine beyond this are dropped for a full re-read.
@@ -96,6 +98,9 @@ pub struct WriterStatus {
     /// Revocations recorded in the database applied to the local map.
     #[serde(default)]
     pub revocations_seen: u64,
+    /// Set while the database refuses this dovegate for its newer schema (not an outage).
+    #[serde(default)]
+    pub newer_schema: Option<super::NewerSchema>,
     /// Unix seconds when this file was written.
     pub updated: i64,
 }
@@ -123,6 +128,8 @@ pub struct WriterSpec {
     pub max_ttl: i64,
     pub state_dir: PathBuf,
     pub spill_max: usize,
+    /// Which writer on its host (its map), for `dovegate status --fleet`.
+    pub instance: String,
 }
 
 impl PgWriter {
@@ -255,6 +262,7 @@ impl Worker {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut clean = tokio::time::interval(Duration::from_secs(600));
         let mut skew = tokio::time::interval(SKEW_EVERY);
+        let mut report = tokio::time::interval(REPORT_EVERY);
         loop {
             tokio::select! {
                 req = rx.recv() => match req {
@@ -265,7 +273,10 @@ impl Worker {
                     self.connecting = None;
                     match res {
                         Ok(Ok((client, notices))) => self.connected(client, notices).await,
-                        Ok(Err(e)) => self.down(e.to_string()),
+                        Ok(Err(e)) => {
+                            self.status.newer_schema = e.newer_schema();
+                            self.down(e.to_string());
+                        }
                         Err(e) => self.down(format!("connect task failed: {e}")),
                     }
                 }
@@ -308,6 +319,7 @@ impl Worker {
                     self.write_status();
                 }
                 _ = skew.tick() => self.check_clock().await,
+                _ = report.tick() => self.report().await,
                 _ = clean.tick() => {
                     if let Some(c) = &self.client {
                         match tokio::time::timeout(QUERY_TIMEOUT, super::clean(c, &self.tables, KEEP_EXPIRED_SECS)).await {
@@ -336,6 +348,7 @@ impl Worker {
         self.status.connected = true;
         self.status.disconnected_since = None;
         self.status.last_error = None;
+        self.status.newer_schema = None;
         self.check_clock().await;
         // Notifications were missed while away: the recent revocations, all of them.
         self.revocations_since = None;
@@ -343,7 +356,36 @@ impl Worker {
         if !self.spill.is_empty() {
             self.replay().await;
         }
+        self.report().await;
         self.write_status();
+    }
+
+    /// Reports this writer to the database. Status only: a refused report changes nothing,
+    /// but one that gets no answer is an outage like any statement's (and the one that
+    /// notices a hung database while no login comes).
+    async fn report(&mut self) {
+        let Some(c) = &self.client else { return };
+        let r = super::Report {
+            role: "writer",
+            instance: self.spec.instance.clone(),
+            spill_queue: Some(i64::try_from(self.spill.len()).unwrap_or(i64::MAX)),
+            spill_dropped: Some(i64::try_from(self.status.dropped_total).unwrap_or(i64::MAX)),
+            lag_secs: None,
+            grants: None,
+        };
+        let schema = self.spec.target.schema();
+        if let Err(e) = timed(
+            "reporting to the fleet",
+            super::report(c, schema, &self.spec.origin.host, &r),
+        )
+        .await
+        {
+            if matches!(e, PgError::Timeout { .. }) {
+                self.down(e.to_string());
+            } else {
+                tracing::debug!(error = %e, "cannot report this writer to the database");
+            }
+        }
     }
 
     /// Measures this host's clock against the database's (half the round trip taken off):
@@ -458,6 +500,15 @@ impl Worker {
                 dropped = self.status.dropped_total,
                 queue = %self.spill.path().display(),
                 "database copy behind: the database is unreachable and the spill queue is full; new logins are committed to the local map, but the oldest grants waiting for the database were dropped (the other hosts will not see them); fix the database or raise [store] spill_max_grants"
+            );
+            return;
+        }
+        if let Some(newer) = self.status.newer_schema {
+            tracing::error!(
+                database = %self.status.database,
+                waiting = self.spill.len(),
+                queue = %self.spill.path().display(),
+                "{newer}: this writer does not use the database until then; commits are kept in the spill queue and written after the upgrade"
             );
             return;
         }
