@@ -108,7 +108,7 @@ fn grants_expiries_and_manual_changes_are_in_the_log() {
     wait_for("a manual grant in the daemon's log", PATIENCE, || {
         let l = daemon.log();
         l.contains("grant 198.51.100.51 until 20")
-            && l.contains("written by another writer (dovegate grant, another host)")
+            && l.contains("written by hand on this host (dovegate grant)")
     });
     assert!(dovegate(&["revoke", "--map", &m, "198.51.100.51"])
         .status
@@ -116,7 +116,7 @@ fn grants_expiries_and_manual_changes_are_in_the_log() {
     wait_for("a manual revoke in the daemon's log", PATIENCE, || {
         daemon
             .log()
-            .contains("grant 198.51.100.51 removed by another writer")
+            .contains("grant 198.51.100.51 removed outside the daemon")
     });
     assert_eq!(daemon.stop(), Some(0));
 }

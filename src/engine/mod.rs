@@ -594,8 +594,9 @@ impl<S: GrantStore> Engine<S> {
         Ok(())
     }
 
-    /// The audit trail of changes another writer made (`dovegate grant`, `revoke`, another
-    /// host): at most a hundred lines per re-read, then a count.
+    /// The audit trail of changes made outside the daemon (`dovegate grant` and `revoke` on
+    /// this host; revokes from the database): at most a hundred lines per re-read, then a
+    /// count. Other hosts' grants never reach this map (replicas copy them into their own).
     fn audit_other_writers(&mut self, fresh: &HashMap<IpAddr, i64>) {
         if !self.read_once {
             // The first read at start: the map's grants are not news.
@@ -618,13 +619,13 @@ impl<S: GrantStore> Engine<S> {
         for (i, (ip, e)) in added.iter().enumerate() {
             if i < 100 {
                 let until = timefmt::rfc3339(*e);
-                tracing::info!(address = %ip, until = %until, "grant {ip} until {until} written by another writer (dovegate grant, another host)");
+                tracing::info!(address = %ip, until = %until, "grant {ip} until {until} written by hand on this host (dovegate grant): only it writes this map besides the daemon");
             }
         }
         for (i, ip) in removed.iter().enumerate() {
             self.logins.forget(*ip);
             if i < 100 {
-                tracing::info!(address = %ip, "grant {ip} removed by another writer (dovegate revoke, another host)");
+                tracing::info!(address = %ip, "grant {ip} removed outside the daemon (dovegate revoke on this host, or a revoke recorded in the database)");
             }
             // A revoke sticks: the address's open sessions renew nothing from now on.
             let ended = self.sessions.revoke_grant(*ip, self.policy.ipv6_prefix());
