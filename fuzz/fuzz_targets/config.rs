@@ -1,22 +1,5 @@
-//! The configuration file: parsed and validated as every command does.
+//! See `dovegate_fuzz::checks::config`: the invariants live there, so the committed corpus
+//! is replayed by the main crate's `cargo test` too (tests/fuzz_corpus.rs).
 #![no_main]
 
-use dovegate::config::{FileConfig, SystemProbe};
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let Ok(file) = FileConfig::parse(text, "fuzz.toml") else {
-        return;
-    };
-    for journald in [false, true] {
-        if let Ok(s) = file.validate_with(SystemProbe { journald }) {
-            assert!(s.ttl.as_secs() >= 1 && s.ttl.as_secs() <= 31 * 24 * 3600);
-        }
-    }
-    // What `check-config` prints reads back.
-    let again = file.to_toml();
-    FileConfig::parse(&again, "again.toml").expect("printed configuration reads back");
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| dovegate_fuzz::checks::config::check(data));

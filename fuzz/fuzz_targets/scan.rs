@@ -1,25 +1,5 @@
-//! A log buffer (any framing, any pattern, session ends included) through the daemon's
-//! Scanner. The first byte picks how much the scanner visits; the rest is the buffer.
+//! See `dovegate_fuzz::checks::scan`: the invariants live there, so the committed corpus
+//! is replayed by the main crate's `cargo test` too (tests/fuzz_corpus.rs).
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
-
-use dovegate::pattern::PatternSet;
-use dovegate_fuzz::{patterns, scanner, visit_of, Checked};
-use libfuzzer_sys::fuzz_target;
-
-static PATTERNS: OnceLock<Arc<PatternSet>> = OnceLock::new();
-
-fuzz_target!(|data: &[u8]| {
-    let Some((&mode, buf)) = data.split_first() else {
-        return;
-    };
-    let patterns = PATTERNS.get_or_init(patterns);
-    let mut sc = scanner(patterns, visit_of(mode));
-    let mut sink = Checked::default();
-    let scanned = sc.scan(buf, sink.now, &mut sink);
-    assert_eq!(scanned.bytes, buf.len() as u64);
-    // A buffer of N newlines holds at most N+1 lines.
-    assert!(scanned.lines <= buf.iter().filter(|&&b| b == b'\n').count() as u64 + 1);
-    sink.renew_all();
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| dovegate_fuzz::checks::scan::check(data));

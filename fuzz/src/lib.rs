@@ -12,6 +12,8 @@ use dovegate::scan::{Line, Login, NearMiss, Scanner, Sink, Visit};
 use dovegate::session::evidence::{Claim, Evidence, Probe};
 use dovegate::session::{SessionEnd, Sessions};
 
+pub mod checks;
+
 /// A fixed "now" (2026-11-21T10:00:00Z), close to the seeds' timestamps.
 pub const NOW: i64 = 1_795_255_200;
 pub const TTL: i64 = 3600;
@@ -30,9 +32,18 @@ fn services() -> Vec<String> {
 pub fn patterns() -> Arc<PatternSet> {
     let base = PatternSet::load(None, &services(), &[]).expect("embedded patterns");
     // The ids of the library the daemon embeds (the repository's patterns/ directory).
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../patterns");
+    // (fuzz/ when built as the fuzz crate, the repository when tests/fuzz_corpus.rs
+    // includes this file).
+    let manifest = env!("CARGO_MANIFEST_DIR");
+    let dir = [
+        format!("{manifest}/patterns"),
+        format!("{manifest}/../patterns"),
+    ]
+    .into_iter()
+    .find(|d| std::path::Path::new(d).is_dir())
+    .expect("patterns directory");
     let mut ids = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("patterns directory") {
+    for entry in std::fs::read_dir(&dir).expect("patterns directory") {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
         if let Some(id) = text.lines().find_map(|l| l.strip_prefix("id = \"")) {
             ids.push(id.trim_end_matches('"').to_string());
