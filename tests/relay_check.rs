@@ -607,3 +607,56 @@ fn qpsmtpd_behind_tcpserver_relays_for_granted_clients_only() {
         "{granted:?}"
     );
 }
+
+/// relay-ctrl's pair: the POP/IMAP server's chain runs `dovegate postlogin` (as
+/// relay-ctrl-allow) with tcpserver's `TCPREMOTEIP` and no `IP`; the SMTP server's runs
+/// `relay-check`. Dovecot's `IP` wins when both are set.
+#[test]
+fn postlogin_takes_tcpremoteip_and_relay_check_then_relays() {
+    let rig = Rig::new();
+    let push = rig.dir.path().join("push");
+    let cfg = rig.dir.path().join("dovegate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[source]\nlogs = []\n[map]\npath = {:?}\n[state]\ndir = {:?}\n\
+             [push]\nsocket = {:?}\nusers = [0]\n",
+            rig.map_arg(),
+            rig.dir.path().join("state").display().to_string(),
+            push.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(rig.dir.path(), &["--config", &cfg.display().to_string()]);
+    wait_for("the push socket", PATIENCE, || push.exists());
+    let hook = |env: &[(&str, &str)]| {
+        let out = Command::new(bin())
+            .args(["postlogin", "--socket", &push.display().to_string()])
+            .arg("/usr/bin/env")
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(stderr(&out), "", "pushed");
+        printed(&out)
+    };
+    // The hook execs its program with the environment untouched.
+    let seen = hook(&[("TCPREMOTEIP", "192.0.2.44"), ("USER", "alice")]);
+    assert_eq!(seen, sorted(&["TCPREMOTEIP=192.0.2.44", "USER=alice"]));
+    hook(&[
+        ("IP", "192.0.2.45"),
+        ("TCPREMOTEIP", "192.0.2.46"),
+        ("USER", "bob"),
+    ]);
+    let map = rig.map_arg();
+    let relays = |ip: &str| {
+        let out = check(&["--map", &map], &[("TCPREMOTEIP", ip)]);
+        printed(&out).contains(&"RELAYCLIENT=".to_string())
+    };
+    wait_for("192.0.2.44 and .45 granted", PATIENCE, || {
+        relays("192.0.2.44") && relays("192.0.2.45")
+    });
+    assert!(!relays("192.0.2.46"), "IP wins over TCPREMOTEIP");
+    assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
+}
