@@ -147,8 +147,17 @@ fn lookup_in_child(settings: &Settings, ip: IpAddr, budget: Duration) -> Result<
     // so the child may run ordinary code; it leaves with _exit, running no destructor.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // SAFETY: our own descriptors.
-        unsafe { libc::close(rd) };
+        // SAFETY: our own descriptors; /dev/null over stdin and stdout, so that a child
+        // stuck in the kernel (a hung filesystem) does not keep the client's connection open.
+        unsafe {
+            libc::close(rd);
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+            if null >= 0 {
+                libc::dup2(null, 0);
+                libc::dup2(null, 1);
+                libc::close(null);
+            }
+        }
         let answer = match super::admin::stored_value(settings, ip) {
             Ok(v) => match v.is_some_and(|v| is_live(&v, crate::timefmt::now())) {
                 true => b"Y".to_vec(),
