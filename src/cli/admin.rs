@@ -54,20 +54,7 @@ fn ip_arg(text: &str) -> Result<IpAddr, Failure> {
 pub fn lookup(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     let ip = ip_arg(ip)?;
-    let mut map = open(&settings, OpenMode::ReadOnly)?;
-    // The address's own grant, else its prefix's (grant.ipv6_prefix), as Postfix finds it.
-    let own = map.get(ip).map_err(store_failure)?;
-    let found = match own {
-        Some(v) => Some(v),
-        None => {
-            let wide = crate::grant::widen(ip, settings.ipv6_prefix);
-            match wide != ip {
-                true => map.get(wide).map_err(store_failure)?,
-                false => None,
-            }
-        }
-    };
-    match found {
+    match stored_value(&settings, ip).map_err(store_failure)? {
         Some(v) => {
             println!("{v}");
             Ok(())
@@ -76,6 +63,26 @@ pub fn lookup(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
             code: 1,
             message: String::new(),
         }),
+    }
+}
+
+/// The stored value an address relays by: its own grant, else its prefix's
+/// (grant.ipv6_prefix), as Postfix finds it. The map is opened read-only (shared locks).
+/// `lookup` and `relay-check` share it.
+pub(super) fn stored_value(settings: &Settings, ip: IpAddr) -> Result<Option<String>, StoreError> {
+    let mut map = LmdbMap::open_keyed(
+        &settings.map_path,
+        &settings.action,
+        OpenMode::ReadOnly,
+        settings.ipv6_prefix,
+    )?;
+    if let Some(v) = map.get(ip)? {
+        return Ok(Some(v));
+    }
+    let wide = crate::grant::widen(ip, settings.ipv6_prefix);
+    match wide != ip {
+        true => map.get(wide),
+        false => Ok(None),
     }
 }
 

@@ -7,6 +7,7 @@ mod docs;
 mod fleet_status;
 pub mod postlogin;
 mod receipts;
+pub mod relay_check;
 mod replica;
 pub mod run;
 mod sessions;
@@ -157,6 +158,9 @@ enum Command {
     },
     /// Dovecot post-login hook: push IP and USER to the daemon, then exec the rest.
     Postlogin(postlogin::PostloginArgs),
+    /// ucspi-tcp chains (relay-ctrl-check): set RELAYCLIENT when $TCPREMOTEIP holds a live
+    /// grant, then exec the SMTP server (always; a map it cannot read sets nothing).
+    RelayCheck(relay_check::RelayCheckArgs),
     /// Write the man pages and shell completions into DIR (packaging).
     #[command(hide = true)]
     GenerateDocs { dir: PathBuf },
@@ -277,6 +281,7 @@ pub fn main() -> ExitCode {
         Command::Unblock { cfg, user } => receipts::unblock(&cfg, &user),
         Command::GenerateDocs { dir } => docs::generate(&dir),
         Command::Postlogin(args) => return postlogin::run(args.into_args()),
+        Command::RelayCheck(args) => return relay_check::run(args),
         Command::ProbeMap { file } => return crate::store::damage::probe_child(&file),
     };
     match result {

@@ -1,7 +1,8 @@
 //! `dovegate postlogin [--socket PATH] PROGRAM [ARGS...]`: a Dovecot script-login script.
 //!
-//! It hands `IP` and `USER` (set by script-login, which clears everything else, PATH too)
-//! to the daemon's push socket and then ALWAYS execs the rest of its arguments: a script
+//! It hands `IP` and `USER` (set by script-login, which clears everything else, PATH too;
+//! without `IP`, tcpserver's `TCPREMOTEIP`, as relay-ctrl-allow reads it) to the daemon's
+//! push socket and then ALWAYS execs the rest of its arguments: a script
 //! that exits instead would deny the login. The exchange runs on a helper thread and is
 //! abandoned after 200 ms, so a stopped, stalled or missing daemon delays a login by at
 //! most that and never fails it. Nothing is written to stdout (it is the IMAP/POP3
@@ -107,15 +108,20 @@ fn split(mut args: Vec<OsString>) -> (PathBuf, Vec<OsString>) {
 /// Pushes the login; every problem is one line on stderr, never a failure.
 fn notify(socket: &std::path::Path) {
     // var_os: a non-UTF-8 USER is still pushed (lossily), never an error.
-    let ip = std::env::var_os("IP")
-        .map(|v| v.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let user = std::env::var_os("USER")
-        .map(|v| v.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .map(|v| v.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    // script-login sets IP; a POP/IMAP server under tcpserver has TCPREMOTEIP instead
+    // (relay-ctrl-allow's way).
+    let ip = Some(var("IP"))
+        .filter(|ip| !ip.is_empty())
+        .unwrap_or_else(|| var("TCPREMOTEIP"));
+    let user = var("USER");
     if ip.is_empty() {
         say(format_args!(
-            "no IP in the environment (not run by script-login?); nothing pushed"
+            "no IP (or TCPREMOTEIP) in the environment (not run by script-login?); nothing pushed"
         ));
         return;
     }

@@ -22,6 +22,9 @@ root_cached() {
     mirror=$(debian_mirror)
     mkdir -p "$CACHE"
     tmp=$(mktemp -d "$CACHE/.building-$suite-XXXXXX")
+    # It becomes the chroot's /: mktemp's 0700 would keep a package script that drops root
+    # from reading /etc/passwd (exim4-config's check: "user mail was not found").
+    chmod 0755 "$tmp"
     log "building the $suite root in $tmp (mirror $mirror; cached as $dir)"
     # First stage: a minimal base. Then the packages with apt inside, daemons never started.
     debootstrap --variant=minbase --include=ca-certificates "$suite" "$tmp" "$mirror" \
