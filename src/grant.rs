@@ -7,6 +7,8 @@ use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
+pub use crate::model::address::{key_text, parse_any_ip};
+
 use ipnet::IpNet;
 use serde::Serialize;
 
@@ -181,11 +183,6 @@ fn is_ipv4_compatible(v6: &Ipv6Addr) -> bool {
     s[..6].iter().all(|&g| g == 0) && !(s[6] == 0 && s[7] <= 1)
 }
 
-/// The map key for an address: canonical (`::ffff:a.b.c.d` becomes `a.b.c.d`), IPv6
-/// compressed and lower case, exactly as Postfix's smtpd prints the client address.
-pub fn key_text(ip: IpAddr) -> String {
-    ip.to_canonical().to_string().to_ascii_lowercase()
-}
 
 /// The prefix lengths `grant.ipv6_prefix` accepts: Postfix shortens an IPv6 client address
 /// only at `:` (smtpd_check.c, check_addr_access: `split_at_right(addr, ':')`), so a key can
@@ -284,20 +281,6 @@ pub fn parse_map_key(text: &str, bits: u8) -> Option<IpAddr> {
     (map_key(ip, bits) == text).then_some(ip)
 }
 
-/// Parses any textual address form (`::FFFF:1.2.3.4`, `[2001:db8::1]`) into its canonical
-/// address; for administrators' commands.
-pub fn parse_any_ip(text: &str) -> Option<IpAddr> {
-    let t = text.trim();
-    let t = t
-        .strip_prefix('[')
-        .and_then(|x| x.strip_suffix(']'))
-        .unwrap_or(t);
-    let t = t
-        .strip_prefix("ipv6:")
-        .or_else(|| t.strip_prefix("IPv6:"))
-        .unwrap_or(t);
-    t.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
-}
 
 #[cfg(test)]
 mod tests {

@@ -26,7 +26,7 @@ use crate::model::{Batch, LoginDetail, SeenLogin};
 use crate::model::{SessionEnd, SessionStart};
 use crate::net::background::{Background, Setup};
 use crate::net::Listen;
-use crate::push::UserSpec;
+use crate::net::peers::UserSpec;
 use crate::telemetry::ratelimit::SharedLimit;
 use crate::telemetry::{SourceStats, StatsRegistry};
 use parse::{Event, Ignored};
@@ -110,7 +110,8 @@ impl EventsSettings {
                 if s.users.is_empty() {
                     return Err(err("users", "needs at least one user (Dovecot's internal user, usually dovecot: its stats process exports the events)".into()));
                 }
-                settings.uids = crate::push::uids_of("events.users", &s.users)?;
+                settings.uids = crate::net::peers::uids_of(&s.users)
+                    .map_err(|e| ConfigError(format!("events.users{e}")))?;
             }
             Listen::Inet(_) => {
                 let path = s.secret_file.trim();

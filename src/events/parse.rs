@@ -26,7 +26,7 @@ use std::net::IpAddr;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
-use crate::grant::parse_any_ip;
+use crate::model::address::parse_any_ip;
 
 /// The largest event accepted (a post body or a line): Dovecot's are about 1 KiB.
 pub const MAX_EVENT: usize = 16 * 1024;

@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+pub mod address;
 pub mod position;
 
 pub use position::Position;

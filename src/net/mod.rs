@@ -27,6 +27,7 @@ pub mod background;
 pub mod bounds;
 pub mod http;
 mod listen;
+pub mod peers;
 pub mod requests;
 mod server;
 mod slots;

@@ -32,7 +32,7 @@ pub struct PolicySection {
     pub recent: String,
     pub receipt_header: bool,
     pub block_on_cap: bool,
-    pub users: Vec<crate::push::UserSpec>,
+    pub users: Vec<crate::net::peers::UserSpec>,
     pub max_connections: usize,
     pub idle_timeout: String,
     pub grant_messages_per_hour: u32,
@@ -113,21 +113,8 @@ impl PolicySettings {
         }
         let peers = match &listen {
             Listen::Unix(_) if !s.users.is_empty() => {
-                let mut uids = Vec::new();
-                for (i, u) in s.users.iter().enumerate() {
-                    uids.push(match u {
-                        crate::push::UserSpec::Uid(n) => *n,
-                        crate::push::UserSpec::Name(n) => match n.parse::<u32>() {
-                            Ok(uid) => uid,
-                            Err(_) => crate::push::uid_of(n).ok_or_else(|| {
-                                err(
-                                    &format!("users[{i}]"),
-                                    format!("no user `{n}` on this system (give a name or a uid)"),
-                                )
-                            })?,
-                        },
-                    });
-                }
+                let uids = crate::net::peers::uids_of(&s.users)
+                    .map_err(|e| ConfigError(format!("policy.users{e}")))?;
                 Some(uids)
             }
             _ => None,
@@ -314,7 +301,7 @@ mod tests {
         assert_eq!(s.peers, None);
         assert!(s.caps.user_recipients_per_hour > 0, "caps on by default");
         let mut unix = section("/run/dovegate/policy");
-        unix.users = vec![crate::push::UserSpec::Uid(107)];
+        unix.users = vec![crate::net::peers::UserSpec::Uid(107)];
         let s = PolicySettings::from_section(&unix).unwrap().unwrap();
         assert_eq!(s.peers, Some(vec![107]));
         let e = PolicySettings::from_section(&section("192.0.2.1:10040")).unwrap_err();
@@ -327,7 +314,7 @@ mod tests {
         inet_block.block_on_cap = true;
         let e = PolicySettings::from_section(&inet_block).unwrap_err();
         assert!(e.0.starts_with("policy.block_on_cap:"), "{}", e.0);
-        unix.users = vec![crate::push::UserSpec::Name("no-such-user-here".into())];
+        unix.users = vec![crate::net::peers::UserSpec::Name("no-such-user-here".into())];
         let e = PolicySettings::from_section(&unix).unwrap_err();
         assert!(e.0.starts_with("policy.users[0]:"), "{}", e.0);
         let e = PolicySettings::from_section(&section("relative/path")).unwrap_err();

@@ -153,7 +153,7 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, ParseError> {
         match slot {
             0 => is_policy = value == "smtpd_access_policy",
             1 => req.stage = Stage::parse(value),
-            2 => req.client_address = crate::grant::parse_any_ip(value),
+            2 => req.client_address = crate::model::address::parse_any_ip(value),
             3 => req.queue_id = cut(value),
             4 => req.instance = cut(value),
             5 => req.recipient = cut(value),

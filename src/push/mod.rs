@@ -42,13 +42,7 @@ pub struct PushSection {
     pub auth_policy_protocols: Vec<String>,
 }
 
-/// A user allowed to push: a name (resolved when the configuration is checked) or a uid.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum UserSpec {
-    Uid(u32),
-    Name(String),
-}
+pub use crate::net::peers::UserSpec;
 
 /// The `auth_policy_server_api_header` Dovecot sends: `Name: value`, or a bare value sent
 /// as `X-API-Key`.
@@ -166,24 +160,7 @@ impl PushSettings {
 
 /// The uids of configured users (`key`: the setting, for errors), names resolved now.
 pub(crate) fn uids_of(key: &str, users: &[UserSpec]) -> Result<Vec<u32>, ConfigError> {
-    users
-        .iter()
-        .enumerate()
-        .map(|(i, u)| match u {
-            UserSpec::Uid(n) => Ok(*n),
-            UserSpec::Name(n) => n.parse::<u32>().ok().or_else(|| uid_of(n)).ok_or_else(|| {
-                ConfigError(format!(
-                    "{key}[{i}]: no user `{n}` on this system (give a name or a uid)"
-                ))
-            }),
-        })
-        .collect()
-}
-
-/// The uid of a user name.
-pub(crate) fn uid_of(name: &str) -> Option<u32> {
-    let user = nix::unistd::User::from_name(name).ok()??;
-    Some(user.uid.as_raw())
+    crate::net::peers::uids_of(users).map_err(|e| ConfigError(format!("{key}{e}")))
 }
 
 /// What both servers need: where logins go and what to count.

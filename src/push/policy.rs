@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 
 use super::{ApiHeader, Sink};
 use crate::blocks::{Blocks, LoginCheck};
-use crate::grant::parse_any_ip;
+use crate::model::address::parse_any_ip;
 use crate::net::http::BodyError;
 use crate::net::{self, Conn, Handler, Listen, Server, Spec, Stream};
 

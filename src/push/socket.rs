@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::Sink;
-use crate::grant::parse_any_ip;
+use crate::model::address::parse_any_ip;
 use crate::net::bounds::Bounded;
 use crate::net::{self, Conn, Handler, Listen, Peer, Server, Spec, Stream};
 

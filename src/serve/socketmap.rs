@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::netstring;
 use crate::engine::GrantsView;
-use crate::grant::parse_any_ip;
+use crate::model::address::parse_any_ip;
 use crate::net::requests::{self, Framed, Limits};
 use crate::net::{self, Conn, Handler, Spec, Stream};
 use crate::telemetry::ratelimit::SharedLimit;
