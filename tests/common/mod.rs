@@ -71,13 +71,17 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// A config directory for postmap: Debian's "No configuration" Postfix has no main.cf, and
-/// the system one must stay untouched.
+/// the system one must stay untouched. One directory under cargo's target/tmp for every
+/// test process (nothing left in /tmp); written by rename, so processes racing to write it
+/// each see a whole file.
 pub fn postmap_conf() -> &'static str {
     static DIR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = format!("/tmp/dovegate-test-postmap-{}", std::process::id());
+        let dir = format!("{}/postmap-conf", env!("CARGO_TARGET_TMPDIR"));
         std::fs::create_dir_all(&dir).expect("mkdir postmap conf");
-        std::fs::write(format!("{dir}/main.cf"), "compatibility_level = 3.6\n").expect("main.cf");
+        let tmp = format!("{dir}/main.cf.{}", std::process::id());
+        std::fs::write(&tmp, "compatibility_level = 3.6\n").expect("main.cf");
+        std::fs::rename(&tmp, format!("{dir}/main.cf")).expect("main.cf");
         dir
     })
 }
