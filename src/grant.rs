@@ -183,7 +183,6 @@ fn is_ipv4_compatible(v6: &Ipv6Addr) -> bool {
     s[..6].iter().all(|&g| g == 0) && !(s[6] == 0 && s[7] <= 1)
 }
 
-
 /// The prefix lengths `grant.ipv6_prefix` accepts: Postfix shortens an IPv6 client address
 /// only at `:` (smtpd_check.c, check_addr_access: `split_at_right(addr, ':')`), so a key can
 /// name a prefix only on a 16-bit group boundary; shorter than /48 would open a whole site
@@ -280,7 +279,6 @@ pub fn parse_map_key(text: &str, bits: u8) -> Option<IpAddr> {
     };
     (map_key(ip, bits) == text).then_some(ip)
 }
-
 
 #[cfg(test)]
 mod tests {

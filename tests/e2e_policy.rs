@@ -11,6 +11,14 @@ use std::process::Command;
 use common::*;
 
 /// The README's restriction list, with `extra` before reject_unauth_destination.
+/// The restriction asking dovegate's policy server at `DIR/policy`.
+fn policy_check(dir: &Path) -> String {
+    format!(
+        "check_policy_service {{ unix:{}, default_action=DUNNO }}",
+        dir.join("policy").display()
+    )
+}
+
 fn relay_restrictions(socket: &Path, extra: &str) -> String {
     format!(
         "permit_mynetworks, permit_sasl_authenticated, permit_auth_destination, \
@@ -196,10 +204,7 @@ fn caps_are_per_user_across_addresses_and_receipts_name_the_login() {
         ),
     );
     let daemon = start(d.path(), &cfg, &[]);
-    let policy = format!(
-        "check_policy_service {{ unix:{}, default_action=DUNNO }}",
-        d.path().join("policy").display()
-    );
+    let policy = policy_check(d.path());
     let pf = Postfix::start_with(
         &d.path().join("pf"),
         &relay_restrictions(&d.path().join("policy"), ""),
@@ -432,14 +437,13 @@ fn a_prefix_grant_answers_for_the_whole_prefix() {
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, format!("[grant]\nipv6_prefix = 64\n{text}")).unwrap();
     let _daemon = start(d.path(), &cfg, &[]);
-    let policy = format!(
-        "check_policy_service {{ unix:{}, default_action=DUNNO }}",
-        d.path().join("policy").display()
-    );
     let pf = Postfix::start_with(
         &d.path().join("pf"),
         &relay_restrictions(&d.path().join("policy"), ""),
-        &format!("{LOCAL}smtpd_end_of_data_restrictions = {policy}\n"),
+        &format!(
+            "{LOCAL}smtpd_end_of_data_restrictions = {}\n",
+            policy_check(d.path())
+        ),
     );
     append(&log, &sessionless_login_line("2001:db8:1:2::7", "erin"));
     wait_granted(d.path(), "2001:db8:1:2");

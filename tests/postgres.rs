@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{append, bin, login_line, postmap_q, postmap_s, wait_for, Daemon, PATIENCE};
+use common::{append, bin, login_line, postmap_q, postmap_s, scrape, wait_for, Daemon, PATIENCE};
 use pg::Pg;
 
 /// Propagation through the database may take a reconnect backoff on top of the usual.
@@ -118,6 +118,30 @@ fn writer(dir: &Path, cfg: &Path, ttl: &str) -> (Daemon, PathBuf) {
     let cfg = cfg.display().to_string();
     let d = Daemon::follow(dir, &log, &["--config", &cfg, "--ttl", ttl]);
     (d, log)
+}
+
+/// A writer in `ROOT/w` following `ROOT/w/mail.log`, whose clock is 10 minutes slow
+/// (`DOVEGATE_TEST_CLOCK_OFFSET_SECS`); the daemon, its directory and its log.
+fn slow_writer(root: &Path, cfg: &Path) -> (Daemon, PathBuf, PathBuf) {
+    let wdir = root.join("w");
+    std::fs::create_dir_all(&wdir).unwrap();
+    let log = wdir.join("mail.log");
+    std::fs::write(&log, "").unwrap();
+    let stderr = wdir.join("writer.stderr");
+    let child = Command::new(bin())
+        .arg("run")
+        .args(["--map", &wdir.join("relay").display().to_string()])
+        .args(["--state-dir", &wdir.join("state").display().to_string()])
+        .args(["--log", &log.display().to_string()])
+        .args(["--config", &cfg.display().to_string(), "--ttl", "10m"])
+        .env("DOVEGATE_TEST_CLOCK_OFFSET_SECS", "-600")
+        .env("DOVEGATE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    (common::Daemon { child, stderr }, wdir, log)
 }
 
 fn expiry_of(value: &str) -> i64 {
@@ -859,19 +883,6 @@ fn replica_host_status_and_metrics_through_a_partition() {
     );
 }
 
-/// `GET /metrics` on 127.0.0.1:`port`: the whole response.
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 /// `dovegate status --fleet` (any host with the URL file): every writer and replica as the
 /// database sees them, with spill queue, lag and clock skew measured by the database
 /// (schema 5, issue 26); a writer whose clock is 10 minutes slow is flagged.
@@ -881,25 +892,7 @@ fn status_fleet_lists_writers_and_replicas() {
     let pg = Pg::start(tmp.path());
     let url = pg.url_file(&tmp.path().join("pg.url"));
     let cfg = config(tmp.path(), &url, "");
-    let wdir = tmp.path().join("w");
-    std::fs::create_dir_all(&wdir).unwrap();
-    let log = wdir.join("mail.log");
-    std::fs::write(&log, "").unwrap();
-    let stderr = wdir.join("writer.stderr");
-    let child = Command::new(bin())
-        .arg("run")
-        .args(["--map", &wdir.join("relay").display().to_string()])
-        .args(["--state-dir", &wdir.join("state").display().to_string()])
-        .args(["--log", &log.display().to_string()])
-        .args(["--config", &cfg.display().to_string(), "--ttl", "10m"])
-        .env("DOVEGATE_TEST_CLOCK_OFFSET_SECS", "-600")
-        .env("DOVEGATE_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let _w = common::Daemon { child, stderr };
+    let (_w, wdir, _log) = slow_writer(tmp.path(), &cfg);
     wait_writer_connected(&wdir);
     let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
     let fleet = |json: bool| {
@@ -1552,25 +1545,7 @@ fn slow_writer_clock_loses_no_login() {
     let pg = Pg::start(tmp.path());
     let url = pg.url_file(&tmp.path().join("pg.url"));
     let cfg = config(tmp.path(), &url, "");
-    let wdir = tmp.path().join("w");
-    std::fs::create_dir_all(&wdir).unwrap();
-    let log = wdir.join("mail.log");
-    std::fs::write(&log, "").unwrap();
-    let stderr = wdir.join("writer.stderr");
-    let child = Command::new(bin())
-        .arg("run")
-        .args(["--map", &wdir.join("relay").display().to_string()])
-        .args(["--state-dir", &wdir.join("state").display().to_string()])
-        .args(["--log", &log.display().to_string()])
-        .args(["--config", &cfg.display().to_string(), "--ttl", "10m"])
-        .env("DOVEGATE_TEST_CLOCK_OFFSET_SECS", "-600")
-        .env("DOVEGATE_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let w = common::Daemon { child, stderr };
+    let (w, wdir, log) = slow_writer(tmp.path(), &cfg);
     wait_writer_connected(&wdir);
     let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
     // Its syslog stamps lines by its own (slow) clock.

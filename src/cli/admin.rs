@@ -24,7 +24,8 @@ pub(super) fn store_failure(e: StoreError) -> Failure {
     }
 }
 
-fn open(settings: &Settings, mode: OpenMode) -> Result<LmdbMap, Failure> {
+/// The configured map, keyed as `grant.ipv6_prefix` says.
+pub(super) fn open(settings: &Settings, mode: OpenMode) -> Result<LmdbMap, Failure> {
     LmdbMap::open_keyed(
         &settings.map_path,
         &settings.action,
@@ -32,6 +33,14 @@ fn open(settings: &Settings, mode: OpenMode) -> Result<LmdbMap, Failure> {
         settings.ipv6_prefix,
     )
     .map_err(store_failure)
+}
+
+/// A runtime for one command's database or network work.
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start runtime: {e}")))
 }
 
 /// The longest `--ttl` a manual grant may have: the configuration's bound on `grant.ttl`.
@@ -233,10 +242,7 @@ pub(super) fn in_database(
         ),
     }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::runtime(format!("cannot start runtime: {e}")))?;
+    let runtime = runtime()?;
     runtime.block_on(async {
         let client = target
             .connect(None)

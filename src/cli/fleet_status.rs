@@ -10,7 +10,7 @@ use super::Failure;
 use crate::config::Settings;
 use crate::replica::ReplicaStatus;
 use crate::store::postgres::{self, NewerSchema, SeenHost, Target};
-use crate::store::{instance, GrantStore, LmdbMap, OpenMode};
+use crate::store::{instance, GrantStore, OpenMode};
 use crate::timefmt;
 
 /// The replica rewrites its status file every 2 s while it runs, connected or not; a file
@@ -23,17 +23,9 @@ const REPLICA_STALE_SECS: i64 = 30;
 struct ReplicaHost {
     /// Always `replica`: what this host's dovegate does.
     role: &'static str,
-    map: MapOut,
+    map: super::status::MapStatus,
     replica: ReplicaOut,
     warnings: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct MapOut {
-    file: String,
-    grants: usize,
-    next_expiry: Option<String>,
-    last_commit: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -55,12 +47,6 @@ struct ReplicaOut {
     updated: String,
     /// Seconds since the replica last wrote its status.
     status_age_secs: i64,
-}
-
-fn mtime(path: &Path) -> Option<String> {
-    let t = std::fs::metadata(path).ok()?.modified().ok()?;
-    let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
-    Some(timefmt::rfc3339(i64::try_from(secs).ok()?))
 }
 
 /// The replica's status when this configuration's map is the one a replica keeps (its
@@ -92,13 +78,7 @@ fn show_replica(
 ) -> Result<(), Failure> {
     let mut warnings = Vec::new();
     let now = timefmt::now();
-    let mut map = LmdbMap::open_keyed(
-        &settings.map_path,
-        &settings.action,
-        OpenMode::ReadOnly,
-        settings.ipv6_prefix,
-    )
-    .map_err(super::admin::store_failure)?;
+    let mut map = super::admin::open(settings, OpenMode::ReadOnly)?;
     let grants = map.list().map_err(super::admin::store_failure)?;
     let file = map.path().to_path_buf();
     let (running, pid) = match holder {
@@ -131,17 +111,7 @@ fn show_replica(
     };
     let out = ReplicaHost {
         role: "replica",
-        map: MapOut {
-            file: file.display().to_string(),
-            grants: grants.len(),
-            next_expiry: grants
-                .iter()
-                .filter_map(|g| g.expires)
-                .filter(|&e| e > now)
-                .min()
-                .map(timefmt::rfc3339),
-            last_commit: mtime(&file),
-        },
+        map: super::status::MapStatus::of(&file, &grants, now),
         replica: ReplicaOut {
             running,
             pid,
@@ -172,14 +142,7 @@ fn show_replica(
 }
 
 fn print_replica(h: &ReplicaHost) {
-    let m = &h.map;
-    println!(
-        "map {}: {} grant(s), next expiry {}, last commit {}",
-        m.file,
-        m.grants,
-        m.next_expiry.as_deref().unwrap_or("-"),
-        m.last_commit.as_deref().unwrap_or("-")
-    );
+    h.map.print();
     let r = &h.replica;
     match (r.running, r.pid) {
         (Some(true), Some(pid)) => println!(
@@ -249,10 +212,7 @@ pub fn fleet(settings: &Settings, json: bool) -> Result<(), Failure> {
     };
     let target = Target::load(url_file, &settings.store.schema)
         .map_err(|e| Failure::config(e.to_string()))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::runtime(format!("cannot start runtime: {e}")))?;
+    let runtime = super::admin::runtime()?;
     let fail = |m: String| Failure::runtime(format!("{}: {m}", target.describe()));
     let hosts = runtime.block_on(async {
         let read = async {

@@ -47,10 +47,7 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
     };
     let target = Target::load(url_file, &settings.store.schema)
         .map_err(|e| Failure::config(e.to_string()))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::runtime(format!("cannot start runtime: {e}")))?;
+    let runtime = super::admin::runtime()?;
     let (mut term, mut int) = runtime
         .block_on(async {
             use tokio::signal::unix::{signal, SignalKind};

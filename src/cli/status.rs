@@ -14,7 +14,7 @@ use crate::session::OpenSession;
 use crate::source::tailer::{open_regular, PathProblem};
 use crate::state::{Checkpoint, CheckpointDir};
 use crate::store::postgres::worker::{WriterStatus, MAX_SKEW_SECS};
-use crate::store::{instance, GrantStore, LmdbMap, OpenMode};
+use crate::store::{instance, GrantStore, OpenMode};
 use crate::timefmt;
 
 /// A status file not rewritten for this long means its writer stopped or is stuck (they
@@ -44,12 +44,39 @@ pub struct StatusArgs {
 }
 
 #[derive(Serialize)]
-struct MapStatus {
+pub(super) struct MapStatus {
     file: String,
     grants: usize,
     next_expiry: Option<String>,
     /// When the map file was last written (its last commit).
     last_commit: Option<String>,
+}
+
+impl MapStatus {
+    /// The map `file` holding `grants`, as of `now`.
+    pub(super) fn of(file: &Path, grants: &[crate::store::StoredGrant], now: i64) -> MapStatus {
+        MapStatus {
+            file: file.display().to_string(),
+            grants: grants.len(),
+            next_expiry: grants
+                .iter()
+                .filter_map(|g| g.expires)
+                .filter(|&e| e > now)
+                .min()
+                .map(timefmt::rfc3339),
+            last_commit: mtime(file),
+        }
+    }
+
+    pub(super) fn print(&self) {
+        println!(
+            "map {}: {} grant(s), next expiry {}, last commit {}",
+            self.file,
+            self.grants,
+            self.next_expiry.as_deref().unwrap_or("-"),
+            self.last_commit.as_deref().unwrap_or("-")
+        );
+    }
 }
 
 /// Whether a `dovegate run` holds the map (its single-instance lock).
@@ -267,13 +294,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
     if let Some(shown) = super::fleet_status::replica_host(&settings, args.json) {
         return shown;
     }
-    let mut map = LmdbMap::open_keyed(
-        &settings.map_path,
-        &settings.action,
-        OpenMode::ReadOnly,
-        settings.ipv6_prefix,
-    )
-    .map_err(super::admin::store_failure)?;
+    let mut map = super::admin::open(&settings, OpenMode::ReadOnly)?;
     let grants = map.list().map_err(super::admin::store_failure)?;
     let mut warnings = Vec::new();
     let daemon = match instance::map_holder(&settings.map_path) {
@@ -298,11 +319,6 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
     };
     let file = map.path().to_path_buf();
     let now = timefmt::now();
-    let next = grants
-        .iter()
-        .filter_map(|g| g.expires)
-        .filter(|&e| e > now)
-        .min();
     let checkpoints = CheckpointDir::new(&settings.state_dir);
     let saved = checkpoints.all();
     let account = Account::service_user(args.user.as_deref());
@@ -413,12 +429,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             .and_then(|b| serde_json::from_slice(&b).ok());
     let status = Status {
         user: account.map(|a| a.name),
-        map: MapStatus {
-            file: file.display().to_string(),
-            grants: grants.len(),
-            next_expiry: next.map(timefmt::rfc3339),
-            last_commit: mtime(&file),
-        },
+        map: MapStatus::of(&file, &grants, now),
         daemon,
         files,
         journals,
@@ -444,14 +455,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
 }
 
 fn print_text(status: &Status, state_dir: &Path) {
-    let m = &status.map;
-    println!(
-        "map {}: {} grant(s), next expiry {}, last commit {}",
-        m.file,
-        m.grants,
-        m.next_expiry.as_deref().unwrap_or("-"),
-        m.last_commit.as_deref().unwrap_or("-")
-    );
+    status.map.print();
     match (status.daemon.running, status.daemon.pid) {
         (Some(true), Some(pid)) => println!("daemon: running (pid {pid}), holds the map"),
         (Some(true), None) => println!(

@@ -27,11 +27,9 @@ pub fn uids_of(users: &[UserSpec]) -> Result<Vec<u32>, String> {
         .enumerate()
         .map(|(i, u)| match u {
             UserSpec::Uid(n) => Ok(*n),
-            UserSpec::Name(n) => n
-                .parse::<u32>()
-                .ok()
-                .or_else(|| uid_of(n))
-                .ok_or_else(|| format!("[{i}]: no user `{n}` on this system (give a name or a uid)")),
+            UserSpec::Name(n) => n.parse::<u32>().ok().or_else(|| uid_of(n)).ok_or_else(|| {
+                format!("[{i}]: no user `{n}` on this system (give a name or a uid)")
+            }),
         })
         .collect()
 }

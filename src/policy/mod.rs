@@ -314,7 +314,9 @@ mod tests {
         inet_block.block_on_cap = true;
         let e = PolicySettings::from_section(&inet_block).unwrap_err();
         assert!(e.0.starts_with("policy.block_on_cap:"), "{}", e.0);
-        unix.users = vec![crate::net::peers::UserSpec::Name("no-such-user-here".into())];
+        unix.users = vec![crate::net::peers::UserSpec::Name(
+            "no-such-user-here".into(),
+        )];
         let e = PolicySettings::from_section(&unix).unwrap_err();
         assert!(e.0.starts_with("policy.users[0]:"), "{}", e.0);
         let e = PolicySettings::from_section(&section("relative/path")).unwrap_err();

@@ -157,7 +157,22 @@ impl Daemon {
     /// DG_TEST_LOG (e.g. `debug`) when chasing a failure.
     pub fn start(dir: &Path, args: &[&str]) -> Daemon {
         let stderr = dir.join(format!("dovegate-{:x}.stderr", rand_u64()));
-        let child = Command::new(bin())
+        Daemon::spawn(Command::new(bin()), args, stderr)
+    }
+
+    /// `dovegate run ARGS` as if on the host `host`: in its own UTS namespace (root only),
+    /// so two daemons on this machine tell the database different host names.
+    pub fn start_as_host(dir: &Path, host: &str, args: &[&str]) -> Daemon {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--uts", "sh", "-c", "hostname \"$0\" && exec \"$@\""])
+            .arg(host)
+            .arg(bin());
+        Daemon::spawn(cmd, args, dir.join(format!("dovegate-{host}.stderr")))
+    }
+
+    /// `CMD run ARGS` (CMD: the binary, or a wrapper that execs it) with stderr to `stderr`.
+    fn spawn(mut cmd: Command, args: &[&str], stderr: PathBuf) -> Daemon {
+        let child = cmd
             .arg("run")
             .args(args)
             .env(
@@ -169,28 +184,6 @@ impl Daemon {
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
             .expect("spawn dovegate run");
-        Daemon { child, stderr }
-    }
-
-    /// `dovegate run ARGS` as if on the host `host`: in its own UTS namespace (root only),
-    /// so two daemons on this machine tell the database different host names.
-    pub fn start_as_host(dir: &Path, host: &str, args: &[&str]) -> Daemon {
-        let stderr = dir.join(format!("dovegate-{host}.stderr"));
-        let child = Command::new("unshare")
-            .args(["--uts", "sh", "-c", "hostname \"$0\" && exec \"$@\""])
-            .arg(host)
-            .arg(bin())
-            .arg("run")
-            .args(args)
-            .env(
-                "DOVEGATE_LOG",
-                std::env::var("DG_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawn unshare --uts dovegate run");
         Daemon { child, stderr }
     }
 
