@@ -4,7 +4,8 @@
 #   dovecot.sh up DIR file|syslog PORTBASE   imap PORTBASE, imaps +1, pop3 +2, pop3s +3
 #   dovecot.sh down DIR
 #   dovecot.sh trixie-root DIR               a Debian 13 root with Dovecot 2.4 (debootstrap,
-#                                            cached in /var/cache/dovegate-test/push-trixie,
+#                                            cached in /var/cache/dovegate-test/push-trixie
+#                                            (DOVEGATE_TEST_CACHE, as the system test),
 #                                            else the system test's root-trixie-*);
 #                                            prints its path
 #   dovecot.sh up24 DIR ROOT PORTBASE        Dovecot 2.4 from ROOT, chrooted, with DIR mounted
@@ -177,7 +178,8 @@ CONF
 
 # The Debian 13 root, built once (flock: parallel tests wait for the first build).
 trixie_root() {
-    local cache=/var/cache/dovegate-test root=/var/cache/dovegate-test/push-trixie
+    local cache=${DOVEGATE_TEST_CACHE:-/var/cache/dovegate-test}
+    local root=$cache/push-trixie
     mkdir -p "$cache"
     # Without it, a Debian 13 root the system test cached (no network needed); used
     # through an overlay (see up24), never changed.
