@@ -387,8 +387,8 @@ fn readme_snippets_pass_doveconf() {
 
 /// A Debian 13 root with Dovecot 2.4 already on this host (never built here).
 fn trixie_root() -> Option<String> {
-    let cache = std::env::var("DOVEGATE_TEST_CACHE")
-        .unwrap_or_else(|_| "/var/cache/dovegate-test".into());
+    let cache =
+        std::env::var("DOVEGATE_TEST_CACHE").unwrap_or_else(|_| "/var/cache/dovegate-test".into());
     let mut roots: Vec<PathBuf> = std::fs::read_dir(cache)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
