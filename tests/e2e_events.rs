@@ -4,8 +4,8 @@
 //! XCLIENT), failures, proxied and nologin authentications and posts without the secret
 //! do not; IDLE keeps the grant past three times the ttl and LOGOUT ends it ttl later;
 //! a stopped or stalled dovegate never delays a login; events and the log together make
-//! one grant and one audit line. The README's snippets pass real `doveconf -n` (2.3 here,
-//! 2.4.1 from a Debian 13 root when one is cached).
+//! one grant and one audit line. tests/dovecot_config.rs checks the README's snippets with
+//! real `doveconf`.
 
 mod common;
 
@@ -18,18 +18,6 @@ use std::time::Duration;
 use common::dovecot::*;
 use common::*;
 
-/// The code block that follows the first README line containing `title`.
-fn readme_block(title: &str) -> String {
-    let readme = include_str!("../README.md");
-    let at = readme.find(title).expect("the README section");
-    let rest = &readme[at..];
-    let start = rest.find("```\n").expect("a code block") + 4;
-    let len = rest[start..].find("```\n").expect("its end");
-    rest[start..start + len].to_string()
-}
-
-const SNIPPET_23: &str = "Dovecot 2.3 (`/etc/dovecot/conf.d/95-dovegate-events.conf`";
-const SNIPPET_24: &str = "Dovecot 2.4 (the unix driver";
 const SECRET: &str = "events-test-secret-0123456789";
 
 /// A traversable rig: the test's files, `dv` for the Dovecot harness, the events port.
@@ -54,7 +42,7 @@ impl Rig {
         std::fs::write(dir.join("secret"), format!("{SECRET}\n")).unwrap();
         // The README's snippet, with this rig's port.
         let port = free_port();
-        let conf = readme_block(SNIPPET_23)
+        let conf = readme_block(README_EVENTS_23)
             .replace("8431", &port.to_string())
             .replace("/SECRET", &format!("/{SECRET}"));
         let dv = dir.join("dv").display().to_string();
@@ -336,72 +324,6 @@ fn events_and_the_log_make_one_grant_and_one_audit_line() {
     assert_eq!(audit.len(), 1, "one audit line: {audit:?}");
 }
 
-/// The README's snippets as real Dovecot reads them: `doveconf -n` exits 0 and keeps
-/// every setting (2.3 on this host; 2.4.1 from a cached Debian 13 root, if any).
-#[test]
-fn readme_snippets_pass_doveconf() {
-    let dir = tempdir();
-    let check = |out: std::process::Output, snippet: &str| {
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "doveconf: {}{}",
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for line in snippet.lines().map(str::trim) {
-            // doveconf prints durations its own way (500msec: 500 ms).
-            if !line.starts_with("transport_timeout") {
-                assert!(text.contains(line), "`{line}` missing from:\n{text}");
-            }
-        }
-    };
-    let s23 = readme_block(SNIPPET_23);
-    std::fs::write(dir.path().join("23.conf"), &s23).unwrap();
-    let out = Command::new("doveconf")
-        .args(["-n", "-c"])
-        .arg(dir.path().join("23.conf"))
-        .output()
-        .expect("doveconf");
-    check(out, &s23);
-
-    let Some(root) = trixie_root() else {
-        eprintln!("no Debian 13 root cached: the 2.4 snippet is not checked");
-        return;
-    };
-    let s24 = format!(
-        "dovecot_config_version = 2.4.0\ndovecot_storage_version = 2.4.0\n{}",
-        readme_block(SNIPPET_24)
-    );
-    std::fs::write(dir.path().join("24.conf"), &s24).unwrap();
-    set_mode(dir.path(), 0o755);
-    // The root stays untouched: the file is mounted in a private namespace.
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$1" "$2/mnt" && exec chroot "$2" doveconf -n -c /mnt/24.conf"#)
-        .args(["sh", &dir.path().display().to_string(), &root])
-        .output()
-        .expect("unshare");
-    check(out, &s24);
-}
-
-/// A Debian 13 root with Dovecot 2.4 already on this host (never built here).
-fn trixie_root() -> Option<String> {
-    let cache =
-        std::env::var("DOVEGATE_TEST_CACHE").unwrap_or_else(|_| "/var/cache/dovegate-test".into());
-    let mut roots: Vec<PathBuf> = std::fs::read_dir(cache)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.contains("trixie") && !n.ends_with(".lock") && !n.ends_with(".log")
-            }) && p.join("usr/bin/doveconf").exists()
-        })
-        .collect();
-    roots.sort();
-    roots.pop().map(|p| p.display().to_string())
-}
-
 /// Dovecot 2.4.1 with the README's unix driver snippet: logins grant; a peer of another
 /// uid on the socket is refused and grants nothing.
 #[test]
@@ -419,7 +341,7 @@ fn dovecot_24_unix_driver_grants_and_refuses_other_uids() {
         &[],
     );
     let _down = Down::dovecot24(&rig.dv);
-    let exporter = readme_block(SNIPPET_24).replace("/run/dovegate/events", "/rig/events");
+    let exporter = readme_block(README_EVENTS_24).replace("/run/dovegate/events", "/rig/events");
     let base = dovecot_ports(28143);
     harness(
         &["up24", &rig.dv, &root, &base.to_string()],
@@ -469,11 +391,11 @@ except OSError:
 
 /// The reference configuration (and so the dovegate.toml(5) man page generated from it)
 /// carries the README's Dovecot snippets, commented, line for line: the README's are the
-/// ones checked against real doveconf above.
+/// ones checked against real doveconf (tests/dovecot_config.rs).
 #[test]
 fn the_reference_config_carries_the_readme_snippets() {
     let reference = include_str!("../packaging/dovegate.toml");
-    for title in [SNIPPET_23, SNIPPET_24] {
+    for title in [README_EVENTS_23, README_EVENTS_24] {
         let commented: String = readme_block(title)
             .lines()
             .map(|l| format!("# {l}").trim_end().to_string() + "\n")

@@ -51,6 +51,26 @@ fn who_23(dv: &Path) -> Vec<String> {
     ]
 }
 
+/// `doveadm who -1` of the harness's Dovecot 2.4 (up24), run by the daemon without a shell
+/// of its own: 2.4's doveadm from `root` (mounted privately, the root stays as cached) asks
+/// the rig's anvil socket. Its output has 2.4's DEST_IP column.
+fn who_24(dv: &Path, root: &str) -> Vec<String> {
+    [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        r#"mount --bind "$1" "$2/mnt" && exec chroot "$2" doveadm -O who -1 -a /mnt/run/anvil"#,
+        "sh",
+        &dv.display().to_string(),
+        root,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 const VERBOSE: &str = "verbose_proctitle = yes";
 
 /// What the daemon's last check found for the session of `addr` (sessions.json).
@@ -250,6 +270,28 @@ fn dovecot_23_idle_shown_by_doveadm_who_lost_after_kill9_of_the_imap_process() {
         "198.51.100.43",
         false,
         &who_23(&dv),
+        "doveadm-who",
+        End::Kill9,
+    );
+}
+
+/// The same with Dovecot 2.4.1, whose `doveadm who -1` adds the DEST_IP column.
+#[test]
+fn dovecot_24_idle_shown_by_doveadm_who_lost_after_kill9_of_the_imap_process() {
+    let (d, dv, dvs) = rig();
+    let root = harness(&["trixie-root", &dvs], &[]);
+    let _down = Down::dovecot24(&dvs);
+    harness(
+        &["up24", &dvs, &root, &dovecot_ports(13943).to_string()],
+        &[],
+    );
+    idle_keeps_relay(
+        d.path(),
+        &dv.join("dovecot.log"),
+        dovecot_ports(13943),
+        "198.51.100.45",
+        false,
+        &who_24(&dv, &root),
         "doveadm-who",
         End::Kill9,
     );

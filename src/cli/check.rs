@@ -253,9 +253,9 @@ fn dovecot_log_path() -> Option<String> {
 
 /// The value of Dovecot's global setting KEY, from `doveconf KEY` (`KEY = VALUE`); None when
 /// doveconf is missing, fails or takes over 5 s (a start-up must not hang on it).
-/// Not `doveconf -h KEY`: Dovecot 2.4 refuses it for settings that filters may also set,
-/// log_path among them ("Multiple settings matched with -h parameter"); the plain form
-/// answers on 2.3 and 2.4.
+/// Not `doveconf -h KEY`: Dovecot 2.4.1 refuses it at times for log_path ("Multiple
+/// settings matched with -h parameter"; the same configuration answers in other runs);
+/// the plain form answers on 2.3 and 2.4 (tests/dovecot_config.rs).
 pub(crate) fn doveconf(key: &str) -> Option<String> {
     use std::io::Read;
     use std::process::{Command, Stdio};

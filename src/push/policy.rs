@@ -55,6 +55,10 @@ pub const UNSET: &str = "-";
 /// and `nologin`, defaulting to `-` when absent (present, Dovecot 2.3 expands them to "").
 pub const REQUEST_ATTRIBUTES: &str = "login=%{requested_username} pwhash=%{hashed_password} remote=%{rip} device_id=%{client_id} protocol=%s session_id=%{session} proxy=%{passdb:proxy:-} nologin=%{passdb:nologin:-}";
 
+/// The same for Dovecot 2.4, where the setting is a block (a 2.3 line is refused there)
+/// that adds to Dovecot's defaults, and `:-` became the `default` filter.
+pub const REQUEST_ATTRIBUTES_24: &str = "auth_policy_request_attributes { proxy = %{passdb:proxy | default('-')} nologin = %{passdb:nologin | default('-')} }";
+
 /// No objection.
 const ALLOW: &str = r#"{"status":0,"msg":""}"#;
 
@@ -264,7 +268,7 @@ async fn handle(
         Verdict::NoAttributes => {
             sink.misconfigured(
                 "no-proxy-attributes",
-                &format!("auth policy: report without the `proxy` and `nologin` attributes; nothing granted: set auth_policy_request_attributes = {REQUEST_ATTRIBUTES} in Dovecot (see README, \"Auth policy endpoint\")"),
+                &format!("auth policy: report without the `proxy` and `nologin` attributes; nothing granted: set auth_policy_request_attributes = {REQUEST_ATTRIBUTES} in Dovecot 2.3, or on Dovecot 2.4 {REQUEST_ATTRIBUTES_24} (one setting a line; see README, \"Auth policy endpoint\")"),
             );
             reply(StatusCode::OK, ALLOW)
         }
@@ -451,6 +455,16 @@ mod tests {
         assert!(include_str!("../../tests/support/dovecot.sh").contains(REQUEST_ATTRIBUTES));
         assert!(REQUEST_ATTRIBUTES.contains("proxy=%{passdb:proxy:-}"));
         assert!(REQUEST_ATTRIBUTES.contains("nologin=%{passdb:nologin:-}"));
+        // The 2.4 block's settings, one a line there (doveconf checks the README's, see
+        // tests/dovecot_config.rs).
+        for setting in [
+            "proxy = %{passdb:proxy | default('-')}",
+            "nologin = %{passdb:nologin | default('-')}",
+        ] {
+            assert!(REQUEST_ATTRIBUTES_24.contains(setting));
+            assert!(include_str!("../../README.md").contains(&format!("  {setting}\n")));
+            assert!(include_str!("../../tests/support/dovecot.sh").contains(setting));
+        }
         assert!(matches!(
             judge(Some("command=reportx"), ok, &protos()),
             Verdict::BadRequest(_)

@@ -165,26 +165,27 @@ pub struct WhoEntry {
     pub ip: Option<IpAddr>,
 }
 
-/// Parses `doveadm who -1` output; the header and odd lines are skipped.
+/// Parses `doveadm who -1` output; the header and odd lines are skipped. Dovecot 2.3 prints
+/// `USER PROTO PID IP`; 2.4 adds `DEST_IP` and the `-f` passdb fields after IP (empty, or
+/// `-` from 2.4.2 on, for a session that is not proxied), so the columns are found as the
+/// last `PROTO PID IP` run (a number, then an address), not counted from the end.
 pub fn parse_who(text: &str) -> Vec<WhoEntry> {
     let mut out = Vec::new();
     for line in text.lines() {
-        let mut words = line.split_whitespace().rev();
-        let (Some(ip), Some(pid), Some(proto)) = (words.next(), words.next(), words.next()) else {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let found = (1..words.len().saturating_sub(2)).rev().find_map(|i| {
+            let pid = words[i + 1].parse::<u32>().ok()?;
+            let ip = words[i + 2].parse::<IpAddr>().ok()?;
+            Some((i, pid, ip))
+        });
+        let Some((i, pid, ip)) = found else {
             continue;
         };
-        let Ok(pid) = pid.parse::<u32>() else {
-            continue;
-        };
-        let user: Vec<&str> = words.rev().collect();
-        if user.is_empty() {
-            continue;
-        }
         out.push(WhoEntry {
-            user: user.join(" "),
-            proto: proto.to_string(),
+            user: words[..i].join(" "),
+            proto: words[i].to_string(),
             pid,
-            ip: ip.parse().ok(),
+            ip: Some(ip),
         });
     }
     out
@@ -373,6 +374,34 @@ mod tests {
                     pid: 7,
                     ip: "2001:db8::1".parse().ok()
                 },
+            ]
+        );
+    }
+
+    /// `doveadm who -1` of Dovecot 2.4 (doveadm-who.c: username, service, pid, ip, dest_ip,
+    /// then one column per `-f` passdb field): 2.4.1 prints an unset dest_ip empty (the
+    /// first two lines as 2.4.1 printed them for an IMAP session), 2.4.2 as `-`; a proxied
+    /// session names its backend.
+    #[test]
+    fn who_output_24() {
+        let text = "username                     service pid   ip        dest_ip\n\
+                    alice                        imap    24563 127.0.0.1        \n\
+                    bob      pop3    7     2001:db8::1  -          \n\
+                    al ice   imap    8     192.0.2.1    10.0.0.2   x\n\
+                    carol    imap    9     -            -          \n";
+        let got: Vec<(String, String, u32, Option<IpAddr>)> = parse_who(text)
+            .into_iter()
+            .map(|e| (e.user, e.proto, e.pid, e.ip))
+            .collect();
+        let want = |u: &str, p: &str, pid: u32, ip: &str| {
+            (u.to_string(), p.to_string(), pid, ip.parse().ok())
+        };
+        assert_eq!(
+            got,
+            vec![
+                want("alice", "imap", 24563, "127.0.0.1"),
+                want("bob", "pop3", 7, "2001:db8::1"),
+                want("al ice", "imap", 8, "192.0.2.1"),
             ]
         );
     }

@@ -176,7 +176,7 @@ impl Sink for DaemonSink {
         }
         if why == NearMiss::NoAddress {
             if let Some(n) = self.warn_no_address.hit() {
-                tracing::warn!(source = %self.origin, count = n, "Dovecot login lines are seen but none carries the client address (rip=): a custom login_log_format_elements? add %{{rip}} to it, or name the element in the pattern (address_element)");
+                tracing::warn!(source = %self.origin, count = n, "Dovecot login lines are seen but none carries the client address (rip=): a custom login_log_format_elements? add rip=%{{rip}} to it (Dovecot 2.3; rip=%{{remote_ip}} on 2.4), or name the element in the pattern (address_element)");
             }
         }
     }

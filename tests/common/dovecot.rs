@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
 
 /// A file of tests/support.
 pub fn support(name: &str) -> PathBuf {
@@ -250,4 +250,71 @@ s.sendall(b"QUIT\r\n"); f.readline()
 /// The keys of the LMDB map, as Postfix's `postmap -s` lists them.
 pub fn map_keys(map: &Path) -> std::collections::BTreeSet<String> {
     super::postmap_s(map).into_iter().map(|(k, _)| k).collect()
+}
+
+/// The code block that follows the first README line containing `title`.
+pub fn readme_block(title: &str) -> String {
+    let readme = include_str!("../../README.md");
+    let at = readme.find(title).expect("the README section");
+    let rest = &readme[at..];
+    let start = rest.find("```\n").expect("a code block") + 4;
+    let len = rest[start..].find("```\n").expect("its end");
+    rest[start..start + len].to_string()
+}
+
+/// The README's titles of its Dovecot snippets (for readme_block).
+pub const README_EVENTS_23: &str = "Dovecot 2.3 (`/etc/dovecot/conf.d/95-dovegate-events.conf`";
+pub const README_EVENTS_24: &str = "Dovecot 2.4 (the unix driver";
+pub const README_POSTLOGIN_23: &str = "Dovecot 2.3 (`conf.d/10-master.conf`";
+pub const README_POLICY_23: &str = "Dovecot 2.3 (`conf.d/10-auth.conf`";
+pub const README_POLICY_24: &str = "Dovecot 2.4: the same settings, the attributes as a block";
+
+/// The lines a Dovecot 2.4 configuration must start with.
+pub const DOVECOT_24_HEADER: &str =
+    "dovecot_config_version = 2.4.0\ndovecot_storage_version = 2.4.0\n";
+
+/// A Debian 13 root with Dovecot 2.4 already on this host (never built here).
+pub fn trixie_root() -> Option<String> {
+    let cache =
+        std::env::var("DOVEGATE_TEST_CACHE").unwrap_or_else(|_| "/var/cache/dovegate-test".into());
+    let mut roots: Vec<PathBuf> = std::fs::read_dir(cache)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.contains("trixie") && !n.ends_with(".lock") && !n.ends_with(".log")
+            }) && p.join("usr/bin/doveconf").exists()
+        })
+        .collect();
+    roots.sort();
+    roots.pop().map(|p| p.display().to_string())
+}
+
+/// `doveconf -c FILE ARGS` of this host's Dovecot (2.3), FILE holding `conf`.
+pub fn doveconf23(conf: &str, args: &[&str]) -> Output {
+    let dir = super::tempdir();
+    let file = dir.path().join("dovecot.conf");
+    std::fs::write(&file, conf).unwrap();
+    Command::new("doveconf")
+        .arg("-c")
+        .arg(&file)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("doveconf")
+}
+
+/// The same with Dovecot 2.4 from `root` (trixie_root). The root stays untouched: the
+/// file's directory is bind-mounted on its /mnt in a private mount namespace.
+pub fn doveconf24(root: &str, conf: &str, args: &[&str]) -> Output {
+    let dir = super::tempdir();
+    std::fs::write(dir.path().join("dovecot.conf"), conf).unwrap();
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2/mnt" && r=$2 && shift 2 && exec chroot "$r" doveconf -c /mnt/dovecot.conf "$@""#)
+        .args(["sh", &dir.path().display().to_string(), root])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare")
 }
