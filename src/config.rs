@@ -210,13 +210,17 @@ pub struct StateSection {
 pub struct StoreSection {
     pub postgres_url_file: String,
     pub postgres_schema: String,
+    /// MariaDB/MySQL instead of PostgreSQL (issue 23): a file holding a `mysql://` URL.
+    pub mysql_url_file: String,
     pub spill_max_grants: usize,
 }
 
-/// Validated `[store]`: `url_file` None means LMDB only.
+/// Validated `[store]`: `url_file` (PostgreSQL) and `mysql_url_file` both None means LMDB
+/// only; at most one is set.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
     pub url_file: Option<PathBuf>,
+    pub mysql_url_file: Option<PathBuf>,
     pub schema: String,
     pub spill_max_grants: usize,
 }
@@ -251,8 +255,24 @@ impl StoreSection {
             }
             f => Some(PathBuf::from(f)),
         };
+        let mysql_url_file = match self.mysql_url_file.trim() {
+            "" => None,
+            f if !f.starts_with('/') => {
+                return Err(err("store.mysql_url_file", "must be an absolute path"))
+            }
+            f => Some(PathBuf::from(f)),
+        };
+        // One shared database: two would each hold half of the grants' story (revocations
+        // in one, renewals in the other).
+        if url_file.is_some() && mysql_url_file.is_some() {
+            return Err(err(
+                "store.mysql_url_file",
+                "set either store.postgres_url_file or store.mysql_url_file, not both",
+            ));
+        }
         Ok(StoreSettings {
             url_file,
+            mysql_url_file,
             schema: schema.to_string(),
             spill_max_grants: self.spill_max_grants,
         })
@@ -769,6 +789,26 @@ mod tests {
         let c = FileConfig::parse("[grant]\n\nttl = \"soon\"\n", "f.toml").unwrap();
         let e = c.validate().unwrap_err().0;
         assert!(e.starts_with("f.toml:3:1: grant.ttl: "), "{e}");
+    }
+
+    #[test]
+    fn one_shared_database_at_most() {
+        let mut c = FileConfig::embedded();
+        assert!(c.validate().unwrap().store.mysql_url_file.is_none());
+        c.store.mysql_url_file = "/etc/dovegate/mysql.url".into();
+        let s = c.validate().unwrap();
+        assert_eq!(
+            s.store.mysql_url_file,
+            Some(PathBuf::from("/etc/dovegate/mysql.url"))
+        );
+        assert!(s.store.url_file.is_none());
+        c.store.postgres_url_file = "/etc/dovegate/postgres.url".into();
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("store.mysql_url_file") && e.contains("not both"), "{e}");
+        c.store.postgres_url_file.clear();
+        c.store.mysql_url_file = "mysql.url".into();
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("must be an absolute path"), "{e}");
     }
 
     #[test]
