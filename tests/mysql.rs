@@ -1,10 +1,155 @@
 //! dovegate with grants shared through MariaDB (issue 23): a private `mariadbd` on
 //! loopback per test (tests/support/mariadb.rs), real writers and replicas.
 
+mod common;
 #[path = "support/mariadb.rs"]
 mod mariadb;
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{append, bin, login_line, postmap_q, postmap_s, wait_for, Daemon, PATIENCE};
 use mariadb::Maria;
+
+/// Propagation through the database may take a reconnect backoff on top of the usual.
+const FLEET_PATIENCE: Duration = Duration::from_secs(60);
+
+/// A running `dovegate replica` with map `DIR/relay` and state `DIR/state`; SIGTERM on drop.
+struct Replica {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Replica {
+    fn start(dir: &Path, cfg: &Path, url: &Path) -> Replica {
+        std::fs::create_dir_all(dir).unwrap();
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("replica.stderr"))
+            .unwrap();
+        let child = Command::new(bin())
+            .arg("replica")
+            .args(["--config", &cfg.display().to_string()])
+            .args(["--url-file", &url.display().to_string()])
+            .args(["--map", &dir.join("relay").display().to_string()])
+            .args(["--state-dir", &dir.join("state").display().to_string()])
+            .env(
+                "DOVEGATE_LOG",
+                std::env::var("DG_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn dovegate replica");
+        let r = Replica {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        wait_for("replica connected", FLEET_PATIENCE, || {
+            r.status()["connected"] == serde_json::Value::Bool(true)
+        });
+        r
+    }
+
+    fn map(&self) -> PathBuf {
+        self.dir.join("relay")
+    }
+
+    fn status(&self) -> serde_json::Value {
+        std::fs::read_to_string(self.dir.join("state/replica.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("replica.stderr")).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            common::signal(self.child.id(), libc::SIGTERM);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A config sharing grants through MariaDB at `url`; `extra` is appended.
+fn config(dir: &Path, url: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("dovegate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\npoll_interval = \"100ms\"\n[store]\nmysql_url_file = \"{}\"\n{extra}",
+            url.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A writer `dovegate run` following `DIR/mail.log`.
+fn writer(dir: &Path, cfg: &Path, ttl: &str) -> (Daemon, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let log = dir.join("mail.log");
+    std::fs::write(&log, "").unwrap();
+    let cfg = cfg.display().to_string();
+    let d = Daemon::follow(dir, &log, &["--config", &cfg, "--ttl", ttl]);
+    (d, log)
+}
+
+fn fleet_status(dir: &Path) -> serde_json::Value {
+    std::fs::read_to_string(dir.join("state/fleet.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn wait_writer_connected(dir: &Path) {
+    wait_for("writer connected", FLEET_PATIENCE, || {
+        fleet_status(dir)["connected"] == serde_json::Value::Bool(true)
+    });
+}
+
+fn expiry_of(value: &str) -> i64 {
+    let t = value
+        .split_once("expires=")
+        .map(|(_, t)| t.trim())
+        .unwrap_or_else(|| panic!("no expiry in `{value}`"));
+    chrono::DateTime::parse_from_rfc3339(t)
+        .unwrap_or_else(|e| panic!("bad expiry `{t}`: {e}"))
+        .timestamp()
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn visible(map: &Path, ips: &[String]) -> bool {
+    let keys: std::collections::HashSet<String> =
+        postmap_s(map).into_iter().map(|(k, _)| k).collect();
+    ips.iter().all(|ip| keys.contains(ip))
+}
+
+fn wait_visible(what: &str, map: &Path, ips: &[String]) {
+    wait_for(what, FLEET_PATIENCE, || {
+        let ok = visible(map, ips);
+        if !ok {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ok
+    });
+}
 
 #[test]
 fn private_server_starts_and_stops() {
@@ -19,4 +164,228 @@ fn private_server_starts_and_stops() {
         .is_err());
     m.up();
     assert_eq!(m.sql("SELECT 2"), "2");
+}
+
+#[test]
+fn two_writers_two_replicas_kill_and_revoke() {
+    let tmp = common::tempdir();
+    let m = Maria::start(tmp.path());
+    let url = m.url_file(&tmp.path().join("my.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let (_w1, log1) = writer(&tmp.path().join("w1"), &cfg, "10m");
+    let (mut w2, log2) = writer(&tmp.path().join("w2"), &cfg, "10m");
+    wait_writer_connected(&tmp.path().join("w1"));
+    let mut r1 = Replica::start(&tmp.path().join("r1"), &cfg, &url);
+    assert_eq!(m.sql("SELECT MAX(version) FROM dovegate_schema"), "1");
+
+    let mut ips = Vec::new();
+    for i in 1..=10 {
+        let (a, b) = (format!("192.0.2.{i}"), format!("2001:db8:2::{i:x}"));
+        append(&log1, &login_line(&a, "alice"));
+        append(&log2, &login_line(&b, "bob"));
+        ips.extend([a, b]);
+    }
+    wait_visible("logins of both writers on replica 1", &r1.map(), &ips);
+    let v = postmap_q(&r1.map(), "192.0.2.3").unwrap();
+    assert!(v.starts_with("OK expires="), "{v}");
+    // Audit columns: who wrote it, from what.
+    let row = m.sql(
+        "SELECT granted_by <> '', source, seq > 0 FROM dovegate_grants WHERE address = '192.0.2.3'",
+    );
+    assert_eq!(row, "1\tdovecot\t1", "{row}");
+
+    // A replica started late catches up by snapshot.
+    let r2 = Replica::start(&tmp.path().join("r2"), &cfg, &url);
+    wait_visible("snapshot on replica 2", &r2.map(), &ips);
+    assert_eq!(r2.status()["last_snapshot_grants"], serde_json::json!(20));
+
+    // kill -9 a replica and a writer, log in meanwhile, restart the replica: it converges.
+    r1.kill9();
+    w2.kill9();
+    let late: Vec<String> = (101..=105).map(|i| format!("192.0.2.{i}")).collect();
+    for ip in &late {
+        append(&log1, &login_line(ip, "carol"));
+    }
+    wait_visible("logins during the outage on replica 2", &r2.map(), &late);
+    let r1 = Replica::start(&tmp.path().join("r1"), &cfg, &url);
+    ips.extend(late.iter().cloned());
+    wait_visible("restarted replica 1 converged", &r1.map(), &ips);
+    // The killed writer restarted: its next login is shared too.
+    let (_w2, log2b) = writer(&tmp.path().join("w2"), &cfg, "10m");
+    assert_eq!(log2b, log2);
+    append(&log2, &login_line("192.0.2.150", "bob"));
+    wait_visible(
+        "the restarted writer's login",
+        &r1.map(),
+        &["192.0.2.150".into()],
+    );
+
+    // A revoke leaves a tombstone with a sequence value: gone from every replica.
+    let revoked = Command::new(bin())
+        .args(["revoke", "--config", &cfg.display().to_string()])
+        .args(["--map", &tmp.path().join("w1/relay").display().to_string()])
+        .arg("192.0.2.1")
+        .output()
+        .unwrap();
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    assert!(String::from_utf8_lossy(&revoked.stdout).contains("every host"));
+    assert_eq!(
+        m.sql("SELECT count(*) FROM dovegate_revocations WHERE address = '192.0.2.1' AND seq > 0"),
+        "1"
+    );
+    for r in [&r1, &r2] {
+        wait_for("revocation reached the replica", FLEET_PATIENCE, || {
+            postmap_q(&r.map(), "192.0.2.1").is_none()
+        });
+    }
+    assert!(postmap_q(&r1.map(), "192.0.2.2").is_some());
+    assert!(
+        r1.log().contains("dovegate replica started"),
+        "{}",
+        r1.log()
+    );
+}
+
+/// MariaDB stopped and started again while logins come: nothing lost (the spill queue is
+/// replayed), nothing granted past its login + ttl in any map.
+#[test]
+fn database_restart_mid_stream() {
+    let tmp = common::tempdir();
+    let mut m = Maria::start(tmp.path());
+    let url = m.url_file(&tmp.path().join("my.url"));
+    let cfg = config(tmp.path(), &url, "[grant]\nsession_hold = \"0s\"\n");
+    let ttl = 30i64;
+    let (w, log) = writer(&tmp.path().join("w"), &cfg, &format!("{ttl}s"));
+    wait_writer_connected(&tmp.path().join("w"));
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    let mut logged: Vec<(String, i64)> = Vec::new();
+    for i in 1..=60u32 {
+        let ip = format!("198.51.100.{i}");
+        logged.push((ip.clone(), now()));
+        append(&log, &login_line(&ip, "dave"));
+        if i == 20 {
+            m.down();
+        }
+        if i == 40 {
+            m.up();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ips: Vec<String> = logged.iter().map(|(ip, _)| ip.clone()).collect();
+    wait_for("every login in the database", FLEET_PATIENCE, || {
+        let n = m.sql_as(
+            mariadb::USER,
+            mariadb::PASSWORD,
+            "SELECT count(*) FROM dovegate_grants WHERE address LIKE '198.51.100.%'",
+        );
+        if n.as_deref() != Ok("60") {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        n.as_deref() == Ok("60")
+    });
+    wait_visible("every login on the replica", &r.map(), &ips);
+    assert!(w.log().contains("database unreachable"), "{}", w.log());
+    assert!(r.log().contains("replica is STALE"), "{}", r.log());
+    let start = Instant::now();
+    loop {
+        let t = now();
+        let mut present = 0;
+        for map in [r.map(), tmp.path().join("w/relay")] {
+            for (k, v) in postmap_s(&map) {
+                present += 1;
+                let login = logged.iter().find(|(ip, _)| *ip == k).map(|(_, t)| *t);
+                let login = login.unwrap_or_else(|| panic!("unexpected key {k}"));
+                assert!(
+                    expiry_of(&v) <= login + ttl + 1,
+                    "{k}: {v} beyond login + ttl"
+                );
+                assert!(
+                    t <= login + ttl + 2,
+                    "{k} still present at {t}, expired at {}",
+                    login + ttl
+                );
+            }
+        }
+        if present == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(ttl as u64) + PATIENCE,
+            "grants never expired"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Another database user with write access forges rows: the table refuses what dovegate
+/// never writes, and what it cannot refuse (a future `updated_at`, an excluded address, a
+/// long expiry) grants nothing, or no longer than now + ttl, on a replica.
+#[test]
+fn forged_rows_grant_nothing() {
+    let tmp = common::tempdir();
+    let m = Maria::start(tmp.path());
+    let url = m.url_file(&tmp.path().join("my.url"));
+    let cfg = config(tmp.path(), &url, "[grant]\nttl = \"10m\"\n");
+    let (_w, log) = writer(&tmp.path().join("w"), &cfg, "10m");
+    wait_writer_connected(&tmp.path().join("w"));
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    m.root(&format!(
+        "CREATE USER 'forger'@'127.0.0.1' IDENTIFIED BY 'f0rge';
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {}.* TO 'forger'@'127.0.0.1';",
+        mariadb::DB
+    ));
+    let forge = |values: &str| {
+        m.sql_as(
+            "forger",
+            "f0rge",
+            &format!(
+                "INSERT INTO dovegate_grants (address, expires, granted_by, source, created_at, updated_at, seq)
+                 VALUES {values}"
+            ),
+        )
+    };
+    // Refused by the table: not canonical, or an expiry beyond updated_at + 31 days.
+    for bad in [
+        "1.2.3",
+        "unknown",
+        "2001:DB8::99",
+        "::ffff:192.0.2.77",
+        "192.0.2.0/24",
+        "2001:0db8::5",
+    ] {
+        let e = forge(&format!(
+            "('{bad}', UTC_TIMESTAMP() + INTERVAL 1 HOUR, 'x', 'x', UTC_TIMESTAMP(), UTC_TIMESTAMP(), (SELECT seq FROM dovegate_seq))"
+        ));
+        assert!(e.is_err(), "{bad} was accepted");
+    }
+    assert!(
+        forge("('203.0.113.8', '2099-01-01', 'x', 'x', UTC_TIMESTAMP(), UTC_TIMESTAMP(), 1)")
+            .is_err()
+    );
+    // Accepted by the table, granting nothing: a future updated_at (so a far-future expiry
+    // passes the CHECK), a loopback address; a month-long expiry is capped at now + ttl.
+    forge("('203.0.113.9', '2099-01-01', 'x', 'x', UTC_TIMESTAMP(), '2099-01-01', 1)").unwrap();
+    forge("('127.0.0.1', UTC_TIMESTAMP() + INTERVAL 1 HOUR, 'x', 'x', UTC_TIMESTAMP(), UTC_TIMESTAMP(), 1)").unwrap();
+    forge("('203.0.113.10', UTC_TIMESTAMP() + INTERVAL 30 DAY, 'x', 'x', UTC_TIMESTAMP(), UTC_TIMESTAMP(), 1)").unwrap();
+    // Make the replica look at them now: a real login moves the sequence past them, and a
+    // replica started afterwards reads them in its snapshot.
+    m.sql_as("forger", "f0rge", "UPDATE dovegate_grants SET seq = (SELECT seq + 1 FROM dovegate_seq) WHERE granted_by = 'x'").unwrap();
+    append(&log, &login_line("192.0.2.60", "erin"));
+    wait_visible("a real login", &r.map(), &["192.0.2.60".into()]);
+    let r2 = Replica::start(&tmp.path().join("r2"), &cfg, &url);
+    wait_visible(
+        "a real login on replica 2",
+        &r2.map(),
+        &["192.0.2.60".into()],
+    );
+    for map in [r.map(), r2.map()] {
+        assert_eq!(postmap_q(&map, "203.0.113.9"), None);
+        assert_eq!(postmap_q(&map, "127.0.0.1"), None);
+    }
+    let capped = postmap_q(&r2.map(), "203.0.113.10").expect("a bounded forged grant");
+    assert!(expiry_of(&capped) <= now() + 600 + 1, "{capped}");
 }

@@ -13,7 +13,8 @@ use crate::store::{LmdbMap, OpenMode};
 pub struct ReplicaArgs {
     #[command(flatten)]
     cfg: ConfigArgs,
-    /// File holding the PostgreSQL URL (overrides store.postgres_url_file).
+    /// File holding the database URL (overrides store.postgres_url_file, or
+    /// store.mysql_url_file when it holds a mysql:// URL).
     #[arg(long, value_name = "FILE")]
     url_file: Option<PathBuf>,
     /// Where the status file (replica.json) is kept (overrides state.dir).
@@ -24,19 +25,34 @@ pub struct ReplicaArgs {
 pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
     let (_, settings) = load_settings(&args.cfg, |f| {
         if let Some(u) = &args.url_file {
-            f.store.postgres_url_file = u.display().to_string();
+            if crate::store::mysql::is_mysql_url_file(u) {
+                f.store.mysql_url_file = u.display().to_string();
+                f.store.postgres_url_file.clear();
+            } else {
+                f.store.postgres_url_file = u.display().to_string();
+                f.store.mysql_url_file.clear();
+            }
         }
         if let Some(d) = &args.state_dir {
             f.state.dir = d.display().to_string();
         }
     })?;
-    let Some(url_file) = &settings.store.url_file else {
-        return Err(Failure::config(
-            "store.postgres_url_file: a replica needs the database: set it or pass --url-file",
-        ));
+    let mysql = match &settings.store.mysql_url_file {
+        Some(f) => {
+            Some(crate::store::mysql::Target::load(f).map_err(|e| Failure::config(e.to_string()))?)
+        }
+        None => None,
     };
-    let target = Target::load(url_file, &settings.store.schema)
-        .map_err(|e| Failure::config(e.to_string()))?;
+    let target = match (&settings.store.url_file, &mysql) {
+        (_, Some(_)) => None,
+        (Some(url_file), None) => Some(
+            Target::load(url_file, &settings.store.schema)
+                .map_err(|e| Failure::config(e.to_string()))?,
+        ),
+        (None, None) => return Err(Failure::config(
+            "store.postgres_url_file: a replica needs the database: set it (or store.mysql_url_file) or pass --url-file",
+        )),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -63,14 +79,8 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
         settings.ipv6_prefix,
     )
     .map_err(|e| Failure::runtime(e.0))?;
-    let spec = ReplicaSpec {
-        target,
-        map,
-        policy: Policy::new(settings.exclude.clone(), settings.ttl)
-            .with_ipv6_prefix(settings.ipv6_prefix),
-        state_dir: settings.state_dir.clone(),
-        commit_interval: settings.commit_interval,
-    };
+    let policy =
+        Policy::new(settings.exclude.clone(), settings.ttl).with_ipv6_prefix(settings.ipv6_prefix);
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {},
@@ -78,7 +88,28 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
         }
         tracing::info!("shutting down");
     };
-    let result = runtime.block_on(crate::replica::run(spec, shutdown));
+    let result = match (target, mysql) {
+        (_, Some(target)) => {
+            let spec = crate::store::mysql::replica::MysqlReplicaSpec {
+                target,
+                map,
+                policy,
+                state_dir: settings.state_dir.clone(),
+            };
+            runtime.block_on(crate::store::mysql::replica::run(spec, shutdown))
+        }
+        (Some(target), None) => {
+            let spec = ReplicaSpec {
+                target,
+                map,
+                policy,
+                state_dir: settings.state_dir.clone(),
+                commit_interval: settings.commit_interval,
+            };
+            runtime.block_on(crate::replica::run(spec, shutdown))
+        }
+        (None, None) => unreachable!("checked above"),
+    };
     crate::notify::stopping();
     result.map_err(|e| Failure::runtime(e.to_string()))
 }
