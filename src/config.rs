@@ -804,7 +804,10 @@ mod tests {
         assert!(s.store.url_file.is_none());
         c.store.postgres_url_file = "/etc/dovegate/postgres.url".into();
         let e = c.validate().unwrap_err().0;
-        assert!(e.contains("store.mysql_url_file") && e.contains("not both"), "{e}");
+        assert!(
+            e.contains("store.mysql_url_file") && e.contains("not both"),
+            "{e}"
+        );
         c.store.postgres_url_file.clear();
         c.store.mysql_url_file = "mysql.url".into();
         let e = c.validate().unwrap_err().0;

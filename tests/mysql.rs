@@ -389,3 +389,48 @@ fn forged_rows_grant_nothing() {
     let capped = postmap_q(&r2.map(), "203.0.113.10").expect("a bounded forged grant");
     assert!(expiry_of(&capped) <= now() + 600 + 1, "{capped}");
 }
+
+/// Writers starting together on an empty database migrate once (GET_LOCK); a replica
+/// whose database user may only SELECT follows a current schema.
+#[test]
+fn concurrent_start_migrates_once_and_replicas_only_select() {
+    let tmp = common::tempdir();
+    let m = Maria::start(tmp.path());
+    let url = m.url_file(&tmp.path().join("my.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let writers: Vec<(Daemon, PathBuf)> = (1..=3)
+        .map(|i| writer(&tmp.path().join(format!("w{i}")), &cfg, "10m"))
+        .collect();
+    for i in 1..=3 {
+        wait_writer_connected(&tmp.path().join(format!("w{i}")));
+    }
+    assert_eq!(
+        m.sql("SELECT count(*), MAX(version) FROM dovegate_schema"),
+        "1\t1"
+    );
+    m.root(&format!(
+        "CREATE USER 'reader'@'127.0.0.1' IDENTIFIED BY 'r3ad';
+         GRANT SELECT ON {}.* TO 'reader'@'127.0.0.1';",
+        mariadb::DB
+    ));
+    let ro = tmp.path().join("ro.url");
+    std::fs::write(
+        &ro,
+        format!("mysql://reader:r3ad@127.0.0.1:{}/{}\n", m.port, mariadb::DB),
+    )
+    .unwrap();
+    std::fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &ro);
+    for (i, (_, log)) in writers.iter().enumerate() {
+        append(log, &login_line(&format!("192.0.2.{}", 70 + i), "frank"));
+    }
+    wait_visible(
+        "every writer's login on the read-only replica",
+        &r.map(),
+        &[
+            "192.0.2.70".into(),
+            "192.0.2.71".into(),
+            "192.0.2.72".into(),
+        ],
+    );
+}

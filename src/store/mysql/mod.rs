@@ -297,9 +297,17 @@ const MIGRATIONS: &[&[&str]] = &[
 /// The schema version this program writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-async fn current_version(c: &mut Conn) -> Result<Option<Option<i64>>, mysql_async::Error> {
-    c.query_first::<Option<i64>, _>("SELECT MAX(version) FROM dovegate_schema")
+/// The schema version recorded, 0 when there is no `dovegate_schema` yet.
+async fn current_version(c: &mut Conn) -> Result<i64, mysql_async::Error> {
+    match c
+        .query_first::<Option<i64>, _>("SELECT MAX(version) FROM dovegate_schema")
         .await
+    {
+        Ok(v) => Ok(v.flatten().unwrap_or(0)),
+        // ER_NO_SUCH_TABLE: a new database.
+        Err(mysql_async::Error::Server(e)) if e.code == 1146 => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 async fn migrate(conn: &mut Conn) -> Result<(), MyError> {
@@ -307,19 +315,10 @@ async fn migrate(conn: &mut Conn) -> Result<(), MyError> {
         let what = what.to_string();
         move |e| MyError::db(what, e)
     };
-    conn.query_drop(
-        "CREATE TABLE IF NOT EXISTS dovegate_schema (
-             version INT NOT NULL PRIMARY KEY,
-             applied_at DATETIME(6) NOT NULL
-         ) ENGINE=InnoDB",
-    )
-    .await
-    .map_err(db("creating dovegate_schema"))?;
+    // Read first, without CREATE: a replica's user may only SELECT.
     let found = current_version(conn)
         .await
-        .map_err(db("reading the schema version"))?
-        .flatten()
-        .unwrap_or(0);
+        .map_err(db("reading the schema version"))?;
     if found > SCHEMA_VERSION {
         return Err(MyError::NewerSchema {
             found,
@@ -341,11 +340,17 @@ async fn migrate(conn: &mut Conn) -> Result<(), MyError> {
         ));
     }
     let result = async {
+        conn.query_drop(
+            "CREATE TABLE IF NOT EXISTS dovegate_schema (
+                 version INT NOT NULL PRIMARY KEY,
+                 applied_at DATETIME(6) NOT NULL
+             ) ENGINE=InnoDB",
+        )
+        .await
+        .map_err(db("creating dovegate_schema"))?;
         let found = current_version(conn)
             .await
-            .map_err(db("reading the schema version"))?
-            .flatten()
-            .unwrap_or(0);
+            .map_err(db("reading the schema version"))?;
         for (i, step) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
             let version = i as i64 + 1;
             for sql in *step {
