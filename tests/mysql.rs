@@ -434,3 +434,29 @@ fn concurrent_start_migrates_once_and_replicas_only_select() {
         ],
     );
 }
+
+/// `dovegate check-config` and the daemon refuse a world-readable URL file (it holds the
+/// password) without printing the password; both URL files at once are refused.
+#[test]
+fn url_file_checks() {
+    let tmp = common::tempdir();
+    let url = tmp.path().join("my.url");
+    std::fs::write(&url, "mysql://dovegate:pa55word@127.0.0.1:3306/mail\n").unwrap();
+    std::fs::set_permissions(&url, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let cfg = config(tmp.path(), &url, "");
+    let out = common::dovegate(&["check-config", "--config", &cfg.display().to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("readable by every user"), "{err}");
+    assert!(!err.contains("pa55word"), "{err}");
+    std::fs::set_permissions(&url, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let both = config(
+        tmp.path(),
+        &url,
+        &format!("postgres_url_file = \"{}\"\n", url.display()),
+    );
+    let out = common::dovegate(&["check-config", "--config", &both.display().to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not both"), "{err}");
+}
