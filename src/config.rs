@@ -212,6 +212,10 @@ pub struct StoreSection {
     pub postgres_schema: String,
     /// MariaDB/MySQL instead of PostgreSQL (issue 23): a file holding a `mysql://` URL.
     pub mysql_url_file: String,
+    /// The Dovecot wiki's table (`popbsmtp`), written too when not empty.
+    pub mysql_popbsmtp_table: String,
+    pub mysql_popbsmtp_address_column: String,
+    pub mysql_popbsmtp_time_column: String,
     pub spill_max_grants: usize,
 }
 
@@ -221,6 +225,8 @@ pub struct StoreSection {
 pub struct StoreSettings {
     pub url_file: Option<PathBuf>,
     pub mysql_url_file: Option<PathBuf>,
+    /// The wiki's table: (table, address column, time column), validated identifiers.
+    pub popbsmtp: Option<(String, String, String)>,
     pub schema: String,
     pub spill_max_grants: usize,
 }
@@ -270,9 +276,50 @@ impl StoreSection {
                 "set either store.postgres_url_file or store.mysql_url_file, not both",
             ));
         }
+        // Names put into SQL text (identifiers cannot be parameters): plain ones only.
+        let ident = |key: &str, v: &str| -> Result<String, ConfigError> {
+            let v = v.trim();
+            let ok = !v.is_empty()
+                && v.len() <= 64
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !v.as_bytes()[0].is_ascii_digit();
+            if ok {
+                Ok(v.to_string())
+            } else {
+                Err(err(
+                    key,
+                    format!(
+                        "`{v}` must be a plain identifier such as popbsmtp (letters, digits, _)"
+                    ),
+                ))
+            }
+        };
+        let popbsmtp = match self.mysql_popbsmtp_table.trim() {
+            "" => None,
+            t => {
+                if mysql_url_file.is_none() {
+                    return Err(err(
+                        "store.mysql_popbsmtp_table",
+                        "needs store.mysql_url_file (the table is in that database)",
+                    ));
+                }
+                Some((
+                    ident("store.mysql_popbsmtp_table", t)?,
+                    ident(
+                        "store.mysql_popbsmtp_address_column",
+                        &self.mysql_popbsmtp_address_column,
+                    )?,
+                    ident(
+                        "store.mysql_popbsmtp_time_column",
+                        &self.mysql_popbsmtp_time_column,
+                    )?,
+                ))
+            }
+        };
         Ok(StoreSettings {
             url_file,
             mysql_url_file,
+            popbsmtp,
             schema: schema.to_string(),
             spill_max_grants: self.spill_max_grants,
         })
@@ -812,6 +859,15 @@ mod tests {
         c.store.mysql_url_file = "mysql.url".into();
         let e = c.validate().unwrap_err().0;
         assert!(e.contains("must be an absolute path"), "{e}");
+        c.store.mysql_url_file = "/etc/dovegate/mysql.url".into();
+        c.store.mysql_popbsmtp_table = "popbsmtp".into();
+        assert_eq!(
+            c.validate().unwrap().store.popbsmtp,
+            Some(("popbsmtp".into(), "address".into(), "last_seen".into()))
+        );
+        c.store.mysql_popbsmtp_time_column = "last_seen`; DROP TABLE x; --".into();
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("store.mysql_popbsmtp_time_column"), "{e}");
     }
 
     #[test]

@@ -460,3 +460,101 @@ fn url_file_checks() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("not both"), "{err}");
 }
+
+/// The Dovecot wiki's setup as a migration path: the site's `popbsmtp` table and its
+/// Postfix `mysql:` map with the wiki's query keep working while dovegate writes the table
+/// (instead of the post-login script and the cron job); the direct `mysql:` query on
+/// dovegate's own table answers as the replica's map does; a revoke empties all three.
+#[test]
+fn popbsmtp_table_and_postfix_mysql_maps() {
+    let tmp = common::tempdir();
+    let m = Maria::start(tmp.path());
+    // The site's table as the wiki creates it, with a row from the script's days.
+    m.sql(
+        "CREATE TABLE popbsmtp (address varchar(39) NOT NULL PRIMARY KEY, last_seen datetime NOT NULL);
+         INSERT INTO popbsmtp VALUES ('192.0.2.200', NOW() - INTERVAL 2 HOUR)",
+    );
+    let url = m.url_file(&tmp.path().join("my.url"));
+    let cfg = config(
+        tmp.path(),
+        &url,
+        "mysql_popbsmtp_table = \"popbsmtp\"\n[grant]\nttl = \"30m\"\n",
+    );
+    let wdir = tmp.path().join("w");
+    let (_w, log) = writer(&wdir, &cfg, "30m");
+    wait_writer_connected(&wdir);
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    let cf = |name: &str, query: &str| {
+        let path = tmp.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "hosts = inet:127.0.0.1:{}\nuser = {}\npassword = {}\ndbname = {}\nquery = {query}\n",
+                m.port,
+                mariadb::USER,
+                mariadb::PASSWORD,
+                mariadb::DB
+            ),
+        )
+        .unwrap();
+        format!("mysql:{}", path.display())
+    };
+    let wiki = cf(
+        "wiki.cf",
+        "SELECT 'OK' FROM popbsmtp WHERE last_seen >= DATE_SUB(NOW(), INTERVAL 30 MINUTE) AND address = '%s'",
+    );
+    let direct = cf(
+        "direct.cf",
+        "SELECT 'OK' FROM dovegate_grants WHERE address = '%s' AND expires > UTC_TIMESTAMP() AND updated_at <= UTC_TIMESTAMP() + INTERVAL 60 SECOND AND expires <= updated_at + INTERVAL 30 MINUTE",
+    );
+    append(&log, &login_line("192.0.2.50", "gina"));
+    append(&log, &login_line("2001:db8::50", "gina"));
+    wait_visible(
+        "logins on the replica",
+        &r.map(),
+        &["192.0.2.50".into(), "2001:db8::50".into()],
+    );
+    for key in ["192.0.2.50", "2001:db8::50"] {
+        assert_eq!(
+            common::postmap_table(&wiki, key).as_deref(),
+            Some("OK"),
+            "{key}"
+        );
+        assert_eq!(
+            common::postmap_table(&direct, key).as_deref(),
+            Some("OK"),
+            "{key}"
+        );
+    }
+    // What smtpd also asks (shortened forms, no reverse DNS), and the script's old row
+    // (the wiki's query keeps its own 30 minutes), grant nothing; the answers agree with
+    // the replica's map.
+    for key in ["192.0.2", "192.0", "unknown", "192.0.2.200", "192.0.2.51"] {
+        assert_eq!(common::postmap_table(&wiki, key), None, "{key}");
+        assert_eq!(common::postmap_table(&direct, key), None, "{key}");
+        assert_eq!(postmap_q(&r.map(), key), None, "{key}");
+    }
+    // A revoke removes the row from the wiki's table too: every answer is no.
+    let out = common::dovegate(&[
+        "revoke",
+        "--config",
+        &cfg.display().to_string(),
+        "--map",
+        &wdir.join("relay").display().to_string(),
+        "192.0.2.50",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(common::postmap_table(&wiki, "192.0.2.50"), None);
+    assert_eq!(common::postmap_table(&direct, "192.0.2.50"), None);
+    wait_for("revoke on the replica", FLEET_PATIENCE, || {
+        postmap_q(&r.map(), "192.0.2.50").is_none()
+    });
+    assert_eq!(
+        common::postmap_table(&wiki, "2001:db8::50").as_deref(),
+        Some("OK")
+    );
+}

@@ -168,6 +168,11 @@ pub fn revoke(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
     let ip = ip_arg(ip)?;
     // An address inside a prefix grant (grant.ipv6_prefix) loses it: the grant it relays by.
     let wide = crate::grant::widen(ip, settings.ipv6_prefix);
+    let wiki = settings
+        .store
+        .popbsmtp
+        .clone()
+        .map(crate::store::mysql::Popbsmtp::new);
     let mut map = open(&settings, OpenMode::Existing)?;
     let mut here = map.revoke(ip).map_err(store_failure)?;
     if wide != ip {
@@ -177,7 +182,8 @@ pub fn revoke(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
         })?;
         here |= there == Some(true);
         let there = in_mysql(&settings, "revoked here only", |c, _| {
-            Box::pin(crate::store::mysql::revoke(c, wide))
+            let w = wiki.clone();
+            Box::pin(async move { crate::store::mysql::revoke(c, wide, w.as_ref()).await })
         })?;
         here |= there == Some(true);
     }
@@ -186,7 +192,8 @@ pub fn revoke(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
     })? {
         Some(v) => Some(v),
         None => in_mysql(&settings, "revoked here only", |c, _| {
-            Box::pin(crate::store::mysql::revoke(c, ip))
+            let w = wiki.clone();
+            Box::pin(async move { crate::store::mysql::revoke(c, ip, w.as_ref()).await })
         })?,
     };
     if here || there == Some(true) {

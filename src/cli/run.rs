@@ -705,6 +705,7 @@ fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, F
             max_ttl,
             state_dir: settings.state_dir.clone(),
             spill_max: settings.store.spill_max_grants,
+            popbsmtp: settings.store.popbsmtp.clone().map(mysql::Popbsmtp::new),
         })
         .map_err(|e| Failure::runtime(e.to_string()))?;
         return Ok(WriterStore::shared(map, Box::new(db)));

@@ -222,6 +222,51 @@ impl Target {
     }
 }
 
+/// The Dovecot wiki's table (PopBSMTPAndDovecot: `popbsmtp (address varchar(39) primary
+/// key, last_seen datetime)`, read by Postfix's `mysql:` map with `last_seen >=
+/// DATE_SUB(NOW(), INTERVAL 30 MINUTE) AND address = '%s'`), written beside dovegate's own
+/// tables so a site keeps that map while dovegate replaces the post-login script and the
+/// cron job. The names are validated identifiers (`[store] mysql_popbsmtp_*`).
+#[derive(Debug, Clone)]
+pub struct Popbsmtp {
+    pub table: String,
+    pub address: String,
+    pub time: String,
+}
+
+impl Popbsmtp {
+    pub fn new((table, address, time): (String, String, String)) -> Popbsmtp {
+        Popbsmtp {
+            table,
+            address,
+            time,
+        }
+    }
+
+    /// Creates the wiki's table when the site has none yet (its own is left as it is).
+    pub async fn ensure(&self, conn: &mut Conn) -> Result<(), mysql_async::Error> {
+        let Popbsmtp {
+            table,
+            address,
+            time,
+        } = self;
+        conn.query_drop(format!(
+            "CREATE TABLE IF NOT EXISTS `{table}` (`{address}` VARCHAR(39) NOT NULL PRIMARY KEY, `{time}` DATETIME NOT NULL)"
+        ))
+        .await
+    }
+
+    /// Deletes rows whose time is older than `keep_secs` (the wiki's cron job).
+    pub async fn clean(&self, conn: &mut Conn, keep_secs: i64) -> Result<(), mysql_async::Error> {
+        let (table, time) = (&self.table, &self.time);
+        conn.exec_drop(
+            format!("DELETE FROM `{table}` WHERE `{time}` < NOW() - INTERVAL ? SECOND"),
+            (keep_secs,),
+        )
+        .await
+    }
+}
+
 /// Takes `name=VALUE` out of the URL's query: (URL without it, VALUE).
 fn take_param(url: &str, name: &str) -> (String, Option<String>) {
     let Some((base, query)) = url.split_once('?') else {
@@ -408,6 +453,7 @@ pub async fn upsert(
     max_ttl: i64,
     skew: f64,
     origin: &Origin,
+    wiki: Option<&Popbsmtp>,
 ) -> Result<Upserted, mysql_async::Error> {
     let mut unique: std::collections::HashMap<IpAddr, i64> = std::collections::HashMap::new();
     for &(ip, e) in grants {
@@ -502,6 +548,26 @@ pub async fn upsert(
             rows.iter()
                 .filter_map(|(a, e)| Some((parse_address(a)?, *e))),
         );
+        if let Some(w) = wiki {
+            // The login's time in the database's clock (never later than its now: a
+            // replayed spill must not look newer than it is), the later one kept; the
+            // session time zone, as the wiki's NOW() compares it.
+            let (t, a, c) = (&w.table, &w.address, &w.time);
+            let values = vec!["(?, LEAST(NOW(), FROM_UNIXTIME(?)))"; chunk.len()].join(",");
+            let mut params: Vec<mysql_async::Value> = Vec::with_capacity(chunk.len() * 2);
+            for &(ip, e) in chunk {
+                params.push(key_text(ip).into());
+                params.push(e.saturating_sub(max_ttl).max(0).into());
+            }
+            tx.exec_drop(
+                format!(
+                    "INSERT INTO `{t}` (`{a}`, `{c}`) VALUES {values}
+                     ON DUPLICATE KEY UPDATE `{c}` = GREATEST(`{c}`, VALUES(`{c}`))"
+                ),
+                params,
+            )
+            .await?;
+        }
     }
     tx.commit().await?;
     Ok(out)
@@ -510,7 +576,11 @@ pub async fn upsert(
 /// Revokes one address everywhere: a tombstone (refusing grants from logins before now)
 /// and the grant deleted, in one transaction with a change sequence value. True when a
 /// grant was there.
-pub async fn revoke(conn: &mut Conn, ip: IpAddr) -> Result<bool, mysql_async::Error> {
+pub async fn revoke(
+    conn: &mut Conn,
+    ip: IpAddr,
+    wiki: Option<&Popbsmtp>,
+) -> Result<bool, mysql_async::Error> {
     let mut tx = conn
         .start_transaction(mysql_async::TxOpts::default())
         .await?;
@@ -528,7 +598,15 @@ pub async fn revoke(conn: &mut Conn, ip: IpAddr) -> Result<bool, mysql_async::Er
         (a.as_str(),),
     )
     .await?;
-    let gone = tx.affected_rows() > 0;
+    let mut gone = tx.affected_rows() > 0;
+    if let Some(w) = wiki {
+        tx.exec_drop(
+            format!("DELETE FROM `{}` WHERE `{}` = ?", w.table, w.address),
+            (a.as_str(),),
+        )
+        .await?;
+        gone |= tx.affected_rows() > 0;
+    }
     tx.commit().await?;
     Ok(gone)
 }

@@ -34,6 +34,8 @@ pub struct MysqlSpec {
     pub max_ttl: i64,
     pub state_dir: std::path::PathBuf,
     pub spill_max: usize,
+    /// The Dovecot wiki's table, written too.
+    pub popbsmtp: Option<super::Popbsmtp>,
 }
 
 enum Request {
@@ -190,6 +192,12 @@ impl Worker {
                 }
                 _ = skew.tick() => self.check_clock().await,
                 _ = clean.tick() => {
+                    if let (Some(w), Some(c)) = (&self.spec.popbsmtp, &mut self.conn) {
+                        let keep = self.spec.max_ttl + KEEP_EXPIRED_SECS;
+                        if let Err(e) = timed("deleting old popbsmtp rows", w.clean(c, keep)).await {
+                            tracing::warn!(error = %e, "cannot delete old popbsmtp rows");
+                        }
+                    }
                     if let Some(c) = &mut self.conn {
                         match timed("deleting expired rows", super::clean(c, KEEP_EXPIRED_SECS)).await {
                             Ok(n) if n > 0 => tracing::debug!(rows = n, "expired rows deleted from the database"),
@@ -214,6 +222,11 @@ impl Worker {
                     tracing::info!(database = %self.status.database, "connected to the database");
                 }
                 self.conn = Some(c);
+                if let (Some(w), Some(c)) = (&self.spec.popbsmtp, &mut self.conn) {
+                    if let Err(e) = timed("creating the popbsmtp table", w.ensure(c)).await {
+                        return self.down(e.to_string());
+                    }
+                }
                 self.backoff = Duration::from_secs(1);
                 self.warned_at = None;
                 self.status.connected = true;
@@ -326,7 +339,13 @@ impl Worker {
             Request::Revoke(ip, reply) => {
                 let r = match &mut self.conn {
                     None => Err(MyError::Unreachable("cannot revoke everywhere".into())),
-                    Some(c) => timed("revoking", super::revoke(c, ip)).await,
+                    Some(c) => {
+                        timed(
+                            "revoking",
+                            super::revoke(c, ip, self.spec.popbsmtp.as_ref()),
+                        )
+                        .await
+                    }
                 };
                 if let Err(e) = &r {
                     if !matches!(e, MyError::Unreachable(_)) {
@@ -385,12 +404,13 @@ impl Worker {
     /// by address, and those refused again are dropped with an ERROR naming them.
     async fn upsert_checked(&mut self, grants: &[(IpAddr, i64)]) -> Result<Upserted, MyError> {
         let (ttl, skew, origin) = (self.spec.max_ttl, self.skew, self.spec.origin.clone());
+        let wiki = self.spec.popbsmtp.clone();
         let Some(c) = &mut self.conn else {
             return Err(MyError::Unreachable("not connected".into()));
         };
         match timed(
             "writing grants",
-            super::upsert(c, grants, ttl, skew, &origin),
+            super::upsert(c, grants, ttl, skew, &origin, wiki.as_ref()),
         )
         .await
         {
@@ -404,7 +424,7 @@ impl Worker {
         for &g in grants {
             match timed(
                 "writing a grant",
-                super::upsert(c, &[g], ttl, skew, &origin),
+                super::upsert(c, &[g], ttl, skew, &origin, wiki.as_ref()),
             )
             .await
             {
