@@ -558,3 +558,40 @@ fn popbsmtp_table_and_postfix_mysql_maps() {
         Some("OK")
     );
 }
+
+/// A hung MariaDB (stopped, its kernel still accepting connections) never holds a writer's
+/// local map for long, also for a writer started while it hangs; what was committed
+/// meanwhile reaches the database and the replica when it answers again.
+#[test]
+fn hung_database_bounds_the_wait() {
+    let tmp = common::tempdir();
+    let m = Maria::start(tmp.path());
+    let url = m.url_file(&tmp.path().join("my.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let (_w1, log1) = writer(&tmp.path().join("w1"), &cfg, "10m");
+    wait_writer_connected(&tmp.path().join("w1"));
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    m.signal(libc::SIGSTOP);
+    let started = Instant::now();
+    let (_w2, log2) = writer(&tmp.path().join("w2"), &cfg, "10m");
+    append(&log1, &login_line("192.0.2.31", "ivan"));
+    append(&log2, &login_line("192.0.2.32", "ivan"));
+    wait_visible(
+        "w1's own map",
+        &tmp.path().join("w1/relay"),
+        &["192.0.2.31".into()],
+    );
+    wait_visible(
+        "w2's own map",
+        &tmp.path().join("w2/relay"),
+        &["192.0.2.32".into()],
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "local maps waited {took:?}");
+    m.signal(libc::SIGCONT);
+    wait_visible(
+        "both logins on the replica after the hang",
+        &r.map(),
+        &["192.0.2.31".into(), "192.0.2.32".into()],
+    );
+}

@@ -131,6 +131,17 @@ impl Maria {
         }
     }
 
+    /// SIGSTOP or SIGCONT the server (one process): a hung database whose kernel still
+    /// accepts TCP connections.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("mysql://{USER}:{PASSWORD}@127.0.0.1:{}/{DB}", self.port)
     }
@@ -198,6 +209,7 @@ impl Maria {
 
 impl Drop for Maria {
     fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
         self.down();
     }
 }

@@ -129,6 +129,9 @@ struct Worker {
     spec: MysqlSpec,
     spill: Spill,
     conn: Option<Conn>,
+    /// A connect in progress, in its own task: requests are answered meanwhile (spilled),
+    /// however long a hung server takes to refuse.
+    connecting: Option<tokio::task::JoinHandle<Result<Conn, MyError>>>,
     retry_at: Instant,
     backoff: Duration,
     warned_at: Option<Instant>,
@@ -151,6 +154,7 @@ impl Worker {
             spec,
             spill,
             conn: None,
+            connecting: None,
             retry_at: Instant::now(),
             backoff: Duration::from_secs(1),
             warned_at: None,
@@ -173,14 +177,22 @@ impl Worker {
                     Some(r) => self.handle(r).await,
                     None => break,
                 },
+                res = async { self.connecting.as_mut().expect("guarded").await }, if self.connecting.is_some() => {
+                    self.connecting = None;
+                    match res {
+                        Ok(r) => self.connected(r).await,
+                        Err(e) => self.down(format!("connect task failed: {e}")),
+                    }
+                }
                 _ = poll.tick() => {
                     if self.conn.is_some() {
                         self.read_revocations().await;
                     }
                 }
                 _ = tick.tick() => {
-                    if self.conn.is_none() && Instant::now() >= self.retry_at {
-                        self.connect().await;
+                    if self.conn.is_none() && self.connecting.is_none() && Instant::now() >= self.retry_at {
+                        let target = self.spec.target.clone();
+                        self.connecting = Some(tokio::spawn(async move { target.connect().await }));
                     }
                     if self.conn.is_some() && !self.spill.is_empty() {
                         self.replay().await;
@@ -211,10 +223,8 @@ impl Worker {
         self.write_status();
     }
 
-    async fn connect(&mut self) {
-        // Connecting waits at most CONNECT_TIMEOUT (+ migration): requests queue meanwhile
-        // (the channel holds 4, the engine's side waits at most 10 s then goes local).
-        match self.spec.target.connect().await {
+    async fn connected(&mut self, result: Result<Conn, MyError>) {
+        match result {
             Ok(c) => {
                 if self.status.disconnected_since.is_some() {
                     tracing::info!(database = %self.status.database, "database reachable again");
