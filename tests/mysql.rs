@@ -595,3 +595,79 @@ fn hung_database_bounds_the_wait() {
         &["192.0.2.31".into(), "192.0.2.32".into()],
     );
 }
+
+/// A replica host reading from a MariaDB replica of the primary the writers write (real
+/// binary-log replication between two servers): the change sequence arrives in commit
+/// order through replication, so grants and revokes reach the map as from the primary.
+#[test]
+fn replica_follows_a_mariadb_replica() {
+    let tmp = common::tempdir();
+    let primary = Maria::start_with(
+        &tmp.path().join("primary"),
+        &["--log-bin=binlog", "--server-id=1", "--binlog-format=ROW"],
+    );
+    primary.root(
+        "CREATE USER 'repl'@'127.0.0.1' IDENTIFIED BY 'r3pl';
+         GRANT REPLICATION SLAVE ON *.* TO 'repl'@'127.0.0.1';
+         RESET MASTER;",
+    );
+    // The same database and user exist on both (made by start_with): replicate from now on.
+    let second = Maria::start_with(
+        &tmp.path().join("second"),
+        &["--server-id=2", "--read-only"],
+    );
+    second.root(&format!(
+        "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={}, MASTER_USER='repl',
+             MASTER_PASSWORD='r3pl', MASTER_USE_GTID=slave_pos;
+         START SLAVE;",
+        primary.port
+    ));
+    let url = primary.url_file(&tmp.path().join("primary.url"));
+    let second_url = second.url_file(&tmp.path().join("second.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let wdir = tmp.path().join("w");
+    let (_w, log) = writer(&wdir, &cfg, "10m");
+    wait_writer_connected(&wdir);
+    wait_for("the schema replicated", FLEET_PATIENCE, || {
+        let v = second.sql_as(
+            mariadb::USER,
+            mariadb::PASSWORD,
+            "SELECT MAX(version) FROM dovegate_schema",
+        );
+        if v.as_deref() != Ok("1") {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        v.as_deref() == Ok("1")
+    });
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &second_url);
+    let ips: Vec<String> = (1..=20).map(|i| format!("198.51.100.{i}")).collect();
+    for ip in &ips {
+        append(&log, &login_line(ip, "judy"));
+    }
+    wait_visible("logins through replication", &r.map(), &ips);
+    let out = common::dovegate(&[
+        "revoke",
+        "--config",
+        &cfg.display().to_string(),
+        "--map",
+        &wdir.join("relay").display().to_string(),
+        "198.51.100.7",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the revoke through replication", FLEET_PATIENCE, || {
+        postmap_q(&r.map(), "198.51.100.7").is_none()
+    });
+    assert!(postmap_q(&r.map(), "198.51.100.8").is_some());
+    // The read-only server refuses the replica's writes; it needs none.
+    assert!(second
+        .sql_as(
+            mariadb::USER,
+            mariadb::PASSWORD,
+            "DELETE FROM dovegate_grants"
+        )
+        .is_err());
+}

@@ -19,6 +19,8 @@ pub struct Maria {
     pub dir: PathBuf,
     pub port: u16,
     child: Option<Child>,
+    /// Extra server options (binary log, server id for replication).
+    options: Vec<String>,
 }
 
 /// A loopback port nobody listens on now.
@@ -32,7 +34,13 @@ pub fn free_port() -> u16 {
 impl Maria {
     /// Installs a data directory under `dir`, starts the server, creates `USER` and `DB`.
     pub fn start(dir: &Path) -> Maria {
-        let dir = dir.join("mariadb");
+        Maria::start_with(&dir.join("mariadb"), &[])
+    }
+
+    /// Like `start`, in `dir` itself, with extra server options (e.g. `--log-bin`,
+    /// `--server-id=N` for a replication primary or replica).
+    pub fn start_with(dir: &Path, options: &[&str]) -> Maria {
+        let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir).expect("mkdir mariadb");
         let out = Command::new("mariadb-install-db")
             .args(["--no-defaults", "--user=root", "--skip-test-db"])
@@ -51,6 +59,7 @@ impl Maria {
             dir,
             port: free_port(),
             child: None,
+            options: options.iter().map(|o| o.to_string()).collect(),
         };
         m.up();
         m.root(&format!(
@@ -81,7 +90,12 @@ impl Maria {
             .arg(format!("--port={}", self.port))
             .args(["--bind-address=127.0.0.1", "--user=root"])
             // Tests, not durability of the server's own files: a crash is a restart here.
-            .args(["--innodb-flush-log-at-trx-commit=2", "--skip-log-bin"])
+            .arg("--innodb-flush-log-at-trx-commit=2")
+            .args(
+                (!self.options.iter().any(|o| o.starts_with("--log-bin")))
+                    .then_some("--skip-log-bin"),
+            )
+            .args(&self.options)
             .args(["--innodb-buffer-pool-size=32M", "--max-connections=200"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
