@@ -21,6 +21,8 @@ pub struct Maria {
     child: Option<Child>,
     /// Extra server options (binary log, server id for replication).
     options: Vec<String>,
+    /// Once up, the port is known to clients (URL files) and never changes.
+    started: bool,
 }
 
 /// A loopback port nobody listens on now.
@@ -41,11 +43,14 @@ impl Maria {
     /// `--server-id=N` for a replication primary or replica).
     pub fn start_with(dir: &Path, options: &[&str]) -> Maria {
         let dir = dir.to_path_buf();
-        std::fs::create_dir_all(&dir).expect("mkdir mariadb");
+        // Its own temporary directory: servers bootstrapping together in the shared /tmp
+        // collided on temporary table files ("Error on delete of '/tmp/#sql-temptable-...").
+        std::fs::create_dir_all(dir.join("tmp")).expect("mkdir mariadb");
         let out = Command::new("mariadb-install-db")
             .args(["--no-defaults", "--user=root", "--skip-test-db"])
             .arg("--auth-root-authentication-method=socket")
             .arg(format!("--datadir={}", dir.join("data").display()))
+            .arg(format!("--tmpdir={}", dir.join("tmp").display()))
             .stdin(Stdio::null())
             .output()
             .expect("run mariadb-install-db (apt-get install mariadb-server)");
@@ -60,6 +65,7 @@ impl Maria {
             port: free_port(),
             child: None,
             options: options.iter().map(|o| o.to_string()).collect(),
+            started: false,
         };
         m.up();
         m.root(&format!(
@@ -82,11 +88,13 @@ impl Maria {
             .append(true)
             .open(self.dir.join("log"))
             .expect("log");
+        let log_from = log.metadata().map_or(0, |m| m.len() as usize);
         let child = Command::new("mariadbd")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", self.dir.join("data").display()))
             .arg(format!("--socket={}", self.socket().display()))
             .arg(format!("--pid-file={}", self.dir.join("pid").display()))
+            .arg(format!("--tmpdir={}", self.dir.join("tmp").display()))
             .arg(format!("--port={}", self.port))
             .args(["--bind-address=127.0.0.1", "--user=root"])
             // Tests, not durability of the server's own files: a crash is a restart here.
@@ -107,10 +115,16 @@ impl Maria {
         while self.try_root("SELECT 1").is_err() || !self.tcp_ready() {
             if let Some(c) = &mut self.child {
                 if let Ok(Some(st)) = c.try_wait() {
-                    panic!(
-                        "mariadbd exited ({st}): {}",
-                        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
-                    );
+                    let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+                    let this_run = log.get(log_from..).unwrap_or("");
+                    // The free port was taken meanwhile (tests run in parallel): another,
+                    // unless clients already know this one (a restart).
+                    if this_run.contains("Address already in use") && !self.started {
+                        self.child = None;
+                        self.port = free_port();
+                        return self.up();
+                    }
+                    panic!("mariadbd exited ({st}): {log}");
                 }
             }
             assert!(
@@ -120,6 +134,7 @@ impl Maria {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        self.started = true;
     }
 
     fn tcp_ready(&self) -> bool {
