@@ -671,3 +671,94 @@ fn replica_follows_a_mariadb_replica() {
         )
         .is_err());
 }
+
+/// `require_ssl=true` with `sslrootcert=FILE`: TLS with the server's certificate checked;
+/// a user that must use TLS gets its grants through; a CA that did not sign the server's
+/// certificate is refused (the writer spills and says the database is unreachable).
+#[test]
+fn tls_with_verified_server_certificate() {
+    let tmp = common::tempdir();
+    let (m, ca) = Maria::start_tls(tmp.path());
+    let url = tmp.path().join("tls.url");
+    let write_url = |ca: &Path| {
+        std::fs::write(
+            &url,
+            format!(
+                "mysql://{}:{}@127.0.0.1:{}/{}?require_ssl=true&sslrootcert={}\n",
+                mariadb::USER,
+                mariadb::PASSWORD,
+                m.port,
+                mariadb::DB,
+                ca.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&url, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    };
+    write_url(&ca);
+    let cfg = config(tmp.path(), &url, "");
+    let (_w, log) = writer(&tmp.path().join("w"), &cfg, "10m");
+    wait_writer_connected(&tmp.path().join("w"));
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    append(&log, &login_line("192.0.2.41", "kim"));
+    wait_visible("a login through TLS", &r.map(), &["192.0.2.41".into()]);
+    assert!(r.status()["database"].as_str().unwrap().ends_with("(TLS)"));
+    // Plain connections are refused for this user: TLS was in use.
+    let plain = Command::new("mariadb")
+        .args(["--no-defaults", "--skip-ssl", "-h127.0.0.1"])
+        .arg(format!("-P{}", m.port))
+        .arg(format!("-u{}", mariadb::USER))
+        .arg(format!("-p{}", mariadb::PASSWORD))
+        .args(["-e", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success() && String::from_utf8_lossy(&plain.stderr).contains("Access denied"),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    // Another CA: the certificate is not trusted, nothing connects.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-keyout",
+            "o.key",
+            "-out",
+            "o.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other",
+        ])
+        .current_dir(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    write_url(&other.join("o.pem"));
+    let (w2, _) = writer(&tmp.path().join("w2"), &cfg, "10m");
+    wait_for("the untrusted server refused", FLEET_PATIENCE, || {
+        fleet_status(&tmp.path().join("w2"))["last_error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty())
+    });
+    let st = fleet_status(&tmp.path().join("w2"));
+    assert_ne!(st["connected"], serde_json::Value::Bool(true));
+    let e = st["last_error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("certificate") || e.contains("UnknownIssuer"),
+        "{e}"
+    );
+    assert!(!e.contains(mariadb::PASSWORD), "{e}");
+    drop(w2);
+}
