@@ -243,6 +243,32 @@ fn two_writers_two_replicas_kill_and_revoke() {
         });
     }
     assert!(postmap_q(&r1.map(), "192.0.2.2").is_some());
+    // Revoked on w1's host, granted by w2: w2's own map drops it too (its worker polls the
+    // tombstones).
+    assert!(postmap_q(&tmp.path().join("w2/relay"), "2001:db8:2::1").is_some());
+    let out = common::dovegate(&[
+        "revoke",
+        "--config",
+        &cfg.display().to_string(),
+        "--map",
+        &tmp.path().join("w1/relay").display().to_string(),
+        "2001:db8:2::1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "the revoke reached the other writer's map",
+        FLEET_PATIENCE,
+        || postmap_q(&tmp.path().join("w2/relay"), "2001:db8:2::1").is_none(),
+    );
+    for r in [&r1, &r2] {
+        wait_for("the revoke reached the replica", FLEET_PATIENCE, || {
+            postmap_q(&r.map(), "2001:db8:2::1").is_none()
+        });
+    }
     assert!(
         r1.log().contains("dovegate replica started"),
         "{}",
