@@ -7,9 +7,51 @@
 //! (end-to-end propagation: tailer, writer commit, PostgreSQL, NOTIFY, replica commit).
 //! Phase 2 appends 20,000 lines at once and measures how fast the writer puts them into
 //! PostgreSQL (writer throughput) and the replica into its map.
+//!
+//! `DOVEGATE_FLEET_DB=mariadb`: the same through a private MariaDB (`[store]
+//! mysql_url_file`; the replica polls the change sequence instead of LISTEN).
 
+#[path = "../tests/support/mariadb.rs"]
+mod mariadb;
 #[path = "../tests/support/pg.rs"]
 mod pg;
+
+/// The database under the fleet.
+enum Db {
+    Pg(pg::Pg),
+    Maria(mariadb::Maria),
+}
+
+impl Db {
+    fn name(&self) -> &'static str {
+        match self {
+            Db::Pg(_) => "PostgreSQL",
+            Db::Maria(_) => "MariaDB",
+        }
+    }
+
+    /// The `[store]` line naming the URL file.
+    fn store_line(&self, dir: &Path) -> String {
+        match self {
+            Db::Pg(pg) => format!(
+                "postgres_url_file = \"{}\"",
+                pg.url_file(&dir.join("db.url")).display()
+            ),
+            Db::Maria(m) => format!(
+                "mysql_url_file = \"{}\"",
+                m.url_file(&dir.join("db.url")).display()
+            ),
+        }
+    }
+
+    fn count(&self) -> Option<String> {
+        let sql = "SELECT count(*) FROM dovegate_grants";
+        match self {
+            Db::Pg(pg) => pg.try_psql(sql).ok(),
+            Db::Maria(m) => m.sql_as(mariadb::USER, mariadb::PASSWORD, sql).ok(),
+        }
+    }
+}
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -111,17 +153,20 @@ fn main() {
     )
     .unwrap();
     let dir = tmp.path();
-    let pg = pg::Pg::start(dir);
-    let url = pg.url_file(&dir.join("pg.url"));
+    let db = match std::env::var("DOVEGATE_FLEET_DB").as_deref() {
+        Ok("mariadb") | Ok("mysql") => Db::Maria(mariadb::Maria::start(dir)),
+        _ => Db::Pg(pg::Pg::start(dir)),
+    };
     let cfg = dir.join("dovegate.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[source]\npoll_interval = \"100ms\"\n[store]\npostgres_url_file = \"{}\"\n",
-            url.display()
+            "[source]\npoll_interval = \"100ms\"\n[store]\n{}\n",
+            db.store_line(dir)
         ),
     )
     .unwrap();
+    println!("fleet through {}", db.name());
     let log = dir.join("mail.log");
     std::fs::write(&log, "").unwrap();
     let p = |x: &str| dir.join(x).display().to_string();
@@ -231,13 +276,10 @@ fn main() {
     let total = (n + burst).to_string();
     // psql is a process per poll: poll slowly (the figure is accurate to ~0.1 s).
     let in_db = wait_until(
-        "burst in PostgreSQL",
+        "burst in the database",
         Duration::from_secs(300),
         Duration::from_millis(100),
-        || {
-            pg.try_psql("SELECT count(*) FROM dovegate_grants")
-                .is_ok_and(|c| c == total)
-        },
+        || db.count().is_some_and(|c| c == total),
     );
     let in_replica = wait_until(
         "burst on the replica",
@@ -249,7 +291,8 @@ fn main() {
     let rep_secs = in_replica.duration_since(t1).as_secs_f64();
     println!("phase 2: burst of {burst} lines");
     println!(
-        "  writer throughput into PostgreSQL: {:.0} logins/s (all in {:.2}s)",
+        "  writer throughput into {}: {:.0} logins/s (all in {:.2}s)",
+        db.name(),
         burst as f64 / db_secs,
         db_secs
     );
@@ -272,5 +315,5 @@ fn main() {
             );
         }
     }
-    drop(pg);
+    drop(db);
 }

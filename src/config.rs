@@ -210,13 +210,23 @@ pub struct StateSection {
 pub struct StoreSection {
     pub postgres_url_file: String,
     pub postgres_schema: String,
+    /// MariaDB/MySQL instead of PostgreSQL (issue 23): a file holding a `mysql://` URL.
+    pub mysql_url_file: String,
+    /// The Dovecot wiki's table (`popbsmtp`), written too when not empty.
+    pub mysql_popbsmtp_table: String,
+    pub mysql_popbsmtp_address_column: String,
+    pub mysql_popbsmtp_time_column: String,
     pub spill_max_grants: usize,
 }
 
-/// Validated `[store]`: `url_file` None means LMDB only.
+/// Validated `[store]`: `url_file` (PostgreSQL) and `mysql_url_file` both None means LMDB
+/// only; at most one is set.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
     pub url_file: Option<PathBuf>,
+    pub mysql_url_file: Option<PathBuf>,
+    /// The wiki's table: (table, address column, time column), validated identifiers.
+    pub popbsmtp: Option<(String, String, String)>,
     pub schema: String,
     pub spill_max_grants: usize,
 }
@@ -251,8 +261,65 @@ impl StoreSection {
             }
             f => Some(PathBuf::from(f)),
         };
+        let mysql_url_file = match self.mysql_url_file.trim() {
+            "" => None,
+            f if !f.starts_with('/') => {
+                return Err(err("store.mysql_url_file", "must be an absolute path"))
+            }
+            f => Some(PathBuf::from(f)),
+        };
+        // One shared database: two would each hold half of the grants' story (revocations
+        // in one, renewals in the other).
+        if url_file.is_some() && mysql_url_file.is_some() {
+            return Err(err(
+                "store.mysql_url_file",
+                "set either store.postgres_url_file or store.mysql_url_file, not both",
+            ));
+        }
+        // Names put into SQL text (identifiers cannot be parameters): plain ones only.
+        let ident = |key: &str, v: &str| -> Result<String, ConfigError> {
+            let v = v.trim();
+            let ok = !v.is_empty()
+                && v.len() <= 64
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !v.as_bytes()[0].is_ascii_digit();
+            if ok {
+                Ok(v.to_string())
+            } else {
+                Err(err(
+                    key,
+                    format!(
+                        "`{v}` must be a plain identifier such as popbsmtp (letters, digits, _)"
+                    ),
+                ))
+            }
+        };
+        let popbsmtp = match self.mysql_popbsmtp_table.trim() {
+            "" => None,
+            t => {
+                if mysql_url_file.is_none() {
+                    return Err(err(
+                        "store.mysql_popbsmtp_table",
+                        "needs store.mysql_url_file (the table is in that database)",
+                    ));
+                }
+                Some((
+                    ident("store.mysql_popbsmtp_table", t)?,
+                    ident(
+                        "store.mysql_popbsmtp_address_column",
+                        &self.mysql_popbsmtp_address_column,
+                    )?,
+                    ident(
+                        "store.mysql_popbsmtp_time_column",
+                        &self.mysql_popbsmtp_time_column,
+                    )?,
+                ))
+            }
+        };
         Ok(StoreSettings {
             url_file,
+            mysql_url_file,
+            popbsmtp,
             schema: schema.to_string(),
             spill_max_grants: self.spill_max_grants,
         })
@@ -766,6 +833,38 @@ mod tests {
         let c = FileConfig::parse("[grant]\n\nttl = \"soon\"\n", "f.toml").unwrap();
         let e = c.validate().unwrap_err().0;
         assert!(e.starts_with("f.toml:3:1: grant.ttl: "), "{e}");
+    }
+
+    #[test]
+    fn one_shared_database_at_most() {
+        let mut c = FileConfig::embedded();
+        assert!(c.validate().unwrap().store.mysql_url_file.is_none());
+        c.store.mysql_url_file = "/etc/dovegate/mysql.url".into();
+        let s = c.validate().unwrap();
+        assert_eq!(
+            s.store.mysql_url_file,
+            Some(PathBuf::from("/etc/dovegate/mysql.url"))
+        );
+        assert!(s.store.url_file.is_none());
+        c.store.postgres_url_file = "/etc/dovegate/postgres.url".into();
+        let e = c.validate().unwrap_err().0;
+        assert!(
+            e.contains("store.mysql_url_file") && e.contains("not both"),
+            "{e}"
+        );
+        c.store.postgres_url_file.clear();
+        c.store.mysql_url_file = "mysql.url".into();
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("must be an absolute path"), "{e}");
+        c.store.mysql_url_file = "/etc/dovegate/mysql.url".into();
+        c.store.mysql_popbsmtp_table = "popbsmtp".into();
+        assert_eq!(
+            c.validate().unwrap().store.popbsmtp,
+            Some(("popbsmtp".into(), "address".into(), "last_seen".into()))
+        );
+        c.store.mysql_popbsmtp_time_column = "last_seen`; DROP TABLE x; --".into();
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("store.mysql_popbsmtp_time_column"), "{e}");
     }
 
     #[test]

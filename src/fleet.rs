@@ -1,5 +1,7 @@
 //! The writer's store: the local LMDB map, and PostgreSQL when `[store] postgres_url_file`
-//! is set (issue 13).
+//! is set (issue 13), or MariaDB/MySQL when `[store] mysql_url_file` is (issue 23). The
+//! database is a `SharedDb`: the grant core here (revocation races, local expiries) is one
+//! for both.
 //!
 //! The engine commits through `GrantStore::upsert` and saves checkpoints only after it
 //! returns Ok; so a commit here succeeds only when the grants are in the database (or,
@@ -15,8 +17,62 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+use crate::store::mysql::worker::MysqlWriter;
+use crate::store::mysql::MyError;
 use crate::store::postgres::worker::{Committed, PgWriter};
 use crate::store::postgres::{PgError, Upserted, REVOKE_RACE_SECS};
+
+/// The shared database as the writer's store sees it: a worker that commits grants (to the
+/// database, or durably to the spill queue while it is away), revokes with a tombstone,
+/// and hands over the revocations other hosts recorded.
+pub trait SharedDb: Send {
+    /// Grants in the database or in the fsynced spill queue when Ok.
+    fn commit(&self, grants: &[(IpAddr, i64)]) -> Result<Committed, StoreError>;
+    /// Deletes the grant and records a tombstone; true when a grant was there.
+    fn revoke(&self, ip: IpAddr) -> Result<bool, StoreError>;
+    /// Sets one grant's expiry (a manual grant), bounded by now + ttl in the database.
+    fn set(&self, ip: IpAddr, expires: i64) -> Result<(), StoreError>;
+    /// Revocations recorded since the last call (address, when, this host's clock).
+    fn take_revocations(&self) -> Vec<(IpAddr, i64)>;
+    /// The longest a grant may last from now (`grant.ttl`, seconds).
+    fn max_ttl(&self) -> i64;
+}
+
+impl SharedDb for PgWriter {
+    fn commit(&self, grants: &[(IpAddr, i64)]) -> Result<Committed, StoreError> {
+        PgWriter::commit(self, grants).map_err(db_err)
+    }
+    fn revoke(&self, ip: IpAddr) -> Result<bool, StoreError> {
+        PgWriter::revoke(self, ip).map_err(db_err)
+    }
+    fn set(&self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
+        PgWriter::set(self, ip, expires).map_err(db_err)
+    }
+    fn take_revocations(&self) -> Vec<(IpAddr, i64)> {
+        PgWriter::take_revocations(self)
+    }
+    fn max_ttl(&self) -> i64 {
+        PgWriter::max_ttl(self)
+    }
+}
+
+impl SharedDb for MysqlWriter {
+    fn commit(&self, grants: &[(IpAddr, i64)]) -> Result<Committed, StoreError> {
+        MysqlWriter::commit(self, grants).map_err(my_err)
+    }
+    fn revoke(&self, ip: IpAddr) -> Result<bool, StoreError> {
+        MysqlWriter::revoke(self, ip).map_err(my_err)
+    }
+    fn set(&self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
+        MysqlWriter::set(self, ip, expires).map_err(my_err)
+    }
+    fn take_revocations(&self) -> Vec<(IpAddr, i64)> {
+        MysqlWriter::take_revocations(self)
+    }
+    fn max_ttl(&self) -> i64 {
+        MysqlWriter::max_ttl(self)
+    }
+}
 
 /// How long a revocation seen is kept to stop grants racing it.
 const RECENT_SECS: i64 = 30;
@@ -26,7 +82,7 @@ use crate::timefmt;
 /// The store `dovegate run` uses: always the local map, plus the database when configured.
 pub struct WriterStore {
     map: LmdbMap,
-    pg: Option<PgWriter>,
+    pg: Option<Box<dyn SharedDb>>,
     /// Revocations seen in the last `RECENT_SECS` (address, when, this host's clock): a
     /// grant in flight from a login no later than the revoke + `REVOKE_RACE_SECS` (a
     /// session renewal racing the revoke) is not committed.
@@ -45,10 +101,10 @@ impl WriterStore {
         }
     }
 
-    pub fn shared(map: LmdbMap, pg: PgWriter) -> WriterStore {
+    pub fn shared(map: LmdbMap, db: Box<dyn SharedDb>) -> WriterStore {
         WriterStore {
             map,
-            pg: Some(pg),
+            pg: Some(db),
             recent: HashMap::new(),
             behind_warned: None,
         }
@@ -140,6 +196,14 @@ fn db_err(e: PgError) -> StoreError {
     StoreError::new(format!("PostgreSQL: {e}"), cause)
 }
 
+fn my_err(e: MyError) -> StoreError {
+    let cause = match &e {
+        MyError::Spill(PgError::Spill { source, .. }) => Cause::Io(source.kind()),
+        _ => Cause::Other,
+    };
+    StoreError::new(format!("MariaDB: {e}"), cause)
+}
+
 impl GrantStore for WriterStore {
     fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         if self.pg.is_none() {
@@ -209,7 +273,7 @@ impl GrantStore for WriterStore {
         // Here first: an unreachable database must not keep the grant in this map.
         let here = self.map.revoke(ip)?;
         let in_db = match &self.pg {
-            Some(pg) => pg.revoke(ip).map_err(db_err)?,
+            Some(pg) => pg.revoke(ip)?,
             None => false,
         };
         Ok(here || in_db)
@@ -217,7 +281,7 @@ impl GrantStore for WriterStore {
 
     fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
         if let Some(pg) = &self.pg {
-            pg.set(ip, expires).map_err(db_err)?;
+            pg.set(ip, expires)?;
         }
         self.map.set(ip, expires)
     }

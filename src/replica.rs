@@ -128,13 +128,16 @@ impl ReplicaStatus {
     }
 }
 
-struct Replica {
-    map: LmdbMap,
+/// The map side of a replica, whatever the database (PostgreSQL here, MariaDB in
+/// `store::mysql::replica`): what the map holds, expiry deadlines, snapshot and change
+/// application, status.
+pub(crate) struct Replica {
+    pub(crate) map: LmdbMap,
     policy: Policy,
     /// What the map holds (with an expiry), mirrored for deadlines and diffs.
-    local: HashMap<IpAddr, i64>,
-    deadlines: BTreeSet<(i64, IpAddr)>,
-    status: ReplicaStatus,
+    pub(crate) local: HashMap<IpAddr, i64>,
+    pub(crate) deadlines: BTreeSet<(i64, IpAddr)>,
+    pub(crate) status: ReplicaStatus,
     status_file: PathBuf,
     warned_at: Option<Instant>,
     /// Where the next read of changes starts (a `postgres::horizon`).
@@ -145,32 +148,50 @@ struct Replica {
 }
 
 impl Replica {
-    fn new(mut spec: ReplicaSpec) -> Result<Replica, ReplicaError> {
+    fn new(spec: ReplicaSpec) -> Result<Replica, ReplicaError> {
+        Replica::open(
+            spec.map,
+            spec.policy,
+            &spec.state_dir,
+            spec.target.describe(),
+            spec.target.schema().to_string(),
+        )
+    }
+
+    /// A replica of `database` (its description, for logs and status) into `map`;
+    /// `schema`: the PostgreSQL schema it reports itself in (`dovegate status --fleet`).
+    pub(crate) fn open(
+        mut map: LmdbMap,
+        policy: Policy,
+        state_dir: &std::path::Path,
+        database: String,
+        schema: String,
+    ) -> Result<Replica, ReplicaError> {
         let now = timefmt::now();
-        spec.map.expire_all(now)?;
+        map.expire_all(now)?;
         let mut r = Replica {
             status: ReplicaStatus {
-                database: spec.target.describe(),
-                map: spec.map.path().display().to_string(),
+                database,
+                map: map.path().display().to_string(),
                 pid: Some(std::process::id()),
                 ..ReplicaStatus::default()
             },
-            map: spec.map,
-            policy: spec.policy,
+            map,
+            policy,
             local: HashMap::new(),
             deadlines: BTreeSet::new(),
-            status_file: spec.state_dir.join(ReplicaStatus::FILE),
+            status_file: state_dir.join(ReplicaStatus::FILE),
             warned_at: None,
             since: None,
             host: postgres::Origin::this_host("").host,
-            schema: spec.target.schema().to_string(),
+            schema,
         };
         r.reload_local()?;
         Ok(r)
     }
 
     /// Re-reads the map (it is the truth after a crash or an administrator's edit).
-    fn reload_local(&mut self) -> Result<(), ReplicaError> {
+    pub(crate) fn reload_local(&mut self) -> Result<(), ReplicaError> {
         self.local = self
             .map
             .list()?
@@ -211,6 +232,18 @@ impl Replica {
             .await
             .map_err(|_| ReplicaError::timeout("snapshot"))?
             .map_err(|e| ReplicaError::db("snapshot", e))?;
+        self.apply_snapshot(&rows, db_now)?;
+        self.since = Some(since);
+        Ok(())
+    }
+
+    /// Makes the map equal a snapshot's rows (address, effective expiry), read when the
+    /// database's clock said `db_now`.
+    pub(crate) fn apply_snapshot(
+        &mut self,
+        rows: &[(String, i64)],
+        db_now: f64,
+    ) -> Result<(), ReplicaError> {
         let now = timefmt::now();
         // Expiries are compared with this host's clock: a skewed clock shortens or stretches
         // every grant here (stretching is capped at now + ttl).
@@ -220,7 +253,7 @@ impl Replica {
         }
         let mut fresh: HashMap<IpAddr, i64> = HashMap::with_capacity(rows.len());
         let mut refused = 0usize;
-        for (addr, e) in &rows {
+        for (addr, e) in rows {
             match row_grant(&self.policy, addr, *e, now) {
                 Some((ip, e)) => {
                     fresh.insert(ip, e);
@@ -269,7 +302,6 @@ impl Replica {
             self.map.revoke(*ip)?;
             self.note(*ip, None);
         }
-        self.since = Some(since);
         self.status.last_snapshot = Some(now);
         self.status.last_snapshot_grants = fresh.len();
         self.status.snapshots += 1;
@@ -331,7 +363,11 @@ impl Replica {
     }
 
     /// Applies the rows read back for `asked` (an address without a row is revoked here).
-    fn apply(&mut self, asked: &[IpAddr], rows: Vec<Reread>) -> Result<(), ReplicaError> {
+    pub(crate) fn apply(
+        &mut self,
+        asked: &[IpAddr],
+        rows: Vec<Reread>,
+    ) -> Result<(), ReplicaError> {
         let now = timefmt::now();
         let now_f = timefmt::now_f64();
         let mut last: HashMap<IpAddr, Option<i64>> = asked.iter().map(|&ip| (ip, None)).collect();
@@ -398,11 +434,11 @@ impl Replica {
         Ok(())
     }
 
-    fn next_deadline(&self) -> Option<i64> {
+    pub(crate) fn next_deadline(&self) -> Option<i64> {
         self.deadlines.first().map(|&(e, _)| e)
     }
 
-    fn expire_due(&mut self, now: i64) -> Result<(), ReplicaError> {
+    pub(crate) fn expire_due(&mut self, now: i64) -> Result<(), ReplicaError> {
         let due: Vec<IpAddr> = self
             .deadlines
             .iter()
@@ -423,7 +459,7 @@ impl Replica {
         Ok(())
     }
 
-    fn connected(&mut self) {
+    pub(crate) fn connected(&mut self) {
         if let Some(since) = self.status.disconnected_since.take() {
             tracing::info!(database = %self.status.database, down_since = %timefmt::rfc3339(since), "database reachable again; the map is current");
         }
@@ -433,7 +469,7 @@ impl Replica {
         self.warned_at = None;
     }
 
-    fn down(&mut self, why: String) {
+    pub(crate) fn down(&mut self, why: String) {
         self.status.connected = false;
         self.status.disconnected_since.get_or_insert(timefmt::now());
         self.status.last_error = Some(why);
@@ -488,7 +524,7 @@ impl Replica {
         }
     }
 
-    fn write_status(&mut self) {
+    pub(crate) fn write_status(&mut self) {
         self.status.grants = self.local.len();
         self.status.updated = timefmt::now();
         write_json(&self.status_file, &self.status);
@@ -576,7 +612,7 @@ pub fn row_grant(policy: &Policy, address: &str, expires: i64, now: i64) -> Opti
     Some((ip, admit(policy, ip, expires, now)?))
 }
 
-fn until(at: i64) -> Duration {
+pub(crate) fn until(at: i64) -> Duration {
     let now = chrono::Utc::now().timestamp_micros();
     Duration::from_micros(
         u64::try_from(at.saturating_mul(1_000_000).saturating_sub(now)).unwrap_or(0),
@@ -691,7 +727,7 @@ pub async fn run(
 }
 
 /// Expires what is due; false when the map was replaced (the caller refills it).
-fn expire(r: &mut Replica) -> bool {
+pub(crate) fn expire(r: &mut Replica) -> bool {
     match r.expire_due(timefmt::now()) {
         Ok(()) => true,
         Err(e) if e.map_reopened() => false,

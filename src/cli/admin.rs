@@ -170,6 +170,12 @@ pub fn grant(cfg: &ConfigArgs, ttl: Option<&str>, ip: &str) -> Result<(), Failur
             Ok(true)
         })
     })?;
+    in_mysql(&settings, "granted here only", |c, origin| {
+        Box::pin(async move {
+            crate::store::mysql::set(c, ip, expires, max_ttl, &origin).await?;
+            Ok(true)
+        })
+    })?;
     Ok(())
 }
 
@@ -178,6 +184,11 @@ pub fn revoke(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
     let ip = ip_arg(ip)?;
     // An address inside a prefix grant (grant.ipv6_prefix) loses it: the grant it relays by.
     let wide = crate::grant::widen(ip, settings.ipv6_prefix);
+    let wiki = settings
+        .store
+        .popbsmtp
+        .clone()
+        .map(crate::store::mysql::Popbsmtp::new);
     let mut map = open(&settings, OpenMode::Existing)?;
     let mut here = map.revoke(ip).map_err(store_failure)?;
     if wide != ip {
@@ -186,10 +197,21 @@ pub fn revoke(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
             Box::pin(async move { postgres::revoke(c, &t, wide).await })
         })?;
         here |= there == Some(true);
+        let there = in_mysql(&settings, "revoked here only", |c, _| {
+            let w = wiki.clone();
+            Box::pin(async move { crate::store::mysql::revoke(c, wide, w.as_ref()).await })
+        })?;
+        here |= there == Some(true);
     }
-    let there = in_database(&settings, "revoked here only", |c, t, _| {
+    let there = match in_database(&settings, "revoked here only", |c, t, _| {
         Box::pin(async move { postgres::revoke(c, &t, ip).await })
-    })?;
+    })? {
+        Some(v) => Some(v),
+        None => in_mysql(&settings, "revoked here only", |c, _| {
+            let w = wiki.clone();
+            Box::pin(async move { crate::store::mysql::revoke(c, ip, w.as_ref()).await })
+        })?,
+    };
     if here || there == Some(true) {
         let everywhere = if there.is_some() {
             " (here and in the database: every host)"
@@ -254,6 +276,46 @@ pub(super) fn in_database(
             .map_err(|_| fail(format!("no answer within {}s", ADMIN_TIMEOUT.as_secs())))?
             .map(Some)
             .map_err(|e| fail(postgres::error_text(&e)))
+    })
+}
+
+pub(super) type MyFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, mysql_async::Error>> + 'a>>;
+
+/// As `in_database`, on MariaDB when `[store] mysql_url_file` is set.
+pub(super) fn in_mysql(
+    settings: &Settings,
+    done_here: &str,
+    op: impl for<'a> FnOnce(&'a mut mysql_async::Conn, Origin) -> MyFuture<'a>,
+) -> Result<Option<bool>, Failure> {
+    use crate::store::mysql;
+    let Some(url_file) = &settings.store.mysql_url_file else {
+        return Ok(None);
+    };
+    let target = mysql::Target::load(url_file).map_err(|e| Failure::config(e.to_string()))?;
+    let fail = |e: String| {
+        Failure {
+        code: 1,
+        message: format!(
+            "{done_here}: the database {}: {e}; the other hosts are not changed: run the command again when the database is reachable",
+            target.describe()
+        ),
+    }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start runtime: {e}")))?;
+    runtime.block_on(async {
+        let mut conn = target.connect().await.map_err(|e| fail(e.to_string()))?;
+        let origin = Origin::this_host("dovegate-admin");
+        let r = tokio::time::timeout(ADMIN_TIMEOUT, op(&mut conn, origin))
+            .await
+            .map_err(|_| fail(format!("no answer within {}s", ADMIN_TIMEOUT.as_secs())))?
+            .map(Some)
+            .map_err(|e| fail(e.to_string()));
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.disconnect()).await;
+        r
     })
 }
 

@@ -463,6 +463,9 @@ pub fn run(cfg: &ConfigArgs, user: Option<&str>, quiet: bool) -> Result<(), Fail
         crate::store::postgres::Target::load(url_file, &settings.store.schema)
             .map_err(|e| Failure::config(e.to_string()))?;
     }
+    if let Some(url_file) = &settings.store.mysql_url_file {
+        crate::store::mysql::Target::load(url_file).map_err(|e| Failure::config(e.to_string()))?;
+    }
     let which = format!("configuration {}", file.describe());
     if !quiet {
         eprintln!("dovegate: {which}");

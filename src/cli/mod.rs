@@ -124,7 +124,7 @@ enum Command {
         mut_arg("journal_file", |a| a.help("Read this journal file instead of FILEs (all of it, or from --since)")),
     )]
     Test(test_cmd::TestArgs),
-    /// Copy the grants shared in PostgreSQL into the local map (MTA hosts).
+    /// Copy the grants shared in PostgreSQL or MariaDB into the local map (MTA hosts).
     Replica(replica::ReplicaArgs),
     /// Show the live state (map, sources, positions) from the map and the state directory.
     Status(status::StatusArgs),

@@ -14,7 +14,8 @@ use crate::store::{LmdbMap, OpenMode};
 pub struct ReplicaArgs {
     #[command(flatten)]
     cfg: ConfigArgs,
-    /// File holding the PostgreSQL URL (overrides store.postgres_url_file).
+    /// File holding the database URL (overrides store.postgres_url_file, or
+    /// store.mysql_url_file when it holds a mysql:// URL).
     #[arg(long, value_name = "FILE")]
     url_file: Option<PathBuf>,
     /// Where the status file (replica.json) is kept (overrides state.dir).
@@ -34,19 +35,34 @@ fn parse_listen(text: &str) -> Result<Listen, String> {
 pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
     let (_, settings) = load_settings(&args.cfg, |f| {
         if let Some(u) = &args.url_file {
-            f.store.postgres_url_file = u.display().to_string();
+            if crate::store::mysql::is_mysql_url_file(u) {
+                f.store.mysql_url_file = u.display().to_string();
+                f.store.postgres_url_file.clear();
+            } else {
+                f.store.postgres_url_file = u.display().to_string();
+                f.store.mysql_url_file.clear();
+            }
         }
         if let Some(d) = &args.state_dir {
             f.state.dir = d.display().to_string();
         }
     })?;
-    let Some(url_file) = &settings.store.url_file else {
-        return Err(Failure::config(
-            "store.postgres_url_file: a replica needs the database: set it or pass --url-file",
-        ));
+    let mysql = match &settings.store.mysql_url_file {
+        Some(f) => {
+            Some(crate::store::mysql::Target::load(f).map_err(|e| Failure::config(e.to_string()))?)
+        }
+        None => None,
     };
-    let target = Target::load(url_file, &settings.store.schema)
-        .map_err(|e| Failure::config(e.to_string()))?;
+    let target = match (&settings.store.url_file, &mysql) {
+        (_, Some(_)) => None,
+        (Some(url_file), None) => Some(
+            Target::load(url_file, &settings.store.schema)
+                .map_err(|e| Failure::config(e.to_string()))?,
+        ),
+        (None, None) => return Err(Failure::config(
+            "store.postgres_url_file: a replica needs the database: set it (or store.mysql_url_file) or pass --url-file",
+        )),
+    };
     let runtime = super::admin::runtime()?;
     let (mut term, mut int) = runtime
         .block_on(async {
@@ -74,14 +90,8 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
         settings.ipv6_prefix,
     )
     .map_err(|e| Failure::runtime(e.0))?;
-    let spec = ReplicaSpec {
-        target,
-        map,
-        policy: Policy::new(settings.exclude.clone(), settings.ttl)
-            .with_ipv6_prefix(settings.ipv6_prefix),
-        state_dir: settings.state_dir.clone(),
-        commit_interval: settings.commit_interval,
-    };
+    let policy =
+        Policy::new(settings.exclude.clone(), settings.ttl).with_ipv6_prefix(settings.ipv6_prefix);
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {},
@@ -104,11 +114,36 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
         if let Some(m) = &metrics {
             tracing::info!(listen = %m.listen(), "replica metrics served at /metrics");
         }
-        let result = crate::replica::run(spec, shutdown).await;
+        let result = match (target, mysql) {
+            (_, Some(target)) => {
+                let spec = crate::store::mysql::replica::MysqlReplicaSpec {
+                    target,
+                    map,
+                    policy,
+                    state_dir: settings.state_dir.clone(),
+                };
+                crate::store::mysql::replica::run(spec, shutdown)
+                    .await
+                    .map_err(|e| Failure::runtime(e.to_string()))
+            }
+            (Some(target), None) => {
+                let spec = ReplicaSpec {
+                    target,
+                    map,
+                    policy,
+                    state_dir: settings.state_dir.clone(),
+                    commit_interval: settings.commit_interval,
+                };
+                crate::replica::run(spec, shutdown)
+                    .await
+                    .map_err(|e| Failure::runtime(e.to_string()))
+            }
+            (None, None) => unreachable!("checked above"),
+        };
         if let Some(m) = metrics {
             m.shutdown().await;
         }
-        result.map_err(|e| Failure::runtime(e.to_string()))
+        result
     });
     crate::notify::stopping();
     result

@@ -710,10 +710,27 @@ fn start_shared_policy(
     ))
 }
 
-/// The local map, plus PostgreSQL when `[store] postgres_url_file` is set (a bad URL file
+/// The local map, plus PostgreSQL when `[store] postgres_url_file` is set, or MariaDB when
+/// `[store] mysql_url_file` is (a bad URL file
 /// stops start-up; an unreachable database does not: commits spill until it returns).
 fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, Failure> {
     use crate::store::postgres::{worker, Origin, Target};
+    let max_ttl = i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 4);
+    if let Some(url_file) = &settings.store.mysql_url_file {
+        use crate::store::mysql;
+        let target = mysql::Target::load(url_file).map_err(|e| Failure::config(e.to_string()))?;
+        tracing::info!(database = %target.describe(), "sharing grants through MariaDB/MySQL");
+        let db = mysql::worker::MysqlWriter::start(mysql::worker::MysqlSpec {
+            target,
+            origin: Origin::this_host("dovecot"),
+            max_ttl,
+            state_dir: settings.state_dir.clone(),
+            spill_max: settings.store.spill_max_grants,
+            popbsmtp: settings.store.popbsmtp.clone().map(mysql::Popbsmtp::new),
+        })
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+        return Ok(WriterStore::shared(map, Box::new(db)));
+    }
     let Some(url_file) = &settings.store.url_file else {
         return Ok(WriterStore::local(map));
     };
@@ -723,13 +740,13 @@ fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, F
     let pg = worker::PgWriter::start(worker::WriterSpec {
         target,
         origin: Origin::this_host("dovecot"),
-        max_ttl: i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 4),
+        max_ttl,
         state_dir: settings.state_dir.clone(),
         spill_max: settings.store.spill_max_grants,
         instance: map.path().display().to_string(),
     })
     .map_err(|e| Failure::runtime(e.to_string()))?;
-    Ok(WriterStore::shared(map, pg))
+    Ok(WriterStore::shared(map, Box::new(pg)))
 }
 
 fn log_summary(settings: &Settings, engine: &Engine<DaemonStore>, stats: &StatsRegistry) {

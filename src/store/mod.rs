@@ -8,6 +8,7 @@ mod file;
 pub mod instance;
 pub mod lmdb;
 mod lock;
+pub mod mysql;
 pub mod postgres;
 pub mod value;
 
