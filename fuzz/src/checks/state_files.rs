@@ -23,11 +23,14 @@ pub fn check(data: &[u8]) {
             let Ok(saved) = parse_sessions(file) else {
                 return;
             };
-            // The earliest login each address was saved with.
+            // The latest login each address was saved with: a renewal is the address's,
+            // and one session of it within its hold justifies it (found by fuzzing: two
+            // sessions of one address, the older one long past its hold, the newer one
+            // alive; checking against the older one's hold was the check's mistake).
             let mut login: HashMap<_, i64> = HashMap::new();
             for s in &saved {
                 let l = login.entry(s.ip).or_insert(s.login);
-                *l = (*l).min(s.login);
+                *l = (*l).max(s.login);
             }
             let sources: Vec<String> = saved.iter().map(|s| s.source.clone()).collect();
             let mut sessions = Sessions::new(TTL, HOLD);
