@@ -6,149 +6,16 @@ mod common;
 mod mariadb;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::fleet::*;
 use common::{append, bin, login_line, postmap_q, postmap_s, wait_for, Daemon, PATIENCE};
 use mariadb::Maria;
 
-/// Propagation through the database may take a reconnect backoff on top of the usual.
-const FLEET_PATIENCE: Duration = Duration::from_secs(60);
-
-/// A running `dovegate replica` with map `DIR/relay` and state `DIR/state`; SIGTERM on drop.
-struct Replica {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Replica {
-    fn start(dir: &Path, cfg: &Path, url: &Path) -> Replica {
-        std::fs::create_dir_all(dir).unwrap();
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("replica.stderr"))
-            .unwrap();
-        let child = Command::new(bin())
-            .arg("replica")
-            .args(["--config", &cfg.display().to_string()])
-            .args(["--url-file", &url.display().to_string()])
-            .args(["--map", &dir.join("relay").display().to_string()])
-            .args(["--state-dir", &dir.join("state").display().to_string()])
-            .env(
-                "DOVEGATE_LOG",
-                std::env::var("DG_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn dovegate replica");
-        let r = Replica {
-            child,
-            dir: dir.to_path_buf(),
-        };
-        wait_for("replica connected", FLEET_PATIENCE, || {
-            r.status()["connected"] == serde_json::Value::Bool(true)
-        });
-        r
-    }
-
-    fn map(&self) -> PathBuf {
-        self.dir.join("relay")
-    }
-
-    fn status(&self) -> serde_json::Value {
-        std::fs::read_to_string(self.dir.join("state/replica.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(serde_json::Value::Null)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("replica.stderr")).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            common::signal(self.child.id(), libc::SIGTERM);
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// A config sharing grants through MariaDB at `url`; `extra` is appended.
 fn config(dir: &Path, url: &Path, extra: &str) -> PathBuf {
-    let path = dir.join("dovegate.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[source]\npoll_interval = \"100ms\"\n[store]\nmysql_url_file = \"{}\"\n{extra}",
-            url.display()
-        ),
-    )
-    .unwrap();
-    path
-}
-
-/// A writer `dovegate run` following `DIR/mail.log`.
-fn writer(dir: &Path, cfg: &Path, ttl: &str) -> (Daemon, PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    let log = dir.join("mail.log");
-    std::fs::write(&log, "").unwrap();
-    let cfg = cfg.display().to_string();
-    let d = Daemon::follow(dir, &log, &["--config", &cfg, "--ttl", ttl]);
-    (d, log)
-}
-
-fn fleet_status(dir: &Path) -> serde_json::Value {
-    std::fs::read_to_string(dir.join("state/fleet.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(serde_json::Value::Null)
-}
-
-fn wait_writer_connected(dir: &Path) {
-    wait_for("writer connected", FLEET_PATIENCE, || {
-        fleet_status(dir)["connected"] == serde_json::Value::Bool(true)
-    });
-}
-
-fn expiry_of(value: &str) -> i64 {
-    let t = value
-        .split_once("expires=")
-        .map(|(_, t)| t.trim())
-        .unwrap_or_else(|| panic!("no expiry in `{value}`"));
-    chrono::DateTime::parse_from_rfc3339(t)
-        .unwrap_or_else(|e| panic!("bad expiry `{t}`: {e}"))
-        .timestamp()
-}
-
-fn now() -> i64 {
-    chrono::Utc::now().timestamp()
-}
-
-fn visible(map: &Path, ips: &[String]) -> bool {
-    let keys: std::collections::HashSet<String> =
-        postmap_s(map).into_iter().map(|(k, _)| k).collect();
-    ips.iter().all(|ip| keys.contains(ip))
-}
-
-fn wait_visible(what: &str, map: &Path, ips: &[String]) {
-    wait_for(what, FLEET_PATIENCE, || {
-        let ok = visible(map, ips);
-        if !ok {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        ok
-    });
+    common::fleet::config_with(dir, "mysql_url_file", url, extra)
 }
 
 #[test]

@@ -532,11 +532,8 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                             }
                             Err(f) => {
                                 // A push socket another process serves, say: the running
-                                // sources come back as they were.
-                                tracing::error!(
-                                    "reload refused, the running configuration stays: {}",
-                                    f.message
-                                );
+                                // sources come back as they were, and only then is the
+                                // refusal said (whoever acts on it finds them serving).
                                 sources = Sources::start(
                                     &cfg,
                                     &checkpoints,
@@ -545,6 +542,10 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                                     dry.as_ref(),
                                     blocks.as_ref(),
                                 )?;
+                                tracing::error!(
+                                    "reload refused, the running configuration stays: {}",
+                                    f.message
+                                );
                             }
                         }
                     }

@@ -1,0 +1,160 @@
+//! What the database tests share (tests/postgres.rs, tests/mysql.rs): a `dovegate
+//! replica` under test, writers, and waits on their status files and maps.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{bin, postmap_s, wait_for, Daemon};
+
+/// A config sharing grants through the database whose URL is in `url` (`key`:
+/// `postgres_url_file` or `mysql_url_file`); `extra` is appended.
+pub fn config_with(dir: &Path, key: &str, url: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("dovegate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\npoll_interval = \"100ms\"\n[store]\n{key} = \"{}\"\n{extra}",
+            url.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Propagation through the database may take a reconnect backoff on top of the usual.
+pub const FLEET_PATIENCE: Duration = Duration::from_secs(60);
+
+/// A running `dovegate replica` with map `DIR/relay` and state `DIR/state`; SIGTERM on drop.
+pub struct Replica {
+    pub child: Child,
+    pub dir: PathBuf,
+}
+
+impl Replica {
+    pub fn start(dir: &Path, cfg: &Path, url: &Path) -> Replica {
+        let r = Replica::spawn(dir, cfg, url);
+        wait_for("replica connected", FLEET_PATIENCE, || {
+            r.status()["connected"] == serde_json::Value::Bool(true)
+        });
+        r
+    }
+
+    /// Started, not waited for.
+    pub fn spawn(dir: &Path, cfg: &Path, url: &Path) -> Replica {
+        Replica::spawn_with(dir, cfg, url, &[])
+    }
+
+    /// Started with `extra` arguments, not waited for.
+    pub fn spawn_with(dir: &Path, cfg: &Path, url: &Path, extra: &[&str]) -> Replica {
+        std::fs::create_dir_all(dir).unwrap();
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("replica.stderr"))
+            .unwrap();
+        let child = Command::new(bin())
+            .arg("replica")
+            .args(["--config", &cfg.display().to_string()])
+            .args(["--url-file", &url.display().to_string()])
+            .args(["--map", &dir.join("relay").display().to_string()])
+            .args(["--state-dir", &dir.join("state").display().to_string()])
+            .args(extra)
+            .env(
+                "DOVEGATE_LOG",
+                std::env::var("DG_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn dovegate replica");
+        Replica {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn map(&self) -> PathBuf {
+        self.dir.join("relay")
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        std::fs::read_to_string(self.dir.join("state/replica.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("replica.stderr")).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            super::signal(self.child.id(), libc::SIGTERM);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A writer `dovegate run` following `DIR/mail.log`.
+pub fn writer(dir: &Path, cfg: &Path, ttl: &str) -> (Daemon, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let log = dir.join("mail.log");
+    std::fs::write(&log, "").unwrap();
+    let cfg = cfg.display().to_string();
+    let d = Daemon::follow(dir, &log, &["--config", &cfg, "--ttl", ttl]);
+    (d, log)
+}
+
+pub fn expiry_of(value: &str) -> i64 {
+    let t = value
+        .split_once("expires=")
+        .map(|(_, t)| t.trim())
+        .unwrap_or_else(|| panic!("no expiry in `{value}`"));
+    chrono::DateTime::parse_from_rfc3339(t)
+        .unwrap_or_else(|e| panic!("bad expiry `{t}`: {e}"))
+        .timestamp()
+}
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+pub fn visible(map: &Path, ips: &[String]) -> bool {
+    let keys: std::collections::HashSet<String> =
+        postmap_s(map).into_iter().map(|(k, _)| k).collect();
+    ips.iter().all(|ip| keys.contains(ip))
+}
+
+pub fn wait_visible(what: &str, map: &Path, ips: &[String]) {
+    wait_for(what, FLEET_PATIENCE, || {
+        let ok = visible(map, ips);
+        if !ok {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ok
+    });
+}
+
+/// A writer's `fleet.json` (Null until there is one).
+pub fn fleet_status(dir: &Path) -> serde_json::Value {
+    std::fs::read_to_string(dir.join("state/fleet.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+pub fn wait_writer_connected(dir: &Path) {
+    wait_for("writer connected", FLEET_PATIENCE, || {
+        fleet_status(dir)["connected"] == serde_json::Value::Bool(true)
+    });
+}
