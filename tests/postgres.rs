@@ -937,10 +937,10 @@ fn notifications_carry_no_addresses_and_a_flood_is_coalesced() {
     // Mallory listens while a grant is written: she hears that something changed, not what.
     let heard = std::thread::scope(|s| {
         let h = s.spawn(|| listen_as(&pg, "mallory", "m-pass", Duration::from_secs(4)));
+        // Listening once her session's last statement is the LISTEN itself.
         wait_for("mallory listening", PATIENCE, || {
-            pg.psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'mallory'") == "1"
+            pg.psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'mallory' AND query ILIKE 'LISTEN%' AND state = 'idle'") == "1"
         });
-        std::thread::sleep(Duration::from_millis(300));
         pg.psql(
             "INSERT INTO dovegate_grants (address, expires, granted_by, source) VALUES
              ('192.0.2.60', now() + interval '10 minutes', 'h', 'dovecot')",
