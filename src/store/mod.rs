@@ -10,6 +10,7 @@ pub mod lmdb;
 mod lock;
 pub mod mysql;
 pub mod postgres;
+pub mod url_file;
 pub mod value;
 
 use std::net::IpAddr;

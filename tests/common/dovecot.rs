@@ -207,16 +207,7 @@ f.readline()
 s.sendall(('a ID ("x-originating-ip" "%s")\r\n' % addr).encode()); until("a")
 s.sendall(('b LOGIN "%s" "%s"\r\n' % (user, password)).encode()); print(until("b"))
 "#;
-    let out = Command::new("python3")
-        .args(["-c", script, &port.to_string(), addr, user, password])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    login_script(script, port, addr, user, password)
 }
 
 /// One forwarded POP3 login (XCLIENT from the trusted 127.0.0.9, for `addr`); Dovecot's
@@ -235,16 +226,7 @@ for line in ("XCLIENT ADDR=" + addr, "USER " + user):
 s.sendall(("PASS %s\r\n" % password).encode()); print(f.readline().decode().strip())
 s.sendall(b"QUIT\r\n"); f.readline()
 "#;
-    let out = Command::new("python3")
-        .args(["-c", script, &port.to_string(), addr, user, password])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    login_script(script, port, addr, user, password)
 }
 
 /// The keys of the LMDB map, as Postfix's `postmap -s` lists them.
@@ -317,4 +299,18 @@ pub fn doveconf24(root: &str, conf: &str, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("unshare")
+}
+
+/// Runs a login `script` (python3: port, address, user, password); what it printed.
+fn login_script(script: &str, port: u16, addr: &str, user: &str, password: &str) -> String {
+    let out = Command::new("python3")
+        .args(["-c", script, &port.to_string(), addr, user, password])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

@@ -24,7 +24,6 @@ pub mod replica;
 pub mod worker;
 
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -35,7 +34,6 @@ use crate::grant::key_text;
 use crate::store::postgres::{parse_address, Origin, Upserted, REVOKE_RACE_SECS};
 
 /// The URL file must not hold more than this (it is one line).
-const MAX_URL_FILE: u64 = 4096;
 /// How long connecting (TCP, TLS, authentication) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A statement that takes longer is abandoned and the database treated as down.
@@ -106,10 +104,8 @@ pub async fn timed<T>(
 /// --url-file` follows MariaDB then, PostgreSQL otherwise. Unreadable: false (the
 /// PostgreSQL path reports the problem).
 pub fn is_mysql_url_file(path: &Path) -> bool {
-    crate::fsread::read_text(path, MAX_URL_FILE, crate::fsread::Links::Follow).is_ok_and(|t| {
-        let t = t.trim_start();
-        t.starts_with("mysql://") || t.starts_with("mariadb://")
-    })
+    super::url_file::read(path)
+        .is_ok_and(|t| t.starts_with("mysql://") || t.starts_with("mariadb://"))
 }
 
 /// Where and how to connect; never printed (it holds the password).
@@ -132,25 +128,10 @@ impl Target {
     pub fn load(path: &Path) -> Result<Target, MyError> {
         let at = path.display();
         let fail = |m: String| MyError::Config(m);
-        let meta = std::fs::metadata(path).map_err(|e| fail(format!("{at}: cannot read: {e}")))?;
-        let mode = meta.permissions().mode();
-        if mode & 0o004 != 0 {
-            return Err(fail(format!(
-                "{at}: is readable by every user (mode {:o}) but holds the database password; chmod 0600 (or 0640 with the service's group)",
-                mode & 0o777
-            )));
-        }
-        if meta.len() > MAX_URL_FILE {
-            return Err(fail(format!(
-                "{at}: larger than {MAX_URL_FILE} bytes; it must hold one URL"
-            )));
-        }
-        let text = crate::fsread::read_text(path, MAX_URL_FILE, crate::fsread::Links::Follow)
-            .map_err(|e| fail(e.to_string()))?;
-        let text = text.trim();
+        let text = super::url_file::read(path).map_err(fail)?;
         let text = match text.strip_prefix("mariadb://") {
             Some(rest) => format!("mysql://{rest}"),
-            None => text.to_string(),
+            None => text,
         };
         if !text.starts_with("mysql://") {
             return Err(fail(format!(
@@ -660,12 +641,11 @@ fn grantable_sql(ttl: i64) -> String {
     )
 }
 
-/// A consistent read: every grantable row with its effective expiry, the change sequence
-/// it is current to, and the database's clock: (grants, seq, db_now).
-pub async fn snapshot(
+/// A read-only transaction on one consistent snapshot, and the change sequence value it
+/// sees (what the rows read in it are current to).
+async fn consistent_read(
     conn: &mut Conn,
-    ttl: i64,
-) -> Result<(Vec<(String, i64)>, i64, f64), mysql_async::Error> {
+) -> Result<(mysql_async::Transaction<'_>, i64), mysql_async::Error> {
     let mut tx = conn
         .start_transaction(
             mysql_async::TxOpts::default()
@@ -678,6 +658,16 @@ pub async fn snapshot(
         .query_first::<i64, _>("SELECT seq FROM dovegate_seq WHERE id = 1")
         .await?
         .unwrap_or(0);
+    Ok((tx, seq))
+}
+
+/// A consistent read: every grantable row with its effective expiry, the change sequence
+/// it is current to, and the database's clock: (grants, seq, db_now).
+pub async fn snapshot(
+    conn: &mut Conn,
+    ttl: i64,
+) -> Result<(Vec<(String, i64)>, i64, f64), mysql_async::Error> {
+    let (mut tx, seq) = consistent_read(conn).await?;
     let now: f64 = tx
         .query_first(format!("SELECT {} + 0e0", secs_f("UTC_TIMESTAMP(6)")))
         .await?
@@ -709,18 +699,7 @@ pub async fn changes_since(
     ttl: i64,
     limit: usize,
 ) -> Result<Changes, mysql_async::Error> {
-    let mut tx = conn
-        .start_transaction(
-            mysql_async::TxOpts::default()
-                .with_consistent_snapshot(true)
-                .with_readonly(true)
-                .clone(),
-        )
-        .await?;
-    let seq = tx
-        .query_first::<i64, _>("SELECT seq FROM dovegate_seq WHERE id = 1")
-        .await?
-        .unwrap_or(0);
+    let (mut tx, seq) = consistent_read(conn).await?;
     if seq <= since {
         tx.commit().await?;
         return Ok(Changes {
@@ -764,18 +743,7 @@ pub async fn revocations_since(
     since: Option<i64>,
     ttl: i64,
 ) -> Result<(Vec<(String, f64)>, i64), mysql_async::Error> {
-    let mut tx = conn
-        .start_transaction(
-            mysql_async::TxOpts::default()
-                .with_consistent_snapshot(true)
-                .with_readonly(true)
-                .clone(),
-        )
-        .await?;
-    let seq = tx
-        .query_first::<i64, _>("SELECT seq FROM dovegate_seq WHERE id = 1")
-        .await?
-        .unwrap_or(0);
+    let (mut tx, seq) = consistent_read(conn).await?;
     let cols = format!("address, {} + 0e0", secs_f("revoked_at"));
     let rows: Vec<(String, f64)> = match since {
         Some(s) if s >= seq => Vec::new(),
@@ -818,6 +786,7 @@ pub async fn clean(conn: &mut Conn, keep_secs: i64) -> Result<u64, mysql_async::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn url_file_must_be_private_and_mysql() {

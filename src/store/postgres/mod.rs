@@ -16,7 +16,6 @@ pub mod worker;
 pub use error::{NewerSchema, PgError};
 
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -32,9 +31,6 @@ use crate::grant::key_text;
 /// (`changes_since`) with their own privileges, at most once per interval however many
 /// notifications arrive.
 pub const CHANNEL: &str = "dovegate_grants";
-
-/// The URL file must not hold more than this (it is one line).
-const MAX_URL_FILE: u64 = 4096;
 
 /// How long connecting (TCP, TLS, authentication) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -127,23 +123,8 @@ impl Target {
     pub fn load(path: &Path, schema: &str) -> Result<Target, PgError> {
         let at = path.display();
         let fail = |m: String| PgError::Config(m);
-        let meta = std::fs::metadata(path).map_err(|e| fail(format!("{at}: cannot read: {e}")))?;
-        let mode = meta.permissions().mode();
-        if mode & 0o004 != 0 {
-            return Err(fail(format!(
-                "{at}: is readable by every user (mode {:o}) but holds the database password; chmod 0600 (or 0640 with the service's group)",
-                mode & 0o777
-            )));
-        }
-        if meta.len() > MAX_URL_FILE {
-            return Err(fail(format!(
-                "{at}: larger than {MAX_URL_FILE} bytes; it must hold one URL"
-            )));
-        }
-        // Bounded again on the read itself: the file may change after the stat above.
-        let text = crate::fsread::read_text(path, MAX_URL_FILE, crate::fsread::Links::Follow)
-            .map_err(|e| fail(e.to_string()))?;
-        let (url, rootcert) = take_param(text.trim(), "sslrootcert");
+        let text = super::url_file::read(path).map_err(fail)?;
+        let (url, rootcert) = take_param(&text, "sslrootcert");
         let (url, mode) = take_param(&url, "sslmode");
         let url = url.as_str();
         if url.is_empty() {
@@ -1201,6 +1182,7 @@ pub async fn set(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn addresses_must_be_canonical() {
