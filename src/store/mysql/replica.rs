@@ -108,8 +108,7 @@ impl Follower {
             Ok(()) => {}
             Err(e) if is_reopened(&e) => {
                 tracing::warn!(error = %e, "the map was replaced; writing every grant again");
-                self.r.local.clear();
-                self.r.deadlines.clear();
+                self.r.forget();
                 return self.resync(conn).await;
             }
             Err(e) => {
@@ -233,8 +232,7 @@ async fn follow(
             _ = beat.tick() => f.r.write_status(),
         }
         if refill {
-            f.r.local.clear();
-            f.r.deadlines.clear();
+            f.r.forget();
             if let Err(e) = f.resync(conn).await {
                 return Some(format!("resync failed: {e}"));
             }
