@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use super::pushed::Pushed;
 use super::{load_patterns, load_settings, ConfigArgs, Failure};
 use crate::config::Settings;
 use crate::engine::{self, Engine, Exit};
@@ -159,10 +160,8 @@ impl Effective {
 struct Sources {
     handles: Vec<SourceHandle>,
     rx: tokio::sync::mpsc::Receiver<Batch>,
-    /// The push servers (post-login socket, auth policy); dropped with the generation.
-    _push: crate::push::Push,
-    /// Dovecot's event exporter listener; dropped with the generation.
-    _events: crate::events::Events,
+    /// Stopped by a reload that then failed (`stop_in_place`).
+    stopped: bool,
 }
 
 impl Sources {
@@ -172,30 +171,14 @@ impl Sources {
         stats: &StatsRegistry,
         deaths: &Deaths,
         dry: Option<&DryRun>,
-        blocks: Option<&crate::blocks::Blocks>,
+        pushed: &Pushed,
     ) -> Result<Sources, Failure> {
         let (tx, rx) = match dry {
             Some(d) => d.relay()?,
             None => tokio::sync::mpsc::channel(64),
         };
         let settings = &cfg.settings;
-        // The push servers and the events listener first: a socket that cannot be claimed
-        // (another daemon serves it) fails the start before any source thread runs.
-        let _push = if dry.is_some_and(|d| d.daemon_running) && settings.push.enabled() {
-            // Its sockets belong to the running daemon: binding them would take them over.
-            tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
-            crate::push::spawn(&Default::default(), tx.clone(), stats, None)
-        } else {
-            crate::push::spawn(&settings.push, tx.clone(), stats, blocks.cloned())
-        }
-        .map_err(Failure::runtime)?;
-        let _events = if dry.is_some_and(|d| d.daemon_running) && settings.events.enabled() {
-            tracing::warn!("[events]: a dovegate daemon holds the map; --dry-run leaves its events listener alone and reports logged logins only");
-            crate::events::spawn(&Default::default(), tx.clone(), stats)
-        } else {
-            crate::events::spawn(&settings.events, tx.clone(), stats)
-        }
-        .map_err(Failure::runtime)?;
+        pushed.attach(&tx);
         let mut handles = Vec::new();
         let cutoff = timefmt::now() - i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 2);
         let sink = |name: &str| {
@@ -269,24 +252,58 @@ impl Sources {
         Ok(Sources {
             handles,
             rx,
-            _push,
-            _events,
+            stopped: false,
         })
     }
 
-    /// Stops every source thread (killing journalctl) and joins them. The receiver goes
-    /// first, so that a thread blocked on a full channel returns.
-    fn stop(self) {
-        drop(self.rx);
-        for h in &self.handles {
+    /// Stops every source thread (killing journalctl) and joins them, and returns what
+    /// they (and the pushed servers' relay) sent that the engine has not taken: the caller
+    /// accepts it, so a pushed login answered OK is never dropped with the channel. The
+    /// channel is closed first, so that a thread blocked on a full channel returns and the
+    /// relay holds its next batch for the next generation.
+    fn stop_in_place(&mut self) -> Vec<Batch> {
+        self.rx.close();
+        self.stopped = true;
+        let handles = std::mem::take(&mut self.handles);
+        for h in &handles {
             h.request_stop();
         }
-        for h in self.handles {
+        for h in handles {
             let name = h.name().to_string();
             h.stop();
             tracing::debug!(source = %name, "source stopped");
         }
+        let mut left = Vec::new();
+        while let Ok(b) = self.rx.try_recv() {
+            left.push(b);
+        }
+        left
     }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+}
+
+/// The pushed servers' settings; none under `--dry-run` beside a running daemon: its
+/// sockets belong to that daemon, and binding them would take them over.
+fn pushed_settings(
+    settings: &crate::config::Settings,
+    dry: Option<&DryRun>,
+) -> (
+    crate::config::push::PushSettings,
+    crate::config::events::EventsSettings,
+) {
+    if !dry.is_some_and(|d| d.daemon_running) {
+        return (settings.push.clone(), settings.events.clone());
+    }
+    if settings.push.enabled() {
+        tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
+    }
+    if settings.events.enabled() {
+        tracing::warn!("[events]: a dovegate daemon holds the map; --dry-run leaves its events listener alone and reports logged logins only");
+    }
+    Default::default()
 }
 
 /// Followed files for logs: `a, b`, or `none`.
@@ -429,14 +446,11 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     };
     let (deaths, mut died) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut death: Option<String> = None;
-    let mut sources = Sources::start(
-        &cfg,
-        &checkpoints,
-        &stats,
-        &deaths,
-        dry.as_ref(),
-        blocks.as_ref(),
-    )?;
+    // The pushed servers before the log sources: a socket another daemon serves fails
+    // the start before any source thread runs.
+    let (push, events) = pushed_settings(&cfg.settings, dry.as_ref());
+    let mut pushed = Pushed::start(&runtime, &push, &events, &stats, blocks.as_ref())?;
+    let mut sources = Sources::start(&cfg, &checkpoints, &stats, &deaths, dry.as_ref(), &pushed)?;
     tracing::info!(
         map = %settings.map_path.display(),
         grants = engine.active(),
@@ -503,15 +517,21 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                         {
                             tracing::warn!("[store] changes take effect at the next restart");
                         }
-                        sources.stop();
-                        match Sources::start(
-                            &new,
-                            &checkpoints,
-                            &stats,
-                            &deaths,
-                            dry.as_ref(),
-                            blocks.as_ref(),
-                        ) {
+                        let (push, events) = pushed_settings(&new.settings, dry.as_ref());
+                        let started = pushed.reload(&push, &events).and_then(|()| {
+                            for b in sources.stop_in_place() {
+                                engine.accept(b, timefmt::now());
+                            }
+                            Sources::start(
+                                &new,
+                                &checkpoints,
+                                &stats,
+                                &deaths,
+                                dry.as_ref(),
+                                &pushed,
+                            )
+                        });
+                        match started {
                             Ok(started) => {
                                 sources = started;
                                 if let Some(servers) = &mut servers {
@@ -532,16 +552,19 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                             }
                             Err(f) => {
                                 // A push socket another process serves, say: the running
-                                // sources come back as they were, and only then is the
-                                // refusal said (whoever acts on it finds them serving).
-                                sources = Sources::start(
-                                    &cfg,
-                                    &checkpoints,
-                                    &stats,
-                                    &deaths,
-                                    dry.as_ref(),
-                                    blocks.as_ref(),
-                                )?;
+                                // sources come back as they were (or never stopped), and
+                                // only then is the refusal said (whoever acts on it finds
+                                // them serving).
+                                if sources.is_stopped() {
+                                    sources = Sources::start(
+                                        &cfg,
+                                        &checkpoints,
+                                        &stats,
+                                        &deaths,
+                                        dry.as_ref(),
+                                        &pushed,
+                                    )?;
+                                }
                                 tracing::error!(
                                     "reload refused, the running configuration stays: {}",
                                     f.message
@@ -571,7 +594,28 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         }
     };
     crate::notify::stopping();
-    sources.stop();
+    // The pushed servers stop first; what they answered OK is forwarded, taken and
+    // committed before the end.
+    let relay = pushed.close();
+    runtime.block_on(async {
+        let bound = tokio::time::sleep(std::time::Duration::from_secs(2));
+        tokio::pin!(relay, bound);
+        loop {
+            tokio::select! {
+                Some(b) = sources.rx.recv() => engine.accept(b, timefmt::now()),
+                _ = &mut relay => break,
+                () = &mut bound => break,
+            }
+        }
+    });
+    for b in sources.stop_in_place() {
+        engine.accept(b, timefmt::now());
+    }
+    if engine.has_pending() {
+        if let Err(e) = engine.flush(timefmt::now()) {
+            tracing::error!(error = %e, "map commit at shutdown failed; the logins read since the last checkpoint are read again at the next start");
+        }
+    }
     if let Some(task) = shared_policy {
         task.abort();
     }

@@ -19,7 +19,7 @@ pub struct EventsSection {
 }
 
 /// Validated `[events]`.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct EventsSettings {
     /// `Inet`: 2.3's (and 2.4's) `http-post` on loopback, `POST /SECRET`; `Unix`: 2.4's
     /// `driver = unix`, one JSON event per line, the peer's uid checked.

@@ -22,7 +22,7 @@ pub struct PushSection {
 
 /// The `auth_policy_server_api_header` Dovecot sends: `Name: value`, or a bare value sent
 /// as `X-API-Key`.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ApiHeader {
     pub name: hyper::header::HeaderName,
     pub value: Vec<u8>,
@@ -55,7 +55,7 @@ impl ApiHeader {
 }
 
 /// Validated push settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PushSettings {
     pub socket: Option<PathBuf>,
     /// Uids allowed to write to the socket.
