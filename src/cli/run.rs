@@ -1,7 +1,6 @@
 //! `dovegate run`: wires sources, engine and map together and runs until SIGTERM/SIGINT;
 //! SIGHUP reloads the configuration (a bad one is refused and the running one stays).
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +21,7 @@ use crate::source::journal::{JournalSource, JournalSourceSpec, JournalStart, Jou
 use crate::source::{DaemonSink, FileSource, FileSourceSpec};
 use crate::state::CheckpointDir;
 use crate::store::dry::{Details, DryStore};
-use crate::store::{ExpireOutcome, GrantStore, LmdbMap, OpenMode, StoreError, StoredGrant};
+use crate::store::{GrantStore, LmdbMap, OpenMode};
 use crate::telemetry::StatsRegistry;
 use crate::timefmt;
 
@@ -342,9 +341,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let settings = cfg.settings.clone();
     let dry = args.dry_run.then(|| DryRun::new(&settings));
     let _instance;
-    let (map, checkpoints) = match &dry {
+    let (map, checkpoints): (DaemonStore, _) = match &dry {
         Some(d) => (
-            DaemonStore::Dry(DryStore::new(
+            Box::new(DryStore::new(
                 d.details.clone(),
                 Box::new(std::io::stdout()),
             )),
@@ -379,7 +378,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             )
             .map_err(|e| Failure::runtime(e.0))?;
             (
-                DaemonStore::Real(open_writer_store(&settings, map)?),
+                Box::new(open_writer_store(&settings, map)?),
                 CheckpointDir::new(&settings.state_dir),
             )
         }
@@ -683,53 +682,9 @@ impl DryRun {
     }
 }
 
-/// The daemon's store: the real map (and PostgreSQL), or the printing one of `--dry-run`.
-enum DaemonStore {
-    Real(WriterStore),
-    Dry(DryStore),
-}
-
-macro_rules! both {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self {
-            DaemonStore::Real($s) => $e,
-            DaemonStore::Dry($s) => $e,
-        }
-    };
-}
-
-impl GrantStore for DaemonStore {
-    fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
-        both!(self, s => s.upsert(grants))
-    }
-    fn expire(&mut self, ips: &[IpAddr], now: i64) -> Result<ExpireOutcome, StoreError> {
-        both!(self, s => s.expire(ips, now))
-    }
-    fn expire_all(&mut self, now: i64) -> Result<usize, StoreError> {
-        both!(self, s => s.expire_all(now))
-    }
-    fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
-        both!(self, s => s.list())
-    }
-    fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
-        both!(self, s => s.get(ip))
-    }
-    fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
-        both!(self, s => s.revoke(ip))
-    }
-    fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
-        both!(self, s => s.set(ip, expires))
-    }
-    fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
-        both!(self, s => s.snapshot())
-    }
-    fn changed(&mut self) -> Result<Option<bool>, StoreError> {
-        both!(self, s => s.changed())
-    }
-    fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
-        both!(self, s => s.cap(ips, limit))
-    }
-}
+/// The daemon's store: the writer's (the map, and the database when configured), or the
+/// printing one of `--dry-run`.
+type DaemonStore = Box<dyn GrantStore + Send>;
 
 /// Blocked users and cap counts shared with the other hosts through PostgreSQL
 /// (`policy::shared`), whether or not this host runs the policy server.
