@@ -4,8 +4,9 @@
 # grant`, and `exim4 -bh ADDRESS` runs the ACLs of an SMTP session from that address
 # (Debian's configuration, with the README's ACL file run first through MAIN_ACL_CHECK_RCPT).
 # Then once through the running Exim daemon (its ACLs run as Debian-exim), from an
-# address on the container's loopback.
-EXIM_PKGS=(systemd systemd-sysv dbus exim4-daemon-heavy liblmdb0 python3 iproute2)
+# address on the container's loopback. Then the README's PostgreSQL ACL, against a
+# PostgreSQL in the container that dovegate writes its grants to.
+EXIM_PKGS=(systemd systemd-sysv dbus exim4-daemon-heavy liblmdb0 python3 iproute2 postgresql)
 
 # exim_rcpt NAME ADDRESS RCPT: the RCPT reply code for RCPT from a session from ADDRESS.
 exim_rcpt() {
@@ -59,6 +60,56 @@ suite_exim() {
         got="$got $(exim_rcpt "$NAME" $c)"
     done
     [ "${got# }" = "$want" ] || die "$NAME: with dovegate stopped: got ${got# }, want $want (relay deferred, local accepted)"
+    exim_pgsql "$NAME"
     ok "exim $(B dpkg-query -W -f='${Version}' exim4-daemon-heavy) via readsocket ACL: relay 250 for granted 203.0.113.45 and 2001:db8::45 (exim -bh and the daemon), 550 for others, local 250; dovegate stopped: relay 451, local 250 ($((SECONDS - t0))s)"
     box_down "$RUN/$NAME"
+}
+
+# exim_pgsql NAME: the README's pgsql ACL; dovegate writes to a PostgreSQL in the container
+# (password over loopback TCP, so that root's `dovegate grant` and the daemon both log in),
+# Exim reads with a role that may only SELECT.
+exim_pgsql() {
+    local NAME=$1 R="$RUN/$1/root" got want
+    B() { box "$NAME" "$@"; }
+    PSQL() { B runuser -u postgres -- psql -v ON_ERROR_STOP=1 -qAt "$@"; }
+    B systemctl start postgresql
+    wait_until 60 "$NAME: postgresql" PSQL -c 'select 1' || die "$NAME: postgresql did not start"
+    PSQL -c "CREATE ROLE dovegate LOGIN PASSWORD 'dg-secret'" -c 'CREATE DATABASE mail OWNER dovegate' \
+        -c "CREATE ROLE exim_ro LOGIN PASSWORD 'ro-secret'" >/dev/null || die "$NAME: roles"
+    printf 'postgresql://dovegate:dg-secret@127.0.0.1/mail\n' > "$R/etc/dovegate/postgres.url"
+    B chown dovegate: /etc/dovegate/postgres.url
+    B chmod 0600 /etc/dovegate/postgres.url
+    printf '%s\n' '[store]' 'postgres_url_file = "/etc/dovegate/postgres.url"' \
+        > "$R/etc/dovegate/dovegate.d/60-system-test-pgsql.toml"
+    B systemctl start dovegate
+    wait_until 60 "$NAME: dovegate's table" PSQL -d mail -c 'select 1 from public.dovegate_grants limit 1' \
+        || die "$NAME: dovegate created no table: $(B journalctl -u dovegate -n 20 --no-pager)"
+    PSQL -d mail -c 'GRANT SELECT ON public.dovegate_grants TO exim_ro' >/dev/null || die "$NAME: grant select"
+    awk '/^# \/etc\/exim4\/dovegate-rcpt-pgsql\.acl/ {on=1} on && /^```/ {exit} on' "$REPO/README.md" \
+        > "$R/etc/exim4/dovegate-rcpt-pgsql.acl"
+    grep -q 'lookup pgsql' "$R/etc/exim4/dovegate-rcpt-pgsql.acl" || die "$NAME: no pgsql ACL found in README.md"
+    sed -i '/^MAIN_ACL_CHECK_RCPT/d' "$R/etc/exim4/exim4.conf.localmacros"
+    printf '%s\n' 'hide pgsql_servers = 127.0.0.1/mail/exim_ro/ro-secret' \
+        'MAIN_ACL_CHECK_RCPT = /etc/exim4/dovegate-rcpt-pgsql.acl' >> "$R/etc/exim4/exim4.conf.localmacros"
+    B update-exim4.conf || die "$NAME: update-exim4.conf (pgsql) failed"
+    B dovegate grant 203.0.113.46 >/dev/null || die "$NAME: dovegate grant with [store]"
+    [ "$(PSQL -d mail -c "select count(*) from public.dovegate_grants where address = '203.0.113.46'")" = 1 ] \
+        || die "$NAME: the grant did not reach PostgreSQL"
+    got="" want="250 550 250"
+    for c in "203.0.113.46 someone@example.net" "203.0.113.99 someone@example.net" \
+             "203.0.113.99 postmaster@localhost"; do
+        got="$got $(exim_rcpt "$NAME" $c)"
+    done
+    [ "${got# }" = "$want" ] || die "$NAME: pgsql ACL: got ${got# }, want $want (granted, other, local)"
+    B dovegate revoke 203.0.113.46 >/dev/null || die "$NAME: dovegate revoke with [store]"
+    got=$(exim_rcpt "$NAME" 203.0.113.46 someone@example.net)
+    [ "$got" = 550 ] || die "$NAME: pgsql ACL after dovegate revoke: got $got, want 550"
+    B dovegate grant 203.0.113.46 >/dev/null
+    B systemctl stop postgresql
+    got="" want="451 250"
+    for c in "203.0.113.46 someone@example.net" "203.0.113.99 postmaster@localhost"; do
+        got="$got $(exim_rcpt "$NAME" $c)"
+    done
+    [ "${got# }" = "$want" ] || die "$NAME: pgsql ACL with the database stopped: got ${got# }, want $want (relay deferred, local accepted)"
+    log "$NAME: ok: exim via the README's pgsql ACL: 250 granted, 550 others and after revoke, 451 with PostgreSQL stopped"
 }
