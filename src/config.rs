@@ -62,7 +62,7 @@ pub fn dropin_files(file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => {
-            return Err(ConfigError(format!(
+            return Err(ConfigError::file(format!(
                 "{}: cannot list the drop-in directory: {e}",
                 dir.display()
             )))
@@ -70,8 +70,8 @@ pub fn dropin_files(file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     };
     let mut names = Vec::new();
     for entry in entries {
-        let entry =
-            entry.map_err(|e| ConfigError(format!("{}: cannot list it: {e}", dir.display())))?;
+        let entry = entry
+            .map_err(|e| ConfigError::file(format!("{}: cannot list it: {e}", dir.display())))?;
         let name = entry.file_name();
         let bytes = name.as_encoded_bytes();
         if bytes.starts_with(b".") || !bytes.ends_with(b".toml") {
@@ -79,7 +79,7 @@ pub fn dropin_files(file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
         }
         names.push(name);
         if names.len() > DROPINS_MAX {
-            return Err(ConfigError(format!(
+            return Err(ConfigError::file(format!(
                 "{}: more than {DROPINS_MAX} drop-ins",
                 dir.display()
             )));
@@ -377,13 +377,54 @@ pub struct Settings {
     pub events: events::EventsSettings,
 }
 
-/// A configuration problem, always naming the key (or file) at fault.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+/// A configuration problem: the key at fault (`grant.ttl`, `push.users[1]`; empty when
+/// the problem is a file itself, whose path the problem names), what is wrong with it and
+/// what to do, and where the key is written when the file sets it (`FILE:LINE:COLUMN: `).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub at: String,
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    /// A problem with the value of `key`.
+    pub fn key(key: impl Into<String>, problem: impl std::fmt::Display) -> ConfigError {
+        ConfigError {
+            at: String::new(),
+            key: key.into(),
+            problem: problem.to_string(),
+        }
+    }
+
+    /// A problem with a file or directory (named in `problem`), not with one key.
+    pub fn file(problem: impl std::fmt::Display) -> ConfigError {
+        ConfigError::key("", problem)
+    }
+
+    /// Says where the key at fault is written, when `locations` knows.
+    fn located(mut self, locations: &diag::Locations) -> ConfigError {
+        if self.at.is_empty() && !self.key.is_empty() {
+            self.at = locations.prefix(&self.key);
+        }
+        self
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.at)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 fn err(key: &str, msg: impl std::fmt::Display) -> ConfigError {
-    ConfigError(format!("{key}: {msg}"))
+    ConfigError::key(key, msg)
 }
 
 /// What is wrong with a map path (map.path, or `--map` on the command line, which is
@@ -435,12 +476,12 @@ impl FileConfig {
         let known = merged.clone();
         let mut locations: Option<diag::Locations> = None;
         for (text, origin) in layers {
-            let here = diag::locate(text, origin).map_err(ConfigError)?;
+            let here = diag::locate(text, origin).map_err(ConfigError::file)?;
             let user: toml::Table = toml::from_str(text)
-                .map_err(|e| ConfigError(format!("{origin}: {}", e.message())))?;
+                .map_err(|e| ConfigError::file(format!("{origin}: {}", e.message())))?;
             let unknown = diag::unknown_keys(&user, &known, &here);
             if !unknown.is_empty() {
-                return Err(ConfigError(unknown.join("\n")));
+                return Err(ConfigError::file(unknown.join("\n")));
             }
             merge(&mut merged, user);
             match &mut locations {
@@ -454,7 +495,7 @@ impl FileConfig {
                 let path = e.path().to_string();
                 let msg = e.into_inner().to_string();
                 let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
-                ConfigError(format!("{}{path}: {msg}", locations.prefix(&path)))
+                ConfigError::key(path, msg).located(&locations)
             })?;
         file.locations = locations;
         Ok(file)
@@ -476,14 +517,14 @@ impl FileConfig {
             crate::fsread::read_text(f, crate::fsread::CONFIG_MAX, crate::fsread::Links::Follow)
         };
         let text = read(&p).map_err(|e| {
-            ConfigError(format!(
+            ConfigError::file(format!(
                 "{e} (the configuration; name another with --config or {CONFIG_ENV})"
             ))
         })?;
         let mut layers = vec![(text, p.display().to_string())];
         let dropins = dropin_files(&p)?;
         for d in &dropins {
-            let text = read(d).map_err(|e| ConfigError(format!("{e} (a drop-in)")))?;
+            let text = read(d).map_err(|e| ConfigError::file(format!("{e} (a drop-in)")))?;
             layers.push((text, d.display().to_string()));
         }
         let mut file = Self::parse_layers(&layers)?;
@@ -519,10 +560,8 @@ impl FileConfig {
 
     /// `validate`, with what the machine has given (for `source.journal = "auto"`).
     pub fn validate_with(&self, probe: SystemProbe) -> Result<Settings, ConfigError> {
-        self.check_values(probe).map_err(|e| {
-            let key = e.0.split(':').next().unwrap_or_default();
-            ConfigError(format!("{}{}", self.locations.prefix(key), e.0))
-        })
+        self.check_values(probe)
+            .map_err(|e| e.located(&self.locations))
     }
 
     fn check_values(&self, probe: SystemProbe) -> Result<Settings, ConfigError> {
@@ -820,7 +859,7 @@ mod tests {
             "f.toml",
         )
         .unwrap_err()
-        .0;
+        .to_string();
         let lines: Vec<&str> = e.lines().collect();
         assert_eq!(
             lines,
@@ -831,15 +870,15 @@ mod tests {
         );
         let e = FileConfig::parse("[grant]\npath = \"/x\"\n", "f.toml")
             .unwrap_err()
-            .0;
+            .to_string();
         assert!(e.contains("did you mean map.path?"), "{e}");
         let e = FileConfig::parse("\n[grant]\n  ttl = 5\n", "f.toml")
             .unwrap_err()
-            .0;
+            .to_string();
         assert!(e.starts_with("f.toml:3:3: grant.ttl: "), "{e}");
         assert!(!e.contains('\n'), "{e}");
         let c = FileConfig::parse("[grant]\n\nttl = \"soon\"\n", "f.toml").unwrap();
-        let e = c.validate().unwrap_err().0;
+        let e = c.validate().unwrap_err().to_string();
         assert!(e.starts_with("f.toml:3:1: grant.ttl: "), "{e}");
     }
 
@@ -855,14 +894,14 @@ mod tests {
         );
         assert!(s.store.url_file.is_none());
         c.store.postgres_url_file = "/etc/dovegate/postgres.url".into();
-        let e = c.validate().unwrap_err().0;
+        let e = c.validate().unwrap_err().to_string();
         assert!(
             e.contains("store.mysql_url_file") && e.contains("not both"),
             "{e}"
         );
         c.store.postgres_url_file.clear();
         c.store.mysql_url_file = "mysql.url".into();
-        let e = c.validate().unwrap_err().0;
+        let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("must be an absolute path"), "{e}");
         c.store.mysql_url_file = "/etc/dovegate/mysql.url".into();
         c.store.mysql_popbsmtp_table = "popbsmtp".into();
@@ -871,7 +910,7 @@ mod tests {
             Some(("popbsmtp".into(), "address".into(), "last_seen".into()))
         );
         c.store.mysql_popbsmtp_time_column = "last_seen`; DROP TABLE x; --".into();
-        let e = c.validate().unwrap_err().0;
+        let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("store.mysql_popbsmtp_time_column"), "{e}");
     }
 
@@ -893,7 +932,7 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let text = DEFAULT_CONFIG.replace("[grant]", "[grant]\nttll = \"5m\"");
-        let e = FileConfig::parse(&text, "x.toml").unwrap_err().0;
+        let e = FileConfig::parse(&text, "x.toml").unwrap_err().to_string();
         assert!(e.contains("ttll"), "{e}");
     }
 
@@ -905,11 +944,11 @@ mod tests {
         assert_eq!(s.map_path, PathBuf::from("/var/lib/dovegate/relay"));
         let e = FileConfig::parse("[grant]\nttl = 5\n", "x.toml")
             .unwrap_err()
-            .0;
+            .to_string();
         assert!(e.contains("grant.ttl"), "{e}");
         let e = FileConfig::parse("[nope]\nx = 1\n", "x.toml")
             .unwrap_err()
-            .0;
+            .to_string();
         assert!(e.contains("nope"), "{e}");
     }
 
@@ -945,7 +984,7 @@ mod tests {
     fn bad_values_name_their_key() {
         let mut c = FileConfig::embedded();
         c.grant.ttl = "soon".into();
-        let e = c.validate().unwrap_err().0;
+        let e = c.validate().unwrap_err().to_string();
         assert!(
             e.starts_with("embedded default config:") && e.contains(": grant.ttl: "),
             "{e}"
@@ -953,18 +992,26 @@ mod tests {
         let mut c = FileConfig::embedded();
         let mut p = c.clone();
         p.grant.ipv6_prefix = 60;
-        let e = p.validate().unwrap_err().0;
+        let e = p.validate().unwrap_err().to_string();
         assert!(e.contains("grant.ipv6_prefix: 60 is not one of"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
         c.grant.exclude = vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()];
-        assert!(c.validate().unwrap_err().0.contains(": grant.exclude[1]:"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains(": grant.exclude[1]:"));
         let mut c = FileConfig::embedded();
         c.map.path = "/x/relay.lmdb".into();
-        assert!(c.validate().unwrap_err().0.contains(": map.path:"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains(": map.path:"));
         for (path, bad) in [("lmdb:/x/relay", "lmdb:"), ("relay", "absolute")] {
             let mut c = FileConfig::embedded();
             c.map.path = path.into();
-            let e = c.validate().unwrap_err().0;
+            let e = c.validate().unwrap_err().to_string();
             assert!(e.contains("map.path") && e.contains(bad), "{e}");
         }
         for (action, ok) in [
@@ -1014,7 +1061,7 @@ mod tests {
             ("\n[grant]\ntll = \"20m\"\n", "main.d/10-a.toml"),
         ]))
         .unwrap_err()
-        .0;
+        .to_string();
         assert!(
             e.starts_with("main.d/10-a.toml:3:1: grant.tll: unknown key"),
             "{e}"
@@ -1024,21 +1071,21 @@ mod tests {
             ("[grant\n", "main.d/10-a.toml"),
         ]))
         .unwrap_err()
-        .0;
+        .to_string();
         assert!(e.starts_with("main.d/10-a.toml:1:"), "{e}");
         let c = FileConfig::parse_layers(&layers(&[
             ("[grant]\nttl = \"10m\"\n", "main.toml"),
             ("[grant]\nttl = \"soon\"\n", "main.d/10-a.toml"),
         ]))
         .unwrap();
-        let e = c.validate().unwrap_err().0;
+        let e = c.validate().unwrap_err().to_string();
         assert!(e.starts_with("main.d/10-a.toml:2:1: grant.ttl:"), "{e}");
         let e = FileConfig::parse_layers(&layers(&[
             ("[grant]\nttl = 5\n", "main.toml"),
             ("[map]\naction = \"OK\"\n", "main.d/10-a.toml"),
         ]))
         .unwrap_err()
-        .0;
+        .to_string();
         assert!(e.starts_with("main.toml:2:1: grant.ttl:"), "{e}");
     }
 

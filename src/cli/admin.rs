@@ -47,7 +47,7 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 const MAX_TTL: Duration = Duration::from_secs(31 * 24 * 3600);
 
 fn ttl_arg(text: &str) -> Result<Duration, Failure> {
-    let ttl = parse_duration("--ttl", text).map_err(|e| Failure::config(e.0))?;
+    let ttl = parse_duration("--ttl", text).map_err(|e| Failure::config(e.to_string()))?;
     if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
         return Err(Failure::config(format!(
             "--ttl: `{text}` must be between 1s and 31 days (like grant.ttl)"

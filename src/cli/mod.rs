@@ -193,17 +193,24 @@ impl Failure {
     }
 }
 
+/// A configuration problem exits 2, as `check-config` does: the configuration must change.
+impl From<crate::config::ConfigError> for Failure {
+    fn from(e: crate::config::ConfigError) -> Failure {
+        Failure::config(e.to_string())
+    }
+}
+
 /// Loads the configuration, applies the common overrides, validates.
 pub fn load_settings(
     cfg: &ConfigArgs,
     edit: impl FnOnce(&mut FileConfig),
 ) -> Result<(FileConfig, Settings), Failure> {
-    let mut file = FileConfig::load(cfg.config.as_deref()).map_err(|e| Failure::config(e.0))?;
+    let mut file = FileConfig::load(cfg.config.as_deref())?;
     if let Some(m) = &cfg.map {
         file.map.path = m.display().to_string();
     }
     edit(&mut file);
-    let settings = file.validate().map_err(|e| Failure::config(e.0))?;
+    let settings = file.validate()?;
     Ok((file, settings))
 }
 

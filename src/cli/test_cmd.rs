@@ -758,7 +758,8 @@ fn parse_since(text: &str) -> Result<i64, Failure> {
     if let Some(t) = timefmt::parse_rfc3339(text) {
         return Ok(t);
     }
-    let d = crate::config::parse_duration("--since", text).map_err(|e| Failure::config(e.0))?;
+    let d = crate::config::parse_duration("--since", text)
+        .map_err(|e| Failure::config(e.to_string()))?;
     Ok(timefmt::now() - i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2))
 }
 

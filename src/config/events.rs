@@ -49,7 +49,7 @@ impl EventsSettings {
     }
 
     pub fn from_section(s: &EventsSection) -> Result<EventsSettings, ConfigError> {
-        let err = |key: &str, m: String| ConfigError(format!("events.{key}: {m}"));
+        let err = |key: &str, m: String| ConfigError::key(format!("events.{key}"), m);
         let listen = match s.listen.trim() {
             "" => return Ok(EventsSettings::default()),
             // The other listeners' form, too.
@@ -79,8 +79,7 @@ impl EventsSettings {
                 if s.users.is_empty() {
                     return Err(err("users", "needs at least one user (Dovecot's internal user, usually dovecot: its stats process exports the events)".into()));
                 }
-                settings.uids = super::users::uids_of(&s.users)
-                    .map_err(|e| ConfigError(format!("events.users{e}")))?;
+                settings.uids = super::users::uids_of("events.users", &s.users)?;
             }
             Listen::Inet(_) => {
                 let path = s.secret_file.trim();
@@ -131,40 +130,40 @@ mod tests {
         c.users = vec![];
         assert!(EventsSettings::from_section(&c)
             .unwrap_err()
-            .0
+            .to_string()
             .starts_with("events.users"));
         c.users = vec![UserSpec::Name("no-such-user-here".into())];
         assert!(EventsSettings::from_section(&c)
             .unwrap_err()
-            .0
+            .to_string()
             .starts_with("events.users[0]"));
         let e = EventsSettings::from_section(&section("127.0.0.1:8431"))
             .unwrap_err()
-            .0;
+            .to_string();
         assert!(e.starts_with("events.secret_file"), "{e}");
         let e = EventsSettings::from_section(&section("0.0.0.0:8431"))
             .unwrap_err()
-            .0;
+            .to_string();
         assert!(
             e.starts_with("events.listen") && e.contains("loopback"),
             "{e}"
         );
         let e = EventsSettings::from_section(&section("events.sock"))
             .unwrap_err()
-            .0;
+            .to_string();
         assert!(e.starts_with("events.listen"), "{e}");
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("secret");
         let mut c = section("127.0.0.1:8431");
         c.secret_file = file.display().to_string();
-        let e = EventsSettings::from_section(&c).unwrap_err().0;
+        let e = EventsSettings::from_section(&c).unwrap_err().to_string();
         assert!(
             e.starts_with("events.secret_file") && e.contains("cannot open"),
             "{e}"
         );
         for bad in ["short", "has/a/slash-0123456789", "has space 0123456789"] {
             std::fs::write(&file, bad).unwrap();
-            let e = EventsSettings::from_section(&c).unwrap_err().0;
+            let e = EventsSettings::from_section(&c).unwrap_err().to_string();
             assert!(e.contains("at least 16"), "{e}");
         }
         std::fs::write(&file, "0123456789abcdef0123\n").unwrap();

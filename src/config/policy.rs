@@ -71,7 +71,7 @@ impl PolicySettings {
     }
 
     pub fn from_section(s: &PolicySection) -> Result<Option<PolicySettings>, ConfigError> {
-        let err = |key: &str, m: String| ConfigError(format!("policy.{key}: {m}"));
+        let err = |key: &str, m: String| ConfigError::key(format!("policy.{key}"), m);
         let text = s.listen.trim();
         if text.is_empty() {
             return Ok(None);
@@ -100,8 +100,7 @@ impl PolicySettings {
         }
         let peers = match &listen {
             Listen::Unix(_) if !s.users.is_empty() => {
-                let uids = super::users::uids_of(&s.users)
-                    .map_err(|e| ConfigError(format!("policy.users{e}")))?;
+                let uids = super::users::uids_of("policy.users", &s.users)?;
                 Some(uids)
             }
             _ => None,
@@ -156,4 +155,59 @@ pub struct CapLimits {
     pub user_messages_per_day: u32,
     pub user_recipients_per_hour: u32,
     pub user_recipients_per_day: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(listen: &str) -> PolicySection {
+        crate::config::FileConfig::embedded()
+            .policy
+            .clone()
+            .with_listen(listen)
+    }
+
+    impl PolicySection {
+        fn with_listen(mut self, listen: &str) -> PolicySection {
+            self.listen = listen.into();
+            self
+        }
+    }
+
+    #[test]
+    fn listen_forms_and_refusals() {
+        assert_eq!(PolicySettings::from_section(&section("")).unwrap(), None);
+        let s = PolicySettings::from_section(&section("127.0.0.1:10040"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.listen, Listen::Inet("127.0.0.1:10040".parse().unwrap()));
+        assert_eq!(s.peers, None);
+        assert!(s.caps.user_recipients_per_hour > 0, "caps on by default");
+        let mut unix = section("/run/dovegate/policy");
+        unix.users = vec![UserSpec::Uid(107)];
+        let s = PolicySettings::from_section(&unix).unwrap().unwrap();
+        assert_eq!(s.peers, Some(vec![107]));
+        let e = PolicySettings::from_section(&section("192.0.2.1:10040"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("policy.listen:") && e.contains("loopback"),
+            "{}",
+            e
+        );
+        let mut inet_block = section("127.0.0.1:10040");
+        inet_block.block_on_cap = true;
+        let e = PolicySettings::from_section(&inet_block)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("policy.block_on_cap:"), "{}", e);
+        unix.users = vec![UserSpec::Name("no-such-user-here".into())];
+        let e = PolicySettings::from_section(&unix).unwrap_err().to_string();
+        assert!(e.starts_with("policy.users[0]:"), "{}", e);
+        let e = PolicySettings::from_section(&section("relative/path"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("policy.listen:"), "{}", e);
+    }
 }

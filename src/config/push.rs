@@ -71,7 +71,7 @@ impl PushSettings {
     }
 
     pub fn from_section(s: &PushSection) -> Result<PushSettings, ConfigError> {
-        let err = |key: &str, m: String| ConfigError(format!("push.{key}: {m}"));
+        let err = |key: &str, m: String| ConfigError::key(format!("push.{key}"), m);
         let socket = match s.socket.trim() {
             "" => None,
             p if p.starts_with('/') => Some(PathBuf::from(p)),
@@ -85,7 +85,7 @@ impl PushSettings {
                     "needs at least one user (Dovecot's internal user, usually dovecot)".into(),
                 ));
             }
-            uids = uids_of("push.users", &s.users)?;
+            uids = super::users::uids_of("push.users", &s.users)?;
         }
         let auth_policy = match s.auth_policy.trim() {
             "" => None,
@@ -134,11 +134,6 @@ impl PushSettings {
     }
 }
 
-/// The uids of configured users (`key`: the setting, for errors), names resolved now.
-pub(crate) fn uids_of(key: &str, users: &[UserSpec]) -> Result<Vec<u32>, ConfigError> {
-    super::users::uids_of(users).map_err(|e| ConfigError(format!("{key}{e}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,26 +174,26 @@ mod tests {
         let s = PushSettings::from_section(&c).unwrap();
         assert_eq!(s.uids, vec![0, 65534, 101]);
         c.users = vec![UserSpec::Name("no-such-user-here".into())];
-        let e = PushSettings::from_section(&c).unwrap_err().0;
+        let e = PushSettings::from_section(&c).unwrap_err().to_string();
         assert!(e.starts_with("push.users[0]: "), "{e}");
         c.users = vec![];
         assert!(PushSettings::from_section(&c).is_err());
         let mut c = section();
         c.auth_policy = "inet:127.0.0.1:8430".into();
-        let e = PushSettings::from_section(&c).unwrap_err().0;
+        let e = PushSettings::from_section(&c).unwrap_err().to_string();
         assert!(e.starts_with("push.auth_policy_secret_file"), "{e}");
         c.auth_policy = "unix:/run/dovegate/auth-policy".into();
         assert!(PushSettings::from_section(&c).unwrap().secret.is_none());
         c.auth_policy = "tcp:1".into();
         assert!(PushSettings::from_section(&c)
             .unwrap_err()
-            .0
+            .to_string()
             .starts_with("push.auth_policy:"));
         c.auth_policy = "inet:127.0.0.1:8430".into();
         c.auth_policy_secret_file = "/nonexistent/secret".into();
         assert!(PushSettings::from_section(&c)
             .unwrap_err()
-            .0
+            .to_string()
             .contains("/nonexistent/secret"));
     }
 }

@@ -20,16 +20,19 @@ pub fn uid_of(name: &str) -> Option<u32> {
     Some(user.uid.as_raw())
 }
 
-/// The uids of `users`, names resolved now (a name that is a number is that uid). The
-/// error names the entry: `[I]: no user ...`, for the caller to prefix with its key.
-pub fn uids_of(users: &[UserSpec]) -> Result<Vec<u32>, String> {
+/// The uids of `users`, names resolved now (a name that is a number is that uid); `key`:
+/// the setting, for the error (`push.users[1]: no user ...`).
+pub fn uids_of(key: &str, users: &[UserSpec]) -> Result<Vec<u32>, super::ConfigError> {
     users
         .iter()
         .enumerate()
         .map(|(i, u)| match u {
             UserSpec::Uid(n) => Ok(*n),
             UserSpec::Name(n) => n.parse::<u32>().ok().or_else(|| uid_of(n)).ok_or_else(|| {
-                format!("[{i}]: no user `{n}` on this system (give a name or a uid)")
+                super::ConfigError::key(
+                    format!("{key}[{i}]"),
+                    format!("no user `{n}` on this system (give a name or a uid)"),
+                )
             }),
         })
         .collect()

@@ -928,7 +928,7 @@ mod tests {
         let bad = def.replace("address_element='ip'", "address_element='ip='");
         let e = PatternSet::from_files(&[("c.toml".into(), bad)], &["imap".into()], &[])
             .unwrap_err()
-            .0;
+            .to_string();
         assert!(e.starts_with("c.toml: `address_element`"), "{e}");
     }
 
@@ -983,12 +983,14 @@ mod tests {
     #[test]
     fn bad_library_names_the_file() {
         let files = vec![("x.toml".to_string(), "id = \"x\"\n".to_string())];
-        let e = PatternSet::from_files(&files, &[], &[]).unwrap_err().0;
+        let e = PatternSet::from_files(&files, &[], &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("x.toml:"), "{e}");
         let bad = "id='b'\ndovecot='1'\ndescription=''\nservices=['imap']\ndefault=true\npriority=1\nliterals=['x']\nregex='(?P<service>a'\n";
         let e = PatternSet::from_files(&[("b.toml".into(), bad.into())], &[], &[])
             .unwrap_err()
-            .0;
+            .to_string();
         assert!(e.starts_with("b.toml: bad regex"), "{e}");
     }
 }
