@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 mod diag;
+pub mod drac;
 
 /// The embedded default configuration, also installed as `/etc/dovegate/dovegate.toml`.
 pub const DEFAULT_CONFIG: &str = include_str!("../packaging/dovegate.toml");
@@ -105,6 +106,7 @@ pub struct FileConfig {
     pub push: crate::push::PushSection,
     pub policy: crate::policy::PolicySection,
     pub events: crate::events::EventsSection,
+    pub drac: drac::DracSection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -368,6 +370,8 @@ pub struct Settings {
     /// The Postfix policy server (None: off).
     pub policy: Option<crate::policy::PolicySettings>,
     pub events: crate::events::EventsSettings,
+    /// DRAC clients (off while `drac.allow` is empty).
+    pub drac: drac::DracSettings,
 }
 
 /// A configuration problem, always naming the key (or file) at fault.
@@ -755,6 +759,7 @@ impl FileConfig {
             push: crate::push::PushSettings::from_section(&self.push)?,
             policy: crate::policy::PolicySettings::from_section(&self.policy)?,
             events: crate::events::EventsSettings::from_section(&self.events)?,
+            drac: drac::DracSettings::from_section(&self.drac)?,
         })
     }
 }

@@ -130,9 +130,10 @@ impl Effective {
             && journal.is_none()
             && !settings.push.enabled()
             && !settings.events.enabled()
+            && !settings.drac.enabled()
         {
             return Err(Failure::config(
-                "source.logs: no log file to follow, the journal is off (source.journal) and nothing is pushed ([push], [events])",
+                "source.logs: no log file to follow, the journal is off (source.journal) and nothing is pushed ([push], [events], [drac])",
             ));
         }
         Ok(Effective {
@@ -163,6 +164,8 @@ struct Sources {
     _push: crate::push::Push,
     /// Dovecot's event exporter listener; dropped with the generation.
     _events: crate::events::Events,
+    /// The DRAC server; dropped with the generation (removing its rpcbind registration).
+    _drac: crate::drac::Drac,
 }
 
 impl Sources {
@@ -196,6 +199,13 @@ impl Sources {
             crate::events::spawn(&settings.events, tx.clone(), stats)
         }
         .map_err(Failure::runtime)?;
+        let _drac = if dry.is_some_and(|d| d.daemon_running) && settings.drac.enabled() {
+            tracing::warn!("[drac]: a dovegate daemon holds the map; --dry-run leaves DRAC to it and reports logged logins only");
+            Ok(crate::drac::Drac::idle())
+        } else {
+            crate::drac::spawn(&settings.drac, tx.clone(), stats)
+        }
+        .map_err(Failure::runtime)?;
         let mut handles = Vec::new();
         let cutoff = timefmt::now() - i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 2);
         let sink = |name: &str| {
@@ -218,6 +228,9 @@ impl Sources {
         }
         if let Some(l) = &settings.events.listen {
             named.push(format!("Dovecot's events on {l}"));
+        }
+        if settings.drac.enabled() {
+            named.push("DRAC clients".into());
         }
         for (index, path) in settings.logs.iter().enumerate() {
             let mut others = named.clone();
@@ -271,6 +284,7 @@ impl Sources {
             rx,
             _push,
             _events,
+            _drac,
         })
     }
 
