@@ -111,7 +111,10 @@ mod tests {
         assert!(!s.allows("2001:db8::1".parse().unwrap()));
         c.allow = vec!["2001:db8::/32".into()];
         let e = DracSettings::from_section(&c).unwrap_err().0;
-        assert!(e.starts_with("drac.allow[0]: ") && e.contains("IPv4"), "{e}");
+        assert!(
+            e.starts_with("drac.allow[0]: ") && e.contains("IPv4"),
+            "{e}"
+        );
         c.allow = vec!["not-a-net".into()];
         assert!(DracSettings::from_section(&c)
             .unwrap_err()

@@ -162,7 +162,7 @@ async fn forward(mut rx: mpsc::Receiver<SeenLogin>, tx: mpsc::Sender<Batch>) {
 /// How often a registration that holds is checked (rpcbind restarted forgets it).
 const RECHECK: Duration = Duration::from_secs(30);
 /// The longest pause between attempts while registration fails.
-const MAX_RETRY: Duration = Duration::from_secs(30);
+const MAX_RETRY: Duration = Duration::from_secs(10);
 
 /// Keeps DRAC registered with rpcbind for `addrs` (netid, address): registers now, says
 /// loudly when it cannot (and again at a bounded rate while it cannot), retries, and
@@ -177,12 +177,7 @@ async fn keep_registered(socket: PathBuf, addrs: Vec<(&'static str, SocketAddrV4
         let result = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
             let mut changed = false;
             for (netid, addr) in want {
-                let port = rpcbind::uaddr(addr);
-                let port = port.rsplitn(3, '.').take(2).collect::<Vec<_>>();
-                let holds = rpcbind::lookup(&path, netid)?.is_some_and(|a| {
-                    a.rsplitn(3, '.').take(2).collect::<Vec<_>>() == port
-                });
-                if !holds {
+                if !rpcbind::registered(&path, netid, &rpcbind::uaddr(addr))? {
                     rpcbind::register(&path, netid, addr)?;
                     changed = true;
                 }
@@ -194,16 +189,26 @@ async fn keep_registered(socket: PathBuf, addrs: Vec<(&'static str, SocketAddrV4
         match result {
             Ok(changed) => {
                 if failures > 0 {
-                    tracing::info!(failures, "drac: registered with rpcbind ({}) again; DRAC clients can find dovegate", socket.display());
+                    tracing::info!(
+                        failures,
+                        "drac: registered with rpcbind ({}) again; DRAC clients can find dovegate",
+                        socket.display()
+                    );
                 } else if changed && registered {
-                    tracing::warn!("drac: rpcbind had lost DRAC's registration (restarted?); registered again");
+                    tracing::warn!(
+                        "drac: rpcbind had lost DRAC's registration (restarted?); registered again"
+                    );
                 } else if changed {
                     let what = addrs
                         .iter()
                         .map(|(n, a)| format!("{n} {a}"))
                         .collect::<Vec<_>>()
                         .join(", ");
-                    tracing::info!("drac: registered program {} version {} with rpcbind: {what}", rpc::PROGRAM, rpc::VERSION);
+                    tracing::info!(
+                        "drac: registered program {} version {} with rpcbind: {what}",
+                        rpc::PROGRAM,
+                        rpc::VERSION
+                    );
                 }
                 failures = 0;
                 registered = true;
@@ -215,7 +220,11 @@ async fn keep_registered(socket: PathBuf, addrs: Vec<(&'static str, SocketAddrV4
                 if failures == 1 {
                     tracing::error!("drac: cannot register with rpcbind ({}): {e}; DRAC clients cannot find dovegate until it can (is rpcbind running?); retrying", socket.display());
                 } else if let Some(n) = remind.hit() {
-                    tracing::error!(failures = n, "drac: still cannot register with rpcbind ({}): {e}; retrying", socket.display());
+                    tracing::error!(
+                        failures = n,
+                        "drac: still cannot register with rpcbind ({}): {e}; retrying",
+                        socket.display()
+                    );
                 }
                 registered = false;
                 tokio::time::sleep(pause).await;

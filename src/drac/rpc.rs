@@ -235,7 +235,10 @@ mod tests {
     #[test]
     fn refusals() {
         let r = |m: &[u8]| parse(m).call.unwrap_err();
-        assert_eq!(r(&call(1, PROGRAM, 2, PROC_ADD, &[0; 16])), Refusal::ProgMismatch);
+        assert_eq!(
+            r(&call(1, PROGRAM, 2, PROC_ADD, &[0; 16])),
+            Refusal::ProgMismatch
+        );
         assert_eq!(r(&call(1, 100000, 2, 0, &[])), Refusal::ProgUnavail);
         assert_eq!(r(&call(1, PROGRAM, 1, 2, &[])), Refusal::ProcUnavail);
         assert_eq!(r(&call(1, PROGRAM, 1, 1, &[1, 2, 3])), Refusal::GarbageArgs);

@@ -19,14 +19,14 @@ use super::rpc;
 pub const SOCKET: &str = "/run/rpcbind.sock";
 /// How long one exchange with rpcbind may take.
 const TIMEOUT: Duration = Duration::from_secs(2);
-/// The longest reply read from rpcbind.
-const MAX_REPLY: usize = 4096;
+/// The longest reply read from rpcbind (its whole list, on a busy NFS server a few KiB).
+const MAX_REPLY: usize = 256 * 1024;
 
 const RPCBPROG: u32 = 100_000;
 const RPCBVERS4: u32 = 4;
 const RPCBPROC_SET: u32 = 1;
 const RPCBPROC_UNSET: u32 = 2;
-const RPCBPROC_GETADDR: u32 = 3;
+const RPCBPROC_DUMP: u32 = 4;
 
 /// The transports DRAC is registered for.
 pub const NETIDS: [&str; 2] = ["udp", "tcp"];
@@ -63,7 +63,9 @@ fn exchange(socket: &Path, xid: u32, proc: u32, args: &[u8]) -> io::Result<Vec<u
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
     let call = rpc::call(xid, RPCBPROG, RPCBVERS4, proc, args);
-    let mut msg = (rpc::LAST_FRAGMENT | call.len() as u32).to_be_bytes().to_vec();
+    let mut msg = (rpc::LAST_FRAGMENT | call.len() as u32)
+        .to_be_bytes()
+        .to_vec();
     msg.extend_from_slice(&call);
     s.write_all(&msg)?;
     let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
@@ -137,17 +139,37 @@ pub fn unregister(socket: &Path, netid: &str) -> io::Result<bool> {
     )?))
 }
 
-/// The address rpcbind gives clients for `netid` (None: not registered).
-pub fn lookup(socket: &Path, netid: &str) -> io::Result<Option<String>> {
-    let r = exchange(socket, xid(), RPCBPROC_GETADDR, &rpcb(netid, ""))?;
-    let len = r
-        .get(..4)
-        .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]) as usize)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short GETADDR reply"))?;
-    let text = r
-        .get(4..4 + len)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short GETADDR reply"))?;
-    Ok((!text.is_empty()).then(|| String::from_utf8_lossy(text).into_owned()))
+/// Whether rpcbind's list (DUMP) has DRAC registered for `netid` at exactly `uaddr`.
+/// (GETADDR would not do: over the unix socket it answers for the `local` transport.)
+pub fn registered(socket: &Path, netid: &str, uaddr: &str) -> io::Result<bool> {
+    let r = exchange(socket, xid(), RPCBPROC_DUMP, &[])?;
+    Ok(dump(&r)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed DUMP reply"))?
+        .iter()
+        .any(|e| e.0 == rpc::PROGRAM && e.1 == rpc::VERSION && e.2 == netid && e.3 == uaddr))
+}
+
+/// rpcbind's list: (program, version, netid, address) of each entry.
+fn dump(mut r: &[u8]) -> Option<Vec<(u32, u32, String, String)>> {
+    fn word(r: &mut &[u8]) -> Option<u32> {
+        let (w, rest) = r.split_first_chunk::<4>()?;
+        *r = rest;
+        Some(u32::from_be_bytes(*w))
+    }
+    fn text(r: &mut &[u8]) -> Option<String> {
+        let len = word(r)? as usize;
+        let bytes = r.get(..len)?;
+        let s = String::from_utf8_lossy(bytes).into_owned();
+        *r = r.get(len.div_ceil(4) * 4..)?;
+        Some(s)
+    }
+    let mut out = Vec::new();
+    while word(&mut r)? == 1 {
+        let (prog, vers) = (word(&mut r)?, word(&mut r)?);
+        let (netid, addr, _owner) = (text(&mut r)?, text(&mut r)?, text(&mut r)?);
+        out.push((prog, vers, netid, addr));
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -162,5 +184,13 @@ mod tests {
         assert_eq!(a.len(), 8 + 8 + 16 + 12);
         assert_eq!(&a[..8], &[0, 0x0d, 0xbc, 0x05, 0, 0, 0, 1]);
         assert_eq!(&a[8..16], &[0, 0, 0, 3, b'u', b'd', b'p', 0]);
+        let mut list = vec![0, 0, 0, 1];
+        list.extend_from_slice(&a);
+        list.extend_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(
+            dump(&list),
+            Some(vec![(rpc::PROGRAM, 1, "udp".into(), "0.0.0.0.8.1".into())])
+        );
+        assert_eq!(dump(&list[..20]), None);
     }
 }

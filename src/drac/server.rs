@@ -127,7 +127,10 @@ pub(crate) enum Record {
     Incomplete,
     Malformed,
     /// The fragments' bodies joined, and the bytes of `buf` they took.
-    Whole { body: Vec<u8>, used: usize },
+    Whole {
+        body: Vec<u8>,
+        used: usize,
+    },
 }
 
 /// Fragments in one record at most (a client sends one; empty fragments must not let a
@@ -162,7 +165,9 @@ pub(crate) fn record(buf: &[u8]) -> Record {
 
 /// A reply as one last fragment.
 fn marked(reply: &[u8]) -> Vec<u8> {
-    let mut out = (rpc::LAST_FRAGMENT | reply.len() as u32).to_be_bytes().to_vec();
+    let mut out = (rpc::LAST_FRAGMENT | reply.len() as u32)
+        .to_be_bytes()
+        .to_vec();
     out.extend_from_slice(reply);
     out
 }
