@@ -14,7 +14,7 @@
 
 pub mod rpc;
 pub mod rpcbind;
-mod server;
+pub mod server;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;

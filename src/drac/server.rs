@@ -123,7 +123,7 @@ impl Handler for Tcp {
 
 /// One record of TCP record marking (RFC 5531 section 11).
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Record {
+pub enum Record {
     Incomplete,
     Malformed,
     /// The fragments' bodies joined, and the bytes of `buf` they took.
@@ -139,7 +139,7 @@ const MAX_FRAGMENTS: usize = 16;
 
 /// The first record in `buf`: fragments until the last, at most `rpc::MAX_MESSAGE` bytes
 /// of body and `MAX_FRAGMENTS` fragments in all.
-pub(crate) fn record(buf: &[u8]) -> Record {
+pub fn record(buf: &[u8]) -> Record {
     let mut body = Vec::new();
     let mut at = 0usize;
     for _ in 0..MAX_FRAGMENTS {
