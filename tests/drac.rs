@@ -380,7 +380,8 @@ fn registration_fails_loudly_then_succeeds_once_rpcbind_runs() {
     let tmp = tempdir();
     let dir = tmp.path();
     let mut ns = Netns::new(dir);
-    let d = ns.dovegate(dir, &config(dir));
+    let cfg = config(dir);
+    let d = ns.dovegate(dir, &cfg);
     wait_for("the failure said", PATIENCE, || {
         d.log().contains("drac: cannot register with rpcbind")
     });
@@ -398,4 +399,22 @@ fn registration_fails_loudly_then_succeeds_once_rpcbind_runs() {
     });
     let (code, out) = ns.dracauth(ALLOWED, "203.0.113.20", "udp");
     assert_eq!(code, 0, "{out}");
+
+    // A reload that drops [drac] (a log file is followed instead) removes the
+    // registration while the daemon runs on.
+    let log = dir.join("mail.log");
+    std::fs::write(&log, "").unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.split("[drac]").next().unwrap().replace(
+        "logs = []",
+        &format!("logs = [\"{}\"]", log.display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    signal(d.child.id(), libc::SIGHUP);
+    wait_for("the reload", PATIENCE, || d.log().contains("configuration reloaded"));
+    wait_for("the registration removed", PATIENCE, || {
+        ns.drac_lines().is_empty()
+    });
+    let (code, _) = ns.dracauth(ALLOWED, "203.0.113.21", "udp");
+    assert_eq!(code, 10, "no DRAC server registered any more");
 }
