@@ -12,11 +12,45 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::dovecot::{expiry, now, support, Down};
 use common::*;
 
 /// An address of the namespace's loopback inside `drac.allow`, and one outside.
 const ALLOWED: &str = "192.0.2.1";
 const OUTSIDE: &str = "198.51.100.1";
+/// Mail clients' addresses (on the namespace's loopback too), for the Dovecot plugin test.
+const IMAP_CLIENT: &str = "203.0.113.50";
+const POP3_CLIENT: &str = "203.0.113.51";
+
+/// Compiles the vendored sources into `dir`: rpcgen's stubs from drac.x, then gcc with
+/// `args` (the output and extra sources and flags).
+fn build(dir: &Path, args: &[&str]) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drac");
+    for f in ["drac.x", "dracauth.c", "drac-plugin.c"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let run = |cmd: &mut Command| {
+        let out = cmd.current_dir(dir).output().expect("run the build");
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    for (flag, file) in [
+        ("-h", "drac.h"),
+        ("-l", "drac_clnt.c"),
+        ("-c", "drac_xdr.c"),
+    ] {
+        let out = run(Command::new("rpcgen").args([flag, "drac.x"]));
+        std::fs::write(dir.join(file), out.stdout).unwrap();
+    }
+    run(Command::new("gcc")
+        .args(["-O1", "-I/usr/include/tirpc"])
+        .args(args)
+        .args(["drac_clnt.c", "drac_xdr.c", "-ltirpc"]));
+}
 
 /// The test client, built once per test process from tests/drac/.
 fn client() -> PathBuf {
@@ -30,37 +64,7 @@ fn client() -> PathBuf {
             ));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drac");
-            for f in ["drac.x", "dracauth.c"] {
-                std::fs::copy(src.join(f), dir.join(f)).unwrap();
-            }
-            let run = |cmd: &mut Command| {
-                let out = cmd.current_dir(&dir).output().expect("run the build");
-                assert!(
-                    out.status.success(),
-                    "{cmd:?}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                out
-            };
-            for (flag, file) in [
-                ("-h", "drac.h"),
-                ("-l", "drac_clnt.c"),
-                ("-c", "drac_xdr.c"),
-            ] {
-                let out = run(Command::new("rpcgen").args([flag, "drac.x"]));
-                std::fs::write(dir.join(file), out.stdout).unwrap();
-            }
-            run(Command::new("gcc").args([
-                "-O1",
-                "-I/usr/include/tirpc",
-                "-o",
-                "dracauth",
-                "dracauth.c",
-                "drac_clnt.c",
-                "drac_xdr.c",
-                "-ltirpc",
-            ]));
+            build(&dir, &["-o", "dracauth", "dracauth.c"]);
             dir.join("dracauth")
         })
         .clone()
@@ -79,7 +83,8 @@ impl Netns {
             .args(["--net", "--mount", "--propagation", "private", "sh", "-c"])
             .arg(format!(
                 "mount -t tmpfs tmpfs /run && ip link set lo up && \
-                 ip addr add {ALLOWED}/32 dev lo && ip addr add {OUTSIDE}/32 dev lo && \
+                 for a in {ALLOWED} {OUTSIDE} {IMAP_CLIENT} {POP3_CLIENT}; do \
+                 ip addr add $a/32 dev lo; done && \
                  touch {} && exec sleep 600",
                 ready.display()
             ))
@@ -205,24 +210,6 @@ fn config(dir: &Path) -> PathBuf {
     )
     .unwrap();
     cfg
-}
-
-/// The expiry of `ip`'s grant, as `OK expires=2026-...Z` says it, in Unix seconds.
-fn expiry(map: &Path, ip: &str) -> Option<i64> {
-    let v = postmap_q(map, ip)?;
-    let t = v.strip_prefix("OK expires=")?;
-    let out = Command::new("date")
-        .args(["-u", "-d", t, "+%s"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 #[test]
@@ -405,16 +392,138 @@ fn registration_fails_loudly_then_succeeds_once_rpcbind_runs() {
     let log = dir.join("mail.log");
     std::fs::write(&log, "").unwrap();
     let text = std::fs::read_to_string(&cfg).unwrap();
-    let text = text.split("[drac]").next().unwrap().replace(
-        "logs = []",
-        &format!("logs = [\"{}\"]", log.display()),
-    );
+    let text = text
+        .split("[drac]")
+        .next()
+        .unwrap()
+        .replace("logs = []", &format!("logs = [\"{}\"]", log.display()));
     std::fs::write(&cfg, text).unwrap();
     signal(d.child.id(), libc::SIGHUP);
-    wait_for("the reload", PATIENCE, || d.log().contains("configuration reloaded"));
+    wait_for("the reload", PATIENCE, || {
+        d.log().contains("configuration reloaded")
+    });
     wait_for("the registration removed", PATIENCE, || {
         ns.drac_lines().is_empty()
     });
     let (code, _) = ns.dracauth(ALLOWED, "203.0.113.21", "udp");
     assert_eq!(code, 10, "no DRAC server registered any more");
+}
+
+/// IMAP and POP3 logins from `client` (bound on the namespace's loopback) to the
+/// Dovecot listening on 127.0.0.1:`port` inside the namespace.
+const LOGIN: &str = r#"
+import socket, sys
+kind, client, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(client, 0))
+f = s.makefile("rwb")
+def say(line):
+    f.write(line + b"\r\n"); f.flush()
+def until(prefix):
+    while True:
+        l = f.readline()
+        if not l: sys.exit("closed before " + prefix.decode())
+        if l.startswith(prefix): return l
+f.readline()
+if kind == "imap":
+    say(b"a LOGIN alice alice-pass"); l = until(b"a ")
+    ok = l.startswith(b"a OK")
+    say(b"b LOGOUT"); until(b"b ")
+else:
+    say(b"USER alice"); f.readline()
+    say(b"PASS alice-pass"); l = f.readline()
+    ok = l.startswith(b"+OK")
+    say(b"QUIT"); f.readline()
+sys.exit(0 if ok else "login failed: " + l.decode())
+"#;
+
+#[test]
+fn dovecot_with_a_drac_plugin_grants_imap_and_pop3_logins() {
+    if !have_tools() {
+        return;
+    }
+    if !Path::new("/usr/include/dovecot/mail-user.h").exists()
+        || !Path::new("/usr/sbin/dovecot").exists()
+    {
+        eprintln!("skipped: needs dovecot-core and dovecot-dev (scripts/deps test)");
+        return;
+    }
+    let tmp = tempdir();
+    let dir = tmp.path();
+    // The plugin, as Dovecot loads it (lib<N>_<name>_plugin.so in mail_plugin_dir).
+    let modules = dir.join("modules");
+    std::fs::create_dir_all(&modules).unwrap();
+    set_mode(&modules, 0o755);
+    build(
+        &modules,
+        &[
+            "-shared",
+            "-fPIC",
+            "-DHAVE_CONFIG_H",
+            "-DDRACAUTH_NO_MAIN",
+            "-I/usr/include/dovecot",
+            "-o",
+            "lib90_drac_plugin.so",
+            "drac-plugin.c",
+            "dracauth.c",
+        ],
+    );
+    let map = dir.join("relay");
+    let mut ns = Netns::new(dir);
+    ns.start_rpcbind();
+    let d = ns.dovegate(dir, &config(dir));
+    wait_for("DRAC registered with rpcbind", PATIENCE, || {
+        ns.drac_lines().len() == 2
+    });
+    let dv = dir.join("dv");
+    std::fs::create_dir_all(&dv).unwrap();
+    let dv = dv.display().to_string();
+    let _down = Down::dovecot(&dv);
+    let extra = format!(
+        "mail_plugin_dir = {}\nmail_plugins = $mail_plugins drac\nplugin {{\n  dracdserver = {ALLOWED}\n}}",
+        modules.display()
+    );
+    let out = ns
+        .cmd(support("dovecot.sh").to_str().unwrap())
+        .args(["up", &dv, "file", "10143"])
+        .env("DG_EXTRA_CONF", &extra)
+        .output()
+        .expect("dovecot.sh up");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = now();
+    for (kind, client, port) in [
+        ("imap", IMAP_CLIENT, "10143"),
+        ("pop3", POP3_CLIENT, "10145"),
+    ] {
+        let out = ns
+            .cmd("python3")
+            .args(["-c", LOGIN, kind, client, port])
+            .output()
+            .expect("login");
+        assert!(
+            out.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_for(&format!("the {kind} client granted"), PATIENCE, || {
+            postmap_q(&map, client).is_some()
+        });
+        let exp = expiry(&map, client).unwrap();
+        assert!((before + 600..=now() + 600).contains(&exp), "{kind}: {exp}");
+    }
+    let log = std::fs::read_to_string(format!("{dv}/dovecot.log")).unwrap_or_default();
+    assert!(
+        log.contains(&format!("drac: {IMAP_CLIENT} added on {ALLOWED}")),
+        "{log}"
+    );
+    wait_for("the audit lines", PATIENCE, || {
+        d.log()
+            .lines()
+            .filter(|l| l.contains(&format!("source=drac:{ALLOWED}")))
+            .count()
+            == 2
+    });
 }

@@ -6,7 +6,8 @@
  *     dracauth SERVER ADDRESS [udp|tcp]
  *
  * Exit status: the server's addstat (0 ADD_SUCCESS, 1 ADD_PERM, 2 ADD_SYSERR, 3 other),
- * 10 when the RPC itself failed. Written for dovegate (MIT, see the repository's license);
+ * 10 when the RPC itself failed. Built with -DDRACAUTH_NO_MAIN, it is the library the
+ * Dovecot plugin (drac-plugin.c) links. Written for dovegate (MIT, see the repository's license);
  * built at test time with rpcgen's stubs from drac.x against libtirpc.
  */
 #include <stdio.h>
@@ -61,6 +62,7 @@ dracauth(char *server, unsigned long userip, char **errmsg)
 	return status;
 }
 
+#ifndef DRACAUTH_NO_MAIN
 int
 main(int argc, char **argv)
 {
@@ -80,3 +82,4 @@ main(int argc, char **argv)
 		return 10;
 	return r > 3 ? 3 : r;
 }
+#endif

@@ -14,7 +14,8 @@ use dovegate::drac::server::{record, Record};
 use dovegate::drac::{decide, rpc, Decision};
 
 fn word(m: &[u8], i: usize) -> Option<u32> {
-    m.get(i..i + 4).map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
+    m.get(i..i + 4)
+        .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
 }
 
 /// The argument of a well-formed ADD, read independently of `rpc::parse`.
@@ -22,7 +23,13 @@ fn well_formed_add(m: &[u8]) -> Option<Ipv4Addr> {
     if m.len() > rpc::MAX_MESSAGE {
         return None;
     }
-    let head = [word(m, 4)?, word(m, 8)?, word(m, 12)?, word(m, 16)?, word(m, 20)?];
+    let head = [
+        word(m, 4)?,
+        word(m, 8)?,
+        word(m, 12)?,
+        word(m, 16)?,
+        word(m, 20)?,
+    ];
     if head != [0, 2, rpc::PROGRAM, rpc::VERSION, rpc::PROC_ADD] {
         return None;
     }
@@ -75,7 +82,10 @@ pub fn check(data: &[u8]) {
             assert_eq!(reply, rpc::success(xid.unwrap(), Some(rpc::AddStat::Perm)));
         }
         Decision::Reply(reply) => {
-            assert!(add.is_none(), "a well-formed add answered without a decision");
+            assert!(
+                add.is_none(),
+                "a well-formed add answered without a decision"
+            );
             assert_eq!(word(&reply, 0), xid, "a reply to another xid");
             assert_eq!(word(&reply, 4), Some(1));
             assert_eq!(word(&msg, 4), Some(0), "a non-call answered");
