@@ -239,6 +239,22 @@ fn dracauth_clients_over_udp_and_tcp_with_rpcbind() {
     assert!(d
         .log()
         .contains("registered program 900101 version 1 with rpcbind"));
+    // `dovegate status` says what rpcbind tells clients.
+    let cfg = dir.join("dovegate.toml").display().to_string();
+    let status = ns
+        .cmd(bin())
+        .args(["status", "--config", &cfg])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    let p: u16 = port.parse().unwrap();
+    let uaddr = format!("0.0.0.0.{}.{}", p >> 8, p & 0xff);
+    assert!(
+        status.contains(&format!(
+            "drac: clients 192.0.2.0/24; registered with rpcbind: udp {uaddr}, tcp {uaddr}"
+        )),
+        "{status}"
+    );
 
     // An allowed client over UDP (dracauth's own transport): ADD_SUCCESS, and the grant
     // with the ttl's expiry.

@@ -44,8 +44,11 @@ const BATCH: usize = 256;
 pub enum Decision {
     /// No answer (not a call, or too short or long to be one).
     Ignore,
-    /// An RPC error, or the answer to a NULL call.
+    /// The answer to a NULL call.
     Reply(Vec<u8>),
+    /// An RPC error (another program, version or procedure, malformed arguments or
+    /// credentials): nothing granted.
+    Error(Vec<u8>),
     /// An ADD from a peer outside `drac.allow`: this `ADD_PERM` reply, nothing granted.
     Denied(Vec<u8>),
     /// A well-formed ADD from an allowed peer: grant `ip` (answered once queued).
@@ -59,7 +62,7 @@ pub fn decide(msg: &[u8], peer: IpAddr, settings: &DracSettings) -> Decision {
         return Decision::Ignore;
     };
     match parsed.call {
-        Err(why) => rpc::refusal(Some(xid), why).map_or(Decision::Ignore, Decision::Reply),
+        Err(why) => rpc::refusal(Some(xid), why).map_or(Decision::Ignore, Decision::Error),
         Ok(rpc::Call::Null) => Decision::Reply(rpc::success(xid, None)),
         Ok(rpc::Call::Add(ip)) if settings.allows(peer) => Decision::Add { xid, ip },
         Ok(rpc::Call::Add(_)) => Decision::Denied(rpc::success(xid, Some(rpc::AddStat::Perm))),
@@ -89,14 +92,12 @@ impl Intake {
                 ));
                 None
             }
-            Decision::Reply(r) => {
-                if r.len() != 24 {
-                    // Not the empty NULL success: an RPC error.
-                    self.stats.invalid_ip.fetch_add(1, Ordering::Relaxed);
-                    self.invalid.warn(&format!(
-                        "drac: a call from {peer} that is not a DRAC add; answered with an RPC error, nothing granted"
-                    ));
-                }
+            Decision::Reply(r) => Some(r),
+            Decision::Error(r) => {
+                self.stats.invalid_ip.fetch_add(1, Ordering::Relaxed);
+                self.invalid.warn(&format!(
+                    "drac: a call from {peer} that is not a DRAC add; answered with an RPC error, nothing granted"
+                ));
                 Some(r)
             }
             Decision::Denied(r) => {
@@ -357,6 +358,8 @@ mod tests {
         assert!(matches!(decide(&add, outside, &s), Decision::Denied(_)));
         let null = rpc::call(4, rpc::PROGRAM, 1, 0, &[]);
         assert!(matches!(decide(&null, outside, &s), Decision::Reply(_)));
+        let v2 = rpc::call(5, rpc::PROGRAM, 2, 1, &[0; 16]);
+        assert!(matches!(decide(&v2, inside, &s), Decision::Error(_)));
         assert_eq!(decide(b"junk", inside, &s), Decision::Ignore);
     }
 

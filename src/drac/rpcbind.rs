@@ -142,11 +142,20 @@ pub fn unregister(socket: &Path, netid: &str) -> io::Result<bool> {
 /// Whether rpcbind's list (DUMP) has DRAC registered for `netid` at exactly `uaddr`.
 /// (GETADDR would not do: over the unix socket it answers for the `local` transport.)
 pub fn registered(socket: &Path, netid: &str, uaddr: &str) -> io::Result<bool> {
+    Ok(registrations(socket)?
+        .iter()
+        .any(|(n, a)| n == netid && a == uaddr))
+}
+
+/// DRAC's registrations in rpcbind's list: (netid, universal address) of each.
+pub fn registrations(socket: &Path) -> io::Result<Vec<(String, String)>> {
     let r = exchange(socket, xid(), RPCBPROC_DUMP, &[])?;
     Ok(dump(&r)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed DUMP reply"))?
-        .iter()
-        .any(|e| e.0 == rpc::PROGRAM && e.1 == rpc::VERSION && e.2 == netid && e.3 == uaddr))
+        .into_iter()
+        .filter(|e| e.0 == rpc::PROGRAM && e.1 == rpc::VERSION)
+        .map(|e| (e.2, e.3))
+        .collect())
 }
 
 /// rpcbind's list: (program, version, netid, address) of each entry.
