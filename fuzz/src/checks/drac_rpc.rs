@@ -82,6 +82,11 @@ pub fn check(data: &[u8]) {
             assert_eq!(reply, rpc::success(xid.unwrap(), Some(rpc::AddStat::Perm)));
         }
         Decision::Reply(reply) => {
+            // NULL: an empty success.
+            assert_eq!(reply, rpc::success(xid.unwrap(), None));
+            assert_eq!(word(&msg, 20), Some(0));
+        }
+        Decision::Error(reply) => {
             assert!(
                 add.is_none(),
                 "a well-formed add answered without a decision"
