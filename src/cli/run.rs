@@ -199,8 +199,10 @@ impl Sources {
             crate::events::spawn(&settings.events, tx.clone(), stats)
         }
         .map_err(Failure::runtime)?;
-        let _drac = if dry.is_some_and(|d| d.daemon_running) && settings.drac.enabled() {
-            tracing::warn!("[drac]: a dovegate daemon holds the map; --dry-run leaves DRAC to it and reports logged logins only");
+        let _drac = if dry.is_some() && settings.drac.enabled() {
+            // Serving would answer clients and take rpcbind's registration from the
+            // server in place (rpc.dracd beside which a dry run is meant to run).
+            tracing::warn!("[drac]: --dry-run does not serve DRAC clients (it would take rpcbind's registration from the DRAC server in place); their adds are not reported");
             Ok(crate::drac::Drac::idle())
         } else {
             crate::drac::spawn(&settings.drac, tx.clone(), stats)

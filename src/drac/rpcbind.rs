@@ -122,7 +122,7 @@ pub fn register(socket: &Path, netid: &str, addr: SocketAddrV4) -> io::Result<()
         Ok(())
     } else {
         Err(io::Error::other(format!(
-            "rpcbind refused to register program {} version {} over {netid} (another user registered it)",
+            "rpcbind refused to register program {} version {} over {netid}: another user's program holds it (is rpc.dracd still running? stop it)",
             rpc::PROGRAM,
             rpc::VERSION
         )))
