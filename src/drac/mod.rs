@@ -256,16 +256,33 @@ impl Drop for Drac {
         // The servers and the registration task first: nothing registers after the UNSET.
         drop(self.background.take());
         if let Some(socket) = self.rpcbind.take() {
+            let mut removed = true;
             for netid in rpcbind::NETIDS {
                 match rpcbind::unregister(&socket, netid) {
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(
-                        "drac: cannot remove the {netid} registration from rpcbind ({}): {e}",
-                        socket.display()
-                    ),
+                    // No rpcbind: nothing of ours is registered (already said at start).
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                        ) =>
+                    {
+                        removed = false
+                    }
+                    Err(e) => {
+                        removed = false;
+                        tracing::warn!(
+                            "drac: cannot remove the {netid} registration from rpcbind ({}): {e}",
+                            socket.display()
+                        )
+                    }
                 }
             }
-            tracing::info!("drac: stopped; registration removed from rpcbind");
+            if removed {
+                tracing::info!("drac: stopped; registration removed from rpcbind");
+            } else {
+                tracing::info!("drac: stopped");
+            }
         }
     }
 }
