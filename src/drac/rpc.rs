@@ -7,7 +7,9 @@
 //!
 //! Hand-written rather than a crate: the messages are a dozen 4-byte words, every length
 //! is checked against the bytes present, and the fuzz target `drac_rpc` holds the parser
-//! to that.
+//! to that. (The `onc-rpc` crate parses whole messages too, but refuses a call of another
+//! RPC version without its xid, which the `RPC_MISMATCH` reply needs, and brings `bytes`
+//! and `byteorder` for what is here a few lines.)
 
 use std::net::Ipv4Addr;
 
