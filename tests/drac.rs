@@ -366,6 +366,15 @@ fn dracauth_clients_over_udp_and_tcp_with_rpcbind() {
         "only the allowed adds"
     );
 
+    // A reload keeps the port (drac.port = 0: the previous one is taken again).
+    signal(d.child.id(), libc::SIGHUP);
+    wait_for("the reload", PATIENCE, || {
+        d.log().contains("configuration reloaded")
+    });
+    wait_for("registered again", PATIENCE, || ns.drac_lines() == lines);
+    let (code, out) = ns.dracauth(ALLOWED, "203.0.113.14", "tcp");
+    assert_eq!(code, 0, "{out}");
+
     // Stopped: the registration is gone.
     assert_eq!(d.stop(), Some(0), "{}", d.log());
     assert!(ns.drac_lines().is_empty(), "{:?}", ns.drac_lines());

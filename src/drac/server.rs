@@ -5,6 +5,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,9 @@ use crate::config::drac::DracSettings;
 use crate::net::requests::{self, Framed, Limits};
 use crate::net::{self, Conn, Handler, Listen, Peer, Server, Spec, Stream};
 use crate::telemetry::ratelimit::SharedLimit;
+
+/// The UDP port the last generation bound (0: none yet), for `drac.port = 0`.
+static LAST_PORT: AtomicU16 = AtomicU16::new(0);
 
 /// TCP connections served at once (DRAC clients call once and close).
 const MAX_CONNECTIONS: usize = 64;
@@ -29,7 +33,18 @@ pub(super) async fn bind(
     settings: &DracSettings,
     intake: Arc<Intake>,
 ) -> io::Result<((SocketAddrV4, SocketAddrV4), Vec<Server>)> {
-    let udp = UdpSocket::bind(SocketAddrV4::new(settings.listen, settings.port)).await?;
+    // Port 0: the port of the previous generation first, so that a reload keeps it (a
+    // firewall rule written for it, clients holding it from rpcbind stay right).
+    let last = LAST_PORT.load(Ordering::Relaxed);
+    let udp = match (settings.port, last) {
+        (0, last) if last != 0 => {
+            match UdpSocket::bind(SocketAddrV4::new(settings.listen, last)).await {
+                Ok(s) => s,
+                Err(_) => UdpSocket::bind(SocketAddrV4::new(settings.listen, 0)).await?,
+            }
+        }
+        (port, _) => UdpSocket::bind(SocketAddrV4::new(settings.listen, port)).await?,
+    };
     let udp_addr = match udp.local_addr()? {
         SocketAddr::V4(a) => a,
         SocketAddr::V6(_) => return Err(io::Error::other("the UDP socket is not IPv4")),
@@ -58,6 +73,7 @@ pub(super) async fn bind(
         Listen::Inet(SocketAddr::V4(a)) => *a,
         other => return Err(io::Error::other(format!("TCP bound {other}"))),
     };
+    LAST_PORT.store(udp_addr.port(), Ordering::Relaxed);
     tokio::spawn(serve_udp(udp, intake));
     Ok(((udp_addr, tcp_addr), vec![tcp]))
 }
