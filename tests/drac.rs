@@ -1,7 +1,9 @@
 //! DRAC clients (`[drac]`, issue 24): a real `dracauth()` client (tests/drac/, built with
 //! rpcgen and gcc against libtirpc) finds dovegate through a real rpcbind and adds
 //! addresses over UDP and TCP, as POP/IMAP servers with a DRAC patch or plugin did with
-//! rpc.dracd. rpcbind, dovegate and the clients run in a private network and mount
+//! rpc.dracd; and a real Dovecot 2.3 loading a DRAC plugin (tests/drac/drac-plugin.c,
+//! built against dovecot-dev) does so for IMAP and POP3 logins. rpcbind, dovegate,
+//! Dovecot and the clients run in a private network and mount
 //! namespace (loopback with two extra addresses, a tmpfs over /run for rpcbind's socket),
 //! so the host's rpcbind, if any, is never touched. Root only (namespaces); every process
 //! started is stopped by a guard, also when an assertion fails.
