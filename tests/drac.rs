@@ -4,7 +4,7 @@
 //! rpc.dracd; and a real Dovecot 2.3 loading a DRAC plugin (tests/drac/drac-plugin.c,
 //! built against dovecot-dev) does so for IMAP and POP3 logins. rpcbind, dovegate,
 //! Dovecot and the clients run in a private network and mount
-//! namespace (loopback with two extra addresses, a tmpfs over /run for rpcbind's socket),
+//! namespace (loopback with the clients' addresses added, a tmpfs over /run for rpcbind's socket),
 //! so the host's rpcbind, if any, is never touched. Root only (namespaces); every process
 //! started is stopped by a guard, also when an assertion fails.
 
