@@ -3,10 +3,10 @@
 //! addresses over UDP and TCP, as POP/IMAP servers with a DRAC patch or plugin did with
 //! rpc.dracd; and a real Dovecot 2.3 loading a DRAC plugin (tests/drac/drac-plugin.c,
 //! built against dovecot-dev) does so for IMAP and POP3 logins. rpcbind, dovegate,
-//! Dovecot and the clients run in a private network and mount
-//! namespace (loopback with the clients' addresses added, a tmpfs over /run for rpcbind's socket),
-//! so the host's rpcbind, if any, is never touched. Root only (namespaces); every process
-//! started is stopped by a guard, also when an assertion fails.
+//! Dovecot and the clients run in a private network and mount namespace (loopback with the
+//! clients' addresses added, a tmpfs over /run for rpcbind's socket), so the host's
+//! rpcbind, if any, is never touched. Root only (namespaces); every process started is
+//! stopped by a guard, also when an assertion fails.
 
 mod common;
 
