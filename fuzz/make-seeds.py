@@ -163,3 +163,25 @@ for extra in [b'[grant]\nttl = "30m"\nsession_hold = "12h"\nexclude = ["10.0.0.0
               b'[serve]\nsocketmap = "unix:/run/dovegate/socketmap"\n',
               b'[grant]\ntll = "5m"\n']:
     put("config", extra)
+
+# drac_rpc: first byte: bit 0 the peer is allowed, bit 1 TCP (record-marked); then a call.
+def drac_call(xid, prog=900101, vers=1, proc=1, args=bytes([203, 0, 113, 9]), cred=b""):
+    pad = cred + b"\0" * (-len(cred) % 4)
+    return (struct.pack(">IIIIII", xid, 0, 2, prog, vers, proc) + struct.pack(">II", 1 if cred else 0, len(cred)) + pad
+            + struct.pack(">II", 0, 0) + args)
+
+
+def marked(msg, last=True):
+    return struct.pack(">I", (0x80000000 if last else 0) | len(msg)) + msg
+
+
+for peer in (0, 1):
+    put("drac_rpc", bytes([peer]) + drac_call(1))
+    put("drac_rpc", bytes([peer | 2]) + marked(drac_call(2)))
+put("drac_rpc", b"\1" + drac_call(3, cred=bytes(24)))
+put("drac_rpc", b"\1" + drac_call(4, proc=0, args=b""))
+put("drac_rpc", b"\1" + drac_call(5, vers=2, args=bytes(16)))
+put("drac_rpc", b"\1" + drac_call(6, args=b"\1\2"))
+put("drac_rpc", b"\3" + marked(drac_call(7)[:20], last=False) + marked(drac_call(7)[20:]))
+put("drac_rpc", b"\1" + struct.pack(">II", 8, 1) + drac_call(8)[8:])
+put("drac_rpc", b"\1GET / HTTP/1.0\r\n\r\n")

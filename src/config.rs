@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 mod diag;
+pub mod drac;
 pub mod events;
 pub mod journal;
 pub mod listen;
@@ -112,6 +113,7 @@ pub struct FileConfig {
     pub push: push::PushSection,
     pub policy: policy::PolicySection,
     pub events: events::EventsSection,
+    pub drac: drac::DracSection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -375,6 +377,8 @@ pub struct Settings {
     /// The Postfix policy server (None: off).
     pub policy: Option<policy::PolicySettings>,
     pub events: events::EventsSettings,
+    /// DRAC clients (off while `drac.allow` is empty).
+    pub drac: drac::DracSettings,
 }
 
 /// A configuration problem: the key at fault (`grant.ttl`, `push.users[1]`; empty when
@@ -802,6 +806,7 @@ impl FileConfig {
             push: push::PushSettings::from_section(&self.push)?,
             policy: policy::PolicySettings::from_section(&self.policy)?,
             events: events::EventsSettings::from_section(&self.events)?,
+            drac: drac::DracSettings::from_section(&self.drac)?,
         })
     }
 }

@@ -9,6 +9,7 @@
 pub mod blocks;
 pub mod cli;
 pub mod config;
+pub mod drac;
 pub mod engine;
 pub mod events;
 pub mod fleet;

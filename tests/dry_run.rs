@@ -170,3 +170,30 @@ fn push_reported_alone_and_left_to_a_daemon() {
     });
     assert_eq!(dry.stop(), Some(0), "{}", dry.log());
 }
+
+/// `[drac]` is never served by a dry run: it would answer DRAC clients and take
+/// rpcbind's registration from the rpc.dracd it runs beside.
+#[test]
+fn drac_left_to_the_server_in_place() {
+    let dir = tempdir();
+    let log = dir.path().join("mail.log");
+    append(&log, "");
+    let conf = dir.path().join("dovegate.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[source]\nlogs = [{:?}]\n[drac]\nallow = [\"192.0.2.0/24\"]\n",
+            log.display().to_string()
+        ),
+    )
+    .unwrap();
+    let conf = conf.display().to_string();
+    let (mut dry, _) = start_dry_with(dir.path(), &["--config", &conf]);
+    let text = dry.log();
+    assert!(
+        text.contains("--dry-run does not serve DRAC clients"),
+        "{text}"
+    );
+    assert!(!text.contains("serving DRAC clients"), "{text}");
+    assert_eq!(dry.stop(), Some(0), "{}", dry.log());
+}

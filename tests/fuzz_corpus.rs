@@ -44,6 +44,7 @@ macro_rules! corpus {
 corpus!(
     auth_policy,
     config,
+    drac_rpc,
     events,
     journal,
     pg_row,

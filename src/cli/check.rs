@@ -339,6 +339,7 @@ pub fn findings(settings: &Settings, user: Option<&Account>) -> Vec<Finding> {
         let others = settings.journal
             || settings.push.enabled()
             || settings.events.enabled()
+            || settings.drac.enabled()
             || settings.logs.iter().any(|l| l != log && readable(l));
         out.extend(check_log(log, user, others));
     }
@@ -403,6 +404,13 @@ pub fn findings(settings: &Settings, user: Option<&Account>) -> Vec<Finding> {
         out.push(Finding::Warning(format!(
             "map.path: directory {} does not exist; `dovegate init` creates it and the empty map",
             dir.display()
+        )));
+    }
+    let rpcbind = Path::new(crate::drac::rpcbind::SOCKET);
+    if settings.drac.enabled() && !rpcbind.exists() {
+        out.push(Finding::Warning(format!(
+            "drac.allow: rpcbind is not running here (no {}): DRAC clients find dovegate through it; apt install rpcbind",
+            rpcbind.display()
         )));
     }
     out

@@ -69,6 +69,9 @@ Dovecot's \fBauth_policy_server_url\fR reports each successful authentication (o
 .TP
 \fBevents\fR (\fB[events]\fR)
 Dovecot's event exporter reports logins and exact session ends.
+.TP
+\fBDRAC clients\fR (\fB[drac]\fR)
+POP/IMAP servers with a DRAC patch or plugin call \fBdracauth()\fR as they did with \fBrpc.dracd\fR: dovegate serves ONC RPC program 900101 over UDP and TCP, registered with the host's rpcbind, and grants the address each client in \fBdrac.allow\fR adds.
 .SH SESSIONS
 An open IMAP session keeps its address's grant while something shows it open (its imap process, \fBdoveadm who\fR, end lines, events), re\-checked every \fBgrant.session_recheck\fR and at most \fBgrant.session_hold\fR after its login. \fBdovegate sessions\fR lists them; \fBdovegate sessions drop\fR \fIID\fR stops one renewing; \fBdoveadm kick\fR \fIUSER\fR ends a session (a stolen password relays while its thief holds a session).
 .SH MIGRATION

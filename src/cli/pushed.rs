@@ -1,8 +1,8 @@
-//! The servers Dovecot pushes logins to (`[push]`: the post-login socket and the
-//! auth-policy endpoint; `[events]`) live across reloads. Closing their sockets for a
-//! reload would refuse the logins Dovecot pushes meanwhile, and the post-login hook does
-//! not retry: each would be a lost login. A reload restarts only a server whose settings
-//! changed.
+//! The servers logins are pushed to (`[push]`: the post-login socket and the auth-policy
+//! endpoint; `[events]`; `[drac]`) live across reloads. Closing their sockets for a reload
+//! would refuse the logins pushed meanwhile, and neither the post-login hook nor a DRAC
+//! client retries: each would be a lost login (and DRAC's rpcbind registration would be
+//! gone for a moment). A reload restarts only a server whose settings changed.
 //!
 //! They send into a queue of their own; a relay task forwards it into the channel of the
 //! current generation of log sources, which a reload replaces. A batch the old generation
@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use super::Failure;
 use crate::blocks::Blocks;
+use crate::config::drac::DracSettings;
 use crate::config::events::EventsSettings;
 use crate::config::push::PushSettings;
 use crate::model::Batch;
@@ -25,10 +26,19 @@ use crate::telemetry::StatsRegistry;
 /// own queue wait) as it would for the engine.
 const QUEUE: usize = 64;
 
+/// What the pushed servers are started with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushedSettings {
+    pub push: PushSettings,
+    pub events: EventsSettings,
+    pub drac: DracSettings,
+}
+
 /// The pushed servers, their settings, and the relay into the current generation.
 pub struct Pushed {
     push: (PushSettings, crate::push::Push),
     events: (EventsSettings, crate::events::Events),
+    drac: (DracSettings, crate::drac::Drac),
     tx: Sender<Batch>,
     target: watch::Sender<Option<Sender<Batch>>>,
     /// None once `close` took it.
@@ -38,25 +48,27 @@ pub struct Pushed {
 }
 
 impl Pushed {
-    /// Starts the servers `push` and `events` turn on (none: nothing listens) and the relay
-    /// on `runtime`. A socket another process serves fails the start.
+    /// Starts the servers `wanted` turns on (none: nothing listens) and the relay on
+    /// `runtime`. A socket another process serves fails the start.
     pub fn start(
         runtime: &tokio::runtime::Runtime,
-        push: &PushSettings,
-        events: &EventsSettings,
+        wanted: &PushedSettings,
         stats: &Arc<StatsRegistry>,
         blocks: Option<&Blocks>,
     ) -> Result<Pushed, Failure> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (target, watched) = watch::channel(None);
-        let push_server = crate::push::spawn(push, tx.clone(), stats, blocks.cloned())
+        let push_server = crate::push::spawn(&wanted.push, tx.clone(), stats, blocks.cloned())
             .map_err(Failure::runtime)?;
         let events_server =
-            crate::events::spawn(events, tx.clone(), stats).map_err(Failure::runtime)?;
+            crate::events::spawn(&wanted.events, tx.clone(), stats).map_err(Failure::runtime)?;
+        let drac_server =
+            crate::drac::spawn(&wanted.drac, tx.clone(), stats).map_err(Failure::runtime)?;
         let relay = runtime.spawn(relay(rx, watched));
         Ok(Pushed {
-            push: (push.clone(), push_server),
-            events: (events.clone(), events_server),
+            push: (wanted.push.clone(), push_server),
+            events: (wanted.events.clone(), events_server),
+            drac: (wanted.drac.clone(), drac_server),
             tx,
             target,
             relay: Some(relay),
@@ -67,7 +79,7 @@ impl Pushed {
 
     /// Whether any pushed server runs (its logins keep the generation's channel open).
     pub fn enabled(&self) -> bool {
-        self.push.0.enabled() || self.events.0.enabled()
+        self.push.0.enabled() || self.events.0.enabled() || self.drac.0.enabled()
     }
 
     /// Points the relay at a new generation's channel. While a pushed server runs, the
@@ -81,7 +93,8 @@ impl Pushed {
     /// released) and started again with the new ones; unchanged servers keep serving. A
     /// server that cannot start again is started with its old settings, and the error
     /// refuses the reload.
-    pub fn reload(&mut self, push: &PushSettings, events: &EventsSettings) -> Result<(), Failure> {
+    pub fn reload(&mut self, wanted: &PushedSettings) -> Result<(), Failure> {
+        let (push, events, drac) = (&wanted.push, &wanted.events, &wanted.drac);
         if *push != self.push.0 {
             let old = std::mem::replace(&mut self.push.1, crate::push::Push::idle());
             drop(old);
@@ -111,6 +124,20 @@ impl Pushed {
             }
             tracing::info!("[events] restarted with its new settings");
         }
+        if *drac != self.drac.0 {
+            // Dropping the old server removes its rpcbind registration first.
+            let old = std::mem::replace(&mut self.drac.1, crate::drac::Drac::idle());
+            drop(old);
+            match crate::drac::spawn(drac, self.tx.clone(), &self.stats) {
+                Ok(s) => self.drac = (drac.clone(), s),
+                Err(e) => {
+                    self.drac.1 = crate::drac::spawn(&self.drac.0, self.tx.clone(), &self.stats)
+                        .map_err(Failure::runtime)?;
+                    return Err(Failure::runtime(e));
+                }
+            }
+            tracing::info!("[drac] restarted with its new settings");
+        }
         Ok(())
     }
 }
@@ -121,6 +148,7 @@ impl Pushed {
     pub fn close(mut self) -> impl std::future::Future<Output = ()> {
         self.push.1 = crate::push::Push::idle();
         self.events.1 = crate::events::Events::idle();
+        self.drac.1 = crate::drac::Drac::idle();
         let (closed, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.tx, closed));
         let relay = self.relay.take();

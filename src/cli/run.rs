@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use super::pushed::Pushed;
+use super::pushed::{Pushed, PushedSettings};
 use super::{load_patterns, load_settings, ConfigArgs, Failure};
 use crate::config::Settings;
 use crate::engine::{self, Engine, Exit};
@@ -130,9 +130,10 @@ impl Effective {
             && journal.is_none()
             && !settings.push.enabled()
             && !settings.events.enabled()
+            && !settings.drac.enabled()
         {
             return Err(Failure::config(
-                "source.logs: no log file to follow, the journal is off (source.journal) and nothing is pushed ([push], [events])",
+                "source.logs: no log file to follow, the journal is off (source.journal) and nothing is pushed ([push], [events], [drac])",
             ));
         }
         Ok(Effective {
@@ -200,6 +201,9 @@ impl Sources {
         }
         if let Some(l) = &settings.events.listen {
             named.push(format!("Dovecot's events on {l}"));
+        }
+        if settings.drac.enabled() {
+            named.push("DRAC clients".into());
         }
         for (index, path) in settings.logs.iter().enumerate() {
             let mut others = named.clone();
@@ -284,25 +288,33 @@ impl Sources {
     }
 }
 
-/// The pushed servers' settings; none under `--dry-run` beside a running daemon: its
-/// sockets belong to that daemon, and binding them would take them over.
-fn pushed_settings(
-    settings: &crate::config::Settings,
-    dry: Option<&DryRun>,
-) -> (
-    crate::config::push::PushSettings,
-    crate::config::events::EventsSettings,
-) {
-    if !dry.is_some_and(|d| d.daemon_running) {
-        return (settings.push.clone(), settings.events.clone());
+/// The pushed servers' settings. Under `--dry-run` beside a running daemon, no push or
+/// events server: their sockets belong to that daemon, and binding them would take them
+/// over. Under any `--dry-run`, no DRAC server: it would answer clients and take rpcbind's
+/// registration from the DRAC server in place (rpc.dracd, beside which a dry run is meant
+/// to run).
+fn pushed_settings(settings: &crate::config::Settings, dry: Option<&DryRun>) -> PushedSettings {
+    let mut s = PushedSettings {
+        push: settings.push.clone(),
+        events: settings.events.clone(),
+        drac: settings.drac.clone(),
+    };
+    if dry.is_some() && s.drac.enabled() {
+        tracing::warn!("[drac]: --dry-run does not serve DRAC clients (it would take rpcbind's registration from the DRAC server in place); their adds are not reported");
+        s.drac = Default::default();
     }
-    if settings.push.enabled() {
+    if !dry.is_some_and(|d| d.daemon_running) {
+        return s;
+    }
+    if s.push.enabled() {
         tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
     }
-    if settings.events.enabled() {
+    if s.events.enabled() {
         tracing::warn!("[events]: a dovegate daemon holds the map; --dry-run leaves its events listener alone and reports logged logins only");
     }
-    Default::default()
+    s.push = Default::default();
+    s.events = Default::default();
+    s
 }
 
 /// Followed files for logs: `a, b`, or `none`.
@@ -447,8 +459,12 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let mut death: Option<String> = None;
     // The pushed servers before the log sources: a socket another daemon serves fails
     // the start before any source thread runs.
-    let (push, events) = pushed_settings(&cfg.settings, dry.as_ref());
-    let mut pushed = Pushed::start(&runtime, &push, &events, &stats, blocks.as_ref())?;
+    let mut pushed = Pushed::start(
+        &runtime,
+        &pushed_settings(&cfg.settings, dry.as_ref()),
+        &stats,
+        blocks.as_ref(),
+    )?;
     let mut sources = Sources::start(&cfg, &checkpoints, &stats, &deaths, dry.as_ref(), &pushed)?;
     tracing::info!(
         map = %settings.map_path.display(),
@@ -516,8 +532,8 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                         {
                             tracing::warn!("[store] changes take effect at the next restart");
                         }
-                        let (push, events) = pushed_settings(&new.settings, dry.as_ref());
-                        let started = pushed.reload(&push, &events).and_then(|()| {
+                        let wanted = pushed_settings(&new.settings, dry.as_ref());
+                        let started = pushed.reload(&wanted).and_then(|()| {
                             for b in sources.stop_in_place() {
                                 engine.accept(b, timefmt::now());
                             }

@@ -181,6 +181,16 @@ struct PushStatus {
     auth_policy: Option<String>,
 }
 
+/// `[drac]`: who may add, and what rpcbind tells DRAC clients.
+#[derive(Serialize)]
+struct DracStatus {
+    allow: Vec<String>,
+    /// `netid address` of each registration (empty: clients cannot find dovegate).
+    registered: Vec<String>,
+    /// Why rpcbind could not be asked.
+    error: Option<String>,
+}
+
 #[derive(Serialize)]
 struct Status {
     /// The user whose access to the log files was checked (the daemon's).
@@ -190,6 +200,7 @@ struct Status {
     files: Vec<FileStatus>,
     journals: Vec<JournalStatus>,
     push: Option<PushStatus>,
+    drac: Option<DracStatus>,
     database: Option<DatabaseStatus>,
     replica: Option<ReplicaOut>,
     /// null: no sessions file in the state directory.
@@ -367,6 +378,27 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
             .map(|p| p.display().to_string()),
         auth_policy: settings.push.auth_policy.as_ref().map(ToString::to_string),
     });
+    let drac = settings.drac.enabled().then(|| {
+        let socket = Path::new(crate::drac::rpcbind::SOCKET);
+        let (registered, error) = match crate::drac::rpcbind::registrations(socket) {
+            Ok(list) => (
+                list.into_iter().map(|(n, a)| format!("{n} {a}")).collect(),
+                None,
+            ),
+            Err(e) => (Vec::new(), Some(format!("rpcbind ({}): {e}", socket.display()))),
+        };
+        if daemon.running == Some(true) && registered.is_empty() {
+            warnings.push(format!(
+                "drac: DRAC is not registered with rpcbind{}: DRAC clients cannot find dovegate (see the daemon's log)",
+                error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+            ));
+        }
+        DracStatus {
+            allow: settings.drac.allow.iter().map(ToString::to_string).collect(),
+            registered,
+            error,
+        }
+    });
     let database = WriterStatus::load(&settings.state_dir).map(|w| {
         let file = settings.state_dir.join(WriterStatus::FILE);
         let stale = stale_warning(&file.display().to_string(), w.updated, now);
@@ -434,6 +466,7 @@ pub fn run(args: StatusArgs) -> Result<(), Failure> {
         files,
         journals,
         push,
+        drac,
         database,
         replica,
         sessions,
@@ -512,6 +545,14 @@ fn print_text(status: &Status, state_dir: &Path) {
             "no source configured and no checkpoint in {}",
             state_dir.display()
         );
+    }
+    if let Some(d) = &status.drac {
+        let registered = if d.registered.is_empty() {
+            "not registered with rpcbind".to_string()
+        } else {
+            format!("registered with rpcbind: {}", d.registered.join(", "))
+        };
+        println!("drac: clients {}; {registered}", d.allow.join(", "));
     }
     if let Some(p) = &status.push {
         let parts: Vec<String> = [

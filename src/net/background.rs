@@ -35,6 +35,17 @@ impl Setup {
         Ok(())
     }
 
+    /// Like `bind`, for a start that yields a value besides its servers (the addresses
+    /// bound, when a server has sockets of its own beside them).
+    pub fn bind_with<T>(
+        &mut self,
+        start: impl Future<Output = io::Result<(T, Vec<Server>)>>,
+    ) -> io::Result<T> {
+        let (value, servers) = self.runtime.block_on(start)?;
+        self.servers.extend(servers);
+        Ok(value)
+    }
+
     /// A task that runs with the servers and ends with them.
     pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
         self.runtime.spawn(task);

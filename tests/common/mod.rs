@@ -171,6 +171,14 @@ impl Daemon {
         Daemon::spawn(cmd, args, dir.join(format!("dovegate-{host}.stderr")))
     }
 
+    /// `dovegate run ARGS` through `cmd`, a wrapper that execs the binary (it is given
+    /// the binary's path as its last argument), e.g. `nsenter` into a namespace.
+    pub fn start_through(mut cmd: Command, dir: &Path, args: &[&str]) -> Daemon {
+        cmd.arg(bin());
+        let stderr = dir.join(format!("dovegate-{:x}.stderr", rand_u64()));
+        Daemon::spawn(cmd, args, stderr)
+    }
+
     /// `CMD run ARGS` (CMD: the binary, or a wrapper that execs it) with stderr to `stderr`.
     fn spawn(mut cmd: Command, args: &[&str], stderr: PathBuf) -> Daemon {
         let child = cmd

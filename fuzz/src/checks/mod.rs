@@ -5,6 +5,7 @@
 
 pub mod auth_policy;
 pub mod config;
+pub mod drac_rpc;
 pub mod events;
 pub mod journal;
 pub mod pg_row;
