@@ -9,6 +9,7 @@
 //! validated as a plain identifier by the configuration.
 
 pub mod error;
+pub mod replica;
 pub mod shared_policy;
 pub mod spill;
 pub mod worker;
