@@ -186,12 +186,12 @@ fn local_expiries(own: &[(IpAddr, i64)], committed: &Committed, limit: i64) -> V
         .collect()
 }
 
-/// A database failure as a store error (its cause kept as text: the store's cause is
-/// about the map).
+/// A database failure as a store error: the spill queue's I/O keeps its kind, the rest is
+/// the database's (the text keeps the cause).
 fn db_err(e: PgError) -> StoreError {
     let cause = match &e {
         PgError::Spill { source, .. } => Cause::Io(source.kind()),
-        _ => Cause::Other,
+        _ => Cause::Database,
     };
     StoreError::new(format!("PostgreSQL: {e}"), cause)
 }
@@ -199,7 +199,7 @@ fn db_err(e: PgError) -> StoreError {
 fn my_err(e: MyError) -> StoreError {
     let cause = match &e {
         MyError::Spill(PgError::Spill { source, .. }) => Cause::Io(source.kind()),
-        _ => Cause::Other,
+        _ => Cause::Database,
     };
     StoreError::new(format!("MariaDB: {e}"), cause)
 }

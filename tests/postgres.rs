@@ -1463,92 +1463,6 @@ fn a_long_transaction_is_seen_when_it_commits() {
     });
 }
 
-/// One host of the policy test: `dovegate run` as host `name`, with its own log, map,
-/// state and policy socket, sharing the database.
-struct PolicyHost {
-    daemon: Daemon,
-    dir: PathBuf,
-    cfg: PathBuf,
-    log: PathBuf,
-}
-
-impl PolicyHost {
-    fn start(root: &Path, name: &str, url: &Path, caps: &str) -> PolicyHost {
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("mail.log");
-        std::fs::write(&log, "").unwrap();
-        let cfg = dir.join("dovegate.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[source]\nlogs = [\"{}\"]\npoll_interval = \"100ms\"\n[map]\npath = \"{}\"\n\
-                 [state]\ndir = \"{}\"\n[store]\npostgres_url_file = \"{}\"\n\
-                 [policy]\nlisten = \"{}\"\nusers = [\"root\"]\n{caps}\n",
-                log.display(),
-                dir.join("relay").display(),
-                dir.join("state").display(),
-                url.display(),
-                dir.join("policy").display(),
-            ),
-        )
-        .unwrap();
-        let daemon = Daemon::start_as_host(&dir, name, &["--config", &cfg.display().to_string()]);
-        wait_for("map and policy socket", PATIENCE, || {
-            dir.join("relay.lmdb").exists() && dir.join("policy").exists()
-        });
-        daemon.wait_following(&log);
-        PolicyHost {
-            daemon,
-            dir,
-            cfg,
-            log,
-        }
-    }
-
-    fn map(&self) -> PathBuf {
-        self.dir.join("relay")
-    }
-
-    fn login(&self, ip: &str, user: &str) {
-        append(&self.log, &common::sessionless_login_line(ip, user));
-    }
-
-    /// Policy requests for client `ip` on one connection (Postfix keeps one per SMTP
-    /// session: a message's end is counted where its recipients were); the answers'
-    /// actions.
-    fn ask(&self, stages: &[&str], ip: &str, instance: &str) -> Vec<String> {
-        use std::io::{BufRead, BufReader, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(self.dir.join("policy")).unwrap();
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut answers = Vec::new();
-        for stage in stages {
-            write!(
-                s,
-                "request=smtpd_access_policy\nprotocol_state={stage}\nprotocol_name=ESMTP\n\
-                 client_address={ip}\nclient_name=unknown\ninstance={instance}\nqueue_id=4Xq{instance}\n\
-                 sender=a@here.example\nrecipient=b@elsewhere.example\nrecipient_count=1\n\n"
-            )
-            .unwrap();
-            let mut line = String::new();
-            if let Err(e) = r.read_line(&mut line) {
-                panic!("policy answer: {e}\n{}", self.daemon.log());
-            }
-            let mut blank = String::new();
-            r.read_line(&mut blank).unwrap();
-            answers.push(line.trim().trim_start_matches("action=").to_string());
-        }
-        answers
-    }
-
-    /// A relayed message: one recipient, then its end.
-    fn send(&self, ip: &str, instance: &str) {
-        let answers = self.ask(&["RCPT", "END-OF-MESSAGE"], ip, instance);
-        assert_eq!(answers, ["OK", "DUNNO"], "{}", self.daemon.log());
-    }
-}
-
 /// Issue 22: a user's caps count on every host, and a user who trips one loses the
 /// grants every host gave it and is let in again everywhere by one `dovegate unblock`.
 #[test]
@@ -1560,8 +1474,8 @@ fn caps_and_blocks_hold_across_hosts() {
                 user_recipients_per_hour = 0\nuser_recipients_per_day = 0\n\
                 grant_messages_per_hour = 0\ngrant_messages_per_day = 0\n\
                 grant_recipients_per_hour = 0\ngrant_recipients_per_day = 0";
-    let a = PolicyHost::start(tmp.path(), "mx-a", &url, caps);
-    let b = PolicyHost::start(tmp.path(), "mx-b", &url, caps);
+    let a = PolicyHost::start(tmp.path(), "mx-a", "postgres_url_file", &url, caps);
+    let b = PolicyHost::start(tmp.path(), "mx-b", "postgres_url_file", &url, caps);
     a.login("203.0.113.40", "alice");
     b.login("203.0.113.41", "alice");
     b.login("203.0.113.43", "bob");

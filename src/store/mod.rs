@@ -9,6 +9,7 @@ pub mod instance;
 pub mod lmdb;
 mod lock;
 pub mod mysql;
+pub mod policy_db;
 pub mod postgres;
 pub mod url_file;
 pub mod value;

@@ -2,29 +2,47 @@
 //! the password in it, so refused when every user may read it, and read with a bound.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The most a URL file may hold.
 pub const MAX_URL_FILE: u64 = 4096;
 
-/// The file's text, trimmed; the error is one line naming the file and the fix.
-pub fn read(path: &Path) -> Result<String, String> {
-    let at = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| format!("{at}: cannot read: {e}"))?;
+/// Why the URL file cannot be used; one line naming the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlFileError {
+    #[error("{}: cannot read: {source}", .path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: is readable by every user (mode {mode:o}) but holds the database password; chmod 0600 (or 0640 with the service's group)", .path.display())]
+    WorldReadable { path: PathBuf, mode: u32 },
+    #[error("{}: larger than {MAX_URL_FILE} bytes; it must hold one URL", .path.display())]
+    TooLarge { path: PathBuf },
+    #[error(transparent)]
+    Read(#[from] crate::fsread::ReadError),
+}
+
+/// The file's text, trimmed.
+pub fn read(path: &Path) -> Result<String, UrlFileError> {
+    let meta = std::fs::metadata(path).map_err(|source| UrlFileError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mode = meta.permissions().mode();
     if mode & 0o004 != 0 {
-        return Err(format!(
-            "{at}: is readable by every user (mode {:o}) but holds the database password; chmod 0600 (or 0640 with the service's group)",
-            mode & 0o777
-        ));
+        return Err(UrlFileError::WorldReadable {
+            path: path.to_path_buf(),
+            mode: mode & 0o777,
+        });
     }
     if meta.len() > MAX_URL_FILE {
-        return Err(format!(
-            "{at}: larger than {MAX_URL_FILE} bytes; it must hold one URL"
-        ));
+        return Err(UrlFileError::TooLarge {
+            path: path.to_path_buf(),
+        });
     }
     // Bounded again on the read itself: the file may change after the stat above.
-    let text = crate::fsread::read_text(path, MAX_URL_FILE, crate::fsread::Links::Follow)
-        .map_err(|e| e.to_string())?;
+    let text = crate::fsread::read_text(path, MAX_URL_FILE, crate::fsread::Links::Follow)?;
     Ok(text.trim().to_string())
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{bin, postmap_s, wait_for, Daemon};
+use super::{append, bin, postmap_s, wait_for, Daemon, PATIENCE};
 
 /// A config sharing grants through the database whose URL is in `url` (`key`:
 /// `postgres_url_file` or `mysql_url_file`); `extra` is appended.
@@ -157,4 +157,91 @@ pub fn wait_writer_connected(dir: &Path) {
     wait_for("writer connected", FLEET_PATIENCE, || {
         fleet_status(dir)["connected"] == serde_json::Value::Bool(true)
     });
+}
+
+/// One host of the policy test: `dovegate run` as host `name`, with its own log, map,
+/// state and policy socket, sharing the database (tests/postgres.rs and tests/mysql.rs).
+pub struct PolicyHost {
+    pub daemon: Daemon,
+    pub dir: PathBuf,
+    pub cfg: PathBuf,
+    pub log: PathBuf,
+}
+
+impl PolicyHost {
+    /// `key`: `postgres_url_file` or `mysql_url_file`, the URL file `url`.
+    pub fn start(root: &Path, name: &str, key: &str, url: &Path, caps: &str) -> PolicyHost {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("mail.log");
+        std::fs::write(&log, "").unwrap();
+        let cfg = dir.join("dovegate.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[source]\nlogs = [\"{}\"]\npoll_interval = \"100ms\"\n[map]\npath = \"{}\"\n\
+                 [state]\ndir = \"{}\"\n[store]\n{key} = \"{}\"\n\
+                 [policy]\nlisten = \"{}\"\nusers = [\"root\"]\n{caps}\n",
+                log.display(),
+                dir.join("relay").display(),
+                dir.join("state").display(),
+                url.display(),
+                dir.join("policy").display(),
+            ),
+        )
+        .unwrap();
+        let daemon = Daemon::start_as_host(&dir, name, &["--config", &cfg.display().to_string()]);
+        wait_for("map and policy socket", PATIENCE, || {
+            dir.join("relay.lmdb").exists() && dir.join("policy").exists()
+        });
+        daemon.wait_following(&log);
+        PolicyHost {
+            daemon,
+            dir,
+            cfg,
+            log,
+        }
+    }
+
+    pub fn map(&self) -> PathBuf {
+        self.dir.join("relay")
+    }
+
+    pub fn login(&self, ip: &str, user: &str) {
+        append(&self.log, &super::sessionless_login_line(ip, user));
+    }
+
+    /// Policy requests for client `ip` on one connection (Postfix keeps one per SMTP
+    /// session: a message's end is counted where its recipients were); the answers'
+    /// actions.
+    pub fn ask(&self, stages: &[&str], ip: &str, instance: &str) -> Vec<String> {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(self.dir.join("policy")).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut answers = Vec::new();
+        for stage in stages {
+            write!(
+                s,
+                "request=smtpd_access_policy\nprotocol_state={stage}\nprotocol_name=ESMTP\n\
+                 client_address={ip}\nclient_name=unknown\ninstance={instance}\nqueue_id=4Xq{instance}\n\
+                 sender=a@here.example\nrecipient=b@elsewhere.example\nrecipient_count=1\n\n"
+            )
+            .unwrap();
+            let mut line = String::new();
+            if let Err(e) = r.read_line(&mut line) {
+                panic!("policy answer: {e}\n{}", self.daemon.log());
+            }
+            let mut blank = String::new();
+            r.read_line(&mut blank).unwrap();
+            answers.push(line.trim().trim_start_matches("action=").to_string());
+        }
+        answers
+    }
+
+    /// A relayed message: one recipient, then its end.
+    pub fn send(&self, ip: &str, instance: &str) {
+        let answers = self.ask(&["RCPT", "END-OF-MESSAGE"], ip, instance);
+        assert_eq!(answers, ["OK", "DUNNO"], "{}", self.daemon.log());
+    }
 }

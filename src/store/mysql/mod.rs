@@ -21,6 +21,7 @@
 //! fixed.
 
 pub mod replica;
+pub mod shared_policy;
 pub mod worker;
 
 use std::net::IpAddr;
@@ -49,6 +50,9 @@ const CHUNK: usize = 1000;
 pub enum MyError {
     #[error("{0}")]
     Config(String),
+    /// The URL file itself (missing, readable by every user, too large).
+    #[error(transparent)]
+    UrlFile(#[from] crate::store::url_file::UrlFileError),
     #[error("{what}: {source}")]
     Db {
         what: String,
@@ -128,7 +132,7 @@ impl Target {
     pub fn load(path: &Path) -> Result<Target, MyError> {
         let at = path.display();
         let fail = |m: String| MyError::Config(m);
-        let text = super::url_file::read(path).map_err(fail)?;
+        let text = super::url_file::read(path)?;
         let text = match text.strip_prefix("mariadb://") {
             Some(rest) => format!("mysql://{rest}"),
             None => text,
@@ -316,6 +320,32 @@ const MIGRATIONS: &[&[&str]] = &[
              revoked_by VARCHAR(255) NOT NULL,
              seq BIGINT NOT NULL,
              KEY dovegate_revocations_seq (seq)
+         ) ENGINE=InnoDB",
+    ],
+    // 2: the policy server's state shared between hosts (`store::policy_db`): users
+    // blocked by a cap (policy.block_on_cap) and what each host counted for each user's
+    // caps, in five-minute buckets (no address here: only user names and counts). Names
+    // compare byte for byte, as PostgreSQL's text does.
+    &[
+        "CREATE TABLE IF NOT EXISTS dovegate_blocked_users (
+             user_name VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL PRIMARY KEY,
+             cap VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+             blocked_at DATETIME(6) NOT NULL,
+             blocked_by VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+             CONSTRAINT dovegate_blocked_users_named CHECK (
+                 CHAR_LENGTH(user_name) >= 1 AND CHAR_LENGTH(cap) >= 1)
+         ) ENGINE=InnoDB",
+        "CREATE TABLE IF NOT EXISTS dovegate_policy_counts (
+             user_name VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+             kind VARCHAR(10) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+             bucket BIGINT NOT NULL,
+             host VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+             count BIGINT NOT NULL,
+             PRIMARY KEY (user_name, kind, bucket, host),
+             KEY dovegate_policy_counts_bucket (bucket),
+             CONSTRAINT dovegate_policy_counts_valid CHECK (
+                 CHAR_LENGTH(user_name) >= 1 AND CHAR_LENGTH(host) >= 1
+                 AND kind IN ('messages', 'recipients') AND count >= 0)
          ) ENGINE=InnoDB",
     ],
 ];

@@ -9,6 +9,12 @@ pub enum PgError {
     /// The URL file or TLS settings: the administrator fixes the configuration.
     #[error("{0}")]
     Config(String),
+    /// The URL file itself (missing, readable by every user, too large).
+    #[error(transparent)]
+    UrlFile(#[from] crate::store::url_file::UrlFileError),
+    /// `sslmode=` names no mode dovegate knows.
+    #[error("{}: sslmode={mode} is not one of disable, prefer, require, verify-ca, verify-full", .file.display())]
+    SslMode { file: PathBuf, mode: String },
     /// A statement or connection failed; `what` names what was being done.
     #[error("{what}: {}", super::error_text(.source))]
     Db {

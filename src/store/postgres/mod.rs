@@ -82,17 +82,14 @@ fn take_param(url: &str, name: &str) -> (String, Option<String>) {
 }
 
 /// `sslmode`'s value: (tokio-postgres's mode, what TLS verifies).
-fn ssl_mode(value: Option<&str>) -> Result<(SslMode, Option<Verify>), String> {
+/// An unknown mode is the error.
+fn ssl_mode(value: Option<&str>) -> Result<(SslMode, Option<Verify>), &str> {
     Ok(match value {
         None | Some("prefer") => (SslMode::Prefer, None),
         Some("disable") => (SslMode::Disable, None),
         Some("require") | Some("verify-full") => (SslMode::Require, Some(Verify::ChainAndName)),
         Some("verify-ca") => (SslMode::Require, Some(Verify::Chain)),
-        Some(other) => {
-            return Err(format!(
-                "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
-            ))
-        }
+        Some(other) => return Err(other),
     })
 }
 
@@ -124,7 +121,7 @@ impl Target {
     pub fn load(path: &Path, schema: &str) -> Result<Target, PgError> {
         let at = path.display();
         let fail = |m: String| PgError::Config(m);
-        let text = super::url_file::read(path).map_err(fail)?;
+        let text = super::url_file::read(path)?;
         let (url, rootcert) = take_param(&text, "sslrootcert");
         let (url, mode) = take_param(&url, "sslmode");
         let url = url.as_str();
@@ -139,7 +136,10 @@ impl Target {
                 "{at}: not a PostgreSQL URL like postgresql://user:password@host:5432/db ({e})"
             ))
         })?;
-        let (mode, tls) = ssl_mode(mode.as_deref()).map_err(|e| fail(format!("{at}: {e}")))?;
+        let (mode, tls) = ssl_mode(mode.as_deref()).map_err(|m| PgError::SslMode {
+            file: path.to_path_buf(),
+            mode: m.to_string(),
+        })?;
         config.ssl_mode(mode);
         if config.get_hosts().is_empty() {
             return Err(fail(format!("{at}: the URL names no host")));
