@@ -18,7 +18,7 @@
 //! While the database is unreachable the map keeps serving what it has until each grant's
 //! own expiry, and a warning says so, repeatedly.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::grant::Policy;
+use crate::grant::{Ledger, Policy};
 use crate::store::mysql::MyError;
 use crate::store::postgres::worker::write_json;
 use crate::store::postgres::{self, parse_address, PgError, Reread};
@@ -220,9 +220,9 @@ impl ReplicaStatus {
 pub(crate) struct Replica {
     pub(crate) map: LmdbMap,
     policy: Policy,
-    /// What the map holds (with an expiry), mirrored for deadlines and diffs.
-    pub(crate) local: HashMap<IpAddr, i64>,
-    pub(crate) deadlines: BTreeSet<(i64, IpAddr)>,
+    /// What the map holds (with an expiry), with deadlines: the grant core's record, as
+    /// the engine keeps it on a writer.
+    pub(crate) local: Ledger,
     pub(crate) status: ReplicaStatus,
     status_file: PathBuf,
     warned_at: Option<Instant>,
@@ -247,8 +247,7 @@ impl Replica {
             },
             map,
             policy,
-            local: HashMap::new(),
-            deadlines: BTreeSet::new(),
+            local: Ledger::default(),
             status_file: state_dir.join(ReplicaStatus::FILE),
             warned_at: None,
         };
@@ -258,30 +257,33 @@ impl Replica {
 
     /// Re-reads the map (it is the truth after a crash or an administrator's edit).
     pub(crate) fn reload_local(&mut self) -> Result<(), ReplicaError> {
-        self.local = self
-            .map
-            .list()?
-            .into_iter()
-            .filter_map(|g| Some((g.ip, g.expires?)))
-            .collect();
-        self.deadlines = self.local.iter().map(|(&ip, &e)| (e, ip)).collect();
+        let held = self.map.list()?;
+        self.local.replace(
+            held.into_iter()
+                .filter_map(|g| Some((g.ip, g.expires?)))
+                .collect(),
+        );
         Ok(())
     }
 
+    /// Forgets what the map held (it was reopened empty); the next resync rewrites it all.
+    pub(crate) fn forget(&mut self) {
+        self.local = Ledger::default();
+    }
+
     fn note(&mut self, ip: IpAddr, expires: Option<i64>) {
-        if let Some(old) = self.local.remove(&ip) {
-            self.deadlines.remove(&(old, ip));
-        }
-        if let Some(e) = expires {
-            self.local.insert(ip, e);
-            self.deadlines.insert((e, ip));
+        match expires {
+            Some(e) => self.local.commit([(ip, e)]),
+            None => {
+                self.local.remove(ip);
+            }
         }
     }
 
     /// The expiry a database row may have here: capped at now + ttl; None when it must not
     /// be granted at all (expired, or an address dovegate never grants).
     fn admit(&self, ip: IpAddr, expires: i64, now: i64) -> Option<i64> {
-        admit(&self.policy, ip, expires, now)
+        self.policy.admit(ip, expires, now)
     }
 
     /// Makes the map equal a snapshot's rows (address, effective expiry), read when the
@@ -324,17 +326,17 @@ impl Replica {
         let mut grow = Vec::new();
         let mut shorten = Vec::new();
         for (&ip, &e) in &fresh {
-            match self.local.get(&ip) {
-                Some(&l) if l == e => {}
-                Some(&l) if l > e => shorten.push((ip, e)),
+            match self.local.get(ip) {
+                Some(l) if l == e => {}
+                Some(l) if l > e => shorten.push((ip, e)),
                 _ => grow.push((ip, e)),
             }
         }
         let vanished: Vec<IpAddr> = self
             .local
-            .keys()
+            .addresses()
+            .into_iter()
             .filter(|ip| !fresh.contains_key(ip))
-            .copied()
             .collect();
         if !grow.is_empty() {
             for (ip, e) in self.map.upsert(&grow)? {
@@ -397,7 +399,7 @@ impl Replica {
         let mut grow = Vec::new();
         for ip in order {
             let wanted = last[&ip].and_then(|e| self.admit(ip, e, now));
-            match (wanted, self.local.get(&ip).copied()) {
+            match (wanted, self.local.get(ip)) {
                 (None, Some(_)) => {
                     self.map.revoke(ip)?;
                     self.note(ip, None);
@@ -432,23 +434,12 @@ impl Replica {
         Ok(())
     }
 
-    /// Forgets what the map held (it was reopened empty); a resync rewrites it all.
-    pub(crate) fn forget(&mut self) {
-        self.local.clear();
-        self.deadlines.clear();
-    }
-
     pub(crate) fn next_deadline(&self) -> Option<i64> {
-        self.deadlines.first().map(|&(e, _)| e)
+        self.local.next_deadline()
     }
 
     pub(crate) fn expire_due(&mut self, now: i64) -> Result<(), ReplicaError> {
-        let due: Vec<IpAddr> = self
-            .deadlines
-            .iter()
-            .take_while(|(e, _)| *e <= now)
-            .map(|&(_, ip)| ip)
-            .collect();
+        let due = self.local.due(now);
         if due.is_empty() {
             return Ok(());
         }
@@ -574,23 +565,13 @@ impl Audit {
     }
 }
 
-/// Seconds until unix time `at`.
-/// The expiry a database row may have here: capped at now + ttl; None when it must not
-/// be granted at all (expired, or an address dovegate never grants).
-pub fn admit(policy: &Policy, ip: IpAddr, expires: i64, now: i64) -> Option<i64> {
-    if policy.exclusion(ip).is_some() {
-        return None;
-    }
-    let e = expires.min(now.saturating_add(policy.ttl_secs()));
-    (e > now).then_some(e)
-}
-
-/// The grant a database row (address text, expiry) makes here, if any.
+/// The grant a database row (address text, expiry) makes here, if any
+/// (`Policy::admit_row`).
 pub fn row_grant(policy: &Policy, address: &str, expires: i64, now: i64) -> Option<(IpAddr, i64)> {
-    let ip = parse_address(address)?;
-    Some((ip, admit(policy, ip, expires, now)?))
+    policy.admit_row(address, expires, now)
 }
 
+/// Seconds until unix time `at`.
 pub(crate) fn until(at: i64) -> Duration {
     let now = chrono::Utc::now().timestamp_micros();
     Duration::from_micros(

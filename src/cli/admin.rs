@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{load_settings, ConfigArgs, Failure};
 use crate::config::{parse_duration, Settings};
-use crate::grant::{key_text, parse_any_ip, Policy};
+use crate::grant::{key_text, parse_any_ip, Decision, Policy};
 use crate::store::postgres::{self, Origin, Tables, Target};
 use crate::store::{Cause, GrantStore, LmdbMap, OpenMode, StoreError};
 use crate::timefmt;
@@ -156,10 +156,19 @@ pub fn grant(cfg: &ConfigArgs, ttl: Option<&str>, ip: &str) -> Result<(), Failur
         )));
     }
     let policy: Policy = super::build::policy(&settings, ttl)?;
-    if let Some(why) = policy.exclusion(ip) {
-        return Err(Failure::config(format!("refusing to grant {ip}: {why}")));
-    }
-    let expires = timefmt::now() + policy.ttl_secs();
+    // A grant by hand is a login now, through the same rules: exclusions, ttl, and the
+    // IPv6 prefix a login from `ip` would be granted under.
+    let (ip, expires) = match policy.decide(ip, None, timefmt::now()) {
+        Decision::Grant { ip, expires } => (ip, expires),
+        Decision::Excluded(why) => {
+            return Err(Failure::config(format!("refusing to grant {ip}: {why}")))
+        }
+        Decision::Expired => {
+            return Err(Failure::config(format!(
+                "refusing to grant {ip}: a ttl this short expires at once"
+            )))
+        }
+    };
     let mut map = open(&settings, OpenMode::Existing)?;
     map.set(ip, expires).map_err(store_failure)?;
     println!("{}\t{}", key_text(ip), timefmt::rfc3339(expires));

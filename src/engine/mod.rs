@@ -10,19 +10,18 @@ mod alarm;
 mod counters;
 mod driver;
 mod logins;
-mod view;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 pub use crate::blocks::{read_blocked, unblock, BlockEntry, Blocks, LoginCheck, BLOCKED_FILE};
+pub use crate::grant::{GrantsView, Lookup};
 pub use counters::{CommitLatency, Counters, COMMIT_BUCKETS};
 pub use driver::{drive, run, Clock, Exit, Pace, SystemClock};
 pub use logins::{Behind, LoginRecord, LoginsView, MAX_LOGINS_PER_GRANT};
-pub use view::{GrantsView, Lookup};
 
 use crate::blocks;
-use crate::grant::{Decision, Policy};
+use crate::grant::{Decision, Ledger, Policy};
 use crate::model::Batch;
 use crate::session::{Probe, Sessions};
 use crate::state::{CheckpointDir, Position};
@@ -36,8 +35,8 @@ pub struct Engine<S: GrantStore> {
     /// The longest lifetime a grant may have beyond the ttl's (a later hold feature sets
     /// it); expiries read from the map are capped at now + the longer of the two.
     longest_hold: i64,
-    /// Expiry of each grant as committed (shared with lookup servers).
-    grants: GrantsView,
+    /// Each grant as committed, with its deadline (its view is shared with lookup servers).
+    grants: Ledger,
     /// The logins behind the committed grants, and grants ended recently (policy server).
     logins: LoginsView,
     /// Users blocked by `policy.block_on_cap` (None: off).
@@ -45,8 +44,6 @@ pub struct Engine<S: GrantStore> {
     /// Addresses revoked for a blocked user: their open sessions renew nothing while the
     /// user stays blocked.
     blocked_ips: HashMap<IpAddr, String>,
-    /// The same, ordered by deadline, for the expiry timer.
-    deadlines: BTreeSet<(i64, IpAddr)>,
     pending: HashMap<IpAddr, i64>,
     pending_checkpoints: BTreeMap<usize, Position>,
     checkpoints: CheckpointDir,
@@ -76,7 +73,7 @@ impl<S: GrantStore> Engine<S> {
     ) -> Result<Engine<S>, StoreError> {
         let slack = slack(&policy);
         let policy_ttl = policy.ttl_secs();
-        let grants = GrantsView::with_ipv6_prefix(policy.ipv6_prefix());
+        let grants = Ledger::with_ipv6_prefix(policy.ipv6_prefix());
         let mut engine = Engine {
             store,
             policy,
@@ -85,7 +82,6 @@ impl<S: GrantStore> Engine<S> {
             logins: LoginsView::default(),
             blocks: None,
             blocked_ips: HashMap::new(),
-            deadlines: BTreeSet::new(),
             pending: HashMap::new(),
             pending_checkpoints: BTreeMap::new(),
             checkpoints,
@@ -244,7 +240,7 @@ impl<S: GrantStore> Engine<S> {
 
     /// The live grants, for lookup servers.
     pub fn view(&self) -> GrantsView {
-        self.grants.clone()
+        self.grants.view()
     }
 
     /// Refuses logins of blocked users and revokes what the policy server asks.
@@ -360,7 +356,7 @@ impl<S: GrantStore> Engine<S> {
             Decision::Grant { ip, expires } => {
                 let known = match self.pending.get(&ip) {
                     Some(&e) => Some(e),
-                    None => self.grants.committed(ip),
+                    None => self.grants.get(ip),
                 };
                 if known.is_none_or(|k| expires > k + self.slack) {
                     self.pending.insert(ip, expires.max(known.unwrap_or(0)));
@@ -395,14 +391,7 @@ impl<S: GrantStore> Engine<S> {
                 .commit_latency
                 .record(started.elapsed().as_secs_f64());
             self.counters.commits += 1;
-            let mut grants = self.grants.grants_mut();
-            for (ip, e) in effective {
-                if let Some(old) = grants.insert(ip, e) {
-                    self.deadlines.remove(&(old, ip));
-                }
-                self.deadlines.insert((e, ip));
-            }
-            drop(grants);
+            self.grants.commit(effective);
             self.pending.clear();
         }
         self.logins.commit_pending();
@@ -456,12 +445,7 @@ impl<S: GrantStore> Engine<S> {
     ) -> Result<T, StoreError> {
         match op(self) {
             Err(e) if e.cause() == Cause::Reopened => {
-                let live: Vec<(IpAddr, i64)> = self.grants.read(|m| {
-                    m.iter()
-                        .filter(|(_, &e)| e > now)
-                        .map(|(&ip, &e)| (ip, e))
-                        .collect()
-                });
+                let live = self.grants.live(now);
                 let count = live.len();
                 for (ip, e) in live {
                     let p = self.pending.entry(ip).or_insert(e);
@@ -487,9 +471,9 @@ impl<S: GrantStore> Engine<S> {
             // The clock stepped back (a fault fixed while running): our own grants now
             // expire later than allowed; the re-read caps them in the map.
             let too_late = e
-                .deadlines
-                .last()
-                .is_some_and(|&(x, _)| x > now.saturating_add(e.max_lifetime()));
+                .grants
+                .last_deadline()
+                .is_some_and(|x| x > now.saturating_add(e.max_lifetime()));
             let due = e.resync_due || too_late || changed.unwrap_or(periodic);
             if due {
                 e.resync_once(now)?;
@@ -537,9 +521,7 @@ impl<S: GrantStore> Engine<S> {
                 blocks.requeue(ips);
                 return Err(e);
             }
-            if let Some(e) = self.grants.grants_mut().remove(&ip) {
-                self.deadlines.remove(&(e, ip));
-            }
+            self.grants.remove(ip);
             self.logins.forget(ip);
             let user = user.escape_debug().to_string();
             tracing::warn!(address = %ip, user = %user, "grant {ip} revoked: its user {user} is blocked (policy.block_on_cap)");
@@ -579,7 +561,6 @@ impl<S: GrantStore> Engine<S> {
                 }
             });
         }
-        self.deadlines = fresh.iter().map(|&(ip, e)| (e, ip)).collect();
         let fresh: HashMap<IpAddr, i64> = fresh.into_iter().collect();
         self.audit_other_writers(&fresh);
         self.grants.replace(fresh);
@@ -649,7 +630,7 @@ impl<S: GrantStore> Engine<S> {
 
     /// The earliest expiry among committed grants.
     pub fn next_deadline(&self) -> Option<i64> {
-        self.deadlines.first().map(|&(e, _)| e)
+        self.grants.next_deadline()
     }
 
     /// Removes grants whose deadline has come. Another writer may have extended some
@@ -659,27 +640,16 @@ impl<S: GrantStore> Engine<S> {
     }
 
     fn expire_due_once(&mut self, now: i64) -> Result<usize, StoreError> {
-        let due: Vec<IpAddr> = self
-            .deadlines
-            .iter()
-            .take_while(|(e, _)| *e <= now)
-            .map(|&(_, ip)| ip)
-            .collect();
+        let due = self.grants.due(now);
         if due.is_empty() {
             return Ok(0);
         }
         let out = self.store.expire(&due, now)?;
-        let mut grants = self.grants.grants_mut();
         for ip in &due {
-            if let Some(e) = grants.remove(ip) {
-                self.deadlines.remove(&(e, *ip));
-            }
+            self.grants.remove(*ip);
         }
-        for (ip, e) in out.extended {
-            grants.insert(ip, e);
-            self.deadlines.insert((e, ip));
-        }
-        drop(grants);
+        // Extended meanwhile by another writer: kept, with the new deadline.
+        self.grants.commit(out.extended);
         self.counters.removed += out.removed.len() as u64;
         for ip in &out.removed {
             self.logins.expired(*ip, now);

@@ -749,7 +749,7 @@ fn prefix_grants_are_renewed_by_sessions_inside_and_revokes_stick() {
     );
     assert_eq!(
         e.view().find(ip("2001:db8:1:2::99"), 1001),
-        super::view::Lookup::Found(1060)
+        crate::grant::Lookup::Found(1060)
     );
     let t = e.next_session_due().unwrap();
     e.renew_sessions(t);

@@ -1,7 +1,16 @@
-//! Grant policy: which client addresses may relay, under which key, until when.
+//! The grant core: which client addresses may relay, under which key, until when.
 //!
-//! The only stage that decides. It sees a parsed login (address and time) and answers with
-//! a grant (canonical address + expiry) or the reason there is none. No I/O.
+//! The only stage that decides. `Policy` sees a parsed login (address and time) and answers
+//! with a grant (canonical address + expiry) or the reason there is none; it also bounds
+//! every expiry read back from elsewhere (`Policy::admit`). `Ledger` is the one record of
+//! committed grants with their deadlines, and `GrantsView` its read side for lookup
+//! servers. No I/O.
+
+pub mod ledger;
+pub mod view;
+
+pub use ledger::Ledger;
+pub use view::{GrantsView, Lookup};
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
@@ -141,6 +150,27 @@ impl Policy {
                 .find(|n| n.contains(&ip))
                 .map(|n| Exclusion::Network(n.to_string()))
         })
+    }
+
+    /// The expiry a grant read back from elsewhere (a database row, a map another writer
+    /// touched) may have here: capped at now + ttl; None when it must not be granted at all
+    /// (expired, or an address dovegate never grants).
+    pub fn admit(&self, ip: IpAddr, expires: i64, now: i64) -> Option<i64> {
+        if self.exclusion(ip).is_some() {
+            return None;
+        }
+        let e = expires.min(now.saturating_add(self.ttl_secs));
+        (e > now).then_some(e)
+    }
+
+    /// The grant a database row (address in `key_text` form, expiry) makes here, if any. An
+    /// address not written the way dovegate writes it grants nothing.
+    pub fn admit_row(&self, address: &str, expires: i64, now: i64) -> Option<(IpAddr, i64)> {
+        let ip: IpAddr = address.parse().ok()?;
+        if key_text(ip) != address {
+            return None;
+        }
+        Some((ip, self.admit(ip, expires, now)?))
     }
 
     /// Decides one login seen at `login_time` (unix seconds; None = unknown, taken as now).

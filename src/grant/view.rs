@@ -103,21 +103,21 @@ impl GrantsView {
     }
 
     /// The committed expiry, expired or not.
-    pub(super) fn committed(&self, ip: IpAddr) -> Option<i64> {
+    pub(crate) fn committed(&self, ip: IpAddr) -> Option<i64> {
         self.read(|m| m.get(&ip).copied())
     }
 
-    pub(super) fn read<T>(&self, f: impl FnOnce(&HashMap<IpAddr, i64>) -> T) -> T {
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&HashMap<IpAddr, i64>) -> T) -> T {
         f(&self.0.read().unwrap_or_else(|e| e.into_inner()).grants)
     }
 
     /// Marks the view stale (lookups answer unsure) or fresh again.
-    pub(super) fn set_stale(&self, stale: bool) {
+    pub(crate) fn set_stale(&self, stale: bool) {
         self.write().stale = stale;
     }
 
     /// Replaces every grant (a fresh read of the map) and clears staleness.
-    pub(super) fn replace(&self, grants: HashMap<IpAddr, i64>) {
+    pub(crate) fn replace(&self, grants: HashMap<IpAddr, i64>) {
         let mut w = self.write();
         w.grants = grants;
         w.stale = false;
@@ -126,7 +126,7 @@ impl GrantsView {
         self.0.clear_poison();
     }
 
-    pub(super) fn grants_mut(&self) -> GrantsGuard<'_> {
+    pub(crate) fn grants_mut(&self) -> GrantsGuard<'_> {
         GrantsGuard(self.write())
     }
 
@@ -138,7 +138,7 @@ impl GrantsView {
 }
 
 /// Write access to the grants for the engine's bookkeeping.
-pub(super) struct GrantsGuard<'a>(RwLockWriteGuard<'a, Inner>);
+pub(crate) struct GrantsGuard<'a>(RwLockWriteGuard<'a, Inner>);
 
 impl std::ops::Deref for GrantsGuard<'_> {
     type Target = HashMap<IpAddr, i64>;
