@@ -17,10 +17,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use crate::store::mysql::worker::MysqlWriter;
 use crate::store::mysql::MyError;
-use crate::store::postgres::worker::{Committed, PgWriter};
 use crate::store::postgres::{PgError, Upserted, REVOKE_RACE_SECS};
+use crate::store::writer::{Committed, Writer, WriterDb};
 
 /// The shared database as the writer's store sees it: a worker that commits grants (to the
 /// database, or durably to the spill queue while it is away), revokes with a tombstone,
@@ -38,39 +37,24 @@ pub trait SharedDb: Send {
     fn max_ttl(&self) -> i64;
 }
 
-impl SharedDb for PgWriter {
+impl<D: WriterDb> SharedDb for Writer<D>
+where
+    StoreError: From<D::Error>,
+{
     fn commit(&self, grants: &[(IpAddr, i64)]) -> Result<Committed, StoreError> {
-        PgWriter::commit(self, grants).map_err(db_err)
+        Ok(Writer::commit(self, grants)?)
     }
     fn revoke(&self, ip: IpAddr) -> Result<bool, StoreError> {
-        PgWriter::revoke(self, ip).map_err(db_err)
+        Ok(Writer::revoke(self, ip)?)
     }
     fn set(&self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
-        PgWriter::set(self, ip, expires).map_err(db_err)
+        Ok(Writer::set(self, ip, expires)?)
     }
     fn take_revocations(&self) -> Vec<(IpAddr, i64)> {
-        PgWriter::take_revocations(self)
+        Writer::take_revocations(self)
     }
     fn max_ttl(&self) -> i64 {
-        PgWriter::max_ttl(self)
-    }
-}
-
-impl SharedDb for MysqlWriter {
-    fn commit(&self, grants: &[(IpAddr, i64)]) -> Result<Committed, StoreError> {
-        MysqlWriter::commit(self, grants).map_err(my_err)
-    }
-    fn revoke(&self, ip: IpAddr) -> Result<bool, StoreError> {
-        MysqlWriter::revoke(self, ip).map_err(my_err)
-    }
-    fn set(&self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
-        MysqlWriter::set(self, ip, expires).map_err(my_err)
-    }
-    fn take_revocations(&self) -> Vec<(IpAddr, i64)> {
-        MysqlWriter::take_revocations(self)
-    }
-    fn max_ttl(&self) -> i64 {
-        MysqlWriter::max_ttl(self)
+        Writer::max_ttl(self)
     }
 }
 
@@ -188,20 +172,24 @@ fn local_expiries(own: &[(IpAddr, i64)], committed: &Committed, limit: i64) -> V
 
 /// A database failure as a store error: the spill queue's I/O keeps its kind, the rest is
 /// the database's (the text keeps the cause).
-fn db_err(e: PgError) -> StoreError {
-    let cause = match &e {
-        PgError::Spill { source, .. } => Cause::Io(source.kind()),
-        _ => Cause::Database,
-    };
-    StoreError::new(format!("PostgreSQL: {e}"), cause)
+impl From<PgError> for StoreError {
+    fn from(e: PgError) -> StoreError {
+        let cause = match &e {
+            PgError::Spill { source, .. } => Cause::Io(source.kind()),
+            _ => Cause::Database,
+        };
+        StoreError::new(format!("PostgreSQL: {e}"), cause)
+    }
 }
 
-fn my_err(e: MyError) -> StoreError {
-    let cause = match &e {
-        MyError::Spill(PgError::Spill { source, .. }) => Cause::Io(source.kind()),
-        _ => Cause::Database,
-    };
-    StoreError::new(format!("MariaDB: {e}"), cause)
+impl From<MyError> for StoreError {
+    fn from(e: MyError) -> StoreError {
+        let cause = match &e {
+            MyError::Spill(PgError::Spill { source, .. }) => Cause::Io(source.kind()),
+            _ => Cause::Database,
+        };
+        StoreError::new(format!("MariaDB: {e}"), cause)
+    }
 }
 
 impl GrantStore for WriterStore {

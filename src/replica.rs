@@ -28,8 +28,8 @@ use tokio::time::Instant;
 
 use crate::grant::{Ledger, Policy};
 use crate::store::mysql::MyError;
-use crate::store::postgres::worker::write_json;
 use crate::store::postgres::{self, parse_address, PgError, Reread};
+use crate::store::writer::{read_json, write_json};
 use crate::store::{Cause, GrantStore, LmdbMap, StoreError};
 use crate::timefmt;
 
@@ -78,12 +78,7 @@ impl ReplicaError {
     pub fn newer_schema(&self) -> Option<postgres::NewerSchema> {
         match self {
             ReplicaError::Pg(e) => e.newer_schema(),
-            ReplicaError::My(MyError::NewerSchema { found, known }) => {
-                Some(postgres::NewerSchema {
-                    found: i32::try_from(*found).unwrap_or(i32::MAX),
-                    known: i32::try_from(*known).unwrap_or(i32::MAX),
-                })
-            }
+            ReplicaError::My(e) => e.newer_schema(),
             _ => None,
         }
     }
@@ -211,7 +206,7 @@ impl ReplicaStatus {
 
     /// The status a replica left in `state_dir`, if any (`updated` tells its age).
     pub fn load(state_dir: &std::path::Path) -> Option<ReplicaStatus> {
-        crate::store::postgres::worker::read_json(&state_dir.join(Self::FILE))
+        read_json(&state_dir.join(Self::FILE))
     }
 }
 

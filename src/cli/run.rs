@@ -724,19 +724,21 @@ fn start_shared_policy(
 /// `[store] mysql_url_file` is (a bad URL file
 /// stops start-up; an unreachable database does not: commits spill until it returns).
 fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, Failure> {
-    use crate::store::postgres::{worker, Origin, Target};
+    use crate::store::postgres::{worker::PgWriterDb, Origin, Target};
+    use crate::store::writer::{Writer, WriterSpec};
     let max_ttl = i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 4);
     if let Some(url_file) = &settings.store.mysql_url_file {
         use crate::store::mysql;
         let target = mysql::Target::load(url_file).map_err(|e| Failure::config(e.to_string()))?;
         tracing::info!(database = %target.describe(), "sharing grants through MariaDB/MySQL");
-        let db = mysql::worker::MysqlWriter::start(mysql::worker::MysqlSpec {
-            target,
+        let popbsmtp = settings.store.popbsmtp.clone().map(mysql::Popbsmtp::new);
+        let db = Writer::start(WriterSpec {
+            db: mysql::worker::MyWriterDb::new(target, popbsmtp),
             origin: Origin::this_host("dovecot"),
             max_ttl,
             state_dir: settings.state_dir.clone(),
             spill_max: settings.store.spill_max_grants,
-            popbsmtp: settings.store.popbsmtp.clone().map(mysql::Popbsmtp::new),
+            instance: map.path().display().to_string(),
         })
         .map_err(|e| Failure::runtime(e.to_string()))?;
         return Ok(WriterStore::shared(map, Box::new(db)));
@@ -747,8 +749,8 @@ fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, F
     let target = Target::load(url_file, &settings.store.schema)
         .map_err(|e| Failure::config(e.to_string()))?;
     tracing::info!(database = %target.describe(), "sharing grants through PostgreSQL");
-    let pg = worker::PgWriter::start(worker::WriterSpec {
-        target,
+    let pg = Writer::start(WriterSpec {
+        db: PgWriterDb::new(target),
         origin: Origin::this_host("dovecot"),
         max_ttl,
         state_dir: settings.state_dir.clone(),

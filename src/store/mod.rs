@@ -13,6 +13,7 @@ pub mod policy_db;
 pub mod postgres;
 pub mod url_file;
 pub mod value;
+pub mod writer;
 
 use std::net::IpAddr;
 

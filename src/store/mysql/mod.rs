@@ -74,6 +74,17 @@ pub enum MyError {
 }
 
 impl MyError {
+    /// The database's schema is newer than this dovegate (an upgrade, not an outage).
+    pub fn newer_schema(&self) -> Option<crate::store::postgres::NewerSchema> {
+        match self {
+            MyError::NewerSchema { found, known } => Some(crate::store::postgres::NewerSchema {
+                found: i32::try_from(*found).unwrap_or(i32::MAX),
+                known: i32::try_from(*known).unwrap_or(i32::MAX),
+            }),
+            _ => None,
+        }
+    }
+
     pub fn db(what: impl Into<String>, source: mysql_async::Error) -> MyError {
         MyError::Db {
             what: what.into(),
@@ -101,6 +112,23 @@ pub async fn timed<T>(
             what: what.to_string(),
             secs: QUERY_TIMEOUT.as_secs(),
         }),
+    }
+}
+
+/// A connection and its poll timer (MariaDB has no LISTEN: the poll of the change
+/// sequence is the change signal). Writers and replicas both use one.
+pub struct Polled {
+    pub conn: Conn,
+    pub poll: tokio::time::Interval,
+}
+
+impl Polled {
+    /// Connects (migrating the schema), the first poll at once.
+    pub async fn connect(target: &Target) -> Result<Polled, MyError> {
+        let conn = target.connect().await?;
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Polled { conn, poll })
     }
 }
 

@@ -6,10 +6,7 @@
 
 use std::time::Duration;
 
-use mysql_async::Conn;
-use tokio::time::{Interval, MissedTickBehavior};
-
-use super::{MyError, Target, POLL};
+use super::{MyError, Polled, Target};
 use crate::replica::{Read, ReplicaDb, ReplicaStatus, Snapshot};
 use crate::store::postgres::Reread;
 
@@ -24,12 +21,6 @@ impl MyReplica {
     }
 }
 
-/// A connection and its poll timer.
-pub struct Polled {
-    conn: Conn,
-    poll: Interval,
-}
-
 impl ReplicaDb for MyReplica {
     type Conn = Polled;
     /// The change sequence value read up to.
@@ -41,10 +32,7 @@ impl ReplicaDb for MyReplica {
     }
 
     async fn connect(&self) -> Result<Polled, MyError> {
-        let conn = self.target.connect().await?;
-        let mut poll = tokio::time::interval(POLL);
-        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        Ok(Polled { conn, poll })
+        Polled::connect(&self.target).await
     }
 
     async fn snapshot(&self, c: &mut Polled, ttl: i64) -> Result<Snapshot<i64>, MyError> {

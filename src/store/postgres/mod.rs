@@ -359,6 +359,49 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
     }
 }
 
+/// A connection that LISTENs on `CHANNEL`, and where its notifications arrive (one
+/// waiting stands for any number: see `drive`). Writers and replicas both use one.
+pub struct Listening {
+    pub client: Client,
+    pub notices: tokio::sync::mpsc::Receiver<Notice>,
+}
+
+impl Listening {
+    /// Connects (migrating the schema) and LISTENs, each bounded.
+    pub async fn connect(target: &Target) -> Result<Listening, PgError> {
+        let (tx, notices) = tokio::sync::mpsc::channel(1);
+        let client = target.connect(Some(tx)).await?;
+        tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            client.batch_execute(&format!("LISTEN {CHANNEL}")),
+        )
+        .await
+        .map_err(|_| PgError::Timeout {
+            what: "LISTEN".into(),
+            secs: CONNECT_TIMEOUT.as_secs(),
+        })?
+        .map_err(|e| PgError::db("LISTEN", e))?;
+        Ok(Listening { client, notices })
+    }
+
+    /// The next notification: Ok when something may have changed, an error when the
+    /// connection ended. Cancel-safe.
+    pub async fn changed(&mut self) -> Result<(), PgError> {
+        match self.notices.recv().await {
+            Some(Notice::Changed) => Ok(()),
+            Some(Notice::Closed(why)) => Err(PgError::Lost(why)),
+            None => Err(PgError::Lost("the connection task ended".into())),
+        }
+    }
+
+    /// Some when the connection is known to be closed.
+    pub fn closed(&self) -> Option<PgError> {
+        self.client
+            .is_closed()
+            .then(|| PgError::Lost("the connection was closed".into()))
+    }
+}
+
 /// What the connection tells a listener.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {

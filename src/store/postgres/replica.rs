@@ -6,10 +6,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_postgres::Client;
-
-use super::{Horizon, Notice, Origin, PgError, Reread, Tables, Target, CHANNEL, CONNECT_TIMEOUT};
+use super::{Horizon, Listening, Origin, PgError, Reread, Tables, Target};
 use crate::replica::{Read, ReplicaDb, ReplicaStatus, Snapshot};
 
 /// Addresses re-read per statement.
@@ -33,26 +30,6 @@ impl PgReplica {
     }
 }
 
-/// A connection that LISTENs, and where its notifications arrive (one waiting stands for
-/// any number: see `postgres::drive`).
-pub struct Listening {
-    client: Client,
-    notices: mpsc::Receiver<Notice>,
-}
-
-async fn timed<T>(
-    what: &str,
-    fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, PgError> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
-        Ok(r) => r.map_err(|e| PgError::db(what, e)),
-        Err(_) => Err(PgError::Timeout {
-            what: what.to_string(),
-            secs: CONNECT_TIMEOUT.as_secs(),
-        }),
-    }
-}
-
 impl ReplicaDb for PgReplica {
     type Conn = Listening;
     type Since = Horizon;
@@ -63,10 +40,7 @@ impl ReplicaDb for PgReplica {
     }
 
     async fn connect(&self) -> Result<Listening, PgError> {
-        let (tx, notices) = mpsc::channel(1);
-        let client = self.target.connect(Some(tx)).await?;
-        timed("LISTEN", client.batch_execute(&format!("LISTEN {CHANNEL}"))).await?;
-        Ok(Listening { client, notices })
+        Listening::connect(&self.target).await
     }
 
     async fn snapshot(&self, c: &mut Listening, ttl: i64) -> Result<Snapshot<Horizon>, PgError> {
@@ -115,11 +89,7 @@ impl ReplicaDb for PgReplica {
     }
 
     async fn next_change(&self, c: &mut Listening) -> Result<(), PgError> {
-        match c.notices.recv().await {
-            Some(Notice::Changed) => Ok(()),
-            Some(Notice::Closed(why)) => Err(PgError::Lost(why)),
-            None => Err(PgError::Lost("the connection task ended".into())),
-        }
+        c.changed().await
     }
 
     fn read_gap(&self, commit_interval: Duration) -> Duration {
@@ -127,9 +97,7 @@ impl ReplicaDb for PgReplica {
     }
 
     fn closed(&self, c: &mut Listening) -> Option<PgError> {
-        c.client
-            .is_closed()
-            .then(|| PgError::Lost("the connection was closed".into()))
+        c.closed()
     }
 
     async fn ping(&self, c: &mut Listening) -> Result<(), PgError> {
