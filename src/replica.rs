@@ -100,6 +100,9 @@ pub enum Read<S> {
     Nothing,
     /// More than the limit changed (this many at least): a full resync is cheaper.
     TooMany(usize),
+    /// Rows changed without a trace in the change sequence (MariaDB: a DELETE by hand):
+    /// `found` of the `expected` rows the last snapshot held are there. A full resync.
+    Unsequenced { expected: usize, found: usize },
     /// The addresses whose grant or revocation changed, their rows now (an address
     /// without a row grants nothing), and the position this is current to.
     Changes {
@@ -655,6 +658,14 @@ impl<D: ReplicaDb> Follower<D> {
             Read::Nothing => return Ok(()),
             Read::TooMany(n) => {
                 tracing::info!(changed = n, "many changes at once; resyncing");
+                return self.resync(c).await;
+            }
+            Read::Unsequenced { expected, found } => {
+                tracing::info!(
+                    expected,
+                    found,
+                    "rows changed in the database without a change sequence value (a DELETE or TRUNCATE by hand?); resyncing"
+                );
                 return self.resync(c).await;
             }
             Read::Changes {

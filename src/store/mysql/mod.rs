@@ -719,12 +719,30 @@ async fn consistent_read(
     Ok((tx, seq))
 }
 
-/// A consistent read: every grantable row with its effective expiry, the change sequence
-/// it is current to, and the database's clock: (grants, seq, db_now).
-pub async fn snapshot(
-    conn: &mut Conn,
-    ttl: i64,
-) -> Result<(Vec<(String, i64)>, i64, f64), mysql_async::Error> {
+/// A consistent read of the grants (`snapshot`).
+pub struct Snapshot {
+    /// Every grantable row with its effective expiry.
+    pub rows: Vec<(String, i64)>,
+    /// The change sequence value it is current to.
+    pub seq: i64,
+    /// The database's clock.
+    pub db_now: f64,
+    /// Every row, grantable or not, whose expiry is after `held_after` (unix seconds):
+    /// the rows a replica follows the count of (`changes_since`).
+    pub held: Vec<String>,
+    pub held_after: i64,
+}
+
+/// The rows a replica follows the count of: those whose expiry is after a time (its last
+/// snapshot's), up to a sequence value (parameters: seq, after). Every write by dovegate
+/// (a grant, a revoke) gives a row a new sequence value, which the replica reads as a
+/// change, and the writers' clean-up deletes only rows expired for a day; so the replica
+/// knows which rows these are, and a count that differs is a change without a sequence
+/// value (a DELETE or TRUNCATE by hand).
+const HELD_SQL: &str =
+    "FROM dovegate_grants WHERE seq <= ? AND expires > ('1970-01-01 00:00:00' + INTERVAL ? SECOND)";
+
+pub async fn snapshot(conn: &mut Conn, ttl: i64) -> Result<Snapshot, mysql_async::Error> {
     let (mut tx, seq) = consistent_read(conn).await?;
     let now: f64 = tx
         .query_first(format!("SELECT {} + 0e0", secs_f("UTC_TIMESTAMP(6)")))
@@ -737,18 +755,32 @@ pub async fn snapshot(
             grantable_sql(ttl)
         ))
         .await?;
+    let held_after = now.floor() as i64;
+    let held: Vec<String> = tx
+        .exec(format!("SELECT address {HELD_SQL}"), (seq, held_after))
+        .await?;
     tx.commit().await?;
-    Ok((rows, seq, now))
+    Ok(Snapshot {
+        rows,
+        seq,
+        db_now: now,
+        held,
+        held_after,
+    })
 }
 
 /// What changed after sequence value `since`: the addresses whose grant or revocation
 /// changed, with their rows as `snapshot` reads them (an address without a row grants
 /// nothing), `updated_at` for lag; and the sequence value this is current to. At most
-/// `limit` addresses (more: the caller resyncs).
+/// `limit` addresses (more: the caller resyncs). With `held_after` (a snapshot's
+/// `held_after`), also the changed rows whose expiry is after it (`kept`), and with
+/// `count` how many rows `HELD_SQL` counts up to `seq`, in the same consistent read.
 pub struct Changes {
     pub seq: i64,
     pub addresses: Vec<String>,
     pub rows: Vec<(String, i64, f64)>,
+    pub kept: Vec<String>,
+    pub held: Option<i64>,
 }
 
 pub async fn changes_since(
@@ -756,16 +788,38 @@ pub async fn changes_since(
     since: i64,
     ttl: i64,
     limit: usize,
+    held_after: Option<i64>,
+    count: bool,
 ) -> Result<Changes, mysql_async::Error> {
     let (mut tx, seq) = consistent_read(conn).await?;
+    let held = match held_after {
+        Some(after) if count => Some(
+            tx.exec_first::<i64, _, _>(format!("SELECT COUNT(*) {HELD_SQL}"), (seq, after))
+                .await?
+                .unwrap_or(0),
+        ),
+        _ => None,
+    };
     if seq <= since {
         tx.commit().await?;
         return Ok(Changes {
             seq: since,
             addresses: Vec::new(),
             rows: Vec::new(),
+            kept: Vec::new(),
+            held,
         });
     }
+    let kept: Vec<String> = match held_after {
+        Some(after) => {
+            tx.exec(
+                format!("SELECT address {HELD_SQL} AND seq > ? LIMIT ?"),
+                (seq, after, since, limit as u64),
+            )
+            .await?
+        }
+        None => Vec::new(),
+    };
     let addresses: Vec<String> = tx
         .exec(
             "SELECT address FROM dovegate_grants WHERE seq > ? AND seq <= ?
@@ -791,6 +845,8 @@ pub async fn changes_since(
         seq,
         addresses,
         rows,
+        kept,
+        held,
     })
 }
 
