@@ -2,7 +2,7 @@
 //! into this host's LMDB map, so Postfix on an MTA host keeps reading `lmdb:` locally and
 //! never waits on the network.
 //!
-//! One loop for both databases (`run`), over `ReplicaDb` (PostgreSQL:
+//! One loop for both databases (`run`), over `store::follow::ReplicaDb` (PostgreSQL:
 //! `store::postgres::replica`, MariaDB: `store::mysql::replica`): connect with a backoff,
 //! a snapshot of every unexpired grant, then the changes since the snapshot's position as
 //! the database signals them (PostgreSQL: LISTEN/NOTIFY; MariaDB: a bounded poll of its
@@ -27,6 +27,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::grant::{Ledger, Policy};
+use crate::store::follow::{Read, ReplicaDb};
 use crate::store::mysql::MyError;
 use crate::store::postgres::{self, parse_address, PgError, Reread};
 use crate::store::writer::{read_json, write_json};
@@ -82,84 +83,6 @@ impl ReplicaError {
             _ => None,
         }
     }
-}
-
-/// A full read of the grants.
-pub struct Snapshot<S> {
-    /// Every grantable row: the address as stored, its effective expiry (unix seconds).
-    pub rows: Vec<(String, i64)>,
-    /// The database's clock when it was read (unix seconds).
-    pub db_now: f64,
-    /// Where the next read of changes starts: every change the rows miss is after it.
-    pub since: S,
-}
-
-/// A read of what changed since a position.
-pub enum Read<S> {
-    /// Nothing changed: the position stays.
-    Nothing,
-    /// More than the limit changed (this many at least): a full resync is cheaper.
-    TooMany(usize),
-    /// Rows changed without a trace in the change sequence (MariaDB: a DELETE by hand):
-    /// `found` of the `expected` rows the last snapshot held are there. A full resync.
-    Unsequenced { expected: usize, found: usize },
-    /// The addresses whose grant or revocation changed, their rows now (an address
-    /// without a row grants nothing), and the position this is current to.
-    Changes {
-        addresses: Vec<String>,
-        rows: Vec<Reread>,
-        next: S,
-    },
-}
-
-/// The database side of a replica: what differs between PostgreSQL
-/// (`store::postgres::replica`) and MariaDB (`store::mysql::replica`). Every statement it
-/// runs is bounded by the loop (`SNAPSHOT_TIMEOUT`, `PING_TIMEOUT`).
-// Used generically by `run` inside this crate, never boxed nor spawned: no Send bound
-// is needed on the futures.
-#[allow(async_fn_in_trait)]
-pub trait ReplicaDb {
-    /// A connection, with whatever tells it of changes (notifications, a poll timer).
-    type Conn;
-    /// A position in the database's changes.
-    type Since: Clone;
-    type Error: Into<ReplicaError>;
-
-    /// The database for logs and status, without credentials.
-    fn describe(&self) -> String;
-    /// Connects (bounded), with the schema checked or migrated, subscribed to changes
-    /// where the database can announce them.
-    async fn connect(&self) -> Result<Self::Conn, Self::Error>;
-    /// Every grantable row with its effective expiry (`ttl`: this host's `grant.ttl`).
-    async fn snapshot(
-        &self,
-        c: &mut Self::Conn,
-        ttl: i64,
-    ) -> Result<Snapshot<Self::Since>, Self::Error>;
-    /// What changed after `since`; `Read::TooMany` beyond `limit` addresses.
-    async fn changes(
-        &self,
-        c: &mut Self::Conn,
-        since: &Self::Since,
-        ttl: i64,
-        limit: usize,
-    ) -> Result<Read<Self::Since>, Self::Error>;
-    /// Resolves when something may have changed (a notification, the next poll); an error
-    /// when the connection is lost. Cancel-safe (a `select!` branch).
-    async fn next_change(&self, c: &mut Self::Conn) -> Result<(), Self::Error>;
-    /// The least time between two reads of changes (a flood of signals, which anyone may
-    /// send, costs one read per gap).
-    fn read_gap(&self, commit_interval: Duration) -> Duration;
-    /// Some when the connection is known to be closed (no round trip).
-    fn closed(&self, c: &mut Self::Conn) -> Option<Self::Error>;
-    /// One round trip: a database that hangs without closing the connection sends
-    /// nothing either.
-    async fn ping(&self, c: &mut Self::Conn) -> Result<(), Self::Error>;
-    /// Reports this replica (`dovegate status --fleet`) where the database keeps the
-    /// fleet; status only, so a failure is logged at debug level and changes nothing.
-    async fn report(&self, c: &mut Self::Conn, status: &ReplicaStatus, grants: usize);
-    /// Ends the connection, waiting a bounded time (the server may be gone).
-    async fn close(&self, c: Self::Conn);
 }
 
 /// What the replica needs.
@@ -629,7 +552,10 @@ struct Follower<D: ReplicaDb> {
     since: Option<D::Since>,
 }
 
-impl<D: ReplicaDb> Follower<D> {
+impl<D: ReplicaDb> Follower<D>
+where
+    ReplicaError: From<D::Error>,
+{
     /// Makes the map equal the database: adds and shortens to the database's expiries,
     /// removes what vanished (revoked, expired, deleted by hand).
     async fn resync(&mut self, c: &mut D::Conn) -> Result<(), ReplicaError> {
@@ -694,8 +620,15 @@ impl<D: ReplicaDb> Follower<D> {
 
     /// Reports this replica (bounded; status only).
     async fn report(&mut self, c: &mut D::Conn) {
-        let grants = self.r.local.len();
-        let sent = tokio::time::timeout(PING_TIMEOUT, self.db.report(c, &self.r.status, grants));
+        let r = postgres::Report {
+            role: "replica",
+            instance: self.r.status.map.clone(),
+            spill_queue: None,
+            spill_dropped: None,
+            lag_secs: self.r.status.lag_secs,
+            grants: Some(i64::try_from(self.r.local.len()).unwrap_or(i64::MAX)),
+        };
+        let sent = tokio::time::timeout(PING_TIMEOUT, self.db.report(c, &r));
         if sent.await.is_err() {
             tracing::debug!("reporting this replica to the database timed out");
         }
@@ -706,7 +639,10 @@ impl<D: ReplicaDb> Follower<D> {
 pub async fn run<D: ReplicaDb>(
     spec: ReplicaSpec<D>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), ReplicaError> {
+) -> Result<(), ReplicaError>
+where
+    ReplicaError: From<D::Error>,
+{
     let ReplicaSpec {
         db,
         map,
@@ -810,7 +746,10 @@ async fn follow<D: ReplicaDb>(
     conn: &mut D::Conn,
     gap: Duration,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> Ended {
+) -> Ended
+where
+    ReplicaError: From<D::Error>,
+{
     let mut resync = tokio::time::interval(RESYNC_EVERY);
     resync.tick().await;
     let mut beat = tokio::time::interval(STATUS_EVERY);

@@ -1,4 +1,4 @@
-//! The MariaDB side of `dovegate replica` (`crate::replica::ReplicaDb`): a consistent
+//! The MariaDB side of `dovegate replica` (`store::follow::ReplicaDb`): a consistent
 //! snapshot with the change sequence value it is current to, then every `POLL` the rows
 //! whose sequence is past the last one read (an index range scan, empty and cheap when
 //! nothing changed). MariaDB has no LISTEN: the poll is the change signal.
@@ -14,8 +14,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::{MyError, Polled, Target};
-use crate::replica::{Read, ReplicaDb, ReplicaStatus, Snapshot};
-use crate::store::postgres::Reread;
+use crate::store::follow::{Read, ReplicaDb, Snapshot};
+use crate::store::postgres::{Report, Reread};
 
 /// Every this many polls the held rows are counted (`POLL` 200 ms: every 2 s).
 const HELD_CHECK_EVERY: u32 = 10;
@@ -148,7 +148,7 @@ impl ReplicaDb for MyReplica {
             .map_err(|e| MyError::db("a liveness check", e))
     }
 
-    async fn report(&self, _c: &mut Following, _status: &ReplicaStatus, _grants: usize) {
+    async fn report(&self, _c: &mut Following, _r: &Report) {
         // No fleet table in MariaDB yet: `dovegate status --fleet` reads PostgreSQL only.
     }
 

@@ -1,4 +1,4 @@
-//! The PostgreSQL side of `dovegate replica` (`crate::replica::ReplicaDb`): LISTEN on
+//! The PostgreSQL side of `dovegate replica` (`store::follow::ReplicaDb`): LISTEN on
 //! the connection, a snapshot with its transaction horizon, then on each notification the
 //! addresses whose grant or revocation changed since the last horizon (`changes_since`)
 //! and their rows (`reread`). A notification carries nothing (any role that can connect
@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use super::{Horizon, Listening, Origin, PgError, Reread, Tables, Target};
-use crate::replica::{Read, ReplicaDb, ReplicaStatus, Snapshot};
+use super::{Horizon, Listening, Origin, PgError, Report, Reread, Tables, Target};
+use crate::store::follow::{Read, ReplicaDb, Snapshot};
 
 /// Addresses re-read per statement.
 const REREAD_CHUNK: usize = 5000;
@@ -108,16 +108,8 @@ impl ReplicaDb for PgReplica {
             .map_err(|e| PgError::db("a liveness check", e))
     }
 
-    async fn report(&self, c: &mut Listening, status: &ReplicaStatus, grants: usize) {
-        let r = super::Report {
-            role: "replica",
-            instance: status.map.clone(),
-            spill_queue: None,
-            spill_dropped: None,
-            lag_secs: status.lag_secs,
-            grants: Some(i64::try_from(grants).unwrap_or(i64::MAX)),
-        };
-        if let Err(e) = super::report(&c.client, self.target.schema(), &self.host, &r).await {
+    async fn report(&self, c: &mut Listening, r: &Report) {
+        if let Err(e) = super::report(&c.client, self.target.schema(), &self.host, r).await {
             tracing::debug!(error = %super::error_text(&e), "cannot report this replica to the database");
         }
     }
