@@ -18,7 +18,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use crate::store::mysql::MyError;
-use crate::store::postgres::{PgError, Upserted, REVOKE_RACE_SECS};
+use crate::store::postgres::PgError;
+use crate::store::shared::{Upserted, REVOKE_RACE_SECS};
 use crate::store::writer::{Committed, Writer, WriterDb};
 
 /// The shared database as the writer's store sees it: a worker that commits grants (to the
@@ -175,7 +176,7 @@ fn local_expiries(own: &[(IpAddr, i64)], committed: &Committed, limit: i64) -> V
 impl From<PgError> for StoreError {
     fn from(e: PgError) -> StoreError {
         let cause = match &e {
-            PgError::Spill { source, .. } => Cause::Io(source.kind()),
+            PgError::Spill(s) => Cause::Io(s.source.kind()),
             _ => Cause::Database,
         };
         StoreError::new(format!("PostgreSQL: {e}"), cause)
@@ -185,7 +186,7 @@ impl From<PgError> for StoreError {
 impl From<MyError> for StoreError {
     fn from(e: MyError) -> StoreError {
         let cause = match &e {
-            MyError::Spill(PgError::Spill { source, .. }) => Cause::Io(source.kind()),
+            MyError::Spill(s) => Cause::Io(s.source.kind()),
             _ => Cause::Database,
         };
         StoreError::new(format!("MariaDB: {e}"), cause)

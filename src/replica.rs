@@ -29,7 +29,8 @@ use tokio::time::Instant;
 use crate::grant::{Ledger, Policy};
 use crate::store::follow::{Read, ReplicaDb};
 use crate::store::mysql::MyError;
-use crate::store::postgres::{self, parse_address, PgError, Reread};
+use crate::store::postgres::PgError;
+use crate::store::shared::{self, parse_address, Reread};
 use crate::store::writer::{read_json, write_json};
 use crate::store::{Cause, GrantStore, LmdbMap, StoreError};
 use crate::timefmt;
@@ -76,7 +77,7 @@ impl ReplicaError {
     }
 
     /// The database's schema is newer than this dovegate (an upgrade, not an outage).
-    pub fn newer_schema(&self) -> Option<postgres::NewerSchema> {
+    pub fn newer_schema(&self) -> Option<shared::NewerSchema> {
         match self {
             ReplicaError::Pg(e) => e.newer_schema(),
             ReplicaError::My(e) => e.newer_schema(),
@@ -121,7 +122,7 @@ pub struct ReplicaStatus {
     pub updated: i64,
     /// Set while the database refuses this dovegate for its newer schema (not an outage).
     #[serde(default)]
-    pub newer_schema: Option<postgres::NewerSchema>,
+    pub newer_schema: Option<shared::NewerSchema>,
     /// The replica's process (`status` tells it from a daemon that took the map since).
     #[serde(default)]
     pub pid: Option<u32>,
@@ -303,7 +304,7 @@ impl Replica {
             if let Some(v) = last.get_mut(&ip) {
                 *v = Some(row.expires);
                 updated_at.insert(ip, row.updated);
-                if row.source == postgres::ADMIN_SOURCE {
+                if row.source == shared::ADMIN_SOURCE {
                     by_hand.insert(ip, row.host);
                 }
             }
@@ -620,7 +621,7 @@ where
 
     /// Reports this replica (bounded; status only).
     async fn report(&mut self, c: &mut D::Conn) {
-        let r = postgres::Report {
+        let r = shared::Report {
             role: "replica",
             instance: self.r.status.map.clone(),
             spill_queue: None,

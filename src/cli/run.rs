@@ -689,7 +689,7 @@ fn start_shared_policy(
     blocks: &crate::blocks::Blocks,
 ) -> Result<Option<tokio::task::JoinHandle<()>>, Failure> {
     use crate::policy::shared::{spawn, SharedPolicy};
-    use crate::store::postgres::Origin;
+    use crate::store::shared::Origin;
     let host = Origin::this_host("dovecot").host;
     let _guard = runtime.enter();
     if let Some(url_file) = &settings.store.mysql_url_file {
@@ -724,7 +724,8 @@ fn start_shared_policy(
 /// `[store] mysql_url_file` is (a bad URL file
 /// stops start-up; an unreachable database does not: commits spill until it returns).
 fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, Failure> {
-    use crate::store::postgres::{worker::PgWriterDb, Origin, Target};
+    use crate::store::postgres::{worker::PgWriterDb, Target};
+    use crate::store::shared::Origin;
     use crate::store::writer::{Writer, WriterSpec};
     let max_ttl = i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 4);
     if let Some(url_file) = &settings.store.mysql_url_file {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::store::postgres::{Report, Reread};
+use crate::store::shared::{Report, Reread};
 
 /// A full read of the grants.
 pub struct Snapshot<S> {

@@ -12,6 +12,8 @@ mod lock;
 pub mod mysql;
 pub mod policy_db;
 pub mod postgres;
+pub mod shared;
+pub mod spill;
 pub mod url_file;
 pub mod value;
 pub mod writer;

@@ -24,6 +24,53 @@ pub enum UrlFileError {
     Read(#[from] crate::fsread::ReadError),
 }
 
+/// Why the URL in the file cannot be used; one line naming the file and the fix, never the
+/// URL itself (it holds the password).
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error(transparent)]
+    File(#[from] UrlFileError),
+    #[error("{}: is empty; write one URL like {example}", .file.display())]
+    Empty {
+        file: PathBuf,
+        example: &'static str,
+    },
+    /// Not a URL of this database; `why`: the parser's reason, when it cannot hold the URL.
+    #[error("{}: not a {kind} URL like {example}{}", .file.display(), .why.as_ref().map(|w| format!(" ({w})")).unwrap_or_default())]
+    NotAUrl {
+        file: PathBuf,
+        kind: &'static str,
+        example: &'static str,
+        why: Option<String>,
+    },
+    #[error("{}: the URL names no host", .file.display())]
+    NoHost { file: PathBuf },
+    #[error("{}: the URL names no database ({example})", .file.display())]
+    NoDatabase {
+        file: PathBuf,
+        example: &'static str,
+    },
+    #[error("{}: sslmode={mode} is not one of disable, prefer, require, verify-ca, verify-full", .file.display())]
+    SslMode { file: PathBuf, mode: String },
+    #[error("{}: sslrootcert without require_ssl=true", .file.display())]
+    RootCertWithoutTls { file: PathBuf },
+    #[error("{}: sslrootcert {cert}: cannot read: {source}", .file.display())]
+    RootCertUnreadable {
+        file: PathBuf,
+        cert: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: sslrootcert {cert}: cannot read PEM certificates: {why}", .file.display())]
+    RootCertNotPem {
+        file: PathBuf,
+        cert: String,
+        why: String,
+    },
+    #[error("{}: sslrootcert {cert}: no certificate in the file", .file.display())]
+    RootCertEmpty { file: PathBuf, cert: String },
+}
+
 /// The file's text, trimmed.
 pub fn read(path: &Path) -> Result<String, UrlFileError> {
     let meta = std::fs::metadata(path).map_err(|source| UrlFileError::Unreadable {

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::store::postgres::spill::Spill;
-use crate::store::postgres::{parse_address, NewerSchema, Origin, PgError, Report, Upserted};
+use crate::store::shared::{parse_address, NewerSchema, Origin, Report, Upserted};
+use crate::store::spill::{Spill, SpillError};
 use crate::timefmt;
 
 /// A statement that takes longer is abandoned and the database treated as down.
@@ -62,7 +62,7 @@ pub trait WriterDb: Clone + Send + Sync + 'static {
     type Conn: Send + 'static;
     /// A position in the revocations read.
     type Since: Clone;
-    type Error: std::error::Error + From<PgError> + Send + 'static;
+    type Error: std::error::Error + From<SpillError> + Send + 'static;
 
     /// The database's name in messages (`PostgreSQL`, `MariaDB`).
     const NAME: &'static str;

@@ -32,7 +32,8 @@ use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts, OptsBuilder, SslOpts};
 
 use crate::grant::key_text;
-use crate::store::postgres::{parse_address, Origin, Upserted, REVOKE_RACE_SECS};
+use crate::store::shared::{parse_address, Origin, Upserted, REVOKE_RACE_SECS};
+use crate::store::url_file::UrlError;
 
 /// The URL file must not hold more than this (it is one line).
 /// How long connecting (TCP, TLS, authentication) may take.
@@ -48,11 +49,9 @@ const CHUNK: usize = 1000;
 /// Why talking to MariaDB failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MyError {
-    #[error("{0}")]
-    Config(String),
-    /// The URL file itself (missing, readable by every user, too large).
+    /// The URL file or the URL in it: the administrator fixes the configuration.
     #[error(transparent)]
-    UrlFile(#[from] crate::store::url_file::UrlFileError),
+    Url(#[from] UrlError),
     #[error("{what}: {source}")]
     Db {
         what: String,
@@ -66,7 +65,7 @@ pub enum MyError {
     )]
     NewerSchema { found: i64, known: i64 },
     #[error(transparent)]
-    Spill(#[from] crate::store::postgres::PgError),
+    Spill(#[from] crate::store::spill::SpillError),
     #[error("the MariaDB worker {0}")]
     Worker(&'static str),
     #[error("database unreachable: {0}")]
@@ -75,9 +74,9 @@ pub enum MyError {
 
 impl MyError {
     /// The database's schema is newer than this dovegate (an upgrade, not an outage).
-    pub fn newer_schema(&self) -> Option<crate::store::postgres::NewerSchema> {
+    pub fn newer_schema(&self) -> Option<crate::store::shared::NewerSchema> {
         match self {
-            MyError::NewerSchema { found, known } => Some(crate::store::postgres::NewerSchema {
+            MyError::NewerSchema { found, known } => Some(crate::store::shared::NewerSchema {
                 found: i32::try_from(*found).unwrap_or(i32::MAX),
                 known: i32::try_from(*known).unwrap_or(i32::MAX),
             }),
@@ -158,29 +157,30 @@ impl Target {
     /// `require_ssl=true` in the URL means TLS with the certificate and name checked
     /// (against `sslrootcert=FILE` in the URL if given, else the built-in web roots).
     pub fn load(path: &Path) -> Result<Target, MyError> {
-        let at = path.display();
-        let fail = |m: String| MyError::Config(m);
-        let text = super::url_file::read(path)?;
+        let file = || path.to_path_buf();
+        let not_a_url = || UrlError::NotAUrl {
+            file: file(),
+            kind: "MariaDB/MySQL",
+            example: "mysql://user:password@host:3306/db?require_ssl=true",
+            why: None,
+        };
+        let text = super::url_file::read(path).map_err(UrlError::from)?;
         let text = match text.strip_prefix("mariadb://") {
             Some(rest) => format!("mysql://{rest}"),
             None => text,
         };
         if !text.starts_with("mysql://") {
-            return Err(fail(format!(
-                "{at}: not a MariaDB/MySQL URL like mysql://user:password@host:3306/db"
-            )));
+            return Err(not_a_url().into());
         }
         let (url, rootcert) = take_param(&text, "sslrootcert");
         // The parser's message may quote the URL: never show it (password).
-        let opts = Opts::from_url(&url).map_err(|_| {
-            fail(format!(
-                "{at}: not a valid MariaDB/MySQL URL like mysql://user:password@host:3306/db?require_ssl=true"
-            ))
-        })?;
+        let opts = Opts::from_url(&url).map_err(|_| not_a_url())?;
         if opts.db_name().is_none_or(str::is_empty) {
-            return Err(fail(format!(
-                "{at}: the URL names no database (mysql://user:password@host:3306/DB)"
-            )));
+            return Err(UrlError::NoDatabase {
+                file: file(),
+                example: "mysql://user:password@host:3306/DB",
+            }
+            .into());
         }
         let tls = opts.ssl_opts().is_some();
         let mut b = OptsBuilder::from_opts(opts)
@@ -189,10 +189,13 @@ impl Target {
             .stmt_cache_size(Some(32));
         if let Some(f) = rootcert {
             if !tls {
-                return Err(fail(format!("{at}: sslrootcert without require_ssl=true")));
+                return Err(UrlError::RootCertWithoutTls { file: file() }.into());
             }
-            let pem = std::fs::read(&f)
-                .map_err(|e| fail(format!("{at}: sslrootcert {f}: cannot read: {e}")))?;
+            let pem = std::fs::read(&f).map_err(|source| UrlError::RootCertUnreadable {
+                file: file(),
+                cert: f.clone(),
+                source,
+            })?;
             b = b.ssl_opts(
                 SslOpts::default()
                     .with_root_certs(vec![pem.into()])

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use super::{MyError, Polled, Target};
 use crate::store::follow::{Read, ReplicaDb, Snapshot};
-use crate::store::postgres::{Report, Reread};
+use crate::store::shared::{Report, Reread};
 
 /// Every this many polls the held rows are counted (`POLL` 200 ms: every 2 s).
 const HELD_CHECK_EVERY: u32 = 10;

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use super::{MyError, Polled, Popbsmtp, Target};
-use crate::store::postgres::{NewerSchema, Origin, Report, Upserted};
+use crate::store::shared::{NewerSchema, Origin, Report, Upserted};
 use crate::store::writer::{Writer, WriterDb, KEEP_EXPIRED_SECS, QUERY_TIMEOUT};
 
 /// The writer's handle on its MariaDB worker.
