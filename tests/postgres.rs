@@ -1464,124 +1464,18 @@ fn a_long_transaction_is_seen_when_it_commits() {
 }
 
 /// Issue 22: a user's caps count on every host, and a user who trips one loses the
-/// grants every host gave it and is let in again everywhere by one `dovegate unblock`.
+/// grants every host gave it and is let in again everywhere by one `dovegate unblock`
+/// (the same test on MariaDB: tests/mysql.rs).
 #[test]
 fn caps_and_blocks_hold_across_hosts() {
     let tmp = common::tempdir();
     let pg = Pg::start(tmp.path());
     let url = pg.url_file(&tmp.path().join("pg.url"));
-    let caps = "block_on_cap = true\nuser_messages_per_hour = 3\nuser_messages_per_day = 0\n\
-                user_recipients_per_hour = 0\nuser_recipients_per_day = 0\n\
-                grant_messages_per_hour = 0\ngrant_messages_per_day = 0\n\
-                grant_recipients_per_hour = 0\ngrant_recipients_per_day = 0";
-    let a = PolicyHost::start(tmp.path(), "mx-a", "postgres_url_file", &url, caps);
-    let b = PolicyHost::start(tmp.path(), "mx-b", "postgres_url_file", &url, caps);
-    a.login("203.0.113.40", "alice");
-    b.login("203.0.113.41", "alice");
-    b.login("203.0.113.43", "bob");
-    for (h, ip) in [
-        (&a, "203.0.113.40"),
-        (&b, "203.0.113.41"),
-        (&b, "203.0.113.43"),
-    ] {
-        wait_for(&format!("{ip} granted"), PATIENCE, || {
-            postmap_q(&h.map(), ip).is_some()
-        });
-    }
-    // Two messages on A, one on B: three, alice's cap, counted across the hosts.
-    a.send("203.0.113.40", "A1");
-    a.send("203.0.113.40", "A2");
-    b.send("203.0.113.41", "B1");
-    wait_for("every count in the database", FLEET_PATIENCE, || {
-        pg.psql("SELECT coalesce(sum(count), 0) FROM dovegate_policy_counts WHERE user_name = 'alice' AND kind = 'messages'")
-            .trim()
-            == "3"
-    });
-    assert_eq!(
-        pg.psql("SELECT host, sum(count) FROM dovegate_policy_counts WHERE user_name = 'alice' AND kind = 'messages' GROUP BY host ORDER BY host").trim(),
-        "mx-a|2\nmx-b|1"
-    );
-    // A learns of B's message within a round or two: its next recipient for alice is
-    // deferred (the message cap is reached), and alice is blocked.
-    let mut answers = Vec::new();
-    wait_for("A defers alice", FLEET_PATIENCE, || {
-        let r = a.ask(&["RCPT"], "203.0.113.40", "A3").remove(0);
-        let done = r.starts_with("DEFER 4.7.1 sending cap user_messages_per_hour");
-        answers.push(r);
-        if !done {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        done
-    });
-    assert!(
-        answers.iter().all(|r| r == "OK" || r.starts_with("DEFER")),
-        "{answers:?}"
-    );
-    // Bob is somebody else.
-    b.send("203.0.113.43", "B2");
-    // Alice's grants go from both hosts' maps: B revokes the one it gave.
-    wait_for("A's grant revoked", FLEET_PATIENCE, || {
-        postmap_q(&a.map(), "203.0.113.40").is_none()
-    });
-    wait_for("B's grant revoked", FLEET_PATIENCE, || {
-        postmap_q(&b.map(), "203.0.113.41").is_none()
-    });
-    assert!(postmap_q(&b.map(), "203.0.113.43").is_some());
-    assert!(
-        b.daemon.log().contains("user blocked on another host"),
-        "{}",
-        b.daemon.log()
-    );
-    assert_eq!(
-        pg.psql("SELECT user_name, cap, blocked_by FROM dovegate_blocked_users")
-            .trim(),
-        "alice|user_messages_per_hour|mx-a"
-    );
-    // A new login of alice on B grants nothing.
-    b.login("203.0.113.42", "alice");
-    wait_for("the login refused on B", FLEET_PATIENCE, || {
-        b.daemon
-            .log()
-            .contains("login of a blocked user not granted")
-    });
-    assert_eq!(postmap_q(&b.map(), "203.0.113.42"), None);
-
-    // One unblock, on B: A lets alice in again too.
-    let out = common::dovegate(&["unblock", "--config", &b.cfg.display().to_string(), "alice"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("every host"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    wait_for("A sees the unblock", FLEET_PATIENCE, || {
-        a.daemon.log().contains("user unblocked on another host")
-    });
-    assert_eq!(
-        pg.psql("SELECT count(*) FROM dovegate_blocked_users")
-            .trim(),
-        "0"
-    );
-    // A login racing the revoke is refused (a revoke wins over a renewal in flight): log
-    // in again once the database's clock is past that window (in whole seconds).
-    wait_for("the revoke's race window over", FLEET_PATIENCE, || {
-        let past = pg.psql("SELECT now() > revoked_at + interval '4 seconds' FROM dovegate_revocations WHERE address = '203.0.113.40'");
-        if past.trim() != "t" {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        past.trim() == "t"
-    });
-    a.login("203.0.113.40", "alice");
-    wait_for("alice granted on A again", FLEET_PATIENCE, || {
-        postmap_q(&a.map(), "203.0.113.40").is_some()
-    });
-    assert_eq!(
-        pg.psql("SELECT count(*) FROM dovegate_blocked_users")
-            .trim(),
-        "0"
+    common::fleet::caps_and_blocks_hold_across_hosts(
+        tmp.path(),
+        "postgres_url_file",
+        &url,
+        &|sql| pg.psql(sql).trim().to_string(),
+        "SELECT now() > revoked_at + interval '4 seconds' FROM dovegate_revocations WHERE address = '203.0.113.40'",
     );
 }
