@@ -17,10 +17,8 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use crate::store::mysql::MyError;
-use crate::store::postgres::PgError;
 use crate::store::shared::{Upserted, REVOKE_RACE_SECS};
-use crate::store::writer::{Committed, Writer, WriterDb};
+use crate::store::writer::{Committed, Writer, WriterDb, WriterError};
 
 /// The shared database as the writer's store sees it: a worker that commits grants (to the
 /// database, or durably to the spill queue while it is away), revokes with a tombstone,
@@ -38,18 +36,15 @@ pub trait SharedDb: Send {
     fn max_ttl(&self) -> i64;
 }
 
-impl<D: WriterDb> SharedDb for Writer<D>
-where
-    StoreError: From<D::Error>,
-{
+impl<D: WriterDb> SharedDb for Writer<D> {
     fn commit(&self, grants: &[(IpAddr, i64)]) -> Result<Committed, StoreError> {
-        Ok(Writer::commit(self, grants)?)
+        Writer::commit(self, grants).map_err(db_err::<D>)
     }
     fn revoke(&self, ip: IpAddr) -> Result<bool, StoreError> {
-        Ok(Writer::revoke(self, ip)?)
+        Writer::revoke(self, ip).map_err(db_err::<D>)
     }
     fn set(&self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
-        Ok(Writer::set(self, ip, expires)?)
+        Writer::set(self, ip, expires).map_err(db_err::<D>)
     }
     fn take_revocations(&self) -> Vec<(IpAddr, i64)> {
         Writer::take_revocations(self)
@@ -173,24 +168,9 @@ fn local_expiries(own: &[(IpAddr, i64)], committed: &Committed, limit: i64) -> V
 
 /// A database failure as a store error: the spill queue's I/O keeps its kind, the rest is
 /// the database's (the text keeps the cause).
-impl From<PgError> for StoreError {
-    fn from(e: PgError) -> StoreError {
-        let cause = match &e {
-            PgError::Spill(s) => Cause::Io(s.source.kind()),
-            _ => Cause::Database,
-        };
-        StoreError::new(format!("PostgreSQL: {e}"), cause)
-    }
-}
-
-impl From<MyError> for StoreError {
-    fn from(e: MyError) -> StoreError {
-        let cause = match &e {
-            MyError::Spill(s) => Cause::Io(s.source.kind()),
-            _ => Cause::Database,
-        };
-        StoreError::new(format!("MariaDB: {e}"), cause)
-    }
+fn db_err<D: WriterDb>(e: WriterError<D::Error>) -> StoreError {
+    let cause = e.io_kind().map_or(Cause::Database, Cause::Io);
+    StoreError::new(format!("{}: {e}", D::NAME), cause)
 }
 
 impl GrantStore for WriterStore {

@@ -62,7 +62,7 @@ pub trait WriterDb: Clone + Send + Sync + 'static {
     type Conn: Send + 'static;
     /// A position in the revocations read.
     type Since: Clone;
-    type Error: std::error::Error + From<SpillError> + Send + 'static;
+    type Error: std::error::Error + Send + 'static;
 
     /// The database's name in messages (`PostgreSQL`, `MariaDB`).
     const NAME: &'static str;
@@ -125,18 +125,43 @@ pub trait WriterDb: Clone + Send + Sync + 'static {
     /// Ends a connection without waiting for it (a hung server must not hold the worker).
     fn close(&self, c: Self::Conn);
 
-    /// The worker thread did not take or answer a request.
-    fn worker_error(what: &'static str) -> Self::Error;
-    /// Not connected now: `what` could not be done.
-    fn unreachable(what: &'static str) -> Self::Error;
-    /// No answer within the bound.
-    fn timeout(what: &'static str, secs: u64) -> Self::Error;
-    /// No answer within the bound (the connection is in an unknown state).
-    fn is_timeout(e: &Self::Error) -> bool;
     /// The database refused the data (retrying the same rows fails the same way).
     fn is_data_error(e: &Self::Error) -> bool;
     /// The database's schema is newer than this dovegate (an upgrade, not an outage).
     fn newer_schema(e: &Self::Error) -> Option<NewerSchema>;
+}
+
+/// Why the writer could not do something: the database's own error, or the worker's.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError<E: std::error::Error + 'static> {
+    /// A statement failed (the error names it).
+    #[error(transparent)]
+    Db(E),
+    /// The spill queue file: the commit is not durable.
+    #[error(transparent)]
+    Spill(#[from] SpillError),
+    /// No answer within the bound (a hung database; the connection is dropped).
+    #[error("{what}: no answer within {secs}s; the database hangs or is overloaded")]
+    Timeout { what: &'static str, secs: u64 },
+    /// Not connected now (the worker retries in the background): `what` was not done.
+    #[error("database unreachable: {what}; run the command again when it is reachable")]
+    Unreachable { what: &'static str },
+    /// The worker thread did not take or answer a request.
+    #[error("the {db} worker {what}")]
+    Worker {
+        db: &'static str,
+        what: &'static str,
+    },
+}
+
+impl<E: std::error::Error + 'static> WriterError<E> {
+    /// The spill queue's I/O error kind, when that is what failed.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            WriterError::Spill(s) => Some(s.source.kind()),
+            _ => None,
+        }
+    }
 }
 
 /// How a commit reached durability.
@@ -149,10 +174,12 @@ pub enum Committed {
     Spilled { dropped: usize },
 }
 
-enum Request<E> {
-    Commit(Vec<(IpAddr, i64)>, SyncSender<Result<Committed, E>>),
-    Revoke(IpAddr, SyncSender<Result<bool, E>>),
-    Set(IpAddr, i64, SyncSender<Result<(), E>>),
+type Reply<T, E> = SyncSender<Result<T, WriterError<E>>>;
+
+enum Request<E: std::error::Error + 'static> {
+    Commit(Vec<(IpAddr, i64)>, Reply<Committed, E>),
+    Revoke(IpAddr, Reply<bool, E>),
+    Set(IpAddr, i64, Reply<(), E>),
 }
 
 /// Revocations read from the database, waiting for the engine's side: (address, when it
@@ -223,7 +250,7 @@ pub struct Writer<D: WriterDb> {
 
 impl<D: WriterDb> Writer<D> {
     /// Opens the spill queue and starts the worker thread (it connects in the background).
-    pub fn start(spec: WriterSpec<D>) -> Result<Writer<D>, D::Error> {
+    pub fn start(spec: WriterSpec<D>) -> Result<Writer<D>, WriterError<D::Error>> {
         let spill = Spill::open(&spec.state_dir, spec.spill_max)?;
         if !spill.is_empty() {
             tracing::info!(waiting = spill.len(), file = %spill.path().display(), "spilled grants from an earlier run will be written to the database");
@@ -244,7 +271,7 @@ impl<D: WriterDb> Writer<D> {
                 };
                 rt.block_on(Worker::new(spec, spill, pending).run(rx));
             })
-            .map_err(|_| D::worker_error("thread cannot be started"))?;
+            .map_err(|_| Self::worker("thread cannot be started"))?;
         Ok(Writer {
             tx,
             max_ttl,
@@ -266,33 +293,37 @@ impl<D: WriterDb> Writer<D> {
         self.max_ttl
     }
 
+    fn worker(what: &'static str) -> WriterError<D::Error> {
+        WriterError::Worker { db: D::NAME, what }
+    }
+
     fn ask<T>(
         &self,
-        make: impl FnOnce(SyncSender<Result<T, D::Error>>) -> Request<D::Error>,
-    ) -> Result<T, D::Error> {
+        make: impl FnOnce(Reply<T, D::Error>) -> Request<D::Error>,
+    ) -> Result<T, WriterError<D::Error>> {
         let (reply, answer) = sync_channel(1);
         self.tx.try_send(make(reply)).map_err(|e| match e {
             tokio::sync::mpsc::error::TrySendError::Full(_) => {
-                D::worker_error("is busy (database hung?)")
+                Self::worker("is busy (database hung?)")
             }
-            tokio::sync::mpsc::error::TrySendError::Closed(_) => D::worker_error("has stopped"),
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => Self::worker("has stopped"),
         })?;
         answer
             .recv_timeout(REPLY_TIMEOUT)
-            .map_err(|_| D::worker_error("did not answer within 10s"))?
+            .map_err(|_| Self::worker("did not answer within 10s"))?
     }
 
     /// Writes grants to the database or, while it is down, to the spill queue.
-    pub fn commit(&self, grants: &[(IpAddr, i64)]) -> Result<Committed, D::Error> {
+    pub fn commit(&self, grants: &[(IpAddr, i64)]) -> Result<Committed, WriterError<D::Error>> {
         let grants = grants.to_vec();
         self.ask(|r| Request::Commit(grants, r))
     }
 
-    pub fn revoke(&self, ip: IpAddr) -> Result<bool, D::Error> {
+    pub fn revoke(&self, ip: IpAddr) -> Result<bool, WriterError<D::Error>> {
         self.ask(|r| Request::Revoke(ip, r))
     }
 
-    pub fn set(&self, ip: IpAddr, expires: i64) -> Result<(), D::Error> {
+    pub fn set(&self, ip: IpAddr, expires: i64) -> Result<(), WriterError<D::Error>> {
         self.ask(|r| Request::Set(ip, expires, r))
     }
 }
@@ -321,13 +352,16 @@ struct Worker<D: WriterDb> {
 }
 
 /// Runs `fut` with `QUERY_TIMEOUT`.
-async fn timed<T, D: WriterDb>(
+async fn timed<T, E: std::error::Error + 'static>(
     what: &'static str,
-    fut: impl Future<Output = Result<T, D::Error>>,
-) -> Result<T, D::Error> {
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, WriterError<E>> {
     match tokio::time::timeout(QUERY_TIMEOUT, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(D::timeout(what, QUERY_TIMEOUT.as_secs())),
+        Ok(r) => r.map_err(WriterError::Db),
+        Err(_) => Err(WriterError::Timeout {
+            what,
+            secs: QUERY_TIMEOUT.as_secs(),
+        }),
     }
 }
 
@@ -464,7 +498,7 @@ impl<D: WriterDb> Worker<D> {
     async fn clean(&mut self) {
         let Some(c) = &mut self.conn else { return };
         let (keep, ttl) = (KEEP_EXPIRED_SECS, self.spec.max_ttl);
-        match timed::<_, D>("deleting expired rows", self.spec.db.clean(c, keep, ttl)).await {
+        match timed("deleting expired rows", self.spec.db.clean(c, keep, ttl)).await {
             Ok(n) if n > 0 => tracing::debug!(rows = n, "expired rows deleted from the database"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot delete expired rows"),
@@ -493,7 +527,11 @@ impl<D: WriterDb> Worker<D> {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "cannot report this writer to the database"),
             Err(_) => {
-                self.down(D::timeout("reporting to the fleet", QUERY_TIMEOUT.as_secs()).to_string())
+                let e = WriterError::<D::Error>::Timeout {
+                    what: "reporting to the fleet",
+                    secs: QUERY_TIMEOUT.as_secs(),
+                };
+                self.down(e.to_string())
             }
         }
     }
@@ -503,11 +541,10 @@ impl<D: WriterDb> Worker<D> {
     async fn check_clock(&mut self) {
         let Some(c) = &mut self.conn else { return };
         let before = timefmt::now_f64();
-        let db_now =
-            match timed::<_, D>("reading the database's clock", self.spec.db.db_now(c)).await {
-                Ok(v) => v,
-                Err(e) => return self.down(e.to_string()),
-            };
+        let db_now = match timed("reading the database's clock", self.spec.db.db_now(c)).await {
+            Ok(v) => v,
+            Err(e) => return self.down(e.to_string()),
+        };
         let after = timefmt::now_f64();
         let skew = (before + after) / 2.0 - db_now;
         // Below a second it is measurement noise: expiries have second precision.
@@ -543,7 +580,7 @@ impl<D: WriterDb> Worker<D> {
             self.spec
                 .db
                 .revocations_since(c, self.revocations_since.as_ref(), self.spec.max_ttl);
-        let (rows, next) = match timed::<_, D>("reading revocations", read).await {
+        let (rows, next) = match timed("reading revocations", read).await {
             Ok(v) => v,
             Err(e) => {
                 self.revocations_due = true;
@@ -633,8 +670,10 @@ impl<D: WriterDb> Worker<D> {
             }
             Request::Revoke(ip, reply) => {
                 let r = match &mut self.conn {
-                    None => Err(D::unreachable("cannot revoke everywhere")),
-                    Some(c) => timed::<_, D>("revoking", self.spec.db.revoke(c, ip)).await,
+                    None => Err(WriterError::Unreachable {
+                        what: "cannot revoke everywhere",
+                    }),
+                    Some(c) => timed("revoking", self.spec.db.revoke(c, ip)).await,
                 };
                 self.down_if_hung(&r);
                 let _ = reply.send(r);
@@ -642,10 +681,10 @@ impl<D: WriterDb> Worker<D> {
             Request::Set(ip, e, reply) => {
                 let (ttl, origin) = (self.spec.max_ttl, &self.spec.origin);
                 let r = match &mut self.conn {
-                    None => Err(D::unreachable("cannot grant everywhere")),
-                    Some(c) => {
-                        timed::<_, D>("granting", self.spec.db.set(c, ip, e, ttl, origin)).await
-                    }
+                    None => Err(WriterError::Unreachable {
+                        what: "cannot grant everywhere",
+                    }),
+                    Some(c) => timed("granting", self.spec.db.set(c, ip, e, ttl, origin)).await,
                 };
                 self.down_if_hung(&r);
                 let _ = reply.send(r);
@@ -654,15 +693,18 @@ impl<D: WriterDb> Worker<D> {
     }
 
     /// A statement that got no answer leaves the connection in an unknown state: a new one.
-    fn down_if_hung<T>(&mut self, r: &Result<T, D::Error>) {
-        if let Err(e) = r {
-            if self.conn.is_some() && D::is_timeout(e) {
+    fn down_if_hung<T>(&mut self, r: &Result<T, WriterError<D::Error>>) {
+        if let Err(e @ WriterError::Timeout { .. }) = r {
+            if self.conn.is_some() {
                 self.down(e.to_string());
             }
         }
     }
 
-    async fn commit(&mut self, grants: Vec<(IpAddr, i64)>) -> Result<Committed, D::Error> {
+    async fn commit(
+        &mut self,
+        grants: Vec<(IpAddr, i64)>,
+    ) -> Result<Committed, WriterError<D::Error>> {
         // Order: while older grants wait in the queue, newer ones queue behind them.
         if self.conn.is_some() && self.spill.is_empty() {
             match self.upsert_checked(&grants).await {
@@ -702,7 +744,10 @@ impl<D: WriterDb> Worker<D> {
     /// (a data error), each address is written alone and those refused again are dropped
     /// with an ERROR naming them, so one bad row cannot keep every later commit in the
     /// spill queue. An outage is an error (the caller spills).
-    async fn upsert_checked(&mut self, grants: &[(IpAddr, i64)]) -> Result<Upserted, D::Error> {
+    async fn upsert_checked(
+        &mut self,
+        grants: &[(IpAddr, i64)],
+    ) -> Result<Upserted, WriterError<D::Error>> {
         let (db, ttl, skew, origin) = (
             &self.spec.db,
             self.spec.max_ttl,
@@ -710,23 +755,25 @@ impl<D: WriterDb> Worker<D> {
             &self.spec.origin,
         );
         let Some(c) = &mut self.conn else {
-            return Err(D::unreachable("cannot write grants"));
+            return Err(WriterError::Unreachable {
+                what: "cannot write grants",
+            });
         };
-        match timed::<_, D>("writing grants", db.upsert(c, grants, ttl, skew, origin)).await {
+        match timed("writing grants", db.upsert(c, grants, ttl, skew, origin)).await {
             Ok(v) => return Ok(v),
-            Err(e) if D::is_data_error(&e) => {
+            Err(WriterError::Db(e)) if D::is_data_error(&e) => {
                 tracing::warn!(error = %e, grants = grants.len(), "the database refused a batch of grants; writing them one by one");
             }
             Err(e) => return Err(e),
         }
         let mut out = Upserted::default();
         for g in latest(grants) {
-            match timed::<_, D>("writing a grant", db.upsert(c, &[g], ttl, skew, origin)).await {
+            match timed("writing a grant", db.upsert(c, &[g], ttl, skew, origin)).await {
                 Ok(v) => {
                     out.written.extend(v.written);
                     out.revoked.extend(v.revoked);
                 }
-                Err(e) if D::is_data_error(&e) => {
+                Err(WriterError::Db(e)) if D::is_data_error(&e) => {
                     tracing::error!(address = %g.0, error = %e, "the database refused this grant; it is kept in the local map only (not shared): check the row of this address in the table");
                 }
                 Err(e) => return Err(e),

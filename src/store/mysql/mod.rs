@@ -64,12 +64,9 @@ pub enum MyError {
         "schema version {found} is newer than this dovegate knows ({known}); upgrade dovegate"
     )]
     NewerSchema { found: i64, known: i64 },
-    #[error(transparent)]
-    Spill(#[from] crate::store::spill::SpillError),
-    #[error("the MariaDB worker {0}")]
-    Worker(&'static str),
-    #[error("database unreachable: {0}")]
-    Unreachable(String),
+    /// Another session holds the schema lock past its bound (a migration in progress).
+    #[error("the schema lock (GET_LOCK dovegate_schema) is held by another session; a migration is running or stuck there")]
+    SchemaLocked,
 }
 
 impl MyError {
@@ -422,9 +419,7 @@ async fn migrate(conn: &mut Conn) -> Result<(), MyError> {
         .await
         .map_err(db("taking the schema lock"))?;
     if got.flatten() != Some(1) {
-        return Err(MyError::Unreachable(
-            "the schema lock (GET_LOCK dovegate_schema) is held by another session".into(),
-        ));
+        return Err(MyError::SchemaLocked);
     }
     let result = async {
         conn.query_drop(

@@ -146,25 +146,6 @@ impl WriterDb for MyWriterDb {
         });
     }
 
-    fn worker_error(what: &'static str) -> MyError {
-        MyError::Worker(what)
-    }
-
-    fn unreachable(what: &'static str) -> MyError {
-        MyError::Unreachable(what.to_string())
-    }
-
-    fn timeout(what: &'static str, secs: u64) -> MyError {
-        MyError::Timeout {
-            what: what.to_string(),
-            secs,
-        }
-    }
-
-    fn is_timeout(e: &MyError) -> bool {
-        matches!(e, MyError::Timeout { .. })
-    }
-
     fn is_data_error(e: &MyError) -> bool {
         e.is_data_error()
     }

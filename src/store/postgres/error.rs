@@ -28,19 +28,10 @@ pub enum PgError {
     /// The schema in the database is newer than this program: not an outage, an upgrade.
     #[error(transparent)]
     NewerSchema(NewerSchema),
-    /// The spill queue file.
-    #[error(transparent)]
-    Spill(#[from] crate::store::spill::SpillError),
-    /// The writer's worker thread did not take or answer a request.
-    #[error("the PostgreSQL worker {0}")]
-    Worker(&'static str),
     /// The connection ended under us (the server closed it, the network failed); the
     /// caller reconnects.
     #[error("connection lost: {0}")]
     Lost(String),
-    /// Not connected now (the worker retries in the background).
-    #[error("database unreachable: {0}")]
-    Unreachable(String),
 }
 
 impl PgError {

@@ -141,25 +141,6 @@ impl WriterDb for PgWriterDb {
         drop(c);
     }
 
-    fn worker_error(what: &'static str) -> PgError {
-        PgError::Worker(what)
-    }
-
-    fn unreachable(what: &'static str) -> PgError {
-        PgError::Unreachable(what.to_string())
-    }
-
-    fn timeout(what: &'static str, secs: u64) -> PgError {
-        PgError::Timeout {
-            what: what.to_string(),
-            secs,
-        }
-    }
-
-    fn is_timeout(e: &PgError) -> bool {
-        matches!(e, PgError::Timeout { .. })
-    }
-
     fn is_data_error(e: &PgError) -> bool {
         e.is_data_error()
     }
