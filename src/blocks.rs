@@ -72,7 +72,6 @@ pub struct Blocks {
 struct FileLock(#[allow(dead_code)] std::fs::File);
 
 fn lock(dir: &Path) -> io::Result<FileLock> {
-    use std::os::unix::io::AsRawFd;
     let path = dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .custom_flags(libc::O_NOFOLLOW)
@@ -81,15 +80,8 @@ fn lock(dir: &Path) -> io::Result<FileLock> {
         .write(true)
         .open(&path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    // SAFETY: plain data; zeroed is the "whole file" range.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: a valid descriptor and a valid flock struct.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLKW, &fl) } != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
-    }
+    crate::ofd::set(&file, crate::ofd::Kind::Exclusive, true)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     Ok(FileLock(file))
 }
 

@@ -11,6 +11,13 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 mod diag;
+pub mod events;
+pub mod journal;
+pub mod listen;
+pub mod policy;
+pub mod push;
+pub mod serve;
+pub mod users;
 
 /// The embedded default configuration, also installed as `/etc/dovegate/dovegate.toml`.
 pub const DEFAULT_CONFIG: &str = include_str!("../packaging/dovegate.toml");
@@ -102,9 +109,9 @@ pub struct FileConfig {
     pub serve: ServeSection,
     pub state: StateSection,
     pub store: StoreSection,
-    pub push: crate::push::PushSection,
-    pub policy: crate::policy::PolicySection,
-    pub events: crate::events::EventsSection,
+    pub push: push::PushSection,
+    pub policy: policy::PolicySection,
+    pub events: events::EventsSection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -338,7 +345,7 @@ pub struct Settings {
     pub journal: bool,
     /// Log lines without a timestamp may grant (a source that has none); else refused.
     pub untimed_lines_grant: bool,
-    pub provenance: crate::source::journal::Provenance,
+    pub provenance: journal::Provenance,
     pub patterns_dir: Option<PathBuf>,
     pub services: Vec<String>,
     pub enable_patterns: Vec<String>,
@@ -361,13 +368,13 @@ pub struct Settings {
     pub action: String,
     pub commit_interval: Duration,
     pub state_dir: PathBuf,
-    pub socketmap: Option<crate::serve::socketmap::SocketmapConfig>,
+    pub socketmap: Option<serve::SocketmapConfig>,
     pub metrics: Option<std::net::SocketAddr>,
     pub store: StoreSettings,
-    pub push: crate::push::PushSettings,
+    pub push: push::PushSettings,
     /// The Postfix policy server (None: off).
-    pub policy: Option<crate::policy::PolicySettings>,
-    pub events: crate::events::EventsSettings,
+    pub policy: Option<policy::PolicySettings>,
+    pub events: events::EventsSettings,
 }
 
 /// A configuration problem, always naming the key (or file) at fault.
@@ -625,7 +632,7 @@ impl FileConfig {
         for (i, net) in self.grant.exclude.iter().enumerate() {
             exclude.push(parse_net(net).map_err(|m| err(&format!("grant.exclude[{i}]"), m))?);
         }
-        let ipv6_prefix = crate::grant::check_ipv6_prefix(self.grant.ipv6_prefix)
+        let ipv6_prefix = crate::model::address::check_ipv6_prefix(self.grant.ipv6_prefix)
             .map_err(|m| err("grant.ipv6_prefix", m))?;
         check_map_path(&self.map.path).map_err(|m| err("map.path", m))?;
         // Only actions Postfix's access(5) treats as "permit" for relaying: anything else
@@ -647,7 +654,8 @@ impl FileConfig {
         let socketmap = match self.serve.socketmap.trim() {
             "" => None,
             text => {
-                use crate::serve::socketmap::{Listen, SocketmapConfig};
+                use listen::Listen;
+                use serve::SocketmapConfig;
                 let listen = Listen::parse(text).map_err(|m| err("serve.socketmap", m))?;
                 let word = |key: &str, v: &str| {
                     if v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic()) {
@@ -724,7 +732,7 @@ impl FileConfig {
             journal_give_up,
             journal,
             untimed_lines_grant: self.source.untimed_lines_grant,
-            provenance: crate::source::journal::Provenance {
+            provenance: journal::Provenance {
                 units: self.source.journal_units.clone(),
                 comms: self.source.journal_comms.clone(),
                 exes: self.source.journal_exes.clone(),
@@ -752,9 +760,9 @@ impl FileConfig {
             socketmap,
             metrics,
             store: self.store.validate()?,
-            push: crate::push::PushSettings::from_section(&self.push)?,
-            policy: crate::policy::PolicySettings::from_section(&self.policy)?,
-            events: crate::events::EventsSettings::from_section(&self.events)?,
+            push: push::PushSettings::from_section(&self.push)?,
+            policy: policy::PolicySettings::from_section(&self.policy)?,
+            events: events::EventsSettings::from_section(&self.events)?,
         })
     }
 }
@@ -790,7 +798,7 @@ pub fn parse_net(text: &str) -> Result<IpNet, String> {
             "`{text}` is not a CIDR network like 192.0.2.0/24 or 2001:db8::/32"
         ));
     };
-    Ok(crate::grant::canonical_net(net))
+    Ok(crate::model::address::canonical_net(net))
 }
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ impl<D: WriterDb> SharedDb for Writer<D> {
 /// How long a revocation seen is kept to stop grants racing it.
 const RECENT_SECS: i64 = 30;
 use crate::store::{value, Cause, ExpireOutcome, GrantStore, LmdbMap, StoreError, StoredGrant};
+use crate::telemetry::ratelimit::RateLimit;
 use crate::timefmt;
 
 /// The store `dovegate run` uses: always the local map, plus the database when configured.
@@ -67,8 +68,8 @@ pub struct WriterStore {
     /// grant in flight from a login no later than the revoke + `REVOKE_RACE_SECS` (a
     /// session renewal racing the revoke) is not committed.
     recent: HashMap<IpAddr, i64>,
-    /// When the database copy was last said to be behind (rate limit).
-    behind_warned: Option<std::time::Instant>,
+    /// Says that the database copy is behind, at most once a minute.
+    behind: RateLimit,
 }
 
 impl WriterStore {
@@ -77,7 +78,7 @@ impl WriterStore {
             map,
             pg: None,
             recent: HashMap::new(),
-            behind_warned: None,
+            behind: RateLimit::new(crate::telemetry::ratelimit::REMIND_EVERY),
         }
     }
 
@@ -86,7 +87,7 @@ impl WriterStore {
             map,
             pg: Some(db),
             recent: HashMap::new(),
-            behind_warned: None,
+            behind: RateLimit::new(crate::telemetry::ratelimit::REMIND_EVERY),
         }
     }
 
@@ -121,14 +122,10 @@ impl WriterStore {
     }
 
     fn say_behind(&mut self, why: &str) {
-        if self
-            .behind_warned
-            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60))
-        {
+        let Some(times) = self.behind.hit() else {
             return;
-        }
-        self.behind_warned = Some(std::time::Instant::now());
-        tracing::error!(error = why, "database copy behind: grants committed to the local map only (the other hosts do not see them); check the database and STATE/fleet.json");
+        };
+        tracing::error!(error = why, times, "database copy behind: grants committed to the local map only (the other hosts do not see them); check the database and STATE/fleet.json");
     }
 }
 

@@ -18,6 +18,7 @@ pub mod grant;
 pub mod model;
 pub mod net;
 pub mod notify;
+pub mod ofd;
 pub mod pattern;
 pub mod policy;
 pub mod postfix;

@@ -17,12 +17,9 @@ pub fn status(status: &str) {
 
 /// systemd 253+ wants the monotonic time with RELOADING=1.
 pub fn reloading() {
-    // SAFETY: clock_gettime fills the timespec we own.
-    let usec = unsafe {
-        let mut ts: libc::timespec = std::mem::zeroed();
-        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
-        i128::from(ts.tv_sec) * 1_000_000 + i128::from(ts.tv_nsec) / 1000
-    };
+    let usec = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|ts| i128::from(ts.tv_sec()) * 1_000_000 + i128::from(ts.tv_nsec()) / 1000)
+        .unwrap_or(0);
     let _ = sd_notify::notify(&[NotifyState::Reloading, NotifyState::MonotonicUsec(usec)]);
 }
 

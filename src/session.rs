@@ -23,8 +23,7 @@ pub mod evidence;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use serde::{Deserialize, Serialize};
-
+pub use crate::model::saved::{OpenSession, SessionStats};
 pub use crate::model::{ends_held, holds, valid_id, SessionEnd, SessionStart};
 pub use evidence::{Evidence, Probe};
 
@@ -35,33 +34,6 @@ const MAX_OPEN: usize = 200_000;
 /// Ends seen before their login, kept at most, and for how long (seconds).
 const MAX_EARLY: usize = 10_000;
 const EARLY_KEEP: i64 = 300;
-
-/// One open session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OpenSession {
-    pub id: String,
-    pub ip: IpAddr,
-    pub pid: Option<u32>,
-    /// When the login happened (unix seconds).
-    pub login: i64,
-    /// The time of the last grant written for it (login or renewal).
-    pub renewed: i64,
-    #[serde(default)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub source: String,
-    #[serde(default)]
-    pub trusted: bool,
-    /// What the last check found.
-    #[serde(default)]
-    pub evidence: Evidence,
-    /// When it was last checked for evidence.
-    #[serde(default)]
-    pub checked: i64,
-    /// A source that reports exact ends (Dovecot's events) reported its start.
-    #[serde(default)]
-    pub exact: bool,
-}
 
 #[derive(Debug, Clone, Copy)]
 struct EarlyEnd {
@@ -99,19 +71,6 @@ pub struct Released {
 
 fn evidence_index(e: Evidence) -> usize {
     Evidence::ALL.iter().position(|&x| x == e).unwrap_or(0)
-}
-
-/// What the session checks did, saved for `dovegate status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionStats {
-    /// Open sessions by what their last check found (`Evidence::name`).
-    pub open_by_evidence: BTreeMap<String, u64>,
-    /// Since the daemon started: sessions that stopped holding because nothing showed
-    /// them open, those held until grant.session_hold, and those ended by a revoke or
-    /// `dovegate sessions drop`.
-    pub released_no_evidence: u64,
-    pub released_hold: u64,
-    pub dropped: u64,
 }
 
 /// The open sessions, by id.

@@ -29,7 +29,9 @@ fn read_state(path: &Path, max: u64) -> Option<Vec<u8>> {
 }
 
 /// The saved open sessions, from the bytes of `sessions.json`.
-pub fn parse_sessions(bytes: &[u8]) -> Result<Vec<crate::session::OpenSession>, serde_json::Error> {
+pub fn parse_sessions(
+    bytes: &[u8],
+) -> Result<Vec<crate::model::saved::OpenSession>, serde_json::Error> {
     serde_json::from_slice(bytes)
 }
 
@@ -130,7 +132,7 @@ impl CheckpointDir {
         self.dir.join("sessions.json")
     }
 
-    pub fn save_sessions(&self, open: &[crate::session::OpenSession]) -> std::io::Result<()> {
+    pub fn save_sessions(&self, open: &[crate::model::saved::OpenSession]) -> std::io::Result<()> {
         self.write_atomic(
             &self.sessions_file(),
             &serde_json::to_vec_pretty(open).map_err(std::io::Error::other)?,
@@ -138,7 +140,7 @@ impl CheckpointDir {
     }
 
     /// The saved sessions (none when absent; a corrupt file is reported and ignored).
-    pub fn load_sessions(&self) -> Vec<crate::session::OpenSession> {
+    pub fn load_sessions(&self) -> Vec<crate::model::saved::OpenSession> {
         let Some(bytes) = read_state(&self.sessions_file(), fsread::SESSIONS_MAX) else {
             return Vec::new();
         };
@@ -154,7 +156,10 @@ impl CheckpointDir {
         self.dir.join("session-stats.json")
     }
 
-    pub fn save_session_stats(&self, stats: &crate::session::SessionStats) -> std::io::Result<()> {
+    pub fn save_session_stats(
+        &self,
+        stats: &crate::model::saved::SessionStats,
+    ) -> std::io::Result<()> {
         self.write_atomic(
             &self.session_stats_file(),
             &serde_json::to_vec_pretty(stats).map_err(std::io::Error::other)?,

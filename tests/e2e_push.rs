@@ -489,11 +489,21 @@ fn odd_pushes_grant_nothing_stall_nothing_and_survive_a_reload() {
             postmap_q(&rig.map(), ip).is_some()
         });
     }
-    // A reload re-creates both listeners.
+    // A reload that changes neither server keeps both serving (a login Dovecot pushes
+    // during a reload is not refused): the same socket file, never started again.
+    let inode = || std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&sock).unwrap());
+    let before = inode();
     signal(daemon.child.id(), libc::SIGHUP);
     wait_for("reloaded", PATIENCE, || {
         daemon.log().contains("configuration reloaded")
     });
+    assert_eq!(
+        inode(),
+        before,
+        "the push socket was re-created by the reload"
+    );
+    let started = "push socket: logins accepted";
+    assert_eq!(daemon.log().matches(started).count(), 1, "{}", daemon.log());
     hook_as_root(&rig, "198.51.100.78");
     assert_eq!(http(port, secret, &report("2001:db8::79", "pop3")), 200);
     for ip in ["198.51.100.78", "2001:db8::79"] {
@@ -504,11 +514,28 @@ fn odd_pushes_grant_nothing_stall_nothing_and_survive_a_reload() {
         );
     }
     drop((idle, slow));
+    // A reload that changes [push] restarts it with the new settings.
+    assert_eq!(push_line(&sock, b"198.51.100.71\tcarol\n"), "OK\n");
+    let cfg = rig.dir.join("dovegate.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("users = [0]", "users = [0, 65534]")).unwrap();
+    signal(daemon.child.id(), libc::SIGHUP);
+    wait_for("push restarted", PATIENCE, || {
+        let log = daemon.log();
+        log.contains("[push] restarted with its new settings")
+            && log.matches("configuration reloaded").count() == 2
+    });
+    hook_as_root(&rig, "198.51.100.72");
+    wait_for("grant after [push] restarted", PATIENCE, || {
+        postmap_q(&rig.map(), "198.51.100.72").is_some()
+    });
     assert_eq!(daemon.stop(), Some(0));
     assert_eq!(
         map_keys(&rig.map()),
         [
             "198.51.100.70",
+            "198.51.100.71",
+            "198.51.100.72",
             "198.51.100.77",
             "198.51.100.78",
             "198.51.100.79",

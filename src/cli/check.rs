@@ -4,7 +4,9 @@
 //! Errors (exit 2) are what `run` would refuse; warnings are what would leave the daemon
 //! running and granting nothing (a log its user cannot read, Postfix unable to read the map).
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
+
+use nix::unistd::{self, Gid, Group, Uid, User};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -21,53 +23,28 @@ pub struct Account {
 }
 
 fn group_name(gid: u32) -> String {
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut out: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: valid buffers for the call; `out` points into `grp` on success.
-    let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
-    if rc != 0 || out.is_null() {
-        return gid.to_string();
+    match Group::from_gid(Gid::from_raw(gid)) {
+        Ok(Some(g)) => g.name,
+        _ => gid.to_string(),
     }
-    // SAFETY: gr_name is a NUL-terminated string inside `buf`.
-    unsafe { CStr::from_ptr(grp.gr_name) }
-        .to_string_lossy()
-        .into_owned()
 }
 
 impl Account {
     /// Looks a user up by name (None: no such user).
     pub fn lookup(name: &str) -> Option<Account> {
+        let user = User::from_name(name).ok()??;
+        let gid = user.gid;
         let cname = CString::new(name).ok()?;
-        let mut buf = vec![0 as libc::c_char; 16 * 1024];
-        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut out: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: valid buffers for the call; `out` points into `pw` on success.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                cname.as_ptr(),
-                &mut pw,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut out,
-            )
-        };
-        if rc != 0 || out.is_null() {
-            return None;
-        }
-        let (uid, gid) = (pw.pw_uid, pw.pw_gid);
-        let mut n: libc::c_int = 256;
-        let mut gids = vec![0 as libc::gid_t; n as usize];
-        // SAFETY: `gids` holds `n` entries; getgrouplist writes at most that many.
-        let rc = unsafe { libc::getgrouplist(cname.as_ptr(), gid, gids.as_mut_ptr(), &mut n) };
-        gids.truncate(if rc < 0 { 0 } else { n as usize });
-        if !gids.contains(&gid) {
-            gids.insert(0, gid);
+        let mut gids: Vec<u32> = unistd::getgrouplist(&cname, gid)
+            .map(|g| g.into_iter().map(Gid::as_raw).collect())
+            .unwrap_or_default();
+        if !gids.contains(&gid.as_raw()) {
+            gids.insert(0, gid.as_raw());
         }
         let groups = gids.into_iter().map(|g| (g, group_name(g))).collect();
         Some(Account {
             name: name.to_string(),
-            uid,
+            uid: user.uid.as_raw(),
             groups,
         })
     }
@@ -79,22 +56,8 @@ impl Account {
             return Account::lookup(n);
         }
         Account::lookup("dovegate").or_else(|| {
-            // SAFETY: geteuid cannot fail.
-            let uid = unsafe { libc::geteuid() };
-            let mut buf = vec![0 as libc::c_char; 16 * 1024];
-            let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-            let mut out: *mut libc::passwd = std::ptr::null_mut();
-            // SAFETY: as in `lookup`.
-            let rc =
-                unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
-            if rc != 0 || out.is_null() {
-                return None;
-            }
-            // SAFETY: pw_name is NUL-terminated inside `buf`.
-            let name = unsafe { CStr::from_ptr(pw.pw_name) }
-                .to_string_lossy()
-                .into_owned();
-            Account::lookup(&name)
+            let me = User::from_uid(unistd::geteuid()).ok()??;
+            Account::lookup(&me.name)
         })
     }
 
@@ -223,18 +186,10 @@ fn owner_text(meta: &std::fs::Metadata) -> String {
 
 impl Account {
     fn name_of(uid: u32) -> String {
-        let mut buf = vec![0 as libc::c_char; 16 * 1024];
-        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut out: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: as in `lookup`.
-        let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
-        if rc != 0 || out.is_null() {
-            return uid.to_string();
+        match User::from_uid(Uid::from_raw(uid)) {
+            Ok(Some(u)) => u.name,
+            _ => uid.to_string(),
         }
-        // SAFETY: pw_name is NUL-terminated inside `buf`.
-        unsafe { CStr::from_ptr(pw.pw_name) }
-            .to_string_lossy()
-            .into_owned()
     }
 }
 

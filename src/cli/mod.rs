@@ -6,6 +6,7 @@ mod check;
 mod docs;
 mod fleet_status;
 pub mod postlogin;
+mod pushed;
 mod receipts;
 pub mod relay_check;
 mod replica;

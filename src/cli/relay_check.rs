@@ -17,9 +17,17 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{self, ForkResult, Pid};
 
 use super::{load_settings, ConfigArgs};
 use crate::config::Settings;
@@ -134,59 +142,44 @@ pub fn is_live(value: &str, now: i64) -> bool {
 /// time. A child that is late is killed.
 fn lookup_in_child(settings: &Settings, ip: IpAddr, budget: Duration) -> Result<bool, String> {
     let map = crate::store::lmdb::file_path(&settings.map_path);
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: a pointer to two ints for the call's duration.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!(
-            "cannot create a pipe: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    let (rd, wr) = (fds[0], fds[1]);
+    let (rd, wr) = unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| format!("cannot create a pipe: {}", std::io::Error::from(e)))?;
     // SAFETY: the process is single-threaded here (no thread is started before the exec),
     // so the child may run ordinary code; it leaves with _exit, running no destructor.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: our own descriptors; /dev/null over stdin and stdout, so that a child
-        // stuck in the kernel (a hung filesystem) does not keep the client's connection open.
-        unsafe {
-            libc::close(rd);
-            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
-            if null >= 0 {
-                libc::dup2(null, 0);
-                libc::dup2(null, 1);
-                libc::close(null);
+    let child = match unsafe { unistd::fork() } {
+        Ok(ForkResult::Child) => {
+            drop(rd);
+            // /dev/null over stdin and stdout, so that a child stuck in the kernel (a hung
+            // filesystem) does not keep the client's connection open.
+            if let Ok(null) = nix::fcntl::open(
+                "/dev/null",
+                OFlag::O_RDWR | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            ) {
+                let _ = unistd::dup2_stdin(&null);
+                let _ = unistd::dup2_stdout(&null);
             }
+            let answer = match super::admin::stored_value(settings, ip) {
+                Ok(v) => match v.is_some_and(|v| is_live(&v, crate::timefmt::now())) {
+                    true => b"Y".to_vec(),
+                    false => b"N".to_vec(),
+                },
+                Err(e) => [b"E".as_slice(), e.0.as_bytes()].concat(),
+            };
+            let _ = unistd::write(&wr, &answer[..answer.len().min(4096)]);
+            // SAFETY: _exit ends the forked child at once, running nothing of the parent's.
+            unsafe { libc::_exit(0) }
         }
-        let answer = match super::admin::stored_value(settings, ip) {
-            Ok(v) => match v.is_some_and(|v| is_live(&v, crate::timefmt::now())) {
-                true => b"Y".to_vec(),
-                false => b"N".to_vec(),
-            },
-            Err(e) => [b"E".as_slice(), e.0.as_bytes()].concat(),
-        };
-        // SAFETY: a valid buffer, our descriptor; _exit ends the child at once.
-        unsafe {
-            libc::write(wr, answer.as_ptr().cast(), answer.len().min(4096));
-            libc::_exit(0);
-        }
-    }
-    // SAFETY: our own descriptor.
-    unsafe { libc::close(wr) };
-    if pid < 0 {
-        let e = std::io::Error::last_os_error();
-        // SAFETY: our own descriptor.
-        unsafe { libc::close(rd) };
-        return Err(format!("cannot fork: {e}"));
-    }
-    let (got, timed_out) = read_until_eof(rd, budget);
-    // SAFETY: our own descriptor.
-    unsafe { libc::close(rd) };
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => return Err(format!("cannot fork: {}", std::io::Error::from(e))),
+    };
+    drop(wr);
+    let (got, timed_out) = read_until_eof(&rd, budget);
+    drop(rd);
     if timed_out {
-        // SAFETY: the child we forked.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = kill(child, Signal::SIGKILL);
     }
-    let status = reap(pid);
+    let status = reap(child);
     if timed_out {
         return Err(format!(
             "{}: no answer within {} ms (a process holds a write lock on the map?)",
@@ -202,17 +195,17 @@ fn lookup_in_child(settings: &Settings, ip: IpAddr, budget: Duration) -> Result<
             "{}: the lookup failed ({})",
             map.display(),
             match status {
-                Some(s) if libc::WIFSIGNALED(s) =>
-                    format!("killed by signal {}: a damaged map?", libc::WTERMSIG(s)),
-                Some(s) => format!("exit status {}", libc::WEXITSTATUS(s)),
-                None => "no status".into(),
+                Some(WaitStatus::Signaled(_, sig, _)) =>
+                    format!("killed by signal {}: a damaged map?", sig as i32),
+                Some(WaitStatus::Exited(_, code)) => format!("exit status {code}"),
+                _ => "no status".into(),
             }
         )),
     }
 }
 
 /// Reads `fd` until end of file or until `budget` has passed (then `true`).
-fn read_until_eof(fd: libc::c_int, budget: Duration) -> (Vec<u8>, bool) {
+fn read_until_eof(fd: &OwnedFd, budget: Duration) -> (Vec<u8>, bool) {
     let start = Instant::now();
     let mut out = Vec::new();
     let mut buf = [0u8; 512];
@@ -221,52 +214,37 @@ fn read_until_eof(fd: libc::c_int, budget: Duration) -> (Vec<u8>, bool) {
         if left.is_zero() {
             return (out, true);
         }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid pollfd for the call's duration.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return (out, false);
+        let mut pfd = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        let wait =
+            PollTimeout::try_from(left.max(Duration::from_millis(1))).unwrap_or(PollTimeout::MAX);
+        match poll(&mut pfd, wait) {
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(_) => return (out, false),
         }
-        if n == 0 {
-            continue;
-        }
-        // SAFETY: a valid buffer of that length, our descriptor.
-        let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        match r {
-            0 => return (out, false),
-            r if r > 0 => {
-                out.extend_from_slice(&buf[..r as usize]);
+        match unistd::read(fd, &mut buf) {
+            Ok(0) => return (out, false),
+            Ok(r) => {
+                out.extend_from_slice(&buf[..r]);
                 if out.len() > 8192 {
                     return (out, false);
                 }
             }
-            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-            _ => return (out, false),
+            Err(Errno::EINTR) => {}
+            Err(_) => return (out, false),
         }
     }
 }
 
 /// Collects the child's status. A killed child stuck in the kernel (a hung filesystem) is
 /// not waited for: it is left to the program, which inherits it.
-fn reap(pid: libc::pid_t) -> Option<libc::c_int> {
+fn reap(pid: Pid) -> Option<WaitStatus> {
     let start = Instant::now();
     loop {
-        let mut status = 0;
-        // SAFETY: our own child; a pointer to a local int.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            return Some(status);
-        }
-        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return None;
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+            Ok(status) => return Some(status),
+            Err(_) => return None,
         }
         if start.elapsed() > Duration::from_millis(200) {
             return None;

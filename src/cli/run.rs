@@ -1,10 +1,10 @@
 //! `dovegate run`: wires sources, engine and map together and runs until SIGTERM/SIGINT;
 //! SIGHUP reloads the configuration (a bad one is refused and the running one stays).
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use super::pushed::Pushed;
 use super::{load_patterns, load_settings, ConfigArgs, Failure};
 use crate::config::Settings;
 use crate::engine::{self, Engine, Exit};
@@ -21,7 +21,7 @@ use crate::source::journal::{JournalSource, JournalSourceSpec, JournalStart, Jou
 use crate::source::{DaemonSink, FileSource, FileSourceSpec};
 use crate::state::CheckpointDir;
 use crate::store::dry::{Details, DryStore};
-use crate::store::{ExpireOutcome, GrantStore, LmdbMap, OpenMode, StoreError, StoredGrant};
+use crate::store::{GrantStore, LmdbMap, OpenMode};
 use crate::telemetry::StatsRegistry;
 use crate::timefmt;
 
@@ -159,10 +159,8 @@ impl Effective {
 struct Sources {
     handles: Vec<SourceHandle>,
     rx: tokio::sync::mpsc::Receiver<Batch>,
-    /// The push servers (post-login socket, auth policy); dropped with the generation.
-    _push: crate::push::Push,
-    /// Dovecot's event exporter listener; dropped with the generation.
-    _events: crate::events::Events,
+    /// Stopped by a reload that then failed (`stop_in_place`).
+    stopped: bool,
 }
 
 impl Sources {
@@ -172,30 +170,14 @@ impl Sources {
         stats: &StatsRegistry,
         deaths: &Deaths,
         dry: Option<&DryRun>,
-        blocks: Option<&crate::blocks::Blocks>,
+        pushed: &Pushed,
     ) -> Result<Sources, Failure> {
         let (tx, rx) = match dry {
             Some(d) => d.relay()?,
             None => tokio::sync::mpsc::channel(64),
         };
         let settings = &cfg.settings;
-        // The push servers and the events listener first: a socket that cannot be claimed
-        // (another daemon serves it) fails the start before any source thread runs.
-        let _push = if dry.is_some_and(|d| d.daemon_running) && settings.push.enabled() {
-            // Its sockets belong to the running daemon: binding them would take them over.
-            tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
-            crate::push::spawn(&Default::default(), tx.clone(), stats, None)
-        } else {
-            crate::push::spawn(&settings.push, tx.clone(), stats, blocks.cloned())
-        }
-        .map_err(Failure::runtime)?;
-        let _events = if dry.is_some_and(|d| d.daemon_running) && settings.events.enabled() {
-            tracing::warn!("[events]: a dovegate daemon holds the map; --dry-run leaves its events listener alone and reports logged logins only");
-            crate::events::spawn(&Default::default(), tx.clone(), stats)
-        } else {
-            crate::events::spawn(&settings.events, tx.clone(), stats)
-        }
-        .map_err(Failure::runtime)?;
+        pushed.attach(&tx);
         let mut handles = Vec::new();
         let cutoff = timefmt::now() - i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 2);
         let sink = |name: &str| {
@@ -269,24 +251,58 @@ impl Sources {
         Ok(Sources {
             handles,
             rx,
-            _push,
-            _events,
+            stopped: false,
         })
     }
 
-    /// Stops every source thread (killing journalctl) and joins them. The receiver goes
-    /// first, so that a thread blocked on a full channel returns.
-    fn stop(self) {
-        drop(self.rx);
-        for h in &self.handles {
+    /// Stops every source thread (killing journalctl) and joins them, and returns what
+    /// they (and the pushed servers' relay) sent that the engine has not taken: the caller
+    /// accepts it, so a pushed login answered OK is never dropped with the channel. The
+    /// channel is closed first, so that a thread blocked on a full channel returns and the
+    /// relay holds its next batch for the next generation.
+    fn stop_in_place(&mut self) -> Vec<Batch> {
+        self.rx.close();
+        self.stopped = true;
+        let handles = std::mem::take(&mut self.handles);
+        for h in &handles {
             h.request_stop();
         }
-        for h in self.handles {
+        for h in handles {
             let name = h.name().to_string();
             h.stop();
             tracing::debug!(source = %name, "source stopped");
         }
+        let mut left = Vec::new();
+        while let Ok(b) = self.rx.try_recv() {
+            left.push(b);
+        }
+        left
     }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+}
+
+/// The pushed servers' settings; none under `--dry-run` beside a running daemon: its
+/// sockets belong to that daemon, and binding them would take them over.
+fn pushed_settings(
+    settings: &crate::config::Settings,
+    dry: Option<&DryRun>,
+) -> (
+    crate::config::push::PushSettings,
+    crate::config::events::EventsSettings,
+) {
+    if !dry.is_some_and(|d| d.daemon_running) {
+        return (settings.push.clone(), settings.events.clone());
+    }
+    if settings.push.enabled() {
+        tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
+    }
+    if settings.events.enabled() {
+        tracing::warn!("[events]: a dovegate daemon holds the map; --dry-run leaves its events listener alone and reports logged logins only");
+    }
+    Default::default()
 }
 
 /// Followed files for logs: `a, b`, or `none`.
@@ -325,9 +341,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let settings = cfg.settings.clone();
     let dry = args.dry_run.then(|| DryRun::new(&settings));
     let _instance;
-    let (map, checkpoints) = match &dry {
+    let (map, checkpoints): (DaemonStore, _) = match &dry {
         Some(d) => (
-            DaemonStore::Dry(DryStore::new(
+            Box::new(DryStore::new(
                 d.details.clone(),
                 Box::new(std::io::stdout()),
             )),
@@ -362,7 +378,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             )
             .map_err(|e| Failure::runtime(e.0))?;
             (
-                DaemonStore::Real(open_writer_store(&settings, map)?),
+                Box::new(open_writer_store(&settings, map)?),
                 CheckpointDir::new(&settings.state_dir),
             )
         }
@@ -421,14 +437,11 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     };
     let (deaths, mut died) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut death: Option<String> = None;
-    let mut sources = Sources::start(
-        &cfg,
-        &checkpoints,
-        &stats,
-        &deaths,
-        dry.as_ref(),
-        blocks.as_ref(),
-    )?;
+    // The pushed servers before the log sources: a socket another daemon serves fails
+    // the start before any source thread runs.
+    let (push, events) = pushed_settings(&cfg.settings, dry.as_ref());
+    let mut pushed = Pushed::start(&runtime, &push, &events, &stats, blocks.as_ref())?;
+    let mut sources = Sources::start(&cfg, &checkpoints, &stats, &deaths, dry.as_ref(), &pushed)?;
     tracing::info!(
         map = %settings.map_path.display(),
         grants = engine.active(),
@@ -495,15 +508,21 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                         {
                             tracing::warn!("[store] changes take effect at the next restart");
                         }
-                        sources.stop();
-                        match Sources::start(
-                            &new,
-                            &checkpoints,
-                            &stats,
-                            &deaths,
-                            dry.as_ref(),
-                            blocks.as_ref(),
-                        ) {
+                        let (push, events) = pushed_settings(&new.settings, dry.as_ref());
+                        let started = pushed.reload(&push, &events).and_then(|()| {
+                            for b in sources.stop_in_place() {
+                                engine.accept(b, timefmt::now());
+                            }
+                            Sources::start(
+                                &new,
+                                &checkpoints,
+                                &stats,
+                                &deaths,
+                                dry.as_ref(),
+                                &pushed,
+                            )
+                        });
+                        match started {
                             Ok(started) => {
                                 sources = started;
                                 if let Some(servers) = &mut servers {
@@ -524,16 +543,19 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                             }
                             Err(f) => {
                                 // A push socket another process serves, say: the running
-                                // sources come back as they were, and only then is the
-                                // refusal said (whoever acts on it finds them serving).
-                                sources = Sources::start(
-                                    &cfg,
-                                    &checkpoints,
-                                    &stats,
-                                    &deaths,
-                                    dry.as_ref(),
-                                    blocks.as_ref(),
-                                )?;
+                                // sources come back as they were (or never stopped), and
+                                // only then is the refusal said (whoever acts on it finds
+                                // them serving).
+                                if sources.is_stopped() {
+                                    sources = Sources::start(
+                                        &cfg,
+                                        &checkpoints,
+                                        &stats,
+                                        &deaths,
+                                        dry.as_ref(),
+                                        &pushed,
+                                    )?;
+                                }
                                 tracing::error!(
                                     "reload refused, the running configuration stays: {}",
                                     f.message
@@ -563,7 +585,28 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         }
     };
     crate::notify::stopping();
-    sources.stop();
+    // The pushed servers stop first; what they answered OK is forwarded, taken and
+    // committed before the end.
+    let relay = pushed.close();
+    runtime.block_on(async {
+        let bound = tokio::time::sleep(std::time::Duration::from_secs(2));
+        tokio::pin!(relay, bound);
+        loop {
+            tokio::select! {
+                Some(b) = sources.rx.recv() => engine.accept(b, timefmt::now()),
+                _ = &mut relay => break,
+                () = &mut bound => break,
+            }
+        }
+    });
+    for b in sources.stop_in_place() {
+        engine.accept(b, timefmt::now());
+    }
+    if engine.has_pending() {
+        if let Err(e) = engine.flush(timefmt::now()) {
+            tracing::error!(error = %e, "map commit at shutdown failed; the logins read since the last checkpoint are read again at the next start");
+        }
+    }
     if let Some(task) = shared_policy {
         task.abort();
     }
@@ -631,53 +674,9 @@ impl DryRun {
     }
 }
 
-/// The daemon's store: the real map (and PostgreSQL), or the printing one of `--dry-run`.
-enum DaemonStore {
-    Real(WriterStore),
-    Dry(DryStore),
-}
-
-macro_rules! both {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self {
-            DaemonStore::Real($s) => $e,
-            DaemonStore::Dry($s) => $e,
-        }
-    };
-}
-
-impl GrantStore for DaemonStore {
-    fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
-        both!(self, s => s.upsert(grants))
-    }
-    fn expire(&mut self, ips: &[IpAddr], now: i64) -> Result<ExpireOutcome, StoreError> {
-        both!(self, s => s.expire(ips, now))
-    }
-    fn expire_all(&mut self, now: i64) -> Result<usize, StoreError> {
-        both!(self, s => s.expire_all(now))
-    }
-    fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
-        both!(self, s => s.list())
-    }
-    fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
-        both!(self, s => s.get(ip))
-    }
-    fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
-        both!(self, s => s.revoke(ip))
-    }
-    fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
-        both!(self, s => s.set(ip, expires))
-    }
-    fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
-        both!(self, s => s.snapshot())
-    }
-    fn changed(&mut self) -> Result<Option<bool>, StoreError> {
-        both!(self, s => s.changed())
-    }
-    fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
-        both!(self, s => s.cap(ips, limit))
-    }
-}
+/// The daemon's store: the writer's (the map, and the database when configured), or the
+/// printing one of `--dry-run`.
+type DaemonStore = Box<dyn GrantStore + Send>;
 
 /// Blocked users and cap counts shared with the other hosts through PostgreSQL or MariaDB
 /// (`policy::shared`), whether or not this host runs the policy server; None without a

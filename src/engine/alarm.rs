@@ -1,10 +1,12 @@
 //! Says once that something keeps failing, reminds at a bounded rate while it lasts, and
 //! says once when it works again: a retry loop must not log an ERROR every 250 ms, and a
-//! lasting failure must not fall silent either.
+//! lasting failure must not fall silent either (the daemon's one `Lasting` limiter).
 
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::telemetry::ratelimit::{Lasting, Say};
 
 /// How often a lasting failure is logged again.
 pub const REMIND_EVERY: Duration = Duration::from_secs(60);
@@ -18,42 +20,33 @@ pub enum Said {
     Recovered,
 }
 
-/// The failure state of one retried operation (commit, expiry, re-read of the map).
+/// The failure state of one retried operation (commit, expiry, re-read of the map): a
+/// `telemetry::ratelimit::Lasting` on tokio's clock, with the engine's wording.
 #[derive(Debug)]
 pub struct Alarm {
     what: &'static str,
-    since: Option<Instant>,
-    last_said: Option<Instant>,
-    attempts: u64,
+    state: Lasting<Instant>,
 }
 
 impl Alarm {
     pub fn new(what: &'static str) -> Alarm {
         Alarm {
             what,
-            since: None,
-            last_said: None,
-            attempts: 0,
+            state: Lasting::new(REMIND_EVERY),
         }
     }
 
     /// One more failed attempt.
     pub fn fail(&mut self, error: &dyn std::fmt::Display) -> Said {
-        let now = Instant::now();
-        self.attempts += 1;
         let what = self.what;
-        match (self.since, self.last_said) {
-            (None, _) => {
-                self.since = Some(now);
-                self.last_said = Some(now);
+        match self.state.seen(Instant::now()) {
+            Say::Began => {
                 tracing::error!(%error, "{what} failed; retrying");
                 Said::Failing
             }
-            (Some(since), Some(said)) if now.duration_since(said) >= REMIND_EVERY => {
-                self.last_said = Some(now);
-                let secs = now.duration_since(since).as_secs();
-                let attempts = self.attempts;
-                tracing::error!(%error, failing_secs = secs, attempts, "{what} still failing; retrying");
+            Say::Lasts { lasted, seen } => {
+                let secs = lasted.as_secs();
+                tracing::error!(%error, failing_secs = secs, attempts = seen, "{what} still failing; retrying");
                 Said::StillFailing
             }
             _ => Said::Nothing,
@@ -62,15 +55,15 @@ impl Alarm {
 
     /// A successful attempt.
     pub fn ok(&mut self) -> Said {
-        let Some(since) = self.since.take() else {
-            return Said::Nothing;
-        };
-        let secs = since.elapsed().as_secs();
-        let attempts = std::mem::take(&mut self.attempts);
-        self.last_said = None;
         let what = self.what;
-        tracing::info!(after_secs = secs, attempts, "{what} works again");
-        Said::Recovered
+        match self.state.gone(Instant::now()) {
+            Say::Ended { lasted, seen } => {
+                let secs = lasted.as_secs();
+                tracing::info!(after_secs = secs, attempts = seen, "{what} works again");
+                Said::Recovered
+            }
+            _ => Said::Nothing,
+        }
     }
 }
 

@@ -16,7 +16,9 @@ use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
-pub use crate::model::address::{key_text, parse_any_ip};
+pub use crate::model::address::{
+    canonical_net, check_ipv6_prefix, key_text, parse_any_ip, IPV6_PREFIXES,
+};
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -194,39 +196,9 @@ impl Policy {
     }
 }
 
-/// An IPv4-mapped IPv6 network with a prefix of at least 96 as the IPv4 network it covers
-/// (`::ffff:203.0.113.0/120` is `203.0.113.0/24`); any other network unchanged. A mapped
-/// network shorter than /96 also covers non-mapped IPv6 addresses and is left alone.
-pub fn canonical_net(net: IpNet) -> IpNet {
-    if let IpNet::V6(v6) = net {
-        if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
-            if let Ok(n) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96) {
-                return IpNet::V4(n.trunc());
-            }
-        }
-    }
-    net
-}
-
 fn is_ipv4_compatible(v6: &Ipv6Addr) -> bool {
     let s = v6.segments();
     s[..6].iter().all(|&g| g == 0) && !(s[6] == 0 && s[7] <= 1)
-}
-
-/// The prefix lengths `grant.ipv6_prefix` accepts: Postfix shortens an IPv6 client address
-/// only at `:` (smtpd_check.c, check_addr_access: `split_at_right(addr, ':')`), so a key can
-/// name a prefix only on a 16-bit group boundary; shorter than /48 would open a whole site
-/// or provider to one login.
-pub const IPV6_PREFIXES: [u8; 6] = [48, 64, 80, 96, 112, 128];
-
-/// Checks a configured `grant.ipv6_prefix`; the error is one line for the key's message.
-pub fn check_ipv6_prefix(bits: i64) -> Result<u8, String> {
-    match u8::try_from(bits) {
-        Ok(b) if IPV6_PREFIXES.contains(&b) => Ok(b),
-        _ => Err(format!(
-            "{bits} is not one of 48, 64, 80, 96, 112, 128 (Postfix shortens IPv6 keys only at 16-bit `:` groups; 128 = the address itself)"
-        )),
-    }
 }
 
 /// The access(5) key that Postfix's check_client_access finds for every address in the

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 pub mod address;
 pub mod position;
+pub mod saved;
 
 pub use position::Position;
 

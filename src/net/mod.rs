@@ -26,14 +26,13 @@ mod accept;
 pub mod background;
 pub mod bounds;
 pub mod http;
-mod listen;
 pub mod peers;
 pub mod requests;
 mod server;
 mod slots;
 mod socket_file;
 
-pub use listen::{Listen, ListenError};
+pub use crate::config::listen::{Listen, ListenError};
 pub use server::{start, Conn, Handler, Peer, Server, Spec, Stream};
 
 /// How the accept loop names its server in log lines.

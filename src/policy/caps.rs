@@ -9,20 +9,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 
+pub use crate::config::policy::CapLimits;
 use crate::model::UserCount;
-
-/// Cap values; 0 turns one off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct CapLimits {
-    pub grant_messages_per_hour: u32,
-    pub grant_messages_per_day: u32,
-    pub grant_recipients_per_hour: u32,
-    pub grant_recipients_per_day: u32,
-    pub user_messages_per_hour: u32,
-    pub user_messages_per_day: u32,
-    pub user_recipients_per_hour: u32,
-    pub user_recipients_per_day: u32,
-}
 
 /// A window of `N` buckets of `WIDTH` seconds, the last one being bucket `last`
 /// (time / WIDTH); older buckets are cleared as time moves on.

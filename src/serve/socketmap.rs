@@ -9,7 +9,6 @@
 //! connection, see `net`), idle time, time per request and per reply. A malformed request
 //! closes the connection.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,21 +23,11 @@ use crate::net::{self, Conn, Handler, Spec, Stream};
 use crate::telemetry::ratelimit::SharedLimit;
 use crate::timefmt;
 
+pub use crate::config::serve::{SocketmapConfig, MAX_REQUEST_TIME};
 pub use crate::net::{Listen, Server};
 
 /// Requests longer than this are refused (a map name and an address fit in far less).
 pub const MAX_REQUEST: usize = 1024;
-
-/// Server settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SocketmapConfig {
-    pub listen: Listen,
-    /// Reply value per map name; others get `default_value`.
-    pub values: BTreeMap<String, String>,
-    pub default_value: String,
-    pub max_connections: usize,
-    pub idle_timeout: Duration,
-}
 
 /// The address a socketmap key names, if any.
 pub fn key_ip(key: &str) -> Option<IpAddr> {
@@ -68,21 +57,8 @@ pub fn answer(request: &[u8], view: &GrantsView, cfg: &SocketmapConfig, now: i64
     }
 }
 
-/// The longest a request may take from its first byte to its last, and a reply to be
-/// written (`idle_timeout` lowers both). An honest client sends a request (under 1 KiB) in
-/// one write and reads the reply at once; a client that trickles bytes or never reads would
-/// otherwise hold a connection slot forever.
-pub const MAX_REQUEST_TIME: Duration = Duration::from_secs(5);
-
 /// At most one WARN line per this interval about connections closed for slowness.
 const LOG_EVERY: Duration = Duration::from_secs(10);
-
-impl SocketmapConfig {
-    /// Time allowed for one request once its first byte has arrived, and for one reply.
-    pub fn request_timeout(&self) -> Duration {
-        self.idle_timeout.min(MAX_REQUEST_TIME)
-    }
-}
 
 pub use crate::net::requests::Closed;
 

@@ -16,47 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-/// What showed, at the last check, that a session is open.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Evidence {
-    /// Nothing: the grant lasts ttl from the login (or the last evidence).
-    #[default]
-    None,
-    /// Its imap process is alive and its title names the session's user and address.
-    Process,
-    /// `doveadm who` lists the session's process with its user and address.
-    DoveadmWho,
-    /// Its source has shown, within the hold, end lines tied to their sessions (so a
-    /// missing end means open).
-    EndLines,
-    /// Reported by a pushed source that also reports exact session ends (Dovecot's
-    /// events), which has delivered such ends within the hold (its end metric works), so a
-    /// missing end means open.
-    Pushed,
-}
-
-impl Evidence {
-    pub const ALL: [Evidence; 5] = [
-        Evidence::None,
-        Evidence::Process,
-        Evidence::DoveadmWho,
-        Evidence::EndLines,
-        Evidence::Pushed,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Evidence::None => "none",
-            Evidence::Process => "process",
-            Evidence::DoveadmWho => "doveadm-who",
-            Evidence::EndLines => "end-lines",
-            Evidence::Pushed => "pushed",
-        }
-    }
-}
+pub use crate::model::saved::Evidence;
 
 /// The session a probe is asked about.
 #[derive(Debug, Clone, Copy)]

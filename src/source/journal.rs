@@ -12,6 +12,7 @@
 //! the sender's choice and never suffice. A login-looking entry that fails the check is
 //! counted and logged (rate limited) as forged.
 
+pub use crate::config::journal::Provenance;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -64,15 +65,6 @@ impl std::fmt::Display for JournalStart {
             JournalStart::Since(t) => write!(f, "since {}", crate::timefmt::rfc3339(*t)),
         }
     }
-}
-
-/// The trusted fields an entry must carry to be believed.
-#[derive(Debug, Clone, Default)]
-pub struct Provenance {
-    pub units: Vec<String>,
-    pub comms: Vec<String>,
-    pub exes: Vec<String>,
-    pub uids: Vec<u32>,
 }
 
 fn text<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use crate::telemetry::ratelimit::{Lasting, Say};
+
 /// Silence (seconds) after which the first warning comes.
 pub const QUIET_AFTER: i64 = 10 * 60;
 /// Between repeated warnings while the silence lasts (seconds).
@@ -22,12 +24,13 @@ pub enum QuietEvent {
     Cleared,
 }
 
-/// When a trusted Dovecot entry was last seen, and when the watcher last warned.
-/// Time is an argument (unix seconds) so that tests need no clock.
+/// When a trusted Dovecot entry was last seen, and the silence as a lasting condition
+/// (`telemetry::ratelimit::Lasting`). Time is an argument (unix seconds) so that tests
+/// need no clock.
 #[derive(Debug)]
 pub struct QuietWatch {
     last_seen: AtomicI64,
-    warned_at: Mutex<Option<i64>>,
+    silence: Mutex<Lasting<i64>>,
 }
 
 impl QuietWatch {
@@ -35,7 +38,7 @@ impl QuietWatch {
     pub fn new(now: i64) -> QuietWatch {
         QuietWatch {
             last_seen: AtomicI64::new(now),
-            warned_at: Mutex::new(None),
+            silence: Mutex::new(Lasting::new(Duration::from_secs(REPEAT_EVERY as u64))),
         }
     }
 
@@ -48,16 +51,16 @@ impl QuietWatch {
     /// every [`REPEAT_EVERY`]; `Cleared` once after a warning when entries came again.
     pub fn check(&self, now: i64) -> Option<QuietEvent> {
         let quiet = now - self.last_seen.load(Ordering::Relaxed);
-        let mut warned = self.warned_at.lock().unwrap_or_else(|e| e.into_inner());
+        let mut silence = self.silence.lock().unwrap_or_else(|e| e.into_inner());
         if quiet < QUIET_AFTER {
-            return warned.take().map(|_| QuietEvent::Cleared);
+            return match silence.gone(now) {
+                Say::Ended { .. } => Some(QuietEvent::Cleared),
+                _ => None,
+            };
         }
-        match *warned {
-            Some(at) if now - at < REPEAT_EVERY => None,
-            _ => {
-                *warned = Some(now);
-                Some(QuietEvent::Quiet(quiet))
-            }
+        match silence.seen(now) {
+            Say::Began | Say::Lasts { .. } => Some(QuietEvent::Quiet(quiet)),
+            _ => None,
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -77,17 +77,14 @@ pub fn check(
 /// that LMDB's copy-on-write pages (a delete writes new pages too) never need a block the
 /// disk does not have: expiries keep working on a full disk.
 pub fn reserve(file: &File, len: u64) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
     let len =
         libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     loop {
-        // SAFETY: a valid fd; fallocate only reads its integer arguments.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match fallocate(file, FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, len) {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e)),
         }
     }
 }

@@ -16,11 +16,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{Cause, StoreError};
+use crate::ofd::{self, Kind};
 
 /// The lock file tied to a map (`lmdb:PATH` gives `PATH.dovegate-lock`).
 pub fn map_lock_path(map: &Path) -> PathBuf {
@@ -40,26 +40,12 @@ pub struct InstanceLock {
     _files: Vec<File>,
 }
 
-fn whole_file(kind: libc::c_int) -> libc::flock {
-    // SAFETY: plain data; zeroed is the whole-file range (start 0, len 0) and l_pid 0, as
-    // OFD locks require.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl
-}
-
 /// Takes the exclusive lock without waiting; false when someone else holds it.
 fn try_lock(file: &File) -> io::Result<bool> {
-    let fl = whole_file(libc::F_WRLCK);
-    // SAFETY: a valid fd and a pointer to an initialised flock for the call's duration.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
-        _ => Err(e),
+    match ofd::set(file, Kind::Exclusive, false) {
+        Ok(()) => Ok(true),
+        Err(e) if ofd::busy(&e) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -176,12 +162,7 @@ fn holder(path: &Path) -> io::Result<Option<Option<u32>>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let mut fl = whole_file(libc::F_WRLCK);
-    // SAFETY: a valid fd and a pointer to an initialised flock the call fills in.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if fl.l_type == libc::F_UNLCK as libc::c_short {
+    if ofd::holder(&file)?.is_none() {
         return Ok(None);
     }
     // Never name a pid that is not a running dovegate (a stale file, a foreign holder).
@@ -228,12 +209,7 @@ mod tests {
         let path = map_lock_path(&map);
         std::fs::write(&path, "4194999\n").unwrap();
         let held = File::open(&path).unwrap();
-        let fl = whole_file(libc::F_RDLCK);
-        // SAFETY: a valid fd and an initialised flock.
-        assert_eq!(
-            unsafe { libc::fcntl(held.as_raw_fd(), libc::F_OFD_SETLK, &fl) },
-            0
-        );
+        ofd::set(&held, Kind::Shared, false).unwrap();
         assert_eq!(map_holder(&map).unwrap(), Some(None));
         drop(held);
     }

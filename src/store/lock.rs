@@ -11,9 +11,10 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
+
+use crate::ofd::{self, busy, Kind};
 
 /// How long a writer waits for the exclusive lock before the operation fails. Postfix
 /// holds its shared lock for one lookup (microseconds); seconds mean a stuck or hostile
@@ -27,42 +28,13 @@ pub struct FileLock<'a> {
     file: &'a File,
 }
 
-fn whole_file(kind: libc::c_short) -> libc::flock {
-    // The range argument of fcntl(2) record locks (not the BSD whole-file lock call).
-    // SAFETY: plain data; zeroed is the "whole file" range (start 0, len 0).
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl
-}
-
-/// One fcntl lock call, retried on EINTR.
-fn ofd(file: &File, cmd: libc::c_int, kind: libc::c_short) -> io::Result<()> {
-    let fl = whole_file(kind);
-    loop {
-        // SAFETY: valid fd and a pointer to an initialised flock for the call's duration.
-        let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &fl) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-fn busy(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES))
-}
-
 /// Takes `kind` without blocking, retrying with short pauses until `limit` has passed;
 /// then fails with `WouldBlock` and a message naming the holder when it can be found.
-fn ofd_bounded(file: &File, kind: libc::c_short, limit: Duration) -> io::Result<()> {
+fn ofd_bounded(file: &File, kind: Kind, limit: Duration) -> io::Result<()> {
     let start = Instant::now();
     let mut pause = Duration::from_millis(1);
     loop {
-        match ofd(file, libc::F_OFD_SETLK, kind) {
+        match ofd::set(file, kind, false) {
             Ok(()) => return Ok(()),
             Err(e) if busy(&e) => {}
             Err(e) => return Err(e),
@@ -87,12 +59,9 @@ fn ofd_bounded(file: &File, kind: libc::c_short, limit: Duration) -> io::Result<
 /// the kernel says (a classic POSIX lock reports its pid; an OFD lock reports -1, then
 /// /proc/locks and the lock lines in /proc/PID/fdinfo are searched), else None.
 fn holder(file: &File) -> Option<String> {
-    let mut fl = whole_file(libc::F_WRLCK as libc::c_short);
-    // SAFETY: valid fd and a pointer to an initialised flock for the call's duration.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
     let mut pids = Vec::new();
-    if rc == 0 && fl.l_pid > 0 {
-        pids.push(fl.l_pid as u32);
+    if let Ok(Some(Some(pid))) = ofd::holder(file) {
+        pids.push(pid);
     } else {
         let meta = file.metadata().ok()?;
         let id = lock_id(meta.dev(), meta.ino());
@@ -198,21 +167,21 @@ impl<'a> FileLock<'a> {
 
     /// `exclusive` with another bound (tests).
     pub fn exclusive_within(file: &'a File, limit: Duration) -> io::Result<FileLock<'a>> {
-        ofd_bounded(file, libc::F_WRLCK as libc::c_short, limit)?;
+        ofd_bounded(file, Kind::Exclusive, limit)?;
         Ok(FileLock { file })
     }
 
     /// Waits for a shared lock (readers). Only a writer conflicts, and writers hold it
     /// for one transaction (a write lock needs the file open for writing: root or owner).
     pub fn shared(file: &'a File) -> io::Result<FileLock<'a>> {
-        ofd(file, libc::F_OFD_SETLKW, libc::F_RDLCK as libc::c_short)?;
+        ofd::set(file, Kind::Shared, true)?;
         Ok(FileLock { file })
     }
 }
 
 impl Drop for FileLock<'_> {
     fn drop(&mut self) {
-        let _ = ofd(self.file, libc::F_OFD_SETLK, libc::F_UNLCK as libc::c_short);
+        let _ = ofd::set(self.file, Kind::Unlock, false);
     }
 }
 

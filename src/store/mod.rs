@@ -91,6 +91,40 @@ pub trait GrantStore: Send {
     }
 }
 
+/// A boxed store is a store: the daemon chooses the writer's or the dry run's at start.
+impl<S: GrantStore + ?Sized> GrantStore for Box<S> {
+    fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        (**self).upsert(grants)
+    }
+    fn expire(&mut self, ips: &[IpAddr], now: i64) -> Result<ExpireOutcome, StoreError> {
+        (**self).expire(ips, now)
+    }
+    fn expire_all(&mut self, now: i64) -> Result<usize, StoreError> {
+        (**self).expire_all(now)
+    }
+    fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
+        (**self).list()
+    }
+    fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
+        (**self).get(ip)
+    }
+    fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
+        (**self).revoke(ip)
+    }
+    fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
+        (**self).set(ip, expires)
+    }
+    fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        (**self).snapshot()
+    }
+    fn changed(&mut self) -> Result<Option<bool>, StoreError> {
+        (**self).changed()
+    }
+    fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        (**self).cap(ips, limit)
+    }
+}
+
 /// What an expiry pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ExpireOutcome {

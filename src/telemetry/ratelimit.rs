@@ -7,16 +7,49 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// A point in time a limiter counts from: std's clock, tokio's (paused in tests), or unix
+/// seconds where the caller passes time as an argument.
+pub trait Moment: Copy {
+    /// Time from `earlier` to `self` (zero if `earlier` is later).
+    fn since(self, earlier: Self) -> Duration;
+}
+
+impl Moment for Instant {
+    fn since(self, earlier: Self) -> Duration {
+        self.saturating_duration_since(earlier)
+    }
+}
+
+impl Moment for tokio::time::Instant {
+    fn since(self, earlier: Self) -> Duration {
+        self.saturating_duration_since(earlier)
+    }
+}
+
+/// Unix seconds.
+impl Moment for i64 {
+    fn since(self, earlier: Self) -> Duration {
+        Duration::from_secs(u64::try_from(self.saturating_sub(earlier)).unwrap_or(0))
+    }
+}
+
 /// Counts events and says when a line may be written, and for how many events.
 #[derive(Debug)]
-pub struct RateLimit {
+pub struct RateLimit<T: Moment = Instant> {
     every: Duration,
-    last: Option<Instant>,
+    last: Option<T>,
     pending: u64,
 }
 
-impl RateLimit {
-    pub fn new(every: Duration) -> RateLimit {
+impl RateLimit<Instant> {
+    /// Records one event now; see `hit_at`.
+    pub fn hit(&mut self) -> Option<u64> {
+        self.hit_at(Instant::now())
+    }
+}
+
+impl<T: Moment> RateLimit<T> {
+    pub fn new(every: Duration) -> RateLimit<T> {
         RateLimit {
             every,
             last: None,
@@ -24,17 +57,12 @@ impl RateLimit {
         }
     }
 
-    /// Records one event now; see `hit_at`.
-    pub fn hit(&mut self) -> Option<u64> {
-        self.hit_at(Instant::now())
-    }
-
     /// Records one event at `now`. Some(n) when a line should be written now, n being the
     /// events since the last line (this one included); the first event is always written.
-    pub fn hit_at(&mut self, now: Instant) -> Option<u64> {
+    pub fn hit_at(&mut self, now: T) -> Option<u64> {
         self.pending += 1;
         match self.last {
-            Some(t) if now.duration_since(t) < self.every => None,
+            Some(t) if now.since(t) < self.every => None,
             _ => {
                 self.last = Some(now);
                 Some(std::mem::take(&mut self.pending))
@@ -47,6 +75,78 @@ impl RateLimit {
     pub fn take_pending(&mut self) -> u64 {
         self.last = None;
         std::mem::take(&mut self.pending)
+    }
+}
+
+/// What to say about a lasting condition (see `Lasting`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Say {
+    Nothing,
+    /// It began (the first time it was seen).
+    Began,
+    /// It still lasts: a reminder, with how long and how many times it was seen since it
+    /// began.
+    Lasts {
+        lasted: Duration,
+        seen: u64,
+    },
+    /// It ended, after lasting this long and being seen this many times.
+    Ended {
+        lasted: Duration,
+        seen: u64,
+    },
+}
+
+/// A condition that lasts (an operation that keeps failing, a source gone silent): said
+/// when it begins, reminded at most once per interval while it lasts, said once when it
+/// ends. A retry loop must not log every attempt, and a lasting failure must not fall
+/// silent either.
+#[derive(Debug)]
+pub struct Lasting<T: Moment = Instant> {
+    since: Option<T>,
+    seen: u64,
+    limit: RateLimit<T>,
+}
+
+impl<T: Moment> Lasting<T> {
+    /// Reminders at most once per `every`.
+    pub fn new(every: Duration) -> Lasting<T> {
+        Lasting {
+            since: None,
+            seen: 0,
+            limit: RateLimit::new(every),
+        }
+    }
+
+    /// Whether the condition lasts now.
+    pub fn is_on(&self) -> bool {
+        self.since.is_some()
+    }
+
+    /// The condition was seen at `now`.
+    pub fn seen(&mut self, now: T) -> Say {
+        self.seen += 1;
+        let began = *self.since.get_or_insert(now);
+        match self.limit.hit_at(now) {
+            Some(_) if self.seen == 1 => Say::Began,
+            Some(_) => Say::Lasts {
+                lasted: now.since(began),
+                seen: self.seen,
+            },
+            None => Say::Nothing,
+        }
+    }
+
+    /// The condition is gone at `now`: `Ended` once if it lasted, else `Nothing`.
+    pub fn gone(&mut self, now: T) -> Say {
+        let Some(began) = self.since.take() else {
+            return Say::Nothing;
+        };
+        self.limit.take_pending();
+        Say::Ended {
+            lasted: now.since(began),
+            seen: std::mem::take(&mut self.seen),
+        }
     }
 }
 
@@ -112,5 +212,35 @@ mod tests {
         assert_eq!(l.hit(), None);
         assert_eq!(l.0.lock().unwrap().take_pending(), 2);
         assert_eq!(l.hit(), Some(1));
+    }
+
+    #[test]
+    fn a_lasting_condition_begins_reminds_and_ends_once() {
+        let mut l: Lasting<i64> = Lasting::new(Duration::from_secs(60));
+        assert_eq!(l.gone(0), Say::Nothing);
+        assert_eq!(l.seen(100), Say::Began);
+        assert!(l.is_on());
+        let said: Vec<Say> = (1..=720).map(|i| l.seen(100 + i / 4)).collect();
+        let reminders = said
+            .iter()
+            .filter(|s| matches!(s, Say::Lasts { .. }))
+            .count();
+        assert_eq!(reminders, 3, "one reminder a minute for three minutes");
+        assert_eq!(
+            said[239],
+            Say::Lasts {
+                lasted: Duration::from_secs(60),
+                seen: 241
+            }
+        );
+        assert_eq!(
+            l.gone(400),
+            Say::Ended {
+                lasted: Duration::from_secs(300),
+                seen: 721
+            }
+        );
+        assert_eq!(l.gone(401), Say::Nothing);
+        assert_eq!(l.seen(402), Say::Began, "a new episode is said at once");
     }
 }

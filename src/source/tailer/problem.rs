@@ -205,8 +205,7 @@ pub fn open_if(p: &Path, pre: impl Fn(&Metadata) -> bool) -> Option<(File, Metad
 }
 
 fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    nix::unistd::geteuid().as_raw()
 }
 
 /// The name of uid `id` from /etc/passwd, else the number.
