@@ -75,8 +75,7 @@ pub struct Reread {
     /// `updated_at`, unix seconds (for lag).
     pub updated: f64,
     /// Who wrote it (`granted_by`: the writer's host name; `source`: `dovecot` for a
-    /// login, `dovegate-admin` for `dovegate grant`), for the audit trail (empty when the
-    /// database does not say).
+    /// login, `dovegate-admin` for `dovegate grant`), for the audit trail.
     pub host: String,
     pub source: String,
 }

@@ -776,7 +776,8 @@ pub async fn snapshot(conn: &mut Conn, ttl: i64) -> Result<Snapshot, mysql_async
 pub struct Changes {
     pub seq: i64,
     pub addresses: Vec<String>,
-    pub rows: Vec<(String, i64, f64)>,
+    /// (address, effective expiry, updated_at, granted_by, source).
+    pub rows: Vec<(String, i64, f64, String, String)>,
     pub kept: Vec<String>,
     pub held: Option<i64>,
 }
@@ -826,11 +827,11 @@ pub async fn changes_since(
             (since, seq, since, seq, limit as u64),
         )
         .await?;
-    let rows: Vec<(String, i64, f64)> = tx
+    let rows: Vec<(String, i64, f64, String, String)> = tx
         .exec(
             format!(
-                "SELECT address, {}, {} + 0e0 FROM dovegate_grants
-                 WHERE seq > ? AND seq <= ? AND {} LIMIT ?",
+                "SELECT address, {}, {} + 0e0, LEFT(granted_by, 255), LEFT(source, 64)
+                 FROM dovegate_grants WHERE seq > ? AND seq <= ? AND {} LIMIT ?",
                 secs(&effective_sql(ttl)),
                 secs_f("updated_at"),
                 grantable_sql(ttl)

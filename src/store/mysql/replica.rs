@@ -109,12 +109,12 @@ impl ReplicaDb for MyReplica {
         let rows = ch
             .rows
             .into_iter()
-            .map(|(address, expires, updated)| Reread {
+            .map(|(address, expires, updated, host, source)| Reread {
                 address,
                 expires,
                 updated,
-                host: String::new(),
-                source: String::new(),
+                host,
+                source,
             })
             .collect();
         Ok(Read::Changes {
