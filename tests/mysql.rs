@@ -747,46 +747,5 @@ fn replica_logs_who_granted_by_hand() {
     let tmp = common::tempdir();
     let m = Maria::start(tmp.path());
     let url = m.url_file(&tmp.path().join("my.url"));
-    let cfg = config(tmp.path(), &url, "");
-    let wdir = tmp.path().join("w");
-    let (_w, _log) = writer(&wdir, &cfg, "10m");
-    wait_writer_connected(&wdir);
-    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
-    let admin = |cmd: &str| {
-        let out = common::dovegate(&[
-            cmd,
-            "--config",
-            &cfg.display().to_string(),
-            "--map",
-            &wdir.join("relay").display().to_string(),
-            "192.0.2.88",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    admin("grant");
-    wait_visible(
-        "manual grant on the replica",
-        &r.map(),
-        &["192.0.2.88".into()],
-    );
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-    let said = format!(
-        "grant written by hand on host {} (dovegate grant)",
-        host.trim()
-    );
-    wait_for("the replica names the host", FLEET_PATIENCE, || {
-        r.log()
-            .lines()
-            .any(|l| l.contains(&said) && l.contains("192.0.2.88"))
-    });
-    admin("revoke");
-    wait_for("the replica logs the revoke", FLEET_PATIENCE, || {
-        r.log().lines().any(|l| {
-            l.contains("grant removed: revoked in the database") && l.contains("192.0.2.88")
-        })
-    });
+    common::fleet::replica_logs_who_granted_by_hand(tmp.path(), "mysql_url_file", &url);
 }

@@ -363,3 +363,51 @@ pub fn caps_and_blocks_hold_across_hosts(
     });
     assert_eq!(sql("SELECT count(*) FROM dovegate_blocked_users"), "0");
 }
+
+/// A manual grant reaches the replica's log with the host that wrote it (the audit
+/// columns), and a revoke is logged there too (issue 26: "another host"), on either
+/// database (`key` = `url`).
+pub fn replica_logs_who_granted_by_hand(root: &Path, key: &str, url: &Path) {
+    let cfg = config_with(root, key, url, "");
+    let wdir = root.join("w");
+    let (_w, _log) = writer(&wdir, &cfg, "10m");
+    wait_writer_connected(&wdir);
+    let r = Replica::start(&root.join("r"), &cfg, url);
+    let admin = |cmd: &str| {
+        let out = super::dovegate(&[
+            cmd,
+            "--config",
+            &cfg.display().to_string(),
+            "--map",
+            &wdir.join("relay").display().to_string(),
+            "192.0.2.88",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    admin("grant");
+    wait_visible(
+        "manual grant on the replica",
+        &r.map(),
+        &["192.0.2.88".into()],
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let said = format!(
+        "grant written by hand on host {} (dovegate grant)",
+        host.trim()
+    );
+    wait_for("the replica names the host", FLEET_PATIENCE, || {
+        r.log()
+            .lines()
+            .any(|l| l.contains(&said) && l.contains("192.0.2.88"))
+    });
+    admin("revoke");
+    wait_for("the replica logs the revoke", FLEET_PATIENCE, || {
+        r.log().lines().any(|l| {
+            l.contains("grant removed: revoked in the database") && l.contains("192.0.2.88")
+        })
+    });
+}
