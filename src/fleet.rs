@@ -17,10 +17,8 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use crate::store::mysql::worker::MysqlWriter;
-use crate::store::mysql::MyError;
-use crate::store::postgres::worker::{Committed, PgWriter};
-use crate::store::postgres::{PgError, Upserted, REVOKE_RACE_SECS};
+use crate::store::shared::{Upserted, REVOKE_RACE_SECS};
+use crate::store::writer::{Committed, Writer, WriterDb, WriterError};
 
 /// The shared database as the writer's store sees it: a worker that commits grants (to the
 /// database, or durably to the spill queue while it is away), revokes with a tombstone,
@@ -38,39 +36,21 @@ pub trait SharedDb: Send {
     fn max_ttl(&self) -> i64;
 }
 
-impl SharedDb for PgWriter {
+impl<D: WriterDb> SharedDb for Writer<D> {
     fn commit(&self, grants: &[(IpAddr, i64)]) -> Result<Committed, StoreError> {
-        PgWriter::commit(self, grants).map_err(db_err)
+        Writer::commit(self, grants).map_err(db_err::<D>)
     }
     fn revoke(&self, ip: IpAddr) -> Result<bool, StoreError> {
-        PgWriter::revoke(self, ip).map_err(db_err)
+        Writer::revoke(self, ip).map_err(db_err::<D>)
     }
     fn set(&self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
-        PgWriter::set(self, ip, expires).map_err(db_err)
+        Writer::set(self, ip, expires).map_err(db_err::<D>)
     }
     fn take_revocations(&self) -> Vec<(IpAddr, i64)> {
-        PgWriter::take_revocations(self)
+        Writer::take_revocations(self)
     }
     fn max_ttl(&self) -> i64 {
-        PgWriter::max_ttl(self)
-    }
-}
-
-impl SharedDb for MysqlWriter {
-    fn commit(&self, grants: &[(IpAddr, i64)]) -> Result<Committed, StoreError> {
-        MysqlWriter::commit(self, grants).map_err(my_err)
-    }
-    fn revoke(&self, ip: IpAddr) -> Result<bool, StoreError> {
-        MysqlWriter::revoke(self, ip).map_err(my_err)
-    }
-    fn set(&self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
-        MysqlWriter::set(self, ip, expires).map_err(my_err)
-    }
-    fn take_revocations(&self) -> Vec<(IpAddr, i64)> {
-        MysqlWriter::take_revocations(self)
-    }
-    fn max_ttl(&self) -> i64 {
-        MysqlWriter::max_ttl(self)
+        Writer::max_ttl(self)
     }
 }
 
@@ -183,22 +163,11 @@ fn local_expiries(own: &[(IpAddr, i64)], committed: &Committed, limit: i64) -> V
         .collect()
 }
 
-/// A database failure as a store error (its cause kept as text: the store's cause is
-/// about the map).
-fn db_err(e: PgError) -> StoreError {
-    let cause = match &e {
-        PgError::Spill { source, .. } => Cause::Io(source.kind()),
-        _ => Cause::Other,
-    };
-    StoreError::new(format!("PostgreSQL: {e}"), cause)
-}
-
-fn my_err(e: MyError) -> StoreError {
-    let cause = match &e {
-        MyError::Spill(PgError::Spill { source, .. }) => Cause::Io(source.kind()),
-        _ => Cause::Other,
-    };
-    StoreError::new(format!("MariaDB: {e}"), cause)
+/// A database failure as a store error: the spill queue's I/O keeps its kind, the rest is
+/// the database's (the text keeps the cause).
+fn db_err<D: WriterDb>(e: WriterError<D::Error>) -> StoreError {
+    let cause = e.io_kind().map_or(Cause::Database, Cause::Io);
+    StoreError::new(format!("{}: {e}", D::NAME), cause)
 }
 
 impl GrantStore for WriterStore {

@@ -1,19 +1,22 @@
-//! `dovegate replica`: copies the grants in PostgreSQL into this host's LMDB map, so
-//! Postfix on an MTA host keeps reading `lmdb:` locally and never waits on the network.
+//! `dovegate replica`: copies the grants in the shared database (PostgreSQL or MariaDB)
+//! into this host's LMDB map, so Postfix on an MTA host keeps reading `lmdb:` locally and
+//! never waits on the network.
 //!
-//! LISTEN first, then a snapshot of every unexpired grant, then the changes as the
-//! triggers announce them; a full resync after every (re)connect and every `RESYNC_EVERY`.
-//! A notification carries nothing (any role that can connect may LISTEN or NOTIFY): it
-//! only says that something changed, and the replica reads the addresses whose grant or
-//! revocation changed since its last read (by transaction id, see `postgres::horizon`),
-//! then their rows, at most once per commit interval however many notifications came. A
-//! map replaced or deleted under the replica is noticed within a beat and refilled from a
-//! snapshot at once. Grants expire locally by a timer on the next
-//! deadline. The database is the only source of expiries: a replica never extends a grant
-//! on its own; a row grants no longer than its own `updated_at` + ttl (so a far-future row
-//! is not re-extended at every resync), and every expiry is capped at this host's now +
-//! ttl too (a writer with a clock fault must not open a relay for a year). While the database is unreachable the map keeps serving what it has until each
-//! grant's own expiry, and a warning says so, repeatedly.
+//! One loop for both databases (`run`), over `store::follow::ReplicaDb` (PostgreSQL:
+//! `store::postgres::replica`, MariaDB: `store::mysql::replica`): connect with a backoff,
+//! a snapshot of every unexpired grant, then the changes since the snapshot's position as
+//! the database signals them (PostgreSQL: LISTEN/NOTIFY; MariaDB: a bounded poll of its
+//! change sequence); a full resync after every (re)connect and every `RESYNC_EVERY`. A
+//! change signal carries nothing (anyone may send one): the replica reads the addresses
+//! whose grant or revocation changed since its last read, then their rows, at most once
+//! per read gap however many signals came. A map replaced or deleted under the replica is
+//! noticed within a beat and refilled from a snapshot at once. Grants expire locally by a
+//! timer on the next deadline. The database is the only source of expiries: a replica never
+//! extends a grant on its own; a row grants no longer than its own `updated_at` + ttl (so a
+//! far-future row is not re-extended at every resync), and every expiry is capped at this
+//! host's now + ttl too (a writer with a clock fault must not open a relay for a year).
+//! While the database is unreachable the map keeps serving what it has until each grant's
+//! own expiry, and a warning says so, repeatedly.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,15 +24,14 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_postgres::Client;
 
 use crate::grant::{Ledger, Policy};
-use crate::store::postgres::worker::write_json;
-use crate::store::postgres::{
-    self, parse_address, Notice, PgError, Reread, Tables, Target, CHANNEL,
-};
+use crate::store::follow::{Read, ReplicaDb};
+use crate::store::mysql::MyError;
+use crate::store::postgres::PgError;
+use crate::store::shared::{self, parse_address, Reread};
+use crate::store::writer::{read_json, write_json};
 use crate::store::{Cause, GrantStore, LmdbMap, StoreError};
 use crate::timefmt;
 
@@ -38,25 +40,34 @@ pub const RESYNC_EVERY: Duration = Duration::from_secs(300);
 /// The stale warning is repeated this often while the database is unreachable.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest a snapshot or a read of changes may take.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest a liveness check or a report may take.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// A clock further off the database's than this is reported at every resync.
 const MAX_SKEW_SECS: f64 = 5.0;
-/// Addresses re-read per statement.
-const REREAD_CHUNK: usize = 5000;
 /// More changed addresses than this since the last read: a full resync instead.
-const MAX_CHANGES: i64 = 50_000;
+const MAX_CHANGES: usize = 50_000;
 /// How often the status file is rewritten (and the watchdog fed), connected or not.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How often the map file is checked (replaced, deleted, truncated under us).
 const MAP_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// The database is asked for a round trip (and this replica reported) every this many
+/// beats.
+const PING_BEATS: u64 = 5;
 
-/// Why the replica could not do something: the map, or the database.
+/// Why the replica could not do something: the map, or the database (its cause kept).
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     #[error(transparent)]
     Map(#[from] StoreError),
     #[error(transparent)]
-    Db(#[from] PgError),
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    My(#[from] MyError),
+    /// A read that did not finish within its bound (a hung database).
+    #[error("{what}: no answer within {secs}s; the database hangs or is overloaded")]
+    Timeout { what: &'static str, secs: u64 },
 }
 
 impl ReplicaError {
@@ -65,21 +76,19 @@ impl ReplicaError {
         matches!(self, ReplicaError::Map(e) if e.cause() == Cause::Reopened)
     }
 
-    fn db(what: &str, e: tokio_postgres::Error) -> ReplicaError {
-        ReplicaError::Db(PgError::db(what, e))
-    }
-
-    fn timeout(what: &str) -> ReplicaError {
-        ReplicaError::Db(PgError::Timeout {
-            what: what.to_string(),
-            secs: SNAPSHOT_TIMEOUT.as_secs(),
-        })
+    /// The database's schema is newer than this dovegate (an upgrade, not an outage).
+    pub fn newer_schema(&self) -> Option<shared::NewerSchema> {
+        match self {
+            ReplicaError::Pg(e) => e.newer_schema(),
+            ReplicaError::My(e) => e.newer_schema(),
+            _ => None,
+        }
     }
 }
 
 /// What the replica needs.
-pub struct ReplicaSpec {
-    pub target: Target,
+pub struct ReplicaSpec<D> {
+    pub db: D,
     pub map: LmdbMap,
     pub policy: Policy,
     pub state_dir: PathBuf,
@@ -113,7 +122,7 @@ pub struct ReplicaStatus {
     pub updated: i64,
     /// Set while the database refuses this dovegate for its newer schema (not an outage).
     #[serde(default)]
-    pub newer_schema: Option<postgres::NewerSchema>,
+    pub newer_schema: Option<shared::NewerSchema>,
     /// The replica's process (`status` tells it from a daemon that took the map since).
     #[serde(default)]
     pub pid: Option<u32>,
@@ -124,12 +133,11 @@ impl ReplicaStatus {
 
     /// The status a replica left in `state_dir`, if any (`updated` tells its age).
     pub fn load(state_dir: &std::path::Path) -> Option<ReplicaStatus> {
-        crate::store::postgres::worker::read_json(&state_dir.join(Self::FILE))
+        read_json(&state_dir.join(Self::FILE))
     }
 }
 
-/// The map side of a replica, whatever the database (PostgreSQL here, MariaDB in
-/// `store::mysql::replica`): what the map holds, expiry deadlines, snapshot and change
+/// The map side of a replica, whatever the database: what the map holds, expiry deadlines, snapshot and change
 /// application, status.
 pub(crate) struct Replica {
     pub(crate) map: LmdbMap,
@@ -140,32 +148,15 @@ pub(crate) struct Replica {
     pub(crate) status: ReplicaStatus,
     status_file: PathBuf,
     warned_at: Option<Instant>,
-    /// Where the next read of changes starts (a `postgres::horizon`).
-    since: Option<postgres::Horizon>,
-    /// This host's name and the database schema, for `report`.
-    host: String,
-    schema: String,
 }
 
 impl Replica {
-    fn new(spec: ReplicaSpec) -> Result<Replica, ReplicaError> {
-        Replica::open(
-            spec.map,
-            spec.policy,
-            &spec.state_dir,
-            spec.target.describe(),
-            spec.target.schema().to_string(),
-        )
-    }
-
-    /// A replica of `database` (its description, for logs and status) into `map`;
-    /// `schema`: the PostgreSQL schema it reports itself in (`dovegate status --fleet`).
+    /// A replica of `database` (its description, for logs and status) into `map`.
     pub(crate) fn open(
         mut map: LmdbMap,
         policy: Policy,
         state_dir: &std::path::Path,
         database: String,
-        schema: String,
     ) -> Result<Replica, ReplicaError> {
         let now = timefmt::now();
         map.expire_all(now)?;
@@ -181,9 +172,6 @@ impl Replica {
             local: Ledger::default(),
             status_file: state_dir.join(ReplicaStatus::FILE),
             warned_at: None,
-            since: None,
-            host: postgres::Origin::this_host("").host,
-            schema,
         };
         r.reload_local()?;
         Ok(r)
@@ -218,25 +206,6 @@ impl Replica {
     /// be granted at all (expired, or an address dovegate never grants).
     fn admit(&self, ip: IpAddr, expires: i64, now: i64) -> Option<i64> {
         self.policy.admit(ip, expires, now)
-    }
-
-    /// Makes the map equal the database: adds and shortens to the database's expiries,
-    /// removes what vanished (revoked, expired).
-    async fn resync(&mut self, client: &Client, t: &Tables) -> Result<(), ReplicaError> {
-        // Taken before the snapshot: every change it does not show is at or after it.
-        let read = async {
-            let since = postgres::horizon(client).await?;
-            let (rows, db_now) =
-                postgres::snapshot(client, &t.grants, self.policy.ttl_secs()).await?;
-            Ok::<_, tokio_postgres::Error>((since, rows, db_now))
-        };
-        let (since, rows, db_now) = tokio::time::timeout(SNAPSHOT_TIMEOUT, read)
-            .await
-            .map_err(|_| ReplicaError::timeout("snapshot"))?
-            .map_err(|e| ReplicaError::db("snapshot", e))?;
-        self.apply_snapshot(&rows, db_now)?;
-        self.since = Some(since);
-        Ok(())
     }
 
     /// Makes the map equal a snapshot's rows (address, effective expiry), read when the
@@ -315,55 +284,6 @@ impl Replica {
         Ok(())
     }
 
-    /// Reads what changed since the last read (addresses whose grant or revocation
-    /// changed, then their rows) and applies it. Too many changes: a full resync.
-    async fn refresh(&mut self, client: &Client, t: &Tables) -> Result<(), ReplicaError> {
-        let Some(since) = self.since.clone() else {
-            return self.resync(client, t).await;
-        };
-        let read = async {
-            let next = postgres::horizon(client).await?;
-            let changed = postgres::changes_since(client, t, &since, MAX_CHANGES + 1).await?;
-            Ok::<_, tokio_postgres::Error>((next, changed))
-        };
-        self.status.change_reads += 1;
-        let (next, changed) = tokio::time::timeout(SNAPSHOT_TIMEOUT, read)
-            .await
-            .map_err(|_| ReplicaError::timeout("reading changes"))?
-            .map_err(|e| ReplicaError::db("reading changes", e))?;
-        if changed.len() as i64 > MAX_CHANGES {
-            tracing::info!(changed = changed.len(), "many changes at once; resyncing");
-            return self.resync(client, t).await;
-        }
-        let asked: Vec<IpAddr> = changed.iter().filter_map(|a| parse_address(a)).collect();
-        let mut rows = Vec::new();
-        for chunk in asked.chunks(REREAD_CHUNK) {
-            let names: Vec<String> = chunk.iter().map(|&ip| crate::grant::key_text(ip)).collect();
-            let got = tokio::time::timeout(
-                SNAPSHOT_TIMEOUT,
-                postgres::reread(client, &t.grants, &names, self.policy.ttl_secs()),
-            )
-            .await
-            .map_err(|_| ReplicaError::timeout("reading the changed rows"))?
-            .map_err(|e| ReplicaError::db("reading the changed rows", e))?;
-            rows.extend(got);
-        }
-        match self.apply(&asked, rows) {
-            Ok(()) => {}
-            Err(e) if e.map_reopened() => {
-                tracing::warn!(error = %e, "the map was replaced; writing every grant again");
-                return self.resync(client, t).await;
-            }
-            Err(e) => {
-                // `since` stays: the next read applies these changes again.
-                tracing::error!(error = %e, "cannot apply changes to the map; retrying at the next change or resync");
-                return Ok(());
-            }
-        }
-        self.since = Some(next);
-        Ok(())
-    }
-
     /// Applies the rows read back for `asked` (an address without a row is revoked here).
     pub(crate) fn apply(
         &mut self,
@@ -384,7 +304,7 @@ impl Replica {
             if let Some(v) = last.get_mut(&ip) {
                 *v = Some(row.expires);
                 updated_at.insert(ip, row.updated);
-                if row.source == postgres::ADMIN_SOURCE {
+                if row.source == shared::ADMIN_SOURCE {
                     by_hand.insert(ip, row.host);
                 }
             }
@@ -496,31 +416,6 @@ impl Replica {
         );
     }
 
-    /// Reports this replica to the database (`dovegate status --fleet`); status only, so a
-    /// failure is logged at debug level and changes nothing.
-    async fn report(&mut self, client: &Client) {
-        let r = postgres::Report {
-            role: "replica",
-            instance: self.status.map.clone(),
-            spill_queue: None,
-            spill_dropped: None,
-            lag_secs: self.status.lag_secs,
-            grants: Some(i64::try_from(self.local.len()).unwrap_or(i64::MAX)),
-        };
-        let sent = tokio::time::timeout(
-            postgres::CONNECT_TIMEOUT,
-            postgres::report(client, &self.schema, &self.host, &r),
-        )
-        .await;
-        match sent {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(error = %postgres::error_text(&e), "cannot report this replica to the database")
-            }
-            Err(_) => tracing::debug!("reporting this replica to the database timed out"),
-        }
-    }
-
     pub(crate) fn write_status(&mut self) {
         self.status.grants = self.local.len();
         self.status.updated = timefmt::now();
@@ -609,84 +504,204 @@ pub(crate) fn until(at: i64) -> Duration {
 /// Why the connected loop ended.
 enum Ended {
     Shutdown,
-    Lost(String),
+    Lost(Lost),
+}
+
+/// The connection given up: what was being done, and the error.
+struct Lost {
+    during: &'static str,
+    error: ReplicaError,
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.during.is_empty() {
+            write!(f, "{}", self.error)
+        } else {
+            write!(f, "{}: {}", self.during, self.error)
+        }
+    }
+}
+
+fn lost(during: &'static str, error: impl Into<ReplicaError>) -> Ended {
+    Ended::Lost(Lost {
+        during,
+        error: error.into(),
+    })
+}
+
+/// Runs `fut` with `bound`, its error or the timeout as a `ReplicaError`.
+async fn bounded<T, E: Into<ReplicaError>>(
+    what: &'static str,
+    bound: Duration,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, ReplicaError> {
+    match tokio::time::timeout(bound, fut).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(ReplicaError::Timeout {
+            what,
+            secs: bound.as_secs(),
+        }),
+    }
+}
+
+/// The map side with the database side and the position in its changes.
+struct Follower<D: ReplicaDb> {
+    r: Replica,
+    db: D,
+    /// Where the next read of changes starts (None: resync first).
+    since: Option<D::Since>,
+}
+
+impl<D: ReplicaDb> Follower<D>
+where
+    ReplicaError: From<D::Error>,
+{
+    /// Makes the map equal the database: adds and shortens to the database's expiries,
+    /// removes what vanished (revoked, expired, deleted by hand).
+    async fn resync(&mut self, c: &mut D::Conn) -> Result<(), ReplicaError> {
+        let ttl = self.r.policy.ttl_secs();
+        let snap = bounded("snapshot", SNAPSHOT_TIMEOUT, self.db.snapshot(c, ttl)).await?;
+        self.r.apply_snapshot(&snap.rows, snap.db_now)?;
+        self.since = Some(snap.since);
+        Ok(())
+    }
+
+    /// Reads what changed since the last read and applies it. Too many changes: a full
+    /// resync. A map that cannot take them keeps the position (read again next time).
+    async fn refresh(&mut self, c: &mut D::Conn) -> Result<(), ReplicaError> {
+        let Some(since) = self.since.clone() else {
+            return self.resync(c).await;
+        };
+        let ttl = self.r.policy.ttl_secs();
+        self.r.status.change_reads += 1;
+        let read = bounded(
+            "reading changes",
+            SNAPSHOT_TIMEOUT,
+            self.db.changes(c, &since, ttl, MAX_CHANGES + 1),
+        )
+        .await?;
+        let (addresses, rows, next) = match read {
+            Read::Nothing => return Ok(()),
+            Read::TooMany(n) => {
+                tracing::info!(changed = n, "many changes at once; resyncing");
+                return self.resync(c).await;
+            }
+            Read::Unsequenced { expected, found } => {
+                tracing::info!(
+                    expected,
+                    found,
+                    "rows changed in the database without a change sequence value (a DELETE or TRUNCATE by hand?); resyncing"
+                );
+                return self.resync(c).await;
+            }
+            Read::Changes {
+                addresses,
+                rows,
+                next,
+            } => (addresses, rows, next),
+        };
+        let asked: Vec<IpAddr> = addresses.iter().filter_map(|a| parse_address(a)).collect();
+        match self.r.apply(&asked, rows) {
+            Ok(()) => {}
+            Err(e) if e.map_reopened() => {
+                tracing::warn!(error = %e, "the map was replaced; writing every grant again");
+                self.r.forget();
+                return self.resync(c).await;
+            }
+            Err(e) => {
+                // `since` stays: the next read applies these changes again.
+                tracing::error!(error = %e, "cannot apply changes to the map; retrying at the next change or resync");
+                return Ok(());
+            }
+        }
+        self.since = Some(next);
+        Ok(())
+    }
+
+    /// Reports this replica (bounded; status only).
+    async fn report(&mut self, c: &mut D::Conn) {
+        let r = shared::Report {
+            role: "replica",
+            instance: self.r.status.map.clone(),
+            spill_queue: None,
+            spill_dropped: None,
+            lag_secs: self.r.status.lag_secs,
+            grants: Some(i64::try_from(self.r.local.len()).unwrap_or(i64::MAX)),
+        };
+        let sent = tokio::time::timeout(PING_TIMEOUT, self.db.report(c, &r));
+        if sent.await.is_err() {
+            tracing::debug!("reporting this replica to the database timed out");
+        }
+    }
 }
 
 /// Runs until `shutdown` resolves.
-pub async fn run(
-    spec: ReplicaSpec,
+pub async fn run<D: ReplicaDb>(
+    spec: ReplicaSpec<D>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), ReplicaError> {
-    let target = spec.target.clone();
-    let tables = target.tables();
-    let commit_interval = spec.commit_interval;
-    let mut r = Replica::new(spec)?;
-    tracing::info!(database = %r.status.database, map = %r.status.map, grants = r.local.len(), "dovegate replica started");
-    crate::notify::ready(&format!("{} grants", r.local.len()));
-    r.write_status();
+) -> Result<(), ReplicaError>
+where
+    ReplicaError: From<D::Error>,
+{
+    let ReplicaSpec {
+        db,
+        map,
+        policy,
+        state_dir,
+        commit_interval,
+    } = spec;
+    let r = Replica::open(map, policy, &state_dir, db.describe())?;
+    let gap = db.read_gap(commit_interval);
+    let mut f = Follower { r, db, since: None };
+    tracing::info!(database = %f.r.status.database, map = %f.r.status.map, grants = f.r.local.len(), "dovegate replica started");
+    crate::notify::ready(&format!("{} grants", f.r.local.len()));
+    f.r.write_status();
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_secs(1);
     loop {
-        // One waiting notification stands for any number (see `postgres::drive`).
-        let (tx, mut rx) = mpsc::channel(1);
-        let attempt = async {
-            let client = target.connect(Some(tx)).await?;
-            tokio::time::timeout(
-                postgres::CONNECT_TIMEOUT,
-                client.batch_execute(&format!("LISTEN {CHANNEL}")),
-            )
-            .await
-            .map_err(|_| PgError::Timeout {
-                what: "LISTEN".into(),
-                secs: postgres::CONNECT_TIMEOUT.as_secs(),
-            })?
-            .map_err(|e| PgError::db("LISTEN", e))?;
-            Ok::<Client, PgError>(client)
-        };
-        tokio::pin!(attempt);
         // A connect to a hung database takes its timeouts: meanwhile grants still expire
         // on time and the status file (and the watchdog) still says this replica serves.
-        let mut beat = tokio::time::interval(STATUS_EVERY);
-        let connected = loop {
-            let expiry =
-                tokio::time::sleep(r.next_deadline().map_or(Duration::from_secs(3600), until));
-            tokio::select! {
-                () = &mut shutdown => break None,
-                c = &mut attempt => break Some(c),
-                () = expiry => { expire(&mut r); }
-                _ = beat.tick() => r.write_status(),
+        let connected = {
+            let attempt = f.db.connect();
+            tokio::pin!(attempt);
+            let mut beat = tokio::time::interval(STATUS_EVERY);
+            loop {
+                let expiry = tokio::time::sleep(
+                    f.r.next_deadline().map_or(Duration::from_secs(3600), until),
+                );
+                tokio::select! {
+                    () = &mut shutdown => break None,
+                    c = &mut attempt => break Some(c),
+                    () = expiry => { expire(&mut f.r); }
+                    _ = beat.tick() => f.r.write_status(),
+                }
             }
         };
         let Some(connected) = connected else { break };
         let ended = match connected {
-            Ok(client) => match r.resync(&client, &tables).await {
-                Ok(()) => {
-                    r.connected();
-                    backoff = Duration::from_secs(1);
-                    r.report(&client).await;
-                    r.write_status();
-                    follow(
-                        &mut r,
-                        &client,
-                        &tables,
-                        &mut rx,
-                        commit_interval,
-                        &mut shutdown,
-                    )
-                    .await
-                }
-                Err(e) => Ended::Lost(format!("snapshot failed: {e}")),
-            },
-            Err(e) => {
-                r.status.newer_schema = e.newer_schema();
-                Ended::Lost(e.to_string())
+            Ok(mut conn) => {
+                let ended = match f.resync(&mut conn).await {
+                    Ok(()) => {
+                        f.r.connected();
+                        backoff = Duration::from_secs(1);
+                        f.report(&mut conn).await;
+                        f.r.write_status();
+                        follow(&mut f, &mut conn, gap, &mut shutdown).await
+                    }
+                    Err(e) => lost("snapshot failed", e),
+                };
+                f.db.close(conn).await;
+                ended
             }
+            Err(e) => lost("", e),
         };
         match ended {
             Ended::Shutdown => break,
             Ended::Lost(why) => {
-                r.down(why);
-                r.write_status();
+                f.r.status.newer_schema = why.error.newer_schema();
+                f.r.down(why.to_string());
+                f.r.write_status();
             }
         }
         // Keep expiring, warning and saying that the map is served while waiting to
@@ -696,25 +711,25 @@ pub async fn run(
         let mut beat = tokio::time::interval(STATUS_EVERY);
         loop {
             let expiry =
-                tokio::time::sleep(r.next_deadline().map_or(Duration::from_secs(3600), until));
+                tokio::time::sleep(f.r.next_deadline().map_or(Duration::from_secs(3600), until));
             tokio::select! {
-                () = &mut shutdown => { r.write_status(); return Ok(()); }
+                () = &mut shutdown => { f.r.write_status(); return Ok(()); }
                 () = tokio::time::sleep_until(retry) => break,
-                () = expiry => { expire(&mut r); }
+                () = expiry => { expire(&mut f.r); }
                 _ = beat.tick() => {
-                    r.warn_stale();
-                    r.write_status();
+                    f.r.warn_stale();
+                    f.r.write_status();
                 }
             }
         }
     }
-    r.write_status();
-    tracing::info!(grants = r.local.len(), "dovegate replica stopped");
+    f.r.write_status();
+    tracing::info!(grants = f.r.local.len(), "dovegate replica stopped");
     Ok(())
 }
 
 /// Expires what is due; false when the map was replaced (the caller refills it).
-pub(crate) fn expire(r: &mut Replica) -> bool {
+fn expire(r: &mut Replica) -> bool {
     match r.expire_due(timefmt::now()) {
         Ok(()) => true,
         Err(e) if e.map_reopened() => false,
@@ -725,51 +740,52 @@ pub(crate) fn expire(r: &mut Replica) -> bool {
     }
 }
 
-/// The connected loop: notifications, expiry, periodic resync, map checks, status.
-async fn follow(
-    r: &mut Replica,
-    client: &Client,
-    t: &Tables,
-    rx: &mut mpsc::Receiver<Notice>,
-    commit_interval: Duration,
+/// The connected loop: change signals, expiry, periodic resync, map checks, liveness,
+/// status.
+async fn follow<D: ReplicaDb>(
+    f: &mut Follower<D>,
+    conn: &mut D::Conn,
+    gap: Duration,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> Ended {
+) -> Ended
+where
+    ReplicaError: From<D::Error>,
+{
     let mut resync = tokio::time::interval(RESYNC_EVERY);
     resync.tick().await;
     let mut beat = tokio::time::interval(STATUS_EVERY);
     let mut map_check = tokio::time::interval(MAP_CHECK_EVERY);
-    let mut last_read = Instant::now() - commit_interval;
+    let mut last_read = Instant::now() - gap;
     let mut beats = 0u64;
     loop {
-        let expiry = tokio::time::sleep(r.next_deadline().map_or(Duration::from_secs(3600), until));
+        let expiry =
+            tokio::time::sleep(f.r.next_deadline().map_or(Duration::from_secs(3600), until));
         let mut refill = false;
         tokio::select! {
             () = &mut *shutdown => return Ended::Shutdown,
-            n = rx.recv() => match n {
-                Some(Notice::Changed) => {
-                    // At most one read per commit_interval, whatever the rate (a flood of
-                    // notifications from anyone costs one read per interval).
-                    tokio::time::sleep_until(last_read + commit_interval).await;
-                    if let Ok(Notice::Closed(why)) = rx.try_recv() {
-                        return Ended::Lost(format!("connection lost: {why}"));
+            n = f.db.next_change(conn) => match n {
+                Ok(()) => {
+                    // At most one read per gap, whatever the rate of signals.
+                    tokio::time::sleep_until(last_read + gap).await;
+                    if let Some(e) = f.db.closed(conn) {
+                        return lost("", e);
                     }
                     last_read = Instant::now();
-                    if let Err(e) = r.refresh(client, t).await {
-                        return Ended::Lost(format!("cannot read the changes: {e}"));
+                    if let Err(e) = f.refresh(conn).await {
+                        return lost("cannot read the changes", e);
                     }
                 }
                 // The reconnect resyncs.
-                Some(Notice::Closed(why)) => return Ended::Lost(format!("connection lost: {why}")),
-                None => return Ended::Lost("connection lost".into()),
+                Err(e) => return lost("", e),
             },
             _ = resync.tick() => {
-                if let Err(e) = r.resync(client, t).await {
-                    return Ended::Lost(format!("resync failed: {e}"));
+                if let Err(e) = f.resync(conn).await {
+                    return lost("resync failed", e);
                 }
             }
-            () = expiry => refill = !expire(r),
+            () = expiry => refill = !expire(&mut f.r),
             _ = map_check.tick() => {
-                match r.map.changed() {
+                match f.r.map.changed() {
                     Err(e) if e.cause() == Cause::Reopened => {
                         tracing::warn!(error = %e, "the map was replaced; writing every grant again");
                         refill = true;
@@ -779,28 +795,24 @@ async fn follow(
                 }
             }
             _ = beat.tick() => {
-                if client.is_closed() {
-                    return Ended::Lost("connection closed".into());
+                if let Some(e) = f.db.closed(conn) {
+                    return lost("", e);
                 }
                 beats += 1;
-                // A database that hangs without closing the connection sends nothing
-                // either: ask it now and then, and report this replica meanwhile.
-                if beats % 5 == 0 {
-                    match tokio::time::timeout(postgres::CONNECT_TIMEOUT, client.simple_query("SELECT 1")).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return Ended::Lost(postgres::error_text(&e)),
-                        Err(_) => return Ended::Lost("the database does not answer".into()),
+                if beats % PING_BEATS == 0 {
+                    if let Err(e) = bounded("a liveness check", PING_TIMEOUT, f.db.ping(conn)).await {
+                        return lost("", e);
                     }
-                    r.report(client).await;
+                    f.report(conn).await;
                 }
-                r.write_status();
+                f.r.write_status();
             }
         }
         if refill {
             // Reopened empty: the local mirror is wrong too; the resync rewrites it all.
-            r.forget();
-            if let Err(e) = r.resync(client, t).await {
-                return Ended::Lost(format!("resync failed: {e}"));
+            f.r.forget();
+            if let Err(e) = f.resync(conn).await {
+                return lost("resync failed", e);
             }
         }
     }

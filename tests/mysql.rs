@@ -43,7 +43,7 @@ fn two_writers_two_replicas_kill_and_revoke() {
     let (mut w2, log2) = writer(&tmp.path().join("w2"), &cfg, "10m");
     wait_writer_connected(&tmp.path().join("w1"));
     let mut r1 = Replica::start(&tmp.path().join("r1"), &cfg, &url);
-    assert_eq!(m.sql("SELECT MAX(version) FROM dovegate_schema"), "1");
+    assert_eq!(m.sql("SELECT MAX(version) FROM dovegate_schema"), "2");
 
     let mut ips = Vec::new();
     for i in 1..=10 {
@@ -299,7 +299,7 @@ fn concurrent_start_migrates_once_and_replicas_only_select() {
     }
     assert_eq!(
         m.sql("SELECT count(*), MAX(version) FROM dovegate_schema"),
-        "1\t1"
+        "2\t2"
     );
     m.root(&format!(
         "CREATE USER 'reader'@'127.0.0.1' IDENTIFIED BY 'r3ad';
@@ -527,10 +527,10 @@ fn replica_follows_a_mariadb_replica() {
             mariadb::PASSWORD,
             "SELECT MAX(version) FROM dovegate_schema",
         );
-        if v.as_deref() != Ok("1") {
+        if v.as_deref() != Ok("2") {
             std::thread::sleep(Duration::from_millis(100));
         }
-        v.as_deref() == Ok("1")
+        v.as_deref() == Ok("2")
     });
     let r = Replica::start(&tmp.path().join("r"), &cfg, &second_url);
     let ips: Vec<String> = (1..=20).map(|i| format!("198.51.100.{i}")).collect();
@@ -654,4 +654,98 @@ fn tls_with_verified_server_certificate() {
     );
     assert!(!e.contains(mariadb::PASSWORD), "{e}");
     drop(w2);
+}
+
+/// The policy state between hosts through MariaDB: a user's caps count on every host,
+/// and a user who trips one loses the grants every host gave it and is let in again
+/// everywhere by one `dovegate unblock` (the same test on PostgreSQL: tests/postgres.rs).
+#[test]
+fn caps_and_blocks_hold_across_hosts() {
+    let tmp = common::tempdir();
+    let m = Maria::start(tmp.path());
+    let url = m.url_file(&tmp.path().join("my.url"));
+    common::fleet::caps_and_blocks_hold_across_hosts(
+        tmp.path(),
+        "mysql_url_file",
+        &url,
+        // Rows as psql -At prints them: columns joined by '|', true as 't'.
+        &|sql| m.sql(sql).replace('\t', "|"),
+        "SELECT IF(UTC_TIMESTAMP(6) > revoked_at + INTERVAL 4 SECOND, 't', 'f') FROM dovegate_revocations WHERE address = '203.0.113.40'",
+    );
+}
+
+/// A DELETE or TRUNCATE by hand leaves no change sequence value: the replica counts the
+/// rows it knows the table holds every few seconds and resyncs when the count differs, so
+/// the grant leaves its map within seconds, not at the 5-minute resync. Rows written
+/// before the replica's snapshot and after it alike.
+#[test]
+fn delete_by_hand_reaches_the_replica_within_seconds() {
+    let tmp = common::tempdir();
+    let m = Maria::start(tmp.path());
+    let url = m.url_file(&tmp.path().join("my.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let (_w, log) = writer(&tmp.path().join("w"), &cfg, "10m");
+    wait_writer_connected(&tmp.path().join("w"));
+    let before: Vec<String> = (1..=3).map(|i| format!("192.0.2.{}", 110 + i)).collect();
+    for ip in &before {
+        append(&log, &login_line(ip, "erin"));
+    }
+    wait_for("the first grants in the database", FLEET_PATIENCE, || {
+        let n = m.sql("SELECT count(*) FROM dovegate_grants WHERE address LIKE '192.0.2.11_'");
+        if n != "3" {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        n == "3"
+    });
+    let r = Replica::start(&tmp.path().join("r"), &cfg, &url);
+    wait_visible("the grants on the replica", &r.map(), &before);
+    let after: Vec<String> = (1..=2).map(|i| format!("192.0.2.{}", 120 + i)).collect();
+    for ip in &after {
+        append(&log, &login_line(ip, "erin"));
+    }
+    wait_visible("the later grants on the replica", &r.map(), &after);
+    let noticed = |r: &Replica| r.log().matches("without a change sequence value").count();
+    let reads = |r: &Replica| r.status()["change_reads"].as_u64().unwrap_or(0);
+
+    // One row from the snapshot, one written after it; both well before the resync.
+    let bound = Duration::from_secs(30);
+    m.sql("DELETE FROM dovegate_grants WHERE address IN ('192.0.2.111', '192.0.2.121')");
+    wait_for("the deleted grants gone from the replica", bound, || {
+        postmap_q(&r.map(), "192.0.2.111").is_none() && postmap_q(&r.map(), "192.0.2.121").is_none()
+    });
+    for ip in ["192.0.2.112", "192.0.2.113", "192.0.2.122"] {
+        assert!(postmap_q(&r.map(), ip).is_some(), "{ip} removed too");
+    }
+    assert_eq!(noticed(&r), 1, "{}", r.log());
+
+    // Sequenced changes only: no more resyncs, however many counts pass (one every ten
+    // reads of changes).
+    append(&log, &login_line("192.0.2.131", "erin"));
+    wait_visible("a later login", &r.map(), &["192.0.2.131".into()]);
+    let from = reads(&r);
+    wait_for("three counts", bound, || {
+        let done = reads(&r) >= from + 30;
+        if !done {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        done
+    });
+    assert_eq!(noticed(&r), 1, "{}", r.log());
+
+    // TRUNCATE: every grant goes.
+    m.sql("TRUNCATE TABLE dovegate_grants");
+    wait_for("the truncated grants gone", bound, || {
+        postmap_s(&r.map()).is_empty()
+    });
+    assert_eq!(noticed(&r), 2, "{}", r.log());
+}
+
+/// As on PostgreSQL: a manual grant reaches the replica's log with the host that wrote it
+/// (the audit columns, read with the change), and a revoke is logged there too.
+#[test]
+fn replica_logs_who_granted_by_hand() {
+    let tmp = common::tempdir();
+    let m = Maria::start(tmp.path());
+    let url = m.url_file(&tmp.path().join("my.url"));
+    common::fleet::replica_logs_who_granted_by_hand(tmp.path(), "mysql_url_file", &url);
 }

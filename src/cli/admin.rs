@@ -10,7 +10,8 @@ use serde::Serialize;
 use super::{load_settings, ConfigArgs, Failure};
 use crate::config::{parse_duration, Settings};
 use crate::grant::{key_text, parse_any_ip, Decision, Policy};
-use crate::store::postgres::{self, Origin, Tables, Target};
+use crate::store::postgres::{self, Tables, Target};
+use crate::store::shared::Origin;
 use crate::store::{Cause, GrantStore, LmdbMap, OpenMode, StoreError};
 use crate::timefmt;
 

@@ -9,7 +9,8 @@ use serde::Serialize;
 use super::Failure;
 use crate::config::Settings;
 use crate::replica::ReplicaStatus;
-use crate::store::postgres::{self, NewerSchema, SeenHost, Target};
+use crate::store::postgres::{self, SeenHost, Target};
+use crate::store::shared::NewerSchema;
 use crate::store::{instance, GrantStore, OpenMode};
 use crate::timefmt;
 

@@ -81,21 +81,24 @@ pub fn trace(cfg: &ConfigArgs, queue_id: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Unblocks `user` here and, with PostgreSQL, on every host: the database first, since
+/// Unblocks `user` here and, with PostgreSQL or MariaDB, on every host: the database first, since
 /// a daemon sharing blocks would block the user here again while the database still
 /// lists it.
 pub fn unblock(cfg: &ConfigArgs, user: &str) -> Result<(), Failure> {
     let (_, settings) = load_settings(cfg, |_| {})?;
     let owned = user.to_string();
-    let everywhere = super::admin::in_database(
-        &settings,
-        &format!("{user}: not unblocked (on no host)"),
-        move |c, t, _| {
+    let not_done = format!("{user}: not unblocked (on no host)");
+    let everywhere = if settings.store.mysql_url_file.is_some() {
+        super::admin::in_mysql(&settings, &not_done, move |c, _| {
+            Box::pin(async move { crate::store::mysql::shared_policy::unblock(c, &owned).await })
+        })?
+    } else {
+        super::admin::in_database(&settings, &not_done, move |c, t, _| {
             Box::pin(async move {
                 crate::store::postgres::shared_policy::unblock(c, &t.blocked_users, &owned).await
             })
-        },
-    )?;
+        })?
+    };
     match crate::engine::unblock(&settings.state_dir, user) {
         Ok(here) if here || everywhere == Some(true) => {
             match everywhere {

@@ -1,5 +1,5 @@
-//! `dovegate replica`: wires the configuration, the local map and PostgreSQL to
-//! `crate::replica` and runs until SIGTERM/SIGINT.
+//! `dovegate replica`: wires the configuration, the local map and the database
+//! (PostgreSQL or MariaDB) to `crate::replica` and runs until SIGTERM/SIGINT.
 
 use std::path::PathBuf;
 
@@ -116,19 +116,20 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
         }
         let result = match (target, mysql) {
             (_, Some(target)) => {
-                let spec = crate::store::mysql::replica::MysqlReplicaSpec {
-                    target,
+                let spec = ReplicaSpec {
+                    db: crate::store::mysql::replica::MyReplica::new(target),
                     map,
                     policy,
                     state_dir: settings.state_dir.clone(),
+                    commit_interval: settings.commit_interval,
                 };
-                crate::store::mysql::replica::run(spec, shutdown)
+                crate::replica::run(spec, shutdown)
                     .await
                     .map_err(|e| Failure::runtime(e.to_string()))
             }
             (Some(target), None) => {
                 let spec = ReplicaSpec {
-                    target,
+                    db: crate::store::postgres::replica::PgReplica::new(target),
                     map,
                     policy,
                     state_dir: settings.state_dir.clone(),

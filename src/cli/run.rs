@@ -431,15 +431,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                 Some(&settings.state_dir),
                 Some(blocks.clone()),
             );
-            if let Some(url_file) = &settings.store.url_file {
-                shared_policy = Some(start_shared_policy(
-                    &runtime,
-                    url_file,
-                    &settings.store.schema,
-                    &policy,
-                    blocks,
-                )?);
-            }
+            shared_policy = start_shared_policy(&runtime, &settings, &policy, blocks)?;
             let src = Arc::new(MetricsSource {
                 stats: Arc::clone(&stats),
                 engine: Arc::clone(&counters),
@@ -702,47 +694,67 @@ impl DryRun {
 /// printing one of `--dry-run`.
 type DaemonStore = Box<dyn GrantStore + Send>;
 
-/// Blocked users and cap counts shared with the other hosts through PostgreSQL
-/// (`policy::shared`), whether or not this host runs the policy server.
+/// Blocked users and cap counts shared with the other hosts through PostgreSQL or MariaDB
+/// (`policy::shared`), whether or not this host runs the policy server; None without a
+/// database.
 fn start_shared_policy(
     runtime: &tokio::runtime::Runtime,
-    url_file: &std::path::Path,
-    schema: &str,
+    settings: &Settings,
     policy: &crate::policy::Context,
     blocks: &crate::blocks::Blocks,
-) -> Result<tokio::task::JoinHandle<()>, Failure> {
-    use crate::store::postgres::{Origin, Target};
-    let target = Target::load(url_file, schema).map_err(|e| Failure::config(e.to_string()))?;
-    policy.caps.share();
+) -> Result<Option<tokio::task::JoinHandle<()>>, Failure> {
+    use crate::policy::shared::{spawn, SharedPolicy};
+    use crate::store::shared::Origin;
+    let host = Origin::this_host("dovecot").host;
     let _guard = runtime.enter();
-    Ok(crate::policy::shared::spawn(
-        crate::policy::shared::SharedPolicy {
-            target,
-            host: Origin::this_host("dovecot").host,
+    if let Some(url_file) = &settings.store.mysql_url_file {
+        use crate::store::mysql;
+        let target = mysql::Target::load(url_file).map_err(|e| Failure::config(e.to_string()))?;
+        policy.caps.share();
+        return Ok(Some(spawn(SharedPolicy {
+            db: mysql::shared_policy::MyPolicy::new(target),
+            host,
             blocks: blocks.clone(),
             logins: policy.logins.clone(),
             caps: Arc::clone(&policy.caps),
-        },
-    ))
+        })));
+    }
+    let Some(url_file) = &settings.store.url_file else {
+        return Ok(None);
+    };
+    use crate::store::postgres::{shared_policy::PgPolicy, Target};
+    let target = Target::load(url_file, &settings.store.schema)
+        .map_err(|e| Failure::config(e.to_string()))?;
+    policy.caps.share();
+    Ok(Some(spawn(SharedPolicy {
+        db: PgPolicy::new(target),
+        host,
+        blocks: blocks.clone(),
+        logins: policy.logins.clone(),
+        caps: Arc::clone(&policy.caps),
+    })))
 }
 
 /// The local map, plus PostgreSQL when `[store] postgres_url_file` is set, or MariaDB when
 /// `[store] mysql_url_file` is (a bad URL file
 /// stops start-up; an unreachable database does not: commits spill until it returns).
 fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, Failure> {
-    use crate::store::postgres::{worker, Origin, Target};
+    use crate::store::postgres::{worker::PgWriterDb, Target};
+    use crate::store::shared::Origin;
+    use crate::store::writer::{Writer, WriterSpec};
     let max_ttl = i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 4);
     if let Some(url_file) = &settings.store.mysql_url_file {
         use crate::store::mysql;
         let target = mysql::Target::load(url_file).map_err(|e| Failure::config(e.to_string()))?;
         tracing::info!(database = %target.describe(), "sharing grants through MariaDB/MySQL");
-        let db = mysql::worker::MysqlWriter::start(mysql::worker::MysqlSpec {
-            target,
+        let popbsmtp = settings.store.popbsmtp.clone().map(mysql::Popbsmtp::new);
+        let db = Writer::start(WriterSpec {
+            db: mysql::worker::MyWriterDb::new(target, popbsmtp),
             origin: Origin::this_host("dovecot"),
             max_ttl,
             state_dir: settings.state_dir.clone(),
             spill_max: settings.store.spill_max_grants,
-            popbsmtp: settings.store.popbsmtp.clone().map(mysql::Popbsmtp::new),
+            instance: map.path().display().to_string(),
         })
         .map_err(|e| Failure::runtime(e.to_string()))?;
         return Ok(WriterStore::shared(map, Box::new(db)));
@@ -753,8 +765,8 @@ fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, F
     let target = Target::load(url_file, &settings.store.schema)
         .map_err(|e| Failure::config(e.to_string()))?;
     tracing::info!(database = %target.describe(), "sharing grants through PostgreSQL");
-    let pg = worker::PgWriter::start(worker::WriterSpec {
-        target,
+    let pg = Writer::start(WriterSpec {
+        db: PgWriterDb::new(target),
         origin: Origin::this_host("dovecot"),
         max_ttl,
         state_dir: settings.state_dir.clone(),

@@ -13,7 +13,7 @@ use crate::replica::ReplicaStatus;
 use crate::session::OpenSession;
 use crate::source::tailer::{open_regular, PathProblem};
 use crate::state::{Checkpoint, CheckpointDir};
-use crate::store::postgres::worker::{WriterStatus, MAX_SKEW_SECS};
+use crate::store::writer::{WriterStatus, MAX_SKEW_SECS};
 use crate::store::{instance, GrantStore, OpenMode};
 use crate::timefmt;
 

@@ -1,5 +1,6 @@
-//! The policy state shared between hosts through PostgreSQL (`[store] postgres_url_file`):
-//! the users blocked by a cap (`policy.block_on_cap`) and the users' cap counts.
+//! The policy state shared between hosts through the database (`[store]
+//! postgres_url_file` or `mysql_url_file`; `store::policy_db::PolicyDb`): the users
+//! blocked by a cap (`policy.block_on_cap`) and the users' cap counts.
 //!
 //! Every writer runs this, with or without a policy server: a user blocked on one host
 //! loses the grants every other host gave it (each host knows the logins behind its own
@@ -9,7 +10,7 @@
 //! caps hold across hosts, late by at most a round or two (`ROUND`): a cap is a brake on
 //! a stolen password, not an exact quota.
 //!
-//! The database is outside input: rows are bounded and checked (`shared_policy`), and a
+//! The database is outside input: rows are bounded and checked (`policy_db`), and a
 //! database that cannot be reached changes nothing here (this host's caps and blocks
 //! keep working alone; said, rate-limited, until it returns).
 
@@ -17,12 +18,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::Client;
-
 use crate::blocks::Blocks;
 use crate::engine::LoginsView;
 use crate::policy::caps::{Caps, SHARED_BUCKET, SHARED_BUCKETS};
-use crate::store::postgres::{shared_policy as sql, PgError, Target};
+use crate::store::policy_db::PolicyDb;
 use crate::telemetry::ratelimit::SharedLimit;
 use crate::timefmt;
 
@@ -34,8 +33,8 @@ const STATEMENT: Duration = Duration::from_secs(10);
 const CLEAN_EVERY: i64 = 600;
 
 /// What the exchange needs from the daemon.
-pub struct SharedPolicy {
-    pub target: Target,
+pub struct SharedPolicy<D> {
+    pub db: D,
     /// This host's name, as the database records it (`blocked_by`, the counts' `host`).
     pub host: String,
     pub blocks: Blocks,
@@ -44,24 +43,33 @@ pub struct SharedPolicy {
 }
 
 /// Starts the exchange; it runs until the task is aborted (at shutdown).
-pub fn spawn(shared: SharedPolicy) -> tokio::task::JoinHandle<()> {
+pub fn spawn<D: PolicyDb>(shared: SharedPolicy<D>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(shared.run())
 }
 
-async fn bounded<T>(
-    what: &str,
-    f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, PgError> {
+/// Why a round failed: the database's error (naming what was being done), or no answer.
+#[derive(Debug, thiserror::Error)]
+enum RoundError<E: std::error::Error + 'static> {
+    #[error(transparent)]
+    Db(E),
+    #[error("{what}: no answer within {secs}s; the database hangs or is overloaded")]
+    Timeout { what: &'static str, secs: u64 },
+}
+
+async fn bounded<T, E: std::error::Error + 'static>(
+    what: &'static str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, RoundError<E>> {
     match tokio::time::timeout(STATEMENT, f).await {
-        Ok(r) => r.map_err(|e| PgError::db(what.to_string(), e)),
-        Err(_) => Err(PgError::Timeout {
-            what: what.to_string(),
+        Ok(r) => r.map_err(RoundError::Db),
+        Err(_) => Err(RoundError::Timeout {
+            what,
             secs: STATEMENT.as_secs(),
         }),
     }
 }
 
-impl SharedPolicy {
+impl<D: PolicyDb> SharedPolicy<D> {
     async fn run(self) {
         let failed = SharedLimit::default();
         // Users known to be in the database's blocked set: one of them missing there
@@ -70,10 +78,10 @@ impl SharedPolicy {
         let mut cleaned = 0;
         let mut backoff = ROUND;
         loop {
-            let client = match self.target.connect(None).await {
+            let mut conn = match self.db.connect().await {
                 Ok(c) => c,
                 Err(e) => {
-                    self.failed(&failed, &e);
+                    self.failed(&failed, &RoundError::Db(e));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     continue;
@@ -81,7 +89,7 @@ impl SharedPolicy {
             };
             backoff = ROUND;
             loop {
-                if let Err(e) = self.round(&client, &mut synced, &mut cleaned).await {
+                if let Err(e) = self.round(&mut conn, &mut synced, &mut cleaned).await {
                     self.failed(&failed, &e);
                     break;
                 }
@@ -90,10 +98,10 @@ impl SharedPolicy {
         }
     }
 
-    fn failed(&self, limit: &SharedLimit, e: &PgError) {
+    fn failed(&self, limit: &SharedLimit, e: &RoundError<D::Error>) {
         if let Some(n) = limit.hit() {
             tracing::warn!(
-                database = %self.target.describe(),
+                database = %self.db.describe(),
                 error = %e,
                 failures = n,
                 "cannot share blocked users and cap counts with the other hosts; this host's caps and blocks still hold here"
@@ -106,12 +114,10 @@ impl SharedPolicy {
     /// in.
     async fn round(
         &self,
-        client: &Client,
+        conn: &mut D::Conn,
         synced: &mut HashSet<String>,
         cleaned: &mut i64,
-    ) -> Result<(), PgError> {
-        let blocked_table = self.target.blocked_users();
-        let counts_table = self.target.policy_counts();
+    ) -> Result<(), RoundError<D::Error>> {
         self.blocks.refresh();
         let fresh: Vec<(String, String)> = self
             .blocks
@@ -121,15 +127,11 @@ impl SharedPolicy {
             .collect();
         bounded(
             "recording blocked users",
-            sql::add_blocks(client, &blocked_table, &fresh, &self.host),
+            self.db.add_blocks(conn, &fresh, &self.host),
         )
         .await?;
         synced.extend(fresh.into_iter().map(|(u, _)| u));
-        let everywhere = bounded(
-            "reading blocked users",
-            sql::blocked(client, &blocked_table),
-        )
-        .await?;
+        let everywhere = bounded("reading blocked users", self.db.blocked(conn)).await?;
         let now = timefmt::now();
         let names: HashSet<&str> = everywhere.iter().map(|(u, _)| u.as_str()).collect();
         for (user, cap) in &everywhere {
@@ -177,7 +179,7 @@ impl SharedPolicy {
         }
         if let Err(e) = bounded(
             "recording cap counts",
-            sql::add_counts(client, &counts_table, &self.host, &out),
+            self.db.add_counts(conn, &self.host, &out),
         )
         .await
         {
@@ -187,19 +189,15 @@ impl SharedPolicy {
         let bucket = now.div_euclid(SHARED_BUCKET);
         let others = bounded(
             "reading the other hosts' cap counts",
-            sql::other_counts(
-                client,
-                &counts_table,
-                &self.host,
-                bucket - SHARED_BUCKETS + 1,
-            ),
+            self.db
+                .other_counts(conn, &self.host, bucket - SHARED_BUCKETS + 1),
         )
         .await?;
         self.caps.set_remote(others);
         if now - *cleaned >= CLEAN_EVERY {
             bounded(
                 "deleting old cap counts",
-                sql::clean_counts(client, &counts_table, bucket - SHARED_BUCKETS - 12),
+                self.db.clean_counts(conn, bucket - SHARED_BUCKETS - 12),
             )
             .await?;
             *cleaned = now;

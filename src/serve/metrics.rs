@@ -31,7 +31,7 @@ use crate::engine::{Counters, GrantsView, COMMIT_BUCKETS};
 use crate::net::{self, Conn, Handler, Listen, Server, Spec, Stream};
 use crate::replica::ReplicaStatus;
 use crate::state::CheckpointDir;
-use crate::store::postgres::worker::WriterStatus;
+use crate::store::writer::WriterStatus;
 use crate::telemetry::{SourceStats, StatsRegistry};
 
 /// What the metrics are read from.

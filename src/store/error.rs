@@ -13,6 +13,9 @@ pub enum Cause {
     /// The map file was deleted, replaced or truncated under us and has been reopened:
     /// grants committed before may be gone, so the caller writes its live grants again.
     Reopened,
+    /// The shared database (PostgreSQL, MariaDB) or its writer worker failed; the local
+    /// map is fine.
+    Database,
     /// Anything else (LMDB errors, a corrupt file).
     Other,
 }

@@ -5,13 +5,18 @@ pub mod damage;
 pub mod dry;
 mod error;
 mod file;
+pub mod follow;
 pub mod instance;
 pub mod lmdb;
 mod lock;
 pub mod mysql;
+pub mod policy_db;
 pub mod postgres;
+pub mod shared;
+pub mod spill;
 pub mod url_file;
 pub mod value;
+pub mod writer;
 
 use std::net::IpAddr;
 

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use dovegate::model::UserCount;
 use dovegate::policy::caps::{CapLimits, Caps};
-use dovegate::store::postgres::shared_policy::{cap_name, user_name};
+use dovegate::store::policy_db::{cap_name, user_name};
 
 pub fn check(data: &[u8]) {
     let mut parts = data.splitn(3, |&b| b == 0);

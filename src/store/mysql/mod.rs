@@ -21,6 +21,7 @@
 //! fixed.
 
 pub mod replica;
+pub mod shared_policy;
 pub mod worker;
 
 use std::net::IpAddr;
@@ -31,7 +32,8 @@ use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts, OptsBuilder, SslOpts};
 
 use crate::grant::key_text;
-use crate::store::postgres::{parse_address, Origin, Upserted, REVOKE_RACE_SECS};
+use crate::store::shared::{parse_address, Origin, Upserted, REVOKE_RACE_SECS};
+use crate::store::url_file::UrlError;
 
 /// The URL file must not hold more than this (it is one line).
 /// How long connecting (TCP, TLS, authentication) may take.
@@ -47,8 +49,9 @@ const CHUNK: usize = 1000;
 /// Why talking to MariaDB failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MyError {
-    #[error("{0}")]
-    Config(String),
+    /// The URL file or the URL in it: the administrator fixes the configuration.
+    #[error(transparent)]
+    Url(#[from] UrlError),
     #[error("{what}: {source}")]
     Db {
         what: String,
@@ -61,15 +64,23 @@ pub enum MyError {
         "schema version {found} is newer than this dovegate knows ({known}); upgrade dovegate"
     )]
     NewerSchema { found: i64, known: i64 },
-    #[error(transparent)]
-    Spill(#[from] crate::store::postgres::PgError),
-    #[error("the MariaDB worker {0}")]
-    Worker(&'static str),
-    #[error("database unreachable: {0}")]
-    Unreachable(String),
+    /// Another session holds the schema lock past its bound (a migration in progress).
+    #[error("the schema lock (GET_LOCK dovegate_schema) is held by another session; a migration is running or stuck there")]
+    SchemaLocked,
 }
 
 impl MyError {
+    /// The database's schema is newer than this dovegate (an upgrade, not an outage).
+    pub fn newer_schema(&self) -> Option<crate::store::shared::NewerSchema> {
+        match self {
+            MyError::NewerSchema { found, known } => Some(crate::store::shared::NewerSchema {
+                found: i32::try_from(*found).unwrap_or(i32::MAX),
+                known: i32::try_from(*known).unwrap_or(i32::MAX),
+            }),
+            _ => None,
+        }
+    }
+
     pub fn db(what: impl Into<String>, source: mysql_async::Error) -> MyError {
         MyError::Db {
             what: what.into(),
@@ -100,6 +111,23 @@ pub async fn timed<T>(
     }
 }
 
+/// A connection and its poll timer (MariaDB has no LISTEN: the poll of the change
+/// sequence is the change signal). Writers and replicas both use one.
+pub struct Polled {
+    pub conn: Conn,
+    pub poll: tokio::time::Interval,
+}
+
+impl Polled {
+    /// Connects (migrating the schema), the first poll at once.
+    pub async fn connect(target: &Target) -> Result<Polled, MyError> {
+        let conn = target.connect().await?;
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Polled { conn, poll })
+    }
+}
+
 /// True when the URL file holds a `mysql://` (or `mariadb://`) URL: `dovegate replica
 /// --url-file` follows MariaDB then, PostgreSQL otherwise. Unreadable: false (the
 /// PostgreSQL path reports the problem).
@@ -126,29 +154,30 @@ impl Target {
     /// `require_ssl=true` in the URL means TLS with the certificate and name checked
     /// (against `sslrootcert=FILE` in the URL if given, else the built-in web roots).
     pub fn load(path: &Path) -> Result<Target, MyError> {
-        let at = path.display();
-        let fail = |m: String| MyError::Config(m);
-        let text = super::url_file::read(path).map_err(fail)?;
+        let file = || path.to_path_buf();
+        let not_a_url = || UrlError::NotAUrl {
+            file: file(),
+            kind: "MariaDB/MySQL",
+            example: "mysql://user:password@host:3306/db?require_ssl=true",
+            why: None,
+        };
+        let text = super::url_file::read(path).map_err(UrlError::from)?;
         let text = match text.strip_prefix("mariadb://") {
             Some(rest) => format!("mysql://{rest}"),
             None => text,
         };
         if !text.starts_with("mysql://") {
-            return Err(fail(format!(
-                "{at}: not a MariaDB/MySQL URL like mysql://user:password@host:3306/db"
-            )));
+            return Err(not_a_url().into());
         }
         let (url, rootcert) = take_param(&text, "sslrootcert");
         // The parser's message may quote the URL: never show it (password).
-        let opts = Opts::from_url(&url).map_err(|_| {
-            fail(format!(
-                "{at}: not a valid MariaDB/MySQL URL like mysql://user:password@host:3306/db?require_ssl=true"
-            ))
-        })?;
+        let opts = Opts::from_url(&url).map_err(|_| not_a_url())?;
         if opts.db_name().is_none_or(str::is_empty) {
-            return Err(fail(format!(
-                "{at}: the URL names no database (mysql://user:password@host:3306/DB)"
-            )));
+            return Err(UrlError::NoDatabase {
+                file: file(),
+                example: "mysql://user:password@host:3306/DB",
+            }
+            .into());
         }
         let tls = opts.ssl_opts().is_some();
         let mut b = OptsBuilder::from_opts(opts)
@@ -157,10 +186,13 @@ impl Target {
             .stmt_cache_size(Some(32));
         if let Some(f) = rootcert {
             if !tls {
-                return Err(fail(format!("{at}: sslrootcert without require_ssl=true")));
+                return Err(UrlError::RootCertWithoutTls { file: file() }.into());
             }
-            let pem = std::fs::read(&f)
-                .map_err(|e| fail(format!("{at}: sslrootcert {f}: cannot read: {e}")))?;
+            let pem = std::fs::read(&f).map_err(|source| UrlError::RootCertUnreadable {
+                file: file(),
+                cert: f.clone(),
+                source,
+            })?;
             b = b.ssl_opts(
                 SslOpts::default()
                     .with_root_certs(vec![pem.into()])
@@ -318,6 +350,32 @@ const MIGRATIONS: &[&[&str]] = &[
              KEY dovegate_revocations_seq (seq)
          ) ENGINE=InnoDB",
     ],
+    // 2: the policy server's state shared between hosts (`store::policy_db`): users
+    // blocked by a cap (policy.block_on_cap) and what each host counted for each user's
+    // caps, in five-minute buckets (no address here: only user names and counts). Names
+    // compare byte for byte, as PostgreSQL's text does.
+    &[
+        "CREATE TABLE IF NOT EXISTS dovegate_blocked_users (
+             user_name VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL PRIMARY KEY,
+             cap VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+             blocked_at DATETIME(6) NOT NULL,
+             blocked_by VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+             CONSTRAINT dovegate_blocked_users_named CHECK (
+                 CHAR_LENGTH(user_name) >= 1 AND CHAR_LENGTH(cap) >= 1)
+         ) ENGINE=InnoDB",
+        "CREATE TABLE IF NOT EXISTS dovegate_policy_counts (
+             user_name VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+             kind VARCHAR(10) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+             bucket BIGINT NOT NULL,
+             host VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+             count BIGINT NOT NULL,
+             PRIMARY KEY (user_name, kind, bucket, host),
+             KEY dovegate_policy_counts_bucket (bucket),
+             CONSTRAINT dovegate_policy_counts_valid CHECK (
+                 CHAR_LENGTH(user_name) >= 1 AND CHAR_LENGTH(host) >= 1
+                 AND kind IN ('messages', 'recipients') AND count >= 0)
+         ) ENGINE=InnoDB",
+    ],
 ];
 
 /// The schema version this program writes.
@@ -361,9 +419,7 @@ async fn migrate(conn: &mut Conn) -> Result<(), MyError> {
         .await
         .map_err(db("taking the schema lock"))?;
     if got.flatten() != Some(1) {
-        return Err(MyError::Unreachable(
-            "the schema lock (GET_LOCK dovegate_schema) is held by another session".into(),
-        ));
+        return Err(MyError::SchemaLocked);
     }
     let result = async {
         conn.query_drop(
@@ -661,12 +717,30 @@ async fn consistent_read(
     Ok((tx, seq))
 }
 
-/// A consistent read: every grantable row with its effective expiry, the change sequence
-/// it is current to, and the database's clock: (grants, seq, db_now).
-pub async fn snapshot(
-    conn: &mut Conn,
-    ttl: i64,
-) -> Result<(Vec<(String, i64)>, i64, f64), mysql_async::Error> {
+/// A consistent read of the grants (`snapshot`).
+pub struct Snapshot {
+    /// Every grantable row with its effective expiry.
+    pub rows: Vec<(String, i64)>,
+    /// The change sequence value it is current to.
+    pub seq: i64,
+    /// The database's clock.
+    pub db_now: f64,
+    /// Every row, grantable or not, whose expiry is after `held_after` (unix seconds):
+    /// the rows a replica follows the count of (`changes_since`).
+    pub held: Vec<String>,
+    pub held_after: i64,
+}
+
+/// The rows a replica follows the count of: those whose expiry is after a time (its last
+/// snapshot's), up to a sequence value (parameters: seq, after). Every write by dovegate
+/// (a grant, a revoke) gives a row a new sequence value, which the replica reads as a
+/// change, and the writers' clean-up deletes only rows expired for a day; so the replica
+/// knows which rows these are, and a count that differs is a change without a sequence
+/// value (a DELETE or TRUNCATE by hand).
+const HELD_SQL: &str =
+    "FROM dovegate_grants WHERE seq <= ? AND expires > ('1970-01-01 00:00:00' + INTERVAL ? SECOND)";
+
+pub async fn snapshot(conn: &mut Conn, ttl: i64) -> Result<Snapshot, mysql_async::Error> {
     let (mut tx, seq) = consistent_read(conn).await?;
     let now: f64 = tx
         .query_first(format!("SELECT {} + 0e0", secs_f("UTC_TIMESTAMP(6)")))
@@ -679,18 +753,33 @@ pub async fn snapshot(
             grantable_sql(ttl)
         ))
         .await?;
+    let held_after = now.floor() as i64;
+    let held: Vec<String> = tx
+        .exec(format!("SELECT address {HELD_SQL}"), (seq, held_after))
+        .await?;
     tx.commit().await?;
-    Ok((rows, seq, now))
+    Ok(Snapshot {
+        rows,
+        seq,
+        db_now: now,
+        held,
+        held_after,
+    })
 }
 
 /// What changed after sequence value `since`: the addresses whose grant or revocation
 /// changed, with their rows as `snapshot` reads them (an address without a row grants
 /// nothing), `updated_at` for lag; and the sequence value this is current to. At most
-/// `limit` addresses (more: the caller resyncs).
+/// `limit` addresses (more: the caller resyncs). With `held_after` (a snapshot's
+/// `held_after`), also the changed rows whose expiry is after it (`kept`), and with
+/// `count` how many rows `HELD_SQL` counts up to `seq`, in the same consistent read.
 pub struct Changes {
     pub seq: i64,
     pub addresses: Vec<String>,
-    pub rows: Vec<(String, i64, f64)>,
+    /// (address, effective expiry, updated_at, granted_by, source).
+    pub rows: Vec<(String, i64, f64, String, String)>,
+    pub kept: Vec<String>,
+    pub held: Option<i64>,
 }
 
 pub async fn changes_since(
@@ -698,16 +787,38 @@ pub async fn changes_since(
     since: i64,
     ttl: i64,
     limit: usize,
+    held_after: Option<i64>,
+    count: bool,
 ) -> Result<Changes, mysql_async::Error> {
     let (mut tx, seq) = consistent_read(conn).await?;
+    let held = match held_after {
+        Some(after) if count => Some(
+            tx.exec_first::<i64, _, _>(format!("SELECT COUNT(*) {HELD_SQL}"), (seq, after))
+                .await?
+                .unwrap_or(0),
+        ),
+        _ => None,
+    };
     if seq <= since {
         tx.commit().await?;
         return Ok(Changes {
             seq: since,
             addresses: Vec::new(),
             rows: Vec::new(),
+            kept: Vec::new(),
+            held,
         });
     }
+    let kept: Vec<String> = match held_after {
+        Some(after) => {
+            tx.exec(
+                format!("SELECT address {HELD_SQL} AND seq > ? LIMIT ?"),
+                (seq, after, since, limit as u64),
+            )
+            .await?
+        }
+        None => Vec::new(),
+    };
     let addresses: Vec<String> = tx
         .exec(
             "SELECT address FROM dovegate_grants WHERE seq > ? AND seq <= ?
@@ -716,11 +827,11 @@ pub async fn changes_since(
             (since, seq, since, seq, limit as u64),
         )
         .await?;
-    let rows: Vec<(String, i64, f64)> = tx
+    let rows: Vec<(String, i64, f64, String, String)> = tx
         .exec(
             format!(
-                "SELECT address, {}, {} + 0e0 FROM dovegate_grants
-                 WHERE seq > ? AND seq <= ? AND {} LIMIT ?",
+                "SELECT address, {}, {} + 0e0, LEFT(granted_by, 255), LEFT(source, 64)
+                 FROM dovegate_grants WHERE seq > ? AND seq <= ? AND {} LIMIT ?",
                 secs(&effective_sql(ttl)),
                 secs_f("updated_at"),
                 grantable_sql(ttl)
@@ -733,6 +844,8 @@ pub async fn changes_since(
         seq,
         addresses,
         rows,
+        kept,
+        held,
     })
 }
 

@@ -1,241 +1,159 @@
-//! `dovegate replica` following MariaDB: a consistent snapshot (with the change sequence
-//! value it is current to), then every `POLL` the rows whose sequence is past the last one
-//! read (an index range scan, empty and cheap when nothing changed), applied through the
-//! same map side as the PostgreSQL replica (`crate::replica::Replica`: admission, caps at
-//! now + ttl, expiry deadlines, status file). A full resync every `RESYNC_EVERY` and after
-//! every reconnect catches what leaves no sequence value (a DELETE by hand); while the
-//! database is unreachable the replica is STALE and keeps what it has until each grant's
-//! own expiry.
+//! The MariaDB side of `dovegate replica` (`store::follow::ReplicaDb`): a consistent
+//! snapshot with the change sequence value it is current to, then every `POLL` the rows
+//! whose sequence is past the last one read (an index range scan, empty and cheap when
+//! nothing changed). MariaDB has no LISTEN: the poll is the change signal.
+//!
+//! A DELETE (or TRUNCATE) by hand leaves no sequence value. So the replica knows which
+//! rows the table holds (grantable or not, unexpired at its last snapshot: the snapshot's
+//! rows, then each change read's), and every `HELD_CHECK_EVERY` polls it counts them in
+//! the database, in the same consistent read as the changes (`super::HELD_SQL`): a count
+//! that differs means rows went without a trace, and it resyncs at once (within seconds,
+//! not at the next 5-minute resync). One count every few seconds, not one per poll.
 
-use std::future::Future;
-use std::net::IpAddr;
-use std::path::PathBuf;
+use std::collections::HashSet;
 use std::time::Duration;
 
-use mysql_async::Conn;
-use tokio::time::Instant;
+use super::{MyError, Polled, Target};
+use crate::store::follow::{Read, ReplicaDb, Snapshot};
+use crate::store::shared::{Report, Reread};
 
-use super::{MyError, Target, POLL};
-use crate::grant::Policy;
-use crate::replica::{expire, until, Replica, ReplicaError, RESYNC_EVERY};
-use crate::store::postgres::parse_address;
-use crate::store::{Cause, GrantStore, LmdbMap};
+/// Every this many polls the held rows are counted (`POLL` 200 ms: every 2 s).
+const HELD_CHECK_EVERY: u32 = 10;
 
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// More changed addresses than this since the last read: a full resync instead.
-const MAX_CHANGES: usize = 50_000;
-const MAP_CHECK_EVERY: Duration = Duration::from_secs(2);
-
-pub struct MysqlReplicaSpec {
-    pub target: Target,
-    pub map: LmdbMap,
-    pub policy: Policy,
-    pub state_dir: PathBuf,
+/// A replica's MariaDB.
+pub struct MyReplica {
+    target: Target,
 }
 
-fn lost(what: &str, e: MyError) -> String {
-    format!("{what}: {e}")
-}
-
-async fn bounded<T>(
-    what: &str,
-    fut: impl Future<Output = Result<T, mysql_async::Error>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(SNAPSHOT_TIMEOUT, fut).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(lost(what, MyError::db(what, e))),
-        Err(_) => Err(format!(
-            "{what}: no answer within {}s",
-            SNAPSHOT_TIMEOUT.as_secs()
-        )),
+impl MyReplica {
+    pub fn new(target: Target) -> MyReplica {
+        MyReplica { target }
     }
 }
 
-/// The replica's position in the change sequence.
-struct Follower {
-    r: Replica,
-    since: i64,
-    ttl: i64,
+/// A replica's connection, and what it knows of the rows the table holds.
+pub struct Following {
+    polled: Polled,
+    /// The time after which a row's expiry makes it one the replica follows the count of
+    /// (its last snapshot's, unix seconds).
+    held_after: Option<i64>,
+    /// Those rows' addresses: the snapshot's, then kept up to date by each change read.
+    held: HashSet<String>,
+    polls: u32,
 }
 
-impl Follower {
-    async fn resync(&mut self, conn: &mut Conn) -> Result<(), String> {
-        let (rows, seq, db_now) = bounded("snapshot", super::snapshot(conn, self.ttl)).await?;
-        self.r
-            .apply_snapshot(&rows, db_now)
-            .map_err(|e| format!("snapshot: {e}"))?;
-        self.since = seq;
-        Ok(())
+impl ReplicaDb for MyReplica {
+    type Conn = Following;
+    /// The change sequence value read up to.
+    type Since = i64;
+    type Error = MyError;
+
+    fn describe(&self) -> String {
+        self.target.describe()
     }
 
-    async fn refresh(&mut self, conn: &mut Conn) -> Result<(), String> {
-        let ch = bounded(
-            "reading changes",
-            super::changes_since(conn, self.since, self.ttl, MAX_CHANGES + 1),
-        )
-        .await?;
-        self.r.status.change_reads += 1;
-        if ch.seq == self.since {
-            return Ok(());
+    async fn connect(&self) -> Result<Following, MyError> {
+        Ok(Following {
+            polled: Polled::connect(&self.target).await?,
+            held_after: None,
+            held: HashSet::new(),
+            polls: 0,
+        })
+    }
+
+    async fn snapshot(&self, c: &mut Following, ttl: i64) -> Result<Snapshot<i64>, MyError> {
+        let s = super::snapshot(&mut c.polled.conn, ttl)
+            .await
+            .map_err(|e| MyError::db("snapshot", e))?;
+        c.held_after = Some(s.held_after);
+        c.held = s.held.into_iter().collect();
+        Ok(Snapshot {
+            rows: s.rows,
+            db_now: s.db_now,
+            since: s.seq,
+        })
+    }
+
+    async fn changes(
+        &self,
+        c: &mut Following,
+        since: &i64,
+        ttl: i64,
+        limit: usize,
+    ) -> Result<Read<i64>, MyError> {
+        c.polls = c.polls.wrapping_add(1);
+        let count = c.polls % HELD_CHECK_EVERY == 0;
+        let ch = super::changes_since(&mut c.polled.conn, *since, ttl, limit, c.held_after, count)
+            .await
+            .map_err(|e| MyError::db("reading changes", e))?;
+        let most = ch.addresses.len().max(ch.rows.len()).max(ch.kept.len());
+        if most >= limit {
+            return Ok(Read::TooMany(most));
         }
-        if ch.addresses.len() > MAX_CHANGES || ch.rows.len() > MAX_CHANGES {
-            tracing::info!(
-                changed = ch.addresses.len(),
-                "many changes at once; resyncing"
-            );
-            return self.resync(conn).await;
+        for a in &ch.addresses {
+            c.held.remove(a);
         }
-        let asked: Vec<IpAddr> = ch
-            .addresses
-            .iter()
-            .filter_map(|a| parse_address(a))
-            .collect();
+        c.held.extend(ch.kept);
+        if let Some(n) = ch.held {
+            let expected = c.held.len();
+            if usize::try_from(n).ok() != Some(expected) {
+                return Ok(Read::Unsequenced {
+                    expected,
+                    found: usize::try_from(n).unwrap_or(0),
+                });
+            }
+        }
+        if ch.seq == *since {
+            return Ok(Read::Nothing);
+        }
         let rows = ch
             .rows
             .into_iter()
-            .map(
-                |(address, expires, updated)| crate::store::postgres::Reread {
-                    address,
-                    expires,
-                    updated,
-                    host: String::new(),
-                    source: String::new(),
-                },
-            )
+            .map(|(address, expires, updated, host, source)| Reread {
+                address,
+                expires,
+                updated,
+                host,
+                source,
+            })
             .collect();
-        match self.r.apply(&asked, rows) {
-            Ok(()) => {}
-            Err(e) if is_reopened(&e) => {
-                tracing::warn!(error = %e, "the map was replaced; writing every grant again");
-                self.r.forget();
-                return self.resync(conn).await;
-            }
-            Err(e) => {
-                // `since` stays: the next poll applies these changes again.
-                tracing::error!(error = %e, "cannot apply changes to the map; retrying at the next poll");
-                return Ok(());
-            }
-        }
-        self.since = ch.seq;
+        Ok(Read::Changes {
+            addresses: ch.addresses,
+            rows,
+            next: ch.seq,
+        })
+    }
+
+    async fn next_change(&self, c: &mut Following) -> Result<(), MyError> {
+        c.polled.poll.tick().await;
         Ok(())
     }
-}
 
-fn is_reopened(e: &ReplicaError) -> bool {
-    matches!(e, ReplicaError::Map(m) if m.cause() == Cause::Reopened)
-}
-
-/// Runs until `shutdown` resolves.
-pub async fn run(
-    spec: MysqlReplicaSpec,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ReplicaError> {
-    let target = spec.target.clone();
-    let ttl = spec.policy.ttl_secs();
-    // No schema to report in: `dovegate status --fleet` reads PostgreSQL only.
-    let r = Replica::open(
-        spec.map,
-        spec.policy,
-        &spec.state_dir,
-        target.describe(),
-        String::new(),
-    )?;
-    let mut f = Follower { r, since: 0, ttl };
-    tracing::info!(database = %f.r.status.database, map = %f.r.status.map, grants = f.r.local.len(), "dovegate replica started");
-    crate::notify::ready(&format!("{} grants", f.r.local.len()));
-    f.r.write_status();
-    tokio::pin!(shutdown);
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        let connected = tokio::select! {
-            () = &mut shutdown => break,
-            c = target.connect() => c,
-        };
-        let why = match connected {
-            Ok(mut conn) => match f.resync(&mut conn).await {
-                Ok(()) => {
-                    f.r.connected();
-                    backoff = Duration::from_secs(1);
-                    f.r.write_status();
-                    let why = follow(&mut f, &mut conn, &mut shutdown).await;
-                    // Not waited for long: the server may be gone.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.disconnect()).await;
-                    match why {
-                        None => break,
-                        Some(w) => w,
-                    }
-                }
-                Err(e) => format!("snapshot failed: {e}"),
-            },
-            Err(e) => e.to_string(),
-        };
-        f.r.down(why);
-        f.r.write_status();
-        let retry = Instant::now() + backoff;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-        loop {
-            let expiry =
-                tokio::time::sleep(f.r.next_deadline().map_or(Duration::from_secs(3600), until));
-            tokio::select! {
-                () = &mut shutdown => { f.r.write_status(); return Ok(()); }
-                () = tokio::time::sleep_until(retry) => break,
-                () = expiry => { expire(&mut f.r); }
-            }
-        }
+    fn read_gap(&self, _commit_interval: Duration) -> Duration {
+        // The poll interval is the gap already.
+        Duration::ZERO
     }
-    f.r.write_status();
-    tracing::info!(grants = f.r.local.len(), "dovegate replica stopped");
-    Ok(())
-}
 
-/// The connected loop: polls, expiry, periodic resync, map checks, status. None on
-/// shutdown, else why the connection was given up.
-async fn follow(
-    f: &mut Follower,
-    conn: &mut Conn,
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> Option<String> {
-    let mut resync = tokio::time::interval(RESYNC_EVERY);
-    resync.tick().await;
-    let mut poll = tokio::time::interval(POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut beat = tokio::time::interval(Duration::from_secs(2));
-    let mut map_check = tokio::time::interval(MAP_CHECK_EVERY);
-    loop {
-        let expiry =
-            tokio::time::sleep(f.r.next_deadline().map_or(Duration::from_secs(3600), until));
-        let mut refill = false;
-        tokio::select! {
-            () = shutdown.as_mut() => return None,
-            _ = poll.tick() => {
-                if let Err(e) = f.refresh(conn).await {
-                    return Some(format!("cannot read the changes: {e}"));
-                }
-            }
-            _ = resync.tick() => {
-                if let Err(e) = f.resync(conn).await {
-                    return Some(format!("resync failed: {e}"));
-                }
-            }
-            () = expiry => refill = !expire(&mut f.r),
-            _ = map_check.tick() => {
-                match f.r.map.changed() {
-                    Err(e) if e.cause() == Cause::Reopened => {
-                        tracing::warn!(error = %e, "the map was replaced; writing every grant again");
-                        refill = true;
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot check the map"),
-                    Ok(_) => {}
-                }
-            }
-            _ = beat.tick() => f.r.write_status(),
-        }
-        if refill {
-            f.r.forget();
-            if let Err(e) = f.resync(conn).await {
-                return Some(format!("resync failed: {e}"));
-            }
-        }
+    fn closed(&self, _c: &mut Following) -> Option<MyError> {
+        // The polls find out, every `POLL`.
+        None
+    }
+
+    async fn ping(&self, c: &mut Following) -> Result<(), MyError> {
+        use mysql_async::prelude::Queryable;
+        c.polled
+            .conn
+            .query_drop("DO 1")
+            .await
+            .map_err(|e| MyError::db("a liveness check", e))
+    }
+
+    async fn report(&self, _c: &mut Following, _r: &Report) {
+        // No fleet table in MariaDB yet: `dovegate status --fleet` reads PostgreSQL only.
+    }
+
+    async fn close(&self, c: Following) {
+        // Not waited for long: the server may be gone.
+        let _ = tokio::time::timeout(Duration::from_secs(1), c.polled.conn.disconnect()).await;
     }
 }

@@ -1,14 +1,20 @@
 //! PostgreSQL failures that keep their cause: callers tell an outage (retry, spill) from
 //! refused data or a configuration mistake by the variant, not by message text.
 
-use std::path::PathBuf;
+use crate::store::shared::NewerSchema;
 
 /// Why talking to the database (or keeping its spill queue) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    /// The URL file or TLS settings: the administrator fixes the configuration.
-    #[error("{0}")]
-    Config(String),
+    /// The URL file or the URL in it: the administrator fixes the configuration.
+    #[error(transparent)]
+    Url(#[from] crate::store::url_file::UrlError),
+    /// No CA certificate to check the server's against.
+    #[error("sslmode: no CA certificate found in the system store (/etc/ssl/certs); install ca-certificates or the database's CA")]
+    NoCa,
+    /// rustls refused the TLS settings.
+    #[error("TLS set-up failed: {0}")]
+    Tls(String),
     /// A statement or connection failed; `what` names what was being done.
     #[error("{what}: {}", super::error_text(.source))]
     Db {
@@ -22,33 +28,10 @@ pub enum PgError {
     /// The schema in the database is newer than this program: not an outage, an upgrade.
     #[error(transparent)]
     NewerSchema(NewerSchema),
-    /// The spill queue file.
-    #[error("{}: {what}: {source}", .path.display())]
-    Spill {
-        path: PathBuf,
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The writer's worker thread did not take or answer a request.
-    #[error("the PostgreSQL worker {0}")]
-    Worker(&'static str),
-    /// Not connected now (the worker retries in the background).
-    #[error("database unreachable: {0}")]
-    Unreachable(String),
-}
-
-/// The database holds a schema version this dovegate does not know (another host was
-/// upgraded first). Kept in the status files so that `status` says so, not "unreachable".
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize,
-)]
-#[error(
-    "the database's schema {found} is newer than this dovegate knows ({known}); upgrade dovegate"
-)]
-pub struct NewerSchema {
-    pub found: i32,
-    pub known: i32,
+    /// The connection ended under us (the server closed it, the network failed); the
+    /// caller reconnects.
+    #[error("connection lost: {0}")]
+    Lost(String),
 }
 
 impl PgError {

@@ -9,11 +9,14 @@
 //! validated as a plain identifier by the configuration.
 
 pub mod error;
+pub mod replica;
 pub mod shared_policy;
-pub mod spill;
 pub mod worker;
 
-pub use error::{NewerSchema, PgError};
+pub use crate::store::shared::{
+    parse_address, NewerSchema, Origin, Report, Reread, Upserted, ADMIN_SOURCE, REVOKE_RACE_SECS,
+};
+pub use error::PgError;
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -24,6 +27,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
 use crate::grant::key_text;
+use crate::store::url_file::UrlError;
 
 /// The NOTIFY channel. Since schema 3 a notification carries no payload (any role that can
 /// connect may LISTEN, and must not learn client addresses; any role may NOTIFY too): it
@@ -81,36 +85,41 @@ fn take_param(url: &str, name: &str) -> (String, Option<String>) {
 }
 
 /// `sslmode`'s value: (tokio-postgres's mode, what TLS verifies).
-fn ssl_mode(value: Option<&str>) -> Result<(SslMode, Option<Verify>), String> {
+/// An unknown mode is the error.
+fn ssl_mode(value: Option<&str>) -> Result<(SslMode, Option<Verify>), &str> {
     Ok(match value {
         None | Some("prefer") => (SslMode::Prefer, None),
         Some("disable") => (SslMode::Disable, None),
         Some("require") | Some("verify-full") => (SslMode::Require, Some(Verify::ChainAndName)),
         Some("verify-ca") => (SslMode::Require, Some(Verify::Chain)),
-        Some(other) => {
-            return Err(format!(
-                "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
-            ))
-        }
+        Some(other) => return Err(other),
     })
 }
 
-fn load_roots(file: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, PgError> {
+/// The CA certificates in `cert` (`sslrootcert=` of the URL file `file`).
+fn load_roots(
+    file: &Path,
+    cert: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, UrlError> {
     use rustls::pki_types::pem::PemObject;
-    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(file)
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            PgError::Config(format!(
-                "sslrootcert {file}: cannot read PEM certificates: {e}"
-            ))
+        .map_err(|e| UrlError::RootCertNotPem {
+            file: file.to_path_buf(),
+            cert: cert.to_string(),
+            why: e.to_string(),
         })?;
     if certs.is_empty() {
-        return Err(PgError::Config(format!(
-            "sslrootcert {file}: no certificate in the file"
-        )));
+        return Err(UrlError::RootCertEmpty {
+            file: file.to_path_buf(),
+            cert: cert.to_string(),
+        });
     }
     Ok(certs)
 }
+
+/// An example of the URL the file holds, for the errors.
+const EXAMPLE: &str = "postgresql://user:password@host:5432/db";
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -121,30 +130,35 @@ impl std::fmt::Debug for Target {
 impl Target {
     /// Reads the URL file. Refuses a file other users may read: it holds the password.
     pub fn load(path: &Path, schema: &str) -> Result<Target, PgError> {
-        let at = path.display();
-        let fail = |m: String| PgError::Config(m);
-        let text = super::url_file::read(path).map_err(fail)?;
+        let file = || path.to_path_buf();
+        let text = super::url_file::read(path).map_err(UrlError::from)?;
         let (url, rootcert) = take_param(&text, "sslrootcert");
         let (url, mode) = take_param(&url, "sslmode");
         let url = url.as_str();
         if url.is_empty() {
-            return Err(fail(format!(
-                "{at}: is empty; write one URL like postgresql://user:password@host:5432/db"
-            )));
+            return Err(UrlError::Empty {
+                file: file(),
+                example: EXAMPLE,
+            }
+            .into());
         }
         // The parser's message never contains the URL; keep it that way (password).
-        let mut config = Config::from_str(url).map_err(|e| {
-            fail(format!(
-                "{at}: not a PostgreSQL URL like postgresql://user:password@host:5432/db ({e})"
-            ))
+        let mut config = Config::from_str(url).map_err(|e| UrlError::NotAUrl {
+            file: file(),
+            kind: "PostgreSQL",
+            example: EXAMPLE,
+            why: Some(e.to_string()),
         })?;
-        let (mode, tls) = ssl_mode(mode.as_deref()).map_err(|e| fail(format!("{at}: {e}")))?;
+        let (mode, tls) = ssl_mode(mode.as_deref()).map_err(|m| UrlError::SslMode {
+            file: file(),
+            mode: m.to_string(),
+        })?;
         config.ssl_mode(mode);
         if config.get_hosts().is_empty() {
-            return Err(fail(format!("{at}: the URL names no host")));
+            return Err(UrlError::NoHost { file: file() }.into());
         }
         let roots = match rootcert {
-            Some(f) => Some(load_roots(&f).map_err(|e| fail(format!("{at}: {e}")))?),
+            Some(cert) => Some(load_roots(path, &cert)?),
             None => None,
         };
         Ok(Target {
@@ -283,10 +297,10 @@ fn tls_connector(
         let _ = roots.add(cert);
     }
     if roots.is_empty() {
-        return Err(PgError::Config("sslmode: no CA certificate found in the system store (/etc/ssl/certs); install ca-certificates or the database's CA".into()));
+        return Err(PgError::NoCa);
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let setup = |e: rustls::Error| PgError::Config(format!("TLS set-up failed: {e}"));
+    let setup = |e: rustls::Error| PgError::Tls(e.to_string());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(setup)?;
@@ -298,7 +312,7 @@ fn tls_connector(
                 provider,
             )
             .build()
-            .map_err(|e| PgError::Config(format!("TLS set-up failed: {e}")))?;
+            .map_err(|e| PgError::Tls(e.to_string()))?;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(std::sync::Arc::new(ChainOnly(webpki)))
@@ -358,6 +372,49 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
     }
 }
 
+/// A connection that LISTENs on `CHANNEL`, and where its notifications arrive (one
+/// waiting stands for any number: see `drive`). Writers and replicas both use one.
+pub struct Listening {
+    pub client: Client,
+    pub notices: tokio::sync::mpsc::Receiver<Notice>,
+}
+
+impl Listening {
+    /// Connects (migrating the schema) and LISTENs, each bounded.
+    pub async fn connect(target: &Target) -> Result<Listening, PgError> {
+        let (tx, notices) = tokio::sync::mpsc::channel(1);
+        let client = target.connect(Some(tx)).await?;
+        tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            client.batch_execute(&format!("LISTEN {CHANNEL}")),
+        )
+        .await
+        .map_err(|_| PgError::Timeout {
+            what: "LISTEN".into(),
+            secs: CONNECT_TIMEOUT.as_secs(),
+        })?
+        .map_err(|e| PgError::db("LISTEN", e))?;
+        Ok(Listening { client, notices })
+    }
+
+    /// The next notification: Ok when something may have changed, an error when the
+    /// connection ended. Cancel-safe.
+    pub async fn changed(&mut self) -> Result<(), PgError> {
+        match self.notices.recv().await {
+            Some(Notice::Changed) => Ok(()),
+            Some(Notice::Closed(why)) => Err(PgError::Lost(why)),
+            None => Err(PgError::Lost("the connection task ended".into())),
+        }
+    }
+
+    /// Some when the connection is known to be closed.
+    pub fn closed(&self) -> Option<PgError> {
+        self.client
+            .is_closed()
+            .then(|| PgError::Lost("the connection was closed".into()))
+    }
+}
+
 /// What the connection tells a listener.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
@@ -394,13 +451,6 @@ async fn drive<S, T>(
     if let Some(tx) = notices {
         let _ = tx.send(Notice::Closed(why)).await;
     }
-}
-
-/// An address exactly as dovegate writes it (canonical, lower case); anything else a
-/// hostile or mistaken row may hold (`1.2.3`, `unknown`, a hostname) is refused.
-pub fn parse_address(text: &str) -> Option<IpAddr> {
-    let ip: IpAddr = text.parse().ok()?;
-    (key_text(ip) == text).then_some(ip)
 }
 
 /// Schema versions, applied in order inside one transaction under an advisory lock. Never
@@ -698,19 +748,6 @@ pub async fn migrate(client: &Client, schema: &str) -> Result<i32, PgError> {
     }
 }
 
-/// What a writer or replica reports of itself (`dovegate_report`, schema 4).
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    /// `writer` or `replica`.
-    pub role: &'static str,
-    /// Which one on its host (its map).
-    pub instance: String,
-    pub spill_queue: Option<i64>,
-    pub spill_dropped: Option<i64>,
-    pub lag_secs: Option<f64>,
-    pub grants: Option<i64>,
-}
-
 /// Reports this host to the database (its clock is measured there).
 pub async fn report(
     client: &Client,
@@ -787,50 +824,11 @@ pub async fn fleet(client: &Client, schema: &str) -> Result<Vec<SeenHost>, tokio
         .collect())
 }
 
-/// Who wrote a grant, for audit.
-#[derive(Debug, Clone)]
-pub struct Origin {
-    pub host: String,
-    pub source: String,
-}
-
-impl Origin {
-    pub fn this_host(source: &str) -> Origin {
-        let mut buf = [0u8; 256];
-        // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
-        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-        let host = if rc == 0 {
-            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-            String::from_utf8_lossy(&buf[..end]).into_owned()
-        } else {
-            "unknown".into()
-        };
-        Origin {
-            host,
-            source: source.to_string(),
-        }
-    }
-}
-
 /// True when the database refused the data (SQLSTATE class 22 data exception, 23
 /// integrity constraint): retrying the same rows fails the same way, unlike an outage.
 pub fn is_data_error(e: &tokio_postgres::Error) -> bool {
     e.code()
         .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
-}
-
-/// A grant whose login is at most this long after a revoke is refused too: a session
-/// renewal in flight while the revoke spreads (a writer learns of it within a second) must
-/// not write the grant back. A real login that close to a revoke logs in again.
-pub const REVOKE_RACE_SECS: i64 = 2;
-
-/// What an upsert did.
-#[derive(Debug, Default, PartialEq)]
-pub struct Upserted {
-    /// Written, with the expiry the database keeps (its clock).
-    pub written: Vec<(IpAddr, i64)>,
-    /// Refused: revoked after the login that granted it.
-    pub revoked: Vec<IpAddr>,
 }
 
 /// Upserts grants in one statement; the later expiry wins, and no expiry lies further
@@ -1048,23 +1046,6 @@ pub async fn snapshot(
         now,
     ))
 }
-
-/// A row as `reread` returns it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reread {
-    pub address: String,
-    /// The effective expiry (see `effective_sql`).
-    pub expires: i64,
-    /// `updated_at`, unix seconds (for lag).
-    pub updated: f64,
-    /// Who wrote it (`granted_by`: the writer's host name; `source`: `dovecot` for a
-    /// login, `dovegate-admin` for `dovegate grant`), for the audit trail.
-    pub host: String,
-    pub source: String,
-}
-
-/// The source `dovegate grant` writes (`Origin::source`).
-pub const ADMIN_SOURCE: &str = "dovegate-admin";
 
 /// The rows of `addresses` as `snapshot` reads them, with `updated_at` and who wrote them.
 /// An address not returned grants nothing (deleted, expired, or never there).

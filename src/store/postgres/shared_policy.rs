@@ -1,35 +1,91 @@
-//! The policy server's state shared between hosts (schema 4): the users blocked by a cap
-//! and what each host counted towards each user's caps. Every value is a query parameter;
-//! every row read is bounded and checked, since the database is outside input too.
+//! The policy server's state shared between hosts through PostgreSQL (schema 4): the users
+//! blocked by a cap and what each host counted towards each user's caps
+//! (`store::policy_db::PolicyDb`). Every value is a query parameter; every row read is
+//! bounded and checked, since the database is outside input too.
 
 use tokio_postgres::Client;
 
+use super::{PgError, Target};
 use crate::model::UserCount as CountRow;
+use crate::store::policy_db::{cap_name, kind, parse_kind, user_name, PolicyDb, MAX_ROWS};
 
-/// Rows read at most per query: past it, the rest waits for the next round.
-pub const MAX_ROWS: i64 = 100_000;
-/// The longest user name kept (as the table's CHECK).
-pub const MAX_USER: usize = 256;
+/// The policy state's tables in one PostgreSQL schema.
+pub struct PgPolicy {
+    target: Target,
+    blocked_users: String,
+    policy_counts: String,
+}
 
-/// A cap name as dovegate writes it (`user_messages_per_hour`): anything else read from
-/// the database is replaced, since it is shown to the blocked user's mail client.
-pub fn cap_name(text: String) -> String {
-    if !text.is_empty()
-        && text.len() <= 64
-        && text.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-    {
-        text
-    } else {
-        "unknown".into()
+impl PgPolicy {
+    pub fn new(target: Target) -> PgPolicy {
+        PgPolicy {
+            blocked_users: target.blocked_users(),
+            policy_counts: target.policy_counts(),
+            target,
+        }
     }
 }
 
-pub fn user_name(text: &str) -> bool {
-    !text.is_empty() && text.len() <= MAX_USER
+impl PolicyDb for PgPolicy {
+    type Conn = Client;
+    type Error = PgError;
+
+    fn describe(&self) -> String {
+        self.target.describe()
+    }
+
+    async fn connect(&self) -> Result<Client, PgError> {
+        self.target.connect(None).await
+    }
+
+    async fn add_blocks(
+        &self,
+        c: &mut Client,
+        users: &[(String, String)],
+        host: &str,
+    ) -> Result<(), PgError> {
+        add_blocks(c, &self.blocked_users, users, host)
+            .await
+            .map_err(|e| PgError::db("recording blocked users", e))
+    }
+
+    async fn blocked(&self, c: &mut Client) -> Result<Vec<(String, String)>, PgError> {
+        blocked(c, &self.blocked_users)
+            .await
+            .map_err(|e| PgError::db("reading blocked users", e))
+    }
+
+    async fn add_counts(
+        &self,
+        c: &mut Client,
+        host: &str,
+        rows: &[CountRow],
+    ) -> Result<(), PgError> {
+        add_counts(c, &self.policy_counts, host, rows)
+            .await
+            .map_err(|e| PgError::db("recording cap counts", e))
+    }
+
+    async fn other_counts(
+        &self,
+        c: &mut Client,
+        host: &str,
+        since: i64,
+    ) -> Result<Vec<CountRow>, PgError> {
+        other_counts(c, &self.policy_counts, host, since)
+            .await
+            .map_err(|e| PgError::db("reading the other hosts' cap counts", e))
+    }
+
+    async fn clean_counts(&self, c: &mut Client, before: i64) -> Result<u64, PgError> {
+        clean_counts(c, &self.policy_counts, before)
+            .await
+            .map_err(|e| PgError::db("deleting old cap counts", e))
+    }
 }
 
 /// Records users blocked here (those already there keep their first record).
-pub async fn add_blocks(
+async fn add_blocks(
     client: &Client,
     table: &str,
     users: &[(String, String)],
@@ -57,7 +113,7 @@ pub async fn add_blocks(
 }
 
 /// Every user blocked on any host, with the cap it tripped (at most `MAX_ROWS`).
-pub async fn blocked(
+async fn blocked(
     client: &Client,
     table: &str,
 ) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
@@ -92,16 +148,8 @@ pub async fn unblock(
     Ok(n > 0)
 }
 
-fn kind(recipients: bool) -> &'static str {
-    if recipients {
-        "recipients"
-    } else {
-        "messages"
-    }
-}
-
 /// Adds this host's new counts.
-pub async fn add_counts(
+async fn add_counts(
     client: &Client,
     table: &str,
     host: &str,
@@ -129,7 +177,7 @@ pub async fn add_counts(
 }
 
 /// What the other hosts counted since bucket `since`, summed per user, kind and bucket.
-pub async fn other_counts(
+async fn other_counts(
     client: &Client,
     table: &str,
     host: &str,
@@ -149,11 +197,7 @@ pub async fn other_counts(
         .into_iter()
         .filter_map(|r| {
             let user: String = r.try_get(0).ok()?;
-            let recipients = match r.try_get::<_, &str>(1).ok()? {
-                "recipients" => true,
-                "messages" => false,
-                _ => return None,
-            };
+            let recipients = parse_kind(r.try_get::<_, &str>(1).ok()?)?;
             let count: i64 = r.try_get(3).ok()?;
             (user_name(&user) && count > 0).then_some(())?;
             Some(CountRow {
@@ -167,7 +211,7 @@ pub async fn other_counts(
 }
 
 /// Deletes counts older than bucket `before` (every host's: they no longer count).
-pub async fn clean_counts(
+async fn clean_counts(
     client: &Client,
     table: &str,
     before: i64,
@@ -178,20 +222,4 @@ pub async fn clean_counts(
             &[&before],
         )
         .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hostile_cap_names_are_replaced() {
-        assert_eq!(
-            cap_name("user_messages_per_hour".into()),
-            "user_messages_per_hour"
-        );
-        assert_eq!(cap_name("x\"}{".into()), "unknown");
-        assert_eq!(cap_name(String::new()), "unknown");
-        assert_eq!(cap_name("a".repeat(65)), "unknown");
-    }
 }

@@ -1,755 +1,151 @@
-//! The writer's PostgreSQL client on its own thread and runtime.
-//!
-//! The engine is synchronous and commits from its loop; a hung or unreachable database
-//! must not hold it longer than a bound. The engine's side (`PgWriter`) sends requests
-//! over a bounded channel and waits at most `REPLY_TIMEOUT`; the worker gives every
-//! statement `QUERY_TIMEOUT`, connects in the background with a backoff, and while the
-//! database is unreachable puts commits into the spill queue (fsynced), replayed in order
-//! when it returns.
-//!
-//! The worker also LISTENs: revocations recorded in the database (another host's
-//! `dovegate revoke`, a DELETE or TRUNCATE by hand) are handed to the engine's side
-//! (`PgWriter::take_revocations`), which removes them from the local map. And it measures
-//! this host's clock against the database's, so that expiries it writes last as long as
-//! the ttl says even when this clock is off.
+//! The writer's PostgreSQL statements (`store::writer::WriterDb`): the worker thread,
+//! spill queue, retries and warnings are `store::writer`'s, shared with MariaDB. The
+//! connection LISTENs: revocations recorded in the database (another host's `dovegate
+//! revoke`, a DELETE or TRUNCATE by hand, whose triggers write tombstones) are read at
+//! each notification, at most once per `READ_GAP`.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
-use tokio_postgres::Client;
+use super::{Horizon, Listening, NewerSchema, Origin, PgError, Report, Tables, Target, Upserted};
+use crate::store::writer::{Writer, WriterDb};
 
-use super::spill::Spill;
-use super::{
-    error_text, parse_address, Notice, Origin, PgError, Tables, Target, Upserted, CHANNEL,
-};
-use crate::timefmt;
-
-/// A statement that takes longer is abandoned and the database treated as down.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
-/// The longest the engine waits for the worker (a connect or query in progress).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// While the database is down, the warning is repeated this often.
-const WARN_EVERY: Duration = Duration::from_secs(60);
-/// Expired rows are kept this long for audit, then deleted.
-const KEEP_EXPIRED_SECS: i64 = 24 * 3600;
-/// Replayed spill grants per statement.
-const REPLAY_CHUNK: usize = 5000;
-/// A clock further off the database's than this is warned about (every `WARN_EVERY`).
-pub const MAX_SKEW_SECS: f64 = 5.0;
-/// The clock is measured again this often.
-const SKEW_EVERY: Duration = Duration::from_secs(60);
-/// How often this writer reports itself to the database (`dovegate status --fleet`).
-const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Revocations are read at most this often (notifications come from anyone).
 const READ_GAP: Duration = Duration::from_millis(250);
-/// Revocations waiting for the engine beyond this are dropped for a full re-read.
-const MAX_PENDING_REVOCATIONS: usize = 100_000;
 
-/// How a commit reached durability.
-#[derive(Debug)]
-pub enum Committed {
-    /// In the database: the effective expiries, and the grants refused as revoked.
-    Written(Upserted),
-    /// In the spill queue, waiting for the database; `dropped` older grants had to go to
-    /// keep it bounded (the database copy is behind).
-    Spilled { dropped: usize },
-}
+/// The writer's handle on its PostgreSQL worker.
+pub type PgWriter = Writer<PgWriterDb>;
 
-enum Request {
-    Commit(Vec<(IpAddr, i64)>, SyncSender<Result<Committed, PgError>>),
-    Revoke(IpAddr, SyncSender<Result<bool, PgError>>),
-    Set(IpAddr, i64, SyncSender<Result<(), PgError>>),
-}
-
-/// Revocations read from the database, waiting for the engine's side: (address, when it
-/// was revoked, in this host's clock).
-type Pending = Arc<Mutex<Vec<(IpAddr, i64)>>>;
-
-/// What the writer reports in `STATE/fleet.json` (for `dovegate status` and metrics).
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct WriterStatus {
-    pub database: String,
-    pub connected: bool,
-    /// Unix seconds since when the database is unreachable.
-    pub disconnected_since: Option<i64>,
-    pub last_error: Option<String>,
-    /// Unix seconds of the last commit that reached the database.
-    pub last_commit: Option<i64>,
-    /// Grants waiting in the spill queue.
-    pub queue_len: usize,
-    pub queue_max: usize,
-    pub queue_file: String,
-    pub spilled_total: u64,
-    pub replayed_total: u64,
-    /// Grants dropped from a full spill queue: the database copy is behind by these.
-    #[serde(default)]
-    pub dropped_total: u64,
-    /// Some grants never reached the database (spill queue overflow, or a failed spill).
-    #[serde(default)]
-    pub behind: bool,
-    /// This host's clock minus the database's, in seconds (last measured).
-    #[serde(default)]
-    pub clock_skew_secs: Option<f64>,
-    /// Revocations recorded in the database applied to the local map.
-    #[serde(default)]
-    pub revocations_seen: u64,
-    /// Set while the database refuses this dovegate for its newer schema (not an outage).
-    #[serde(default)]
-    pub newer_schema: Option<super::NewerSchema>,
-    /// Unix seconds when this file was written.
-    pub updated: i64,
-}
-
-impl WriterStatus {
-    pub const FILE: &'static str = "fleet.json";
-
-    /// The status a writer left in `state_dir`, if any (`updated` tells its age).
-    pub fn load(state_dir: &std::path::Path) -> Option<WriterStatus> {
-        read_json(&state_dir.join(Self::FILE))
-    }
-}
-
-/// The engine's handle on the worker thread.
-pub struct PgWriter {
-    tx: tokio::sync::mpsc::Sender<Request>,
-    max_ttl: i64,
-    revocations: Pending,
-}
-
-/// What the worker needs.
-pub struct WriterSpec {
-    pub target: Target,
-    pub origin: Origin,
-    pub max_ttl: i64,
-    pub state_dir: PathBuf,
-    pub spill_max: usize,
-    /// Which writer on its host (its map), for `dovegate status --fleet`.
-    pub instance: String,
-}
-
-impl PgWriter {
-    /// Opens the spill queue and starts the worker thread (it connects in the background).
-    pub fn start(spec: WriterSpec) -> Result<PgWriter, PgError> {
-        let spill = Spill::open(&spec.state_dir, spec.spill_max)?;
-        if !spill.is_empty() {
-            tracing::info!(waiting = spill.len(), file = %spill.path().display(), "spilled grants from an earlier run will be written to the database");
-        }
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let max_ttl = spec.max_ttl;
-        let revocations: Pending = Arc::default();
-        let pending = revocations.clone();
-        std::thread::Builder::new()
-            .name("postgres".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start the PostgreSQL runtime; commits will fail");
-                        return;
-                    }
-                };
-                rt.block_on(Worker::new(spec, spill, pending).run(rx));
-            })
-            .map_err(|_| PgError::Worker("thread cannot be started"))?;
-        Ok(PgWriter {
-            tx,
-            max_ttl,
-            revocations,
-        })
-    }
-
-    /// Revocations recorded in the database since the last call (address, when it was
-    /// revoked in this host's clock).
-    pub fn take_revocations(&self) -> Vec<(IpAddr, i64)> {
-        match self.revocations.lock() {
-            Ok(mut v) => std::mem::take(&mut *v),
-            Err(p) => std::mem::take(&mut *p.into_inner()),
-        }
-    }
-
-    /// The longest a grant may last from now (`grant.ttl`, in seconds).
-    pub fn max_ttl(&self) -> i64 {
-        self.max_ttl
-    }
-
-    fn ask<T>(
-        &self,
-        make: impl FnOnce(SyncSender<Result<T, PgError>>) -> Request,
-    ) -> Result<T, PgError> {
-        let (reply, answer) = sync_channel(1);
-        self.tx.try_send(make(reply)).map_err(|e| match e {
-            tokio::sync::mpsc::error::TrySendError::Full(_) => {
-                PgError::Worker("is busy (database hung?)")
-            }
-            tokio::sync::mpsc::error::TrySendError::Closed(_) => PgError::Worker("has stopped"),
-        })?;
-        answer
-            .recv_timeout(REPLY_TIMEOUT)
-            .map_err(|_| PgError::Worker("did not answer within 10s"))?
-    }
-
-    /// Writes grants to the database or, while it is down, to the spill queue.
-    pub fn commit(&self, grants: &[(IpAddr, i64)]) -> Result<Committed, PgError> {
-        let grants = grants.to_vec();
-        self.ask(|r| Request::Commit(grants, r))
-    }
-
-    pub fn revoke(&self, ip: IpAddr) -> Result<bool, PgError> {
-        self.ask(|r| Request::Revoke(ip, r))
-    }
-
-    pub fn set(&self, ip: IpAddr, expires: i64) -> Result<(), PgError> {
-        self.ask(|r| Request::Set(ip, expires, r))
-    }
-}
-
-struct Worker {
-    spec: WriterSpec,
+/// A writer's PostgreSQL: where, and its schema's tables.
+#[derive(Clone)]
+pub struct PgWriterDb {
+    target: Target,
     tables: Tables,
-    spill: Spill,
-    client: Option<Client>,
-    notices: Option<tokio::sync::mpsc::Receiver<Notice>>,
-    connecting: Option<tokio::task::JoinHandle<Result<Listening, PgError>>>,
-    retry_at: Instant,
-    backoff: Duration,
-    warned_at: Option<Instant>,
-    skew_warned_at: Option<Instant>,
-    /// This host's clock minus the database's (0 until measured).
-    skew: f64,
-    /// Where the next read of revocations starts (None: the recent ones, after a connect).
-    revocations_since: Option<super::Horizon>,
-    revocations_due: bool,
-    last_read: Option<Instant>,
-    pending: Pending,
-    status: WriterStatus,
 }
 
-impl Worker {
-    fn new(spec: WriterSpec, spill: Spill, pending: Pending) -> Worker {
-        let status = WriterStatus {
-            database: spec.target.describe(),
-            queue_len: spill.len(),
-            queue_max: spec.spill_max,
-            queue_file: spill.path().display().to_string(),
-            ..WriterStatus::default()
-        };
-        Worker {
-            tables: spec.target.tables(),
-            spec,
-            spill,
-            client: None,
-            notices: None,
-            connecting: None,
-            retry_at: Instant::now(),
-            backoff: Duration::from_secs(1),
-            warned_at: None,
-            skew_warned_at: None,
-            skew: 0.0,
-            revocations_since: None,
-            revocations_due: false,
-            last_read: None,
-            pending,
-            status,
+impl PgWriterDb {
+    pub fn new(target: Target) -> PgWriterDb {
+        PgWriterDb {
+            tables: target.tables(),
+            target,
         }
     }
+}
 
-    async fn run(mut self, mut rx: tokio::sync::mpsc::Receiver<Request>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut clean = tokio::time::interval(Duration::from_secs(600));
-        let mut skew = tokio::time::interval(SKEW_EVERY);
-        let mut report = tokio::time::interval(REPORT_EVERY);
-        loop {
-            tokio::select! {
-                req = rx.recv() => match req {
-                    Some(r) => self.handle(r).await,
-                    None => break,
-                },
-                res = async { self.connecting.as_mut().expect("guarded").await }, if self.connecting.is_some() => {
-                    self.connecting = None;
-                    match res {
-                        Ok(Ok((client, notices))) => self.connected(client, notices).await,
-                        Ok(Err(e)) => {
-                            self.status.newer_schema = e.newer_schema();
-                            self.down(e.to_string());
-                        }
-                        Err(e) => self.down(format!("connect task failed: {e}")),
-                    }
-                }
-                n = async { self.notices.as_mut().expect("guarded").recv().await }, if self.notices.is_some() => {
-                    match n {
-                        Some(Notice::Changed) => {
-                            // At once (a renewal must not race the revoke), but at most once
-                            // per `READ_GAP` however many notifications come.
-                            if self.last_read.is_some_and(|t| t.elapsed() < READ_GAP) {
-                                self.revocations_due = true;
-                            } else {
-                                self.read_revocations().await;
-                            }
-                        }
-                        Some(Notice::Closed(why)) => self.down(format!("connection lost: {why}")),
-                        None => self.down("connection lost".into()),
-                    }
-                }
-                _ = tick.tick() => {
-                    if self.client.as_ref().is_some_and(|c| c.is_closed()) {
-                        self.down("the connection was closed".into());
-                    }
-                    if self.client.is_none() && self.connecting.is_none() && Instant::now() >= self.retry_at {
-                        let target = self.spec.target.clone();
-                        self.connecting = Some(tokio::spawn(async move { connect_listening(&target).await }));
-                    }
-                    if self.client.is_some() && !self.spill.is_empty() {
-                        self.replay().await;
-                    }
-                    // At most one read per tick however many notifications came (anyone may
-                    // send them).
-                    if self.client.is_some() && self.revocations_due {
-                        self.read_revocations().await;
-                    }
-                    // Not before a first failure: connecting at start-up is not an outage.
-                    if self.client.is_none() && self.status.last_error.is_some() {
-                        self.warn_down();
-                    }
-                    self.warn_skew();
-                    self.write_status();
-                }
-                _ = skew.tick() => self.check_clock().await,
-                _ = report.tick() => self.report().await,
-                _ = clean.tick() => {
-                    if let Some(c) = &self.client {
-                        match tokio::time::timeout(QUERY_TIMEOUT, super::clean(c, &self.tables, KEEP_EXPIRED_SECS)).await {
-                            Ok(Ok(n)) if n > 0 => tracing::debug!(rows = n, "expired rows deleted from the database"),
-                            Ok(Ok(_)) => {}
-                            Ok(Err(e)) => tracing::warn!(error = %error_text(&e), "cannot delete expired rows"),
-                            Err(_) => tracing::warn!("deleting expired rows timed out"),
-                        }
-                    }
-                }
-            }
-        }
-        self.write_status();
+fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+    move |e| PgError::db(what, e)
+}
+
+impl WriterDb for PgWriterDb {
+    type Conn = Listening;
+    type Since = Horizon;
+    type Error = PgError;
+
+    const NAME: &'static str = "PostgreSQL";
+    const URL_SETTING: &'static str = "postgres_url_file";
+    const THREAD: &'static str = "postgres";
+
+    fn describe(&self) -> String {
+        self.target.describe()
     }
 
-    async fn connected(&mut self, client: Client, notices: tokio::sync::mpsc::Receiver<Notice>) {
-        if self.status.disconnected_since.is_some() {
-            tracing::info!(database = %self.status.database, "database reachable again");
-        } else {
-            tracing::info!(database = %self.status.database, "connected to the database");
-        }
-        self.client = Some(client);
-        self.notices = Some(notices);
-        self.backoff = Duration::from_secs(1);
-        self.warned_at = None;
-        self.status.connected = true;
-        self.status.disconnected_since = None;
-        self.status.last_error = None;
-        self.status.newer_schema = None;
-        self.check_clock().await;
-        // Notifications were missed while away: the recent revocations, all of them.
-        self.revocations_since = None;
-        self.read_revocations().await;
-        if !self.spill.is_empty() {
-            self.replay().await;
-        }
-        self.report().await;
-        self.write_status();
+    fn connect(&self) -> impl std::future::Future<Output = Result<Listening, PgError>> + Send {
+        let target = self.target.clone();
+        async move { Listening::connect(&target).await }
     }
 
-    /// Reports this writer to the database. Status only: a refused report changes nothing,
-    /// but one that gets no answer is an outage like any statement's (and the one that
-    /// notices a hung database while no login comes).
-    async fn report(&mut self) {
-        let Some(c) = &self.client else { return };
-        let r = super::Report {
-            role: "writer",
-            instance: self.spec.instance.clone(),
-            spill_queue: Some(i64::try_from(self.spill.len()).unwrap_or(i64::MAX)),
-            spill_dropped: Some(i64::try_from(self.status.dropped_total).unwrap_or(i64::MAX)),
-            lag_secs: None,
-            grants: None,
-        };
-        let schema = self.spec.target.schema();
-        if let Err(e) = timed(
-            "reporting to the fleet",
-            super::report(c, schema, &self.spec.origin.host, &r),
-        )
-        .await
-        {
-            if matches!(e, PgError::Timeout { .. }) {
-                self.down(e.to_string());
-            } else {
-                tracing::debug!(error = %e, "cannot report this writer to the database");
-            }
-        }
-    }
-
-    /// Measures this host's clock against the database's (half the round trip taken off):
-    /// expiries written are corrected by it, and it is warned about while it lasts.
-    async fn check_clock(&mut self) {
-        let Some(c) = &self.client else { return };
-        let before = timefmt::now_f64();
-        let Ok(db_now) = timed("reading the database's clock", super::db_now(c)).await else {
-            return;
-        };
-        let after = timefmt::now_f64();
-        let skew = (before + after) / 2.0 - db_now;
-        // Below a second it is measurement noise: expiries have second precision.
-        self.skew = if skew.abs() < 1.0 { 0.0 } else { skew };
-        self.status.clock_skew_secs = Some((skew * 1000.0).round() / 1000.0);
-        if skew.abs() <= MAX_SKEW_SECS {
-            self.skew_warned_at = None;
-        }
-        self.warn_skew();
-    }
-
-    fn warn_skew(&mut self) {
-        let Some(skew) = self.status.clock_skew_secs else {
-            return;
-        };
-        if skew.abs() <= MAX_SKEW_SECS
-            || self
-                .skew_warned_at
-                .is_some_and(|t| t.elapsed() < WARN_EVERY)
-        {
-            return;
-        }
-        self.skew_warned_at = Some(Instant::now());
-        tracing::warn!(database = %self.status.database, skew_secs = skew.round(), "this host's clock differs from the database's: the expiries written are corrected by it (the database's clock decides), but this host's own map and log times are off; run NTP");
-    }
-
-    /// Reads the revocations since the last read and hands them to the engine's side.
-    async fn read_revocations(&mut self) {
-        let Some(c) = &self.client else { return };
-        self.revocations_due = false;
-        self.last_read = Some(Instant::now());
-        let read = async {
-            let next = super::horizon(c).await?;
-            let rows = super::revocations_since(
-                c,
-                &self.tables,
-                self.revocations_since.as_ref(),
-                self.spec.max_ttl,
-            )
-            .await?;
-            Ok::<_, tokio_postgres::Error>((next, rows))
-        };
-        let (next, rows) = match timed("reading revocations", read).await {
-            Ok(v) => v,
-            Err(e) => {
-                self.revocations_due = true;
-                self.down(e.to_string());
-                return;
-            }
-        };
-        self.revocations_since = Some(next);
-        if rows.is_empty() {
-            return;
-        }
-        let skew = self.skew;
-        let mut got: Vec<(IpAddr, i64)> = rows
-            .into_iter()
-            .filter_map(|(a, at)| Some((parse_address(&a)?, (at + skew).ceil() as i64)))
-            .collect();
-        self.status.revocations_seen += got.len() as u64;
-        let mut pending = match self.pending.lock() {
-            Ok(p) => p,
-            Err(p) => p.into_inner(),
-        };
-        if pending.len() + got.len() > MAX_PENDING_REVOCATIONS {
-            tracing::warn!(
-                waiting = pending.len() + got.len(),
-                "too many revocations waiting for the engine; the oldest are dropped"
-            );
-            let keep = MAX_PENDING_REVOCATIONS.saturating_sub(got.len());
-            let cut = pending.len().saturating_sub(keep);
-            pending.drain(..cut);
-            got.truncate(MAX_PENDING_REVOCATIONS);
-        }
-        pending.extend(got);
-    }
-
-    /// The database failed: forget the client, retry later, say so (once now, then every
-    /// `WARN_EVERY`).
-    fn down(&mut self, why: String) {
-        self.client = None;
-        self.notices = None;
-        self.retry_at = Instant::now() + self.backoff;
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-        self.status.connected = false;
-        self.status.disconnected_since.get_or_insert(timefmt::now());
-        self.status.last_error = Some(why);
-        self.warn_down();
-    }
-
-    fn warn_down(&mut self) {
-        if self.warned_at.is_some_and(|t| t.elapsed() < WARN_EVERY) {
-            return;
-        }
-        self.warned_at = Some(Instant::now());
-        if self.status.behind {
-            tracing::error!(
-                database = %self.status.database,
-                error = self.status.last_error.as_deref().unwrap_or("not connected yet"),
-                waiting = self.spill.len(),
-                max = self.spec.spill_max,
-                dropped = self.status.dropped_total,
-                queue = %self.spill.path().display(),
-                "database copy behind: the database is unreachable and the spill queue is full; new logins are committed to the local map, but the oldest grants waiting for the database were dropped (the other hosts will not see them); fix the database or raise [store] spill_max_grants"
-            );
-            return;
-        }
-        if let Some(newer) = self.status.newer_schema {
-            tracing::error!(
-                database = %self.status.database,
-                waiting = self.spill.len(),
-                queue = %self.spill.path().display(),
-                "{newer}: this writer does not use the database until then; commits are kept in the spill queue and written after the upgrade"
-            );
-            return;
-        }
-        tracing::warn!(
-            database = %self.status.database,
-            error = self.status.last_error.as_deref().unwrap_or("not connected yet"),
-            waiting = self.spill.len(),
-            queue = %self.spill.path().display(),
-            "database unreachable: commits are kept in the spill queue and written when it returns; check the database and [store] postgres_url_file"
-        );
-    }
-
-    async fn handle(&mut self, req: Request) {
-        match req {
-            Request::Commit(grants, reply) => {
-                let _ = reply.send(self.commit(grants).await);
-            }
-            Request::Revoke(ip, reply) => {
-                let r = match &self.client {
-                    None => Err(PgError::Unreachable("cannot revoke everywhere".to_string())),
-                    Some(c) => timed("revoking", super::revoke(c, &self.tables, ip)).await,
-                };
-                let _ = reply.send(r);
-            }
-            Request::Set(ip, e, reply) => {
-                let r = match &self.client {
-                    None => Err(PgError::Unreachable("cannot grant everywhere".to_string())),
-                    Some(c) => {
-                        timed(
-                            "granting",
-                            super::set(
-                                c,
-                                &self.tables.grants,
-                                ip,
-                                e,
-                                self.spec.max_ttl,
-                                &self.spec.origin,
-                            ),
-                        )
-                        .await
-                    }
-                };
-                let _ = reply.send(r);
-            }
-        }
-    }
-
-    async fn commit(&mut self, grants: Vec<(IpAddr, i64)>) -> Result<Committed, PgError> {
-        // Order: while older grants wait in the queue, newer ones queue behind them.
-        if let (Some(c), true) = (&self.client, self.spill.is_empty()) {
-            match upsert_checked(
-                c,
-                &self.tables,
-                &grants,
-                self.spec.max_ttl,
-                self.skew,
-                &self.spec.origin,
-            )
+    async fn upsert(
+        &self,
+        c: &mut Listening,
+        grants: &[(IpAddr, i64)],
+        max_ttl: i64,
+        skew: f64,
+        origin: &Origin,
+    ) -> Result<Upserted, PgError> {
+        super::upsert(&c.client, &self.tables, grants, max_ttl, skew, origin)
             .await
-            {
-                Ok(done) => {
-                    self.status.last_commit = Some(timefmt::now());
-                    return Ok(Committed::Written(done));
-                }
-                Err(e) => self.down(e.to_string()),
-            }
-        }
-        let dropped = match self.spill.push(&grants, timefmt::now()) {
-            Ok(d) => d,
-            Err(e) => {
-                self.behind(grants.len());
-                return Err(e);
-            }
-        };
-        self.status.spilled_total += grants.len() as u64;
-        self.status.queue_len = self.spill.len();
-        if dropped > 0 {
-            self.behind(dropped);
-        }
-        Ok(Committed::Spilled { dropped })
+            .map_err(db("writing grants"))
     }
 
-    /// Grants that will never reach the database: said loudly, now and while it lasts.
-    fn behind(&mut self, lost: usize) {
-        self.status.dropped_total += lost as u64;
-        if !self.status.behind {
-            self.warned_at = None;
-        }
-        self.status.behind = true;
-        self.warn_down();
-    }
-
-    /// Writes the spill queue to the database in order, then empties it.
-    async fn replay(&mut self) {
-        let grants = match self.spill.read() {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the spill queue");
-                return;
-            }
-        };
-        let Some(c) = &self.client else { return };
-        let mut failed = None;
-        let mut refused = 0usize;
-        for chunk in grants.chunks(REPLAY_CHUNK) {
-            match upsert_checked(
-                c,
-                &self.tables,
-                chunk,
-                self.spec.max_ttl,
-                self.skew,
-                &self.spec.origin,
-            )
+    async fn revoke(&self, c: &mut Listening, ip: IpAddr) -> Result<bool, PgError> {
+        super::revoke(&c.client, &self.tables, ip)
             .await
-            {
-                Ok(done) => refused += done.revoked.len(),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        if let Some(e) = failed {
-            self.down(e.to_string());
-            return;
-        }
-        if let Err(e) = self.spill.clear() {
-            tracing::error!(error = %e, "cannot empty the spill queue; it will be written again");
-            return;
-        }
-        self.status.replayed_total += grants.len() as u64;
-        self.status.queue_len = 0;
-        self.status.last_commit = Some(timefmt::now());
-        if self.status.behind {
-            tracing::warn!(dropped = self.status.dropped_total, "the spill queue is written; the database copy lacks the grants dropped while it was full (until their addresses log in again)");
-            self.status.behind = false;
-        }
-        tracing::info!(
-            grants = grants.len(),
-            revoked_meanwhile = refused,
-            "spilled grants written to the database"
-        );
+            .map_err(db("revoking"))
     }
 
-    fn write_status(&mut self) {
-        self.status.queue_len = self.spill.len();
-        self.status.updated = timefmt::now();
-        write_json(&self.spec.state_dir.join(WriterStatus::FILE), &self.status);
+    async fn set(
+        &self,
+        c: &mut Listening,
+        ip: IpAddr,
+        expires: i64,
+        max_ttl: i64,
+        origin: &Origin,
+    ) -> Result<(), PgError> {
+        super::set(&c.client, &self.tables.grants, ip, expires, max_ttl, origin)
+            .await
+            .map_err(db("granting"))
     }
-}
 
-/// A connection that LISTENs, and where its notifications arrive.
-type Listening = (Client, tokio::sync::mpsc::Receiver<Notice>);
-
-/// Connects and LISTENs; notifications go to the returned receiver (one waiting stands for
-/// any number).
-async fn connect_listening(target: &Target) -> Result<Listening, PgError> {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let client = target.connect(Some(tx)).await?;
-    timed("LISTEN", client.batch_execute(&format!("LISTEN {CHANNEL}"))).await?;
-    Ok((client, rx))
-}
-
-/// `upsert`, telling refused data from an outage: when the database refuses the batch
-/// (SQLSTATE class 22/23), each address is written alone and those refused again are
-/// dropped with an ERROR naming them, so one bad row cannot keep every later commit in
-/// the spill queue. An outage is an error (the caller spills).
-async fn upsert_checked(
-    c: &Client,
-    t: &Tables,
-    grants: &[(IpAddr, i64)],
-    max_ttl: i64,
-    skew: f64,
-    origin: &Origin,
-) -> Result<Upserted, PgError> {
-    match timed(
-        "writing grants",
-        super::upsert(c, t, grants, max_ttl, skew, origin),
-    )
-    .await
-    {
-        Ok(v) => return Ok(v),
-        Err(e) if e.is_data_error() => {
-            tracing::warn!(error = %e, grants = grants.len(), "the database refused a batch of grants; writing them one by one");
-        }
-        Err(e) => return Err(e),
+    async fn db_now(&self, c: &mut Listening) -> Result<f64, PgError> {
+        super::db_now(&c.client)
+            .await
+            .map_err(db("reading the database's clock"))
     }
-    let mut unique: std::collections::HashMap<IpAddr, i64> = std::collections::HashMap::new();
-    for &(ip, e) in grants {
-        let v = unique.entry(ip).or_insert(e);
-        *v = (*v).max(e);
-    }
-    let mut out = Upserted::default();
-    for (ip, e) in unique {
-        let one = [(ip, e)];
-        match timed(
-            "writing a grant",
-            super::upsert(c, t, &one, max_ttl, skew, origin),
-        )
-        .await
-        {
-            Ok(v) => {
-                out.written.extend(v.written);
-                out.revoked.extend(v.revoked);
-            }
-            Err(e) if e.is_data_error() => {
-                tracing::error!(address = %ip, error = %e, "the database refused this grant; it is kept in the local map only (not shared): check the row of this address in the table");
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(out)
-}
 
-/// Runs a statement with `QUERY_TIMEOUT`.
-async fn timed<T>(
-    what: &str,
-    fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, PgError> {
-    match tokio::time::timeout(QUERY_TIMEOUT, fut).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(PgError::db(what, e)),
-        Err(_) => Err(PgError::Timeout {
-            what: what.to_string(),
-            secs: QUERY_TIMEOUT.as_secs(),
-        }),
+    async fn revocations_since(
+        &self,
+        c: &mut Listening,
+        since: Option<&Horizon>,
+        ttl: i64,
+    ) -> Result<(Vec<(String, f64)>, Horizon), PgError> {
+        // Taken before the read: every revocation it misses is at or after it.
+        let next = super::horizon(&c.client)
+            .await
+            .map_err(db("reading revocations"))?;
+        let rows = super::revocations_since(&c.client, &self.tables, since, ttl)
+            .await
+            .map_err(db("reading revocations"))?;
+        Ok((rows, next))
     }
-}
 
-/// Replaces `path` with `value` as JSON (write then rename: readers never see half).
-pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) {
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_string_pretty(value).unwrap_or_default();
-    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
-        tracing::debug!(file = %path.display(), error = %e, "cannot write status file");
+    async fn clean(
+        &self,
+        c: &mut Listening,
+        keep_secs: i64,
+        _max_ttl: i64,
+    ) -> Result<u64, PgError> {
+        super::clean(&c.client, &self.tables, keep_secs)
+            .await
+            .map_err(db("deleting expired rows"))
     }
-}
 
-/// Reads a status file written by `write_json` (bounded: these files are small).
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Option<T> {
-    use crate::fsread::{self, Links};
-    let bytes = fsread::read(path, fsread::STATE_MAX, Links::Refuse).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    async fn report(&self, c: &mut Listening, host: &str, r: &Report) -> Result<(), PgError> {
+        super::report(&c.client, self.target.schema(), host, r)
+            .await
+            .map_err(db("reporting to the fleet"))
+    }
+
+    async fn next_change(&self, c: &mut Listening) -> Result<(), PgError> {
+        c.changed().await
+    }
+
+    fn read_gap(&self) -> Duration {
+        READ_GAP
+    }
+
+    fn closed(&self, c: &mut Listening) -> Option<PgError> {
+        c.closed()
+    }
+
+    fn close(&self, c: Listening) {
+        drop(c);
+    }
+
+    fn is_data_error(e: &PgError) -> bool {
+        e.is_data_error()
+    }
+
+    fn newer_schema(e: &PgError) -> Option<NewerSchema> {
+        e.newer_schema()
+    }
 }

@@ -16,8 +16,18 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use super::{parse_address, PgError};
 use crate::grant::key_text;
+use crate::store::shared::parse_address;
+
+/// The spill queue file failed (the writer reports the commit as not durable).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {what}: {source}; check the state directory's disk and permissions", .path.display())]
+pub struct SpillError {
+    pub path: PathBuf,
+    pub what: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
 
 /// The bounded, durable queue.
 pub struct Spill {
@@ -29,7 +39,7 @@ pub struct Spill {
 
 impl Spill {
     /// Opens (creating) `DIR/spill/queue` and counts what an earlier run left.
-    pub fn open(state_dir: &Path, max: usize) -> Result<Spill, PgError> {
+    pub fn open(state_dir: &Path, max: usize) -> Result<Spill, SpillError> {
         let dir = state_dir.join("spill");
         std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, "cannot create", e))?;
         let path = dir.join("queue");
@@ -67,7 +77,7 @@ impl Spill {
 
     /// Appends grants and fsyncs. When they would not fit, merges the queue (see the
     /// module) and returns how many grants were dropped (0: nothing lost).
-    pub fn push(&mut self, grants: &[(IpAddr, i64)], now: i64) -> Result<usize, PgError> {
+    pub fn push(&mut self, grants: &[(IpAddr, i64)], now: i64) -> Result<usize, SpillError> {
         if self.len + grants.len() > self.max {
             return self.merge(grants, now);
         }
@@ -85,7 +95,7 @@ impl Spill {
     /// Rewrites the queue with `grants` added: one line per address (the latest expiry),
     /// none expired at `now`, at most `max` (those expiring first dropped). Write, fsync,
     /// rename: a crash leaves the old queue or the new one.
-    fn merge(&mut self, grants: &[(IpAddr, i64)], now: i64) -> Result<usize, PgError> {
+    fn merge(&mut self, grants: &[(IpAddr, i64)], now: i64) -> Result<usize, SpillError> {
         let mut all = self.read()?;
         let before = all.len() + grants.len();
         all.extend_from_slice(grants);
@@ -137,7 +147,7 @@ impl Spill {
     }
 
     /// Everything waiting, in order.
-    pub fn read(&mut self) -> Result<Vec<(IpAddr, i64)>, PgError> {
+    pub fn read(&mut self) -> Result<Vec<(IpAddr, i64)>, SpillError> {
         let io = |e: std::io::Error| io_err(&self.path, "cannot read", e);
         self.file.seek(SeekFrom::Start(0)).map_err(io)?;
         let mut out = Vec::new();
@@ -164,7 +174,7 @@ impl Spill {
     }
 
     /// Empties the queue after its grants reached the database.
-    pub fn clear(&mut self) -> Result<(), PgError> {
+    pub fn clear(&mut self) -> Result<(), SpillError> {
         let io = |e: std::io::Error| io_err(&self.path, "cannot truncate", e);
         self.file.set_len(0).map_err(io)?;
         self.file.sync_data().map_err(io)?;
@@ -173,15 +183,15 @@ impl Spill {
     }
 }
 
-fn io_err(path: &Path, what: &'static str, source: std::io::Error) -> PgError {
-    PgError::Spill {
+fn io_err(path: &Path, what: &'static str, source: std::io::Error) -> SpillError {
+    SpillError {
         path: path.to_path_buf(),
         what,
         source,
     }
 }
 
-fn open_append(path: &Path) -> Result<File, PgError> {
+fn open_append(path: &Path) -> Result<File, SpillError> {
     OpenOptions::new()
         .read(true)
         .append(true)
