@@ -33,6 +33,7 @@ use crate::store::postgres::PgError;
 use crate::store::shared::{self, parse_address, Reread};
 use crate::store::writer::{read_json, write_json};
 use crate::store::{Cause, GrantStore, LmdbMap, StoreError};
+use crate::telemetry::ratelimit::RateLimit;
 use crate::timefmt;
 
 /// A full resync this often even when nothing seems wrong.
@@ -147,7 +148,8 @@ pub(crate) struct Replica {
     pub(crate) local: Ledger,
     pub(crate) status: ReplicaStatus,
     status_file: PathBuf,
-    warned_at: Option<Instant>,
+    /// Says a stale replica at most every `WARN_EVERY`.
+    stale_limit: RateLimit<Instant>,
 }
 
 impl Replica {
@@ -171,7 +173,7 @@ impl Replica {
             policy,
             local: Ledger::default(),
             status_file: state_dir.join(ReplicaStatus::FILE),
-            warned_at: None,
+            stale_limit: RateLimit::new(WARN_EVERY),
         };
         r.reload_local()?;
         Ok(r)
@@ -383,7 +385,7 @@ impl Replica {
         self.status.connected = true;
         self.status.last_error = None;
         self.status.newer_schema = None;
-        self.warned_at = None;
+        self.stale_limit.take_pending();
     }
 
     pub(crate) fn down(&mut self, why: String) {
@@ -394,10 +396,9 @@ impl Replica {
     }
 
     fn warn_stale(&mut self) {
-        if self.status.connected || self.warned_at.is_some_and(|t| t.elapsed() < WARN_EVERY) {
+        if self.status.connected || self.stale_limit.hit_at(Instant::now()).is_none() {
             return;
         }
-        self.warned_at = Some(Instant::now());
         if let Some(newer) = self.status.newer_schema {
             tracing::error!(
                 database = %self.status.database,

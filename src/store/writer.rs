@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use crate::store::shared::{parse_address, NewerSchema, Origin, Report, Upserted};
 use crate::store::spill::{Spill, SpillError};
+use crate::telemetry::ratelimit::RateLimit;
 use crate::timefmt;
 
 /// A statement that takes longer is abandoned and the database treated as down.
@@ -339,8 +340,9 @@ struct Worker<D: WriterDb> {
     connecting: Option<Connecting<D>>,
     retry_at: Instant,
     backoff: Duration,
-    warned_at: Option<Instant>,
-    skew_warned_at: Option<Instant>,
+    /// The database unreachable, and the clock skew: each said at most every `WARN_EVERY`.
+    down_limit: RateLimit<Instant>,
+    skew_limit: RateLimit<Instant>,
     /// This host's clock minus the database's (0 until measured).
     skew: f64,
     /// Where the next read of revocations starts (None: the recent ones, after a connect).
@@ -391,8 +393,8 @@ impl<D: WriterDb> Worker<D> {
             connecting: None,
             retry_at: Instant::now(),
             backoff: Duration::from_secs(1),
-            warned_at: None,
-            skew_warned_at: None,
+            down_limit: RateLimit::new(WARN_EVERY),
+            skew_limit: RateLimit::new(WARN_EVERY),
             skew: 0.0,
             revocations_since: None,
             revocations_due: false,
@@ -478,7 +480,7 @@ impl<D: WriterDb> Worker<D> {
         }
         self.conn = Some(conn);
         self.backoff = Duration::from_secs(1);
-        self.warned_at = None;
+        self.down_limit.take_pending();
         self.status.connected = true;
         self.status.disconnected_since = None;
         self.status.last_error = None;
@@ -551,7 +553,7 @@ impl<D: WriterDb> Worker<D> {
         self.skew = if skew.abs() < 1.0 { 0.0 } else { skew };
         self.status.clock_skew_secs = Some((skew * 1000.0).round() / 1000.0);
         if skew.abs() <= MAX_SKEW_SECS {
-            self.skew_warned_at = None;
+            self.skew_limit.take_pending();
         }
         self.warn_skew();
     }
@@ -560,14 +562,9 @@ impl<D: WriterDb> Worker<D> {
         let Some(skew) = self.status.clock_skew_secs else {
             return;
         };
-        if skew.abs() <= MAX_SKEW_SECS
-            || self
-                .skew_warned_at
-                .is_some_and(|t| t.elapsed() < WARN_EVERY)
-        {
+        if skew.abs() <= MAX_SKEW_SECS || self.skew_limit.hit_at(Instant::now()).is_none() {
             return;
         }
-        self.skew_warned_at = Some(Instant::now());
         tracing::warn!(database = %self.status.database, skew_secs = skew.round(), "this host's clock differs from the database's: the expiries written are corrected by it (the database's clock decides), but this host's own map and log times are off; run NTP");
     }
 
@@ -629,10 +626,9 @@ impl<D: WriterDb> Worker<D> {
     }
 
     fn warn_down(&mut self) {
-        if self.warned_at.is_some_and(|t| t.elapsed() < WARN_EVERY) {
+        if self.down_limit.hit_at(Instant::now()).is_none() {
             return;
         }
-        self.warned_at = Some(Instant::now());
         if self.status.behind {
             tracing::error!(
                 database = %self.status.database,
@@ -734,7 +730,7 @@ impl<D: WriterDb> Worker<D> {
     fn behind(&mut self, lost: usize) {
         self.status.dropped_total += lost as u64;
         if !self.status.behind {
-            self.warned_at = None;
+            self.down_limit.take_pending();
         }
         self.status.behind = true;
         self.warn_down();
