@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fleet::*;
-use common::{append, bin, login_line, postmap_q, postmap_s, wait_for, Daemon, PATIENCE};
+use common::{append, bin, login_line, postmap_q, postmap_s, wait_for, Daemon};
 use mariadb::Maria;
 
 /// A config sharing grants through MariaDB at `url`; `extra` is appended.
@@ -183,35 +183,7 @@ fn database_restart_mid_stream() {
     wait_visible("every login on the replica", &r.map(), &ips);
     assert!(w.log().contains("database unreachable"), "{}", w.log());
     assert!(r.log().contains("replica is STALE"), "{}", r.log());
-    let start = Instant::now();
-    loop {
-        let t = now();
-        let mut present = 0;
-        for map in [r.map(), tmp.path().join("w/relay")] {
-            for (k, v) in postmap_s(&map) {
-                present += 1;
-                let login = logged.iter().find(|(ip, _)| *ip == k).map(|(_, t)| *t);
-                let login = login.unwrap_or_else(|| panic!("unexpected key {k}"));
-                assert!(
-                    expiry_of(&v) <= login + ttl + 1,
-                    "{k}: {v} beyond login + ttl"
-                );
-                assert!(
-                    t <= login + ttl + 2,
-                    "{k} still present at {t}, expired at {}",
-                    login + ttl
-                );
-            }
-        }
-        if present == 0 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(ttl as u64) + PATIENCE,
-            "grants never expired"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    common::fleet::watch_expiries(&[r.map(), tmp.path().join("w/relay")], &logged, ttl);
 }
 
 /// Another database user with write access forges rows: the table refuses what dovegate

@@ -411,3 +411,39 @@ pub fn replica_logs_who_granted_by_hand(root: &Path, key: &str, url: &Path) {
         })
     });
 }
+
+/// Watches `maps` until every grant is gone: no key but a logged address (address, login
+/// time), no expiry beyond its login + `ttl`, nothing present past that (1 s of timer
+/// slack), and all gone within `ttl` + PATIENCE.
+pub fn watch_expiries(maps: &[PathBuf], logged: &[(String, i64)], ttl: i64) {
+    let start = std::time::Instant::now();
+    loop {
+        let t = now();
+        let mut present = 0;
+        for map in maps {
+            for (k, v) in postmap_s(map) {
+                present += 1;
+                let login = logged.iter().find(|(ip, _)| *ip == k).map(|(_, t)| *t);
+                let login = login.unwrap_or_else(|| panic!("unexpected key {k}"));
+                assert!(
+                    expiry_of(&v) <= login + ttl + 1,
+                    "{k}: {v} beyond login + ttl"
+                );
+                assert!(
+                    t <= login + ttl + 2,
+                    "{k} still present at {t}, expired at {}",
+                    login + ttl
+                );
+            }
+        }
+        if present == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(ttl as u64) + PATIENCE,
+            "grants never expired"
+        );
+        // Polling a map the daemons write: the state waited for is its emptiness.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
