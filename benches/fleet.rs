@@ -15,6 +15,8 @@
 mod mariadb;
 #[path = "../tests/support/pg.rs"]
 mod pg;
+#[path = "../tests/support/tls.rs"]
+mod tls;
 
 /// The database under the fleet.
 enum Db {

@@ -4,6 +4,8 @@
 mod common;
 #[path = "support/mariadb.rs"]
 mod mariadb;
+#[path = "support/tls.rs"]
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -5,6 +5,8 @@
 mod common;
 #[path = "support/pg.rs"]
 mod pg;
+#[path = "support/tls.rs"]
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
