@@ -12,7 +12,6 @@ pub mod config;
 pub mod drac;
 pub mod engine;
 pub mod events;
-pub mod fleet;
 pub mod frame;
 pub mod fsread;
 pub mod grant;

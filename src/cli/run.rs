@@ -8,7 +8,6 @@ use super::pushed::{Pushed, PushedSettings};
 use super::{load_patterns, load_settings, ConfigArgs, Failure};
 use crate::config::Settings;
 use crate::engine::{self, Engine, Exit};
-use crate::fleet::WriterStore;
 use crate::grant::Policy;
 use crate::model::Batch;
 use crate::net::Listen;
@@ -21,6 +20,7 @@ use crate::source::journal::{JournalSource, JournalSourceSpec, JournalStart, Jou
 use crate::source::{DaemonSink, FileSource, FileSourceSpec};
 use crate::state::CheckpointDir;
 use crate::store::dry::{Details, DryStore};
+use crate::store::fleet::WriterStore;
 use crate::store::{GrantStore, LmdbMap, OpenMode};
 use crate::telemetry::StatsRegistry;
 use crate::timefmt;

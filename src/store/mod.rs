@@ -5,6 +5,7 @@ pub mod damage;
 pub mod dry;
 mod error;
 mod file;
+pub mod fleet;
 pub mod follow;
 pub mod instance;
 pub mod lmdb;
