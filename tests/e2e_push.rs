@@ -844,3 +844,48 @@ fn auth_policy_refuses_a_blocked_users_logins_until_unblocked() {
         "{log}"
     );
 }
+
+/// A reload refused because one pushed server cannot start (its port is taken) changes
+/// nothing: the push socket already moved to its new path goes back to the old one, which
+/// keeps taking logins, and no socket is left at the new path.
+#[test]
+fn a_refused_reload_puts_every_pushed_server_back() {
+    let rig = Rig::new();
+    let mut daemon = rig.daemon(&format!(
+        "[push]\nsocket = \"{}\"\nusers = [0]\n",
+        rig.path("push")
+    ));
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    std::fs::write(rig.dir.join("events-secret"), "0123456789abcdef0123\n").unwrap();
+    let cfg = rig.dir.join("dovegate.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("socket = \"{}\"", rig.path("push")),
+        &format!("socket = \"{}\"", rig.path("push2")),
+    );
+    std::fs::write(
+        &cfg,
+        format!(
+            "{text}[events]\nlisten = \"127.0.0.1:{port}\"\nsecret_file = \"{}\"\n",
+            rig.path("events-secret")
+        ),
+    )
+    .unwrap();
+    signal(daemon.child.id(), libc::SIGHUP);
+    wait_for("reload refused", PATIENCE, || {
+        daemon.log().contains("reload refused")
+    });
+    assert!(
+        !rig.dir.join("push2").exists(),
+        "a socket left at the new path"
+    );
+    assert_eq!(
+        push_line(&rig.dir.join("push"), b"198.51.100.90\tdave\n"),
+        "OK\n"
+    );
+    wait_for("grant after the refused reload", PATIENCE, || {
+        postmap_q(&rig.map(), "198.51.100.90").is_some()
+    });
+    drop(busy);
+    assert_eq!(daemon.stop(), Some(0));
+}

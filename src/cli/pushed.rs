@@ -41,8 +41,13 @@ pub struct Pushed {
     drac: (DracSettings, crate::drac::Drac),
     tx: Sender<Batch>,
     target: watch::Sender<Option<Sender<Batch>>>,
+    /// The current generation's channel (`attach`).
+    generation: Option<Sender<Batch>>,
     /// None once `close` took it.
     relay: Option<JoinHandle<()>>,
+    /// The daemon's runtime: the relay, and the events' and DRAC's forwarding tasks, which
+    /// must outlive their servers.
+    runtime: tokio::runtime::Handle,
     stats: Arc<StatsRegistry>,
     blocks: Option<Blocks>,
 }
@@ -58,23 +63,21 @@ impl Pushed {
     ) -> Result<Pushed, Failure> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (target, watched) = watch::channel(None);
-        let push_server = crate::push::spawn(&wanted.push, tx.clone(), stats, blocks.cloned())
-            .map_err(Failure::runtime)?;
-        let events_server =
-            crate::events::spawn(&wanted.events, tx.clone(), stats).map_err(Failure::runtime)?;
-        let drac_server =
-            crate::drac::spawn(&wanted.drac, tx.clone(), stats).map_err(Failure::runtime)?;
         let relay = runtime.spawn(relay(rx, watched));
-        Ok(Pushed {
-            push: (wanted.push.clone(), push_server),
-            events: (wanted.events.clone(), events_server),
-            drac: (wanted.drac.clone(), drac_server),
+        let mut pushed = Pushed {
+            push: Default::default(),
+            events: Default::default(),
+            drac: Default::default(),
             tx,
             target,
+            generation: None,
             relay: Some(relay),
+            runtime: runtime.handle().clone(),
             stats: Arc::clone(stats),
             blocks: blocks.cloned(),
-        })
+        };
+        pushed.apply(wanted, false)?;
+        Ok(pushed)
     }
 
     /// Whether any pushed server runs (its logins keep the generation's channel open).
@@ -82,80 +85,114 @@ impl Pushed {
         self.push.0.enabled() || self.events.0.enabled() || self.drac.0.enabled()
     }
 
-    /// Points the relay at a new generation's channel. While a pushed server runs, the
-    /// relay holds a sender of it, so the generation does not end when its log sources do.
-    pub fn attach(&self, generation: &Sender<Batch>) {
-        let held = self.enabled().then(|| generation.clone());
+    /// Points the relay at a new generation's channel.
+    pub fn attach(&mut self, generation: &Sender<Batch>) {
+        self.generation = Some(generation.clone());
+        self.retarget();
+    }
+
+    /// While a pushed server runs, the relay holds a sender of the generation's channel,
+    /// so the generation does not end when its log sources do; with none, it holds
+    /// nothing (every source gone then ends the daemon, for systemd to restart it).
+    fn retarget(&self) {
+        let held = self.generation.clone().filter(|_| self.enabled());
         self.target.send_replace(held);
     }
 
+    /// The settings the servers run with now.
+    fn running(&self) -> PushedSettings {
+        PushedSettings {
+            push: self.push.0.clone(),
+            events: self.events.0.clone(),
+            drac: self.drac.0.clone(),
+        }
+    }
+
     /// Applies reloaded settings: a server whose settings changed is stopped (its socket
-    /// released) and started again with the new ones; unchanged servers keep serving. A
-    /// server that cannot start again is started with its old settings, and the error
-    /// refuses the reload.
+    /// released) and started again with the new ones; unchanged servers keep serving. When
+    /// one cannot start, every server goes back to what it ran before and the error
+    /// refuses the reload; one that cannot start again even so is said, and stays off until
+    /// the next reload tries again.
     pub fn reload(&mut self, wanted: &PushedSettings) -> Result<(), Failure> {
-        let (push, events, drac) = (&wanted.push, &wanted.events, &wanted.drac);
-        if *push != self.push.0 {
-            let old = std::mem::replace(&mut self.push.1, crate::push::Push::idle());
-            drop(old);
-            let blocks = self.blocks.clone();
-            match crate::push::spawn(push, self.tx.clone(), &self.stats, blocks.clone()) {
-                Ok(s) => self.push = (push.clone(), s),
-                Err(e) => {
-                    self.push.1 =
-                        crate::push::spawn(&self.push.0, self.tx.clone(), &self.stats, blocks)
-                            .map_err(Failure::runtime)?;
-                    return Err(Failure::runtime(e));
-                }
+        let before = self.running();
+        let result = self.apply(wanted, true);
+        if result.is_err() {
+            if let Err(again) = self.apply(&before, true) {
+                tracing::error!("{}: it stays off until a reload starts it", again.message);
             }
-            tracing::info!("[push] restarted with its new settings");
         }
-        if *events != self.events.0 {
-            let old = std::mem::replace(&mut self.events.1, crate::events::Events::idle());
-            drop(old);
-            match crate::events::spawn(events, self.tx.clone(), &self.stats) {
-                Ok(s) => self.events = (events.clone(), s),
-                Err(e) => {
-                    self.events.1 =
-                        crate::events::spawn(&self.events.0, self.tx.clone(), &self.stats)
-                            .map_err(Failure::runtime)?;
-                    return Err(Failure::runtime(e));
-                }
+        self.retarget();
+        result
+    }
+
+    /// Starts, stops or restarts each server whose settings differ from `wanted`. A server
+    /// that fails to start is left off (its settings recorded as off). `reloading`: say
+    /// which servers were restarted.
+    fn apply(&mut self, wanted: &PushedSettings, reloading: bool) -> Result<(), Failure> {
+        if wanted.push != self.push.0 {
+            self.push = Default::default();
+            let s = crate::push::spawn(
+                &wanted.push,
+                self.tx.clone(),
+                &self.stats,
+                self.blocks.clone(),
+            )
+            .map_err(Failure::runtime)?;
+            self.push = (wanted.push.clone(), s);
+            if reloading {
+                tracing::info!(
+                    on = wanted.push.enabled(),
+                    "[push] restarted with its new settings"
+                );
             }
-            tracing::info!("[events] restarted with its new settings");
         }
-        if *drac != self.drac.0 {
+        if wanted.events != self.events.0 {
+            self.events = Default::default();
+            let s =
+                crate::events::spawn(&wanted.events, self.tx.clone(), &self.stats, &self.runtime)
+                    .map_err(Failure::runtime)?;
+            self.events = (wanted.events.clone(), s);
+            if reloading {
+                tracing::info!(
+                    on = wanted.events.enabled(),
+                    "[events] restarted with its new settings"
+                );
+            }
+        }
+        if wanted.drac != self.drac.0 {
             // Dropping the old server removes its rpcbind registration first.
-            let old = std::mem::replace(&mut self.drac.1, crate::drac::Drac::idle());
-            drop(old);
-            match crate::drac::spawn(drac, self.tx.clone(), &self.stats) {
-                Ok(s) => self.drac = (drac.clone(), s),
-                Err(e) => {
-                    self.drac.1 = crate::drac::spawn(&self.drac.0, self.tx.clone(), &self.stats)
-                        .map_err(Failure::runtime)?;
-                    return Err(Failure::runtime(e));
-                }
+            self.drac = Default::default();
+            let s = crate::drac::spawn(&wanted.drac, self.tx.clone(), &self.stats, &self.runtime)
+                .map_err(Failure::runtime)?;
+            self.drac = (wanted.drac.clone(), s);
+            if reloading {
+                tracing::info!(
+                    on = wanted.drac.enabled(),
+                    "[drac] restarted with its new settings"
+                );
             }
-            tracing::info!("[drac] restarted with its new settings");
         }
         Ok(())
     }
-}
 
-impl Pushed {
     /// Stops the servers (their sockets released) and returns the relay, which ends once
-    /// it has forwarded what they had queued.
+    /// it has forwarded what they had queued (the events' and DRAC's forwarding tasks end
+    /// when their queues are empty, and hold the relay's queue open until then).
     pub fn close(mut self) -> impl std::future::Future<Output = ()> {
-        self.push.1 = crate::push::Push::idle();
-        self.events.1 = crate::events::Events::idle();
-        self.drac.1 = crate::drac::Drac::idle();
+        self.push = Default::default();
+        self.events = Default::default();
+        self.drac = Default::default();
         let (closed, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.tx, closed));
         let relay = self.relay.take();
+        // The watch stays until the relay is done: a batch it holds still has somewhere
+        // to go (the generation the caller drains).
+        let target = self.target.clone();
         async move {
             if let Some(r) = relay {
                 let _ = r.await;
             }
+            drop(target);
         }
     }
 }

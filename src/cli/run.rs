@@ -171,7 +171,7 @@ impl Sources {
         stats: &StatsRegistry,
         deaths: &Deaths,
         dry: Option<&DryRun>,
-        pushed: &Pushed,
+        pushed: &mut Pushed,
     ) -> Result<Sources, Failure> {
         let (tx, rx) = match dry {
             Some(d) => d.relay()?,
@@ -276,8 +276,10 @@ impl Sources {
             h.stop();
             tracing::debug!(source = %name, "source stopped");
         }
+        // Until None, not until empty: after `close`, a sender that already reserved its
+        // slot (the relay) still delivers, and `try_recv` could miss that batch.
         let mut left = Vec::new();
-        while let Ok(b) = self.rx.try_recv() {
+        while let Some(b) = self.rx.blocking_recv() {
             left.push(b);
         }
         left
@@ -457,7 +459,14 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         &stats,
         blocks.as_ref(),
     )?;
-    let mut sources = Sources::start(&cfg, &checkpoints, &stats, &deaths, dry.as_ref(), &pushed)?;
+    let mut sources = Sources::start(
+        &cfg,
+        &checkpoints,
+        &stats,
+        &deaths,
+        dry.as_ref(),
+        &mut pushed,
+    )?;
     tracing::info!(
         map = %settings.map_path.display(),
         grants = engine.active(),
@@ -535,7 +544,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                                 &stats,
                                 &deaths,
                                 dry.as_ref(),
-                                &pushed,
+                                &mut pushed,
                             )
                         });
                         match started {
@@ -558,19 +567,29 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                                 tracing::info!(logs = %paths(&cfg.settings.logs), ttl = %humantime::format_duration(cfg.settings.ttl), "configuration reloaded");
                             }
                             Err(f) => {
-                                // A push socket another process serves, say: the running
-                                // sources come back as they were (or never stopped), and
-                                // only then is the refusal said (whoever acts on it finds
-                                // them serving).
+                                // A push socket another process serves, say: the pushed
+                                // servers go back to the running configuration (a no-op
+                                // when they did not move), the sources come back as they
+                                // were (or never stopped), and only then is the refusal
+                                // said (whoever acts on it finds them serving).
+                                let running = pushed_settings(&cfg.settings, dry.as_ref());
+                                if let Err(e) = pushed.reload(&running) {
+                                    tracing::error!("{}", e.message);
+                                }
                                 if sources.is_stopped() {
-                                    sources = Sources::start(
+                                    match Sources::start(
                                         &cfg,
                                         &checkpoints,
                                         &stats,
                                         &deaths,
                                         dry.as_ref(),
-                                        &pushed,
-                                    )?;
+                                        &mut pushed,
+                                    ) {
+                                        Ok(s) => sources = s,
+                                        // Out through the shutdown below: what is pending
+                                        // is committed first.
+                                        Err(f2) => break Err(f2),
+                                    }
                                 }
                                 tracing::error!(
                                     "reload refused, the running configuration stays: {}",

@@ -251,6 +251,13 @@ impl Drac {
     }
 }
 
+/// Idle: nothing served, nothing registered.
+impl Default for Drac {
+    fn default() -> Drac {
+        Drac::idle()
+    }
+}
+
 impl Drop for Drac {
     fn drop(&mut self) {
         // The servers and the registration task first: nothing registers after the UNSET.
@@ -291,12 +298,23 @@ impl Drop for Drac {
 /// bound before this returns, so an error names the address at fault; registration with
 /// rpcbind goes on in the background (a missing rpcbind is logged and retried, never
 /// fatal).
+///
+/// The task that hands queued adds to the engine runs on `forward_on` (the daemon's own
+/// runtime), not on the server's: an add answered success is forwarded even after the
+/// server is dropped (a reload that changes `[drac]`, shutdown).
 pub fn spawn(
     settings: &DracSettings,
     tx: mpsc::Sender<Batch>,
     stats: &StatsRegistry,
+    forward_on: &tokio::runtime::Handle,
 ) -> Result<Drac, String> {
-    spawn_with(settings, tx, stats, PathBuf::from(rpcbind::SOCKET))
+    spawn_with(
+        settings,
+        tx,
+        stats,
+        PathBuf::from(rpcbind::SOCKET),
+        forward_on,
+    )
 }
 
 /// `spawn` with another rpcbind socket (tests).
@@ -305,6 +323,7 @@ pub fn spawn_with(
     tx: mpsc::Sender<Batch>,
     stats: &StatsRegistry,
     rpcbind_socket: PathBuf,
+    forward_on: &tokio::runtime::Handle,
 ) -> Result<Drac, String> {
     if !settings.enabled() {
         return Ok(Drac::idle());
@@ -334,7 +353,7 @@ pub fn spawn_with(
         .collect::<Vec<_>>()
         .join(", ");
     tracing::info!(udp = %udp, tcp = %tcp, allow = %nets, "drac: serving DRAC clients");
-    setup.spawn(forward(rx, tx));
+    forward_on.spawn(forward(rx, tx));
     setup.spawn(keep_registered(
         rpcbind_socket.clone(),
         vec![("udp", udp), ("tcp", tcp)],

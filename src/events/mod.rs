@@ -257,10 +257,15 @@ pub type Events = Background;
 
 /// Starts the listener when configured (else an idle `Events`). Binding happens before
 /// this returns, so an error names the socket or address at fault.
+///
+/// The task that hands queued events to the engine runs on `forward_on` (the daemon's own
+/// runtime), not on the listener's: an event answered 200 is forwarded even after the
+/// listener is dropped (a reload that changes `[events]`, shutdown).
 pub fn spawn(
     settings: &EventsSettings,
     tx: mpsc::Sender<Batch>,
     stats: &StatsRegistry,
+    forward_on: &tokio::runtime::Handle,
 ) -> Result<Events, String> {
     let Some(listen) = &settings.listen else {
         return Ok(Background::idle());
@@ -271,7 +276,7 @@ pub fn spawn(
     setup
         .bind(listen::bind(listen, settings, intake))
         .map_err(|e| format!("events.listen: cannot listen on {listen}: {e}"))?;
-    setup.spawn(forward(rx, tx));
+    forward_on.spawn(forward(rx, tx));
     setup
         .run("events")
         .map_err(|e| format!("events: cannot start thread: {e}"))

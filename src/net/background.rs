@@ -90,6 +90,13 @@ impl Background {
     }
 }
 
+/// Idle: nothing runs.
+impl Default for Background {
+    fn default() -> Background {
+        Background::idle()
+    }
+}
+
 impl Drop for Background {
     fn drop(&mut self) {
         drop(self.stop.take());
