@@ -723,3 +723,25 @@ fn replica_logs_who_granted_by_hand() {
     let url = m.url_file(&tmp.path().join("my.url"));
     common::fleet::replica_logs_who_granted_by_hand(tmp.path(), "mysql_url_file", &url);
 }
+
+/// User names in the policy tables compare byte for byte, as PostgreSQL's text does:
+/// `bob` and `bob ` are two users (a padding collation would make a block of one absorb
+/// or unblock the other).
+#[test]
+fn policy_tables_compare_user_names_byte_for_byte() {
+    let tmp = common::tempdir();
+    let m = Maria::start(tmp.path());
+    let url = m.url_file(&tmp.path().join("my.url"));
+    let cfg = config(tmp.path(), &url, "");
+    let (_w, _log) = writer(&tmp.path().join("w"), &cfg, "10m");
+    wait_writer_connected(&tmp.path().join("w"));
+    m.sql(
+        "INSERT INTO dovegate_blocked_users (user_name, cap, blocked_at, blocked_by)
+         VALUES ('bob', 'user-messages-per-hour', NOW(6), 'h'),
+                ('bob ', 'user-messages-per-hour', NOW(6), 'h')",
+    );
+    assert_eq!(
+        m.sql("SELECT COUNT(*) FROM dovegate_blocked_users WHERE user_name = 'bob'"),
+        "1"
+    );
+}

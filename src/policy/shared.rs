@@ -130,7 +130,14 @@ impl<D: PolicyDb> SharedPolicy<D> {
             self.db.add_blocks(conn, &fresh, &self.host),
         )
         .await?;
-        synced.extend(fresh.into_iter().map(|(u, _)| u));
+        // Only what the database could hold: a name it refuses is not 'synced', or the next
+        // round would find it gone from the database and unblock it here.
+        synced.extend(
+            fresh
+                .into_iter()
+                .map(|(u, _)| u)
+                .filter(|u| crate::store::policy_db::user_name(u)),
+        );
         let everywhere = bounded("reading blocked users", self.db.blocked(conn)).await?;
         let now = timefmt::now();
         let names: HashSet<&str> = everywhere.iter().map(|(u, _)| u.as_str()).collect();

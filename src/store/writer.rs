@@ -489,7 +489,8 @@ impl<D: WriterDb> Worker<D> {
         // Signals were missed while away: the recent revocations, all of them.
         self.revocations_since = None;
         self.read_revocations().await;
-        if !self.spill.is_empty() {
+        // Not after a failed clock check (it dropped the connection and said why).
+        if self.conn.is_some() && !self.spill.is_empty() {
             self.replay().await;
         }
         self.report().await;

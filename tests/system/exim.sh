@@ -105,7 +105,11 @@ exim_pgsql() {
     got=$(exim_rcpt "$NAME" 203.0.113.46 someone@example.net)
     [ "$got" = 550 ] || die "$NAME: pgsql ACL after dovegate revoke: got $got, want 550"
     B dovegate grant 203.0.113.46 >/dev/null
-    B systemctl stop postgresql
+    # Debian's postgresql.service only groups the clusters: stop them, and wait until the
+    # server no longer answers (the stop of postgresql@15-main is its own job).
+    B systemctl stop postgresql 'postgresql@*'
+    wait_until 60 "$NAME: postgresql stopped" B sh -c '! pg_isready -q -h 127.0.0.1' \
+        || die "$NAME: postgresql still answers after its stop"
     got="" want="451 250"
     for c in "203.0.113.46 someone@example.net" "203.0.113.99 postmaster@localhost"; do
         got="$got $(exim_rcpt "$NAME" $c)"

@@ -353,26 +353,27 @@ const MIGRATIONS: &[&[&str]] = &[
     // 2: the policy server's state shared between hosts (`store::policy_db`): users
     // blocked by a cap (policy.block_on_cap) and what each host counted for each user's
     // caps, in five-minute buckets (no address here: only user names and counts). Names
-    // compare byte for byte, as PostgreSQL's text does.
+    // and hosts are VARBINARY so that they compare byte for byte, as PostgreSQL's text
+    // does (utf8mb4_bin pads: 'bob' = 'bob ').
     &[
         "CREATE TABLE IF NOT EXISTS dovegate_blocked_users (
-             user_name VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL PRIMARY KEY,
+             user_name VARBINARY(1024) NOT NULL PRIMARY KEY,
              cap VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
              blocked_at DATETIME(6) NOT NULL,
              blocked_by VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
              CONSTRAINT dovegate_blocked_users_named CHECK (
-                 CHAR_LENGTH(user_name) >= 1 AND CHAR_LENGTH(cap) >= 1)
+                 LENGTH(user_name) >= 1 AND CHAR_LENGTH(cap) >= 1)
          ) ENGINE=InnoDB",
         "CREATE TABLE IF NOT EXISTS dovegate_policy_counts (
-             user_name VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+             user_name VARBINARY(1024) NOT NULL,
              kind VARCHAR(10) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
              bucket BIGINT NOT NULL,
-             host VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+             host VARBINARY(1024) NOT NULL,
              count BIGINT NOT NULL,
              PRIMARY KEY (user_name, kind, bucket, host),
              KEY dovegate_policy_counts_bucket (bucket),
              CONSTRAINT dovegate_policy_counts_valid CHECK (
-                 CHAR_LENGTH(user_name) >= 1 AND CHAR_LENGTH(host) >= 1
+                 LENGTH(user_name) >= 1 AND LENGTH(host) >= 1
                  AND kind IN ('messages', 'recipients') AND count >= 0)
          ) ENGINE=InnoDB",
     ],
