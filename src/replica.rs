@@ -378,6 +378,31 @@ impl Replica {
         Ok(())
     }
 
+    /// Writes the live grants this replica knows into a map replaced under it while the
+    /// database cannot be read (the resync that would refill it has to wait for the
+    /// database; Postfix must not lose them meanwhile).
+    pub(crate) fn refill(&mut self) {
+        let live = self.local.live(timefmt::now());
+        match self.map.upsert(&live) {
+            Ok(_) => tracing::warn!(
+                grants = live.len(),
+                "the map was replaced while the database is unreachable; wrote the {} live grants this replica knows again",
+                live.len()
+            ),
+            Err(e) => tracing::error!(error = %e, "cannot write the live grants into the replaced map; retrying at the next expiry"),
+        }
+    }
+
+    /// Looks whether the map was replaced (deleted, truncated) while the database cannot be
+    /// read, and refills it then.
+    pub(crate) fn refill_if_replaced(&mut self) {
+        match self.map.changed() {
+            Err(e) if e.cause() == Cause::Reopened => self.refill(),
+            Err(e) => tracing::debug!(error = %e, "cannot look at the map"),
+            Ok(_) => {}
+        }
+    }
+
     pub(crate) fn connected(&mut self) {
         if let Some(since) = self.status.disconnected_since.take() {
             tracing::info!(database = %self.status.database, down_since = %timefmt::rfc3339(since), "database reachable again; the map is current");
@@ -674,7 +699,11 @@ where
                 tokio::select! {
                     () = &mut shutdown => break None,
                     c = &mut attempt => break Some(c),
-                    () = expiry => { expire(&mut f.r); }
+                    () = expiry => {
+                        if !expire(&mut f.r) {
+                            f.r.refill();
+                        }
+                    }
                     _ = beat.tick() => f.r.write_status(),
                 }
             }
@@ -716,8 +745,13 @@ where
             tokio::select! {
                 () = &mut shutdown => { f.r.write_status(); return Ok(()); }
                 () = tokio::time::sleep_until(retry) => break,
-                () = expiry => { expire(&mut f.r); }
+                () = expiry => {
+                    if !expire(&mut f.r) {
+                        f.r.refill();
+                    }
+                }
                 _ = beat.tick() => {
+                    f.r.refill_if_replaced();
                     f.r.warn_stale();
                     f.r.write_status();
                 }

@@ -1195,6 +1195,24 @@ fn replica_refills_a_replaced_map_at_once() {
     wait_for("map refilled", Duration::from_secs(30), || {
         file.exists() && postmap_q(&r.map(), "192.0.2.70").is_some()
     });
+    // With the database down the resync cannot come: the replica writes the live grants
+    // it knows into the new map itself.
+    let mut pg = pg;
+    pg.down();
+    wait_for("replica disconnected", PATIENCE, || {
+        r.status()["connected"] == serde_json::json!(false)
+    });
+    std::fs::remove_file(&file).unwrap();
+    wait_for(
+        "map refilled while the database is down",
+        Duration::from_secs(30),
+        || file.exists() && postmap_q(&r.map(), "192.0.2.70").is_some(),
+    );
+    assert!(
+        r.log().contains("while the database is unreachable"),
+        "{}",
+        r.log()
+    );
 }
 
 /// The schema-1 (or 2) table of an earlier release, with rows the direct `pgsql:` query
