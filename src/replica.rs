@@ -571,6 +571,36 @@ async fn bounded<T, E: Into<ReplicaError>>(
     }
 }
 
+/// `bounded`, with grants due meanwhile still expiring: a slow or hung database read must
+/// not keep a grant in the map past its expiry.
+async fn bounded_expiring<T, E: Into<ReplicaError>>(
+    r: &mut Replica,
+    what: &'static str,
+    bound: Duration,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, ReplicaError> {
+    tokio::pin!(fut);
+    let limit = tokio::time::sleep(bound);
+    tokio::pin!(limit);
+    loop {
+        let expiry = tokio::time::sleep(r.next_deadline().map_or(Duration::from_secs(3600), until));
+        tokio::select! {
+            out = &mut fut => return out.map_err(Into::into),
+            () = &mut limit => {
+                return Err(ReplicaError::Timeout {
+                    what,
+                    secs: bound.as_secs(),
+                })
+            }
+            () = expiry => {
+                if !expire(r) {
+                    r.refill();
+                }
+            }
+        }
+    }
+}
+
 /// The map side with the database side and the position in its changes.
 struct Follower<D: ReplicaDb> {
     r: Replica,
@@ -587,7 +617,13 @@ where
     /// removes what vanished (revoked, expired, deleted by hand).
     async fn resync(&mut self, c: &mut D::Conn) -> Result<(), ReplicaError> {
         let ttl = self.r.policy.ttl_secs();
-        let snap = bounded("snapshot", SNAPSHOT_TIMEOUT, self.db.snapshot(c, ttl)).await?;
+        let snap = bounded_expiring(
+            &mut self.r,
+            "snapshot",
+            SNAPSHOT_TIMEOUT,
+            self.db.snapshot(c, ttl),
+        )
+        .await?;
         self.r.apply_snapshot(&snap.rows, snap.db_now)?;
         self.since = Some(snap.since);
         Ok(())
@@ -601,7 +637,8 @@ where
         };
         let ttl = self.r.policy.ttl_secs();
         self.r.status.change_reads += 1;
-        let read = bounded(
+        let read = bounded_expiring(
+            &mut self.r,
             "reading changes",
             SNAPSHOT_TIMEOUT,
             self.db.changes(c, &since, ttl, MAX_CHANGES + 1),
