@@ -227,7 +227,7 @@ impl Replica {
         let mut fresh: HashMap<IpAddr, i64> = HashMap::with_capacity(rows.len());
         let mut refused = 0usize;
         for (addr, e) in rows {
-            match row_grant(&self.policy, addr, *e, now) {
+            match self.policy.admit_row(addr, *e, now) {
                 Some((ip, e)) => {
                     fresh.insert(ip, e);
                 }
@@ -511,12 +511,6 @@ impl Audit {
             );
         }
     }
-}
-
-/// The grant a database row (address text, expiry) makes here, if any
-/// (`Policy::admit_row`).
-pub fn row_grant(policy: &Policy, address: &str, expires: i64, now: i64) -> Option<(IpAddr, i64)> {
-    policy.admit_row(address, expires, now)
 }
 
 /// Seconds until unix time `at`.

@@ -115,19 +115,7 @@ fn two_writers_two_replicas_kill_and_revoke() {
     // Revoked on w1's host, granted by w2: w2's own map drops it too (its worker polls the
     // tombstones).
     assert!(postmap_q(&tmp.path().join("w2/relay"), "2001:db8:2::1").is_some());
-    let out = common::dovegate(&[
-        "revoke",
-        "--config",
-        &cfg.display().to_string(),
-        "--map",
-        &tmp.path().join("w1/relay").display().to_string(),
-        "2001:db8:2::1",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::fleet::revoke(&cfg, &tmp.path().join("w1/relay"), "2001:db8:2::1");
     wait_for(
         "the revoke reached the other writer's map",
         FLEET_PATIENCE,
@@ -402,19 +390,7 @@ fn popbsmtp_table_and_postfix_mysql_maps() {
         assert_eq!(postmap_q(&r.map(), key), None, "{key}");
     }
     // A revoke removes the row from the wiki's table too: every answer is no.
-    let out = common::dovegate(&[
-        "revoke",
-        "--config",
-        &cfg.display().to_string(),
-        "--map",
-        &wdir.join("relay").display().to_string(),
-        "192.0.2.50",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::fleet::revoke(&cfg, &wdir.join("relay"), "192.0.2.50");
     assert_eq!(common::postmap_table(&wiki, "192.0.2.50"), None);
     assert_eq!(common::postmap_table(&direct, "192.0.2.50"), None);
     wait_for("revoke on the replica", FLEET_PATIENCE, || {
@@ -512,19 +488,7 @@ fn replica_follows_a_mariadb_replica() {
         append(&log, &login_line(ip, "judy"));
     }
     wait_visible("logins through replication", &r.map(), &ips);
-    let out = common::dovegate(&[
-        "revoke",
-        "--config",
-        &cfg.display().to_string(),
-        "--map",
-        &wdir.join("relay").display().to_string(),
-        "198.51.100.7",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::fleet::revoke(&cfg, &wdir.join("relay"), "198.51.100.7");
     wait_for("the revoke through replication", FLEET_PATIENCE, || {
         postmap_q(&r.map(), "198.51.100.7").is_none()
     });

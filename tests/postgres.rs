@@ -1067,27 +1067,11 @@ fn revoke_on_a_writer_holds_across_the_fleet() {
         &r.map(),
         &["192.0.2.90".into(), "192.0.2.91".into()],
     );
-    let out = common::dovegate(&[
-        "revoke",
-        "--config",
-        &cfg.display().to_string(),
-        "--map",
-        &wdir.join("relay").display().to_string(),
-        "192.0.2.90",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = common::fleet::revoke(&cfg, &wdir.join("relay"), "192.0.2.90");
     wait_for("revoke reached the replica", FLEET_PATIENCE, || {
         postmap_q(&r.map(), "192.0.2.90").is_none()
     });
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("every host"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(said.contains("every host"), "{said}");
     assert_eq!(postmap_q(&wdir.join("relay"), "192.0.2.90"), None);
     assert!(postmap_q(&r.map(), "192.0.2.91").is_some());
     // The replica restarts (a full snapshot): still revoked.

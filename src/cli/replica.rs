@@ -116,28 +116,12 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
         }
         let result = match (target, mysql) {
             (_, Some(target)) => {
-                let spec = ReplicaSpec {
-                    db: crate::store::mysql::replica::MyReplica::new(target),
-                    map,
-                    policy,
-                    state_dir: settings.state_dir.clone(),
-                    commit_interval: settings.commit_interval,
-                };
-                crate::replica::run(spec, shutdown)
-                    .await
-                    .map_err(|e| Failure::runtime(e.to_string()))
+                let db = crate::store::mysql::replica::MyReplica::new(target);
+                follow(db, map, policy, &settings, shutdown).await
             }
             (Some(target), None) => {
-                let spec = ReplicaSpec {
-                    db: crate::store::postgres::replica::PgReplica::new(target),
-                    map,
-                    policy,
-                    state_dir: settings.state_dir.clone(),
-                    commit_interval: settings.commit_interval,
-                };
-                crate::replica::run(spec, shutdown)
-                    .await
-                    .map_err(|e| Failure::runtime(e.to_string()))
+                let db = crate::store::postgres::replica::PgReplica::new(target);
+                follow(db, map, policy, &settings, shutdown).await
             }
             (None, None) => unreachable!("checked above"),
         };
@@ -148,4 +132,27 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
     });
     crate::notify::stopping();
     result
+}
+
+/// Follows `db` into `map` until `shutdown`: the one replica loop, whatever the database.
+async fn follow<D: crate::store::follow::ReplicaDb>(
+    db: D,
+    map: LmdbMap,
+    policy: Policy,
+    settings: &crate::config::Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Failure>
+where
+    crate::replica::ReplicaError: From<D::Error>,
+{
+    let spec = ReplicaSpec {
+        db,
+        map,
+        policy,
+        state_dir: settings.state_dir.clone(),
+        commit_interval: settings.commit_interval,
+    };
+    crate::replica::run(spec, shutdown)
+        .await
+        .map_err(|e| Failure::runtime(e.to_string()))
 }

@@ -758,42 +758,47 @@ fn start_shared_policy(
 /// `[store] mysql_url_file` is (a bad URL file
 /// stops start-up; an unreachable database does not: commits spill until it returns).
 fn open_writer_store(settings: &Settings, map: LmdbMap) -> Result<WriterStore, Failure> {
-    use crate::store::postgres::{worker::PgWriterDb, Target};
-    use crate::store::shared::Origin;
-    use crate::store::writer::{Writer, WriterSpec};
-    let max_ttl = i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 4);
     if let Some(url_file) = &settings.store.mysql_url_file {
         use crate::store::mysql;
         let target = mysql::Target::load(url_file).map_err(|e| Failure::config(e.to_string()))?;
         tracing::info!(database = %target.describe(), "sharing grants through MariaDB/MySQL");
         let popbsmtp = settings.store.popbsmtp.clone().map(mysql::Popbsmtp::new);
-        let db = Writer::start(WriterSpec {
-            db: mysql::worker::MyWriterDb::new(target, popbsmtp),
-            origin: Origin::this_host("dovecot"),
-            max_ttl,
-            state_dir: settings.state_dir.clone(),
-            spill_max: settings.store.spill_max_grants,
-            instance: map.path().display().to_string(),
-        })
-        .map_err(|e| Failure::runtime(e.to_string()))?;
-        return Ok(WriterStore::shared(map, Box::new(db)));
+        return shared_store(
+            settings,
+            map,
+            mysql::worker::MyWriterDb::new(target, popbsmtp),
+        );
     }
     let Some(url_file) = &settings.store.url_file else {
         return Ok(WriterStore::local(map));
     };
-    let target = Target::load(url_file, &settings.store.schema)
+    let target = crate::store::postgres::Target::load(url_file, &settings.store.schema)
         .map_err(|e| Failure::config(e.to_string()))?;
     tracing::info!(database = %target.describe(), "sharing grants through PostgreSQL");
-    let pg = Writer::start(WriterSpec {
-        db: PgWriterDb::new(target),
-        origin: Origin::this_host("dovecot"),
-        max_ttl,
+    shared_store(
+        settings,
+        map,
+        crate::store::postgres::worker::PgWriterDb::new(target),
+    )
+}
+
+/// The map and the writer worker for `db`, whatever the database.
+fn shared_store<D: crate::store::writer::WriterDb>(
+    settings: &Settings,
+    map: LmdbMap,
+    db: D,
+) -> Result<WriterStore, Failure> {
+    use crate::store::writer::{Writer, WriterSpec};
+    let writer = Writer::start(WriterSpec {
+        db,
+        origin: crate::store::shared::Origin::this_host("dovecot"),
+        max_ttl: i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 4),
         state_dir: settings.state_dir.clone(),
         spill_max: settings.store.spill_max_grants,
         instance: map.path().display().to_string(),
     })
     .map_err(|e| Failure::runtime(e.to_string()))?;
-    Ok(WriterStore::shared(map, Box::new(pg)))
+    Ok(WriterStore::shared(map, Box::new(writer)))
 }
 
 fn log_summary(settings: &Settings, engine: &Engine<DaemonStore>, stats: &StatsRegistry) {

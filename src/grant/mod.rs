@@ -168,10 +168,7 @@ impl Policy {
     /// The grant a database row (address in `key_text` form, expiry) makes here, if any. An
     /// address not written the way dovegate writes it grants nothing.
     pub fn admit_row(&self, address: &str, expires: i64, now: i64) -> Option<(IpAddr, i64)> {
-        let ip: IpAddr = address.parse().ok()?;
-        if key_text(ip) != address {
-            return None;
-        }
+        let ip = crate::model::address::parse_key_text(address)?;
         Some((ip, self.admit(ip, expires, now)?))
     }
 

@@ -12,6 +12,13 @@ pub fn key_text(ip: IpAddr) -> String {
     ip.to_canonical().to_string().to_ascii_lowercase()
 }
 
+/// An address exactly as `key_text` writes it (canonical, lower case); anything else a
+/// hostile or mistaken row may hold (`1.2.3`, `unknown`, a hostname) is refused.
+pub fn parse_key_text(text: &str) -> Option<IpAddr> {
+    let ip: IpAddr = text.parse().ok()?;
+    (key_text(ip) == text).then_some(ip)
+}
+
 /// Parses any textual address form (`::FFFF:1.2.3.4`, `[2001:db8::1]`) into its canonical
 /// address; for administrators' commands.
 pub fn parse_any_ip(text: &str) -> Option<IpAddr> {

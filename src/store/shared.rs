@@ -4,14 +4,7 @@
 
 use std::net::IpAddr;
 
-use crate::grant::key_text;
-
-/// An address exactly as dovegate writes it (canonical, lower case); anything else a
-/// hostile or mistaken row may hold (`1.2.3`, `unknown`, a hostname) is refused.
-pub fn parse_address(text: &str) -> Option<IpAddr> {
-    let ip: IpAddr = text.parse().ok()?;
-    (key_text(ip) == text).then_some(ip)
-}
+pub use crate::model::address::parse_key_text as parse_address;
 
 /// What a writer or replica reports of itself (`dovegate_report`, schema 4).
 #[derive(Debug, Clone, Default)]

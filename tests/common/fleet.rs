@@ -447,3 +447,22 @@ pub fn watch_expiries(maps: &[PathBuf], logged: &[(String, i64)], ttl: i64) {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// `dovegate revoke IP` with the writer's configuration and map; it must succeed. Its
+/// standard output.
+pub fn revoke(cfg: &Path, map: &Path, ip: &str) -> String {
+    let out = super::dovegate(&[
+        "revoke",
+        "--config",
+        &cfg.display().to_string(),
+        "--map",
+        &map.display().to_string(),
+        ip,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use dovegate::grant::{key_text, Policy};
-use dovegate::replica::row_grant;
 
 pub fn check(data: &[u8]) {
     let mut parts = data.splitn(3, |&b| b == 0);
@@ -25,7 +24,7 @@ pub fn check(data: &[u8]) {
     let now = 1_700_000_000 + (u32::from_le_bytes(n[8..12].try_into().unwrap()) as i64);
     for ttl in [1u64, 3600, 86_400 * 365] {
         let policy = Policy::new(vec![], Duration::from_secs(ttl));
-        if let Some((ip, e)) = row_grant(&policy, address, expires, now) {
+        if let Some((ip, e)) = policy.admit_row(address, expires, now) {
             // Only the canonical text dovegate writes, never an excluded address, never
             // expired, never longer than the ttl from now.
             assert_eq!(key_text(ip), address);
