@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dovegate::store::{GrantStore, LmdbMap, OpenMode};
+use dovegate::store::{AdminStore, LmdbMap, OpenMode};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 fn support(name: &str) -> PathBuf {

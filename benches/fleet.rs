@@ -64,7 +64,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dovegate::store::{GrantStore, LmdbMap, OpenMode};
+use dovegate::store::{AdminStore, LmdbMap, OpenMode};
 
 fn spawn(args: &[&str], stderr: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_dovegate"))

@@ -413,7 +413,7 @@ fn latency_load(dir: &Path) -> (Vec<f64>, f64) {
             let mut m =
                 dovegate::store::LmdbMap::open(&map, "OK", dovegate::store::OpenMode::ReadOnly)
                     .expect("open map");
-            use dovegate::store::GrantStore;
+            use dovegate::store::AdminStore;
             loop {
                 let pending: Vec<(String, Instant)> = watch.lock().unwrap().clone();
                 if pending.is_empty() && done.load(std::sync::atomic::Ordering::Relaxed) {
@@ -553,7 +553,7 @@ fn memory_100k(dir: &Path) -> (u64, u64, f64) {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("mem dir");
     {
-        use dovegate::store::GrantStore;
+        use dovegate::store::CommitStore;
         let mut m = dovegate::store::LmdbMap::open(
             &dir.join("relay"),
             "OK",

@@ -32,7 +32,7 @@ use crate::store::mysql::MyError;
 use crate::store::postgres::PgError;
 use crate::store::shared::{self, parse_address, Reread};
 use crate::store::writer::{read_json, write_json};
-use crate::store::{Cause, GrantStore, LmdbMap, StoreError};
+use crate::store::{AdminStore, Cause, CommitStore, LmdbMap, StoreError};
 use crate::telemetry::ratelimit::RateLimit;
 use crate::timefmt;
 

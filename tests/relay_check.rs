@@ -18,7 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use dovegate::store::{GrantStore, LmdbMap, OpenMode};
+use dovegate::store::{AdminStore, LmdbMap, OpenMode};
 
 /// A map with grants written as the daemon writes them (any address: the library does not
 /// apply the exclusions that keep `dovegate grant` off loopback).

@@ -12,7 +12,7 @@ use crate::config::{parse_duration, Settings};
 use crate::grant::{key_text, parse_any_ip, Decision, Policy};
 use crate::store::postgres::{self, Tables, Target};
 use crate::store::shared::Origin;
-use crate::store::{Cause, GrantStore, LmdbMap, OpenMode, StoreError};
+use crate::store::{AdminStore, Cause, CommitStore, LmdbMap, OpenMode, StoreError};
 use crate::timefmt;
 
 /// Exit codes by cause: a map that does not exist is a configuration mistake (2: wrong

@@ -11,7 +11,7 @@ use crate::config::Settings;
 use crate::replica::ReplicaStatus;
 use crate::store::postgres::{self, SeenHost, Target};
 use crate::store::shared::NewerSchema;
-use crate::store::{instance, GrantStore, OpenMode};
+use crate::store::{instance, AdminStore, OpenMode};
 use crate::timefmt;
 
 /// The replica rewrites its status file every 2 s while it runs, connected or not; a file

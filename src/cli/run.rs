@@ -21,7 +21,7 @@ use crate::source::{DaemonSink, FileSource, FileSourceSpec};
 use crate::state::CheckpointDir;
 use crate::store::dry::{Details, DryStore};
 use crate::store::fleet::WriterStore;
-use crate::store::{GrantStore, LmdbMap, OpenMode};
+use crate::store::{CommitStore, LmdbMap, OpenMode};
 use crate::telemetry::StatsRegistry;
 use crate::timefmt;
 
@@ -711,7 +711,7 @@ impl DryRun {
 
 /// The daemon's store: the writer's (the map, and the database when configured), or the
 /// printing one of `--dry-run`.
-type DaemonStore = Box<dyn GrantStore + Send>;
+type DaemonStore = Box<dyn CommitStore + Send>;
 
 /// Blocked users and cap counts shared with the other hosts through PostgreSQL or MariaDB
 /// (`policy::shared`), whether or not this host runs the policy server; None without a

@@ -14,7 +14,7 @@ use crate::session::OpenSession;
 use crate::source::tailer::{open_regular, PathProblem};
 use crate::state::{Checkpoint, CheckpointDir};
 use crate::store::writer::{WriterStatus, MAX_SKEW_SECS};
-use crate::store::{instance, GrantStore, OpenMode};
+use crate::store::{instance, AdminStore, OpenMode};
 use crate::timefmt;
 
 /// A status file not rewritten for this long means its writer stopped or is stuck (they

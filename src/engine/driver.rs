@@ -11,7 +11,7 @@ use tokio::time::{sleep_until, Instant};
 use super::alarm::Alarm;
 use super::Engine;
 use crate::model::Batch;
-use crate::store::{GrantStore, StoreError};
+use crate::store::{CommitStore, StoreError};
 
 /// Wall-clock time, for the login times and expiries the engine compares.
 pub trait Clock: Send + Sync {
@@ -80,7 +80,7 @@ pub enum Exit {
 }
 
 /// `drive` with the system clock and the default pace.
-pub async fn run<S: GrantStore>(
+pub async fn run<S: CommitStore>(
     engine: &mut Engine<S>,
     rx: &mut Receiver<Batch>,
     commit_interval: Duration,
@@ -115,7 +115,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 /// Commits are rate-limited, not ticked: the first grant after a quiet spell is committed
 /// at once, and further ones wait until `commit_interval` has passed since the last map
 /// commit. Writing checkpoints alone (background log lines) does not start that interval.
-pub async fn drive<S: GrantStore>(
+pub async fn drive<S: CommitStore>(
     engine: &mut Engine<S>,
     rx: &mut Receiver<Batch>,
     pace: Pace,

@@ -25,11 +25,11 @@ use crate::grant::{Decision, Ledger, Policy};
 use crate::model::Batch;
 use crate::session::{Probe, Sessions};
 use crate::state::{CheckpointDir, Position};
-use crate::store::{Cause, GrantStore, StoreError};
+use crate::store::{Cause, CommitStore, StoreError};
 use crate::timefmt;
 
 /// Grants known to be in the store, pending writes, and checkpoints waiting for a commit.
-pub struct Engine<S: GrantStore> {
+pub struct Engine<S: CommitStore> {
     store: S,
     policy: Policy,
     /// The longest lifetime a grant may have beyond the ttl's (a later hold feature sets
@@ -62,7 +62,7 @@ pub struct Engine<S: GrantStore> {
     pub counters: Counters,
 }
 
-impl<S: GrantStore> Engine<S> {
+impl<S: CommitStore> Engine<S> {
     /// Loads the grants the store holds (the map is the source of truth for expiry) after
     /// removing those already expired, and caps expiries the configuration does not allow.
     pub fn new(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::*;
 use crate::model::SeenLogin;
 use crate::state::Checkpoint;
-use crate::store::{ExpireOutcome, StoredGrant};
+use crate::store::ExpireOutcome;
 
 /// What the in-memory store holds and how it behaves; shared with the test.
 #[derive(Default)]
@@ -44,7 +44,7 @@ impl MemStore {
     }
 }
 
-impl GrantStore for MemStore {
+impl CommitStore for MemStore {
     fn upsert(&mut self, g: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         self.reopened()?;
         let mut m = self.mem();
@@ -63,6 +63,7 @@ impl GrantStore for MemStore {
             })
             .collect())
     }
+
     fn expire(&mut self, ips: &[IpAddr], now: i64) -> Result<ExpireOutcome, StoreError> {
         self.reopened()?;
         let mut m = self.mem();
@@ -85,24 +86,14 @@ impl GrantStore for MemStore {
         }
         Ok(o)
     }
+
     fn expire_all(&mut self, now: i64) -> Result<usize, StoreError> {
         let mut m = self.mem();
         let n = m.map.len();
         m.map.retain(|_, e| *e > now);
         Ok(n - m.map.len())
     }
-    fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
-        Ok(self
-            .mem()
-            .map
-            .iter()
-            .map(|(&ip, &e)| StoredGrant {
-                ip,
-                expires: Some(e),
-                value: String::new(),
-            })
-            .collect())
-    }
+
     fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         let mut m = self.mem();
         if m.fail_read {
@@ -112,23 +103,26 @@ impl GrantStore for MemStore {
         m.dirty = false;
         Ok(m.map.iter().map(|(&ip, &e)| (ip, e)).collect())
     }
+
     fn changed(&mut self) -> Result<Option<bool>, StoreError> {
         self.reopened()?;
         Ok(Some(self.mem().dirty))
     }
-    fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .mem()
-            .map
-            .get(&ip)
-            .map(|&e| format!("OK expires={}", timefmt::rfc3339(e))))
-    }
+
     fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
         Ok(self.mem().map.remove(&ip).is_some())
     }
-    fn set(&mut self, ip: IpAddr, e: i64) -> Result<(), StoreError> {
-        self.mem().map.insert(ip, e);
-        Ok(())
+
+    fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        let mut m = self.mem();
+        Ok(ips
+            .iter()
+            .filter_map(|ip| {
+                let e = m.map.get_mut(ip)?;
+                *e = (*e).min(limit);
+                Some((*ip, *e))
+            })
+            .collect())
     }
 }
 

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use super::{ExpireOutcome, GrantStore, StoreError, StoredGrant};
+use super::{CommitStore, ExpireOutcome, StoreError};
 use crate::model::{Batch, LoginDetail};
 use crate::timefmt;
 
@@ -46,7 +46,7 @@ impl Details {
     }
 }
 
-/// A `GrantStore` in memory that prints each grant and expiry on its output, one line each.
+/// A `CommitStore` in memory that prints each grant and expiry on its output, one line each.
 pub struct DryStore {
     grants: HashMap<IpAddr, i64>,
     details: Details,
@@ -68,7 +68,7 @@ impl DryStore {
     }
 }
 
-impl GrantStore for DryStore {
+impl CommitStore for DryStore {
     fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         let mut out = Vec::with_capacity(grants.len());
         for &(ip, expires) in grants {
@@ -117,37 +117,28 @@ impl GrantStore for DryStore {
         Ok(self.expire(&gone, now)?.removed.len())
     }
 
-    fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
-        Ok(self
-            .grants
-            .iter()
-            .map(|(&ip, &e)| StoredGrant {
-                ip,
-                expires: Some(e),
-                value: format!("OK expires={}", timefmt::rfc3339(e)),
-            })
-            .collect())
-    }
-
-    fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .grants
-            .get(&ip)
-            .map(|&e| format!("OK expires={}", timefmt::rfc3339(e))))
-    }
-
     fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
         Ok(self.grants.remove(&ip).is_some())
     }
 
-    fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
-        self.grants.insert(ip, expires);
-        Ok(())
+    fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        Ok(self.grants.iter().map(|(&ip, &e)| (ip, e)).collect())
     }
 
     fn changed(&mut self) -> Result<Option<bool>, StoreError> {
         // Nobody else writes this store.
         Ok(Some(false))
+    }
+
+    fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
+        Ok(ips
+            .iter()
+            .filter_map(|ip| {
+                let e = self.grants.get_mut(ip)?;
+                *e = (*e).min(limit);
+                Some((*ip, *e))
+            })
+            .collect())
     }
 }
 

@@ -3,7 +3,7 @@
 //! database is a `SharedDb`: the grant core here (revocation races, local expiries) is one
 //! for both.
 //!
-//! The engine commits through `GrantStore::upsert` and saves checkpoints only after it
+//! The engine commits through `CommitStore::upsert` and saves checkpoints only after it
 //! returns Ok; so a commit here succeeds only when the grants are in the database (or,
 //! while it is down, durably in the spill queue) and in the local map. Everything the
 //! engine reads (list, expiry) is the local map: the database keeps its own expiry.
@@ -56,7 +56,9 @@ impl<D: WriterDb> SharedDb for Writer<D> {
 
 /// How long a revocation seen is kept to stop grants racing it.
 const RECENT_SECS: i64 = 30;
-use crate::store::{value, Cause, ExpireOutcome, GrantStore, LmdbMap, StoreError, StoredGrant};
+use crate::store::{
+    value, AdminStore, Cause, CommitStore, ExpireOutcome, LmdbMap, StoreError, StoredGrant,
+};
 use crate::telemetry::ratelimit::RateLimit;
 use crate::timefmt;
 
@@ -170,7 +172,7 @@ fn db_err<D: WriterDb>(e: WriterError<D::Error>) -> StoreError {
     StoreError::new(format!("{}: {e}", D::NAME), cause)
 }
 
-impl GrantStore for WriterStore {
+impl CommitStore for WriterStore {
     fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         if self.pg.is_none() {
             return self.map.upsert(grants);
@@ -227,14 +229,6 @@ impl GrantStore for WriterStore {
         self.map.expire_all(now)
     }
 
-    fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
-        self.map.list()
-    }
-
-    fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
-        self.map.get(ip)
-    }
-
     fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
         // Here first: an unreachable database must not keep the grant in this map.
         let here = self.map.revoke(ip)?;
@@ -243,13 +237,6 @@ impl GrantStore for WriterStore {
             None => false,
         };
         Ok(here || in_db)
-    }
-
-    fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
-        if let Some(pg) = &self.pg {
-            pg.set(ip, expires)?;
-        }
-        self.map.set(ip, expires)
     }
 
     // The local map's own cheap forms: the engine's view, its change probe (other writers'
@@ -268,6 +255,23 @@ impl GrantStore for WriterStore {
 
     fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         self.map.cap(ips, limit)
+    }
+}
+
+impl AdminStore for WriterStore {
+    fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
+        self.map.list()
+    }
+
+    fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
+        self.map.get(ip)
+    }
+
+    fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
+        if let Some(pg) = &self.pg {
+            pg.set(ip, expires)?;
+        }
+        self.map.set(ip, expires)
     }
 }
 

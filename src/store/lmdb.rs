@@ -19,7 +19,7 @@ use super::lock::FileLock;
 #[cfg(test)]
 use super::value::key_bytes;
 use super::value::{key_bytes_with, parse_expiry, parse_key_with, value_bytes, value_text};
-use super::{Cause, ExpireOutcome, GrantStore, StoreError, StoredGrant};
+use super::{AdminStore, Cause, CommitStore, ExpireOutcome, StoreError, StoredGrant};
 
 const INITIAL_MAP_SIZE: usize = 16 << 20;
 const MAX_MAP_SIZE: usize = 1 << 40;
@@ -554,7 +554,7 @@ fn get_opt<'t>(
     }
 }
 
-impl GrantStore for LmdbMap {
+impl CommitStore for LmdbMap {
     fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         let bits = self.ipv6_prefix;
         let action = self.action.clone();
@@ -611,27 +611,6 @@ impl GrantStore for LmdbMap {
             .map(|g| g.ip)
             .collect();
         Ok(self.expire(&expired, now)?.removed.len())
-    }
-
-    fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
-        let bits = self.ipv6_prefix;
-        let (list, _) = self.read(|txn, db| {
-            let mut cursor = txn.open_ro_cursor(db)?;
-            let mut out = Vec::new();
-            for item in cursor.iter_start() {
-                let (k, v) = item?;
-                if let Some(ip) = parse_key_with(k, bits) {
-                    out.push(StoredGrant {
-                        ip,
-                        expires: parse_expiry(v),
-                        value: value_text(v),
-                    });
-                }
-            }
-            Ok(out)
-        })?;
-        file::release_mapped_pages(self.ident);
-        Ok(list)
     }
 
     fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
@@ -691,13 +670,6 @@ impl GrantStore for LmdbMap {
         Ok(out)
     }
 
-    fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
-        let bits = self.ipv6_prefix;
-        let (v, _) =
-            self.read(|txn, db| Ok(get_opt(txn, db, &key_bytes_with(ip, bits))?.map(value_text)))?;
-        Ok(v)
-    }
-
     fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
         let bits = self.ipv6_prefix;
         self.write(
@@ -707,6 +679,36 @@ impl GrantStore for LmdbMap {
                 Err(e) => Err(e),
             },
         )
+    }
+}
+
+impl AdminStore for LmdbMap {
+    fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
+        let bits = self.ipv6_prefix;
+        let (list, _) = self.read(|txn, db| {
+            let mut cursor = txn.open_ro_cursor(db)?;
+            let mut out = Vec::new();
+            for item in cursor.iter_start() {
+                let (k, v) = item?;
+                if let Some(ip) = parse_key_with(k, bits) {
+                    out.push(StoredGrant {
+                        ip,
+                        expires: parse_expiry(v),
+                        value: value_text(v),
+                    });
+                }
+            }
+            Ok(out)
+        })?;
+        file::release_mapped_pages(self.ident);
+        Ok(list)
+    }
+
+    fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
+        let bits = self.ipv6_prefix;
+        let (v, _) =
+            self.read(|txn, db| Ok(get_opt(txn, db, &key_bytes_with(ip, bits))?.map(value_text)))?;
+        Ok(v)
     }
 
     fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {

@@ -1,5 +1,6 @@
-//! The `store` stage: where grants live. `GrantStore` is the seam; `LmdbMap` is the Postfix
-//! LMDB map. A fleet store (PostgreSQL) will implement the same trait.
+//! The `store` stage: where grants live. `CommitStore` (the engine's commit path) and
+//! `AdminStore` (the administrator's commands) are the seams; `LmdbMap` is the Postfix
+//! LMDB map, `fleet::WriterStore` the map with the shared database behind it.
 
 pub mod damage;
 pub mod dry;
@@ -33,9 +34,12 @@ pub struct StoredGrant {
     pub value: String,
 }
 
-/// Where grants are written. Implementations keep the later expiry when two writers grant
-/// the same address, and never remove a grant whose stored expiry is still in the future.
-pub trait GrantStore: Send {
+/// The engine's commit path: what the daemon does to the map every commit interval and
+/// at each expiry (the replica's loop too). Implementations keep the later expiry when two
+/// writers grant the same address, and never remove a grant whose stored expiry is still
+/// in the future. Split from [`AdminStore`] so that the engine cannot reach what only an
+/// administrator may do (set an expiry shorter or longer than the rules, list values).
+pub trait CommitStore: Send {
     /// Writes grants in one transaction; an existing later expiry wins. Returns the
     /// effective expiry of each address.
     fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError>;
@@ -44,56 +48,37 @@ pub trait GrantStore: Send {
     fn expire(&mut self, ips: &[IpAddr], now: i64) -> Result<ExpireOutcome, StoreError>;
     /// Removes every grant expired at `now`; returns how many.
     fn expire_all(&mut self, now: i64) -> Result<usize, StoreError>;
+    /// Removes one address; true when it was there (a blocked user's grants; `dovegate
+    /// revoke`).
+    fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError>;
+    /// Every grant that has an expiry, for the engine's view; also marks the store as
+    /// read, so that `changed` reports only what other writers do after this.
+    fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError>;
+    /// Whether another writer changed the store since the last `snapshot`: `Some(false)`
+    /// when it can tell cheaply that nothing changed, `None` when it cannot tell (the
+    /// engine then takes a snapshot at its resync interval).
+    fn changed(&mut self) -> Result<Option<bool>, StoreError> {
+        Ok(None)
+    }
+    /// Shortens every stored expiry of `ips` later than `limit` to `limit` (a clock fixed
+    /// after a step forward, a rule made shorter); returns what each address holds after.
+    fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError>;
+}
+
+/// What the administrator's commands (`list`, `lookup`, `grant`, `revoke`, `status`) and
+/// the replica's reconciliation ask beyond the commit path: whole entries with their
+/// values, and an expiry set as given, shorter than the stored one included.
+pub trait AdminStore: CommitStore {
     /// Every grant in the store.
     fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError>;
     /// The stored value for one address.
     fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError>;
-    /// Removes one address; true when it was there.
-    fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError>;
     /// Sets one address's expiry, even if shorter than the stored one (manual grant).
     fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError>;
-
-    /// Every grant that has an expiry, for the engine's view; also marks the store as
-    /// read, so that `changed` reports only what other writers do after this.
-    fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
-        Ok(self
-            .list()?
-            .into_iter()
-            .filter_map(|g| g.expires.map(|e| (g.ip, e)))
-            .collect())
-    }
-
-    /// Whether another writer changed the store since the last `snapshot` (Some), or None
-    /// when this store cannot tell cheaply (the engine then re-reads it now and then).
-    /// `Cause::Reopened` when the store had to be reopened: the live grants must be
-    /// written again.
-    fn changed(&mut self) -> Result<Option<bool>, StoreError> {
-        Ok(None)
-    }
-
-    /// Lowers the expiry of those of `ips` stored later than `limit` to `limit` (grants
-    /// written under a wrong clock or a longer ttl). Returns the effective expiries.
-    fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
-        let mut out = Vec::with_capacity(ips.len());
-        for &ip in ips {
-            let stored = self
-                .get(ip)?
-                .and_then(|v| value::parse_expiry(v.as_bytes()));
-            match stored {
-                Some(e) if e > limit => {
-                    self.set(ip, limit)?;
-                    out.push((ip, limit));
-                }
-                Some(e) => out.push((ip, e)),
-                None => {}
-            }
-        }
-        Ok(out)
-    }
 }
 
-/// A boxed store is a store: the daemon chooses the writer's or the dry run's at start.
-impl<S: GrantStore + ?Sized> GrantStore for Box<S> {
+/// The daemon holds its store boxed (the writer's, or `--dry-run`'s).
+impl<S: CommitStore + ?Sized> CommitStore for Box<S> {
     fn upsert(&mut self, grants: &[(IpAddr, i64)]) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         (**self).upsert(grants)
     }
@@ -103,17 +88,8 @@ impl<S: GrantStore + ?Sized> GrantStore for Box<S> {
     fn expire_all(&mut self, now: i64) -> Result<usize, StoreError> {
         (**self).expire_all(now)
     }
-    fn list(&mut self) -> Result<Vec<StoredGrant>, StoreError> {
-        (**self).list()
-    }
-    fn get(&mut self, ip: IpAddr) -> Result<Option<String>, StoreError> {
-        (**self).get(ip)
-    }
     fn revoke(&mut self, ip: IpAddr) -> Result<bool, StoreError> {
         (**self).revoke(ip)
-    }
-    fn set(&mut self, ip: IpAddr, expires: i64) -> Result<(), StoreError> {
-        (**self).set(ip, expires)
     }
     fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         (**self).snapshot()
