@@ -25,7 +25,6 @@ use dovegate::pattern::PatternSet;
 use dovegate::scan::{Scanned, Scanner, Visit};
 use dovegate::source::lines::{Chunk, ChunkReader};
 use dovegate::source::DaemonSink;
-use dovegate::telemetry::SourceStats;
 
 /// What the daemon finds with `grant.session_hold = 0`: successful logins.
 const LOGIN: &str = "(imap|pop3)-login: (Info: )?(Login|Logged in): .*rip=";
@@ -159,7 +158,7 @@ fn dovegate_pass(path: &Path, sessions: bool) -> (f64, (u64, u64)) {
         16384,
         Visit::Logins,
     );
-    let mut sink = DaemonSink::new("bench", Arc::new(SourceStats::default()), false);
+    let mut sink = DaemonSink::new(dovegate::telemetry::Reporter::standalone("bench"), false);
     let now = dovegate::timefmt::now();
     let mut file = File::open(path).expect("open");
     let mut reader = ChunkReader::new(16384, 0);

@@ -181,9 +181,7 @@ impl Sources {
         pushed.attach(&tx);
         let mut handles = Vec::new();
         let cutoff = timefmt::now() - i64::try_from(settings.ttl.as_secs()).unwrap_or(i64::MAX / 2);
-        let sink = |name: &str| {
-            DaemonSink::new(name, stats.for_source(name), settings.untimed_lines_grant)
-        };
+        let sink = |name: &str| DaemonSink::new(stats.reporter(name), settings.untimed_lines_grant);
         // Every source by name, for a file source's warning when it cannot be read.
         let mut named: Vec<String> = settings
             .logs
@@ -331,14 +329,7 @@ fn paths(logs: &[PathBuf]) -> String {
 }
 
 fn status_line(engine: &Engine<DaemonStore>, stats: &StatsRegistry) -> String {
-    let t = stats.totals();
-    format!(
-        "{} grants active, {} lines read, {} logins, {} forged",
-        engine.active(),
-        t.lines,
-        t.logins,
-        t.forged
-    )
+    stats.status_line(engine.active())
 }
 
 pub fn run(args: RunArgs) -> Result<(), Failure> {
@@ -449,8 +440,8 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             )
         }
     };
-    let (deaths, mut died) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let mut death: Option<String> = None;
+    let (deaths, mut died) = tokio::sync::mpsc::unbounded_channel::<crate::source::SourceDeath>();
+    let mut death: Option<crate::source::SourceDeath> = None;
     // The pushed servers before the log sources: a socket another daemon serves fails
     // the start before any source thread runs.
     let mut pushed = Pushed::start(
@@ -612,9 +603,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                     let wait = std::time::Duration::from_secs(2);
                     tokio::time::timeout(wait, died.recv()).await.ok().flatten()
                 });
-                break Err(Failure::runtime(why.unwrap_or_else(|| {
-                    "every source stopped; dovegate exits so that systemd restarts it".into()
-                })));
+                break Err(Failure::runtime(why.map(|d| d.to_string()).unwrap_or_else(
+                    || "every source stopped; dovegate exits so that systemd restarts it".into(),
+                )));
             }
             Err(e) => break Err(Failure::runtime(e.0)),
         }
@@ -651,7 +642,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     }
     log_summary(&cfg.settings, &engine, &stats);
     match death {
-        Some(why) => Err(Failure::runtime(why)),
+        Some(why) => Err(Failure::runtime(why.to_string())),
         None => result,
     }
 }

@@ -119,6 +119,17 @@ impl Collector for Snapshot {
             }
         }
         let mut m = enc.encode_descriptor(
+            "dovegate_source_reading",
+            "1 while the source delivers new logins, 0 while it cannot (the log says why).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (source, s) in &sources {
+            let labels = [("source", source.as_str())];
+            let reading = i64::from(s.problem().is_none());
+            ConstGauge::new(reading).encode(m.encode_family(&labels.as_slice())?)?;
+        }
+        let mut m = enc.encode_descriptor(
             "dovegate_logins_matched",
             "Logins matched, by source and pattern.",
             None,

@@ -8,11 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::error::{SourceDeath, SourceError};
+use crate::telemetry::{Report, Reporter};
+
 /// The child process a source runs (journalctl), reachable by its handle to kill it.
 pub type ChildSlot = Arc<Mutex<Option<Child>>>;
 
 /// Where a dying source says why (the daemon's main loop listens).
-pub type Deaths = tokio::sync::mpsc::UnboundedSender<String>;
+pub type Deaths = tokio::sync::mpsc::UnboundedSender<SourceDeath>;
 
 /// What a source thread is asked to watch: the stop flag and its wake-up channel.
 #[derive(Clone)]
@@ -45,11 +48,14 @@ pub struct SourceHandle {
 }
 
 impl SourceHandle {
-    /// Runs `body` on a thread named after `name`.
-    pub fn spawn<F>(name: &str, deaths: Deaths, body: F) -> std::io::Result<SourceHandle>
+    /// Runs `body` on a thread named after the reporter's source; its death is reported
+    /// there and sent on `deaths`.
+    pub fn spawn<F>(reporter: Reporter, deaths: Deaths, body: F) -> std::io::Result<SourceHandle>
     where
-        F: FnOnce(SourceCtl) -> Result<(), String> + Send + 'static,
+        F: FnOnce(SourceCtl) -> Result<(), SourceError> + Send + 'static,
     {
+        let name = reporter.source().to_string();
+        let name = name.as_str();
         let stop = Arc::new(AtomicBool::new(false));
         let (wake, wake_rx) = mpsc::channel();
         let child: ChildSlot = Arc::new(Mutex::new(None));
@@ -62,27 +68,31 @@ impl SourceHandle {
             wake_rx,
             child: Arc::clone(&child),
         };
-        let label = name.to_string();
         let thread = std::thread::Builder::new()
             .name(thread_name(name))
             .spawn(move || {
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    body(ctl)
-                }));
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(ctl)));
                 if signal.is_set() {
                     return;
                 }
-                let why = match outcome {
+                let error = match outcome {
                     Ok(Ok(())) => return,
                     Ok(Err(e)) => e,
-                    Err(panic) => panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "panic".into()),
+                    Err(panic) => SourceError::Panicked(
+                        panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "panic".into()),
+                    ),
                 };
-                tracing::error!(source = %label, error = %why, "source died; dovegate exits so that systemd restarts it");
-                let _ = deaths.send(format!("source {label} died: {why}"));
+                reporter.report(Report::Died {
+                    error: error.to_string(),
+                });
+                let _ = deaths.send(SourceDeath {
+                    source: reporter.source().to_string(),
+                    error,
+                });
             })?;
         Ok(SourceHandle {
             name: name.to_string(),
@@ -150,15 +160,31 @@ mod tests {
     #[test]
     fn a_panicking_source_is_reported_and_a_stopped_one_is_not() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let h = SourceHandle::spawn("/var/log/x.log", tx.clone(), |_| panic!("boom")).unwrap();
-        let why = rx.blocking_recv().unwrap();
+        let seen = std::sync::Arc::new(crate::telemetry::observe::Recorder::default());
+        let stats = crate::telemetry::StatsRegistry::default();
+        stats.observe_with(seen.clone());
+        let h = SourceHandle::spawn(stats.reporter("/var/log/x.log"), tx.clone(), |_| {
+            panic!("boom")
+        })
+        .unwrap();
+        let why = rx.blocking_recv().unwrap().to_string();
         assert!(why.contains("x.log") && why.contains("boom"), "{why}");
+        // Said through the observers too, and kept as the source's problem for status.
+        assert!(seen.saw(
+            "/var/log/x.log",
+            |r| matches!(r, Report::Died { error } if error.contains("boom"))
+        ));
+        let problem = stats
+            .for_source("/var/log/x.log")
+            .problem()
+            .unwrap_or_default();
+        assert!(problem.contains("boom"), "{problem}");
         h.stop();
-        let h = SourceHandle::spawn("quiet", tx, |ctl| {
+        let h = SourceHandle::spawn(Reporter::standalone("quiet"), tx, |ctl| {
             while !ctl.stop.is_set() {
                 let _ = ctl.wake_rx.recv();
             }
-            Err("stopped".into())
+            Err(SourceError::Panicked("stopped".into()))
         })
         .unwrap();
         h.stop();
@@ -168,20 +194,20 @@ mod tests {
     #[test]
     fn stop_kills_the_child() {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let h = SourceHandle::spawn("child", tx, |ctl| {
+        let h = SourceHandle::spawn(Reporter::standalone("child"), tx, |ctl| {
             let (stop, slot) = (ctl.stop, ctl.child);
             let mut child = std::process::Command::new("sleep")
                 .arg("600")
                 .stdout(std::process::Stdio::piped())
                 .spawn()
-                .map_err(|e| e.to_string())?;
+                .map_err(SourceError::NoJournalctl)?;
             let mut out = child.stdout.take().unwrap();
             if install_child(&slot, &stop, child) {
                 // Blocks until the child dies.
                 let _ = std::io::Read::read(&mut out, &mut [0u8; 8]);
             }
             let mut c = take_child(&slot).unwrap();
-            c.wait().map_err(|e| e.to_string())?;
+            c.wait().map_err(SourceError::NoJournalctl)?;
             Ok(())
         })
         .unwrap();

@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use super::handle::{install_child, take_child, Deaths, SourceCtl, SourceHandle};
 use super::lines::{Chunk, ChunkReader};
 use super::quiet::{has_unit_entry, spawn_watcher, unit_markers, QuietWatch};
-use super::DaemonSink;
+use super::{DaemonSink, SourceError};
 use crate::model::Batch;
 use crate::scan::{Scanned, Scanner, Sink};
 use crate::state::{JournalCursor, Position};
@@ -260,11 +260,11 @@ pub struct JournalSource {
 impl JournalSource {
     /// Starts it on its own thread.
     pub fn spawn(self, deaths: Deaths) -> std::io::Result<SourceHandle> {
-        let name = self.spec.target.key();
-        SourceHandle::spawn(&name, deaths, move |ctl| self.run(ctl))
+        let reporter = self.sink.reporter().clone();
+        SourceHandle::spawn(reporter, deaths, move |ctl| self.run(ctl))
     }
 
-    pub fn run(mut self, ctl: SourceCtl) -> Result<(), String> {
+    pub fn run(mut self, ctl: SourceCtl) -> Result<(), SourceError> {
         let (stop, slot) = (ctl.stop, ctl.child);
         let mut cursor = match &self.spec.start {
             JournalStart::AfterCursor(c) => Some(c.clone()),
@@ -280,7 +280,7 @@ impl JournalSource {
         let (_quiet_done, done) = std::sync::mpsc::channel();
         if let Err(e) = spawn_watcher(
             Arc::clone(&quiet),
-            self.spec.target.key(),
+            self.sink.reporter().clone(),
             self.provenance.units.clone(),
             done,
         ) {
@@ -294,9 +294,7 @@ impl JournalSource {
                 Ok(c) => c,
                 // No journalctl will appear by waiting: the source is dead.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(format!(
-                        "cannot run journalctl ({e}): install systemd's journalctl, or turn the journal off (source.journal = false)"
-                    ));
+                    return Err(SourceError::NoJournalctl(e));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot run journalctl; retrying");
@@ -335,10 +333,10 @@ impl JournalSource {
             }
             let since = *failing_since.get_or_insert(began);
             if since.elapsed() >= self.spec.give_up {
-                return Err(format!(
-                    "journalctl has kept exiting for {} (last status {status_text}; its messages are logged above): no login can be read from the journal. Check that the service may read it (group systemd-journal) and that /proc/sys/kernel/random/boot_id is visible to it (no ProcSubset=pid)",
-                    humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
-                ));
+                return Err(SourceError::JournalctlFailing {
+                    lasted: since.elapsed(),
+                    last_status: status_text,
+                });
             }
             let _ = ctl.wake_rx.recv_timeout(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(30));

@@ -7,6 +7,7 @@
 //! (a slow map applies back-pressure instead of growing memory).
 
 pub mod backscan;
+pub mod error;
 pub mod handle;
 pub mod journal;
 pub mod lines;
@@ -14,7 +15,7 @@ pub mod quiet;
 pub mod tailer;
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use notify::Watcher;
@@ -23,8 +24,9 @@ use crate::model::{Batch, LoginDetail, SeenLogin, SessionStart};
 use crate::pattern::IpVerdict;
 use crate::scan::{Line, Login, NearMiss, Scanner, Sink};
 use crate::state::{Checkpoint, Position};
-use crate::telemetry::{SourceStats, Throttle};
+use crate::telemetry::{Hint, Report, Reporter, SourceStats};
 use crate::timefmt;
+pub use error::{SourceDeath, SourceError};
 use handle::{Deaths, SourceCtl, SourceHandle};
 use tailer::FileFollower;
 
@@ -40,40 +42,26 @@ pub fn session_start(login: &Login<'_>, source: &str) -> Option<SessionStart> {
     Some(s)
 }
 
-/// The daemon's sink: collects the logins of a chunk for its `Batch`, counts everything
-/// in the source's stats, and logs what an admin must know (rate limited).
+/// The daemon's sink: collects the logins of a chunk for its `Batch`, counts the hot
+/// numbers (logins per pattern) itself and reports everything refused through its
+/// [`Reporter`] (counted, and logged at a bounded rate by the observers).
 pub struct DaemonSink {
     origin: String,
-    stats: Arc<SourceStats>,
+    reporter: Reporter,
     untimed_grant: bool,
     logins: Vec<SeenLogin>,
     ends: Vec<crate::model::SessionEnd>,
-    warn_invalid: Throttle,
-    warn_ambiguous: Throttle,
-    warn_long: Throttle,
-    warn_untimed: Throttle,
-    warn_forged: Throttle,
-    warn_no_address: Throttle,
-    warn_mechanism: Throttle,
 }
 
 impl DaemonSink {
     /// `untimed_grant`: `source.untimed_lines_grant`.
-    pub fn new(origin: &str, stats: Arc<SourceStats>, untimed_grant: bool) -> DaemonSink {
-        let every = Duration::from_secs(10);
+    pub fn new(reporter: Reporter, untimed_grant: bool) -> DaemonSink {
         DaemonSink {
-            origin: origin.to_string(),
-            stats,
+            origin: reporter.source().to_string(),
+            reporter,
             untimed_grant,
             logins: Vec::new(),
             ends: Vec::new(),
-            warn_invalid: Throttle::new(every),
-            warn_ambiguous: Throttle::new(every),
-            warn_long: Throttle::new(every),
-            warn_untimed: Throttle::new(every),
-            warn_forged: Throttle::new(every),
-            warn_no_address: Throttle::new(Duration::from_secs(60)),
-            warn_mechanism: Throttle::new(Duration::from_secs(60)),
         }
     }
 
@@ -88,13 +76,18 @@ impl DaemonSink {
     }
 
     pub fn stats(&self) -> &SourceStats {
-        &self.stats
+        self.reporter.stats()
+    }
+
+    pub fn reporter(&self) -> &Reporter {
+        &self.reporter
     }
 
     fn grant(&mut self, login: &Login<'_>) {
         if let IpVerdict::Valid(ip) = login.ip {
-            SourceStats::add(&self.stats.logins, 1);
-            self.stats.count_pattern(&login.pattern.id);
+            let stats = self.reporter.stats();
+            SourceStats::add(&stats.logins, 1);
+            stats.count_pattern(&login.pattern.id);
             self.logins.push(SeenLogin {
                 ip,
                 time: login.time,
@@ -133,52 +126,41 @@ impl Sink for DaemonSink {
         if self.untimed_grant {
             return self.grant(login);
         }
-        SourceStats::add(&self.stats.untimed, 1);
-        if let Some(n) = self.warn_untimed.hit() {
-            tracing::warn!(source = %self.origin, count = n, "login lines without a timestamp not granted (they could be old); if this source never writes timestamps, set source.untimed_lines_grant = true");
-        }
+        self.reporter.report(Report::Untimed);
     }
 
     fn bad_address(&mut self, _line: Line<'_>, login: &Login<'_>) {
-        if login.ip == IpVerdict::Ambiguous {
-            SourceStats::add(&self.stats.ambiguous_ip, 1);
-            if let Some(n) = self.warn_ambiguous.hit() {
-                tracing::warn!(source = %self.origin, count = n, "login line with conflicting rip= elements (forged user name?); not granted");
-            }
-        } else {
-            SourceStats::add(&self.stats.invalid_ip, 1);
-            if let Some(n) = self.warn_invalid.hit() {
-                tracing::warn!(source = %self.origin, count = n, ip = %verdict_text(&login.ip), "login line with an invalid client address; not granted");
-            }
-        }
+        self.reporter.report(match login.ip {
+            IpVerdict::Ambiguous => Report::Ambiguous,
+            ref ip => Report::InvalidAddress {
+                ip: verdict_text(ip),
+            },
+        });
     }
 
     fn forged(&mut self, _line: Line<'_>, login: &Login<'_>, why: &str) {
-        SourceStats::add(&self.stats.forged, 1);
-        if let Some(n) = self.warn_forged.hit() {
-            tracing::warn!(source = %self.origin, count = n, last_sender = why, last_ip = %verdict_text(&login.ip), "forged Dovecot login entries (not from a trusted sender) ignored");
-        }
+        self.reporter.report(Report::Forged {
+            sender: why.to_string(),
+            ip: verdict_text(&login.ip),
+        });
     }
 
     fn too_long(&mut self, line: Line<'_>) {
-        SourceStats::add(&self.stats.too_long, 1);
-        if let Some(n) = self.warn_long.hit() {
-            tracing::warn!(source = %self.origin, count = n, len = line.text.len(), "skipping over-long lines (source.max_line_bytes)");
-        }
+        self.reporter.report(Report::TooLong {
+            len: line.text.len(),
+        });
     }
 
     fn near_miss(&mut self, _line: Line<'_>, why: NearMiss) {
-        self.stats.count_near_miss(why.name());
-        if why == NearMiss::NeverMechanism {
-            if let Some(n) = self.warn_mechanism.hit() {
-                tracing::info!(source = %self.origin, count = n, "logins by a SASL mechanism in grant.never_mechanisms (ANONYMOUS proves nothing about the user) granted nothing");
-            }
-        }
-        if why == NearMiss::NoAddress {
-            if let Some(n) = self.warn_no_address.hit() {
-                tracing::warn!(source = %self.origin, count = n, "Dovecot login lines are seen but none carries the client address (rip=): a custom login_log_format_elements? add rip=%{{rip}} to it (Dovecot 2.3; rip=%{{remote_ip}} on 2.4), or name the element in the pattern (address_element)");
-            }
-        }
+        let hint = match why {
+            NearMiss::NoAddress => Some(Hint::NoAddressElement),
+            NearMiss::NeverMechanism => Some(Hint::NeverMechanism),
+            _ => None,
+        };
+        self.reporter.report(Report::NearMiss {
+            name: why.name(),
+            hint,
+        });
     }
 
     fn session_end(&mut self, _line: Line<'_>, end: &crate::model::SessionEnd) {
@@ -216,12 +198,12 @@ pub struct FileSource {
 impl FileSource {
     /// Starts it on its own thread.
     pub fn spawn(self, deaths: Deaths) -> std::io::Result<SourceHandle> {
-        let name = self.spec.path.display().to_string();
-        SourceHandle::spawn(&name, deaths, move |ctl| self.run(ctl))
+        let reporter = self.sink.reporter().clone();
+        SourceHandle::spawn(reporter, deaths, move |ctl| self.run(ctl))
     }
 
     /// The follower's loop. Read errors are retried (a missing file is waited for).
-    pub fn run(mut self, ctl: SourceCtl) -> Result<(), String> {
+    pub fn run(mut self, ctl: SourceCtl) -> Result<(), SourceError> {
         let SourceCtl {
             stop,
             wake_tx,
@@ -292,7 +274,7 @@ impl FileSource {
                     |p| p.to_string(),
                 )),
             };
-            health.note(problem, follower.open_generations());
+            health.note(self.sink.reporter(), problem, follower.open_generations());
             // Wait for a change, a stop or the poll interval, then swallow queued wake-ups.
             let _ = wake_rx.recv_timeout(spec.poll_interval);
             while wake_rx.try_recv().is_ok() {}
@@ -301,54 +283,42 @@ impl FileSource {
     }
 }
 
-/// Says, repeatedly while it lasts, why a followed file cannot be read (missing,
-/// unreadable, not a regular file), and once when it clears: the daemon never grants
-/// nothing in silence. It says what still delivers logins (the file the path named before,
-/// read through its descriptor; the other sources), so that "no logins" is said only when
-/// true.
+/// Reports, at every check while it lasts, why a followed file cannot be read (missing,
+/// unreadable, not a regular file), and once when it reads again: the daemon never grants
+/// nothing in silence (the observers decide how often that is said). It names what still
+/// delivers logins (the file the path named before, read through its descriptor; the other
+/// sources), so that "no logins" is said only when true.
 struct Health {
     path: PathBuf,
     others: Vec<String>,
-    problem: Option<String>,
-    reminder: Throttle,
+    failing: bool,
 }
 
 impl Health {
-    /// How often a lasting problem is said again.
-    const REMIND: Duration = Duration::from_secs(60);
-
     fn new(path: &Path, others: Vec<String>) -> Health {
         Health {
             path: path.to_path_buf(),
             others,
-            problem: None,
-            reminder: Throttle::new(Health::REMIND),
+            failing: false,
         }
     }
 
     /// `open`: files of this path still read (see `FileFollower::open_generations`).
-    fn note(&mut self, problem: Option<String>, open: usize) {
+    fn note(&mut self, reporter: &Reporter, problem: Option<String>, open: usize) {
         match problem {
-            Some(p) => {
-                let changed = self.problem.as_deref() != Some(p.as_str());
-                if changed {
-                    self.reminder = Throttle::new(Health::REMIND);
-                }
-                if let Some(n) = self.reminder.hit() {
-                    let text = self.warning(&p, open);
-                    tracing::warn!(path = %self.path.display(), checks = n, "{text}");
-                }
-                self.problem = Some(p);
+            Some(problem) => {
+                self.failing = true;
+                reporter.report(Report::Unreadable {
+                    problem,
+                    still: self.still_read(open),
+                });
             }
-            None => {
-                if self.problem.take().is_some() {
-                    tracing::info!(path = %self.path.display(), "log file readable again; following it");
-                }
-            }
+            None if std::mem::take(&mut self.failing) => reporter.report(Report::Readable),
+            None => {}
         }
     }
 
-    fn warning(&self, problem: &str, open: usize) -> String {
+    fn still_read(&self, open: usize) -> Vec<String> {
         let mut still = Vec::new();
         if open > 0 {
             still.push(format!(
@@ -357,14 +327,7 @@ impl Health {
             ));
         }
         still.extend(self.others.iter().cloned());
-        if still.is_empty() {
-            return format!("no logins can be read: {problem}");
-        }
-        format!(
-            "new logins cannot be read from {}: {problem}. Still read: {}",
-            self.path.display(),
-            still.join("; ")
-        )
+        still
     }
 }
 
@@ -393,6 +356,7 @@ fn watch_dir(path: &Path, wake: mpsc::Sender<()>) -> Option<notify::RecommendedW
 mod tests {
     use super::*;
     use crate::scan::Visit;
+    use std::sync::Arc;
 
     fn scanner() -> Scanner {
         crate::scan::test_scanner(Visit::Logins, 16384)
@@ -401,10 +365,12 @@ mod tests {
     /// "No logins" only when nothing else delivers them (issue 26).
     #[test]
     fn an_unreadable_path_says_what_still_works() {
+        use crate::telemetry::observe::unreadable_text;
         let p = "log path /l/a.log is a FIFO";
         let alone = Health::new(Path::new("/l/a.log"), Vec::new());
-        assert_eq!(alone.warning(p, 0), format!("no logins can be read: {p}"));
-        let w = alone.warning(p, 1);
+        let text = |h: &Health, open| unreadable_text("/l/a.log", p, &h.still_read(open));
+        assert_eq!(text(&alone, 0), format!("no logins can be read: {p}"));
+        let w = text(&alone, 1);
         assert!(
             w.starts_with("new logins cannot be read from /l/a.log: "),
             "{w}"
@@ -417,7 +383,7 @@ mod tests {
             Path::new("/l/a.log"),
             vec!["log file /l/b.log".into(), "the journal".into()],
         );
-        let w = others.warning(p, 0);
+        let w = text(&others, 0);
         assert!(
             w.ends_with("Still read: log file /l/b.log; the journal"),
             "{w}"
@@ -425,12 +391,65 @@ mod tests {
         assert!(!w.contains("no logins"), "{w}");
     }
 
+    /// A file source that cannot read says so through its observers while it lasts, with
+    /// the problem kept for `status`, and says once when it reads again: asserted on the
+    /// reports, not on log text.
+    #[test]
+    fn an_unreadable_file_is_reported_until_it_reads() {
+        use crate::telemetry::observe::Recorder;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("later.log");
+        let registry = crate::telemetry::StatsRegistry::default();
+        let seen = Arc::new(Recorder::default());
+        registry.observe_with(seen.clone());
+        let name = path.display().to_string();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let source = FileSource {
+            spec: FileSourceSpec {
+                index: 0,
+                path: path.clone(),
+                checkpoint: None,
+                max_line: 16384,
+                poll_interval: Duration::from_millis(20),
+                cutoff: 0,
+                others: vec![],
+            },
+            scanner: scanner(),
+            sink: DaemonSink::new(registry.reporter(&name), false),
+            tx,
+        };
+        let (deaths, _died) = tokio::sync::mpsc::unbounded_channel();
+        let handle = source.spawn(deaths).unwrap();
+        let mut wait = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !done() {
+                assert!(std::time::Instant::now() < deadline, "never {what}");
+                while rx.try_recv().is_ok() {}
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        wait("reported unreadable", &|| {
+            seen.saw(
+                &name,
+                |r| matches!(r, Report::Unreadable { still, .. } if still.is_empty()),
+            )
+        });
+        assert!(registry.for_source(&name).problem().is_some());
+        std::fs::write(&path, b"").unwrap();
+        wait("reported readable", &|| {
+            seen.saw(&name, |r| *r == Report::Readable)
+        });
+        assert_eq!(registry.for_source(&name).problem(), None);
+        handle.stop();
+    }
+
     /// Files and the journal count logins per pattern the same way (the journal's were
     /// once missing), and untimed lines are refused unless configured.
     #[test]
     fn the_daemon_sink_counts_files_and_journal_alike() {
-        let stats = Arc::new(SourceStats::default());
-        let mut sink = DaemonSink::new("t", Arc::clone(&stats), false);
+        let reporter = Reporter::standalone("t");
+        let stats = std::sync::Arc::clone(reporter.stats());
+        let mut sink = DaemonSink::new(reporter.clone(), false);
         let mut s = scanner();
         let file = b"2026-11-21T09:56:55+00:00 vm dovecot: imap-login: Login: user=<a>, rip=203.0.113.5, lip=192.0.2.1\n\
                      imap-login: Login: user=<b>, rip=203.0.113.6, lip=192.0.2.1\n";
@@ -459,7 +478,7 @@ mod tests {
             (Some(42), Some("Cm5r5yxhtLN/AAAB"))
         );
         assert!(ends[0].trusted, "a journal entry from the trusted unit");
-        let mut granting = DaemonSink::new("t", Arc::clone(&stats), true);
+        let mut granting = DaemonSink::new(reporter, true);
         s.scan(file, 0, &mut granting);
         assert_eq!(granting.take().len(), 2);
     }

@@ -9,6 +9,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use crate::telemetry::ratelimit::{Lasting, Say};
+use crate::telemetry::{Report, Reporter};
 
 /// Silence (seconds) after which the first warning comes.
 pub const QUIET_AFTER: i64 = 10 * 60;
@@ -84,10 +85,10 @@ pub fn has_unit_entry(chunk: &[u8], markers: &[Vec<u8>]) -> bool {
 }
 
 /// Runs the watch on its own thread until `done`'s sender is dropped, checking every
-/// minute and logging what [`QuietWatch::check`] says about `units` of journal `key`.
+/// minute and reporting what [`QuietWatch::check`] says about `units`.
 pub fn spawn_watcher(
     watch: Arc<QuietWatch>,
-    key: String,
+    reporter: Reporter,
     units: Vec<String>,
     done: mpsc::Receiver<()>,
 ) -> std::io::Result<()> {
@@ -97,18 +98,12 @@ pub fn spawn_watcher(
             while let Err(mpsc::RecvTimeoutError::Timeout) =
                 done.recv_timeout(Duration::from_secs(60))
             {
+                let units = units.join(", ");
                 match watch.check(crate::timefmt::now()) {
-                    Some(QuietEvent::Quiet(secs)) => tracing::warn!(
-                        journal = %key,
-                        "source.journal: no entry from {} has reached the journal for {} minutes, so no login is seen: if Dovecot logs to a file of its own (doveconf log_path), set source.logs = [that file] or Dovecot's log_path = syslog; else check source.journal_units",
-                        units.join(", "),
-                        secs / 60
-                    ),
-                    Some(QuietEvent::Cleared) => tracing::info!(
-                        journal = %key,
-                        "source.journal: entries from {} arrive again",
-                        units.join(", ")
-                    ),
+                    Some(QuietEvent::Quiet(secs)) => {
+                        reporter.report(Report::JournalQuiet { units, secs })
+                    }
+                    Some(QuietEvent::Cleared) => reporter.report(Report::JournalHeard { units }),
                     None => {}
                 }
             }

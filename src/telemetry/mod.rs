@@ -24,6 +24,8 @@ pub struct SourceStats {
     pub per_pattern: Mutex<BTreeMap<String, u64>>,
     /// Login-looking lines that granted nothing, by reason (`scan::NearMiss::name`).
     pub near_misses: Mutex<BTreeMap<&'static str, u64>>,
+    /// Why new logins cannot be read from this source now (None: it reads).
+    problem: Mutex<Option<String>>,
 }
 
 impl SourceStats {
@@ -45,12 +47,41 @@ impl SourceStats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
+
+    /// Why new logins cannot be read from this source now, if they cannot.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The counters' side of a report (the log's is `observe::LogObserver`).
+    pub fn count(&self, report: &Report) {
+        let set_problem = |p: Option<String>| {
+            *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = p;
+        };
+        match report {
+            Report::Untimed => SourceStats::add(&self.untimed, 1),
+            Report::Ambiguous => SourceStats::add(&self.ambiguous_ip, 1),
+            Report::InvalidAddress { .. } => SourceStats::add(&self.invalid_ip, 1),
+            Report::Forged { .. } => SourceStats::add(&self.forged, 1),
+            Report::TooLong { .. } => SourceStats::add(&self.too_long, 1),
+            Report::NearMiss { name, .. } => self.count_near_miss(name),
+            Report::Unreadable { problem, .. } => set_problem(Some(problem.clone())),
+            Report::Readable => set_problem(None),
+            Report::Died { error } => set_problem(Some(format!("stopped: {error}"))),
+            Report::JournalQuiet { .. } | Report::JournalHeard { .. } => {}
+        }
+    }
 }
 
-/// Every source's counters by name (a path, or a journal key); kept across reloads.
-#[derive(Debug, Default)]
+/// Every source's counters by name (a path, or a journal key), and the observers their
+/// reports reach; kept across reloads.
+#[derive(Default)]
 pub struct StatsRegistry {
     sources: Mutex<BTreeMap<String, Arc<SourceStats>>>,
+    observers: Arc<Observers>,
 }
 
 /// Sums over all sources.
@@ -72,9 +103,43 @@ impl StatsRegistry {
         Arc::clone(m.entry(name.to_string()).or_default())
     }
 
+    /// How the source `name` reports (its counters, the log, every observer added).
+    pub fn reporter(&self, name: &str) -> Reporter {
+        Reporter::new(name, self.for_source(name), Arc::clone(&self.observers))
+    }
+
+    /// Adds an observer of every source's reports (tests add a `Recorder`).
+    pub fn observe_with(&self, observer: Arc<dyn Observer>) {
+        self.observers.add(observer);
+    }
+
     pub fn sources(&self) -> Vec<(String, Arc<SourceStats>)> {
         let m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
         m.iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect()
+    }
+
+    /// The sources that cannot deliver new logins now, with why.
+    pub fn failing(&self) -> Vec<(String, String)> {
+        self.sources()
+            .into_iter()
+            .filter_map(|(name, s)| Some((name, s.problem()?)))
+            .collect()
+    }
+
+    /// The daemon's one-line state (systemd's STATUS=, `systemctl status`): what is
+    /// granted and read, and every source that cannot read.
+    pub fn status_line(&self, active: usize) -> String {
+        let t = self.totals();
+        let mut line = format!(
+            "{active} grants active, {} lines read, {} logins, {} forged",
+            t.lines, t.logins, t.forged
+        );
+        let failing = self.failing();
+        if !failing.is_empty() {
+            let names: Vec<&str> = failing.iter().map(|(n, _)| n.as_str()).collect();
+            line.push_str(&format!("; cannot read: {}", names.join(", ")));
+        }
+        line
     }
 
     pub fn totals(&self) -> StatsTotals {
@@ -94,7 +159,10 @@ impl StatsRegistry {
     }
 }
 
+pub mod observe;
 pub mod ratelimit;
+
+pub use observe::{Hint, Observer, Observers, Report, Reporter};
 
 /// The name the sources know the limiter by.
 pub use ratelimit::RateLimit as Throttle;
