@@ -27,8 +27,8 @@ use tokio::sync::mpsc;
 use crate::config::drac::DracSettings;
 use crate::model::{Batch, LoginDetail, SeenLogin};
 use crate::net::background::{Background, Setup};
-use crate::telemetry::ratelimit::{RateLimit, SharedLimit};
-use crate::telemetry::{SourceStats, StatsRegistry};
+use crate::telemetry::ratelimit::RateLimit;
+use crate::telemetry::{Count, Report, Reporter, StatsRegistry};
 
 /// The `Batch::source` of DRAC adds (no position; distinct from the other sources').
 pub const DRAC_SOURCE: usize = usize::MAX - 2;
@@ -73,42 +73,53 @@ pub fn decide(msg: &[u8], peer: IpAddr, settings: &DracSettings) -> Decision {
 pub(crate) struct Intake {
     settings: DracSettings,
     queue: mpsc::Sender<SeenLogin>,
-    stats: Arc<SourceStats>,
-    refused: SharedLimit,
-    invalid: SharedLimit,
-    dropped: SharedLimit,
+    /// What it declines, each kind rate-limited on its own by the log.
+    reporter: Reporter,
 }
 
 impl Intake {
+    fn decline(&self, count: Count, kind: &'static str, what: String) {
+        self.reporter.report(Report::Declined { count, kind, what });
+    }
+
+    /// A datagram the socket could not receive (said at a bounded rate).
+    pub(crate) fn receive_failed(&self, e: &std::io::Error) {
+        self.reporter.report(Report::Fault {
+            kind: "receive",
+            what: format!("drac: cannot receive a datagram: {e}"),
+        });
+    }
+
     /// The reply to one message from `peer` (None: none is sent).
     pub(crate) fn answer(&self, msg: &[u8], peer: IpAddr) -> Option<Vec<u8>> {
         let peer = peer.to_canonical();
         match decide(msg, peer, &self.settings) {
             Decision::Ignore => {
-                self.stats.invalid_ip.fetch_add(1, Ordering::Relaxed);
-                self.invalid.warn(&format!(
-                    "drac: {} bytes from {peer} are not an RPC call; ignored, nothing granted",
-                    msg.len()
-                ));
+                self.decline(
+                    Count::InvalidAddress,
+                    "invalid",
+                    format!(
+                        "drac: {} bytes from {peer} are not an RPC call; ignored, nothing granted",
+                        msg.len()
+                    ),
+                );
                 None
             }
             Decision::Reply(r) => Some(r),
             Decision::Error(r) => {
-                self.stats.invalid_ip.fetch_add(1, Ordering::Relaxed);
-                self.invalid.warn(&format!(
+                self.decline(Count::InvalidAddress, "invalid", format!(
                     "drac: a call from {peer} that is not a DRAC add; answered with an RPC error, nothing granted"
                 ));
                 Some(r)
             }
             Decision::Denied(r) => {
-                self.stats.forged.fetch_add(1, Ordering::Relaxed);
-                self.refused.warn(&format!(
+                self.decline(Count::Forged, "refused", format!(
                     "drac: {peer} is not in drac.allow; its add was answered permission denied, nothing granted"
                 ));
                 Some(r)
             }
             Decision::Add { xid, ip } => {
-                self.stats.logins.fetch_add(1, Ordering::Relaxed);
+                self.reporter.stats().logins.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(address = %ip, client = %peer, "DRAC add");
                 let login = SeenLogin {
                     ip: IpAddr::V4(ip),
@@ -125,8 +136,7 @@ impl Intake {
                 let status = match self.queue.try_send(login) {
                     Ok(()) => rpc::AddStat::Success,
                     Err(_) => {
-                        self.stats.count_near_miss("queue-full");
-                        self.dropped.warn(&format!(
+                        self.decline(Count::NearMiss("queue-full"), "dropped", format!(
                             "drac: the engine's queue is full; the add of {ip} from {peer} was answered system error"
                         ));
                         rpc::AddStat::SysErr
@@ -333,10 +343,7 @@ pub fn spawn_with(
     let intake = Arc::new(Intake {
         settings: settings.clone(),
         queue,
-        stats: stats.for_source(ORIGIN),
-        refused: SharedLimit::default(),
-        invalid: SharedLimit::default(),
-        dropped: SharedLimit::default(),
+        reporter: stats.reporter(ORIGIN),
     });
     let (udp, tcp) = setup
         .bind_with(server::bind(settings, Arc::clone(&intake)))
@@ -405,10 +412,7 @@ mod tests {
         let intake = Intake {
             settings: settings(),
             queue,
-            stats: Arc::default(),
-            refused: SharedLimit::default(),
-            invalid: SharedLimit::default(),
-            dropped: SharedLimit::default(),
+            reporter: Reporter::standalone(ORIGIN),
         };
         let peer: IpAddr = "192.0.2.5".parse().unwrap();
         let add = rpc::call(3, rpc::PROGRAM, 1, 1, &[198, 51, 100, 7]);

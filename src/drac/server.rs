@@ -15,7 +15,6 @@ use super::{rpc, Intake};
 use crate::config::drac::DracSettings;
 use crate::net::requests::{self, Framed, Limits};
 use crate::net::{self, Conn, Handler, Listen, Peer, Server, Spec, Stream};
-use crate::telemetry::ratelimit::SharedLimit;
 
 /// The UDP port the last generation bound (0: none yet), for `drac.port = 0`.
 static LAST_PORT: AtomicU16 = AtomicU16::new(0);
@@ -83,12 +82,11 @@ pub(super) async fn bind(
 async fn serve_udp(socket: UdpSocket, intake: Arc<Intake>) {
     // One byte more than the longest call: a datagram that fills it is too long.
     let mut buf = vec![0u8; rpc::MAX_MESSAGE + 1];
-    let failing = SharedLimit::default();
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(e) => {
-                failing.warn(&format!("drac: cannot receive a datagram: {e}"));
+                intake.receive_failed(&e);
                 // A persistent error must not spin a core.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;

@@ -23,8 +23,7 @@ pub use crate::config::events::{EventsSection, EventsSettings};
 use crate::model::{Batch, LoginDetail, SeenLogin};
 use crate::model::{SessionEnd, SessionStart};
 use crate::net::background::{Background, Setup};
-use crate::telemetry::ratelimit::SharedLimit;
-use crate::telemetry::{SourceStats, StatsRegistry};
+use crate::telemetry::{Count, Report, Reporter, StatsRegistry};
 use parse::{Event, Ignored};
 
 /// The `Batch::source` of exported events (no position; distinct from the others).
@@ -55,27 +54,24 @@ pub(crate) enum Item {
 pub(crate) struct Intake {
     queue: mpsc::Sender<Item>,
     pending: Mutex<Pairs>,
-    stats: Arc<SourceStats>,
+    /// What it declines, each kind rate-limited on its own by the log: a misconfiguration
+    /// must not hide behind malformed posts.
+    reporter: Reporter,
     dropped: AtomicU64,
-    warn_dropped: SharedLimit,
-    warn_refused: SharedLimit,
-    warn_invalid: SharedLimit,
-    /// Its own limiter: a misconfiguration must not hide behind malformed posts.
-    warn_unpaired: SharedLimit,
 }
 
 impl Intake {
-    fn new(queue: mpsc::Sender<Item>, stats: Arc<SourceStats>) -> Intake {
+    fn new(queue: mpsc::Sender<Item>, reporter: Reporter) -> Intake {
         Intake {
             queue,
             pending: Mutex::default(),
-            stats,
+            reporter,
             dropped: AtomicU64::new(0),
-            warn_dropped: SharedLimit::default(),
-            warn_refused: SharedLimit::default(),
-            warn_invalid: SharedLimit::default(),
-            warn_unpaired: SharedLimit::default(),
         }
+    }
+
+    fn decline(&self, count: Count, kind: &'static str, what: String) {
+        self.reporter.report(Report::Declined { count, kind, what });
     }
 
     /// One event as Dovecot exported it. Never blocks.
@@ -86,7 +82,8 @@ impl Intake {
                 return;
             }
             Ok(Err(Ignored::Failed)) => {
-                self.stats.count_near_miss("auth-failed");
+                // Counted only: a failed authentication is Dovecot's to log.
+                self.reporter.stats().count_near_miss("auth-failed");
                 return;
             }
             Ok(Err(Ignored::Other)) => return,
@@ -105,7 +102,7 @@ impl Intake {
             }
             Ok(Ok(Event::Login { conn, user })) => {
                 let session = self.pending().sessions.take(&conn, Instant::now());
-                self.stats.logins.fetch_add(1, Ordering::Relaxed);
+                self.reporter.stats().logins.fetch_add(1, Ordering::Relaxed);
                 Item::Login(login(conn, user, session))
             }
             Ok(Ok(Event::Proxied {
@@ -117,14 +114,13 @@ impl Intake {
                 let Some(client) = self.pending().clients.take(&key, Instant::now()) else {
                     // The client is unknown: granting the peer could open the relay to a
                     // proxy in front.
-                    self.stats.count_near_miss("proxy-unpaired");
-                    self.warn_unpaired.warn(&format!(
+                    self.decline(Count::NearMiss("proxy-unpaired"), "unpaired", format!(
                         "events: proxied login of {user:?} from {} without its authentication event (the auth_request_finished metric missing, or the event lost); nothing granted",
                         key.1 .0
                     ));
                     return;
                 };
-                self.stats.logins.fetch_add(1, Ordering::Relaxed);
+                self.reporter.stats().logins.fetch_add(1, Ordering::Relaxed);
                 Item::Login(proxied(client, key.0, user))
             }
             Ok(Ok(Event::End {
@@ -140,22 +136,27 @@ impl Intake {
         };
         if self.queue.try_send(item).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            self.warn_dropped.warn(&format!(
-                "events: the engine is not keeping up; event dropped ({n} so far); a login it carried grants only if a log source also sees it"
-            ));
+            self.reporter.report(Report::Fault {
+                kind: "dropped",
+                what: format!(
+                    "events: the engine is not keeping up; event dropped ({n} so far); a login it carried grants only if a log source also sees it"
+                ),
+            });
         }
     }
 
     /// A post or line that is not an event (too large, too slow, not JSON).
     pub(crate) fn invalid(&self, what: &str) {
-        self.stats.count_near_miss("malformed-event");
-        self.warn_invalid.warn(what);
+        self.decline(
+            Count::NearMiss("malformed-event"),
+            "malformed",
+            what.to_string(),
+        );
     }
 
     /// A connection or post refused for its origin (secret, peer uid).
     pub(crate) fn refuse(&self, what: &str) {
-        self.stats.forged.fetch_add(1, Ordering::Relaxed);
-        self.warn_refused.warn(what);
+        self.decline(Count::Forged, "refused", what.to_string());
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pairs> {
@@ -272,7 +273,7 @@ pub fn spawn(
     };
     let mut setup = Setup::new().map_err(|e| format!("events: cannot start runtime: {e}"))?;
     let (queue, rx) = mpsc::channel(QUEUE);
-    let intake = Arc::new(Intake::new(queue, stats.for_source(ORIGIN)));
+    let intake = Arc::new(Intake::new(queue, stats.reporter(ORIGIN)));
     setup
         .bind(listen::bind(listen, settings, intake))
         .map_err(|e| format!("events.listen: cannot listen on {listen}: {e}"))?;
@@ -288,7 +289,7 @@ pub(super) mod tests {
 
     pub(super) fn intake(cap: usize) -> (Intake, mpsc::Receiver<Item>) {
         let (queue, rx) = mpsc::channel(cap);
-        (Intake::new(queue, Arc::default()), rx)
+        (Intake::new(queue, Reporter::standalone(ORIGIN)), rx)
     }
 
     const AUTH: &str = r#"{"event":"auth_request_finished","categories":["service:auth","auth"],"fields":{"success":"yes","service":"imap","session":"WDkhNwViz5zLAHEt","local_ip":"127.0.0.1","remote_ip":"203.0.113.45","real_remote_ip":"127.0.0.9","local_port":143,"remote_port":40143}}"#;
@@ -363,6 +364,41 @@ pub(super) mod tests {
         assert_eq!(i.dropped.load(Ordering::Relaxed), 3);
         assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok() && rx.try_recv().is_err());
         i.event(b"{nonsense");
-        assert_eq!(i.stats.near_misses.lock().unwrap()["malformed-event"], 1);
+        assert_eq!(
+            i.reporter.stats().near_misses.lock().unwrap()["malformed-event"],
+            1
+        );
+    }
+
+    /// What the intake declines reaches every observer, typed: asserted without the log.
+    #[test]
+    fn declined_events_are_reported() {
+        use crate::telemetry::observe::Recorder;
+        let registry = StatsRegistry::default();
+        let seen = Arc::new(Recorder::default());
+        registry.observe_with(seen.clone());
+        let (queue, _rx) = mpsc::channel(1);
+        let i = Intake::new(queue, registry.reporter(ORIGIN));
+        i.event(b"{nonsense");
+        i.refuse("events: a post without the secret");
+        i.event(LOGIN.as_bytes());
+        i.event(LOGIN.as_bytes());
+        let kinds: Vec<_> = seen
+            .reports()
+            .into_iter()
+            .map(|(source, r)| match r {
+                Report::Declined { count, .. } => format!("{source} {count:?}"),
+                Report::Fault { kind, .. } => format!("{source} fault {kind}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "events NearMiss(\"malformed-event\")",
+                "events Forged",
+                "events fault dropped"
+            ]
+        );
     }
 }

@@ -12,7 +12,6 @@ pub mod socket;
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::Sender;
@@ -21,27 +20,19 @@ use crate::blocks::Blocks;
 pub use crate::config::push::{ApiHeader, PushSection, PushSettings};
 use crate::model::{Batch, SeenLogin};
 use crate::net::background::{Background, Setup};
-use crate::telemetry::ratelimit::SharedLimit;
-use crate::telemetry::{SourceStats, StatsRegistry};
+use crate::telemetry::{Count, Report, Reporter, StatsRegistry};
 
 /// The `Batch::source` of pushed logins; they carry no position, so the index only has to
 /// differ from the log sources' ones.
 pub const PUSH_SOURCE: usize = usize::MAX;
 
-/// What both servers need: where logins go and what to count.
+/// What both servers need: where logins go, and where they report what they decline
+/// (each kind rate-limited on its own by the log: a flood of forged requests or proxied
+/// logins cannot hide a misconfiguration, nor blocked users an unreadable block list).
 #[derive(Clone)]
 pub(crate) struct Sink {
     tx: Sender<Batch>,
-    stats: Arc<SourceStats>,
-    refused: Arc<SharedLimit>,
-    /// Their own limiters, so a flood of forged requests or proxied logins cannot hide a
-    /// misconfiguration.
-    skipped: Arc<SharedLimit>,
-    misconfigured: Arc<SharedLimit>,
-    /// Logins of blocked users refused, and the blocked users' file unreadable: each its
-    /// own, so neither hides the other nor a misconfiguration.
-    blocked: Arc<SharedLimit>,
-    unreadable: Arc<SharedLimit>,
+    reporter: Reporter,
 }
 
 /// How long a pushed login may wait for room in the engine's queue before it is dropped
@@ -51,7 +42,7 @@ const QUEUE_WAIT: Duration = Duration::from_secs(1);
 impl Sink {
     /// Queues one login seen now. False: the engine is gone or did not take it in time.
     pub(crate) async fn push(&self, ip: IpAddr) -> bool {
-        self.stats.logins.fetch_add(1, Ordering::Relaxed);
+        self.reporter.stats().logins.fetch_add(1, Ordering::Relaxed);
         let batch = Batch {
             source: PUSH_SOURCE,
             logins: vec![SeenLogin {
@@ -72,44 +63,47 @@ impl Sink {
         }
     }
 
-    /// Counts a push refused for its origin (peer user, secret) and logs it, rate-limited.
+    fn decline(&self, count: Count, kind: &'static str, what: &str) {
+        self.reporter.report(Report::Declined {
+            count,
+            kind,
+            what: what.to_string(),
+        });
+    }
+
+    /// A push refused for its origin (peer user, secret): counted as forged.
     pub(crate) fn refuse(&self, what: &str) {
-        self.stats.forged.fetch_add(1, Ordering::Relaxed);
-        self.refused.warn(what);
+        self.decline(Count::Forged, "refused", what);
     }
 
-    /// Counts a genuine report that grants nothing (`reason` in the near misses) and logs
-    /// it, rate-limited.
+    /// A genuine report that grants nothing (`reason` in the near misses).
     pub(crate) fn skip(&self, reason: &'static str, what: &str) {
-        self.stats.count_near_miss(reason);
-        self.skipped.warn(what);
+        self.decline(Count::NearMiss(reason), "skipped", what);
     }
 
-    /// Counts a report Dovecot's configuration made useless (`reason` in the near misses)
-    /// and says what to fix, rate-limited on its own.
+    /// A report Dovecot's configuration made useless (`reason` in the near misses): `what`
+    /// says what to fix.
     pub(crate) fn misconfigured(&self, reason: &'static str, what: &str) {
-        self.stats.count_near_miss(reason);
-        self.misconfigured.warn(what);
+        self.decline(Count::NearMiss(reason), "misconfigured", what);
     }
 
-    /// Counts a login refused because its user is blocked (near miss `blocked-user`) and
-    /// logs it, rate-limited.
+    /// A login refused because its user is blocked (near miss `blocked-user`).
     pub(crate) fn blocked_login(&self, what: &str) {
-        self.stats.count_near_miss("blocked-user");
-        self.blocked.warn(what);
+        self.decline(Count::NearMiss("blocked-user"), "blocked", what);
     }
 
-    /// Says the blocked users cannot be read (so nobody is refused), rate-limited: it is
-    /// asked again at every login.
+    /// The blocked users cannot be read (so nobody is refused): asked again at every
+    /// login, said at a bounded rate.
     pub(crate) fn blocks_unreadable(&self, what: &str) {
-        if let Some(n) = self.unreadable.hit() {
-            tracing::error!(events_since_last = n, "{what}");
-        }
+        self.reporter.report(Report::Fault {
+            kind: "blocks-unreadable",
+            what: what.to_string(),
+        });
     }
 
+    /// A request whose client address is not an address.
     pub(crate) fn invalid(&self, what: &str) {
-        self.stats.invalid_ip.fetch_add(1, Ordering::Relaxed);
-        self.refused.warn(what);
+        self.decline(Count::InvalidAddress, "refused", what);
     }
 }
 
@@ -130,16 +124,10 @@ pub fn spawn(
         return Ok(Background::idle());
     }
     let mut setup = Setup::new().map_err(|e| format!("push: cannot start runtime: {e}"))?;
-    let refused = Arc::new(SharedLimit::default());
     if let Some(path) = &settings.socket {
         let sink = Sink {
             tx: tx.clone(),
-            stats: stats.for_source("push"),
-            refused: Arc::clone(&refused),
-            skipped: Arc::default(),
-            misconfigured: Arc::default(),
-            blocked: Arc::default(),
-            unreadable: Arc::default(),
+            reporter: stats.reporter("push"),
         };
         setup
             .bind(socket::bind(path, settings.uids.clone(), sink))
@@ -148,12 +136,7 @@ pub fn spawn(
     if let Some(listen) = &settings.auth_policy {
         let sink = Sink {
             tx,
-            stats: stats.for_source("auth-policy"),
-            refused,
-            skipped: Arc::default(),
-            misconfigured: Arc::default(),
-            blocked: Arc::default(),
-            unreadable: Arc::default(),
+            reporter: stats.reporter("auth-policy"),
         };
         let cfg = policy::PolicyConfig {
             secret: settings.secret.clone(),

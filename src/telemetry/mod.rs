@@ -71,7 +71,12 @@ impl SourceStats {
             Report::Unreadable { problem, .. } => set_problem(Some(problem.clone())),
             Report::Readable => set_problem(None),
             Report::Died { error } => set_problem(Some(format!("stopped: {error}"))),
-            Report::JournalQuiet { .. } | Report::JournalHeard { .. } => {}
+            Report::Declined { count, .. } => match count {
+                Count::Forged => SourceStats::add(&self.forged, 1),
+                Count::InvalidAddress => SourceStats::add(&self.invalid_ip, 1),
+                Count::NearMiss(name) => self.count_near_miss(name),
+            },
+            Report::JournalQuiet { .. } | Report::JournalHeard { .. } | Report::Fault { .. } => {}
         }
     }
 }
@@ -162,7 +167,7 @@ impl StatsRegistry {
 pub mod observe;
 pub mod ratelimit;
 
-pub use observe::{Hint, Observer, Observers, Report, Reporter};
+pub use observe::{Count, Hint, Observer, Observers, Report, Reporter};
 
 /// The name the sources know the limiter by.
 pub use ratelimit::RateLimit as Throttle;

@@ -44,6 +44,28 @@ pub enum Report {
     JournalHeard { units: String },
     /// The source stopped for good; the daemon exits so that systemd restarts it.
     Died { error: String },
+    /// A pushed request (post-login, auth policy, event, DRAC call) that granted nothing:
+    /// counted as `count`, said as `what` at most once a minute per `kind` (each kind its
+    /// own limit, so that a flood of one cannot hide another).
+    Declined {
+        count: Count,
+        kind: &'static str,
+        what: String,
+    },
+    /// Something the source needs fails (the blocked users unreadable, a socket's
+    /// receive): said as an ERROR at most once a minute per `kind`.
+    Fault { kind: &'static str, what: String },
+}
+
+/// Which counter a declined request adds to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// Refused for its origin (peer user, secret, network): `forged`.
+    Forged,
+    /// Its client address (or the message itself) is not usable: `invalid_ip`.
+    InvalidAddress,
+    /// A genuine report that grants nothing: the near miss of this name.
+    NearMiss(&'static str),
 }
 
 /// Whatever wants to hear what sources report. Called on the source's own thread: keep it
@@ -164,6 +186,8 @@ impl Observer for Recorder {
 const ODD_EVERY: Duration = Duration::from_secs(10);
 /// Hints about configuration (a custom log format, a never-granting mechanism).
 const HINT_EVERY: Duration = Duration::from_secs(60);
+/// Declined pushed requests and faults, per kind.
+const PUSHED_EVERY: Duration = Duration::from_secs(60);
 /// A source that cannot read is said again this often while it lasts.
 const UNREADABLE_EVERY: Duration = Duration::from_secs(60);
 
@@ -288,6 +312,16 @@ impl Observer for LogObserver {
             ),
             Report::Died { error } => {
                 tracing::error!(source, error = %error, "source died; dovegate exits so that systemd restarts it");
+            }
+            Report::Declined { kind, what, .. } => {
+                if let Some(n) = log.odd(kind, PUSHED_EVERY) {
+                    tracing::warn!(events_since_last = n, "{what}");
+                }
+            }
+            Report::Fault { kind, what } => {
+                if let Some(n) = log.odd(kind, PUSHED_EVERY) {
+                    tracing::error!(events_since_last = n, "{what}");
+                }
             }
         }
     }
