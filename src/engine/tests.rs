@@ -114,15 +114,8 @@ impl CommitStore for MemStore {
     }
 
     fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
-        let mut m = self.mem();
-        Ok(ips
-            .iter()
-            .filter_map(|ip| {
-                let e = m.map.get_mut(ip)?;
-                *e = (*e).min(limit);
-                Some((*ip, *e))
-            })
-            .collect())
+        let map = &mut self.mem().map;
+        Ok(crate::store::dry::cap_in_memory(map, ips, limit))
     }
 }
 

@@ -131,15 +131,23 @@ impl CommitStore for DryStore {
     }
 
     fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
-        Ok(ips
-            .iter()
-            .filter_map(|ip| {
-                let e = self.grants.get_mut(ip)?;
-                *e = (*e).min(limit);
-                Some((*ip, *e))
-            })
-            .collect())
+        Ok(cap_in_memory(&mut self.grants, ips, limit))
     }
+}
+
+/// `CommitStore::cap` over grants held in memory (this store, the engine's test store).
+pub fn cap_in_memory(
+    grants: &mut HashMap<IpAddr, i64>,
+    ips: &[IpAddr],
+    limit: i64,
+) -> Vec<(IpAddr, i64)> {
+    ips.iter()
+        .filter_map(|ip| {
+            let e = grants.get_mut(ip)?;
+            *e = (*e).min(limit);
+            Some((*ip, *e))
+        })
+        .collect()
 }
 
 #[cfg(test)]
