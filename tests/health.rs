@@ -168,3 +168,42 @@ fn an_unusable_path_says_what_still_delivers_logins() {
     assert!(line.contains(&format!("log file {sb}")), "{line}");
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// The metrics say which log cannot be read (0) and when it can (1); a reload while it
+/// cannot says it again, and leaves no stale alarm once the file exists.
+#[test]
+fn the_metrics_show_a_log_that_cannot_be_read_across_a_reload() {
+    let d = tempdir();
+    let log = d.path().join("later.log");
+    let port = free_port();
+    let cfg = d.path().join("dovegate.toml");
+    std::fs::write(&cfg, format!("[serve]\nmetrics = \"127.0.0.1:{port}\"\n")).unwrap();
+    let cfg = cfg.display().to_string();
+    let mut daemon = Daemon::follow(d.path(), &log, &["--config", &cfg]);
+    let gauge = |v: u8| {
+        format!(
+            "dovegate_source_reading{{source=\"{}\"}} {v}\n",
+            log.display()
+        )
+    };
+    wait_for("the unreadable log in the metrics", PATIENCE, || {
+        metrics(port).contains(&gauge(0))
+    });
+    signal(daemon.child.id(), libc::SIGHUP);
+    wait_for("the reload", PATIENCE, || {
+        daemon.log().contains("configuration reloaded")
+    });
+    wait_for(
+        "the unreadable log said again after the reload",
+        PATIENCE,
+        || {
+            daemon.log().matches("no logins can be read").count() >= 2
+                && metrics(port).contains(&gauge(0))
+        },
+    );
+    append(&log, "");
+    wait_for("the log readable in the metrics", PATIENCE, || {
+        metrics(port).contains(&gauge(1))
+    });
+    assert_eq!(daemon.stop(), Some(0));
+}

@@ -271,9 +271,14 @@ fn unreadable_journal_is_reported() {
     let d = tempdir();
     let map = d.path().join("relay");
     let missing = d.path().join("none.journal");
+    let port = free_port();
+    let conf = d.path().join("dovegate.toml");
+    std::fs::write(&conf, format!("[serve]\nmetrics = \"127.0.0.1:{port}\"\n")).unwrap();
     let mut daemon = Daemon::start(
         d.path(),
         &[
+            "--config",
+            &conf.display().to_string(),
             "--journal-file",
             &missing.display().to_string(),
             "--map",
@@ -283,7 +288,16 @@ fn unreadable_journal_is_reported() {
         ],
     );
     wait_for("journalctl failure reported", PATIENCE, || {
-        daemon.log().contains("journalctl")
+        let log = daemon.log();
+        log.contains("cannot be read") && log.contains("journalctl exited")
+    });
+    // The metrics show it too (the daemon's STATUS= line says "cannot read").
+    let gauge = format!(
+        "dovegate_source_reading{{source=\"file:{}\"}} 0\n",
+        missing.display()
+    );
+    wait_for("journal not reading, in the metrics", PATIENCE, || {
+        metrics(port).contains(&gauge)
     });
     assert_eq!(daemon.stop(), Some(0));
 }

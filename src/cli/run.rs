@@ -239,6 +239,11 @@ impl Sources {
                     start,
                     max_line: settings.max_line_bytes.max(64 * 1024),
                     give_up: settings.journal_give_up,
+                    others: {
+                        let mut others = named.clone();
+                        others.remove(settings.logs.len());
+                        others
+                    },
                 },
                 scanner: cfg.scanner(),
                 provenance: settings.provenance.clone(),

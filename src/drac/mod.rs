@@ -28,7 +28,7 @@ use crate::config::drac::DracSettings;
 use crate::model::{Batch, LoginDetail, SeenLogin};
 use crate::net::background::{Background, Setup};
 use crate::telemetry::ratelimit::RateLimit;
-use crate::telemetry::{Count, Report, Reporter, StatsRegistry};
+use crate::telemetry::{Count, Level, Report, Reporter, StatsRegistry};
 
 /// The `Batch::source` of DRAC adds (no position; distinct from the other sources').
 pub const DRAC_SOURCE: usize = usize::MAX - 2;
@@ -87,6 +87,7 @@ impl Intake {
         self.reporter.report(Report::Fault {
             kind: "receive",
             what: format!("drac: cannot receive a datagram: {e}"),
+            level: Level::Warn,
         });
     }
 

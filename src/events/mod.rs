@@ -23,7 +23,7 @@ pub use crate::config::events::{EventsSection, EventsSettings};
 use crate::model::{Batch, LoginDetail, SeenLogin};
 use crate::model::{SessionEnd, SessionStart};
 use crate::net::background::{Background, Setup};
-use crate::telemetry::{Count, Report, Reporter, StatsRegistry};
+use crate::telemetry::{Count, Level, Report, Reporter, StatsRegistry};
 use parse::{Event, Ignored};
 
 /// The `Batch::source` of exported events (no position; distinct from the others).
@@ -141,6 +141,7 @@ impl Intake {
                 what: format!(
                     "events: the engine is not keeping up; event dropped ({n} so far); a login it carried grants only if a log source also sees it"
                 ),
+                level: Level::Warn,
             });
         }
     }

@@ -20,7 +20,7 @@ use crate::blocks::Blocks;
 pub use crate::config::push::{ApiHeader, PushSection, PushSettings};
 use crate::model::{Batch, SeenLogin};
 use crate::net::background::{Background, Setup};
-use crate::telemetry::{Count, Report, Reporter, StatsRegistry};
+use crate::telemetry::{Count, Level, Report, Reporter, StatsRegistry};
 
 /// The `Batch::source` of pushed logins; they carry no position, so the index only has to
 /// differ from the log sources' ones.
@@ -98,6 +98,7 @@ impl Sink {
         self.reporter.report(Report::Fault {
             kind: "blocks-unreadable",
             what: what.to_string(),
+            level: Level::Error,
         });
     }
 

@@ -41,6 +41,7 @@ pub struct SourceCtl {
 /// The controls of one running source thread.
 pub struct SourceHandle {
     name: String,
+    reporter: Reporter,
     stop: Arc<AtomicBool>,
     wake: mpsc::Sender<()>,
     child: ChildSlot,
@@ -56,6 +57,7 @@ impl SourceHandle {
     {
         let name = reporter.source().to_string();
         let name = name.as_str();
+        let own = reporter.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let (wake, wake_rx) = mpsc::channel();
         let child: ChildSlot = Arc::new(Mutex::new(None));
@@ -96,6 +98,7 @@ impl SourceHandle {
             })?;
         Ok(SourceHandle {
             name: name.to_string(),
+            reporter: own,
             stop,
             wake,
             child,
@@ -119,12 +122,14 @@ impl SourceHandle {
     }
 
     /// Stops and waits for the thread. The engine's receiver must be gone or drained, or a
-    /// thread blocked on a full channel never returns.
+    /// thread blocked on a full channel never returns. What it reported (a file it could
+    /// not read) no longer holds: a reload that drops it leaves no stale alarm.
     pub fn stop(mut self) {
         self.request_stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        self.reporter.report(Report::Stopped);
     }
 }
 
@@ -180,7 +185,7 @@ mod tests {
             .unwrap_or_default();
         assert!(problem.contains("boom"), "{problem}");
         h.stop();
-        let h = SourceHandle::spawn(Reporter::standalone("quiet"), tx, |ctl| {
+        let h = SourceHandle::spawn(stats.reporter("quiet"), tx, |ctl| {
             while !ctl.stop.is_set() {
                 let _ = ctl.wake_rx.recv();
             }
@@ -189,6 +194,8 @@ mod tests {
         .unwrap();
         h.stop();
         assert!(rx.try_recv().is_err());
+        assert!(!seen.saw("quiet", |r| matches!(r, Report::Died { .. })));
+        assert!(seen.saw("quiet", |r| *r == Report::Stopped));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use super::{DaemonSink, SourceError};
 use crate::model::Batch;
 use crate::scan::{Scanned, Scanner, Sink};
 use crate::state::{JournalCursor, Position};
-use crate::telemetry::SourceStats;
+use crate::telemetry::{Report, SourceStats};
 
 /// Which journal to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,6 +245,9 @@ pub struct JournalSourceSpec {
     /// journalctl failing for this long without a working run ends the source (and the
     /// daemon, non-zero): a restart, and the admin, must see it.
     pub give_up: Duration,
+    /// The daemon's other sources, named for the report while journalctl fails: what
+    /// still delivers logins.
+    pub others: Vec<String>,
 }
 
 /// Follows a journal through journalctl, restarted (with backoff) from the last cursor
@@ -320,13 +323,21 @@ impl JournalSource {
             let ok = matches!(&status, Some(Ok(s)) if s.success());
             if !follow && ok {
                 // Caught up; now follow from the last cursor.
+                self.readable();
                 follow = true;
                 continue;
             }
             let status_text = status
                 .and_then(Result::ok)
                 .map_or_else(|| "unknown".to_string(), |s| s.to_string());
-            tracing::warn!(journal = %self.spec.target.key(), status = %status_text, "journalctl exited; restarting from the last cursor");
+            // Said when it starts and reminded while it lasts (not at every restart); the
+            // metrics and systemd's status line show it until journalctl reads again.
+            self.sink.reporter().report(Report::Unreadable {
+                problem: format!(
+                    "journalctl exited ({status_text}); restarting it from the last cursor"
+                ),
+                still: self.spec.others.clone(),
+            });
             if began.elapsed() > Duration::from_secs(60) {
                 backoff = Duration::from_millis(500);
                 failing_since = None;
@@ -342,6 +353,14 @@ impl JournalSource {
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
         Ok(())
+    }
+
+    /// journalctl reads: a failure on record is over.
+    fn readable(&self) {
+        let reporter = self.sink.reporter();
+        if reporter.stats().problem().is_some() {
+            reporter.report(Report::Readable);
+        }
     }
 
     /// Reads one journalctl's output to its end, sending a batch per chunk. True when the
@@ -361,6 +380,7 @@ impl JournalSource {
                 Ok(Chunk::Eof) | Err(_) => return false,
             };
             let now = crate::timefmt::now();
+            self.readable();
             if has_unit_entry(chunk, markers) {
                 quiet.seen(now);
             }

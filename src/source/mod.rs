@@ -245,7 +245,7 @@ impl FileSource {
         if self.tx.blocking_send(first).is_err() {
             return Ok(());
         }
-        let mut health = Health::new(&spec.path, spec.others.clone());
+        let health = Health::new(&spec.path, spec.others.clone());
         while !stop.is_set() {
             let mut closed = false;
             let (scanner, sink, tx) = (&mut self.scanner, &mut self.sink, &self.tx);
@@ -287,11 +287,11 @@ impl FileSource {
 /// unreadable, not a regular file), and once when it reads again: the daemon never grants
 /// nothing in silence (the observers decide how often that is said). It names what still
 /// delivers logins (the file the path named before, read through its descriptor; the other
-/// sources), so that "no logins" is said only when true.
+/// sources), so that "no logins" is said only when true. Whether a problem is on record is
+/// the source's counters' to say (they outlive a reload's new generation).
 struct Health {
     path: PathBuf,
     others: Vec<String>,
-    failing: bool,
 }
 
 impl Health {
@@ -299,21 +299,17 @@ impl Health {
         Health {
             path: path.to_path_buf(),
             others,
-            failing: false,
         }
     }
 
     /// `open`: files of this path still read (see `FileFollower::open_generations`).
-    fn note(&mut self, reporter: &Reporter, problem: Option<String>, open: usize) {
+    fn note(&self, reporter: &Reporter, problem: Option<String>, open: usize) {
         match problem {
-            Some(problem) => {
-                self.failing = true;
-                reporter.report(Report::Unreadable {
-                    problem,
-                    still: self.still_read(open),
-                });
-            }
-            None if std::mem::take(&mut self.failing) => reporter.report(Report::Readable),
+            Some(problem) => reporter.report(Report::Unreadable {
+                problem,
+                still: self.still_read(open),
+            }),
+            None if reporter.stats().problem().is_some() => reporter.report(Report::Readable),
             None => {}
         }
     }

@@ -241,8 +241,8 @@ impl CommitStore for WriterStore {
 
     // The local map's own cheap forms: the engine's view, its change probe (other writers'
     // changes reach it within a probe, without listing the map) and capping in one
-    // transaction. The trait's defaults would list the map every minute and cap one
-    // transaction per address.
+    // transaction. Listing the map every minute, or capping one transaction per address,
+    // would cost a large map dearly.
     fn snapshot(&mut self) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         self.map.snapshot()
     }

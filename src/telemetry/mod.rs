@@ -76,6 +76,7 @@ impl SourceStats {
                 Count::InvalidAddress => SourceStats::add(&self.invalid_ip, 1),
                 Count::NearMiss(name) => self.count_near_miss(name),
             },
+            Report::Stopped => set_problem(None),
             Report::JournalQuiet { .. } | Report::JournalHeard { .. } | Report::Fault { .. } => {}
         }
     }
@@ -167,7 +168,7 @@ impl StatsRegistry {
 pub mod observe;
 pub mod ratelimit;
 
-pub use observe::{Count, Hint, Observer, Observers, Report, Reporter};
+pub use observe::{Count, Hint, Level, Observer, Observers, Report, Reporter};
 
 /// The name the sources know the limiter by.
 pub use ratelimit::RateLimit as Throttle;

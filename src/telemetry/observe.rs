@@ -53,8 +53,24 @@ pub enum Report {
         what: String,
     },
     /// Something the source needs fails (the blocked users unreadable, a socket's
-    /// receive): said as an ERROR at most once a minute per `kind`.
-    Fault { kind: &'static str, what: String },
+    /// receive, a full queue): said at `level` at most once a minute per `kind`.
+    Fault {
+        kind: &'static str,
+        what: String,
+        level: Level,
+    },
+    /// The daemon stopped the source (a reload, shutdown): what it reported no longer
+    /// holds, and whatever its successor finds is said afresh.
+    Stopped,
+}
+
+/// How loud a fault is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Degraded: something is lost or late, and the daemon goes on.
+    Warn,
+    /// Someone must act (nobody is refused while the blocked users cannot be read).
+    Error,
 }
 
 /// Which counter a declined request adds to.
@@ -193,10 +209,11 @@ const UNREADABLE_EVERY: Duration = Duration::from_secs(60);
 
 /// The log lines: each kind of odd input rate-limited per source (with the count since the
 /// last line), a lasting condition said when it starts, reminded while it lasts and said
-/// once when it clears.
+/// once when it clears. What to say is decided under the source's own lock, and said after
+/// it is released: a log write that blocks (a stalled journald) holds up only its caller.
 #[derive(Default)]
 pub struct LogObserver {
-    by_source: Mutex<HashMap<String, SourceLog>>,
+    by_source: Mutex<HashMap<String, Arc<Mutex<SourceLog>>>>,
 }
 
 /// One source's log state.
@@ -204,6 +221,8 @@ struct SourceLog {
     odd: HashMap<&'static str, RateLimit<Instant>>,
     unreadable: Lasting<Instant>,
     problem: Option<String>,
+    /// Checks that found it unreadable since the last line about it.
+    checks: u64,
 }
 
 impl SourceLog {
@@ -212,6 +231,7 @@ impl SourceLog {
             odd: HashMap::new(),
             unreadable: Lasting::new(UNREADABLE_EVERY),
             problem: None,
+            checks: 0,
         }
     }
 
@@ -222,85 +242,105 @@ impl SourceLog {
             .or_insert_with(|| RateLimit::new(every))
             .hit()
     }
+
+    /// Whether (and with what count) `report` is to be said now.
+    fn due(&mut self, report: &Report) -> Option<u64> {
+        let now = Instant::now();
+        match report {
+            Report::Untimed => self.odd("untimed", ODD_EVERY),
+            Report::Ambiguous => self.odd("ambiguous", ODD_EVERY),
+            Report::InvalidAddress { .. } => self.odd("invalid", ODD_EVERY),
+            Report::Forged { .. } => self.odd("forged", ODD_EVERY),
+            Report::TooLong { .. } => self.odd("too_long", ODD_EVERY),
+            Report::NearMiss {
+                hint: Some(Hint::NeverMechanism),
+                ..
+            } => self.odd("never_mechanism", HINT_EVERY),
+            Report::NearMiss {
+                hint: Some(Hint::NoAddressElement),
+                ..
+            } => self.odd("no_address", HINT_EVERY),
+            Report::NearMiss { hint: None, .. } => None,
+            Report::Declined { kind, .. } | Report::Fault { kind, .. } => {
+                self.odd(kind, PUSHED_EVERY)
+            }
+            Report::Unreadable { problem, .. } => {
+                if self.problem.as_deref() != Some(problem.as_str()) {
+                    // Another problem is news: said at once.
+                    self.unreadable = Lasting::new(UNREADABLE_EVERY);
+                    self.problem = Some(problem.clone());
+                }
+                self.checks += 1;
+                match self.unreadable.seen(now) {
+                    Say::Began | Say::Lasts { .. } => Some(std::mem::take(&mut self.checks)),
+                    _ => None,
+                }
+            }
+            Report::Readable => match self.unreadable.gone(now) {
+                Say::Ended { .. } => {
+                    self.problem = None;
+                    self.checks = 0;
+                    Some(1)
+                }
+                _ => None,
+            },
+            Report::Stopped => {
+                // Whatever the next start finds is news again.
+                *self = SourceLog::new();
+                None
+            }
+            Report::JournalQuiet { .. } | Report::JournalHeard { .. } | Report::Died { .. } => {
+                Some(1)
+            }
+        }
+    }
+}
+
+impl LogObserver {
+    fn log_of(&self, source: &str) -> Arc<Mutex<SourceLog>> {
+        let mut all = self.by_source.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(log) = all.get(source) {
+            return Arc::clone(log);
+        }
+        let log = Arc::new(Mutex::new(SourceLog::new()));
+        all.insert(source.to_string(), Arc::clone(&log));
+        log
+    }
 }
 
 impl Observer for LogObserver {
     fn observe(&self, source: &str, report: &Report) {
-        let mut all = self.by_source.lock().unwrap_or_else(|e| e.into_inner());
-        if !all.contains_key(source) {
-            all.insert(source.to_string(), SourceLog::new());
+        if matches!(report, Report::NearMiss { hint: None, .. }) {
+            return;
         }
-        let Some(log) = all.get_mut(source) else {
+        let due = {
+            let log = self.log_of(source);
+            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+            log.due(report)
+        };
+        let Some(n) = due else {
             return;
         };
         match report {
-            Report::Untimed => {
-                if let Some(n) = log.odd("untimed", ODD_EVERY) {
-                    tracing::warn!(source, count = n, "login lines without a timestamp not granted (they could be old); if this source never writes timestamps, set source.untimed_lines_grant = true");
-                }
-            }
-            Report::Ambiguous => {
-                if let Some(n) = log.odd("ambiguous", ODD_EVERY) {
-                    tracing::warn!(source, count = n, "login line with conflicting rip= elements (forged user name?); not granted");
-                }
-            }
-            Report::InvalidAddress { ip } => {
-                if let Some(n) = log.odd("invalid", ODD_EVERY) {
-                    tracing::warn!(source, count = n, ip = %ip, "login line with an invalid client address; not granted");
-                }
-            }
-            Report::Forged { sender, ip } => {
-                if let Some(n) = log.odd("forged", ODD_EVERY) {
-                    tracing::warn!(source, count = n, last_sender = %sender, last_ip = %ip, "forged Dovecot login entries (not from a trusted sender) ignored");
-                }
-            }
-            Report::TooLong { len } => {
-                if let Some(n) = log.odd("too_long", ODD_EVERY) {
-                    tracing::warn!(
-                        source,
-                        count = n,
-                        len,
-                        "skipping over-long lines (source.max_line_bytes)"
-                    );
-                }
-            }
+            Report::Untimed => tracing::warn!(source, count = n, "login lines without a timestamp not granted (they could be old); if this source never writes timestamps, set source.untimed_lines_grant = true"),
+            Report::Ambiguous => tracing::warn!(source, count = n, "login line with conflicting rip= elements (forged user name?); not granted"),
+            Report::InvalidAddress { ip } => tracing::warn!(source, count = n, ip = %ip, "login line with an invalid client address; not granted"),
+            Report::Forged { sender, ip } => tracing::warn!(source, count = n, last_sender = %sender, last_ip = %ip, "forged Dovecot login entries (not from a trusted sender) ignored"),
+            Report::TooLong { len } => tracing::warn!(source, count = n, len, "skipping over-long lines (source.max_line_bytes)"),
             Report::NearMiss {
                 hint: Some(Hint::NeverMechanism),
                 ..
-            } => {
-                if let Some(n) = log.odd("never_mechanism", HINT_EVERY) {
-                    tracing::info!(source, count = n, "logins by a SASL mechanism in grant.never_mechanisms (ANONYMOUS proves nothing about the user) granted nothing");
-                }
-            }
+            } => tracing::info!(source, count = n, "logins by a SASL mechanism in grant.never_mechanisms (ANONYMOUS proves nothing about the user) granted nothing"),
             Report::NearMiss {
                 hint: Some(Hint::NoAddressElement),
                 ..
-            } => {
-                if let Some(n) = log.odd("no_address", HINT_EVERY) {
-                    tracing::warn!(source, count = n, "Dovecot login lines are seen but none carries the client address (rip=): a custom login_log_format_elements? add rip=%{{rip}} to it (Dovecot 2.3; rip=%{{remote_ip}} on 2.4), or name the element in the pattern (address_element)");
-                }
-            }
-            Report::NearMiss { hint: None, .. } => {}
+            } => tracing::warn!(source, count = n, "Dovecot login lines are seen but none carries the client address (rip=): a custom login_log_format_elements? add rip=%{{rip}} to it (Dovecot 2.3; rip=%{{remote_ip}} on 2.4), or name the element in the pattern (address_element)"),
+            Report::NearMiss { hint: None, .. } | Report::Stopped => {}
             Report::Unreadable { problem, still } => {
-                if log.problem.as_deref() != Some(problem.as_str()) {
-                    // Another problem is news: said at once.
-                    log.unreadable = Lasting::new(UNREADABLE_EVERY);
-                    log.problem = Some(problem.clone());
-                }
-                let checks = match log.unreadable.seen(Instant::now()) {
-                    Say::Began => 1,
-                    Say::Lasts { seen, .. } => seen,
-                    _ => return,
-                };
                 let text = unreadable_text(source, problem, still);
-                tracing::warn!(path = %source, checks, "{text}");
+                tracing::warn!(path = %source, checks = n, "{text}");
             }
-            Report::Readable => {
-                if let Say::Ended { .. } = log.unreadable.gone(Instant::now()) {
-                    log.problem = None;
-                    tracing::info!(path = %source, "log file readable again; following it");
-                }
-            }
+            Report::Readable => tracing::info!(path = %source, "{source} readable again; following it"),
             Report::JournalQuiet { units, secs } => tracing::warn!(
                 journal = %source,
                 "source.journal: no entry from {units} has reached the journal for {} minutes, so no login is seen: if Dovecot logs to a file of its own (doveconf log_path), set source.logs = [that file] or Dovecot's log_path = syslog; else check source.journal_units",
@@ -310,19 +350,18 @@ impl Observer for LogObserver {
                 journal = %source,
                 "source.journal: entries from {units} arrive again"
             ),
-            Report::Died { error } => {
-                tracing::error!(source, error = %error, "source died; dovegate exits so that systemd restarts it");
-            }
-            Report::Declined { kind, what, .. } => {
-                if let Some(n) = log.odd(kind, PUSHED_EVERY) {
-                    tracing::warn!(events_since_last = n, "{what}");
-                }
-            }
-            Report::Fault { kind, what } => {
-                if let Some(n) = log.odd(kind, PUSHED_EVERY) {
-                    tracing::error!(events_since_last = n, "{what}");
-                }
-            }
+            Report::Died { error } => tracing::error!(source, error = %error, "source died; dovegate exits so that systemd restarts it"),
+            Report::Declined { what, .. } => tracing::warn!(events_since_last = n, "{what}"),
+            Report::Fault {
+                what,
+                level: Level::Warn,
+                ..
+            } => tracing::warn!(events_since_last = n, "{what}"),
+            Report::Fault {
+                what,
+                level: Level::Error,
+                ..
+            } => tracing::error!(events_since_last = n, "{what}"),
         }
     }
 }
@@ -380,6 +419,47 @@ mod tests {
             still: vec!["b.log".into()],
         });
         assert!(registry.status_line(3).ends_with("; cannot read: a.log"));
+    }
+
+    /// The log's schedule: a condition said when it starts, not again at once, said at
+    /// once when it changes, once when it clears, afresh after a stop; each kind of odd
+    /// input on its own limit; plain near misses never.
+    #[test]
+    fn the_log_says_what_is_due_and_no_more() {
+        let mut log = SourceLog::new();
+        let gone = |p: &str| Report::Unreadable {
+            problem: p.into(),
+            still: vec![],
+        };
+        assert_eq!(log.due(&gone("missing")), Some(1));
+        assert_eq!(log.due(&gone("missing")), None);
+        assert_eq!(log.due(&gone("missing")), None);
+        assert_eq!(
+            log.due(&gone("a FIFO")),
+            Some(3),
+            "news, with the checks since the last line"
+        );
+        assert_eq!(log.due(&Report::Readable), Some(1));
+        assert_eq!(log.due(&Report::Readable), None, "said once");
+        assert_eq!(log.due(&gone("missing")), Some(1));
+        assert_eq!(log.due(&Report::Stopped), None);
+        assert_eq!(log.due(&gone("missing")), Some(1), "afresh after a stop");
+        let forged = Report::Forged {
+            sender: "_COMM=x".into(),
+            ip: "192.0.2.1".into(),
+        };
+        assert_eq!(log.due(&forged), Some(1));
+        assert_eq!(log.due(&forged), None);
+        assert_eq!(
+            log.due(&Report::TooLong { len: 9 }),
+            Some(1),
+            "its own limit"
+        );
+        let plain = Report::NearMiss {
+            name: "failed",
+            hint: None,
+        };
+        assert_eq!(log.due(&plain), None);
     }
 
     #[test]
