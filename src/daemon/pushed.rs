@@ -14,12 +14,13 @@ use tokio::sync::mpsc::{self, error::SendError, Receiver, Sender};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::Failure;
+use super::dry::DryRun;
 use crate::blocks::Blocks;
 use crate::config::drac::DracSettings;
 use crate::config::events::EventsSettings;
 use crate::config::push::PushSettings;
 use crate::model::Batch;
+use crate::setup::Failure;
 use crate::telemetry::StatsRegistry;
 
 /// Batches waiting for the relay at most; beyond, a pushing server waits (bounded by its
@@ -203,6 +204,38 @@ impl Drop for Pushed {
             r.abort();
         }
     }
+}
+
+/// The pushed servers' settings. Under `--dry-run` beside a running daemon, no push or
+/// events server: their sockets belong to that daemon, and binding them would take them
+/// over. Under any `--dry-run`, no DRAC server: it would answer clients and take rpcbind's
+/// registration from the DRAC server in place (rpc.dracd, beside which a dry run is meant
+/// to run).
+pub(super) fn pushed_settings(
+    settings: &crate::config::Settings,
+    dry: Option<&DryRun>,
+) -> PushedSettings {
+    let mut s = PushedSettings {
+        push: settings.push.clone(),
+        events: settings.events.clone(),
+        drac: settings.drac.clone(),
+    };
+    if dry.is_some() && s.drac.enabled() {
+        tracing::warn!("[drac]: --dry-run does not serve DRAC clients (it would take rpcbind's registration from the DRAC server in place); their adds are not reported");
+        s.drac = Default::default();
+    }
+    if !dry.is_some_and(|d| d.daemon_running) {
+        return s;
+    }
+    if s.push.enabled() {
+        tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
+    }
+    if s.events.enabled() {
+        tracing::warn!("[events]: a dovegate daemon holds the map; --dry-run leaves its events listener alone and reports logged logins only");
+    }
+    s.push = Default::default();
+    s.events = Default::default();
+    s
 }
 
 /// Forwards pushed batches into the generation `target` names; a batch the generation
