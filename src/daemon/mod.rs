@@ -16,6 +16,8 @@ mod start;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::Notify;
+
 use crate::config::Settings;
 use crate::engine::{self, Engine, Exit};
 use crate::serve::servers::Servers;
@@ -28,6 +30,7 @@ use crate::telemetry::StatsRegistry;
 use dry::DryRun;
 use effective::Effective;
 use pushed::Pushed;
+use shutdown::Shutdown;
 use signals::Signals;
 use sources::Sources;
 
@@ -62,7 +65,6 @@ struct Daemon {
     died: tokio::sync::mpsc::UnboundedReceiver<String>,
     deaths: Deaths,
     servers: Option<Servers>,
-    shared_policy: Option<tokio::task::JoinHandle<()>>,
     _blocks: Option<crate::blocks::Blocks>,
     counters: Arc<Mutex<crate::engine::Counters>>,
     stats: Arc<StatsRegistry>,
@@ -74,7 +76,9 @@ struct Daemon {
     started: Settings,
     cfg: Effective,
     args: Options,
-    signals: Signals,
+    /// Woken by SIGHUP (the signal task).
+    reload: Arc<Notify>,
+    shutdown: Shutdown,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -88,7 +92,11 @@ pub fn run(args: Options) -> Result<(), Failure> {
     let signals = runtime
         .block_on(async { Signals::install() })
         .map_err(|e| Failure::runtime(format!("cannot install signal handlers: {e}")))?;
-    let mut daemon = Daemon::start(args, runtime, signals)?;
+    let mut shutdown = Shutdown::new();
+    let reload = Arc::new(Notify::new());
+    let task = signals.spawn(&runtime, &shutdown, Arc::clone(&reload));
+    shutdown.track("the signal handler", task);
+    let mut daemon = Daemon::start(args, runtime, shutdown, reload)?;
     let result = daemon.serve();
     daemon.shutdown(result)
 }
@@ -111,12 +119,14 @@ impl Daemon {
         loop {
             // A source that dies stops the daemon like SIGTERM (committing what was read),
             // but the exit status says so.
-            let signals = &mut self.signals;
+            let requested = self.shutdown.requested();
+            let reload = &self.reload;
             let died = &mut self.died;
             let death = &mut self.death;
             let control = async {
                 tokio::select! {
-                    exit = signals.next() => exit,
+                    () = requested.cancelled() => Exit::Shutdown,
+                    () = reload.notified() => Exit::Reload,
                     why = died.recv() => {
                         *death = why;
                         Exit::Shutdown

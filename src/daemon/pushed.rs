@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc::{self, error::SendError, Receiver, Sender};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::dry::DryRun;
 use crate::blocks::Blocks;
@@ -51,16 +52,20 @@ pub struct Pushed {
     runtime: tokio::runtime::Handle,
     stats: Arc<StatsRegistry>,
     blocks: Option<Blocks>,
+    /// The shutdown's phase for the pushed servers: each server's thread runs under a
+    /// child of it (`net::background`), so a reload stops one alone.
+    stop: CancellationToken,
 }
 
 impl Pushed {
     /// Starts the servers `wanted` turns on (none: nothing listens) and the relay on
-    /// `runtime`. A socket another process serves fails the start.
+    /// `runtime`, under `stop`. A socket another process serves fails the start.
     pub fn start(
         runtime: &tokio::runtime::Runtime,
         wanted: &PushedSettings,
         stats: &Arc<StatsRegistry>,
         blocks: Option<&Blocks>,
+        stop: &CancellationToken,
     ) -> Result<Pushed, Failure> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (target, watched) = watch::channel(None);
@@ -76,6 +81,7 @@ impl Pushed {
             runtime: runtime.handle().clone(),
             stats: Arc::clone(stats),
             blocks: blocks.cloned(),
+            stop: stop.clone(),
         };
         pushed.apply(wanted, false)?;
         Ok(pushed)
@@ -137,6 +143,7 @@ impl Pushed {
                 self.tx.clone(),
                 &self.stats,
                 self.blocks.clone(),
+                &self.stop,
             )
             .map_err(Failure::runtime)?;
             self.push = (wanted.push.clone(), s);
@@ -149,9 +156,14 @@ impl Pushed {
         }
         if wanted.events != self.events.0 {
             self.events = Default::default();
-            let s =
-                crate::events::spawn(&wanted.events, self.tx.clone(), &self.stats, &self.runtime)
-                    .map_err(Failure::runtime)?;
+            let s = crate::events::spawn(
+                &wanted.events,
+                self.tx.clone(),
+                &self.stats,
+                &self.runtime,
+                &self.stop,
+            )
+            .map_err(Failure::runtime)?;
             self.events = (wanted.events.clone(), s);
             if reloading {
                 tracing::info!(
@@ -163,8 +175,14 @@ impl Pushed {
         if wanted.drac != self.drac.0 {
             // Dropping the old server removes its rpcbind registration first.
             self.drac = Default::default();
-            let s = crate::drac::spawn(&wanted.drac, self.tx.clone(), &self.stats, &self.runtime)
-                .map_err(Failure::runtime)?;
+            let s = crate::drac::spawn(
+                &wanted.drac,
+                self.tx.clone(),
+                &self.stats,
+                &self.runtime,
+                &self.stop,
+            )
+            .map_err(Failure::runtime)?;
             self.drac = (wanted.drac.clone(), s);
             if reloading {
                 tracing::info!(

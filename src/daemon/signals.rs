@@ -1,5 +1,13 @@
-//! The signals the daemon obeys: SIGTERM and SIGINT stop it, SIGHUP reloads.
+//! The signals the daemon obeys: SIGTERM and SIGINT stop it, SIGHUP reloads. One task
+//! reads them for the daemon's whole life and turns them into the shutdown's `requested`
+//! token and a reload wake-up; it ends with the root token.
 
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use super::shutdown::Shutdown;
 use crate::engine::Exit;
 
 /// SIGTERM, SIGINT and SIGHUP, registered before anything else starts.
@@ -19,7 +27,31 @@ impl Signals {
         })
     }
 
-    pub(super) async fn next(&mut self) -> Exit {
+    /// Reads the signals on `runtime` until the shutdown's root token is cancelled: SIGTERM
+    /// and SIGINT request the shutdown, SIGHUP wakes `reload` (a wake-up while the engine
+    /// is busy is kept for its next wait; several become one reload, as signals do).
+    pub(super) fn spawn(
+        mut self,
+        runtime: &tokio::runtime::Runtime,
+        shutdown: &Shutdown,
+        reload: Arc<Notify>,
+    ) -> JoinHandle<()> {
+        let requested = shutdown.requested().clone();
+        let root = shutdown.root().clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = root.cancelled() => return,
+                    exit = self.next() => match exit {
+                        Exit::Reload => reload.notify_one(),
+                        _ => requested.cancel(),
+                    },
+                }
+            }
+        })
+    }
+
+    async fn next(&mut self) -> Exit {
         let exit = tokio::select! {
             _ = self.term.recv() => Exit::Shutdown,
             _ = self.int.recv() => Exit::Shutdown,

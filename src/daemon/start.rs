@@ -4,12 +4,15 @@
 
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
 use super::dry::DryRun;
 use super::effective::{
     hold_secs, recheck_secs, serve_settings, session_probe, session_sources, Effective,
 };
 use super::pushed::{pushed_settings, Pushed};
-use super::signals::Signals;
+use super::shutdown::Shutdown;
 use super::sources::Sources;
 use super::{paths, status_line, Daemon, DaemonStore, Options};
 use crate::config::Settings;
@@ -31,7 +34,8 @@ impl Daemon {
     pub(super) fn start(
         args: Options,
         runtime: tokio::runtime::Runtime,
-        signals: Signals,
+        mut shutdown: Shutdown,
+        reload: Arc<Notify>,
     ) -> Result<Daemon, Failure> {
         let cfg = Effective::load(&args)?;
         let settings = cfg.settings.clone();
@@ -108,7 +112,6 @@ impl Daemon {
                     .map_err(|e| Failure::runtime(format!("policy.block_on_cap: {e}")))?,
             ),
         };
-        let mut shared_policy = None;
         let servers = match &blocks {
             None => None,
             Some(blocks) => {
@@ -119,7 +122,11 @@ impl Daemon {
                     Some(&settings.state_dir),
                     Some(blocks.clone()),
                 );
-                shared_policy = start_shared_policy(&runtime, &settings, &policy, blocks)?;
+                let stop = shutdown.answering().child_token();
+                if let Some(task) = start_shared_policy(&runtime, &settings, &policy, blocks, stop)?
+                {
+                    shutdown.track("the shared policy exchange", task);
+                }
                 let src = Arc::new(MetricsSource {
                     stats: Arc::clone(&stats),
                     engine: Arc::clone(&counters),
@@ -130,7 +137,12 @@ impl Daemon {
                 });
                 Some(
                     runtime
-                        .block_on(Servers::start(serve_settings(&settings), src, policy))
+                        .block_on(Servers::start(
+                            serve_settings(&settings),
+                            src,
+                            policy,
+                            shutdown.answering(),
+                        ))
                         .map_err(|e| Failure::runtime(e.to_string()))?,
                 )
             }
@@ -143,6 +155,7 @@ impl Daemon {
             &pushed_settings(&cfg.settings, dry.as_ref()),
             &stats,
             blocks.as_ref(),
+            shutdown.pushed(),
         )?;
         let sources = Sources::start(
             &cfg,
@@ -176,7 +189,6 @@ impl Daemon {
             died,
             deaths,
             servers,
-            shared_policy,
             _blocks: blocks,
             counters,
             stats,
@@ -187,7 +199,8 @@ impl Daemon {
             started: settings,
             cfg,
             args,
-            signals,
+            reload,
+            shutdown,
             runtime,
         })
     }
@@ -201,6 +214,7 @@ pub(super) fn start_shared_policy(
     settings: &Settings,
     policy: &crate::policy::Context,
     blocks: &crate::blocks::Blocks,
+    stop: CancellationToken,
 ) -> Result<Option<tokio::task::JoinHandle<()>>, Failure> {
     use crate::policy::shared::{spawn, SharedPolicy};
     use crate::store::shared::Origin;
@@ -210,13 +224,16 @@ pub(super) fn start_shared_policy(
         use crate::store::mysql;
         let target = mysql::Target::load(url_file).map_err(|e| Failure::config(e.to_string()))?;
         policy.caps.share();
-        return Ok(Some(spawn(SharedPolicy {
-            db: mysql::shared_policy::MyPolicy::new(target),
-            host,
-            blocks: blocks.clone(),
-            logins: policy.logins.clone(),
-            caps: Arc::clone(&policy.caps),
-        })));
+        return Ok(Some(spawn(
+            SharedPolicy {
+                db: mysql::shared_policy::MyPolicy::new(target),
+                host,
+                blocks: blocks.clone(),
+                logins: policy.logins.clone(),
+                caps: Arc::clone(&policy.caps),
+            },
+            stop,
+        )));
     }
     let Some(url_file) = &settings.store.url_file else {
         return Ok(None);
@@ -225,13 +242,16 @@ pub(super) fn start_shared_policy(
     let target = Target::load(url_file, &settings.store.schema)
         .map_err(|e| Failure::config(e.to_string()))?;
     policy.caps.share();
-    Ok(Some(spawn(SharedPolicy {
-        db: PgPolicy::new(target),
-        host,
-        blocks: blocks.clone(),
-        logins: policy.logins.clone(),
-        caps: Arc::clone(&policy.caps),
-    })))
+    Ok(Some(spawn(
+        SharedPolicy {
+            db: PgPolicy::new(target),
+            host,
+            blocks: blocks.clone(),
+            logins: policy.logins.clone(),
+            caps: Arc::clone(&policy.caps),
+        },
+        stop,
+    )))
 }
 
 /// The local map, plus PostgreSQL when `[store] postgres_url_file` is set, or MariaDB when
