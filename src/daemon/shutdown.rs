@@ -167,3 +167,29 @@ fn log_summary(settings: &Settings, engine: &Engine<DaemonStore>, stats: &StatsR
         "dovegate stopped"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The phases are children of the root: cancelling one leaves the others; the root's
+    /// cancel reaches every one. The wait for tracked tasks is bounded: one that ignores
+    /// the token is left (and named) after TASKS_WITHIN, not waited for.
+    #[tokio::test(start_paused = true)]
+    async fn phases_stop_alone_and_the_wait_for_tasks_is_bounded() {
+        let mut shutdown = Shutdown::new();
+        shutdown.pushed().cancel();
+        assert!(!shutdown.answering().is_cancelled());
+        assert!(!shutdown.requested().is_cancelled());
+        let stop = shutdown.answering().child_token();
+        let polite = tokio::spawn(async move { stop.cancelled().await });
+        let stuck = tokio::spawn(std::future::pending::<()>());
+        let requested = shutdown.requested().clone();
+        shutdown.track("a polite task", polite);
+        shutdown.track("a stuck task", stuck);
+        let started = tokio::time::Instant::now();
+        shutdown.finish().await;
+        assert!(requested.is_cancelled());
+        assert_eq!(started.elapsed(), TASKS_WITHIN);
+    }
+}

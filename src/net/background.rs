@@ -136,3 +136,60 @@ impl Drop for Background {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::net::{Conn, Handler, Listen, Spec, Stream};
+
+    /// Holds each connection until the peer leaves.
+    struct Idle;
+
+    impl Handler for Idle {
+        async fn serve<S: Stream>(self: Arc<Self>, mut stream: S, _: Conn) {
+            use tokio::io::AsyncReadExt;
+            let mut b = [0u8; 1];
+            let _ = stream.read(&mut b).await;
+        }
+    }
+
+    fn connects(path: &std::path::Path) -> bool {
+        std::os::unix::net::UnixStream::connect(path).is_ok()
+    }
+
+    /// The daemon's shutdown: cancelling the parent stops the servers (their socket files
+    /// removed) while the handle is still held; the handle's drop then only joins.
+    #[test]
+    fn cancelling_the_parent_stops_the_servers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let parent = CancellationToken::new();
+        let mut setup = Setup::new(&parent).unwrap();
+        let spec = Spec {
+            name: "test",
+            key: "test.listen",
+            max_connections: 2,
+            max_key: None,
+            unix_mode: 0o600,
+        };
+        setup
+            .bind(crate::net::start(
+                &Listen::Unix(path.clone()),
+                spec,
+                Arc::new(Idle),
+            ))
+            .unwrap();
+        let handle = setup.run("test").unwrap();
+        assert!(connects(&path));
+        parent.cancel();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while path.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!path.exists(), "socket file left after the parent's cancel");
+        assert!(!connects(&path));
+        drop(handle);
+    }
+}
