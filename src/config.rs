@@ -230,7 +230,7 @@ pub struct StoreSection {
 
 /// Validated `[store]`: `url_file` (PostgreSQL) and `mysql_url_file` both None means LMDB
 /// only; at most one is set.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreSettings {
     pub url_file: Option<PathBuf>,
     pub mysql_url_file: Option<PathBuf>,

@@ -4,11 +4,13 @@
 //! `source` (bytes from log files) -> `scan` (literal prefilter, line boundaries) ->
 //! `frame` (timestamp and message) -> `pattern` (versioned Dovecot patterns) ->
 //! `grant` (policy: exclusions, canonical IP, expiry) -> `store` (the Postfix LMDB map).
-//! `engine` runs the pipeline as a daemon; `cli` wires commands to it; `telemetry` counts.
+//! `engine` runs the pipeline; `daemon` starts, reloads and stops it (`dovegate run`); `cli`
+//! wires the other commands; `setup` is what both share; `telemetry` counts.
 
 pub mod blocks;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod drac;
 pub mod engine;
 pub mod events;
@@ -27,6 +29,7 @@ pub mod replica;
 pub mod scan;
 pub mod serve;
 pub mod session;
+pub mod setup;
 pub mod source;
 pub mod state;
 pub mod store;

@@ -1,12 +1,10 @@
 //! `cli`: the command line. Parses arguments, loads settings, and wires the stages.
 
 mod admin;
-mod build;
 mod check;
 mod docs;
 mod fleet_status;
 pub mod postlogin;
-mod pushed;
 mod receipts;
 pub mod relay_check;
 mod replica;
@@ -15,13 +13,14 @@ mod sessions;
 mod status;
 mod test_cmd;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{FileConfig, Settings, DEFAULT_CONFIG};
-use crate::pattern::PatternSet;
+use crate::config::{Settings, DEFAULT_CONFIG};
+// What the commands share with the daemon lives in `setup`, which both import.
+pub use crate::setup::{build, load_patterns, load_settings, ConfigArgs, Failure};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,25 +31,6 @@ use crate::pattern::PatternSet;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-/// Options every command that reads the configuration shares.
-#[derive(Debug, clap::Args, Clone, Default)]
-pub struct ConfigArgs {
-    /// Configuration file (default: $DOVEGATE_CONFIG, else /etc/dovegate/dovegate.toml
-    /// when it exists, else the embedded default that `dovegate config --default` prints).
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// The map as Postfix names it, without `.lmdb` (overrides map.path).
-    #[arg(long, value_name = "PATH", value_parser = map_path_arg)]
-    pub map: Option<PathBuf>,
-}
-
-/// `--map` checked as map.path is, when parsed: a mistake is blamed on the option, not on
-/// the configuration whose map.path it replaces.
-fn map_path_arg(text: &str) -> Result<PathBuf, String> {
-    crate::config::check_map_path(text)?;
-    Ok(PathBuf::from(text))
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,60 +148,6 @@ enum Command {
     /// Check a private copy of a map file (the daemon runs it at start: see store::damage).
     #[command(hide = true)]
     ProbeMap { file: PathBuf },
-}
-
-/// A command's failure: its message and exit code (2: bad configuration or usage).
-#[derive(Debug)]
-pub struct Failure {
-    pub code: u8,
-    pub message: String,
-}
-
-impl Failure {
-    pub fn config(message: impl Into<String>) -> Failure {
-        Failure {
-            code: 2,
-            message: message.into(),
-        }
-    }
-
-    pub fn runtime(message: impl Into<String>) -> Failure {
-        Failure {
-            code: 1,
-            message: message.into(),
-        }
-    }
-}
-
-/// A configuration problem exits 2, as `check-config` does: the configuration must change.
-impl From<crate::config::ConfigError> for Failure {
-    fn from(e: crate::config::ConfigError) -> Failure {
-        Failure::config(e.to_string())
-    }
-}
-
-/// Loads the configuration, applies the common overrides, validates.
-pub fn load_settings(
-    cfg: &ConfigArgs,
-    edit: impl FnOnce(&mut FileConfig),
-) -> Result<(FileConfig, Settings), Failure> {
-    let mut file = FileConfig::load(cfg.config.as_deref())?;
-    if let Some(m) = &cfg.map {
-        file.map.path = m.display().to_string();
-    }
-    edit(&mut file);
-    let settings = file.validate()?;
-    Ok((file, settings))
-}
-
-/// The pattern library the settings ask for.
-pub fn load_patterns(settings: &Settings, dir: Option<&Path>) -> Result<PatternSet, Failure> {
-    let dir = dir.or(settings.patterns_dir.as_deref());
-    let sessions = !settings.session_hold.is_zero();
-    let mut p = PatternSet::load_for(dir, &settings.services, &settings.enable_patterns, sessions)
-        .map_err(|e| Failure::config(e.0))?;
-    p.set_never_mechanisms(&settings.never_mechanisms);
-    Ok(p)
 }
 
 /// Logs go to the journal with native fields when systemd connected stderr to it
@@ -355,7 +281,7 @@ fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
 pub(crate) fn dovecot_log_files() -> Vec<PathBuf> {
     ["log_path", "info_log_path"]
         .iter()
-        .filter_map(|k| check::doveconf(k))
+        .filter_map(|k| crate::setup::dovecot::doveconf(k))
         .filter(|p| p.starts_with('/'))
         .map(PathBuf::from)
         .collect()

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::drac::DracSettings;
 use crate::model::{Batch, LoginDetail, SeenLogin};
@@ -312,12 +313,14 @@ impl Drop for Drac {
 ///
 /// The task that hands queued adds to the engine runs on `forward_on` (the daemon's own
 /// runtime), not on the server's: an add answered success is forwarded even after the
-/// server is dropped (a reload that changes `[drac]`, shutdown).
+/// server is dropped (a reload that changes `[drac]`, shutdown). `stop`: cancelled, it
+/// stops the server too.
 pub fn spawn(
     settings: &DracSettings,
     tx: mpsc::Sender<Batch>,
     stats: &StatsRegistry,
     forward_on: &tokio::runtime::Handle,
+    stop: &CancellationToken,
 ) -> Result<Drac, String> {
     spawn_with(
         settings,
@@ -325,6 +328,7 @@ pub fn spawn(
         stats,
         PathBuf::from(rpcbind::SOCKET),
         forward_on,
+        stop,
     )
 }
 
@@ -335,11 +339,12 @@ pub fn spawn_with(
     stats: &StatsRegistry,
     rpcbind_socket: PathBuf,
     forward_on: &tokio::runtime::Handle,
+    stop: &CancellationToken,
 ) -> Result<Drac, String> {
     if !settings.enabled() {
         return Ok(Drac::idle());
     }
-    let mut setup = Setup::new().map_err(|e| format!("drac: cannot start runtime: {e}"))?;
+    let mut setup = Setup::new(stop).map_err(|e| format!("drac: cannot start runtime: {e}"))?;
     let (queue, rx) = mpsc::channel(QUEUE);
     let intake = Arc::new(Intake {
         settings: settings.clone(),

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 pub use crate::config::events::{EventsSection, EventsSettings};
 use crate::model::{Batch, LoginDetail, SeenLogin};
@@ -262,17 +263,19 @@ pub type Events = Background;
 ///
 /// The task that hands queued events to the engine runs on `forward_on` (the daemon's own
 /// runtime), not on the listener's: an event answered 200 is forwarded even after the
-/// listener is dropped (a reload that changes `[events]`, shutdown).
+/// listener is dropped (a reload that changes `[events]`, shutdown). `stop`: cancelled,
+/// it stops the listener too.
 pub fn spawn(
     settings: &EventsSettings,
     tx: mpsc::Sender<Batch>,
     stats: &StatsRegistry,
     forward_on: &tokio::runtime::Handle,
+    stop: &CancellationToken,
 ) -> Result<Events, String> {
     let Some(listen) = &settings.listen else {
         return Ok(Background::idle());
     };
-    let mut setup = Setup::new().map_err(|e| format!("events: cannot start runtime: {e}"))?;
+    let mut setup = Setup::new(stop).map_err(|e| format!("events: cannot start runtime: {e}"))?;
     let (queue, rx) = mpsc::channel(QUEUE);
     let intake = Arc::new(Intake::new(queue, stats.reporter(ORIGIN)));
     setup

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::Label;
 use crate::telemetry::ratelimit::RateLimit;
@@ -43,19 +43,6 @@ impl Listener for tokio::net::TcpListener {
     }
 }
 
-/// Resolves once `stop` says true. A dropped sender means "never": a server started
-/// without a shutdown handle runs until the process ends.
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    loop {
-        if *stop.borrow_and_update() {
-            return;
-        }
-        if stop.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
 /// Failures that concern one connection only (the peer gave up before we accepted it):
 /// the next accept can be tried at once.
 fn per_connection(e: &io::Error) -> bool {
@@ -68,11 +55,13 @@ fn per_connection(e: &io::Error) -> bool {
     )
 }
 
-/// Accepts until `stop`, handing each connection to `on_connection`.
+/// Accepts until `stop` is cancelled (never, for a token nobody cancels: a server started
+/// without a shutdown handle runs until the process ends), handing each connection to
+/// `on_connection`.
 pub async fn run<L: Listener>(
     listener: L,
     label: Label,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     mut on_connection: impl FnMut(L::Stream) + Send,
 ) {
     let mut log = RateLimit::new(LOG_EVERY);
@@ -85,7 +74,7 @@ pub async fn run<L: Listener>(
     let mut last_failure: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
-            _ = stopped(&mut stop) => return,
+            () = stop.cancelled() => return,
             _ = sleep_until(last_failure.map(|t| t + RECOVERED_AFTER)) => {
                 tracing::info!(failed, "{}: accepting connections again", label.name);
                 log.take_pending();
@@ -125,7 +114,7 @@ pub async fn run<L: Listener>(
                     );
                 }
                 tokio::select! {
-                    _ = stopped(&mut stop) => return,
+                    () = stop.cancelled() => return,
                     _ = tokio::time::sleep(pause) => {}
                 }
             }
@@ -161,7 +150,7 @@ mod tests {
     #[tokio::test]
     async fn failing_accepts_back_off_and_stop_promptly() {
         let attempts = Arc::new(AtomicU64::new(0));
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
         let label = Label {
             name: "test",
             max_key: None,
@@ -169,7 +158,7 @@ mod tests {
         let task = tokio::spawn(run(
             OutOfFiles(Arc::clone(&attempts)),
             label,
-            stopped,
+            stop.clone(),
             |_| {},
         ));
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -177,7 +166,7 @@ mod tests {
         // once makes millions.
         let n = attempts.load(Ordering::Relaxed);
         assert!((1..=10).contains(&n), "{n} accept attempts in 600 ms");
-        stop.send(true).unwrap();
+        stop.cancel();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .expect("stopped during the backoff")

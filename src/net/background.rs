@@ -1,30 +1,41 @@
 //! Servers fed by Dovecot (push socket, auth policy, events) run on a thread of their own
 //! with a small runtime: they share nothing with the engine but a channel, so a busy engine
 //! never delays an answer to Dovecot, and stopping them (a reload, shutdown) is dropping
-//! the `Background` handle.
+//! the `Background` handle, or cancelling the token they were set up under (the daemon's
+//! shutdown stops every one at once).
 
 use std::future::Future;
 use std::io;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Runtime;
+use tokio_util::sync::CancellationToken;
 
 use super::Server;
+
+/// How long dropping a `Background` waits for its thread: one that has not ended by then
+/// is named in a warning and left (its servers may still hold their sockets).
+const STOP_WITHIN: Duration = Duration::from_secs(5);
 
 /// Servers being set up: bound (and tasks spawned) on their runtime, not yet running.
 pub struct Setup {
     runtime: Runtime,
     servers: Vec<Server>,
+    /// A child of the token given to `new`: cancelled by the handle's drop, or with it.
+    stop: CancellationToken,
 }
 
 impl Setup {
-    pub fn new() -> io::Result<Setup> {
+    /// Servers that stop when their handle is dropped or when `parent` is cancelled.
+    pub fn new(parent: &CancellationToken) -> io::Result<Setup> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         Ok(Setup {
             runtime,
             servers: Vec::new(),
+            stop: parent.child_token(),
         })
     }
 
@@ -51,15 +62,20 @@ impl Setup {
         self.runtime.spawn(task);
     }
 
-    /// Runs the servers on a thread named `name` until the handle is dropped.
+    /// Runs the servers on a thread named `name` until the handle is dropped or the
+    /// token cancelled.
     pub fn run(self, name: &str) -> io::Result<Background> {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let Setup { runtime, servers } = self;
+        let Setup {
+            runtime,
+            servers,
+            stop,
+        } = self;
+        let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let _ = stopped.await;
+                    stopped.cancelled().await;
                     // Each removes its unix socket, if the path still names it.
                     for s in servers {
                         s.shutdown().await;
@@ -68,7 +84,7 @@ impl Setup {
                 // Dropping the runtime cancels the connections and tasks still running.
             })?;
         Ok(Background {
-            stop: Some(stop),
+            stop,
             thread: Some(thread),
         })
     }
@@ -76,7 +92,7 @@ impl Setup {
 
 /// Running servers; dropping it stops them and waits until their sockets are removed.
 pub struct Background {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -84,7 +100,7 @@ impl Background {
     /// Nothing configured: nothing runs.
     pub fn idle() -> Background {
         Background {
-            stop: None,
+            stop: CancellationToken::new(),
             thread: None,
         }
     }
@@ -98,10 +114,82 @@ impl Default for Background {
 }
 
 impl Drop for Background {
+    /// Stops the servers and waits (bounded) for their thread.
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        self.stop.cancel();
+        let Some(t) = self.thread.take() else {
+            return;
+        };
+        // A thread cannot be joined with a timeout: its end is polled for instead.
+        let deadline = Instant::now() + STOP_WITHIN;
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            tracing::warn!(
+                "shutdown: the {} servers did not stop within {}s; left running",
+                t.thread().name().unwrap_or("pushed"),
+                STOP_WITHIN.as_secs()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::net::{Conn, Handler, Listen, Spec, Stream};
+
+    /// Holds each connection until the peer leaves.
+    struct Idle;
+
+    impl Handler for Idle {
+        async fn serve<S: Stream>(self: Arc<Self>, mut stream: S, _: Conn) {
+            use tokio::io::AsyncReadExt;
+            let mut b = [0u8; 1];
+            let _ = stream.read(&mut b).await;
+        }
+    }
+
+    fn connects(path: &std::path::Path) -> bool {
+        std::os::unix::net::UnixStream::connect(path).is_ok()
+    }
+
+    /// The daemon's shutdown: cancelling the parent stops the servers (their socket files
+    /// removed) while the handle is still held; the handle's drop then only joins.
+    #[test]
+    fn cancelling_the_parent_stops_the_servers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let parent = CancellationToken::new();
+        let mut setup = Setup::new(&parent).unwrap();
+        let spec = Spec {
+            name: "test",
+            key: "test.listen",
+            max_connections: 2,
+            max_key: None,
+            unix_mode: 0o600,
+        };
+        setup
+            .bind(crate::net::start(
+                &Listen::Unix(path.clone()),
+                spec,
+                Arc::new(Idle),
+            ))
+            .unwrap();
+        let handle = setup.run("test").unwrap();
+        assert!(connects(&path));
+        parent.cancel();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while path.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!path.exists(), "socket file left after the parent's cancel");
+        assert!(!connects(&path));
+        drop(handle);
     }
 }

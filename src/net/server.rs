@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::slots::{Admission, Slot, Slots};
 use super::socket_file::{self, Claim};
@@ -193,9 +193,12 @@ fn check_fd_limit(spec: &Spec) {
 }
 
 /// A running server. Dropping it leaves the server running until the runtime ends;
-/// `shutdown` stops it and removes its socket file if the path still names it.
+/// `shutdown` (or cancelling the token it was started under) stops it and removes its
+/// socket file if the path still names it.
 pub struct Server {
-    stop: watch::Sender<bool>,
+    /// Its own token: a child of the one it was started under, so that it can be stopped
+    /// alone (a reload) while the parent stops every server (shutdown).
+    stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     listen: Listen,
 }
@@ -209,7 +212,7 @@ impl Server {
     /// Stops accepting and removes the unix socket file if the path still names it.
     /// Connections already open are served until the runtime ends.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         let _ = self.task.await;
     }
 }
@@ -217,6 +220,16 @@ impl Server {
 /// Binds `listen` and serves it in the background (on the current tokio runtime). A unix
 /// socket that another server still accepts on is never removed: that is an error.
 pub async fn start<H: Handler>(listen: &Listen, spec: Spec, handler: Arc<H>) -> io::Result<Server> {
+    start_under(&CancellationToken::new(), listen, spec, handler).await
+}
+
+/// `start`, stopped also when `parent` is cancelled (the daemon's shutdown).
+pub async fn start_under<H: Handler>(
+    parent: &CancellationToken,
+    listen: &Listen,
+    spec: Spec,
+    handler: Arc<H>,
+) -> io::Result<Server> {
     check_fd_limit(&spec);
     let label = Label {
         name: spec.name,
@@ -229,7 +242,8 @@ pub async fn start<H: Handler>(listen: &Listen, spec: Spec, handler: Arc<H>) -> 
         refused: SharedLimit::new(LOG_EVERY),
         evicted: SharedLimit::new(LOG_EVERY),
     });
-    let (stop, stopped) = watch::channel(false);
+    let stop = parent.child_token();
+    let stopped = stop.clone();
     let (task, listen) = match listen {
         Listen::Unix(path) => {
             let claim = Claim {

@@ -102,7 +102,16 @@ impl PolicyServer {
 /// Starts the policy server (on the current tokio runtime) and, with a state directory,
 /// the writer of the logins behind the grants.
 pub async fn start(cfg: PolicySettings, ctx: &Context) -> std::io::Result<PolicyServer> {
-    let server = server::start(Arc::new(State::new(cfg, ctx.clone()))).await?;
+    start_under(&tokio_util::sync::CancellationToken::new(), cfg, ctx).await
+}
+
+/// `start`, the server stopped also when `parent` is cancelled.
+pub async fn start_under(
+    parent: &tokio_util::sync::CancellationToken,
+    cfg: PolicySettings,
+    ctx: &Context,
+) -> std::io::Result<PolicyServer> {
+    let server = server::start_under(parent, Arc::new(State::new(cfg, ctx.clone()))).await?;
     let writer = ctx.state_dir.clone().map(|dir| {
         let (logins, stats) = (ctx.logins.clone(), Arc::clone(&ctx.stats));
         tokio::spawn(write_grants(dir, logins, stats))

@@ -310,6 +310,14 @@ impl Handler for Policy {
 /// Binds and serves in the background (on the current tokio runtime) until `shutdown`.
 /// A unix socket that another server still accepts on is never removed: that is an error.
 pub async fn start(state: Arc<State>) -> std::io::Result<Server> {
+    start_under(&tokio_util::sync::CancellationToken::new(), state).await
+}
+
+/// `start`, stopped also when `parent` is cancelled.
+pub async fn start_under(
+    parent: &tokio_util::sync::CancellationToken,
+    state: Arc<State>,
+) -> std::io::Result<Server> {
     let spec = Spec {
         name: "policy server",
         key: "policy.listen",
@@ -324,7 +332,7 @@ pub async fn start(state: Arc<State>) -> std::io::Result<Server> {
         closed: SharedLimit::new(LOG_EVERY),
         refused: SharedLimit::new(LOG_EVERY),
     };
-    net::start(&listen, spec, Arc::new(handler)).await
+    net::start_under(parent, &listen, spec, Arc::new(handler)).await
 }
 
 #[cfg(test)]

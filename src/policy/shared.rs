@@ -18,6 +18,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::blocks::Blocks;
 use crate::engine::LoginsView;
 use crate::policy::caps::{Caps, SHARED_BUCKET, SHARED_BUCKETS};
@@ -42,9 +44,18 @@ pub struct SharedPolicy<D> {
     pub caps: Arc<Caps>,
 }
 
-/// Starts the exchange; it runs until the task is aborted (at shutdown).
-pub fn spawn<D: PolicyDb>(shared: SharedPolicy<D>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(shared.run())
+/// Starts the exchange; it runs until `stop` is cancelled (at shutdown): a round in
+/// progress is dropped, as the next start syncs again.
+pub fn spawn<D: PolicyDb>(
+    shared: SharedPolicy<D>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = shared.run() => {}
+        }
+    })
 }
 
 /// Why a round failed: the database's error (naming what was being done), or no answer.

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::mpsc::Sender;
+use tokio_util::sync::CancellationToken;
 
 use crate::blocks::Blocks;
 pub use crate::config::push::{ApiHeader, PushSection, PushSettings};
@@ -114,17 +115,18 @@ pub type Push = Background;
 /// Starts the configured push servers (none: returns an idle `Push`). Binding happens
 /// before this returns, so an error names the socket or address at fault.
 /// `blocks`: the users `policy.block_on_cap` blocked, whose logins the auth-policy
-/// endpoint refuses (None: it refuses nobody).
+/// endpoint refuses (None: it refuses nobody). `stop`: cancelled, it stops them too.
 pub fn spawn(
     settings: &PushSettings,
     tx: Sender<Batch>,
     stats: &StatsRegistry,
     blocks: Option<Blocks>,
+    stop: &CancellationToken,
 ) -> Result<Push, String> {
     if !settings.enabled() {
         return Ok(Background::idle());
     }
-    let mut setup = Setup::new().map_err(|e| format!("push: cannot start runtime: {e}"))?;
+    let mut setup = Setup::new(stop).map_err(|e| format!("push: cannot start runtime: {e}"))?;
     if let Some(path) = &settings.socket {
         let sink = Sink {
             tx: tx.clone(),

@@ -19,6 +19,7 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
+use tokio_util::sync::CancellationToken;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -443,9 +444,20 @@ impl Handler for Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listen` in the background until `shutdown`.
-pub async fn start(listen: &Listen, src: Arc<MetricsSource>) -> std::io::Result<Server> {
-    serve(listen, "serve.metrics", Box::new(move || render(&src))).await
+/// Serves `GET /metrics` on `listen` in the background until `shutdown` or `parent` is
+/// cancelled.
+pub async fn start(
+    parent: &CancellationToken,
+    listen: &Listen,
+    src: Arc<MetricsSource>,
+) -> std::io::Result<Server> {
+    serve(
+        parent,
+        listen,
+        "serve.metrics",
+        Box::new(move || render(&src)),
+    )
+    .await
 }
 
 /// Serves a replica's `GET /metrics` (`dovegate replica --metrics`).
@@ -454,6 +466,7 @@ pub async fn start_replica(
     state_dir: std::path::PathBuf,
 ) -> std::io::Result<Server> {
     serve(
+        &CancellationToken::new(),
         listen,
         "--metrics",
         Box::new(move || render_replica(&state_dir)),
@@ -461,7 +474,12 @@ pub async fn start_replica(
     .await
 }
 
-async fn serve(listen: &Listen, key: &'static str, render: Box<Render>) -> std::io::Result<Server> {
+async fn serve(
+    parent: &CancellationToken,
+    listen: &Listen,
+    key: &'static str,
+    render: Box<Render>,
+) -> std::io::Result<Server> {
     let spec = Spec {
         name: "metrics",
         key,
@@ -469,5 +487,5 @@ async fn serve(listen: &Listen, key: &'static str, render: Box<Render>) -> std::
         max_key: None,
         unix_mode: 0o666,
     };
-    net::start(listen, spec, Arc::new(Metrics(render))).await
+    net::start_under(parent, listen, spec, Arc::new(Metrics(render))).await
 }

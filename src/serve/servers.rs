@@ -1,10 +1,15 @@
 //! The servers `[serve]` and `[policy]` configure (socketmap, metrics, policy server),
-//! started with the daemon and restarted by a reload that changes their settings.
+//! started with the daemon and restarted by a reload that changes their settings. Each
+//! runs under a child token of the one `Servers` is started with: a reload stops one alone,
+//! cancelling that token stops them all.
 
 use std::future::Future;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use super::metrics::{self, MetricsSource};
 use super::socketmap::{self, SocketmapConfig};
@@ -61,6 +66,8 @@ pub struct Servers {
     source: Arc<MetricsSource>,
     /// What the policy server keeps across its restarts.
     policy_ctx: policy::Context,
+    /// The parent of every server's token.
+    stop: CancellationToken,
 }
 
 /// A server that could not be started: the key at fault and why.
@@ -72,9 +79,16 @@ pub struct StartError {
     pub error: io::Error,
 }
 
-async fn socketmap_server(cfg: SocketmapConfig, view: GrantsView) -> Result<Server, StartError> {
+/// How long a server may take to stop at shutdown before it is named and left.
+const STOP_WITHIN: Duration = Duration::from_secs(5);
+
+async fn socketmap_server(
+    stop: CancellationToken,
+    cfg: SocketmapConfig,
+    view: GrantsView,
+) -> Result<Server, StartError> {
     let listen = cfg.listen.clone();
-    socketmap::start(cfg, view)
+    socketmap::start_under(&stop, cfg, view)
         .await
         .map_err(|error| StartError {
             key: "serve.socketmap",
@@ -83,8 +97,12 @@ async fn socketmap_server(cfg: SocketmapConfig, view: GrantsView) -> Result<Serv
         })
 }
 
-async fn metrics_server(listen: Listen, src: Arc<MetricsSource>) -> Result<Server, StartError> {
-    metrics::start(&listen, src)
+async fn metrics_server(
+    stop: CancellationToken,
+    listen: Listen,
+    src: Arc<MetricsSource>,
+) -> Result<Server, StartError> {
+    metrics::start(&stop, &listen, src)
         .await
         .map_err(|error| StartError {
             key: "serve.metrics",
@@ -94,15 +112,18 @@ async fn metrics_server(listen: Listen, src: Arc<MetricsSource>) -> Result<Serve
 }
 
 async fn policy_server(
+    stop: CancellationToken,
     cfg: PolicySettings,
     ctx: policy::Context,
 ) -> Result<PolicyServer, StartError> {
     let listen = cfg.listen.clone();
-    policy::start(cfg, &ctx).await.map_err(|error| StartError {
-        key: "policy.listen",
-        listen,
-        error,
-    })
+    policy::start_under(&stop, cfg, &ctx)
+        .await
+        .map_err(|error| StartError {
+            key: "policy.listen",
+            listen,
+            error,
+        })
 }
 
 /// Moves `running` to `new`. A new address is bound before the old one is released, so
@@ -161,12 +182,16 @@ async fn restart<C, S, F, Fut>(
 }
 
 impl Servers {
-    /// Starts the configured servers; an error names the key and address at fault.
+    /// Starts the configured servers, each under a child of `stop`; an error names the key
+    /// and address at fault.
     pub async fn start(
         settings: ServeSettings,
         source: Arc<MetricsSource>,
         mut policy_ctx: policy::Context,
+        stop: &CancellationToken,
     ) -> Result<Servers, StartError> {
+        // Their own: `shutdown` cancels it, not the caller's.
+        let stop = &stop.child_token();
         // The policy server counts where the metrics read.
         policy_ctx.stats = Arc::clone(&source.policy);
         let mut servers = Servers {
@@ -176,22 +201,23 @@ impl Servers {
             view: source.view.clone(),
             source,
             policy_ctx,
+            stop: stop.clone(),
         };
         if let Some(c) = settings.socketmap {
             servers.socketmap.server =
-                Some(socketmap_server(c.clone(), servers.view.clone()).await?);
+                Some(socketmap_server(stop.clone(), c.clone(), servers.view.clone()).await?);
             servers.socketmap.cfg = Some(c);
         }
         if let Some(c) = settings.policy {
             servers.policy_ctx.restore_logins();
             servers.policy.server =
-                Some(policy_server(c.clone(), servers.policy_ctx.clone()).await?);
+                Some(policy_server(stop.clone(), c.clone(), servers.policy_ctx.clone()).await?);
             servers.policy.cfg = Some(c);
         }
         servers.policy_serving();
         if let Some(l) = settings.metrics {
             servers.metrics.server =
-                Some(metrics_server(l.clone(), Arc::clone(&servers.source)).await?);
+                Some(metrics_server(stop.clone(), l.clone(), Arc::clone(&servers.source)).await?);
             servers.metrics.cfg = Some(l);
         }
         Ok(servers)
@@ -203,6 +229,7 @@ impl Servers {
     /// settings (Postfix reopens its policy and socketmap connections within minutes).
     pub async fn reload(&mut self, settings: ServeSettings) {
         let view = self.view.clone();
+        let stop = self.stop.clone();
         if self.socketmap.cfg != settings.socketmap {
             tracing::info!(
                 from = %describe(self.socketmap.cfg.as_ref().map(|c| &c.listen)),
@@ -214,7 +241,7 @@ impl Servers {
             &mut self.socketmap,
             settings.socketmap,
             |c| &c.listen,
-            |c| socketmap_server(c, view.clone()),
+            |c| socketmap_server(stop.clone(), c, view.clone()),
         )
         .await;
         if self.policy.cfg != settings.policy {
@@ -229,7 +256,7 @@ impl Servers {
             &mut self.policy,
             settings.policy,
             |c| &c.listen,
-            |c| policy_server(c, ctx.clone()),
+            |c| policy_server(stop.clone(), c, ctx.clone()),
         )
         .await;
         self.policy_serving();
@@ -245,7 +272,7 @@ impl Servers {
             &mut self.metrics,
             settings.metrics,
             |l| l,
-            |l| metrics_server(l, Arc::clone(&source)),
+            |l| metrics_server(stop.clone(), l, Arc::clone(&source)),
         )
         .await;
     }
@@ -263,17 +290,28 @@ impl Servers {
         self.policy.server.as_ref().map(PolicyServer::listen)
     }
 
-    /// Stops every server (removing their unix sockets); the metrics server last.
+    /// Stops every server (removing their unix sockets); the metrics server last. Each
+    /// may take STOP_WITHIN: one that does not stop by then is named and left.
     pub async fn shutdown(self) {
         if let Some(s) = self.socketmap.server {
-            s.shutdown().await;
+            bounded("the socketmap server", s.shutdown()).await;
         }
         if let Some(p) = self.policy.server {
-            p.shutdown().await;
+            bounded("the policy server", p.shutdown()).await;
         }
         if let Some(m) = self.metrics.server {
-            m.shutdown().await;
+            bounded("the metrics server", m.shutdown()).await;
         }
+        self.stop.cancel();
+    }
+}
+
+async fn bounded(name: &str, stopping: impl Future<Output = ()>) {
+    if tokio::time::timeout(STOP_WITHIN, stopping).await.is_err() {
+        tracing::warn!(
+            "shutdown: {name} did not stop within {}s; left to the process's end",
+            STOP_WITHIN.as_secs()
+        );
     }
 }
 
@@ -324,6 +362,7 @@ mod tests {
             metrics_only(Some(any)),
             source(dir.path(), &view),
             policy_ctx(&view),
+            &CancellationToken::new(),
         )
         .await
         .unwrap();
@@ -340,6 +379,60 @@ mod tests {
         assert_eq!(bound(&servers), None);
         assert!(tokio::net::TcpStream::connect(running).await.is_err());
         servers.shutdown().await;
+    }
+
+    /// The daemon's shutdown token stops every server, a restarted one too, with no call
+    /// to `shutdown`.
+    #[tokio::test]
+    async fn cancelling_the_parent_stops_every_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let view = GrantsView::default();
+        let any = Listen::Inet("127.0.0.1:0".parse().unwrap());
+        let parent = CancellationToken::new();
+        let mut servers = Servers::start(
+            metrics_only(Some(any.clone())),
+            source(dir.path(), &view),
+            policy_ctx(&view),
+            &parent,
+        )
+        .await
+        .unwrap();
+        // Restarted by a reload: under the same parent.
+        servers
+            .reload(ServeSettings {
+                metrics: Some(any),
+                socketmap: Some(SocketmapConfig {
+                    listen: Listen::Inet("127.0.0.1:0".parse().unwrap()),
+                    values: Default::default(),
+                    default_value: "OK".into(),
+                    max_connections: 4,
+                    idle_timeout: std::time::Duration::from_secs(1),
+                }),
+                ..Default::default()
+            })
+            .await;
+        let Some(Listen::Inet(metrics)) = bound(&servers) else {
+            panic!("metrics not started");
+        };
+        let Some(Listen::Inet(socketmap)) = servers
+            .socketmap
+            .server
+            .as_ref()
+            .map(|s| s.listen().clone())
+        else {
+            panic!("socketmap not started");
+        };
+        parent.cancel();
+        for addr in [metrics, socketmap] {
+            tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("stopped by the parent token");
+        }
+        drop(servers);
     }
 
     /// One RCPT request for `ip` on a new connection to `addr`: the action.
@@ -378,9 +471,14 @@ mod tests {
             policy: Some(cfg.clone()),
             ..Default::default()
         };
-        let mut servers = Servers::start(settings(&cfg), Arc::clone(&src), policy_ctx(&view))
-            .await
-            .unwrap();
+        let mut servers = Servers::start(
+            settings(&cfg),
+            Arc::clone(&src),
+            policy_ctx(&view),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         assert_eq!(servers.policy_listen(), Some(&Listen::Inet(addr)));
         assert!(src.policy.serving.load(Ordering::Relaxed));
         for _ in 0..2 {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 
 use super::netstring;
 use crate::engine::GrantsView;
@@ -130,6 +131,15 @@ impl Handler for Socketmap {
 /// Binds and serves in the background (on the current tokio runtime) until `shutdown`.
 /// A unix socket that another server still accepts on is never removed: that is an error.
 pub async fn start(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<Server> {
+    start_under(&CancellationToken::new(), cfg, view).await
+}
+
+/// `start`, stopped also when `parent` is cancelled.
+pub async fn start_under(
+    parent: &CancellationToken,
+    cfg: SocketmapConfig,
+    view: GrantsView,
+) -> std::io::Result<Server> {
     let spec = Spec {
         name: "socketmap",
         key: "serve.socketmap",
@@ -144,7 +154,7 @@ pub async fn start(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<Se
         view,
         slow: SharedLimit::new(LOG_EVERY),
     };
-    net::start(&listen, spec, Arc::new(handler)).await
+    net::start_under(parent, &listen, spec, Arc::new(handler)).await
 }
 
 #[cfg(test)]

@@ -13,13 +13,15 @@ use std::sync::Arc;
 use tokio::sync::mpsc::{self, error::SendError, Receiver, Sender};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-use super::Failure;
+use super::dry::DryRun;
 use crate::blocks::Blocks;
 use crate::config::drac::DracSettings;
 use crate::config::events::EventsSettings;
 use crate::config::push::PushSettings;
 use crate::model::Batch;
+use crate::setup::Failure;
 use crate::telemetry::StatsRegistry;
 
 /// Batches waiting for the relay at most; beyond, a pushing server waits (bounded by its
@@ -50,16 +52,20 @@ pub struct Pushed {
     runtime: tokio::runtime::Handle,
     stats: Arc<StatsRegistry>,
     blocks: Option<Blocks>,
+    /// The shutdown's phase for the pushed servers: each server's thread runs under a
+    /// child of it (`net::background`), so a reload stops one alone.
+    stop: CancellationToken,
 }
 
 impl Pushed {
     /// Starts the servers `wanted` turns on (none: nothing listens) and the relay on
-    /// `runtime`. A socket another process serves fails the start.
+    /// `runtime`, under `stop`. A socket another process serves fails the start.
     pub fn start(
         runtime: &tokio::runtime::Runtime,
         wanted: &PushedSettings,
         stats: &Arc<StatsRegistry>,
         blocks: Option<&Blocks>,
+        stop: &CancellationToken,
     ) -> Result<Pushed, Failure> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (target, watched) = watch::channel(None);
@@ -75,6 +81,7 @@ impl Pushed {
             runtime: runtime.handle().clone(),
             stats: Arc::clone(stats),
             blocks: blocks.cloned(),
+            stop: stop.clone(),
         };
         pushed.apply(wanted, false)?;
         Ok(pushed)
@@ -136,6 +143,7 @@ impl Pushed {
                 self.tx.clone(),
                 &self.stats,
                 self.blocks.clone(),
+                &self.stop,
             )
             .map_err(Failure::runtime)?;
             self.push = (wanted.push.clone(), s);
@@ -148,9 +156,14 @@ impl Pushed {
         }
         if wanted.events != self.events.0 {
             self.events = Default::default();
-            let s =
-                crate::events::spawn(&wanted.events, self.tx.clone(), &self.stats, &self.runtime)
-                    .map_err(Failure::runtime)?;
+            let s = crate::events::spawn(
+                &wanted.events,
+                self.tx.clone(),
+                &self.stats,
+                &self.runtime,
+                &self.stop,
+            )
+            .map_err(Failure::runtime)?;
             self.events = (wanted.events.clone(), s);
             if reloading {
                 tracing::info!(
@@ -162,8 +175,14 @@ impl Pushed {
         if wanted.drac != self.drac.0 {
             // Dropping the old server removes its rpcbind registration first.
             self.drac = Default::default();
-            let s = crate::drac::spawn(&wanted.drac, self.tx.clone(), &self.stats, &self.runtime)
-                .map_err(Failure::runtime)?;
+            let s = crate::drac::spawn(
+                &wanted.drac,
+                self.tx.clone(),
+                &self.stats,
+                &self.runtime,
+                &self.stop,
+            )
+            .map_err(Failure::runtime)?;
             self.drac = (wanted.drac.clone(), s);
             if reloading {
                 tracing::info!(
@@ -203,6 +222,38 @@ impl Drop for Pushed {
             r.abort();
         }
     }
+}
+
+/// The pushed servers' settings. Under `--dry-run` beside a running daemon, no push or
+/// events server: their sockets belong to that daemon, and binding them would take them
+/// over. Under any `--dry-run`, no DRAC server: it would answer clients and take rpcbind's
+/// registration from the DRAC server in place (rpc.dracd, beside which a dry run is meant
+/// to run).
+pub(super) fn pushed_settings(
+    settings: &crate::config::Settings,
+    dry: Option<&DryRun>,
+) -> PushedSettings {
+    let mut s = PushedSettings {
+        push: settings.push.clone(),
+        events: settings.events.clone(),
+        drac: settings.drac.clone(),
+    };
+    if dry.is_some() && s.drac.enabled() {
+        tracing::warn!("[drac]: --dry-run does not serve DRAC clients (it would take rpcbind's registration from the DRAC server in place); their adds are not reported");
+        s.drac = Default::default();
+    }
+    if !dry.is_some_and(|d| d.daemon_running) {
+        return s;
+    }
+    if s.push.enabled() {
+        tracing::warn!("[push]: a dovegate daemon holds the map; --dry-run leaves its push sockets alone and reports logged logins only");
+    }
+    if s.events.enabled() {
+        tracing::warn!("[events]: a dovegate daemon holds the map; --dry-run leaves its events listener alone and reports logged logins only");
+    }
+    s.push = Default::default();
+    s.events = Default::default();
+    s
 }
 
 /// Forwards pushed batches into the generation `target` names; a batch the generation
