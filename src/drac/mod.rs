@@ -79,6 +79,11 @@ pub(crate) struct Intake {
 }
 
 impl Intake {
+    /// How the TCP listener reports (to the same observers).
+    pub(crate) fn server(&self, name: &'static str) -> crate::telemetry::ServerReporter {
+        self.reporter.server(name)
+    }
+
     fn decline(&self, count: Count, kind: &'static str, what: String) {
         self.reporter.report(Report::Declined { count, kind, what });
     }

@@ -59,12 +59,14 @@ pub(super) async fn bind(
         intake: Arc::clone(&intake),
     });
     let same = Listen::Inet(SocketAddr::V4(udp_addr));
-    let tcp = match net::start(&same, spec, Arc::clone(&handler)).await {
+    let reporter = intake.server(spec.name);
+    let tcp = match net::start_reporting(&same, spec, Arc::clone(&handler), reporter.clone()).await
+    {
         Ok(s) => s,
         // The port UDP was given is taken for TCP: any other one (rpcbind tells clients).
         Err(_) if settings.port == 0 => {
             let any = Listen::Inet(SocketAddr::V4(SocketAddrV4::new(settings.listen, 0)));
-            net::start(&any, spec, handler).await?
+            net::start_reporting(&any, spec, handler, reporter).await?
         }
         Err(e) => return Err(e),
     };

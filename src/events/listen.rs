@@ -56,11 +56,12 @@ pub(super) async fn bind(
                 max_key: None,
                 unix_mode: 0o600,
             };
+            let reporter = intake.server(spec.name);
             let handler = HttpEvents {
                 path: path.into(),
                 intake,
             };
-            net::start(listen, spec, Arc::new(handler)).await
+            net::start_reporting(listen, spec, Arc::new(handler), reporter).await
         }
         Listen::Unix(path) => {
             let spec = Spec {
@@ -71,11 +72,12 @@ pub(super) async fn bind(
                 // Anyone may connect: the peer's uid is what is checked.
                 unix_mode: 0o666,
             };
+            let reporter = intake.server(spec.name);
             let handler = UnixEvents {
                 uids: settings.uids.clone(),
                 intake,
             };
-            let server = net::start(listen, spec, Arc::new(handler)).await?;
+            let server = net::start_reporting(listen, spec, Arc::new(handler), reporter).await?;
             tracing::info!(socket = %path.display(), uids = ?settings.uids, "events socket: events accepted from these uids");
             Ok(server)
         }

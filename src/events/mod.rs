@@ -71,6 +71,11 @@ impl Intake {
         }
     }
 
+    /// How a listener of the events reports (to the same observers).
+    pub(crate) fn server(&self, name: &'static str) -> crate::telemetry::ServerReporter {
+        self.reporter.server(name)
+    }
+
     fn decline(&self, count: Count, kind: &'static str, what: String) {
         self.reporter.report(Report::Declined { count, kind, what });
     }

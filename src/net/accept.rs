@@ -6,20 +6,18 @@
 use std::future::poll_fn;
 use std::io;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::Label;
-use crate::telemetry::ratelimit::RateLimit;
+use crate::telemetry::{ServerReport, ServerReporter};
 
 /// The first pause after a failed accept; doubled on each further failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 /// The longest pause: a recovered listener is back within this.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// At most one WARN line per this interval about failing accepts.
-pub const LOG_EVERY: Duration = Duration::from_secs(10);
 /// No accept may fail for this long before the recovery is logged (> MAX_BACKOFF).
 const RECOVERED_AFTER: Duration = Duration::from_secs(2);
 
@@ -62,9 +60,9 @@ pub async fn run<L: Listener>(
     listener: L,
     label: Label,
     stop: CancellationToken,
+    reporter: ServerReporter,
     mut on_connection: impl FnMut(L::Stream) + Send,
 ) {
-    let mut log = RateLimit::new(LOG_EVERY);
     let mut backoff: Option<Duration> = None;
     // Accepts failed since the last recovery, and when the last one failed. Near the limit,
     // single accepts succeed between failures as descriptors come and go: the recovery is
@@ -76,8 +74,7 @@ pub async fn run<L: Listener>(
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
             _ = sleep_until(last_failure.map(|t| t + RECOVERED_AFTER)) => {
-                tracing::info!(failed, "{}: accepting connections again", label.name);
-                log.take_pending();
+                reporter.report(ServerReport::AcceptingAgain { failed });
                 failed = 0;
                 last_failure = None;
                 continue;
@@ -97,22 +94,19 @@ pub async fn run<L: Listener>(
                 last_failure = Some(tokio::time::Instant::now());
                 let pause = backoff.map_or(FIRST_BACKOFF, |d| (d * 2).min(MAX_BACKOFF));
                 backoff = Some(pause);
-                if let Some(n) = log.hit_at(Instant::now()) {
-                    let fix = match (e.raw_os_error(), label.max_key) {
-                        (Some(libc::EMFILE | libc::ENFILE), Some(key)) => format!(
-                            ": out of file descriptors; raise LimitNOFILE (ulimit -n) or lower {key}"
-                        ),
-                        (Some(libc::EMFILE | libc::ENFILE), None) => {
-                            ": out of file descriptors; raise LimitNOFILE (ulimit -n)".to_string()
-                        }
-                        _ => String::new(),
-                    };
-                    tracing::warn!(
-                        failures = n,
-                        "{}: cannot accept connections; backing off: {e}{fix}",
-                        label.name
-                    );
-                }
+                let fix = match (e.raw_os_error(), label.max_key) {
+                    (Some(libc::EMFILE | libc::ENFILE), Some(key)) => format!(
+                        ": out of file descriptors; raise LimitNOFILE (ulimit -n) or lower {key}"
+                    ),
+                    (Some(libc::EMFILE | libc::ENFILE), None) => {
+                        ": out of file descriptors; raise LimitNOFILE (ulimit -n)".to_string()
+                    }
+                    _ => String::new(),
+                };
+                reporter.report(ServerReport::AcceptFailing {
+                    error: e.to_string(),
+                    fix,
+                });
                 tokio::select! {
                     () = stop.cancelled() => return,
                     _ = tokio::time::sleep(pause) => {}
@@ -155,10 +149,12 @@ mod tests {
             name: "test",
             max_key: None,
         };
+        let reporter = ServerReporter::standalone("test");
         let task = tokio::spawn(run(
             OutOfFiles(Arc::clone(&attempts)),
             label,
             stop.clone(),
+            reporter.clone(),
             |_| {},
         ));
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -166,6 +162,9 @@ mod tests {
         // once makes millions.
         let n = attempts.load(Ordering::Relaxed);
         assert!((1..=10).contains(&n), "{n} accept attempts in 600 ms");
+        // Each failure reported (counted; logged at a bounded rate).
+        let failures = reporter.stats().accept_failures.load(Ordering::Relaxed);
+        assert_eq!(failures, n);
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await

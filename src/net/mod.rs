@@ -33,7 +33,7 @@ mod slots;
 mod socket_file;
 
 pub use crate::config::listen::{Listen, ListenError};
-pub use server::{start, start_under, Conn, Handler, Peer, Server, Spec, Stream};
+pub use server::{start, start_reporting, start_under, Conn, Handler, Peer, Server, Spec, Stream};
 
 /// How the accept loop names its server in log lines.
 #[derive(Debug, Clone, Copy)]

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::slots::{Admission, Slot, Slots};
 use super::socket_file::{self, Claim};
 use super::{accept, Label, Listen};
-use crate::telemetry::ratelimit::SharedLimit;
+use crate::telemetry::{ServerReport, ServerReporter};
 
 /// What a server is, for its limits and its log lines.
 #[derive(Debug, Clone, Copy)]
@@ -95,9 +95,6 @@ impl Conn {
     }
 }
 
-/// At most one WARN line per this interval about refused or evicted connections.
-const LOG_EVERY: Duration = Duration::from_secs(10);
-
 /// How long a newcomer waits for the slot of the connection it evicted.
 const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
@@ -109,26 +106,16 @@ struct Shared<H> {
     spec: Spec,
     handler: Arc<H>,
     slots: Arc<Slots>,
-    refused: SharedLimit,
-    evicted: SharedLimit,
+    /// Refusals and evictions are reported (counted, and logged at a bounded rate).
+    reporter: ServerReporter,
 }
 
 impl<H: Handler> Shared<H> {
     fn refused(&self) {
-        if let Some(n) = self.refused.hit() {
-            let raise = self
-                .spec
-                .max_key
-                .map(|k| format!("; raise {k} if the clients are honest"))
-                .unwrap_or_default();
-            tracing::warn!(
-                refused = n,
-                max_connections = self.spec.max_connections,
-                "{} connections refused: every connection slot is busy and as many newcomers \
-                 wait (count since the last such line{raise})",
-                self.spec.name
-            );
-        }
+        self.reporter.report(ServerReport::Refused {
+            max_connections: self.spec.max_connections,
+            raise: self.spec.max_key,
+        });
     }
 
     /// Serves `stream` in its own task once it has a slot: a free one, or the one of the
@@ -139,15 +126,9 @@ impl<H: Handler> Shared<H> {
             Admission::Refused => return self.refused(),
             Admission::Now(slot) => Ok(slot),
             Admission::AfterEviction(w) => {
-                if let Some(n) = self.evicted.hit() {
-                    tracing::warn!(
-                        evicted = n,
-                        max_connections = self.spec.max_connections,
-                        "{}: every connection slot busy; closed the stalest connections to \
-                         make room (count since the last such line)",
-                        self.spec.name
-                    );
-                }
+                self.reporter.report(ServerReport::Evicted {
+                    max_connections: self.spec.max_connections,
+                });
                 Err(w)
             }
         };
@@ -220,15 +201,28 @@ impl Server {
 /// Binds `listen` and serves it in the background (on the current tokio runtime). A unix
 /// socket that another server still accepts on is never removed: that is an error.
 pub async fn start<H: Handler>(listen: &Listen, spec: Spec, handler: Arc<H>) -> io::Result<Server> {
-    start_under(&CancellationToken::new(), listen, spec, handler).await
+    let reporter = ServerReporter::standalone(spec.name);
+    start_under(&CancellationToken::new(), listen, spec, handler, reporter).await
 }
 
-/// `start`, stopped also when `parent` is cancelled (the daemon's shutdown).
+/// `start`, with what it reports going to `reporter`'s observers (the daemon's counters and
+/// log).
+pub async fn start_reporting<H: Handler>(
+    listen: &Listen,
+    spec: Spec,
+    handler: Arc<H>,
+    reporter: ServerReporter,
+) -> io::Result<Server> {
+    start_under(&CancellationToken::new(), listen, spec, handler, reporter).await
+}
+
+/// `start_reporting`, stopped also when `parent` is cancelled (the daemon's shutdown).
 pub async fn start_under<H: Handler>(
     parent: &CancellationToken,
     listen: &Listen,
     spec: Spec,
     handler: Arc<H>,
+    reporter: ServerReporter,
 ) -> io::Result<Server> {
     check_fd_limit(&spec);
     let label = Label {
@@ -239,8 +233,7 @@ pub async fn start_under<H: Handler>(
         spec,
         handler,
         slots: Slots::new(spec.max_connections),
-        refused: SharedLimit::new(LOG_EVERY),
-        evicted: SharedLimit::new(LOG_EVERY),
+        reporter: reporter.clone(),
     });
     let stop = parent.child_token();
     let stopped = stop.clone();
@@ -255,7 +248,7 @@ pub async fn start_under<H: Handler>(
             let (listener, file) = socket_file::bind(claim).await?;
             tracing::info!(socket = %path.display(), "{} listening", spec.name);
             let task = tokio::spawn(async move {
-                accept::run(listener, label, stopped, |s| shared.connection(s)).await;
+                accept::run(listener, label, stopped, reporter, |s| shared.connection(s)).await;
                 // Removes the file (if ours) when the loop stops or the runtime ends.
                 drop(file);
             });
@@ -266,10 +259,76 @@ pub async fn start_under<H: Handler>(
             let local = listener.local_addr()?;
             tracing::info!(address = %local, "{} listening", spec.name);
             let task = tokio::spawn(async move {
-                accept::run(listener, label, stopped, |s| shared.connection(s)).await;
+                accept::run(listener, label, stopped, reporter, |s| shared.connection(s)).await;
             });
             (task, Listen::Inet(local))
         }
     };
     Ok(Server { stop, task, listen })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::observe::Recorder;
+    use crate::telemetry::StatsRegistry;
+
+    /// Holds every connection open until the peer closes it.
+    struct Hold;
+
+    impl Handler for Hold {
+        async fn serve<S: Stream>(self: Arc<Self>, mut stream: S, _conn: Conn) {
+            let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut [0u8; 1]).await;
+        }
+    }
+
+    /// A newcomer that finds every slot held closes the stalest: reported to the observers
+    /// and counted where the metrics read, without reading the log.
+    #[tokio::test]
+    async fn an_eviction_is_reported_and_counted() {
+        let registry = StatsRegistry::default();
+        let seen = Arc::new(Recorder::default());
+        registry.observe_with(seen.clone());
+        let spec = Spec {
+            name: "test server",
+            key: "test.listen",
+            max_connections: 1,
+            max_key: Some("test.max_connections"),
+            unix_mode: 0o600,
+        };
+        let listen = Listen::Inet("127.0.0.1:0".parse().unwrap());
+        let reporter = registry.server_reporter(spec.name);
+        let server = start_reporting(&listen, spec, Arc::new(Hold), reporter)
+            .await
+            .unwrap();
+        let Listen::Inet(addr) = *server.listen() else {
+            panic!("inet")
+        };
+        let _first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let evicted = || {
+            seen.server_reports().iter().any(|(s, r)| {
+                s == "test server" && *r == ServerReport::Evicted { max_connections: 1 }
+            })
+        };
+        let mut _newer = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !evicted() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no eviction reported"
+            );
+            _newer.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let counted = registry.servers();
+        assert_eq!(counted[0].0, "test server");
+        assert!(
+            counted[0]
+                .1
+                .evicted
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        );
+        server.shutdown().await;
+    }
 }

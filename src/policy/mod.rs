@@ -102,16 +102,25 @@ impl PolicyServer {
 /// Starts the policy server (on the current tokio runtime) and, with a state directory,
 /// the writer of the logins behind the grants.
 pub async fn start(cfg: PolicySettings, ctx: &Context) -> std::io::Result<PolicyServer> {
-    start_under(&tokio_util::sync::CancellationToken::new(), cfg, ctx).await
+    let reporter = crate::telemetry::ServerReporter::standalone(server::NAME);
+    start_under(
+        &tokio_util::sync::CancellationToken::new(),
+        cfg,
+        ctx,
+        reporter,
+    )
+    .await
 }
 
-/// `start`, the server stopped also when `parent` is cancelled.
+/// `start`, the server stopped also when `parent` is cancelled, reporting to `reporter`.
 pub async fn start_under(
     parent: &tokio_util::sync::CancellationToken,
     cfg: PolicySettings,
     ctx: &Context,
+    reporter: crate::telemetry::ServerReporter,
 ) -> std::io::Result<PolicyServer> {
-    let server = server::start_under(parent, Arc::new(State::new(cfg, ctx.clone()))).await?;
+    let state = Arc::new(State::new(cfg, ctx.clone()));
+    let server = server::start_under(parent, state, reporter).await?;
     let writer = ctx.state_dir.clone().map(|dir| {
         let (logins, stats) = (ctx.logins.clone(), Arc::clone(&ctx.stats));
         tokio::spawn(write_grants(dir, logins, stats))

@@ -21,6 +21,7 @@ use crate::engine::Lookup;
 use crate::net::requests::{self, Closed, Framed, Limits};
 use crate::net::{self, Conn, Handler, Peer, Server, Spec, Stream};
 use crate::telemetry::ratelimit::SharedLimit;
+use crate::telemetry::ServerReporter;
 use crate::timefmt;
 
 /// The answer to a client whose grant ended within `policy.recent`.
@@ -310,16 +311,21 @@ impl Handler for Policy {
 /// Binds and serves in the background (on the current tokio runtime) until `shutdown`.
 /// A unix socket that another server still accepts on is never removed: that is an error.
 pub async fn start(state: Arc<State>) -> std::io::Result<Server> {
-    start_under(&tokio_util::sync::CancellationToken::new(), state).await
+    let reporter = ServerReporter::standalone(NAME);
+    start_under(&tokio_util::sync::CancellationToken::new(), state, reporter).await
 }
 
-/// `start`, stopped also when `parent` is cancelled.
+/// The server's name in log lines and metrics.
+pub const NAME: &str = "policy server";
+
+/// `start`, stopped also when `parent` is cancelled, reporting to `reporter`.
 pub async fn start_under(
     parent: &tokio_util::sync::CancellationToken,
     state: Arc<State>,
+    reporter: ServerReporter,
 ) -> std::io::Result<Server> {
     let spec = Spec {
-        name: "policy server",
+        name: NAME,
         key: "policy.listen",
         max_connections: state.cfg.max_connections,
         max_key: Some("policy.max_connections"),
@@ -332,7 +338,7 @@ pub async fn start_under(
         closed: SharedLimit::new(LOG_EVERY),
         refused: SharedLimit::new(LOG_EVERY),
     };
-    net::start_under(parent, &listen, spec, Arc::new(handler)).await
+    net::start_under(parent, &listen, spec, Arc::new(handler), reporter).await
 }
 
 #[cfg(test)]

@@ -64,6 +64,11 @@ impl Sink {
         }
     }
 
+    /// How the server this sink feeds reports (to the same observers).
+    pub(crate) fn server(&self, name: &'static str) -> crate::telemetry::ServerReporter {
+        self.reporter.server(name)
+    }
+
     fn decline(&self, count: Count, kind: &'static str, what: &str) {
         self.reporter.report(Report::Declined {
             count,

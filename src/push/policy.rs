@@ -331,11 +331,12 @@ pub(crate) async fn bind(
         // Reports grant: only the daemon's user and group may connect.
         unix_mode: 0o660,
     };
+    let reporter = sink.server(spec.name);
     let handler = Policy {
         cfg: Arc::new(cfg),
         sink,
     };
-    net::start(listen, spec, Arc::new(handler)).await
+    net::start_reporting(listen, spec, Arc::new(handler), reporter).await
 }
 
 #[cfg(test)]

@@ -48,7 +48,9 @@ pub(crate) async fn bind(path: &Path, uids: Vec<u32>, sink: Sink) -> std::io::Re
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    let server = net::start(&listen, spec, Arc::new(PushSocket { uids, sink })).await?;
+    let reporter = sink.server(spec.name);
+    let handler = Arc::new(PushSocket { uids, sink });
+    let server = net::start_reporting(&listen, spec, handler, reporter).await?;
     tracing::info!(socket = %path.display(), uids = %allowed, "push socket: logins accepted from these uids");
     Ok(server)
 }

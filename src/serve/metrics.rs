@@ -33,7 +33,7 @@ use crate::net::{self, Conn, Handler, Listen, Server, Spec, Stream};
 use crate::replica::ReplicaStatus;
 use crate::state::CheckpointDir;
 use crate::store::writer::WriterStatus;
-use crate::telemetry::{SourceStats, StatsRegistry};
+use crate::telemetry::{ServerReporter, ServerStats, SourceStats, StatsRegistry};
 
 /// What the metrics are read from.
 pub struct MetricsSource {
@@ -99,6 +99,26 @@ const PER_SOURCE: [PerSource; 8] = [
     ),
 ];
 
+type PerServer = (&'static str, &'static str, fn(&ServerStats) -> u64);
+
+const PER_SERVER: [PerServer; 3] = [
+    (
+        "dovegate_connections_refused",
+        "Connections closed at once: every slot busy and as many newcomers waiting.",
+        |s| get(&s.refused),
+    ),
+    (
+        "dovegate_connections_evicted",
+        "Connections closed to make room for a newcomer (the stalest first).",
+        |s| get(&s.evicted),
+    ),
+    (
+        "dovegate_accept_failures",
+        "Accepts that failed (out of file descriptors, say); the server backs off.",
+        |s| get(&s.accept_failures),
+    ),
+];
+
 fn get(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
@@ -154,6 +174,14 @@ impl Collector for Snapshot {
             for (reason, n) in per {
                 let labels = [("source", source.as_str()), ("reason", reason)];
                 ConstCounter::new(n).encode(m.encode_family(&labels.as_slice())?)?;
+            }
+        }
+        let servers = src.stats.servers();
+        for (name, help, read) in PER_SERVER {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (server, s) in &servers {
+                let labels = [("server", *server)];
+                ConstCounter::new(read(s)).encode(m.encode_family(&labels.as_slice())?)?;
             }
         }
         let c = src.engine.lock().map(|c| c.clone()).unwrap_or_default();
@@ -451,11 +479,13 @@ pub async fn start(
     listen: &Listen,
     src: Arc<MetricsSource>,
 ) -> std::io::Result<Server> {
+    let reporter = src.stats.server_reporter(NAME);
     serve(
         parent,
         listen,
         "serve.metrics",
         Box::new(move || render(&src)),
+        reporter,
     )
     .await
 }
@@ -470,6 +500,7 @@ pub async fn start_replica(
         listen,
         "--metrics",
         Box::new(move || render_replica(&state_dir)),
+        ServerReporter::standalone(NAME),
     )
     .await
 }
@@ -479,13 +510,17 @@ async fn serve(
     listen: &Listen,
     key: &'static str,
     render: Box<Render>,
+    reporter: ServerReporter,
 ) -> std::io::Result<Server> {
     let spec = Spec {
-        name: "metrics",
+        name: NAME,
         key,
         max_connections: MAX_CONNECTIONS,
         max_key: None,
         unix_mode: 0o666,
     };
-    net::start_under(parent, listen, spec, Arc::new(Metrics(render))).await
+    net::start_under(parent, listen, spec, Arc::new(Metrics(render)), reporter).await
 }
+
+/// The server's name in log lines and metrics.
+const NAME: &str = "metrics";

@@ -16,6 +16,7 @@ use super::socketmap::{self, SocketmapConfig};
 use crate::engine::GrantsView;
 use crate::net::{Listen, Server};
 use crate::policy::{self, PolicyServer, PolicySettings};
+use crate::telemetry::ServerReporter;
 
 /// A running server of any kind: it can be stopped.
 trait Stop {
@@ -86,9 +87,10 @@ async fn socketmap_server(
     stop: CancellationToken,
     cfg: SocketmapConfig,
     view: GrantsView,
+    reporter: ServerReporter,
 ) -> Result<Server, StartError> {
     let listen = cfg.listen.clone();
-    socketmap::start_under(&stop, cfg, view)
+    socketmap::start_under(&stop, cfg, view, reporter)
         .await
         .map_err(|error| StartError {
             key: "serve.socketmap",
@@ -115,9 +117,10 @@ async fn policy_server(
     stop: CancellationToken,
     cfg: PolicySettings,
     ctx: policy::Context,
+    reporter: ServerReporter,
 ) -> Result<PolicyServer, StartError> {
     let listen = cfg.listen.clone();
-    policy::start_under(&stop, cfg, &ctx)
+    policy::start_under(&stop, cfg, &ctx, reporter)
         .await
         .map_err(|error| StartError {
             key: "policy.listen",
@@ -204,14 +207,28 @@ impl Servers {
             stop: stop.clone(),
         };
         if let Some(c) = settings.socketmap {
-            servers.socketmap.server =
-                Some(socketmap_server(stop.clone(), c.clone(), servers.view.clone()).await?);
+            servers.socketmap.server = Some(
+                socketmap_server(
+                    stop.clone(),
+                    c.clone(),
+                    servers.view.clone(),
+                    servers.reporter(socketmap::NAME),
+                )
+                .await?,
+            );
             servers.socketmap.cfg = Some(c);
         }
         if let Some(c) = settings.policy {
             servers.policy_ctx.restore_logins();
-            servers.policy.server =
-                Some(policy_server(stop.clone(), c.clone(), servers.policy_ctx.clone()).await?);
+            servers.policy.server = Some(
+                policy_server(
+                    stop.clone(),
+                    c.clone(),
+                    servers.policy_ctx.clone(),
+                    servers.reporter(crate::policy::server::NAME),
+                )
+                .await?,
+            );
             servers.policy.cfg = Some(c);
         }
         servers.policy_serving();
@@ -230,6 +247,8 @@ impl Servers {
     pub async fn reload(&mut self, settings: ServeSettings) {
         let view = self.view.clone();
         let stop = self.stop.clone();
+        let socketmap_reports = self.reporter(socketmap::NAME);
+        let policy_reports = self.reporter(crate::policy::server::NAME);
         if self.socketmap.cfg != settings.socketmap {
             tracing::info!(
                 from = %describe(self.socketmap.cfg.as_ref().map(|c| &c.listen)),
@@ -241,7 +260,7 @@ impl Servers {
             &mut self.socketmap,
             settings.socketmap,
             |c| &c.listen,
-            |c| socketmap_server(stop.clone(), c, view.clone()),
+            |c| socketmap_server(stop.clone(), c, view.clone(), socketmap_reports.clone()),
         )
         .await;
         if self.policy.cfg != settings.policy {
@@ -256,7 +275,7 @@ impl Servers {
             &mut self.policy,
             settings.policy,
             |c| &c.listen,
-            |c| policy_server(stop.clone(), c, ctx.clone()),
+            |c| policy_server(stop.clone(), c, ctx.clone(), policy_reports.clone()),
         )
         .await;
         self.policy_serving();
@@ -275,6 +294,11 @@ impl Servers {
             |l| metrics_server(stop.clone(), l, Arc::clone(&source)),
         )
         .await;
+    }
+
+    /// How the server `name` reports: to the daemon's counters and observers.
+    fn reporter(&self, name: &'static str) -> ServerReporter {
+        self.source.stats.server_reporter(name)
     }
 
     /// The policy metrics are shown while the policy server runs.

@@ -22,6 +22,7 @@ use crate::model::address::parse_any_ip;
 use crate::net::requests::{self, Framed, Limits};
 use crate::net::{self, Conn, Handler, Spec, Stream};
 use crate::telemetry::ratelimit::SharedLimit;
+use crate::telemetry::ServerReporter;
 use crate::timefmt;
 
 pub use crate::config::serve::{SocketmapConfig, MAX_REQUEST_TIME};
@@ -131,17 +132,22 @@ impl Handler for Socketmap {
 /// Binds and serves in the background (on the current tokio runtime) until `shutdown`.
 /// A unix socket that another server still accepts on is never removed: that is an error.
 pub async fn start(cfg: SocketmapConfig, view: GrantsView) -> std::io::Result<Server> {
-    start_under(&CancellationToken::new(), cfg, view).await
+    let reporter = ServerReporter::standalone(NAME);
+    start_under(&CancellationToken::new(), cfg, view, reporter).await
 }
 
-/// `start`, stopped also when `parent` is cancelled.
+/// The server's name in log lines and metrics.
+pub const NAME: &str = "socketmap";
+
+/// `start`, stopped also when `parent` is cancelled, reporting to `reporter`.
 pub async fn start_under(
     parent: &CancellationToken,
     cfg: SocketmapConfig,
     view: GrantsView,
+    reporter: ServerReporter,
 ) -> std::io::Result<Server> {
     let spec = Spec {
-        name: "socketmap",
+        name: NAME,
         key: "serve.socketmap",
         max_connections: cfg.max_connections,
         max_key: Some("serve.socketmap_max_connections"),
@@ -154,7 +160,7 @@ pub async fn start_under(
         view,
         slow: SharedLimit::new(LOG_EVERY),
     };
-    net::start_under(parent, &listen, spec, Arc::new(handler)).await
+    net::start_under(parent, &listen, spec, Arc::new(handler), reporter).await
 }
 
 #[cfg(test)]

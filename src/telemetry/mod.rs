@@ -82,8 +82,29 @@ impl SourceStats {
     }
 }
 
-/// Every source's counters by name (a path, or a journal key), and the observers their
-/// reports reach; kept across reloads.
+/// One server's counters: the connections it could not serve as asked, its failed accepts.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub refused: AtomicU64,
+    pub evicted: AtomicU64,
+    pub accept_failures: AtomicU64,
+}
+
+impl ServerStats {
+    /// The counters' side of a server's report.
+    pub fn count(&self, report: &ServerReport) {
+        let counter = match report {
+            ServerReport::Refused { .. } => &self.refused,
+            ServerReport::Evicted { .. } => &self.evicted,
+            ServerReport::AcceptFailing { .. } => &self.accept_failures,
+            ServerReport::AcceptingAgain { .. } => return,
+        };
+        SourceStats::add(counter, 1);
+    }
+}
+
+/// Every source's counters by name (a path, or a journal key), every server's, and the
+/// observers their reports reach; kept across reloads.
 #[derive(Default)]
 pub struct StatsRegistry {
     sources: Mutex<BTreeMap<String, Arc<SourceStats>>>,
@@ -112,6 +133,16 @@ impl StatsRegistry {
     /// How the source `name` reports (its counters, the log, every observer added).
     pub fn reporter(&self, name: &str) -> Reporter {
         Reporter::new(name, self.for_source(name), Arc::clone(&self.observers))
+    }
+
+    /// How the server `name` reports (its counters, the log, every observer added).
+    pub fn server_reporter(&self, name: &'static str) -> ServerReporter {
+        Observers::server_reporter(&self.observers, name)
+    }
+
+    /// Every server's counters by name.
+    pub fn servers(&self) -> Vec<(&'static str, Arc<ServerStats>)> {
+        self.observers.servers()
     }
 
     /// Adds an observer of every source's reports (tests add a `Recorder`).
@@ -168,7 +199,9 @@ impl StatsRegistry {
 pub mod observe;
 pub mod ratelimit;
 
-pub use observe::{Count, Hint, Level, Observer, Observers, Report, Reporter};
+pub use observe::{
+    Count, Hint, Level, Observer, Observers, Report, Reporter, ServerReport, ServerReporter,
+};
 
 /// The name the sources know the limiter by.
 pub use ratelimit::RateLimit as Throttle;

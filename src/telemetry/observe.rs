@@ -6,12 +6,12 @@
 //! tests a [`Recorder`]. A source never decides how often to warn, and "never fail
 //! silently" is asserted by recording reports, not by grepping logs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::ratelimit::{Lasting, RateLimit, Say};
-use super::SourceStats;
+use super::{ServerStats, SourceStats};
 
 /// What a log source has to tell: odd input it refused (each one), and the state of its
 /// reading (at every check, whether it changed or not: the observers keep the state).
@@ -84,10 +84,30 @@ pub enum Count {
     NearMiss(&'static str),
 }
 
-/// Whatever wants to hear what sources report. Called on the source's own thread: keep it
-/// short and never block on I/O that can stall.
+/// What a server (socketmap, policy, metrics, push, events, DRAC) has to tell: the
+/// connections it could not serve as asked, and its accept loop's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerReport {
+    /// A connection closed at once: every slot busy and as many newcomers waiting.
+    /// `raise`: the setting that allows more.
+    Refused {
+        max_connections: usize,
+        raise: Option<&'static str>,
+    },
+    /// The stalest connection closed to make room for a newcomer.
+    Evicted { max_connections: usize },
+    /// An accept failed (not for one connection's sake); `fix` says what to change.
+    AcceptFailing { error: String, fix: String },
+    /// Accepts work again after `failed` failures.
+    AcceptingAgain { failed: u64 },
+}
+
+/// Whatever wants to hear what sources and servers report. Called on the reporter's own
+/// thread or task: keep it short and never block on I/O that can stall.
 pub trait Observer: Send + Sync {
     fn observe(&self, source: &str, report: &Report);
+    /// A server's report; most observers want only the sources'.
+    fn server(&self, _server: &str, _report: &ServerReport) {}
 }
 
 /// One source's way to report: its name, its counters, and every observer.
@@ -129,6 +149,11 @@ impl Reporter {
         self.stats.count(&report);
         self.observers.observe(&self.source, &report);
     }
+
+    /// How a server this source runs (its listener) reports, to the same observers.
+    pub fn server(&self, name: &'static str) -> ServerReporter {
+        Observers::server_reporter(&self.observers, name)
+    }
 }
 
 /// A near miss that says something about the configuration.
@@ -140,10 +165,51 @@ pub enum Hint {
     NeverMechanism,
 }
 
-/// The log, and any observer added (tests add a [`Recorder`]).
+/// One server's way to report: its name, its counters, and every observer.
+#[derive(Clone)]
+pub struct ServerReporter {
+    server: &'static str,
+    stats: Arc<ServerStats>,
+    observers: Arc<Observers>,
+}
+
+impl ServerReporter {
+    pub fn new(server: &'static str, stats: Arc<ServerStats>, observers: Arc<Observers>) -> Self {
+        ServerReporter {
+            server,
+            stats,
+            observers,
+        }
+    }
+
+    /// A reporter that only logs and counts (tests, benches, the replica's own server).
+    pub fn standalone(server: &'static str) -> ServerReporter {
+        ServerReporter::new(
+            server,
+            Arc::new(ServerStats::default()),
+            Arc::new(Observers::default()),
+        )
+    }
+
+    pub fn stats(&self) -> &Arc<ServerStats> {
+        &self.stats
+    }
+
+    pub fn report(&self, report: ServerReport) {
+        self.stats.count(&report);
+        self.observers.log.server(self.server, &report);
+        for o in self.observers.more() {
+            o.server(self.server, &report);
+        }
+    }
+}
+
+/// The log, and any observer added (tests add a [`Recorder`]); and the servers' counters,
+/// so that a source can start a server that reports where the daemon's metrics read.
 pub struct Observers {
     log: LogObserver,
     more: Mutex<Vec<Arc<dyn Observer>>>,
+    servers: Mutex<BTreeMap<&'static str, Arc<ServerStats>>>,
 }
 
 impl Default for Observers {
@@ -151,11 +217,27 @@ impl Default for Observers {
         Observers {
             log: LogObserver::default(),
             more: Mutex::new(Vec::new()),
+            servers: Mutex::new(BTreeMap::new()),
         }
     }
 }
 
 impl Observers {
+    /// How the server `name` reports: its counters (kept by name), and these observers.
+    pub fn server_reporter(observers: &Arc<Observers>, name: &'static str) -> ServerReporter {
+        let stats = {
+            let mut m = observers.servers.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(m.entry(name).or_default())
+        };
+        ServerReporter::new(name, stats, Arc::clone(observers))
+    }
+
+    /// Every server's counters by name.
+    pub fn servers(&self) -> Vec<(&'static str, Arc<ServerStats>)> {
+        let m = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(k, v)| (*k, Arc::clone(v))).collect()
+    }
+
     pub fn add(&self, observer: Arc<dyn Observer>) {
         self.more
             .lock()
@@ -163,10 +245,13 @@ impl Observers {
             .push(observer);
     }
 
+    fn more(&self) -> Vec<Arc<dyn Observer>> {
+        self.more.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn observe(&self, source: &str, report: &Report) {
         self.log.observe(source, report);
-        let more = self.more.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        for o in more {
+        for o in self.more() {
             o.observe(source, report);
         }
     }
@@ -174,11 +259,18 @@ impl Observers {
 
 /// Every report, kept in order (tests).
 #[derive(Default)]
-pub struct Recorder(Mutex<Vec<(String, Report)>>);
+pub struct Recorder(
+    Mutex<Vec<(String, Report)>>,
+    Mutex<Vec<(String, ServerReport)>>,
+);
 
 impl Recorder {
     pub fn reports(&self) -> Vec<(String, Report)> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn server_reports(&self) -> Vec<(String, ServerReport)> {
+        self.1.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Whether any report from `source` matches.
@@ -195,6 +287,13 @@ impl Observer for Recorder {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((source.to_string(), report.clone()));
+    }
+
+    fn server(&self, server: &str, report: &ServerReport) {
+        self.1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((server.to_string(), report.clone()));
     }
 }
 
@@ -308,7 +407,61 @@ impl LogObserver {
     }
 }
 
+impl LogObserver {
+    /// Whether (and with what count) a server's report is to be said now: refusals and
+    /// evictions at most once per ODD_EVERY each, failing accepts too, and the recovery
+    /// once (it clears the failures' count).
+    fn server_due(&self, server: &str, report: &ServerReport) -> Option<u64> {
+        let log = self.log_of(server);
+        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        match report {
+            ServerReport::Refused { .. } => log.odd("slots-refused", ODD_EVERY),
+            ServerReport::Evicted { .. } => log.odd("slots-evicted", ODD_EVERY),
+            ServerReport::AcceptFailing { .. } => log.odd("accept-failing", ODD_EVERY),
+            ServerReport::AcceptingAgain { .. } => {
+                log.odd.remove("accept-failing");
+                Some(1)
+            }
+        }
+    }
+}
+
 impl Observer for LogObserver {
+    fn server(&self, server: &str, report: &ServerReport) {
+        let Some(n) = self.server_due(server, report) else {
+            return;
+        };
+        match report {
+            ServerReport::Refused {
+                max_connections,
+                raise,
+            } => {
+                let raise = raise
+                    .map(|k| format!("; raise {k} if the clients are honest"))
+                    .unwrap_or_default();
+                tracing::warn!(
+                    refused = n,
+                    max_connections,
+                    "{server} connections refused: every connection slot is busy and as many newcomers \
+                     wait (count since the last such line{raise})"
+                );
+            }
+            ServerReport::Evicted { max_connections } => tracing::warn!(
+                evicted = n,
+                max_connections,
+                "{server}: every connection slot busy; closed the stalest connections to \
+                 make room (count since the last such line)"
+            ),
+            ServerReport::AcceptFailing { error, fix } => tracing::warn!(
+                failures = n,
+                "{server}: cannot accept connections; backing off: {error}{fix}"
+            ),
+            ServerReport::AcceptingAgain { failed } => {
+                tracing::info!(failed, "{server}: accepting connections again")
+            }
+        }
+    }
+
     fn observe(&self, source: &str, report: &Report) {
         if matches!(report, Report::NearMiss { hint: None, .. }) {
             return;
