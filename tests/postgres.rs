@@ -1415,3 +1415,37 @@ fn caps_and_blocks_hold_across_hosts() {
         "SELECT now() > revoked_at + interval '4 seconds' FROM dovegate_revocations WHERE address = '203.0.113.40'",
     );
 }
+
+/// A reload that lengthens grant.ttl reaches the database's writer too: the row a login
+/// writes after it lasts the new ttl (it was capped at the old one, and the revoke checks
+/// took the login for hours younger than it was).
+#[test]
+fn a_reloaded_ttl_bounds_the_database_rows() {
+    let tmp = common::tempdir();
+    let pg = Pg::start(tmp.path());
+    let url = pg.url_file(&tmp.path().join("pg.url"));
+    let cfg = config(tmp.path(), &url, "[grant]\nttl = \"10m\"\n");
+    let wdir = tmp.path().join("w");
+    std::fs::create_dir_all(&wdir).unwrap();
+    let log = wdir.join("mail.log");
+    std::fs::write(&log, "").unwrap();
+    let cfg_arg = cfg.display().to_string();
+    let w = Daemon::follow(&wdir, &log, &["--config", &cfg_arg]);
+    wait_writer_connected(&wdir);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("ttl = \"10m\"", "ttl = \"4h\"")).unwrap();
+    common::signal(w.child.id(), libc::SIGHUP);
+    wait_for("the reload", PATIENCE, || {
+        w.log().contains("configuration reloaded")
+    });
+    append(&log, &common::sessionless_login_line("192.0.2.95", "ivy"));
+    let row = || {
+        pg.psql("SELECT floor(extract(epoch FROM expires))::int8 FROM dovegate_grants WHERE address = '192.0.2.95'")
+    };
+    wait_for("the row", FLEET_PATIENCE, || !row().is_empty());
+    let left = row().parse::<i64>().unwrap() - common::fleet::now();
+    assert!(
+        left > 3 * 3600,
+        "the row lasts {left}s, not the reloaded 4h"
+    );
+}

@@ -120,7 +120,7 @@ fn keep_restart_only(new: &mut Settings, started: &Settings) -> Vec<&'static str
         new.action = started.action.clone();
     }
     if new.ipv6_prefix != started.ipv6_prefix {
-        lines.push("grant.ipv6_prefix changes take effect at the next restart (the map and the grants are keyed by it)");
+        lines.push("grant.ipv6_prefix: the daemon keeps the running prefix until it is restarted (the map and its grants are keyed by it); restart it now: until then dovegate grant, revoke and lookup use the new prefix, and a grant or revoke by hand rewrites the map under it, dropping the daemon's IPv6 grants (as the restart does: those clients relay again at their next login)");
         new.ipv6_prefix = started.ipv6_prefix;
     }
     if new.store != started.store {
@@ -153,7 +153,7 @@ mod tests {
             lines,
             [
                 "map.action changes take effect at the next restart",
-                "grant.ipv6_prefix changes take effect at the next restart (the map and the grants are keyed by it)",
+                "grant.ipv6_prefix: the daemon keeps the running prefix until it is restarted (the map and its grants are keyed by it); restart it now: until then dovegate grant, revoke and lookup use the new prefix, and a grant or revoke by hand rewrites the map under it, dropping the daemon's IPv6 grants (as the restart does: those clients relay again at their next login)",
                 "[store] changes take effect at the next restart",
             ]
         );

@@ -132,11 +132,12 @@ impl Daemon {
                 tracing::error!(error = %e, "map commit at shutdown failed; the logins read since the last checkpoint are read again at the next start");
             }
         }
-        // Last: the socketmap answers until the end.
-        self.shutdown.answering().cancel();
+        // Last: the socketmap answers until the end. The servers stop one after another
+        // (metrics last); then the rest of the phase (the shared policy exchange).
         if let Some(servers) = self.servers {
             self.runtime.block_on(servers.shutdown());
         }
+        self.shutdown.answering().cancel();
         self.runtime.block_on(self.shutdown.finish());
         log_summary(&self.cfg.settings, &self.engine, &self.stats);
         match self.death {

@@ -256,6 +256,8 @@ impl<S: CommitStore> Engine<S> {
     /// Replaces the policy (a reloaded configuration); committed grants keep their expiry
     /// unless it is beyond what the new policy allows (capped at the next re-read).
     pub fn set_policy(&mut self, policy: Policy) {
+        // The store's bounds follow (a shared database's rows and revoke checks).
+        self.store.set_ttl(policy.ttl_secs());
         self.slack = slack(&policy);
         self.policy = policy;
         self.resync_due = true;

@@ -114,26 +114,28 @@ impl Default for Background {
 }
 
 impl Drop for Background {
-    /// Stops the servers and waits (bounded) for their thread.
+    /// Stops the servers and waits for their thread: their sockets must be gone (and a
+    /// DRAC registration withdrawn) before a reload starts them again, or the new ones would
+    /// meet the old. Every wait inside the thread is bounded; one that takes longer than
+    /// STOP_WITHIN is said, with the name of what is waited for.
     fn drop(&mut self) {
         self.stop.cancel();
         let Some(t) = self.thread.take() else {
             return;
         };
-        // A thread cannot be joined with a timeout: its end is polled for instead.
+        // A thread cannot be joined with a timeout: its end is polled for, then joined.
         let deadline = Instant::now() + STOP_WITHIN;
         while !t.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        if t.is_finished() {
-            let _ = t.join();
-        } else {
+        if !t.is_finished() {
             tracing::warn!(
-                "shutdown: the {} servers did not stop within {}s; left running",
+                "the {} servers have not stopped within {}s; still waiting for them (their sockets must be gone before they start again)",
                 t.thread().name().unwrap_or("pushed"),
                 STOP_WITHIN.as_secs()
             );
         }
+        let _ = t.join();
     }
 }
 

@@ -34,6 +34,8 @@ pub trait SharedDb: Send {
     fn take_revocations(&self) -> Vec<(IpAddr, i64)>;
     /// The longest a grant may last from now (`grant.ttl`, seconds).
     fn max_ttl(&self) -> i64;
+    /// `grant.ttl` changed (a reload).
+    fn set_max_ttl(&self, secs: i64);
 }
 
 impl<D: WriterDb> SharedDb for Writer<D> {
@@ -51,6 +53,9 @@ impl<D: WriterDb> SharedDb for Writer<D> {
     }
     fn max_ttl(&self) -> i64 {
         Writer::max_ttl(self)
+    }
+    fn set_max_ttl(&self, secs: i64) {
+        Writer::set_max_ttl(self, secs)
     }
 }
 
@@ -255,6 +260,12 @@ impl CommitStore for WriterStore {
 
     fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         self.map.cap(ips, limit)
+    }
+
+    fn set_ttl(&mut self, secs: i64) {
+        if let Some(pg) = &self.pg {
+            pg.set_max_ttl(secs);
+        }
     }
 }
 

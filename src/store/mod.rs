@@ -63,6 +63,9 @@ pub trait CommitStore: Send {
     /// Shortens every stored expiry of `ips` later than `limit` to `limit` (a clock fixed
     /// after a step forward, a rule made shorter); returns what each address holds after.
     fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError>;
+    /// `grant.ttl` changed (a reload): a store that bounds what it writes elsewhere by it
+    /// (the shared database's rows, its revoke checks) follows.
+    fn set_ttl(&mut self, _secs: i64) {}
 }
 
 /// What the administrator's commands (`list`, `lookup`, `grant`, `revoke`, `status`) and
@@ -99,6 +102,9 @@ impl<S: CommitStore + ?Sized> CommitStore for Box<S> {
     }
     fn cap(&mut self, ips: &[IpAddr], limit: i64) -> Result<Vec<(IpAddr, i64)>, StoreError> {
         (**self).cap(ips, limit)
+    }
+    fn set_ttl(&mut self, secs: i64) {
+        (**self).set_ttl(secs)
     }
 }
 

@@ -19,6 +19,7 @@
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -245,7 +246,8 @@ pub struct WriterSpec<D> {
 /// The engine's handle on the worker thread.
 pub struct Writer<D: WriterDb> {
     tx: tokio::sync::mpsc::Sender<Request<D::Error>>,
-    max_ttl: i64,
+    /// `grant.ttl` in seconds, shared with the worker: a reload changes it for both.
+    max_ttl: Arc<AtomicI64>,
     revocations: Pending,
 }
 
@@ -257,7 +259,8 @@ impl<D: WriterDb> Writer<D> {
             tracing::info!(waiting = spill.len(), file = %spill.path().display(), "spilled grants from an earlier run will be written to the database");
         }
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let max_ttl = spec.max_ttl;
+        let max_ttl = Arc::new(AtomicI64::new(spec.max_ttl));
+        let ttl = Arc::clone(&max_ttl);
         let revocations: Pending = Arc::default();
         let pending = revocations.clone();
         std::thread::Builder::new()
@@ -270,7 +273,7 @@ impl<D: WriterDb> Writer<D> {
                         return;
                     }
                 };
-                rt.block_on(Worker::new(spec, spill, pending).run(rx));
+                rt.block_on(Worker::new(spec, spill, pending, ttl).run(rx));
             })
             .map_err(|_| Self::worker("thread cannot be started"))?;
         Ok(Writer {
@@ -291,7 +294,12 @@ impl<D: WriterDb> Writer<D> {
 
     /// The longest a grant may last from now (`grant.ttl`, in seconds).
     pub fn max_ttl(&self) -> i64 {
-        self.max_ttl
+        self.max_ttl.load(Ordering::Relaxed)
+    }
+
+    /// `grant.ttl` changed (a reload): the rows' bounds and the revoke checks follow it.
+    pub fn set_max_ttl(&self, secs: i64) {
+        self.max_ttl.store(secs, Ordering::Relaxed);
     }
 
     fn worker(what: &'static str) -> WriterError<D::Error> {
@@ -351,6 +359,8 @@ struct Worker<D: WriterDb> {
     last_read: Option<Instant>,
     pending: Pending,
     status: WriterStatus,
+    /// `grant.ttl` as it is now (the handle's; a reload changes it).
+    max_ttl: Arc<AtomicI64>,
 }
 
 /// Runs `fut` with `QUERY_TIMEOUT`.
@@ -378,7 +388,17 @@ fn latest(grants: &[(IpAddr, i64)]) -> Vec<(IpAddr, i64)> {
 }
 
 impl<D: WriterDb> Worker<D> {
-    fn new(spec: WriterSpec<D>, spill: Spill, pending: Pending) -> Worker<D> {
+    /// `grant.ttl` now, in seconds.
+    fn max_ttl(&self) -> i64 {
+        self.max_ttl.load(Ordering::Relaxed)
+    }
+
+    fn new(
+        spec: WriterSpec<D>,
+        spill: Spill,
+        pending: Pending,
+        max_ttl: Arc<AtomicI64>,
+    ) -> Worker<D> {
         let status = WriterStatus {
             database: spec.db.describe(),
             queue_len: spill.len(),
@@ -401,6 +421,7 @@ impl<D: WriterDb> Worker<D> {
             last_read: None,
             pending,
             status,
+            max_ttl,
         }
     }
 
@@ -500,7 +521,7 @@ impl<D: WriterDb> Worker<D> {
     /// Deletes expired rows now and then (they only serve audit meanwhile).
     async fn clean(&mut self) {
         let Some(c) = &mut self.conn else { return };
-        let (keep, ttl) = (KEEP_EXPIRED_SECS, self.spec.max_ttl);
+        let (keep, ttl) = (KEEP_EXPIRED_SECS, self.max_ttl.load(Ordering::Relaxed));
         match timed("deleting expired rows", self.spec.db.clean(c, keep, ttl)).await {
             Ok(n) if n > 0 => tracing::debug!(rows = n, "expired rows deleted from the database"),
             Ok(_) => {}
@@ -574,10 +595,11 @@ impl<D: WriterDb> Worker<D> {
         let Some(c) = &mut self.conn else { return };
         self.revocations_due = false;
         self.last_read = Some(Instant::now());
-        let read =
-            self.spec
-                .db
-                .revocations_since(c, self.revocations_since.as_ref(), self.spec.max_ttl);
+        let read = self.spec.db.revocations_since(
+            c,
+            self.revocations_since.as_ref(),
+            self.max_ttl.load(Ordering::Relaxed),
+        );
         let (rows, next) = match timed("reading revocations", read).await {
             Ok(v) => v,
             Err(e) => {
@@ -676,7 +698,7 @@ impl<D: WriterDb> Worker<D> {
                 let _ = reply.send(r);
             }
             Request::Set(ip, e, reply) => {
-                let (ttl, origin) = (self.spec.max_ttl, &self.spec.origin);
+                let (ttl, origin) = (self.max_ttl(), &self.spec.origin);
                 let r = match &mut self.conn {
                     None => Err(WriterError::Unreachable {
                         what: "cannot grant everywhere",
@@ -745,12 +767,7 @@ impl<D: WriterDb> Worker<D> {
         &mut self,
         grants: &[(IpAddr, i64)],
     ) -> Result<Upserted, WriterError<D::Error>> {
-        let (db, ttl, skew, origin) = (
-            &self.spec.db,
-            self.spec.max_ttl,
-            self.skew,
-            &self.spec.origin,
-        );
+        let (db, ttl, skew, origin) = (&self.spec.db, self.max_ttl(), self.skew, &self.spec.origin);
         let Some(c) = &mut self.conn else {
             return Err(WriterError::Unreachable {
                 what: "cannot write grants",
