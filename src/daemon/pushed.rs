@@ -144,8 +144,7 @@ impl Pushed {
                 &self.stats,
                 self.blocks.clone(),
                 &self.stop,
-            )
-            .map_err(Failure::runtime)?;
+            )?;
             self.push = (wanted.push.clone(), s);
             if reloading {
                 tracing::info!(
@@ -162,8 +161,7 @@ impl Pushed {
                 &self.stats,
                 &self.runtime,
                 &self.stop,
-            )
-            .map_err(Failure::runtime)?;
+            )?;
             self.events = (wanted.events.clone(), s);
             if reloading {
                 tracing::info!(
@@ -181,8 +179,7 @@ impl Pushed {
                 &self.stats,
                 &self.runtime,
                 &self.stop,
-            )
-            .map_err(Failure::runtime)?;
+            )?;
             self.drac = (wanted.drac.clone(), s);
             if reloading {
                 tracing::info!(

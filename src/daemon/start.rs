@@ -143,7 +143,7 @@ impl Daemon {
                             policy,
                             shutdown.answering(),
                         ))
-                        .map_err(|e| Failure::runtime(e.to_string()))?,
+                        .map_err(Failure::from)?,
                 )
             }
         };

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::drac::DracSettings;
 use crate::model::{Batch, LoginDetail, SeenLogin};
 use crate::net::background::{Background, Setup};
+use crate::net::{Listen, StartError};
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{Count, Level, Report, Reporter, StatsRegistry};
 
@@ -326,7 +327,7 @@ pub fn spawn(
     stats: &StatsRegistry,
     forward_on: &tokio::runtime::Handle,
     stop: &CancellationToken,
-) -> Result<Drac, String> {
+) -> Result<Drac, StartError> {
     spawn_with(
         settings,
         tx,
@@ -345,11 +346,11 @@ pub fn spawn_with(
     rpcbind_socket: PathBuf,
     forward_on: &tokio::runtime::Handle,
     stop: &CancellationToken,
-) -> Result<Drac, String> {
+) -> Result<Drac, StartError> {
     if !settings.enabled() {
         return Ok(Drac::idle());
     }
-    let mut setup = Setup::new(stop).map_err(|e| format!("drac: cannot start runtime: {e}"))?;
+    let mut setup = Setup::new(stop).map_err(StartError::runtime("drac"))?;
     let (queue, rx) = mpsc::channel(QUEUE);
     let intake = Arc::new(Intake {
         settings: settings.clone(),
@@ -358,11 +359,10 @@ pub fn spawn_with(
     });
     let (udp, tcp) = setup
         .bind_with(server::bind(settings, Arc::clone(&intake)))
-        .map_err(|e| {
-            format!(
-                "drac.listen: cannot listen on {}:{}: {e}",
-                settings.listen, settings.port
-            )
+        .map_err(|error| StartError::Listen {
+            key: "drac.listen",
+            listen: Listen::Inet(SocketAddrV4::new(settings.listen, settings.port).into()),
+            error,
         })?;
     let nets = settings
         .allow
@@ -376,9 +376,7 @@ pub fn spawn_with(
         rpcbind_socket.clone(),
         vec![("udp", udp), ("tcp", tcp)],
     ));
-    let background = setup
-        .run("drac")
-        .map_err(|e| format!("drac: cannot start thread: {e}"))?;
+    let background = setup.run("drac").map_err(StartError::thread("drac"))?;
     Ok(Drac {
         background: Some(background),
         rpcbind: Some(rpcbind_socket),

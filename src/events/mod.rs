@@ -24,6 +24,7 @@ pub use crate::config::events::{EventsSection, EventsSettings};
 use crate::model::{Batch, LoginDetail, SeenLogin};
 use crate::model::{SessionEnd, SessionStart};
 use crate::net::background::{Background, Setup};
+use crate::net::StartError;
 use crate::telemetry::{Count, Level, Report, Reporter, StatsRegistry};
 use parse::{Event, Ignored};
 
@@ -276,20 +277,22 @@ pub fn spawn(
     stats: &StatsRegistry,
     forward_on: &tokio::runtime::Handle,
     stop: &CancellationToken,
-) -> Result<Events, String> {
+) -> Result<Events, StartError> {
     let Some(listen) = &settings.listen else {
         return Ok(Background::idle());
     };
-    let mut setup = Setup::new(stop).map_err(|e| format!("events: cannot start runtime: {e}"))?;
+    let mut setup = Setup::new(stop).map_err(StartError::runtime("events"))?;
     let (queue, rx) = mpsc::channel(QUEUE);
     let intake = Arc::new(Intake::new(queue, stats.reporter(ORIGIN)));
     setup
         .bind(listen::bind(listen, settings, intake))
-        .map_err(|e| format!("events.listen: cannot listen on {listen}: {e}"))?;
+        .map_err(|error| StartError::Listen {
+            key: "events.listen",
+            listen: listen.clone(),
+            error,
+        })?;
     forward_on.spawn(forward(rx, tx));
-    setup
-        .run("events")
-        .map_err(|e| format!("events: cannot start thread: {e}"))
+    setup.run("events").map_err(StartError::thread("events"))
 }
 
 #[cfg(test)]

@@ -35,6 +35,45 @@ mod socket_file;
 pub use crate::config::listen::{Listen, ListenError};
 pub use server::{start, start_reporting, start_under, Conn, Handler, Peer, Server, Spec, Stream};
 
+/// Why a server could not be started: the key at fault, where, and the system's reason.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Its address could not be bound (taken, or a socket another server answers on).
+    #[error("{key}: cannot listen on {listen}: {error}")]
+    Listen {
+        key: &'static str,
+        listen: Listen,
+        error: std::io::Error,
+    },
+    /// The thread or runtime the servers run on could not be started (out of resources).
+    #[error("{what}: cannot start its {part}: {error}")]
+    Spawn {
+        what: &'static str,
+        part: &'static str,
+        error: std::io::Error,
+    },
+}
+
+impl StartError {
+    /// `Spawn` for the runtime of `what`.
+    pub fn runtime(what: &'static str) -> impl FnOnce(std::io::Error) -> StartError {
+        move |error| StartError::Spawn {
+            what,
+            part: "runtime",
+            error,
+        }
+    }
+
+    /// `Spawn` for the thread of `what`.
+    pub fn thread(what: &'static str) -> impl FnOnce(std::io::Error) -> StartError {
+        move |error| StartError::Spawn {
+            what,
+            part: "thread",
+            error,
+        }
+    }
+}
+
 /// How the accept loop names its server in log lines.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Label {

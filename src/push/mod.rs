@@ -21,6 +21,7 @@ use crate::blocks::Blocks;
 pub use crate::config::push::{ApiHeader, PushSection, PushSettings};
 use crate::model::{Batch, SeenLogin};
 use crate::net::background::{Background, Setup};
+use crate::net::{Listen, StartError};
 use crate::telemetry::{Count, Level, Report, Reporter, StatsRegistry};
 
 /// The `Batch::source` of pushed logins; they carry no position, so the index only has to
@@ -127,11 +128,11 @@ pub fn spawn(
     stats: &StatsRegistry,
     blocks: Option<Blocks>,
     stop: &CancellationToken,
-) -> Result<Push, String> {
+) -> Result<Push, StartError> {
     if !settings.enabled() {
         return Ok(Background::idle());
     }
-    let mut setup = Setup::new(stop).map_err(|e| format!("push: cannot start runtime: {e}"))?;
+    let mut setup = Setup::new(stop).map_err(StartError::runtime("push"))?;
     if let Some(path) = &settings.socket {
         let sink = Sink {
             tx: tx.clone(),
@@ -139,7 +140,11 @@ pub fn spawn(
         };
         setup
             .bind(socket::bind(path, settings.uids.clone(), sink))
-            .map_err(|e| format!("push.socket: cannot listen on {}: {e}", path.display()))?;
+            .map_err(|error| StartError::Listen {
+                key: "push.socket",
+                listen: Listen::Unix(path.clone()),
+                error,
+            })?;
     }
     if let Some(listen) = &settings.auth_policy {
         let sink = Sink {
@@ -153,9 +158,11 @@ pub fn spawn(
         };
         setup
             .bind(policy::bind(listen, cfg, sink))
-            .map_err(|e| format!("push.auth_policy: cannot listen on {listen}: {e}"))?;
+            .map_err(|error| StartError::Listen {
+                key: "push.auth_policy",
+                listen: listen.clone(),
+                error,
+            })?;
     }
-    setup
-        .run("push")
-        .map_err(|e| format!("push: cannot start thread: {e}"))
+    setup.run("push").map_err(StartError::thread("push"))
 }

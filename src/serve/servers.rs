@@ -4,7 +4,6 @@
 //! cancelling that token stops them all.
 
 use std::future::Future;
-use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,14 +70,7 @@ pub struct Servers {
     stop: CancellationToken,
 }
 
-/// A server that could not be started: the key at fault and why.
-#[derive(Debug, thiserror::Error)]
-#[error("{key}: cannot listen on {listen}: {error}")]
-pub struct StartError {
-    pub key: &'static str,
-    pub listen: Listen,
-    pub error: io::Error,
-}
+pub use crate::net::StartError;
 
 /// How long a server may take to stop at shutdown before it is named and left.
 const STOP_WITHIN: Duration = Duration::from_secs(5);
@@ -92,7 +84,7 @@ async fn socketmap_server(
     let listen = cfg.listen.clone();
     socketmap::start_under(&stop, cfg, view, reporter)
         .await
-        .map_err(|error| StartError {
+        .map_err(|error| StartError::Listen {
             key: "serve.socketmap",
             listen,
             error,
@@ -106,7 +98,7 @@ async fn metrics_server(
 ) -> Result<Server, StartError> {
     metrics::start(&stop, &listen, src)
         .await
-        .map_err(|error| StartError {
+        .map_err(|error| StartError::Listen {
             key: "serve.metrics",
             listen,
             error,
@@ -122,7 +114,7 @@ async fn policy_server(
     let listen = cfg.listen.clone();
     policy::start_under(&stop, cfg, &ctx, reporter)
         .await
-        .map_err(|error| StartError {
+        .map_err(|error| StartError::Listen {
             key: "policy.listen",
             listen,
             error,

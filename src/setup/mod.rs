@@ -95,6 +95,14 @@ impl From<crate::config::ConfigError> for Failure {
     }
 }
 
+/// A server that cannot start (its address taken, a socket another daemon answers on)
+/// exits 1: the configuration may be right, the machine is not ready for it.
+impl From<crate::net::StartError> for Failure {
+    fn from(e: crate::net::StartError) -> Failure {
+        Failure::runtime(e.to_string())
+    }
+}
+
 /// Loads the configuration, applies the common overrides, validates.
 pub fn load_settings(
     cfg: &ConfigArgs,
