@@ -131,7 +131,9 @@ fn readme_snippets_pass_doveconf_23() {
     }
     // The troubleshooting row's (and the daemon's message's) element for 2.3.
     assert!(README.contains("`rip=%{rip}` (Dovecot 2.3)"));
-    assert!(include_str!("../src/source/mod.rs").contains("rip=%{{rip}} to it (Dovecot 2.3;"));
+    assert!(
+        include_str!("../src/telemetry/observe.rs").contains("rip=%{{rip}} to it (Dovecot 2.3;")
+    );
     check_23("rip", "login_log_format_elements = user=<%u> rip=%{rip}");
     for (name, known, _) in NAMED {
         let text = accepted(doveconf23("", &[name]), name);
@@ -178,7 +180,7 @@ fn readme_snippets_pass_doveconf_24() {
     // The element the README and the daemon's message give for 2.4 is the one Dovecot's
     // own default uses.
     assert!(README.contains("`rip=%{remote_ip}` (2.4)"));
-    assert!(include_str!("../src/source/mod.rs").contains("rip=%{{remote_ip}} on 2.4"));
+    assert!(include_str!("../src/telemetry/observe.rs").contains("rip=%{{remote_ip}} on 2.4"));
     let default = accepted(
         doveconf24(&root, DOVECOT_24_HEADER, &["login_log_format_elements"]),
         "login_log_format_elements",
