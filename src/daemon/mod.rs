@@ -73,7 +73,8 @@ struct Daemon {
     checkpoints: CheckpointDir,
     _instance: Option<crate::store::instance::InstanceLock>,
     dry: Option<DryRun>,
-    /// The settings at start: map.path, state.dir and [store] keep them until a restart.
+    /// The settings at start: what only a restart changes (map.path, state.dir, map.action,
+    /// grant.ipv6_prefix, [store]) keeps them (`reload::keep_restart_only`).
     started: Settings,
     cfg: Effective,
     args: Options,

@@ -2,8 +2,8 @@
 //! says what happened as a typed [`Report`] through its [`Reporter`]; what is done about
 //! it is the business of the [`Observer`]s behind it: the log ([`LogObserver`]: one line
 //! when a condition starts, reminders at a bounded rate while it lasts, one when it
-//! clears), the counters that `status` and the metrics read (`StatsRegistry`), and in
-//! tests a [`Recorder`]. A source never decides how often to warn, and "never fail
+//! clears), the counters behind the metrics and systemd's STATUS= line (`StatsRegistry`),
+//! and in tests a [`Recorder`]. A source never decides how often to warn, and "never fail
 //! silently" is asserted by recording reports, not by grepping logs.
 
 use std::collections::{BTreeMap, HashMap};
@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use super::ratelimit::{Lasting, RateLimit, Say};
 use super::{ServerStats, SourceStats};
 
-/// What a log source has to tell: odd input it refused (each one), and the state of its
-/// reading (at every check, whether it changed or not: the observers keep the state).
+/// What a source has to tell: odd input it refused (each one), and the state of its
+/// reading (`Unreadable` at every check while it lasts, `Readable` once after: the
+/// observers decide what to say when).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {
     /// A login line without a timestamp, not granted.
