@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::Server;
 
-/// How long dropping a `Background` waits for its thread: one that has not ended by then
-/// is named in a warning and left (its servers may still hold their sockets).
+/// How long dropping a `Background` waits for its thread before it says so (and waits on:
+/// its servers' sockets must be gone before they start again).
 const STOP_WITHIN: Duration = Duration::from_secs(5);
 
 /// Servers being set up: bound (and tasks spawned) on their runtime, not yet running.

@@ -239,8 +239,8 @@ impl Servers {
     pub async fn reload(&mut self, settings: ServeSettings) {
         let view = self.view.clone();
         let stop = self.stop.clone();
-        let socketmap_reports = self.reporter(socketmap::NAME);
-        let policy_reports = self.reporter(crate::policy::server::NAME);
+        // Reporters are made when a server starts: one never configured has no series.
+        let reports = Arc::clone(&self.source);
         if self.socketmap.cfg != settings.socketmap {
             tracing::info!(
                 from = %describe(self.socketmap.cfg.as_ref().map(|c| &c.listen)),
@@ -252,7 +252,10 @@ impl Servers {
             &mut self.socketmap,
             settings.socketmap,
             |c| &c.listen,
-            |c| socketmap_server(stop.clone(), c, view.clone(), socketmap_reports.clone()),
+            |c| {
+                let reporter = reports.stats.server_reporter(socketmap::NAME);
+                socketmap_server(stop.clone(), c, view.clone(), reporter)
+            },
         )
         .await;
         if self.policy.cfg != settings.policy {
@@ -267,7 +270,10 @@ impl Servers {
             &mut self.policy,
             settings.policy,
             |c| &c.listen,
-            |c| policy_server(stop.clone(), c, ctx.clone(), policy_reports.clone()),
+            |c| {
+                let reporter = reports.stats.server_reporter(crate::policy::server::NAME);
+                policy_server(stop.clone(), c, ctx.clone(), reporter)
+            },
         )
         .await;
         self.policy_serving();

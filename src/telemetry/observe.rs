@@ -415,12 +415,22 @@ impl LogObserver {
     fn server_due(&self, server: &str, report: &ServerReport) -> Option<u64> {
         let log = self.log_of(server);
         let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        log.server_due(report)
+    }
+}
+
+impl SourceLog {
+    /// A server's side of `due`. The recovery forgets the failures not yet said (the
+    /// recovery line counts them), so the next failure is said at once.
+    fn server_due(&mut self, report: &ServerReport) -> Option<u64> {
         match report {
-            ServerReport::Refused { .. } => log.odd("slots-refused", ODD_EVERY),
-            ServerReport::Evicted { .. } => log.odd("slots-evicted", ODD_EVERY),
-            ServerReport::AcceptFailing { .. } => log.odd("accept-failing", ODD_EVERY),
+            ServerReport::Refused { .. } => self.odd("slots-refused", ODD_EVERY),
+            ServerReport::Evicted { .. } => self.odd("slots-evicted", ODD_EVERY),
+            ServerReport::AcceptFailing { .. } => self.odd("accept-failing", ODD_EVERY),
             ServerReport::AcceptingAgain { .. } => {
-                log.odd.remove("accept-failing");
+                if let Some(limit) = self.odd.get_mut("accept-failing") {
+                    limit.take_pending();
+                }
                 Some(1)
             }
         }
@@ -614,6 +624,32 @@ mod tests {
             hint: None,
         };
         assert_eq!(log.due(&plain), None);
+    }
+
+    /// A server's lines: each kind on its own limit; a failure after a recovery is said at
+    /// once (as `RateLimit::take_pending` has it), the ones after it at the limit's rate.
+    #[test]
+    fn a_server_says_what_is_due_and_no_more() {
+        let mut log = SourceLog::new();
+        let failing = ServerReport::AcceptFailing {
+            error: "Too many open files".into(),
+            fix: String::new(),
+        };
+        assert_eq!(log.server_due(&failing), Some(1));
+        assert_eq!(log.server_due(&failing), None);
+        assert_eq!(
+            log.server_due(&ServerReport::AcceptingAgain { failed: 2 }),
+            Some(1)
+        );
+        assert_eq!(
+            log.server_due(&failing),
+            Some(1),
+            "a new failure after a recovery is news"
+        );
+        assert_eq!(log.server_due(&failing), None);
+        let evicted = ServerReport::Evicted { max_connections: 1 };
+        assert_eq!(log.server_due(&evicted), Some(1), "its own limit");
+        assert_eq!(log.server_due(&evicted), None);
     }
 
     #[test]
