@@ -27,13 +27,7 @@ pub(super) fn store_failure(e: StoreError) -> Failure {
 
 /// The configured map, keyed as `grant.ipv6_prefix` says.
 pub(super) fn open(settings: &Settings, mode: OpenMode) -> Result<LmdbMap, Failure> {
-    LmdbMap::open_keyed(
-        &settings.map_path,
-        &settings.action,
-        mode,
-        settings.ipv6_prefix,
-    )
-    .map_err(store_failure)
+    LmdbMap::open_configured(settings, mode).map_err(store_failure)
 }
 
 /// A runtime for one command's database or network work.
@@ -80,12 +74,7 @@ pub fn lookup(cfg: &ConfigArgs, ip: &str) -> Result<(), Failure> {
 /// (grant.ipv6_prefix), as Postfix finds it. The map is opened read-only (shared locks).
 /// `lookup` and `relay-check` share it.
 pub(super) fn stored_value(settings: &Settings, ip: IpAddr) -> Result<Option<String>, StoreError> {
-    let mut map = LmdbMap::open_keyed(
-        &settings.map_path,
-        &settings.action,
-        OpenMode::ReadOnly,
-        settings.ipv6_prefix,
-    )?;
+    let mut map = LmdbMap::open_configured(settings, OpenMode::ReadOnly)?;
     if let Some(v) = map.get(ip)? {
         return Ok(Some(v));
     }

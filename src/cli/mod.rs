@@ -266,13 +266,8 @@ fn init(cfg: &ConfigArgs) -> Result<(), Failure> {
     } else {
         crate::store::OpenMode::Create
     };
-    let map = crate::store::LmdbMap::open_keyed(
-        &settings.map_path,
-        &settings.action,
-        mode,
-        settings.ipv6_prefix,
-    )
-    .map_err(|e| Failure::runtime(e.0))?;
+    let map = crate::store::LmdbMap::open_configured(&settings, mode)
+        .map_err(|e| Failure::runtime(e.0))?;
     println!("{}", map.path().display());
     Ok(())
 }

@@ -83,13 +83,8 @@ pub fn run(args: ReplicaArgs) -> Result<(), Failure> {
     // this one's resyncs.
     let _lock = crate::store::instance::InstanceLock::acquire_map(&settings.map_path)
         .map_err(|e| Failure::runtime(e.0))?;
-    let map = LmdbMap::open_keyed(
-        &settings.map_path,
-        &settings.action,
-        OpenMode::Create,
-        settings.ipv6_prefix,
-    )
-    .map_err(|e| Failure::runtime(e.0))?;
+    let map =
+        LmdbMap::open_configured(&settings, OpenMode::Create).map_err(|e| Failure::runtime(e.0))?;
     let policy =
         Policy::new(settings.exclude.clone(), settings.ttl).with_ipv6_prefix(settings.ipv6_prefix);
     let shutdown = async move {

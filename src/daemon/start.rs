@@ -72,13 +72,8 @@ impl Daemon {
                     timefmt::now(),
                 )
                 .map_err(|e| Failure::runtime(e.0))?;
-                let map = LmdbMap::open_keyed(
-                    &settings.map_path,
-                    &settings.action,
-                    OpenMode::Create,
-                    settings.ipv6_prefix,
-                )
-                .map_err(|e| Failure::runtime(e.0))?;
+                let map = LmdbMap::open_configured(&settings, OpenMode::Create)
+                    .map_err(|e| Failure::runtime(e.0))?;
                 (
                     Box::new(open_writer_store(&settings, map)?),
                     CheckpointDir::new(&settings.state_dir),

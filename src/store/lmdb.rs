@@ -250,6 +250,19 @@ impl LmdbMap {
         Ok(m)
     }
 
+    /// The configured map (`map.path`, `map.action`), keyed as `grant.ipv6_prefix` says.
+    pub fn open_configured(
+        settings: &crate::config::Settings,
+        mode: OpenMode,
+    ) -> Result<LmdbMap, StoreError> {
+        LmdbMap::open_keyed(
+            &settings.map_path,
+            &settings.action,
+            mode,
+            settings.ipv6_prefix,
+        )
+    }
+
     /// `open`, keyed for `grant.ipv6_prefix` (`with_ipv6_prefix`); removals are logged.
     pub fn open_keyed(
         map: &Path,
