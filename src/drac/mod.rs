@@ -80,15 +80,6 @@ pub(crate) struct Intake {
 }
 
 impl Intake {
-    /// How the TCP listener reports (to the same observers).
-    pub(crate) fn server(&self, name: &'static str) -> crate::telemetry::ServerReporter {
-        self.reporter.server(name)
-    }
-
-    fn decline(&self, count: Count, kind: &'static str, what: String) {
-        self.reporter.report(Report::Declined { count, kind, what });
-    }
-
     /// A datagram the socket could not receive (said at a bounded rate).
     pub(crate) fn receive_failed(&self, e: &std::io::Error) {
         self.reporter.report(Report::Fault {
@@ -103,7 +94,7 @@ impl Intake {
         let peer = peer.to_canonical();
         match decide(msg, peer, &self.settings) {
             Decision::Ignore => {
-                self.decline(
+                self.reporter.decline(
                     Count::InvalidAddress,
                     "invalid",
                     format!(
@@ -115,13 +106,13 @@ impl Intake {
             }
             Decision::Reply(r) => Some(r),
             Decision::Error(r) => {
-                self.decline(Count::InvalidAddress, "invalid", format!(
+                self.reporter.decline(Count::InvalidAddress, "invalid", format!(
                     "drac: a call from {peer} that is not a DRAC add; answered with an RPC error, nothing granted"
                 ));
                 Some(r)
             }
             Decision::Denied(r) => {
-                self.decline(Count::Forged, "refused", format!(
+                self.reporter.decline(Count::Forged, "refused", format!(
                     "drac: {peer} is not in drac.allow; its add was answered permission denied, nothing granted"
                 ));
                 Some(r)
@@ -144,7 +135,7 @@ impl Intake {
                 let status = match self.queue.try_send(login) {
                     Ok(()) => rpc::AddStat::Success,
                     Err(_) => {
-                        self.decline(Count::NearMiss("queue-full"), "dropped", format!(
+                        self.reporter.decline(Count::NearMiss("queue-full"), "dropped", format!(
                             "drac: the engine's queue is full; the add of {ip} from {peer} was answered system error"
                         ));
                         rpc::AddStat::SysErr

@@ -59,7 +59,7 @@ pub(super) async fn bind(
         intake: Arc::clone(&intake),
     });
     let same = Listen::Inet(SocketAddr::V4(udp_addr));
-    let reporter = intake.server(spec.name);
+    let reporter = intake.reporter.server(spec.name);
     let tcp = match net::start_reporting(&same, spec, Arc::clone(&handler), reporter.clone()).await
     {
         Ok(s) => s,

@@ -56,7 +56,7 @@ pub(super) async fn bind(
                 max_key: None,
                 unix_mode: 0o600,
             };
-            let reporter = intake.server(spec.name);
+            let reporter = intake.reporter.server(spec.name);
             let handler = HttpEvents {
                 path: path.into(),
                 intake,
@@ -72,7 +72,7 @@ pub(super) async fn bind(
                 // Anyone may connect: the peer's uid is what is checked.
                 unix_mode: 0o666,
             };
-            let reporter = intake.server(spec.name);
+            let reporter = intake.reporter.server(spec.name);
             let handler = UnixEvents {
                 uids: settings.uids.clone(),
                 intake,

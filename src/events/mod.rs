@@ -72,15 +72,6 @@ impl Intake {
         }
     }
 
-    /// How a listener of the events reports (to the same observers).
-    pub(crate) fn server(&self, name: &'static str) -> crate::telemetry::ServerReporter {
-        self.reporter.server(name)
-    }
-
-    fn decline(&self, count: Count, kind: &'static str, what: String) {
-        self.reporter.report(Report::Declined { count, kind, what });
-    }
-
     /// One event as Dovecot exported it. Never blocks.
     pub(crate) fn event(&self, body: &[u8]) {
         let item = match parse::parse(body) {
@@ -121,7 +112,7 @@ impl Intake {
                 let Some(client) = self.pending().clients.take(&key, Instant::now()) else {
                     // The client is unknown: granting the peer could open the relay to a
                     // proxy in front.
-                    self.decline(Count::NearMiss("proxy-unpaired"), "unpaired", format!(
+                    self.reporter.decline(Count::NearMiss("proxy-unpaired"), "unpaired", format!(
                         "events: proxied login of {user:?} from {} without its authentication event (the auth_request_finished metric missing, or the event lost); nothing granted",
                         key.1 .0
                     ));
@@ -155,7 +146,7 @@ impl Intake {
 
     /// A post or line that is not an event (too large, too slow, not JSON).
     pub(crate) fn invalid(&self, what: &str) {
-        self.decline(
+        self.reporter.decline(
             Count::NearMiss("malformed-event"),
             "malformed",
             what.to_string(),
@@ -164,7 +155,8 @@ impl Intake {
 
     /// A connection or post refused for its origin (secret, peer uid).
     pub(crate) fn refuse(&self, what: &str) {
-        self.decline(Count::Forged, "refused", what.to_string());
+        self.reporter
+            .decline(Count::Forged, "refused", what.to_string());
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pairs> {

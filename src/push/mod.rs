@@ -65,38 +65,28 @@ impl Sink {
         }
     }
 
-    /// How the server this sink feeds reports (to the same observers).
-    pub(crate) fn server(&self, name: &'static str) -> crate::telemetry::ServerReporter {
-        self.reporter.server(name)
-    }
-
-    fn decline(&self, count: Count, kind: &'static str, what: &str) {
-        self.reporter.report(Report::Declined {
-            count,
-            kind,
-            what: what.to_string(),
-        });
-    }
-
     /// A push refused for its origin (peer user, secret): counted as forged.
     pub(crate) fn refuse(&self, what: &str) {
-        self.decline(Count::Forged, "refused", what);
+        self.reporter.decline(Count::Forged, "refused", what);
     }
 
     /// A genuine report that grants nothing (`reason` in the near misses).
     pub(crate) fn skip(&self, reason: &'static str, what: &str) {
-        self.decline(Count::NearMiss(reason), "skipped", what);
+        self.reporter
+            .decline(Count::NearMiss(reason), "skipped", what);
     }
 
     /// A report Dovecot's configuration made useless (`reason` in the near misses): `what`
     /// says what to fix.
     pub(crate) fn misconfigured(&self, reason: &'static str, what: &str) {
-        self.decline(Count::NearMiss(reason), "misconfigured", what);
+        self.reporter
+            .decline(Count::NearMiss(reason), "misconfigured", what);
     }
 
     /// A login refused because its user is blocked (near miss `blocked-user`).
     pub(crate) fn blocked_login(&self, what: &str) {
-        self.decline(Count::NearMiss("blocked-user"), "blocked", what);
+        self.reporter
+            .decline(Count::NearMiss("blocked-user"), "blocked", what);
     }
 
     /// The blocked users cannot be read (so nobody is refused): asked again at every
@@ -111,7 +101,8 @@ impl Sink {
 
     /// A request whose client address is not an address.
     pub(crate) fn invalid(&self, what: &str) {
-        self.decline(Count::InvalidAddress, "refused", what);
+        self.reporter
+            .decline(Count::InvalidAddress, "refused", what);
     }
 }
 

@@ -331,7 +331,7 @@ pub(crate) async fn bind(
         // Reports grant: only the daemon's user and group may connect.
         unix_mode: 0o660,
     };
-    let reporter = sink.server(spec.name);
+    let reporter = sink.reporter.server(spec.name);
     let handler = Policy {
         cfg: Arc::new(cfg),
         sink,

@@ -48,7 +48,7 @@ pub(crate) async fn bind(path: &Path, uids: Vec<u32>, sink: Sink) -> std::io::Re
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    let reporter = sink.server(spec.name);
+    let reporter = sink.reporter.server(spec.name);
     let handler = Arc::new(PushSocket { uids, sink });
     let server = net::start_reporting(&listen, spec, handler, reporter).await?;
     tracing::info!(socket = %path.display(), uids = %allowed, "push socket: logins accepted from these uids");

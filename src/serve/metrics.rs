@@ -147,7 +147,7 @@ impl Collector for Snapshot {
         )?;
         for (source, s) in &sources {
             let labels = [("source", source.as_str())];
-            let reading = i64::from(s.problem().is_none());
+            let reading = i64::from(!s.has_problem());
             ConstGauge::new(reading).encode(m.encode_family(&labels.as_slice())?)?;
         }
         let mut m = enc.encode_descriptor(

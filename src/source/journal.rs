@@ -358,7 +358,7 @@ impl JournalSource {
     /// journalctl reads: a failure on record is over.
     fn readable(&self) {
         let reporter = self.sink.reporter();
-        if reporter.stats().problem().is_some() {
+        if reporter.stats().has_problem() {
             reporter.report(Report::Readable);
         }
     }

@@ -46,7 +46,6 @@ pub fn session_start(login: &Login<'_>, source: &str) -> Option<SessionStart> {
 /// numbers (logins per pattern) itself and reports everything refused through its
 /// [`Reporter`] (counted, and logged at a bounded rate by the observers).
 pub struct DaemonSink {
-    origin: String,
     reporter: Reporter,
     untimed_grant: bool,
     logins: Vec<SeenLogin>,
@@ -57,7 +56,6 @@ impl DaemonSink {
     /// `untimed_grant`: `source.untimed_lines_grant`.
     pub fn new(reporter: Reporter, untimed_grant: bool) -> DaemonSink {
         DaemonSink {
-            origin: reporter.source().to_string(),
             reporter,
             untimed_grant,
             logins: Vec::new(),
@@ -91,7 +89,7 @@ impl DaemonSink {
             self.logins.push(SeenLogin {
                 ip,
                 time: login.time,
-                session: session_start(login, &self.origin),
+                session: session_start(login, self.reporter.source()),
                 detail: Some(Box::new(LoginDetail {
                     user: login.user.map(|u| String::from_utf8_lossy(u).into_owned()),
                     protocol: String::from_utf8_lossy(login.service)
@@ -99,7 +97,7 @@ impl DaemonSink {
                         .to_string(),
                     session: login.session.as_ref().map(|s| s.id.clone()),
                     pattern: login.pattern.id.to_string(),
-                    source: self.origin.clone(),
+                    source: self.reporter.source().to_string(),
                 })),
             });
         }
@@ -166,7 +164,7 @@ impl Sink for DaemonSink {
     fn session_end(&mut self, _line: Line<'_>, end: &crate::model::SessionEnd) {
         if crate::model::ends_held(&end.service) {
             let mut end = end.clone();
-            end.source = self.origin.clone();
+            end.source = self.reporter.source().to_string();
             self.ends.push(end);
         }
     }
@@ -309,7 +307,7 @@ impl Health {
                 problem,
                 still: self.still_read(open),
             }),
-            None if reporter.stats().problem().is_some() => reporter.report(Report::Readable),
+            None if reporter.stats().has_problem() => reporter.report(Report::Readable),
             None => {}
         }
     }

@@ -48,6 +48,14 @@ impl SourceStats {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Whether a problem is on record (no copy of it: asked per chunk and per poll).
+    pub fn has_problem(&self) -> bool {
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// Why new logins cannot be read from this source now, if they cannot.
     pub fn problem(&self) -> Option<String> {
         self.problem

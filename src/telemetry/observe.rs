@@ -151,6 +151,16 @@ impl Reporter {
         self.observers.observe(&self.source, &report);
     }
 
+    /// A pushed request declined: counted as `count`, said as `what` (rate-limited per
+    /// `kind`).
+    pub fn decline(&self, count: Count, kind: &'static str, what: impl Into<String>) {
+        self.report(Report::Declined {
+            count,
+            kind,
+            what: what.into(),
+        });
+    }
+
     /// How a server this source runs (its listener) reports, to the same observers.
     pub fn server(&self, name: &'static str) -> ServerReporter {
         Observers::server_reporter(&self.observers, name)
